@@ -1,0 +1,77 @@
+"""Settings for the whole project, read from the environment (and `.env`) in one place.
+
+The standard variables of each ecosystem are honoured as they are (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL_S3`, `MLFLOW_TRACKING_URI`, `PREFECT_API_URL`); the
+project's own knobs use the `MLOPS_` prefix. The default credentials are for the local stack only.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where the stack lives and how to reach it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MLOPS_", env_file=".env", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    host: str = Field("127.0.0.1", description="Address the local servers bind to (loopback by default).")
+    state_dir: Path = Field(Path(".mlops"), description="Folder holding the local stack's data and logs.")
+    s3_port: int = Field(9000, description="Port of the local S3 gateway.")
+    mlflow_port: int = Field(5000, description="Port of the local MLflow tracking server.")
+    prefect_port: int = Field(4200, description="Port of the local Prefect server.")
+    bucket: str = Field("mlops", description="Bucket for data snapshots, reports and MLflow artifacts.")
+
+    aws_access_key_id: str = Field(
+        "mlops-local", validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "aws_access_key_id")
+    )
+    aws_secret_access_key: SecretStr = Field(
+        SecretStr("mlops-local-secret"),
+        validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+    )
+    aws_region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_DEFAULT_REGION", "aws_region"))
+    s3_endpoint_url_override: str | None = Field(
+        None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "s3_endpoint_url")
+    )
+    mlflow_tracking_uri_override: str | None = Field(
+        None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "mlflow_tracking_uri")
+    )
+    prefect_api_url_override: str | None = Field(
+        None, validation_alias=AliasChoices("PREFECT_API_URL", "prefect_api_url")
+    )
+
+    @cached_property
+    def s3_endpoint_url(self) -> str:
+        """S3 endpoint: `AWS_ENDPOINT_URL_S3` if set, else the local gateway."""
+        return self.s3_endpoint_url_override or f"http://{self.host}:{self.s3_port}"
+
+    @cached_property
+    def mlflow_tracking_uri(self) -> str:
+        """MLflow tracking URI: `MLFLOW_TRACKING_URI` if set, else the local server."""
+        return self.mlflow_tracking_uri_override or f"http://{self.host}:{self.mlflow_port}"
+
+    @cached_property
+    def prefect_api_url(self) -> str:
+        """Prefect API URL: `PREFECT_API_URL` if set, else the local server."""
+        return self.prefect_api_url_override or f"http://{self.host}:{self.prefect_port}/api"
+
+    @property
+    def prefect_ui_url(self) -> str:
+        """Prefect UI address derived from the API URL."""
+        return self.prefect_api_url.removesuffix("/api")
+
+    @property
+    def logs_dir(self) -> Path:
+        """Folder for the local servers' log files."""
+        return self.state_dir / "logs"
+
+
+def get_settings() -> Settings:
+    """Build settings from the current environment (no caching, so tests can change the environment)."""
+    return Settings()
