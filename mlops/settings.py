@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     s3_port: int = Field(9000, description="Port of the local S3 gateway.")
     mlflow_port: int = Field(5000, description="Port of the local MLflow tracking server.")
     prefect_port: int = Field(4200, description="Port of the local Prefect server.")
+    weed_port_base: int = Field(
+        19330, description="First of the SeaweedFS internal ports (master, volume, filer, admin, gRPC)."
+    )
     bucket: str = Field("mlops", description="Bucket for data snapshots, reports and MLflow artifacts.")
 
     aws_access_key_id: str = Field(

@@ -1,0 +1,46 @@
+# One task runner for README, CI and humans.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install demo test lint format bench stack-up stack-down clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+## demo: install, start the local stack, generate the default data and run the retraining flow once
+demo: install
+	$(BIN)/mlops stack up
+	$(BIN)/mlops data generate
+	$(BIN)/mlops train
+
+## test: install and run the whole suite against real servers (exit 5, "no tests ran", is a failure)
+test: install
+	@$(BIN)/pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python -m bench.flow_overhead
+
+stack-up: install
+	$(BIN)/mlops stack up
+
+stack-down: install
+	$(BIN)/mlops stack down
+
+clean:
+	-$(BIN)/mlops stack down
+	rm -rf .mlops

@@ -1,0 +1,138 @@
+"""The retraining flow: load, validate, split, train, evaluate, then promote only if it is safe.
+
+This module wires tasks and handles state; each stage's logic lives in `tasks/`.
+Run it ad hoc with `mlops train` or `python -m flows.training`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.evaluation import evaluate_candidate
+from tasks.loading import load_dataset_config, load_snapshot
+from tasks.promotion import (
+    Decision,
+    Gates,
+    decide,
+    decision_markdown,
+    decision_tags,
+    describe_outcome,
+    find_champion,
+    load_champion,
+    promote,
+)
+from tasks.reports import publish_decision, store_validation_report
+from tasks.split import split_snapshot
+from tasks.tracking import end_run, log_evaluation, log_model, record_decision, register_model, start_run
+from tasks.training import SearchSpec, train_candidate
+from tasks.validation import DataValidationError, check_snapshot
+
+
+class TrainingParams(BaseModel):
+    """Parameters of one retraining run (shown as a form in the Prefect UI)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str = Field(
+        "credit-risk",
+        title="Dataset",
+        description="A bundled dataset name (credit-risk), a local YAML path or an s3:// URI of a dataset config.",
+    )
+    search: SearchSpec = Field(default_factory=SearchSpec, title="Search", description="Model search budget.")
+    gates: Gates = Field(default_factory=Gates, title="Gates", description="Promotion thresholds.")
+    dry_run: bool = Field(
+        False, title="Dry run", description="Train and evaluate, but never register or promote."
+    )
+    seed: int = Field(
+        42, title="Seed", description="Seeds sampling, folds and models, for reproducible runs."
+    )
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What a run did."""
+
+    run_id: str
+    data_version: str
+    decision: Decision
+    candidate_version: str | None
+    promoted: bool
+    previous_champion: str | None
+
+
+@flow(name="training", description="Retrain, evaluate on a frozen holdout, promote only when it is safe.")
+def training(params: TrainingParams | None = None) -> TrainingOutcome:
+    """Retrain the dataset's model and promote it when it passes the gates and beats the champion."""
+    params = params or TrainingParams()
+    config = load_dataset_config(params.dataset)
+    snapshot = load_snapshot(config)
+    report = check_snapshot(snapshot.frame, config)
+    store_validation_report(config.name, snapshot.data_version, report.to_json(), report.to_markdown())
+    if not report.success:
+        raise DataValidationError(report.failures, report)
+
+    run_id = start_run(
+        config,
+        params.model_dump(mode="json") | {"data_version": snapshot.data_version, "source": config.source},
+        {
+            "data_version": snapshot.data_version,
+            "prefect_flow_run_id": str(flow_run.get_id()),
+            "dry_run": str(params.dry_run).lower(),
+        },
+    )
+    try:
+        split = split_snapshot(snapshot.frame, config)
+        search = train_candidate(split.train, config, params.search, params.seed)
+        evaluation = evaluate_candidate(search.model, split.holdout, config)
+        log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, report.to_json())
+        model_uri = log_model(run_id, search.model, split.train, config)
+
+        champion_version = find_champion(config.model_name)
+        champion_metrics, champion_error = None, None
+        if champion_version is not None:
+            try:
+                champion = load_champion(config.model_name, champion_version)
+                champion_metrics = evaluate_candidate(champion, split.holdout, config, figures=False).metrics
+            except Exception as exc:  # the decision records why; promotion is then blocked
+                champion_error = f"{type(exc).__name__}: {exc}"
+        decision = decide(
+            evaluation.metrics, champion_metrics, champion_version, params.gates, champion_error
+        )
+
+        version = None
+        if not params.dry_run:
+            version = register_model(
+                model_uri, config.model_name, run_id, {"data_version": snapshot.data_version}
+            )
+        previous, promoted, promotion_error = None, False, None
+        if decision.promote and version is not None:
+            try:
+                previous = promote(config.model_name, version, champion_version)
+                promoted = True
+            except Exception as exc:  # recorded below, then the run fails
+                promotion_error = exc
+        outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error)
+        tags = decision_tags(decision, snapshot.data_version) | {
+            "promoted": str(promoted).lower(),
+            "outcome": outcome,
+        }
+        markdown = decision_markdown(decision, config.model_name, version, snapshot.data_version, outcome)
+        record_decision(run_id, config.model_name, version, tags, markdown, decision.to_json())
+        publish_decision(markdown)
+        if promotion_error is not None:
+            raise promotion_error
+    except BaseException:
+        end_run(run_id, "FAILED")
+        raise
+    end_run(run_id, "FINISHED")
+    return TrainingOutcome(run_id, snapshot.data_version, decision, version, promoted, previous)
+
+
+if __name__ == "__main__":
+    from mlops.cli import train_main
+
+    train_main()

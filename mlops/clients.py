@@ -1,0 +1,105 @@
+"""Small adapters around S3 and MLflow, built from settings (nothing is configured at import)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from mlops.settings import Settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A bucket and key (or key prefix)."""
+
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Location:
+        """Parse `s3://bucket/key`; raises ValueError naming the bad URI."""
+        if not uri.startswith("s3://"):
+            raise ValueError(f"not an s3:// URI: {uri!r}")
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"s3 URI without a bucket: {uri!r}")
+        return cls(bucket=bucket, key=key)
+
+    @property
+    def uri(self) -> str:
+        """Back to `s3://bucket/key`."""
+        return f"s3://{self.bucket}/{self.key}"
+
+    def child(self, *parts: str) -> S3Location:
+        """A key below this one."""
+        return S3Location(self.bucket, "/".join([self.key.rstrip("/"), *parts]).lstrip("/"))
+
+
+def s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client for the configured endpoint, with bounded timeouts and standard retries."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=settings.aws_secret_access_key.get_secret_value(),
+        region_name=settings.aws_region,
+        config=Config(
+            connect_timeout=5,
+            read_timeout=60,
+            retries={"max_attempts": 3, "mode": "standard"},
+            s3={"addressing_style": "path"},
+        ),
+    )
+
+
+def put_bytes(settings: Settings, location: S3Location, body: bytes, content_type: str) -> str:
+    """Write one object; returns its URI."""
+    s3_client(settings).put_object(
+        Bucket=location.bucket, Key=location.key, Body=body, ContentType=content_type
+    )
+    return location.uri
+
+
+def mlflow_client(settings: Settings) -> MlflowClient:
+    """Point MLflow at the configured tracking server and return a client for it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+
+
+class StackNotRunningError(RuntimeError):
+    """The stack the settings point at does not answer."""
+
+
+def check_stack(settings: Settings, services: tuple[str, ...] = ("S3", "MLflow", "Prefect")) -> None:
+    """Fail fast, with the way out, when S3, MLflow or Prefect does not answer."""
+    probes = {
+        "S3": f"{settings.s3_endpoint_url}/healthz" if settings.s3_endpoint_url_override is None else None,
+        "MLflow": f"{settings.mlflow_tracking_uri}/health",
+        "Prefect": f"{settings.prefect_api_url}/health",
+    }
+    down = []
+    for name, url in probes.items():
+        if url is None or name not in services:
+            continue
+        try:
+            httpx.get(url, timeout=3).raise_for_status()
+        except httpx.HTTPError as exc:
+            down.append(f"{name} at {url.rsplit('/', 1)[0]} ({type(exc).__name__})")
+    if down:
+        raise StackNotRunningError(
+            "the stack is not reachable: " + ", ".join(down) + ". Start it with `mlops stack up` "
+            "(or point AWS_ENDPOINT_URL_S3 / MLFLOW_TRACKING_URI / PREFECT_API_URL at running servers)."
+        )

@@ -1,0 +1,323 @@
+"""The local stack: real S3 (SeaweedFS), MLflow and Prefect servers on loopback.
+
+Each server runs as a detached process whose pid, log and data live under one state folder
+(`settings.state_dir`, `.mlops/` by default). `up` is idempotent: a server that already answers its
+health check is left alone. Failures name the server, the busy port or the log file to read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from mlops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# SeaweedFS `weed mini` opens several internal ports besides S3 (master, volume, filer, admin and a
+# gRPC port for each). They are laid out from one base so a test can move all of them at once.
+WEED_INTERNAL = ("master", "volume", "filer", "admin")
+WEED_GRPC_OFFSET = 10
+
+
+class StackError(RuntimeError):
+    """A server of the local stack could not be started or reached."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """How to run and probe one server."""
+
+    name: str
+    port: int
+    url: str
+    health_url: str
+    command: list[str]
+    env: dict[str, str]
+    state_dir: Path
+    extra_ports: tuple[int, ...] = ()
+
+    @property
+    def log_file(self) -> Path:
+        """Where the server's output goes."""
+        return self.state_dir / "logs" / f"{self.name}.log"
+
+    @property
+    def pid_file(self) -> Path:
+        """Where the server's pid is kept."""
+        return self.state_dir / "run" / f"{self.name}.pid"
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """What `status` reports for one server."""
+
+    name: str
+    url: str
+    running: bool
+    healthy: bool
+    pid: int | None
+    log_file: Path
+
+    def describe(self) -> str:
+        """One human line."""
+        state = "healthy" if self.healthy else ("starting/unhealthy" if self.running else "stopped")
+        pid = f" pid {self.pid}" if self.pid else ""
+        return f"{self.name:8s} {state:18s} {self.url}{pid}  log: {self.log_file}"
+
+
+def _bin(name: str) -> str:
+    """Path of a console script installed beside the running interpreter."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def weed_ports(settings: Settings) -> dict[str, int]:
+    """Internal SeaweedFS ports derived from `settings.weed_port_base`."""
+    base = settings.weed_port_base
+    ports = {name: base + i for i, name in enumerate(WEED_INTERNAL)}
+    ports |= {f"{name}.grpc": base + WEED_GRPC_OFFSET + i for i, name in enumerate(WEED_INTERNAL)}
+    ports["s3.grpc"] = base + WEED_GRPC_OFFSET + len(WEED_INTERNAL)
+    return ports
+
+
+def _s3_env(settings: Settings) -> dict[str, str]:
+    return {
+        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id,
+        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
+        "AWS_DEFAULT_REGION": settings.aws_region,
+    }
+
+
+def services(settings: Settings) -> list[Service]:
+    """The stack's servers, in start order (S3 first: MLflow stores its artifacts there)."""
+    state = settings.state_dir.resolve()
+    host = settings.host
+    s3_dir = state / "s3"
+    internal = weed_ports(settings)
+    weed_cmd = [
+        _bin("weed"),
+        "mini",
+        f"-dir={s3_dir}",
+        f"-ip={host}",
+        f"-ip.bind={host}",
+        f"-s3.port={settings.s3_port}",
+        f"-s3.port.grpc={internal['s3.grpc']}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        f"-bucket={settings.bucket}",
+    ]
+    for name in WEED_INTERNAL:
+        weed_cmd += [f"-{name}.port={internal[name]}", f"-{name}.port.grpc={internal[name + '.grpc']}"]
+
+    mlflow_dir = state / "mlflow"
+    mlflow_cmd = [
+        _bin("mlflow"),
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(settings.mlflow_port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"s3://{settings.bucket}/mlflow",
+    ]
+    prefect_dir = state / "prefect"
+    prefect_cmd = [
+        _bin("prefect"),
+        "server",
+        "start",
+        "--host",
+        host,
+        "--port",
+        str(settings.prefect_port),
+        "--analytics-off",
+    ]
+    return [
+        Service(
+            name="s3",
+            port=settings.s3_port,
+            url=f"http://{host}:{settings.s3_port}",
+            health_url=f"http://{host}:{settings.s3_port}/healthz",
+            command=weed_cmd,
+            env=_s3_env(settings),
+            state_dir=state,
+            extra_ports=tuple(internal.values()),
+        ),
+        Service(
+            name="mlflow",
+            port=settings.mlflow_port,
+            url=f"http://{host}:{settings.mlflow_port}",
+            health_url=f"http://{host}:{settings.mlflow_port}/health",
+            command=mlflow_cmd,
+            env=_s3_env(settings) | {"MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{settings.s3_port}"},
+            state_dir=state,
+        ),
+        Service(
+            name="prefect",
+            port=settings.prefect_port,
+            url=f"http://{host}:{settings.prefect_port}",
+            health_url=f"http://{host}:{settings.prefect_port}/api/health",
+            command=prefect_cmd,
+            env={
+                "PREFECT_HOME": str(prefect_dir),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_dir / 'prefect.db'}",
+                "PREFECT_SERVER_API_HOST": host,
+                "PREFECT_SERVER_API_PORT": str(settings.prefect_port),
+                "PREFECT_UI_API_URL": f"http://{host}:{settings.prefect_port}/api",
+                "PREFECT_LOGGING_LEVEL": "WARNING",
+            },
+            state_dir=state,
+        ),
+    ]
+
+
+def _read_pid(service: Service) -> int | None:
+    try:
+        pid = int(service.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(url, timeout=timeout).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def status(settings: Settings) -> list[ServiceStatus]:
+    """Report each server: its pid if it runs, and whether it answers its health check."""
+    result = []
+    for service in services(settings):
+        pid = _read_pid(service)
+        result.append(
+            ServiceStatus(
+                name=service.name,
+                url=service.url,
+                running=pid is not None,
+                healthy=_healthy(service.health_url),
+                pid=pid,
+                log_file=service.log_file,
+            )
+        )
+    return result
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log written)"
+
+
+def _start(service: Service, settings: Settings, timeout: float) -> None:
+    pid = _read_pid(service)
+    if pid is not None and _healthy(service.health_url):
+        log.info("%s already running (pid %s)", service.name, pid)
+        return
+    if pid is None:
+        for port in (service.port, *service.extra_ports):
+            if port_in_use(settings.host, port):
+                raise StackError(
+                    f"{service.name}: port {port} on {settings.host} is busy (another process listens "
+                    f"there); stop it or choose other ports (MLOPS_*_PORT settings)"
+                )
+        service.log_file.parent.mkdir(parents=True, exist_ok=True)
+        service.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        for sub in ("s3", "mlflow", "prefect"):
+            (service.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        env |= service.env
+        with service.log_file.open("ab") as out:
+            proc = subprocess.Popen(
+                service.command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=service.state_dir,
+                start_new_session=True,
+            )
+        service.pid_file.write_text(str(proc.pid))
+        pid = proc.pid
+        log.info("started %s (pid %s), log: %s", service.name, pid, service.log_file)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _read_pid(service) is None:
+            raise StackError(
+                f"{service.name} exited during start-up; see {service.log_file}:\n{_tail(service.log_file)}"
+            )
+        if _healthy(service.health_url):
+            return
+        time.sleep(0.5)
+    raise StackError(
+        f"{service.name} did not become healthy at {service.health_url} within {timeout:.0f}s; "
+        f"see {service.log_file}:\n{_tail(service.log_file)}"
+    )
+
+
+def up(settings: Settings, timeout: float = 180.0) -> list[ServiceStatus]:
+    """Start every server that is not already healthy, then wait for all of them."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    for service in services(settings):
+        _start(service, settings, timeout)
+    return status(settings)
+
+
+def _stop_pid(pid: int, timeout: float = 15.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop the servers this state folder started (reverse order); returns the names stopped."""
+    stopped = []
+    for service in reversed(services(settings)):
+        pid = _read_pid(service)
+        if pid is not None:
+            _stop_pid(pid)
+            stopped.append(service.name)
+        service.pid_file.unlink(missing_ok=True)
+    return stopped

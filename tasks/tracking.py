@@ -1,0 +1,139 @@
+"""MLflow bookkeeping: the run of a training flow, its metrics, plots and model, and the registry entry."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mlops.clients import mlflow_client
+from mlops.dataset import DatasetConfig
+from mlops.settings import get_settings
+from mlops.transformers import SKOPS_TRUSTED_TYPES
+from tasks.features import prepare_inputs
+from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
+from tasks.training import SearchResult
+
+log = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"
+# What a loaded model needs; listing it avoids MLflow's slow requirement inference (~5-10 s a model).
+MODEL_REQUIREMENTS = [
+    f"{dist}=={metadata.version(dist)}" for dist in ("scikit-learn", "pandas", "numpy", "scipy", "skops")
+]
+IO = {"retries": IO_RETRIES, "retry_delay_seconds": IO_RETRY_DELAYS, "cache_policy": NO_CACHE}
+
+
+def git_commit() -> str:
+    """Commit of the code that runs, or `unknown` outside a git checkout."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@task(name="start-run", **IO)
+def start_run(config: DatasetConfig, params: dict[str, Any], tags: dict[str, str]) -> str:
+    """Prefect task: create the MLflow run of this training flow in the dataset's experiment."""
+    client = mlflow_client(get_settings())
+    experiment = client.get_experiment_by_name(config.name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
+    run = client.create_run(
+        experiment_id, tags=tags | {"git_commit": git_commit()}, run_name=tags.get("run_name")
+    )
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    log.info("MLflow run %s in experiment %r", run.info.run_id, config.name)
+    return run.info.run_id
+
+
+@task(name="log-evaluation", **IO)
+def log_evaluation(
+    run_id: str, search: SearchResult, metrics: dict[str, float], figures: dict[str, Any], report_json: str
+) -> None:
+    """Prefect task: holdout metrics, plots, the search trials and the validation report, in the run."""
+    import matplotlib.pyplot as plt
+
+    client = mlflow_client(get_settings())
+    for name, value in metrics.items():
+        client.log_metric(run_id, f"holdout_{name}", value)
+    client.log_metric(run_id, f"cv_{search.scoring}", search.cv_mean)
+    client.log_param(run_id, "best_family", search.family)
+    for key, value in search.params.items():
+        client.log_param(run_id, f"best_{key}", str(value))
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, f"plots/{name}")
+        plt.close(figure)
+    buffer = io.StringIO()
+    search.trials_frame().to_csv(buffer, index=False)
+    client.log_text(run_id, buffer.getvalue(), "search/trials.csv")
+    client.log_text(run_id, report_json, "validation/report.json")
+
+
+@task(name="log-model", **IO)
+def log_model(run_id: str, model: Any, train: pd.DataFrame, config: DatasetConfig) -> str:
+    """Prefect task: log the pipeline with its signature and an input example; returns the model URI."""
+    import mlflow
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+
+    mlflow_client(get_settings())
+    example = prepare_inputs(train.head(200), config).dropna().head(5)
+    if example.empty:
+        example = prepare_inputs(train.head(5), config)
+    signature = infer_signature(prepare_inputs(train.head(1000), config), model.predict(example))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.sklearn.log_model(
+            model,
+            name=MODEL_ARTIFACT,
+            signature=signature,
+            input_example=example,
+            pip_requirements=MODEL_REQUIREMENTS,
+            skops_trusted_types=SKOPS_TRUSTED_TYPES,
+        )
+    return info.model_uri
+
+
+@task(name="register", **IO)
+def register_model(model_uri: str, model_name: str, run_id: str, tags: dict[str, str]) -> str:
+    """Prefect task: register the candidate as a new version of `model_name`; returns the version."""
+    import mlflow
+
+    mlflow_client(get_settings())
+    version = mlflow.register_model(model_uri, model_name, tags=tags | {"run_id": run_id})
+    log.info("registered %s v%s", model_name, version.version)
+    return str(version.version)
+
+
+@task(name="record-decision", **IO)
+def record_decision(
+    run_id: str, model_name: str, version: str | None, tags: dict[str, str], markdown: str, decision_json: str
+) -> None:
+    """Prefect task: the decision as tags on the run and the model version, and as files in the run."""
+    client = mlflow_client(get_settings())
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+        if version is not None:
+            client.set_model_version_tag(model_name, version, key, value)
+    client.log_text(run_id, markdown, "decision/decision.md")
+    client.log_text(run_id, decision_json, "decision/decision.json")
+
+
+@task(name="end-run", **IO)
+def end_run(run_id: str, status: str) -> None:
+    """Prefect task: close the MLflow run as FINISHED or FAILED."""
+    mlflow_client(get_settings()).set_terminated(run_id, status=status)

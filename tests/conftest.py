@@ -1,0 +1,98 @@
+"""Fixtures: the real local stack (S3, MLflow, Prefect) on free ports in a temp folder, and its data."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before Prefect is imported by any test module: our stdlib loggers go to the Prefect UI, no analytics.
+os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "mlops,tasks,flows"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+TEST_MONTHS = 6
+TEST_ROWS_PER_MONTH = 2000
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_port_block(size: int, start: int = 20000, stop: int = 60000) -> int:
+    """First port of `size` consecutive free ports (for SeaweedFS's internal ports)."""
+    for base in range(start + (os.getpid() % 200) * 50, stop, size + 7):
+        if all(_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no block of free ports found")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Start a private stack for the session and point every client of this process at it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from mlops import stack as local_stack
+    from mlops.settings import Settings
+
+    state = tmp_path_factory.mktemp("stack")
+    for var in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "PREFECT_API_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        os.environ.pop(var, None)
+    env = {
+        "MLOPS_STATE_DIR": str(state),
+        "MLOPS_S3_PORT": str(free_port()),
+        "MLOPS_MLFLOW_PORT": str(free_port()),
+        "MLOPS_PREFECT_PORT": str(free_port()),
+        "MLOPS_WEED_PORT_BASE": str(free_port_block(16)),
+        "AWS_ACCESS_KEY_ID": "test-access-key",
+        "AWS_SECRET_ACCESS_KEY": "test-secret-key-do-not-log",
+    }
+    os.environ.update(env)
+    settings = Settings()
+    try:
+        local_stack.up(settings)
+        with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+            yield settings
+    finally:
+        local_stack.down(settings)
+
+
+@pytest.fixture(scope="session")
+def default_data(stack) -> str:
+    """The bundled dataset, small, written to the stack's S3 where the bundled config reads it."""
+    from mlops.datagen import write_months
+    from mlops.dataset import load_local_dataset_config
+
+    source = load_local_dataset_config("credit-risk").source
+    write_months(stack, source, TEST_MONTHS, TEST_ROWS_PER_MONTH, seed=7)
+    return source
+
+
+@pytest.fixture
+def dataset_yaml(tmp_path: Path):
+    """Write a dataset config derived from the bundled one with some fields replaced; returns its path."""
+    import yaml
+
+    from mlops.dataset import bundled_config_text
+
+    def make(**changes: object) -> str:
+        raw = yaml.safe_load(bundled_config_text("credit-risk")) | changes
+        path = tmp_path / f"{raw['name']}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+    return make

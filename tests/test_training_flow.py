@@ -1,0 +1,170 @@
+"""The retraining flow end to end on the real stack: cold start, a weak challenger, bad inputs."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+import pytest
+
+from flows.training import TrainingParams, training
+from mlops.clients import S3Location, mlflow_client, s3_client
+from tasks.promotion import Gates
+from tasks.training import ModelFamily, SearchSpec
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FAST_SEARCH = SearchSpec(trials_per_family=2, cv_folds=3)
+# A search space too weak to matter: one shallow-tree configuration.
+WEAK_SEARCH = SearchSpec(families=[ModelFamily.decision_tree], trials_per_family=1, cv_folds=2)
+
+
+def _versions(settings, name: str) -> list:
+    return mlflow_client(settings).search_model_versions(f"name='{name}'")
+
+
+def _champion(settings, name: str) -> str:
+    return mlflow_client(settings).get_model_version_by_alias(name, "champion").version
+
+
+@pytest.fixture(scope="module")
+def first_run(stack, default_data):
+    # Given the default data and an empty registry, when the flow runs for the first time
+    state = training(TrainingParams(search=FAST_SEARCH), return_state=True)
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+def test_cold_start_promotes_and_records_everything(stack, first_run):
+    client = mlflow_client(stack)
+    # then the candidate is registered and becomes champion under the cold-start rule
+    assert first_run.promoted
+    assert any("cold start" in reason for reason in first_run.decision.reasons)
+    assert _champion(stack, "credit-risk") == first_run.candidate_version
+    version = client.get_model_version("credit-risk", first_run.candidate_version)
+    assert version.tags["decision"] == "promote"
+    assert version.tags["data_version"] == first_run.data_version
+    assert float(version.tags["candidate.roc_auc"]) > 0.7
+    # and the run carries metrics, plots, the decision and the validation report
+    run = client.get_run(first_run.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["decision"] == "promote"
+    assert {"holdout_roc_auc", "holdout_pr_auc", "holdout_f1", "holdout_log_loss", "holdout_brier"} <= set(
+        run.data.metrics
+    )
+    artifacts = {a.path for a in client.list_artifacts(first_run.run_id, "plots")}
+    assert artifacts == {
+        f"plots/{n}" for n in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "calibration.png")
+    }
+    assert client.list_artifacts(first_run.run_id, "decision")
+    # and the artifacts physically live in the S3 bucket
+    keys = s3_client(stack).list_objects_v2(Bucket=stack.bucket, Prefix="mlflow/")
+    assert keys.get("KeyCount", 0) > 0
+
+
+def test_registered_model_serves_raw_rows(stack, first_run, default_data):
+    import mlflow.pyfunc
+
+    mlflow_client(stack)
+    model = mlflow.pyfunc.load_model("models:/credit-risk@champion")
+    assert model.metadata.signature is not None
+    body = s3_client(stack).get_object(
+        Bucket=stack.bucket, Key=S3Location.parse(default_data).child("month=2025-01/part-0.parquet").key
+    )["Body"]
+    rows = pd.read_parquet(io.BytesIO(body.read())).head(20)
+    features = rows.drop(columns=["default", "application_id", "application_date"])
+    predictions = model.predict(features)
+    assert len(predictions) == 20
+    assert set(pd.Series(predictions).unique()) <= {0, 1}
+
+
+def test_weak_challenger_is_not_promoted_and_champion_stays(stack, first_run):
+    # Given a champion, when a run searches a deliberately weak space
+    state = training(TrainingParams(search=WEAK_SEARCH), return_state=True)
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    # then it is registered with its reasons but not promoted, and the champion is unchanged
+    assert not outcome.promoted
+    assert outcome.decision.champion_version == first_run.candidate_version
+    assert any("does not beat the champion" in r for r in outcome.decision.reasons)
+    assert _champion(stack, "credit-risk") == first_run.candidate_version
+    version = mlflow_client(stack).get_model_version("credit-risk", outcome.candidate_version)
+    assert version.tags["decision"] == "reject"
+    assert float(version.tags["champion.roc_auc"]) > float(version.tags["candidate.roc_auc"])
+
+
+def test_dry_run_registers_nothing(stack, first_run):
+    before = len(_versions(stack, "credit-risk"))
+    state = training(TrainingParams(search=FAST_SEARCH, dry_run=True), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result().candidate_version is None
+    assert len(_versions(stack, "credit-risk")) == before
+    assert _champion(stack, "credit-risk") == first_run.candidate_version
+
+
+def test_strict_gates_block_even_a_good_model(stack, first_run):
+    gates = Gates(min_roc_auc=0.999)
+    state = training(TrainingParams(search=FAST_SEARCH, gates=gates), return_state=True)
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    assert not outcome.promoted
+    assert any("gate failed: roc_auc" in r for r in outcome.decision.reasons)
+    assert _champion(stack, "credit-risk") == first_run.candidate_version
+
+
+# --- bad inputs: each fails at load or validation, with the problem named, and registers nothing ---
+
+
+def _good_frame(default_data, stack) -> pd.DataFrame:
+    location = S3Location.parse(default_data).child("month=2025-02/part-0.parquet")
+    body = s3_client(stack).get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
+    return pd.read_parquet(io.BytesIO(body))
+
+
+def _put(stack, key: str, body: bytes) -> str:
+    s3_client(stack).put_object(Bucket=stack.bucket, Key=key, Body=body)
+    return f"s3://{stack.bucket}/{key}"
+
+
+def _parquet(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _bad_case(case: str, frame: pd.DataFrame, stack) -> tuple[str, str]:
+    """Write the bad snapshot for `case`; returns (source, text the failure must contain)."""
+    prefix = f"bad/{case}"
+    if case == "missing_file":
+        return f"s3://{stack.bucket}/{prefix}/nothing-here/", "no parquet files found"
+    if case == "empty_file":
+        return _put(stack, f"{prefix}/part-0.parquet", b""), "file is empty"
+    if case == "missing_target":
+        return _put(stack, f"{prefix}/part-0.parquet", _parquet(frame.drop(columns=["default"]))), "'default'"
+    if case == "text_in_numeric":
+        frame = frame.assign(age=["forty"] * len(frame))
+        return _put(stack, f"{prefix}/part-0.parquet", _parquet(frame)), "'age'"
+    if case == "all_null":
+        frame = frame.assign(annual_income=float("nan"))
+        return _put(stack, f"{prefix}/part-0.parquet", _parquet(frame)), "'annual_income'"
+    if case == "single_class":
+        frame = frame.assign(default=0)
+        return _put(stack, f"{prefix}/part-0.parquet", _parquet(frame)), "'default'"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case", ["missing_file", "empty_file", "missing_target", "text_in_numeric", "all_null", "single_class"]
+)
+def test_bad_input_fails_clearly_and_registers_nothing(case, stack, default_data, dataset_yaml):
+    # Given a snapshot broken in one way, under its own model name
+    source, expected = _bad_case(case, _good_frame(default_data, stack), stack)
+    model_name = f"bad-{case.replace('_', '-')}"
+    config = dataset_yaml(name=model_name, model_name=model_name, source=source)
+    # when the flow runs on it
+    state = training(TrainingParams(dataset=config, search=FAST_SEARCH), return_state=True)
+    # then it fails, the message names the problem and its place, and the registry has nothing
+    assert state.is_failed()
+    assert expected in state.message, state.message
+    assert _versions(stack, model_name) == []
+    assert mlflow_client(stack).search_registered_models(f"name='{model_name}'") == []

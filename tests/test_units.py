@@ -1,0 +1,165 @@
+"""Unit tests of pure functions: decision rules, holdout hashing, metrics, configs, settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import brier_score_loss
+
+from mlops.clients import S3Location
+from mlops.dataset import DatasetConfigError, load_local_dataset_config, parse_dataset_config
+from mlops.settings import Settings
+from mlops.transformers import QuantileClipper
+from tasks.evaluation import compute_metrics
+from tasks.promotion import Gates, decide, improvement
+from tasks.split import holdout_mask
+
+GOOD = {"roc_auc": 0.82, "pr_auc": 0.5, "f1": 0.4, "log_loss": 0.35, "brier": 0.1}
+
+
+# --- promotion decision ---
+
+
+def test_cold_start_promotes_when_gates_pass():
+    decision = decide(GOOD, None, None, Gates())
+    assert decision.promote
+    assert any("cold start" in r for r in decision.reasons)
+
+
+def test_cold_start_rejects_when_a_gate_fails():
+    decision = decide(GOOD | {"roc_auc": 0.6}, None, None, Gates(min_roc_auc=0.7))
+    assert not decision.promote
+    assert "gate failed: roc_auc 0.6000 is below the minimum 0.7000" in decision.reasons
+
+
+def test_candidate_must_beat_champion_by_min_delta():
+    champion = GOOD | {"roc_auc": 0.80}
+    assert decide(GOOD, champion, "3", Gates(min_delta=0.01)).promote
+    rejected = decide(GOOD, champion, "3", Gates(min_delta=0.05))
+    assert not rejected.promote
+    assert any("does not beat the champion" in r for r in rejected.reasons)
+
+
+def test_equal_candidate_does_not_replace_champion():
+    assert not decide(GOOD, dict(GOOD), "1", Gates(min_delta=0.0)).promote
+
+
+def test_lower_is_better_metrics_are_compared_in_the_right_direction():
+    assert improvement("log_loss", 0.30, 0.35) == pytest.approx(0.05)
+    assert improvement("roc_auc", 0.80, 0.85) == pytest.approx(-0.05)
+    gates = Gates(primary_metric="log_loss", min_delta=0.01)
+    assert decide(GOOD | {"log_loss": 0.30}, GOOD, "2", gates).promote
+    assert not decide(GOOD | {"log_loss": 0.40}, GOOD, "2", gates).promote
+
+
+def test_unscorable_champion_blocks_promotion():
+    decision = decide(GOOD, None, "4", Gates(), champion_error="KeyError: 'age'")
+    assert not decision.promote
+    assert any("could not be scored" in r for r in decision.reasons)
+
+
+def test_max_gates():
+    decision = decide(GOOD, None, None, Gates(max_brier=0.05, max_log_loss=0.3))
+    assert not decision.promote
+    assert len([r for r in decision.reasons if r.startswith("gate failed")]) == 2
+
+
+# --- frozen holdout ---
+
+
+def test_holdout_depends_only_on_id_and_salt():
+    ids = pd.Series([f"A{i:07d}" for i in range(20000)])
+    mask = holdout_mask(ids, 0.2, "salt")
+    assert 0.18 < mask.mean() < 0.22
+    # the same id is held out whatever the order or the other rows
+    shuffled = ids.sample(frac=1, random_state=1)
+    assert (holdout_mask(shuffled, 0.2, "salt") == mask[shuffled.index]).all()
+    assert (holdout_mask(ids[:500], 0.2, "salt") == mask[:500]).all()
+    # a new salt draws a different holdout
+    assert (holdout_mask(ids, 0.2, "other") != mask).any()
+
+
+# --- metrics ---
+
+
+def test_binary_metrics_match_sklearn_and_perfect_scores():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    proba1 = np.array([0.1, 0.2, 0.8, 0.9, 0.3, 0.7])
+    metrics = compute_metrics(y, np.column_stack([1 - proba1, proba1]), [0, 1])
+    assert metrics["roc_auc"] == 1.0
+    assert metrics["f1"] == 1.0
+    assert metrics["brier"] == pytest.approx(brier_score_loss(y, proba1))
+
+
+def test_multiclass_metrics_are_macro():
+    rng = np.random.default_rng(0)
+    y = rng.choice(["a", "b", "c"], size=300)
+    proba = rng.dirichlet([1, 1, 1], size=300)
+    metrics = compute_metrics(y, proba, ["a", "b", "c"])
+    assert 0.4 < metrics["roc_auc"] < 0.6
+    assert set(metrics) == {"roc_auc", "pr_auc", "f1", "log_loss", "brier"}
+
+
+def test_metrics_reject_wrong_shape():
+    with pytest.raises(ValueError, match="expected"):
+        compute_metrics([0, 1], np.array([[0.5], [0.5]]), [0, 1])
+
+
+# --- clipping ---
+
+
+def test_quantile_clipper_clips_to_training_quantiles_and_keeps_nan():
+    X = np.column_stack([np.arange(1000.0), np.arange(1000.0) * 2])
+    clipper = QuantileClipper(lower=0.01, upper=0.99).fit(X)
+    out = clipper.transform(np.array([[-1e9, 1e9], [np.nan, 500.0]]))
+    assert out[0, 0] == pytest.approx(np.quantile(X[:, 0], 0.01))
+    assert out[0, 1] == pytest.approx(np.quantile(X[:, 1], 0.99))
+    assert np.isnan(out[1, 0]) and out[1, 1] == 500.0
+
+
+# --- configs and settings ---
+
+
+def test_bundled_config_is_valid():
+    config = load_local_dataset_config("credit-risk")
+    assert config.target == "default" and config.id_column == "application_id"
+    assert len(config.numeric_features) >= 5 and len(config.categorical_features) >= 3
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(DatasetConfigError, match="features.0.type"):
+        parse_dataset_config(
+            "name: x\nmodel_name: x\nsource: s3://b/p\ntarget: y\nid_column: id\n"
+            "features: [{name: a, type: text}]\n",
+            "test.yaml",
+        )
+    with pytest.raises(DatasetConfigError, match="target 'a' must not also be a feature"):
+        parse_dataset_config(
+            "name: x\nmodel_name: x\nsource: s3://b/p\ntarget: a\nid_column: id\n"
+            "features: [{name: a, type: numeric}]\n",
+            "test.yaml",
+        )
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(DatasetConfigError, match="nope.yaml"):
+        load_local_dataset_config("nope.yaml")
+
+
+def test_settings_follow_standard_variables(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3.example:9000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
+    settings = Settings()
+    assert settings.s3_endpoint_url == "http://s3.example:9000"
+    assert settings.mlflow_tracking_uri == "http://mlflow.example:5000"
+    assert "very-secret" not in repr(settings) and "very-secret" not in str(settings.model_dump())
+
+
+def test_s3_location_parsing():
+    loc = S3Location.parse("s3://bucket/a/b/")
+    assert (loc.bucket, loc.key) == ("bucket", "a/b/")
+    assert loc.child("c.parquet").uri == "s3://bucket/a/b/c.parquet"
+    with pytest.raises(ValueError, match="not an s3"):
+        S3Location.parse("/local/path")
