@@ -106,6 +106,7 @@ def services(settings: Settings) -> list[Service]:
     internal = weed_ports(settings)
     weed_cmd = [
         _bin("weed"),
+        f"-logdir={state / 'logs'}",  # glog files; /tmp otherwise
         "mini",
         f"-dir={s3_dir}",
         f"-ip={host}",
@@ -163,7 +164,12 @@ def services(settings: Settings) -> list[Service]:
             url=f"http://{host}:{settings.mlflow_port}",
             health_url=f"http://{host}:{settings.mlflow_port}/health",
             command=mlflow_cmd,
-            env=_s3_env(settings) | {"MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{settings.s3_port}"},
+            env=_s3_env(settings)
+            | {
+                "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{settings.s3_port}",
+                # The job runner (GenAI features we do not use) starts 7 huey workers, ~1.7 GB in all.
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            },
             state_dir=state,
         ),
         Service(
