@@ -65,9 +65,8 @@ class TrainingOutcome:
 
 
 @flow(name="training", description="Retrain, evaluate on a frozen holdout, promote only when it is safe.")
-def training(params: TrainingParams | None = None) -> TrainingOutcome:
+def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # noqa: B008 - frozen, safe default
     """Retrain the dataset's model and promote it when it passes the gates and beats the champion."""
-    params = params or TrainingParams()
     config = load_dataset_config(params.dataset)
     snapshot = load_snapshot(config)
     report = check_snapshot(snapshot.frame, config)

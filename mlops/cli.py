@@ -37,12 +37,14 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def prefect_environment(settings: Settings) -> dict[str, str]:
-    """Prefect client settings for runs started from this process (set before Prefect is imported)."""
+def client_environment(settings: Settings) -> dict[str, str]:
+    """Prefect and MLflow client settings for runs started from this process (set before they load)."""
     return {
         "PREFECT_API_URL": settings.prefect_api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_EXTRA_LOGGERS": EXTRA_LOGGERS,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
 
 
@@ -115,7 +117,7 @@ def run_training(
     dataset: str, dry_run: bool, seed: int, trials: int | None, settings: Settings
 ) -> int:
     """Run the training flow against the configured stack; returns a process exit code."""
-    os.environ.update(prefect_environment(settings))
+    os.environ.update(client_environment(settings))
     from mlops.clients import StackNotRunningError, check_stack
 
     try:

@@ -169,6 +169,7 @@ def services(settings: Settings) -> list[Service]:
                 "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{settings.s3_port}",
                 # The job runner (GenAI features we do not use) starts 7 huey workers, ~1.7 GB in all.
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                "MLFLOW_DISABLE_TELEMETRY": "true",
             },
             state_dir=state,
         ),

@@ -39,14 +39,17 @@ class QuantileClipper(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         return np.clip(X, self.lower_bounds_, self.upper_bounds_)
 
 
-# Types skops must trust to load our pipelines (MLflow 3 saves sklearn models with skops).
-SKOPS_TRUSTED_TYPES = [
-    "mlops.transformers.QuantileClipper",
-    "sklearn._loss.link.Interval",
-    "sklearn._loss.link.LogitLink",
-    "sklearn._loss.link.MultinomialLogit",
-    "sklearn._loss.loss.HalfBinomialLoss",
-    "sklearn._loss.loss.HalfMultinomialLoss",
-    "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
-    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-]
+# Modules whose types we trust inside our own pipelines (MLflow 3 saves sklearn models with skops,
+# which refuses any type it is not told to trust).
+TRUSTED_MODULE_PREFIXES = ("sklearn.", "numpy.", "scipy.", "mlops.transformers.")
+
+
+def skops_trusted_types(model: object) -> list[str]:
+    """The types skops must trust to load `model`; raises if one comes from an unexpected module."""
+    import skops.io
+
+    types = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+    unexpected = [t for t in types if not t.startswith(TRUSTED_MODULE_PREFIXES)]
+    if unexpected:
+        raise TypeError(f"model contains types from untrusted modules: {unexpected}")
+    return sorted(types)

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from mlops.clients import mlflow_client
 from mlops.dataset import DatasetConfig
 from mlops.settings import get_settings
-from mlops.transformers import SKOPS_TRUSTED_TYPES
+from mlops.transformers import skops_trusted_types
 from tasks.features import prepare_inputs
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
 from tasks.training import SearchResult
@@ -103,7 +103,7 @@ def log_model(run_id: str, model: Any, train: pd.DataFrame, config: DatasetConfi
             signature=signature,
             input_example=example,
             pip_requirements=MODEL_REQUIREMENTS,
-            skops_trusted_types=SKOPS_TRUSTED_TYPES,
+            skops_trusted_types=skops_trusted_types(model),
         )
     return info.model_uri
 

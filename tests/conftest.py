@@ -12,6 +12,8 @@ import pytest
 # Before Prefect is imported by any test module: our stdlib loggers go to the Prefect UI, no analytics.
 os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "mlops,tasks,flows"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 
 TEST_MONTHS = 6
 TEST_ROWS_PER_MONTH = 2000
