@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,12 +320,14 @@ def _stop_pid(pid: int, timeout: float = 15.0) -> None:
 
 
 def down(settings: Settings) -> list[str]:
-    """Stop the servers this state folder started (reverse order); returns the names stopped."""
-    stopped = []
-    for service in reversed(services(settings)):
-        pid = _read_pid(service)
-        if pid is not None:
-            _stop_pid(pid)
-            stopped.append(service.name)
+    """Stop the servers this state folder started; returns the names stopped.
+
+    All get SIGTERM at once (then SIGKILL after a grace period), so stopping takes the slowest
+    server's time, not the sum.
+    """
+    running = [(service, _read_pid(service)) for service in reversed(services(settings))]
+    with ThreadPoolExecutor(max_workers=len(running)) as pool:
+        list(pool.map(_stop_pid, [pid for _, pid in running if pid is not None]))
+    for service, _ in running:
         service.pid_file.unlink(missing_ok=True)
-    return stopped
+    return [service.name for service, pid in running if pid is not None]

@@ -186,16 +186,18 @@ class PromotionConflict(PermanentError):
 
 
 def champion_version(model_name: str) -> str | None:
-    """Version currently holding the `champion` alias, or None (no model or no alias)."""
+    """Version currently holding the `champion` alias, or None (no registered model or no alias)."""
     from mlflow.exceptions import MlflowException
 
     client = mlflow_client(get_settings())
     try:
-        return client.get_model_version_by_alias(model_name, CHAMPION).version
+        aliases = client.get_registered_model(model_name).aliases
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
+    version = aliases.get(CHAMPION)
+    return None if version is None else str(version)
 
 
 @task(name="find-champion", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)

@@ -46,6 +46,7 @@ def free_port_block(size: int, start: int = 20000, stop: int = 60000) -> int:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """Start a private stack for the session and point every client of this process at it."""
+    from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from mlops import stack as local_stack
@@ -69,6 +70,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         local_stack.up(settings)
         with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
             yield settings
+            APILogHandler.flush()  # send queued run logs before the server goes away
     finally:
         local_stack.down(settings)
 

@@ -1,0 +1,143 @@
+"""Deterministic synthetic credit-risk data (the bundled default dataset).
+
+Realistic enough to matter: numeric and categorical features, missing values, income outliers, about
+15 % defaults, a non-linear signal (utilisation threshold, debt-to-income x term, age U-shape) that a
+boosted model learns and a stump cannot, and a drift knob that shifts later months' distributions and
+the relationship itself. Pure functions: the S3 upload lives in `mlops.datagen`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+EMPLOYMENT = ["salaried", "self_employed", "contractor", "unemployed", "retired"]
+HOME = ["own", "mortgage", "rent", "other"]
+PURPOSE = ["debt_consolidation", "home_improvement", "car", "education", "business", "medical", "other"]
+REGION = ["north", "south", "east", "west", "central"]
+
+_EMPLOYMENT_P = np.array([0.62, 0.14, 0.12, 0.05, 0.07])
+_EMPLOYMENT_RISK = np.array([0.0, 0.35, 0.45, 1.2, 0.1])
+_HOME_P = np.array([0.25, 0.35, 0.36, 0.04])
+_HOME_RISK = np.array([-0.25, -0.1, 0.2, 0.3])
+_PURPOSE_P = np.array([0.38, 0.14, 0.16, 0.08, 0.09, 0.06, 0.09])
+_PURPOSE_RISK = np.array([0.1, -0.15, -0.2, 0.25, 0.45, 0.3, 0.05])
+_REGION_P = np.array([0.22, 0.2, 0.2, 0.2, 0.18])
+_REGION_RISK = np.array([0.0, 0.15, -0.05, -0.1, 0.05])
+_INTERCEPT = -3.0  # sets the base default rate near 15 %
+
+
+@dataclass(frozen=True)
+class DriftSpec:
+    """Shift months from `start_month` (0-based) on, by `strength` (0 none .. 1 strong)."""
+
+    start_month: int
+    strength: float
+
+
+def _month_label(start: str, index: int) -> pd.Period:
+    return pd.Period(start, freq="M") + index
+
+
+def _choice(rng: np.random.Generator, names: list[str], p: np.ndarray, n: int) -> np.ndarray:
+    return rng.choice(len(names), size=n, p=p / p.sum())
+
+
+def generate_month(
+    month_index: int, n_rows: int, seed: int, start: str = "2025-01", drift: DriftSpec | None = None
+) -> pd.DataFrame:
+    """One month of applications; identical for identical arguments, independent of other months."""
+    rng = np.random.default_rng([seed, month_index])
+    period = _month_label(start, month_index)
+    d = drift.strength if drift is not None and month_index >= drift.start_month else 0.0
+
+    employment = _choice(rng, EMPLOYMENT, _EMPLOYMENT_P + d * np.array([-0.2, 0.0, 0.12, 0.08, 0.0]), n_rows)
+    home = _choice(rng, HOME, _HOME_P, n_rows)
+    purpose = _choice(rng, PURPOSE, _PURPOSE_P, n_rows)
+    region = _choice(rng, REGION, _REGION_P + d * np.array([-0.1, 0.15, 0.0, -0.05, 0.0]), n_rows)
+
+    age = np.clip(rng.normal(41, 12, n_rows), 18, 90).round()
+    income = np.exp(rng.normal(np.log(52_000) - 0.25 * d, 0.45, n_rows))
+    income[employment == EMPLOYMENT.index("unemployed")] *= 0.35
+    loan_amount = np.clip(np.exp(rng.normal(np.log(14_000), 0.7, n_rows)), 500, 1_000_000).round(-1)
+    term = rng.choice([12, 24, 36, 48, 60, 72], size=n_rows, p=[0.08, 0.17, 0.35, 0.15, 0.2, 0.05]).astype(float)
+    dti = np.clip(rng.gamma(2.2, 0.13, n_rows) + loan_amount / income * 0.15, 0, 10)
+    utilization = np.clip(rng.beta(2.0, 3.2 - 1.2 * d, n_rows) * 1.15, 0, 1.5)
+    history = np.clip(age - 18 - rng.uniform(0, 8, n_rows), 0, 80).round(1)
+    accounts = np.clip(rng.poisson(4 + history / 6), 0, 60).astype(float)
+    delinquencies = np.clip(rng.poisson(0.25 + 0.8 * (utilization > 0.9)), 0, 40).astype(float)
+
+    # Signal: non-linear in utilisation (threshold), age (U-shape), dti x term interaction.
+    z = (
+        _INTERCEPT
+        + 2.0 * (utilization > 0.75)
+        + 0.9 * np.maximum(utilization - 0.9, 0) * 4
+        + 0.012 * (age - 45) ** 2 / 10
+        + 1.2 * dti * (term / 36)
+        - 0.55 * np.log(income / 50_000)
+        + 0.45 * delinquencies
+        - 0.02 * history
+        + _EMPLOYMENT_RISK[employment]
+        + _HOME_RISK[home]
+        + _PURPOSE_RISK[purpose]
+        + _REGION_RISK[region]
+        + rng.normal(0, 0.3, n_rows)
+    )
+    # Concept drift: the same utilisation means more risk, income protects less.
+    z += d * (0.9 * utilization + 0.35 * np.log(income / 50_000) - 0.3)
+    default = (rng.uniform(size=n_rows) < 1 / (1 + np.exp(-z))).astype("int64")
+
+    # Outliers and missing values, as real feeds have them.
+    outliers = rng.uniform(size=n_rows) < 0.005
+    income[outliers] = rng.uniform(1_000_000, 9_000_000, outliers.sum())
+    income = np.clip(income, 0, 10_000_000).round(-1)
+    income[rng.uniform(size=n_rows) < 0.05] = np.nan
+    history[rng.uniform(size=n_rows) < 0.03] = np.nan
+    employment_labels = np.asarray(EMPLOYMENT, dtype=object)[employment]
+    employment_labels[rng.uniform(size=n_rows) < 0.02] = None
+
+    days = rng.integers(0, period.days_in_month, n_rows)
+    return pd.DataFrame(
+        {
+            "application_id": [f"A{period.year:04d}{period.month:02d}{i:07d}" for i in range(n_rows)],
+            "application_date": (period.start_time + pd.to_timedelta(days, unit="D")).values.astype("datetime64[ns]"),
+            "age": age,
+            "annual_income": income,
+            "loan_amount": loan_amount,
+            "loan_term_months": term,
+            "debt_to_income": dti.round(4),
+            "credit_utilization": utilization.round(4),
+            "credit_history_years": history,
+            "num_open_accounts": accounts,
+            "num_delinquencies": delinquencies,
+            "employment_type": employment_labels,
+            "home_ownership": np.asarray(HOME, dtype=object)[home],
+            "loan_purpose": np.asarray(PURPOSE, dtype=object)[purpose],
+            "region": np.asarray(REGION, dtype=object)[region],
+            "default": default,
+        }
+    )
+
+
+def generate_months(
+    n_months: int, rows_per_month: int, seed: int = 42, start: str = "2025-01", drift: DriftSpec | None = None
+) -> dict[str, pd.DataFrame]:
+    """Several months, keyed "YYYY-MM"."""
+    return {
+        str(_month_label(start, i)): generate_month(i, rows_per_month, seed, start, drift) for i in range(n_months)
+    }
+
+
+def generate_frame(
+    n_rows: int, seed: int = 42, n_months: int = 12, start: str = "2025-01", drift: DriftSpec | None = None
+) -> pd.DataFrame:
+    """`n_rows` rows spread over `n_months` months, in one frame (benchmarks, tests)."""
+    sizes = [n_rows // n_months + (1 if i < n_rows % n_months else 0) for i in range(n_months)]
+    return pd.concat(
+        [generate_month(i, size, seed, start, drift) for i, size in enumerate(sizes) if size], ignore_index=True
+    )

@@ -1,0 +1,207 @@
+"""Data validation with Great Expectations 1.x: the expectations a snapshot must meet before training.
+
+Expectations come from the dataset config (columns, types, ranges, categories, null tolerance, id
+uniqueness, target classes, row count). A failure names each failed expectation and its column.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mlops.dataset import DatasetConfig, FeatureType
+from tasks.retrying import PermanentError
+
+log = logging.getLogger(__name__)
+
+NUMERIC_TYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64",
+                 "Int8", "Int16", "Int32", "Int64", "Float32", "Float64"]  # fmt: skip
+_MAX_SAMPLE = 20
+
+
+@dataclass(frozen=True)
+class ExpectationFailure:
+    """One failed expectation, readable without the GX result."""
+
+    expectation: str
+    column: str | None
+    detail: str
+
+    def __str__(self) -> str:
+        where = f" on {self.column!r}" if self.column else ""
+        return f"{self.expectation}{where}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Outcome of validating one snapshot; `result` is GX's JSON result (samples only, no data copy)."""
+
+    success: bool
+    n_expectations: int
+    failures: list[ExpectationFailure]
+    statistics: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def summary(self) -> str:
+        """One line naming every failure."""
+        if self.success:
+            return f"all {self.n_expectations} expectations passed"
+        return f"{len(self.failures)} of {self.n_expectations} expectations failed: " + "; ".join(
+            str(f) for f in self.failures
+        )
+
+    def to_json(self) -> str:
+        """The full report as JSON."""
+        return json.dumps(
+            {
+                "success": self.success,
+                "summary": self.summary(),
+                "failures": [f.__dict__ for f in self.failures],
+                "statistics": self.statistics,
+                "great_expectations_result": self.result,
+            },
+            indent=2,
+            default=str,
+        )
+
+    def to_markdown(self) -> str:
+        """A table of failed expectations, or a line saying all passed."""
+        if self.success:
+            return f"# Data validation: passed\n\nAll {self.n_expectations} expectations passed.\n"
+        rows = "\n".join(
+            f"| `{f.expectation}` | {f.column or ''} | {f.detail.replace('|', '/')} |" for f in self.failures
+        )
+        return (
+            f"# Data validation: FAILED\n\n{len(self.failures)} of {self.n_expectations} expectations failed.\n\n"
+            f"| expectation | column | detail |\n|---|---|---|\n{rows}\n"
+        )
+
+
+class DataValidationError(PermanentError):
+    """A snapshot failed validation; the message lists each failed expectation."""
+
+    def __init__(self, failures: list[ExpectationFailure], report: ValidationReport) -> None:
+        self.failures = failures
+        self.report = report
+        super().__init__(f"data validation failed: {report.summary()}")
+
+
+def build_expectations(config: DatasetConfig, columns: list[str]) -> list[Any]:
+    """GX expectations for a frame with `columns`.
+
+    A configured column that is missing gets only its "exists" expectation (which fails), so the
+    report says "column is missing" instead of a cascade of errors about the same column.
+    """
+    import great_expectations.expectations as gxe
+
+    present = set(columns)
+    expectations: list[Any] = [gxe.ExpectTableRowCountToBeBetween(min_value=config.min_rows)]
+    required = [config.id_column, config.target, *config.feature_names]
+    expectations += [gxe.ExpectColumnToExist(column=c) for c in required]
+    if config.id_column in present:
+        expectations += [
+            gxe.ExpectColumnValuesToNotBeNull(column=config.id_column),
+            gxe.ExpectColumnValuesToBeUnique(column=config.id_column),
+        ]
+    if config.target in present:
+        expectations += [
+            gxe.ExpectColumnValuesToNotBeNull(column=config.target),
+            gxe.ExpectColumnUniqueValueCountToBeBetween(column=config.target, min_value=2),
+        ]
+        if config.classes is not None:
+            expectations.append(gxe.ExpectColumnValuesToBeInSet(column=config.target, value_set=config.classes))
+    for feature in config.features:
+        if feature.name not in present:
+            continue
+        tolerance = feature.max_null_fraction if feature.max_null_fraction is not None else config.max_null_fraction
+        expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=feature.name, mostly=max(1 - tolerance, 1e-9)))
+        if feature.type is FeatureType.numeric:
+            expectations.append(gxe.ExpectColumnValuesToBeInTypeList(column=feature.name, type_list=NUMERIC_TYPES))
+            if feature.min is not None or feature.max is not None:
+                expectations.append(
+                    gxe.ExpectColumnValuesToBeBetween(column=feature.name, min_value=feature.min, max_value=feature.max)
+                )
+        elif feature.categories is not None:
+            expectations.append(gxe.ExpectColumnValuesToBeInSet(column=feature.name, value_set=feature.categories))
+    return expectations
+
+
+def _detail(result: Any) -> str:
+    if result.exception_info and result.exception_info.get("raised_exception"):
+        return f"error: {result.exception_info.get('exception_message')}"
+    if isinstance(result.exception_info, dict):
+        for info in result.exception_info.values():
+            if isinstance(info, dict) and info.get("raised_exception"):
+                return f"error: {info.get('exception_message')}"
+    config, res = result.expectation_config, result.result or {}
+    kwargs = config.kwargs
+    if config.type == "expect_column_to_exist":
+        return "column is missing"
+    if config.type == "expect_table_row_count_to_be_between":
+        return f"{res.get('observed_value')} rows, need at least {kwargs.get('min_value')}"
+    if config.type == "expect_column_unique_value_count_to_be_between":
+        return f"{res.get('observed_value')} distinct value(s), need at least {kwargs.get('min_value')}"
+    if "unexpected_count" in res:
+        sample = list(dict.fromkeys(str(v) for v in res.get("partial_unexpected_list") or []))[:5]
+        what = {
+            "expect_column_values_to_not_be_null": "null",
+            "expect_column_values_to_be_in_type_list": f"not of a numeric type (dtype {res.get('observed_value')})",
+            "expect_column_values_to_be_between": f"outside [{kwargs.get('min_value')}, {kwargs.get('max_value')}]",
+            "expect_column_values_to_be_in_set": "not in the allowed values",
+            "expect_column_values_to_be_unique": "duplicated",
+        }.get(config.type, "unexpected")
+        mostly = kwargs.get("mostly")
+        allowed = f" (at most {100 * (1 - mostly):.1f} % allowed)" if mostly and mostly < 1 else ""
+        pct = res.get("unexpected_percent") or 0.0
+        return f"{res['unexpected_count']} value(s) ({pct:.1f} %) {what}{allowed}; e.g. {sample}"
+    return f"observed {res.get('observed_value')}"
+
+
+def validate_frame(df: pd.DataFrame, config: DatasetConfig) -> ValidationReport:
+    """Validate a frame against the config's expectations; never raises for data problems."""
+    # GX reads this when it loads; it has no network here and its analytics are not wanted anyway.
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    expectations = build_expectations(config, [str(c) for c in df.columns])
+    if df.shape[1] == 0:
+        failures = [ExpectationFailure("expect_table_columns", None, "the snapshot has no columns")]
+        return ValidationReport(False, len(expectations), failures)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (
+        context.data_sources.add_pandas("snapshot")
+        .add_dataframe_asset("frame")
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": df})
+    )
+    suite = gx.ExpectationSuite(name=f"{config.name}-snapshot", expectations=expectations)
+    result = batch.validate(suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": _MAX_SAMPLE})
+    failures = [
+        ExpectationFailure(r.expectation_config.type, r.expectation_config.kwargs.get("column"), _detail(r))
+        for r in result.results
+        if not r.success
+    ]
+    report = ValidationReport(
+        success=bool(result.success),
+        n_expectations=len(result.results),
+        failures=failures,
+        statistics=dict(result.statistics),
+        result=result.to_json_dict(),
+    )
+    log.info("validation: %s", report.summary())
+    return report
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def check_snapshot(df: pd.DataFrame, config: DatasetConfig) -> ValidationReport:
+    """Prefect task: validate and return the report (the flow stores it, then fails on failure)."""
+    return validate_frame(df, config)
