@@ -93,15 +93,16 @@ class DataValidationError(PermanentError):
         super().__init__(f"data validation failed: {report.summary()}")
 
 
-def build_expectations(config: DatasetConfig, columns: list[str]) -> list[Any]:
-    """GX expectations for a frame with `columns`.
+def build_expectations(config: DatasetConfig, dtypes: dict[str, str]) -> list[Any]:
+    """GX expectations for a frame whose columns have `dtypes` (name -> pandas dtype).
 
     A configured column that is missing gets only its "exists" expectation (which fails), so the
-    report says "column is missing" instead of a cascade of errors about the same column.
+    report says "column is missing" instead of a cascade of errors about the same column; likewise a
+    numeric feature whose dtype is not numeric gets the type failure, not a range-check error.
     """
     import great_expectations.expectations as gxe
 
-    present = set(columns)
+    present = set(dtypes)
     expectations: list[Any] = [gxe.ExpectTableRowCountToBeBetween(min_value=config.min_rows)]
     required = [config.id_column, config.target, *config.feature_names]
     expectations += [gxe.ExpectColumnToExist(column=c) for c in required]
@@ -124,7 +125,7 @@ def build_expectations(config: DatasetConfig, columns: list[str]) -> list[Any]:
         expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=feature.name, mostly=max(1 - tolerance, 1e-9)))
         if feature.type is FeatureType.numeric:
             expectations.append(gxe.ExpectColumnValuesToBeInTypeList(column=feature.name, type_list=NUMERIC_TYPES))
-            if feature.min is not None or feature.max is not None:
+            if dtypes[feature.name] in NUMERIC_TYPES and (feature.min is not None or feature.max is not None):
                 expectations.append(
                     gxe.ExpectColumnValuesToBeBetween(column=feature.name, min_value=feature.min, max_value=feature.max)
                 )
@@ -133,7 +134,7 @@ def build_expectations(config: DatasetConfig, columns: list[str]) -> list[Any]:
     return expectations
 
 
-def _detail(result: Any) -> str:
+def _detail(result: Any, dtypes: dict[str, str]) -> str:
     if result.exception_info and result.exception_info.get("raised_exception"):
         return f"error: {result.exception_info.get('exception_message')}"
     if isinstance(result.exception_info, dict):
@@ -152,7 +153,9 @@ def _detail(result: Any) -> str:
         sample = list(dict.fromkeys(str(v) for v in res.get("partial_unexpected_list") or []))[:5]
         what = {
             "expect_column_values_to_not_be_null": "null",
-            "expect_column_values_to_be_in_type_list": f"not of a numeric type (dtype {res.get('observed_value')})",
+            "expect_column_values_to_be_in_type_list": (
+                f"not numeric (column dtype {dtypes.get(kwargs.get('column'), '?')})"
+            ),
             "expect_column_values_to_be_between": f"outside [{kwargs.get('min_value')}, {kwargs.get('max_value')}]",
             "expect_column_values_to_be_in_set": "not in the allowed values",
             "expect_column_values_to_be_unique": "duplicated",
@@ -171,7 +174,8 @@ def validate_frame(df: pd.DataFrame, config: DatasetConfig) -> ValidationReport:
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    expectations = build_expectations(config, [str(c) for c in df.columns])
+    dtypes = {str(column): str(dtype) for column, dtype in df.dtypes.items()}
+    expectations = build_expectations(config, dtypes)
     if df.shape[1] == 0:
         failures = [ExpectationFailure("expect_table_columns", None, "the snapshot has no columns")]
         return ValidationReport(False, len(expectations), failures)
@@ -186,7 +190,7 @@ def validate_frame(df: pd.DataFrame, config: DatasetConfig) -> ValidationReport:
     suite = gx.ExpectationSuite(name=f"{config.name}-snapshot", expectations=expectations)
     result = batch.validate(suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": _MAX_SAMPLE})
     failures = [
-        ExpectationFailure(r.expectation_config.type, r.expectation_config.kwargs.get("column"), _detail(r))
+        ExpectationFailure(r.expectation_config.type, r.expectation_config.kwargs.get("column"), _detail(r, dtypes))
         for r in result.results
         if not r.success
     ]

@@ -1,0 +1,106 @@
+"""Data tests: the generator's properties and the validation's verdicts on good and broken snapshots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlops.dataset import load_local_dataset_config
+from mlops.synthetic import DriftSpec, generate_frame, generate_month, generate_months
+from tasks.validation import DataValidationError, validate_frame
+
+CONFIG = load_local_dataset_config("credit-risk")
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    return generate_frame(6000, seed=3, n_months=3)
+
+
+# --- generator ---
+
+
+def test_generator_is_deterministic_and_months_are_independent():
+    assert generate_month(2, 500, seed=1).equals(generate_month(2, 500, seed=1))
+    assert generate_months(3, 500, seed=1)["2025-03"].equals(generate_month(2, 500, seed=1))
+    assert not generate_month(2, 500, seed=1).equals(generate_month(2, 500, seed=2))
+
+
+def test_ids_are_unique_across_months(frame):
+    assert frame["application_id"].is_unique
+
+
+def test_generated_data_passes_the_bundled_expectations(frame):
+    report = validate_frame(frame, CONFIG)
+    assert report.success, report.summary()
+
+
+def test_class_balance_missing_values_and_outliers(frame):
+    assert 0.10 <= frame["default"].mean() <= 0.20
+    assert 0.02 < frame["annual_income"].isna().mean() < 0.08
+    assert frame["employment_type"].isna().any()
+    assert frame["annual_income"].max() > 20 * frame["annual_income"].median()
+
+
+def test_drift_knob_shifts_later_months_only():
+    drift = DriftSpec(start_month=2, strength=1.0)
+    assert generate_month(1, 3000, seed=1, drift=drift).equals(generate_month(1, 3000, seed=1))
+    drifted, plain = generate_month(2, 3000, seed=1, drift=drift), generate_month(2, 3000, seed=1)
+    assert drifted["annual_income"].median() < 0.85 * plain["annual_income"].median()
+    assert drifted["credit_utilization"].mean() > plain["credit_utilization"].mean() + 0.05
+
+
+def test_signal_needs_a_real_model():
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import roc_auc_score
+    from sklearn.tree import DecisionTreeClassifier
+
+    data = generate_frame(24000, seed=5)
+    X = pd.get_dummies(data[CONFIG.feature_names], dummy_na=True).astype(float).fillna(-1)
+    y, train = data["default"], np.arange(len(data)) < 18000
+    boosted = HistGradientBoostingClassifier(random_state=0).fit(X[train], y[train])
+    stump = DecisionTreeClassifier(max_depth=1).fit(X[train], y[train])
+    auc_boosted = roc_auc_score(y[~train], boosted.predict_proba(X[~train])[:, 1])
+    auc_stump = roc_auc_score(y[~train], stump.predict_proba(X[~train])[:, 1])
+    assert 0.7 < auc_boosted < 0.95
+    assert auc_boosted > auc_stump + 0.05
+
+
+# --- validation: each broken snapshot fails, naming the expectation and the column ---
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda f: f.drop(columns=["default"]), "expect_column_to_exist on 'default': column is missing"),
+        (lambda f: f.assign(age="forty"), "expect_column_values_to_be_in_type_list on 'age'"),
+        (lambda f: f.assign(annual_income=np.nan), "expect_column_values_to_not_be_null on 'annual_income'"),
+        (lambda f: f.assign(default=0), "expect_column_unique_value_count_to_be_between on 'default'"),
+        (lambda f: f.assign(age=f["age"].where(f.index > 5, 150.0)), "expect_column_values_to_be_between on 'age'"),
+        (lambda f: f.assign(region=f["region"].where(f.index > 3, "mars")), "expect_column_values_to_be_in_set on 'region'"),
+        (lambda f: f.assign(application_id="same"), "expect_column_values_to_be_unique on 'application_id'"),
+        (lambda f: f.head(50), "50 rows, need at least 1000"),
+        (lambda f: f.head(0), "0 rows"),
+    ],
+    ids=["missing-target", "text-in-numeric", "all-null", "single-class", "out-of-range", "unknown-category",
+         "duplicate-ids", "too-few-rows", "empty"],
+)  # fmt: skip
+def test_broken_snapshot_fails_with_a_named_expectation(frame, breakage, expected):
+    report = validate_frame(breakage(frame.copy()), CONFIG)
+    assert not report.success
+    assert expected in report.summary()
+    error = DataValidationError(report.failures, report)
+    assert expected in str(error)
+    assert "FAILED" in report.to_markdown()
+
+
+def test_report_holds_samples_not_the_data(frame):
+    report = validate_frame(frame.assign(region="mars"), CONFIG)
+    assert len(report.to_json()) < 200_000
+    assert "mars" in report.to_json()
+
+
+def test_frame_without_columns_fails_cleanly():
+    report = validate_frame(pd.DataFrame(), CONFIG)
+    assert not report.success and "no columns" in report.summary()
