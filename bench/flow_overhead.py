@@ -22,20 +22,22 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mlops,tasks,flows")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
+import pandas as pd
+import yaml
 
-from mlops.clients import S3Location, check_stack, put_bytes, s3_client  # noqa: E402
-from mlops.dataset import bundled_config_text, parse_dataset_config  # noqa: E402
-from mlops.settings import get_settings  # noqa: E402
-from mlops.synthetic import generate_frame  # noqa: E402
-from tasks.evaluation import evaluate_on  # noqa: E402
-from tasks.split import split_frame  # noqa: E402
-from tasks.training import ModelFamily, SearchSpec, search_models  # noqa: E402
+from mlops.clients import S3Location, check_stack, put_bytes, s3_client
+from mlops.dataset import bundled_config_text, parse_dataset_config
+from mlops.settings import get_settings
+from mlops.synthetic import generate_frame
+from tasks.evaluation import evaluate_on
+from tasks.split import split_frame
+from tasks.training import ModelFamily, SearchSpec, search_models
 
 RESULTS = Path(__file__).parent / "results"
 SPEC = SearchSpec(
-    families=[ModelFamily.logistic_regression, ModelFamily.hist_gradient_boosting], trials_per_family=2, cv_folds=3
+    families=[ModelFamily.logistic_regression, ModelFamily.hist_gradient_boosting],
+    trials_per_family=2,
+    cv_folds=3,
 )
 SEED = 42
 

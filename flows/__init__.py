@@ -1,0 +1,1 @@
+"""Prefect flows: they wire tasks and handle state."""

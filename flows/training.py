@@ -44,12 +44,8 @@ class TrainingParams(BaseModel):
     )
     search: SearchSpec = Field(default_factory=SearchSpec, title="Search", description="Model search budget.")
     gates: Gates = Field(default_factory=Gates, title="Gates", description="Promotion thresholds.")
-    dry_run: bool = Field(
-        False, title="Dry run", description="Train and evaluate, but never register or promote."
-    )
-    seed: int = Field(
-        42, title="Seed", description="Seeds sampling, folds and models, for reproducible runs."
-    )
+    dry_run: bool = Field(False, title="Dry run", description="Train and evaluate, but never register or promote.")
+    seed: int = Field(42, title="Seed", description="Seeds sampling, folds and models, for reproducible runs.")
 
 
 @dataclass(frozen=True)
@@ -98,15 +94,11 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                 champion_metrics = evaluate_candidate(champion, split.holdout, config, figures=False).metrics
             except Exception as exc:  # the decision records why; promotion is then blocked
                 champion_error = f"{type(exc).__name__}: {exc}"
-        decision = decide(
-            evaluation.metrics, champion_metrics, champion_version, params.gates, champion_error
-        )
+        decision = decide(evaluation.metrics, champion_metrics, champion_version, params.gates, champion_error)
 
         version = None
         if not params.dry_run:
-            version = register_model(
-                model_uri, config.model_name, run_id, {"data_version": snapshot.data_version}
-            )
+            version = register_model(model_uri, config.model_name, run_id, {"data_version": snapshot.data_version})
         previous, promoted, promotion_error = None, False, None
         if decision.promote and version is not None:
             try:

@@ -1,0 +1,1 @@
+"""Settings, clients, local stack, data generator and CLI of prefect-mlops."""

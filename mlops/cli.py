@@ -113,9 +113,7 @@ def data_generate(
     typer.echo(f"wrote {len(written)} partitions ({months * rows_per_month} rows) to {target}")
 
 
-def run_training(
-    dataset: str, dry_run: bool, seed: int, trials: int | None, settings: Settings
-) -> int:
+def run_training(dataset: str, dry_run: bool, seed: int, trials: int | None, settings: Settings) -> int:
     """Run the training flow against the configured stack; returns a process exit code."""
     os.environ.update(client_environment(settings))
     from mlops.clients import StackNotRunningError, check_stack

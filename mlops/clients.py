@@ -65,9 +65,7 @@ def s3_client(settings: Settings) -> Any:
 
 def put_bytes(settings: Settings, location: S3Location, body: bytes, content_type: str) -> str:
     """Write one object; returns its URI."""
-    s3_client(settings).put_object(
-        Bucket=location.bucket, Key=location.key, Body=body, ContentType=content_type
-    )
+    s3_client(settings).put_object(Bucket=location.bucket, Key=location.key, Body=body, ContentType=content_type)
     return location.uri
 
 

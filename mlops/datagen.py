@@ -40,7 +40,10 @@ def write_months(
         frame.to_parquet(buffer, index=False)
         if dest.startswith("s3://"):
             target = put_bytes(
-                settings, S3Location.parse(dest).child(partition_name(month)), buffer.getvalue(), "application/x-parquet"
+                settings,
+                S3Location.parse(dest).child(partition_name(month)),
+                buffer.getvalue(),
+                "application/x-parquet",
             )
         else:
             path = Path(dest) / partition_name(month)

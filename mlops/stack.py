@@ -7,6 +7,7 @@ health check is left alone. Failures name the server, the busy port or the log f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -313,10 +314,8 @@ def _stop_pid(pid: int, timeout: float = 15.0) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.2)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def down(settings: Settings) -> list[str]:

@@ -128,9 +128,7 @@ def generate_months(
     n_months: int, rows_per_month: int, seed: int = 42, start: str = "2025-01", drift: DriftSpec | None = None
 ) -> dict[str, pd.DataFrame]:
     """Several months, keyed "YYYY-MM"."""
-    return {
-        str(_month_label(start, i)): generate_month(i, rows_per_month, seed, start, drift) for i in range(n_months)
-    }
+    return {str(_month_label(start, i)): generate_month(i, rows_per_month, seed, start, drift) for i in range(n_months)}
 
 
 def generate_frame(
@@ -139,5 +137,6 @@ def generate_frame(
     """`n_rows` rows spread over `n_months` months, in one frame (benchmarks, tests)."""
     sizes = [n_rows // n_months + (1 if i < n_rows % n_months else 0) for i in range(n_months)]
     return pd.concat(
-        [generate_month(i, size, seed, start, drift) for i, size in enumerate(sizes) if size], ignore_index=True
+        [generate_month(i, size, seed, start, drift) for i, size in enumerate(sizes) if size],
+        ignore_index=True,
     )

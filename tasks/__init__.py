@@ -1,0 +1,1 @@
+"""Pipeline stages as typed functions and Prefect tasks."""

@@ -71,9 +71,7 @@ def predict_proba(model: Any, frame: pd.DataFrame, config: DatasetConfig) -> np.
 
 def evaluate_on(model: Any, holdout: pd.DataFrame, config: DatasetConfig) -> dict[str, float]:
     """Metrics of a fitted pipeline on the holdout rows."""
-    return compute_metrics(
-        prepare_target(holdout, config), predict_proba(model, holdout, config), model.classes_
-    )
+    return compute_metrics(prepare_target(holdout, config), predict_proba(model, holdout, config), model.classes_)
 
 
 def evaluation_figures(y_true: Sequence[Any], proba: np.ndarray, classes: Sequence[Any]) -> dict[str, Any]:
@@ -130,9 +128,7 @@ class Evaluation:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_candidate(
-    model: Any, holdout: pd.DataFrame, config: DatasetConfig, figures: bool = True
-) -> Evaluation:
+def evaluate_candidate(model: Any, holdout: pd.DataFrame, config: DatasetConfig, figures: bool = True) -> Evaluation:
     """Prefect task: score a fitted pipeline on the frozen holdout (and draw its plots)."""
     y_true = prepare_target(holdout, config)
     proba = predict_proba(model, holdout, config)

@@ -35,8 +35,7 @@ def holdout_mask(ids: pd.Series, fraction: float, salt: str) -> np.ndarray:
     threshold = round(fraction * _BUCKETS)
     buckets = np.fromiter(
         (
-            int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8, key=key).digest(), "big")
-            % _BUCKETS
+            int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8, key=key).digest(), "big") % _BUCKETS
             for i in ids
         ),
         dtype=np.int64,
@@ -48,14 +47,10 @@ def holdout_mask(ids: pd.Series, fraction: float, salt: str) -> np.ndarray:
 def split_frame(frame: pd.DataFrame, config: DatasetConfig) -> Split:
     """Split a validated frame into training rows and holdout rows by id."""
     mask = holdout_mask(frame[config.id_column], config.holdout_fraction, config.holdout_salt)
-    split = Split(
-        train=frame.loc[~mask].reset_index(drop=True), holdout=frame.loc[mask].reset_index(drop=True)
-    )
+    split = Split(train=frame.loc[~mask].reset_index(drop=True), holdout=frame.loc[mask].reset_index(drop=True))
     for part, name in ((split.train, "training"), (split.holdout, "holdout")):
         if part[config.target].nunique() < 2:
-            raise ValueError(
-                f"the {name} part has fewer than two classes of {config.target!r}; need more data"
-            )
+            raise ValueError(f"the {name} part has fewer than two classes of {config.target!r}; need more data")
     log.info("split: %d training rows, %d holdout rows", len(split.train), len(split.holdout))
     return split
 

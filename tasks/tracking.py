@@ -52,9 +52,7 @@ def start_run(config: DatasetConfig, params: dict[str, Any], tags: dict[str, str
     client = mlflow_client(get_settings())
     experiment = client.get_experiment_by_name(config.name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
-    run = client.create_run(
-        experiment_id, tags=tags | {"git_commit": git_commit()}, run_name=tags.get("run_name")
-    )
+    run = client.create_run(experiment_id, tags=tags | {"git_commit": git_commit()}, run_name=tags.get("run_name"))
     for key, value in params.items():
         client.log_param(run.info.run_id, key, str(value)[:6000])
     log.info("MLflow run %s in experiment %r", run.info.run_id, config.name)

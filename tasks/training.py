@@ -161,9 +161,7 @@ def search_models(
     best: tuple[float, BaseEstimator, Trial] | None = None
     for done, (family, estimator, params) in enumerate(plan, start=1):
         started = time.perf_counter()
-        pipeline = make_pipeline(config, estimator).set_params(
-            **{f"model__{k}": v for k, v in params.items()}
-        )
+        pipeline = make_pipeline(config, estimator).set_params(**{f"model__{k}": v for k, v in params.items()})
         scores = cross_validate(pipeline, X, y, cv=folds, scoring=scoring, error_score="raise")["test_score"]
         trial = Trial(
             family.value,

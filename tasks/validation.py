@@ -134,7 +134,7 @@ def build_expectations(config: DatasetConfig, dtypes: dict[str, str]) -> list[An
     return expectations
 
 
-def _detail(result: Any, dtypes: dict[str, str]) -> str:
+def _detail(result: Any, dtypes: dict[str, str]) -> str:  # noqa: PLR0911 - one answer per expectation kind
     if result.exception_info and result.exception_info.get("raised_exception"):
         return f"error: {result.exception_info.get('exception_message')}"
     if isinstance(result.exception_info, dict):

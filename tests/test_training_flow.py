@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pandas as pd
 import pytest
@@ -168,3 +169,31 @@ def test_bad_input_fails_clearly_and_registers_nothing(case, stack, default_data
     assert expected in state.message, state.message
     assert _versions(stack, model_name) == []
     assert mlflow_client(stack).search_registered_models(f"name='{model_name}'") == []
+
+
+def test_promotion_against_a_stale_champion_changes_nothing(stack, first_run):
+    from tasks.promotion import PromotionConflict, promote_version
+
+    versions = sorted(int(v.version) for v in _versions(stack, "credit-risk"))
+    challenger = str(versions[-1])
+    champion = _champion(stack, "credit-risk")
+    # Given a decision made when the champion was another version, promotion refuses and changes nothing
+    with pytest.raises(PromotionConflict, match="stale champion"):
+        promote_version("credit-risk", challenger, expected_champion="999")
+    assert _champion(stack, "credit-risk") == champion
+
+
+def test_python_module_entry_point_runs_the_flow(stack, first_run):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.training", "--dry-run", "--trials", "1"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"PREFECT_API_URL": stack.prefect_api_url},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "decision:" in result.stdout

@@ -128,10 +128,9 @@ def test_bundled_config_is_valid():
 
 
 def test_bad_config_names_the_field():
-    with pytest.raises(DatasetConfigError, match="features.0.type"):
+    with pytest.raises(DatasetConfigError, match=r"features\.0\.type"):
         parse_dataset_config(
-            "name: x\nmodel_name: x\nsource: s3://b/p\ntarget: y\nid_column: id\n"
-            "features: [{name: a, type: text}]\n",
+            "name: x\nmodel_name: x\nsource: s3://b/p\ntarget: y\nid_column: id\nfeatures: [{name: a, type: text}]\n",
             "test.yaml",
         )
     with pytest.raises(DatasetConfigError, match="target 'a' must not also be a feature"):
@@ -143,7 +142,7 @@ def test_bad_config_names_the_field():
 
 
 def test_missing_config_file_is_named():
-    with pytest.raises(DatasetConfigError, match="nope.yaml"):
+    with pytest.raises(DatasetConfigError, match=r"nope\.yaml"):
         load_local_dataset_config("nope.yaml")
 
 

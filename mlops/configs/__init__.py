@@ -1,0 +1,1 @@
+"""Bundled dataset configs."""
