@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prefect import flow
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +22,7 @@ from tasks.promotion import (
     decision_markdown,
     decision_tags,
     describe_outcome,
+    ensure_promotion_lock,
     find_champion,
     load_champion,
     promote,
@@ -86,31 +88,30 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, report.to_json())
         model_uri = log_model(run_id, search.model, split.train, config)
 
-        champion_version = find_champion(config.model_name)
-        champion_metrics, champion_error = None, None
-        if champion_version is not None:
-            try:
-                champion = load_champion(config.model_name, champion_version)
-                champion_metrics = evaluate_candidate(champion, split.holdout, config, figures=False).metrics
-            except Exception as exc:  # the decision records why; promotion is then blocked
-                champion_error = f"{type(exc).__name__}: {exc}"
-        decision = decide(evaluation.metrics, champion_metrics, champion_version, params.gates, champion_error)
+        # Decide and promote one run at a time per model, so no run promotes against a stale champion.
+        with concurrency(ensure_promotion_lock(config.model_name), occupy=1, strict=True, timeout_seconds=3600):
+            champion_version = find_champion(config.model_name)
+            champion_metrics, champion_error = None, None
+            if champion_version is not None:
+                try:
+                    champion = load_champion(config.model_name, champion_version)
+                    champion_metrics = evaluate_candidate(champion, split.holdout, config, figures=False).metrics
+                except Exception as exc:  # the decision records why; promotion is then blocked
+                    champion_error = f"{type(exc).__name__}: {exc}"
+            decision = decide(evaluation.metrics, champion_metrics, champion_version, params.gates, champion_error)
 
-        version = None
-        if not params.dry_run:
-            version = register_model(model_uri, config.model_name, run_id, {"data_version": snapshot.data_version})
-        previous, promoted, promotion_error = None, False, None
-        if decision.promote and version is not None:
-            try:
-                previous = promote(config.model_name, version, champion_version)
-                promoted = True
-            except Exception as exc:  # recorded below, then the run fails
-                promotion_error = exc
+            version = None
+            if not params.dry_run:
+                version = register_model(model_uri, config.model_name, run_id, {"data_version": snapshot.data_version})
+            previous, promoted, promotion_error = None, False, None
+            if decision.promote and version is not None:
+                try:
+                    previous = promote(config.model_name, version, champion_version)
+                    promoted = True
+                except Exception as exc:  # recorded below, then the run fails
+                    promotion_error = exc
         outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error)
-        tags = decision_tags(decision, snapshot.data_version) | {
-            "promoted": str(promoted).lower(),
-            "outcome": outcome,
-        }
+        tags = decision_tags(decision, snapshot.data_version) | {"promoted": str(promoted).lower(), "outcome": outcome}
         markdown = decision_markdown(decision, config.model_name, version, snapshot.data_version, outcome)
         record_decision(run_id, config.model_name, version, tags, markdown, decision.to_json())
         publish_decision(markdown)

@@ -113,6 +113,44 @@ def data_generate(
     typer.echo(f"wrote {len(written)} partitions ({months * rows_per_month} rows) to {target}")
 
 
+@app.command("deploy")
+def deploy(
+    cron: Annotated[str, typer.Option(help="Training schedule (cron, server time zone).")] = "0 3 * * 1",
+    interval: Annotated[int | None, typer.Option(min=10, help="Instead of cron: run every N seconds.")] = None,
+) -> None:
+    """Register the deployments (training, ...) on the configured Prefect server; idempotent."""
+    _setup_logging()
+    settings = get_settings()
+    os.environ.update(client_environment(settings))
+    from mlops.clients import StackNotRunningError, check_stack
+
+    try:
+        check_stack(settings, services=("Prefect",))
+    except StackNotRunningError as exc:
+        raise _fail(str(exc), code=2) from exc
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments.deploy import deploy_all
+
+    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+        ids = deploy_all(training_cron=cron, training_interval=interval, work_pool=settings.work_pool)
+    for name, deployment_id in ids.items():
+        typer.echo(f"deployed training/{name}: {settings.prefect_ui_url}/deployments/deployment/{deployment_id}")
+    typer.echo(f"work pool: {settings.work_pool} (served by the worker that `mlops stack up` starts)")
+
+
+@app.command("worker")
+def worker() -> None:
+    """Run a Prefect process worker for the work pool in the foreground (Ctrl+C stops it)."""
+    from mlops.stack import client_env
+
+    settings = get_settings()
+    env = os.environ | client_env(settings)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    command = [prefect, "worker", "start", "--pool", settings.work_pool, "--type", "process"]
+    os.execve(command[0], command, env)
+
+
 def run_training(dataset: str, dry_run: bool, seed: int, trials: int | None, settings: Settings) -> int:
     """Run the training flow against the configured stack; returns a process exit code."""
     os.environ.update(client_environment(settings))

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     s3_port: int = Field(9000, description="Port of the local S3 gateway.")
     mlflow_port: int = Field(5000, description="Port of the local MLflow tracking server.")
     prefect_port: int = Field(4200, description="Port of the local Prefect server.")
+    worker_port: int = Field(4201, description="Health-check port of the local Prefect worker.")
+    work_pool: str = Field("mlops-process", description="Prefect work pool the local worker serves.")
     weed_port_base: int = Field(
         19330, description="First of the SeaweedFS internal ports (master, volume, filer, admin, gRPC)."
     )

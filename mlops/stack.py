@@ -25,6 +25,8 @@ from mlops.settings import Settings
 
 log = logging.getLogger(__name__)
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
 # SeaweedFS `weed mini` opens several internal ports besides S3 (master, volume, filer, admin and a
 # gRPC port for each). They are laid out from one base so a test can move all of them at once.
 WEED_INTERNAL = ("master", "volume", "filer", "admin")
@@ -47,6 +49,7 @@ class Service:
     env: dict[str, str]
     state_dir: Path
     extra_ports: tuple[int, ...] = ()
+    cwd: Path | None = None
 
     @property
     def log_file(self) -> Path:
@@ -97,6 +100,24 @@ def _s3_env(settings: Settings) -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": settings.aws_access_key_id,
         "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
         "AWS_DEFAULT_REGION": settings.aws_region,
+    }
+
+
+def client_env(settings: Settings) -> dict[str, str]:
+    """Environment that points a process (a worker and the flows it runs) at this stack."""
+    return _s3_env(settings) | {
+        "MLOPS_HOST": settings.host,
+        "MLOPS_STATE_DIR": str(settings.state_dir.resolve()),
+        "MLOPS_S3_PORT": str(settings.s3_port),
+        "MLOPS_MLFLOW_PORT": str(settings.mlflow_port),
+        "MLOPS_PREFECT_PORT": str(settings.prefect_port),
+        "MLOPS_BUCKET": settings.bucket,
+        "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+        "AWS_ENDPOINT_URL_S3": settings.s3_endpoint_url,
+        "PREFECT_API_URL": settings.prefect_api_url,
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,tasks,flows",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
 
 
@@ -192,6 +213,32 @@ def services(settings: Settings) -> list[Service]:
             },
             state_dir=state,
         ),
+        Service(
+            name="worker",
+            port=settings.worker_port,
+            url=f"pool {settings.work_pool}",
+            health_url=f"http://{host}:{settings.worker_port}/health",
+            command=[
+                _bin("prefect"),
+                "worker",
+                "start",
+                "--pool",
+                settings.work_pool,
+                "--type",
+                "process",
+                "--name",
+                f"mlops-worker-{settings.prefect_port}",
+                "--with-healthcheck",
+            ],
+            env=client_env(settings)
+            | {
+                "PREFECT_HOME": str(prefect_dir),
+                "PREFECT_WORKER_WEBSERVER_HOST": host,
+                "PREFECT_WORKER_WEBSERVER_PORT": str(settings.worker_port),
+            },
+            state_dir=state,
+            cwd=PROJECT_ROOT,
+        ),
     ]
 
 
@@ -273,7 +320,7 @@ def _start(service: Service, settings: Settings, timeout: float) -> None:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
-                cwd=service.state_dir,
+                cwd=service.cwd or service.state_dir,
                 start_new_session=True,
             )
         service.pid_file.write_text(str(proc.pid))

@@ -200,6 +200,22 @@ def champion_version(model_name: str) -> str | None:
     return None if version is None else str(version)
 
 
+def promotion_lock_name(model_name: str) -> str:
+    """Name of the Prefect global concurrency limit that serialises decide-and-promote per model."""
+    return f"promotion-{model_name}"
+
+
+@task(name="promotion-lock", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
+def ensure_promotion_lock(model_name: str) -> str:
+    """Prefect task: make sure the one-slot concurrency limit for this model exists; returns its name."""
+    from prefect.client.orchestration import get_client
+
+    name = promotion_lock_name(model_name)
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    return name
+
+
 @task(name="find-champion", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
 def find_champion(model_name: str) -> str | None:
     """Prefect task: the current champion's version, if any."""

@@ -60,6 +60,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         "MLOPS_S3_PORT": str(free_port()),
         "MLOPS_MLFLOW_PORT": str(free_port()),
         "MLOPS_PREFECT_PORT": str(free_port()),
+        "MLOPS_WORKER_PORT": str(free_port()),
         "MLOPS_WEED_PORT_BASE": str(free_port_block(16)),
         "AWS_ACCESS_KEY_ID": "test-access-key",
         "AWS_SECRET_ACCESS_KEY": "test-secret-key-do-not-log",

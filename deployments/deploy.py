@@ -1,0 +1,95 @@
+"""Deployments as code: register the project's flows on a Prefect server, served by a process worker.
+
+`mlops deploy` calls `deploy_all`. Each deployment pulls its code from the project folder (a process
+worker on this machine runs it there) and takes its connection settings from the worker's environment,
+so no secret is stored in the deployment or shown in the UI. Re-deploying updates in place.
+
+Flows that later work adds (monitoring, batch scoring, rollback) get a `FlowDeployment` entry in
+`DEPLOYMENTS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WORK_POOL = "mlops-process"
+
+
+@dataclass(frozen=True)
+class FlowDeployment:
+    """One deployment: which flow, under which name, on which schedule."""
+
+    name: str
+    entrypoint: str
+    description: str
+    cron: str | None = None
+    interval_seconds: int | None = None
+
+
+def deployments(training_cron: str = "0 3 * * 1", training_interval: int | None = None) -> list[FlowDeployment]:
+    """The project's deployments; the training schedule is weekly (Monday 03:00) unless changed."""
+    return [
+        FlowDeployment(
+            name="training",
+            entrypoint="flows/training.py:training",
+            description="Scheduled retraining: promote a new champion only when it is safe.",
+            cron=None if training_interval else training_cron,
+            interval_seconds=training_interval,
+        ),
+    ]
+
+
+def ensure_work_pool(name: str = WORK_POOL) -> bool:
+    """Create the process work pool if it is missing; returns True when it was created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type="process",
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    description="Runs prefect-mlops flows as local processes.",
+                )
+            )
+            log.info("created work pool %r", name)
+            return True
+
+
+def deploy_all(
+    training_cron: str = "0 3 * * 1", training_interval: int | None = None, work_pool: str = WORK_POOL
+) -> dict[str, str]:
+    """Register every deployment (idempotent); returns deployment name -> id."""
+    from prefect import flow
+
+    ensure_work_pool(work_pool)
+    ids = {}
+    for spec in deployments(training_cron, training_interval):
+        remote = flow.from_source(source=str(PROJECT_ROOT), entrypoint=spec.entrypoint)
+        deployment_id = remote.deploy(
+            name=spec.name,
+            work_pool_name=work_pool,
+            cron=spec.cron,
+            interval=spec.interval_seconds,
+            description=spec.description,
+            tags=["prefect-mlops"],
+            job_variables={"working_dir": str(PROJECT_ROOT)},
+            print_next_steps=False,
+            build=False,
+            push=False,
+        )
+        ids[spec.name] = str(deployment_id)
+        log.info("deployed %s/%s (%s)", remote.name, spec.name, deployment_id)
+    return ids

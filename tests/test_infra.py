@@ -1,0 +1,46 @@
+"""Structure of the Docker Compose stack (no Docker engine on our machines, so it is not run here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+COMPOSE = Path(__file__).resolve().parent.parent / "infra" / "docker-compose.yml"
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_has_the_whole_stack_with_health_checks():
+    services = _compose()["services"]
+    assert {"minio", "create-bucket", "postgres", "prefect-server", "mlflow", "worker"} <= set(services)
+    for name in ("minio", "postgres", "prefect-server", "mlflow"):
+        assert "healthcheck" in services[name], name
+
+
+def test_dependencies_exist_and_wait_for_health():
+    services = _compose()["services"]
+    for name, service in services.items():
+        for dependency, condition in (service.get("depends_on") or {}).items():
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            assert condition["condition"] in {"service_healthy", "service_completed_successfully"}
+
+
+def test_published_ports_bind_loopback_and_volumes_are_named():
+    compose = _compose()
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert source.startswith(".") or source in compose["volumes"], f"{name}: unnamed volume {volume}"
+
+
+def test_prefect_uses_postgres_and_mlflow_stores_artifacts_in_s3():
+    services = _compose()["services"]
+    assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert "--artifacts-destination s3://" in services["mlflow"]["command"]
+    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert (COMPOSE.parent / "postgres-init.sql").read_text().count("CREATE DATABASE mlflow") == 1
