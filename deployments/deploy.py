@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +31,37 @@ class FlowDeployment:
     description: str
     cron: str | None = None
     interval_seconds: int | None = None
+    anchor: datetime | None = None
+    parameters: dict[str, Any] | None = None
+
+    def schedule(self) -> Any:
+        """The Prefect schedule object for this deployment."""
+        from prefect.schedules import Cron, Interval
+
+        if self.interval_seconds is not None:
+            return Interval(self.interval_seconds, anchor_date=self.anchor)
+        return Cron(self.cron or "0 3 * * 1")
 
 
-def deployments(training_cron: str = "0 3 * * 1", training_interval: int | None = None) -> list[FlowDeployment]:
-    """The project's deployments; the training schedule is weekly (Monday 03:00) unless changed."""
+def deployments(
+    training_cron: str = "0 3 * * 1",
+    training_interval: int | None = None,
+    training_anchor: datetime | None = None,
+    training_parameters: dict[str, Any] | None = None,
+) -> list[FlowDeployment]:
+    """The project's deployments; the training schedule is weekly (Monday 03:00) unless changed.
+
+    `training_parameters` are the deployment's default flow parameters (e.g. `{"params": {"dataset": ...}}`).
+    """
     return [
         FlowDeployment(
             name="training",
             entrypoint="flows/training.py:training",
             description="Scheduled retraining: promote a new champion only when it is safe.",
-            cron=None if training_interval else training_cron,
+            cron=training_cron,
             interval_seconds=training_interval,
+            anchor=training_anchor,
+            parameters=training_parameters,
         ),
     ]
 
@@ -69,20 +91,24 @@ def ensure_work_pool(name: str = WORK_POOL) -> bool:
 
 
 def deploy_all(
-    training_cron: str = "0 3 * * 1", training_interval: int | None = None, work_pool: str = WORK_POOL
+    training_cron: str = "0 3 * * 1",
+    training_interval: int | None = None,
+    work_pool: str = WORK_POOL,
+    training_anchor: datetime | None = None,
+    training_parameters: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Register every deployment (idempotent); returns deployment name -> id."""
+    """Register every deployment (idempotent: same names, updated in place); returns name -> id."""
     from prefect import flow
 
     ensure_work_pool(work_pool)
     ids = {}
-    for spec in deployments(training_cron, training_interval):
+    for spec in deployments(training_cron, training_interval, training_anchor, training_parameters):
         remote = flow.from_source(source=str(PROJECT_ROOT), entrypoint=spec.entrypoint)
         deployment_id = remote.deploy(
             name=spec.name,
             work_pool_name=work_pool,
-            cron=spec.cron,
-            interval=spec.interval_seconds,
+            schedule=spec.schedule(),
+            parameters=spec.parameters,
             description=spec.description,
             tags=["prefect-mlops"],
             job_variables={"working_dir": str(PROJECT_ROOT)},

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port, free_port_block
 
 # Before Prefect is imported by any test module: our stdlib loggers go to the Prefect UI, no analytics.
 os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "mlops,tasks,flows"
@@ -17,30 +18,6 @@ os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 
 TEST_MONTHS = 6
 TEST_ROWS_PER_MONTH = 2000
-
-
-def _free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A port nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_port_block(size: int, start: int = 20000, stop: int = 60000) -> int:
-    """First port of `size` consecutive free ports (for SeaweedFS's internal ports)."""
-    for base in range(start + (os.getpid() % 200) * 50, stop, size + 7):
-        if all(_free(base + i) for i in range(size)):
-            return base
-    raise RuntimeError("no block of free ports found")
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +48,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         local_stack.up(settings)
         with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
             yield settings
-            APILogHandler.flush()  # send queued run logs before the server goes away
+            APILogHandler().flush()  # send queued run logs before the server goes away
     finally:
         local_stack.down(settings)
 

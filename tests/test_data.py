@@ -104,3 +104,35 @@ def test_report_holds_samples_not_the_data(frame):
 def test_frame_without_columns_fails_cleanly():
     report = validate_frame(pd.DataFrame(), CONFIG)
     assert not report.success and "no columns" in report.summary()
+
+
+# --- loading: formats, partitions, data version ---
+
+
+def test_local_csv_folder_and_parquet_file_load_with_a_content_version(tmp_path):
+    from mlops.settings import Settings
+    from tasks.loading import DataLoadError, read_snapshot
+
+    data = generate_frame(1200, seed=9, n_months=2)
+    folder = tmp_path / "csv"
+    (folder / "month=1").mkdir(parents=True)
+    (folder / "month=2").mkdir()
+    data.iloc[:600].to_csv(folder / "month=1" / "part.csv", index=False)
+    data.iloc[600:].to_csv(folder / "month=2" / "part.csv", index=False)
+    settings = Settings()
+    first = read_snapshot(str(folder), "csv", settings)
+    assert first.n_rows == 1200 and len(first.files) == 2
+    # the same content read again has the same version; a changed byte gives a new one
+    assert read_snapshot(str(folder), "csv", settings).data_version == first.data_version
+    data.iloc[600:].assign(age=30).to_csv(folder / "month=2" / "part.csv", index=False)
+    assert read_snapshot(str(folder), "csv", settings).data_version != first.data_version
+
+    single = tmp_path / "one.parquet"
+    data.to_parquet(single, index=False)
+    assert read_snapshot(str(single), "parquet", settings).n_rows == 1200
+
+    with pytest.raises(DataLoadError, match="no such file or folder"):
+        read_snapshot(str(tmp_path / "missing"), "parquet", settings)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataLoadError, match=r"empty\.csv: file is empty"):
+        read_snapshot(str(tmp_path / "empty.csv"), "csv", settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,13 +14,34 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
+MODEL = "deployed-credit-risk"
+
+
 @pytest.fixture(scope="module")
-def deployed(stack, default_data):
+def deployed_dataset(stack, default_data) -> str:
+    """A dataset config in S3 (read by the worker's runs) for a model of its own, apart from other tests."""
+    import yaml
+
+    from mlops.clients import S3Location, put_bytes
+    from mlops.dataset import bundled_config_text
+
+    raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL}
+    location = S3Location(stack.bucket, f"configs/{MODEL}.yaml")
+    return put_bytes(stack, location, yaml.safe_dump(raw).encode(), "application/yaml")
+
+
+def _parameters(dataset: str, **changes) -> dict:
+    return {"params": {"dataset": dataset, "search": {"trials_per_family": 2}} | changes}
+
+
+@pytest.fixture(scope="module")
+def deployed(stack, deployed_dataset):
     from deployments.deploy import deploy_all
 
-    ids = deploy_all(work_pool=stack.work_pool)
+    ids = deploy_all(work_pool=stack.work_pool, training_parameters=_parameters(deployed_dataset))
     yield ids
-    deploy_all(work_pool=stack.work_pool)  # back to the weekly schedule
+    # back to the weekly schedule, which also drops the short schedule's future runs
+    deploy_all(work_pool=stack.work_pool, training_parameters=_parameters(deployed_dataset))
 
 
 def _client():
@@ -58,24 +80,37 @@ def test_parameters_form_has_titles_descriptions_defaults_and_enums(deployed):
     assert "test-secret-key-do-not-log" not in deployment.model_dump_json()
 
 
-def test_redeploy_is_idempotent(stack, deployed):
+def test_redeploy_is_idempotent(stack, deployed, deployed_dataset):
     from deployments.deploy import deploy_all
 
-    again = deploy_all(work_pool=stack.work_pool)
+    again = deploy_all(work_pool=stack.work_pool, training_parameters=_parameters(deployed_dataset))
     assert again == deployed
     with _client() as client:
         names = [d.name for d in client.read_deployments() if d.name == "training"]
     assert names == ["training"]
 
 
-def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed):
+def _model_versions(stack) -> list:
+    return mlflow_client(stack).search_model_versions(f"name='{MODEL}'")
+
+
+def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed, deployed_dataset):
+    from datetime import UTC, datetime, timedelta
+
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     from deployments.deploy import deploy_all
 
-    # Given a short interval schedule
-    deploy_all(training_interval=3600, work_pool=stack.work_pool)
-    deadline = time.monotonic() + 120
+    # Given an hourly schedule whose first run is due in a few seconds
+    before = len(_model_versions(stack))
+    deploy_all(
+        work_pool=stack.work_pool,
+        training_interval=3600,
+        training_anchor=datetime.now(UTC) + timedelta(seconds=5),
+        training_parameters=_parameters(deployed_dataset),
+    )
+    # when the server's scheduler (a 60 s loop) creates it
+    deadline = time.monotonic() + 180
     with _client() as client:
         while True:
             runs = client.read_flow_runs(
@@ -87,32 +122,79 @@ def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed)
             time.sleep(2)
     assert scheduled, "the server scheduled no run"
     first = min(scheduled, key=lambda r: r.expected_start_time)
-    # then the worker picks the due run up and it completes
+    # then the worker picks the due run up, it completes, and a model version is registered
     [finished] = _wait([first.id])
     assert finished.state.type.value == "COMPLETED", finished.state.message
+    assert len(_model_versions(stack)) == before + 1
 
 
-def test_concurrent_runs_never_promote_against_a_stale_champion(stack, deployed):
+def test_concurrent_runs_never_promote_against_a_stale_champion(stack, deployed, deployed_dataset):
     from prefect.deployments import run_deployment
 
     # Given two runs started at once with different seeds (so both could beat the champion)
     runs = [
-        run_deployment(
-            "training/training",
-            parameters={"params": {"seed": seed, "search": {"trials_per_family": 2}}},
-            timeout=0,
-        )
+        run_deployment("training/training", parameters=_parameters(deployed_dataset, seed=seed), timeout=0)
         for seed in (101, 202)
     ]
     finished = _wait([r.id for r in runs])
     assert [r.state.type.value for r in finished] == ["COMPLETED", "COMPLETED"], [r.state.message for r in finished]
-    # then every promotion names, as the champion it beat, the version that was champion just before it:
-    # no two promotions were decided against the same champion
+    # then both decisions are recorded, and every promotion names as the champion it beat the version that
+    # was champion just before it: no two promotions were decided against the same champion
+    versions = _model_versions(stack)
+    run_ids = {str(r.id) for r in finished}
     client = mlflow_client(stack)
-    versions = client.search_model_versions("name='credit-risk'")
-    promoted = [v for v in versions if v.tags.get("promoted") == "true"]
-    beaten = [v.tags["decision.champion_version"] for v in promoted]
+    decided = [v for v in versions if client.get_run(v.tags["run_id"]).data.tags.get("prefect_flow_run_id") in run_ids]
+    assert len(decided) == 2 and all(v.tags.get("decision") in {"promote", "reject"} for v in decided)
+    beaten = [v.tags["decision.champion_version"] for v in versions if v.tags.get("promoted") == "true"]
     assert len(beaten) == len(set(beaten)), beaten
     # and the lock that serialises decide-and-promote exists with one slot
     with _client() as prefect:
-        assert prefect.read_global_concurrency_limit_by_name("promotion-credit-risk").limit == 1
+        assert prefect.read_global_concurrency_limit_by_name(f"promotion-{MODEL}").limit == 1
+
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.browser
+def test_run_from_the_ui_form_with_a_changed_parameter(stack, deployed):
+    from playwright.sync_api import sync_playwright
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium (make browser-deps)"
+    before = len(_model_versions(stack))
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"]
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # Given the deployment's page in the Prefect UI
+        page.goto(f"{stack.prefect_ui_url}/deployments")
+        page.get_by_role("link", name="training").first.click()
+        page.wait_for_load_state("networkidle")
+        # when a person opens Run > Custom run, changes "Trials per family" in the form and submits
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run").click()
+        page.wait_for_load_state("networkidle")
+        label = page.locator("label", has_text="Trials per family")
+        field = label.locator("xpath=ancestor::div[contains(concat(' ', @class, ' '), ' p-label ')][1]//input").first
+        field.fill("1")
+        page.screenshot(path=str(ARTIFACTS / "ui-custom-run-form.png"), full_page=True)
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url(lambda url: "/run" not in url.rsplit("/", 1)[-1], timeout=30_000)
+        # then a run with the changed value exists, the worker completes it, and a model version appears
+        with _client() as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed["training"]]))
+            )
+        mine = [r for r in runs if r.parameters.get("params", {}).get("search", {}).get("trials_per_family") == 1]
+        assert len(mine) == 1, [r.parameters for r in runs]
+        [finished] = _wait([mine[0].id])
+        assert finished.state.type.value == "COMPLETED", finished.state.message
+        assert len(_model_versions(stack)) == before + 1
+        page.goto(f"{stack.prefect_ui_url}/runs/flow-run/{finished.id}")
+        page.wait_for_load_state("networkidle")
+        page.get_by_text("Completed").first.wait_for()
+        page.screenshot(path=str(ARTIFACTS / "ui-finished-run.png"), full_page=True)
+        browser.close()

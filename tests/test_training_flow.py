@@ -197,3 +197,45 @@ def test_python_module_entry_point_runs_the_flow(stack, first_run):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "decision:" in result.stdout
+
+
+def test_mlflow_models_serve_answers_raw_rows(stack, first_run, default_data):
+    import json
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    from tests.ports import free_port
+
+    # Given the champion served by MLflow's own server, from the registry alias
+    port = free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    server = subprocess.Popen(
+        [mlflow_bin, "models", "serve", "-m", "models:/credit-risk@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        # its scoring server is started as `uvicorn`, looked up on PATH
+        env=os.environ | {"MLFLOW_TRACKING_URI": stack.mlflow_tracking_uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        rows = _good_frame(default_data, stack).head(3)
+        features = rows.drop(columns=["default", "application_id", "application_date"])
+        records = json.loads(features.to_json(orient="records"))
+        records[0]["annual_income"] = None  # a missing value, as clients send them
+        # when raw rows are posted, then each gets a class
+        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": records}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["predictions"]) == 3
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,30 @@
+"""Free loopback ports for the servers tests start."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_port_block(size: int, start: int = 20000, stop: int = 60000) -> int:
+    """First port of `size` consecutive free ports (for SeaweedFS's internal ports)."""
+    for base in range(start + (os.getpid() % 200) * 50, stop, size + 7):
+        if all(_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no block of free ports found")
