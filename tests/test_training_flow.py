@@ -212,12 +212,13 @@ def test_mlflow_models_serve_answers_raw_rows(stack, first_run, default_data):
 
     # Given the champion served by MLflow's own server, from the registry alias
     port = free_port()
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     server = subprocess.Popen(
         [mlflow_bin, "models", "serve", "-m", "models:/credit-risk@champion", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
         # its scoring server is started as `uvicorn`, looked up on PATH
-        env=os.environ | {"MLFLOW_TRACKING_URI": stack.mlflow_tracking_uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        env=os.environ | {"MLFLOW_TRACKING_URI": stack.mlflow_tracking_uri, "PATH": path},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
