@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint format bench stack-up stack-down clean
+.PHONY: install browser-deps demo test lint format bench stack-up stack-down clean
 
 install: $(VENV)/.installed
 
@@ -13,6 +13,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $@
 
+## browser-deps: Debian's chromium for the UI test (Playwright drives it; nothing is downloaded by Playwright)
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "the browser test needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
+
 ## demo: install, start the local stack, generate the default data and run the retraining flow once
 demo: install
 	$(BIN)/mlops stack up
@@ -20,7 +26,7 @@ demo: install
 	$(BIN)/mlops train
 
 ## test: install and run the whole suite against real servers (exit 5, "no tests ran", is a failure)
-test: install
+test: install browser-deps
 	@$(BIN)/pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 

@@ -182,13 +182,18 @@ def test_run_from_the_ui_form_with_a_changed_parameter(stack, deployed):
         field.fill("1")
         page.screenshot(path=str(ARTIFACTS / "ui-custom-run-form.png"), full_page=True)
         page.get_by_role("button", name="Submit").click()
-        page.wait_for_url(lambda url: "/run" not in url.rsplit("/", 1)[-1], timeout=30_000)
+        page.wait_for_url(lambda url: not url.split("?")[0].endswith("/run"), timeout=30_000)
         # then a run with the changed value exists, the worker completes it, and a model version appears
+        deadline = time.monotonic() + 30
         with _client() as client:
-            runs = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed["training"]]))
-            )
-        mine = [r for r in runs if r.parameters.get("params", {}).get("search", {}).get("trials_per_family") == 1]
+            while True:
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed["training"]]))
+                )
+                mine = [r for r in runs if r.parameters["params"].get("search", {}).get("trials_per_family") == 1]
+                if mine or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
         assert len(mine) == 1, [r.parameters for r in runs]
         [finished] = _wait([mine[0].id])
         assert finished.state.type.value == "COMPLETED", finished.state.message
