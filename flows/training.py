@@ -62,12 +62,17 @@ class TrainingOutcome:
     previous_champion: str | None
 
 
-@flow(name="training", description="Retrain, evaluate on a frozen holdout, promote only when it is safe.")
+@flow(
+    name="training",
+    description="Retrain, evaluate on a frozen holdout, promote only when it is safe.",
+    # Everything worth keeping goes to MLflow and S3 explicitly; no Prefect result lands in a local folder.
+    persist_result=False,
+)
 def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # noqa: B008 - frozen, safe default
     """Retrain the dataset's model and promote it when it passes the gates and beats the champion."""
     config = load_dataset_config(params.dataset)
     snapshot = load_snapshot(config)
-    report = check_snapshot(snapshot.frame, config)
+    report = check_snapshot(snapshot.frame, config, snapshot.data_version)
     store_validation_report(config.name, snapshot.data_version, report.to_json(), report.to_markdown())
     if not report.success:
         raise DataValidationError(report.failures, report)

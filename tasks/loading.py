@@ -54,7 +54,23 @@ def _read_object(name: str, body: bytes, fmt: str) -> pd.DataFrame:
         raise DataLoadError(f"{name}: cannot be read as {fmt}: {exc}") from exc
 
 
+class StoreUnavailableError(RuntimeError):
+    """S3 did not answer; retried with backoff, then the run fails with this message."""
+
+
 def _fetch_s3(source: str, fmt: str, settings: Settings) -> list[tuple[str, bytes]]:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    try:
+        return _fetch_s3_objects(source, fmt, settings)
+    except BotoConnectionError as exc:
+        raise StoreUnavailableError(
+            f"S3 at {settings.s3_endpoint_url} is unreachable while reading {source}: {exc}. "
+            "Check `mlops stack status` (or AWS_ENDPOINT_URL_S3)."
+        ) from exc
+
+
+def _fetch_s3_objects(source: str, fmt: str, settings: Settings) -> list[tuple[str, bytes]]:
     location = S3Location.parse(source)
     client = s3_client(settings)
     if source.endswith(SUFFIXES[fmt]):

@@ -6,6 +6,7 @@ uniqueness, target classes, row count). A failure names each failed expectation 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,14 +17,18 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mlops.clients import S3Location, put_bytes, s3_client
 from mlops.dataset import DatasetConfig, FeatureType
-from tasks.retrying import PermanentError
+from mlops.settings import get_settings
+from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, PermanentError, retry_unless_permanent
 
 log = logging.getLogger(__name__)
 
 NUMERIC_TYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64",
                  "Int8", "Int16", "Int32", "Int64", "Float32", "Float64"]  # fmt: skip
 _MAX_SAMPLE = 20
+# Bump when `build_expectations` changes, so cached results of the old expectations are not reused.
+_EXPECTATIONS_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class ValidationReport:
         return json.dumps(
             {
                 "success": self.success,
+                "n_expectations": self.n_expectations,
                 "summary": self.summary(),
                 "failures": [f.__dict__ for f in self.failures],
                 "statistics": self.statistics,
@@ -205,7 +211,54 @@ def validate_frame(df: pd.DataFrame, config: DatasetConfig) -> ValidationReport:
     return report
 
 
-@task(name="validate", cache_policy=NO_CACHE)
-def check_snapshot(df: pd.DataFrame, config: DatasetConfig) -> ValidationReport:
-    """Prefect task: validate and return the report (the flow stores it, then fails on failure)."""
-    return validate_frame(df, config)
+def report_from_json(text: str) -> ValidationReport:
+    """Rebuild a report written by `ValidationReport.to_json`."""
+    raw = json.loads(text)
+    return ValidationReport(
+        success=raw["success"],
+        n_expectations=raw["n_expectations"],
+        failures=[ExpectationFailure(**f) for f in raw["failures"]],
+        statistics=raw["statistics"],
+        result=raw["great_expectations_result"],
+    )
+
+
+def cache_key(config: DatasetConfig, data_version: str) -> str:
+    """Key of a validation result: the data version plus a fingerprint of what the expectations depend on.
+
+    A new data version, a changed config or a new GX version each give a new key; the frame itself is
+    never hashed (its content hash is the data version).
+    """
+    from importlib.metadata import version
+
+    inputs = config.model_dump_json() + version("great-expectations") + _EXPECTATIONS_VERSION
+    return f"{config.name}/{data_version}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}.json"
+
+
+@task(
+    name="validate",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
+def check_snapshot(df: pd.DataFrame, config: DatasetConfig, data_version: str) -> ValidationReport:
+    """Prefect task: validate (or reuse the stored result for this data version) and return the report.
+
+    Results are cached in S3 under `cache/validation/`, keyed by `cache_key`, so a rerun on unchanged
+    data skips Great Expectations. The flow stores the report, then fails on failure.
+    """
+    settings = get_settings()
+    location = S3Location(settings.bucket, f"cache/validation/{cache_key(config, data_version)}")
+    client = s3_client(settings)
+    try:
+        cached = client.get_object(Bucket=location.bucket, Key=location.key)["Body"].read().decode()
+    except client.exceptions.NoSuchKey:
+        cached = None
+    if cached is not None:
+        report = report_from_json(cached)
+        log.info("validation: reused the result for data version %s (%s)", data_version, report.summary())
+        return report
+    report = validate_frame(df, config)
+    put_bytes(settings, location, report.to_json().encode(), "application/json")
+    return report
