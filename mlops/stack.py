@@ -242,18 +242,26 @@ def services(settings: Settings) -> list[Service]:
     ]
 
 
+def _alive(pid: int) -> bool:
+    """True while the process runs. A child of ours that exited is reaped here, so a zombie counts as gone."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _read_pid(service: Service) -> int | None:
     try:
         pid = int(service.pid_file.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
+    return pid if _alive(pid) else None
 
 
 def _healthy(url: str, timeout: float = 2.0) -> bool:
@@ -356,9 +364,7 @@ def _stop_pid(pid: int, timeout: float = 15.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):
