@@ -11,15 +11,13 @@ from typing import Annotated
 import typer
 
 from mlops.settings import Settings, get_settings
+from mlops.stack import client_env
 
 app = typer.Typer(help="Safe, self-retraining tabular ML on Prefect, MLflow and S3.", no_args_is_help=True)
 stack_app = typer.Typer(help="Start, stop and inspect the local stack (S3, MLflow, Prefect).", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: generate the bundled synthetic data.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
-
-# Loggers whose records Prefect forwards to the UI (our tasks log with the standard library).
-EXTRA_LOGGERS = "mlops,tasks,flows"
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -35,17 +33,6 @@ def _setup_logging(verbose: bool = False) -> None:
 def _fail(message: str, code: int = 1) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
-
-
-def client_environment(settings: Settings) -> dict[str, str]:
-    """Prefect and MLflow client settings for runs started from this process (set before they load)."""
-    return {
-        "PREFECT_API_URL": settings.prefect_api_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_EXTRA_LOGGERS": EXTRA_LOGGERS,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    }
 
 
 @stack_app.command("up")
@@ -121,7 +108,7 @@ def deploy(
     """Register the deployments (training, ...) on the configured Prefect server; idempotent."""
     _setup_logging()
     settings = get_settings()
-    os.environ.update(client_environment(settings))
+    os.environ.update(client_env(settings))
     from mlops.clients import StackNotRunningError, check_stack
 
     try:
@@ -142,8 +129,6 @@ def deploy(
 @app.command("worker")
 def worker() -> None:
     """Run a Prefect process worker for the work pool in the foreground (Ctrl+C stops it)."""
-    from mlops.stack import client_env
-
     settings = get_settings()
     env = os.environ | client_env(settings)
     prefect = str(Path(sys.executable).parent / "prefect")
@@ -153,7 +138,7 @@ def worker() -> None:
 
 def run_training(dataset: str, dry_run: bool, seed: int, trials: int | None, settings: Settings) -> int:
     """Run the training flow against the configured stack; returns a process exit code."""
-    os.environ.update(client_environment(settings))
+    os.environ.update(client_env(settings))
     from mlops.clients import StackNotRunningError, check_stack
 
     try:

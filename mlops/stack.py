@@ -104,7 +104,11 @@ def _s3_env(settings: Settings) -> dict[str, str]:
 
 
 def client_env(settings: Settings) -> dict[str, str]:
-    """Environment that points a process (a worker and the flows it runs) at this stack."""
+    """Environment that points a process (the CLI's runs, a worker and its flows) at this stack.
+
+    Set before Prefect and MLflow load: our standard-library loggers are forwarded to the Prefect UI,
+    analytics, telemetry and progress bars are off.
+    """
     return _s3_env(settings) | {
         "MLOPS_HOST": settings.host,
         "MLOPS_STATE_DIR": str(settings.state_dir.resolve()),
@@ -116,6 +120,7 @@ def client_env(settings: Settings) -> dict[str, str]:
         "AWS_ENDPOINT_URL_S3": settings.s3_endpoint_url,
         "PREFECT_API_URL": settings.prefect_api_url,
         "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,tasks,flows",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
