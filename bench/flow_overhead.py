@@ -19,8 +19,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mlops,tasks,flows")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from mlops.stack import CLIENT_DEFAULTS
+
+os.environ.update(CLIENT_DEFAULTS)  # before Prefect and MLflow load
 
 import pandas as pd
 import yaml

@@ -103,27 +103,36 @@ def _s3_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def client_env(settings: Settings) -> dict[str, str]:
-    """Environment that points a process (the CLI's runs, a worker and its flows) at this stack.
+# Client settings for every process that runs flows (set before Prefect and MLflow load): our
+# standard-library loggers go to the Prefect UI; analytics, telemetry and progress bars are off.
+CLIENT_DEFAULTS = {
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,tasks,flows",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Bound MLflow's own HTTP retries (7 with long backoff by default); Prefect's task retries come on top.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
 
-    Set before Prefect and MLflow load: our standard-library loggers are forwarded to the Prefect UI,
-    analytics, telemetry and progress bars are off.
-    """
-    return _s3_env(settings) | {
-        "MLOPS_HOST": settings.host,
-        "MLOPS_STATE_DIR": str(settings.state_dir.resolve()),
-        "MLOPS_S3_PORT": str(settings.s3_port),
-        "MLOPS_MLFLOW_PORT": str(settings.mlflow_port),
-        "MLOPS_PREFECT_PORT": str(settings.prefect_port),
-        "MLOPS_BUCKET": settings.bucket,
-        "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
-        "AWS_ENDPOINT_URL_S3": settings.s3_endpoint_url,
-        "PREFECT_API_URL": settings.prefect_api_url,
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,tasks,flows",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    }
+
+def client_env(settings: Settings) -> dict[str, str]:
+    """Environment that points a process (the CLI's runs, a worker and its flows) at this stack."""
+    return (
+        _s3_env(settings)
+        | {
+            "MLOPS_HOST": settings.host,
+            "MLOPS_STATE_DIR": str(settings.state_dir.resolve()),
+            "MLOPS_S3_PORT": str(settings.s3_port),
+            "MLOPS_MLFLOW_PORT": str(settings.mlflow_port),
+            "MLOPS_PREFECT_PORT": str(settings.prefect_port),
+            "MLOPS_BUCKET": settings.bucket,
+            "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+            "AWS_ENDPOINT_URL_S3": settings.s3_endpoint_url,
+            "PREFECT_API_URL": settings.prefect_api_url,
+        }
+        | CLIENT_DEFAULTS
+    )
 
 
 def services(settings: Settings) -> list[Service]:

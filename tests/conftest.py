@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from mlops.stack import CLIENT_DEFAULTS
 from tests.ports import free_port, free_port_block
 
-# Before Prefect is imported by any test module: our stdlib loggers go to the Prefect UI, no analytics.
-os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "mlops,tasks,flows"
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+# Before Prefect or MLflow is imported by any test module.
+os.environ.update(CLIENT_DEFAULTS)
 
 TEST_MONTHS = 6
 TEST_ROWS_PER_MONTH = 2000
