@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from mlops import stack
 from mlops.settings import Settings, get_settings
 from mlops.stack import client_env
 
@@ -38,8 +39,6 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 @stack_app.command("up")
 def stack_up() -> None:
     """Start S3, MLflow and Prefect on loopback (a no-op for servers already running)."""
-    from mlops import stack
-
     _setup_logging()
     settings = get_settings()
     try:
@@ -53,8 +52,6 @@ def stack_up() -> None:
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop the servers started from this state folder."""
-    from mlops import stack
-
     stopped = stack.down(get_settings())
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
@@ -62,8 +59,6 @@ def stack_down() -> None:
 @stack_app.command("status")
 def stack_status() -> None:
     """Report each server; exits 1 if any is not healthy."""
-    from mlops import stack
-
     statuses = stack.status(get_settings())
     for status in statuses:
         typer.echo(status.describe())
