@@ -73,7 +73,8 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     config = load_dataset_config(params.dataset)
     snapshot = load_snapshot(config)
     report = check_snapshot(snapshot.frame, config, snapshot.data_version)
-    store_validation_report(config.name, snapshot.data_version, report.to_json(), report.to_markdown())
+    report_json = report.to_json()
+    store_validation_report(config.name, snapshot.data_version, report_json, report.to_markdown())
     if not report.success:
         raise DataValidationError(report.failures, report)
 
@@ -90,7 +91,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         split = split_snapshot(snapshot.frame, config)
         search = train_candidate(split.train, config, params.search, params.seed)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
-        log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, report.to_json())
+        log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, report_json)
         model_uri = log_model(run_id, search.model, split.train, config)
 
         # Decide and promote one run at a time per model, so no run promotes against a stale champion.
