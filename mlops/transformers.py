@@ -1,7 +1,7 @@
 """Custom scikit-learn transformers that trained models carry.
 
 Kept free of Prefect/MLflow imports: a saved model needs this module importable where it is loaded
-(serving, batch scoring), and skops must be told to trust it (see `SKOPS_TRUSTED_TYPES`).
+(serving, batch scoring), and skops must be told to trust it (see `skops_trusted_types`).
 """
 
 from __future__ import annotations
