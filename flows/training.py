@@ -18,6 +18,7 @@ from tasks.loading import load_dataset_config, load_snapshot
 from tasks.promotion import (
     Decision,
     Gates,
+    Promotion,
     decide,
     decision_markdown,
     decision_tags,
@@ -26,8 +27,10 @@ from tasks.promotion import (
     find_champion,
     load_champion,
     promote,
+    revert,
 )
 from tasks.reports import publish_decision, store_validation_report
+from tasks.serving_check import ServingCheck, ServingCheckFailed, check_serving
 from tasks.split import split_snapshot
 from tasks.tracking import end_run, log_evaluation, log_model, record_decision, register_model, start_run
 from tasks.training import SearchSpec, train_candidate
@@ -48,6 +51,14 @@ class TrainingParams(BaseModel):
     gates: Gates = Field(default_factory=Gates, title="Gates", description="Promotion thresholds.")
     dry_run: bool = Field(False, title="Dry run", description="Train and evaluate, but never register or promote.")
     seed: int = Field(42, title="Seed", description="Seeds sampling, folds and models, for reproducible runs.")
+    serving_timeout_seconds: float = Field(
+        120,
+        gt=0,
+        le=3600,
+        title="Serving check timeout (s)",
+        description="After a promotion, how long the serving API (MLOPS_SERVING_URL) may take to serve the new "
+        "champion before the promotion is reverted.",
+    )
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,24 @@ class TrainingOutcome:
     candidate_version: str | None
     promoted: bool
     previous_champion: str | None
+
+
+def _promote_checked(
+    model_name: str, version: str, expected_champion: str | None, serving_timeout: float
+) -> tuple[Promotion | None, Exception | None, ServingCheck | None]:
+    """Promote, then keep the promotion only once the serving API answers with it (else revert it).
+
+    Returns the promotion that stands (or None), the error that stopped it, and the serving check.
+    """
+    try:
+        promotion = promote(model_name, version, expected_champion)
+    except Exception as exc:  # recorded by the caller, then the run fails
+        return None, exc, None
+    serving = check_serving(model_name, version, serving_timeout)
+    if serving.ok:
+        return promotion, None, serving
+    revert(promotion, serving.detail)
+    return None, ServingCheckFailed(f"promotion of v{version} reverted: {serving.detail}"), serving
 
 
 @flow(
@@ -109,15 +138,16 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             version = None
             if not params.dry_run:
                 version = register_model(model_uri, config.model_name, run_id, {"data_version": snapshot.data_version})
-            previous, promoted, promotion_error = None, False, None
+            promotion, promotion_error, serving = None, None, None
             if decision.promote and version is not None:
-                try:
-                    previous = promote(config.model_name, version, champion_version)
-                    promoted = True
-                except Exception as exc:  # recorded below, then the run fails
-                    promotion_error = exc
+                promotion, promotion_error, serving = _promote_checked(
+                    config.model_name, version, champion_version, params.serving_timeout_seconds
+                )
+        promoted = promotion is not None
         outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error)
         tags = decision_tags(decision, snapshot.data_version) | {"promoted": str(promoted).lower(), "outcome": outcome}
+        if serving is not None:
+            tags["serving_check"] = serving.detail
         markdown = decision_markdown(decision, config.model_name, version, snapshot.data_version, outcome)
         record_decision(run_id, config.model_name, version, tags, markdown, decision.to_json())
         publish_decision(markdown)
@@ -127,6 +157,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         end_run(run_id, "FAILED")
         raise
     end_run(run_id, "FINISHED")
+    previous = promotion.replaced if promotion is not None else None
     return TrainingOutcome(run_id, snapshot.data_version, decision, version, promoted, previous)
 
 

@@ -131,6 +131,30 @@ def worker() -> None:
     os.execve(command[0], command, env)
 
 
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default MLOPS_HOST, loopback).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default MLOPS_SERVING_PORT, 8000).")] = None,
+    model: Annotated[str | None, typer.Option(help="Registered model to follow (default MLOPS_SERVING_MODEL).")] = None,
+    alias: Annotated[str | None, typer.Option(help="Alias to follow (default champion).")] = None,
+    poll_seconds: Annotated[float | None, typer.Option(min=0.1, help="Registry poll interval.")] = None,
+) -> None:
+    """Serve predictions from `models:/<model>@champion`, following the alias without a restart."""
+    _setup_logging()
+    settings = get_settings()
+    changes = {"serving_model": model, "serving_alias": alias, "serving_poll_seconds": poll_seconds}
+    settings = settings.model_copy(update={k: v for k, v in changes.items() if v is not None})
+    os.environ.update(client_env(settings))
+    from serving.app import run
+
+    run(host or settings.host, port or settings.serving_port, settings)
+
+
+def serve_main() -> None:
+    """Entry point for `python -m serving` (same options as `mlops serve`)."""
+    typer.main.get_command(app)(["serve", *sys.argv[1:]], prog_name="python -m serving")
+
+
 def run_training(dataset: str, dry_run: bool, seed: int, trials: int | None, settings: Settings) -> int:
     """Run the training flow against the configured stack; returns a process exit code."""
     os.environ.update(client_env(settings))

@@ -33,6 +33,22 @@ class Settings(BaseSettings):
     )
     bucket: str = Field("mlops", description="Bucket for data snapshots, reports and MLflow artifacts.")
 
+    serving_port: int = Field(8000, description="Port of the local serving API.")
+    serving_model: str = Field("credit-risk", description="Registered model the serving API follows.")
+    serving_alias: str = Field("champion", description="Registry alias the serving API follows.")
+    serving_poll_seconds: float = Field(
+        2.0, gt=0, description="How often the serving API checks the registry for a new champion."
+    )
+    serving_threads: int = Field(1, ge=1, description="OpenMP/BLAS threads per model call in the serving API.")
+    serving_max_records: int = Field(10_000, ge=1, description="Largest batch one /predict request may send.")
+    serving_max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Largest /predict request body.")
+    serving_log_flush_seconds: float = Field(
+        5.0, gt=0, description="How often logged predictions are written to S3 as Parquet."
+    )
+    serving_log_max_rows: int = Field(
+        200_000, ge=1, description="Logged predictions kept in memory while S3 is unreachable (oldest dropped)."
+    )
+
     aws_access_key_id: str = Field(
         "mlops-local", validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "aws_access_key_id")
     )
@@ -50,6 +66,11 @@ class Settings(BaseSettings):
     prefect_api_url_override: str | None = Field(
         None, validation_alias=AliasChoices("PREFECT_API_URL", "prefect_api_url")
     )
+    serving_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MLOPS_SERVING_URL", "serving_url"),
+        description="Serving API that training checks after a promotion; unset means no check.",
+    )
 
     @cached_property
     def s3_endpoint_url(self) -> str:
@@ -65,6 +86,11 @@ class Settings(BaseSettings):
     def prefect_api_url(self) -> str:
         """Prefect API URL: `PREFECT_API_URL` if set, else the local server."""
         return self.prefect_api_url_override or f"http://{self.host}:{self.prefect_port}/api"
+
+    @property
+    def local_serving_url(self) -> str:
+        """Address of the serving API the local stack runs."""
+        return f"http://{self.host}:{self.serving_port}"
 
     @property
     def prefect_ui_url(self) -> str:

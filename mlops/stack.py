@@ -1,4 +1,4 @@
-"""The local stack: real S3 (SeaweedFS), MLflow and Prefect servers on loopback.
+"""The local stack: real S3 (SeaweedFS), MLflow and Prefect servers, a worker and the serving API, on loopback.
 
 Each server runs as a detached process whose pid, log and data live under one state folder
 (`settings.state_dir`, `.mlops/` by default). `up` is idempotent: a server that already answers its
@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,10 @@ def client_env(settings: Settings) -> dict[str, str]:
             "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
             "AWS_ENDPOINT_URL_S3": settings.s3_endpoint_url,
             "PREFECT_API_URL": settings.prefect_api_url,
+            "MLOPS_SERVING_PORT": str(settings.serving_port),
+            "MLOPS_SERVING_MODEL": settings.serving_model,
+            # Training checks after a promotion that this serving API switched to the new champion.
+            "MLOPS_SERVING_URL": settings.serving_url or settings.local_serving_url,
         }
         | CLIENT_DEFAULTS
     )
@@ -250,6 +255,16 @@ def services(settings: Settings) -> list[Service]:
                 "PREFECT_WORKER_WEBSERVER_HOST": host,
                 "PREFECT_WORKER_WEBSERVER_PORT": str(settings.worker_port),
             },
+            state_dir=state,
+            cwd=PROJECT_ROOT,
+        ),
+        Service(
+            name="serving",
+            port=settings.serving_port,
+            url=settings.local_serving_url,
+            health_url=f"{settings.local_serving_url}/health",
+            command=[_bin("mlops"), "serve"],
+            env=client_env(settings),
             state_dir=state,
             cwd=PROJECT_ROOT,
         ),
@@ -397,3 +412,32 @@ def down(settings: Settings) -> list[str]:
     for service, _ in running:
         service.pid_file.unlink(missing_ok=True)
     return [service.name for service, pid in running if pid is not None]
+
+
+@contextlib.contextmanager
+def running(
+    command: list[str], health_url: str, env: dict[str, str], log_file: Path, timeout: float = 120.0
+) -> Iterator[subprocess.Popen]:
+    """Run one server for the duration of a `with` block (tests, benchmarks); waits for its health check.
+
+    Raises StackError with the tail of its log when it exits or does not become healthy in time.
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(health_url):
+            if proc.poll() is not None:
+                raise StackError(f"{command[0]} exited with {proc.returncode}; see {log_file}:\n{_tail(log_file)}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{health_url} not healthy within {timeout:.0f}s; see {log_file}:\n{_tail(log_file)}")
+            time.sleep(0.3)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

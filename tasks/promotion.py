@@ -11,9 +11,11 @@ Rules (stated once, here):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prefect import task
@@ -231,12 +233,24 @@ def load_champion(model_name: str, version: str) -> Any:
     return mlflow.sklearn.load_model(f"models:/{model_name}/{version}")
 
 
-def promote_version(model_name: str, version: str, expected_champion: str | None) -> str | None:
-    """Move `champion` to `version` and `previous` to the replaced champion; returns the replaced one.
+@dataclass(frozen=True)
+class Promotion:
+    """An alias move that happened: enough to undo it exactly."""
+
+    model_name: str
+    version: str
+    replaced: str | None
+    replaced_previous: str | None
+    promoted_at: str
+
+
+def promote_version(model_name: str, version: str, expected_champion: str | None) -> Promotion:
+    """Move `champion` to `version` and `previous` to the replaced champion.
 
     Compare-and-set: if the champion is no longer `expected_champion` (another run promoted since the
     decision), nothing changes and `PromotionConflict` is raised. The champion alias moves in one call;
     if recording `previous` then fails, the champion is put back, so a failure leaves the old champion.
+    The version gets a `promoted_at` tag (UTC, ISO 8601), which the serving API reports.
     """
     client = mlflow_client(get_settings())
     current = champion_version(model_name)
@@ -245,6 +259,9 @@ def promote_version(model_name: str, version: str, expected_champion: str | None
             f"champion of {model_name!r} is v{current}, not v{expected_champion} as when the decision was "
             "made; not promoting against a stale champion"
         )
+    old_previous = client.get_registered_model(model_name).aliases.get(PREVIOUS)
+    promoted_at = datetime.now(UTC).isoformat(timespec="seconds")
+    client.set_model_version_tag(model_name, version, "promoted_at", promoted_at)
     client.set_registered_model_alias(model_name, CHAMPION, version)
     if current is not None:
         try:
@@ -254,7 +271,29 @@ def promote_version(model_name: str, version: str, expected_champion: str | None
             client.set_registered_model_alias(model_name, CHAMPION, current)
             raise
     log.info("%s: champion v%s -> v%s", model_name, current, version)
-    return current
+    return Promotion(model_name, version, current, None if old_previous is None else str(old_previous), promoted_at)
+
+
+def revert_promotion(promotion: Promotion, reason: str) -> None:
+    """Undo `promotion`: `champion` and `previous` go back to where they were; the reason is tagged.
+
+    Compare-and-set again: if the champion moved since (another promotion or a rollback), nothing is
+    undone and `PromotionConflict` says so. After a cold-start promotion the `champion` alias is removed.
+    """
+    client = mlflow_client(get_settings())
+    name, version = promotion.model_name, promotion.version
+    current = champion_version(name)
+    if current != version:
+        raise PromotionConflict(f"champion of {name!r} is v{current}, not v{version}: not reverting its promotion")
+    for alias, target in ((CHAMPION, promotion.replaced), (PREVIOUS, promotion.replaced_previous)):
+        if target is None:
+            with contextlib.suppress(Exception):  # absent already
+                client.delete_registered_model_alias(name, alias)
+        else:
+            client.set_registered_model_alias(name, alias, target)
+    client.delete_model_version_tag(name, version, "promoted_at")
+    client.set_model_version_tag(name, version, "rolled_back", reason[:4900])
+    log.warning("%s: promotion of v%s reverted (champion back to v%s): %s", name, version, promotion.replaced, reason)
 
 
 @task(
@@ -264,6 +303,18 @@ def promote_version(model_name: str, version: str, expected_champion: str | None
     retry_condition_fn=retry_unless_permanent,
     cache_policy=NO_CACHE,
 )
-def promote(model_name: str, version: str, expected_champion: str | None) -> str | None:
+def promote(model_name: str, version: str, expected_champion: str | None) -> Promotion:
     """Prefect task: atomic, compare-and-set promotion (see `promote_version`)."""
     return promote_version(model_name, version, expected_champion)
+
+
+@task(
+    name="revert-promotion",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
+def revert(promotion: Promotion, reason: str) -> None:
+    """Prefect task: undo a promotion (see `revert_promotion`)."""
+    revert_promotion(promotion, reason)

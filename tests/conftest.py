@@ -30,12 +30,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     state = tmp_path_factory.mktemp("stack")
     for var in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "PREFECT_API_URL", "MLFLOW_S3_ENDPOINT_URL"):
         os.environ.pop(var, None)
+    serving_port = free_port()
     env = {
         "MLOPS_STATE_DIR": str(state),
         "MLOPS_S3_PORT": str(free_port()),
         "MLOPS_MLFLOW_PORT": str(free_port()),
         "MLOPS_PREFECT_PORT": str(free_port()),
         "MLOPS_WORKER_PORT": str(free_port()),
+        # The stack's serving API follows credit-risk; training runs check it after each promotion.
+        "MLOPS_SERVING_PORT": str(serving_port),
+        "MLOPS_SERVING_URL": f"http://127.0.0.1:{serving_port}",
+        "MLOPS_SERVING_POLL_SECONDS": "1",
         "MLOPS_WEED_PORT_BASE": str(free_port_block(16)),
         "AWS_ACCESS_KEY_ID": "test-access-key",
         "AWS_SECRET_ACCESS_KEY": "test-secret-key-do-not-log",

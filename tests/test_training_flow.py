@@ -58,6 +58,12 @@ def test_cold_start_promotes_and_records_everything(stack, first_run):
         f"plots/{n}" for n in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "calibration.png")
     }
     assert client.list_artifacts(first_run.run_id, "decision")
+    # and the stack's serving API (it follows credit-risk) confirmed it serves the new champion
+    assert f"serves v{first_run.candidate_version}" in run.data.tags["serving_check"]
+    import httpx
+
+    served = httpx.get(f"{stack.serving_url}/model", timeout=10).json()
+    assert served["version"] == first_run.candidate_version
     # and the artifacts physically live in the S3 bucket
     keys = s3_client(stack).list_objects_v2(Bucket=stack.bucket, Prefix="mlflow/")
     assert keys.get("KeyCount", 0) > 0

@@ -1,0 +1,1 @@
+"""The serving API that follows the registry's champion (see `serving.app`)."""

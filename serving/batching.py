@@ -1,0 +1,163 @@
+"""Adaptive micro-batching: requests that arrive while a prediction runs are scored together next.
+
+A pipeline's `predict_proba` costs about the same for 1 row as for 1,000 (the cost is per call), so
+scoring concurrent requests in one call multiplies throughput. Nothing waits on a timer: when the
+queue is empty a request is scored at once (single-client latency stays that of one call); while a
+call runs, newcomers queue up and are taken together. Each request keeps the model it started with,
+so a batch only ever mixes requests of the same model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serving.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One request's records waiting to be scored."""
+
+    model: LoadedModel
+    records: list[dict[str, Any]]
+    request_id: str
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What a batch call returns for one request."""
+
+    proba: np.ndarray
+    batch_rows: int
+
+
+class MicroBatcher:
+    """Queue of jobs scored by one worker thread, batching whatever is waiting.
+
+    Args:
+        max_rows: Largest batch one call scores (a larger single request is still scored alone).
+        on_scored: Called in the worker thread after each successful batch with the jobs, their frame
+            and probabilities (prediction logging); its errors are logged and never fail a request.
+    """
+
+    def __init__(
+        self,
+        max_rows: int = 20_000,
+        on_scored: Callable[[list[Job], Any, np.ndarray], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        threads: int = 1,
+    ) -> None:
+        self.max_rows = max_rows
+        self.on_scored = on_scored
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[Job] | None = None
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="predict", initializer=_limit_threads, initargs=(threads,)
+        )
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        """Stop the worker; jobs still queued fail with a clear error."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while self._queue is not None and not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    async def score(self, model: LoadedModel, records: list[dict[str, Any]], request_id: str) -> Scored:
+        """Queue `records` for `model` and wait for their probabilities."""
+        assert self._queue is not None, "start() first"
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(Job(model, records, request_id, future))
+        return await future
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            pending = [first]
+            rows = len(first.records)
+            while not self._queue.empty() and rows < self.max_rows:
+                job = self._queue.get_nowait()
+                pending.append(job)
+                rows += len(job.records)
+            # Group by model: requests keep the model they started with, even across a swap.
+            groups: dict[int, list[Job]] = {}
+            for job in pending:
+                groups.setdefault(id(job.model), []).append(job)
+            for jobs in groups.values():
+                await self._score_group(loop, jobs)
+
+    async def _score_group(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
+        try:
+            proba = await loop.run_in_executor(self._executor, self._predict, jobs)
+        except Exception as exc:
+            if len(jobs) == 1:
+                _fail(jobs[0], exc)
+                return
+            # One bad request must not fail its neighbours: score each on its own.
+            log.warning("batch of %d requests failed (%s); scoring them one by one", len(jobs), exc)
+            for job in jobs:
+                await self._score_group(loop, [job])
+            return
+        start = 0
+        for job in jobs:
+            end = start + len(job.records)
+            if not job.future.done():
+                job.future.set_result(Scored(proba[start:end], len(proba)))
+            start = end
+
+    def _predict(self, jobs: list[Job]) -> np.ndarray:
+        model = jobs[0].model
+        records = jobs[0].records if len(jobs) == 1 else [r for job in jobs for r in job.records]
+        frame = model.frame(records)
+        started = time.perf_counter()
+        proba = model.predict_proba(frame)
+        if self.on_batch is not None:
+            self.on_batch(len(frame))
+        log.debug(
+            "scored %d rows for %d requests in %.1f ms", len(frame), len(jobs), 1e3 * (time.perf_counter() - started)
+        )
+        if self.on_scored is not None:
+            try:
+                self.on_scored(jobs, frame, proba)
+            except Exception:  # logging predictions must never fail a request
+                log.exception("recording predictions failed")
+        return proba
+
+
+def _limit_threads(threads: int) -> None:
+    """Cap OpenMP/BLAS threads of model calls made from this thread.
+
+    Measured here (2 cores, a busy machine): a gradient-boosting pipeline's 1-row `predict_proba` took
+    29 ms with OpenMP's default threads and 7 ms with one; the server's own threads need the other core.
+    OpenMP's limit is per calling thread, so it is set in the prediction thread itself.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
+
+
+def _fail(job: Job, exc: Exception) -> None:
+    if not job.future.done():
+        job.future.set_exception(exc)

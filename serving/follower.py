@@ -1,0 +1,118 @@
+"""Follow the registry alias: load the new champion in the background and swap it in atomically.
+
+The served model is one reference, replaced in a single assignment once the new version is fully
+loaded and has passed a test prediction; a request holds the reference it started with, so in-flight
+requests finish on their model. A version that fails to load is logged and counted, the old model
+keeps serving, and the failed version is retried only after a back-off (or when asked by /reload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mlops.clients import mlflow_client
+from mlops.settings import Settings
+from serving.model import LoadedModel, ModelLoadError, load_version
+
+log = logging.getLogger(__name__)
+
+RETRY_FAILED_AFTER = 60.0
+
+
+class ChampionFollower:
+    """Keeps `current` on the version the alias points at.
+
+    Args:
+        settings: Registry address, model name, alias and poll interval.
+        on_reload: Called with "success" or "failure" after each load attempt (metrics).
+        on_swap: Called with the new model after a swap.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        on_reload: Callable[[str], None] | None = None,
+        on_swap: Callable[[LoadedModel], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.serving_model
+        self.alias = settings.serving_alias
+        self.current: LoadedModel | None = None
+        self.last_error: str | None = None
+        self.on_reload = on_reload or (lambda result: None)
+        self.on_swap = on_swap or (lambda model: None)
+        self._failed: tuple[str, float] | None = None
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._client: Any = None
+
+    @property
+    def following(self) -> str:
+        """`<model>@<alias>`."""
+        return f"{self.name}@{self.alias}"
+
+    def _alias_version(self) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        if self._client is None:
+            self._client = mlflow_client(self.settings)
+        try:
+            aliases = self._client.get_registered_model(self.name).aliases
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        version = aliases.get(self.alias)
+        return None if version is None else str(version)
+
+    async def check(self, force: bool = False) -> bool:
+        """Look at the alias once and swap if it moved; returns True when the served model changed."""
+        async with self._lock:
+            try:
+                version = await asyncio.to_thread(self._alias_version)
+            except Exception as exc:  # registry down: keep serving what we have
+                self.last_error = f"registry unreachable: {type(exc).__name__}: {exc}"
+                log.warning("cannot read %s from the registry: %s", self.following, exc)
+                return False
+            if version is None:
+                if self.current is not None:
+                    log.warning("%s is not set any more; still serving v%s", self.following, self.current.version)
+                return False
+            if self.current is not None and version == self.current.version:
+                return False
+            failed = self._failed
+            if not force and failed is not None and failed[0] == version and time.monotonic() < failed[1]:
+                return False
+            log.info("%s now points at v%s; loading it", self.following, version)
+            try:
+                model = await asyncio.to_thread(load_version, self._client, self.name, version)
+            except ModelLoadError as exc:
+                self._failed = (version, time.monotonic() + RETRY_FAILED_AFTER)
+                self.last_error = str(exc)
+                self.on_reload("failure")
+                served = f"v{self.current.version}" if self.current else "no model"
+                log.error("not switching to v%s, still serving %s: %s", version, served, exc)
+                return False
+            previous, self.current = self.current, model  # the swap: one reference assignment
+            self._failed, self.last_error = None, None
+            self.on_reload("success")
+            self.on_swap(model)
+            log.info("serving %s v%s (was %s)", self.name, model.version, previous.version if previous else "none")
+            return True
+
+    def wake(self) -> None:
+        """Ask the poll loop to check now."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Poll forever (cancel to stop)."""
+        while True:
+            await self.check()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.serving_poll_seconds)
+            self._wake.clear()

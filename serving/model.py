@@ -1,0 +1,163 @@
+"""A served model: the fitted pipeline, its input schema (from the MLflow signature) and its registry facts.
+
+The record schema is derived from the model's signature, so a request is checked against what the model
+was trained on: every signature column must be present (null is allowed; the pipeline imputes it),
+numbers must be numbers and text must be text. Unknown categories pass: the pipeline's one-hot encoder
+ignores them, exactly as in training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, TypeAdapter
+from typing_extensions import TypedDict
+
+log = logging.getLogger(__name__)
+
+NUMERIC_TYPES = {"double", "float", "long", "integer"}
+TEXT_TYPES = {"string"}
+Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ModelLoadError(RuntimeError):
+    """A model version could not be loaded or is not servable; the model already served stays."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One input column of the model's signature."""
+
+    name: str
+    kind: str  # "numeric" or "text"
+
+
+def columns_from_signature(signature: Any) -> list[Column]:
+    """Input columns of an MLflow signature; raises ModelLoadError for a schema we cannot serve."""
+    if signature is None or signature.inputs is None:
+        raise ModelLoadError("the model has no input signature, so requests cannot be checked")
+    columns = []
+    for spec in signature.inputs.inputs:
+        type_name = getattr(getattr(spec, "type", None), "name", str(getattr(spec, "type", "")))
+        if spec.name is None:
+            raise ModelLoadError("the model's signature has unnamed inputs (tensor-based); records need names")
+        if type_name in NUMERIC_TYPES:
+            columns.append(Column(spec.name, "numeric"))
+        elif type_name in TEXT_TYPES:
+            columns.append(Column(spec.name, "text"))
+        else:
+            raise ModelLoadError(f"signature column {spec.name!r} has type {type_name!r}, which is not served")
+    return columns
+
+
+def record_adapter(columns: list[Column]) -> TypeAdapter:
+    """Strict validator of a list of records: every column present, nulls allowed, no type coercion."""
+    fields = {c.name: (Number | None) if c.kind == "numeric" else (str | None) for c in columns}
+    record = TypedDict("Record", fields)  # type: ignore[operator]  # functional form: any column name
+    return TypeAdapter(list[record], config={"strict": True})
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model version ready to predict, with what `/model` reports about it."""
+
+    name: str
+    version: str
+    pipeline: Any = field(repr=False)
+    columns: list[Column]
+    classes: list[Any]
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    promoted_at: str | None = None
+    source: str | None = None
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    adapter: TypeAdapter = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapter", record_adapter(self.columns))
+
+    def frame(self, records: list[dict[str, Any]]) -> pd.DataFrame:
+        """Validated records as the frame the pipeline was trained on (float64 numbers, object text).
+
+        Built column by column from plain lists: about 10x faster than `DataFrame.from_records` + casts
+        for small batches, which matters when the model call itself takes a few milliseconds.
+        """
+        data = {}
+        for column in self.columns:
+            values = [record[column.name] for record in records]
+            if column.kind == "numeric":
+                data[column.name] = np.array([np.nan if v is None else v for v in values], dtype="float64")
+            else:
+                data[column.name] = np.array(values, dtype=object)
+        return pd.DataFrame(data, copy=False)
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        """Class probabilities, one column per class in `classes` order."""
+        return self.pipeline.predict_proba(frame)
+
+    def describe(self) -> dict[str, Any]:
+        """What `GET /model` answers."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "source": self.source,
+            "classes": [_plain(c) for c in self.classes],
+            "inputs": [{"name": c.name, "type": c.kind} for c in self.columns],
+            "metrics": self.metrics,
+            "promoted_at": self.promoted_at,
+            "loaded_at": self.loaded_at,
+        }
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def load_version(client: Any, name: str, version: str) -> LoadedModel:
+    """Load `models:/<name>/<version>` with its signature, metrics and promotion time.
+
+    Raises ModelLoadError naming the version and the cause; never returns a half-loaded model.
+    """
+    import mlflow.pyfunc
+
+    uri = f"models:/{name}/{version}"
+    try:
+        details = client.get_model_version(name, version)
+        pyfunc = mlflow.pyfunc.load_model(uri)
+        pipeline = pyfunc.get_raw_model()
+    except Exception as exc:
+        raise ModelLoadError(f"{uri} could not be loaded: {type(exc).__name__}: {exc}") from exc
+    if not hasattr(pipeline, "predict_proba") or not hasattr(pipeline, "classes_"):
+        raise ModelLoadError(f"{uri} is not a fitted classifier with predict_proba")
+    columns = columns_from_signature(pyfunc.metadata.signature)
+    tags = details.tags or {}
+    try:  # the holdout metrics the run logged before the version was registered
+        logged = client.get_run(details.run_id).data.metrics if details.run_id else {}
+    except Exception as exc:  # informative only: a model without them still serves
+        log.warning("metrics of run %s unavailable: %s", details.run_id, exc)
+        logged = {}
+    metrics = {k.removeprefix("holdout_"): v for k, v in logged.items() if k.startswith("holdout_")}
+    loaded = LoadedModel(
+        name=name,
+        version=str(version),
+        pipeline=pipeline,
+        columns=columns,
+        classes=list(pipeline.classes_),
+        run_id=details.run_id,
+        metrics=metrics,
+        promoted_at=tags.get("promoted_at"),
+        source=details.source,
+    )
+    # A model that loads but cannot score is no better than one that does not load: try one row of
+    # nulls (the pipeline imputes them) before it is allowed to replace the served model.
+    try:
+        loaded.predict_proba(loaded.frame([dict.fromkeys(c.name for c in columns)]))
+    except Exception as exc:
+        raise ModelLoadError(f"{uri} loaded but failed a test prediction: {type(exc).__name__}: {exc}") from exc
+    return loaded

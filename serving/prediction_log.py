@@ -1,0 +1,156 @@
+"""Every prediction, logged to S3 as Parquet in batches, off the request path.
+
+The request path only appends a reference to what it already computed (inputs, probabilities, ids);
+a background thread turns the buffer into one Parquet object every few seconds at
+`s3://<bucket>/predictions/serving/<model>/date=YYYY-MM-DD/<time>-<uuid>.parquet`, which monitoring
+reads. When S3 is unreachable the rows stay buffered (bounded; the oldest are dropped and counted) and
+are written once it answers again. A logging failure is counted and logged, never raised to a request.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mlops.clients import s3_client
+from mlops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PREFIX = "predictions/serving"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One scored batch, as the request path left it."""
+
+    frame: pd.DataFrame
+    proba: np.ndarray
+    classes: list[Any]
+    request_ids: np.ndarray
+    model_version: str
+    at: datetime
+
+    def to_frame(self) -> pd.DataFrame:
+        """Inputs, outputs and ids as one table (one row per record)."""
+        predicted = np.asarray(self.classes)[self.proba.argmax(axis=1)]
+        out = self.frame.reset_index(drop=True).assign(
+            request_id=self.request_ids,
+            model_version=self.model_version,
+            predicted=predicted,
+            predicted_at=pd.Timestamp(self.at),
+        )
+        for index, cls in enumerate(self.classes):
+            out[f"proba_{cls}"] = self.proba[:, index]
+        return out
+
+
+def prefix_for(model_name: str) -> str:
+    """Key prefix of a model's prediction log."""
+    return f"{PREFIX}/{model_name}/"
+
+
+class PredictionLog:
+    """Buffer of scored batches flushed to S3 by a daemon thread.
+
+    Args:
+        settings: Where S3 is and the bucket.
+        model_name: Names the key prefix.
+        flush_seconds: Time between writes.
+        max_rows: Rows kept while S3 is down; beyond it the oldest batches are dropped.
+        on_event: Called with ("written" | "dropped" | "failed", rows) for metrics.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        model_name: str,
+        flush_seconds: float = 5.0,
+        max_rows: int = 200_000,
+        on_event: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model_name = model_name
+        self.flush_seconds = flush_seconds
+        self.max_rows = max_rows
+        self.on_event = on_event or (lambda kind, rows: None)
+        self._entries: deque[Entry] = deque()
+        self._rows = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: Any = None
+
+    def record(self, frame: pd.DataFrame, proba: np.ndarray, classes: list[Any], ids: np.ndarray, version: str) -> None:
+        """Keep one scored batch for the next write (cheap: no copy, no I/O)."""
+        entry = Entry(frame, proba, classes, ids, version, datetime.now(UTC))
+        with self._lock:
+            self._entries.append(entry)
+            self._rows += len(frame)
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop the oldest batches beyond `max_rows` (caller holds the lock)."""
+        dropped = 0
+        while self._rows > self.max_rows and len(self._entries) > 1:
+            old = self._entries.popleft()
+            self._rows -= len(old.frame)
+            dropped += len(old.frame)
+        if dropped:
+            log.warning("prediction log: buffer full, dropped the oldest %d rows", dropped)
+            self.on_event("dropped", dropped)
+
+    def start(self) -> None:
+        """Start the background writer."""
+        self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what is buffered (one last try) and stop the writer."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> str | None:
+        """Write everything buffered as one Parquet object; returns its URI (None when nothing to write)."""
+        with self._lock:
+            entries = list(self._entries)
+            self._entries.clear()
+            self._rows = 0
+        if not entries:
+            return None
+        rows = sum(len(e.frame) for e in entries)
+        try:
+            table = pd.concat([e.to_frame() for e in entries], ignore_index=True)
+            buffer = io.BytesIO()
+            table.to_parquet(buffer, index=False)
+            now = datetime.now(UTC)
+            key = f"{prefix_for(self.model_name)}date={now:%Y-%m-%d}/{now:%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
+            if self._client is None:
+                self._client = s3_client(self.settings)
+            self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=buffer.getvalue())
+        except Exception as exc:
+            log.warning("prediction log: writing %d rows to S3 failed (%s); kept for the next try", rows, exc)
+            self.on_event("failed", rows)
+            with self._lock:  # put them back in front, keeping the bound
+                self._entries.extendleft(reversed(entries))
+                self._rows += rows
+                self._trim()
+            return None
+        self.on_event("written", rows)
+        return f"s3://{self.settings.bucket}/{key}"

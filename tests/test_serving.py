@@ -1,0 +1,333 @@
+"""The serving API under uvicorn against the real stack: answers, bad input, switching, broken models, logs."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.training import TrainingParams, training
+from mlops.clients import S3Location, mlflow_client, s3_client
+from mlops.stack import running
+from tasks.promotion import promote_version, revert_promotion
+from tasks.serving_check import wait_for_serving
+from tasks.training import ModelFamily, SearchSpec
+from tests.ports import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODEL = "serving-test"
+FAST_SEARCH = SearchSpec(trials_per_family=1, cv_folds=2)
+WEAK_SEARCH = SearchSpec(families=[ModelFamily.decision_tree], trials_per_family=1, cv_folds=2)
+NON_FEATURES = ["default", "application_id", "application_date"]
+
+
+def _config(tmp_path_factory, name: str) -> str:
+    import yaml
+
+    from mlops.dataset import bundled_config_text
+
+    raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": name, "model_name": name}
+    path = tmp_path_factory.mktemp(name) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def _train(config: str, search: SearchSpec, **changes) -> object:
+    state = training(TrainingParams(dataset=config, search=search, **changes), return_state=True)
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+@pytest.fixture(scope="module")
+def versions(stack, default_data, tmp_path_factory) -> dict[str, str]:
+    """v1 (champion, cold start), v2 (a weaker model, registered only)."""
+    config = _config(tmp_path_factory, MODEL)
+    first = _train(config, FAST_SEARCH)
+    second = _train(config, WEAK_SEARCH)
+    assert first.promoted and not second.promoted
+    return {"first": first.candidate_version, "second": second.candidate_version, "config": config}
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _serve(stack, tmp_path_factory, name: str, **env: str):
+    port = free_port()
+    command = [_bin("mlops"), "serve", "--port", str(port), "--model", MODEL, "--poll-seconds", "0.5"]
+    environment = os.environ | {"MLOPS_SERVING_LOG_FLUSH_SECONDS": "1"} | env
+    log_file = tmp_path_factory.mktemp(name) / "serving.log"
+    return port, running(command, f"http://127.0.0.1:{port}/health", environment, log_file)
+
+
+@pytest.fixture(scope="module")
+def server(stack, versions, tmp_path_factory):
+    port, context = _serve(stack, tmp_path_factory, "serving")
+    with context:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
+        yield url
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _champion(stack) -> str:
+    return mlflow_client(stack).get_model_version_by_alias(MODEL, "champion").version
+
+
+def _rows(stack, default_data, n: int) -> pd.DataFrame:
+    location = S3Location.parse(default_data).child("month=2025-03/part-0.parquet")
+    body = s3_client(stack).get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
+    return pd.read_parquet(io.BytesIO(body)).drop(columns=NON_FEATURES).head(n)
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    import json
+
+    return json.loads(frame.to_json(orient="records"))
+
+
+def test_predictions_match_the_model_loaded_directly(stack, default_data, versions, server):
+    import mlflow.pyfunc
+
+    from mlops.dataset import load_local_dataset_config
+    from tasks.features import prepare_inputs
+
+    # Given 40 raw rows, one of them with a missing value
+    frame = _rows(stack, default_data, 40)
+    frame.loc[frame.index[3], "annual_income"] = None
+    records = _records(frame)
+    champion = _champion(stack)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{champion}").get_raw_model()
+    expected = model.predict_proba(prepare_inputs(frame, load_local_dataset_config(versions["config"])))
+    # when they are posted in our format, in MLflow's, and at MLflow's path
+    for path, key in (("/predict", "records"), ("/predict", "dataframe_records"), ("/invocations", "records")):
+        answer = httpx.post(f"{server}{path}", json={key: records}, timeout=30)
+        # then each record gets the class and probabilities the model gives in-process
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["model"] == {"name": MODEL, "version": champion}
+        assert body["request_id"] == answer.headers["x-request-id"]
+        got = np.array([[p["probabilities"]["0"], p["probabilities"]["1"]] for p in body["predictions"]])
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+        assert [p["class"] for p in body["predictions"]] == list(model.classes_[expected.argmax(axis=1)])
+
+
+def _one(stack, default_data) -> dict:
+    return _records(_rows(stack, default_data, 1))[0]
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "where"),
+    [
+        ("missing_field", 422, "records[1].age"),
+        ("wrong_type", 422, "records[0].loan_amount"),
+        ("number_as_text", 422, "records[0].region"),
+        ("empty_batch", 422, "records"),
+        ("not_json", 422, "body"),
+        ("wrong_shape", 422, "body"),
+        ("oversized_batch", 413, "records"),
+    ],
+)
+def test_bad_input_is_named_and_the_server_keeps_answering(case, status, where, stack, default_data, server):
+    good = _one(stack, default_data)
+    bodies = {
+        "missing_field": {"records": [good, {k: v for k, v in good.items() if k != "age"}]},
+        "wrong_type": {"records": [good | {"loan_amount": "a lot"}]},
+        "number_as_text": {"records": [good | {"region": 3}]},
+        "empty_batch": {"records": []},
+        "wrong_shape": [good],
+        "oversized_batch": {"records": [good] * 10_001},
+    }
+    if case == "not_json":
+        answer = httpx.post(f"{server}/predict", content=b'{"records": [', timeout=30)
+    else:
+        answer = httpx.post(f"{server}/predict", json=bodies[case], timeout=60)
+    assert answer.status_code == status, answer.text
+    messages = [d["msg"] for d in answer.json()["detail"]]
+    assert any(m.startswith(where) or where in m for m in messages), messages
+    # and the server still answers good requests
+    assert httpx.post(f"{server}/predict", json={"records": [good]}, timeout=30).status_code == 200
+
+
+def test_unknown_category_is_handled_as_in_training(stack, default_data, server):
+    good = _one(stack, default_data)
+    answer = httpx.post(f"{server}/predict", json={"records": [good | {"region": "atlantis"}]}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert sum(answer.json()["predictions"][0]["probabilities"].values()) == pytest.approx(1.0)
+
+
+def test_health_ready_model_and_metrics(stack, versions, server):
+    assert httpx.get(f"{server}/health").json()["following"] == f"{MODEL}@champion"
+    assert httpx.get(f"{server}/ready").status_code == 200
+    model = httpx.get(f"{server}/model").json()
+    run = mlflow_client(stack).get_run(model["run_id"])
+    assert model["name"] == MODEL and model["version"] == _champion(stack)
+    assert model["metrics"]["roc_auc"] == pytest.approx(run.data.metrics["holdout_roc_auc"])
+    assert model["promoted_at"]  # tagged by the promotion
+    assert {c["name"] for c in model["inputs"]} >= {"age", "region"}
+    text = httpx.get(f"{server}/metrics").text
+    for name in (
+        'mlops_serving_requests_total{path="/predict",status="200"}',
+        "mlops_serving_request_seconds_bucket",
+        "mlops_serving_errors_total",
+        f"mlops_serving_model_version {float(model['version'])}",
+        'mlops_serving_reloads_total{result="success"}',
+        "mlops_serving_batch_rows_bucket",
+    ):
+        assert name in text, name
+
+
+def test_predictions_are_logged_to_s3(stack, default_data, server):
+    # Given a few requests with known ids
+    ids = [f"log-test-{i}" for i in range(3)]
+    for request_id in ids:
+        answer = httpx.post(
+            f"{server}/predict", json={"records": [_one(stack, default_data)]}, headers={"x-request-id": request_id}
+        )
+        assert answer.status_code == 200
+    client = s3_client(stack)
+
+    def logged() -> pd.DataFrame:
+        listing = client.list_objects_v2(Bucket=stack.bucket, Prefix=f"predictions/serving/{MODEL}/")
+        frames = [
+            pd.read_parquet(io.BytesIO(client.get_object(Bucket=stack.bucket, Key=o["Key"])["Body"].read()))
+            for o in listing.get("Contents", [])
+        ]
+        return pd.concat(frames) if frames else pd.DataFrame(columns=["request_id"])
+
+    # then within the flush interval they are in S3 with inputs, outputs and the model version
+    _wait_for(lambda: set(ids) <= set(logged()["request_id"]), 30, "the prediction log")
+    rows = logged().set_index("request_id").loc[ids]
+    assert set(rows["model_version"]) == {_champion(stack)}
+    assert {"age", "region", "predicted", "proba_0", "proba_1", "predicted_at"} <= set(rows.columns)
+
+
+def test_new_champion_is_served_under_load_without_failed_requests(stack, default_data, versions, server):
+    # Given clients sending requests without pause
+    body = {"records": _records(_rows(stack, default_data, 5))}
+    old, new = versions["first"], versions["second"]
+    assert _champion(stack) == old
+    seen: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    answer = http.post(f"{server}/predict", json=body)
+                    version = answer.json()["model"]["version"] if answer.status_code == 200 else None
+                    seen.append((time.monotonic(), answer.status_code, version))
+                except httpx.HTTPError as exc:
+                    seen.append((time.monotonic(), 0, type(exc).__name__))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.5)
+        # when another version becomes champion
+        promotion = promote_version(MODEL, new, old)
+        _wait_for(lambda: httpx.get(f"{server}/health").json()["version"] == new, 60, f"v{new} to be served")
+        switched = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    # then no request failed, answers moved from the old version to the new one and stayed there
+    assert seen and all(status == 200 for _, status, _ in seen), [s for s in seen if s[1] != 200][:5]
+    assert {version for _, _, version in seen} == {old, new}
+    assert all(version == new for at, _, version in seen if at > switched + 0.5)
+    revert_promotion(promotion, "test: back to the first champion")
+    _wait_for(lambda: httpx.get(f"{server}/health").json()["version"] == old, 60, f"v{old} to be served again")
+
+
+def _corrupt(stack, version: str) -> None:
+    """Overwrite the version's serialised model in S3 with garbage (what a bad upload would leave)."""
+    import mlflow
+
+    source = mlflow_client(stack).get_model_version(MODEL, version).source
+    artifacts = mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location
+    prefix = "mlflow/" + artifacts.split("mlflow-artifacts:/", 1)[1].strip("/") + "/"
+    client = s3_client(stack)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=stack.bucket, Prefix=prefix).get("Contents", [])]
+    model_files = [k for k in keys if k.endswith((".skops", ".pkl"))]
+    assert model_files, keys
+    for key in model_files:
+        client.put_object(Bucket=stack.bucket, Key=key, Body=b"not a model")
+
+
+def test_broken_champion_keeps_the_old_model_serving_and_the_promotion_is_reverted(
+    stack, default_data, versions, server
+):
+    # Given a third version whose stored model is corrupt
+    broken = _train(versions["config"], WEAK_SEARCH, seed=3).candidate_version
+    _corrupt(stack, broken)
+    old = _champion(stack)
+    good = {"records": [_one(stack, default_data)]}
+    # when it is promoted, the serving API cannot load it: it says why and keeps serving the old model
+    promotion = promote_version(MODEL, broken, old)
+    check = wait_for_serving(server, MODEL, broken, timeout=10)
+    assert check.checked and not check.ok
+    assert f"did not serve v{broken}" in check.detail and "could not be loaded" in check.detail, check.detail
+    answer = httpx.post(f"{server}/predict", json=good, timeout=30)
+    assert answer.status_code == 200 and answer.json()["model"]["version"] == old
+    assert httpx.get(f"{server}/ready").status_code == 200
+    assert 'mlops_serving_reloads_total{result="failure"}' in httpx.get(f"{server}/metrics").text
+    # and reverting the promotion (what the training flow does) puts the old champion back, tagged why
+    revert_promotion(promotion, check.detail)
+    assert _champion(stack) == old
+    assert "did not serve" in mlflow_client(stack).get_model_version(MODEL, broken).tags["rolled_back"]
+
+
+def test_prediction_log_outage_never_fails_a_request(stack, default_data, versions, tmp_path_factory):
+    # Given a server whose S3 endpoint is down (nothing listens there)
+    port, context = _serve(stack, tmp_path_factory, "no-s3", AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}")
+    with context:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
+        # when predictions are requested, then they are answered
+        for _ in range(5):
+            answer = httpx.post(f"{url}/predict", json={"records": [_one(stack, default_data)]}, timeout=30)
+            assert answer.status_code == 200, answer.text
+        # and the failed log writes are counted, with the rows kept for a later try
+        _wait_for(
+            lambda: 'mlops_serving_prediction_log_rows_total{result="failed"}' in httpx.get(f"{url}/metrics").text,
+            60,
+            "a failed log write to be counted",
+        )
+
+
+def test_training_reverts_a_promotion_the_serving_api_does_not_confirm(
+    stack, default_data, tmp_path_factory, monkeypatch
+):
+    # Given a serving API that is configured but down, and a model with no champion yet
+    name = "serving-unconfirmed"
+    config = _config(tmp_path_factory, name)
+    monkeypatch.setenv("MLOPS_SERVING_URL", f"http://127.0.0.1:{free_port()}")
+    # when training would promote (cold start)
+    state = training(TrainingParams(dataset=config, search=FAST_SEARCH, serving_timeout_seconds=3), return_state=True)
+    # then the run fails saying why, and the promotion is undone: no champion, the version is tagged
+    assert state.is_failed()
+    assert "reverted" in state.message and "did not serve" in state.message, state.message
+    client = mlflow_client(stack)
+    assert "champion" not in client.get_registered_model(name).aliases
+    (version,) = client.search_model_versions(f"name='{name}'")
+    assert "unreachable" in version.tags["rolled_back"]
+    assert version.tags["promoted"] == "false"
