@@ -3,13 +3,15 @@
 A dataset config is a small YAML file validated by pydantic. It says where the data is (an S3 URI or a
 local path, one file or a folder of partitions), which column is the target, the id and the time, the
 feature columns with their types, and the expectations that cannot be inferred from the data (ranges,
-allowed categories, the tolerated fraction of nulls).
+allowed categories, the tolerated fraction of nulls). It may also name the slices (sub-populations) a
+candidate must not get worse on and the sensitive features its fairness is measured on.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -58,6 +60,30 @@ class Feature(BaseModel):
         return self
 
 
+class SliceSpec(BaseModel):
+    """A column to slice the holdout by: categories as they are, numbers banded by `bins`.
+
+    With bins `[18, 30, 45]` the slices are labelled `[18, 30)` and `[30, 45]` (the last band is closed);
+    values below or above the bins are `< 18` and `> 45`, nulls are `missing`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    column: str = Field(min_length=1)
+    bins: list[float] | None = Field(
+        None, description="Increasing cut points for a numeric column; none for a categorical column."
+    )
+
+    @model_validator(mode="after")
+    def _check_bins(self) -> SliceSpec:
+        if self.bins is not None:
+            if len(self.bins) < 2:
+                raise ValueError(f"slice {self.column!r}: bins need at least two cut points")
+            if any(a >= b for a, b in pairwise(self.bins)):
+                raise ValueError(f"slice {self.column!r}: bins must be strictly increasing, got {self.bins}")
+        return self
+
+
 class DatasetConfig(BaseModel):
     """Where a dataset lives and what a valid snapshot of it looks like."""
 
@@ -82,6 +108,14 @@ class DatasetConfig(BaseModel):
         0.2, gt=0, lt=1, description="Share of ids kept out of training, frozen by hashing the id."
     )
     holdout_salt: str = Field("holdout-v1", description="Changing it draws a new holdout.")
+    slices: list[SliceSpec] = Field(
+        default=[], description="Sub-populations of the holdout measured separately (slice gate, model card)."
+    )
+    sensitive_features: list[str] = Field(
+        default=[],
+        description="Columns fairness is measured on; each a feature or a slice column (numbers banded by the slice).",
+    )
+    min_slice_rows: int = Field(200, ge=1, description="A slice with fewer holdout rows is not measured.")
 
     @model_validator(mode="after")
     def _check_columns(self) -> DatasetConfig:
@@ -92,7 +126,30 @@ class DatasetConfig(BaseModel):
         for role, column in (("target", self.target), ("id_column", self.id_column)):
             if column in names:
                 raise ValueError(f"{role} {column!r} must not also be a feature")
+        self._check_slices()
         return self
+
+    def _check_slices(self) -> None:
+        types = {f.name: f.type for f in self.features}
+        columns = [s.column for s in self.slices]
+        duplicated = sorted({c for c in columns if columns.count(c) > 1})
+        if duplicated:
+            raise ValueError(f"slices listed more than once: {duplicated}")
+        binned = {s.column for s in self.slices if s.bins is not None}
+        for spec in self.slices:
+            if spec.column in (self.target, self.id_column):
+                raise ValueError(f"slice {spec.column!r}: cannot slice by the target or the id column")
+            if types.get(spec.column) is FeatureType.categorical and spec.bins is not None:
+                raise ValueError(f"slice {spec.column!r}: bins only apply to numeric columns")
+            if types.get(spec.column) is FeatureType.numeric and spec.bins is None:
+                raise ValueError(f"slice {spec.column!r}: a numeric feature needs bins")
+        for column in self.sensitive_features:
+            if column not in types and column not in columns:
+                raise ValueError(f"sensitive feature {column!r} is neither a feature nor a slice column")
+            if types.get(column) is FeatureType.numeric and column not in binned:
+                raise ValueError(
+                    f"sensitive feature {column!r} is numeric: add a slice with bins for it, to band it into groups"
+                )
 
     @property
     def feature_names(self) -> list[str]:

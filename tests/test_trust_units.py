@@ -1,0 +1,599 @@
+"""Unit tests of the "promotion you can trust" building blocks: intervals, slices, fairness, explanations, card."""
+
+from __future__ import annotations
+
+import io
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.tree import DecisionTreeClassifier
+
+from mlops.dataset import DatasetConfig, DatasetConfigError, SliceSpec, load_local_dataset_config, parse_dataset_config
+from mlops.synthetic import REGION, generate_frame
+from tasks.evaluation import METRICS, compute_metrics
+from tasks.explain import baseline_row, contributions, importance_figure, permutation_importances
+from tasks.fairness import FairnessReport, fairness_gate, fairness_report, sensitive_groups
+from tasks.features import prepare_inputs, prepare_target
+from tasks.model_card import (
+    GateResult,
+    ModelCard,
+    importances_from_frame,
+    render_html,
+    render_markdown,
+    time_window,
+)
+from tasks.significance import DeltaInterval, paired_bootstrap, paired_bootstrap_metrics, weighted_metric
+from tasks.slices import SliceMetric, slice_gate, slice_labels, slice_metrics, unmeasured_slices
+from tasks.training import make_pipeline
+
+
+def _binary(p1: np.ndarray) -> np.ndarray:
+    return np.column_stack([1 - p1, p1])
+
+
+@pytest.fixture(scope="module")
+def binary_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, a good candidate (truth + small noise) and a useless champion (pure noise)."""
+    rng = np.random.default_rng(7)
+    y = (rng.uniform(size=2000) < 0.3).astype(int)
+    good = np.clip(0.35 * y + rng.uniform(0, 0.65, len(y)), 0.001, 0.999)
+    noise = rng.uniform(0.001, 0.999, len(y))
+    return y, _binary(good), _binary(noise)
+
+
+# --- paired bootstrap ---
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_identical_models_give_an_interval_around_zero(binary_case, metric):
+    y, good, _ = binary_case
+    interval = paired_bootstrap(y, good, good.copy(), [0, 1], metric, n_resamples=200)
+    assert interval.delta == 0
+    assert interval.low <= 0 <= interval.high
+    assert not interval.significant
+    # paired: each resample scores both (identical) models on the same rows, so every difference is 0
+    assert interval.low == interval.high == 0
+
+
+def test_two_equally_useless_models_are_not_significantly_different(binary_case):
+    y, _, noise = binary_case
+    other = _binary(np.random.default_rng(99).uniform(0.001, 0.999, len(y)))
+    interval = paired_bootstrap(y, noise, other, [0, 1], "roc_auc", n_resamples=500)
+    assert interval.low < 0 < interval.high
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_clearly_better_candidate_has_interval_above_zero(binary_case, metric):
+    y, good, noise = binary_case
+    interval = paired_bootstrap(y, good, noise, [0, 1], metric, n_resamples=300, seed=1)
+    assert interval.delta > 0
+    assert 0 < interval.low <= interval.delta <= interval.high
+    assert interval.significant
+    # and the other way round: the useless model is significantly worse
+    assert paired_bootstrap(y, noise, good, [0, 1], metric, n_resamples=300, seed=1).high < 0
+
+
+def test_bootstrap_is_reproducible_for_a_seed(binary_case):
+    y, good, noise = binary_case
+    first = paired_bootstrap(y, good, noise, [0, 1], "pr_auc", n_resamples=200, seed=3)
+    assert paired_bootstrap(y, good, noise, [0, 1], "pr_auc", n_resamples=200, seed=3) == first
+    other = paired_bootstrap(y, good, noise, [0, 1], "pr_auc", n_resamples=200, seed=4)
+    assert (other.low, other.high) != (first.low, first.high)
+    assert other.delta == first.delta  # the point estimate does not depend on the resamples
+    # one metric alone or several together: the same resamples, so the same interval
+    together = paired_bootstrap_metrics(y, good, noise, [0, 1], ["roc_auc", "pr_auc"], n_resamples=200, seed=3)
+    assert together[1] == first
+
+
+def test_lower_is_better_metric_is_signed_so_positive_means_better(binary_case):
+    y, good, noise = binary_case
+    interval = paired_bootstrap(y, good, noise, [0, 1], "log_loss", n_resamples=200)
+    cand, champ = compute_metrics(y, good, [0, 1])["log_loss"], compute_metrics(y, noise, [0, 1])["log_loss"]
+    assert cand < champ
+    assert interval.delta == pytest.approx(champ - cand)
+    assert interval.low > 0
+    # swapping the models mirrors the interval (same resamples, opposite sign)
+    swapped = paired_bootstrap(y, noise, good, [0, 1], "log_loss", n_resamples=200)
+    assert swapped.delta == pytest.approx(-interval.delta)
+    assert (swapped.low, swapped.high) == pytest.approx((-interval.high, -interval.low))
+
+
+def test_point_estimates_agree_with_compute_metrics(binary_case):
+    y, good, noise = binary_case
+    intervals = paired_bootstrap_metrics(y, good, noise, [0, 1], n_resamples=50)
+    cand, champ = compute_metrics(y, good, [0, 1]), compute_metrics(y, noise, [0, 1])
+    for interval in intervals:
+        assert interval.candidate == cand[interval.metric]
+        assert interval.champion == champ[interval.metric]
+
+
+@pytest.mark.parametrize("multiclass", [False, True])
+def test_vectorised_metrics_equal_compute_metrics_on_resampled_rows(multiclass):
+    # Given probabilities with many ties (rounded), binary or three classes with string labels
+    rng = np.random.default_rng(5)
+    n = 700
+    if multiclass:
+        classes = ["a", "b", "c"]
+        y = rng.choice(classes, size=n)
+        proba = np.round(rng.dirichlet([1, 1, 1], size=n), 1) + 0.01
+        proba /= proba.sum(axis=1, keepdims=True)
+    else:
+        classes = [0, 1]
+        y = rng.integers(0, 2, n)
+        proba = _binary(np.round(np.clip(0.3 * y + rng.uniform(0, 0.7, n), 0, 1), 1))
+    # When scoring all rows (weights 1) and three resamples (row counts)
+    rows = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(3)]
+    weights = np.stack([np.bincount(r, minlength=n) for r in rows])
+    for metric in METRICS:
+        values = weighted_metric(metric, y, proba, classes, weights)
+        # Then each equals compute_metrics on the rows the resample drew
+        expected = [compute_metrics(y[r], proba[r], classes)[metric] for r in rows]
+        assert values == pytest.approx(expected, abs=1e-12), metric
+
+
+def test_resamples_missing_a_class_are_redrawn_not_crashed_on():
+    # 40 rows with 2 positives: many resamples hold no positive
+    y = np.array([1, 1] + [0] * 38)
+    proba = _binary(np.linspace(0.9, 0.1, 40))
+    interval = paired_bootstrap(y, proba, proba[::-1].copy(), [0, 1], "roc_auc", n_resamples=300)
+    assert interval.n_resamples == 300
+    assert interval.n_skipped > 0
+    assert interval.low <= interval.high
+
+
+def test_bootstrap_rejects_bad_input(binary_case):
+    y, good, noise = binary_case
+    with pytest.raises(ValueError, match="unknown metric"):
+        paired_bootstrap(y, good, noise, [0, 1], "accuracy")
+    with pytest.raises(ValueError, match="not one of the classes"):
+        paired_bootstrap(np.where(y == 1, 2, 0), good, noise, [0, 1], "roc_auc")
+    with pytest.raises(ValueError, match="shape"):
+        paired_bootstrap(y, good[:10], noise, [0, 1], "roc_auc")
+    with pytest.raises(ValueError, match="have no row"):
+        paired_bootstrap(np.zeros(len(y), dtype=int), good, noise, [0, 1], "roc_auc")
+
+
+def test_thousand_resamples_of_twenty_thousand_rows_are_fast():
+    rng = np.random.default_rng(0)
+    y = (rng.uniform(size=20_000) < 0.15).astype(int)
+    cand = _binary(np.clip(0.2 * y + rng.uniform(0, 0.8, len(y)), 0, 1))
+    champ = _binary(np.clip(0.15 * y + rng.uniform(0, 0.85, len(y)), 0, 1))
+    started = time.perf_counter()
+    interval = paired_bootstrap(y, cand, champ, [0, 1], "roc_auc", n_resamples=1000)
+    elapsed = time.perf_counter() - started
+    assert interval.n_resamples == 1000
+    assert elapsed < 3.0, f"1000 resamples of 20,000 rows took {elapsed:.2f}s"
+
+
+# --- slices and their config ---
+
+
+def test_bundled_config_declares_slices_and_sensitive_features():
+    config = load_local_dataset_config("credit-risk")
+    assert [s.column for s in config.slices] == ["age", "region"]
+    assert config.slices[0].bins == [18, 30, 45, 60, 100]
+    assert config.sensitive_features == ["age"]
+    assert config.min_slice_rows == 200
+
+
+_BASE_YAML = (
+    "name: x\nmodel_name: x\nsource: s3://b/p\ntarget: y\nid_column: id\n"
+    "features: [{name: age, type: numeric}, {name: region, type: categorical}]\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("sensitive_features: [gender]\n", "sensitive feature 'gender' is neither a feature nor a slice column"),
+        ("sensitive_features: [age]\n", "sensitive feature 'age' is numeric"),
+        ("slices: [{column: age}]\n", "slice 'age': a numeric feature needs bins"),
+        ("slices: [{column: age, bins: [30, 18]}]\n", "bins must be strictly increasing"),
+        ("slices: [{column: region, bins: [1, 2]}]\n", "slice 'region': bins only apply to numeric columns"),
+        ("slices: [{column: y}]\n", "cannot slice by the target"),
+        ("min_slice_rows: 0\n", "min_slice_rows"),
+    ],
+)
+def test_bad_slice_config_names_the_problem(extra, message):
+    with pytest.raises(DatasetConfigError, match=message):
+        parse_dataset_config(_BASE_YAML + extra, "test.yaml")
+
+
+def test_sensitive_feature_may_be_a_slice_column_that_is_not_a_feature():
+    config = parse_dataset_config(_BASE_YAML + "slices: [{column: channel}]\nsensitive_features: [channel]\n", "t")
+    assert config.sensitive_features == ["channel"]
+
+
+def test_slice_labels_band_numbers_keep_categories_and_name_missing():
+    frame = pd.DataFrame(
+        {"age": [17, 18, 29.5, 30, 60, 100, 101, None], "region": ["n", None, "s", "n", "n", "e", "s", "n"]},
+        index=[10, 11, 12, 13, 14, 15, 16, 17],
+    )
+    bands = slice_labels(frame, SliceSpec(column="age", bins=[18, 30, 60, 100]))
+    assert bands.tolist() == ["< 18", "[18, 30)", "[18, 30)", "[30, 60)", "[60, 100]", "[60, 100]", "> 100", "missing"]
+    assert bands.index.tolist() == frame.index.tolist()
+    assert slice_labels(frame, SliceSpec(column="region")).tolist() == ["n", "missing", "s", "n", "n", "e", "s", "n"]
+
+
+@pytest.fixture(scope="module")
+def slice_case() -> dict:
+    """Holdout rows in four regions; the candidate is better overall but useless in the north."""
+    rng = np.random.default_rng(11)
+    regions = np.repeat(["north", "south", "east", "west"], [600, 1500, 1500, 60])
+    y = (rng.uniform(size=len(regions)) < 0.3).astype(int)
+    champion = np.clip(0.3 * y + rng.uniform(0, 0.7, len(y)), 0, 1)
+    candidate = np.clip(0.6 * y + rng.uniform(0, 0.4, len(y)), 0, 1)
+    weak = np.isin(regions, ["north", "west"])
+    candidate[weak] = rng.uniform(0, 1, weak.sum())
+    frame = pd.DataFrame({"region": regions, "age": rng.uniform(18, 90, len(y))})
+    specs = [SliceSpec(column="region"), SliceSpec(column="age", bins=[18, 40, 90])]
+    return {
+        "frame": frame,
+        "y": y,
+        "candidate": _binary(candidate),
+        "champion": _binary(champion),
+        "slices_candidate": slice_metrics(frame, y, _binary(candidate), [0, 1], specs, 200),
+        "slices_champion": slice_metrics(frame, y, _binary(champion), [0, 1], specs, 200),
+    }
+
+
+def test_slice_gate_catches_a_candidate_better_overall_but_worse_on_one_slice(slice_case):
+    # Given a candidate better overall
+    overall_cand = compute_metrics(slice_case["y"], slice_case["candidate"], [0, 1])["roc_auc"]
+    overall_champ = compute_metrics(slice_case["y"], slice_case["champion"], [0, 1])["roc_auc"]
+    assert overall_cand > overall_champ + 0.05
+    # When the slice gate compares the slices
+    failures = slice_gate(slice_case["slices_candidate"], slice_case["slices_champion"], "roc_auc", 0.02)
+    # Then the north fails, named with both values, the drop and the rows, and nothing else fails
+    assert len(failures) == 1
+    north_cand = next(s for s in slice_case["slices_candidate"] if s.value == "north").metrics["roc_auc"]
+    north_champ = next(s for s in slice_case["slices_champion"] if s.value == "north").metrics["roc_auc"]
+    assert failures[0] == (
+        f"slice region=north: roc_auc {north_cand:.4f} vs champion {north_champ:.4f} "
+        f"(drop {north_champ - north_cand:.4f} > 0.0200, 600 rows)"
+    )
+    # A lenient enough gate lets it through
+    assert slice_gate(slice_case["slices_candidate"], slice_case["slices_champion"], "roc_auc", 0.9) == []
+
+
+def test_slice_gate_follows_the_direction_of_lower_is_better_metrics(slice_case):
+    failures = slice_gate(slice_case["slices_candidate"], slice_case["slices_champion"], "log_loss", 0.0)
+    assert [f.split(":")[0] for f in failures] == ["slice region=north"]
+    assert "log_loss" in failures[0]
+
+
+def test_small_slices_are_not_measured_and_ignored_by_the_gate(slice_case):
+    west = next(s for s in slice_case["slices_candidate"] if s.value == "west")
+    assert west.n_rows == 60 and west.metrics is None
+    assert "60 < 200" in west.note
+    # the candidate is useless in the west too, but 60 rows are too few to judge
+    failures = slice_gate(slice_case["slices_candidate"], slice_case["slices_champion"], "roc_auc", 0.0)
+    assert not any("west" in f for f in failures)
+    assert unmeasured_slices(slice_case["slices_candidate"], slice_case["slices_champion"]) == [
+        "slice region=west: not measured (too few rows: 60 < 200)"
+    ]
+    # all slices are listed, in reading order, with their sizes
+    names = [(s.name, s.n_rows) for s in slice_case["slices_candidate"]]
+    assert names[:4] == [("region=east", 1500), ("region=north", 600), ("region=south", 1500), ("region=west", 60)]
+    assert [n for n, _ in names[4:]] == ["age=[18, 40)", "age=[40, 90]"]
+
+
+def test_bundled_slices_on_synthetic_credit_risk_rows():
+    config = load_local_dataset_config("credit-risk")
+    frame = generate_frame(3000, seed=1)
+    y = frame[config.target].to_numpy()
+    score = np.clip(frame["credit_utilization"].to_numpy() / 1.5, 0, 1)
+    metrics = slice_metrics(frame, y, _binary(score), [0, 1], config.slices, config.min_slice_rows)
+    names = {s.name: s for s in metrics}
+    assert [n for n in names if n.startswith("age=")] == [
+        "age=[18, 30)",
+        "age=[30, 45)",
+        "age=[45, 60)",
+        "age=[60, 100]",
+    ]
+    assert {n for n in names if n.startswith("region=")} == {f"region={r}" for r in REGION}
+    assert sum(s.n_rows for s in metrics if s.column == "region") == 3000
+    assert all((s.metrics is None) == (s.n_rows < 200) for s in metrics)
+
+
+def test_single_class_slice_is_not_measured():
+    frame = pd.DataFrame({"region": ["a"] * 300 + ["b"] * 300})
+    y = np.array([0] * 300 + [0, 1] * 150)
+    metrics = slice_metrics(frame, y, _binary(np.full(600, 0.5)), [0, 1], [SliceSpec(column="region")], 10)
+    assert metrics[0].metrics is None and "only 1 of 2 classes" in metrics[0].note
+    assert metrics[1].metrics is not None
+
+
+# --- fairness ---
+
+
+def _fairness_data() -> tuple[np.ndarray, np.ndarray, pd.Series]:
+    # group a: truth 1 1 0 0, predicted 1 0 1 0 -> selection 2/4, TPR 1/2, FPR 1/2
+    # group b: truth 1 0 0 0, predicted 1 1 1 0 -> selection 3/4, TPR 1/1, FPR 2/3
+    y = np.array([1, 1, 0, 0, 1, 0, 0, 0])
+    p = np.array([1, 0, 1, 0, 1, 1, 1, 0])
+    return y, p, pd.Series(list("aaaabbbb"), name="group")
+
+
+def test_fairness_report_matches_hand_computed_rates():
+    y, p, groups = _fairness_data()
+    report = fairness_report(y, p, groups, positive_label=1)
+    assert report.feature == "group"
+    assert report.demographic_parity_difference == pytest.approx(0.25)  # 3/4 - 2/4
+    assert report.equalized_odds_difference == pytest.approx(0.5)  # max(TPR gap 1/2, FPR gap 1/6)
+    assert report.by_group["a"] == {"selection_rate": 0.5, "tpr": 0.5, "fpr": 0.5, "n_rows": 4}
+    assert report.by_group["b"] == pytest.approx({"selection_rate": 0.75, "tpr": 1.0, "fpr": 2 / 3, "n_rows": 4})
+
+
+def test_fairness_works_with_string_labels_and_positive_label():
+    y, p, groups = _fairness_data()
+    names = np.array(["good", "bad"])
+    report = fairness_report(names[y], names[p], groups, positive_label="bad")
+    assert report.demographic_parity_difference == pytest.approx(0.25)
+    # the other class as positive: selection rates 2/4 and 1/4
+    assert fairness_report(names[y], names[p], groups, "good").demographic_parity_difference == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="positive label 1"):
+        fairness_report(names[y], names[p], groups, positive_label=1)
+
+
+def test_groups_without_both_classes_or_too_small_are_left_out():
+    y, p, groups = _fairness_data()
+    # group c: two negatives, never selected: TPR undefined (fairlearn would count 0)
+    y, p = np.r_[y, 0, 0], np.r_[p, 0, 0]
+    groups = pd.Series([*groups, "c", "c"], name="group")
+    report = fairness_report(y, p, groups, 1)
+    assert np.isnan(report.by_group["c"]["tpr"]) and report.by_group["c"]["fpr"] == 0
+    assert report.equalized_odds_difference == pytest.approx(0.5)  # a and b only, not 1.0
+    assert report.demographic_parity_difference == pytest.approx(0.75)  # c counts: 3/4 - 0
+    assert "c" in report.excluded
+    small = fairness_report(y, p, groups, 1, min_group_rows=3)
+    assert small.demographic_parity_difference == pytest.approx(0.25)
+    assert small.excluded == {"c": "too few rows: 2 < 3"}
+
+
+def test_fairness_rejects_multiclass():
+    with pytest.raises(ValueError, match="binary"):
+        fairness_report([0, 1, 2], [0, 1, 2], pd.Series(["a", "b", "a"]), 1)
+
+
+def test_fairness_gate_names_feature_numbers_and_groups():
+    y, p, groups = _fairness_data()
+    report = fairness_report(y, p, groups, 1)
+    assert fairness_gate([report], 0.3, 0.6) == []
+    assert fairness_gate([report], None, None) == []
+    assert fairness_gate([report], 0.1, 0.2) == [
+        "fairness group: demographic parity difference 0.2500 > 0.1000 (selection rate 0.5000 for a vs 0.7500 for b)",
+        "fairness group: equalized odds difference 0.5000 > 0.2000 (true positive rate 0.5000 for a vs 1.0000 for b)",
+    ]
+    unmeasured = FairnessReport("x", float("nan"), float("nan"), {})
+    assert fairness_gate([unmeasured], 0.0, 0.0) == []
+
+
+def test_sensitive_groups_band_age_by_its_slice_bins():
+    config = load_local_dataset_config("credit-risk")
+    frame = pd.DataFrame({"age": [25.0, 50.0, None, 70.0], "region": ["north"] * 4})
+    groups = sensitive_groups(frame, config)
+    assert list(groups) == ["age"]
+    assert groups["age"].astype(str).tolist() == ["[18, 30)", "[45, 60)", "missing", "[60, 100]"]
+    report = fairness_report([1, 0, 1, 0], [1, 0, 0, 0], groups["age"], 1)
+    assert list(report.by_group) == ["[18, 30)", "[45, 60)", "[60, 100]", "missing"]
+
+
+# --- explanations ---
+
+
+@pytest.fixture(scope="module")
+def explain_case() -> dict:
+    """A tiny dataset where only `signal` matters, and pipelines fitted on it."""
+    config = DatasetConfig.model_validate(
+        {
+            "name": "toy",
+            "model_name": "toy",
+            "source": "/tmp/none",
+            "target": "y",
+            "id_column": "id",
+            "features": [
+                {"name": "signal", "type": "numeric"},
+                {"name": "noise", "type": "numeric"},
+                {"name": "colour", "type": "categorical"},
+            ],
+        }
+    )
+    rng = np.random.default_rng(3)
+    n = 800
+    frame = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "signal": rng.normal(size=n),
+            "noise": rng.normal(size=n),
+            "colour": rng.choice(["red", "green", "blue"], size=n),
+        }
+    )
+    frame["y"] = (frame["signal"] + rng.normal(0, 0.3, n) > 0).astype(int)
+    X, y = prepare_inputs(frame, config), prepare_target(frame, config)
+    return {
+        "config": config,
+        "X": X,
+        "y": y,
+        "logistic": make_pipeline(config, LogisticRegression()).fit(X, y),
+        "stump": make_pipeline(config, DecisionTreeClassifier(max_depth=1, random_state=0)).fit(X, y),
+    }
+
+
+def test_permutation_importance_ranks_the_informative_feature_first(explain_case):
+    importances = permutation_importances(explain_case["logistic"], explain_case["X"], explain_case["y"], max_rows=500)
+    assert list(importances.columns) == ["feature", "importance_mean", "importance_std"]
+    assert set(importances["feature"]) == {"signal", "noise", "colour"}
+    assert importances["feature"].iloc[0] == "signal"
+    assert importances["importance_mean"].iloc[0] > 0.2
+    assert importances["importance_mean"].iloc[1:].abs().max() < 0.05
+    assert importances["importance_mean"].is_monotonic_decreasing
+
+
+def test_importance_figure_is_a_bar_per_feature(explain_case):
+    importances = permutation_importances(explain_case["logistic"], explain_case["X"], explain_case["y"], n_repeats=2)
+    fig = importance_figure(importances)
+    (ax,) = fig.axes
+    assert len(ax.patches) == 3
+    assert [t.get_text() for t in ax.get_yticklabels()][-1] == "signal"  # most important on top
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    assert buffer.getvalue().startswith(b"\x89PNG")
+
+
+def test_baseline_row_is_median_and_mode():
+    X = pd.DataFrame(
+        {"a": [1.0, 2.0, 10.0, None], "b": ["x", "y", "y", None], "c": [None, None, None, None]},
+    ).astype({"c": "float64"})
+    baseline = baseline_row(X)
+    assert len(baseline) == 1 and list(baseline.columns) == ["a", "b", "c"]
+    assert baseline["a"].iloc[0] == 2.0 and baseline["b"].iloc[0] == "y" and np.isnan(baseline["c"].iloc[0])
+
+
+def test_a_feature_the_model_ignores_contributes_nothing(explain_case):
+    # A stump splits on one feature only: the others cannot move its prediction
+    X = explain_case["X"].head(50)
+    contrib = contributions(explain_case["stump"], X, baseline_row(explain_case["X"]), positive_index=1)
+    assert contrib.shape == (50, 3) and contrib.index.equals(X.index)
+    assert (contrib["noise"] == 0).all() and (contrib["colour"] == 0).all()
+    assert (contrib["signal"].abs() > 0.1).any()
+
+
+def test_contributions_are_occlusion_differences_from_one_predict_call(explain_case):
+    model, X = explain_case["logistic"], explain_case["X"].head(20)
+    baseline = baseline_row(explain_case["X"])
+
+    class Counting:
+        calls: list[int] = []  # noqa: RUF012
+
+        def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+            self.calls.append(len(frame))
+            return model.predict_proba(frame)
+
+    counting = Counting()
+    contrib = contributions(counting, X, baseline, positive_index=1)
+    assert counting.calls == [20 * (3 + 1)]
+    # a cell by hand: record 7, feature noise
+    record = X.iloc[[7]]
+    occluded = record.assign(noise=baseline["noise"].iloc[0])
+    expected = model.predict_proba(record)[0, 1] - model.predict_proba(occluded)[0, 1]
+    assert contrib["noise"].iloc[7] == pytest.approx(expected)
+    # the informative feature moves predictions far more than the ignored ones
+    assert contrib["signal"].abs().mean() > 10 * contrib["noise"].abs().mean()
+    # a record equal to the baseline has no contribution at all
+    assert contributions(model, baseline, baseline, 1).abs().to_numpy().max() == 0
+
+
+def test_contributions_put_missing_baseline_values_as_prepare_inputs_does(explain_case):
+    X = explain_case["X"].head(5)
+    baseline = baseline_row(X).assign(colour=None, noise=np.nan)
+    contrib = contributions(explain_case["logistic"], X, baseline, positive_index=1)
+    assert np.isfinite(contrib.to_numpy()).all()
+
+
+# --- model card ---
+
+
+def _card(failing_slice: SliceMetric, champion_slice: SliceMetric) -> ModelCard:
+    y, p, groups = _fairness_data()
+    importances = pd.DataFrame(
+        {"feature": ["credit_utilization", "age", "region"], "importance_mean": [0.1234, 0.05, 0.001]}
+    ).assign(importance_std=[0.01, 0.005, 0.0005])
+    return ModelCard(
+        model_name="credit-risk",
+        candidate_version="7",
+        champion_version="3",
+        verdict="reject",
+        outcome="not promoted: the champion is unchanged",
+        reasons=["all absolute gates passed", "slice gate failed <script>alert(1)</script>"],
+        data_version="sha256:abcdef",
+        training_window=time_window(pd.Series(pd.to_datetime(["2025-03-01", "2025-01-02", None]))),
+        rows_train=16000,
+        rows_holdout=4000,
+        candidate_metrics={"roc_auc": 0.81234, "log_loss": 0.3},
+        champion_metrics={"roc_auc": 0.80011, "log_loss": 0.31},
+        intervals=[
+            DeltaInterval("roc_auc", 0.81234, 0.80011, 0.81234 - 0.80011, 0.0031, 0.0190, 0.95, 1000, 0),
+        ],
+        slices_candidate=[failing_slice],
+        slices_champion=[champion_slice],
+        slice_max_drop=0.02,
+        fairness=[fairness_report(y, p, groups, 1)],
+        gates=[
+            GateResult("absolute", True, "roc_auc 0.8123 >= 0.7000"),
+            GateResult("slices", False, "slice region=north: roc_auc 0.7100 vs champion 0.7600"),
+        ],
+        feature_importances=importances_from_frame(importances, top_k=2),
+        code_version="0123456789abcdef0123456789abcdef01234567",
+        created_at=datetime(2025, 6, 1, 12, 30, tzinfo=UTC),
+        mlflow_run_url="http://127.0.0.1:5000/#/experiments/1/runs/abc",
+        prefect_flow_run_url="javascript:alert(1)",
+    )
+
+
+@pytest.fixture
+def card() -> ModelCard:
+    north = SliceMetric("region", "north", 812, {"roc_auc": 0.71})
+    return _card(north, SliceMetric("region", "north", 812, {"roc_auc": 0.76}))
+
+
+def test_markdown_card_holds_the_numbers_the_failing_slice_and_the_commit(card):
+    text = render_markdown(card)
+    assert "# Model card: credit-risk v7" in text
+    assert "**Verdict: REJECT**" in text
+    assert "0123456789abcdef0123456789abcdef01234567" in text
+    assert "| roc_auc (primary) | 0.8123 | 0.8001 | +0.0122 | +0.0031 to +0.0190 (95%) | yes |" in text
+    assert "| log_loss | 0.3000 | 0.3100 | +0.0100 |" in text  # lower is better: an improvement
+    assert "| region=north | 812 | 0.7100 | 0.7600 | 0.0500 | FAIL: drop 0.0500 > 0.0200 |" in text
+    assert "| FAIL | slices | slice region=north: roc_auc 0.7100 vs champion 0.7600 |" in text
+    assert "2025-01-02T00:00:00 to 2025-03-01T00:00:00" in text
+    assert "16000 train, 4000 holdout" in text and "sha256:abcdef" in text
+    assert "Demographic parity difference 0.2500; equalized odds difference 0.5000." in text
+    assert "| credit_utilization | 0.1234 | 0.0100 |" in text and "| region |" not in text  # top 2 only
+    assert "2025-06-01 12:30:00 UTC" in text
+    assert "<script>" not in text
+
+
+def test_html_card_is_escaped_self_contained_and_holds_the_same_numbers(card):
+    html = render_html(card)
+    assert html.startswith("<!DOCTYPE html>")
+    for expected in ("0.8123", "+0.0031 to +0.0190 (95%)", "region=north", "FAIL: drop 0.0500 &gt; 0.0200"):
+        assert expected in html
+    assert "0123456789abcdef0123456789abcdef01234567" in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script" not in html
+    assert '<a href="http://127.0.0.1:5000/#/experiments/1/runs/abc">' in html
+    assert 'href="javascript' not in html  # not a link, only text
+    assert "src=" not in html and "<link" not in html
+
+
+def test_passing_slice_and_cold_start_card(card):
+    ok = _card(
+        SliceMetric("region", "north", 812, {"roc_auc": 0.75}), SliceMetric("region", "north", 812, {"roc_auc": 0.76})
+    )
+    assert "| region=north | 812 | 0.7500 | 0.7600 | 0.0100 | ok |" in render_markdown(ok)
+    small = _card(SliceMetric("region", "west", 60, None, "too few rows: 60 < 200"), card.slices_champion[0])
+    text = render_markdown(small)
+    assert "| region=west | 60 | n/a | n/a |  | not measured: too few rows: 60 < 200 |" in text
+    cold = ModelCard(
+        model_name="m",
+        candidate_version=None,
+        champion_version=None,
+        verdict="promote",
+        outcome="dry run",
+        reasons=["cold start"],
+        data_version="v1",
+        training_window=None,
+        rows_train=10,
+        rows_holdout=5,
+        candidate_metrics={"roc_auc": 0.9},
+        code_version="abc",
+        created_at=datetime(2025, 1, 1),
+    )
+    text = render_markdown(cold)
+    assert "none (cold start)" in text and "| roc_auc (primary) | 0.9000 | n/a |  |  |  |" in text
+    assert "Slices" not in text and render_html(cold).count("<table>") == 1
+    assert '"verdict": "promote"' in cold.to_json()
