@@ -51,6 +51,12 @@ class TrainingParams(BaseModel):
     gates: Gates = Field(default_factory=Gates, title="Gates", description="Promotion thresholds.")
     dry_run: bool = Field(False, title="Dry run", description="Train and evaluate, but never register or promote.")
     seed: int = Field(42, title="Seed", description="Seeds sampling, folds and models, for reproducible runs.")
+    reason: str = Field(
+        "manual",
+        max_length=500,
+        title="Reason",
+        description="Why this run was started (e.g. scheduled, drift: ...); recorded on the run and in the history.",
+    )
     serving_timeout_seconds: float = Field(
         120,
         gt=0,
@@ -114,6 +120,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             "data_version": snapshot.data_version,
             "prefect_flow_run_id": str(flow_run.get_id()),
             "dry_run": str(params.dry_run).lower(),
+            "trigger_reason": params.reason,
         },
     )
     try:
