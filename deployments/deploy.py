@@ -4,8 +4,8 @@
 worker on this machine runs it there) and takes its connection settings from the worker's environment,
 so no secret is stored in the deployment or shown in the UI. Re-deploying updates in place.
 
-Flows that later work adds (monitoring, batch scoring, rollback) get a `FlowDeployment` entry in
-`DEPLOYMENTS`.
+Flows that later work adds (monitoring, rollback) get a `FlowDeployment` entry in `deployments()`.
+`scoring` (batch scoring) has no schedule: it runs on demand, from the UI or `run_deployment`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORK_POOL = "mlops-process"
+# The bundled dataset's latest month, as `mlops data generate` writes it (12 months from 2025-01).
+DEFAULT_SCORING_SOURCE = "s3://mlops/datasets/credit-risk/month=2025-12/"
 
 
 @dataclass(frozen=True)
 class FlowDeployment:
-    """One deployment: which flow, under which name, on which schedule."""
+    """One deployment: which flow, under which name, on which schedule (none when `on_demand`)."""
 
     name: str
     entrypoint: str
@@ -33,11 +35,14 @@ class FlowDeployment:
     interval_seconds: int | None = None
     anchor: datetime | None = None
     parameters: dict[str, Any] | None = None
+    on_demand: bool = False
 
     def schedule(self) -> Any:
-        """The Prefect schedule object for this deployment."""
+        """The Prefect schedule object for this deployment; None for an on-demand deployment."""
         from prefect.schedules import Cron, Interval
 
+        if self.on_demand:
+            return None
         if self.interval_seconds is not None:
             return Interval(self.interval_seconds, anchor_date=self.anchor)
         return Cron(self.cron or "0 3 * * 1")
@@ -48,10 +53,13 @@ def deployments(
     training_interval: int | None = None,
     training_anchor: datetime | None = None,
     training_parameters: dict[str, Any] | None = None,
+    scoring_parameters: dict[str, Any] | None = None,
 ) -> list[FlowDeployment]:
     """The project's deployments; the training schedule is weekly (Monday 03:00) unless changed.
 
     `training_parameters` are the deployment's default flow parameters (e.g. `{"params": {"dataset": ...}}`).
+    `scoring_parameters` are the scoring deployment's defaults; by default the bundled dataset's latest
+    month, scored with the champion.
     """
     return [
         FlowDeployment(
@@ -62,6 +70,13 @@ def deployments(
             interval_seconds=training_interval,
             anchor=training_anchor,
             parameters=training_parameters,
+        ),
+        FlowDeployment(
+            name="scoring",
+            entrypoint="flows/scoring.py:scoring",
+            description="Batch scoring on demand: predict a partition in S3 with the champion, in chunks.",
+            parameters=scoring_parameters or {"params": {"dataset": "credit-risk", "source": DEFAULT_SCORING_SOURCE}},
+            on_demand=True,
         ),
     ]
 
@@ -96,13 +111,15 @@ def deploy_all(
     work_pool: str = WORK_POOL,
     training_anchor: datetime | None = None,
     training_parameters: dict[str, Any] | None = None,
+    scoring_parameters: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Register every deployment (idempotent: same names, updated in place); returns name -> id."""
     from prefect import flow
 
     ensure_work_pool(work_pool)
     ids = {}
-    for spec in deployments(training_cron, training_interval, training_anchor, training_parameters):
+    specs = deployments(training_cron, training_interval, training_anchor, training_parameters, scoring_parameters)
+    for spec in specs:
         remote = flow.from_source(source=str(PROJECT_ROOT), entrypoint=spec.entrypoint)
         deployment_id = remote.deploy(
             name=spec.name,

@@ -152,6 +152,56 @@ def test_concurrent_runs_never_promote_against_a_stale_champion(stack, deployed,
         assert prefect.read_global_concurrency_limit_by_name(f"promotion-{MODEL}").limit == 1
 
 
+SCORING_MODEL = "deployed-scoring"
+
+
+def test_scoring_deployment_is_on_demand_and_runs_on_the_worker(stack, deployed, default_data):
+    import json
+
+    import yaml
+    from prefect.deployments import run_deployment
+
+    from deployments.deploy import DEFAULT_SCORING_SOURCE
+    from flows.scoring import ScoringParams
+    from flows.training import TrainingParams, training
+    from mlops.clients import S3Location, put_bytes, s3_client
+    from mlops.dataset import bundled_config_text
+    from tasks.scoring import default_output
+    from tasks.training import SearchSpec
+
+    # The scoring deployment has no schedule, a form built from ScoringParams, and defaults that validate
+    with _client() as client:
+        deployment = client.read_deployment(deployed["scoring"])
+    assert deployment.schedules == []
+    assert deployment.work_pool_name == "mlops-process"
+    definition = deployment.parameter_openapi_schema["definitions"]["ScoringParams"]
+    assert definition["required"] == ["source"]
+    assert definition["properties"]["source"]["title"] == "Source" and definition["properties"]["source"]["description"]
+    assert definition["properties"]["chunk_rows"]["default"] == 50_000
+    assert definition["properties"]["chunk_rows"]["minimum"] == 100
+    assert definition["properties"]["model_version"]["title"] == "Model version"
+    assert ScoringParams.model_validate(deployment.parameters["params"]).source == DEFAULT_SCORING_SOURCE
+    # Given a champion of a model of its own, and its dataset config in S3 (read by the worker's run)
+    raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": SCORING_MODEL, "model_name": SCORING_MODEL}
+    location = S3Location(stack.bucket, f"configs/{SCORING_MODEL}.yaml")
+    config = put_bytes(stack, location, yaml.safe_dump(raw).encode(), "application/yaml")
+    trained = training(
+        TrainingParams(dataset=config, search=SearchSpec(trials_per_family=1, cv_folds=2)), return_state=True
+    )
+    assert trained.is_completed() and trained.result().promoted, trained.message
+    # when a run of the deployment is started for one month
+    source = f"{default_data}month=2025-06/"
+    run = run_deployment("scoring/scoring", parameters={"params": {"dataset": config, "source": source}}, timeout=0)
+    [finished] = _wait([run.id])
+    # then the worker completes it, and the month's predictions and summary are in S3
+    assert finished.state.type.value == "COMPLETED", finished.state.message
+    version = trained.result().candidate_version
+    summary = S3Location.parse(default_output(stack.bucket, SCORING_MODEL, source, version)).child("summary.json")
+    body = s3_client(stack).get_object(Bucket=summary.bucket, Key=summary.key)["Body"].read()
+    assert json.loads(body)["rows"] == 2000
+    assert json.loads(body)["model_version"] == version
+
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 

@@ -1,0 +1,104 @@
+"""The batch scoring flow: score a dataset partition in S3 with the champion (or a given version).
+
+This module wires tasks and handles state; reading, predicting and publishing live in `tasks/scoring.py`.
+Predictions are staged first and published only after every file is scored, with `summary.json` last;
+a failure discards the staged parts, so the output prefix never holds a half-written run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.loading import load_dataset_config
+from tasks.scoring import (
+    discard_staging,
+    inspect_partition,
+    load_model,
+    make_output_plan,
+    publish_predictions,
+    publish_scoring_summary,
+    resolve_model_version,
+    score_partition,
+)
+
+S3_URI = r"^s3://[^/]+(/.*)?$"
+
+
+class ScoringParams(BaseModel):
+    """Parameters of one batch scoring run (shown as a form in the Prefect UI)."""
+
+    # Versions typed as numbers (3) are taken as their text ("3").
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+
+    dataset: str = Field(
+        "credit-risk",
+        title="Dataset",
+        description="A bundled dataset name (credit-risk), a local YAML path or an s3:// URI of a dataset config. "
+        "Gives the model name and the id, time and feature columns.",
+    )
+    source: str = Field(
+        title="Source",
+        description="s3:// URI of the partition to score: a folder of Parquet files "
+        "(e.g. s3://mlops/datasets/credit-risk/month=2025-06/) or one Parquet file.",
+        pattern=S3_URI,
+    )
+    model_version: str | None = Field(
+        None,
+        title="Model version",
+        description="Registered version to score with; empty means the version holding the `champion` alias.",
+        pattern=r"^[0-9]+$",
+    )
+    chunk_rows: int = Field(
+        50_000,
+        ge=100,
+        title="Chunk rows",
+        description="Rows read, predicted and written at a time: bounds the memory a run needs.",
+    )
+    output: str | None = Field(
+        None,
+        title="Output",
+        description="s3:// folder for the predictions and summary.json; empty means "
+        "s3://<bucket>/predictions/batch/<model>/<partition>/v<version>/.",
+        pattern=S3_URI,
+    )
+
+
+@dataclass(frozen=True)
+class ScoringOutcome:
+    """What a run did."""
+
+    model_name: str
+    model_version: str
+    rows: int
+    chunks: int
+    files: int
+    output: str
+    summary_uri: str
+
+
+@flow(
+    name="scoring",
+    description="Score a dataset partition in S3 with the champion (or a given version), in bounded memory.",
+    # The predictions and the summary go to S3 explicitly; no Prefect result lands in a local folder.
+    persist_result=False,
+)
+def scoring(params: ScoringParams) -> ScoringOutcome:
+    """Score `params.source` chunk by chunk and publish the predictions with a summary."""
+    config = load_dataset_config(params.dataset)
+    version = resolve_model_version(config.model_name, params.model_version)
+    partition = inspect_partition(params.source, config)
+    model = load_model(config.model_name, version)
+    plan = make_output_plan(params.output, config.model_name, params.source, version)
+    try:
+        summary = score_partition(model, config, partition, plan, params.chunk_rows, config.model_name, version)
+        summary_uri = publish_predictions(plan, summary)
+    except BaseException:
+        discard_staging(plan)
+        raise
+    publish_scoring_summary(summary, summary_uri)
+    return ScoringOutcome(
+        config.model_name, version, summary.rows, summary.chunks, summary.files, plan.output, summary_uri
+    )

@@ -1,0 +1,290 @@
+"""The batch scoring flow end to end on the real stack: same predictions as the model, chunked, versions, failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.scoring import ScoringParams, scoring
+from flows.training import TrainingParams, training
+from mlops.clients import S3Location, mlflow_client, s3_client
+from tasks.scoring import STAGING_PREFIX, default_output
+from tasks.training import ModelFamily, SearchSpec
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODEL = "scoring-test"
+MONTH = "month=2025-06"
+SEARCH = SearchSpec(trials_per_family=1, cv_folds=2)
+# A different model: one shallow tree, so its predictions differ clearly from the first version's.
+TREE = SearchSpec(families=[ModelFamily.decision_tree], trials_per_family=1, cv_folds=2)
+
+
+def _dataset_yaml(folder: Path, **changes: object) -> str:
+    import yaml
+
+    from mlops.dataset import bundled_config_text
+
+    raw = yaml.safe_load(bundled_config_text("credit-risk")) | changes
+    path = folder / f"{raw['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, default_data) -> str:
+    """A dataset config like the bundled one (same data) whose model is `scoring-test`."""
+    return _dataset_yaml(tmp_path_factory.mktemp("scoring"), name=MODEL, model_name=MODEL)
+
+
+@pytest.fixture(scope="module")
+def versions(stack, dataset) -> tuple[str, str]:
+    """(older version, champion): a shallow tree first, then a real search that is the champion."""
+    first = training(TrainingParams(dataset=dataset, search=TREE), return_state=True)
+    assert first.is_completed(), first.message
+    second = training(TrainingParams(dataset=dataset, search=SEARCH), return_state=True)
+    assert second.is_completed(), second.message
+    older, newer = first.result().candidate_version, second.result().candidate_version
+    # The search beats the tree; setting the alias keeps the test independent of that decision.
+    mlflow_client(stack).set_registered_model_alias(MODEL, "champion", newer)
+    return older, newer
+
+
+def _run(dataset: str, **params):
+    return scoring(ScoringParams(dataset=dataset, **params), return_state=True)
+
+
+def _keys(stack, uri: str) -> list[str]:
+    location = S3Location.parse(uri)
+    pages = s3_client(stack).get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+def _get(stack, bucket: str, key: str) -> bytes:
+    return s3_client(stack).get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _read_parquet(stack, uri: str) -> pd.DataFrame:
+    """Every Parquet file under `uri` (or the one file), concatenated in key order."""
+    bucket = S3Location.parse(uri).bucket
+    keys = [k for k in _keys(stack, uri) if k.endswith(".parquet")]
+    return pd.concat([pd.read_parquet(io.BytesIO(_get(stack, bucket, k))) for k in keys], ignore_index=True)
+
+
+def _summary(stack, output: str) -> dict:
+    location = S3Location.parse(output).child("summary.json")
+    return json.loads(_get(stack, location.bucket, location.key))
+
+
+def _features(frame: pd.DataFrame) -> pd.DataFrame:
+    from mlops.dataset import load_local_dataset_config
+
+    return frame[load_local_dataset_config("credit-risk").feature_names]
+
+
+def _assert_matches_model(stack, predictions: pd.DataFrame, rows: pd.DataFrame, version: str) -> None:
+    """Predictions are the registered version's own, row by row (joined on the id)."""
+    import mlflow.pyfunc
+    import mlflow.sklearn
+
+    mlflow_client(stack)
+    assert len(predictions) == len(rows)
+    assert predictions["application_id"].is_unique
+    joined = rows.merge(predictions, on="application_id", suffixes=("", "_scored"), validate="one_to_one")
+    assert len(joined) == len(rows)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
+    np.testing.assert_array_equal(joined["predicted"].to_numpy(), np.asarray(pyfunc.predict(_features(joined))))
+    sklearn_model = mlflow.sklearn.load_model(f"models:/{MODEL}/{version}")
+    proba = sklearn_model.predict_proba(_features(joined))
+    for index, label in enumerate(sklearn_model.classes_):
+        np.testing.assert_allclose(joined[f"proba_{label}"].to_numpy(), proba[:, index], rtol=1e-12)
+    assert (joined["model_version"] == version).all()
+    assert (joined["application_date_scored"] == joined["application_date"]).all()
+    assert joined["scored_at"].notna().all()
+
+
+def test_champion_predictions_match_the_model_and_summary_is_written(stack, versions, dataset, default_data):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    _, champion = versions
+    source = f"{default_data}{MONTH}/"
+    # Given a month's partition, when it is scored without naming a version
+    state = _run(dataset, source=source)
+    # then the champion is used, and the predictions land at the default place
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    assert outcome.model_version == champion
+    assert outcome.output == default_output(stack.bucket, MODEL, source, champion)
+    assert outcome.output.endswith(f"/predictions/batch/{MODEL}/{MONTH}/v{champion}/")
+    # and every row of the partition has the model's own prediction and probabilities
+    predictions = _read_parquet(stack, outcome.output)
+    rows = _read_parquet(stack, source)
+    _assert_matches_model(stack, predictions, rows, champion)
+    # and summary.json beside them has the right counts
+    summary = _summary(stack, outcome.output)
+    assert (summary["rows"], summary["files"], summary["chunks"]) == (len(rows), 1, 1)
+    assert (summary["model_name"], summary["model_version"], summary["source"]) == (MODEL, champion, source)
+    assert summary["output"] == outcome.output
+    counts = predictions["predicted"].value_counts()
+    assert summary["predicted_counts"] == {label: int(counts.get(int(label), 0)) for label in ("0", "1")}
+    assert sum(summary["predicted_counts"].values()) == len(rows)
+    for label, mean in summary["mean_probability"].items():
+        assert mean == pytest.approx(predictions[f"proba_{label}"].mean())
+    assert _keys(stack, outcome.output) == sorted(
+        S3Location.parse(outcome.output).child(name).key for name in ("part-00000.parquet", "summary.json")
+    )
+    # and the run shows the summary as a markdown artifact
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["batch-scoring"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
+        )
+    assert len(artifacts) == 1 and f"| rows | {len(rows):,} |" in artifacts[0].data
+    # and nothing is left in staging
+    assert _keys(stack, f"s3://{stack.bucket}/{STAGING_PREFIX}/") == []
+
+
+def test_small_chunks_over_several_files_give_the_same_predictions(stack, versions, dataset, default_data):
+    _, champion = versions
+    whole = f"s3://{stack.bucket}/test-scoring/whole/"
+    chunked = f"s3://{stack.bucket}/test-scoring/chunked/"
+    # Given every month of the dataset (several files), scored once in big chunks and once in small ones
+    big = _run(dataset, source=default_data, output=whole)
+    small = _run(dataset, source=default_data, output=chunked, chunk_rows=300)
+    assert big.is_completed(), big.message
+    assert small.is_completed(), small.message
+    # then the small run read many chunks, and both wrote one file per input file
+    files = [k for k in _keys(stack, default_data) if k.endswith(".parquet")]
+    rows = _read_parquet(stack, default_data)
+    per_file = len(rows) // len(files)
+    assert small.result().chunks == len(files) * math.ceil(per_file / 300)
+    assert big.result().chunks == len(files)
+    assert _summary(stack, chunked)["files"] == len(files) > 1
+    # and the predictions are the same rows, classes and probabilities, and the model's own
+    by_big, by_small = _read_parquet(stack, whole), _read_parquet(stack, chunked)
+    pd.testing.assert_frame_equal(by_big.drop(columns="scored_at"), by_small.drop(columns="scored_at"))
+    _assert_matches_model(stack, by_small, rows, champion)
+    summaries = _summary(stack, whole), _summary(stack, chunked)
+    for key in ("rows", "files", "model_version", "source", "predicted_counts"):
+        assert summaries[0][key] == summaries[1][key], key
+    assert summaries[0]["mean_probability"] == pytest.approx(summaries[1]["mean_probability"])
+    assert summaries[1]["rows"] == len(rows)
+
+
+def test_a_given_older_version_is_used(stack, versions, dataset, default_data):
+    older, champion = versions
+    source = f"{default_data}{MONTH}/"
+    # Given a champion, when an older version is asked for
+    state = _run(dataset, source=source, model_version=older)
+    # then that version scores, and its output is apart from the champion's
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    assert outcome.model_version == older != champion
+    assert outcome.output.endswith(f"/v{older}/")
+    predictions = _read_parquet(stack, outcome.output)
+    _assert_matches_model(stack, predictions, _read_parquet(stack, source), older)
+    assert _summary(stack, outcome.output)["model_version"] == older
+
+
+def test_a_missing_version_fails_clearly(stack, versions, dataset, default_data):
+    state = _run(dataset, source=f"{default_data}{MONTH}/", model_version="999")
+    assert state.is_failed()
+    assert f"{MODEL!r} has no version '999'" in state.message, state.message
+
+
+def test_bad_source_fails_naming_it_and_writes_nothing(stack, versions, dataset, default_data):
+    _, champion = versions
+    source = f"{default_data}month=2031-01/"
+    # Given a partition that does not exist, when it is scored
+    state = _run(dataset, source=source)
+    # then the run fails naming the source, and nothing is written where the predictions would go
+    assert state.is_failed()
+    assert source in state.message and "no Parquet files" in state.message, state.message
+    assert _keys(stack, default_output(stack.bucket, MODEL, source, champion)) == []
+    assert _keys(stack, f"s3://{stack.bucket}/{STAGING_PREFIX}/") == []
+
+
+def test_no_champion_and_no_version_fails_clearly(stack, tmp_path, default_data):
+    name = "scoring-no-champion"
+    state = _run(_dataset_yaml(tmp_path, name=name, model_name=name), source=f"{default_data}{MONTH}/")
+    assert state.is_failed()
+    assert f"model {name!r} has no 'champion' alias" in state.message, state.message
+    assert _keys(stack, f"s3://{stack.bucket}/predictions/batch/{name}/") == []
+
+
+def _month(stack, default_data, month: str = MONTH) -> pd.DataFrame:
+    return _read_parquet(stack, f"{default_data}{month}/")
+
+
+def _put_parquet(stack, key: str, frame: pd.DataFrame) -> str:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    s3_client(stack).put_object(Bucket=stack.bucket, Key=key, Body=buffer.getvalue())
+    return f"s3://{stack.bucket}/{key}"
+
+
+def test_missing_feature_column_names_the_column_and_the_file(stack, versions, dataset, default_data):
+    # Given a partition whose file lacks a feature column
+    bad = _put_parquet(
+        stack, "test-scoring/missing-age/part-0.parquet", _month(stack, default_data).drop(columns="age")
+    )
+    output = f"s3://{stack.bucket}/test-scoring/out-missing-age/"
+    # when it is scored, then the run fails naming the column and the file, and writes nothing
+    state = _run(dataset, source=f"s3://{stack.bucket}/test-scoring/missing-age/", output=output)
+    assert state.is_failed()
+    assert "'age'" in state.message and bad in state.message, state.message
+    assert _keys(stack, output) == []
+
+
+def test_failure_after_some_files_are_scored_leaves_nothing(stack, versions, dataset, default_data):
+    # Given a partition whose first file is good and whose second has text in a numeric column
+    _put_parquet(stack, "test-scoring/half-bad/part-0.parquet", _month(stack, default_data))
+    bad = _put_parquet(stack, "test-scoring/half-bad/part-1.parquet", _month(stack, default_data).assign(age="forty"))
+    output = f"s3://{stack.bucket}/test-scoring/out-half-bad/"
+    # when it is scored, then the run fails naming the bad file
+    state = _run(dataset, source=f"s3://{stack.bucket}/test-scoring/half-bad/", output=output, chunk_rows=500)
+    assert state.is_failed()
+    assert bad in state.message and "cannot be scored" in state.message, state.message
+    # and the first file's staged predictions were discarded: nothing in the output, nothing in staging
+    assert _keys(stack, output) == []
+    assert _keys(stack, f"s3://{stack.bucket}/{STAGING_PREFIX}/") == []
+
+
+def test_rerun_into_the_same_output_replaces_the_earlier_run(stack, versions, dataset, default_data):
+    output = f"s3://{stack.bucket}/test-scoring/rerun/"
+    # Given an output holding a run over every month (several files)
+    first = _run(dataset, source=default_data, output=output)
+    assert first.is_completed(), first.message
+    # when one month is scored into the same output
+    second = _run(dataset, source=f"{default_data}{MONTH}/", output=output)
+    assert second.is_completed(), second.message
+    # then only that run's file and summary are there
+    prefix = S3Location.parse(output)
+    assert _keys(stack, output) == [prefix.child("part-00000.parquet").key, prefix.child("summary.json").key]
+    assert _summary(stack, output)["rows"] == len(_read_parquet(stack, output)) == len(_month(stack, default_data))
+
+
+def test_one_file_can_be_scored_and_output_inside_the_source_is_refused(stack, versions, dataset, default_data):
+    _, champion = versions
+    file = f"{default_data}{MONTH}/part-0.parquet"
+    # Given one Parquet file as the source, then it is scored to a place named after its folder and name
+    state = _run(dataset, source=file)
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    assert outcome.output.endswith(f"/{MONTH}/part-0/v{champion}/")
+    assert (outcome.rows, outcome.files) == (len(_month(stack, default_data)), 1)
+    # and an output inside the source partition is refused before anything is written
+    inside = f"{default_data}{MONTH}/predictions/"
+    refused = _run(dataset, source=f"{default_data}{MONTH}/", output=inside)
+    assert refused.is_failed()
+    assert "overlaps the source" in refused.message, refused.message
+    assert _keys(stack, inside) == []
