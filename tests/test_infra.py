@@ -15,8 +15,8 @@ def _compose() -> dict:
 
 def test_compose_has_the_whole_stack_with_health_checks():
     services = _compose()["services"]
-    assert {"minio", "create-bucket", "postgres", "prefect-server", "mlflow", "worker"} <= set(services)
-    for name in ("minio", "postgres", "prefect-server", "mlflow"):
+    assert {"minio", "create-bucket", "postgres", "prefect-server", "mlflow", "worker", "serving"} <= set(services)
+    for name in ("minio", "postgres", "prefect-server", "mlflow", "serving"):
         assert "healthcheck" in services[name], name
 
 
@@ -44,3 +44,12 @@ def test_prefect_uses_postgres_and_mlflow_stores_artifacts_in_s3():
     assert "--artifacts-destination s3://" in services["mlflow"]["command"]
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert (COMPOSE.parent / "postgres-init.sql").read_text().count("CREATE DATABASE mlflow") == 1
+
+
+def test_worker_serves_the_pool_deployments_use_and_training_checks_the_serving_api():
+    from mlops.settings import Settings
+
+    services = _compose()["services"]
+    assert f"--pool {Settings().work_pool} " in services["worker"]["command"] + " "
+    assert services["worker"]["environment"]["MLOPS_SERVING_URL"] == "http://serving:8000"
+    assert "mlops serve" in services["serving"]["command"]
