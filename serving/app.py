@@ -106,6 +106,18 @@ def validate_records(model: LoadedModel, key: str, records: list[Any]) -> list[d
         raise BadRequest(422, errors) from exc
 
 
+def explain_records(model: LoadedModel, records: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per-record, per-feature contributions to the positive class's probability.
+
+    By occlusion against the baseline record stored with the model (see `tasks.explain.contributions`).
+    """
+    from tasks.explain import contributions
+
+    frame = model.frame(records)
+    table = contributions(model.pipeline, frame, model.baseline[frame.columns], positive_index=1)
+    return [{k: float(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
+
+
 def answer(model: LoadedModel, proba: np.ndarray, request_id: str) -> dict[str, Any]:
     """The JSON answer: class and probabilities per record, model name and version, request id."""
     classes = [c.item() if isinstance(c, np.generic) else c for c in model.classes]
@@ -189,16 +201,25 @@ class Runtime:
             error = self.follower.last_error
             detail = f"no model loaded yet for {self.follower.following}" + (f" ({error})" if error else "")
             return _json({"detail": detail, "request_id": request_id}, 503, request_id)
+        explain = request.query_params.get("explain", "").lower() in {"1", "true", "yes"}
         try:
+            if explain and (model.baseline is None or len(model.classes) != 2):
+                why = "no baseline was stored with it" if model.baseline is None else "it is not a binary classifier"
+                raise BadRequest.at(422, ["query", "explain"], f"v{model.version} cannot explain: {why}", "explain")
             records = await self.read_records(request, model)
             scored = await self.batcher.score(model, records, request_id)
+            contributions = await asyncio.to_thread(explain_records, model, records) if explain else None
         except BadRequest as exc:
             return _json({"detail": exc.errors, "request_id": request_id}, exc.status, request_id)
         except Exception as exc:
             log.exception("request %s failed", request_id)
             detail = f"prediction failed: {type(exc).__name__}"
             return _json({"detail": detail, "request_id": request_id}, 500, request_id)
-        return _json(answer(model, scored.proba, request_id), 200, request_id)
+        body = answer(model, scored.proba, request_id)
+        if contributions is not None:
+            for prediction, row in zip(body["predictions"], contributions, strict=True):
+                prediction["contributions"] = row
+        return _json(body, 200, request_id)
 
 
 router = APIRouter()

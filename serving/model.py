@@ -20,6 +20,7 @@ from typing_extensions import TypedDict
 
 log = logging.getLogger(__name__)
 
+BASELINE_ARTIFACT = "explain/baseline.json"  # written by tasks.tracking.log_model
 NUMERIC_TYPES = {"double", "float", "long", "integer"}
 TEXT_TYPES = {"string"}
 Number = Annotated[float, Field(allow_inf_nan=False)]
@@ -75,6 +76,7 @@ class LoadedModel:
     metrics: dict[str, float] = field(default_factory=dict)
     promoted_at: str | None = None
     source: str | None = None
+    baseline: pd.DataFrame | None = field(default=None, repr=False, compare=False)
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     adapter: TypeAdapter = field(init=False, repr=False, compare=False)
 
@@ -115,6 +117,22 @@ class LoadedModel:
         }
 
 
+def _baseline(run_id: str | None) -> pd.DataFrame | None:
+    """The reference record stored with the model for per-prediction contributions (None if absent)."""
+    import json
+
+    import mlflow.artifacts
+
+    if not run_id:
+        return None
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{BASELINE_ARTIFACT}")
+    except Exception as exc:  # an older model: it serves, without explanations
+        log.info("no explanation baseline for run %s (%s)", run_id, type(exc).__name__)
+        return None
+    return pd.DataFrame(json.loads(text))
+
+
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
@@ -143,6 +161,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         log.warning("metrics of run %s unavailable: %s", details.run_id, exc)
         logged = {}
     metrics = {k.removeprefix("holdout_"): v for k, v in logged.items() if k.startswith("holdout_")}
+    baseline = _baseline(details.run_id)
     loaded = LoadedModel(
         name=name,
         version=str(version),
@@ -153,6 +172,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         metrics=metrics,
         promoted_at=tags.get("promoted_at"),
         source=details.source,
+        baseline=baseline,
     )
     # A model that loads but cannot score is no better than one that does not load: try one row of
     # nulls (the pipeline imputes them) before it is allowed to replace the served model.
