@@ -4,7 +4,8 @@
 worker on this machine runs it there) and takes its connection settings from the worker's environment,
 so no secret is stored in the deployment or shown in the UI. Re-deploying updates in place.
 
-Flows that later work adds (monitoring, rollback) get a `FlowDeployment` entry in `deployments()`.
+Every flow has a `FlowDeployment` entry in `deployments()`: `training` (weekly) and `monitoring` (daily)
+on a schedule; `scoring` and `rollback` on demand.
 `scoring` (batch scoring) has no schedule: it runs on demand, from the UI or `run_deployment`.
 """
 
@@ -54,12 +55,17 @@ def deployments(
     training_anchor: datetime | None = None,
     training_parameters: dict[str, Any] | None = None,
     scoring_parameters: dict[str, Any] | None = None,
+    monitoring_cron: str = "0 6 * * *",
+    monitoring_parameters: dict[str, Any] | None = None,
 ) -> list[FlowDeployment]:
     """The project's deployments; the training schedule is weekly (Monday 03:00) unless changed.
 
     `training_parameters` are the deployment's default flow parameters (e.g. `{"params": {"dataset": ...}}`).
     `scoring_parameters` are the scoring deployment's defaults; by default the bundled dataset's latest
     month, scored with the champion.
+    `monitoring_cron` schedules drift monitoring (daily 06:00 by default) with `monitoring_parameters` as its
+    defaults (by default the bundled dataset's champion against the last day of the serving prediction log).
+    `rollback` has no schedule: it is pressed in the UI (its form asks for a reason).
     """
     return [
         FlowDeployment(
@@ -76,6 +82,20 @@ def deployments(
             entrypoint="flows/scoring.py:scoring",
             description="Batch scoring on demand: predict a partition in S3 with the champion, in chunks.",
             parameters=scoring_parameters or {"params": {"dataset": "credit-risk", "source": DEFAULT_SCORING_SOURCE}},
+            on_demand=True,
+        ),
+        FlowDeployment(
+            name="monitoring",
+            entrypoint="flows/monitoring.py:monitoring",
+            description="Drift monitoring: recent data and predictions against the champion's training reference; "
+            "triggers the training deployment when drift or decay crosses the thresholds.",
+            cron=monitoring_cron,
+            parameters=monitoring_parameters,
+        ),
+        FlowDeployment(
+            name="rollback",
+            entrypoint="flows/rollback.py:rollback",
+            description="Roll the champion back to the previous (or a given) version, with a reason; on demand.",
             on_demand=True,
         ),
     ]
@@ -112,13 +132,23 @@ def deploy_all(
     training_anchor: datetime | None = None,
     training_parameters: dict[str, Any] | None = None,
     scoring_parameters: dict[str, Any] | None = None,
+    monitoring_cron: str = "0 6 * * *",
+    monitoring_parameters: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Register every deployment (idempotent: same names, updated in place); returns name -> id."""
     from prefect import flow
 
     ensure_work_pool(work_pool)
     ids = {}
-    specs = deployments(training_cron, training_interval, training_anchor, training_parameters, scoring_parameters)
+    specs = deployments(
+        training_cron,
+        training_interval,
+        training_anchor,
+        training_parameters,
+        scoring_parameters,
+        monitoring_cron,
+        monitoring_parameters,
+    )
     for spec in specs:
         remote = flow.from_source(source=str(PROJECT_ROOT), entrypoint=spec.entrypoint)
         deployment_id = remote.deploy(

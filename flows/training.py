@@ -7,14 +7,20 @@ Run it ad hoc with `mlops train` or `python -m flows.training`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prefect import flow
 from prefect.concurrency.sync import concurrency
+from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlops.dataset import DatasetConfig
+from tasks.approval import Approval, ApprovalInput, approval_request
 from tasks.evaluation import evaluate_candidate
 from tasks.loading import load_dataset_config, load_snapshot
+from tasks.model_card import make_card, time_window
+from tasks.monitoring import log_reference
 from tasks.promotion import (
     Decision,
     Gates,
@@ -29,10 +35,20 @@ from tasks.promotion import (
     promote,
     revert,
 )
-from tasks.reports import publish_decision, store_validation_report
+from tasks.reports import publish_approval_request, publish_decision, publish_model_card, store_validation_report
+from tasks.review import champion_schema, review
 from tasks.serving_check import ServingCheck, ServingCheckFailed, check_serving
 from tasks.split import split_snapshot
-from tasks.tracking import end_run, log_evaluation, log_model, record_decision, register_model, start_run
+from tasks.tracking import (
+    end_run,
+    git_commit,
+    log_evaluation,
+    log_model,
+    log_review,
+    record_decision,
+    register_model,
+    start_run,
+)
 from tasks.training import SearchSpec, train_candidate
 from tasks.validation import DataValidationError, check_snapshot
 
@@ -57,6 +73,14 @@ class TrainingParams(BaseModel):
         title="Reason",
         description="Why this run was started (e.g. scheduled, drift: ...); recorded on the run and in the history.",
     )
+    require_approval: bool = Field(
+        False,
+        title="Require approval",
+        description="Pause before promoting until a person approves or rejects in the Prefect UI (flow run -> Resume).",
+    )
+    approval_timeout_seconds: int = Field(
+        86_400, ge=10, le=7 * 86_400, title="Approval timeout (s)", description="No answer by then: not promoted."
+    )
     serving_timeout_seconds: float = Field(
         120,
         gt=0,
@@ -80,14 +104,21 @@ class TrainingOutcome:
 
 
 def _promote_checked(
-    model_name: str, version: str, expected_champion: str | None, serving_timeout: float
+    model_name: str,
+    version: str,
+    expected_champion: str | None,
+    serving_timeout: float,
+    decision: Decision | None = None,
+    run_reason: str = "",
 ) -> tuple[Promotion | None, Exception | None, ServingCheck | None]:
     """Promote, then keep the promotion only once the serving API answers with it (else revert it).
 
+    The champion history records why: the run's reason (`TrainingParams.reason`) and the decision's reasons.
     Returns the promotion that stands (or None), the error that stopped it, and the serving check.
     """
+    why = ([f"run reason: {run_reason}"] if run_reason else []) + (decision.reasons if decision else [])
     try:
-        promotion = promote(model_name, version, expected_champion)
+        promotion = promote(model_name, version, expected_champion, " | ".join(why))
     except Exception as exc:  # recorded by the caller, then the run fails
         return None, exc, None
     serving = check_serving(model_name, version, serving_timeout)
@@ -95,6 +126,45 @@ def _promote_checked(
         return promotion, None, serving
     revert(promotion, serving.detail)
     return None, ServingCheckFailed(f"promotion of v{version} reverted: {serving.detail}"), serving
+
+
+@dataclass(frozen=True)
+class ChampionState:
+    """The current champion as the decision sees it: its model, metrics and inputs, or why it failed."""
+
+    version: str | None = None
+    model: Any = None
+    metrics: dict[str, float] | None = None
+    schema: dict[str, str] | None = None
+    error: str | None = None
+
+
+def _current_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
+    """Find, load and score the champion on the holdout; a failure is recorded (it blocks promotion)."""
+    version = find_champion(config.model_name)
+    if version is None:
+        return ChampionState()
+    try:
+        model = load_champion(config.model_name, version)
+        metrics = evaluate_candidate(model, holdout, config, figures=False).metrics
+        schema = champion_schema(config.model_name, version)
+    except Exception as exc:  # the decision records why; promotion is then blocked
+        return ChampionState(version, error=f"{type(exc).__name__}: {exc}")
+    return ChampionState(version, model, metrics, schema)
+
+
+def _ask_approval(decision: Decision, model_name: str, version: str, timeout: int) -> Approval:
+    """Pause the run until a person approves or rejects in the Prefect UI (or the timeout passes)."""
+    request = approval_request(decision, model_name, version)
+    publish_approval_request(request)
+    # No answer within the timeout fails the run (Prefect refuses to resume it): nothing is promoted.
+    answer = pause_flow_run(
+        wait_for_input=ApprovalInput.with_initial_data(description=request),
+        timeout=timeout,
+        poll_interval=2,
+        key=f"approve-{model_name}-v{version}",
+    )
+    return Approval.answered(answer)
 
 
 @flow(
@@ -129,34 +199,73 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         evaluation = evaluate_candidate(search.model, split.holdout, config)
         log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, report_json)
         model_uri = log_model(run_id, search.model, split.train, config)
+        log_reference(run_id, search.model, split.train, config, params.seed)  # monitoring's baseline
 
+        lock = ensure_promotion_lock(config.model_name)
+        promotion, promotion_error, serving, approval = None, None, None, None
         # Decide and promote one run at a time per model, so no run promotes against a stale champion.
-        with concurrency(ensure_promotion_lock(config.model_name), occupy=1, strict=True, timeout_seconds=3600):
-            champion_version = find_champion(config.model_name)
-            champion_metrics, champion_error = None, None
-            if champion_version is not None:
-                try:
-                    champion = load_champion(config.model_name, champion_version)
-                    champion_metrics = evaluate_candidate(champion, split.holdout, config, figures=False).metrics
-                except Exception as exc:  # the decision records why; promotion is then blocked
-                    champion_error = f"{type(exc).__name__}: {exc}"
-            decision = decide(evaluation.metrics, champion_metrics, champion_version, params.gates, champion_error)
-
+        with concurrency(lock, occupy=1, strict=True, timeout_seconds=3600):
+            champion = _current_champion(config, split.holdout)
+            findings = review(
+                search.model, champion.model, split.holdout, config, params.gates, params.seed, champion.schema
+            )
+            decision = decide(
+                evaluation.metrics,
+                champion.metrics,
+                champion.version,
+                params.gates,
+                champion.error,
+                findings.interval(params.gates.primary_metric),
+                findings.checks,
+            )
             version = None
             if not params.dry_run:
                 version = register_model(model_uri, config.model_name, run_id, {"data_version": snapshot.data_version})
-            promotion, promotion_error, serving = None, None, None
-            if decision.promote and version is not None:
+            wanted = decision.promote and version is not None
+            if wanted and not params.require_approval:
                 promotion, promotion_error, serving = _promote_checked(
-                    config.model_name, version, champion_version, params.serving_timeout_seconds
+                    config.model_name,
+                    version,
+                    champion.version,
+                    params.serving_timeout_seconds,
+                    decision,
+                    params.reason,
                 )
+        if wanted and params.require_approval:
+            # Wait for a person outside the lock; the promotion is then a compare-and-set against the
+            # champion the decision saw, so a champion that changed meanwhile is never replaced blindly.
+            approval = _ask_approval(decision, config.model_name, version, params.approval_timeout_seconds)
+            if approval.approved:
+                with concurrency(lock, occupy=1, strict=True, timeout_seconds=3600):
+                    promotion, promotion_error, serving = _promote_checked(
+                        config.model_name,
+                        version,
+                        champion.version,
+                        params.serving_timeout_seconds,
+                        decision,
+                        f"{params.reason}; {approval.describe()}",
+                    )
         promoted = promotion is not None
-        outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error)
+        outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error, approval)
         tags = decision_tags(decision, snapshot.data_version) | {"promoted": str(promoted).lower(), "outcome": outcome}
-        if serving is not None:
-            tags["serving_check"] = serving.detail
+        tags |= ({"serving_check": serving.detail} if serving else {}) | (approval.tags() if approval else {})
         markdown = decision_markdown(decision, config.model_name, version, snapshot.data_version, outcome)
         record_decision(run_id, config.model_name, version, tags, markdown, decision.to_json())
+        log_review(run_id, findings)
+        card = make_card(
+            model_name=config.model_name,
+            candidate_version=version,
+            decision=decision,
+            outcome=outcome,
+            data_version=snapshot.data_version,
+            training_window=time_window(split.train[config.time_column]) if config.time_column else None,
+            rows_train=len(split.train),
+            rows_holdout=len(split.holdout),
+            review=findings,
+            code_version=git_commit(),
+            slice_max_drop=params.gates.max_slice_drop,
+        )
+        publish_model_card(card, run_id)
         publish_decision(markdown)
         if promotion_error is not None:
             raise promotion_error

@@ -19,6 +19,8 @@ stack_app = typer.Typer(help="Start, stop and inspect the local stack (S3, MLflo
 data_app = typer.Typer(help="Datasets: generate the bundled synthetic data.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
+demo_app = typer.Typer(help="Demonstrations against the running stack.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -117,7 +119,7 @@ def deploy(
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
         ids = deploy_all(training_cron=cron, training_interval=interval, work_pool=settings.work_pool)
     for name, deployment_id in ids.items():
-        typer.echo(f"deployed training/{name}: {settings.prefect_ui_url}/deployments/deployment/{deployment_id}")
+        typer.echo(f"deployed {name}: {settings.prefect_ui_url}/deployments/deployment/{deployment_id}")
     typer.echo(f"work pool: {settings.work_pool} (served by the worker that `mlops stack up` starts)")
 
 
@@ -203,6 +205,216 @@ def train(
         config = str(Path(config).resolve())
     code = run_training(config, dry_run, seed, trials, get_settings())
     raise typer.Exit(code)
+
+
+def _connect(settings: Settings) -> None:
+    """Point this process's clients at the stack, or exit with the way out when it does not answer."""
+    os.environ.update(client_env(settings))
+    # Our loggers also feed Prefect's run logs; outside a run (this command's own lines) that is not a warning.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    from mlops.clients import StackNotRunningError, check_stack
+
+    try:
+        check_stack(settings)
+    except StackNotRunningError as exc:
+        raise _fail(str(exc), code=2) from exc
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry (containers)
+        return "unknown-user"
+
+
+@app.command("rollback")
+def rollback_command(
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the champion history).")],
+    to: Annotated[str | None, typer.Option("--to", help="Version to restore (default: the `previous` alias).")] = None,
+    model: Annotated[str, typer.Option(help="Registered model.")] = "credit-risk",
+    serving_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the serving API.")] = 60,
+) -> None:
+    """Move `champion` back to the previous (or given) version; the serving API follows it."""
+    _setup_logging()
+    settings = get_settings()
+    _connect(settings)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.promotion import PromotionConflict
+    from tasks.rollback import RollbackError, rollback, serving_after_rollback
+
+    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+        try:
+            change = rollback(model, to, reason, _os_user())
+        except (RollbackError, PromotionConflict) as exc:
+            raise _fail(str(exc)) from exc
+    typer.echo(f"rolled back {model}: champion v{change.from_version} -> v{change.to_version} by {change.actor}")
+    serving = serving_after_rollback(model, str(change.to_version), serving_timeout)
+    typer.echo(f"serving: {serving.detail}")
+    if not serving.ok:
+        raise typer.Exit(1)
+
+
+@app.command("history")
+def history_command(
+    model: Annotated[str, typer.Option(help="Registered model.")] = "credit-risk",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
+) -> None:
+    """List every change of the champion (promotions, reverts, rollbacks), oldest first."""
+    settings = get_settings()
+    os.environ.update(client_env(settings))
+    import json
+    from dataclasses import asdict
+
+    from tasks.history import history_table, list_changes
+
+    changes = list_changes(model, settings)
+    if as_json:
+        for change in changes:
+            typer.echo(json.dumps(asdict(change), sort_keys=True))
+        return
+    if not changes:
+        typer.echo(f"no champion changes recorded for {model}")
+        return
+    rows = history_table(changes)
+    widths = {key: max(len(key), *(len(str(row[key])) for row in rows)) for key in rows[0] if key != "reason"}
+    typer.echo("  ".join(key.ljust(width) for key, width in widths.items()) + "  reason")
+    for row in rows:
+        line = "  ".join(str(row[key]).ljust(width) for key, width in widths.items())
+        typer.echo(f"{line}  {row['reason'][:160]}")
+
+
+@demo_app.command("drift")
+def demo_drift(
+    strength: Annotated[float, typer.Option(min=0.05, max=1, help="Drift strength of the new month.")] = 0.8,
+    rows: Annotated[int, typer.Option(min=500, help="Rows in the new month.")] = 4000,
+    cooldown_minutes: Annotated[float, typer.Option(min=0, help="Monitoring's retraining cooldown.")] = 30,
+    wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for the triggered training run.")] = 900,
+) -> None:
+    """Add a drifted month to the bundled dataset, run monitoring, and follow the retraining it triggers."""
+    _setup_logging()
+    settings = get_settings()
+    _connect(settings)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+        code = _drift_demo(settings, strength, rows, cooldown_minutes, wait)
+    raise typer.Exit(code)
+
+
+def _next_month(settings: Settings, source: str) -> tuple[int, str]:
+    """Index (from 2025-01, the generator's default start) and label of the month after the latest partition."""
+    import re
+
+    import pandas as pd
+
+    from mlops.clients import S3Location, s3_client
+
+    location = S3Location.parse(source)
+    pages = s3_client(settings).get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key)
+    keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    months = sorted({match.group(1) for key in keys if (match := re.search(r"month=(\d{4}-\d{2})/", key))})
+    if not months:
+        raise _fail(f"no partitions under {source}: run `mlops data generate` first")
+    index = (pd.Period(months[-1], freq="M") - pd.Period("2025-01", freq="M")).n + 1
+    return index, str(pd.Period("2025-01", freq="M") + index)
+
+
+def _wait_for_run(flow_run_id: str, timeout: float) -> object:
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if (run.state is not None and run.state.is_final()) or time.monotonic() > deadline:
+                return run
+            time.sleep(3)
+
+
+def _print_monitoring(outcome: object, monitoring_link: str) -> None:
+    echo = typer.echo
+    for window in outcome.windows:
+        echo(f"   {window.name}: {window.rows} rows; " + ("; ".join(window.reasons) or window.note))
+        for feature in [*window.features, *([window.prediction] if window.prediction else [])]:
+            if feature.drifted or feature.psi >= 0.05:
+                mark = "DRIFTED" if feature.drifted else "       "
+                echo(f"     {mark} {feature.name:<22} PSI {feature.psi:6.3f}  {feature.test} p={feature.p_value:.1g}")
+        if window.performance is not None:
+            perf = window.performance
+            nan = float("nan")
+            figures = ", ".join(
+                f"{m} {v:.3f} (holdout {perf.holdout.get(m, nan):.3f})" for m, v in perf.metrics.items()
+            )
+            echo(f"     performance on {perf.rows} labelled rows: {figures}")
+    echo(f"   verdict: {'RETRAIN' if outcome.verdict.triggered else 'ok'}: {outcome.verdict.summary}")
+    echo(f"   report: {outcome.report.html_uri}\n   report link (7 days): {outcome.report.link}")
+    echo(f"   monitoring run: {monitoring_link}")
+    echo(f"\n3. Retraining: {outcome.trigger.status}: {outcome.trigger.detail}")
+
+
+def _print_training(settings: Settings, experiment_name: str, flow_run_id: str, wait: float) -> None:
+    from mlops.clients import mlflow_client
+
+    echo = typer.echo
+    echo(f"   waiting for the training run (the worker runs it): {settings.prefect_ui_url}/runs/flow-run/{flow_run_id}")
+    run = _wait_for_run(flow_run_id, wait)
+    echo(f"   training run {run.name}: {run.state_name}")
+    client = mlflow_client(settings)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return
+    found = client.search_runs([experiment.experiment_id], f"tags.prefect_flow_run_id = '{flow_run_id}'")
+    if not found:
+        return
+    tags = found[0].data.tags
+    echo(f"   reason recorded on the run: {tags.get('trigger_reason')}")
+    echo(f"   decision: {tags.get('decision', '-')} -> {tags.get('outcome', '-')}")
+    for reason in tags.get("decision.reasons", "").split(" | "):
+        echo(f"     - {reason}")
+    link = f"{settings.mlflow_tracking_uri}/#/experiments/{experiment.experiment_id}/runs/{found[0].info.run_id}"
+    echo(f"   MLflow run: {link}")
+
+
+def _drift_demo(settings: Settings, strength: float, rows: int, cooldown_minutes: float, wait: float) -> int:
+    """The drift story, step by step; returns a process exit code."""
+    from flows.monitoring import MonitoringParams, monitoring
+    from mlops.datagen import write_months
+    from mlops.dataset import load_local_dataset_config
+    from mlops.synthetic import DriftSpec
+    from tasks.history import history_table, list_changes
+    from tasks.promotion import champion_version
+
+    config = load_local_dataset_config("credit-risk")
+    champion = champion_version(config.model_name)
+    if champion is None:
+        raise _fail(f"{config.model_name} has no champion yet: run `mlops train` (and `mlops deploy`) first")
+    index, month = _next_month(settings, config.source)
+    [partition] = write_months(settings, config.source, 1, rows, 42, "2025-01", DriftSpec(index, strength), index)
+    echo = typer.echo
+    echo(f"\n1. A new month arrived, {month}, drifted by the generator's knob (strength {strength}): {partition}")
+    echo(f"   champion: {config.model_name} v{champion}; its labels are already in the partition (delayed labels)")
+    echo("\n2. Monitoring compares it with the champion's training reference ...")
+    params = MonitoringParams(partition=partition, labels=partition, cooldown_minutes=cooldown_minutes)
+    state = monitoring(params, return_state=True)
+    monitoring_link = f"{settings.prefect_ui_url}/runs/flow-run/{state.state_details.flow_run_id}"
+    if not state.is_completed():
+        echo(f"monitoring {state.name}: {state.message}\n   {monitoring_link}", err=True)
+        return 1
+    outcome = state.result()
+    _print_monitoring(outcome, monitoring_link)
+    if outcome.trigger.status == "triggered" and outcome.trigger.flow_run_id:
+        _print_training(settings, config.name, outcome.trigger.flow_run_id, wait)
+    echo(f"\n4. Champion history of {config.model_name} (`mlops history`):")
+    for row in history_table(list_changes(config.model_name, settings))[-5:]:
+        move = f"{row['from']:>4} -> {row['to']:<4}"
+        echo(f"   {row['at']}  {row['kind']:<9} {move} by {row['actor']}: {row['reason'][:100]}")
+    echo(f"\nnow champion: v{champion_version(config.model_name)}; roll back with `mlops rollback --reason TEXT`")
+    return 0
 
 
 def train_main() -> None:

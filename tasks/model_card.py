@@ -14,23 +14,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pandas as pd
 from jinja2 import Environment, StrictUndefined
 
 from tasks.fairness import FairnessReport
-from tasks.promotion import improvement
+from tasks.promotion import Decision, GateResult, improvement
 from tasks.significance import DeltaInterval
 from tasks.slices import SliceMetric, slice_drop
 
-
-class GateResult(NamedTuple):
-    """One gate of the promotion: its name, whether it passed, and the numbers behind it."""
-
-    gate: str
-    passed: bool
-    detail: str
+if TYPE_CHECKING:
+    from tasks.review import Review
 
 
 class FeatureImportance(NamedTuple):
@@ -67,6 +62,7 @@ class ModelCard:
         slice_metric: Metric the slice gate compares.
         slice_max_drop: Largest drop the slice gate tolerates, None if there is no slice gate.
         fairness: Fairness reports of the candidate, one per sensitive feature.
+        fairness_champion: The champion's fairness reports on the same rows (empty at cold start).
         gates: Each gate's result.
         feature_importances: The most important raw features, most important first.
         mlflow_run_url: The training run in MLflow.
@@ -94,6 +90,7 @@ class ModelCard:
     slice_metric: str = "roc_auc"
     slice_max_drop: float | None = None
     fairness: list[FairnessReport] = field(default_factory=list)
+    fairness_champion: list[FairnessReport] = field(default_factory=list)
     gates: list[GateResult] = field(default_factory=list)
     feature_importances: list[FeatureImportance] = field(default_factory=list)
     mlflow_run_url: str | None = None
@@ -189,7 +186,8 @@ def _slice_rows(card: ModelCard) -> list[list[str]]:
 
 def _fairness_sections(card: ModelCard) -> list[dict[str, Any]]:
     sections = []
-    for report in card.fairness:
+    champion = f"champion v{card.champion_version}" if card.champion_version else "champion"
+    for who, report in [("candidate", r) for r in card.fairness] + [(champion, r) for r in card.fairness_champion]:
         rows = [
             [
                 group,
@@ -203,7 +201,7 @@ def _fairness_sections(card: ModelCard) -> list[dict[str, Any]]:
         ]
         sections.append(
             {
-                "feature": report.feature,
+                "feature": f"{report.feature} ({who})",
                 "dp": _num(report.demographic_parity_difference),
                 "eo": _num(report.equalized_odds_difference),
                 "rows": rows,
@@ -354,3 +352,46 @@ def render_html(card: ModelCard) -> str:
     """The card as one self-contained HTML page (inline style, no scripts, no external resources)."""
     environment = Environment(autoescape=True, undefined=StrictUndefined, keep_trailing_newline=True)
     return environment.from_string(_HTML).render(**_view(card))
+
+
+def make_card(
+    *,
+    model_name: str,
+    candidate_version: str | None,
+    decision: Decision,
+    outcome: str,
+    data_version: str,
+    training_window: tuple[str, str] | None,
+    rows_train: int,
+    rows_holdout: int,
+    review: Review,
+    code_version: str,
+    slice_max_drop: float | None,
+) -> ModelCard:
+    """The card of one decision, from what the run computed (pure: no I/O)."""
+    return ModelCard(
+        model_name=model_name,
+        candidate_version=candidate_version,
+        champion_version=decision.champion_version,
+        verdict=decision.verdict,
+        outcome=outcome,
+        reasons=list(decision.reasons),
+        data_version=data_version,
+        training_window=training_window,
+        rows_train=rows_train,
+        rows_holdout=rows_holdout,
+        candidate_metrics=decision.candidate_metrics,
+        code_version=code_version,
+        created_at=datetime.now(UTC),
+        champion_metrics=decision.champion_metrics,
+        intervals=list(review.intervals),
+        primary_metric=decision.primary_metric,
+        slices_candidate=list(review.candidate.slices),
+        slices_champion=list(review.champion.slices) if review.champion else [],
+        slice_metric=decision.primary_metric,
+        slice_max_drop=slice_max_drop,
+        fairness=list(review.candidate.fairness),
+        fairness_champion=list(review.champion.fairness) if review.champion else [],
+        gates=list(decision.checks),
+        feature_importances=importances_from_frame(review.importances) if not review.importances.empty else [],
+    )

@@ -2,9 +2,13 @@
 
 Rules (stated once, here):
 - Absolute gates: the candidate's holdout metrics must clear every configured threshold.
-- Cold start: with no champion, a candidate that clears the gates is promoted.
-- Otherwise the champion is scored on the same holdout rows now, and the candidate must beat it on the
-  primary metric by at least `min_delta` (in the metric's better direction).
+- Review gates (computed in `tasks/review.py`): no slice worse than the champion's by more than
+  `max_slice_drop`, optional fairness limits, model size, single-record latency and an input schema
+  that does not break the serving API's callers. Any failed gate blocks promotion and is named.
+- Cold start: with no champion, a candidate that clears every gate is promoted.
+- Otherwise both models are scored on the same frozen holdout rows and the candidate must be better
+  beyond noise: the lower bound of the paired bootstrap confidence interval of the improvement on the
+  primary metric must be above 0 and at least `min_delta` (in the metric's better direction).
 - A champion that cannot be loaded or scored blocks promotion (a person should look), never silently
   hands over.
 """
@@ -14,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -26,6 +31,10 @@ from mlops.clients import mlflow_client
 from mlops.settings import get_settings
 from tasks.evaluation import LOWER_IS_BETTER
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, PermanentError, retry_unless_permanent
+
+if TYPE_CHECKING:
+    from tasks.approval import Approval
+    from tasks.significance import DeltaInterval
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +54,59 @@ class Gates(BaseModel):
         0.0,
         ge=0,
         title="Minimum improvement",
-        description="How much better than the champion (on the same holdout) the candidate must be.",
+        description="The lower bound of the improvement's confidence interval (same holdout rows, paired "
+        "bootstrap) must be above 0 and at least this.",
+    )
+    confidence: float = Field(
+        0.95, ge=0.5, le=0.999, title="Confidence", description="Coverage of the improvement's interval."
+    )
+    n_resamples: int = Field(
+        1000, ge=100, le=20_000, title="Bootstrap resamples", description="Paired bootstrap resamples."
     )
     min_roc_auc: float | None = Field(0.7, ge=0, le=1, title="Minimum ROC AUC")
     min_pr_auc: float | None = Field(None, ge=0, le=1, title="Minimum PR AUC")
     min_f1: float | None = Field(None, ge=0, le=1, title="Minimum F1")
     max_log_loss: float | None = Field(None, gt=0, title="Maximum log loss")
     max_brier: float | None = Field(None, gt=0, title="Maximum Brier score")
+    max_slice_drop: float | None = Field(
+        0.05,
+        ge=0,
+        title="Maximum slice drop",
+        description="Largest drop of the primary metric against the champion on any slice large enough to "
+        "measure (dataset config `slices`); empty for no slice gate.",
+    )
+    max_dp_difference: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        title="Maximum demographic parity difference",
+        description="Fairness gate on each sensitive feature (reported always; gated only when set).",
+    )
+    max_eo_difference: float | None = Field(
+        None, ge=0, le=1, title="Maximum equalised odds difference", description="Fairness gate, as above."
+    )
+    max_model_mb: float | None = Field(500.0, gt=0, title="Maximum model size (MB)")
+    max_latency_ms: float | None = Field(
+        200.0, gt=0, title="Maximum latency (ms)", description="Median single-record prediction time."
+    )
+    allow_schema_change: bool = Field(
+        False,
+        title="Allow input schema change",
+        description="Promote even when the candidate's inputs would break callers of the serving API.",
+    )
+
+
+class GateResult(NamedTuple):
+    """One gate of the promotion: its name, whether it passed, and the numbers behind it."""
+
+    gate: str
+    passed: bool
+    detail: str
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether to promote, and why, with both models' numbers."""
+    """Whether to promote, and why, with both models' numbers and every gate's result."""
 
     promote: bool
     reasons: list[str]
@@ -65,6 +115,8 @@ class Decision:
     champion_metrics: dict[str, float] | None = None
     primary_metric: str = "roc_auc"
     gates: dict[str, Any] = field(default_factory=dict)
+    interval: dict[str, Any] | None = None
+    checks: list[GateResult] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -73,10 +125,12 @@ class Decision:
 
     def to_json(self) -> str:
         """Serialisable record of the decision."""
-        return json.dumps(asdict(self) | {"verdict": self.verdict}, indent=2, sort_keys=True)
+        record = asdict(self) | {"verdict": self.verdict, "checks": [c._asdict() for c in self.checks]}
+        return json.dumps(record, indent=2, sort_keys=True)
 
 
-def _gate_failures(metrics: dict[str, float], gates: Gates) -> list[str]:
+def absolute_gates(metrics: dict[str, float], gates: Gates) -> list[GateResult]:
+    """Each configured threshold on the candidate's holdout metrics, passed or not."""
     checks = [
         ("roc_auc", gates.min_roc_auc, "min"),
         ("pr_auc", gates.min_pr_auc, "min"),
@@ -84,15 +138,19 @@ def _gate_failures(metrics: dict[str, float], gates: Gates) -> list[str]:
         ("log_loss", gates.max_log_loss, "max"),
         ("brier", gates.max_brier, "max"),
     ]
-    failures = []
+    results = []
     for metric, bound, kind in checks:
         if bound is None:
             continue
         value = metrics[metric]
-        if (kind == "min" and value < bound) or (kind == "max" and value > bound):
-            relation = "below the minimum" if kind == "min" else "above the maximum"
-            failures.append(f"gate failed: {metric} {value:.4f} is {relation} {bound:.4f}")
-    return failures
+        passed = value >= bound if kind == "min" else value <= bound
+        relation = (
+            ("is at least" if passed else "is below the minimum")
+            if kind == "min"
+            else ("is at most" if passed else "is above the maximum")
+        )
+        results.append(GateResult(f"{kind}_{metric}", passed, f"{metric} {value:.4f} {relation} {bound:.4f}"))
+    return results
 
 
 def improvement(metric: str, candidate: float, champion: float) -> float:
@@ -106,35 +164,70 @@ def decide(
     champion_version: str | None,
     gates: Gates,
     champion_error: str | None = None,
+    interval: DeltaInterval | None = None,
+    checks: Sequence[GateResult] = (),
 ) -> Decision:
-    """The promotion decision: a pure function of the metrics and the gates."""
-    reasons = _gate_failures(candidate, gates)
-    passed_gates = not reasons
+    """The promotion decision: a pure function of the metrics, the improvement's interval and the gates.
+
+    Args:
+        candidate: The candidate's holdout metrics.
+        champion: The champion's metrics on the same rows (None at cold start or when it failed).
+        champion_version: The champion's version, if there is one.
+        gates: Thresholds.
+        champion_error: Why the champion could not be scored (blocks promotion).
+        interval: Paired bootstrap interval of the improvement on the primary metric (needed with a champion).
+        checks: Review gates (slices, fairness, size, latency, schema) already evaluated.
+    """
+    results = [*absolute_gates(candidate, gates), *checks]
+    failed = [r for r in results if not r.passed]
+    reasons = [
+        f"gate failed: {r.detail}" if r.gate.startswith(("min_", "max_")) else f"gate failed: {r.gate}: {r.detail}"
+        for r in failed
+    ]
+    if not failed:
+        reasons.append(f"all {len(results)} gates passed ({', '.join(r.gate for r in results)})")
     primary = gates.primary_metric
-    if passed_gates:
-        reasons.append("all absolute gates passed")
     if champion_error is not None:
         reasons.append(f"current champion v{champion_version} could not be scored: {champion_error}")
         promote = False
     elif champion is None:
         reasons.append("cold start: no champion yet, so a candidate that passes the gates is promoted")
-        promote = passed_gates
+        promote = not failed
     else:
-        delta = improvement(primary, candidate[primary], champion[primary])
-        beats = delta > 0 and delta >= gates.min_delta
+        if interval is None or interval.metric != primary:
+            raise ValueError(f"comparing with a champion needs the paired interval of {primary}")
+        beats = interval.low > 0 and interval.low >= gates.min_delta
+        results.append(GateResult("beats_champion", beats, interval.describe()))
         reasons.append(
-            f"{primary}: candidate {candidate[primary]:.4f} vs champion v{champion_version} "
-            f"{champion[primary]:.4f} (improvement {delta:+.4f}, required > 0 and >= {gates.min_delta:.4f}): "
+            f"{primary}: candidate {interval.candidate:.4f} vs champion v{champion_version} {interval.champion:.4f}, "
+            f"improvement {interval.delta:+.4f} with {interval.confidence:.0%} CI [{interval.low:+.4f}, "
+            f"{interval.high:+.4f}]; the lower bound must be > 0 and >= {gates.min_delta:.4f}: "
             f"{'beats' if beats else 'does not beat'} the champion"
+            + ("" if beats or interval.delta <= 0 else " beyond noise")
         )
-        promote = passed_gates and beats
-    return Decision(promote, reasons, candidate, champion_version, champion, primary, gates.model_dump())
+        promote = not failed and beats
+    return Decision(
+        promote,
+        reasons,
+        candidate,
+        champion_version,
+        champion,
+        primary,
+        gates.model_dump(),
+        None if interval is None else asdict(interval),
+        results,
+    )
 
 
-def describe_outcome(decision: Decision, dry_run: bool, promoted: bool, error: Exception | None) -> str:
+def describe_outcome(
+    decision: Decision, dry_run: bool, promoted: bool, error: Exception | None, approval: Approval | None = None
+) -> str:
     """What actually happened after the decision, in one line."""
     if promoted:
-        return "promoted: the candidate is the new champion"
+        approved = f" ({approval.describe()})" if approval is not None else ""
+        return f"promoted: the candidate is the new champion{approved}"
+    if approval is not None and not approval.approved:
+        return f"not promoted, the champion is unchanged: {approval.describe()}"
     if error is not None:
         return f"promotion failed, the champion is unchanged: {type(error).__name__}: {error}"
     if decision.promote and dry_run:
@@ -158,6 +251,11 @@ def decision_markdown(
         "## Reasons",
         *[f"- {reason}" for reason in decision.reasons],
         "",
+        "## Gates",
+        "| gate | result | detail |",
+        "|---|---|---|",
+        *[f"| {c.gate} | {'pass' if c.passed else '**FAIL**'} | {c.detail} |" for c in decision.checks],
+        "",
         "## Holdout metrics",
         "| metric | candidate | champion |",
         "|---|---|---|",
@@ -175,8 +273,11 @@ def decision_tags(decision: Decision, data_version: str) -> dict[str, str]:
         "decision.reasons": " | ".join(decision.reasons)[:4900],
         "decision.champion_version": decision.champion_version or "none",
         "decision.primary_metric": decision.primary_metric,
+        "decision.failed_gates": ",".join(c.gate for c in decision.checks if not c.passed) or "none",
         "data_version": data_version,
     }
+    if decision.interval is not None:
+        tags |= {f"decision.delta_{k}": f"{decision.interval[k]:.6f}" for k in ("delta", "low", "high")}
     tags |= {f"candidate.{k}": f"{v:.6f}" for k, v in decision.candidate_metrics.items()}
     if decision.champion_metrics:
         tags |= {f"champion.{k}": f"{v:.6f}" for k, v in decision.champion_metrics.items()}
@@ -244,14 +345,20 @@ class Promotion:
     promoted_at: str
 
 
-def promote_version(model_name: str, version: str, expected_champion: str | None) -> Promotion:
+def promote_version(
+    model_name: str, version: str, expected_champion: str | None, reason: str = "", actor: str | None = None
+) -> Promotion:
     """Move `champion` to `version` and `previous` to the replaced champion.
 
     Compare-and-set: if the champion is no longer `expected_champion` (another run promoted since the
     decision), nothing changes and `PromotionConflict` is raised. The champion alias moves in one call;
     if recording `previous` then fails, the champion is put back, so a failure leaves the old champion.
-    The version gets a `promoted_at` tag (UTC, ISO 8601), which the serving API reports.
+    The version gets a `promoted_at` tag (UTC, ISO 8601), which the serving API reports. The change is
+    recorded in the champion history (`tasks.history`) with `reason` and `actor` (default: the flow run
+    or the OS user); a failure to record it is logged loudly and does not undo the promotion.
     """
+    from tasks.history import make_change, record_change_safely
+
     client = mlflow_client(get_settings())
     current = champion_version(model_name)
     if current != expected_champion:
@@ -271,15 +378,22 @@ def promote_version(model_name: str, version: str, expected_champion: str | None
             client.set_registered_model_alias(model_name, CHAMPION, current)
             raise
     log.info("%s: champion v%s -> v%s", model_name, current, version)
+    try:
+        record_change_safely(make_change(model_name, current, version, "promotion", reason, actor))
+    except Exception:  # building the record failed: the promotion stands all the same
+        log.exception("HISTORY NOT RECORDED for %s: promotion v%s -> v%s stands", model_name, current, version)
     return Promotion(model_name, version, current, None if old_previous is None else str(old_previous), promoted_at)
 
 
-def revert_promotion(promotion: Promotion, reason: str) -> None:
+def revert_promotion(promotion: Promotion, reason: str, actor: str | None = None) -> None:
     """Undo `promotion`: `champion` and `previous` go back to where they were; the reason is tagged.
 
     Compare-and-set again: if the champion moved since (another promotion or a rollback), nothing is
     undone and `PromotionConflict` says so. After a cold-start promotion the `champion` alias is removed.
+    The revert is recorded in the champion history (a failure to record it is logged, not raised).
     """
+    from tasks.history import make_change, record_change_safely
+
     client = mlflow_client(get_settings())
     name, version = promotion.model_name, promotion.version
     current = champion_version(name)
@@ -294,6 +408,10 @@ def revert_promotion(promotion: Promotion, reason: str) -> None:
     client.delete_model_version_tag(name, version, "promoted_at")
     client.set_model_version_tag(name, version, "rolled_back", reason[:4900])
     log.warning("%s: promotion of v%s reverted (champion back to v%s): %s", name, version, promotion.replaced, reason)
+    try:
+        record_change_safely(make_change(name, version, promotion.replaced, "revert", reason, actor))
+    except Exception:  # building the record failed: the revert stands all the same
+        log.exception("HISTORY NOT RECORDED for %s: revert v%s -> v%s stands", name, version, promotion.replaced)
 
 
 @task(
@@ -303,9 +421,11 @@ def revert_promotion(promotion: Promotion, reason: str) -> None:
     retry_condition_fn=retry_unless_permanent,
     cache_policy=NO_CACHE,
 )
-def promote(model_name: str, version: str, expected_champion: str | None) -> Promotion:
-    """Prefect task: atomic, compare-and-set promotion (see `promote_version`)."""
-    return promote_version(model_name, version, expected_champion)
+def promote(
+    model_name: str, version: str, expected_champion: str | None, reason: str = "", actor: str | None = None
+) -> Promotion:
+    """Prefect task: atomic, compare-and-set promotion, recorded in the champion history (see `promote_version`)."""
+    return promote_version(model_name, version, expected_champion, reason, actor)
 
 
 @task(

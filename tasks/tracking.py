@@ -17,8 +17,11 @@ from mlops.clients import mlflow_client
 from mlops.dataset import DatasetConfig
 from mlops.settings import get_settings
 from mlops.transformers import skops_trusted_types
+from serving.model import BASELINE_ARTIFACT
+from tasks.explain import baseline_row, importance_figure
 from tasks.features import prepare_inputs
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
+from tasks.review import Review
 from tasks.training import SearchResult
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,8 @@ def log_model(run_id: str, model: Any, train: pd.DataFrame, config: DatasetConfi
         example = prepare_inputs(train.head(5), config)
     signature = infer_signature(prepare_inputs(train.head(1000), config), model.predict(example))
     with mlflow.start_run(run_id=run_id):
+        # The reference record that per-prediction contributions are measured against (serving, `?explain=true`).
+        mlflow.log_text(baseline_row(prepare_inputs(train, config)).to_json(orient="records"), BASELINE_ARTIFACT)
         info = mlflow.sklearn.log_model(
             model,
             name=MODEL_ARTIFACT,
@@ -104,6 +109,19 @@ def log_model(run_id: str, model: Any, train: pd.DataFrame, config: DatasetConfi
             skops_trusted_types=skops_trusted_types(model),
         )
     return info.model_uri
+
+
+@task(name="log-review", **IO)
+def log_review(run_id: str, review: Review) -> None:
+    """Prefect task: what the reviewer found, in the run: importance plot and table, gates, intervals, slices."""
+    client = mlflow_client(get_settings())
+    if not review.importances.empty:
+        client.log_figure(run_id, importance_figure(review.importances), "plots/feature_importance.png")
+        client.log_text(run_id, review.importances.to_csv(index=False), "explain/importances.csv")
+    client.log_text(run_id, review.to_json(), "review/review.json")
+    for interval in review.intervals:
+        client.log_metric(run_id, f"delta_{interval.metric}_low", interval.low)
+        client.log_metric(run_id, f"delta_{interval.metric}", interval.delta)
 
 
 @task(name="register", **IO)

@@ -55,7 +55,8 @@ def test_cold_start_promotes_and_records_everything(stack, first_run):
     )
     artifacts = {a.path for a in client.list_artifacts(first_run.run_id, "plots")}
     assert artifacts == {
-        f"plots/{n}" for n in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "calibration.png")
+        f"plots/{n}"
+        for n in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "calibration.png", "feature_importance.png")
     }
     assert client.list_artifacts(first_run.run_id, "decision")
     # and the stack's serving API (it follows credit-risk) confirmed it serves the new champion

@@ -12,7 +12,8 @@ from mlops.dataset import DatasetConfigError, load_local_dataset_config, parse_d
 from mlops.settings import Settings
 from mlops.transformers import QuantileClipper
 from tasks.evaluation import compute_metrics
-from tasks.promotion import Gates, decide, improvement
+from tasks.promotion import GateResult, Gates, decide, improvement
+from tasks.significance import DeltaInterval
 from tasks.split import holdout_mask
 
 GOOD = {"roc_auc": 0.82, "pr_auc": 0.5, "f1": 0.4, "log_loss": 0.35, "brier": 0.1}
@@ -33,24 +34,48 @@ def test_cold_start_rejects_when_a_gate_fails():
     assert "gate failed: roc_auc 0.6000 is below the minimum 0.7000" in decision.reasons
 
 
-def test_candidate_must_beat_champion_by_min_delta():
+def _interval(metric: str, delta: float, low: float, high: float) -> DeltaInterval:
+    return DeltaInterval(metric, 0.8 + delta, 0.8, delta, low, high, 0.95, 1000, 0)
+
+
+def test_candidate_must_beat_champion_beyond_noise_by_min_delta():
     champion = GOOD | {"roc_auc": 0.80}
-    assert decide(GOOD, champion, "3", Gates(min_delta=0.01)).promote
-    rejected = decide(GOOD, champion, "3", Gates(min_delta=0.05))
+    # the lower bound of the improvement's interval clears min_delta: promoted
+    assert decide(GOOD, champion, "3", Gates(min_delta=0.01), interval=_interval("roc_auc", 0.02, 0.012, 0.03)).promote
+    # better on the point estimate, but the interval reaches below min_delta: not promoted
+    rejected = decide(GOOD, champion, "3", Gates(min_delta=0.01), interval=_interval("roc_auc", 0.02, 0.005, 0.03))
     assert not rejected.promote
-    assert any("does not beat the champion" in r for r in rejected.reasons)
+    assert any("does not beat the champion beyond noise" in r for r in rejected.reasons)
+    assert rejected.interval["low"] == 0.005
 
 
 def test_equal_candidate_does_not_replace_champion():
-    assert not decide(GOOD, dict(GOOD), "1", Gates(min_delta=0.0)).promote
+    # equal up to noise: the interval straddles zero
+    assert not decide(GOOD, dict(GOOD), "1", Gates(), interval=_interval("roc_auc", 0.0, -0.004, 0.004)).promote
+
+
+def test_a_champion_comparison_needs_the_interval_of_the_primary_metric():
+    with pytest.raises(ValueError, match="paired interval of roc_auc"):
+        decide(GOOD, dict(GOOD), "1", Gates())
+    with pytest.raises(ValueError, match="paired interval of roc_auc"):
+        decide(GOOD, dict(GOOD), "1", Gates(), interval=_interval("f1", 0.1, 0.05, 0.2))
 
 
 def test_lower_is_better_metrics_are_compared_in_the_right_direction():
     assert improvement("log_loss", 0.30, 0.35) == pytest.approx(0.05)
     assert improvement("roc_auc", 0.80, 0.85) == pytest.approx(-0.05)
     gates = Gates(primary_metric="log_loss", min_delta=0.01)
-    assert decide(GOOD | {"log_loss": 0.30}, GOOD, "2", gates).promote
-    assert not decide(GOOD | {"log_loss": 0.40}, GOOD, "2", gates).promote
+    assert decide(GOOD | {"log_loss": 0.30}, GOOD, "2", gates, interval=_interval("log_loss", 0.05, 0.02, 0.08)).promote
+    worse = _interval("log_loss", -0.05, -0.08, -0.02)
+    assert not decide(GOOD | {"log_loss": 0.40}, GOOD, "2", gates, interval=worse).promote
+
+
+def test_a_failed_review_gate_blocks_promotion_and_is_named():
+    slice_failure = GateResult("slices", False, "slice region=north: roc_auc 0.7100 vs champion 0.7600")
+    decision = decide(GOOD, None, None, Gates(), checks=[slice_failure, GateResult("latency", True, "5 ms")])
+    assert not decision.promote
+    assert "gate failed: slices: slice region=north: roc_auc 0.7100 vs champion 0.7600" in decision.reasons
+    assert [c.gate for c in decision.checks] == ["min_roc_auc", "slices", "latency"]
 
 
 def test_unscorable_champion_blocks_promotion():
@@ -162,3 +187,32 @@ def test_s3_location_parsing():
     assert loc.child("c.parquet").uri == "s3://bucket/a/b/c.parquet"
     with pytest.raises(ValueError, match="not an s3"):
         S3Location.parse("/local/path")
+
+
+# --- review gates ---
+
+
+def test_schema_gate_blocks_inputs_that_would_break_callers():
+    from tasks.review import schema_gate
+
+    champion = {"age": "numeric", "region": "text", "income": "numeric"}
+    assert schema_gate({"age": "numeric", "region": "text"}, champion, False).passed  # a dropped input is fine
+    broken = schema_gate({"age": "text", "region": "text", "tenure": "numeric"}, champion, False)
+    assert not broken.passed
+    assert "new required input 'tenure'" in broken.detail and "'age' changes from numeric to text" in broken.detail
+    assert schema_gate({"tenure": "numeric"}, champion, True).passed  # deliberately allowed
+    assert schema_gate({"tenure": "numeric"}, None, False).passed  # cold start
+
+
+def test_operational_gates_measure_size_and_latency():
+    from sklearn.linear_model import LogisticRegression
+
+    from tasks.review import operational_gates
+
+    X = pd.DataFrame({"a": np.arange(100, dtype=float), "b": np.arange(100, dtype=float) % 7})
+    model = LogisticRegression().fit(X, (X["a"] > 50).astype(int))
+    results = {r.gate: r for r in operational_gates(model, X.head(1), Gates(max_model_mb=1, max_latency_ms=1000))}
+    assert results["model_size"].passed and results["latency"].passed
+    tight = {r.gate: r for r in operational_gates(model, X.head(1), Gates(max_model_mb=1e-6, max_latency_ms=1e-6))}
+    assert not tight["model_size"].passed and not tight["latency"].passed
+    assert "limit" in tight["latency"].detail

@@ -1,0 +1,131 @@
+"""The monitoring flow: recent data against the champion's training reference; retrain when it drifted or decayed.
+
+This module wires tasks; the statistics, the rules and the trigger live in `tasks/monitoring.py`.
+Deployed daily (`deployments/deploy.py`); `mlops demo drift` runs it once on a drifted month.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.loading import load_dataset_config
+from tasks.monitoring import (
+    DriftThresholds,
+    StoredReport,
+    Trigger,
+    Verdict,
+    WindowResult,
+    analyse_window,
+    load_champion_reference,
+    load_labels,
+    load_partition,
+    load_prediction_log,
+    overall_verdict,
+    publish_summary,
+    store_report,
+    summary_markdown,
+    trigger_retraining,
+)
+
+S3_URI = r"^s3://[^/]+(/.*)?$"
+
+
+class MonitoringParams(BaseModel):
+    """Parameters of one monitoring run (shown as a form in the Prefect UI)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str = Field(
+        "credit-risk",
+        title="Dataset",
+        description="A bundled dataset name (credit-risk), a local YAML path or an s3:// URI of a dataset config. "
+        "Its model's champion is monitored.",
+    )
+    partition: str | None = Field(
+        None,
+        pattern=S3_URI,
+        title="Recent partition",
+        description="s3:// URI of a new partition (file or folder) to compare; empty means none.",
+    )
+    prediction_log_days: int = Field(
+        1,
+        ge=0,
+        le=90,
+        title="Prediction log days",
+        description="Also compare what the serving API logged over the last N days (0: do not read the log).",
+    )
+    labels: str | None = Field(
+        None,
+        pattern=S3_URI,
+        title="Labels",
+        description="s3:// URI of late-arriving labels (id column and target). Partition rows join on the id "
+        "column, prediction-log rows on their request id; gives ROC AUC and F1 on recent data.",
+    )
+    thresholds: DriftThresholds = Field(
+        default_factory=DriftThresholds, title="Thresholds", description="When drift or decay means retraining."
+    )
+    trigger_retraining: bool = Field(
+        True, title="Trigger retraining", description="Start the training deployment when a threshold is crossed."
+    )
+    cooldown_minutes: float = Field(
+        720,
+        ge=0,
+        le=60 * 24 * 30,
+        title="Cooldown (minutes)",
+        description="No new retraining while one that monitoring started is due within this window or unfinished.",
+    )
+    training_deployment: str = Field(
+        "training/training", title="Training deployment", description="`<flow>/<deployment>` to run when triggered."
+    )
+
+
+@dataclass(frozen=True)
+class MonitoringOutcome:
+    """What a run found and did."""
+
+    model_name: str
+    champion_version: str
+    windows: list[WindowResult]
+    verdict: Verdict
+    report: StoredReport
+    trigger: Trigger
+
+
+@flow(
+    name="monitoring",
+    description="Compare recent data and predictions with the champion's training reference; retrain on drift.",
+    persist_result=False,
+)
+def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutcome:  # noqa: B008 - frozen default
+    """Measure drift (and decay, when labels arrived), store the report, and trigger retraining if needed."""
+    config = load_dataset_config(params.dataset)
+    champion = load_champion_reference(config.model_name)
+    windows = []
+    if params.partition:
+        windows.append(load_partition(params.partition, config))
+    if params.prediction_log_days:
+        windows.append(load_prediction_log(config.model_name, params.prediction_log_days, config))
+    labels = load_labels(params.labels, config) if params.labels else None
+    results = [analyse_window(window, champion, config, labels, params.thresholds) for window in windows]
+    verdict = overall_verdict(results)
+
+    if not verdict.triggered:
+        trigger = Trigger("not-needed", "no threshold crossed: nothing to retrain")
+    elif not params.trigger_retraining:
+        trigger = Trigger("disabled", f"would retrain ({verdict.summary}), but triggering is off")
+    else:
+        reason = f"drift: {verdict.summary} (monitoring run {flow_run.get_name() or 'local'})"
+        trigger = trigger_retraining(
+            config.model_name, params.dataset, reason, params.cooldown_minutes, params.training_deployment
+        )
+    report = store_report(champion, windows, results, verdict, config)
+    publish_summary(
+        summary_markdown(
+            config.model_name, champion.version, results, verdict, report.html_uri, report.link, trigger.detail
+        )
+    )
+    return MonitoringOutcome(config.model_name, champion.version, results, verdict, report, trigger)

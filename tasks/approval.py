@@ -1,0 +1,66 @@
+"""Optional human approval before a promotion: the flow pauses and a person answers in the Prefect UI.
+
+The paused run shows a form built from `ApprovalInput` (Prefect UI -> the flow run -> Resume); the answer,
+who gave it and when are recorded on the run and the model version, and in the model card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from prefect.input import RunInput
+from pydantic import Field
+
+from tasks.promotion import Decision
+
+
+class ApprovalInput(RunInput):
+    """The form a reviewer fills in to resume a paused training run."""
+
+    approve: bool = Field(title="Approve the promotion", description="Tick to promote; leave unticked to reject.")
+    reviewer: str = Field(min_length=1, max_length=200, title="Your name", description="Recorded with the decision.")
+    comment: str = Field("", max_length=2000, title="Comment", description="Why (recorded with the decision).")
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A reviewer's answer (or the lack of one)."""
+
+    approved: bool
+    reviewer: str
+    comment: str
+    at: str
+
+    @classmethod
+    def answered(cls, answer: ApprovalInput) -> Approval:
+        """From the submitted form."""
+        return cls(answer.approve, answer.reviewer, answer.comment, _now())
+
+    def describe(self) -> str:
+        """One line for the outcome and the card."""
+        verdict = "approved" if self.approved else "rejected"
+        return f"{verdict} by {self.reviewer} at {self.at}" + (f": {self.comment}" if self.comment else "")
+
+    def tags(self) -> dict[str, str]:
+        """Tags recorded on the run and the model version."""
+        return {
+            "approval.decision": "approved" if self.approved else "rejected",
+            "approval.reviewer": self.reviewer,
+            "approval.comment": self.comment[:4900],
+            "approval.at": self.at,
+        }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def approval_request(decision: Decision, model_name: str, version: str) -> str:
+    """What the reviewer sees above the form: the decision the pipeline made and its reasons."""
+    reasons = "\n".join(f"- {reason}" for reason in decision.reasons)
+    return (
+        f"## Approve promotion of `{model_name}` v{version}?\n\n"
+        f"The pipeline would promote it over champion `{decision.champion_version or 'none'}`.\n\n{reasons}\n\n"
+        "See the `promotion-decision` and `model-card` artifacts of this run for the numbers."
+    )

@@ -1,0 +1,230 @@
+"""Review a candidate like a careful reviewer, before the decision: everything `decide` needs besides metrics.
+
+On the same frozen holdout rows as the champion (never used for model selection: the search uses
+cross-validation on training rows), it computes the paired bootstrap intervals of the improvement,
+metrics per slice and fairness differences for both models, and the operational gates (model size,
+single-record latency, input schema compatibility with the serving API). It also measures what the
+candidate relies on (permutation importance) for the run and the model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mlops.clients import mlflow_client
+from mlops.dataset import DatasetConfig, FeatureType
+from mlops.settings import get_settings
+from tasks.evaluation import predict_proba
+from tasks.fairness import FairnessReport, fairness_gate, fairness_report, sensitive_groups
+from tasks.features import prepare_inputs, prepare_target
+from tasks.promotion import GateResult, Gates
+from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
+from tasks.significance import DeltaInterval, paired_bootstrap_metrics
+from tasks.slices import SliceMetric, slice_gate, slice_metrics, unmeasured_slices
+
+log = logging.getLogger(__name__)
+
+LATENCY_CALLS = 30
+
+
+@dataclass(frozen=True)
+class ModelResults:
+    """One model's results on the holdout rows: slices and fairness."""
+
+    slices: list[SliceMetric]
+    fairness: list[FairnessReport]
+
+
+@dataclass(frozen=True)
+class Review:
+    """What the reviewer found; `checks` go into the decision, the rest into the run and the model card."""
+
+    checks: list[GateResult]
+    candidate: ModelResults
+    champion: ModelResults | None = None
+    intervals: list[DeltaInterval] = field(default_factory=list)
+    importances: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    def interval(self, metric: str) -> DeltaInterval | None:
+        """The improvement's interval on `metric` (None at cold start)."""
+        return next((i for i in self.intervals if i.metric == metric), None)
+
+    def to_json(self) -> str:
+        """Gates, intervals, slices, fairness and notes (not the importances: they have their own file)."""
+        record = {
+            "checks": [c._asdict() for c in self.checks],
+            "intervals": [asdict(i) for i in self.intervals],
+            "candidate": asdict(self.candidate),
+            "champion": None if self.champion is None else asdict(self.champion),
+            "notes": self.notes,
+        }
+        return json.dumps(record, indent=2, default=str)
+
+
+def input_schema(config: DatasetConfig) -> dict[str, str]:
+    """The candidate's inputs as the serving API sees them: column -> numeric | text."""
+    return {f.name: "numeric" if f.type is FeatureType.numeric else "text" for f in config.features}
+
+
+def schema_gate(candidate: dict[str, str], champion: dict[str, str] | None, allow_change: bool) -> GateResult:
+    """Would callers of the serving API (who send the champion's inputs) break on the candidate?
+
+    A column the candidate needs that callers do not send, or one whose type changes, breaks them; a
+    column the candidate no longer uses does not (extra fields are ignored).
+    """
+    if champion is None:
+        return GateResult("input_schema", True, "no champion: nothing to stay compatible with")
+    breaking = [f"new required input {name!r}" for name in candidate if name not in champion]
+    breaking += [
+        f"{name!r} changes from {champion[name]} to {kind}"
+        for name, kind in candidate.items()
+        if name in champion and champion[name] != kind
+    ]
+    dropped = sorted(set(champion) - set(candidate))
+    detail = "; ".join(breaking) if breaking else "compatible with the champion's inputs"
+    if dropped:
+        detail += f" (no longer used: {', '.join(dropped)})"
+    if breaking and allow_change:
+        return GateResult("input_schema", True, f"allowed by allow_schema_change: {detail}")
+    return GateResult("input_schema", not breaking, detail)
+
+
+def operational_gates(model: Any, one_row: pd.DataFrame, gates: Gates) -> list[GateResult]:
+    """Model size (pickled) and median single-record `predict_proba` time, against their limits."""
+    from threadpoolctl import threadpool_limits
+
+    results = []
+    size_mb = len(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)) / 2**20
+    if gates.max_model_mb is not None:
+        passed = size_mb <= gates.max_model_mb
+        results.append(GateResult("model_size", passed, f"{size_mb:.2f} MB (limit {gates.max_model_mb:g} MB)"))
+    if gates.max_latency_ms is not None:
+        with threadpool_limits(1):  # as the serving API calls it
+            model.predict_proba(one_row)
+            times = []
+            for _ in range(LATENCY_CALLS):
+                started = time.perf_counter()
+                model.predict_proba(one_row)
+                times.append((time.perf_counter() - started) * 1e3)
+        median = statistics.median(times)
+        passed = median <= gates.max_latency_ms
+        detail = (
+            f"median single-record prediction {median:.1f} ms over {LATENCY_CALLS} calls "
+            f"(limit {gates.max_latency_ms:g} ms)"
+        )
+        results.append(GateResult("latency", passed, detail))
+    return results
+
+
+def model_results(holdout: pd.DataFrame, proba: np.ndarray, classes: list[Any], config: DatasetConfig) -> ModelResults:
+    """Slice metrics and fairness reports of one model's holdout probabilities."""
+    y_true = prepare_target(holdout, config)
+    slices = slice_metrics(holdout, y_true, proba, classes, config.slices, config.min_slice_rows)
+    fairness = []
+    if len(classes) == 2:  # fairness differences are defined for a positive class
+        predicted = np.asarray(classes)[proba.argmax(axis=1)]
+        for groups in sensitive_groups(holdout, config).values():
+            fairness.append(fairness_report(y_true, predicted, groups, classes[1]))
+    return ModelResults(slices, fairness)
+
+
+def review_candidate(
+    candidate: Any,
+    champion: Any | None,
+    holdout: pd.DataFrame,
+    config: DatasetConfig,
+    gates: Gates,
+    seed: int,
+    champion_schema: dict[str, str] | None = None,
+) -> Review:
+    """Everything the decision needs beyond the candidate's metrics, on the frozen holdout rows.
+
+    Args:
+        candidate: The candidate's fitted pipeline.
+        champion: The champion's fitted pipeline (None at cold start); scored on the same rows.
+        holdout: Frozen holdout rows (raw columns).
+        config: Dataset description (slices, sensitive features).
+        gates: Thresholds of the review gates.
+        seed: Seeds the bootstrap and the permutations.
+        champion_schema: The champion's inputs as logged in its signature (column -> numeric | text).
+    """
+    from tasks.explain import permutation_importances
+
+    y_true = prepare_target(holdout, config)
+    classes = list(candidate.classes_)
+    proba = predict_proba(candidate, holdout, config)
+    results = model_results(holdout, proba, classes, config)
+    checks: list[GateResult] = []
+    intervals: list[DeltaInterval] = []
+    champion_results = None
+    notes = unmeasured_slices(results.slices)
+    if champion is not None:
+        champion_proba = predict_proba(champion, holdout, config)
+        champion_results = model_results(holdout, champion_proba, classes, config)
+        intervals = paired_bootstrap_metrics(
+            y_true,
+            proba,
+            champion_proba,
+            classes,
+            n_resamples=gates.n_resamples,
+            confidence=gates.confidence,
+            seed=seed,
+        )
+        if gates.max_slice_drop is not None and config.slices:
+            failures = slice_gate(results.slices, champion_results.slices, gates.primary_metric, gates.max_slice_drop)
+            measured = len(results.slices) - len(notes)
+            detail = "; ".join(failures) or (
+                f"no slice drops more than {gates.max_slice_drop:g} in {gates.primary_metric} "
+                f"({measured} slices measured)"
+            )
+            checks.append(GateResult("slices", not failures, detail))
+        notes = unmeasured_slices(results.slices, champion_results.slices)
+    if gates.max_dp_difference is not None or gates.max_eo_difference is not None:
+        failures = fairness_gate(results.fairness, gates.max_dp_difference, gates.max_eo_difference)
+        checks.append(GateResult("fairness", not failures, "; ".join(failures) or "within the configured limits"))
+    X = prepare_inputs(holdout, config)
+    checks += operational_gates(candidate, X.head(1), gates)
+    checks.append(schema_gate(input_schema(config), champion_schema, gates.allow_schema_change))
+    scoring = "roc_auc" if len(classes) == 2 else "roc_auc_ovr"
+    importances = permutation_importances(candidate, X, y_true, scoring=scoring, seed=seed)
+    for check in checks:
+        log.info("gate %s: %s (%s)", check.gate, "passed" if check.passed else "FAILED", check.detail)
+    return Review(checks, results, champion_results, intervals, importances, notes)
+
+
+@task(name="review", cache_policy=NO_CACHE)
+def review(
+    candidate: Any,
+    champion: Any | None,
+    holdout: pd.DataFrame,
+    config: DatasetConfig,
+    gates: Gates,
+    seed: int,
+    champion_schema: dict[str, str] | None = None,
+) -> Review:
+    """Prefect task: see `review_candidate`."""
+    return review_candidate(candidate, champion, holdout, config, gates, seed, champion_schema)
+
+
+@task(name="champion-schema", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
+def champion_schema(model_name: str, version: str) -> dict[str, str]:
+    """Prefect task: the champion's inputs as its logged signature says (what callers send today)."""
+    from mlflow.models import get_model_info
+
+    from serving.model import columns_from_signature
+
+    mlflow_client(get_settings())
+    signature = get_model_info(f"models:/{model_name}/{version}").signature
+    return {column.name: column.kind for column in columns_from_signature(signature)}

@@ -1,0 +1,211 @@
+"""Pure units of monitoring: PSI, KS, chi-square, the verdict rules, the cooldown filter and history records."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlops.dataset import load_local_dataset_config
+from mlops.synthetic import DriftSpec, generate_month
+from tasks.features import prepare_inputs
+from tasks.history import ChampionChange, history_table, record_key
+from tasks.monitoring import (
+    DriftThresholds,
+    Performance,
+    blocking_runs,
+    categorical_psi,
+    chi_square_test,
+    column_drift,
+    feature_drifts,
+    join_labels,
+    judge_window,
+    ks_test,
+    numeric_counts,
+    numeric_psi,
+    overall_verdict,
+    prediction_drift,
+    psi_from_shares,
+    quantile_edges,
+    reference_sample,
+    summary_markdown,
+    total_variation,
+)
+
+RNG = np.random.default_rng(0)
+THRESHOLDS = DriftThresholds()
+
+
+def test_psi_matches_the_textbook_formula_and_is_zero_for_equal_shares():
+    ref, cur = np.array([0.5, 0.3, 0.2]), np.array([0.4, 0.4, 0.2])
+    expected = (0.4 - 0.5) * np.log(0.4 / 0.5) + (0.4 - 0.3) * np.log(0.4 / 0.3)
+    assert psi_from_shares(ref, cur) == pytest.approx(expected)
+    assert psi_from_shares([10, 20, 30], [1, 2, 3]) == pytest.approx(0.0)  # counts are normalised
+
+
+def test_psi_stays_finite_for_an_empty_bin_and_rejects_mismatched_bins():
+    assert np.isfinite(psi_from_shares([1, 0], [0, 1]))
+    with pytest.raises(ValueError, match="bins differ"):
+        psi_from_shares([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="no observations"):
+        psi_from_shares([0, 0], [1, 1])
+
+
+def test_numeric_bins_put_missing_values_in_their_own_bin():
+    edges = quantile_edges(np.array([1.0, 2, 3, 4, np.nan]), bins=4)
+    counts = numeric_counts(np.array([0.0, 10, np.nan, np.nan]), edges)
+    assert counts[-1] == 2 and counts.sum() == 4
+    assert numeric_psi(np.array([1.0, 2, 3] * 100), np.array([1.0, 2, 3, np.nan] * 100)) > 0.1
+
+
+def test_numeric_psi_and_ks_separate_a_shift_from_resampling():
+    ref = RNG.normal(0, 1, 5000)
+    same, shifted = RNG.normal(0, 1, 2000), RNG.normal(0.5, 1, 2000)
+    assert numeric_psi(ref, same) < 0.02
+    assert numeric_psi(ref, shifted) > 0.2
+    statistic, p_value = ks_test(ref, shifted)
+    assert statistic > 0.15 and p_value < 1e-10
+    assert ks_test(ref, same)[1] > 0.001
+    assert ks_test(ref, np.array([np.nan])) == (0.0, 1.0)
+
+
+def test_categorical_psi_chi_square_and_total_variation():
+    ref = RNG.choice(["a", "b", "c"], 5000, p=[0.6, 0.3, 0.1])
+    same = RNG.choice(["a", "b", "c"], 2000, p=[0.6, 0.3, 0.1])
+    moved = RNG.choice(["a", "b", "c", "new"], 2000, p=[0.3, 0.3, 0.2, 0.2])
+    assert categorical_psi(ref, same) < 0.01 and categorical_psi(ref, moved) > 0.5
+    assert chi_square_test(ref, same)[1] > 0.001 > chi_square_test(ref, moved)[1]
+    assert total_variation(ref, moved) == pytest.approx(0.3, abs=0.03)
+    assert chi_square_test(["a"] * 10, ["a"] * 5) == (0.0, 1.0)
+    # missing values are a category of their own
+    assert categorical_psi(["a"] * 100, [None] * 50 + ["a"] * 50) > 1
+
+
+def test_a_significant_but_tiny_shift_is_not_drift():
+    # at 200k rows KS rejects a 0.03 sd shift, but the effect (KS statistic ~0.01) is below min_effect
+    ref, cur = RNG.normal(0, 1, 200_000), RNG.normal(0.03, 1, 200_000)
+    drift = column_drift("x", "numeric", ref, cur, THRESHOLDS)
+    assert drift.p_value < THRESHOLDS.p_value and drift.effect < THRESHOLDS.min_effect and not drift.drifted
+    assert column_drift("x", "numeric", ref, RNG.normal(0.6, 1, 5000), THRESHOLDS).drifted
+
+
+@pytest.fixture(scope="module")
+def credit():
+    config = load_local_dataset_config("credit-risk")
+    reference = prepare_inputs(pd.concat([generate_month(i, 1500, 3) for i in range(4)]), config)
+    return config, reference
+
+
+def test_the_generators_drift_knob_is_detected_and_an_undrifted_month_is_not(credit):
+    config, reference = credit
+    unchanged = prepare_inputs(generate_month(5, 2000, 3), config)
+    drifted = prepare_inputs(generate_month(5, 2000, 3, drift=DriftSpec(5, 1.0)), config)
+    assert not any(f.drifted for f in feature_drifts(reference, unchanged, config, THRESHOLDS))
+    names = {f.name for f in feature_drifts(reference, drifted, config, THRESHOLDS) if f.drifted}
+    assert {"annual_income", "credit_utilization", "employment_type"} <= names
+
+
+def _proba(positive: np.ndarray) -> np.ndarray:
+    return np.column_stack([1 - positive, positive])
+
+
+def test_prediction_drift_binary_and_multiclass():
+    ref = _proba(RNG.beta(2, 8, 5000))
+    assert not prediction_drift(ref, _proba(RNG.beta(2, 8, 2000)), [0, 1], THRESHOLDS).drifted
+    moved = prediction_drift(ref, _proba(RNG.beta(4, 6, 2000)), [0, 1], THRESHOLDS)
+    assert moved.drifted and moved.name == "proba_1" and moved.test == "ks"
+    three = RNG.dirichlet([5, 3, 1], 3000)
+    other = RNG.dirichlet([1, 3, 5], 3000)
+    multi = prediction_drift(three, other, ["x", "y", "z"], THRESHOLDS)
+    assert multi.name == "predicted" and multi.test == "chi2" and multi.drifted
+
+
+def _features(n_drifted: int, total: int = 10) -> list:
+    return [
+        column_drift(f"f{i}", "numeric", np.arange(100.0), np.arange(100.0) + (80 if i < n_drifted else 0), THRESHOLDS)
+        for i in range(total)
+    ]
+
+
+def test_window_verdict_rules():
+    quiet = column_drift("proba_1", "numeric", np.arange(100.0), np.arange(100.0), THRESHOLDS)
+    ok = judge_window("partition", "s3://b/p", 1000, _features(1), quiet, None, 0, THRESHOLDS)
+    assert not ok.triggered and ok.note == "no threshold crossed"
+    drifted = judge_window("partition", "s3://b/p", 1000, _features(2), quiet, None, 0, THRESHOLDS)
+    assert drifted.drifted and "2/10 features drifted" in drifted.reasons[0]
+    # too few rows: no verdict whatever the numbers
+    small = judge_window("partition", "s3://b/p", 50, _features(10), quiet, None, 0, THRESHOLDS)
+    assert not small.triggered and "fewer than the 200" in small.note
+    # prediction drift alone triggers
+    moved = column_drift("proba_1", "numeric", np.arange(100.0), np.arange(100.0) + 60, THRESHOLDS)
+    assert judge_window("w", "s", 1000, _features(0), moved, None, 0, THRESHOLDS).drifted
+
+
+def test_decay_is_judged_against_the_holdout():
+    holdout = {"roc_auc": 0.85, "f1": 0.5}
+    fine = Performance(500, {"roc_auc": 0.83, "f1": 0.45}, holdout)
+    worse = Performance(500, {"roc_auc": 0.75, "f1": 0.45}, holdout)
+    assert not judge_window("w", "s", 1000, _features(0), None, fine, 500, THRESHOLDS).triggered
+    decayed = judge_window("w", "s", 1000, _features(0), None, worse, 500, THRESHOLDS)
+    assert decayed.decayed and not decayed.drifted and "roc_auc 0.7500" in decayed.reasons[0]
+    assert worse.drop("roc_auc") == pytest.approx(0.1) and worse.drop("brier") is None
+
+
+def test_overall_verdict_and_markdown():
+    assert overall_verdict([]).summary == "no recent data to compare"
+    ok = judge_window("partition", "s", 1000, _features(0), None, None, 0, THRESHOLDS)
+    bad = judge_window("prediction-log", "s", 1000, _features(5), None, None, 0, THRESHOLDS)
+    verdict = overall_verdict([ok, bad])
+    assert verdict.triggered and verdict.summary.startswith("prediction-log 5/10 features")
+    assert not overall_verdict([ok]).triggered
+    markdown = summary_markdown("m", "3", [ok, bad], verdict, "s3://b/r.html", "http://x/r.html", "triggered")
+    assert "# Drift monitoring: **RETRAIN**" in markdown and "| f0 | numeric |" in markdown
+    assert "[report.html](http://x/r.html)" in markdown
+
+
+def test_labels_join_by_id_and_missing_labels_stay_unknown():
+    current = pd.DataFrame({"id": ["a", "b", "c"]})
+    labels = pd.DataFrame({"id": ["c", "a", "a"], "y": [1, 0, 1]})
+    joined = join_labels(current, "id", labels, "id", "y")
+    assert joined.tolist()[0] == 1 and pd.isna(joined.tolist()[1]) and joined.tolist()[2] == 1  # last label wins
+    assert join_labels(current, "request_id", labels, "id", "y").isna().all()
+
+
+def test_reference_sample_has_features_and_probabilities(credit):
+    config, _ = credit
+    train = generate_month(0, 300, 1)
+
+    class Model:
+        classes_ = np.array([0, 1])
+
+        def predict_proba(self, frame):
+            return _proba(np.full(len(frame), 0.25))
+
+    sample = reference_sample(train, Model(), config, max_rows=100, seed=0)
+    assert len(sample) == 100 and list(sample.columns) == [*config.feature_names, "proba_0", "proba_1"]
+    assert (sample["proba_1"] == 0.25).all()
+    assert len(reference_sample(train, Model(), config, max_rows=5000, seed=0)) == 300
+
+
+def test_cooldown_blocks_recent_or_unfinished_runs_only():
+    now = datetime.now(UTC)
+    final = SimpleNamespace(is_final=lambda: True)
+    running = SimpleNamespace(is_final=lambda: False)
+    old_done = SimpleNamespace(expected_start_time=now - timedelta(hours=5), state=final)
+    old_running = SimpleNamespace(expected_start_time=now - timedelta(hours=5), state=running)
+    recent_done = SimpleNamespace(expected_start_time=now - timedelta(minutes=5), state=final)
+    since = now - timedelta(hours=1)
+    assert blocking_runs([old_done], since) == []
+    assert blocking_runs([old_done, old_running, recent_done], since) == [old_running, recent_done]
+
+
+def test_history_keys_sort_by_time_and_records_round_trip():
+    early = ChampionChange("2026-01-02T03:04:05.000001+00:00", "m", None, "1", "promotion", "cold start", "me")
+    late = ChampionChange("2026-01-02T03:04:05.000002+00:00", "m", "1", "2", "rollback", "bad", "you")
+    assert record_key(early) < record_key(late) and record_key(early).startswith("history/m/20260102T030405000001Z-")
+    assert ChampionChange.from_json(late.to_json()) == late
+    rows = history_table([early, late])
+    assert rows[1]["from"] == "v1" and rows[1]["to"] == "v2" and rows[0]["from"] == "-"
