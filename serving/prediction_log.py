@@ -41,18 +41,31 @@ class Entry:
     model_version: str
     at: datetime
 
-    def to_frame(self) -> pd.DataFrame:
-        """Inputs, outputs and ids as one table (one row per record)."""
-        predicted = np.asarray(self.classes)[self.proba.argmax(axis=1)]
-        out = self.frame.reset_index(drop=True).assign(
-            request_id=self.request_ids,
-            model_version=self.model_version,
-            predicted=predicted,
-            predicted_at=pd.Timestamp(self.at),
+
+def to_table(entries: list[Entry]) -> pd.DataFrame:
+    """Inputs, outputs and ids of many batches as one table (one row per record).
+
+    Built with one concat of the input frames and numpy for the rest: the writer thread shares the GIL
+    with the request path, so a flush of thousands of small batches must stay a few milliseconds.
+    Batches of models with other classes (after a swap) get their own `proba_<class>` columns.
+    """
+    sizes = [len(e.frame) for e in entries]
+    table = pd.concat([e.frame for e in entries], ignore_index=True)
+    table["request_id"] = np.concatenate([e.request_ids for e in entries])
+    table["model_version"] = np.repeat([e.model_version for e in entries], sizes)
+    table["predicted"] = np.concatenate([np.asarray(e.classes)[e.proba.argmax(axis=1)] for e in entries])
+    table["predicted_at"] = pd.to_datetime(np.repeat([e.at for e in entries], sizes), utc=True)
+    columns = dict.fromkeys(f"proba_{c}" for e in entries for c in e.classes)
+    for column in columns:
+        table[column] = np.concatenate(
+            [
+                e.proba[:, [f"proba_{c}" for c in e.classes].index(column)]
+                if column in {f"proba_{c}" for c in e.classes}
+                else np.full(size, np.nan)
+                for e, size in zip(entries, sizes, strict=True)
+            ]
         )
-        for index, cls in enumerate(self.classes):
-            out[f"proba_{cls}"] = self.proba[:, index]
-        return out
+    return table
 
 
 def prefix_for(model_name: str) -> str:
@@ -136,7 +149,7 @@ class PredictionLog:
             return None
         rows = sum(len(e.frame) for e in entries)
         try:
-            table = pd.concat([e.to_frame() for e in entries], ignore_index=True)
+            table = to_table(entries)
             buffer = io.BytesIO()
             table.to_parquet(buffer, index=False)
             now = datetime.now(UTC)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import threading
@@ -97,8 +98,6 @@ def _rows(stack, default_data, n: int) -> pd.DataFrame:
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
-    import json
-
     return json.loads(frame.to_json(orient="records"))
 
 
@@ -331,3 +330,20 @@ def test_training_reverts_a_promotion_the_serving_api_does_not_confirm(
     (version,) = client.search_model_versions(f"name='{name}'")
     assert "unreachable" in version.tags["rolled_back"]
     assert version.tags["promoted"] == "false"
+
+
+def test_explain_returns_per_feature_contributions(stack, default_data, server):
+    record = _one(stack, default_data)
+    answer = httpx.post(f"{server}/predict?explain=true", json={"records": [record]}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    contributions = answer.json()["predictions"][0]["contributions"]
+    assert set(contributions) == set(record)
+    assert any(abs(v) > 0 for v in contributions.values())
+    # a record equal to the stored baseline has nothing to explain: every contribution is zero
+    model = httpx.get(f"{server}/model").json()
+    import mlflow.artifacts
+
+    mlflow_client(stack)
+    baseline = json.loads(mlflow.artifacts.load_text(f"runs:/{model['run_id']}/explain/baseline.json"))[0]
+    same = httpx.post(f"{server}/predict?explain=true", json={"records": [baseline]}, timeout=30).json()
+    assert all(v == pytest.approx(0, abs=1e-12) for v in same["predictions"][0]["contributions"].values())

@@ -216,3 +216,21 @@ def test_operational_gates_measure_size_and_latency():
     tight = {r.gate: r for r in operational_gates(model, X.head(1), Gates(max_model_mb=1e-6, max_latency_ms=1e-6))}
     assert not tight["model_size"].passed and not tight["latency"].passed
     assert "limit" in tight["latency"].detail
+
+
+def test_prediction_log_table_keeps_every_row_and_each_models_classes():
+    from datetime import UTC, datetime
+
+    from serving.prediction_log import Entry, to_table
+
+    frame = pd.DataFrame({"age": [30.0, 40.0], "region": ["north", None]})
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    binary = Entry(frame, np.array([[0.9, 0.1], [0.2, 0.8]]), [0, 1], np.array(["a", "b"]), "3", at)
+    three = Entry(frame.head(1), np.array([[0.2, 0.3, 0.5]]), [0, 1, 2], np.array(["c"]), "4", at)
+    table = to_table([binary, three])
+    assert list(table["request_id"]) == ["a", "b", "c"]
+    assert list(table["model_version"]) == ["3", "3", "4"]
+    assert list(table["predicted"]) == [0, 1, 2]
+    assert table["proba_1"].tolist() == [0.1, 0.8, 0.3]
+    assert np.isnan(table["proba_2"].iloc[0]) and table["proba_2"].iloc[2] == 0.5
+    assert (table["predicted_at"] == pd.Timestamp(at)).all()
