@@ -187,6 +187,9 @@ def run_training(dataset: str, dry_run: bool, seed: int, trials: int | None, set
     typer.echo(f"candidate version: {outcome.candidate_version or '-'}; data version: {outcome.data_version}")
     typer.echo(f"Prefect UI: {settings.prefect_ui_url}")
     typer.echo(f"MLflow UI:  {settings.mlflow_tracking_uri}/#/models")
+    serving = get_settings().serving_url  # set by client_env for the local stack
+    if serving:
+        typer.echo(f"Serving:    {serving}/model (POST {serving}/predict)")
     return 0
 
 

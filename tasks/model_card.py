@@ -309,8 +309,9 @@ th { background: #f3f3f3; }
 .verdict { font-size: 1.2rem; font-weight: bold; }
 .PROMOTE, .PASS, .ok { color: #1b7a1b; }
 .REJECT, .FAIL { color: #b00020; font-weight: bold; }
-dt { font-weight: bold; float: left; clear: left; width: 13rem; }
-dd { margin-left: 14rem; }
+dl { display: grid; grid-template-columns: 14rem 1fr; gap: 0.15rem 1rem; }
+dt { font-weight: bold; }
+dd { margin: 0; overflow-wrap: anywhere; }
 </style>
 </head>
 <body>

@@ -185,7 +185,7 @@ def decide(
         for r in failed
     ]
     if not failed:
-        reasons.append(f"all {len(results)} gates passed ({', '.join(r.gate for r in results)})")
+        reasons.append(f"all {len(results)} absolute and review gates passed ({', '.join(r.gate for r in results)})")
     primary = gates.primary_metric
     if champion_error is not None:
         reasons.append(f"current champion v{champion_version} could not be scored: {champion_error}")
