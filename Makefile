@@ -40,6 +40,7 @@ format: install
 
 bench: install
 	$(BIN)/python -m bench.flow_overhead
+	$(BIN)/python -m bench.serving
 
 stack-up: install
 	$(BIN)/mlops stack up
