@@ -67,7 +67,9 @@ class ChampionChange:
 
     def describe(self) -> str:
         """One line for people: `2026-11-24T13:00:00Z promotion v1 -> v2 by alice: reason`."""
-        return f"{self.at} {self.kind} v{self.from_version} -> v{self.to_version} by {self.actor}: {self.reason}"
+        before = f"v{self.from_version}" if self.from_version else "none"
+        after = f"v{self.to_version}" if self.to_version else "none"
+        return f"{self.at} {self.kind} {before} -> {after} by {self.actor}: {self.reason}"
 
 
 def history_prefix(model_name: str) -> str:
