@@ -153,9 +153,9 @@ def _current_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
     return ChampionState(version, model, metrics, schema)
 
 
-def _ask_approval(decision: Decision, model_name: str, version: str, timeout: int) -> Approval:
+def _ask_approval(decision: Decision, model_name: str, version: str, run_id: str, timeout: int) -> Approval:
     """Pause the run until a person approves or rejects in the Prefect UI (or the timeout passes)."""
-    request = approval_request(decision, model_name, version)
+    request = approval_request(decision, model_name, version, run_id)
     publish_approval_request(request)
     # No answer within the timeout fails the run (Prefect refuses to resume it): nothing is promoted.
     answer = pause_flow_run(
@@ -218,6 +218,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                 findings.interval(params.gates.primary_metric),
                 findings.checks,
             )
+            log_review(run_id, findings)
             version = None
             if not params.dry_run:
                 version = register_model(model_uri, config.model_name, run_id, {"data_version": snapshot.data_version})
@@ -234,7 +235,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         if wanted and params.require_approval:
             # Wait for a person outside the lock; the promotion is then a compare-and-set against the
             # champion the decision saw, so a champion that changed meanwhile is never replaced blindly.
-            approval = _ask_approval(decision, config.model_name, version, params.approval_timeout_seconds)
+            approval = _ask_approval(decision, config.model_name, version, run_id, params.approval_timeout_seconds)
             if approval.approved:
                 with concurrency(lock, occupy=1, strict=True, timeout_seconds=3600):
                     promotion, promotion_error, serving = _promote_checked(
@@ -251,7 +252,6 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         tags |= ({"serving_check": serving.detail} if serving else {}) | (approval.tags() if approval else {})
         markdown = decision_markdown(decision, config.model_name, version, snapshot.data_version, outcome)
         record_decision(run_id, config.model_name, version, tags, markdown, decision.to_json())
-        log_review(run_id, findings)
         card = make_card(
             model_name=config.model_name,
             candidate_version=version,

@@ -56,11 +56,14 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def approval_request(decision: Decision, model_name: str, version: str) -> str:
-    """What the reviewer sees above the form: the decision the pipeline made and its reasons."""
+def approval_request(decision: Decision, model_name: str, version: str, run_id: str) -> str:
+    """What the reviewer sees above the form: the decision the pipeline made, its reasons and gates."""
     reasons = "\n".join(f"- {reason}" for reason in decision.reasons)
+    gates = "\n".join(f"- {'pass' if c.passed else 'FAIL'} `{c.gate}`: {c.detail}" for c in decision.checks)
     return (
         f"## Approve promotion of `{model_name}` v{version}?\n\n"
         f"The pipeline would promote it over champion `{decision.champion_version or 'none'}`.\n\n{reasons}\n\n"
-        "See the `promotion-decision` and `model-card` artifacts of this run for the numbers."
+        f"### Gates\n\n{gates}\n\n"
+        f"Plots, intervals, slices and fairness: MLflow run `{run_id}` (`plots/`, `review/review.json`). "
+        "The model card is published once you answer."
     )

@@ -207,3 +207,60 @@ def test_approval_pauses_the_run_and_the_answer_decides(approve, stack, default_
     assert version.tags["approval.decision"] == ("approved" if approve else "rejected")
     aliases = mlflow_client(stack).get_registered_model(name).aliases
     assert ("champion" in aliases) is approve
+
+
+@pytest.mark.browser
+def test_a_reviewer_approves_in_the_prefect_ui(stack, default_data, tmp_path_factory):
+    from pathlib import Path
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_deployments import ARTIFACTS, CHROMIUM
+
+    # Given a run paused for approval
+    name = "approval-ui"
+    config = _config(tmp_path_factory, name, model_name=name)
+    result: dict = {}
+
+    def run() -> None:
+        params = TrainingParams(
+            dataset=config,
+            search=WEAK,
+            gates=Gates(min_roc_auc=0.55),
+            require_approval=True,
+            approval_timeout_seconds=300,
+        )
+        result["state"] = training(params, return_state=True)
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,))
+    thread.start()
+    try:
+        paused = _paused_run()
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium (make browser-deps)"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"]
+            )
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            # when a reviewer opens it in the UI, reads the request and answers the form
+            page.goto(f"{stack.prefect_ui_url}/runs/flow-run/{paused.id}")
+            page.wait_for_load_state("networkidle")
+            page.get_by_role("button", name="Resume").first.click()
+            page.get_by_text(f"Approve promotion of {name}").wait_for()
+            page.get_by_role("switch").first.click()
+            fields = page.get_by_role("dialog").locator("textarea")  # "Your name", then "Comment"
+            fields.nth(0).fill("bob")
+            fields.nth(1).fill("card read, slices fine")
+            page.screenshot(path=str(ARTIFACTS / "ui-approval-form.png"), full_page=True)
+            page.get_by_role("button", name="Submit").click()
+            browser.close()
+    finally:
+        thread.join(timeout=180)
+    # then the run promotes, and the version records who approved and why
+    state = result["state"]
+    assert state.is_completed(), state.message
+    assert state.result().promoted
+    version = mlflow_client(stack).get_model_version(name, state.result().candidate_version)
+    assert version.tags["approval.reviewer"] == "bob"
+    assert version.tags["approval.comment"] == "card read, slices fine"
