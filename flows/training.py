@@ -7,6 +7,7 @@ Run it ad hoc with `mlops train` or `python -m flows.training`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from prefect import flow
@@ -219,33 +220,21 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                 findings.checks,
             )
             log_review(run_id, findings)
-            version = None
-            if not params.dry_run:
-                version = register_model(model_uri, config.model_name, run_id, {"data_version": snapshot.data_version})
+            version_tags = {"data_version": snapshot.data_version}
+            version = None if params.dry_run else register_model(model_uri, config.model_name, run_id, version_tags)
             wanted = decision.promote and version is not None
+            promote_checked = partial(
+                _promote_checked, config.model_name, version, champion.version, params.serving_timeout_seconds, decision
+            )
             if wanted and not params.require_approval:
-                promotion, promotion_error, serving = _promote_checked(
-                    config.model_name,
-                    version,
-                    champion.version,
-                    params.serving_timeout_seconds,
-                    decision,
-                    params.reason,
-                )
+                promotion, promotion_error, serving = promote_checked(params.reason)
         if wanted and params.require_approval:
             # Wait for a person outside the lock; the promotion is then a compare-and-set against the
             # champion the decision saw, so a champion that changed meanwhile is never replaced blindly.
             approval = _ask_approval(decision, config.model_name, version, run_id, params.approval_timeout_seconds)
             if approval.approved:
                 with concurrency(lock, occupy=1, strict=True, timeout_seconds=3600):
-                    promotion, promotion_error, serving = _promote_checked(
-                        config.model_name,
-                        version,
-                        champion.version,
-                        params.serving_timeout_seconds,
-                        decision,
-                        f"{params.reason}; {approval.describe()}",
-                    )
+                    promotion, promotion_error, serving = promote_checked(f"{params.reason}; {approval.describe()}")
         promoted = promotion is not None
         outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error, approval)
         tags = decision_tags(decision, snapshot.data_version) | {"promoted": str(promoted).lower(), "outcome": outcome}

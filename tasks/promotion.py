@@ -334,6 +334,23 @@ def load_champion(model_name: str, version: str) -> Any:
     return mlflow.sklearn.load_model(f"models:/{model_name}/{version}")
 
 
+def move_champion(client: Any, model_name: str, version: str, current: str | None) -> None:
+    """Point `champion` at `version` and `previous` at `current` (when there is one).
+
+    The champion alias moves in one call; if recording `previous` then fails, the champion is put back
+    to `current` and the error raised, so a failure leaves the old champion.
+    """
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+    if current is None:
+        return
+    try:
+        client.set_registered_model_alias(model_name, PREVIOUS, current)
+    except Exception:
+        log.exception("recording alias %r failed; restoring champion v%s", PREVIOUS, current)
+        client.set_registered_model_alias(model_name, CHAMPION, current)
+        raise
+
+
 @dataclass(frozen=True)
 class Promotion:
     """An alias move that happened: enough to undo it exactly."""
@@ -369,14 +386,7 @@ def promote_version(
     old_previous = client.get_registered_model(model_name).aliases.get(PREVIOUS)
     promoted_at = datetime.now(UTC).isoformat(timespec="seconds")
     client.set_model_version_tag(model_name, version, "promoted_at", promoted_at)
-    client.set_registered_model_alias(model_name, CHAMPION, version)
-    if current is not None:
-        try:
-            client.set_registered_model_alias(model_name, PREVIOUS, current)
-        except Exception:
-            log.exception("recording alias %r failed; restoring champion v%s", PREVIOUS, current)
-            client.set_registered_model_alias(model_name, CHAMPION, current)
-            raise
+    move_champion(client, model_name, version, current)
     log.info("%s: champion v%s -> v%s", model_name, current, version)
     try:
         record_change_safely(make_change(model_name, current, version, "promotion", reason, actor))

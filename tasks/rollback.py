@@ -18,9 +18,9 @@ from prefect.cache_policies import NO_CACHE
 from mlops.clients import mlflow_client
 from mlops.settings import get_settings
 from tasks.history import ChampionChange, make_change, record_change_safely
-from tasks.promotion import CHAMPION, PREVIOUS, PromotionConflict, champion_version, promotion_lock_name
+from tasks.promotion import PREVIOUS, PromotionConflict, champion_version, move_champion, promotion_lock_name
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, PermanentError, retry_unless_permanent
-from tasks.serving_check import ServingCheck, wait_for_serving
+from tasks.serving_check import ServingCheck, check_configured_serving
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,7 @@ def rollback(model_name: str, to_version: str | None, reason: str, actor: str) -
             )
         client = mlflow_client(get_settings())
         at = datetime.now(UTC).isoformat(timespec="seconds")
-        client.set_registered_model_alias(model_name, CHAMPION, target)
-        try:
-            client.set_registered_model_alias(model_name, PREVIOUS, current)
-        except Exception:
-            log.exception("recording alias %r failed; restoring champion v%s", PREVIOUS, current)
-            client.set_registered_model_alias(model_name, CHAMPION, current)
-            raise
+        move_champion(client, model_name, target, current)
         for version, key, value in (
             (current, "rolled_back", f"{at} by {actor}: {reason}"),
             (target, "promoted_at", at),
@@ -129,12 +123,7 @@ class RollbackOutcome:
 
 def serving_after_rollback(model_name: str, version: str, timeout: float) -> ServingCheck:
     """Wait for the configured serving API (MLOPS_SERVING_URL) to serve `version`; a miss is reported, not undone."""
-    url = get_settings().serving_url
-    if not url:
-        return ServingCheck(False, True, "no serving API configured (MLOPS_SERVING_URL): not checked", 0.0)
-    check = wait_for_serving(url, model_name, version, timeout)
-    (log.info if check.ok else log.error)("%s", check.detail)
-    return check
+    return check_configured_serving(model_name, version, timeout)
 
 
 @task(name="check-serving-after-rollback", cache_policy=NO_CACHE)

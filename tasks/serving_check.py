@@ -69,12 +69,17 @@ def wait_for_serving(url: str, model_name: str, version: str, timeout: float, po
         time.sleep(poll)
 
 
-@task(name="check-serving", cache_policy=NO_CACHE)
-def check_serving(model_name: str, version: str, timeout: float) -> ServingCheck:
-    """Prefect task: wait for the configured serving API to serve the promoted version (see `wait_for_serving`)."""
+def check_configured_serving(model_name: str, version: str, timeout: float) -> ServingCheck:
+    """Wait for the configured serving API (MLOPS_SERVING_URL) to serve `version`; unconfigured: not checked."""
     url = get_settings().serving_url
     if not url:
         return ServingCheck(False, True, "no serving API configured (MLOPS_SERVING_URL): not checked", 0.0)
     check = wait_for_serving(url, model_name, version, timeout)
     (log.info if check.ok else log.error)("%s", check.detail)
     return check
+
+
+@task(name="check-serving", cache_policy=NO_CACHE)
+def check_serving(model_name: str, version: str, timeout: float) -> ServingCheck:
+    """Prefect task: wait for the configured serving API to serve the promoted version (see `wait_for_serving`)."""
+    return check_configured_serving(model_name, version, timeout)

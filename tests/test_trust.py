@@ -166,13 +166,8 @@ def _paused_run(timeout: float = 120):
     raise AssertionError("no paused flow run appeared")
 
 
-@pytest.mark.parametrize("approve", [True, False])
-def test_approval_pauses_the_run_and_the_answer_decides(approve, stack, default_data, tmp_path_factory):
-    from prefect.flow_runs import resume_flow_run
-
-    # Given a model with no champion and a run that requires approval
-    name = f"approval-{'yes' if approve else 'no'}"
-    config = _config(tmp_path_factory, name, model_name=name)
+def _start_run_needing_approval(config: str) -> tuple[threading.Thread, dict]:
+    """Start a cold-start training run that requires approval, in a thread; returns it and its result holder."""
     result: dict = {}
 
     def run() -> None:
@@ -188,6 +183,16 @@ def test_approval_pauses_the_run_and_the_answer_decides(approve, stack, default_
     # the run's thread sees the test stack's Prefect settings (a context variable) like the main thread
     thread = threading.Thread(target=contextvars.copy_context().run, args=(run,))
     thread.start()
+    return thread, result
+
+
+@pytest.mark.parametrize("approve", [True, False])
+def test_approval_pauses_the_run_and_the_answer_decides(approve, stack, default_data, tmp_path_factory):
+    from prefect.flow_runs import resume_flow_run
+
+    # Given a model with no champion and a run that requires approval
+    name = f"approval-{'yes' if approve else 'no'}"
+    thread, result = _start_run_needing_approval(_config(tmp_path_factory, name, model_name=name))
     try:
         # when it has decided to promote, it pauses and waits; nothing is promoted yet
         paused = _paused_run()
@@ -219,21 +224,7 @@ def test_a_reviewer_approves_in_the_prefect_ui(stack, default_data, tmp_path_fac
 
     # Given a run paused for approval
     name = "approval-ui"
-    config = _config(tmp_path_factory, name, model_name=name)
-    result: dict = {}
-
-    def run() -> None:
-        params = TrainingParams(
-            dataset=config,
-            search=WEAK,
-            gates=Gates(min_roc_auc=0.55),
-            require_approval=True,
-            approval_timeout_seconds=300,
-        )
-        result["state"] = training(params, return_state=True)
-
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,))
-    thread.start()
+    thread, result = _start_run_needing_approval(_config(tmp_path_factory, name, model_name=name))
     try:
         paused = _paused_run()
         ARTIFACTS.mkdir(exist_ok=True)
