@@ -344,7 +344,7 @@ def _print_monitoring(outcome: object, monitoring_link: str) -> None:
     for window in outcome.windows:
         echo(f"   {window.name}: {window.rows} rows; " + ("; ".join(window.reasons) or window.note))
         for feature in [*window.features, *([window.prediction] if window.prediction else [])]:
-            if feature.drifted or feature.psi >= 0.05:
+            if window.judged and (feature.drifted or feature.psi >= 0.05):
                 mark = "DRIFTED" if feature.drifted else "       "
                 echo(f"     {mark} {feature.name:<22} PSI {feature.psi:6.3f}  {feature.test} p={feature.p_value:.1g}")
         if window.performance is not None:

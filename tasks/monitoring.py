@@ -299,6 +299,7 @@ class WindowResult:
     decayed: bool = False
     reasons: list[str] = field(default_factory=list)
     note: str = ""
+    judged: bool = True  # False when the window is too small for a verdict (its figures are noise)
 
     @property
     def drifted_features(self) -> list[str]:
@@ -324,7 +325,9 @@ def judge_window(
     """Apply the thresholds to one window's figures: a pure function of numbers."""
     if rows < thresholds.min_rows:
         note = f"{rows} rows, fewer than the {thresholds.min_rows} needed for a verdict"
-        return WindowResult(name, source, rows, features, prediction, performance, labelled_rows, note=note)
+        return WindowResult(
+            name, source, rows, features, prediction, performance, labelled_rows, note=note, judged=False
+        )
     reasons = []
     drifted_names = [f.name for f in features if f.drifted]
     share = len(drifted_names) / len(features) if features else 0.0
@@ -422,7 +425,7 @@ def summary_markdown(
         for f in [*w.features, *([w.prediction] if w.prediction else [])]:
             lines.append(
                 f"| {f.name} | {f.kind} | {f.psi:.3f} | {f.test} | {f.statistic:.3f} | {f.p_value:.2g} | "
-                f"{f.effect:.3f} | {'**yes**' if f.drifted else 'no'} |"
+                f"{f.effect:.3f} | {('**yes**' if f.drifted else 'no') if w.judged else 'not judged'} |"
             )
         lines.append("")
     return "\n".join(lines) + "\n"

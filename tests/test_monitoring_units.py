@@ -139,6 +139,7 @@ def test_window_verdict_rules():
     # too few rows: no verdict whatever the numbers
     small = judge_window("partition", "s3://b/p", 50, _features(10), quiet, None, 0, THRESHOLDS)
     assert not small.triggered and "fewer than the 200" in small.note
+    assert ok.judged and not small.judged  # its per-feature figures are shown as "not judged", never "drifted"
     # prediction drift alone triggers
     moved = column_drift("proba_1", "numeric", np.arange(100.0), np.arange(100.0) + 60, THRESHOLDS)
     assert judge_window("w", "s", 1000, _features(0), moved, None, 0, THRESHOLDS).drifted
