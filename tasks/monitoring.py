@@ -646,8 +646,8 @@ def report_html(champion: Champion, windows: list[Window], results: list[WindowR
     positive = proba_columns(list(champion.model.classes_))[-1]
     reference = champion.reference[config.feature_names].assign(prediction=champion.reference[positive])
     parts = []
-    for window in windows:
-        if len(window.frame) == 0:
+    for window, result in zip(windows, results, strict=True):
+        if len(window.frame) == 0 or not result.judged:
             continue
         current = prepare_inputs(window.frame, config)
         current = current.assign(prediction=champion.model.predict_proba(current)[:, -1])
@@ -655,7 +655,11 @@ def report_html(champion: Champion, windows: list[Window], results: list[WindowR
             current_data=Dataset.from_pandas(current, data_definition=definition),
             reference_data=Dataset.from_pandas(reference, data_definition=definition),
         )
-        title = f"<h2>Evidently data drift: {html.escape(window.name)}</h2>"
+        title = (
+            f"<h2>Evidently data drift: {html.escape(window.name)}</h2><p>Plots and per-column tests by Evidently. "
+            "Its own dataset verdict uses its default rule (half the columns drifted); the verdict that triggers "
+            "retraining is ours, above.</p>"
+        )
         frame = html.escape(snapshot.get_html_str(as_iframe=False), quote=True)
         parts.append(f'{title}<iframe srcdoc="{frame}" style="width:100%;height:1400px;border:0"></iframe>')
     return f"<html><head><meta charset='utf-8'></head><body>{summary}{''.join(parts)}</body></html>"
@@ -671,7 +675,7 @@ def _summary_html(champion: Champion, results: list[WindowResult]) -> str:
         for f in [*w.features, *([w.prediction] if w.prediction else [])]:
             out.append(
                 f"<tr><td>{html.escape(f.name)}</td><td>{f.psi:.3f}</td><td>{f.test}</td><td>{f.p_value:.2g}</td>"
-                f"<td>{f.effect:.3f}</td><td>{'yes' if f.drifted else 'no'}</td></tr>"
+                f"<td>{f.effect:.3f}</td><td>{('yes' if f.drifted else 'no') if w.judged else 'not judged'}</td></tr>"
             )
         out.append("</table>")
     return "".join(out)
