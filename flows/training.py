@@ -131,10 +131,10 @@ def _promote_checked(
 
 @dataclass(frozen=True)
 class ChampionState:
-    """The current champion as the decision sees it: its model, metrics and inputs, or why it failed."""
+    """The current champion as the decision sees it: holdout metrics and probabilities, inputs, or the error."""
 
     version: str | None = None
-    model: Any = None
+    proba: Any = None
     metrics: dict[str, float] | None = None
     schema: dict[str, str] | None = None
     error: str | None = None
@@ -147,11 +147,11 @@ def _current_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
         return ChampionState()
     try:
         model = load_champion(config.model_name, version)
-        metrics = evaluate_candidate(model, holdout, config, figures=False).metrics
+        scored = evaluate_candidate(model, holdout, config, figures=False)
         schema = champion_schema(config.model_name, version)
     except Exception as exc:  # the decision records why; promotion is then blocked
         return ChampionState(version, error=f"{type(exc).__name__}: {exc}")
-    return ChampionState(version, model, metrics, schema)
+    return ChampionState(version, scored.proba, scored.metrics, schema)
 
 
 def _ask_approval(decision: Decision, model_name: str, version: str, run_id: str, timeout: int) -> Approval:
@@ -208,7 +208,14 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         with concurrency(lock, occupy=1, strict=True, timeout_seconds=3600):
             champion = _current_champion(config, split.holdout)
             findings = review(
-                search.model, champion.model, split.holdout, config, params.gates, params.seed, champion.schema
+                search.model,
+                evaluation.proba,
+                split.holdout,
+                config,
+                params.gates,
+                params.seed,
+                champion.proba,
+                champion.schema,
             )
             decision = decide(
                 evaluation.metrics,

@@ -121,10 +121,11 @@ def evaluation_figures(y_true: Sequence[Any], proba: np.ndarray, classes: Sequen
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Holdout metrics and, for a candidate, its plots (matplotlib figures keyed by file name)."""
+    """Holdout metrics, the probabilities behind them and, for a candidate, its plots (keyed by file name)."""
 
     metrics: dict[str, float]
     figures: dict[str, Any] = field(default_factory=dict, repr=False)
+    proba: np.ndarray | None = field(default=None, repr=False)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -134,4 +135,4 @@ def evaluate_candidate(model: Any, holdout: pd.DataFrame, config: DatasetConfig,
     proba = predict_proba(model, holdout, config)
     metrics = compute_metrics(y_true, proba, model.classes_)
     log.info("holdout metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
-    return Evaluation(metrics, evaluation_figures(y_true, proba, model.classes_) if figures else {})
+    return Evaluation(metrics, evaluation_figures(y_true, proba, model.classes_) if figures else {}, proba)

@@ -25,7 +25,6 @@ from prefect.cache_policies import NO_CACHE
 from mlops.clients import mlflow_client
 from mlops.dataset import DatasetConfig, FeatureType
 from mlops.settings import get_settings
-from tasks.evaluation import predict_proba
 from tasks.fairness import FairnessReport, fairness_gate, fairness_report, sensitive_groups
 from tasks.features import prepare_inputs, prepare_target
 from tasks.promotion import GateResult, Gates
@@ -142,36 +141,36 @@ def model_results(holdout: pd.DataFrame, proba: np.ndarray, classes: list[Any], 
 
 def review_candidate(
     candidate: Any,
-    champion: Any | None,
+    proba: np.ndarray,
     holdout: pd.DataFrame,
     config: DatasetConfig,
     gates: Gates,
     seed: int,
+    champion_proba: np.ndarray | None = None,
     champion_schema: dict[str, str] | None = None,
 ) -> Review:
     """Everything the decision needs beyond the candidate's metrics, on the frozen holdout rows.
 
     Args:
         candidate: The candidate's fitted pipeline.
-        champion: The champion's fitted pipeline (None at cold start); scored on the same rows.
+        proba: The candidate's probabilities on `holdout` (from its evaluation: not scored again).
         holdout: Frozen holdout rows (raw columns).
         config: Dataset description (slices, sensitive features).
         gates: Thresholds of the review gates.
         seed: Seeds the bootstrap and the permutations.
+        champion_proba: The champion's probabilities on the same rows (None at cold start).
         champion_schema: The champion's inputs as logged in its signature (column -> numeric | text).
     """
     from tasks.explain import permutation_importances
 
     y_true = prepare_target(holdout, config)
     classes = list(candidate.classes_)
-    proba = predict_proba(candidate, holdout, config)
     results = model_results(holdout, proba, classes, config)
     checks: list[GateResult] = []
     intervals: list[DeltaInterval] = []
     champion_results = None
     notes = unmeasured_slices(results.slices)
-    if champion is not None:
-        champion_proba = predict_proba(champion, holdout, config)
+    if champion_proba is not None:
         champion_results = model_results(holdout, champion_proba, classes, config)
         intervals = paired_bootstrap_metrics(
             y_true,
@@ -207,15 +206,16 @@ def review_candidate(
 @task(name="review", cache_policy=NO_CACHE)
 def review(
     candidate: Any,
-    champion: Any | None,
+    proba: np.ndarray,
     holdout: pd.DataFrame,
     config: DatasetConfig,
     gates: Gates,
     seed: int,
+    champion_proba: np.ndarray | None = None,
     champion_schema: dict[str, str] | None = None,
 ) -> Review:
     """Prefect task: see `review_candidate`."""
-    return review_candidate(candidate, champion, holdout, config, gates, seed, champion_schema)
+    return review_candidate(candidate, proba, holdout, config, gates, seed, champion_proba, champion_schema)
 
 
 @task(name="champion-schema", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
