@@ -108,6 +108,8 @@ def _s3_env(settings: Settings) -> dict[str, str]:
 # standard-library loggers go to the Prefect UI; analytics, telemetry and progress bars are off.
 CLIENT_DEFAULTS = {
     "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,tasks,flows",
+    # The same loggers also run outside flows (`mlops rollback`, the serving API): log locally, no warning.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

@@ -12,6 +12,8 @@ from mlops.clients import mlflow_client
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# seconds between deploying a schedule and its first run (see the scheduled-run test)
+SCHEDULE_LEAD = 45
 
 
 MODEL = "deployed-credit-risk"
@@ -101,15 +103,19 @@ def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed,
 
     from deployments.deploy import deploy_all
 
-    # Given an hourly schedule whose first run is due in a few seconds
+    # Given an hourly schedule whose first run is due shortly. The server only schedules dates that are
+    # still ahead when its scheduler reaches the deployment (a 5 s loop for just-updated deployments, 60 s
+    # for the rest), so the anchor leaves room for a slow machine: with 5 s, a busy CI machine scheduled
+    # the run an hour later and the test waited for it in vain.
     before = len(_model_versions(stack))
+    anchor = (datetime.now(UTC) + timedelta(seconds=SCHEDULE_LEAD)).replace(microsecond=0)
     deploy_all(
         work_pool=stack.work_pool,
         training_interval=3600,
-        training_anchor=datetime.now(UTC) + timedelta(seconds=5),
+        training_anchor=anchor,
         training_parameters=_parameters(deployed_dataset),
     )
-    # when the server's scheduler (a 60 s loop) creates it
+    # when the server's scheduler creates it
     deadline = time.monotonic() + 180
     with _client() as client:
         while True:
@@ -122,6 +128,10 @@ def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed,
             time.sleep(2)
     assert scheduled, "the server scheduled no run"
     first = min(scheduled, key=lambda r: r.expected_start_time)
+    assert first.expected_start_time == anchor, (
+        f"the scheduler reached the deployment after the anchor {anchor} had passed; the first run is "
+        f"due at {first.expected_start_time} (raise SCHEDULE_LEAD)"
+    )
     # then the worker picks the due run up, it completes, and a model version is registered
     [finished] = _wait([first.id])
     assert finished.state.type.value == "COMPLETED", finished.state.message
