@@ -6,18 +6,20 @@ Run it ad hoc with `mlops train` or `python -m flows.training`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from prefect import flow
+from prefect import Task, flow
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlops.dataset import DatasetConfig
-from tasks.approval import Approval, ApprovalInput, approval_request
+from tasks.approval import Approval, ApprovalInput, ApprovalTimeout, approval_request
 from tasks.evaluation import evaluate_candidate
 from tasks.loading import load_dataset_config, load_snapshot
 from tasks.model_card import make_card, time_window
@@ -37,9 +39,9 @@ from tasks.promotion import (
     revert,
 )
 from tasks.reports import publish_approval_request, publish_decision, publish_model_card, store_validation_report
-from tasks.review import champion_schema, review
+from tasks.review import Review, champion_schema, review
 from tasks.serving_check import ServingCheck, ServingCheckFailed, check_serving
-from tasks.split import split_snapshot
+from tasks.split import Split, split_snapshot
 from tasks.tracking import (
     end_run,
     git_commit,
@@ -158,14 +160,61 @@ def _ask_approval(decision: Decision, model_name: str, version: str, run_id: str
     """Pause the run until a person approves or rejects in the Prefect UI (or the timeout passes)."""
     request = approval_request(decision, model_name, version, run_id)
     publish_approval_request(request)
-    # No answer within the timeout fails the run (Prefect refuses to resume it): nothing is promoted.
-    answer = pause_flow_run(
-        wait_for_input=ApprovalInput.with_initial_data(description=request),
-        timeout=timeout,
-        poll_interval=2,
-        key=f"approve-{model_name}-v{version}",
+    try:
+        answer = pause_flow_run(
+            wait_for_input=ApprovalInput.with_initial_data(description=request),
+            timeout=timeout,
+            poll_interval=2,
+            key=f"approve-{model_name}-v{version}",
+        )
+    except FlowPauseTimeout:
+        return Approval.unanswered(timeout)
+    return Approval.from_input(answer)
+
+
+def _steps(approval: Approval | None) -> Callable[[Task], Callable[..., Any]]:
+    """How the remaining steps run.
+
+    Once an approval pause has expired, Prefect keeps the run paused until it fails and runs none of its
+    tasks, so the records are then written by calling the tasks' functions.
+    """
+    if approval is not None and not approval.answered:
+        return lambda step: step.fn
+    return lambda step: step
+
+
+def _record(
+    run_id: str,
+    params: TrainingParams,
+    config: DatasetConfig,
+    split: Split,
+    data_version: str,
+    version: str | None,
+    decision: Decision,
+    findings: Review,
+    outcome: str,
+    tags: dict[str, str],
+    step: Callable[[Task], Callable[..., Any]],
+) -> None:
+    """Record the decision and what came of it on the run and the version, then publish the model card."""
+    markdown = decision_markdown(decision, config.model_name, version, data_version, outcome)
+    tags = decision_tags(decision, data_version) | tags
+    step(record_decision)(run_id, config.model_name, version, tags, markdown, decision.to_json())
+    card = make_card(
+        model_name=config.model_name,
+        candidate_version=version,
+        decision=decision,
+        outcome=outcome,
+        data_version=data_version,
+        training_window=time_window(split.train[config.time_column]) if config.time_column else None,
+        rows_train=len(split.train),
+        rows_holdout=len(split.holdout),
+        review=findings,
+        code_version=git_commit(),
+        slice_max_drop=params.gates.max_slice_drop,
     )
-    return Approval.answered(answer)
+    step(publish_model_card)(card, run_id)
+    step(publish_decision)(markdown)
 
 
 @flow(
@@ -194,6 +243,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             "trigger_reason": params.reason,
         },
     )
+    approval: Approval | None = None
     try:
         split = split_snapshot(snapshot.frame, config)
         search = train_candidate(split.train, config, params.search, params.seed)
@@ -203,7 +253,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         log_reference(run_id, search.model, split.train, config, params.seed)  # monitoring's baseline
 
         lock = ensure_promotion_lock(config.model_name)
-        promotion, promotion_error, serving, approval = None, None, None, None
+        promotion, promotion_error, serving = None, None, None
         # Decide and promote one run at a time per model, so no run promotes against a stale champion.
         with concurrency(lock, occupy=1, strict=True, timeout_seconds=3600):
             champion = _current_champion(config, split.holdout)
@@ -244,29 +294,27 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                     promotion, promotion_error, serving = promote_checked(f"{params.reason}; {approval.describe()}")
         promoted = promotion is not None
         outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error, approval)
-        tags = decision_tags(decision, snapshot.data_version) | {"promoted": str(promoted).lower(), "outcome": outcome}
+        tags = {"promoted": str(promoted).lower(), "outcome": outcome}
         tags |= ({"serving_check": serving.detail} if serving else {}) | (approval.tags() if approval else {})
-        markdown = decision_markdown(decision, config.model_name, version, snapshot.data_version, outcome)
-        record_decision(run_id, config.model_name, version, tags, markdown, decision.to_json())
-        card = make_card(
-            model_name=config.model_name,
-            candidate_version=version,
-            decision=decision,
-            outcome=outcome,
-            data_version=snapshot.data_version,
-            training_window=time_window(split.train[config.time_column]) if config.time_column else None,
-            rows_train=len(split.train),
-            rows_holdout=len(split.holdout),
-            review=findings,
-            code_version=git_commit(),
-            slice_max_drop=params.gates.max_slice_drop,
+        _record(
+            run_id,
+            params,
+            config,
+            split,
+            snapshot.data_version,
+            version,
+            decision,
+            findings,
+            outcome,
+            tags,
+            _steps(approval),
         )
-        publish_model_card(card, run_id)
-        publish_decision(markdown)
         if promotion_error is not None:
             raise promotion_error
+        if approval is not None and not approval.answered:
+            raise ApprovalTimeout(f"{config.model_name} v{version} was not promoted: {approval.describe()}")
     except BaseException:
-        end_run(run_id, "FAILED")
+        _steps(approval)(end_run)(run_id, "FAILED")  # a record of the failure, even after an expired pause
         raise
     end_run(run_id, "FINISHED")
     previous = promotion.replaced if promotion is not None else None

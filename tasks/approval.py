@@ -23,6 +23,13 @@ class ApprovalInput(RunInput):
     comment: str = Field("", max_length=2000, title="Comment", description="Why (recorded with the decision).")
 
 
+class ApprovalTimeout(RuntimeError):
+    """Nobody answered the approval request in time, so nothing was promoted.
+
+    The run then fails, as Prefect fails every run whose pause expired.
+    """
+
+
 @dataclass(frozen=True)
 class Approval:
     """A reviewer's answer (or the lack of one)."""
@@ -31,21 +38,35 @@ class Approval:
     reviewer: str
     comment: str
     at: str
+    answered: bool = True
 
     @classmethod
-    def answered(cls, answer: ApprovalInput) -> Approval:
+    def from_input(cls, answer: ApprovalInput) -> Approval:
         """From the submitted form."""
         return cls(answer.approve, answer.reviewer, answer.comment, _now())
 
+    @classmethod
+    def unanswered(cls, timeout_seconds: int) -> Approval:
+        """No answer within the timeout: a rejection nobody gave, recorded as such."""
+        return cls(False, "", f"no answer within {timeout_seconds} s", _now(), answered=False)
+
+    @property
+    def verdict(self) -> str:
+        """approved, rejected or no_answer."""
+        if not self.answered:
+            return "no_answer"
+        return "approved" if self.approved else "rejected"
+
     def describe(self) -> str:
         """One line for the outcome and the card."""
-        verdict = "approved" if self.approved else "rejected"
-        return f"{verdict} by {self.reviewer} at {self.at}" + (f": {self.comment}" if self.comment else "")
+        if not self.answered:
+            return f"not approved: {self.comment} (gave up at {self.at})"
+        return f"{self.verdict} by {self.reviewer} at {self.at}" + (f": {self.comment}" if self.comment else "")
 
     def tags(self) -> dict[str, str]:
         """Tags recorded on the run and the model version."""
         return {
-            "approval.decision": "approved" if self.approved else "rejected",
+            "approval.decision": self.verdict,
             "approval.reviewer": self.reviewer,
             "approval.comment": self.comment[:4900],
             "approval.at": self.at,

@@ -183,7 +183,7 @@ def _paused_run(timeout: float = 120):
     raise AssertionError("no paused flow run appeared")
 
 
-def _start_run_needing_approval(config: str) -> tuple[threading.Thread, dict]:
+def _start_run_needing_approval(config: str, timeout: int = 300) -> tuple[threading.Thread, dict]:
     """Start a cold-start training run that requires approval, in a thread; returns it and its result holder."""
     result: dict = {}
 
@@ -193,7 +193,7 @@ def _start_run_needing_approval(config: str) -> tuple[threading.Thread, dict]:
             search=WEAK,
             gates=Gates(min_roc_auc=0.55),
             require_approval=True,
-            approval_timeout_seconds=300,
+            approval_timeout_seconds=timeout,
         )
         result["state"] = training(params, return_state=True)
 
@@ -229,6 +229,29 @@ def test_approval_pauses_the_run_and_the_answer_decides(approve, stack, default_
     assert version.tags["approval.decision"] == ("approved" if approve else "rejected")
     aliases = mlflow_client(stack).get_registered_model(name).aliases
     assert ("champion" in aliases) is approve
+
+
+def test_no_answer_in_time_promotes_nothing_and_leaves_the_record(stack, default_data, tmp_path_factory):
+    # Given a run that requires approval within 10 s, when nobody answers
+    name = "approval-none"
+    thread, result = _start_run_needing_approval(_config(tmp_path_factory, name, model_name=name), timeout=10)
+    paused = _paused_run()
+    thread.join(timeout=180)
+    assert not thread.is_alive(), "the run still waits after its approval timeout"
+    # then the run fails, as Prefect fails a run whose pause expired, and nothing is promoted
+    state = result["state"]
+    assert state.is_failed(), state
+    assert paused.id == state.state_details.flow_run_id
+    client = mlflow_client(stack)
+    assert "champion" not in client.get_registered_model(name).aliases
+    # but the decision is on record: the run, the version and the model card say nobody answered
+    [version] = client.search_model_versions(f"name='{name}'")
+    assert version.tags["approval.decision"] == "no_answer"
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["outcome"].startswith("not promoted, the champion is unchanged: not approved: no answer")
+    html, card = _card(stack, name, version.version)
+    assert "no answer within 10 s" in card["outcome"] and "no answer within 10 s" in html
 
 
 @pytest.mark.browser

@@ -597,3 +597,20 @@ def test_passing_slice_and_cold_start_card(card):
     assert "none (cold start)" in text and "| roc_auc (primary) | 0.9000 | n/a |  |  |  |" in text
     assert "Slices" not in text and render_html(cold).count("<table>") == 1
     assert '"verdict": "promote"' in cold.to_json()
+
+
+def test_an_unanswered_approval_is_recorded_as_no_answer_not_as_a_rejection():
+    from tasks.approval import Approval, ApprovalInput
+    from tasks.promotion import Decision, describe_outcome
+
+    decision = Decision(True, ["beats the champion"], {"roc_auc": 0.8}, "1", {"roc_auc": 0.7})
+    nobody = Approval.unanswered(600)
+    assert not nobody.approved and nobody.tags()["approval.decision"] == "no_answer"
+    assert describe_outcome(decision, False, False, None, nobody).startswith(
+        "not promoted, the champion is unchanged: not approved: no answer within 600 s"
+    )
+    rejected = Approval.from_input(ApprovalInput(approve=False, reviewer="carol", comment="slice looks off"))
+    assert rejected.tags()["approval.decision"] == "rejected"
+    assert describe_outcome(decision, False, False, None, rejected).endswith(
+        "rejected by carol at " + rejected.at + ": slice looks off"
+    )
