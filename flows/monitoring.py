@@ -63,7 +63,8 @@ class MonitoringParams(BaseModel):
         pattern=S3_URI,
         title="Labels",
         description="s3:// URI of late-arriving labels (id column and target). Partition rows join on the id "
-        "column, prediction-log rows on their request id; gives ROC AUC and F1 on recent data.",
+        "column, prediction-log rows on the id their record carried (else their request id); gives ROC AUC "
+        "and F1 on recent data.",
     )
     thresholds: DriftThresholds = Field(
         default_factory=DriftThresholds, title="Thresholds", description="When drift or decay means retraining."

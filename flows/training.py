@@ -277,7 +277,8 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                 findings.checks,
             )
             log_review(run_id, findings)
-            version_tags = {"data_version": snapshot.data_version}
+            # id_column: the record field the serving API logs with each prediction, so labels can join
+            version_tags = {"data_version": snapshot.data_version, "id_column": config.id_column}
             version = None if params.dry_run else register_model(model_uri, config.model_name, run_id, version_tags)
             wanted = decision.promote and version is not None
             promote_checked = partial(

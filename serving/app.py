@@ -106,6 +106,23 @@ def validate_records(model: LoadedModel, key: str, records: list[Any]) -> list[d
         raise BadRequest(422, errors) from exc
 
 
+def record_ids(model: LoadedModel, key: str, records: list[dict[str, Any]]) -> list[str | None] | None:
+    """Each record's id for the prediction log: the model's `id_field`, as text, None where absent.
+
+    None when the model has no id field. Raises a 422 naming a record whose id is neither text nor an integer.
+    """
+    if model.id_field is None:
+        return None
+    ids: list[str | None] = []
+    for index, record in enumerate(records):
+        value = record.get(model.id_field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+            msg = f"an id must be a string or an integer, got {value!r}"[:300]
+            raise BadRequest.at(422, [key, index, model.id_field], msg, "id_type")
+        ids.append(None if value is None else str(value))
+    return ids
+
+
 def explain_records(model: LoadedModel, records: list[dict[str, Any]]) -> list[dict[str, float]]:
     """Per-record, per-feature contributions to the positive class's probability.
 
@@ -159,8 +176,12 @@ class Runtime:
         self._poller: asyncio.Task | None = None
 
     def _log_predictions(self, jobs: list[Job], frame: Any, proba: np.ndarray) -> None:
-        ids = np.repeat([job.request_id for job in jobs], [len(job.records) for job in jobs])
-        self.prediction_log.record(frame, proba, jobs[0].model.classes, ids, jobs[0].model.version)
+        sizes = [len(job.records) for job in jobs]
+        request_ids = np.repeat([job.request_id for job in jobs], sizes)
+        record_ids = None
+        if any(job.ids is not None for job in jobs):
+            record_ids = np.array([i for job in jobs for i in (job.ids or [None] * len(job.records))], dtype=object)
+        self.prediction_log.record(frame, proba, jobs[0].model.classes, request_ids, jobs[0].model.version, record_ids)
 
     def _count_batch(self, rows: int) -> None:
         self.metrics.batch_rows.observe(rows)
@@ -182,8 +203,10 @@ class Runtime:
         await self.batcher.stop()
         await asyncio.to_thread(self.prediction_log.stop)
 
-    async def read_records(self, request: Request, model: LoadedModel) -> list[dict[str, Any]]:
-        """The request's records, size-checked and validated against `model`; raises BadRequest."""
+    async def read_records(
+        self, request: Request, model: LoadedModel
+    ) -> tuple[list[dict[str, Any]], list[str | None] | None]:
+        """The request's records, size-checked and validated against `model`, and their ids; raises BadRequest."""
         limit = self.settings.serving_max_body_bytes
         length = int(request.headers.get("content-length") or 0)
         body = b"" if length > limit else await request.body()
@@ -191,7 +214,8 @@ class Runtime:
         if size > limit:
             raise BadRequest.at(413, ["body"], f"{size} bytes is over the limit of {limit}", "too_large")
         key, raw = parse_records(body, self.settings.serving_max_records)
-        return validate_records(model, key, raw)
+        records = validate_records(model, key, raw)
+        return records, record_ids(model, key, raw)
 
     async def predict(self, request: Request) -> Response:
         """Answer one /predict request."""
@@ -206,8 +230,8 @@ class Runtime:
             if explain and (model.baseline is None or len(model.classes) != 2):
                 why = "no baseline was stored with it" if model.baseline is None else "it is not a binary classifier"
                 raise BadRequest.at(422, ["query", "explain"], f"v{model.version} cannot explain: {why}", "explain")
-            records = await self.read_records(request, model)
-            scored = await self.batcher.score(model, records, request_id)
+            records, ids = await self.read_records(request, model)
+            scored = await self.batcher.score(model, records, request_id, ids)
             contributions = await asyncio.to_thread(explain_records, model, records) if explain else None
         except BadRequest as exc:
             return _json({"detail": exc.errors, "request_id": request_id}, exc.status, request_id)

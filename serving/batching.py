@@ -32,6 +32,7 @@ class Job:
     records: list[dict[str, Any]]
     request_id: str
     future: asyncio.Future = field(repr=False)
+    ids: list[str | None] | None = None  # each record's id, when the model has an id field
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,17 @@ class MicroBatcher:
                 job.future.set_exception(RuntimeError("the server is shutting down"))
         self._executor.shutdown(wait=True)
 
-    async def score(self, model: LoadedModel, records: list[dict[str, Any]], request_id: str) -> Scored:
-        """Queue `records` for `model` and wait for their probabilities."""
+    async def score(
+        self,
+        model: LoadedModel,
+        records: list[dict[str, Any]],
+        request_id: str,
+        ids: list[str | None] | None = None,
+    ) -> Scored:
+        """Queue `records` (with their ids, if any) for `model` and wait for their probabilities."""
         assert self._queue is not None, "start() first"
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(Job(model, records, request_id, future))
+        self._queue.put_nowait(Job(model, records, request_id, future, ids))
         return await future
 
     async def _run(self) -> None:

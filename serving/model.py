@@ -77,6 +77,8 @@ class LoadedModel:
     promoted_at: str | None = None
     source: str | None = None
     baseline: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    # The dataset's id column (version tag `id_column`): a record may carry it; it is logged, not scored.
+    id_field: str | None = None
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     adapter: TypeAdapter = field(init=False, repr=False, compare=False)
 
@@ -111,6 +113,7 @@ class LoadedModel:
             "source": self.source,
             "classes": [_plain(c) for c in self.classes],
             "inputs": [{"name": c.name, "type": c.kind} for c in self.columns],
+            "id_field": self.id_field,
             "metrics": self.metrics,
             "promoted_at": self.promoted_at,
             "loaded_at": self.loaded_at,
@@ -173,6 +176,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         promoted_at=tags.get("promoted_at"),
         source=details.source,
         baseline=baseline,
+        id_field=tags.get("id_column") or None,
     )
     # A model that loads but cannot score is no better than one that does not load: try one row of
     # nulls (the pipeline imputes them) before it is allowed to replace the served model.

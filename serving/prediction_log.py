@@ -40,6 +40,7 @@ class Entry:
     request_ids: np.ndarray
     model_version: str
     at: datetime
+    record_ids: np.ndarray | None = None  # the records' own ids (the dataset's id column), when sent
 
 
 def to_table(entries: list[Entry]) -> pd.DataFrame:
@@ -52,6 +53,12 @@ def to_table(entries: list[Entry]) -> pd.DataFrame:
     sizes = [len(e.frame) for e in entries]
     table = pd.concat([e.frame for e in entries], ignore_index=True)
     table["request_id"] = np.concatenate([e.request_ids for e in entries])
+    table["record_id"] = np.concatenate(
+        [
+            e.record_ids if e.record_ids is not None else np.full(size, None)
+            for e, size in zip(entries, sizes, strict=True)
+        ]
+    ).astype(object)
     table["model_version"] = np.repeat([e.model_version for e in entries], sizes)
     table["predicted"] = np.concatenate([np.asarray(e.classes)[e.proba.argmax(axis=1)] for e in entries])
     table["predicted_at"] = pd.to_datetime(np.repeat([e.at for e in entries], sizes), utc=True)
@@ -104,9 +111,17 @@ class PredictionLog:
         self._thread: threading.Thread | None = None
         self._client: Any = None
 
-    def record(self, frame: pd.DataFrame, proba: np.ndarray, classes: list[Any], ids: np.ndarray, version: str) -> None:
+    def record(
+        self,
+        frame: pd.DataFrame,
+        proba: np.ndarray,
+        classes: list[Any],
+        request_ids: np.ndarray,
+        version: str,
+        record_ids: np.ndarray | None = None,
+    ) -> None:
         """Keep one scored batch for the next write (cheap: no copy, no I/O)."""
-        entry = Entry(frame, proba, classes, ids, version, datetime.now(UTC))
+        entry = Entry(frame, proba, classes, request_ids, version, datetime.now(UTC), record_ids)
         with self._lock:
             self._entries.append(entry)
             self._rows += len(frame)

@@ -440,11 +440,31 @@ def reference_sample(train: pd.DataFrame, model: Any, config: DatasetConfig, max
 
 
 def join_labels(current: pd.DataFrame, key: str, labels: pd.DataFrame, id_column: str, target: str) -> pd.Series:
-    """The label of each current row (NaN where none arrived yet), matched on `current[key] == labels[id_column]`."""
+    """The label of each current row (NaN where none arrived yet), matched on `current[key] == labels[id_column]`.
+
+    Ids are compared as text: the prediction log keeps them as text whatever their type in the labels.
+    """
     if key not in current.columns:
         return pd.Series(np.nan, index=current.index, dtype=object)
-    mapping = labels.drop_duplicates(id_column, keep="last").set_index(id_column)[target]
-    return current[key].map(mapping)
+    latest = labels.drop_duplicates(id_column, keep="last")
+    mapping = pd.Series(latest[target].to_numpy(), index=latest[id_column].astype(str).to_numpy())
+    ids = current[key]
+    return ids.where(ids.isna(), ids.astype(str)).map(mapping)
+
+
+LOG_KEY = "label_key"
+
+
+def prediction_log_key(frame: pd.DataFrame) -> pd.Series:
+    """What labels join on for each logged prediction.
+
+    The record's own id when it sent one (the dataset's id column), else its request id (a client sending
+    one record per request can set `x-request-id`).
+    """
+    request = frame["request_id"] if "request_id" in frame.columns else pd.Series(None, index=frame.index)
+    if "record_id" not in frame.columns:
+        return request.astype(object)
+    return frame["record_id"].astype(object).where(frame["record_id"].notna(), request)
 
 
 def analyse(
@@ -585,7 +605,10 @@ def prediction_log_keys(client: Any, bucket: str, model_name: str, days: int, no
 
 @task(name="load-prediction-log", **IO)
 def load_prediction_log(model_name: str, days: int, config: DatasetConfig) -> Window:
-    """Prefect task: what the serving API logged over the last `days` days; labels join on `request_id`."""
+    """Prefect task: what the serving API logged over the last `days` days.
+
+    Labels join on each record's id, or its request id (see `prediction_log_key`).
+    """
     settings = get_settings()
     client = s3_client(settings)
     now = datetime.now(UTC)
@@ -599,7 +622,9 @@ def load_prediction_log(model_name: str, days: int, config: DatasetConfig) -> Wi
         frame = frame[pd.to_datetime(frame["predicted_at"], utc=True) >= cutoff].reset_index(drop=True)
     source = f"s3://{settings.bucket}/predictions/serving/{model_name}/ (last {days} day(s), {len(keys)} file(s))"
     log.info("prediction log: %d rows from %d file(s)", len(frame), len(keys))
-    return Window("prediction-log", source, frame, "request_id")
+    if frames:
+        frame[LOG_KEY] = prediction_log_key(frame)
+    return Window("prediction-log", source, frame, LOG_KEY)
 
 
 @task(name="load-labels", **IO)

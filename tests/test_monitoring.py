@@ -6,6 +6,7 @@ import io
 import time
 from datetime import UTC, datetime
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -97,7 +98,8 @@ def test_unchanged_data_triggers_nothing(stack, dataset, deployed):
 
 
 def test_delayed_labels_give_performance_on_partition_and_prediction_log(stack, dataset):
-    # Given a recent month without labels, and a prediction log whose requests carry the application ids
+    # Given a recent month without labels, and a prediction log of batch requests whose records carry their
+    # application ids
     month = generate_month(MONTHS + 1, 2000, SEED)
     features = month.drop(columns=["default"])
     partition = put_bytes(
@@ -134,20 +136,31 @@ def _parquet(frame: pd.DataFrame) -> bytes:
 
 
 def _prediction_log(month: pd.DataFrame, champion) -> pd.DataFrame:
-    """What the serving API logs, one request per application with the id as request id."""
+    """What the serving API logs (its own table builder) for batches of 100 records that carry their
+    application ids, each batch under a request id of its own."""
+    import uuid
+
     from mlops.dataset import load_local_dataset_config
+    from serving.prediction_log import Entry, to_table
     from tasks.features import prepare_inputs
 
     features = prepare_inputs(month, load_local_dataset_config("credit-risk"))
     proba = champion.model.predict_proba(features)
-    return features.assign(
-        request_id=month["application_id"].to_numpy(),
-        model_version=champion.version,
-        predicted=proba.argmax(axis=1),
-        predicted_at=pd.Timestamp(datetime.now(UTC)),
-        proba_0=proba[:, 0],
-        proba_1=proba[:, 1],
-    )
+    ids = month["application_id"].to_numpy(dtype=object)
+    classes = list(champion.model.classes_)
+    entries = [
+        Entry(
+            features.iloc[start : start + 100].reset_index(drop=True),
+            proba[start : start + 100],
+            classes,
+            np.full(len(ids[start : start + 100]), uuid.uuid4().hex),
+            champion.version,
+            datetime.now(UTC),
+            ids[start : start + 100],
+        )
+        for start in range(0, len(features), 100)
+    ]
+    return to_table(entries)
 
 
 def _wait(flow_run_id, timeout: float = 300):

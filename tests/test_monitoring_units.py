@@ -175,6 +175,22 @@ def test_labels_join_by_id_and_missing_labels_stay_unknown():
     assert join_labels(current, "request_id", labels, "id", "y").isna().all()
 
 
+def test_prediction_log_rows_join_labels_on_their_record_id_else_their_request_id():
+    from tasks.monitoring import prediction_log_key
+
+    # Given a batch request whose records carried integer ids (logged as text), one record without an id,
+    # and a single-record request whose x-request-id is the id
+    logged = pd.DataFrame({"request_id": ["r1", "r1", "r1", "17"], "record_id": ["15", "16", None, None]}, dtype=object)
+    labels = pd.DataFrame({"id": [15, 16, 17, 99], "y": [1, 0, 1, 0]})
+    # then each row joins on its own id, the id-less batch row on nothing, the single request on its id
+    key = prediction_log_key(logged)
+    assert key.tolist() == ["15", "16", "r1", "17"]
+    joined = join_labels(logged.assign(k=key), "k", labels, "id", "y")
+    assert joined.tolist()[:2] == [1, 0] and pd.isna(joined.iloc[2]) and joined.iloc[3] == 1
+    # and logs written before record ids existed still join on the request id
+    assert prediction_log_key(logged.drop(columns="record_id")).tolist() == ["r1", "r1", "r1", "17"]
+
+
 def test_reference_sample_has_features_and_probabilities(credit):
     config, _ = credit
     train = generate_month(0, 300, 1)

@@ -141,6 +141,7 @@ def _one(stack, default_data) -> dict:
         ("not_json", 422, "body"),
         ("wrong_shape", 422, "body"),
         ("oversized_batch", 413, "records"),
+        ("id_not_scalar", 422, "records[1].application_id"),
     ],
 )
 def test_bad_input_is_named_and_the_server_keeps_answering(case, status, where, stack, default_data, server):
@@ -152,6 +153,7 @@ def test_bad_input_is_named_and_the_server_keeps_answering(case, status, where, 
         "empty_batch": {"records": []},
         "wrong_shape": [good],
         "oversized_batch": {"records": [good] * 10_001},
+        "id_not_scalar": {"records": [good | {"application_id": "A1"}, good | {"application_id": {"id": 2}}]},
     }
     if case == "not_json":
         answer = httpx.post(f"{server}/predict", content=b'{"records": [', timeout=30)
@@ -193,13 +195,19 @@ def test_health_ready_model_and_metrics(stack, versions, server):
 
 
 def test_predictions_are_logged_to_s3(stack, default_data, server):
-    # Given a few requests with known ids
+    # Given a few requests with known ids, and a batch whose records carry the dataset's id column
+    # (application_id: not a feature, so not scored, but logged so that late labels can join)
     ids = [f"log-test-{i}" for i in range(3)]
     for request_id in ids:
         answer = httpx.post(
             f"{server}/predict", json={"records": [_one(stack, default_data)]}, headers={"x-request-id": request_id}
         )
         assert answer.status_code == 200
+    assert httpx.get(f"{server}/model").json()["id_field"] == "application_id"
+    batch = _records(_rows(stack, default_data, 3))
+    batch = [batch[0] | {"application_id": "A-1"}, batch[1] | {"application_id": 2}, batch[2]]
+    answer = httpx.post(f"{server}/predict", json={"records": batch}, headers={"x-request-id": "log-test-batch"})
+    assert answer.status_code == 200, answer.text
     client = s3_client(stack)
 
     def logged() -> pd.DataFrame:
@@ -211,10 +219,14 @@ def test_predictions_are_logged_to_s3(stack, default_data, server):
         return pd.concat(frames) if frames else pd.DataFrame(columns=["request_id"])
 
     # then within the flush interval they are in S3 with inputs, outputs and the model version
-    _wait_for(lambda: set(ids) <= set(logged()["request_id"]), 30, "the prediction log")
+    _wait_for(lambda: {*ids, "log-test-batch"} <= set(logged()["request_id"]), 30, "the prediction log")
     rows = logged().set_index("request_id").loc[ids]
     assert set(rows["model_version"]) == {_champion(stack)}
     assert {"age", "region", "predicted", "proba_0", "proba_1", "predicted_at"} <= set(rows.columns)
+    # each record of the batch with its own id (as text), in order; none where it sent none
+    in_batch = logged().set_index("request_id").loc[["log-test-batch"]]
+    assert in_batch["record_id"].tolist()[:2] == ["A-1", "2"] and pd.isna(in_batch["record_id"].iloc[2])
+    assert "application_id" not in in_batch.columns
 
 
 def test_new_champion_is_served_under_load_without_failed_requests(stack, default_data, versions, server):

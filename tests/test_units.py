@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -225,10 +227,16 @@ def test_prediction_log_table_keeps_every_row_and_each_models_classes():
 
     frame = pd.DataFrame({"age": [30.0, 40.0], "region": ["north", None]})
     at = datetime(2026, 1, 2, tzinfo=UTC)
-    binary = Entry(frame, np.array([[0.9, 0.1], [0.2, 0.8]]), [0, 1], np.array(["a", "b"]), "3", at)
+    ids = np.array(["A1", None], dtype=object)
+    binary = Entry(frame, np.array([[0.9, 0.1], [0.2, 0.8]]), [0, 1], np.array(["a", "a"]), "3", at, ids)
     three = Entry(frame.head(1), np.array([[0.2, 0.3, 0.5]]), [0, 1, 2], np.array(["c"]), "4", at)
     table = to_table([binary, three])
-    assert list(table["request_id"]) == ["a", "b", "c"]
+    assert list(table["request_id"]) == ["a", "a", "c"]
+    # each record's own id where it sent one (labels join on it), null elsewhere; Parquet keeps it as text
+    assert list(table["record_id"]) == ["A1", None, None]
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    assert pd.read_parquet(buffer)["record_id"].tolist() == ["A1", None, None]
     assert list(table["model_version"]) == ["3", "3", "4"]
     assert list(table["predicted"]) == [0, 1, 2]
     assert table["proba_1"].tolist() == [0.1, 0.8, 0.3]
