@@ -252,6 +252,18 @@ def test_no_answer_in_time_promotes_nothing_and_leaves_the_record(stack, default
     assert run.data.tags["outcome"].startswith("not promoted, the champion is unchanged: not approved: no answer")
     html, card = _card(stack, name, version.version)
     assert "no answer within 10 s" in card["outcome"] and "no answer within 10 s" in html
+    # and so does the decision artifact on the Prefect run
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        [artifact] = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["promotion-decision"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[paused.id]),
+            )
+        )
+    assert "no answer within 10 s" in artifact.data
 
 
 @pytest.mark.browser
