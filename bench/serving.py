@@ -80,16 +80,12 @@ async def _load(url: str, body: bytes, clients: int, seconds: float, warmup: flo
 def _in_process(model_name: str, records: list[dict], repeats: int = 300) -> dict:
     import mlflow.pyfunc
 
+    from tasks.review import predict_times_ms
+
     model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion").get_raw_model()
     out = {}
     for n in (1, 100):
-        frame = pd.DataFrame.from_records(records[:n])
-        model.predict_proba(frame)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            model.predict_proba(frame)
-            times.append((time.perf_counter() - started) * 1e3)
+        times = predict_times_ms(model, pd.DataFrame.from_records(records[:n]), repeats)
         out[f"{n}_records"] = {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
     return out
 

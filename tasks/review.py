@@ -100,6 +100,17 @@ def schema_gate(candidate: dict[str, str], champion: dict[str, str] | None, allo
     return GateResult("input_schema", not breaking, detail)
 
 
+def predict_times_ms(model: Any, frame: pd.DataFrame, calls: int) -> list[float]:
+    """Milliseconds of each of `calls` `predict_proba(frame)` calls, after one warm-up call."""
+    model.predict_proba(frame)
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        model.predict_proba(frame)
+        times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
 def operational_gates(model: Any, one_row: pd.DataFrame, gates: Gates) -> list[GateResult]:
     """Model size (pickled) and median single-record `predict_proba` time, against their limits."""
     from threadpoolctl import threadpool_limits
@@ -111,12 +122,7 @@ def operational_gates(model: Any, one_row: pd.DataFrame, gates: Gates) -> list[G
         results.append(GateResult("model_size", passed, f"{size_mb:.2f} MB (limit {gates.max_model_mb:g} MB)"))
     if gates.max_latency_ms is not None:
         with threadpool_limits(1):  # as the serving API calls it
-            model.predict_proba(one_row)
-            times = []
-            for _ in range(LATENCY_CALLS):
-                started = time.perf_counter()
-                model.predict_proba(one_row)
-                times.append((time.perf_counter() - started) * 1e3)
+            times = predict_times_ms(model, one_row, LATENCY_CALLS)
         median = statistics.median(times)
         passed = median <= gates.max_latency_ms
         detail = (

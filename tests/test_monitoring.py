@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -17,6 +16,7 @@ from mlops.datagen import write_months
 from mlops.synthetic import DriftSpec, generate_month
 from tasks.monitoring import DRIFT_TAG, load_champion_reference, model_tag
 from tasks.training import SearchSpec
+from tests.waiting import wait_for_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,7 +26,6 @@ MONTHS = 4
 ROWS = 1500
 SEARCH = {"trials_per_family": 1, "cv_folds": 2}
 OCTET = "application/octet-stream"
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @pytest.fixture(scope="module")
@@ -163,20 +162,6 @@ def _prediction_log(month: pd.DataFrame, champion) -> pd.DataFrame:
     return to_table(entries)
 
 
-def _wait(flow_run_id, timeout: float = 300):
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while True:
-            run = client.read_flow_run(flow_run_id)
-            if run.state and run.state.type.value in TERMINAL:
-                return run
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"run {flow_run_id} not finished: {run.state_name}")
-            time.sleep(2)
-
-
 def test_drift_triggers_exactly_one_retraining_within_the_cooldown(stack, dataset, deployed):
     # Given a month shifted by the generator's drift knob
     partition = _incoming(stack, MONTHS + 2, DriftSpec(start_month=MONTHS + 2, strength=1.0))
@@ -191,7 +176,7 @@ def test_drift_triggers_exactly_one_retraining_within_the_cooldown(stack, datase
     runs = _triggered_runs()
     assert [str(r.id) for r in runs] == [first.trigger.flow_run_id]
     # and the worker runs it with the reason recorded on the Prefect run and the MLflow run
-    finished = _wait(runs[0].id)
+    [finished] = wait_for_runs([runs[0].id], timeout=300)
     assert finished.state.type.value == "COMPLETED", finished.state.message
     assert finished.parameters["params"]["reason"].startswith("drift: partition ")
     assert finished.parameters["params"]["search"] == SEARCH  # the deployment's defaults are kept

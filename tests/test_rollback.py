@@ -6,7 +6,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +21,7 @@ from tasks.rollback import RollbackError
 from tasks.rollback import rollback as rollback_now
 from tasks.training import SearchSpec
 from tests.ports import free_port
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,14 +34,6 @@ def _bin(name: str) -> str:
 
 def _aliases(stack) -> dict[str, str]:
     return {k: str(v) for k, v in mlflow_client(stack).get_registered_model(MODEL).aliases.items()}
-
-
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +66,7 @@ def server(stack, versions, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("rollback-serving") / "serving.log"
     with running(command, f"http://127.0.0.1:{port}/health", dict(os.environ), log_file):
         url = f"http://127.0.0.1:{port}"
-        _wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
         yield url
 
 
@@ -109,7 +101,9 @@ def test_cli_rollback_moves_the_champion_back_and_the_serving_api_follows(stack,
     first, second = versions["first"], versions["second"]
     # Given v2 is champion (v1 previous) and the serving API serves it
     assert _aliases(stack) == {"champion": second, "previous": first}
-    _wait_for(lambda: httpx.get(f"{server}/health").json()["version"] == second, 60, f"v{second} to be served")
+    wait_for(
+        lambda: httpx.get(f"{server}/health").json()["version"] == second, 60, f"v{second} to be served", interval=0.3
+    )
     # when an operator rolls back from the shell (the serving API to check is configured)
     result = _cli("rollback", "--model", MODEL, "--reason", "v2 answers nonsense", MLOPS_SERVING_URL=server)
     # then the champion is v1 again, v2 is previous, and the serving API answers with v1

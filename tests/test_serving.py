@@ -22,6 +22,7 @@ from tasks.promotion import promote_version, revert_promotion
 from tasks.serving_check import wait_for_serving
 from tasks.training import ModelFamily, SearchSpec
 from tests.ports import free_port
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -75,16 +76,8 @@ def server(stack, versions, tmp_path_factory):
     port, context = _serve(stack, tmp_path_factory, "serving")
     with context:
         url = f"http://127.0.0.1:{port}"
-        _wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
         yield url
-
-
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def _champion(stack) -> str:
@@ -219,7 +212,7 @@ def test_predictions_are_logged_to_s3(stack, default_data, server):
         return pd.concat(frames) if frames else pd.DataFrame(columns=["request_id"])
 
     # then within the flush interval they are in S3 with inputs, outputs and the model version
-    _wait_for(lambda: {*ids, "log-test-batch"} <= set(logged()["request_id"]), 30, "the prediction log")
+    wait_for(lambda: {*ids, "log-test-batch"} <= set(logged()["request_id"]), 30, "the prediction log")
     rows = logged().set_index("request_id").loc[ids]
     assert set(rows["model_version"]) == {_champion(stack)}
     assert {"age", "region", "predicted", "proba_0", "proba_1", "predicted_at"} <= set(rows.columns)
@@ -254,7 +247,7 @@ def test_new_champion_is_served_under_load_without_failed_requests(stack, defaul
         time.sleep(1.5)
         # when another version becomes champion
         promotion = promote_version(MODEL, new, old)
-        _wait_for(lambda: httpx.get(f"{server}/health").json()["version"] == new, 60, f"v{new} to be served")
+        wait_for(lambda: httpx.get(f"{server}/health").json()["version"] == new, 60, f"v{new} to be served")
         switched = time.monotonic()
         time.sleep(1.5)
     finally:
@@ -266,7 +259,7 @@ def test_new_champion_is_served_under_load_without_failed_requests(stack, defaul
     assert {version for _, _, version in seen} == {old, new}
     assert all(version == new for at, _, version in seen if at > switched + 0.5)
     revert_promotion(promotion, "test: back to the first champion")
-    _wait_for(lambda: httpx.get(f"{server}/health").json()["version"] == old, 60, f"v{old} to be served again")
+    wait_for(lambda: httpx.get(f"{server}/health").json()["version"] == old, 60, f"v{old} to be served again")
 
 
 def _corrupt(stack, version: str) -> None:
@@ -312,13 +305,13 @@ def test_prediction_log_outage_never_fails_a_request(stack, default_data, versio
     port, context = _serve(stack, tmp_path_factory, "no-s3", AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}")
     with context:
         url = f"http://127.0.0.1:{port}"
-        _wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
         # when predictions are requested, then they are answered
         for _ in range(5):
             answer = httpx.post(f"{url}/predict", json={"records": [_one(stack, default_data)]}, timeout=30)
             assert answer.status_code == 200, answer.text
         # and the failed log writes are counted, with the rows kept for a later try
-        _wait_for(
+        wait_for(
             lambda: 'mlops_serving_prediction_log_rows_total{result="failed"}' in httpx.get(f"{url}/metrics").text,
             60,
             "a failed log write to be counted",
