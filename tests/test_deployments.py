@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from mlops.clients import mlflow_client
+from tests.waiting import wait_for_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # seconds between deploying a schedule and its first run (see the scheduled-run test)
 SCHEDULE_LEAD = 45
 
@@ -52,18 +53,6 @@ def _client():
     return get_client(sync_client=True)
 
 
-def _wait(flow_run_ids: list, timeout: float = 600) -> list:
-    deadline = time.monotonic() + timeout
-    with _client() as client:
-        while True:
-            runs = [client.read_flow_run(i) for i in flow_run_ids]
-            if all(r.state and r.state.type.value in TERMINAL for r in runs):
-                return runs
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"runs not finished: {[(str(r.id), r.state_name) for r in runs]}")
-            time.sleep(2)
-
-
 def test_parameters_form_has_titles_descriptions_defaults_and_enums(deployed):
     with _client() as client:
         deployment = client.read_deployment(deployed["training"])
@@ -97,7 +86,6 @@ def _model_versions(stack) -> list:
 
 
 def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed, deployed_dataset):
-    from datetime import UTC, datetime, timedelta
 
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
@@ -133,7 +121,7 @@ def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed,
         f"due at {first.expected_start_time} (raise SCHEDULE_LEAD)"
     )
     # then the worker picks the due run up, it completes, and a model version is registered
-    [finished] = _wait([first.id])
+    [finished] = wait_for_runs([first.id])
     assert finished.state.type.value == "COMPLETED", finished.state.message
     assert len(_model_versions(stack)) == before + 1
 
@@ -146,7 +134,7 @@ def test_concurrent_runs_never_promote_against_a_stale_champion(stack, deployed,
         run_deployment("training/training", parameters=_parameters(deployed_dataset, seed=seed), timeout=0)
         for seed in (101, 202)
     ]
-    finished = _wait([r.id for r in runs])
+    finished = wait_for_runs([r.id for r in runs])
     assert [r.state.type.value for r in finished] == ["COMPLETED", "COMPLETED"], [r.state.message for r in finished]
     # then both decisions are recorded, and every promotion names as the champion it beat the version that
     # was champion just before it: no two promotions were decided against the same champion
@@ -202,7 +190,7 @@ def test_scoring_deployment_is_on_demand_and_runs_on_the_worker(stack, deployed,
     # when a run of the deployment is started for one month
     source = f"{default_data}month=2025-06/"
     run = run_deployment("scoring/scoring", parameters={"params": {"dataset": config, "source": source}}, timeout=0)
-    [finished] = _wait([run.id])
+    [finished] = wait_for_runs([run.id])
     # then the worker completes it, and the month's predictions and summary are in S3
     assert finished.state.type.value == "COMPLETED", finished.state.message
     version = trained.result().candidate_version
@@ -241,6 +229,7 @@ def test_run_from_the_ui_form_with_a_changed_parameter(stack, deployed):
         field = label.locator("xpath=ancestor::div[contains(concat(' ', @class, ' '), ' p-label ')][1]//input").first
         field.fill("1")
         page.screenshot(path=str(ARTIFACTS / "ui-custom-run-form.png"), full_page=True)
+        submitted = datetime.now(UTC)
         page.get_by_role("button", name="Submit").click()
         page.wait_for_url(lambda url: not url.split("?")[0].endswith("/run"), timeout=30_000)
         # then a run with the changed value exists, the worker completes it, and a model version appears
@@ -250,12 +239,14 @@ def test_run_from_the_ui_form_with_a_changed_parameter(stack, deployed):
                 runs = client.read_flow_runs(
                     deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed["training"]]))
                 )
-                mine = [r for r in runs if r.parameters["params"].get("search", {}).get("trials_per_family") == 1]
+                # runs other modules left on the shared deployment (schedules, triggered retrains) are not ours
+                new = [r for r in runs if not r.auto_scheduled and r.created >= submitted - timedelta(seconds=1)]
+                mine = [r for r in new if r.parameters["params"].get("search", {}).get("trials_per_family") == 1]
                 if mine or time.monotonic() > deadline:
                     break
                 time.sleep(1)
         assert len(mine) == 1, [r.parameters for r in runs]
-        [finished] = _wait([mine[0].id])
+        [finished] = wait_for_runs([mine[0].id])
         assert finished.state.type.value == "COMPLETED", finished.state.message
         assert len(_model_versions(stack)) == before + 1
         page.goto(f"{stack.prefect_ui_url}/runs/flow-run/{finished.id}")
