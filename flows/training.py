@@ -30,6 +30,7 @@ from tasks.promotion import (
     Promotion,
     decide,
     decision_markdown,
+    resolve_gates,
     decision_tags,
     describe_outcome,
     ensure_promotion_lock,
@@ -226,6 +227,7 @@ def _record(
 def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # noqa: B008 - frozen, safe default
     """Retrain the dataset's model and promote it when it passes the gates and beats the champion."""
     config = load_dataset_config(params.dataset)
+    gates = resolve_gates(params.gates, config.task)  # the task's default primary metric, or a clear error
     snapshot = load_snapshot(config)
     report = check_snapshot(snapshot.frame, config, snapshot.data_version)
     report_json = report.to_json()
@@ -262,7 +264,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                 evaluation.proba,
                 split.holdout,
                 config,
-                params.gates,
+                gates,
                 params.seed,
                 champion.proba,
                 champion.schema,
@@ -271,10 +273,11 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                 evaluation.metrics,
                 champion.metrics,
                 champion.version,
-                params.gates,
+                gates,
                 champion.error,
-                findings.interval(params.gates.primary_metric),
+                findings.interval(gates.primary_metric),
                 findings.checks,
+                findings.holdout,
             )
             log_review(run_id, findings)
             # id_column: the record field the serving API logs with each prediction, so labels can join

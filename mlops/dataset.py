@@ -26,6 +26,12 @@ class TaskType(StrEnum):
 
     binary = "binary"
     multiclass = "multiclass"
+    regression = "regression"
+
+    @property
+    def is_classification(self) -> bool:
+        """Binary or multiclass: the model gives class probabilities."""
+        return self is not TaskType.regression
 
 
 class FeatureType(StrEnum):
@@ -101,7 +107,9 @@ class DatasetConfig(BaseModel):
     id_column: str
     time_column: str | None = None
     features: list[Feature] = Field(min_length=1)
-    classes: list[str | int] | None = Field(None, description="Expected target values, when known.")
+    classes: list[str | int] | None = Field(
+        None, description="Expected target values, when known (classification only)."
+    )
     min_rows: int = Field(100, ge=1, description="A snapshot with fewer rows is rejected.")
     max_null_fraction: float = Field(0.2, ge=0, le=1, description="Default null tolerance per feature.")
     holdout_fraction: float = Field(
@@ -126,6 +134,8 @@ class DatasetConfig(BaseModel):
         for role, column in (("target", self.target), ("id_column", self.id_column)):
             if column in names:
                 raise ValueError(f"{role} {column!r} must not also be a feature")
+        if self.task is TaskType.regression and self.classes is not None:
+            raise ValueError("classes only apply to binary and multiclass tasks, not to regression")
         self._check_slices()
         return self
 

@@ -19,26 +19,65 @@ from sklearn.metrics import (
 )
 from sklearn.preprocessing import label_binarize
 
-from mlops.dataset import DatasetConfig
+from mlops.dataset import DatasetConfig, TaskType
 from tasks.features import prepare_inputs, prepare_target
 
 log = logging.getLogger(__name__)
 
 # Metrics where lower is better; every other metric is higher-is-better.
-LOWER_IS_BETTER = frozenset({"log_loss", "brier"})
-METRICS = ("roc_auc", "pr_auc", "f1", "log_loss", "brier")
+LOWER_IS_BETTER = frozenset({"log_loss", "brier", "rmse", "mae"})
+CLASSIFICATION_METRICS = ("roc_auc", "pr_auc", "f1", "log_loss", "brier")
+REGRESSION_METRICS = ("rmse", "mae", "r2")
+METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
+
+
+def metrics_for(task: TaskType) -> tuple[str, ...]:
+    """The holdout metrics of a task (macro averages for multiclass)."""
+    return CLASSIFICATION_METRICS if task.is_classification else REGRESSION_METRICS
+
+
+def model_classes(model: Any) -> list[Any]:
+    """A classifier's classes in `predict_proba` column order; `[]` for a regressor.
+
+    Throughout the project a model's holdout "scores" are its probabilities (n, classes) for a classifier
+    and its predicted values (n,) for a regressor, with `classes == []` telling the two apart.
+    """
+    classes = getattr(model, "classes_", None)
+    return [] if classes is None else list(classes)
+
+
+def regression_metrics(y_true: Sequence[Any], predicted: np.ndarray) -> dict[str, float]:
+    """RMSE, MAE and R² of predicted values (textbook definitions; equal to scikit-learn's)."""
+    y = np.asarray(y_true, dtype="float64")
+    predicted = np.asarray(predicted, dtype="float64")
+    if predicted.shape != y.shape:
+        raise ValueError(f"predictions have shape {predicted.shape}, expected {y.shape}")
+    errors = predicted - y
+    total = float(np.sum((y - y.mean()) ** 2))
+    return {
+        "rmse": float(np.sqrt(np.mean(errors**2))),
+        "mae": float(np.mean(np.abs(errors))),
+        # A constant target has no variance to explain: R² is undefined there, reported as 0 like a constant model.
+        "r2": 1.0 - float(np.sum(errors**2)) / total if total > 0 else 0.0,
+    }
 
 
 def compute_metrics(y_true: Sequence[Any], proba: np.ndarray, classes: Sequence[Any]) -> dict[str, float]:
-    """ROC AUC, PR AUC, F1, log loss and Brier score; macro averages (one-vs-rest) for multiclass.
+    """Holdout metrics of one model's scores.
+
+    Classification: ROC AUC, PR AUC, F1, log loss and Brier score; macro averages (one-vs-rest) for
+    multiclass. Regression (`classes` empty): RMSE, MAE and R².
 
     Args:
-        y_true: True labels.
-        proba: Predicted probabilities, one column per class in `classes` order.
-        classes: The model's classes (`model.classes_`).
+        y_true: True labels (or values).
+        proba: Predicted probabilities, one column per class in `classes` order; predicted values (n,) for
+            a regressor.
+        classes: The model's classes (`model_classes(model)`); empty for a regressor.
     """
-    y_true = np.asarray(y_true)
     classes = list(classes)
+    if not classes:
+        return regression_metrics(y_true, proba)
+    y_true = np.asarray(y_true)
     if proba.ndim != 2 or proba.shape[1] != len(classes):
         raise ValueError(f"probabilities have shape {proba.shape}, expected (n, {len(classes)})")
     predicted = np.asarray(classes)[proba.argmax(axis=1)]
@@ -64,14 +103,41 @@ def compute_metrics(y_true: Sequence[Any], proba: np.ndarray, classes: Sequence[
     return {name: float(value) for name, value in metrics.items()}
 
 
+def model_scores(model: Any, X: pd.DataFrame) -> np.ndarray:
+    """Probabilities of a fitted classifier pipeline, or predicted values of a regressor, on prepared inputs."""
+    return model.predict_proba(X) if model_classes(model) else np.asarray(model.predict(X), dtype="float64")
+
+
 def predict_proba(model: Any, frame: pd.DataFrame, config: DatasetConfig) -> np.ndarray:
-    """Probabilities of a fitted pipeline on raw rows of the dataset."""
-    return model.predict_proba(prepare_inputs(frame, config))
+    """Scores of a fitted pipeline on raw rows of the dataset (probabilities, or values for regression)."""
+    return model_scores(model, prepare_inputs(frame, config))
 
 
 def evaluate_on(model: Any, holdout: pd.DataFrame, config: DatasetConfig) -> dict[str, float]:
     """Metrics of a fitted pipeline on the holdout rows."""
-    return compute_metrics(prepare_target(holdout, config), predict_proba(model, holdout, config), model.classes_)
+    return compute_metrics(prepare_target(holdout, config), predict_proba(model, holdout, config), model_classes(model))
+
+
+def regression_figures(y_true: Sequence[Any], predicted: np.ndarray) -> dict[str, Any]:
+    """Predicted-vs-actual and residual plots of a regressor on the holdout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import PredictionErrorDisplay
+
+    figures: dict[str, Any] = {}
+    for name, kind, title in (
+        ("predicted_vs_actual.png", "actual_vs_predicted", "Predicted vs actual (holdout)"),
+        ("residuals.png", "residual_vs_predicted", "Residuals vs predicted (holdout)"),
+    ):
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        PredictionErrorDisplay.from_predictions(
+            np.asarray(y_true, dtype="float64"), predicted, kind=kind, ax=ax, subsample=2000, random_state=0
+        )
+        ax.set_title(title)
+        figures[name] = fig
+    return figures
 
 
 def evaluation_figures(y_true: Sequence[Any], proba: np.ndarray, classes: Sequence[Any]) -> dict[str, Any]:
@@ -121,7 +187,7 @@ def evaluation_figures(y_true: Sequence[Any], proba: np.ndarray, classes: Sequen
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Holdout metrics, the probabilities behind them and, for a candidate, its plots (keyed by file name)."""
+    """Holdout metrics, the scores behind them (probabilities, or values for regression) and a candidate's plots."""
 
     metrics: dict[str, float]
     figures: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -133,6 +199,10 @@ def evaluate_candidate(model: Any, holdout: pd.DataFrame, config: DatasetConfig,
     """Prefect task: score a fitted pipeline on the frozen holdout (and draw its plots)."""
     y_true = prepare_target(holdout, config)
     proba = predict_proba(model, holdout, config)
-    metrics = compute_metrics(y_true, proba, model.classes_)
+    classes = model_classes(model)
+    metrics = compute_metrics(y_true, proba, classes)
     log.info("holdout metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
-    return Evaluation(metrics, evaluation_figures(y_true, proba, model.classes_) if figures else {}, proba)
+    if not figures:
+        return Evaluation(metrics, {}, proba)
+    drawn = evaluation_figures(y_true, proba, classes) if classes else regression_figures(y_true, proba)
+    return Evaluation(metrics, drawn, proba)

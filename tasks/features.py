@@ -8,7 +8,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from mlops.dataset import DatasetConfig
+from mlops.dataset import DatasetConfig, TaskType
 from mlops.transformers import QuantileClipper
 
 
@@ -26,7 +26,9 @@ def prepare_inputs(frame: pd.DataFrame, config: DatasetConfig) -> pd.DataFrame:
 
 
 def prepare_target(frame: pd.DataFrame, config: DatasetConfig) -> pd.Series:
-    """The target column."""
+    """The target column (as float64 for regression)."""
+    if config.task is TaskType.regression:
+        return pd.to_numeric(frame[config.target], errors="raise").astype("float64")
     return frame[config.target]
 
 

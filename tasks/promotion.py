@@ -28,13 +28,14 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlops.clients import mlflow_client
+from mlops.dataset import TaskType
 from mlops.settings import get_settings
-from tasks.evaluation import LOWER_IS_BETTER
+from tasks.evaluation import LOWER_IS_BETTER, metrics_for
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, PermanentError, retry_unless_permanent
 
 if TYPE_CHECKING:
     from tasks.approval import Approval
-    from tasks.significance import DeltaInterval
+    from tasks.significance import DeltaInterval, MetricInterval
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,11 @@ class Gates(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    primary_metric: Literal["roc_auc", "pr_auc", "f1", "log_loss", "brier"] = Field(
-        "roc_auc", title="Primary metric", description="Metric the candidate must improve over the champion."
+    primary_metric: Literal["roc_auc", "pr_auc", "f1", "log_loss", "brier", "rmse", "mae", "r2"] | None = Field(
+        None,
+        title="Primary metric",
+        description="Metric the candidate must improve over the champion; empty for the task's default "
+        "(roc_auc for binary and multiclass, macro-averaged; rmse for regression).",
     )
     min_delta: float = Field(
         0.0,
@@ -68,6 +72,26 @@ class Gates(BaseModel):
     min_f1: float | None = Field(None, ge=0, le=1, title="Minimum F1")
     max_log_loss: float | None = Field(None, gt=0, title="Maximum log loss")
     max_brier: float | None = Field(None, gt=0, title="Maximum Brier score")
+    max_rmse: float | None = Field(None, gt=0, title="Maximum RMSE", description="Regression only.")
+    max_mae: float | None = Field(None, gt=0, title="Maximum MAE", description="Regression only.")
+    min_r2: float | None = Field(
+        0.0,
+        le=1,
+        title="Minimum R²",
+        description="Regression only; 0 is a model that predicts the mean, so the default asks for better.",
+    )
+    min_holdout_rows: int = Field(
+        100,
+        ge=1,
+        title="Minimum holdout rows",
+        description="With fewer frozen holdout rows nothing is promoted: the holdout is too small to judge.",
+    )
+    min_holdout_per_class: int = Field(
+        10,
+        ge=1,
+        title="Minimum holdout rows per class",
+        description="Classification: every class needs this many holdout rows for a promotion.",
+    )
     max_slice_drop: float | None = Field(
         0.05,
         ge=0,
@@ -96,6 +120,24 @@ class Gates(BaseModel):
     )
 
 
+DEFAULT_PRIMARY = {TaskType.binary: "roc_auc", TaskType.multiclass: "roc_auc", TaskType.regression: "rmse"}
+
+
+def resolve_gates(gates: Gates, task: TaskType) -> Gates:
+    """The gates with the task's default primary metric filled in; a metric of another task is refused.
+
+    Raises:
+        ValueError: The primary metric does not apply to the task (e.g. roc_auc for a regression).
+    """
+    primary = gates.primary_metric or DEFAULT_PRIMARY[task]
+    allowed = metrics_for(task)
+    if primary not in allowed:
+        raise ValueError(
+            f"gates.primary_metric {primary!r} does not apply to a {task.value} task: use one of {list(allowed)}"
+        )
+    return gates.model_copy(update={"primary_metric": primary})
+
+
 class GateResult(NamedTuple):
     """One gate of the promotion: its name, whether it passed, and the numbers behind it."""
 
@@ -113,7 +155,7 @@ class Decision:
     candidate_metrics: dict[str, float]
     champion_version: str | None = None
     champion_metrics: dict[str, float] | None = None
-    primary_metric: str = "roc_auc"
+    primary_metric: str | None = "roc_auc"
     gates: dict[str, Any] = field(default_factory=dict)
     interval: dict[str, Any] | None = None
     checks: list[GateResult] = field(default_factory=list)
@@ -129,28 +171,95 @@ class Decision:
         return json.dumps(record, indent=2, sort_keys=True)
 
 
-def absolute_gates(metrics: dict[str, float], gates: Gates) -> list[GateResult]:
-    """Each configured threshold on the candidate's holdout metrics, passed or not."""
-    checks = [
+def configured_bounds(gates: Gates) -> list[tuple[str, float, Literal["min", "max"]]]:
+    """Every absolute threshold that is set: (metric, bound, min or max)."""
+    bounds: list[tuple[str, float | None, Literal["min", "max"]]] = [
         ("roc_auc", gates.min_roc_auc, "min"),
         ("pr_auc", gates.min_pr_auc, "min"),
         ("f1", gates.min_f1, "min"),
         ("log_loss", gates.max_log_loss, "max"),
         ("brier", gates.max_brier, "max"),
+        ("rmse", gates.max_rmse, "max"),
+        ("mae", gates.max_mae, "max"),
+        ("r2", gates.min_r2, "min"),
     ]
+    return [(metric, bound, kind) for metric, bound, kind in bounds if bound is not None]
+
+
+def _relation(kind: str, passed: bool) -> str:
+    if kind == "min":
+        return "is at least" if passed else "is below the minimum"
+    return "is at most" if passed else "is above the maximum"
+
+
+def absolute_gates(
+    metrics: dict[str, float], gates: Gates, intervals: Sequence[MetricInterval] | None = None
+) -> list[GateResult]:
+    """Each configured threshold that applies to the task, on the candidate's holdout metrics, passed or not.
+
+    With `intervals` (cold start) a threshold is judged on the pessimistic bound of the metric's bootstrap
+    interval (the lower bound of a score, the upper bound of a loss), not on the point estimate.
+    """
+    by_metric = {i.metric: i for i in intervals or []}
     results = []
-    for metric, bound, kind in checks:
-        if bound is None:
+    for metric, bound, kind in configured_bounds(gates):
+        if metric not in metrics:  # a gate of the other kind of task (e.g. min_roc_auc on a regression)
             continue
-        value = metrics[metric]
-        passed = value >= bound if kind == "min" else value <= bound
-        relation = (
-            ("is at least" if passed else "is below the minimum")
-            if kind == "min"
-            else ("is at most" if passed else "is above the maximum")
-        )
-        results.append(GateResult(f"{kind}_{metric}", passed, f"{metric} {value:.4f} {relation} {bound:.4f}"))
+        if intervals is None:
+            value = metrics[metric]
+            passed = value >= bound if kind == "min" else value <= bound
+            detail = f"{metric} {value:.4f} {_relation(kind, passed)} {bound:.4f}"
+        else:
+            if metric not in by_metric:  # fail closed: nothing to judge the model on
+                detail = f"{metric}: no bootstrap interval (the holdout is empty or misses a class)"
+                results.append(GateResult(f"{kind}_{metric}", False, detail))
+                continue
+            interval = by_metric[metric]
+            value = interval.pessimistic(metric in LOWER_IS_BETTER)
+            side = "upper" if metric in LOWER_IS_BETTER else "lower"
+            passed = value >= bound if kind == "min" else value <= bound
+            detail = (
+                f"{metric} {interval.confidence:.0%} CI {side} bound {value:.4f} (point {interval.value:.4f}, "
+                f"{interval.n_resamples} bootstrap resamples) {_relation(kind, passed)} {bound:.4f}"
+            )
+        results.append(GateResult(f"{kind}_{metric}", passed, detail))
     return results
+
+
+@dataclass(frozen=True)
+class HoldoutEvidence:
+    """What a cold start is judged on: how big the holdout is and the candidate's bootstrap intervals.
+
+    Attributes:
+        n_rows: Frozen holdout rows.
+        class_counts: Holdout rows per class (classification); empty for regression.
+        intervals: The candidate's bootstrap intervals of every metric with an absolute gate.
+    """
+
+    n_rows: int
+    class_counts: dict[str, int]
+    intervals: list[MetricInterval]
+
+
+def holdout_size_gate(evidence: HoldoutEvidence, gates: Gates) -> GateResult:
+    """Is the holdout big enough to judge a model without a champion to compare with?"""
+    problems = []
+    if evidence.n_rows < gates.min_holdout_rows:
+        problems.append(f"{evidence.n_rows} holdout rows < min_holdout_rows {gates.min_holdout_rows}")
+    small = {c: n for c, n in evidence.class_counts.items() if n < gates.min_holdout_per_class}
+    if small:
+        listed = ", ".join(f"{c}: {n}" for c, n in small.items())
+        problems.append(f"classes with fewer than min_holdout_per_class {gates.min_holdout_per_class} rows ({listed})")
+    if problems:
+        return GateResult("holdout_size", False, "; ".join(problems))
+    per_class = (
+        f"; at least {min(evidence.class_counts.values())} per class (minimum {gates.min_holdout_per_class})"
+        if evidence.class_counts
+        else ""
+    )
+    return GateResult(
+        "holdout_size", True, f"{evidence.n_rows} holdout rows (minimum {gates.min_holdout_rows}){per_class}"
+    )
 
 
 def improvement(metric: str, candidate: float, champion: float) -> float:
@@ -166,19 +275,31 @@ def decide(
     champion_error: str | None = None,
     interval: DeltaInterval | None = None,
     checks: Sequence[GateResult] = (),
+    holdout: HoldoutEvidence | None = None,
 ) -> Decision:
-    """The promotion decision: a pure function of the metrics, the improvement's interval and the gates.
+    """The promotion decision: a pure function of the metrics, the intervals and the gates.
+
+    The reasons say one consistent thing: a rule is stated as applying only when it decided the outcome.
 
     Args:
         candidate: The candidate's holdout metrics.
         champion: The champion's metrics on the same rows (None at cold start or when it failed).
         champion_version: The champion's version, if there is one.
-        gates: Thresholds.
+        gates: Thresholds (`primary_metric` empty means the task's default, told by the metrics' kind).
         champion_error: Why the champion could not be scored (blocks promotion).
         interval: Paired bootstrap interval of the improvement on the primary metric (needed with a champion).
         checks: Review gates (slices, fairness, size, latency, schema) already evaluated.
+        holdout: The holdout's size and the candidate's bootstrap intervals (needed at cold start).
     """
-    results = [*absolute_gates(candidate, gates), *checks]
+    if gates.primary_metric is None:
+        gates = resolve_gates(gates, TaskType.regression if "rmse" in candidate else TaskType.binary)
+    primary = gates.primary_metric
+    cold_start = champion is None and champion_error is None
+    if cold_start and holdout is None:
+        raise ValueError("judging a cold start needs the holdout evidence (size and bootstrap intervals)")
+    results = [*absolute_gates(candidate, gates, holdout.intervals if cold_start and holdout else None), *checks]
+    if cold_start and holdout is not None:
+        results.insert(0, holdout_size_gate(holdout, gates))
     failed = [r for r in results if not r.passed]
     reasons = [
         f"gate failed: {r.detail}" if r.gate.startswith(("min_", "max_")) else f"gate failed: {r.gate}: {r.detail}"
@@ -186,13 +307,18 @@ def decide(
     ]
     if not failed:
         reasons.append(f"all {len(results)} absolute and review gates passed ({', '.join(r.gate for r in results)})")
-    primary = gates.primary_metric
     if champion_error is not None:
-        reasons.append(f"current champion v{champion_version} could not be scored: {champion_error}")
+        reasons.append(f"current champion v{champion_version} could not be scored: {champion_error}; not promoted")
         promote = False
     elif champion is None:
-        reasons.append("cold start: no champion yet, so a candidate that passes the gates is promoted")
         promote = not failed
+        if promote:
+            reasons.append(
+                "cold start: no champion yet; the holdout is large enough and every absolute gate holds on the "
+                "pessimistic bound of its bootstrap interval, so the candidate is promoted"
+            )
+        else:
+            reasons.append(f"cold start: no champion yet; not promoted because {len(failed)} gate(s) failed")
     else:
         if interval is None or interval.metric != primary:
             raise ValueError(f"comparing with a champion needs the paired interval of {primary}")
@@ -206,6 +332,8 @@ def decide(
             + ("" if beats or interval.delta <= 0 else " beyond noise")
         )
         promote = not failed and beats
+        if beats and failed:
+            reasons.append(f"not promoted: it beats the champion, but {len(failed)} gate(s) failed")
     return Decision(
         promote,
         reasons,

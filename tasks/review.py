@@ -25,11 +25,12 @@ from prefect.cache_policies import NO_CACHE
 from mlops.clients import mlflow_client
 from mlops.dataset import DatasetConfig, FeatureType
 from mlops.settings import get_settings
+from tasks.evaluation import CLASSIFICATION_METRICS, REGRESSION_METRICS, model_classes
 from tasks.fairness import FairnessReport, fairness_gate, fairness_report, sensitive_groups
 from tasks.features import prepare_inputs, prepare_target
-from tasks.promotion import GateResult, Gates
+from tasks.promotion import GateResult, Gates, HoldoutEvidence, configured_bounds
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
-from tasks.significance import DeltaInterval, paired_bootstrap_metrics
+from tasks.significance import DeltaInterval, bootstrap_metrics, paired_bootstrap_metrics
 from tasks.slices import SliceMetric, slice_gate, slice_metrics, unmeasured_slices
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Review:
     intervals: list[DeltaInterval] = field(default_factory=list)
     importances: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
     notes: list[str] = field(default_factory=list)
+    holdout: HoldoutEvidence | None = None
 
     def interval(self, metric: str) -> DeltaInterval | None:
         """The improvement's interval on `metric` (None at cold start)."""
@@ -68,6 +70,7 @@ class Review:
             "candidate": asdict(self.candidate),
             "champion": None if self.champion is None else asdict(self.champion),
             "notes": self.notes,
+            "holdout": None if self.holdout is None else asdict(self.holdout),
         }
         return json.dumps(record, indent=2, default=str)
 
@@ -133,6 +136,21 @@ def operational_gates(model: Any, one_row: pd.DataFrame, gates: Gates) -> list[G
     return results
 
 
+def holdout_evidence(
+    y_true: pd.Series, scores: np.ndarray, classes: list[Any], gates: Gates, seed: int
+) -> HoldoutEvidence:
+    """The holdout's size and the candidate's bootstrap intervals of every gated metric (judged at cold start)."""
+    counts = {str(c): int((np.asarray(y_true) == c).sum()) for c in classes}
+    applicable = CLASSIFICATION_METRICS if classes else REGRESSION_METRICS
+    gated = [metric for metric, _, _ in configured_bounds(gates) if metric in applicable]
+    intervals = []
+    if gated and len(y_true) and all(counts.values()):
+        intervals = bootstrap_metrics(
+            y_true, scores, classes, gated, n_resamples=gates.n_resamples, confidence=gates.confidence, seed=seed
+        )
+    return HoldoutEvidence(len(y_true), counts, intervals)
+
+
 def model_results(holdout: pd.DataFrame, proba: np.ndarray, classes: list[Any], config: DatasetConfig) -> ModelResults:
     """Slice metrics and fairness reports of one model's holdout probabilities."""
     y_true = prepare_target(holdout, config)
@@ -170,13 +188,16 @@ def review_candidate(
     from tasks.explain import permutation_importances
 
     y_true = prepare_target(holdout, config)
-    classes = list(candidate.classes_)
+    classes = model_classes(candidate)
     results = model_results(holdout, proba, classes, config)
     checks: list[GateResult] = []
     intervals: list[DeltaInterval] = []
     champion_results = None
     notes = unmeasured_slices(results.slices)
-    if champion_proba is not None:
+    evidence = None
+    if champion_proba is None:
+        evidence = holdout_evidence(y_true, proba, classes, gates, seed)
+    else:
         champion_results = model_results(holdout, champion_proba, classes, config)
         intervals = paired_bootstrap_metrics(
             y_true,
@@ -206,7 +227,7 @@ def review_candidate(
     importances = permutation_importances(candidate, X, y_true, scoring=scoring, seed=seed)
     for check in checks:
         log.info("gate %s: %s (%s)", check.gate, "passed" if check.passed else "FAILED", check.detail)
-    return Review(checks, results, champion_results, intervals, importances, notes)
+    return Review(checks, results, champion_results, intervals, importances, notes, evidence)
 
 
 @task(name="review", cache_policy=NO_CACHE)

@@ -13,13 +13,13 @@ second for ROC AUC on two cores (2000 calls to scikit-learn take about 15 s).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from tasks.evaluation import METRICS, compute_metrics
+from tasks.evaluation import CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS, compute_metrics
 from tasks.promotion import improvement
 
 log = logging.getLogger(__name__)
@@ -192,12 +192,42 @@ def _mean_loss(metric: str) -> Callable[[np.ndarray, np.ndarray], Scorer]:
     return prepare
 
 
+def _regression(metric: str) -> Callable[[np.ndarray, np.ndarray], Scorer]:
+    """RMSE, MAE or R² of predicted values under row weights (a weighted mean of per-row errors).
+
+    R² is one minus the weighted squared error over the weighted squared deviation from the weighted mean
+    (computed as `sum w y² - (sum w y)² / sum w`, so one matrix product per term).
+    """
+
+    def prepare(y: np.ndarray, predicted: np.ndarray) -> Scorer:
+        errors = predicted - y
+        squared, absolute = errors**2, np.abs(errors)
+        centred = y - y.mean()  # centred once for numerical stability; R² does not depend on the shift
+
+        def score(weights: np.ndarray) -> np.ndarray:
+            total = weights.sum(axis=1)
+            if metric == "mae":
+                return weights @ absolute / total
+            sse = weights @ squared
+            if metric == "rmse":
+                return np.sqrt(sse / total)
+            sst = weights @ centred**2 - (weights @ centred) ** 2 / total
+            return np.where(sst > 0, 1 - sse / np.where(sst > 0, sst, 1), 0.0)
+
+        return score
+
+    return prepare
+
+
 _PREPARE: dict[str, Callable[[np.ndarray, np.ndarray], Scorer]] = {
     "roc_auc": _one_vs_rest(_binary_auc),
     "pr_auc": _one_vs_rest(_binary_average_precision),
     "f1": _f1,
     "log_loss": _mean_loss("log_loss"),
     "brier": _mean_loss("brier"),
+    "rmse": _regression("rmse"),
+    "mae": _regression("mae"),
+    "r2": _regression("r2"),
 }
 
 
@@ -219,23 +249,38 @@ def weighted_metric(
     Returns:
         The metric for each resample.
     """
-    _check_metric(metric)
+    _check_metric(metric, classes)
     codes, proba = _validate(y_true, proba, classes)
     return _PREPARE[metric](codes, proba)(np.atleast_2d(np.asarray(weights, dtype="float64")))
 
 
-def _check_metric(metric: str) -> None:
+def _check_metric(metric: str, classes: Sequence[Any] = ()) -> None:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: expected one of {list(METRICS)}")
+    allowed = _metrics_of(classes)
+    if metric not in allowed:
+        kind = "a classifier's probabilities" if list(classes) else "a regressor's values"
+        raise ValueError(f"metric {metric!r} does not apply to {kind}: expected one of {list(allowed)}")
+
+
+def _metrics_of(classes: Sequence[Any]) -> tuple[str, ...]:
+    return CLASSIFICATION_METRICS if list(classes) else REGRESSION_METRICS
 
 
 def _validate(y_true: Sequence[Any], proba: np.ndarray, classes: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Class codes of the labels and the probabilities as a float array; errors say what is wrong."""
+    """Class codes of the labels and the probabilities as a float array; errors say what is wrong.
+
+    For a regressor (`classes` empty) the targets and predicted values as float arrays.
+    """
     classes = list(classes)
     proba = np.asarray(proba)
     if not np.issubdtype(proba.dtype, np.floating):
         proba = proba.astype("float64")
     y = np.asarray(y_true)
+    if not classes:
+        if proba.shape != y.shape or proba.ndim != 1:
+            raise ValueError(f"predicted values have shape {proba.shape}, expected ({len(y)},)")
+        return y.astype("float64"), proba
     if proba.ndim != 2 or proba.shape != (len(y), len(classes)):
         raise ValueError(f"probabilities have shape {proba.shape}, expected ({len(y)}, {len(classes)})")
     lookup = {label: code for code, label in enumerate(classes)}
@@ -246,39 +291,18 @@ def _validate(y_true: Sequence[Any], proba: np.ndarray, classes: Sequence[Any]) 
     return codes, proba
 
 
-def paired_bootstrap_metrics(
-    y_true: Sequence[Any],
-    proba_candidate: np.ndarray,
-    proba_champion: np.ndarray,
-    classes: Sequence[Any],
-    metrics: Sequence[str] = METRICS,
-    *,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> list[DeltaInterval]:
-    """Paired bootstrap intervals of several metrics, all from the same resamples (see `paired_bootstrap`)."""
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
-    if not metrics:
-        raise ValueError("no metric to compare")
-    for metric in metrics:
-        _check_metric(metric)
-    codes, cand = _validate(y_true, proba_candidate, classes)
-    _, champ = _validate(y_true, proba_champion, classes)
-    n_rows, n_classes = len(codes), len(list(classes))
-    counts = np.bincount(codes, minlength=n_classes)
-    if (counts == 0).any():
-        missing = [c for c, k in zip(classes, counts, strict=True) if k == 0]
-        raise ValueError(f"classes {missing} have no row: the metrics cannot be compared")
-    onehot = np.eye(n_classes)[codes]
+def _resampled_weights(
+    codes: np.ndarray, n_classes: int, n_resamples: int, seed: int
+) -> Iterator[tuple[np.ndarray, int]]:
+    """Row counts of `n_resamples` bootstrap resamples, a block at a time, each with how many were drawn so far.
 
-    scorers = {m: (_PREPARE[m](codes, cand), _PREPARE[m](codes, champ)) for m in metrics}
+    Blocks are yielded (not kept) so memory stays one block whatever the holdout's size. For a classifier
+    (`n_classes` > 0) a resample missing a class is skipped and redrawn; a regressor's are all kept.
+    """
+    n_rows = len(codes)
+    onehot = np.eye(n_classes)[codes] if n_classes else None
     rng = np.random.default_rng(seed)
     block = max(1, min(n_resamples, _BLOCK_CELLS // n_rows))
-    deltas: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
     kept = drawn = 0
     while kept < n_resamples:
         if drawn >= _MAX_DRAWS_PER_RESAMPLE * n_resamples:
@@ -292,20 +316,72 @@ def paired_bootstrap_metrics(
         rows = rng.integers(0, n_rows, size=(size, n_rows), dtype=dtype)
         rows += (np.arange(size, dtype=dtype) * n_rows)[:, None]
         weights = np.bincount(rows.ravel(), minlength=size * n_rows).reshape(size, n_rows)
-        weights = weights[((weights @ onehot) > 0).all(axis=1)].astype("float64")
+        if onehot is not None:
+            weights = weights[((weights @ onehot) > 0).all(axis=1)]
         drawn += size
         kept += len(weights)
-        if not len(weights):
-            continue
+        if len(weights):
+            yield weights.astype("float64"), drawn
+
+
+def _check_bootstrap(n_resamples: int, confidence: float, metrics: Sequence[str], classes: Sequence[Any]) -> None:
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+    if not metrics:
+        raise ValueError("no metric to compare")
+    for metric in metrics:
+        _check_metric(metric, classes)
+
+
+def _class_codes(codes: np.ndarray, classes: Sequence[Any]) -> tuple[np.ndarray, int]:
+    """Codes to resample by and the number of classes (0 for a regressor); every class needs a row."""
+    classes = list(classes)
+    if not classes:
+        return np.zeros(len(codes), dtype="int64"), 0
+    counts = np.bincount(codes, minlength=len(classes))
+    if (counts == 0).any():
+        missing = [c for c, k in zip(classes, counts, strict=True) if k == 0]
+        raise ValueError(f"classes {missing} have no row: the metrics cannot be compared")
+    return codes, len(classes)
+
+
+def paired_bootstrap_metrics(
+    y_true: Sequence[Any],
+    proba_candidate: np.ndarray,
+    proba_champion: np.ndarray,
+    classes: Sequence[Any],
+    metrics: Sequence[str] | None = None,
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> list[DeltaInterval]:
+    """Paired bootstrap intervals of several metrics, all from the same resamples (see `paired_bootstrap`).
+
+    `metrics` defaults to every metric of the scores' kind (classification or regression).
+    """
+    metrics = list(_metrics_of(classes) if metrics is None else metrics)
+    _check_bootstrap(n_resamples, confidence, metrics, classes)
+    codes, cand = _validate(y_true, proba_candidate, classes)
+    _, champ = _validate(y_true, proba_champion, classes)
+    strata, n_classes = _class_codes(codes, classes)
+
+    scorers = {m: (_PREPARE[m](codes, cand), _PREPARE[m](codes, champ)) for m in metrics}
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
+    drawn = 0
+    for weights, drawn in _resampled_weights(strata, n_classes, n_resamples, seed):  # noqa: B007 - last count kept
         for metric, (score_cand, score_champ) in scorers.items():
-            deltas[metric].append(improvement(metric, score_cand(weights), score_champ(weights)))
+            parts[metric].append(improvement(metric, score_cand(weights), score_champ(weights)))
+    deltas = {metric: np.concatenate(values) for metric, values in parts.items()}
 
     point_cand = compute_metrics(y_true, cand, classes)
     point_champ = compute_metrics(y_true, champ, classes)
     tail = (1 - confidence) / 2
     intervals = []
     for metric in metrics:
-        low, high = np.quantile(np.concatenate(deltas[metric]), [tail, 1 - tail])
+        low, high = np.quantile(deltas[metric], [tail, 1 - tail])
         intervals.append(
             DeltaInterval(
                 metric=metric,
@@ -322,6 +398,58 @@ def paired_bootstrap_metrics(
         )
     if drawn > n_resamples:
         log.info("paired bootstrap: %d resamples missing a class were skipped", drawn - n_resamples)
+    return intervals
+
+
+@dataclass(frozen=True)
+class MetricInterval:
+    """One model's metric on all rows and its bootstrap percentile interval (used at cold start)."""
+
+    metric: str
+    value: float
+    low: float
+    high: float
+    confidence: float
+    n_resamples: int
+    seed: int
+
+    def pessimistic(self, lower_is_better: bool) -> float:
+        """The bound on the bad side: `high` for a loss, `low` for a score."""
+        return self.high if lower_is_better else self.low
+
+    def describe(self) -> str:
+        """One line for reasons and the model card."""
+        return (
+            f"{self.metric} {self.value:.4f} ({self.confidence:.0%} CI {self.low:.4f} to {self.high:.4f}, "
+            f"{self.n_resamples} bootstrap resamples)"
+        )
+
+
+def bootstrap_metrics(
+    y_true: Sequence[Any],
+    scores: np.ndarray,
+    classes: Sequence[Any],
+    metrics: Sequence[str],
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> list[MetricInterval]:
+    """Percentile bootstrap intervals of one model's metrics on its holdout rows (resampled as above)."""
+    _check_bootstrap(n_resamples, confidence, metrics, classes)
+    codes, values = _validate(y_true, scores, classes)
+    strata, n_classes = _class_codes(codes, classes)
+    scorers = {metric: _PREPARE[metric](codes, values) for metric in metrics}
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
+    for weights, _ in _resampled_weights(strata, n_classes, n_resamples, seed):
+        for metric, scorer in scorers.items():
+            parts[metric].append(scorer(weights))
+    point = compute_metrics(y_true, values, classes)
+    tail = (1 - confidence) / 2
+    intervals = []
+    for metric in metrics:
+        low, high = np.quantile(np.concatenate(parts[metric]), [tail, 1 - tail])
+        intervals.append(MetricInterval(metric, point[metric], float(low), float(high), confidence, n_resamples, seed))
     return intervals
 
 
@@ -347,7 +475,8 @@ def paired_bootstrap(
         proba_candidate: The candidate's probabilities on those rows, one column per class.
         proba_champion: The champion's probabilities on the same rows, same column order.
         classes: Class labels in column order (`model.classes_`).
-        metric: One of `tasks.evaluation.METRICS`; lower-is-better metrics are sign-flipped.
+        metric: One of `tasks.evaluation.METRICS` that fits the scores' kind; lower-is-better metrics are
+            sign-flipped.
         n_resamples: Number of resamples kept.
         confidence: Coverage of the interval.
         seed: Seed of the resampling.

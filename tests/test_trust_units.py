@@ -14,7 +14,8 @@ from sklearn.tree import DecisionTreeClassifier
 
 from mlops.dataset import DatasetConfig, DatasetConfigError, SliceSpec, load_local_dataset_config, parse_dataset_config
 from mlops.synthetic import REGION, generate_frame
-from tasks.evaluation import METRICS, compute_metrics
+from tasks.evaluation import CLASSIFICATION_METRICS as METRICS
+from tasks.evaluation import compute_metrics
 from tasks.explain import baseline_row, contributions, importance_figure, permutation_importances
 from tasks.fairness import FairnessReport, fairness_gate, fairness_report, sensitive_groups
 from tasks.features import prepare_inputs, prepare_target

@@ -10,12 +10,12 @@ import pytest
 from sklearn.metrics import brier_score_loss
 
 from mlops.clients import S3Location
-from mlops.dataset import DatasetConfigError, load_local_dataset_config, parse_dataset_config
+from mlops.dataset import DatasetConfigError, TaskType, load_local_dataset_config, parse_dataset_config
 from mlops.settings import Settings
 from mlops.transformers import QuantileClipper
 from tasks.evaluation import compute_metrics
-from tasks.promotion import GateResult, Gates, decide, improvement
-from tasks.significance import DeltaInterval
+from tasks.promotion import GateResult, Gates, HoldoutEvidence, decide, improvement, resolve_gates
+from tasks.significance import DeltaInterval, MetricInterval
 from tasks.split import holdout_mask
 
 GOOD = {"roc_auc": 0.82, "pr_auc": 0.5, "f1": 0.4, "log_loss": 0.35, "brier": 0.1}
@@ -24,16 +24,78 @@ GOOD = {"roc_auc": 0.82, "pr_auc": 0.5, "f1": 0.4, "log_loss": 0.35, "brier": 0.
 # --- promotion decision ---
 
 
+def _evidence(
+    metrics: dict[str, float], n_rows: int = 500, width: float = 0.0, per_class: int = 100
+) -> HoldoutEvidence:
+    """Holdout evidence whose intervals are `metric +- width` (a point estimate when width is 0)."""
+    intervals = [MetricInterval(m, v, v - width, v + width, 0.95, 1000, 0) for m, v in metrics.items()]
+    counts = {"0": per_class, "1": per_class} if "roc_auc" in metrics else {}
+    return HoldoutEvidence(n_rows, counts, intervals)
+
+
 def test_cold_start_promotes_when_gates_pass():
-    decision = decide(GOOD, None, None, Gates())
+    decision = decide(GOOD, None, None, Gates(), holdout=_evidence(GOOD))
     assert decision.promote
-    assert any("cold start" in r for r in decision.reasons)
+    assert any("cold start" in r and "promoted" in r for r in decision.reasons)
+    assert [c.gate for c in decision.checks] == ["holdout_size", "min_roc_auc"]
 
 
-def test_cold_start_rejects_when_a_gate_fails():
-    decision = decide(GOOD | {"roc_auc": 0.6}, None, None, Gates(min_roc_auc=0.7))
+def test_cold_start_rejects_when_a_gate_fails_and_never_states_the_promotion_rule():
+    bad = GOOD | {"roc_auc": 0.6}
+    decision = decide(bad, None, None, Gates(min_roc_auc=0.7), holdout=_evidence(bad))
     assert not decision.promote
-    assert "gate failed: roc_auc 0.6000 is below the minimum 0.7000" in decision.reasons
+    assert any(r.startswith("gate failed: roc_auc 95% CI lower bound 0.6000") for r in decision.reasons)
+    # the rejected run says why it was rejected, not the rule that would have promoted it
+    assert not any("is promoted" in r or "so a candidate" in r for r in decision.reasons)
+    assert "cold start: no champion yet; not promoted because 1 gate(s) failed" in decision.reasons
+
+
+def test_cold_start_is_judged_on_the_interval_bound_not_the_point_estimate():
+    # point estimate 0.82 clears 0.7, but the 95 % interval reaches down to 0.62: a tiny holdout's luck
+    decision = decide(GOOD, None, None, Gates(min_roc_auc=0.7), holdout=_evidence(GOOD, width=0.2))
+    assert not decision.promote
+    assert decision.checks[1].gate == "min_roc_auc" and not decision.checks[1].passed
+    assert "lower bound 0.6200 (point 0.8200" in decision.checks[1].detail
+    # loss metrics are judged on the upper bound
+    gates = Gates(max_log_loss=0.4)
+    assert not decide(GOOD, None, None, gates, holdout=_evidence(GOOD, width=0.1)).promote  # 0.35 + 0.1 > 0.4
+    assert decide(GOOD, None, None, gates, holdout=_evidence(GOOD, width=0.04)).promote
+
+
+def test_cold_start_needs_enough_holdout_rows_and_rows_per_class():
+    few_rows = decide(GOOD, None, None, Gates(min_holdout_rows=200), holdout=_evidence(GOOD, n_rows=150))
+    assert not few_rows.promote
+    assert "gate failed: holdout_size: 150 holdout rows < min_holdout_rows 200" in few_rows.reasons
+    few_per_class = decide(GOOD, None, None, Gates(min_holdout_per_class=20), holdout=_evidence(GOOD, per_class=7))
+    assert not few_per_class.promote
+    assert any("fewer than min_holdout_per_class 20 rows (0: 7, 1: 7)" in r for r in few_per_class.reasons)
+    with pytest.raises(ValueError, match="needs the holdout evidence"):
+        decide(GOOD, None, None, Gates())
+
+
+def test_regression_gates_default_to_rmse_and_min_r2():
+    metrics = {"rmse": 1.2, "mae": 0.9, "r2": 0.4}
+    gates = resolve_gates(Gates(), TaskType.regression)
+    assert gates.primary_metric == "rmse"
+    decision = decide(metrics, None, None, Gates(), holdout=_evidence(metrics))
+    assert decision.promote and decision.primary_metric == "rmse"
+    # min_roc_auc (a classification gate) does not apply; min_r2 = 0 does
+    assert [c.gate for c in decision.checks] == ["holdout_size", "min_r2"]
+    worse_than_the_mean = metrics | {"r2": -0.1}
+    assert not decide(worse_than_the_mean, None, None, Gates(), holdout=_evidence(worse_than_the_mean)).promote
+    with pytest.raises(ValueError, match="does not apply to a regression task"):
+        resolve_gates(Gates(primary_metric="roc_auc"), TaskType.regression)
+    with pytest.raises(ValueError, match="does not apply to a binary task"):
+        resolve_gates(Gates(primary_metric="rmse"), TaskType.binary)
+
+
+def test_rejected_with_a_champion_says_why_when_it_beats_it():
+    slice_failure = GateResult("slices", False, "slice region=north: roc_auc drop 0.07")
+    decision = decide(
+        GOOD, dict(GOOD), "3", Gates(), interval=_interval("roc_auc", 0.02, 0.01, 0.03), checks=[slice_failure]
+    )
+    assert not decision.promote
+    assert "not promoted: it beats the champion, but 1 gate(s) failed" in decision.reasons
 
 
 def _interval(metric: str, delta: float, low: float, high: float) -> DeltaInterval:
@@ -74,10 +136,12 @@ def test_lower_is_better_metrics_are_compared_in_the_right_direction():
 
 def test_a_failed_review_gate_blocks_promotion_and_is_named():
     slice_failure = GateResult("slices", False, "slice region=north: roc_auc 0.7100 vs champion 0.7600")
-    decision = decide(GOOD, None, None, Gates(), checks=[slice_failure, GateResult("latency", True, "5 ms")])
+    decision = decide(
+        GOOD, None, None, Gates(), checks=[slice_failure, GateResult("latency", True, "5 ms")], holdout=_evidence(GOOD)
+    )
     assert not decision.promote
     assert "gate failed: slices: slice region=north: roc_auc 0.7100 vs champion 0.7600" in decision.reasons
-    assert [c.gate for c in decision.checks] == ["min_roc_auc", "slices", "latency"]
+    assert [c.gate for c in decision.checks] == ["holdout_size", "min_roc_auc", "slices", "latency"]
 
 
 def test_unscorable_champion_blocks_promotion():
@@ -87,7 +151,7 @@ def test_unscorable_champion_blocks_promotion():
 
 
 def test_max_gates():
-    decision = decide(GOOD, None, None, Gates(max_brier=0.05, max_log_loss=0.3))
+    decision = decide(GOOD, None, None, Gates(max_brier=0.05, max_log_loss=0.3), holdout=_evidence(GOOD))
     assert not decision.promote
     assert len([r for r in decision.reasons if r.startswith("gate failed")]) == 2
 
@@ -126,6 +190,18 @@ def test_multiclass_metrics_are_macro():
     metrics = compute_metrics(y, proba, ["a", "b", "c"])
     assert 0.4 < metrics["roc_auc"] < 0.6
     assert set(metrics) == {"roc_auc", "pr_auc", "f1", "log_loss", "brier"}
+
+
+def test_regression_metrics_match_sklearn():
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    rng = np.random.default_rng(3)
+    y = rng.normal(10, 3, size=400)
+    predicted = y + rng.normal(0, 1.5, size=400)
+    metrics = compute_metrics(y, predicted, [])
+    assert metrics["rmse"] == pytest.approx(np.sqrt(mean_squared_error(y, predicted)), abs=1e-12)
+    assert metrics["mae"] == pytest.approx(mean_absolute_error(y, predicted), abs=1e-12)
+    assert metrics["r2"] == pytest.approx(r2_score(y, predicted), abs=1e-12)
 
 
 def test_metrics_reject_wrong_shape():
