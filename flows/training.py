@@ -30,13 +30,13 @@ from tasks.promotion import (
     Promotion,
     decide,
     decision_markdown,
-    resolve_gates,
     decision_tags,
     describe_outcome,
     ensure_promotion_lock,
     find_champion,
     load_champion,
     promote,
+    resolve_gates,
     revert,
 )
 from tasks.reports import publish_approval_request, publish_decision, publish_model_card, store_validation_report
