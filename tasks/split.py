@@ -50,7 +50,8 @@ def split_frame(frame: pd.DataFrame, config: DatasetConfig) -> Split:
     split = Split(train=frame.loc[~mask].reset_index(drop=True), holdout=frame.loc[mask].reset_index(drop=True))
     for part, name in ((split.train, "training"), (split.holdout, "holdout")):
         if part[config.target].nunique() < 2:
-            raise ValueError(f"the {name} part has fewer than two classes of {config.target!r}; need more data")
+            kind = "classes" if config.task.is_classification else "distinct values"
+            raise ValueError(f"the {name} part has fewer than two {kind} of {config.target!r}; need more data")
     log.info("split: %d training rows, %d holdout rows", len(split.train), len(split.holdout))
     return split
 

@@ -72,10 +72,17 @@ def log_evaluation(
     client = mlflow_client(get_settings())
     for name, value in metrics.items():
         client.log_metric(run_id, f"holdout_{name}", value)
-    client.log_metric(run_id, f"cv_{search.scoring}", search.cv_mean)
+    client.log_metric(run_id, f"cv_{search.metric or search.scoring}", search.cv_metric)
+    states = [t.state for t in search.trials]
+    for state in ("complete", "pruned", "degenerate"):
+        client.log_metric(run_id, f"search_{state}_trials", states.count(state))
+    # The parameters of the shipped model: the chosen trial's, exactly (a test compares them with the model).
     client.log_param(run_id, "best_family", search.family)
     for key, value in search.params.items():
         client.log_param(run_id, f"best_{key}", str(value))
+    client.log_dict(
+        run_id, {"family": search.family, "params": search.params, "cv": search.cv_metric}, "search/best.json"
+    )
     for name, figure in figures.items():
         client.log_figure(run_id, figure, f"plots/{name}")
         plt.close(figure)

@@ -1,0 +1,160 @@
+"""The model search, without servers: the shipped model is the chosen trial's, ranges fit the data, seeds repeat."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from sklearn.datasets import load_diabetes, load_wine
+
+from mlops.dataset import DatasetConfig
+from tasks.training import (
+    DataShape,
+    ModelFamily,
+    SearchSpec,
+    Trial,
+    base_estimator,
+    choose,
+    make_pipeline,
+    search_models,
+)
+
+
+def _table(loader, task: str, extra_categorical: bool = False) -> tuple[pd.DataFrame, DatasetConfig]:
+    frame = loader(as_frame=True).frame.rename(columns=lambda c: c.replace(" ", "_").replace("/", "_"))
+    frame.insert(0, "row_id", [f"r{i:05d}" for i in range(len(frame))])
+    features = [{"name": c, "type": "numeric"} for c in frame.columns if c not in ("row_id", "target")]
+    if extra_categorical:
+        rng = np.random.default_rng(1)
+        frame["colour"] = rng.choice(np.array(["red", "white", None], dtype=object), size=len(frame))
+        features.append({"name": "colour", "type": "categorical"})
+    config = DatasetConfig(
+        name="t", model_name="t", source="unused", target="target", task=task, id_column="row_id", features=features
+    )
+    return frame.sample(frac=1, random_state=3).reset_index(drop=True), config
+
+
+ALL_CLASSIFIERS = [ModelFamily.hist_gradient_boosting, ModelFamily.logistic_regression, ModelFamily.random_forest]
+
+
+@pytest.fixture(scope="module")
+def wine_search():
+    frame, config = _table(load_wine, "multiclass", extra_categorical=True)
+    spec = SearchSpec(families=ALL_CLASSIFIERS, trials_per_family=5, cv_folds=3)
+    return frame, config, spec, search_models(frame, config, spec, seed=11)
+
+
+def test_the_shipped_model_has_exactly_the_chosen_trials_parameters(wine_search):
+    frame, config, _, result = wine_search
+    # the chosen trial is the best complete one, and the result reports its parameters
+    complete = [t for t in result.trials if t.state == "complete"]
+    best = max(complete, key=lambda t: t.cv_mean)
+    assert (result.family, result.params, result.cv_mean) == (best.family, best.params, best.cv_mean)
+    # the fitted estimator carries those parameters (the bug: it carried the family's last trial's)
+    estimator = result.model.named_steps["model"]
+    assert {k: estimator.get_params()[k] for k in result.params} == result.params
+    # and it predicts exactly like a pipeline built independently from those parameters on the same rows
+    reference = make_pipeline(
+        config, clone(base_estimator(ModelFamily(best.family), True, 11)).set_params(**best.params)
+    )
+    from tasks.features import prepare_inputs, prepare_target
+
+    X, y = prepare_inputs(frame, config), prepare_target(frame, config)
+    reference.fit(X, y)
+    np.testing.assert_array_equal(reference.predict_proba(X), result.model.predict_proba(X))
+
+
+def test_every_family_gets_its_trials_and_they_are_logged(wine_search):
+    _, _, spec, result = wine_search
+    families = [t.family for t in result.trials]
+    assert families == [f.value for f in ALL_CLASSIFIERS for _ in range(spec.trials_per_family)]
+    assert [t.number for t in result.trials] == list(range(len(result.trials)))
+    table = result.trials_frame()
+    assert {"number", "family", "state", "folds", "cv_mean", "cv_std", "seconds"} <= set(table.columns)
+    assert set(table["state"]) <= {"complete", "pruned", "degenerate"}
+    # pruned trials stopped before the last fold; complete ones scored every fold
+    assert (table.loc[table["state"] == "complete", "folds"] == spec.cv_folds).all()
+    assert (table.loc[table["state"] == "pruned", "folds"] < spec.cv_folds).all()
+
+
+def test_leaf_sizes_never_exceed_half_the_smallest_class_of_a_fold(wine_search):
+    frame, _, spec, result = wine_search
+    smallest = frame["target"].value_counts().min()  # 48 rows; about 32 per training fold with 3 folds
+    bound = smallest * (spec.cv_folds - 1) // spec.cv_folds // 2 + 1
+    leaves = [t.params["min_samples_leaf"] for t in result.trials if "min_samples_leaf" in t.params]
+    assert leaves and max(leaves) <= bound
+    assert DataShape(fold_rows=200, smallest_class=7).max_leaf == 3
+    assert DataShape(fold_rows=4000, smallest_class=None).max_leaf == 200
+    assert DataShape(fold_rows=60, smallest_class=None).max_leaf == 3
+
+
+def test_same_seed_same_data_same_trials_and_choice(wine_search):
+    frame, config, spec, result = wine_search
+    again = search_models(frame, config, spec, seed=11)
+    assert [(t.family, t.params, t.cv_mean, t.state) for t in again.trials] == [
+        (t.family, t.params, t.cv_mean, t.state) for t in result.trials
+    ]
+    assert (again.family, again.params) == (result.family, result.params)
+    other = search_models(frame, config, spec, seed=12)
+    assert [t.params for t in other.trials] != [t.params for t in result.trials]
+
+
+def test_regression_search_ranks_by_rmse_and_ships_the_chosen_model():
+    frame, config = _table(load_diabetes, "regression")
+    result = search_models(frame, config, SearchSpec(trials_per_family=3, cv_folds=3), seed=5)
+    assert (result.scoring, result.metric) == ("neg_root_mean_squared_error", "rmse")
+    assert {t.family for t in result.trials} == {"ridge", "hist_gradient_boosting"}
+    assert result.cv_metric == -result.cv_mean > 0
+    # diabetes' target has a standard deviation of about 77: any sensible model beats the mean's RMSE
+    assert result.cv_metric < -result.baseline
+    estimator = result.model.named_steps["model"]
+    assert {k: estimator.get_params()[k] for k in result.params} == result.params
+    assert not hasattr(result.model, "predict_proba")
+
+
+def test_a_family_of_the_other_task_is_refused_by_name():
+    _, config = _table(load_diabetes, "regression")
+    with pytest.raises(ValueError, match="'logistic_regression' does not fit a regression task: use 'ridge'"):
+        SearchSpec(families=[ModelFamily.logistic_regression]).families_for(config.task)
+    assert SearchSpec().families_for(config.task) == [ModelFamily.ridge, ModelFamily.hist_gradient_boosting]
+
+
+def test_features_that_carry_nothing_give_degenerate_trials_that_are_logged(caplog):
+    frame, config = _table(load_wine, "multiclass")
+    constant = frame.assign(**{c: 1.0 for c in config.numeric_features})
+    with caplog.at_level(logging.WARNING, logger="tasks.training"):
+        result = search_models(
+            constant, config, SearchSpec(families=[ModelFamily.decision_tree], trials_per_family=2), seed=1
+        )
+    # a model that can only predict the class prior scores exactly the constant predictor's CV score
+    assert {t.state for t in result.trials} == {"degenerate"}
+    assert result.cv_mean == pytest.approx(result.baseline, abs=1e-9)
+    assert "constant predictor" in caplog.text
+
+
+def test_choose_prefers_complete_trials_over_degenerate_ones():
+    trials = [
+        Trial("a", {}, 0.5, 0, 0, 0, "degenerate", 3),
+        Trial("b", {}, 0.49, 0, 0, 1, "complete", 3),
+        Trial("c", {}, 0.9, 0, 0, 2, "pruned", 1),
+    ]
+    assert choose(trials).number == 1
+    with pytest.raises(ValueError, match="no search trial completed"):
+        choose([trials[2]])
+
+
+def test_a_time_budget_keeps_one_trial_per_family():
+    frame, config = _table(load_wine, "multiclass")
+    spec = SearchSpec(families=ALL_CLASSIFIERS[:2], trials_per_family=50, time_budget_seconds=0.01)
+    result = search_models(frame, config, spec, seed=2)
+    assert [t.family for t in result.trials] == [f.value for f in ALL_CLASSIFIERS[:2]]
+
+
+def test_too_few_rows_of_a_class_for_the_folds_is_named():
+    frame, config = _table(load_wine, "multiclass")
+    few = pd.concat([frame[frame["target"] != 2], frame[frame["target"] == 2].head(2)])
+    with pytest.raises(ValueError, match=r"class 2 of 'target' has 2 training rows, fewer than cv_folds=3"):
+        search_models(few, config, SearchSpec(trials_per_family=1), seed=0)
