@@ -17,7 +17,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mlops.dataset import DatasetConfig, Feature, FeatureType, TaskType, parse_dataset_config
+from mlops.dataset import (
+    DatasetConfig,
+    DatasetConfigError,
+    Feature,
+    FeatureType,
+    TaskType,
+    parse_dataset_config,
+)
 
 FORMAT_SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv", ".csv.gz")}
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
@@ -465,7 +472,9 @@ def infer_config(
         raise ConfigInferenceError(f"{source}: the snapshot has no rows (columns: {list(map(str, frame.columns))})")
     values = _check_target(frame, target, source)
     chosen_task, task_note = _infer_task(values, task, rules)
-    classes, classes_note = _classes(values) if chosen_task.is_classification else (None, "")
+    classes, classes_note = (
+        _classes(values) if chosen_task.is_classification else (None, "not used: regression has no classes")
+    )
     id_name, id_note = _infer_id(frame, id_column, target, source)
     time_name, time_note, other_times = _infer_time(frame, {target, id_name})
     time_note = time_note or "none: no date/time column found"
@@ -522,7 +531,10 @@ def infer_config(
         )
     )
     inferred = InferredConfig(config, notes, feature_notes, left_out, header)
-    parsed = parse_dataset_config(inferred.to_yaml(), f"inferred config for {source}")
+    try:
+        parsed = parse_dataset_config(inferred.to_yaml(), f"the YAML inferred for {source}")
+    except DatasetConfigError as exc:
+        raise ConfigInferenceError(str(exc)) from exc
     if parsed != config:  # the YAML must say exactly what was inferred
         raise ConfigInferenceError(f"the YAML rendered for {source} does not read back to the inferred config")
     return inferred
