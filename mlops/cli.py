@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mlops import stack
+from mlops.dataset import TaskType
 from mlops.settings import Settings, get_settings
 from mlops.stack import client_env
 
 app = typer.Typer(help="Safe, self-retraining tabular ML on Prefect, MLflow and S3.", no_args_is_help=True)
 stack_app = typer.Typer(help="Start, stop and inspect the local stack (S3, MLflow, Prefect).", no_args_is_help=True)
-data_app = typer.Typer(help="Datasets: generate the bundled synthetic data.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Datasets: generate the bundled synthetic data, or write a config for your own.", no_args_is_help=True
+)
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
 demo_app = typer.Typer(help="Demonstrations against the running stack.", no_args_is_help=True)
@@ -95,6 +99,98 @@ def data_generate(
     drift = DriftSpec(start_month=drift_from, strength=drift_strength) if drift_from is not None else None
     written = write_months(settings, target, months, rows_per_month, seed, start, drift)
     typer.echo(f"wrote {len(written)} partitions ({months * rows_per_month} rows) to {target}")
+
+
+class SnapshotFormat(StrEnum):
+    """File format of a snapshot (`DatasetConfig.format`)."""
+
+    csv = "csv"
+    parquet = "parquet"
+
+
+def _source_names(source: str, settings: Settings) -> list[str]:
+    """Names of the files a source holds (the source itself when it names a file), to infer its format."""
+    if source.startswith("s3://"):
+        from mlops.clients import S3Location, s3_client
+
+        location = S3Location.parse(source)
+        client = s3_client(settings)
+        prefix = location.key.rstrip("/") + "/" if location.key else ""
+        try:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix)
+            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        except client.exceptions.NoSuchBucket as exc:
+            raise _fail(f"{source}: bucket {location.bucket!r} does not exist") from exc
+    path = Path(source)
+    if not path.exists():
+        raise _fail(f"{source}: no such file or folder")
+    return [path.name] if path.is_file() else [p.name for p in path.rglob("*") if p.is_file()]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a temp file in the same folder, then a rename over the target."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.chmod(0o644)  # mkstemp makes it private; a config is not a secret
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@data_app.command("init")
+def data_init(
+    source: Annotated[str, typer.Argument(help="CSV/Parquet file, folder of partitions, or s3:// prefix.")],
+    target: Annotated[str, typer.Option("--target", help="Target column.")],
+    out: Annotated[Path, typer.Option("--out", help="YAML file to write.", dir_okay=False)],
+    id_column: Annotated[
+        str | None, typer.Option("--id", help="Id column (default: the one column unique per row).")
+    ] = None,
+    task: Annotated[TaskType | None, typer.Option("--task", help="Task (default: inferred from the target).")] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset and model name (default: from the source).")] = None,
+    fmt: Annotated[
+        SnapshotFormat | None, typer.Option("--format", help="File format (default: from the file names).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write a commented dataset config inferred from a snapshot; `mlops train --config OUT` takes it as it is."""
+    from mlops.config_inference import ConfigInferenceError, format_from_names, infer_config
+
+    if out.exists() and not force:
+        raise _fail(f"{out} exists; pass --force to replace it")
+    settings = get_settings()
+    if source.startswith("s3://"):
+        from mlops.clients import StackNotRunningError, check_stack
+
+        try:
+            check_stack(settings, services=("S3",))
+        except StackNotRunningError as exc:
+            raise _fail(str(exc), code=2) from exc
+    else:
+        source = str(Path(source).resolve())
+    from tasks.loading import DataLoadError, StoreUnavailableError, read_snapshot
+
+    try:
+        chosen = fmt.value if fmt else format_from_names(source, _source_names(source, settings))
+        frame = read_snapshot(source, chosen, settings).frame
+        inferred = infer_config(
+            frame, source=source, fmt=chosen, target=target, id_column=id_column, task=task, name=name
+        )
+    except (ConfigInferenceError, DataLoadError, StoreUnavailableError) as exc:
+        raise _fail(str(exc)) from exc
+    _write_atomically(out, inferred.to_yaml())
+    typer.echo(f"wrote {out}: {inferred.summary()}")
+    for reason in inferred.left_out.values():
+        typer.echo(f"  left out: {reason}")
+    typer.echo(f"next: check it, then `mlops train --config {out}`")
 
 
 @app.command("deploy")
