@@ -62,9 +62,13 @@ def test_parameters_form_has_titles_descriptions_defaults_and_enums(deployed):
     assert params["dry_run"]["title"] == "Dry run"
     search = schema["definitions"]["SearchSpec"]["properties"]
     assert search["trials_per_family"]["default"] == 4 and "description" in search["trials_per_family"]
-    assert set(schema["definitions"]["ModelFamily"]["enum"]) >= {"logistic_regression", "hist_gradient_boosting"}
+    assert set(schema["definitions"]["ModelFamily"]["enum"]) >= {"logistic_regression", "ridge", "hist_gradient_boosting"}
+    assert search["time_budget_seconds"]["title"] == "Time budget (s)"
     gates = schema["definitions"]["Gates"]["properties"]
-    assert "roc_auc" in gates["primary_metric"]["enum"]
+    # optional (empty means the task's default): an enum of every task's metrics, or null
+    choices = {v for option in gates["primary_metric"]["anyOf"] for v in option.get("enum", [])}
+    assert {"roc_auc", "log_loss", "rmse", "mae", "r2"} <= choices
+    assert {"type": "null"} in gates["primary_metric"]["anyOf"]
     assert deployment.work_pool_name == "mlops-process"
     assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * 1"
     # no secret in what the UI shows
