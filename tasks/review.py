@@ -5,6 +5,14 @@ cross-validation on training rows), it computes the paired bootstrap intervals o
 metrics per slice and fairness differences for both models, and the operational gates (model size,
 single-record latency, input schema compatibility with the serving API). It also measures what the
 candidate relies on (permutation importance) for the run and the model card.
+
+Every task type goes through the same review, on the scores' contract of `tasks.evaluation`
+(probabilities for a classifier, predicted values for a regressor, `classes == []` telling them apart):
+slices on the primary metric in its better direction (`tasks.slices`), fairness as the task allows
+(`tasks.fairness`: binary, one-vs-rest per class for multiclass, group errors for regression where the
+demographic parity and equalised odds limits are reported as not applicable), latency of `predict_proba`
+for a classifier and `predict` for a regressor, and permutation importance scored by ROC AUC (binary),
+macro one-vs-rest ROC AUC (multiclass) or RMSE (regression).
 """
 
 from __future__ import annotations
@@ -23,12 +31,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mlops.clients import mlflow_client
-from mlops.dataset import DatasetConfig, FeatureType
+from mlops.dataset import DatasetConfig, FeatureType, TaskType
 from mlops.settings import get_settings
 from tasks.evaluation import CLASSIFICATION_METRICS, REGRESSION_METRICS, model_classes
-from tasks.fairness import FairnessReport, fairness_gate, fairness_report, sensitive_groups
+from tasks.fairness import FairnessReport, fairness_check, fairness_reports, sensitive_groups
 from tasks.features import prepare_inputs, prepare_target
-from tasks.promotion import GateResult, Gates, HoldoutEvidence, configured_bounds
+from tasks.promotion import GateResult, Gates, HoldoutEvidence, configured_bounds, resolve_gates
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
 from tasks.significance import DeltaInterval, bootstrap_metrics, paired_bootstrap_metrics
 from tasks.slices import SliceMetric, slice_gate, slice_metrics, unmeasured_slices
@@ -36,6 +44,16 @@ from tasks.slices import SliceMetric, slice_gate, slice_metrics, unmeasured_slic
 log = logging.getLogger(__name__)
 
 LATENCY_CALLS = 30
+
+# scikit-learn scorer of the permutation importance, per task (`task_of`).
+IMPORTANCE_SCORING = {"binary": "roc_auc", "multiclass": "roc_auc_ovr", "regression": "neg_root_mean_squared_error"}
+
+
+def task_of(classes: list[Any]) -> str:
+    """`binary`, `multiclass` or `regression` (no classes), from a model's classes."""
+    if not classes:
+        return TaskType.regression.value
+    return TaskType.binary.value if len(classes) == 2 else TaskType.multiclass.value
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,8 @@ class Review:
     importances: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
     notes: list[str] = field(default_factory=list)
     holdout: HoldoutEvidence | None = None
+    task: str | None = None
+    importance_scoring: str | None = None
 
     def interval(self, metric: str) -> DeltaInterval | None:
         """The improvement's interval on `metric` (None at cold start)."""
@@ -71,6 +91,8 @@ class Review:
             "champion": None if self.champion is None else asdict(self.champion),
             "notes": self.notes,
             "holdout": None if self.holdout is None else asdict(self.holdout),
+            "task": self.task,
+            "importance_scoring": self.importance_scoring,
         }
         return json.dumps(record, indent=2, default=str)
 
@@ -104,18 +126,26 @@ def schema_gate(candidate: dict[str, str], champion: dict[str, str] | None, allo
 
 
 def predict_times_ms(model: Any, frame: pd.DataFrame, calls: int) -> list[float]:
-    """Milliseconds of each of `calls` `predict_proba(frame)` calls, after one warm-up call."""
-    model.predict_proba(frame)
+    """Milliseconds of each of `calls` prediction calls on `frame`, after one warm-up call.
+
+    A classifier is timed on `predict_proba` (what the serving API calls), a regressor (no `classes_`)
+    on `predict`.
+    """
+    predict = model.predict_proba if model_classes(model) else model.predict
+    predict(frame)
     times = []
     for _ in range(calls):
         started = time.perf_counter()
-        model.predict_proba(frame)
+        predict(frame)
         times.append((time.perf_counter() - started) * 1e3)
     return times
 
 
 def operational_gates(model: Any, one_row: pd.DataFrame, gates: Gates) -> list[GateResult]:
-    """Model size (pickled) and median single-record `predict_proba` time, against their limits."""
+    """Model size (pickled) and median single-record prediction time, against their limits.
+
+    The prediction timed is `predict_proba` for a classifier and `predict` for a regressor.
+    """
     from threadpoolctl import threadpool_limits
 
     results = []
@@ -152,14 +182,20 @@ def holdout_evidence(
 
 
 def model_results(holdout: pd.DataFrame, proba: np.ndarray, classes: list[Any], config: DatasetConfig) -> ModelResults:
-    """Slice metrics and fairness reports of one model's holdout probabilities."""
+    """Slice metrics and fairness reports of one model's holdout scores.
+
+    Args:
+        holdout: Frozen holdout rows (raw columns).
+        proba: The model's scores on them: probabilities (n, classes), or predicted values (n,) for a regressor.
+        classes: The model's classes; `[]` for a regressor.
+        config: Dataset description (slices, sensitive features).
+
+    Fairness: binary as `fairness_report`, multiclass one class against the rest, regression per-group
+    errors with demographic parity and equalised odds marked not applicable (`tasks.fairness`).
+    """
     y_true = prepare_target(holdout, config)
     slices = slice_metrics(holdout, y_true, proba, classes, config.slices, config.min_slice_rows)
-    fairness = []
-    if len(classes) == 2:  # fairness differences are defined for a positive class
-        predicted = np.asarray(classes)[proba.argmax(axis=1)]
-        for groups in sensitive_groups(holdout, config).values():
-            fairness.append(fairness_report(y_true, predicted, groups, classes[1]))
+    fairness = fairness_reports(y_true, proba, classes, sensitive_groups(holdout, config))
     return ModelResults(slices, fairness)
 
 
@@ -177,18 +213,22 @@ def review_candidate(
 
     Args:
         candidate: The candidate's fitted pipeline.
-        proba: The candidate's probabilities on `holdout` (from its evaluation: not scored again).
+        proba: The candidate's scores on `holdout` (from its evaluation: not scored again): probabilities,
+            or predicted values for a regressor.
         holdout: Frozen holdout rows (raw columns).
         config: Dataset description (slices, sensitive features).
-        gates: Thresholds of the review gates.
+        gates: Thresholds of the review gates (an empty primary metric is filled with the task's default).
         seed: Seeds the bootstrap and the permutations.
-        champion_proba: The champion's probabilities on the same rows (None at cold start).
+        champion_proba: The champion's scores on the same rows (None at cold start).
         champion_schema: The champion's inputs as logged in its signature (column -> numeric | text).
     """
     from tasks.explain import permutation_importances
 
     y_true = prepare_target(holdout, config)
     classes = model_classes(candidate)
+    task = task_of(classes)
+    if gates.primary_metric is None:  # the flow passes resolved gates; a direct call may not
+        gates = resolve_gates(gates, TaskType(task))
     results = model_results(holdout, proba, classes, config)
     checks: list[GateResult] = []
     intervals: list[DeltaInterval] = []
@@ -218,16 +258,15 @@ def review_candidate(
             checks.append(GateResult("slices", not failures, detail))
         notes = unmeasured_slices(results.slices, champion_results.slices)
     if gates.max_dp_difference is not None or gates.max_eo_difference is not None:
-        failures = fairness_gate(results.fairness, gates.max_dp_difference, gates.max_eo_difference)
-        checks.append(GateResult("fairness", not failures, "; ".join(failures) or "within the configured limits"))
+        checks.append(fairness_check(results.fairness, gates.max_dp_difference, gates.max_eo_difference))
     X = prepare_inputs(holdout, config)
     checks += operational_gates(candidate, X.head(1), gates)
     checks.append(schema_gate(input_schema(config), champion_schema, gates.allow_schema_change))
-    scoring = "roc_auc" if len(classes) == 2 else "roc_auc_ovr"
+    scoring = IMPORTANCE_SCORING[task]
     importances = permutation_importances(candidate, X, y_true, scoring=scoring, seed=seed)
     for check in checks:
         log.info("gate %s: %s (%s)", check.gate, "passed" if check.passed else "FAILED", check.detail)
-    return Review(checks, results, champion_results, intervals, importances, notes, evidence)
+    return Review(checks, results, champion_results, intervals, importances, notes, evidence, task, scoring)
 
 
 @task(name="review", cache_policy=NO_CACHE)

@@ -1,8 +1,18 @@
 """Slices: metrics on sub-populations of the holdout, and the gate that stops a candidate worse on one.
 
 A candidate can be better overall and still worse for one region or one age band; the slice gate compares
-each slice measured for both models on the same holdout rows. A slice with too few rows, or with a
-single class, is not measured (its metrics would be noise), and says so.
+each slice measured for both models on the same holdout rows, on the primary metric, in that metric's
+better direction (a higher RMSE or log loss is a drop).
+
+Per task (the scores' contract of `tasks.evaluation`):
+- binary: a slice needs `min_rows` rows and both classes (ROC AUC is undefined with one);
+- multiclass: a slice needs `min_rows` rows and every class of the model; a slice lacking a class is not
+  measured and says which class is missing (macro one-vs-rest ROC AUC and macro PR AUC are undefined for
+  an absent class, and a macro average over the present classes only would not be the metric the
+  decision is made on);
+- regression (`classes` empty): a slice needs only `min_rows` rows; RMSE, MAE and R² (R² relative to the
+  slice's own variance, 0 for a slice whose target is constant).
+A slice that is not measured is never compared by the gate; `unmeasured_slices` lists it with why.
 """
 
 from __future__ import annotations
@@ -111,20 +121,21 @@ def slice_metrics(
 
     Args:
         frame: The holdout rows (raw columns, including the slice columns), in the order of `y_true`.
-        y_true: True labels of those rows.
-        proba: The model's probabilities on those rows, one column per class.
-        classes: Class labels in column order (`model.classes_`).
+        y_true: True labels (or values, for a regressor) of those rows.
+        proba: The model's scores on those rows: probabilities, one column per class; predicted values
+            (n,) for a regressor.
+        classes: Class labels in column order (`tasks.evaluation.model_classes`); empty for a regressor.
         specs: The slices to measure (`DatasetConfig.slices`).
         min_rows: A slice with fewer rows is not measured (`DatasetConfig.min_slice_rows`).
 
     Returns:
-        One entry per (spec, value) in reading order; `metrics` is None for a slice that is too small or
-        holds fewer classes than the model has (ROC AUC is undefined there).
+        One entry per (spec, value) in reading order; `metrics` is None for a slice that is too small or,
+        for a classifier, holds fewer classes than the model has (ROC AUC is undefined there).
     """
     y = np.asarray(y_true)
     proba = np.asarray(proba)
     if not len(frame) == len(y) == len(proba):
-        raise ValueError(f"frame, labels and probabilities differ in length: {len(frame)}, {len(y)}, {len(proba)}")
+        raise ValueError(f"frame, labels and scores differ in length: {len(frame)}, {len(y)}, {len(proba)}")
     classes = list(classes)
     results = []
     for spec in specs:
@@ -133,15 +144,31 @@ def slice_metrics(
         for value in slice_order(spec, labels):
             mask = values == value
             n_rows = int(mask.sum())
-            present = len(set(y[mask].tolist()))
             if n_rows < min_rows:
                 results.append(SliceMetric(spec.column, value, n_rows, None, f"too few rows: {n_rows} < {min_rows}"))
-            elif present < len(classes):
-                note = f"only {present} of {len(classes)} classes present"
-                results.append(SliceMetric(spec.column, value, n_rows, None, note))
+                continue
+            missing = _missing_classes(y[mask], classes)
+            if missing:
+                results.append(SliceMetric(spec.column, value, n_rows, None, _missing_note(missing, classes)))
             else:
                 results.append(SliceMetric(spec.column, value, n_rows, compute_metrics(y[mask], proba[mask], classes)))
     return results
+
+
+def _missing_classes(y: np.ndarray, classes: list[Any]) -> list[Any]:
+    """The model's classes with no row in `y` (none for a regressor: it has no classes)."""
+    present = set(y.tolist())
+    return [c for c in classes if c not in present]
+
+
+def _missing_note(missing: list[Any], classes: list[Any]) -> str:
+    """Why a classification slice lacking a class is not measured."""
+    present = len(classes) - len(missing)
+    note = f"only {present} of {len(classes)} classes present"
+    if len(classes) > 2:
+        listed = ", ".join(str(c) for c in missing)
+        note += f" (no row of class {listed}: macro one-vs-rest metrics are undefined)"
+    return note
 
 
 def slice_drop(metric: str, candidate: float, champion: float) -> float:
@@ -168,12 +195,13 @@ def slice_gate(
     """Failures: slices where the candidate is worse than the champion by more than `max_drop`.
 
     Only slices measured for both models are compared; `unmeasured_slices` lists the others. The drop is
-    taken in the metric's better direction (a higher log loss is a drop).
+    taken in the metric's better direction (a higher log loss, RMSE or MAE is a drop) and in the metric's
+    units (for RMSE and MAE: the target's units).
 
     Args:
         candidate: The candidate's slice metrics on the holdout.
         champion: The champion's slice metrics on the same rows.
-        metric: Metric compared, one of `tasks.evaluation.METRICS`.
+        metric: Metric compared, one of `tasks.evaluation.METRICS` (the resolved primary metric).
         max_drop: Largest tolerated drop (0 means the candidate must be at least as good on every slice).
 
     Returns:

@@ -615,3 +615,406 @@ def test_an_unanswered_approval_is_recorded_as_no_answer_not_as_a_rejection():
     assert describe_outcome(decision, False, False, None, rejected).endswith(
         "rejected by carol at " + rejected.at + ": slice looks off"
     )
+
+
+# --- every task type: regression and multiclass slices, fairness, review and card ---
+
+
+def _regression_slice_case() -> dict:
+    """Holdout values in three regions: the candidate errs three times as much in the north, same elsewhere."""
+    rng = np.random.default_rng(21)
+    regions = np.repeat(["north", "south", "east"], [400, 500, 30])
+    y = rng.normal(100, 20, len(regions))
+    noise = rng.normal(0, 5, len(regions))
+    champion = y + noise
+    candidate = champion.copy()
+    north = regions == "north"
+    candidate[north] = y[north] + 3 * noise[north]
+    frame = pd.DataFrame({"region": regions})
+    return {"frame": frame, "y": y, "candidate": candidate, "champion": champion, "north": north}
+
+
+def test_regression_slice_metrics_equal_sklearn_on_the_slice_rows():
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    case = _regression_slice_case()
+    y, predicted = case["y"], case["candidate"]
+    metrics = slice_metrics(case["frame"], y, predicted, [], [SliceSpec(column="region")], 100)
+    by_name = {s.name: s for s in metrics}
+    # a regression slice needs only enough rows: no class condition
+    assert by_name["region=east"].metrics is None and by_name["region=east"].note == "too few rows: 30 < 100"
+    for value in ("north", "south"):
+        mask = case["frame"]["region"].to_numpy() == value
+        measured = by_name[f"region={value}"]
+        assert measured.n_rows == mask.sum()
+        assert measured.metrics["rmse"] == pytest.approx(np.sqrt(mean_squared_error(y[mask], predicted[mask])))
+        assert measured.metrics["mae"] == pytest.approx(mean_absolute_error(y[mask], predicted[mask]))
+        assert measured.metrics["r2"] == pytest.approx(r2_score(y[mask], predicted[mask]))
+
+
+@pytest.mark.parametrize("metric", ["rmse", "mae"])
+def test_regression_slice_gate_fires_on_a_drop_and_not_on_an_improvement(metric):
+    case = _regression_slice_case()
+    spec = [SliceSpec(column="region")]
+    candidate = slice_metrics(case["frame"], case["y"], case["candidate"], [], spec, 100)
+    champion = slice_metrics(case["frame"], case["y"], case["champion"], [], spec, 100)
+    # the candidate's north error is larger: for a lower-is-better metric that is a drop
+    failures = slice_gate(candidate, champion, metric, 0.05)
+    assert [f.split(":")[0] for f in failures] == ["slice region=north"]
+    north_cand = next(s for s in candidate if s.value == "north").metrics[metric]
+    north_champ = next(s for s in champion if s.value == "north").metrics[metric]
+    assert north_cand > north_champ
+    assert failures[0] == (
+        f"slice region=north: {metric} {north_cand:.4f} vs champion {north_champ:.4f} "
+        f"(drop {north_cand - north_champ:.4f} > 0.0500, 400 rows)"
+    )
+    # the other way round the north improves (lower error): no failure, even with no tolerance at all
+    assert slice_gate(champion, candidate, metric, 0.0) == []
+    # and r2 (higher is better) agrees on which slice got worse
+    assert [f.split(":")[0] for f in slice_gate(candidate, champion, "r2", 0.0)] == ["slice region=north"]
+
+
+def _multiclass_scores(n: int, classes: list[str], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    y = rng.choice(classes, size=n)
+    proba = rng.dirichlet([1] * len(classes), size=n)
+    for index, cls in enumerate(classes):  # some signal: the true class gets a boost
+        proba[y == cls, index] += 0.5
+    return y, proba / proba.sum(axis=1, keepdims=True)
+
+
+def test_multiclass_slice_metrics_equal_sklearn_macro_ovr_and_a_slice_lacking_a_class_is_not_measured():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(4)
+    classes = ["a", "b", "c"]
+    y, proba = _multiclass_scores(900, classes, rng)
+    regions = rng.choice(["north", "south"], size=len(y))
+    # the west holds only classes a and b
+    y_west, proba_west = _multiclass_scores(300, ["a", "b"], rng)
+    y = np.r_[y, y_west]
+    proba = np.vstack([proba, np.column_stack([proba_west, np.zeros(len(y_west))])])
+    frame = pd.DataFrame({"region": np.r_[regions, ["west"] * len(y_west)]})
+    metrics = slice_metrics(frame, y, proba, classes, [SliceSpec(column="region")], 50)
+    by_name = {s.name: s for s in metrics}
+    for value in ("north", "south"):
+        mask = frame["region"].to_numpy() == value
+        expected = roc_auc_score(y[mask], proba[mask], multi_class="ovr", average="macro", labels=classes)
+        assert by_name[f"region={value}"].metrics["roc_auc"] == pytest.approx(expected)
+    west = by_name["region=west"]
+    assert west.metrics is None
+    assert west.note == "only 2 of 3 classes present (no row of class c: macro one-vs-rest metrics are undefined)"
+    # the gate ignores it (whatever the champion does there) and says why
+    champion = slice_metrics(frame, y, proba, classes, [SliceSpec(column="region")], 50)
+    assert slice_gate(metrics, champion, "roc_auc", 0.0) == []
+    assert unmeasured_slices(metrics, champion) == [f"slice region=west: not measured ({west.note})"]
+
+
+def test_multiclass_slice_gate_fires_on_a_macro_roc_auc_drop():
+    rng = np.random.default_rng(8)
+    classes = ["a", "b", "c"]
+    y, champion = _multiclass_scores(1200, classes, rng)
+    regions = np.repeat(["north", "south"], 600)
+    candidate = champion.copy()
+    candidate[:600] = rng.dirichlet([1, 1, 1], size=600)  # useless in the north
+    frame = pd.DataFrame({"region": regions})
+    spec = [SliceSpec(column="region")]
+    failures = slice_gate(
+        slice_metrics(frame, y, candidate, classes, spec, 100),
+        slice_metrics(frame, y, champion, classes, spec, 100),
+        "roc_auc",
+        0.05,
+    )
+    assert [f.split(":")[0] for f in failures] == ["slice region=north"] and "roc_auc" in failures[0]
+
+
+def test_regression_fairness_equals_a_pandas_groupby_of_the_errors():
+    from tasks.fairness import REGRESSION_NOT_APPLICABLE, regression_fairness_report
+
+    rng = np.random.default_rng(13)
+    groups = pd.Series(rng.permutation(np.repeat(["a", "b", "c"], [200, 250, 50])), name="region")
+    y = rng.normal(50, 10, len(groups))
+    predicted = y + rng.normal(0, 1, len(groups)) * np.where(groups == "c", 4.0, 1.0) + np.where(groups == "b", 3, 0)
+    report = regression_fairness_report(y, predicted, groups)
+    # independent reference: a pandas groupby of the same rows
+    table = pd.DataFrame({"group": groups, "error": np.abs(predicted - y), "sq": (predicted - y) ** 2, "p": predicted})
+    expected_mae = table.groupby("group")["error"].mean()
+    expected_rmse = np.sqrt(table.groupby("group")["sq"].mean())
+    expected_mean = table.groupby("group")["p"].mean()
+    assert list(report.by_group) == ["a", "b", "c"]
+    for group in "abc":
+        assert report.by_group[group]["mae"] == pytest.approx(expected_mae[group])
+        assert report.by_group[group]["rmse"] == pytest.approx(expected_rmse[group])
+        assert report.by_group[group]["mean_prediction"] == pytest.approx(expected_mean[group])
+        assert report.by_group[group]["mean_target"] == pytest.approx(y[groups == group].mean())
+        assert report.by_group[group]["n_rows"] == (groups == group).sum()
+    assert report.differences["mae"] == pytest.approx(expected_mae.max() - expected_mae.min())
+    assert report.differences["rmse"] == pytest.approx(expected_rmse.max() - expected_rmse.min())
+    assert report.differences["mean_prediction"] == pytest.approx(expected_mean.max() - expected_mean.min())
+    # demographic parity and equalised odds do not apply, and the report says why
+    assert np.isnan(report.demographic_parity_difference) and np.isnan(report.equalized_odds_difference)
+    assert report.task == "regression" and report.not_applicable == REGRESSION_NOT_APPLICABLE
+    # a group too small is reported but left out of the differences
+    small = regression_fairness_report(y, predicted, groups, min_group_rows=100)
+    assert small.excluded == {"c": "too few rows: 50 < 100"}
+    assert small.differences["mae"] == pytest.approx(abs(expected_mae["a"] - expected_mae["b"]))
+
+
+def test_multiclass_fairness_is_one_class_against_the_rest():
+    from tasks.fairness import fairness_reports
+
+    y = np.array(list("aabbccaabbcc"))
+    predicted = np.array(list("abbbcaaabccc"))
+    classes = ["a", "b", "c"]
+    proba = np.eye(3)[[classes.index(p) for p in predicted]]
+    groups = pd.Series(list("xxxxxxyyyyyy"), name="group")
+    reports = fairness_reports(y, proba, classes, {"group": groups})
+    assert [(r.feature, r.positive_label, r.task) for r in reports] == [("group", c, "multiclass") for c in classes]
+    for cls, report in zip(classes, reports, strict=True):
+        binary = fairness_report(y == cls, predicted == cls, groups, True)
+        assert report.demographic_parity_difference == pytest.approx(binary.demographic_parity_difference)
+        assert report.equalized_odds_difference == pytest.approx(binary.equalized_odds_difference, nan_ok=True)
+        assert report.by_group == binary.by_group
+    # the gate names the feature and the class
+    failures = fairness_gate(reports, 0.0, None)
+    assert failures and all(f.startswith("fairness group, class ") for f in failures)
+    assert any(f.startswith("fairness group, class c vs rest: demographic parity difference") for f in failures)
+
+
+def test_not_applicable_fairness_never_crashes_and_says_why():
+    from tasks.fairness import fairness_check, fairness_reports
+
+    groups = {"region": pd.Series(list("aabb"), name="region")}
+    regression = fairness_reports([1.0, 2.0, 3.0, 4.0], np.array([1.5, 2.0, 2.5, 4.5]), [], groups)
+    assert fairness_gate(regression, 0.0, 0.0) == []
+    check = fairness_check(regression, 0.1, 0.2)
+    assert check.gate == "fairness" and check.passed
+    assert check.detail.startswith("not applicable for regression: a regressor predicts a number, not a class")
+    assert "max_dp_difference 0.1, max_eo_difference 0.2" in check.detail
+    # no sensitive feature: nothing to measure, said so
+    nothing = fairness_check([], 0.1, None)
+    assert nothing.passed and "no sensitive_features" in nothing.detail
+    # a class neither true nor predicted: no rate to compare, not a crash
+    proba = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.7, 0.3, 0.0], [0.1, 0.9, 0.0]])
+    multiclass = fairness_reports(["a", "b", "a", "b"], proba, ["a", "b", "c"], groups)
+    absent = multiclass[2]
+    assert absent.positive_label == "c" and absent.by_group == {}
+    assert absent.not_applicable == "class c is neither among the true labels nor predicted: no rate to compare"
+    assert fairness_gate(multiclass, 0.0, 0.0) == []  # the groups are treated alike on a and b
+    check = fairness_check(multiclass, 0.0, 0.0)
+    assert check.passed and "region, class c vs rest: class c is neither" in check.detail
+    # binary stays as it was, and fairness_report still refuses multiclass labels
+    binary = fairness_reports([0, 1, 0, 1], np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.4, 0.6]]), [0, 1], groups)
+    assert [r.task for r in binary] == ["binary"] and binary[0].demographic_parity_difference == 0
+
+
+def test_predict_times_use_predict_proba_for_a_classifier_and_predict_for_a_regressor():
+    from tasks.review import predict_times_ms
+
+    class Classifier:
+        classes_ = np.array([0, 1])
+        calls: list[str] = []  # noqa: RUF012
+
+        def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+            self.calls.append("predict_proba")
+            return np.zeros((len(frame), 2))
+
+        def predict(self, frame: pd.DataFrame) -> np.ndarray:
+            raise AssertionError("a classifier is timed on predict_proba")
+
+    class Regressor:
+        calls: list[str] = []  # noqa: RUF012
+
+        def predict(self, frame: pd.DataFrame) -> np.ndarray:
+            self.calls.append("predict")
+            return np.zeros(len(frame))
+
+    row = pd.DataFrame({"x": [1.0]})
+    classifier, regressor = Classifier(), Regressor()
+    assert len(predict_times_ms(classifier, row, 3)) == 3 and classifier.calls == ["predict_proba"] * 4
+    assert len(predict_times_ms(regressor, row, 3)) == 3 and regressor.calls == ["predict"] * 4
+
+
+def _task_frame(task: str) -> tuple[DatasetConfig, pd.DataFrame]:
+    """A small frame of each task type (sklearn's diabetes or wine data) with an id, a region and a config."""
+    from sklearn.datasets import load_diabetes, load_wine
+
+    if task == "regression":
+        frame = load_diabetes(as_frame=True).frame
+    else:
+        frame = load_wine(as_frame=True).frame.rename(columns=lambda c: c.replace("/", "_"))
+        frame["target"] = np.array(["cultivar_a", "cultivar_b", "cultivar_c"])[frame["target"]]
+        if task == "binary":
+            frame["target"] = (frame["target"] == "cultivar_b").astype(int)
+    numeric = [c for c in frame.columns if c != "target"]
+    frame["id"] = np.arange(len(frame))
+    frame["region"] = np.random.default_rng(0).choice(["north", "south"], size=len(frame))
+    config = DatasetConfig.model_validate(
+        {
+            "name": "toy",
+            "model_name": "toy",
+            "source": "/tmp/none",
+            "target": "target",
+            "task": task,
+            "id_column": "id",
+            "features": [{"name": c, "type": "numeric"} for c in numeric] + [{"name": "region", "type": "categorical"}],
+            "slices": [{"column": "region"}],
+            "sensitive_features": ["region"],
+            "min_slice_rows": 20,
+        }
+    )
+    return config, frame
+
+
+@pytest.fixture(scope="module", params=["binary", "multiclass", "regression"])
+def task_case(request) -> dict:
+    """A candidate and a weaker champion of each task type, fitted on half the rows, and the other half."""
+    from sklearn.linear_model import Ridge
+    from sklearn.tree import DecisionTreeRegressor
+
+    task = request.param
+    config, frame = _task_frame(task)
+    train, holdout = frame.iloc[::2], frame.iloc[1::2]
+    X, y = prepare_inputs(train, config), prepare_target(train, config)
+    if task == "regression":
+        candidate, champion = Ridge(), DecisionTreeRegressor(max_depth=1, random_state=0)
+    else:
+        candidate, champion = LogisticRegression(max_iter=2000), DecisionTreeClassifier(max_depth=1, random_state=0)
+    return {
+        "task": task,
+        "config": config,
+        "holdout": holdout,
+        "candidate": make_pipeline(config, candidate).fit(X, y),
+        "champion": make_pipeline(config, champion).fit(X, y),
+    }
+
+
+def _reviewed(case: dict, cold: bool):
+    from tasks.evaluation import model_classes, predict_proba
+    from tasks.promotion import Gates, decide, resolve_gates
+    from tasks.review import review_candidate
+
+    config, holdout = case["config"], case["holdout"]
+    gates = resolve_gates(
+        Gates(min_holdout_rows=20, n_resamples=200, max_dp_difference=0.9, max_eo_difference=0.9),
+        config.task,
+    )
+    scores = predict_proba(case["candidate"], holdout, config)
+    champion_scores = None if cold else predict_proba(case["champion"], holdout, config)
+    review = review_candidate(case["candidate"], scores, holdout, config, gates, 0, champion_scores, None)
+    y, classes = prepare_target(holdout, config), model_classes(case["candidate"])
+    decision = decide(
+        compute_metrics(y, scores, classes),
+        None if cold else compute_metrics(y, champion_scores, classes),
+        None if cold else "1",
+        gates,
+        None,
+        review.interval(gates.primary_metric),
+        review.checks,
+        review.holdout,
+    )
+    return review, decision, gates
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_review_candidate_runs_end_to_end_for_every_task(task_case, cold):
+    review, decision, gates = _reviewed(task_case, cold)
+    task = task_case["task"]
+    primary = {"binary": "roc_auc", "multiclass": "roc_auc", "regression": "rmse"}[task]
+    assert gates.primary_metric == primary and review.task == task
+    checks = {c.gate: c for c in review.checks}
+    assert {"fairness", "model_size", "latency", "input_schema"} <= set(checks)
+    assert ("slices" in checks) is not cold
+    assert checks["latency"].passed and "median single-record prediction" in checks["latency"].detail
+    # slices are measured on the task's metrics
+    measured = [s for s in review.candidate.slices if s.metrics is not None]
+    assert measured and all(primary in s.metrics for s in measured)
+    # fairness: explicit for every task
+    fairness = review.candidate.fairness
+    if task == "regression":
+        assert [r.task for r in fairness] == ["regression"] and fairness[0].differences
+        assert checks["fairness"].passed and checks["fairness"].detail.startswith("not applicable for regression")
+    elif task == "multiclass":
+        assert [r.positive_label for r in fairness] == ["cultivar_a", "cultivar_b", "cultivar_c"]
+    else:
+        assert [r.positive_label for r in fairness] == [1]
+    # permutation importance scored for the task
+    expected = {"binary": "roc_auc", "multiclass": "roc_auc_ovr", "regression": "neg_root_mean_squared_error"}
+    assert review.importance_scoring == expected[task]
+    assert set(review.importances["feature"]) == set(task_case["config"].feature_names)
+    if cold:
+        assert review.holdout is not None and review.holdout.n_rows == len(task_case["holdout"])
+        assert (review.holdout.class_counts == {}) is (task == "regression")
+        assert [i.metric for i in review.holdout.intervals] == ["r2" if task == "regression" else "roc_auc"]
+        assert review.champion is None and not review.intervals
+    else:
+        assert review.holdout is None and review.interval(primary) is not None
+        assert review.champion is not None and len(review.champion.fairness) == len(fairness)
+    assert f'"task": "{task}"' in review.to_json()
+    assert decision.primary_metric == primary
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_the_card_reads_right_for_every_task(task_case, cold):
+    from tasks.model_card import make_card
+
+    review, decision, gates = _reviewed(task_case, cold)
+    task = task_case["task"]
+    card = make_card(
+        model_name="toy",
+        candidate_version="2",
+        decision=decision,
+        outcome="dry run",
+        data_version="v1",
+        training_window=None,
+        rows_train=100,
+        rows_holdout=len(task_case["holdout"]),
+        review=review,
+        code_version="abc",
+        slice_max_drop=gates.max_slice_drop,
+    )
+    text, html = render_markdown(card), render_html(card)
+    assert card.task == task and f"- **Task:** {task}" in text
+    if task == "regression":
+        assert "ROC AUC" not in text and "roc_auc" not in text and "ROC AUC" not in html
+        assert "- **Primary metric:** rmse: RMSE (root mean squared error" in text and "lower is better" in text
+        for row in ("| rmse (primary) |", "| mae |", "| r2 |"):
+            assert row in text
+        assert "## Slices (rmse, lower is better)" in text and "| slice | rows | candidate rmse |" in text
+        assert "## Fairness: region (candidate)" in text
+        assert "Demographic parity and equalized odds: not applicable for regression: a regressor predicts" in text
+        assert "| group | rows | MAE | RMSE | mean prediction | mean target | note |" in text
+        assert "the increase in RMSE" in text
+    elif task == "multiclass":
+        assert "| roc_auc (macro, primary) |" in text and "| pr_auc (macro) |" in text and "| f1 (macro) |" in text
+        assert "ROC AUC, macro average of one class vs the rest" in text
+        assert "## Fairness: region, class cultivar_b vs rest (candidate)" in text
+        assert "A slice lacking one of the classes is not measured" in text
+        assert "the drop in macro one-vs-rest ROC AUC" in text
+    else:
+        assert "| roc_auc (primary) |" in text and "(macro" not in text
+        assert "## Fairness: region (candidate)" in text and "Demographic parity difference" in text
+    if cold:
+        assert "## Cold start evidence" in text and "Cold start evidence" in html
+        assert f"judged on the frozen holdout alone, {len(task_case['holdout'])} rows" in text
+        metric = "r2" if task == "regression" else "roc_auc"
+        interval = review.holdout.intervals[0]
+        bound = interval.low  # both gated metrics are higher-is-better: the lower bound is judged
+        limit = "at least 0.0000" if task == "regression" else "at least 0.7000"
+        span = f"{_num4(interval.low)} to {_num4(interval.high)} (95%, 200 resamples)"
+        assert f"| {_num4(interval.value)} | {span} |" in text
+        assert f"| {_num4(bound)} (lower) | {limit} |" in text and metric in text
+        assert ("per class:" in text) is (task != "regression")
+    else:
+        assert "Cold start evidence" not in text
+    assert '"task":' in card.to_json()
+
+
+def _num4(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def test_card_without_sensitive_features_says_fairness_was_not_measured(card):
+    from dataclasses import replace
+
+    text = render_markdown(replace(card, fairness=[]))
+    assert "## Fairness\n\nNot measured: the dataset config names no sensitive features." in text
