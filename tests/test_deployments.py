@@ -62,7 +62,11 @@ def test_parameters_form_has_titles_descriptions_defaults_and_enums(deployed):
     assert params["dry_run"]["title"] == "Dry run"
     search = schema["definitions"]["SearchSpec"]["properties"]
     assert search["trials_per_family"]["default"] == 4 and "description" in search["trials_per_family"]
-    assert set(schema["definitions"]["ModelFamily"]["enum"]) >= {"logistic_regression", "ridge", "hist_gradient_boosting"}
+    assert set(schema["definitions"]["ModelFamily"]["enum"]) >= {
+        "logistic_regression",
+        "ridge",
+        "hist_gradient_boosting",
+    }
     assert search["time_budget_seconds"]["title"] == "Time budget (s)"
     gates = schema["definitions"]["Gates"]["properties"]
     # optional (empty means the task's default): an enum of every task's metrics, or null
