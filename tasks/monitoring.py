@@ -289,7 +289,7 @@ def output_columns(classes: list[Any]) -> list[str]:
 
 def task_of(classes: list[Any]) -> str:
     """`regression` (no classes), `binary` (two) or `multiclass`."""
-    if not classes:
+    if len(classes) == 0:
         return "regression"
     return "binary" if len(classes) == 2 else "multiclass"
 
@@ -333,7 +333,7 @@ def prediction_drift(
 
 def prediction_basis(classes: list[Any]) -> str:
     """What prediction drift is measured on, in words (for the reports)."""
-    if not classes:
+    if len(classes) == 0:
         return "the predicted value"
     if len(classes) == 2:
         return f"the probability of class {classes[1]}"
@@ -523,6 +523,7 @@ def summary_markdown(
 
     `classes` (the champion's; empty for a regressor) names the task and what prediction drift measured.
     """
+    classes = None if classes is None else list(classes)
     lines = [
         f"# Drift monitoring: **{'RETRAIN' if verdict.triggered else 'OK'}**",
         "",
