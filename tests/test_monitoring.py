@@ -94,6 +94,7 @@ def test_unchanged_data_triggers_nothing(stack, dataset, deployed):
     page = S3Location.parse(outcome.report.html_uri)
     body = s3_client(stack).get_object(Bucket=page.bucket, Key=page.key)["Body"].read().decode()
     assert f"Drift monitoring of {MODEL}" in body and "Evidently data drift: partition" in body
+    assert "Task: binary; prediction drift is measured on the probability of class 1" in body
 
 
 def test_delayed_labels_give_performance_on_partition_and_prediction_log(stack, dataset):
