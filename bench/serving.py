@@ -4,9 +4,12 @@ Needs the stack running with a champion (`make demo` does both). Starts both ser
 ports (one worker process each), then drives each with the same asyncio + aiohttp client: N concurrent
 clients, each sending its next request as soon as the previous answered, for a fixed time after a
 warm-up. Scenarios: 1 and 100 records per request, 1 and 8 clients. Also times the pipeline's own
-`predict_proba` in-process, the floor for any server. Writes bench/results/serving.{json,md}.
+`predict_proba` (a regressor's `predict`) in-process, the floor for any server. Writes
+bench/results/serving.{json,md}.
 
-    python -m bench.serving [--seconds 10] [--model credit-risk]
+    python -m bench.serving [--seconds 10] [--model credit-risk] [--dataset credit-risk]
+
+`--dataset` (a bundled name or a local YAML path) gives the records sent; it must be the model's dataset.
 """
 
 from __future__ import annotations
@@ -34,12 +37,24 @@ RESULTS = Path(__file__).parent / "results"
 SCENARIOS = [(1, 1), (1, 8), (100, 1), (100, 8)]  # (records per request, concurrent clients)
 
 
-def _records(settings, n: int) -> list[dict]:
-    config = load_local_dataset_config("credit-risk")
-    location = S3Location.parse(config.source).child("month=2025-01/part-0.parquet")
-    body = s3_client(settings).get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
-    frame = pd.read_parquet(io.BytesIO(body))[config.feature_names].head(n)
-    return json.loads(frame.to_json(orient="records"))
+def _records(settings, n: int, dataset: str = "credit-risk") -> list[dict]:
+    config = load_local_dataset_config(dataset)
+    if dataset == "credit-risk":  # one month's file, as in the published runs
+        location = S3Location.parse(config.source).child("month=2025-01/part-0.parquet")
+        body = s3_client(settings).get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
+        frame = pd.read_parquet(io.BytesIO(body))
+    else:
+        from tasks.loading import read_snapshot
+
+        frame = read_snapshot(config.source, config.format, settings).frame
+    return json.loads(frame[config.feature_names].head(n).to_json(orient="records"))
+
+
+class _Predict:
+    """A regressor seen through `predict_proba`, which `predict_times_ms` times: its served call is `predict`."""
+
+    def __init__(self, model: object) -> None:
+        self.predict_proba = model.predict
 
 
 async def _load(url: str, body: bytes, clients: int, seconds: float, warmup: float) -> dict:
@@ -83,6 +98,8 @@ def _in_process(model_name: str, records: list[dict], repeats: int = 300) -> dic
     from tasks.review import predict_times_ms
 
     model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion").get_raw_model()
+    if getattr(model, "classes_", None) is None:
+        model = _Predict(model)
     out = {}
     for n in (1, 100):
         times = predict_times_ms(model, pd.DataFrame.from_records(records[:n]), repeats)
@@ -95,13 +112,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per scenario")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--model", default="credit-risk")
+    parser.add_argument("--dataset", default="credit-risk", help="bundled name or YAML path: the records sent")
     args = parser.parse_args()
 
     settings = get_settings()
     env = os.environ | client_env(settings)
     os.environ.update(client_env(settings))
     version = mlflow_client(settings).get_model_version_by_alias(args.model, "champion").version
-    records = _records(settings, 100)
+    records = _records(settings, 100, args.dataset)
     bin_dir = Path(sys.executable).parent
     ours_port, mlflow_port = free_port(), free_port()
     logs = RESULTS / "logs"

@@ -1,6 +1,9 @@
 """The monitoring flow: recent data against the champion's training reference; retrain when it drifted or decayed.
 
 This module wires tasks; the statistics, the rules and the trigger live in `tasks/monitoring.py`.
+Every task type is monitored: prediction drift is on the positive-class probability (binary), the predicted
+classes' shares (multiclass) or the predicted value (regression); decay on ROC AUC and F1 (macro for
+multiclass) or on RMSE and MAE (regression).
 Deployed daily (`deployments/deploy.py`); `mlops demo drift` runs it once on a drifted month.
 """
 
@@ -64,7 +67,7 @@ class MonitoringParams(BaseModel):
         title="Labels",
         description="s3:// URI of late-arriving labels (id column and target). Partition rows join on the id "
         "column, prediction-log rows on the id their record carried (else their request id); gives ROC AUC "
-        "and F1 on recent data.",
+        "and F1 (macro for multiclass), or RMSE and MAE (regression), on recent data.",
     )
     thresholds: DriftThresholds = Field(
         default_factory=DriftThresholds, title="Thresholds", description="When drift or decay means retraining."
@@ -126,7 +129,14 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
     report = store_report(champion, windows, results, verdict, config)
     publish_summary(
         summary_markdown(
-            config.model_name, champion.version, results, verdict, report.html_uri, report.link, trigger.detail
+            config.model_name,
+            champion.version,
+            results,
+            verdict,
+            report.html_uri,
+            report.link,
+            trigger.detail,
+            champion.classes,
         )
     )
     return MonitoringOutcome(config.model_name, champion.version, results, verdict, report, trigger)

@@ -3,6 +3,9 @@
 This module wires tasks and handles state; reading, predicting and publishing live in `tasks/scoring.py`.
 Predictions are staged first and published only after every file is scored, with `summary.json` last;
 a failure discards the staged parts, so the output prefix never holds a half-written run.
+
+Every task type is scored: a classifier (binary or multiclass) writes the predicted class and the
+probability of every class, a regressor its predicted value (see `tasks.scoring.predict_chunk`).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class ScoringOutcome:
     files: int
     output: str
     summary_uri: str
+    task: str = "binary"  # binary, multiclass or regression: what the predictions hold
 
 
 @flow(
@@ -100,5 +104,5 @@ def scoring(params: ScoringParams) -> ScoringOutcome:
         raise
     publish_scoring_summary(summary, summary_uri)
     return ScoringOutcome(
-        config.model_name, version, summary.rows, summary.chunks, summary.files, plan.output, summary_uri
+        config.model_name, version, summary.rows, summary.chunks, summary.files, plan.output, summary_uri, summary.task
     )

@@ -1,7 +1,8 @@
 """The serving API: predictions from the registry's champion, which it follows without a restart.
 
 - `POST /predict` (and `/invocations`, MLflow's path): `{"records": [...]}` or MLflow's
-  `{"dataframe_records": [...]}`; answers a class and probabilities per record, the model version and
+  `{"dataframe_records": [...]}`; answers per record the class and the probability of every class (a
+  classifier, binary or multiclass) or the predicted value (a regressor), with the model version and
   a request id. Bad input is a 422 naming the record and the field; a batch over the limit is a 413.
 - `GET /health` (the process answers), `GET /ready` (a model is loaded), `GET /model` (what is served),
   `GET /metrics` (Prometheus), `POST /reload` (check the registry now; what a promotion calls).
@@ -123,25 +124,55 @@ def record_ids(model: LoadedModel, key: str, records: list[dict[str, Any]]) -> l
     return ids
 
 
-def explain_records(model: LoadedModel, records: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Per-record, per-feature contributions to the positive class's probability.
+def explained_output(model: LoadedModel, scores: np.ndarray) -> tuple[int | np.ndarray | None, list[dict[str, Any]]]:
+    """Which model output `?explain=true` explains for each record, as `contributions` wants it and as said.
+
+    - binary: the probability of the positive class (the second class), for every record;
+    - multiclass: the probability of the class predicted for that record;
+    - regression: the predicted value.
+    """
+    if model.task == "regression":
+        return None, [{"output": "prediction"}] * len(scores)
+    classes = [_plain(c) for c in model.classes]
+    index = np.full(len(scores), 1) if model.task == "binary" else scores.argmax(axis=1)
+    return (1 if model.task == "binary" else index), [{"output": "probability", "class": classes[i]} for i in index]
+
+
+def explain_records(model: LoadedModel, records: list[dict[str, Any]], scores: np.ndarray) -> list[dict[str, Any]]:
+    """Per-record, per-feature contributions to the output `explained_output` names, and that output.
 
     By occlusion against the baseline record stored with the model (see `tasks.explain.contributions`).
     """
     from tasks.explain import contributions
 
     frame = model.frame(records)
-    table = contributions(model.pipeline, frame, model.baseline[frame.columns], positive_index=1)
-    return [{k: float(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
-
-
-def answer(model: LoadedModel, proba: np.ndarray, request_id: str) -> dict[str, Any]:
-    """The JSON answer: class and probabilities per record, model name and version, request id."""
-    classes = [c.item() if isinstance(c, np.generic) else c for c in model.classes]
-    labels = [str(c) for c in classes]
-    predictions = [
-        {"class": classes[row.argmax()], "probabilities": dict(zip(labels, row.tolist(), strict=True))} for row in proba
+    index, explained = explained_output(model, scores)
+    table = contributions(model.pipeline, frame, model.baseline[frame.columns], positive_index=index)
+    return [
+        {"contributions": {k: float(v) for k, v in row.items()}, "explained": what}
+        for row, what in zip(table.to_dict(orient="records"), explained, strict=True)
     ]
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def answer(model: LoadedModel, scores: np.ndarray, request_id: str) -> dict[str, Any]:
+    """The JSON answer per record, model name and version, request id.
+
+    A classifier's record gets its `class` and `probabilities` of every class keyed by the class label as
+    text (binary and multiclass alike); a regressor's record gets its `prediction` (a number).
+    """
+    if not model.classes:
+        predictions: list[dict[str, Any]] = [{"prediction": value} for value in scores.tolist()]
+    else:
+        classes = [_plain(c) for c in model.classes]
+        labels = [str(c) for c in classes]
+        predictions = [
+            {"class": classes[row.argmax()], "probabilities": dict(zip(labels, row.tolist(), strict=True))}
+            for row in scores
+        ]
     return {
         "request_id": request_id,
         "model": {"name": model.name, "version": model.version},
@@ -175,13 +206,13 @@ class Runtime:
         )
         self._poller: asyncio.Task | None = None
 
-    def _log_predictions(self, jobs: list[Job], frame: Any, proba: np.ndarray) -> None:
+    def _log_predictions(self, jobs: list[Job], frame: Any, scores: np.ndarray) -> None:
         sizes = [len(job.records) for job in jobs]
         request_ids = np.repeat([job.request_id for job in jobs], sizes)
         record_ids = None
         if any(job.ids is not None for job in jobs):
             record_ids = np.array([i for job in jobs for i in (job.ids or [None] * len(job.records))], dtype=object)
-        self.prediction_log.record(frame, proba, jobs[0].model.classes, request_ids, jobs[0].model.version, record_ids)
+        self.prediction_log.record(frame, scores, jobs[0].model.classes, request_ids, jobs[0].model.version, record_ids)
 
     def _count_batch(self, rows: int) -> None:
         self.metrics.batch_rows.observe(rows)
@@ -227,22 +258,22 @@ class Runtime:
             return _json({"detail": detail, "request_id": request_id}, 503, request_id)
         explain = request.query_params.get("explain", "").lower() in {"1", "true", "yes"}
         try:
-            if explain and (model.baseline is None or len(model.classes) != 2):
-                why = "no baseline was stored with it" if model.baseline is None else "it is not a binary classifier"
+            if explain and model.baseline is None:
+                why = "no baseline was stored with it"
                 raise BadRequest.at(422, ["query", "explain"], f"v{model.version} cannot explain: {why}", "explain")
             records, ids = await self.read_records(request, model)
             scored = await self.batcher.score(model, records, request_id, ids)
-            contributions = await asyncio.to_thread(explain_records, model, records) if explain else None
+            explained = await asyncio.to_thread(explain_records, model, records, scored.scores) if explain else None
         except BadRequest as exc:
             return _json({"detail": exc.errors, "request_id": request_id}, exc.status, request_id)
         except Exception as exc:
             log.exception("request %s failed", request_id)
             detail = f"prediction failed: {type(exc).__name__}"
             return _json({"detail": detail, "request_id": request_id}, 500, request_id)
-        body = answer(model, scored.proba, request_id)
-        if contributions is not None:
-            for prediction, row in zip(body["predictions"], contributions, strict=True):
-                prediction["contributions"] = row
+        body = answer(model, scored.scores, request_id)
+        if explained is not None:
+            for prediction, extra in zip(body["predictions"], explained, strict=True):
+                prediction.update(extra)
         return _json(body, 200, request_id)
 
 
@@ -255,7 +286,7 @@ def _runtime(request: Request) -> Runtime:
 
 @router.post("/predict", summary="Predict a batch of records")
 async def predict(request: Request) -> Response:
-    """`{"records": [...]}` or `{"dataframe_records": [...]}` in; a class and probabilities per record out."""
+    """`{"records": [...]}` or `{"dataframe_records": [...]}` in; per record a class and probabilities, or a value."""
     return await _runtime(request).predict(request)
 
 
@@ -285,7 +316,7 @@ async def ready(request: Request) -> Response:
 
 @router.get("/model")
 async def model_info(request: Request) -> Response:
-    """Name, version, run id, metrics and promotion time of the served model."""
+    """Name, version, task (binary, multiclass or regression), run id, metrics and promotion time."""
     follower = _runtime(request).follower
     model = follower.current
     if model is None:

@@ -1,9 +1,9 @@
 """Adaptive micro-batching: requests that arrive while a prediction runs are scored together next.
 
-A pipeline's `predict_proba` costs about the same for 1 row as for 1,000 (the cost is per call), so
-scoring concurrent requests in one call multiplies throughput. Nothing waits on a timer: when the
-queue is empty a request is scored at once (single-client latency stays that of one call); while a
-call runs, newcomers queue up and are taken together. Each request keeps the model it started with,
+A pipeline's `predict_proba` (or a regressor's `predict`) costs about the same for 1 row as for 1,000
+(the cost is per call), so scoring concurrent requests in one call multiplies throughput. Nothing waits
+on a timer: when the queue is empty a request is scored at once (single-client latency stays that of one
+call); while a call runs, newcomers queue up and are taken together. Each request keeps the model it started with,
 so a batch only ever mixes requests of the same model.
 """
 
@@ -37,9 +37,9 @@ class Job:
 
 @dataclass(frozen=True)
 class Scored:
-    """What a batch call returns for one request."""
+    """What a batch call returns for one request: its rows of the model's scores (see `LoadedModel.scores`)."""
 
-    proba: np.ndarray
+    scores: np.ndarray
     batch_rows: int
 
 
@@ -49,7 +49,8 @@ class MicroBatcher:
     Args:
         max_rows: Largest batch one call scores (a larger single request is still scored alone).
         on_scored: Called in the worker thread after each successful batch with the jobs, their frame
-            and probabilities (prediction logging); its errors are logged and never fail a request.
+            and scores (probabilities, or a regressor's values) for prediction logging; its errors are
+            logged and never fail a request.
     """
 
     def __init__(
@@ -91,7 +92,7 @@ class MicroBatcher:
         request_id: str,
         ids: list[str | None] | None = None,
     ) -> Scored:
-        """Queue `records` (with their ids, if any) for `model` and wait for their probabilities."""
+        """Queue `records` (with their ids, if any) for `model` and wait for their scores."""
         assert self._queue is not None, "start() first"
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(Job(model, records, request_id, future, ids))
@@ -117,7 +118,7 @@ class MicroBatcher:
 
     async def _score_group(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
         try:
-            proba = await loop.run_in_executor(self._executor, self._predict, jobs)
+            scores = await loop.run_in_executor(self._executor, self._predict, jobs)
         except Exception as exc:
             if len(jobs) == 1:
                 _fail(jobs[0], exc)
@@ -131,7 +132,7 @@ class MicroBatcher:
         for job in jobs:
             end = start + len(job.records)
             if not job.future.done():
-                job.future.set_result(Scored(proba[start:end], len(proba)))
+                job.future.set_result(Scored(scores[start:end], len(scores)))
             start = end
 
     def _predict(self, jobs: list[Job]) -> np.ndarray:
@@ -139,7 +140,7 @@ class MicroBatcher:
         records = jobs[0].records if len(jobs) == 1 else [r for job in jobs for r in job.records]
         frame = model.frame(records)
         started = time.perf_counter()
-        proba = model.predict_proba(frame)
+        scores = model.scores(frame)
         if self.on_batch is not None:
             self.on_batch(len(frame))
         log.debug(
@@ -147,10 +148,10 @@ class MicroBatcher:
         )
         if self.on_scored is not None:
             try:
-                self.on_scored(jobs, frame, proba)
+                self.on_scored(jobs, frame, scores)
             except Exception:  # logging predictions must never fail a request
                 log.exception("recording predictions failed")
-        return proba
+        return scores
 
 
 def _limit_threads(threads: int) -> None:

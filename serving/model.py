@@ -1,5 +1,8 @@
 """A served model: the fitted pipeline, its input schema (from the MLflow signature) and its registry facts.
 
+A classifier (binary or multiclass: `predict_proba` and `classes_`) answers probabilities for every class;
+a regressor (`predict`, no `classes_`) answers its predicted value. `LoadedModel.task` says which.
+
 The record schema is derived from the model's signature, so a request is checked against what the model
 was trained on: every signature column must be present (null is allowed; the pipeline imputes it),
 numbers must be numbers and text must be text. Unknown categories pass: the pipeline's one-hot encoder
@@ -71,7 +74,7 @@ class LoadedModel:
     version: str
     pipeline: Any = field(repr=False)
     columns: list[Column]
-    classes: list[Any]
+    classes: list[Any]  # in `predict_proba` column order; empty for a regressor
     run_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     promoted_at: str | None = None
@@ -100,15 +103,21 @@ class LoadedModel:
                 data[column.name] = np.array(values, dtype=object)
         return pd.DataFrame(data, copy=False)
 
-    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
-        """Class probabilities, one column per class in `classes` order."""
-        return self.pipeline.predict_proba(frame)
+    @property
+    def task(self) -> str:
+        """`regression` (no classes), `binary` (two classes) or `multiclass`."""
+        return task_of(self.classes)
+
+    def scores(self, frame: pd.DataFrame) -> np.ndarray:
+        """Class probabilities (n, classes) in `classes` order, or predicted values (n,) of a regressor."""
+        return model_scores(self.pipeline, frame)
 
     def describe(self) -> dict[str, Any]:
         """What `GET /model` answers."""
         return {
             "name": self.name,
             "version": self.version,
+            "task": self.task,
             "run_id": self.run_id,
             "source": self.source,
             "classes": [_plain(c) for c in self.classes],
@@ -118,6 +127,35 @@ class LoadedModel:
             "promoted_at": self.promoted_at,
             "loaded_at": self.loaded_at,
         }
+
+
+def task_of(classes: list[Any]) -> str:
+    """The task a model's classes imply: `regression` for none, `binary` for two, else `multiclass`."""
+    if not classes:
+        return "regression"
+    return "binary" if len(classes) == 2 else "multiclass"
+
+
+def model_scores(pipeline: Any, frame: pd.DataFrame) -> np.ndarray:
+    """Probabilities of a classifier, or float predicted values of a regressor (as `tasks.evaluation`)."""
+    if getattr(pipeline, "classes_", None) is not None:
+        return pipeline.predict_proba(frame)
+    return np.asarray(pipeline.predict(frame), dtype="float64")
+
+
+def check_servable(pipeline: Any, uri: str) -> list[Any]:
+    """The classes of a fitted classifier with `predict_proba`, or `[]` for a regressor with `predict`.
+
+    Raises ModelLoadError for anything else (e.g. a classifier without probabilities, or no `predict`).
+    """
+    classes = getattr(pipeline, "classes_", None)
+    if classes is not None:
+        if not hasattr(pipeline, "predict_proba"):
+            raise ModelLoadError(f"{uri} is a classifier without predict_proba: it cannot give probabilities")
+        return list(classes)
+    if not hasattr(pipeline, "predict"):
+        raise ModelLoadError(f"{uri} is neither a fitted classifier with predict_proba nor a regressor with predict")
+    return []
 
 
 def _baseline(run_id: str | None) -> pd.DataFrame | None:
@@ -154,8 +192,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         pipeline = pyfunc.get_raw_model()
     except Exception as exc:
         raise ModelLoadError(f"{uri} could not be loaded: {type(exc).__name__}: {exc}") from exc
-    if not hasattr(pipeline, "predict_proba") or not hasattr(pipeline, "classes_"):
-        raise ModelLoadError(f"{uri} is not a fitted classifier with predict_proba")
+    classes = check_servable(pipeline, uri)
     columns = columns_from_signature(pyfunc.metadata.signature)
     tags = details.tags or {}
     try:  # the holdout metrics the run logged before the version was registered
@@ -170,7 +207,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         version=str(version),
         pipeline=pipeline,
         columns=columns,
-        classes=list(pipeline.classes_),
+        classes=classes,
         run_id=details.run_id,
         metrics=metrics,
         promoted_at=tags.get("promoted_at"),
@@ -181,7 +218,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
     # A model that loads but cannot score is no better than one that does not load: try one row of
     # nulls (the pipeline imputes them) before it is allowed to replace the served model.
     try:
-        loaded.predict_proba(loaded.frame([dict.fromkeys(c.name for c in columns)]))
+        loaded.scores(loaded.frame([dict.fromkeys(c.name for c in columns)]))
     except Exception as exc:
         raise ModelLoadError(f"{uri} loaded but failed a test prediction: {type(exc).__name__}: {exc}") from exc
     return loaded

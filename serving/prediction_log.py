@@ -1,6 +1,6 @@
 """Every prediction, logged to S3 as Parquet in batches, off the request path.
 
-The request path only appends a reference to what it already computed (inputs, probabilities, ids);
+The request path only appends a reference to what it already computed (inputs, scores, ids);
 a background thread turns the buffer into one Parquet object every few seconds at
 `s3://<bucket>/predictions/serving/<model>/date=YYYY-MM-DD/<time>-<uuid>.parquet`, which monitoring
 reads. When S3 is unreachable the rows stay buffered (bounded; the oldest are dropped and counted) and
@@ -35,8 +35,8 @@ class Entry:
     """One scored batch, as the request path left it."""
 
     frame: pd.DataFrame
-    proba: np.ndarray
-    classes: list[Any]
+    scores: np.ndarray  # probabilities (n, classes), or a regressor's predicted values (n,)
+    classes: list[Any]  # empty for a regressor
     request_ids: np.ndarray
     model_version: str
     at: datetime
@@ -46,9 +46,12 @@ class Entry:
 def to_table(entries: list[Entry]) -> pd.DataFrame:
     """Inputs, outputs and ids of many batches as one table (one row per record).
 
+    `predicted` is the class with the highest probability for a classifier, with a `proba_<class>` column
+    per class; for a regressor it is the predicted value (float) and there are no probability columns.
     Built with one concat of the input frames and numpy for the rest: the writer thread shares the GIL
     with the request path, so a flush of thousands of small batches must stay a few milliseconds.
-    Batches of models with other classes (after a swap) get their own `proba_<class>` columns.
+    Batches of models with other classes (after a swap) get their own `proba_<class>` columns; if one
+    flush mixes a regressor's and a classifier's batches (a swap between the two), `predicted` is text.
     """
     sizes = [len(e.frame) for e in entries]
     table = pd.concat([e.frame for e in entries], ignore_index=True)
@@ -60,13 +63,19 @@ def to_table(entries: list[Entry]) -> pd.DataFrame:
         ]
     ).astype(object)
     table["model_version"] = np.repeat([e.model_version for e in entries], sizes)
-    table["predicted"] = np.concatenate([np.asarray(e.classes)[e.proba.argmax(axis=1)] for e in entries])
+    predicted = [
+        np.asarray(e.classes)[e.scores.argmax(axis=1)] if e.classes else np.asarray(e.scores, dtype="float64")
+        for e in entries
+    ]
+    if len({bool(e.classes) for e in entries}) > 1:
+        predicted = [p.astype(str).astype(object) for p in predicted]
+    table["predicted"] = np.concatenate(predicted)
     table["predicted_at"] = pd.to_datetime(np.repeat([e.at for e in entries], sizes), utc=True)
     columns = dict.fromkeys(f"proba_{c}" for e in entries for c in e.classes)
     for column in columns:
         table[column] = np.concatenate(
             [
-                e.proba[:, [f"proba_{c}" for c in e.classes].index(column)]
+                e.scores[:, [f"proba_{c}" for c in e.classes].index(column)]
                 if column in {f"proba_{c}" for c in e.classes}
                 else np.full(size, np.nan)
                 for e, size in zip(entries, sizes, strict=True)
@@ -114,14 +123,14 @@ class PredictionLog:
     def record(
         self,
         frame: pd.DataFrame,
-        proba: np.ndarray,
+        scores: np.ndarray,
         classes: list[Any],
         request_ids: np.ndarray,
         version: str,
         record_ids: np.ndarray | None = None,
     ) -> None:
         """Keep one scored batch for the next write (cheap: no copy, no I/O)."""
-        entry = Entry(frame, proba, classes, request_ids, version, datetime.now(UTC), record_ids)
+        entry = Entry(frame, scores, classes, request_ids, version, datetime.now(UTC), record_ids)
         with self._lock:
             self._entries.append(entry)
             self._rows += len(frame)

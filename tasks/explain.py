@@ -1,12 +1,13 @@
 """Explanations: which raw features the model relies on, and why it scored one record as it did.
 
-Both work on the fitted pipeline (preprocessing + estimator) and raw feature frames as
-`tasks.features.prepare_inputs` produces them, so they speak of the columns people know (`age`, not
-`age_scaled` or `region_north`), and they work for every model family.
+Both work on the fitted pipeline (preprocessing + estimator, classifier or regressor) and raw feature
+frames as `tasks.features.prepare_inputs` produces them, so they speak of the columns people know (`age`,
+not `age_scaled` or `region_north`), and they work for every model family.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,8 @@ def permutation_importances(
         model: Fitted pipeline taking raw feature frames.
         X: Raw feature frame (e.g. holdout rows through `prepare_inputs`).
         y: True labels of those rows.
-        scoring: scikit-learn scorer name; "roc_auc" for binary, e.g. "roc_auc_ovr" for multiclass.
+        scoring: scikit-learn scorer name; "roc_auc" for binary, e.g. "roc_auc_ovr" for multiclass,
+            "neg_root_mean_squared_error" for regression.
         n_repeats: Shuffles per feature.
         seed: Seeds the row sample and the shuffles.
         max_rows: Rows used at most (a seeded random sample): the cost grows with rows x features x repeats.
@@ -100,20 +102,26 @@ def baseline_row(X: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([values], columns=X.columns).astype(dtypes)
 
 
-def contributions(model: Any, X: pd.DataFrame, baseline: pd.DataFrame, positive_index: int) -> pd.DataFrame:
-    """Per-record, per-feature contributions to the positive-class probability, by occlusion.
+def contributions(
+    model: Any, X: pd.DataFrame, baseline: pd.DataFrame, positive_index: int | Sequence[int] | None = None
+) -> pd.DataFrame:
+    """Per-record, per-feature contributions to one model output, by occlusion.
 
-    The contribution of a feature to a record is the record's probability minus its probability when that
-    one feature is set to the baseline value: positive means the record's value pushes the probability up
-    compared with the baseline. Model-agnostic, no retraining; interactions are not split between
-    features, so contributions need not add up to the difference from the baseline's probability. All
-    probabilities come from one `predict_proba` call on a stacked frame of n_records x (n_features + 1) rows.
+    The output explained is a class probability for a classifier (`positive_index`) or the predicted
+    value for a regressor (`positive_index=None`: `model.predict`). The contribution of a feature to a
+    record is the record's output minus its output when that one feature is set to the baseline value:
+    positive means the record's value pushes the output up compared with the baseline. Model-agnostic, no
+    retraining; interactions are not split between features, so contributions need not add up to the
+    difference from the baseline's output. All outputs come from one `predict_proba` (or `predict`) call
+    on a stacked frame of n_records x (n_features + 1) rows.
 
     Args:
         model: Fitted pipeline taking raw feature frames.
         X: Records to explain (raw features).
         baseline: One reference row with the same columns (e.g. `baseline_row` of the training rows).
-        positive_index: Column of `predict_proba` explained (e.g. `list(model.classes_).index(1)`).
+        positive_index: Column of `predict_proba` explained (e.g. `list(model.classes_).index(1)`), for
+            every record; or one column per record (e.g. each record's predicted class, for multiclass);
+            None explains `predict` (a regressor's predicted value).
 
     Returns:
         A frame with `X`'s index and columns: each cell is that feature's contribution for that record.
@@ -124,6 +132,9 @@ def contributions(model: Any, X: pd.DataFrame, baseline: pd.DataFrame, positive_
     if missing:
         raise ValueError(f"baseline lacks columns {missing}")
     n_records, n_features = X.shape
+    columns = None if positive_index is None or np.ndim(positive_index) == 0 else np.asarray(positive_index)
+    if columns is not None and columns.shape != (n_records,):
+        raise ValueError(f"positive_index has {columns.size} entries for {n_records} records")
     if n_records == 0:
         return pd.DataFrame(columns=X.columns, index=X.index, dtype="float64")
     # Block of each record: the record itself, then one copy per feature with that feature occluded.
@@ -136,5 +147,10 @@ def contributions(model: Any, X: pd.DataFrame, baseline: pd.DataFrame, positive_
             # The null prepare_inputs uses: None for categories, NaN for numbers.
             value = np.nan if is_numeric_dtype(X[column]) else None
         stacked.iloc[starts + 1 + j, j] = value
-    proba = np.asarray(model.predict_proba(stacked))[:, positive_index].reshape(n_records, block)
-    return pd.DataFrame(proba[:, :1] - proba[:, 1:], index=X.index, columns=X.columns)
+    if positive_index is None:
+        output = np.asarray(model.predict(stacked), dtype="float64").reshape(n_records, block)
+    else:
+        proba = np.asarray(model.predict_proba(stacked)).reshape(n_records, block, -1)
+        index = np.full(n_records, positive_index) if columns is None else columns
+        output = proba[np.arange(n_records), :, index]
+    return pd.DataFrame(output[:, :1] - output[:, 1:], index=X.index, columns=X.columns)

@@ -12,10 +12,19 @@ Rules (stated once, here):
   statistic or total-variation distance >= `min_effect`): at large row counts a test alone flags
   differences nobody cares about.
 - A window (the partition, or the prediction log) has drifted when the share of drifted features reaches
-  `drifted_share`, or the champion's predictions drifted (PSI of the positive-class probability, or of
-  the predicted class for multiclass, reaches `prediction_psi`).
-- It has decayed when, on at least `min_labelled_rows` labelled rows, ROC AUC fell by more than
-  `max_auc_drop` or F1 by more than `max_f1_drop` below the champion's holdout figures.
+  `drifted_share`, or the champion's predictions drifted: their PSI reaches `prediction_psi`. What is
+  compared depends on the task:
+  - binary: the positive-class probability (PSI over the reference's deciles, KS test);
+  - multiclass: the shares of the predicted classes (PSI over the classes, chi-square test), so a
+    change in the class mix the champion predicts is seen whichever class gains or loses;
+  - regression: the predicted value (PSI over the reference's deciles, KS test).
+- It has decayed when, on at least `min_labelled_rows` labelled rows (late labels joined by id):
+  - classification: ROC AUC fell by more than `max_auc_drop` or F1 by more than `max_f1_drop` below the
+    champion's holdout figures (absolute drops; macro averages for multiclass, as on the holdout);
+  - regression: RMSE rose by more than `max_rmse_rise` or MAE by more than `max_mae_rise` above the
+    champion's holdout figures, relative to them (0.10: more than 10 % worse). With the minimum of 200
+    labelled rows the window's own RMSE or MAE has a standard error of about 5 % (Gaussian errors), so
+    10 % is about two standard errors: a real loss, not noise; heavier-tailed errors are noisier.
 - A window with fewer than `min_rows` rows gives no verdict. Any drifted or decayed window triggers.
 """
 
@@ -41,7 +50,7 @@ from scipy import stats
 from mlops.clients import S3Location, mlflow_client, put_bytes, s3_client
 from mlops.dataset import DatasetConfig
 from mlops.settings import get_settings
-from tasks.evaluation import compute_metrics
+from tasks.evaluation import REGRESSION_METRICS, compute_metrics, model_classes, model_scores
 from tasks.features import prepare_inputs
 from tasks.loading import read_snapshot
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, PermanentError, retry_unless_permanent
@@ -51,6 +60,18 @@ log = logging.getLogger(__name__)
 REFERENCE_ARTIFACT = "reference/reference.parquet"
 REFERENCE_ROWS = 5000
 PROBA_PREFIX = "proba_"
+PREDICTION_COLUMN = "prediction"  # a regressor's predicted value in the reference sample
+RELATIVE_METRICS = ("rmse", "mae")  # judged by their rise relative to the holdout's
+METRIC_NAMES = {
+    "roc_auc": "ROC AUC",
+    "pr_auc": "PR AUC",
+    "f1": "F1",
+    "log_loss": "log loss",
+    "brier": "Brier",
+    "rmse": "RMSE",
+    "mae": "MAE",
+    "r2": "R²",
+}
 MISSING = "__missing__"
 EPSILON = 1e-4  # floor of a bin's share in PSI, so an empty bin does not make it infinite
 DRIFT_TAG = "drift-triggered"
@@ -105,6 +126,16 @@ class DriftThresholds(BaseModel):
         "is lower than the champion's holdout ROC AUC by more than this.",
     )
     max_f1_drop: float = Field(0.1, ge=0, le=1, title="Maximum F1 drop", description="The same for F1.")
+    max_rmse_rise: float = Field(
+        0.1,
+        ge=0,
+        title="Maximum RMSE rise (relative)",
+        description="Regression: retrain when RMSE on labelled recent rows is higher than the champion's holdout "
+        "RMSE by more than this fraction of it (0.1: more than 10 % worse).",
+    )
+    max_mae_rise: float = Field(
+        0.1, ge=0, title="Maximum MAE rise (relative)", description="Regression: the same for MAE."
+    )
     min_rows: int = Field(200, ge=10, title="Minimum rows", description="A window with fewer rows gives no verdict.")
     min_labelled_rows: int = Field(
         200, ge=10, title="Minimum labelled rows", description="Performance is judged on at least this many rows."
@@ -251,22 +282,62 @@ def proba_columns(classes: list[Any]) -> list[str]:
     return [f"{PROBA_PREFIX}{cls}" for cls in classes]
 
 
+def output_columns(classes: list[Any]) -> list[str]:
+    """Columns of the model's outputs in a reference sample: `proba_<class>` per class, or `prediction`."""
+    return proba_columns(classes) if classes else [PREDICTION_COLUMN]
+
+
+def task_of(classes: list[Any]) -> str:
+    """`regression` (no classes), `binary` (two) or `multiclass`."""
+    if len(classes) == 0:
+        return "regression"
+    return "binary" if len(classes) == 2 else "multiclass"
+
+
 def prediction_drift(
-    reference_proba: np.ndarray, current_proba: np.ndarray, classes: list[Any], thresholds: DriftThresholds
+    reference_scores: np.ndarray, current_scores: np.ndarray, classes: list[Any], thresholds: DriftThresholds
 ) -> FeatureDrift:
-    """Drift of the champion's predictions: its positive-class probability (binary) or predicted class."""
+    """Drift of the champion's predictions (see the module's rules).
+
+    Binary: the positive-class probability (numeric, named `proba_<class>`). Multiclass: the shares of the
+    predicted classes (categorical, named `predicted`): every class counts, not only one probability
+    column. Regression: the predicted value (numeric, named `prediction`).
+
+    Args:
+        reference_scores: The model's outputs on the reference rows: probabilities (n, classes), or values (n,).
+        current_scores: The same on the recent rows.
+        classes: The model's classes; empty for a regressor.
+        thresholds: The rules' limits.
+    """
+    if not classes:
+        return column_drift(
+            PREDICTION_COLUMN,
+            "numeric",
+            np.asarray(reference_scores, dtype=float),
+            np.asarray(current_scores, dtype=float),
+            thresholds,
+        )
     if len(classes) == 2:
         return column_drift(
-            f"{PROBA_PREFIX}{classes[1]}", "numeric", reference_proba[:, 1], current_proba[:, 1], thresholds
+            f"{PROBA_PREFIX}{classes[1]}", "numeric", reference_scores[:, 1], current_scores[:, 1], thresholds
         )
     labels = np.asarray(classes, dtype=object)
     return column_drift(
         "predicted",
         "categorical",
-        labels[reference_proba.argmax(axis=1)],
-        labels[current_proba.argmax(axis=1)],
+        labels[reference_scores.argmax(axis=1)],
+        labels[current_scores.argmax(axis=1)],
         thresholds,
     )
+
+
+def prediction_basis(classes: list[Any]) -> str:
+    """What prediction drift is measured on, in words (for the reports)."""
+    if len(classes) == 0:
+        return "the predicted value"
+    if len(classes) == 2:
+        return f"the probability of class {classes[1]}"
+    return f"the shares of the predicted classes ({', '.join(map(str, classes))})"
 
 
 @dataclass(frozen=True)
@@ -278,10 +349,31 @@ class Performance:
     holdout: dict[str, float]
 
     def drop(self, metric: str) -> float | None:
-        """Holdout minus recent (positive = worse now), or None when either is unknown."""
+        """Holdout minus recent (positive = worse now for a higher-is-better metric), or None when unknown."""
         if metric not in self.metrics or metric not in self.holdout:
             return None
         return self.holdout[metric] - self.metrics[metric]
+
+    def rise(self, metric: str) -> float | None:
+        """Relative rise of an error metric: (recent - holdout) / holdout (positive = worse now).
+
+        None when either is unknown. A holdout error of 0 makes any recent error an infinite rise (and
+        none a rise of 0).
+        """
+        if metric not in self.metrics or metric not in self.holdout:
+            return None
+        recent, holdout = self.metrics[metric], self.holdout[metric]
+        if holdout <= 0:
+            return 0.0 if recent <= holdout else float("inf")
+        return (recent - holdout) / holdout
+
+    def change(self, metric: str) -> str:
+        """The change from the holdout in words for the reports (`-0.0312`, `+12.5 %`), empty when unknown."""
+        if metric in RELATIVE_METRICS:
+            rise = self.rise(metric)
+            return "" if rise is None else f"{rise:+.1%}"
+        drop = self.drop(metric)
+        return "" if drop is None else f"{-drop:+.4f}"
 
 
 @dataclass(frozen=True)
@@ -310,6 +402,30 @@ class WindowResult:
     def triggered(self) -> bool:
         """Drift or decay crossed a threshold."""
         return self.drifted or self.decayed
+
+
+def decay_reasons(performance: Performance, thresholds: DriftThresholds) -> list[str]:
+    """Why the labelled rows say the champion decayed (empty: it did not); see the module's rules.
+
+    Classification: absolute drops of ROC AUC and F1; regression: relative rises of RMSE and MAE. A metric
+    the window or the holdout lacks is not judged.
+    """
+    reasons = []
+    for metric, limit in (("roc_auc", thresholds.max_auc_drop), ("f1", thresholds.max_f1_drop)):
+        drop = performance.drop(metric)
+        if drop is not None and drop > limit:
+            reasons.append(
+                f"{metric} {performance.metrics[metric]:.4f} on {performance.rows} labelled rows is "
+                f"{drop:.4f} below the holdout's {performance.holdout[metric]:.4f} (allowed {limit})"
+            )
+    for metric, limit in (("rmse", thresholds.max_rmse_rise), ("mae", thresholds.max_mae_rise)):
+        rise = performance.rise(metric)
+        if rise is not None and rise > limit:
+            reasons.append(
+                f"{metric} {performance.metrics[metric]:.4g} on {performance.rows} labelled rows is "
+                f"{rise:.1%} above the holdout's {performance.holdout[metric]:.4g} (allowed {limit:.0%})"
+            )
+    return reasons
 
 
 def judge_window(
@@ -342,14 +458,9 @@ def judge_window(
         reasons.append(f"prediction drift: PSI {prediction.psi:.3f} >= {thresholds.prediction_psi}")
     decayed = False
     if performance is not None:
-        for metric, limit in (("roc_auc", thresholds.max_auc_drop), ("f1", thresholds.max_f1_drop)):
-            drop = performance.drop(metric)
-            if drop is not None and drop > limit:
-                decayed = True
-                reasons.append(
-                    f"{metric} {performance.metrics[metric]:.4f} on {performance.rows} labelled rows is "
-                    f"{drop:.4f} below the holdout's {performance.holdout[metric]:.4f} (allowed {limit})"
-                )
+        decay = decay_reasons(performance, thresholds)
+        decayed = bool(decay)
+        reasons += decay
     note = "" if reasons else "no threshold crossed"
     return WindowResult(
         name, source, rows, features, prediction, performance, labelled_rows, drifted, decayed, reasons, note
@@ -363,6 +474,16 @@ class Verdict:
     triggered: bool
     reasons: list[str]
     summary: str
+
+
+def decay_summary(performance: Performance) -> str:
+    """The headline figure of a decayed window: RMSE and its rise for a regressor, else ROC AUC."""
+    metrics = performance.metrics
+    if "rmse" in metrics:
+        return f"RMSE {metrics['rmse']:.4g} ({performance.change('rmse')} vs holdout)"
+    if "roc_auc" in metrics:
+        return f"ROC AUC {metrics['roc_auc']:.3f}"
+    return ", ".join(f"{METRIC_NAMES.get(k, k)} {v:.3f}" for k, v in metrics.items())
 
 
 def overall_verdict(windows: list[WindowResult]) -> Verdict:
@@ -383,7 +504,7 @@ def overall_verdict(windows: list[WindowResult]) -> Verdict:
         if w.prediction is not None and w.drifted:
             bits.append(f"prediction PSI {w.prediction.psi:.2f}")
         if w.decayed and w.performance is not None:
-            bits.append(f"ROC AUC {w.performance.metrics.get('roc_auc', float('nan')):.3f}")
+            bits.append(decay_summary(w.performance))
         parts.append(f"{w.name} " + ", ".join(bits))
     return Verdict(True, reasons, "; ".join(parts))
 
@@ -396,24 +517,32 @@ def summary_markdown(
     report_uri: str,
     report_link: str,
     trigger: str,
+    classes: list[Any] | None = None,
 ) -> str:
-    """The Prefect artifact: verdict, a table per window and the link to the full report."""
+    """The Prefect artifact: verdict, a table per window and the link to the full report.
+
+    `classes` (the champion's; empty for a regressor) names the task and what prediction drift measured.
+    """
+    classes = None if classes is None else list(classes)
     lines = [
         f"# Drift monitoring: **{'RETRAIN' if verdict.triggered else 'OK'}**",
         "",
         f"- model: `{model_name}`, champion v{champion}; report: [report.html]({report_link}) (`{report_uri}`)",
-        f"- retraining: {trigger}",
-        f"- summary: {verdict.summary}",
-        "",
     ]
+    if classes is not None:
+        lines.append(f"- task: {task_of(classes)}; prediction drift is measured on {prediction_basis(classes)}")
+    lines += [f"- retraining: {trigger}", f"- summary: {verdict.summary}", ""]
     for w in windows:
         lines += [f"## {w.name}: {w.rows} rows from `{w.source}`", ""]
         lines += [f"- {reason}" for reason in w.reasons] or [f"- {w.note}"]
         if w.performance is not None:
-            lines += ["", "| metric | recent | holdout |", "|---|---|---|"]
+            lines += ["", "| metric | recent | holdout | change |", "|---|---|---|---|"]
             for metric, value in w.performance.metrics.items():
                 holdout = w.performance.holdout.get(metric)
-                lines.append(f"| {metric} | {value:.4f} | {'' if holdout is None else f'{holdout:.4f}'} |")
+                lines.append(
+                    f"| {metric_label(metric, classes)} | {value:.4f} | {'' if holdout is None else f'{holdout:.4f}'} "
+                    f"| {w.performance.change(metric)} |"
+                )
             lines.append(f"\n{w.performance.rows} labelled rows")
         elif w.labelled_rows:
             lines.append(f"- only {w.labelled_rows} labelled rows: no performance figures")
@@ -423,20 +552,49 @@ def summary_markdown(
             "|---|---|---|---|---|---|---|---|",
         ]
         for f in [*w.features, *([w.prediction] if w.prediction else [])]:
+            name = f"{f.name} (prediction)" if f is w.prediction else f.name
             lines.append(
-                f"| {f.name} | {f.kind} | {f.psi:.3f} | {f.test} | {f.statistic:.3f} | {f.p_value:.2g} | "
+                f"| {name} | {f.kind} | {f.psi:.3f} | {f.test} | {f.statistic:.3f} | {f.p_value:.2g} | "
                 f"{f.effect:.3f} | {('**yes**' if f.drifted else 'no') if w.judged else 'not judged'} |"
             )
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
+def metric_label(metric: str, classes: list[Any] | None) -> str:
+    """A metric's name for people: `RMSE`, `ROC AUC`, `F1 (macro)` for a multiclass model's averages."""
+    name = METRIC_NAMES.get(metric, metric)
+    averaged = classes is not None and len(classes) > 2 and metric in ("roc_auc", "pr_auc", "f1")
+    return f"{name} (macro)" if averaged else name
+
+
 def reference_sample(train: pd.DataFrame, model: Any, config: DatasetConfig, max_rows: int, seed: int) -> pd.DataFrame:
-    """Features of up to `max_rows` training rows (a seeded sample) and the model's probabilities on them."""
+    """Features of up to `max_rows` training rows (a seeded sample) and the model's outputs on them.
+
+    The outputs are a classifier's probabilities (`proba_<class>` per class) or a regressor's predicted
+    value (`prediction`).
+    """
     rows = train.sample(n=min(max_rows, len(train)), random_state=seed) if len(train) > max_rows else train
     features = prepare_inputs(rows, config).reset_index(drop=True)
-    proba = model.predict_proba(features)
-    return features.assign(**dict(zip(proba_columns(list(model.classes_)), proba.T, strict=True)))
+    classes = model_classes(model)
+    scores = model_scores(model, features)
+    outputs = scores.T if classes else [scores]
+    return features.assign(**dict(zip(output_columns(classes), outputs, strict=True)))
+
+
+def reference_scores(reference: pd.DataFrame, classes: list[Any]) -> np.ndarray:
+    """The model's outputs stored in a reference sample: probabilities (n, classes), or values (n,).
+
+    Raises MonitoringError when the reference holds other outputs (a reference of another kind of model).
+    """
+    columns = output_columns(classes)
+    missing = [c for c in columns if c not in reference.columns]
+    if missing:
+        raise MonitoringError(
+            f"the training reference lacks the model's output columns {missing}: it was stored for another "
+            f"kind of model ({task_of(classes)} expected); retrain to store a new one"
+        )
+    return reference[columns].to_numpy(dtype=float) if classes else reference[columns[0]].to_numpy(dtype=float)
 
 
 def join_labels(current: pd.DataFrame, key: str, labels: pd.DataFrame, id_column: str, target: str) -> pd.Series:
@@ -467,6 +625,28 @@ def prediction_log_key(frame: pd.DataFrame) -> pd.Series:
     return frame["record_id"].astype(object).where(frame["record_id"].notna(), request)
 
 
+def labelled_performance(
+    y: np.ndarray, scores: np.ndarray, classes: list[Any], holdout: dict[str, float]
+) -> Performance | None:
+    """Metrics of the champion on labelled recent rows, beside its holdout figures (None if not measurable).
+
+    Classification: ROC AUC, F1, PR AUC, log loss (macro averages for multiclass), when at least two
+    classes are among the labels; a metric that is undefined on these rows (e.g. ROC AUC of a class that no
+    label has) is left out. Regression: RMSE, MAE and R².
+    """
+    if classes:
+        if len(set(y)) < 2:
+            return None
+        y = y.astype(np.asarray(classes).dtype)
+        names: tuple[str, ...] = ("roc_auc", "f1", "pr_auc", "log_loss")
+    else:
+        y = y.astype("float64")
+        names = REGRESSION_METRICS
+    metrics = compute_metrics(y, scores, classes)
+    chosen = {k: metrics[k] for k in names if k in metrics and np.isfinite(metrics[k])}
+    return Performance(len(y), chosen, {k: v for k, v in holdout.items() if k in chosen})
+
+
 def analyse(
     name: str,
     source: str,
@@ -483,22 +663,17 @@ def analyse(
     if len(current) == 0:
         return judge_window(name, source, 0, [], None, None, 0, thresholds)
     features = prepare_inputs(current, config)
-    classes = list(model.classes_)
-    proba = model.predict_proba(features)
-    reference_proba = reference[proba_columns(classes)].to_numpy()
+    classes = model_classes(model)
+    scores = model_scores(model, features)
     drifts = feature_drifts(reference, features, config, thresholds)
-    prediction = prediction_drift(reference_proba, proba, classes, thresholds)
+    prediction = prediction_drift(reference_scores(reference, classes), scores, classes, thresholds)
     performance, labelled = None, 0
     if labels is not None:
         y = join_labels(current, key, labels, config.id_column, config.target)
         known = y.notna().to_numpy()
         labelled = int(known.sum())
-        y_known = y[known].to_numpy()
-        if labelled >= thresholds.min_labelled_rows and len(set(y_known)) >= 2:
-            y_known = y_known.astype(np.asarray(classes).dtype)
-            metrics = compute_metrics(y_known, proba[known], classes)
-            chosen = {k: metrics[k] for k in ("roc_auc", "f1", "pr_auc", "log_loss") if k in metrics}
-            performance = Performance(labelled, chosen, {k: v for k, v in holdout.items() if k in chosen})
+        if labelled >= thresholds.min_labelled_rows:
+            performance = labelled_performance(y[known].to_numpy(), scores[known], classes, holdout)
     return judge_window(name, source, len(current), drifts, prediction, performance, labelled, thresholds)
 
 
@@ -514,7 +689,7 @@ def result_json(windows: list[WindowResult], verdict: Verdict, extra: dict[str, 
 
 @task(name="log-reference", **IO)
 def log_reference(run_id: str, model: Any, train: pd.DataFrame, config: DatasetConfig, seed: int = 0) -> str:
-    """Prefect task: store the training reference (features + the model's probabilities) in the model's run.
+    """Prefect task: store the training reference (features + the model's outputs) in the model's run.
 
     Monitoring compares recent data with it. Returns the artifact path in the run.
     """
@@ -538,6 +713,11 @@ class Champion:
     model: Any = field(repr=False)
     holdout: dict[str, float]
     reference: pd.DataFrame = field(repr=False)
+
+    @property
+    def classes(self) -> list[Any]:
+        """The champion's classes; empty for a regressor."""
+        return model_classes(self.model)
 
 
 @task(name="load-champion-reference", **IO)
@@ -666,16 +846,22 @@ def report_html(champion: Champion, windows: list[Window], results: list[WindowR
         from evidently.presets import DataDriftPreset
     except ImportError:  # the numbers above are ours anyway; Evidently only adds the plots
         return f"<html><body>{summary}<p>Evidently is not installed: no plots.</p></body></html>"
-    numeric = [*config.numeric_features, "prediction"]
-    definition = DataDefinition(numerical_columns=numeric, categorical_columns=config.categorical_features)
-    positive = proba_columns(list(champion.model.classes_))[-1]
-    reference = champion.reference[config.feature_names].assign(prediction=champion.reference[positive])
+    classes = champion.classes
+    # The prediction column as prediction drift sees it: the positive-class probability (binary), the
+    # predicted class (multiclass, categorical), the predicted value (regression).
+    multiclass = len(classes) > 2
+    numeric = [*config.numeric_features, *([] if multiclass else ["prediction"])]
+    categorical = [*config.categorical_features, *(["prediction"] if multiclass else [])]
+    definition = DataDefinition(numerical_columns=numeric, categorical_columns=categorical)
+    reference = champion.reference[config.feature_names].assign(
+        prediction=_prediction_column(reference_scores(champion.reference, classes), classes)
+    )
     parts = []
     for window, result in zip(windows, results, strict=True):
         if len(window.frame) == 0 or not result.judged:
             continue
         current = prepare_inputs(window.frame, config)
-        current = current.assign(prediction=champion.model.predict_proba(current)[:, -1])
+        current = current.assign(prediction=_prediction_column(model_scores(champion.model, current), classes))
         snapshot = Report([DataDriftPreset()]).run(
             current_data=Dataset.from_pandas(current, data_definition=definition),
             reference_data=Dataset.from_pandas(reference, data_definition=definition),
@@ -690,16 +876,43 @@ def report_html(champion: Champion, windows: list[Window], results: list[WindowR
     return f"<html><head><meta charset='utf-8'></head><body>{summary}{''.join(parts)}</body></html>"
 
 
+def _prediction_column(scores: np.ndarray, classes: list[Any]) -> np.ndarray:
+    """One prediction per row for the report's plots: see `prediction_drift` for what it is per task."""
+    if not classes:
+        return np.asarray(scores, dtype=float)
+    if len(classes) == 2:
+        return scores[:, 1]
+    return np.asarray([str(c) for c in classes], dtype=object)[scores.argmax(axis=1)]
+
+
 def _summary_html(champion: Champion, results: list[WindowResult]) -> str:
-    out = [f"<h1>Drift monitoring of {html.escape(champion.model_name)} v{champion.version}</h1>"]
+    classes = champion.classes
+    out = [
+        f"<h1>Drift monitoring of {html.escape(champion.model_name)} v{champion.version}</h1>",
+        f"<p>Task: {task_of(classes)}; prediction drift is measured on {html.escape(prediction_basis(classes))}.</p>",
+    ]
     for w in results:
         out.append(f"<h2>{html.escape(w.name)}: {w.rows} rows</h2><ul>")
         out += [f"<li>{html.escape(r)}</li>" for r in w.reasons] or [f"<li>{html.escape(w.note)}</li>"]
-        out.append("</ul><table border=1 cellpadding=4><tr><th>column</th><th>PSI</th><th>test</th>")
+        out.append("</ul>")
+        if w.performance is not None:
+            out.append(f"<p>Performance on {w.performance.rows} labelled rows:</p>")
+            out.append("<table border=1 cellpadding=4><tr><th>metric</th><th>recent</th><th>holdout</th>")
+            out.append("<th>change</th></tr>")
+            for metric, value in w.performance.metrics.items():
+                holdout = w.performance.holdout.get(metric)
+                out.append(
+                    f"<tr><td>{html.escape(metric_label(metric, classes))}</td><td>{value:.4f}</td>"
+                    f"<td>{'' if holdout is None else f'{holdout:.4f}'}</td>"
+                    f"<td>{w.performance.change(metric)}</td></tr>"
+                )
+            out.append("</table>")
+        out.append("<table border=1 cellpadding=4><tr><th>column</th><th>PSI</th><th>test</th>")
         out.append("<th>p-value</th><th>effect</th><th>drifted</th></tr>")
         for f in [*w.features, *([w.prediction] if w.prediction else [])]:
+            name = f"{f.name} (prediction)" if f is w.prediction else f.name
             out.append(
-                f"<tr><td>{html.escape(f.name)}</td><td>{f.psi:.3f}</td><td>{f.test}</td><td>{f.p_value:.2g}</td>"
+                f"<tr><td>{html.escape(name)}</td><td>{f.psi:.3f}</td><td>{f.test}</td><td>{f.p_value:.2g}</td>"
                 f"<td>{f.effect:.3f}</td><td>{('yes' if f.drifted else 'no') if w.judged else 'not judged'}</td></tr>"
             )
         out.append("</table>")

@@ -6,6 +6,11 @@ pre-buffering whole row groups), and each chunk's predictions go at once to a `P
 streams to S3. One prediction file per input file: `<output>/part-00000.parquet`, ... in the sorted
 order of the input files (the summary maps each input file to its output file).
 
+What each row gets: a classifier's `predicted` class and `proba_<class>` for every class (binary and
+multiclass alike); a regressor's `predicted` value (float64). The summary has class counts and mean
+probabilities for a classifier, and prediction statistics (mean, standard deviation, min, max) for a
+regressor.
+
 Nothing half-written (S3 has no rename):
 - every part is first written under a staging prefix, `s3://<output bucket>/_staging/scoring/<token>/`;
 - only once every file is scored are the parts copied to the output prefix; parts of an earlier run
@@ -38,6 +43,7 @@ from prefect.cache_policies import NO_CACHE
 from mlops.clients import S3Location, mlflow_client, put_bytes, s3_client
 from mlops.dataset import DatasetConfig
 from mlops.settings import Settings, get_settings
+from tasks.evaluation import model_classes, model_scores
 from tasks.features import prepare_inputs
 from tasks.promotion import CHAMPION, champion_version
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, PermanentError, retry_unless_permanent
@@ -264,38 +270,119 @@ def predict_chunk(
 ) -> pa.RecordBatch:
     """Predictions of one chunk: id, time (if configured), `predicted`, `proba_<class>`, version, time scored.
 
-    `predicted` is the class with the highest probability, which is what the model's `predict` returns for
-    the project's classifiers (the tests check it against the registered model's own `predict`).
+    For a classifier `predicted` is the class with the highest probability, which is what the model's
+    `predict` returns for the project's classifiers (the tests check it against the registered model's own
+    `predict`), and there is one `proba_<class>` column per class. For a regressor `predicted` is its
+    predicted value (float64) and there are no probability columns.
     """
-    proba = model.predict_proba(prepare_inputs(batch.select(config.feature_names).to_pandas(), config))
-    classes = np.asarray(model.classes_)
+    scores = model_scores(model, prepare_inputs(batch.select(config.feature_names).to_pandas(), config))
+    classes = np.asarray(model_classes(model))
     n = batch.num_rows
     columns = {config.id_column: batch.column(config.id_column)}
     if config.time_column:
         columns[config.time_column] = batch.column(config.time_column)
-    columns["predicted"] = pa.array(classes[proba.argmax(axis=1)])
+    if classes.size == 0:
+        columns["predicted"] = pa.array(scores, pa.float64())
+    else:
+        columns["predicted"] = pa.array(classes[scores.argmax(axis=1)])
     for index, label in enumerate(classes):
-        columns[f"proba_{label}"] = pa.array(proba[:, index], pa.float64())
+        columns[f"proba_{label}"] = pa.array(scores[:, index], pa.float64())
     columns["model_version"] = pa.repeat(pa.scalar(model_version, pa.string()), n)
     columns["scored_at"] = pa.repeat(pa.scalar(scored_at, pa.timestamp("us", tz="UTC")), n)
     return pa.RecordBatch.from_pydict(columns)
 
 
 @dataclass
+class PredictionStats:
+    """Running count, mean, spread and range of predicted values, merged chunk by chunk.
+
+    Chan et al.'s pairwise update of the mean and the sum of squared deviations: exact up to rounding,
+    without keeping the values and without the cancellation of a sum-of-squares formula.
+    """
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    min: float = float("inf")
+    max: float = float("-inf")
+
+    def add(self, values: np.ndarray) -> None:
+        """Merge a chunk's values."""
+        values = np.asarray(values, dtype="float64")
+        if values.size == 0:
+            return
+        n, mean = values.size, float(values.mean())
+        m2 = float(np.sum((values - mean) ** 2))
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+        self.min, self.max = min(self.min, float(values.min())), max(self.max, float(values.max()))
+
+    def as_dict(self) -> dict[str, float]:
+        """`mean`, `std` (population), `min`, `max`; empty when nothing was added."""
+        if self.count == 0:
+            return {}
+        return {"mean": self.mean, "std": (self.m2 / self.count) ** 0.5, "min": self.min, "max": self.max}
+
+
+@dataclass
+class PredictionTally:
+    """What the summary says about the predictions, accumulated chunk by chunk.
+
+    Per class (a classifier): predicted rows and the sum of each probability; for a regressor, the running
+    statistics of the predicted values.
+    """
+
+    labels: list[str]  # the classes as text, in probability-column order; empty for a regressor
+    rows: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=dict)
+    values: PredictionStats = field(default_factory=PredictionStats)
+
+    def add(self, predictions: pa.RecordBatch) -> None:
+        """Count one chunk of `predict_chunk`'s output."""
+        self.rows += predictions.num_rows
+        predicted = predictions.column("predicted").to_numpy(zero_copy_only=False)
+        if not self.labels:
+            self.values.add(predicted)
+            return
+        for label in self.labels:
+            self.sums[label] = self.sums.get(label, 0.0) + pc.sum(predictions.column(f"proba_{label}")).as_py()
+        for label, count in zip(*np.unique(predicted, return_counts=True), strict=True):
+            self.counts[str(label)] = self.counts.get(str(label), 0) + int(count)
+
+    def fill(self, summary: ScoringSummary) -> None:
+        """Set the summary's class counts and mean probabilities, or its prediction statistics."""
+        if self.rows == 0:
+            return
+        summary.predicted_counts = {label: self.counts.get(label, 0) for label in self.labels}
+        summary.mean_probability = {label: float(self.sums[label] / self.rows) for label in self.labels}
+        summary.prediction_stats = self.values.as_dict()
+
+
+@dataclass
 class ScoringSummary:
-    """What a scoring run read, wrote and predicted (written as summary.json beside the predictions)."""
+    """What a scoring run read, wrote and predicted (written as summary.json beside the predictions).
+
+    A classifier's summary has `predicted_counts` and `mean_probability` per class; a regressor's has
+    `prediction_stats` (mean, std, min, max of the predicted values) instead.
+    """
 
     model_name: str
     model_version: str
     source: str
     output: str
     scored_at: str
+    task: str = "binary"  # binary, multiclass or regression (from the model's classes)
     rows: int = 0
     chunks: int = 0
     files: int = 0
     seconds: float = 0.0
     predicted_counts: dict[str, int] = field(default_factory=dict)
     mean_probability: dict[str, float] = field(default_factory=dict)
+    prediction_stats: dict[str, float] = field(default_factory=dict)
     parts: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -304,8 +391,10 @@ class ScoringSummary:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> str:
-        """The summary as JSON (`parts` maps input file -> prediction file)."""
-        return json.dumps(asdict(self) | {"rows_per_second": round(self.rows_per_second, 1)}, indent=2)
+        """The summary as JSON (`parts` maps input file -> prediction file); only the task's own statistics."""
+        data = asdict(self) | {"rows_per_second": round(self.rows_per_second, 1)}
+        unused = ("predicted_counts", "mean_probability") if self.task == "regression" else ("prediction_stats",)
+        return json.dumps({k: v for k, v in data.items() if k not in unused}, indent=2)
 
     def to_markdown(self) -> str:
         """The summary as tables, for the Prefect UI."""
@@ -321,11 +410,15 @@ class ScoringSummary:
             f"| files | {self.files} |",
             f"| chunks | {self.chunks} |",
             f"| seconds | {self.seconds:.1f} ({self.rows_per_second:,.0f} rows/s) |",
+            f"| task | {self.task} |",
             f"| scored at | {self.scored_at} |",
             "",
-            "| class | predicted rows | share | mean probability |",
-            "|---|---:|---:|---:|",
         ]
+        if self.task == "regression":
+            lines += ["| predicted value | |", "|---|---:|"]
+            lines += [f"| {name} | {value:,.6g} |" for name, value in self.prediction_stats.items()]
+            return "\n".join(lines) + "\n"
+        lines += ["| class | predicted rows | share | mean probability |", "|---|---:|---:|---:|"]
         for label, mean in self.mean_probability.items():
             count = self.predicted_counts.get(label, 0)
             share = count / self.rows if self.rows else 0.0
@@ -347,7 +440,7 @@ def score_partition_files(
     """Score every file chunk by chunk into the staging prefix; returns the summary (nothing is published).
 
     Args:
-        model: Fitted classifier with `predict_proba` and `classes_` (the registered sklearn pipeline).
+        model: The registered sklearn pipeline: a classifier (`predict_proba`, `classes_`) or a regressor.
         config: Dataset description (id, time and feature columns).
         partition: The files to score (from `inspect_files`).
         plan: Where the parts are staged and finally published.
@@ -361,10 +454,13 @@ def score_partition_files(
         ScoringInputError: A chunk's values cannot be prepared for the model (names the file and rows).
     """
     scored_at = datetime.now(UTC)
-    summary = ScoringSummary(model_name, model_version, partition.source, plan.output, scored_at.isoformat())
-    counts: dict[str, int] = {}
-    sums: np.ndarray | None = None
-    labels: list[str] = []
+    classes = model_classes(model)
+    if config.task.is_classification != bool(classes):
+        kind = f"a classifier of {classes}" if classes else "a regressor"
+        raise ScoringInputError(f"{model_name} v{model_version} is {kind}, but the dataset's task is {config.task}")
+    task = "regression" if not classes else ("binary" if len(classes) == 2 else "multiclass")
+    summary = ScoringSummary(model_name, model_version, partition.source, plan.output, scored_at.isoformat(), task)
+    tally = PredictionTally([str(c) for c in classes])
     started = time.perf_counter()
     for index, file in enumerate(partition.files):
         if file.rows == 0:
@@ -391,13 +487,7 @@ def score_partition_files(
                     first_row += batch.num_rows
                     summary.rows += batch.num_rows
                     summary.chunks += 1
-                    if sums is None:
-                        labels = [str(c) for c in model.classes_]
-                        sums = np.zeros(len(labels))
-                    sums += [pc.sum(predictions.column(f"proba_{label}")).as_py() for label in labels]
-                    predicted = predictions.column("predicted").to_numpy(zero_copy_only=False)
-                    for label, count in zip(*np.unique(predicted, return_counts=True), strict=True):
-                        counts[str(label)] = counts.get(str(label), 0) + int(count)
+                    tally.add(predictions)
                     log.info(
                         "chunk %d: %d rows of %s (%d/%d rows, %.0f rows/s)",
                         summary.chunks,
@@ -417,9 +507,7 @@ def score_partition_files(
         summary.files += 1
         summary.parts[file.uri] = plan.output + plan.part_name(index)
     summary.seconds = round(time.perf_counter() - started, 3)
-    summary.predicted_counts = {label: counts.get(label, 0) for label in labels}
-    if sums is not None and summary.rows:
-        summary.mean_probability = {label: float(s / summary.rows) for label, s in zip(labels, sums, strict=True)}
+    tally.fill(summary)
     log.info(
         "scored %d rows in %d chunks from %d file(s) with %s v%s in %.1fs",
         summary.rows,
@@ -499,7 +587,7 @@ def resolve_model_version(model_name: str, requested: str | None) -> str:
 
 @task(name="load-model", **IO)
 def load_model(model_name: str, version: str) -> Any:
-    """Prefect task: a registered version's fitted pipeline (sklearn flavour, so it gives probabilities)."""
+    """Prefect task: a registered version's fitted pipeline (sklearn flavour: a classifier or a regressor)."""
     import mlflow.sklearn
 
     mlflow_client(get_settings())

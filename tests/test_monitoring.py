@@ -15,6 +15,7 @@ from mlops.clients import S3Location, mlflow_client, put_bytes, s3_client
 from mlops.datagen import write_months
 from mlops.synthetic import DriftSpec, generate_month
 from tasks.monitoring import DRIFT_TAG, load_champion_reference, model_tag
+from tasks.promotion import Gates
 from tasks.training import SearchSpec
 from tests.waiting import wait_for_runs
 
@@ -39,7 +40,11 @@ def dataset(stack) -> str:
     write_months(stack, source, MONTHS, ROWS, seed=SEED)
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL, "source": source}
     config = put_bytes(stack, S3Location(stack.bucket, f"configs/{MODEL}.yaml"), yaml.safe_dump(raw).encode(), OCTET)
-    state = training(TrainingParams(dataset=config, search=SearchSpec(**SEARCH)), return_state=True)
+    # The cold start is judged on the lower bound of ROC AUC's interval (0.68 for this one-trial search on
+    # 1,200 holdout rows, point 0.73): a lenient gate, as in tests/test_trust.py, since this module needs a
+    # champion to monitor, not a test of the promotion rule.
+    params = TrainingParams(dataset=config, search=SearchSpec(**SEARCH), gates=Gates(min_roc_auc=0.55))
+    state = training(params, return_state=True)
     assert state.is_completed() and state.result().promoted, state.message
     return config
 
@@ -94,6 +99,7 @@ def test_unchanged_data_triggers_nothing(stack, dataset, deployed):
     page = S3Location.parse(outcome.report.html_uri)
     body = s3_client(stack).get_object(Bucket=page.bucket, Key=page.key)["Body"].read().decode()
     assert f"Drift monitoring of {MODEL}" in body and "Evidently data drift: partition" in body
+    assert "Task: binary; prediction drift is measured on the probability of class 1" in body
 
 
 def test_delayed_labels_give_performance_on_partition_and_prediction_log(stack, dataset):

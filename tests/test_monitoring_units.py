@@ -226,3 +226,221 @@ def test_history_keys_sort_by_time_and_records_round_trip():
     assert ChampionChange.from_json(late.to_json()) == late
     rows = history_table([early, late])
     assert rows[1]["from"] == "v1" and rows[1]["to"] == "v2" and rows[0]["from"] == "-"
+
+
+# ------------------------------------------------------------------- regression and multiclass champions
+
+
+@pytest.fixture(scope="module")
+def regression():
+    """A Ridge pipeline on the diabetes data: fitted on the first 300 patients, the reference from them."""
+    from sklearn.linear_model import Ridge
+
+    from tests.task_types import diabetes_config, diabetes_frame, fit
+
+    config, frame = diabetes_config("diabetes-units"), diabetes_frame()
+    train = frame.iloc[:300]
+    model = fit(config, train, Ridge(alpha=0.1))
+    return config, frame, model, reference_sample(train, model, config, 5000, 0)
+
+
+def test_regression_reference_stores_the_predicted_value(regression):
+    config, frame, model, reference = regression
+    assert list(reference.columns) == [*config.feature_names, "prediction"]
+    expected = model.predict(prepare_inputs(frame.iloc[:300], config))
+    np.testing.assert_allclose(reference["prediction"].to_numpy(), expected, rtol=0, atol=1e-9)
+    # a classifier's reference cannot be read as a regressor's, and the error says so
+    from tasks.monitoring import MonitoringError, reference_scores
+
+    with pytest.raises(MonitoringError, match="regression expected"):
+        reference_scores(reference.drop(columns="prediction").assign(proba_0=0.5, proba_1=0.5), [])
+
+
+def test_regression_prediction_drift_is_on_the_predicted_value():
+    ref = RNG.normal(150, 50, 5000)
+    same = prediction_drift(ref, RNG.normal(150, 50, 2000), [], THRESHOLDS)
+    assert same.name == "prediction" and same.kind == "numeric" and same.test == "ks"
+    assert same.psi < 0.05 and not same.drifted
+    # predictions half a standard deviation higher: PSI over the reference's deciles crosses 0.2
+    shifted = prediction_drift(ref, RNG.normal(175, 50, 2000), [], THRESHOLDS)
+    assert shifted.psi >= THRESHOLDS.prediction_psi and shifted.drifted
+    assert judge_window("w", "s", 2000, _features(0), shifted, None, 0, THRESHOLDS).drifted
+    assert not judge_window("w", "s", 2000, _features(0), same, None, 0, THRESHOLDS).triggered
+
+
+def test_regression_decay_is_a_relative_rise_of_rmse_or_mae():
+    assert (THRESHOLDS.max_rmse_rise, THRESHOLDS.max_mae_rise) == (0.1, 0.1)
+    holdout = {"rmse": 50.0, "mae": 40.0, "r2": 0.5}
+
+    def judged(rmse: float, mae: float):
+        performance = Performance(500, {"rmse": rmse, "mae": mae, "r2": 0.4}, holdout)
+        return judge_window("w", "s", 1000, _features(0), None, performance, 500, THRESHOLDS)
+
+    # 9 % worse on both: within the 10 % allowed
+    assert not judged(54.5, 43.6).triggered
+    # RMSE 12 % worse: decayed, the reason names RMSE, its rise and the limit
+    rmse = judged(56.0, 41.0)
+    assert rmse.decayed and not rmse.drifted and len(rmse.reasons) == 1
+    assert rmse.reasons[0] == "rmse 56 on 500 labelled rows is 12.0% above the holdout's 50 (allowed 10%)"
+    # MAE alone 15 % worse also decays; better than the holdout never does
+    assert judged(50.0, 46.0).decayed and "mae 46" in judged(50.0, 46.0).reasons[0]
+    assert not judged(30.0, 20.0).triggered
+    # no classification rule applies to a regressor, and a custom limit is honoured
+    assert all("roc_auc" not in r and "f1" not in r for r in judged(80.0, 80.0).reasons)
+    strict = DriftThresholds(max_rmse_rise=0.05)
+    performance = Performance(500, {"rmse": 53.0, "mae": 40.0}, holdout)
+    assert judge_window("w", "s", 1000, _features(0), None, performance, 500, strict).decayed
+    # a perfect holdout: any error is an infinite rise, none is no rise
+    assert Performance(10, {"rmse": 0.1}, {"rmse": 0.0}).rise("rmse") == float("inf")
+    assert Performance(10, {"rmse": 0.0}, {"rmse": 0.0}).rise("rmse") == 0.0
+
+
+def test_regression_window_metrics_equal_sklearns_and_shifted_labels_decay(regression):
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    from tasks.evaluation import compute_metrics
+    from tasks.monitoring import analyse
+
+    config, frame, model, reference = regression
+    window = frame.drop(columns="progression")  # what arrives: features and ids, labels later
+    labels = frame[["patient_id", "progression"]].sample(frac=1, random_state=1)  # any order: joined by id
+    X, y = prepare_inputs(frame, config), frame["progression"].to_numpy()
+    predicted = model.predict(X)
+    holdout = compute_metrics(y[300:], predicted[300:], [])  # the champion's figures on rows it never saw
+    result = analyse(
+        "partition", "s3://b/p", window, "patient_id", reference, model, config, labels, holdout, THRESHOLDS
+    )
+    # RMSE, MAE and R² on the 442 labelled rows are scikit-learn's on the same rows
+    performance = result.performance
+    assert performance is not None and performance.rows == len(frame) == result.labelled_rows
+    assert set(performance.metrics) == {"rmse", "mae", "r2"}
+    assert performance.metrics["rmse"] == pytest.approx(np.sqrt(mean_squared_error(y, predicted)), rel=1e-12)
+    assert performance.metrics["mae"] == pytest.approx(mean_absolute_error(y, predicted), rel=1e-12)
+    assert performance.metrics["r2"] == pytest.approx(r2_score(y, predicted), rel=1e-12)
+    assert performance.holdout == holdout
+    # the window is the training population: the predicted value did not drift
+    assert result.prediction.name == "prediction" and not result.prediction.drifted
+    # labels that moved by half a standard deviation of the target make the champion clearly worse
+    moved = labels.assign(progression=labels["progression"] + 0.5 * y.std())
+    decayed = analyse(
+        "partition", "s3://b/p", window, "patient_id", reference, model, config, moved, holdout, THRESHOLDS
+    )
+    assert decayed.decayed and any(r.startswith("rmse ") for r in decayed.reasons), decayed.reasons
+    assert overall_verdict([decayed]).summary.startswith("partition RMSE ")
+
+
+def test_regression_window_with_shifted_inputs_triggers_prediction_drift(regression):
+    from tasks.monitoring import analyse
+
+    config, frame, model, reference = regression
+    # Given patients whose BMI is a standard deviation higher (the model's strongest input)
+    heavier = frame.assign(bmi=frame["bmi"] + frame["bmi"].std())
+    result = analyse("partition", "s", heavier, "patient_id", reference, model, config, None, {}, THRESHOLDS)
+    # then the predicted value drifted beyond the limit, and that alone triggers
+    assert result.prediction.psi >= THRESHOLDS.prediction_psi and result.drifted
+    assert any(r.startswith("prediction drift: PSI") for r in result.reasons)
+
+
+def test_regression_reports_show_error_metrics_and_no_classification_rows(regression):
+    from tasks.monitoring import Champion, _summary_html, analyse
+
+    config, frame, model, reference = regression
+    labels = frame[["patient_id", "progression"]]
+    holdout = {"rmse": 40.0, "mae": 30.0, "r2": 0.6}
+    result = analyse("partition", "s", frame, "patient_id", reference, model, config, labels, holdout, THRESHOLDS)
+    markdown = summary_markdown("d", "1", [result], overall_verdict([result]), "s3://r", "http://r", "t", [])
+    assert "task: regression; prediction drift is measured on the predicted value" in markdown
+    assert "| RMSE |" in markdown and "| MAE |" in markdown and "| R² |" in markdown
+    assert "| prediction (prediction) | numeric |" in markdown
+    page = _summary_html(Champion("d", "1", "run", model, holdout, reference), [result])
+    for text in (markdown, page):
+        assert "ROC AUC" not in text and "roc_auc" not in text and "F1" not in text and "proba_" not in text
+    assert "<td>RMSE</td>" in page and "Task: regression" in page
+
+
+@pytest.fixture(scope="module")
+def multiclass():
+    """A logistic regression on three classes; reference from its 3000 training rows, 3000 unseen rows."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tests.task_types import fit, multiclass_config, multiclass_frame
+
+    config, frame = multiclass_config("levels-units"), multiclass_frame(6000, seed=0)
+    train, unseen = frame.iloc[:3000], frame.iloc[3000:].reset_index(drop=True)
+    model = fit(config, train, LogisticRegression(max_iter=1000))
+    return config, unseen, model, reference_sample(train, model, config, 5000, 0)
+
+
+def test_multiclass_prediction_drift_is_quiet_on_unchanged_data_and_fires_on_a_shifted_class_mix(multiclass):
+    from tasks.monitoring import analyse
+
+    config, unseen, model, reference = multiclass
+    assert {"proba_high", "proba_low", "proba_mid"} <= set(reference.columns)
+    # Given unseen rows of the same process, then the predicted classes' shares did not move
+    same = analyse("partition", "s", unseen, "row_id", reference, model, config, None, {}, THRESHOLDS)
+    assert same.prediction.name == "predicted" and same.prediction.test == "chi2"
+    assert same.prediction.psi < 0.02 and not same.prediction.drifted and not same.triggered, same.reasons
+    # Given a class mix of 70 % "high" (each class a third before), drawn from the same unseen rows
+    rng = np.random.default_rng(1)
+    high, other = unseen.index[unseen["level"] == "high"], unseen.index[unseen["level"] != "high"]
+    mix = np.concatenate([rng.choice(high, 1400), rng.choice(other, 600)])
+    shifted = unseen.loc[mix].reset_index(drop=True)
+    moved = analyse("partition", "s", shifted, "row_id", reference, model, config, None, {}, THRESHOLDS)
+    # then the prediction drift fires (the shift is in the shares of every class, not one probability column)
+    assert moved.prediction.psi >= THRESHOLDS.prediction_psi and moved.drifted
+    assert any(r.startswith("prediction drift: PSI") for r in moved.reasons)
+
+
+def test_multiclass_prediction_drift_sees_a_shift_the_last_probability_column_misses():
+    # Given predictions moving from class x to class y while class z (the last column) keeps its share
+    classes = ["x", "y", "z"]
+    ref = np.tile([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]], (1000, 1))
+    cur = np.tile([[0.1, 0.8, 0.1], [0.1, 0.1, 0.8]], (1000, 1))
+    last_column = column_drift("proba_z", "numeric", ref[:, -1], cur[:, -1], THRESHOLDS)
+    assert last_column.psi == pytest.approx(0) and not last_column.drifted
+    # then the drift over the predicted classes' shares fires
+    drift = prediction_drift(ref, cur, classes, THRESHOLDS)
+    assert drift.psi >= THRESHOLDS.prediction_psi and drift.drifted
+
+
+def test_multiclass_performance_is_macro_and_gated_like_binary(multiclass):
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from tasks.monitoring import analyse
+
+    config, unseen, model, reference = multiclass
+    labels = unseen[["row_id", "level"]]
+    proba = model.predict_proba(prepare_inputs(unseen, config))
+    y = unseen["level"].to_numpy()
+    macro_auc = roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(model.classes_))
+    macro_f1 = f1_score(y, model.classes_[proba.argmax(axis=1)], average="macro")
+    holdout = {"roc_auc": macro_auc, "f1": macro_f1}
+    result = analyse("partition", "s", unseen, "row_id", reference, model, config, labels, holdout, THRESHOLDS)
+    assert result.performance.metrics["roc_auc"] == pytest.approx(macro_auc, rel=1e-12)
+    assert result.performance.metrics["f1"] == pytest.approx(macro_f1, rel=1e-12)
+    assert not result.decayed
+    # labels the champion gets wrong: a third of the rows relabelled as the next class
+    wrong = labels.copy()
+    flip = wrong.index[::3]
+    wrong.loc[flip, "level"] = wrong.loc[flip, "level"].map({"low": "mid", "mid": "high", "high": "low"})
+    decayed = analyse("partition", "s", unseen, "row_id", reference, model, config, wrong, holdout, THRESHOLDS)
+    assert decayed.decayed and {r.split()[0] for r in decayed.reasons} >= {"roc_auc", "f1"}
+    markdown = summary_markdown(
+        "m", "1", [decayed], overall_verdict([decayed]), "s3://r", "u", "t", list(model.classes_)
+    )
+    assert "| ROC AUC (macro) |" in markdown and "| F1 (macro) |" in markdown and "RMSE" not in markdown
+    assert "shares of the predicted classes (high, low, mid)" in markdown
+
+
+def test_multiclass_metrics_undefined_on_the_window_are_left_out():
+    from tasks.monitoring import labelled_performance
+
+    # Given labels of two of three classes only: ROC AUC of the third is undefined
+    rng = np.random.default_rng(0)
+    proba = rng.dirichlet([1, 1, 1], 300)
+    y = np.array(["a", "b"] * 150, dtype=object)
+    with np.errstate(all="ignore"), pytest.warns(Warning):
+        performance = labelled_performance(y, proba, ["a", "b", "c"], {"roc_auc": 0.9, "f1": 0.8})
+    # then it is left out rather than judged as NaN, and F1 is still there
+    assert "roc_auc" not in performance.metrics and "f1" in performance.metrics
+    assert performance.holdout == {"f1": 0.8}

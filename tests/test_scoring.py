@@ -132,6 +132,7 @@ def test_champion_predictions_match_the_model_and_summary_is_written(stack, vers
     assert (summary["rows"], summary["files"], summary["chunks"]) == (len(rows), 1, 1)
     assert (summary["model_name"], summary["model_version"], summary["source"]) == (MODEL, champion, source)
     assert summary["output"] == outcome.output
+    assert summary["task"] == outcome.task == "binary" and "prediction_stats" not in summary
     counts = predictions["predicted"].value_counts()
     assert summary["predicted_counts"] == {label: int(counts.get(int(label), 0)) for label in ("0", "1")}
     assert sum(summary["predicted_counts"].values()) == len(rows)

@@ -172,6 +172,7 @@ def test_health_ready_model_and_metrics(stack, versions, server):
     model = httpx.get(f"{server}/model").json()
     run = mlflow_client(stack).get_run(model["run_id"])
     assert model["name"] == MODEL and model["version"] == _champion(stack)
+    assert model["task"] == "binary" and model["classes"] == [0, 1]
     assert model["metrics"]["roc_auc"] == pytest.approx(run.data.metrics["holdout_roc_auc"])
     assert model["promoted_at"]  # tagged by the promotion
     assert {c["name"] for c in model["inputs"]} >= {"age", "region"}
@@ -342,6 +343,7 @@ def test_explain_returns_per_feature_contributions(stack, default_data, server):
     answer = httpx.post(f"{server}/predict?explain=true", json={"records": [record]}, timeout=30)
     assert answer.status_code == 200, answer.text
     contributions = answer.json()["predictions"][0]["contributions"]
+    assert answer.json()["predictions"][0]["explained"] == {"output": "probability", "class": 1}
     assert set(contributions) == set(record)
     assert any(abs(v) > 0 for v in contributions.values())
     # a record equal to the stored baseline has nothing to explain: every contribution is zero
