@@ -281,7 +281,11 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             )
             log_review(run_id, findings)
             # id_column: the record field the serving API logs with each prediction, so labels can join
-            version_tags = {"data_version": snapshot.data_version, "id_column": config.id_column}
+            version_tags = {
+                "data_version": snapshot.data_version,
+                "id_column": config.id_column,
+                "task": config.task.value,  # what serving and scoring answer (a value, or class probabilities)
+            }
             version = None if params.dry_run else register_model(model_uri, config.model_name, run_id, version_tags)
             wanted = decision.promote and version is not None
             promote_checked = partial(
