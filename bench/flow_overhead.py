@@ -26,13 +26,13 @@ os.environ.update(CLIENT_DEFAULTS)  # before Prefect and MLflow load
 import pandas as pd
 import yaml
 
-from mlops.clients import S3Location, check_stack, put_bytes, s3_client
-from mlops.dataset import bundled_config_text, parse_dataset_config
-from mlops.settings import get_settings
-from mlops.synthetic import generate_frame
-from tasks.evaluation import evaluate_on
-from tasks.split import split_frame
-from tasks.training import ModelFamily, SearchSpec, search_models
+from adapters.clients import S3Location, check_stack, put_bytes, s3_client
+from adapters.settings import get_settings
+from core.dataset import bundled_config_text, parse_dataset_config
+from core.metrics import evaluate_on
+from core.search import ModelFamily, SearchSpec, search_models
+from core.split import split_frame
+from core.synthetic import generate_frame
 
 RESULTS = Path(__file__).parent / "results"
 SPEC = SearchSpec(

@@ -25,12 +25,12 @@ from sklearn.base import clone
 from sklearn.model_selection import ParameterSampler, StratifiedKFold, cross_val_score
 from threadpoolctl import threadpool_limits
 
-from mlops.dataset import load_local_dataset_config
-from mlops.synthetic import generate_frame
-from tasks.evaluation import evaluate_on
-from tasks.features import prepare_inputs, prepare_target
-from tasks.split import split_frame
-from tasks.training import ModelFamily, SearchSpec, base_estimator, make_pipeline, search_models
+from core.dataset import load_local_dataset_config
+from core.features import prepare_inputs, prepare_target
+from core.metrics import evaluate_on
+from core.search import ModelFamily, SearchSpec, base_estimator, make_pipeline, search_models
+from core.split import split_frame
+from core.synthetic import generate_frame
 
 RESULTS = Path(__file__).parent / "results"
 SEED = 42

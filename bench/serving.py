@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlops.clients import S3Location, mlflow_client, s3_client
-from mlops.dataset import load_local_dataset_config
-from mlops.settings import get_settings
+from adapters.clients import S3Location, mlflow_client, s3_client
+from adapters.settings import get_settings
+from core.dataset import load_local_dataset_config
 from mlops.stack import client_env, running
 from tests.ports import free_port
 

@@ -18,31 +18,22 @@ from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlops.dataset import DatasetConfig
-from tasks.approval import Approval, ApprovalInput, ApprovalTimeout, approval_request
+from core.approval import Approval, ApprovalTimeout, approval_request
+from core.card import make_card, time_window
+from core.dataset import DatasetConfig
+from core.decision import Decision, Gates, decide, decision_markdown, decision_tags, describe_outcome, resolve_gates
+from core.search import SearchSpec
+from core.split import Split
+from services.approval import ApprovalInput
+from services.promotion import Promotion
 from tasks.evaluation import evaluate_candidate
 from tasks.loading import load_dataset_config, load_snapshot
-from tasks.model_card import make_card, time_window
 from tasks.monitoring import log_reference
-from tasks.promotion import (
-    Decision,
-    Gates,
-    Promotion,
-    decide,
-    decision_markdown,
-    decision_tags,
-    describe_outcome,
-    ensure_promotion_lock,
-    find_champion,
-    load_champion,
-    promote,
-    resolve_gates,
-    revert,
-)
+from tasks.promotion import ensure_promotion_lock, find_champion, load_champion, promote, revert
 from tasks.reports import publish_approval_request, publish_decision, publish_model_card, store_validation_report
 from tasks.review import Review, champion_schema, review
 from tasks.serving_check import ServingCheck, ServingCheckFailed, check_serving
-from tasks.split import Split, split_snapshot
+from tasks.split import split_snapshot
 from tasks.tracking import (
     end_run,
     git_commit,
@@ -53,7 +44,7 @@ from tasks.tracking import (
     register_model,
     start_run,
 )
-from tasks.training import SearchSpec, train_candidate
+from tasks.training import train_candidate
 from tasks.validation import DataValidationError, check_snapshot
 
 

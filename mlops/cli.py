@@ -11,9 +11,9 @@ from typing import Annotated
 
 import typer
 
+from adapters.settings import Settings, get_settings
+from core.dataset import TaskType
 from mlops import stack
-from mlops.dataset import TaskType
-from mlops.settings import Settings, get_settings
 from mlops.stack import client_env
 
 app = typer.Typer(help="Safe, self-retraining tabular ML on Prefect, MLflow and S3.", no_args_is_help=True)
@@ -83,10 +83,10 @@ def data_generate(
     dest: Annotated[str | None, typer.Option(help="Where to write (default: the bundled config's source).")] = None,
 ) -> None:
     """Write the synthetic credit-risk dataset as monthly Parquet partitions (to S3 by default)."""
-    from mlops.clients import StackNotRunningError, check_stack
+    from adapters.clients import StackNotRunningError, check_stack
+    from core.dataset import load_local_dataset_config
+    from core.synthetic import DriftSpec
     from mlops.datagen import write_months
-    from mlops.dataset import load_local_dataset_config
-    from mlops.synthetic import DriftSpec
 
     _setup_logging()
     settings = get_settings()
@@ -111,7 +111,7 @@ class SnapshotFormat(StrEnum):
 def _source_names(source: str, settings: Settings) -> list[str]:
     """Names of the files a source holds (the source itself when it names a file), to infer its format."""
     if source.startswith("s3://"):
-        from mlops.clients import S3Location, s3_client
+        from adapters.clients import S3Location, s3_client
 
         location = S3Location.parse(source)
         client = s3_client(settings)
@@ -162,13 +162,13 @@ def data_init(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Write a commented dataset config inferred from a snapshot; `mlops train --config OUT` takes it as it is."""
-    from mlops.config_inference import ConfigInferenceError, format_from_names, infer_config
+    from core.config_inference import ConfigInferenceError, format_from_names, infer_config
 
     if out.exists() and not force:
         raise _fail(f"{out} exists; pass --force to replace it")
     settings = get_settings()
     if source.startswith("s3://"):
-        from mlops.clients import StackNotRunningError, check_stack
+        from adapters.clients import StackNotRunningError, check_stack
 
         try:
             check_stack(settings, services=("S3",))
@@ -202,7 +202,7 @@ def deploy(
     _setup_logging()
     settings = get_settings()
     os.environ.update(client_env(settings))
-    from mlops.clients import StackNotRunningError, check_stack
+    from adapters.clients import StackNotRunningError, check_stack
 
     try:
         check_stack(settings, services=("Prefect",))
@@ -256,7 +256,7 @@ def serve_main() -> None:
 def run_training(dataset: str, dry_run: bool, seed: int, trials: int | None, settings: Settings) -> int:
     """Run the training flow against the configured stack; returns a process exit code."""
     os.environ.update(client_env(settings))
-    from mlops.clients import StackNotRunningError, check_stack
+    from adapters.clients import StackNotRunningError, check_stack
 
     try:
         check_stack(settings)
@@ -265,8 +265,8 @@ def run_training(dataset: str, dry_run: bool, seed: int, trials: int | None, set
         return 2
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from core.search import SearchSpec
     from flows.training import TrainingParams, training
-    from tasks.training import SearchSpec
 
     search = SearchSpec() if trials is None else SearchSpec(trials_per_family=trials)
     params = TrainingParams(dataset=dataset, dry_run=dry_run, seed=seed, search=search)
@@ -311,7 +311,7 @@ def _connect(settings: Settings) -> None:
     os.environ.update(client_env(settings))
     # Our loggers also feed Prefect's run logs; outside a run (this command's own lines) that is not a warning.
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    from mlops.clients import StackNotRunningError, check_stack
+    from adapters.clients import StackNotRunningError, check_stack
 
     try:
         check_stack(settings)
@@ -341,7 +341,7 @@ def rollback_command(
     _connect(settings)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.promotion import PromotionConflict
+    from services.promotion import PromotionConflict
     from tasks.rollback import RollbackError, rollback, serving_after_rollback
 
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
@@ -409,7 +409,7 @@ def _next_month(settings: Settings, source: str) -> tuple[int, str]:
 
     import pandas as pd
 
-    from mlops.clients import S3Location, s3_client
+    from adapters.clients import S3Location, s3_client
 
     location = S3Location.parse(source)
     pages = s3_client(settings).get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key)
@@ -457,7 +457,7 @@ def _print_monitoring(outcome: object, monitoring_link: str) -> None:
 
 
 def _print_training(settings: Settings, experiment_name: str, flow_run_id: str, wait: float) -> None:
-    from mlops.clients import mlflow_client
+    from adapters.clients import mlflow_client
 
     echo = typer.echo
     echo(f"   waiting for the training run (the worker runs it): {settings.prefect_ui_url}/runs/flow-run/{flow_run_id}")
@@ -481,12 +481,12 @@ def _print_training(settings: Settings, experiment_name: str, flow_run_id: str, 
 
 def _drift_demo(settings: Settings, strength: float, rows: int, cooldown_minutes: float, wait: float) -> int:
     """The drift story, step by step; returns a process exit code."""
+    from adapters.registry import champion_version
+    from core.dataset import load_local_dataset_config
+    from core.synthetic import DriftSpec
     from flows.monitoring import MonitoringParams, monitoring
     from mlops.datagen import write_months
-    from mlops.dataset import load_local_dataset_config
-    from mlops.synthetic import DriftSpec
     from tasks.history import history_table, list_changes
-    from tasks.promotion import champion_version
 
     config = load_local_dataset_config("credit-risk")
     champion = champion_version(config.model_name)

@@ -6,9 +6,9 @@ import io
 import logging
 from pathlib import Path
 
-from mlops.clients import S3Location, put_bytes
-from mlops.settings import Settings
-from mlops.synthetic import DriftSpec, generate_month
+from adapters.clients import S3Location, put_bytes
+from adapters.settings import Settings
+from core.synthetic import DriftSpec, generate_month
 
 log = logging.getLogger(__name__)
 

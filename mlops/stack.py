@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from mlops.settings import Settings
+from adapters.settings import Settings
 
 log = logging.getLogger(__name__)
 

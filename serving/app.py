@@ -25,7 +25,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from mlops.settings import Settings, get_settings
+from adapters.settings import Settings, get_settings
 from serving.batching import Job, MicroBatcher
 from serving.follower import ChampionFollower
 from serving.metrics import MetricsMiddleware, ServingMetrics
@@ -141,9 +141,9 @@ def explained_output(model: LoadedModel, scores: np.ndarray) -> tuple[int | np.n
 def explain_records(model: LoadedModel, records: list[dict[str, Any]], scores: np.ndarray) -> list[dict[str, Any]]:
     """Per-record, per-feature contributions to the output `explained_output` names, and that output.
 
-    By occlusion against the baseline record stored with the model (see `tasks.explain.contributions`).
+    By occlusion against the baseline record stored with the model (see `core.explain.contributions`).
     """
-    from tasks.explain import contributions
+    from core.explain import contributions
 
     frame = model.frame(records)
     index, explained = explained_output(model, scores)

@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mlops.clients import mlflow_client
-from mlops.settings import Settings
-from serving.model import LoadedModel, ModelLoadError, load_version
+from adapters.clients import mlflow_client, use_tracking_server
+from adapters.registry import aliases_of
+from adapters.settings import Settings
+from core.signature import ModelLoadError
+from serving.model import LoadedModel, load_version
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +59,10 @@ class ChampionFollower:
         return f"{self.name}@{self.alias}"
 
     def _alias_version(self) -> str | None:
-        from mlflow.exceptions import MlflowException
-
         if self._client is None:
+            use_tracking_server(self.settings)  # models are loaded with MLflow's fluent API (models:/ URIs)
             self._client = mlflow_client(self.settings)
-        try:
-            aliases = self._client.get_registered_model(self.name).aliases
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise
-        version = aliases.get(self.alias)
-        return None if version is None else str(version)
+        return aliases_of(self._client, self.name).get(self.alias)
 
     async def check(self, force: bool = False) -> bool:
         """Look at the alias once and swap if it moved; returns True when the served model changed."""

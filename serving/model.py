@@ -21,42 +21,12 @@ import pandas as pd
 from pydantic import Field, TypeAdapter
 from typing_extensions import TypedDict
 
+from adapters.registry import holdout_metrics
+from core.signature import BASELINE_ARTIFACT, Column, ModelLoadError, columns_from_signature
+
 log = logging.getLogger(__name__)
 
-BASELINE_ARTIFACT = "explain/baseline.json"  # written by tasks.tracking.log_model
-NUMERIC_TYPES = {"double", "float", "long", "integer"}
-TEXT_TYPES = {"string"}
 Number = Annotated[float, Field(allow_inf_nan=False)]
-
-
-class ModelLoadError(RuntimeError):
-    """A model version could not be loaded or is not servable; the model already served stays."""
-
-
-@dataclass(frozen=True)
-class Column:
-    """One input column of the model's signature."""
-
-    name: str
-    kind: str  # "numeric" or "text"
-
-
-def columns_from_signature(signature: Any) -> list[Column]:
-    """Input columns of an MLflow signature; raises ModelLoadError for a schema we cannot serve."""
-    if signature is None or signature.inputs is None:
-        raise ModelLoadError("the model has no input signature, so requests cannot be checked")
-    columns = []
-    for spec in signature.inputs.inputs:
-        type_name = getattr(getattr(spec, "type", None), "name", str(getattr(spec, "type", "")))
-        if spec.name is None:
-            raise ModelLoadError("the model's signature has unnamed inputs (tensor-based); records need names")
-        if type_name in NUMERIC_TYPES:
-            columns.append(Column(spec.name, "numeric"))
-        elif type_name in TEXT_TYPES:
-            columns.append(Column(spec.name, "text"))
-        else:
-            raise ModelLoadError(f"signature column {spec.name!r} has type {type_name!r}, which is not served")
-    return columns
 
 
 def record_adapter(columns: list[Column]) -> TypeAdapter:
@@ -200,7 +170,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
     except Exception as exc:  # informative only: a model without them still serves
         log.warning("metrics of run %s unavailable: %s", details.run_id, exc)
         logged = {}
-    metrics = {k.removeprefix("holdout_"): v for k, v in logged.items() if k.startswith("holdout_")}
+    metrics = holdout_metrics(logged)
     baseline = _baseline(details.run_id)
     loaded = LoadedModel(
         name=name,

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlops.clients import s3_client
-from mlops.settings import Settings
+from adapters.clients import s3_client
+from adapters.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from mlops.clients import S3Location, mlflow_client, put_bytes, s3_client
-from mlops.settings import Settings, get_settings
+from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
+from adapters.registry import run_holdout_metrics
+from adapters.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,10 @@ def version_facts(settings: Settings, model_name: str, version: str | None) -> t
     try:
         client = mlflow_client(settings)
         run_id = client.get_model_version(model_name, version).run_id
-        logged = client.get_run(run_id).data.metrics if run_id else {}
+        return run_holdout_metrics(client, run_id), run_id
     except Exception as exc:  # history is informative: a missing figure must not block a change
         log.warning("metrics of %s v%s unavailable for the history: %s", model_name, version, exc)
         return {}, None
-    metrics = {k.removeprefix("holdout_"): float(v) for k, v in logged.items() if k.startswith("holdout_")}
-    return metrics, run_id
 
 
 def change_links(settings: Settings, model_name: str, version: str | None) -> dict[str, str]:

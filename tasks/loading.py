@@ -12,10 +12,11 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlops.clients import S3Location, s3_client
-from mlops.dataset import DatasetConfig, DatasetConfigError, load_local_dataset_config, parse_dataset_config
-from mlops.settings import Settings, get_settings
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, PermanentError, retry_unless_permanent
+from adapters.clients import S3Location, s3_client
+from adapters.settings import Settings, get_settings
+from core.dataset import DatasetConfig, DatasetConfigError, load_local_dataset_config, parse_dataset_config
+from core.errors import PermanentError
+from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)
 

@@ -47,13 +47,15 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
-from mlops.clients import S3Location, mlflow_client, put_bytes, s3_client
-from mlops.dataset import DatasetConfig
-from mlops.settings import get_settings
-from tasks.evaluation import REGRESSION_METRICS, compute_metrics, model_classes, model_scores
-from tasks.features import prepare_inputs
+from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
+from adapters.registry import holdout_metrics, load_model
+from adapters.settings import get_settings
+from core.dataset import DatasetConfig
+from core.errors import PermanentError
+from core.features import prepare_inputs
+from core.metrics import REGRESSION_METRICS, compute_metrics, model_classes, model_scores
 from tasks.loading import read_snapshot
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, PermanentError, retry_unless_permanent
+from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)
 
@@ -723,10 +725,9 @@ class Champion:
 @task(name="load-champion-reference", **IO)
 def load_champion_reference(model_name: str) -> Champion:
     """Prefect task: the current champion with its training reference and holdout metrics."""
-    import mlflow.sklearn
     from mlflow.exceptions import MlflowException
 
-    from tasks.promotion import champion_version
+    from adapters.registry import champion_version
 
     client = mlflow_client(get_settings())
     version = champion_version(model_name)
@@ -745,8 +746,8 @@ def load_champion_reference(model_name: str) -> Champion:
     if reference.empty:
         raise MonitoringError(f"the training reference of {model_name!r} v{version} (run {run_id}) is empty")
     logged = client.get_run(run_id).data.metrics
-    holdout = {k.removeprefix("holdout_"): float(v) for k, v in logged.items() if k.startswith("holdout_")}
-    model = mlflow.sklearn.load_model(f"models:/{model_name}/{version}")
+    holdout = holdout_metrics(logged)
+    model = load_model(model_name, version)
     log.info("monitoring %s v%s against %d reference rows", model_name, version, len(reference))
     return Champion(model_name, version, run_id, model, holdout, reference)
 

@@ -10,9 +10,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from mlops.clients import S3Location, mlflow_client, put_bytes
-from mlops.settings import get_settings
-from tasks.model_card import ModelCard, render_html, render_markdown
+from adapters.clients import S3Location, mlflow_client, put_bytes
+from adapters.settings import get_settings
+from core.card import ModelCard, render_html, render_markdown
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
 
 log = logging.getLogger(__name__)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.errors import PermanentError
+
 # Backoff for network-facing tasks (Prefect's own examples use the same shape).
 IO_RETRIES = 3
 IO_RETRY_DELAYS = [2, 5, 15]
-
-
-class PermanentError(Exception):
-    """An error that retrying cannot fix (bad input, missing data): fail at once."""
 
 
 def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:

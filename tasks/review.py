@@ -8,8 +8,8 @@ candidate relies on (permutation importance) for the run and the model card.
 
 Every task type goes through the same review, on the scores' contract of `tasks.evaluation`
 (probabilities for a classifier, predicted values for a regressor, `classes == []` telling them apart):
-slices on the primary metric in its better direction (`tasks.slices`), fairness as the task allows
-(`tasks.fairness`: binary, one-vs-rest per class for multiclass, group errors for regression where the
+slices on the primary metric in its better direction (`core.slices`), fairness as the task allows
+(`core.fairness`: binary, one-vs-rest per class for multiclass, group errors for regression where the
 demographic parity and equalised odds limits are reported as not applicable), latency of `predict_proba`
 for a classifier and `predict` for a regressor, and permutation importance scored by ROC AUC (binary),
 macro one-vs-rest ROC AUC (multiclass) or RMSE (regression).
@@ -30,16 +30,15 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlops.clients import mlflow_client
-from mlops.dataset import DatasetConfig, FeatureType, TaskType
-from mlops.settings import get_settings
-from tasks.evaluation import CLASSIFICATION_METRICS, REGRESSION_METRICS, model_classes
-from tasks.fairness import FairnessReport, fairness_check, fairness_reports, sensitive_groups
-from tasks.features import prepare_inputs, prepare_target
-from tasks.promotion import GateResult, Gates, HoldoutEvidence, configured_bounds, resolve_gates
+from adapters import registry
+from core.dataset import DatasetConfig, FeatureType, TaskType
+from core.decision import GateResult, Gates, HoldoutEvidence, configured_bounds, resolve_gates
+from core.fairness import FairnessReport, fairness_check, fairness_reports, sensitive_groups
+from core.features import prepare_inputs, prepare_target
+from core.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS, model_classes
+from core.significance import DeltaInterval, bootstrap_metrics, paired_bootstrap_metrics
+from core.slices import SliceMetric, slice_gate, slice_metrics, unmeasured_slices
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
-from tasks.significance import DeltaInterval, bootstrap_metrics, paired_bootstrap_metrics
-from tasks.slices import SliceMetric, slice_gate, slice_metrics, unmeasured_slices
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ def model_results(holdout: pd.DataFrame, proba: np.ndarray, classes: list[Any], 
         config: Dataset description (slices, sensitive features).
 
     Fairness: binary as `fairness_report`, multiclass one class against the rest, regression per-group
-    errors with demographic parity and equalised odds marked not applicable (`tasks.fairness`).
+    errors with demographic parity and equalised odds marked not applicable (`core.fairness`).
     """
     y_true = prepare_target(holdout, config)
     slices = slice_metrics(holdout, y_true, proba, classes, config.slices, config.min_slice_rows)
@@ -222,7 +221,7 @@ def review_candidate(
         champion_proba: The champion's scores on the same rows (None at cold start).
         champion_schema: The champion's inputs as logged in its signature (column -> numeric | text).
     """
-    from tasks.explain import permutation_importances
+    from core.explain import permutation_importances
 
     y_true = prepare_target(holdout, config)
     classes = model_classes(candidate)
@@ -287,10 +286,4 @@ def review(
 @task(name="champion-schema", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
 def champion_schema(model_name: str, version: str) -> dict[str, str]:
     """Prefect task: the champion's inputs as its logged signature says (what callers send today)."""
-    from mlflow.models import get_model_info
-
-    from serving.model import columns_from_signature
-
-    mlflow_client(get_settings())
-    signature = get_model_info(f"models:/{model_name}/{version}").signature
-    return {column.name: column.kind for column in columns_from_signature(signature)}
+    return registry.input_schema(model_name, version)

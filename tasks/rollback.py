@@ -15,11 +15,14 @@ from datetime import UTC, datetime
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlops.clients import mlflow_client
-from mlops.settings import get_settings
+from adapters.clients import mlflow_client
+from adapters.registry import PREVIOUS, aliases_of, champion_version, move_champion
+from adapters.settings import get_settings
+from core.errors import PermanentError
+from services.promotion import PromotionConflict
 from tasks.history import ChampionChange, make_change, record_change_safely
-from tasks.promotion import PREVIOUS, PromotionConflict, champion_version, move_champion, promotion_lock_name
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, PermanentError, retry_unless_permanent
+from tasks.promotion import promotion_lock_name
+from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 from tasks.serving_check import ServingCheck, check_configured_serving
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ def resolve_target(model_name: str, to_version: str | None) -> tuple[str, str]:
     if current is None:
         raise RollbackError(f"{model_name!r} has no champion (no such registered model, or no `champion` alias)")
     if to_version is None:
-        previous = client.get_registered_model(model_name).aliases.get(PREVIOUS)
+        previous = aliases_of(client, model_name).get(PREVIOUS)
         if previous is None:
             raise RollbackError(
                 f"{model_name!r} has no `{PREVIOUS}` alias to roll back to; name a version (--to VERSION)"

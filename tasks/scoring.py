@@ -40,13 +40,15 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlops.clients import S3Location, mlflow_client, put_bytes, s3_client
-from mlops.dataset import DatasetConfig
-from mlops.settings import Settings, get_settings
-from tasks.evaluation import model_classes, model_scores
-from tasks.features import prepare_inputs
-from tasks.promotion import CHAMPION, champion_version
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, PermanentError, retry_unless_permanent
+from adapters import registry
+from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
+from adapters.registry import CHAMPION, champion_version
+from adapters.settings import Settings, get_settings
+from core.dataset import DatasetConfig
+from core.errors import PermanentError
+from core.features import prepare_inputs
+from core.metrics import model_classes, model_scores
+from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)
 
@@ -588,10 +590,7 @@ def resolve_model_version(model_name: str, requested: str | None) -> str:
 @task(name="load-model", **IO)
 def load_model(model_name: str, version: str) -> Any:
     """Prefect task: a registered version's fitted pipeline (sklearn flavour: a classifier or a regressor)."""
-    import mlflow.sklearn
-
-    mlflow_client(get_settings())
-    return mlflow.sklearn.load_model(f"models:/{model_name}/{version}")
+    return registry.load_model(model_name, version)
 
 
 @task(name="inspect-partition", **IO)

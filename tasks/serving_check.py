@@ -14,9 +14,9 @@ import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlops.settings import get_settings
-from tasks.promotion import CHAMPION
-from tasks.retrying import PermanentError
+from adapters.registry import CHAMPION
+from adapters.settings import get_settings
+from core.errors import PermanentError
 
 log = logging.getLogger(__name__)
 

@@ -13,16 +13,16 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlops.clients import mlflow_client
-from mlops.dataset import DatasetConfig
-from mlops.settings import get_settings
-from mlops.transformers import skops_trusted_types
-from serving.model import BASELINE_ARTIFACT
-from tasks.explain import baseline_row, importance_figure
-from tasks.features import prepare_inputs
+from adapters.clients import mlflow_client, use_tracking_server
+from adapters.settings import get_settings
+from core.dataset import DatasetConfig
+from core.explain import baseline_row, importance_figure
+from core.features import prepare_inputs
+from core.search import SearchResult
+from core.signature import BASELINE_ARTIFACT
+from core.transformers import skops_trusted_types
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
 from tasks.review import Review
-from tasks.training import SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def log_model(run_id: str, model: Any, train: pd.DataFrame, config: DatasetConfi
     import mlflow.sklearn
     from mlflow.models import infer_signature
 
-    mlflow_client(get_settings())
+    use_tracking_server(get_settings())
     example = prepare_inputs(train.head(200), config).dropna().head(5)
     if example.empty:
         example = prepare_inputs(train.head(5), config)
@@ -136,7 +136,7 @@ def register_model(model_uri: str, model_name: str, run_id: str, tags: dict[str,
     """Prefect task: register the candidate as a new version of `model_name`; returns the version."""
     import mlflow
 
-    mlflow_client(get_settings())
+    use_tracking_server(get_settings())
     version = mlflow.register_model(model_uri, model_name, tags=tags | {"run_id": run_id})
     log.info("registered %s v%s", model_name, version.version)
     return str(version.version)

@@ -17,10 +17,11 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlops.clients import S3Location, put_bytes, s3_client
-from mlops.dataset import DatasetConfig, FeatureType
-from mlops.settings import get_settings
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, PermanentError, retry_unless_permanent
+from adapters.clients import S3Location, put_bytes, s3_client
+from adapters.settings import get_settings
+from core.dataset import DatasetConfig, FeatureType
+from core.errors import PermanentError
+from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from adapters.settings import Settings
     from mlops import stack as local_stack
-    from mlops.settings import Settings
 
     state = tmp_path_factory.mktemp("stack")
     for var in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "PREFECT_API_URL", "MLFLOW_S3_ENDPOINT_URL"):
@@ -59,8 +59,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 @pytest.fixture(scope="session")
 def default_data(stack) -> str:
     """The bundled dataset, small, written to the stack's S3 where the bundled config reads it."""
+    from core.dataset import load_local_dataset_config
     from mlops.datagen import write_months
-    from mlops.dataset import load_local_dataset_config
 
     source = load_local_dataset_config("credit-risk").source
     write_months(stack, source, TEST_MONTHS, TEST_ROWS_PER_MONTH, seed=7)
@@ -72,7 +72,7 @@ def dataset_yaml(tmp_path: Path):
     """Write a dataset config derived from the bundled one with some fields replaced; returns its path."""
     import yaml
 
-    from mlops.dataset import bundled_config_text
+    from core.dataset import bundled_config_text
 
     def make(**changes: object) -> str:
         raw = yaml.safe_load(bundled_config_text("credit-risk")) | changes

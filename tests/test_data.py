@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops.dataset import load_local_dataset_config
-from mlops.synthetic import DriftSpec, generate_frame, generate_month, generate_months
+from core.dataset import load_local_dataset_config
+from core.synthetic import DriftSpec, generate_frame, generate_month, generate_months
 from tasks.validation import DataValidationError, validate_frame
 
 CONFIG = load_local_dataset_config("credit-risk")
@@ -110,7 +110,7 @@ def test_frame_without_columns_fails_cleanly():
 
 
 def test_local_csv_folder_and_parquet_file_load_with_a_content_version(tmp_path):
-    from mlops.settings import Settings
+    from adapters.settings import Settings
     from tasks.loading import DataLoadError, read_snapshot
 
     data = generate_frame(1200, seed=9, n_months=2)

@@ -9,16 +9,16 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from mlops.cli import app
-from mlops.config_inference import (
+from adapters.settings import Settings
+from core.config_inference import (
     ConfigInferenceError,
     InferenceRules,
     dataset_name,
     format_from_names,
     infer_config,
 )
-from mlops.dataset import FeatureType, TaskType, load_local_dataset_config, parse_dataset_config
-from mlops.settings import Settings
+from core.dataset import FeatureType, TaskType, load_local_dataset_config, parse_dataset_config
+from mlops.cli import app
 from tasks.loading import read_snapshot
 from tasks.validation import validate_frame
 
@@ -379,8 +379,8 @@ def test_unreadable_sources_are_refused_by_name(tmp_path: Path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_init_from_s3_then_training_takes_the_config_unchanged(stack, tmp_path: Path):
+    from adapters.clients import S3Location, put_bytes
     from flows.training import TrainingParams, training
-    from mlops.clients import S3Location, put_bytes
 
     # Given a CSV snapshot in two partitions on the stack's S3, with a categorical column that has nulls
     rng = np.random.default_rng(3)

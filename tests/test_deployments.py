@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlops.clients import mlflow_client
+from adapters.clients import mlflow_client
 from tests.waiting import wait_for_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -25,8 +25,8 @@ def deployed_dataset(stack, default_data) -> str:
     """A dataset config in S3 (read by the worker's runs) for a model of its own, apart from other tests."""
     import yaml
 
-    from mlops.clients import S3Location, put_bytes
-    from mlops.dataset import bundled_config_text
+    from adapters.clients import S3Location, put_bytes
+    from core.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL}
     location = S3Location(stack.bucket, f"configs/{MODEL}.yaml")
@@ -167,13 +167,13 @@ def test_scoring_deployment_is_on_demand_and_runs_on_the_worker(stack, deployed,
     import yaml
     from prefect.deployments import run_deployment
 
+    from adapters.clients import S3Location, put_bytes, s3_client
+    from core.dataset import bundled_config_text
+    from core.search import SearchSpec
     from deployments.deploy import DEFAULT_SCORING_SOURCE
     from flows.scoring import ScoringParams
     from flows.training import TrainingParams, training
-    from mlops.clients import S3Location, put_bytes, s3_client
-    from mlops.dataset import bundled_config_text
     from tasks.scoring import default_output
-    from tasks.training import SearchSpec
 
     # The scoring deployment has no schedule, a form built from ScoringParams, and defaults that validate
     with _client() as client:

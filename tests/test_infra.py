@@ -47,7 +47,7 @@ def test_prefect_uses_postgres_and_mlflow_stores_artifacts_in_s3():
 
 
 def test_worker_serves_the_pool_deployments_use_and_training_checks_the_serving_api():
-    from mlops.settings import Settings
+    from adapters.settings import Settings
 
     services = _compose()["services"]
     assert f"--pool {Settings().work_pool} " in services["worker"]["command"] + " "

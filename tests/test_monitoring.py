@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
+from core.decision import Gates
+from core.search import SearchSpec
+from core.synthetic import DriftSpec, generate_month
 from flows.monitoring import MonitoringParams, monitoring
 from flows.training import TrainingParams, training
-from mlops.clients import S3Location, mlflow_client, put_bytes, s3_client
 from mlops.datagen import write_months
-from mlops.synthetic import DriftSpec, generate_month
 from tasks.monitoring import DRIFT_TAG, load_champion_reference, model_tag
-from tasks.promotion import Gates
-from tasks.training import SearchSpec
 from tests.waiting import wait_for_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,7 +34,7 @@ def dataset(stack) -> str:
     """A dataset of its own (config in S3, read by the worker) with a trained champion."""
     import yaml
 
-    from mlops.dataset import bundled_config_text
+    from core.dataset import bundled_config_text
 
     source = f"s3://{stack.bucket}/datasets/{MODEL}/"
     write_months(stack, source, MONTHS, ROWS, seed=SEED)
@@ -145,9 +145,9 @@ def _prediction_log(month: pd.DataFrame, champion) -> pd.DataFrame:
     application ids, each batch under a request id of its own."""
     import uuid
 
-    from mlops.dataset import load_local_dataset_config
+    from core.dataset import load_local_dataset_config
+    from core.features import prepare_inputs
     from serving.prediction_log import Entry, to_table
-    from tasks.features import prepare_inputs
 
     features = prepare_inputs(month, load_local_dataset_config("credit-risk"))
     proba = champion.model.predict_proba(features)

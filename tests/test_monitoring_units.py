@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops.dataset import load_local_dataset_config
-from mlops.synthetic import DriftSpec, generate_month
-from tasks.features import prepare_inputs
+from core.dataset import load_local_dataset_config
+from core.features import prepare_inputs
+from core.synthetic import DriftSpec, generate_month
 from tasks.history import ChampionChange, history_table, record_key
 from tasks.monitoring import (
     DriftThresholds,
@@ -298,7 +298,7 @@ def test_regression_decay_is_a_relative_rise_of_rmse_or_mae():
 def test_regression_window_metrics_equal_sklearns_and_shifted_labels_decay(regression):
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-    from tasks.evaluation import compute_metrics
+    from core.metrics import compute_metrics
     from tasks.monitoring import analyse
 
     config, frame, model, reference = regression

@@ -38,11 +38,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import label_binarize
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
+from adapters.clients import mlflow_client
+from core.dataset import load_local_dataset_config
+from core.features import build_preprocessor
+from core.split import holdout_mask
 from flows.training import TrainingParams, training
-from mlops.clients import mlflow_client
-from mlops.dataset import load_local_dataset_config
-from tasks.features import build_preprocessor
-from tasks.split import holdout_mask
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from core.dataset import load_local_dataset_config
 from mlops import stack as local_stack
-from mlops.dataset import load_local_dataset_config
 from tests.conftest import TEST_MONTHS, TEST_ROWS_PER_MONTH
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -11,15 +11,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adapters.clients import mlflow_client
+from core.search import SearchSpec
 from flows.rollback import RollbackParams, rollback
 from flows.training import TrainingParams, training
-from mlops.clients import mlflow_client
 from mlops.stack import running
+from services.promotion import promote_version, revert_promotion
 from tasks.history import list_changes
-from tasks.promotion import promote_version, revert_promotion
 from tasks.rollback import RollbackError
 from tasks.rollback import rollback as rollback_now
-from tasks.training import SearchSpec
 from tests.ports import free_port
 from tests.waiting import wait_for
 
@@ -42,7 +42,7 @@ def versions(stack, default_data, tmp_path_factory) -> dict[str, str]:
     import mlflow
     import yaml
 
-    from mlops.dataset import bundled_config_text
+    from core.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL}
     config = tmp_path_factory.mktemp(MODEL) / f"{MODEL}.yaml"

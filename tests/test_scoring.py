@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from adapters.clients import S3Location, mlflow_client, s3_client
+from core.search import ModelFamily, SearchSpec
 from flows.scoring import ScoringParams, scoring
 from flows.training import TrainingParams, training
-from mlops.clients import S3Location, mlflow_client, s3_client
 from tasks.scoring import STAGING_PREFIX, default_output
-from tasks.training import ModelFamily, SearchSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,7 +29,7 @@ TREE = SearchSpec(families=[ModelFamily.decision_tree], trials_per_family=1, cv_
 def _dataset_yaml(folder: Path, **changes: object) -> str:
     import yaml
 
-    from mlops.dataset import bundled_config_text
+    from core.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | changes
     path = folder / f"{raw['name']}.yaml"
@@ -83,7 +83,7 @@ def _summary(stack, output: str) -> dict:
 
 
 def _features(frame: pd.DataFrame) -> pd.DataFrame:
-    from mlops.dataset import load_local_dataset_config
+    from core.dataset import load_local_dataset_config
 
     return frame[load_local_dataset_config("credit-risk").feature_names]
 

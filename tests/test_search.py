@@ -10,17 +10,8 @@ import pytest
 from sklearn.base import clone
 from sklearn.datasets import load_diabetes, load_wine
 
-from mlops.dataset import DatasetConfig
-from tasks.training import (
-    DataShape,
-    ModelFamily,
-    SearchSpec,
-    Trial,
-    base_estimator,
-    choose,
-    make_pipeline,
-    search_models,
-)
+from core.dataset import DatasetConfig
+from core.search import DataShape, ModelFamily, SearchSpec, Trial, base_estimator, choose, make_pipeline, search_models
 
 
 def _table(loader, task: str, extra_categorical: bool = False) -> tuple[pd.DataFrame, DatasetConfig]:
@@ -60,7 +51,7 @@ def test_the_shipped_model_has_exactly_the_chosen_trials_parameters(wine_search)
     reference = make_pipeline(
         config, clone(base_estimator(ModelFamily(best.family), True, 11)).set_params(**best.params)
     )
-    from tasks.features import prepare_inputs, prepare_target
+    from core.features import prepare_inputs, prepare_target
 
     X, y = prepare_inputs(frame, config), prepare_target(frame, config)
     reference.fit(X, y)

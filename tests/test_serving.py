@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from adapters.clients import S3Location, mlflow_client, s3_client
+from core.search import ModelFamily, SearchSpec
 from flows.training import TrainingParams, training
-from mlops.clients import S3Location, mlflow_client, s3_client
 from mlops.stack import running
-from tasks.promotion import promote_version, revert_promotion
+from services.promotion import promote_version, revert_promotion
 from tasks.serving_check import wait_for_serving
-from tasks.training import ModelFamily, SearchSpec
 from tests.ports import free_port
 from tests.waiting import wait_for
 
@@ -35,7 +35,7 @@ NON_FEATURES = ["default", "application_id", "application_date"]
 def _config(tmp_path_factory, name: str) -> str:
     import yaml
 
-    from mlops.dataset import bundled_config_text
+    from core.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": name, "model_name": name}
     path = tmp_path_factory.mktemp(name) / f"{name}.yaml"
@@ -97,8 +97,8 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 def test_predictions_match_the_model_loaded_directly(stack, default_data, versions, server):
     import mlflow.pyfunc
 
-    from mlops.dataset import load_local_dataset_config
-    from tasks.features import prepare_inputs
+    from core.dataset import load_local_dataset_config
+    from core.features import prepare_inputs
 
     # Given 40 raw rows, one of them with a missing value
     frame = _rows(stack, default_data, 40)

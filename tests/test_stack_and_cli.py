@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from adapters.settings import Settings
 from mlops import stack as local_stack
-from mlops.settings import Settings
 
 pytestmark = pytest.mark.integration
 MLOPS = str(Path(sys.executable).parent / "mlops")

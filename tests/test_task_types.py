@@ -23,10 +23,10 @@ import yaml
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import mean_absolute_error, mean_squared_error
 
-from mlops.clients import S3Location, mlflow_client, put_bytes, s3_client
+from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
+from core.features import prepare_inputs, prepare_target
+from core.metrics import compute_metrics
 from mlops.stack import running
-from tasks.evaluation import compute_metrics
-from tasks.features import prepare_inputs, prepare_target
 from tests.ports import free_port
 from tests.task_types import diabetes_config, diabetes_frame, fit, multiclass_config, multiclass_frame
 from tests.waiting import wait_for
@@ -41,7 +41,7 @@ TRAIN_ROWS = 300  # diabetes: the first 300 patients train, the other 142 are th
 
 def _register(stack, config, model, train: pd.DataFrame, holdout: pd.DataFrame) -> str:
     """Log and register `model` as the training flow does (metrics, model, baseline, reference); make it champion."""
-    from tasks.evaluation import model_classes, model_scores
+    from core.metrics import model_classes, model_scores
     from tasks.monitoring import log_reference
     from tasks.tracking import log_model, register_model, start_run
 

@@ -13,11 +13,12 @@ import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.svm import SVC
 
+from core.explain import baseline_row, contributions
+from core.features import prepare_inputs
+from core.signature import Column, ModelLoadError
 from serving.app import answer, explain_records
-from serving.model import Column, LoadedModel, ModelLoadError, check_servable
+from serving.model import LoadedModel, check_servable
 from serving.prediction_log import Entry, to_table
-from tasks.explain import baseline_row, contributions
-from tasks.features import prepare_inputs
 from tasks.scoring import PredictionStats, PredictionTally, ScoringSummary, predict_chunk
 from tests.task_types import diabetes_config, diabetes_frame, fit, multiclass_config, multiclass_frame
 

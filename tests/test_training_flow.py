@@ -8,10 +8,10 @@ import os
 import pandas as pd
 import pytest
 
+from adapters.clients import S3Location, mlflow_client, s3_client
+from core.decision import Gates
+from core.search import ModelFamily, SearchSpec
 from flows.training import TrainingParams, training
-from mlops.clients import S3Location, mlflow_client, s3_client
-from tasks.promotion import Gates
-from tasks.training import ModelFamily, SearchSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -179,7 +179,7 @@ def test_bad_input_fails_clearly_and_registers_nothing(case, stack, default_data
 
 
 def test_promotion_against_a_stale_champion_changes_nothing(stack, first_run):
-    from tasks.promotion import PromotionConflict, promote_version
+    from services.promotion import PromotionConflict, promote_version
 
     versions = sorted(int(v.version) for v in _versions(stack, "credit-risk"))
     challenger = str(versions[-1])

@@ -12,10 +12,10 @@ import time
 import pandas as pd
 import pytest
 
+from adapters.clients import S3Location, mlflow_client, s3_client
+from core.decision import Gates
+from core.search import ModelFamily, SearchSpec
 from flows.training import TrainingParams, training
-from mlops.clients import S3Location, mlflow_client, s3_client
-from tasks.promotion import Gates
-from tasks.training import ModelFamily, SearchSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,7 +27,7 @@ STRONG = SearchSpec(families=[ModelFamily.hist_gradient_boosting], trials_per_fa
 def _config(tmp_path_factory, name: str, **changes) -> str:
     import yaml
 
-    from mlops.dataset import bundled_config_text
+    from core.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": name, "model_name": MODEL} | changes
     path = tmp_path_factory.mktemp(name) / f"{name}.yaml"
@@ -82,8 +82,8 @@ def _relabelled_source(stack, default_data, config: str, name: str, rows: str, f
     ("all" or a region); the frozen holdout keeps the truth, so only what a model learns changes."""
     import numpy as np
 
-    from mlops.dataset import load_local_dataset_config
-    from tasks.split import holdout_mask
+    from core.dataset import load_local_dataset_config
+    from core.split import holdout_mask
 
     cfg = load_local_dataset_config(config)
     client = s3_client(stack)

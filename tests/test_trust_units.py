@@ -12,14 +12,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
-from mlops.dataset import DatasetConfig, DatasetConfigError, SliceSpec, load_local_dataset_config, parse_dataset_config
-from mlops.synthetic import REGION, generate_frame
-from tasks.evaluation import CLASSIFICATION_METRICS as METRICS
-from tasks.evaluation import compute_metrics
-from tasks.explain import baseline_row, contributions, importance_figure, permutation_importances
-from tasks.fairness import FairnessReport, fairness_gate, fairness_report, sensitive_groups
-from tasks.features import prepare_inputs, prepare_target
-from tasks.model_card import (
+from core.card import (
     GateResult,
     ModelCard,
     importances_from_frame,
@@ -27,9 +20,16 @@ from tasks.model_card import (
     render_markdown,
     time_window,
 )
-from tasks.significance import DeltaInterval, paired_bootstrap, paired_bootstrap_metrics, weighted_metric
-from tasks.slices import SliceMetric, slice_gate, slice_labels, slice_metrics, unmeasured_slices
-from tasks.training import make_pipeline
+from core.dataset import DatasetConfig, DatasetConfigError, SliceSpec, load_local_dataset_config, parse_dataset_config
+from core.explain import baseline_row, contributions, importance_figure, permutation_importances
+from core.fairness import FairnessReport, fairness_gate, fairness_report, sensitive_groups
+from core.features import prepare_inputs, prepare_target
+from core.metrics import CLASSIFICATION_METRICS as METRICS
+from core.metrics import compute_metrics
+from core.search import make_pipeline
+from core.significance import DeltaInterval, paired_bootstrap, paired_bootstrap_metrics, weighted_metric
+from core.slices import SliceMetric, slice_gate, slice_labels, slice_metrics, unmeasured_slices
+from core.synthetic import REGION, generate_frame
 
 
 def _binary(p1: np.ndarray) -> np.ndarray:
@@ -601,8 +601,9 @@ def test_passing_slice_and_cold_start_card(card):
 
 
 def test_an_unanswered_approval_is_recorded_as_no_answer_not_as_a_rejection():
-    from tasks.approval import Approval, ApprovalInput
-    from tasks.promotion import Decision, describe_outcome
+    from core.approval import Approval
+    from core.decision import Decision, describe_outcome
+    from services.approval import ApprovalInput
 
     decision = Decision(True, ["beats the champion"], {"roc_auc": 0.8}, "1", {"roc_auc": 0.7})
     nobody = Approval.unanswered(600)
@@ -728,7 +729,7 @@ def test_multiclass_slice_gate_fires_on_a_macro_roc_auc_drop():
 
 
 def test_regression_fairness_equals_a_pandas_groupby_of_the_errors():
-    from tasks.fairness import REGRESSION_NOT_APPLICABLE, regression_fairness_report
+    from core.fairness import REGRESSION_NOT_APPLICABLE, regression_fairness_report
 
     rng = np.random.default_rng(13)
     groups = pd.Series(rng.permutation(np.repeat(["a", "b", "c"], [200, 250, 50])), name="region")
@@ -760,7 +761,7 @@ def test_regression_fairness_equals_a_pandas_groupby_of_the_errors():
 
 
 def test_multiclass_fairness_is_one_class_against_the_rest():
-    from tasks.fairness import fairness_reports
+    from core.fairness import fairness_reports
 
     y = np.array(list("aabbccaabbcc"))
     predicted = np.array(list("abbbcaaabccc"))
@@ -781,7 +782,7 @@ def test_multiclass_fairness_is_one_class_against_the_rest():
 
 
 def test_not_applicable_fairness_never_crashes_and_says_why():
-    from tasks.fairness import fairness_check, fairness_reports
+    from core.fairness import fairness_check, fairness_reports
 
     groups = {"region": pd.Series(list("aabb"), name="region")}
     regression = fairness_reports([1.0, 2.0, 3.0, 4.0], np.array([1.5, 2.0, 2.5, 4.5]), [], groups)
@@ -889,8 +890,8 @@ def task_case(request) -> dict:
 
 
 def _reviewed(case: dict, cold: bool):
-    from tasks.evaluation import model_classes, predict_proba
-    from tasks.promotion import Gates, decide, resolve_gates
+    from core.decision import Gates, decide, resolve_gates
+    from core.metrics import model_classes, predict_proba
     from tasks.review import review_candidate
 
     config, holdout = case["config"], case["holdout"]
@@ -955,7 +956,7 @@ def test_review_candidate_runs_end_to_end_for_every_task(task_case, cold):
 
 @pytest.mark.parametrize("cold", [False, True])
 def test_the_card_reads_right_for_every_task(task_case, cold):
-    from tasks.model_card import make_card
+    from core.card import make_card
 
     review, decision, gates = _reviewed(task_case, cold)
     task = task_case["task"]

@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import brier_score_loss
 
-from mlops.clients import S3Location
-from mlops.dataset import DatasetConfigError, TaskType, load_local_dataset_config, parse_dataset_config
-from mlops.settings import Settings
-from mlops.transformers import QuantileClipper
-from tasks.evaluation import compute_metrics
-from tasks.promotion import GateResult, Gates, HoldoutEvidence, decide, improvement, resolve_gates
-from tasks.significance import DeltaInterval, MetricInterval
-from tasks.split import holdout_mask
+from adapters.clients import S3Location
+from adapters.settings import Settings
+from core.dataset import DatasetConfigError, TaskType, load_local_dataset_config, parse_dataset_config
+from core.decision import GateResult, Gates, HoldoutEvidence, decide, improvement, resolve_gates
+from core.metrics import compute_metrics
+from core.significance import DeltaInterval, MetricInterval
+from core.split import holdout_mask
+from core.transformers import QuantileClipper
 
 GOOD = {"roc_auc": 0.82, "pr_auc": 0.5, "f1": 0.4, "log_loss": 0.35, "brier": 0.1}
 

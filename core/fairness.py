@@ -41,9 +41,9 @@ from fairlearn.metrics import (
 )
 from sklearn.metrics import mean_absolute_error, root_mean_squared_error
 
-from mlops.dataset import DatasetConfig
-from tasks.promotion import GateResult
-from tasks.slices import MISSING, slice_labels, slice_order
+from core.dataset import DatasetConfig
+from core.decision import GateResult
+from core.slices import MISSING, slice_labels, slice_order
 
 REGRESSION_NOT_APPLICABLE = (
     "a regressor predicts a number, not a class, so there is no selection rate nor true or false positive "

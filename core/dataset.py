@@ -200,7 +200,7 @@ def parse_dataset_config(text: str, origin: str) -> DatasetConfig:
 
 def bundled_config_text(name: str) -> str:
     """Text of a bundled dataset config."""
-    return resources.files("mlops.configs").joinpath(f"{name}.yaml").read_text()
+    return resources.files("core.configs").joinpath(f"{name}.yaml").read_text()
 
 
 def load_local_dataset_config(ref: str) -> DatasetConfig:

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import pandas as pd
 from jinja2 import Environment, StrictUndefined
 
-from tasks.evaluation import LOWER_IS_BETTER
-from tasks.fairness import FairnessReport
-from tasks.promotion import Decision, GateResult, Gates, HoldoutEvidence, configured_bounds, improvement
-from tasks.significance import DeltaInterval
-from tasks.slices import SliceMetric, slice_drop
+from core.decision import Decision, GateResult, Gates, HoldoutEvidence, configured_bounds, improvement
+from core.fairness import FairnessReport
+from core.metrics import LOWER_IS_BETTER
+from core.significance import DeltaInterval
+from core.slices import SliceMetric, slice_drop
 
 if TYPE_CHECKING:
     from tasks.review import Review
@@ -156,7 +156,7 @@ class ModelCard:
 
 
 def importances_from_frame(importances: pd.DataFrame, top_k: int = 10) -> list[FeatureImportance]:
-    """The `top_k` first rows of `tasks.explain.permutation_importances`, for the card."""
+    """The `top_k` first rows of `core.explain.permutation_importances`, for the card."""
     return [
         FeatureImportance(str(row.feature), float(row.importance_mean), float(row.importance_std))
         for row in importances.head(top_k).itertuples(index=False)

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.evaluation import CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS, compute_metrics
-from tasks.promotion import improvement
+from core.decision import improvement
+from core.metrics import CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS, compute_metrics
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from mlops.dataset import DatasetConfig, TaskType
-from mlops.transformers import QuantileClipper
+from core.dataset import DatasetConfig, TaskType
+from core.transformers import QuantileClipper
 
 
 def prepare_inputs(frame: pd.DataFrame, config: DatasetConfig) -> pd.DataFrame:

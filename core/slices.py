@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlops.dataset import SliceSpec
-from tasks.evaluation import compute_metrics
-from tasks.promotion import improvement
+from core.dataset import SliceSpec
+from core.decision import improvement
+from core.metrics import compute_metrics
 
 MISSING = "missing"
 

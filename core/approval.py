@@ -1,26 +1,16 @@
 """Optional human approval before a promotion: the flow pauses and a person answers in the Prefect UI.
 
-The paused run shows a form built from `ApprovalInput` (Prefect UI -> the flow run -> Resume); the answer,
-who gave it and when are recorded on the run and the model version, and in the model card.
+The paused run shows a form built from `services.approval.ApprovalInput` (Prefect UI -> the flow run ->
+Resume); the answer, who gave it and when are recorded on the run and the model version, and in the card.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from prefect.input import RunInput
-from pydantic import Field
-
-from tasks.promotion import Decision
-
-
-class ApprovalInput(RunInput):
-    """The form a reviewer fills in to resume a paused training run."""
-
-    approve: bool = Field(title="Approve the promotion", description="Tick to promote; leave unticked to reject.")
-    reviewer: str = Field(min_length=1, max_length=200, title="Your name", description="Recorded with the decision.")
-    comment: str = Field("", max_length=2000, title="Comment", description="Why (recorded with the decision).")
+from core.decision import Decision
 
 
 class ApprovalTimeout(RuntimeError):
@@ -41,7 +31,7 @@ class Approval:
     answered: bool = True
 
     @classmethod
-    def from_input(cls, answer: ApprovalInput) -> Approval:
+    def from_input(cls, answer: Any) -> Approval:
         """From the submitted form."""
         return cls(answer.approve, answer.reviewer, answer.comment, _now())
 

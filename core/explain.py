@@ -1,7 +1,7 @@
 """Explanations: which raw features the model relies on, and why it scored one record as it did.
 
 Both work on the fitted pipeline (preprocessing + estimator, classifier or regressor) and raw feature
-frames as `tasks.features.prepare_inputs` produces them, so they speak of the columns people know (`age`,
+frames as `core.features.prepare_inputs` produces them, so they speak of the columns people know (`age`,
 not `age_scaled` or `region_north`), and they work for every model family.
 """
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mlops.dataset import (
+from core.dataset import (
     DatasetConfig,
     DatasetConfigError,
     Feature,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from mlops.settings import Settings
+from adapters.settings import Settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -70,11 +70,21 @@ def put_bytes(settings: Settings, location: S3Location, body: bytes, content_typ
 
 
 def mlflow_client(settings: Settings) -> MlflowClient:
-    """Point MLflow at the configured tracking server and return a client for it."""
+    """A client of the configured tracking server (and its registry); changes no global state."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+
+
+def use_tracking_server(settings: Settings) -> None:
+    """Point MLflow's fluent API (`mlflow.start_run`, `log_model`, `load_model`, ...) at the configured server.
+
+    The one place that sets MLflow's process-wide tracking URI; callers that only need a client use
+    `mlflow_client`, which leaves it alone.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    return mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
 
 
 class StackNotRunningError(RuntimeError):

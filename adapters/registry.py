@@ -1,0 +1,78 @@
+"""The MLflow registry: aliases, versions, model loading, run metrics. Built from settings, nothing at import."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from adapters.clients import mlflow_client, use_tracking_server
+from adapters.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+
+
+def champion_version(model_name: str) -> str | None:
+    """Version currently holding the `champion` alias, or None (no registered model or no alias)."""
+    return aliases_of(mlflow_client(get_settings()), model_name).get(CHAMPION)
+
+
+def move_champion(client: Any, model_name: str, version: str, current: str | None) -> None:
+    """Point `champion` at `version` and `previous` at `current` (when there is one).
+
+    The champion alias moves in one call; if recording `previous` then fails, the champion is put back
+    to `current` and the error raised, so a failure leaves the old champion.
+    """
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+    if current is None:
+        return
+    try:
+        client.set_registered_model_alias(model_name, PREVIOUS, current)
+    except Exception:
+        log.exception("recording alias %r failed; restoring champion v%s", PREVIOUS, current)
+        client.set_registered_model_alias(model_name, CHAMPION, current)
+        raise
+
+
+def aliases_of(client: Any, model_name: str) -> dict[str, str]:
+    """Every alias of a registered model and the version it points at (empty when the model does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = client.get_registered_model(model_name).aliases
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+    return {alias: str(version) for alias, version in aliases.items()}
+
+
+def load_model(model_name: str, version: str, settings: Settings | None = None) -> Any:
+    """A registered version's fitted scikit-learn pipeline (the sklearn flavour: probabilities, not labels)."""
+    import mlflow.sklearn
+
+    use_tracking_server(settings or get_settings())
+    return mlflow.sklearn.load_model(f"models:/{model_name}/{version}")
+
+
+def holdout_metrics(logged: dict[str, float]) -> dict[str, float]:
+    """The holdout metrics among a run's logged metrics (`holdout_roc_auc` -> `roc_auc`)."""
+    return {k.removeprefix("holdout_"): float(v) for k, v in logged.items() if k.startswith("holdout_")}
+
+
+def run_holdout_metrics(client: Any, run_id: str | None) -> dict[str, float]:
+    """The holdout metrics a training run logged (empty without a run)."""
+    return holdout_metrics(client.get_run(run_id).data.metrics) if run_id else {}
+
+
+def input_schema(model_name: str, version: str, settings: Settings | None = None) -> dict[str, str]:
+    """A version's inputs as its logged signature says (what callers send today): column -> numeric | text."""
+    from mlflow.models import get_model_info
+
+    from core.signature import columns_from_signature
+
+    use_tracking_server(settings or get_settings())
+    signature = get_model_info(f"models:/{model_name}/{version}").signature
+    return {column.name: column.kind for column in columns_from_signature(signature)}

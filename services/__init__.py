@@ -1,0 +1,1 @@
+"""Operations across adapters: promotion with its serving check and revert, approval, rollback."""
