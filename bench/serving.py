@@ -95,7 +95,7 @@ async def _load(url: str, body: bytes, clients: int, seconds: float, warmup: flo
 def _in_process(model_name: str, records: list[dict], repeats: int = 300) -> dict:
     import mlflow.pyfunc
 
-    from tasks.review import predict_times_ms
+    from core.review import predict_times_ms
 
     model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion").get_raw_model()
     if getattr(model, "classes_", None) is None:

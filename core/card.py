@@ -34,7 +34,7 @@ from core.significance import DeltaInterval
 from core.slices import SliceMetric, slice_drop
 
 if TYPE_CHECKING:
-    from tasks.review import Review
+    from core.review import Review
 
 
 # What each metric is, as the card's legend says it (multiclass: how it is averaged over the classes).

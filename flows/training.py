@@ -18,12 +18,15 @@ from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.serving_api import ServingCheck, ServingCheckFailed
 from core.approval import Approval, ApprovalTimeout, approval_request
 from core.card import make_card, time_window
 from core.dataset import DatasetConfig
 from core.decision import Decision, Gates, decide, decision_markdown, decision_tags, describe_outcome, resolve_gates
+from core.review import Review
 from core.search import SearchSpec
 from core.split import Split
+from core.validation import DataValidationError
 from services.approval import ApprovalInput
 from services.promotion import Promotion
 from tasks.evaluation import evaluate_candidate
@@ -31,8 +34,8 @@ from tasks.loading import load_dataset_config, load_snapshot
 from tasks.monitoring import log_reference
 from tasks.promotion import ensure_promotion_lock, find_champion, load_champion, promote, revert
 from tasks.reports import publish_approval_request, publish_decision, publish_model_card, store_validation_report
-from tasks.review import Review, champion_schema, review
-from tasks.serving_check import ServingCheck, ServingCheckFailed, check_serving
+from tasks.review import champion_schema, review
+from tasks.serving_check import check_serving
 from tasks.split import split_snapshot
 from tasks.tracking import (
     end_run,
@@ -45,7 +48,7 @@ from tasks.tracking import (
     start_run,
 )
 from tasks.training import train_candidate
-from tasks.validation import DataValidationError, check_snapshot
+from tasks.validation import check_snapshot
 
 
 class TrainingParams(BaseModel):

@@ -17,13 +17,13 @@ from prefect.cache_policies import NO_CACHE
 
 from adapters.clients import mlflow_client
 from adapters.registry import PREVIOUS, aliases_of, champion_version, move_champion
+from adapters.serving_api import ServingCheck, check_configured_serving
 from adapters.settings import get_settings
 from core.errors import PermanentError
 from services.promotion import PromotionConflict
 from tasks.history import ChampionChange, make_change, record_change_safely
 from tasks.promotion import promotion_lock_name
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
-from tasks.serving_check import ServingCheck, check_configured_serving
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from adapters.settings import get_settings
 from core.dataset import DatasetConfig
 from core.explain import baseline_row, importance_figure
 from core.features import prepare_inputs
+from core.review import Review
 from core.search import SearchResult
 from core.signature import BASELINE_ARTIFACT
 from core.transformers import skops_trusted_types
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
-from tasks.review import Review
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from adapters.expectations import validate_frame
 from core.dataset import load_local_dataset_config
 from core.synthetic import DriftSpec, generate_frame, generate_month, generate_months
-from tasks.validation import DataValidationError, validate_frame
+from core.validation import DataValidationError
 
 CONFIG = load_local_dataset_config("credit-risk")
 

@@ -809,7 +809,7 @@ def test_not_applicable_fairness_never_crashes_and_says_why():
 
 
 def test_predict_times_use_predict_proba_for_a_classifier_and_predict_for_a_regressor():
-    from tasks.review import predict_times_ms
+    from core.review import predict_times_ms
 
     class Classifier:
         classes_ = np.array([0, 1])
@@ -892,7 +892,7 @@ def task_case(request) -> dict:
 def _reviewed(case: dict, cold: bool):
     from core.decision import Gates, decide, resolve_gates
     from core.metrics import model_classes, predict_proba
-    from tasks.review import review_candidate
+    from core.review import review_candidate
 
     config, holdout = case["config"], case["holdout"]
     gates = resolve_gates(

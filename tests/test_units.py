@@ -271,7 +271,7 @@ def test_s3_location_parsing():
 
 
 def test_schema_gate_blocks_inputs_that_would_break_callers():
-    from tasks.review import schema_gate
+    from core.review import schema_gate
 
     champion = {"age": "numeric", "region": "text", "income": "numeric"}
     assert schema_gate({"age": "numeric", "region": "text"}, champion, False).passed  # a dropped input is fine
@@ -285,7 +285,7 @@ def test_schema_gate_blocks_inputs_that_would_break_callers():
 def test_operational_gates_measure_size_and_latency():
     from sklearn.linear_model import LogisticRegression
 
-    from tasks.review import operational_gates
+    from core.review import operational_gates
 
     X = pd.DataFrame({"a": np.arange(100, dtype=float), "b": np.arange(100, dtype=float) % 7})
     model = LogisticRegression().fit(X, (X["a"] > 50).astype(int))
