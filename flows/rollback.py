@@ -1,6 +1,6 @@
 """The rollback flow: put the champion back on the previous (or a given) version, from the Prefect UI.
 
-This module wires tasks; the compare-and-set and the history live in `tasks/rollback.py`.
+This module wires tasks; the compare-and-set and the history live in `services/rollback.py`.
 The same action from a shell: `mlops rollback --reason TEXT [--to VERSION]`.
 """
 
@@ -10,7 +10,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.rollback import RollbackOutcome, check_rollback_serving, publish_rollback, rollback_champion
+from services.rollback import RollbackOutcome, check_rollback_serving, publish_rollback, rollback_champion
 
 
 class RollbackParams(BaseModel):

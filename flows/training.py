@@ -12,14 +12,11 @@ from functools import partial
 from typing import Any
 
 from prefect import Task, flow
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.serving_api import ServingCheck, ServingCheckFailed
-from core.approval import Approval, ApprovalTimeout, approval_request
+from adapters.locks import hold
+from core.approval import Approval, ApprovalTimeout
 from core.card import make_card, time_window
 from core.dataset import DatasetConfig
 from core.decision import Decision, Gates, decide, decision_markdown, decision_tags, describe_outcome, resolve_gates
@@ -27,15 +24,14 @@ from core.review import Review
 from core.search import SearchSpec
 from core.split import Split
 from core.validation import DataValidationError
-from services.approval import ApprovalInput
-from services.promotion import Promotion
+from services.approval import ask_approval, steps_after
+from services.promotion import current_champion, promote_checked
 from tasks.evaluation import evaluate_candidate
 from tasks.loading import load_dataset_config, load_snapshot
 from tasks.monitoring import log_reference
-from tasks.promotion import ensure_promotion_lock, find_champion, load_champion, promote, revert
-from tasks.reports import publish_approval_request, publish_decision, publish_model_card, store_validation_report
-from tasks.review import champion_schema, review
-from tasks.serving_check import check_serving
+from tasks.promotion import ensure_promotion_lock
+from tasks.reports import publish_decision, publish_model_card, store_validation_report
+from tasks.review import review
 from tasks.split import split_snapshot
 from tasks.tracking import (
     end_run,
@@ -99,83 +95,6 @@ class TrainingOutcome:
     candidate_version: str | None
     promoted: bool
     previous_champion: str | None
-
-
-def _promote_checked(
-    model_name: str,
-    version: str,
-    expected_champion: str | None,
-    serving_timeout: float,
-    decision: Decision | None = None,
-    run_reason: str = "",
-) -> tuple[Promotion | None, Exception | None, ServingCheck | None]:
-    """Promote, then keep the promotion only once the serving API answers with it (else revert it).
-
-    The champion history records why: the run's reason (`TrainingParams.reason`) and the decision's reasons.
-    Returns the promotion that stands (or None), the error that stopped it, and the serving check.
-    """
-    why = ([f"run reason: {run_reason}"] if run_reason else []) + (decision.reasons if decision else [])
-    try:
-        promotion = promote(model_name, version, expected_champion, " | ".join(why))
-    except Exception as exc:  # recorded by the caller, then the run fails
-        return None, exc, None
-    serving = check_serving(model_name, version, serving_timeout)
-    if serving.ok:
-        return promotion, None, serving
-    revert(promotion, serving.detail)
-    return None, ServingCheckFailed(f"promotion of v{version} reverted: {serving.detail}"), serving
-
-
-@dataclass(frozen=True)
-class ChampionState:
-    """The current champion as the decision sees it: holdout metrics and probabilities, inputs, or the error."""
-
-    version: str | None = None
-    proba: Any = None
-    metrics: dict[str, float] | None = None
-    schema: dict[str, str] | None = None
-    error: str | None = None
-
-
-def _current_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
-    """Find, load and score the champion on the holdout; a failure is recorded (it blocks promotion)."""
-    version = find_champion(config.model_name)
-    if version is None:
-        return ChampionState()
-    try:
-        model = load_champion(config.model_name, version)
-        scored = evaluate_candidate(model, holdout, config, figures=False)
-        schema = champion_schema(config.model_name, version)
-    except Exception as exc:  # the decision records why; promotion is then blocked
-        return ChampionState(version, error=f"{type(exc).__name__}: {exc}")
-    return ChampionState(version, scored.proba, scored.metrics, schema)
-
-
-def _ask_approval(decision: Decision, model_name: str, version: str, run_id: str, timeout: int) -> Approval:
-    """Pause the run until a person approves or rejects in the Prefect UI (or the timeout passes)."""
-    request = approval_request(decision, model_name, version, run_id)
-    publish_approval_request(request)
-    try:
-        answer = pause_flow_run(
-            wait_for_input=ApprovalInput.with_initial_data(description=request),
-            timeout=timeout,
-            poll_interval=2,
-            key=f"approve-{model_name}-v{version}",
-        )
-    except FlowPauseTimeout:
-        return Approval.unanswered(timeout)
-    return Approval.from_input(answer)
-
-
-def _steps(approval: Approval | None) -> Callable[[Task], Callable[..., Any]]:
-    """How the remaining steps run.
-
-    Once an approval pause has expired, Prefect keeps the run paused until it fails and runs none of its
-    tasks, so the records are then written by calling the tasks' functions.
-    """
-    if approval is not None and not approval.answered:
-        return lambda step: step.fn
-    return lambda step: step
 
 
 def _record(
@@ -251,8 +170,8 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         lock = ensure_promotion_lock(config.model_name)
         promotion, promotion_error, serving = None, None, None
         # Decide and promote one run at a time per model, so no run promotes against a stale champion.
-        with concurrency(lock, occupy=1, strict=True, timeout_seconds=3600):
-            champion = _current_champion(config, split.holdout)
+        with hold(lock, timeout_seconds=3600):
+            champion = current_champion(config, split.holdout)
             findings = review(
                 search.model,
                 evaluation.proba,
@@ -282,18 +201,18 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             }
             version = None if params.dry_run else register_model(model_uri, config.model_name, run_id, version_tags)
             wanted = decision.promote and version is not None
-            promote_checked = partial(
-                _promote_checked, config.model_name, version, champion.version, params.serving_timeout_seconds, decision
+            promote_now = partial(
+                promote_checked, config.model_name, version, champion.version, params.serving_timeout_seconds, decision
             )
             if wanted and not params.require_approval:
-                promotion, promotion_error, serving = promote_checked(params.reason)
+                promotion, promotion_error, serving = promote_now(params.reason)
         if wanted and params.require_approval:
             # Wait for a person outside the lock; the promotion is then a compare-and-set against the
             # champion the decision saw, so a champion that changed meanwhile is never replaced blindly.
-            approval = _ask_approval(decision, config.model_name, version, run_id, params.approval_timeout_seconds)
+            approval = ask_approval(decision, config.model_name, version, run_id, params.approval_timeout_seconds)
             if approval.approved:
-                with concurrency(lock, occupy=1, strict=True, timeout_seconds=3600):
-                    promotion, promotion_error, serving = promote_checked(f"{params.reason}; {approval.describe()}")
+                with hold(lock, timeout_seconds=3600):
+                    promotion, promotion_error, serving = promote_now(f"{params.reason}; {approval.describe()}")
         promoted = promotion is not None
         outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error, approval)
         tags = {"promoted": str(promoted).lower(), "outcome": outcome}
@@ -309,14 +228,14 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             findings,
             outcome,
             tags,
-            _steps(approval),
+            steps_after(approval),
         )
         if promotion_error is not None:
             raise promotion_error
         if approval is not None and not approval.answered:
             raise ApprovalTimeout(f"{config.model_name} v{version} was not promoted: {approval.describe()}")
     except BaseException:
-        _steps(approval)(end_run)(run_id, "FAILED")  # a record of the failure, even after an expired pause
+        steps_after(approval)(end_run)(run_id, "FAILED")  # a record of the failure, even after an expired pause
         raise
     end_run(run_id, "FINISHED")
     previous = promotion.replaced if promotion is not None else None

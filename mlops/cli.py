@@ -341,8 +341,8 @@ def rollback_command(
     _connect(settings)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from services.promotion import PromotionConflict
-    from tasks.rollback import RollbackError, rollback, serving_after_rollback
+    from adapters.promotion import PromotionConflict
+    from services.rollback import RollbackError, rollback, serving_after_rollback
 
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
         try:

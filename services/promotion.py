@@ -1,92 +1,72 @@
-"""Promotion as an operation: the compare-and-set alias move, its history record, and its undo."""
+"""Promotion as the training flow carries it out.
+
+The champion as the decision sees it (scored on the same holdout), then promote, confirm that the serving API
+answers with the new version, or revert.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from typing import Any
 
-from adapters.clients import mlflow_client
-from adapters.registry import CHAMPION, PREVIOUS, aliases_of, champion_version, move_champion
-from adapters.settings import get_settings
-from core.errors import PermanentError
+from adapters.promotion import Promotion
+from adapters.serving_api import ServingCheck, ServingCheckFailed
+from core.dataset import DatasetConfig
+from core.decision import Decision
+from tasks.evaluation import evaluate_candidate
+from tasks.promotion import find_champion, load_champion, promote, revert
+from tasks.review import champion_schema
+from tasks.serving_check import check_serving
 
 log = logging.getLogger(__name__)
 
 
-class PromotionConflict(PermanentError):
-    """The champion changed between the decision and the promotion; nothing was changed."""
+def promote_checked(
+    model_name: str,
+    version: str,
+    expected_champion: str | None,
+    serving_timeout: float,
+    decision: Decision | None = None,
+    run_reason: str = "",
+) -> tuple[Promotion | None, Exception | None, ServingCheck | None]:
+    """Promote, then keep the promotion only once the serving API answers with it (else revert it).
+
+    The champion history records why: the run's reason (`TrainingParams.reason`) and the decision's reasons.
+    Returns the promotion that stands (or None), the error that stopped it, and the serving check.
+    """
+    why = ([f"run reason: {run_reason}"] if run_reason else []) + (decision.reasons if decision else [])
+    try:
+        promotion = promote(model_name, version, expected_champion, " | ".join(why))
+    except Exception as exc:  # recorded by the caller, then the run fails
+        return None, exc, None
+    serving = check_serving(model_name, version, serving_timeout)
+    if serving.ok:
+        return promotion, None, serving
+    revert(promotion, serving.detail)
+    return None, ServingCheckFailed(f"promotion of v{version} reverted: {serving.detail}"), serving
 
 
 @dataclass(frozen=True)
-class Promotion:
-    """An alias move that happened: enough to undo it exactly."""
+class ChampionState:
+    """The current champion as the decision sees it: holdout metrics and probabilities, inputs, or the error."""
 
-    model_name: str
-    version: str
-    replaced: str | None
-    replaced_previous: str | None
-    promoted_at: str
+    version: str | None = None
+    proba: Any = None
+    metrics: dict[str, float] | None = None
+    schema: dict[str, str] | None = None
+    error: str | None = None
 
 
-def promote_version(
-    model_name: str, version: str, expected_champion: str | None, reason: str = "", actor: str | None = None
-) -> Promotion:
-    """Move `champion` to `version` and `previous` to the replaced champion.
-
-    Compare-and-set: if the champion is no longer `expected_champion` (another run promoted since the
-    decision), nothing changes and `PromotionConflict` is raised. The champion alias moves in one call;
-    if recording `previous` then fails, the champion is put back, so a failure leaves the old champion.
-    The version gets a `promoted_at` tag (UTC, ISO 8601), which the serving API reports. The change is
-    recorded in the champion history (`tasks.history`) with `reason` and `actor` (default: the flow run
-    or the OS user); a failure to record it is logged loudly and does not undo the promotion.
-    """
-    from tasks.history import make_change, record_change_safely
-
-    client = mlflow_client(get_settings())
-    current = champion_version(model_name)
-    if current != expected_champion:
-        raise PromotionConflict(
-            f"champion of {model_name!r} is v{current}, not v{expected_champion} as when the decision was "
-            "made; not promoting against a stale champion"
-        )
-    old_previous = aliases_of(client, model_name).get(PREVIOUS)
-    promoted_at = datetime.now(UTC).isoformat(timespec="seconds")
-    client.set_model_version_tag(model_name, version, "promoted_at", promoted_at)
-    move_champion(client, model_name, version, current)
-    log.info("%s: champion v%s -> v%s", model_name, current, version)
+def current_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
+    """Find, load and score the champion on the holdout; a failure is recorded (it blocks promotion)."""
+    version = find_champion(config.model_name)
+    if version is None:
+        return ChampionState()
     try:
-        record_change_safely(make_change(model_name, current, version, "promotion", reason, actor))
-    except Exception:  # building the record failed: the promotion stands all the same
-        log.exception("HISTORY NOT RECORDED for %s: promotion v%s -> v%s stands", model_name, current, version)
-    return Promotion(model_name, version, current, None if old_previous is None else str(old_previous), promoted_at)
-
-
-def revert_promotion(promotion: Promotion, reason: str, actor: str | None = None) -> None:
-    """Undo `promotion`: `champion` and `previous` go back to where they were; the reason is tagged.
-
-    Compare-and-set again: if the champion moved since (another promotion or a rollback), nothing is
-    undone and `PromotionConflict` says so. After a cold-start promotion the `champion` alias is removed.
-    The revert is recorded in the champion history (a failure to record it is logged, not raised).
-    """
-    from tasks.history import make_change, record_change_safely
-
-    client = mlflow_client(get_settings())
-    name, version = promotion.model_name, promotion.version
-    current = champion_version(name)
-    if current != version:
-        raise PromotionConflict(f"champion of {name!r} is v{current}, not v{version}: not reverting its promotion")
-    for alias, target in ((CHAMPION, promotion.replaced), (PREVIOUS, promotion.replaced_previous)):
-        if target is None:
-            with contextlib.suppress(Exception):  # absent already
-                client.delete_registered_model_alias(name, alias)
-        else:
-            client.set_registered_model_alias(name, alias, target)
-    client.delete_model_version_tag(name, version, "promoted_at")
-    client.set_model_version_tag(name, version, "rolled_back", reason[:4900])
-    log.warning("%s: promotion of v%s reverted (champion back to v%s): %s", name, version, promotion.replaced, reason)
-    try:
-        record_change_safely(make_change(name, version, promotion.replaced, "revert", reason, actor))
-    except Exception:  # building the record failed: the revert stands all the same
-        log.exception("HISTORY NOT RECORDED for %s: revert v%s -> v%s stands", name, version, promotion.replaced)
+        model = load_champion(config.model_name, version)
+        scored = evaluate_candidate(model, holdout, config, figures=False)
+        schema = champion_schema(config.model_name, version)
+    except Exception as exc:  # the decision records why; promotion is then blocked
+        return ChampionState(version, error=f"{type(exc).__name__}: {exc}")
+    return ChampionState(version, scored.proba, scored.metrics, schema)

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from adapters.locks import ensure_lock, promotion_lock_name
+from adapters.promotion import Promotion, promote_version, revert_promotion
 from adapters.registry import champion_version, load_model
-from services.promotion import Promotion, promote_version, revert_promotion
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 if TYPE_CHECKING:
@@ -18,20 +19,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def promotion_lock_name(model_name: str) -> str:
-    """Name of the Prefect global concurrency limit that serialises decide-and-promote per model."""
-    return f"promotion-{model_name}"
-
-
 @task(name="promotion-lock", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
 def ensure_promotion_lock(model_name: str) -> str:
     """Prefect task: make sure the one-slot concurrency limit for this model exists; returns its name."""
-    from prefect.client.orchestration import get_client
-
-    name = promotion_lock_name(model_name)
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    return name
+    return ensure_lock(promotion_lock_name(model_name))
 
 
 @task(name="find-champion", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)

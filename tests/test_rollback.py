@@ -12,14 +12,14 @@ import httpx
 import pytest
 
 from adapters.clients import mlflow_client
+from adapters.promotion import promote_version, revert_promotion
 from core.search import SearchSpec
 from flows.rollback import RollbackParams, rollback
 from flows.training import TrainingParams, training
 from mlops.stack import running
-from services.promotion import promote_version, revert_promotion
+from services.rollback import RollbackError
+from services.rollback import rollback as rollback_now
 from tasks.history import list_changes
-from tasks.rollback import RollbackError
-from tasks.rollback import rollback as rollback_now
 from tests.ports import free_port
 from tests.waiting import wait_for
 

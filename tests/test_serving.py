@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 
 from adapters.clients import S3Location, mlflow_client, s3_client
+from adapters.promotion import promote_version, revert_promotion
 from adapters.serving_api import wait_for_serving
 from core.search import ModelFamily, SearchSpec
 from flows.training import TrainingParams, training
 from mlops.stack import running
-from services.promotion import promote_version, revert_promotion
 from tests.ports import free_port
 from tests.waiting import wait_for
 

@@ -179,7 +179,7 @@ def test_bad_input_fails_clearly_and_registers_nothing(case, stack, default_data
 
 
 def test_promotion_against_a_stale_champion_changes_nothing(stack, first_run):
-    from services.promotion import PromotionConflict, promote_version
+    from adapters.promotion import PromotionConflict, promote_version
 
     versions = sorted(int(v.version) for v in _versions(stack, "credit-risk"))
     challenger = str(versions[-1])

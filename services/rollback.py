@@ -16,13 +16,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adapters.clients import mlflow_client
+from adapters.locks import ensure_lock, hold, promotion_lock_name
+from adapters.promotion import PromotionConflict
 from adapters.registry import PREVIOUS, aliases_of, champion_version, move_champion
 from adapters.serving_api import ServingCheck, check_configured_serving
 from adapters.settings import get_settings
 from core.errors import PermanentError
-from services.promotion import PromotionConflict
 from tasks.history import ChampionChange, make_change, record_change_safely
-from tasks.promotion import promotion_lock_name
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)
@@ -72,16 +72,10 @@ def rollback(model_name: str, to_version: str | None, reason: str, actor: str) -
         RollbackError: No champion, no such version, the version is already champion, or no reason given.
         PromotionConflict: The champion moved while the rollback waited for the lock; nothing changed.
     """
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-
     if not reason.strip():
         raise RollbackError("a rollback needs a reason (it is recorded in the champion history)")
     current, target = resolve_target(model_name, to_version)
-    lock = promotion_lock_name(model_name)
-    with get_client(sync_client=True) as prefect:
-        prefect.upsert_global_concurrency_limit_by_name(lock, limit=1)
-    with concurrency(lock, occupy=1, strict=True, timeout_seconds=600):
+    with hold(ensure_lock(promotion_lock_name(model_name)), timeout_seconds=600):
         now = champion_version(model_name)
         if now != current:
             raise PromotionConflict(
