@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import pandas as pd
 from jinja2 import Environment, StrictUndefined
 
-from core.decision import Decision, GateResult, Gates, HoldoutEvidence, configured_bounds, improvement
+from core.decision import Decision, GateResult, Gates, HoldoutEvidence, configured_bounds
 from core.fairness import FairnessReport
-from core.metrics import LOWER_IS_BETTER
+from core.metrics import LOWER_IS_BETTER, improvement
 from core.significance import DeltaInterval
 from core.slices import SliceMetric, slice_drop
 

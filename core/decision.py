@@ -24,7 +24,6 @@ from core.dataset import TaskType
 from core.metrics import LOWER_IS_BETTER, metrics_for
 
 if TYPE_CHECKING:
-    from core.approval import Approval
     from core.significance import DeltaInterval, MetricInterval
 
 log = logging.getLogger(__name__)
@@ -249,11 +248,6 @@ def holdout_size_gate(evidence: HoldoutEvidence, gates: Gates) -> GateResult:
     )
 
 
-def improvement(metric: str, candidate: float, champion: float) -> float:
-    """Candidate minus champion, signed so that positive always means better."""
-    return champion - candidate if metric in LOWER_IS_BETTER else candidate - champion
-
-
 def decide(
     candidate: dict[str, float],
     champion: dict[str, float] | None,
@@ -332,22 +326,6 @@ def decide(
         None if interval is None else asdict(interval),
         results,
     )
-
-
-def describe_outcome(
-    decision: Decision, dry_run: bool, promoted: bool, error: Exception | None, approval: Approval | None = None
-) -> str:
-    """What actually happened after the decision, in one line."""
-    if promoted:
-        approved = f" ({approval.describe()})" if approval is not None else ""
-        return f"promoted: the candidate is the new champion{approved}"
-    if approval is not None and not approval.approved:
-        return f"not promoted, the champion is unchanged: {approval.describe()}"
-    if error is not None:
-        return f"promotion failed, the champion is unchanged: {type(error).__name__}: {error}"
-    if decision.promote and dry_run:
-        return "dry run: would have been promoted, nothing was registered"
-    return "not promoted: the champion is unchanged"
 
 
 def decision_markdown(

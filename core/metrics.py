@@ -190,3 +190,8 @@ class Evaluation:
     metrics: dict[str, float]
     figures: dict[str, Any] = field(default_factory=dict, repr=False)
     proba: np.ndarray | None = field(default=None, repr=False)
+
+
+def improvement(metric: str, candidate: float, champion: float) -> float:
+    """Candidate minus champion, signed so that positive always means better."""
+    return champion - candidate if metric in LOWER_IS_BETTER else candidate - champion

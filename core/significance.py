@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from core.decision import improvement
-from core.metrics import CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS, compute_metrics
+from core.metrics import CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS, compute_metrics, improvement
 
 log = logging.getLogger(__name__)
 

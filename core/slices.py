@@ -27,8 +27,7 @@ import numpy as np
 import pandas as pd
 
 from core.dataset import SliceSpec
-from core.decision import improvement
-from core.metrics import compute_metrics
+from core.metrics import compute_metrics, improvement
 
 MISSING = "missing"
 

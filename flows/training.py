@@ -1,7 +1,7 @@
 """The retraining flow: load, validate, split, train, evaluate, then promote only if it is safe.
 
 This module wires tasks and handles state; each stage's logic lives in `tasks/`.
-Run it ad hoc with `mlops train` or `python -m flows.training`.
+Run it ad hoc with `mlops train` (or `python -m mlops train`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from adapters.locks import hold
 from core.approval import Approval, ApprovalTimeout
 from core.card import make_card, time_window
 from core.dataset import DatasetConfig
-from core.decision import Decision, Gates, decide, decision_markdown, decision_tags, describe_outcome, resolve_gates
+from core.decision import Decision, Gates, decide, decision_markdown, decision_tags, resolve_gates
+from core.outcome import describe_outcome
 from core.review import Review
 from core.search import SearchSpec
 from core.split import Split
@@ -240,9 +241,3 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     end_run(run_id, "FINISHED")
     previous = promotion.replaced if promotion is not None else None
     return TrainingOutcome(run_id, snapshot.data_version, decision, version, promoted, previous)
-
-
-if __name__ == "__main__":
-    from mlops.cli import train_main
-
-    train_main()

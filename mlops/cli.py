@@ -248,11 +248,6 @@ def serve(
     run(host or settings.host, port or settings.serving_port, settings)
 
 
-def serve_main() -> None:
-    """Entry point for `python -m serving` (same options as `mlops serve`)."""
-    typer.main.get_command(app)(["serve", *sys.argv[1:]], prog_name="python -m serving")
-
-
 def run_training(dataset: str, dry_run: bool, seed: int, trials: int | None, settings: Settings) -> int:
     """Run the training flow against the configured stack; returns a process exit code."""
     os.environ.update(client_env(settings))
@@ -514,11 +509,6 @@ def _drift_demo(settings: Settings, strength: float, rows: int, cooldown_minutes
         echo(f"   {row['at']}  {row['kind']:<9} {move} by {row['actor']}: {row['reason'][:100]}")
     echo(f"\nnow champion: v{champion_version(config.model_name)}; roll back with `mlops rollback --reason TEXT`")
     return 0
-
-
-def train_main() -> None:
-    """Entry point for `python -m flows.training` (same options as `mlops train`)."""
-    typer.main.get_command(app)(["train", *sys.argv[1:]], prog_name="python -m flows.training")
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def test_python_module_entry_point_runs_the_flow(stack, first_run):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "flows.training", "--dry-run", "--trials", "1"],
+        [sys.executable, "-m", "mlops", "train", "--dry-run", "--trials", "1"],
         check=False,
         capture_output=True,
         text=True,

@@ -602,7 +602,8 @@ def test_passing_slice_and_cold_start_card(card):
 
 def test_an_unanswered_approval_is_recorded_as_no_answer_not_as_a_rejection():
     from core.approval import Approval
-    from core.decision import Decision, describe_outcome
+    from core.decision import Decision
+    from core.outcome import describe_outcome
     from services.approval import ApprovalInput
 
     decision = Decision(True, ["beats the champion"], {"roc_auc": 0.8}, "1", {"roc_auc": 0.7})

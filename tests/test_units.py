@@ -12,8 +12,8 @@ from sklearn.metrics import brier_score_loss
 from adapters.clients import S3Location
 from adapters.settings import Settings
 from core.dataset import DatasetConfigError, TaskType, load_local_dataset_config, parse_dataset_config
-from core.decision import GateResult, Gates, HoldoutEvidence, decide, improvement, resolve_gates
-from core.metrics import compute_metrics
+from core.decision import GateResult, Gates, HoldoutEvidence, decide, resolve_gates
+from core.metrics import compute_metrics, improvement
 from core.significance import DeltaInterval, MetricInterval
 from core.split import holdout_mask
 from core.transformers import QuantileClipper
