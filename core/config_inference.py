@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import yaml
 
+from core.column_kinds import (
+    count_text,
+    is_bool,
+    is_datetime,
+    is_number,
+    is_text,
+    looks_like_id,
+    nulls_text,
+    plain_number,
+    plain_value,
+    round_up,
+    show_number,
+    whole_numbers,
+)
+from core.config_yaml import InferredConfig
 from core.dataset import (
     DatasetConfig,
     DatasetConfigError,
@@ -27,9 +40,7 @@ from core.dataset import (
 )
 
 FORMAT_SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv", ".csv.gz")}
-_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
 _TIME_NAME = re.compile(r"date|time|_at$|^at_|timestamp|day", re.IGNORECASE)
-_SAMPLE = 200  # text values tried as dates before the whole column is
 
 
 class ConfigInferenceError(ValueError):
@@ -69,119 +80,7 @@ Rules used (`mlops data init`):
 - min_rows: min({min_rows_cap}, half the rows seen)."""
 
 
-@dataclass(frozen=True)
-class InferredConfig:
-    """A config inferred from a frame, with the reason for each choice and the columns left out."""
-
-    config: DatasetConfig
-    notes: dict[str, str] = field(repr=False)
-    feature_notes: dict[str, str] = field(repr=False)
-    left_out: dict[str, str]
-    header: str = field(repr=False)
-
-    def to_yaml(self) -> str:
-        """The config as commented YAML that `parse_dataset_config` reads back to the same config."""
-        return render_yaml(self)
-
-    def summary(self) -> str:
-        """One line for the command line."""
-        c = self.config
-        kinds = f"{len(c.numeric_features)} numeric, {len(c.categorical_features)} categorical"
-        out = f"; {len(self.left_out)} column(s) left out" if self.left_out else ""
-        time = f", time {c.time_column!r}" if c.time_column else ""
-        return f"task {c.task}, target {c.target!r}, id {c.id_column!r}{time}; features: {kinds}{out}"
-
-
 # --- small helpers ---
-
-
-def _count(n: int) -> str:
-    return f"{n:,}"
-
-
-def _num(value: float) -> int | float:
-    """A YAML-friendly Python number (no numpy types; whole floats as ints)."""
-    value = float(value)
-    return int(value) if value.is_integer() and abs(value) < 2**53 else value
-
-
-def _show(value: float) -> str:
-    return f"{_num(value):.6g}" if isinstance(_num(value), float) else str(_num(value))
-
-
-def _nulls(share: float) -> str:
-    return "no nulls" if share == 0 else f"{100 * share:.1f} % null"
-
-
-def _round_up(value: float, decimals: int = 2) -> float:
-    scale = 10**decimals
-    return math.ceil(round(value * scale, 6)) / scale
-
-
-def _is_text(series: pd.Series) -> bool:
-    dtype = series.dtype
-    return (
-        pd.api.types.is_object_dtype(dtype)
-        or pd.api.types.is_string_dtype(dtype)
-        or isinstance(dtype, pd.CategoricalDtype)
-    )
-
-
-def _is_number(series: pd.Series) -> bool:
-    dtype = series.dtype
-    return (
-        pd.api.types.is_numeric_dtype(dtype)
-        and not pd.api.types.is_bool_dtype(dtype)
-        and not pd.api.types.is_complex_dtype(dtype)
-    )
-
-
-def _is_bool(series: pd.Series) -> bool:
-    if pd.api.types.is_bool_dtype(series.dtype):
-        return True
-    values = series.dropna()
-    return (
-        pd.api.types.is_object_dtype(series.dtype)
-        and not values.empty
-        and bool(values.map(lambda v: isinstance(v, bool | np.bool_)).all())
-    )
-
-
-def _plain(value: Any) -> Any:
-    """A numpy scalar as the Python value it holds (for messages and YAML)."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def _whole_numbers(values: pd.Series) -> bool:
-    numbers = values.astype("float64")
-    return bool(((numbers % 1) == 0).all())
-
-
-def _is_datetime(series: pd.Series) -> bool:
-    """Datetime values, or text whose every value is an ISO date (YYYY-MM-DD...)."""
-    values = series.dropna()
-    if values.empty:
-        return False
-    if pd.api.types.is_datetime64_any_dtype(series.dtype):
-        return True
-    if not _is_text(series):
-        return False
-    for part in (values.iloc[:_SAMPLE], values):  # most text columns fail on the first values
-        if not part.map(lambda v: isinstance(v, str) and bool(_ISO_DATE.match(v))).all():
-            return False
-        if pd.to_datetime(part, format="ISO8601", errors="coerce").isna().any():
-            return False
-    return True
-
-
-def _looks_like_id(name: str) -> bool:
-    lower = name.lower()
-    return (
-        lower in {"id", "uuid", "guid"}
-        or lower.endswith(("_id", "-id", " id"))
-        or lower.startswith(("id_", "id-", "id "))
-        or bool(re.search(r"[a-z0-9](Id|ID)$", name))
-    )
 
 
 def dataset_name(source: str) -> str:
@@ -223,21 +122,22 @@ def _check_target(frame: pd.DataFrame, target: str, source: str) -> pd.Series:
     nulls = int(values.isna().sum())
     if nulls:
         raise ConfigInferenceError(
-            f"target column {target!r} in {source} has {_count(nulls)} empty value(s) of {_count(len(values))}: "
+            f"target column {target!r} in {source} has {count_text(nulls)} empty value(s) of "
+            f"{count_text(len(values))}: "
             "every row needs a target (training rejects such a snapshot); drop or fill those rows first"
         )
     if values.nunique() < 2:
         raise ConfigInferenceError(
             f"target column {target!r} in {source} is constant "
-            f"({_plain(values.iloc[0])!r} in every row): nothing to learn"
+            f"({plain_value(values.iloc[0])!r} in every row): nothing to learn"
         )
     return values
 
 
 def _infer_task(values: pd.Series, given: TaskType | None, rules: InferenceRules) -> tuple[TaskType, str]:
     name, distinct = values.name, int(values.nunique())
-    numeric = _is_number(values)
-    whole = numeric and _whole_numbers(values)
+    numeric = is_number(values)
+    whole = numeric and whole_numbers(values)
     if given is not None:
         if given is TaskType.regression and not numeric:
             raise ConfigInferenceError(f"--task regression needs a numeric target; {name!r} is {values.dtype}")
@@ -245,26 +145,26 @@ def _infer_task(values: pd.Series, given: TaskType | None, rules: InferenceRules
             raise ConfigInferenceError(f"--task binary, but target {name!r} has {distinct} distinct values")
         if given is TaskType.multiclass and distinct < 3:
             raise ConfigInferenceError(f"--task multiclass, but target {name!r} has 2 values: use --task binary")
-        return given, f"given (--task); target has {_count(distinct)} distinct values"
+        return given, f"given (--task); target has {count_text(distinct)} distinct values"
     if numeric and not (whole and distinct <= rules.max_classes):
         kind = "non-whole numbers" if not whole else f"more than {rules.max_classes} distinct whole numbers"
-        return TaskType.regression, f"inferred: numeric target with {kind} ({_count(distinct)} distinct)"
+        return TaskType.regression, f"inferred: numeric target with {kind} ({count_text(distinct)} distinct)"
     if distinct > rules.max_classes:
         raise ConfigInferenceError(
-            f"target {name!r} is {values.dtype} with {_count(distinct)} distinct values: too many to infer a "
+            f"target {name!r} is {values.dtype} with {count_text(distinct)} distinct values: too many to infer a "
             f"classification task (at most {rules.max_classes}); pass --task multiclass if that is what it is"
         )
-    kind = "numeric target" if numeric else "true/false target" if _is_bool(values) else "text target"
+    kind = "numeric target" if numeric else "true/false target" if is_bool(values) else "text target"
     task = TaskType.binary if distinct == 2 else TaskType.multiclass
     return task, f"inferred: {kind} with {distinct} distinct values"
 
 
 def _classes(values: pd.Series) -> tuple[list[Any] | None, str]:
     distinct = values.drop_duplicates().tolist()
-    if _is_bool(values):
+    if is_bool(values):
         return [False, True], "the target values seen (true/false, read as 0/1)"
-    if _is_number(values):
-        if not _whole_numbers(values):
+    if is_number(values):
+        if not whole_numbers(values):
             return None, "not listed: the config lists classes as whole numbers or text"
         return sorted(int(v) for v in distinct), "the target values seen"
     if all(isinstance(v, str) for v in distinct):
@@ -280,9 +180,9 @@ def _id_candidates(frame: pd.DataFrame, exclude: set[str]) -> list[str]:
     found = []
     for column in frame.columns:
         series = frame[column]
-        if column in exclude or series.isna().any() or _is_bool(series) or _is_datetime(series):
+        if column in exclude or series.isna().any() or is_bool(series) or is_datetime(series):
             continue
-        usable = (_is_number(series) and _whole_numbers(series)) or _is_text(series)
+        usable = (is_number(series) and whole_numbers(series)) or is_text(series)
         if usable and series.nunique() == n:
             found.append(str(column))
     return found
@@ -298,18 +198,18 @@ def _infer_id(frame: pd.DataFrame, given: str | None, target: str, source: str) 
         nulls = int(values.isna().sum())
         if nulls:
             raise ConfigInferenceError(
-                f"--id column {given!r} has {_count(nulls)} empty value(s): every row needs an id"
+                f"--id column {given!r} has {count_text(nulls)} empty value(s): every row needs an id"
             )
         duplicated = values[values.duplicated(keep=False)]
         if not duplicated.empty:
-            examples = list(dict.fromkeys(_plain(v) for v in duplicated))[:5]
+            examples = list(dict.fromkeys(plain_value(v) for v in duplicated))[:5]
             raise ConfigInferenceError(
-                f"--id column {given!r} is not unique: {_count(len(duplicated))} rows share "
-                f"{_count(duplicated.nunique())} value(s), e.g. {examples}; the frozen holdout needs one id per row"
+                f"--id column {given!r} is not unique: {count_text(len(duplicated))} rows share "
+                f"{count_text(duplicated.nunique())} value(s), e.g. {examples}; the frozen holdout needs one id per row"
             )
         return given, "given (--id); non-null and unique per row"
     candidates = _id_candidates(frame, {target})
-    named = [c for c in candidates if _looks_like_id(c)]
+    named = [c for c in candidates if looks_like_id(c)]
     if len(candidates) == 1:
         return candidates[0], "inferred: the only column unique per row"
     if named:
@@ -328,7 +228,7 @@ def _infer_id(frame: pd.DataFrame, given: str | None, target: str, source: str) 
 
 def _infer_time(frame: pd.DataFrame, taken: set[str]) -> tuple[str | None, str, list[str]]:
     """The time column, why, and the other date/time columns (left out)."""
-    found = [str(c) for c in frame.columns if c not in taken and _is_datetime(frame[c])]
+    found = [str(c) for c in frame.columns if c not in taken and is_datetime(frame[c])]
     if not found:
         return None, "", []
     named = [c for c in found if _TIME_NAME.search(c)]
@@ -346,7 +246,7 @@ def _infer_time(frame: pd.DataFrame, taken: set[str]) -> tuple[str | None, str, 
 
 def _null_tolerance(share: float, rules: InferenceRules) -> float | None:
     """None (use the default) for a column without nulls, else share + margin rounded up, capped at 1."""
-    return None if share == 0 else min(1.0, _round_up(share + rules.null_margin))
+    return None if share == 0 else min(1.0, round_up(share + rules.null_margin))
 
 
 def _bounds(low: float, high: float, whole: bool, rules: InferenceRules) -> tuple[int | float, int | float]:
@@ -359,33 +259,33 @@ def _bounds(low: float, high: float, whole: bool, rules: InferenceRules) -> tupl
     upper = round(math.ceil((high + margin) / step) * step, decimals)
     if low >= 0:
         lower = max(lower, 0)
-    return _num(lower), _num(upper)
+    return plain_number(lower), plain_number(upper)
 
 
 def _numeric_feature(name: str, series: pd.Series, share: float, rules: InferenceRules) -> tuple[Feature, str]:
     values = series.dropna().astype("float64")
     low, high = float(values.min()), float(values.max())
-    whole = _whole_numbers(values)
+    whole = whole_numbers(values)
     lower, upper = _bounds(low, high, whole, rules)
     feature = Feature(
         name=name, type=FeatureType.numeric, min=lower, max=upper, max_null_fraction=_null_tolerance(share, rules)
     )
     kind = "whole numbers" if whole else "numbers"
-    return feature, f"{kind}, observed {_show(low)} .. {_show(high)}; {_nulls(share)}"
+    return feature, f"{kind}, observed {show_number(low)} .. {show_number(high)}; {nulls_text(share)}"
 
 
 def _categorical_feature(name: str, series: pd.Series, share: float, rules: InferenceRules) -> tuple[Feature, str]:
     values = series.dropna()
     tolerance = _null_tolerance(share, rules)
-    if _is_bool(series):
+    if is_bool(series):
         feature = Feature(name=name, type=FeatureType.categorical, max_null_fraction=tolerance)
-        return feature, f"true/false; categories not listed (text never matches true/false); {_nulls(share)}"
+        return feature, f"true/false; categories not listed (text never matches true/false); {nulls_text(share)}"
     distinct = values.drop_duplicates().tolist()
     if not all(isinstance(v, str) for v in distinct):
         feature = Feature(name=name, type=FeatureType.categorical, max_null_fraction=tolerance)
-        return feature, f"{len(distinct)} values of mixed types; categories not listed; {_nulls(share)}"
+        return feature, f"{len(distinct)} values of mixed types; categories not listed; {nulls_text(share)}"
     feature = Feature(name=name, type=FeatureType.categorical, categories=sorted(distinct), max_null_fraction=tolerance)
-    return feature, f"text, {len(distinct)} distinct values (cap {rules.max_categories}); {_nulls(share)}"
+    return feature, f"text, {len(distinct)} distinct values (cap {rules.max_categories}); {nulls_text(share)}"
 
 
 def _leave_out_reason(name: str, series: pd.Series, rules: InferenceRules) -> str | None:
@@ -396,17 +296,16 @@ def _leave_out_reason(name: str, series: pd.Series, rules: InferenceRules) -> st
     if values.empty:
         reason = f"{name} has only empty values"
     elif distinct == 1:
-        reason = (
-            f"{name} has a single value ({_plain(values.iloc[0])!r}) in every row; add it by hand if it varies later"
-        )
-    elif _is_number(series):
+        single = plain_value(values.iloc[0])
+        reason = f"{name} has a single value ({single!r}) in every row; add it by hand if it varies later"
+    elif is_number(series):
         if not values.astype("float64").map(math.isfinite).all():
             reason = f"{name} has infinite values"
-    elif _is_bool(series):
+    elif is_bool(series):
         pass
-    elif _is_text(series):
+    elif is_text(series):
         if distinct > rules.max_categories:
-            reason = f"{name} has {_count(distinct)} distinct values (cap {rules.max_categories})"
+            reason = f"{name} has {count_text(distinct)} distinct values (cap {rules.max_categories})"
     else:
         reason = f"{name} has type {series.dtype}, neither numeric nor categorical"
     return reason
@@ -426,7 +325,7 @@ def _infer_features(
             left_out[name] = reason
             continue
         share = float(series.isna().mean())
-        if _is_number(series):
+        if is_number(series):
             feature, note = _numeric_feature(name, series, share, rules)
         else:
             feature, note = _categorical_feature(name, series, share, rules)
@@ -515,13 +414,13 @@ def infer_config(
         "classes": classes_note,
         "id_column": id_note,
         "time_column": time_note,
-        "min_rows": f"min({rules.min_rows_cap}, half the {_count(len(frame))} rows seen): fewer rows are rejected",
+        "min_rows": f"min({rules.min_rows_cap}, half the {count_text(len(frame))} rows seen): fewer rows are rejected",
         "max_null_fraction": f"default null tolerance for the features seen without nulls (margin {rules.null_margin})",
         "holdout_fraction": "share of ids kept out of training, frozen by a hash of the id",
     }
     header = (
         f"Dataset config written by `mlops data init` from {source}\n"
-        f"({_count(len(frame))} rows, {frame.shape[1]} columns). Check it, then: mlops train --config FILE\n\n"
+        f"({count_text(len(frame))} rows, {frame.shape[1]} columns). Check it, then: mlops train --config FILE\n\n"
         + RULES.format(
             max_classes=rules.max_classes,
             margin_pct=f"{100 * rules.range_margin:g} %",
@@ -541,49 +440,3 @@ def infer_config(
 
 
 # --- YAML ---
-
-
-def _flow(value: Any) -> str:
-    """One value in YAML flow style, on one line."""
-    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**9, allow_unicode=True)
-    return text.removesuffix("\n").removesuffix("\n...").strip()
-
-
-def _comment_lines(text: str, indent: str = "") -> list[str]:
-    return [f"{indent}# {line}".rstrip() for line in text.splitlines()]
-
-
-def _aligned(pairs: list[tuple[str, str]]) -> list[str]:
-    width = min(60, max(len(code) for code, _ in pairs))
-    return [f"{code.ljust(width)}  # {note}" if note else code for code, note in pairs]
-
-
-def _feature_dict(feature: Feature) -> dict[str, Any]:
-    raw = feature.model_dump(mode="json", exclude_none=True)
-    return {key: _num(value) if key in {"min", "max"} else value for key, value in raw.items()}
-
-
-def render_yaml(inferred: InferredConfig) -> str:
-    """Commented YAML of an inferred config (the rules on top, a reason on each line)."""
-    config = inferred.config
-    dumped = config.model_dump(mode="json")
-    keys = ["name", "model_name", "source", "format", "target", "task", "classes", "id_column", "time_column"]
-    keys += ["min_rows", "max_null_fraction", "holdout_fraction"]
-    top = []
-    for key in keys:
-        note = inferred.notes.get(key, "")
-        if dumped[key] is None:  # not set: say why in a comment instead of writing `null`
-            top.append((f"# {key}: {note}", ""))
-        else:
-            top.append((f"{key}: {_flow(dumped[key])}", note))
-    lines = [*_comment_lines(inferred.header), "", *_aligned(top)]
-    lines.append("features:")
-    rows = [
-        (f"  - {_flow(_feature_dict(feature))}", inferred.feature_notes[feature.name]) for feature in config.features
-    ]
-    lines += _aligned(rows)
-    lines += [f"  # left out: {reason}" for reason in inferred.left_out.values()]
-    lines += _comment_lines(
-        'slices and sensitive_features are not inferred: add them by hand (README, "Your own data").'
-    )
-    return "\n".join(lines) + "\n"

@@ -12,14 +12,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
-from core.card import (
-    GateResult,
-    ModelCard,
-    importances_from_frame,
-    render_html,
-    render_markdown,
-    time_window,
-)
+from core.card import GateResult, ModelCard, importances_from_frame, time_window
+from core.card_render import render_html, render_markdown
 from core.dataset import DatasetConfig, DatasetConfigError, SliceSpec, load_local_dataset_config, parse_dataset_config
 from core.explain import baseline_row, contributions, importance_figure, permutation_importances
 from core.fairness import FairnessReport, fairness_gate, fairness_report, sensitive_groups
