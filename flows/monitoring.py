@@ -1,6 +1,8 @@
 """The monitoring flow: recent data against the champion's training reference; retrain when it drifted or decayed.
 
-This module wires tasks; the statistics, the rules and the trigger live in `tasks/monitoring.py`.
+This module wires tasks; the statistics and the rules live in `core/drift.py` (decay in `core/decay.py`,
+verdicts in `core/drift_analysis.py`), the reports in `core/drift_report.py`, the I/O in
+`adapters/monitoring_store.py`, the retraining trigger in `services/retraining.py`.
 Every task type is monitored: prediction drift is on the positive-class probability (binary), the predicted
 classes' shares (multiclass) or the predicted value (regression); decay on ROC AUC and F1 (macro for
 multiclass) or on RMSE and MAE (regression).
@@ -15,23 +17,20 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.monitoring_store import StoredReport
+from core.drift import DriftThresholds
+from core.drift_analysis import Verdict, WindowResult, overall_verdict
+from core.drift_report import summary_markdown
+from services.retraining import Trigger, trigger_retraining
 from tasks.loading import load_dataset_config
 from tasks.monitoring import (
-    DriftThresholds,
-    StoredReport,
-    Trigger,
-    Verdict,
-    WindowResult,
     analyse_window,
     load_champion_reference,
     load_labels,
     load_partition,
     load_prediction_log,
-    overall_verdict,
     publish_summary,
     store_report,
-    summary_markdown,
-    trigger_retraining,
 )
 
 S3_URI = r"^s3://[^/]+(/.*)?$"

@@ -3,8 +3,9 @@
 The request path only appends a reference to what it already computed (inputs, scores, ids);
 a background thread turns the buffer into one Parquet object every few seconds at
 `s3://<bucket>/predictions/serving/<model>/date=YYYY-MM-DD/<time>-<uuid>.parquet`, which monitoring
-reads. When S3 is unreachable the rows stay buffered (bounded; the oldest are dropped and counted) and
-are written once it answers again. A logging failure is counted and logged, never raised to a request.
+reads (the layout and the table are defined once, in `core/prediction_log.py`). When S3 is unreachable
+the rows stay buffered (bounded; the oldest are dropped and counted) and are written once it answers
+again. A logging failure is counted and logged, never raised to a request.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,69 +24,11 @@ import pandas as pd
 
 from adapters.clients import s3_client
 from adapters.settings import Settings
+from core.prediction_log import Entry, object_key, to_table
+
+__all__ = ["Entry", "PredictionLog", "to_table"]  # Entry and to_table are core's, re-exported
 
 log = logging.getLogger(__name__)
-
-PREFIX = "predictions/serving"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One scored batch, as the request path left it."""
-
-    frame: pd.DataFrame
-    scores: np.ndarray  # probabilities (n, classes), or a regressor's predicted values (n,)
-    classes: list[Any]  # empty for a regressor
-    request_ids: np.ndarray
-    model_version: str
-    at: datetime
-    record_ids: np.ndarray | None = None  # the records' own ids (the dataset's id column), when sent
-
-
-def to_table(entries: list[Entry]) -> pd.DataFrame:
-    """Inputs, outputs and ids of many batches as one table (one row per record).
-
-    `predicted` is the class with the highest probability for a classifier, with a `proba_<class>` column
-    per class; for a regressor it is the predicted value (float) and there are no probability columns.
-    Built with one concat of the input frames and numpy for the rest: the writer thread shares the GIL
-    with the request path, so a flush of thousands of small batches must stay a few milliseconds.
-    Batches of models with other classes (after a swap) get their own `proba_<class>` columns; if one
-    flush mixes a regressor's and a classifier's batches (a swap between the two), `predicted` is text.
-    """
-    sizes = [len(e.frame) for e in entries]
-    table = pd.concat([e.frame for e in entries], ignore_index=True)
-    table["request_id"] = np.concatenate([e.request_ids for e in entries])
-    table["record_id"] = np.concatenate(
-        [
-            e.record_ids if e.record_ids is not None else np.full(size, None)
-            for e, size in zip(entries, sizes, strict=True)
-        ]
-    ).astype(object)
-    table["model_version"] = np.repeat([e.model_version for e in entries], sizes)
-    predicted = [
-        np.asarray(e.classes)[e.scores.argmax(axis=1)] if e.classes else np.asarray(e.scores, dtype="float64")
-        for e in entries
-    ]
-    if len({bool(e.classes) for e in entries}) > 1:
-        predicted = [p.astype(str).astype(object) for p in predicted]
-    table["predicted"] = np.concatenate(predicted)
-    table["predicted_at"] = pd.to_datetime(np.repeat([e.at for e in entries], sizes), utc=True)
-    columns = dict.fromkeys(f"proba_{c}" for e in entries for c in e.classes)
-    for column in columns:
-        table[column] = np.concatenate(
-            [
-                e.scores[:, [f"proba_{c}" for c in e.classes].index(column)]
-                if column in {f"proba_{c}" for c in e.classes}
-                else np.full(size, np.nan)
-                for e, size in zip(entries, sizes, strict=True)
-            ]
-        )
-    return table
-
-
-def prefix_for(model_name: str) -> str:
-    """Key prefix of a model's prediction log."""
-    return f"{PREFIX}/{model_name}/"
 
 
 class PredictionLog:
@@ -177,7 +119,7 @@ class PredictionLog:
             buffer = io.BytesIO()
             table.to_parquet(buffer, index=False)
             now = datetime.now(UTC)
-            key = f"{prefix_for(self.model_name)}date={now:%Y-%m-%d}/{now:%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
+            key = object_key(self.model_name, now, uuid.uuid4().hex[:12])
             if self._client is None:
                 self._client = s3_client(self.settings)
             self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=buffer.getvalue())

@@ -16,7 +16,8 @@ from core.synthetic import DriftSpec, generate_month
 from flows.monitoring import MonitoringParams, monitoring
 from flows.training import TrainingParams, training
 from mlops.datagen import write_months
-from tasks.monitoring import DRIFT_TAG, load_champion_reference, model_tag
+from services.retraining import DRIFT_TAG, model_tag
+from tasks.monitoring import load_champion_reference
 from tests.waiting import wait_for_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -98,7 +99,7 @@ def test_unchanged_data_triggers_nothing(stack, dataset, deployed):
     assert _triggered_runs() == []
     page = S3Location.parse(outcome.report.html_uri)
     body = s3_client(stack).get_object(Bucket=page.bucket, Key=page.key)["Body"].read().decode()
-    assert f"Drift monitoring of {MODEL}" in body and "Evidently data drift: partition" in body
+    assert f"Drift monitoring of {MODEL}" in body and "Feature distributions: partition" in body
     assert "Task: binary; prediction drift is measured on the probability of class 1" in body
 
 
@@ -147,7 +148,7 @@ def _prediction_log(month: pd.DataFrame, champion) -> pd.DataFrame:
 
     from core.dataset import load_local_dataset_config
     from core.features import prepare_inputs
-    from serving.prediction_log import Entry, to_table
+    from core.prediction_log import Entry, to_table
 
     features = prepare_inputs(month, load_local_dataset_config("credit-risk"))
     proba = champion.model.predict_proba(features)

@@ -10,30 +10,27 @@ import pandas as pd
 import pytest
 
 from core.dataset import load_local_dataset_config
-from core.features import prepare_inputs
-from core.synthetic import DriftSpec, generate_month
-from tasks.history import ChampionChange, history_table, record_key
-from tasks.monitoring import (
+from core.decay import Performance
+from core.drift import (
     DriftThresholds,
-    Performance,
-    blocking_runs,
     categorical_psi,
     chi_square_test,
     column_drift,
     feature_drifts,
-    join_labels,
-    judge_window,
     ks_test,
     numeric_counts,
     numeric_psi,
-    overall_verdict,
     prediction_drift,
     psi_from_shares,
     quantile_edges,
-    reference_sample,
-    summary_markdown,
     total_variation,
 )
+from core.drift_analysis import join_labels, judge_window, overall_verdict, reference_sample
+from core.drift_report import summary_markdown
+from core.features import prepare_inputs
+from core.synthetic import DriftSpec, generate_month
+from services.retraining import blocking_runs
+from tasks.history import ChampionChange, history_table, record_key
 
 RNG = np.random.default_rng(0)
 THRESHOLDS = DriftThresholds()
@@ -176,7 +173,7 @@ def test_labels_join_by_id_and_missing_labels_stay_unknown():
 
 
 def test_prediction_log_rows_join_labels_on_their_record_id_else_their_request_id():
-    from tasks.monitoring import prediction_log_key
+    from core.prediction_log import prediction_log_key
 
     # Given a batch request whose records carried integer ids (logged as text), one record without an id,
     # and a single-record request whose x-request-id is the id
@@ -250,7 +247,8 @@ def test_regression_reference_stores_the_predicted_value(regression):
     expected = model.predict(prepare_inputs(frame.iloc[:300], config))
     np.testing.assert_allclose(reference["prediction"].to_numpy(), expected, rtol=0, atol=1e-9)
     # a classifier's reference cannot be read as a regressor's, and the error says so
-    from tasks.monitoring import MonitoringError, reference_scores
+    from core.drift import MonitoringError
+    from core.drift_analysis import reference_scores
 
     with pytest.raises(MonitoringError, match="regression expected"):
         reference_scores(reference.drop(columns="prediction").assign(proba_0=0.5, proba_1=0.5), [])
@@ -298,8 +296,8 @@ def test_regression_decay_is_a_relative_rise_of_rmse_or_mae():
 def test_regression_window_metrics_equal_sklearns_and_shifted_labels_decay(regression):
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
+    from core.drift_analysis import analyse
     from core.metrics import compute_metrics
-    from tasks.monitoring import analyse
 
     config, frame, model, reference = regression
     window = frame.drop(columns="progression")  # what arrives: features and ids, labels later
@@ -330,7 +328,7 @@ def test_regression_window_metrics_equal_sklearns_and_shifted_labels_decay(regre
 
 
 def test_regression_window_with_shifted_inputs_triggers_prediction_drift(regression):
-    from tasks.monitoring import analyse
+    from core.drift_analysis import analyse
 
     config, frame, model, reference = regression
     # Given patients whose BMI is a standard deviation higher (the model's strongest input)
@@ -342,7 +340,8 @@ def test_regression_window_with_shifted_inputs_triggers_prediction_drift(regress
 
 
 def test_regression_reports_show_error_metrics_and_no_classification_rows(regression):
-    from tasks.monitoring import Champion, _summary_html, analyse
+    from core.drift_analysis import Champion, analyse
+    from core.drift_report import summary_html as _summary_html
 
     config, frame, model, reference = regression
     labels = frame[["patient_id", "progression"]]
@@ -372,7 +371,7 @@ def multiclass():
 
 
 def test_multiclass_prediction_drift_is_quiet_on_unchanged_data_and_fires_on_a_shifted_class_mix(multiclass):
-    from tasks.monitoring import analyse
+    from core.drift_analysis import analyse
 
     config, unseen, model, reference = multiclass
     assert {"proba_high", "proba_low", "proba_mid"} <= set(reference.columns)
@@ -406,7 +405,7 @@ def test_multiclass_prediction_drift_sees_a_shift_the_last_probability_column_mi
 def test_multiclass_performance_is_macro_and_gated_like_binary(multiclass):
     from sklearn.metrics import f1_score, roc_auc_score
 
-    from tasks.monitoring import analyse
+    from core.drift_analysis import analyse
 
     config, unseen, model, reference = multiclass
     labels = unseen[["row_id", "level"]]
@@ -433,7 +432,7 @@ def test_multiclass_performance_is_macro_and_gated_like_binary(multiclass):
 
 
 def test_multiclass_metrics_undefined_on_the_window_are_left_out():
-    from tasks.monitoring import labelled_performance
+    from core.decay import labelled_performance
 
     # Given labels of two of three classes only: ROC AUC of the third is undefined
     rng = np.random.default_rng(0)

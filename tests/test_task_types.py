@@ -327,7 +327,7 @@ def test_monitoring_a_regressor_measures_rmse_and_mae_on_late_labels(stack, regr
     # and the report reads as a regression's: error metrics, no classification rows
     report = S3Location.parse(state.result().report.html_uri)
     page = s3_client(stack).get_object(Bucket=report.bucket, Key=report.key)["Body"].read().decode()
-    ours = page.split("<h2>Evidently", 1)[0]
+    ours = page.split("<h2>Feature distributions", 1)[0]
     assert "Task: regression" in ours and "<td>RMSE</td>" in ours and "<td>MAE</td>" in ours
     assert "ROC AUC" not in ours and "proba_" not in ours
-    assert "Evidently data drift: partition" in page
+    assert "Feature distributions: partition" in page

@@ -1,0 +1,121 @@
+"""Monitoring's I/O: the training reference in MLflow, the prediction log and the reports in S3.
+
+Built from settings on each call; nothing is configured at import. The shapes are core's
+(`core/drift_analysis.py`, `core/prediction_log.py`); this module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
+from adapters.registry import CHAMPION, aliases_of, holdout_metrics, load_model
+from adapters.settings import Settings
+from adapters.store import fs_path, list_keys, s3_filesystem
+from core.drift import MonitoringError
+from core.drift_analysis import Champion
+from core.prediction_log import day_prefix, log_dates, prefix_for
+
+log = logging.getLogger(__name__)
+
+REFERENCE_ARTIFACT = "reference/reference.parquet"
+REPORT_LINK_SECONDS = 7 * 24 * 3600  # presigned links to the report last a week
+
+
+def store_reference(settings: Settings, run_id: str, frame: pd.DataFrame) -> str:
+    """Store a reference sample as `reference/reference.parquet` in the model's run; returns that path."""
+    client = mlflow_client(settings)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(REFERENCE_ARTIFACT).name
+        frame.to_parquet(path, index=False)
+        client.log_artifact(run_id, str(path), str(Path(REFERENCE_ARTIFACT).parent))
+    log.info("training reference: %d rows in run %s at %s", len(frame), run_id, REFERENCE_ARTIFACT)
+    return REFERENCE_ARTIFACT
+
+
+def load_champion(settings: Settings, model_name: str) -> Champion:
+    """The current champion with its training reference and holdout metrics; MonitoringError names what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(settings)
+    version = aliases_of(client, model_name).get(CHAMPION)
+    if version is None:
+        raise MonitoringError(f"{model_name!r} has no champion in the registry: nothing to monitor (train first)")
+    run_id = client.get_model_version(model_name, version).run_id
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, REFERENCE_ARTIFACT, folder)
+        except (MlflowException, OSError) as exc:
+            raise MonitoringError(
+                f"champion v{version} of {model_name!r} has no training reference ({REFERENCE_ARTIFACT} in run "
+                f"{run_id}); it was trained before monitoring existed: retrain to create one"
+            ) from exc
+        reference = pd.read_parquet(path)
+    if reference.empty:
+        raise MonitoringError(f"the training reference of {model_name!r} v{version} (run {run_id}) is empty")
+    holdout = holdout_metrics(client.get_run(run_id).data.metrics)
+    model = load_model(model_name, version, settings)
+    log.info("monitoring %s v%s against %d reference rows", model_name, version, len(reference))
+    return Champion(model_name, version, run_id, model, holdout, reference)
+
+
+def prediction_log_keys(
+    settings: Settings, model_name: str, days: int, now: datetime, filesystem: Any = None
+) -> list[str]:
+    """Keys of the serving prediction log in the last `days` UTC date folders (today and the `days - 1` before)."""
+    filesystem = filesystem or s3_filesystem(settings)
+    keys = []
+    for day in log_dates(now, days):
+        folder = S3Location(settings.bucket, day_prefix(model_name, day))
+        keys += list_keys(settings, folder, (".parquet",), filesystem)
+    return sorted(keys)
+
+
+def read_prediction_log(
+    settings: Settings, model_name: str, days: int, now: datetime
+) -> tuple[list[pd.DataFrame], str]:
+    """The prediction log's objects of the last `days` date folders, and a description of where they came from."""
+    filesystem = s3_filesystem(settings)
+    keys = prediction_log_keys(settings, model_name, days, now, filesystem)
+    frames = []
+    for key in keys:
+        with filesystem.open_input_file(fs_path(S3Location(settings.bucket, key))) as stream:
+            frames.append(pd.read_parquet(io.BytesIO(stream.read())))
+    source = f"s3://{settings.bucket}/{prefix_for(model_name)} (last {days} day(s), {len(keys)} file(s))"
+    log.info("prediction log: %d file(s) from %d date folder(s)", len(keys), days)
+    return frames, source
+
+
+@dataclass(frozen=True)
+class StoredReport:
+    """Where the report went: S3 URIs and a link a browser can open (presigned, 7 days)."""
+
+    html_uri: str
+    json_uri: str
+    link: str
+
+
+def report_folder(settings: Settings, model_name: str, now: datetime, run_id: str | None) -> S3Location:
+    """`s3://<bucket>/reports/monitoring/<model>/<UTC time>-<flow run id, or local>/`."""
+    return S3Location(settings.bucket, f"reports/monitoring/{model_name}/{now:%Y%m%dT%H%M%SZ}-{run_id or 'local'}")
+
+
+def store_report(settings: Settings, folder: S3Location, page: str, body: str) -> StoredReport:
+    """Write `report.html` and `result.json` into `folder`; the HTML gets a presigned link."""
+    html_uri = put_bytes(settings, folder.child("report.html"), page.encode(), "text/html; charset=utf-8")
+    json_uri = put_bytes(settings, folder.child("result.json"), body.encode(), "application/json")
+    link = s3_client(settings).generate_presigned_url(
+        "get_object",
+        Params={"Bucket": folder.bucket, "Key": folder.child("report.html").key},
+        ExpiresIn=REPORT_LINK_SECONDS,
+    )
+    log.info("monitoring report stored at %s", html_uri)
+    return StoredReport(html_uri, json_uri, link)
