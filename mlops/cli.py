@@ -176,7 +176,7 @@ def data_init(
             raise _fail(str(exc), code=2) from exc
     else:
         source = str(Path(source).resolve())
-    from tasks.loading import DataLoadError, StoreUnavailableError, read_snapshot
+    from adapters.snapshots import DataLoadError, StoreUnavailableError, read_snapshot
 
     try:
         chosen = fmt.value if fmt else format_from_names(source, _source_names(source, settings))

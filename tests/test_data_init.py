@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adapters.settings import Settings
+from adapters.snapshots import read_snapshot
 from core.config_inference import (
     ConfigInferenceError,
     InferenceRules,
@@ -19,7 +20,6 @@ from core.config_inference import (
 )
 from core.dataset import FeatureType, TaskType, load_local_dataset_config, parse_dataset_config
 from mlops.cli import app
-from tasks.loading import read_snapshot
 from tasks.validation import validate_frame
 
 runner = CliRunner()
