@@ -367,7 +367,8 @@ def history_command(
     import json
     from dataclasses import asdict
 
-    from tasks.history import history_table, list_changes
+    from adapters.history_store import list_changes
+    from core.history import history_table
 
     changes = list_changes(model, settings)
     if as_json:
@@ -481,12 +482,13 @@ def _print_training(settings: Settings, experiment_name: str, flow_run_id: str, 
 
 def _drift_demo(settings: Settings, strength: float, rows: int, cooldown_minutes: float, wait: float) -> int:
     """The drift story, step by step; returns a process exit code."""
+    from adapters.history_store import list_changes
     from adapters.registry import champion_version
     from core.dataset import load_local_dataset_config
+    from core.history import history_table
     from core.synthetic import DriftSpec
     from flows.monitoring import MonitoringParams, monitoring
     from mlops.datagen import write_months
-    from tasks.history import history_table, list_changes
 
     config = load_local_dataset_config("credit-risk")
     champion = champion_version(config.model_name)

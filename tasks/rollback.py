@@ -16,11 +16,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adapters.clients import mlflow_client
+from adapters.history_store import make_change, record_change_safely
 from adapters.registry import PREVIOUS, aliases_of, champion_version, move_champion
 from adapters.settings import get_settings
 from core.errors import PermanentError
+from core.history import ChampionChange
 from services.promotion import PromotionConflict
-from tasks.history import ChampionChange, make_change, record_change_safely
 from tasks.promotion import promotion_lock_name
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 from tasks.serving_check import ServingCheck, check_configured_serving

@@ -11,8 +11,8 @@ import pytest
 
 from core.dataset import load_local_dataset_config
 from core.features import prepare_inputs
+from core.history import ChampionChange, history_table, record_key
 from core.synthetic import DriftSpec, generate_month
-from tasks.history import ChampionChange, history_table, record_key
 from tasks.monitoring import (
     DriftThresholds,
     Performance,
