@@ -111,15 +111,13 @@ class SnapshotFormat(StrEnum):
 def _source_names(source: str, settings: Settings) -> list[str]:
     """Names of the files a source holds (the source itself when it names a file), to infer its format."""
     if source.startswith("s3://"):
-        from adapters.clients import S3Location, s3_client
+        from adapters.clients import S3Location
+        from adapters.store import BucketNotFoundError, list_keys
 
         location = S3Location.parse(source)
-        client = s3_client(settings)
-        prefix = location.key.rstrip("/") + "/" if location.key else ""
         try:
-            pages = client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix)
-            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-        except client.exceptions.NoSuchBucket as exc:
+            return list_keys(settings, location)
+        except BucketNotFoundError as exc:
             raise _fail(f"{source}: bucket {location.bucket!r} does not exist") from exc
     path = Path(source)
     if not path.exists():
@@ -410,11 +408,10 @@ def _next_month(settings: Settings, source: str) -> tuple[int, str]:
 
     import pandas as pd
 
-    from adapters.clients import S3Location, s3_client
+    from adapters.clients import S3Location
+    from adapters.store import list_keys
 
-    location = S3Location.parse(source)
-    pages = s3_client(settings).get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key)
-    keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    keys = list_keys(settings, S3Location.parse(source))
     months = sorted({match.group(1) for key in keys if (match := re.search(r"month=(\d{4}-\d{2})/", key))})
     if not months:
         raise _fail(f"no partitions under {source}: run `mlops data generate` first")
