@@ -67,8 +67,9 @@ def _fetch_s3(source: str, fmt: str, settings: Settings) -> list[tuple[str, byte
     try:
         return _fetch_s3_objects(source, fmt, settings)
     except (BotoConnectionError, StoreUnreachableError) as exc:
+        detail = exc.__cause__ if isinstance(exc, StoreUnreachableError) else exc  # the client's own words
         raise StoreUnavailableError(
-            f"S3 at {settings.s3_endpoint_url} is unreachable while reading {source}: {exc}. "
+            f"S3 at {settings.s3_endpoint_url} is unreachable while reading {source}: {detail}. "
             "Check `mlops stack status` (or AWS_ENDPOINT_URL_S3)."
         ) from exc
 
