@@ -39,10 +39,10 @@ def promote_version(
     decision), nothing changes and `PromotionConflict` is raised. The champion alias moves in one call;
     if recording `previous` then fails, the champion is put back, so a failure leaves the old champion.
     The version gets a `promoted_at` tag (UTC, ISO 8601), which the serving API reports. The change is
-    recorded in the champion history (`tasks.history`) with `reason` and `actor` (default: the flow run
+    recorded in the champion history (`adapters.history_store`) with `reason` and `actor` (default: the flow run
     or the OS user); a failure to record it is logged loudly and does not undo the promotion.
     """
-    from tasks.history import make_change, record_change_safely
+    from adapters.history_store import make_change, record_change_safely
 
     client = mlflow_client(get_settings())
     current = champion_version(model_name)
@@ -70,7 +70,7 @@ def revert_promotion(promotion: Promotion, reason: str, actor: str | None = None
     undone and `PromotionConflict` says so. After a cold-start promotion the `champion` alias is removed.
     The revert is recorded in the champion history (a failure to record it is logged, not raised).
     """
-    from tasks.history import make_change, record_change_safely
+    from adapters.history_store import make_change, record_change_safely
 
     client = mlflow_client(get_settings())
     name, version = promotion.model_name, promotion.version

@@ -44,7 +44,7 @@ def _records(settings, n: int, dataset: str = "credit-risk") -> list[dict]:
         body = s3_client(settings).get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
         frame = pd.read_parquet(io.BytesIO(body))
     else:
-        from tasks.loading import read_snapshot
+        from adapters.snapshots import read_snapshot
 
         frame = read_snapshot(config.source, config.format, settings).frame
     return json.loads(frame[config.feature_names].head(n).to_json(orient="records"))

@@ -1,11 +1,12 @@
 """The batch scoring flow: score a dataset partition in S3 with the champion (or a given version).
 
-This module wires tasks and handles state; reading, predicting and publishing live in `tasks/scoring.py`.
+This module wires tasks and handles state: the tasks are `tasks/scoring.py`, what is predicted and
+summarised is `core/scoring.py`, reading, staging and publishing in S3 is `adapters/scoring_store.py`.
 Predictions are staged first and published only after every file is scored, with `summary.json` last;
 a failure discards the staged parts, so the output prefix never holds a half-written run.
 
 Every task type is scored: a classifier (binary or multiclass) writes the predicted class and the
-probability of every class, a regressor its predicted value (see `tasks.scoring.predict_chunk`).
+probability of every class, a regressor its predicted value (see `core.scoring.predict_chunk`).
 """
 
 from __future__ import annotations

@@ -111,15 +111,13 @@ class SnapshotFormat(StrEnum):
 def _source_names(source: str, settings: Settings) -> list[str]:
     """Names of the files a source holds (the source itself when it names a file), to infer its format."""
     if source.startswith("s3://"):
-        from adapters.clients import S3Location, s3_client
+        from adapters.clients import S3Location
+        from adapters.store import BucketNotFoundError, list_keys
 
         location = S3Location.parse(source)
-        client = s3_client(settings)
-        prefix = location.key.rstrip("/") + "/" if location.key else ""
         try:
-            pages = client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix)
-            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-        except client.exceptions.NoSuchBucket as exc:
+            return list_keys(settings, location)
+        except BucketNotFoundError as exc:
             raise _fail(f"{source}: bucket {location.bucket!r} does not exist") from exc
     path = Path(source)
     if not path.exists():
@@ -176,7 +174,7 @@ def data_init(
             raise _fail(str(exc), code=2) from exc
     else:
         source = str(Path(source).resolve())
-    from tasks.loading import DataLoadError, StoreUnavailableError, read_snapshot
+    from adapters.snapshots import DataLoadError, StoreUnavailableError, read_snapshot
 
     try:
         chosen = fmt.value if fmt else format_from_names(source, _source_names(source, settings))
@@ -362,7 +360,8 @@ def history_command(
     import json
     from dataclasses import asdict
 
-    from tasks.history import history_table, list_changes
+    from adapters.history_store import list_changes
+    from core.history import history_table
 
     changes = list_changes(model, settings)
     if as_json:
@@ -404,11 +403,10 @@ def _next_month(settings: Settings, source: str) -> tuple[int, str]:
 
     import pandas as pd
 
-    from adapters.clients import S3Location, s3_client
+    from adapters.clients import S3Location
+    from adapters.store import list_keys
 
-    location = S3Location.parse(source)
-    pages = s3_client(settings).get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key)
-    keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    keys = list_keys(settings, S3Location.parse(source))
     months = sorted({match.group(1) for key in keys if (match := re.search(r"month=(\d{4}-\d{2})/", key))})
     if not months:
         raise _fail(f"no partitions under {source}: run `mlops data generate` first")
@@ -476,12 +474,13 @@ def _print_training(settings: Settings, experiment_name: str, flow_run_id: str, 
 
 def _drift_demo(settings: Settings, strength: float, rows: int, cooldown_minutes: float, wait: float) -> int:
     """The drift story, step by step; returns a process exit code."""
+    from adapters.history_store import list_changes
     from adapters.registry import champion_version
     from core.dataset import load_local_dataset_config
+    from core.history import history_table
     from core.synthetic import DriftSpec
     from flows.monitoring import MonitoringParams, monitoring
     from mlops.datagen import write_months
-    from tasks.history import history_table, list_changes
 
     config = load_local_dataset_config("credit-risk")
     champion = champion_version(config.model_name)

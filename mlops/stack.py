@@ -107,7 +107,7 @@ def _s3_env(settings: Settings) -> dict[str, str]:
 # Client settings for every process that runs flows (set before Prefect and MLflow load): our
 # standard-library loggers go to the Prefect UI; analytics, telemetry and progress bars are off.
 CLIENT_DEFAULTS = {
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,tasks,flows",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,core,adapters,services,tasks,flows",
     # The same loggers also run outside flows (`mlops rollback`, the serving API): log locally, no warning.
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

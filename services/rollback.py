@@ -16,13 +16,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adapters.clients import mlflow_client
+from adapters.history_store import make_change, record_change_safely
 from adapters.locks import ensure_lock, hold, promotion_lock_name
 from adapters.promotion import PromotionConflict
 from adapters.registry import PREVIOUS, aliases_of, champion_version, move_champion
 from adapters.serving_api import ServingCheck, check_configured_serving
 from adapters.settings import get_settings
 from core.errors import PermanentError
-from tasks.history import ChampionChange, make_change, record_change_safely
+from core.history import ChampionChange
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)

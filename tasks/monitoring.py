@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from adapters import monitoring_store
 from adapters.monitoring_store import StoredReport
 from adapters.settings import get_settings
+from adapters.snapshots import read_snapshot
 from core.dataset import DatasetConfig
 from core.drift import DriftThresholds
 from core.drift_analysis import (
@@ -34,7 +35,6 @@ from core.drift_analysis import (
 )
 from core.drift_analysis import analyse_window as analyse_one
 from core.drift_report import report_html
-from tasks.loading import read_snapshot  # moves to adapters.snapshots (same signature) at the merge
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)

@@ -112,7 +112,7 @@ def test_frame_without_columns_fails_cleanly():
 
 def test_local_csv_folder_and_parquet_file_load_with_a_content_version(tmp_path):
     from adapters.settings import Settings
-    from tasks.loading import DataLoadError, read_snapshot
+    from adapters.snapshots import DataLoadError, read_snapshot
 
     data = generate_frame(1200, seed=9, n_months=2)
     folder = tmp_path / "csv"

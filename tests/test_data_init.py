@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from adapters.expectations import validate_frame
 from adapters.settings import Settings
+from adapters.snapshots import read_snapshot
 from core.config_inference import (
     ConfigInferenceError,
     InferenceRules,
@@ -20,7 +21,6 @@ from core.config_inference import (
 )
 from core.dataset import FeatureType, TaskType, load_local_dataset_config, parse_dataset_config
 from mlops.cli import app
-from tasks.loading import read_snapshot
 
 runner = CliRunner()
 

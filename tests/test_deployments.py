@@ -169,11 +169,11 @@ def test_scoring_deployment_is_on_demand_and_runs_on_the_worker(stack, deployed,
 
     from adapters.clients import S3Location, put_bytes, s3_client
     from core.dataset import bundled_config_text
+    from core.scoring import default_output
     from core.search import SearchSpec
     from deployments.deploy import DEFAULT_SCORING_SOURCE
     from flows.scoring import ScoringParams
     from flows.training import TrainingParams, training
-    from tasks.scoring import default_output
 
     # The scoring deployment has no schedule, a form built from ScoringParams, and defaults that validate
     with _client() as client:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from adapters.clients import mlflow_client
+from adapters.history_store import list_changes
 from adapters.promotion import promote_version, revert_promotion
 from core.search import SearchSpec
 from flows.rollback import RollbackParams, rollback
@@ -19,7 +20,6 @@ from flows.training import TrainingParams, training
 from mlops.stack import running
 from services.rollback import RollbackError
 from services.rollback import rollback as rollback_now
-from tasks.history import list_changes
 from tests.ports import free_port
 from tests.waiting import wait_for
 
@@ -150,8 +150,8 @@ def test_history_failure_never_undoes_a_promotion(stack, versions, monkeypatch, 
     def broken(*args, **kwargs):
         raise ConnectionError("S3 down")
 
-    monkeypatch.setattr("tasks.history.put_bytes", broken)
-    with caplog.at_level(logging.ERROR, logger="tasks.history"):
+    monkeypatch.setattr("adapters.history_store.put_bytes", broken)
+    with caplog.at_level(logging.ERROR, logger="adapters.history_store"):
         promotion = promote_version(MODEL, first, second, reason="while S3 is down")
     assert _aliases(stack)["champion"] == first
     assert "HISTORY NOT RECORDED" in caplog.text

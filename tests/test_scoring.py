@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from adapters.clients import S3Location, mlflow_client, s3_client
+from core.scoring import STAGING_PREFIX, default_output
 from core.search import ModelFamily, SearchSpec
 from flows.scoring import ScoringParams, scoring
 from flows.training import TrainingParams, training
-from tasks.scoring import STAGING_PREFIX, default_output
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

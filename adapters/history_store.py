@@ -1,87 +1,21 @@
-"""Champion history: every move of the `champion` alias, as one JSON object per change in S3.
+"""Champion history in S3: record a change (with the new champion's metrics and links), list a model's changes.
 
-Each change (a promotion, a revert of a promotion the serving API did not confirm, a rollback) is written
-to `s3://<bucket>/history/<model>/<sortable UTC timestamp>-<uuid>.json`, so the history survives restarts,
-is ordered by its keys, and an append never rewrites an earlier record. `mlops history` lists it.
+The record, its key and its display are `core.history`; `mlops history` lists what is stored here.
 """
 
 from __future__ import annotations
 
 import getpass
-import json
 import logging
-import uuid
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
 
 from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
 from adapters.registry import run_holdout_metrics
 from adapters.settings import Settings, get_settings
+from adapters.store import list_keys
+from core.history import ChampionChange, ChangeKind, history_prefix, record_key
 
 log = logging.getLogger(__name__)
-
-PREFIX = "history"
-ChangeKind = Literal["promotion", "rollback", "revert"]
-
-
-@dataclass(frozen=True)
-class ChampionChange:
-    """One move of the `champion` alias of a registered model.
-
-    Attributes:
-        at: When (UTC, ISO 8601 with microseconds).
-        model: Registered model name.
-        from_version: Champion before the change (None: there was none).
-        to_version: Champion after the change (None: the alias was removed, e.g. a reverted cold start).
-        kind: `promotion`, `rollback` or `revert`.
-        reason: Why (the promotion decision and the run's reason, the rollback reason, ...).
-        actor: Who (an OS user, a Prefect flow run, `prefect-ui`).
-        metrics: Holdout metrics of the new champion (empty when there is none).
-        run_id: MLflow run of the new champion.
-        links: Name -> URL (MLflow model version, Prefect flow run).
-        id: Unique id of the record.
-    """
-
-    at: str
-    model: str
-    from_version: str | None
-    to_version: str | None
-    kind: ChangeKind
-    reason: str
-    actor: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    run_id: str | None = None
-    links: dict[str, str] = field(default_factory=dict)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    def to_json(self) -> str:
-        """The stored form."""
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ChampionChange:
-        """Parse a stored record (unknown keys of later versions are ignored)."""
-        raw = json.loads(text)
-        known = {name for name in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in raw.items() if k in known})
-
-    def describe(self) -> str:
-        """One line for people: `2026-11-24T13:00:00Z promotion v1 -> v2 by alice: reason`."""
-        before = f"v{self.from_version}" if self.from_version else "none"
-        after = f"v{self.to_version}" if self.to_version else "none"
-        return f"{self.at} {self.kind} {before} -> {after} by {self.actor}: {self.reason}"
-
-
-def history_prefix(model_name: str) -> str:
-    """Key prefix of a model's history."""
-    return f"{PREFIX}/{model_name}/"
-
-
-def record_key(change: ChampionChange) -> str:
-    """Object key of a change: sortable by time, unique by the record id."""
-    stamp = datetime.fromisoformat(change.at).astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    return f"{history_prefix(change.model)}{stamp}-{change.id}.json"
 
 
 def default_actor() -> str:
@@ -177,32 +111,11 @@ def list_changes(model_name: str, settings: Settings | None = None) -> list[Cham
     """Every recorded champion change of `model_name`, oldest first (empty when there is none)."""
     settings = settings or get_settings()
     client = s3_client(settings)
-    keys: list[str] = []
-    for page in client.get_paginator("list_objects_v2").paginate(
-        Bucket=settings.bucket, Prefix=history_prefix(model_name)
-    ):
-        keys += [obj["Key"] for obj in page.get("Contents", []) if obj["Key"].endswith(".json")]
     changes = []
-    for key in sorted(keys):
+    for key in list_keys(settings, S3Location(settings.bucket, history_prefix(model_name)), (".json",)):
         body = client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
         try:
             changes.append(ChampionChange.from_json(body.decode()))
         except (ValueError, TypeError) as exc:
             log.warning("skipping unreadable history record s3://%s/%s: %s", settings.bucket, key, exc)
     return changes
-
-
-def history_table(changes: list[ChampionChange], metric: str = "roc_auc") -> list[dict[str, Any]]:
-    """Rows for display: when, kind, from, to, the new champion's metric, actor, reason."""
-    return [
-        {
-            "at": change.at[:19].replace("T", " "),
-            "kind": change.kind,
-            "from": f"v{change.from_version}" if change.from_version else "-",
-            "to": f"v{change.to_version}" if change.to_version else "-",
-            metric: f"{change.metrics[metric]:.4f}" if metric in change.metrics else "",
-            "actor": change.actor,
-            "reason": change.reason,
-        }
-        for change in changes
-    ]

@@ -1,0 +1,157 @@
+"""Data snapshots and dataset configs, read from S3 or the local disk (one file or a folder of partitions).
+
+Built from settings on each call; nothing is configured at import. The Prefect tasks over these are in
+`tasks/loading.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from adapters.clients import S3Location, s3_client
+from adapters.settings import Settings
+from adapters.store import BucketNotFoundError, StoreUnreachableError, list_keys
+from core.dataset import DatasetConfig, DatasetConfigError, load_local_dataset_config, parse_dataset_config
+from core.errors import PermanentError
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv", ".csv.gz")}
+
+
+class DataLoadError(PermanentError):
+    """The snapshot could not be read: missing, empty or unparseable. Names the place."""
+
+
+class StoreUnavailableError(RuntimeError):
+    """S3 did not answer; retried with backoff, then the run fails with this message."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A loaded snapshot and its content fingerprint."""
+
+    frame: pd.DataFrame = field(repr=False)
+    data_version: str
+    source: str
+    files: tuple[str, ...]
+
+    @property
+    def n_rows(self) -> int:
+        """Row count."""
+        return len(self.frame)
+
+
+def _read_object(name: str, body: bytes, fmt: str) -> pd.DataFrame:
+    if not body:
+        raise DataLoadError(f"{name}: file is empty (0 bytes)")
+    try:
+        if fmt == "parquet":
+            return pd.read_parquet(io.BytesIO(body))
+        return pd.read_csv(io.BytesIO(body), compression="gzip" if name.endswith(".gz") else None)
+    except pd.errors.EmptyDataError as exc:
+        raise DataLoadError(f"{name}: file has no rows or columns") from exc
+    except Exception as exc:
+        raise DataLoadError(f"{name}: cannot be read as {fmt}: {exc}") from exc
+
+
+def _fetch_s3(source: str, fmt: str, settings: Settings) -> list[tuple[str, bytes]]:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    try:
+        return _fetch_s3_objects(source, fmt, settings)
+    except (BotoConnectionError, StoreUnreachableError) as exc:
+        detail = exc.__cause__ if isinstance(exc, StoreUnreachableError) else exc  # the client's own words
+        raise StoreUnavailableError(
+            f"S3 at {settings.s3_endpoint_url} is unreachable while reading {source}: {detail}. "
+            "Check `mlops stack status` (or AWS_ENDPOINT_URL_S3)."
+        ) from exc
+
+
+def _fetch_s3_objects(source: str, fmt: str, settings: Settings) -> list[tuple[str, bytes]]:
+    location = S3Location.parse(source)
+    client = s3_client(settings)
+    if source.endswith(SUFFIXES[fmt]):
+        try:
+            return [(source, client.get_object(Bucket=location.bucket, Key=location.key)["Body"].read())]
+        except client.exceptions.NoSuchKey as exc:
+            raise DataLoadError(f"{source}: no such file") from exc
+        except client.exceptions.NoSuchBucket as exc:
+            raise DataLoadError(f"{source}: bucket {location.bucket!r} does not exist") from exc
+    try:
+        keys = list_keys(settings, location, SUFFIXES[fmt])
+    except BucketNotFoundError as exc:
+        raise DataLoadError(f"{source}: bucket {location.bucket!r} does not exist") from exc
+    if not keys:
+        raise DataLoadError(f"{source}: no {fmt} files found (nothing under this prefix)")
+    return [
+        (f"s3://{location.bucket}/{key}", client.get_object(Bucket=location.bucket, Key=key)["Body"].read())
+        for key in keys
+    ]
+
+
+def _fetch_local(source: str, fmt: str) -> list[tuple[str, bytes]]:
+    path = Path(source)
+    if path.is_file():
+        return [(str(path), path.read_bytes())]
+    if not path.exists():
+        raise DataLoadError(f"{source}: no such file or folder")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES[fmt]))
+    if not files:
+        raise DataLoadError(f"{source}: no {fmt} files found in this folder")
+    return [(str(p), p.read_bytes()) for p in files]
+
+
+def read_snapshot(source: str, fmt: str, settings: Settings) -> Snapshot:
+    """Read every file of a snapshot and fingerprint its content.
+
+    The data version is a SHA-256 over the files' names (relative to the source) and bytes, in sorted
+    order: the same content gives the same version wherever it is read from.
+    """
+    objects = _fetch_s3(source, fmt, settings) if source.startswith("s3://") else _fetch_local(source, fmt)
+    digest = hashlib.sha256()
+    frames = []
+    for name, body in objects:
+        digest.update(name.removeprefix(source).encode() + b"\0" + hashlib.sha256(body).digest())
+        frames.append(_read_object(name, body, fmt))
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if frame.shape[1] == 0:
+        raise DataLoadError(f"{source}: the snapshot has no columns")
+    snapshot = Snapshot(frame, digest.hexdigest()[:16], source, tuple(name for name, _ in objects))
+    log.info(
+        "loaded %s rows from %d file(s) at %s, data version %s",
+        len(frame),
+        len(objects),
+        source,
+        snapshot.data_version,
+    )
+    return snapshot
+
+
+def read_dataset_config(ref: str, settings: Settings) -> DatasetConfig:
+    """A dataset config by bundled name, local YAML path or s3:// URI of a YAML file.
+
+    Raises:
+        DataLoadError: No such config, or it does not parse (names the place).
+    """
+    if not ref.startswith("s3://"):
+        try:
+            return load_local_dataset_config(ref)
+        except DatasetConfigError as exc:
+            raise DataLoadError(str(exc)) from exc
+    location = S3Location.parse(ref)
+    client = s3_client(settings)
+    try:
+        text = client.get_object(Bucket=location.bucket, Key=location.key)["Body"].read().decode()
+    except (client.exceptions.NoSuchKey, client.exceptions.NoSuchBucket) as exc:
+        raise DataLoadError(f"dataset config {ref}: no such file") from exc
+    try:
+        return parse_dataset_config(text, ref)
+    except DatasetConfigError as exc:
+        raise DataLoadError(str(exc)) from exc
