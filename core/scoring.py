@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from core.dataset import DatasetConfig
 from core.errors import PermanentError
 from core.features import prepare_inputs
+from core.locations import S3Location
 from core.metrics import model_classes, model_scores
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -89,23 +90,14 @@ def folder(uri: str) -> str:
     return uri if uri.endswith("/") else uri + "/"
 
 
-def _bucket_and_key(uri: str) -> tuple[str, str]:
-    """`s3://bucket/key` -> (bucket, key); raises ValueError naming the bad URI (as `S3Location.parse`)."""
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    if not bucket:
-        raise ValueError(f"s3 URI without a bucket: {uri!r}")
-    return bucket, key
-
-
 def partition_name(source: str) -> str:
     """Name of a partition in output paths: its folder's name, or `<folder>/<stem>` for a single file.
 
     `s3://b/datasets/x/month=2025-06/` gives `month=2025-06`; `s3://b/x/month=2025-06/part-0.parquet`
     gives `month=2025-06/part-0`.
     """
-    bucket, key = _bucket_and_key(source)
+    location = S3Location.parse(source)
+    bucket, key = location.bucket, location.key
     parts = [p for p in key.split("/") if p]
     if not parts:
         return bucket
@@ -127,7 +119,7 @@ def plan_output(output: str | None, bucket: str, model_name: str, source: str, v
         ScoringInputError: The output would land inside the source partition (or contain it).
     """
     final = folder(output) if output else default_output(bucket, model_name, source, version)
-    output_bucket, _ = _bucket_and_key(final)
+    output_bucket = S3Location.parse(final).bucket
     source_folder = folder(source.rsplit("/", 1)[0] if source.endswith(PARQUET_SUFFIXES) else source)
     if final.startswith(source_folder) or source_folder.startswith(final):
         raise ScoringInputError(f"output {final} overlaps the source {source}: predictions would mix with the data")

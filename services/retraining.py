@@ -14,7 +14,7 @@ from typing import Any, Literal
 from prefect import task
 
 from core.drift import MonitoringError
-from tasks.monitoring import IO
+from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
 

@@ -35,16 +35,9 @@ from core.drift_analysis import (
 )
 from core.drift_analysis import analyse_window as analyse_one
 from core.drift_report import report_html
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
+from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
-
-IO = {
-    "retries": IO_RETRIES,
-    "retry_delay_seconds": IO_RETRY_DELAYS,
-    "retry_condition_fn": retry_unless_permanent,
-    "cache_policy": NO_CACHE,
-}
 
 
 @task(name="log-reference", **IO)

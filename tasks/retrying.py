@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect.cache_policies import NO_CACHE
+
 from core.errors import PermanentError
 
 # Backoff for network-facing tasks (Prefect's own examples use the same shape).
@@ -20,3 +22,13 @@ def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:
         return True
     return False
+
+
+# The one policy of tasks that touch the network (S3, MLflow, Prefect's API): retry transient failures
+# with backoff, never a `PermanentError`, and cache nothing (results are written to MLflow and S3).
+IO: dict[str, Any] = {
+    "retries": IO_RETRIES,
+    "retry_delay_seconds": IO_RETRY_DELAYS,
+    "retry_condition_fn": retry_unless_permanent,
+    "cache_policy": NO_CACHE,
+}

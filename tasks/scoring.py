@@ -19,16 +19,9 @@ from adapters.settings import get_settings
 from adapters.store import s3_filesystem
 from core.dataset import DatasetConfig
 from core.scoring import OutputPlan, Partition, ScoringSummary, plan_output
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
+from tasks.retrying import IO, IO_RETRIES, IO_RETRY_DELAYS
 
 log = logging.getLogger(__name__)
-
-IO = {
-    "retries": IO_RETRIES,
-    "retry_delay_seconds": IO_RETRY_DELAYS,
-    "retry_condition_fn": retry_unless_permanent,
-    "cache_policy": NO_CACHE,
-}
 
 
 @task(name="resolve-model-version", **IO)

@@ -11,7 +11,6 @@ from typing import Any
 
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from adapters.clients import mlflow_client, use_tracking_server
 from adapters.settings import get_settings
@@ -22,7 +21,7 @@ from core.review import Review
 from core.search import SearchResult
 from core.signature import BASELINE_ARTIFACT
 from core.transformers import skops_trusted_types
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
+from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,6 @@ MODEL_ARTIFACT = "model"
 MODEL_REQUIREMENTS = [
     f"{dist}=={metadata.version(dist)}" for dist in ("scikit-learn", "pandas", "numpy", "scipy", "skops")
 ]
-IO = {"retries": IO_RETRIES, "retry_delay_seconds": IO_RETRY_DELAYS, "cache_policy": NO_CACHE}
 
 
 def git_commit() -> str:
