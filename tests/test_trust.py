@@ -66,8 +66,9 @@ def test_clearly_better_candidate_is_promoted_on_the_interval(stack, clearly_bet
 
 def test_candidate_equal_up_to_noise_is_not_promoted(stack, config, clearly_better):
     # Given the strong champion, when the same search runs with another seed: a model better on the point
-    # estimate (seed 4 gives +0.0097 ROC AUC on this data), but within the noise of a 2,400-row holdout
-    noisy = _run(config, STRONG, seed=4)
+    # estimate (seed 2 gives +0.0083 ROC AUC on this data, 95 % CI -0.0045 to +0.0210, measured offline with
+    # the same data and search), but within the noise of a 2,400-row holdout
+    noisy = _run(config, STRONG, seed=2)
     interval = noisy.decision.interval
     # then it is not promoted: the interval of the difference reaches below zero (a point-estimate rule
     # "new AUC > old AUC" would have promoted it)
