@@ -66,8 +66,9 @@ def test_clearly_better_candidate_is_promoted_on_the_interval(stack, clearly_bet
 
 def test_candidate_equal_up_to_noise_is_not_promoted(stack, config, clearly_better):
     # Given the strong champion, when the same search runs with another seed: a model better on the point
-    # estimate (seed 4 gives +0.0097 ROC AUC on this data), but within the noise of a 2,400-row holdout
-    noisy = _run(config, STRONG, seed=4)
+    # estimate (seed 2 gives +0.0083 ROC AUC on this data, 95 % CI -0.0045 to +0.0210, measured offline with
+    # the same data and search), but within the noise of a 2,400-row holdout
+    noisy = _run(config, STRONG, seed=2)
     interval = noisy.decision.interval
     # then it is not promoted: the interval of the difference reaches below zero (a point-estimate rule
     # "new AUC > old AUC" would have promoted it)
@@ -116,13 +117,16 @@ def test_candidate_better_overall_that_harms_a_slice_is_blocked_with_the_slice_n
         source = _relabelled_source(stack, default_data, config, name, rows, fraction)
         return _config(tmp_path_factory, name, source=source, model_name=SLICE_MODEL)
 
-    lenient = {"min_roc_auc": 0.55}
-    champion = _run(dataset("trust-noisy", "all", 0.3), STRONG, gates=Gates(**lenient))
+    lenient = {"min_roc_auc": 0.5}
+    champion = _run(dataset("trust-noisy", "all", 0.4), STRONG, gates=Gates(**lenient))
     assert champion.promoted, champion.decision.reasons
-    # (ROC AUC 0.63 overall, 0.59 on north), when a candidate trained on clean labels except region=north's,
+    # (40 % of the training labels inverted), when a candidate trained on clean labels except region=north's,
     # half of which are inverted (so north teaches it nothing), is reviewed with the default slice limit
-    # (0.05) and a fairness limit. Measured: candidate 0.69 overall (+0.058, 95% CI low +0.026), 0.52 on north
-    outcome = _run(dataset("trust-north", "north", 0.5), STRONG, gates=Gates(**lenient, max_dp_difference=0.001))
+    # (0.05) and a fairness limit. Measured offline with the same data, search and seeds: the candidate is
+    # +0.075 ROC AUC better overall (95 % CI low +0.037) and 0.12 worse on north
+    outcome = _run(
+        dataset("trust-north", "north", 0.5), STRONG, seed=8, gates=Gates(**lenient, max_dp_difference=0.001)
+    )
     # then it beats the champion overall beyond noise (a rule on the overall metric alone would promote it)
     checks = {c.gate: c for c in outcome.decision.checks}
     assert checks["beats_champion"].passed and outcome.decision.interval["low"] > 0, outcome.decision.interval
