@@ -24,6 +24,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from adapters.clients import use_tracking_server
     from adapters.settings import Settings
     from mlops import stack as local_stack
 
@@ -49,6 +50,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     settings = Settings()
     try:
         local_stack.up(settings)
+        # MLflow's fluent API (mlflow.pyfunc.load_model, ...) in tests reads the process-wide tracking URI
+        use_tracking_server(settings)
         with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
             yield settings
             APILogHandler().flush()  # send queued run logs before the server goes away

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adapters.clients import S3Location, mlflow_client, s3_client
+from adapters.clients import S3Location, mlflow_client, s3_client, use_tracking_server
 from core.scoring import STAGING_PREFIX, default_output
 from core.search import ModelFamily, SearchSpec
 from flows.scoring import ScoringParams, scoring
@@ -93,7 +93,7 @@ def _assert_matches_model(stack, predictions: pd.DataFrame, rows: pd.DataFrame, 
     import mlflow.pyfunc
     import mlflow.sklearn
 
-    mlflow_client(stack)
+    use_tracking_server(stack)  # the fluent API below (load_model) reads the global tracking URI
     assert len(predictions) == len(rows)
     assert predictions["application_id"].is_unique
     joined = rows.merge(predictions, on="application_id", suffixes=("", "_scored"), validate="one_to_one")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adapters.clients import S3Location, mlflow_client, s3_client
+from adapters.clients import S3Location, mlflow_client, s3_client, use_tracking_server
 from adapters.promotion import promote_version, revert_promotion
 from adapters.serving_api import wait_for_serving
 from core.search import ModelFamily, SearchSpec
@@ -350,7 +350,7 @@ def test_explain_returns_per_feature_contributions(stack, default_data, server):
     model = httpx.get(f"{server}/model").json()
     import mlflow.artifacts
 
-    mlflow_client(stack)
+    use_tracking_server(stack)  # the fluent API below (load_model) reads the global tracking URI
     baseline = json.loads(mlflow.artifacts.load_text(f"runs:/{model['run_id']}/explain/baseline.json"))[0]
     same = httpx.post(f"{server}/predict?explain=true", json={"records": [baseline]}, timeout=30).json()
     assert all(v == pytest.approx(0, abs=1e-12) for v in same["predictions"][0]["contributions"].values())

@@ -23,7 +23,7 @@ import yaml
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import mean_absolute_error, mean_squared_error
 
-from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
+from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client, use_tracking_server
 from core.features import prepare_inputs, prepare_target
 from core.metrics import compute_metrics
 from mlops.stack import running
@@ -154,7 +154,7 @@ def test_regression_explanations_are_contributions_to_the_predicted_value(stack,
     # the stored baseline with BMI set to this patient's: the only contribution is BMI's, equal to the
     # difference of the two predicted values
     run_id = httpx.get(f"{regression_server}/model").json()["run_id"]
-    mlflow_client(stack)
+    use_tracking_server(stack)  # the fluent API below (load_model) reads the global tracking URI
     [baseline] = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/explain/baseline.json"))
     moved = baseline | {"bmi": record["bmi"]}
     body = httpx.post(f"{regression_server}/predict?explain=true", json={"records": [moved]}, timeout=30).json()

@@ -8,7 +8,7 @@ import os
 import pandas as pd
 import pytest
 
-from adapters.clients import S3Location, mlflow_client, s3_client
+from adapters.clients import S3Location, mlflow_client, s3_client, use_tracking_server
 from core.decision import Gates
 from core.search import ModelFamily, SearchSpec
 from flows.training import TrainingParams, training
@@ -73,7 +73,7 @@ def test_cold_start_promotes_and_records_everything(stack, first_run):
 def test_registered_model_serves_raw_rows(stack, first_run, default_data):
     import mlflow.pyfunc
 
-    mlflow_client(stack)
+    use_tracking_server(stack)  # the fluent API below (load_model) reads the global tracking URI
     model = mlflow.pyfunc.load_model("models:/credit-risk@champion")
     assert model.metadata.signature is not None
     body = s3_client(stack).get_object(
