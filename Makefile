@@ -40,6 +40,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 bench: install
+	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.flow_overhead
 	$(BIN)/python -m bench.serving
 
