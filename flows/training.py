@@ -1,6 +1,7 @@
 """The retraining flow: load, validate, split, train, evaluate, then promote only if it is safe.
 
-This module wires tasks and handles state; each stage's logic lives in `tasks/`.
+This module wires tasks and handles state: the rules live in `core/` (search, metrics, decision, review),
+the I/O in `adapters/`, the Prefect tasks in `tasks/`, promotion and approval in `services/`.
 Run it ad hoc with `mlops train` (or `python -m mlops train`).
 """
 
