@@ -10,6 +10,7 @@ Delivery times (event -> endpoint) are printed (`pytest -s`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -93,10 +94,10 @@ class Receiver:
         return found[0]
 
 
-def _delay(what: str, occurred: datetime, arrived: float) -> float:
+def _delay(what: str, occurred: datetime, arrived: float, text: str) -> float:
     seconds = arrived - occurred.timestamp()
     DELAYS.append((what, seconds))
-    print(f"\nalert delivery, {what}: {seconds:.2f} s from event to endpoint")
+    print(f"\nalert delivery, {what}: {seconds:.2f} s from event to endpoint; the message:\n{text}")
     return seconds
 
 
@@ -199,7 +200,7 @@ def test_failed_training_run_is_alerted_once_with_its_link_and_error(stack, aler
     arrived, text = receiver.one(link)
     assert text.startswith(f"[mlops] training run {finished.name} Failed\n"), text
     assert "error: " in text and "data validation failed" in text and finished.state.message in text, text
-    _delay("failed run", finished.state.timestamp, arrived)
+    _delay("failed run", finished.state.timestamp, arrived, text)
 
 
 def test_drift_event_starts_one_training_run_and_is_alerted_once(stack, alerts, receiver, dataset):
@@ -229,7 +230,16 @@ def test_drift_event_starts_one_training_run_and_is_alerted_once(stack, alerts, 
     assert f"reason: {reason}\n" in text and "3 of 13 features drifted" in text, text
     assert f"{stack.prefect_ui_url}/deployments/deployment/{alerts['training']}" in text, text
     assert "still drifted" not in text and not receiver.matching("still drifted")
-    _delay("drift", event.occurred, arrived)
+    _delay("drift", event.occurred, arrived, text)
+    # and the automation started that one run and no other
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with _client() as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[automation.actions[0].deployment_id]))
+        )
+    started = [r for r in runs if r.created_by and r.created_by.type == "AUTOMATION" and r.created >= since]
+    assert [str(r.id) for r in started] == [first.flow_run_id]
     # and the worker runs it with the event's dataset and reason and the deployment's other defaults
     [finished] = wait_for_runs([first.flow_run_id], timeout=400)
     assert finished.state.type.value == "COMPLETED", finished.state.message
@@ -262,7 +272,7 @@ def test_promotion_and_rollback_are_alerted_once_each_with_reason_and_model_card
     page = httpx.get(card, timeout=10)
     assert page.status_code == 200 and MODEL in page.text
     [promoted] = _events("mlops.champion.promotion", model_resource_id(MODEL), since)
-    _delay("promotion (training flow)", promoted.occurred, arrived)
+    _delay("promotion (training flow)", promoted.occurred, arrived, text)
     # Given a second version promoted by hand and rolled back
     run_id = state.result().run_id
     second = str(mlflow.register_model(f"runs:/{run_id}/model", MODEL, tags={"run_id": run_id}).version)
@@ -275,8 +285,10 @@ def test_promotion_and_rollback_are_alerted_once_each_with_reason_and_model_card
     assert f"/model-cards/{MODEL}/{first}/model_card.html" in text
     [rolled] = _events("mlops.champion.rollback", model_resource_id(MODEL), since)
     assert rolled.payload["reason"] == "v2 answers nonsense" and rolled.payload["actor"] == "tester"
-    _delay("rollback", rolled.occurred, arrived)
+    _delay("rollback", rolled.occurred, arrived, text)
     assert mlflow_client(stack).get_registered_model(MODEL).aliases["champion"] == first
+    # no message carries the S3 secret (the card link is presigned: an access key id and a signature)
+    assert not [text for _, text in receiver.posts if "test-secret-key-do-not-log" in text]
 
 
 def _dead_letters(stack) -> Path:
@@ -326,7 +338,7 @@ def test_alert_missed_while_the_endpoint_is_down_is_not_retried_by_prefect_but_f
     wait_for(lambda: not missed(), 30, "the redelivery to be recorded", interval=1)
 
 
-def test_deploy_is_idempotent_and_updates_in_place(stack, alerts, receiver, dataset):
+def test_deploy_is_idempotent_and_updates_in_place(stack, alerts, receiver, dataset, caplog):
     from adapters.settings import Settings
     from deployments.automations import deploy_automations
     from deployments.deploy import deploy_all
@@ -358,7 +370,9 @@ def test_deploy_is_idempotent_and_updates_in_place(stack, alerts, receiver, data
     from uuid import UUID
 
     moved = Settings(alert_webhook_url=receiver.url + "&moved=1")
-    deploy_automations(UUID(training_id), moved)
+    with caplog.at_level(logging.DEBUG):
+        deploy_automations(UUID(training_id), moved)
+    assert "webhook block 'mlops-alerts' updated" in caplog.text and "test-webhook-token" not in caplog.text
     after = state()
     assert after[WEBHOOK_BLOCK][0] == before[WEBHOOK_BLOCK][0] and after[WEBHOOK_BLOCK][1] != before[WEBHOOK_BLOCK][1]
     assert {n: after[n] for n in names} == {n: before[n] for n in names}
