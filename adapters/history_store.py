@@ -1,5 +1,7 @@
 """Champion history in S3: record a change (with the new champion's metrics and links), list a model's changes.
 
+Recording a change also announces it as a Prefect event (`adapters.alerts.announce_change`), best-effort.
+
 The record, its key and its display are `core.history`; `mlops history` lists what is stored here.
 """
 
@@ -9,6 +11,7 @@ import getpass
 import logging
 from datetime import UTC, datetime
 
+from adapters.alerts import announce_change
 from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
 from adapters.registry import run_holdout_metrics
 from adapters.settings import Settings, get_settings
@@ -93,9 +96,14 @@ def record_change(change: ChampionChange, settings: Settings | None = None) -> s
 
 
 def record_change_safely(change: ChampionChange) -> str | None:
-    """`record_change`, but a failure is logged loudly and returns None: the alias move it records stands."""
+    """`record_change`, but a failure is logged loudly and returns None: the alias move it records stands.
+
+    Then the change is announced as the Prefect event `mlops.champion.<kind>` (what the champion-change alert
+    automation notifies), whether or not the record was stored; that is best-effort too.
+    """
+    uri = None
     try:
-        return record_change(change)
+        uri = record_change(change)
     except Exception:
         log.exception(
             "HISTORY NOT RECORDED for %s (%s v%s -> v%s): the change itself stands; record it by hand if needed",
@@ -104,7 +112,8 @@ def record_change_safely(change: ChampionChange) -> str | None:
             change.from_version,
             change.to_version,
         )
-        return None
+    announce_change(change, uri)
+    return uri
 
 
 def list_changes(model_name: str, settings: Settings | None = None) -> list[ChampionChange]:

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MLOPS_SERVING_URL", "serving_url"),
         description="Serving API that training checks after a promotion; unset means no check.",
     )
+    alert_webhook_url: SecretStr | None = Field(
+        None,
+        description='Slack-compatible webhook (JSON `{"text": ...}`) that `mlops deploy` points the alert '
+        "automations at; it may carry a token, so it is a secret and never logged. Unset: no notifications "
+        "(the events are still emitted).",
+    )
 
     @cached_property
     def s3_endpoint_url(self) -> str:

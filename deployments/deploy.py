@@ -7,6 +7,7 @@ so no secret is stored in the deployment or shown in the UI. Re-deploying update
 Every flow has a `FlowDeployment` entry in `deployments()`: `training` (weekly) and `monitoring` (daily)
 on a schedule; `scoring` and `rollback` on demand.
 `scoring` (batch scoring) has no schedule: it runs on demand, from the UI or `run_deployment`.
+Then the automations (`deployments/automations.py`): drift retraining and the alerts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
+
+from adapters.settings import get_settings
+from deployments.automations import deploy_automations
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +140,11 @@ def deploy_all(
     monitoring_cron: str = "0 6 * * *",
     monitoring_parameters: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Register every deployment (idempotent: same names, updated in place); returns name -> id."""
+    """Register every deployment and the automations (idempotent: updated in place); returns deployment name -> id.
+
+    The automations (`deployments/automations.py`): drift -> run `training`, and, with
+    `MLOPS_ALERT_WEBHOOK_URL` set, the alerts on failed runs and champion changes.
+    """
     from prefect import flow
 
     ensure_work_pool(work_pool)
@@ -165,4 +174,5 @@ def deploy_all(
         )
         ids[spec.name] = str(deployment_id)
         log.info("deployed %s/%s (%s)", remote.name, spec.name, deployment_id)
+    deploy_automations(UUID(ids["training"]), get_settings())
     return ids

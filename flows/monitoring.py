@@ -2,7 +2,8 @@
 
 This module wires tasks; the statistics and the rules live in `core/drift.py` (decay in `core/decay.py`,
 verdicts in `core/drift_analysis.py`), the reports in `core/drift_report.py`, the I/O in
-`adapters/monitoring_store.py`, the retraining trigger in `services/retraining.py`.
+`adapters/monitoring_store.py`, the retraining trigger in `services/retraining.py` (a Prefect event that the
+`mlops-drift-retrain` automation turns into a run of the training deployment).
 Every task type is monitored: prediction drift is on the positive-class probability (binary), the predicted
 classes' shares (multiclass) or the predicted value (regression); decay on ROC AUC and F1 (macro for
 multiclass) or on RMSE and MAE (regression).
@@ -72,7 +73,10 @@ class MonitoringParams(BaseModel):
         default_factory=DriftThresholds, title="Thresholds", description="When drift or decay means retraining."
     )
     trigger_retraining: bool = Field(
-        True, title="Trigger retraining", description="Start the training deployment when a threshold is crossed."
+        True,
+        title="Trigger retraining",
+        description="Emit the drift event (the automation then starts the training deployment) when a threshold "
+        "is crossed.",
     )
     cooldown_minutes: float = Field(
         720,
@@ -82,7 +86,10 @@ class MonitoringParams(BaseModel):
         description="No new retraining while one that monitoring started is due within this window or unfinished.",
     )
     training_deployment: str = Field(
-        "training/training", title="Training deployment", description="`<flow>/<deployment>` to run when triggered."
+        "training/training",
+        title="Training deployment",
+        description="`<flow>/<deployment>` that the drift automation (`mlops-drift-retrain`, created by "
+        "`mlops deploy`) runs; checked before the drift event is emitted.",
     )
 
 
@@ -116,6 +123,8 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
     results = [analyse_window(window, champion, config, labels, params.thresholds) for window in windows]
     verdict = overall_verdict(results)
 
+    # The report first, so the drift event (and its alert) can link it.
+    report = store_report(champion, windows, results, verdict, config)
     if not verdict.triggered:
         trigger = Trigger("not-needed", "no threshold crossed: nothing to retrain")
     elif not params.trigger_retraining:
@@ -123,9 +132,14 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
     else:
         reason = f"drift: {verdict.summary} (monitoring run {flow_run.get_name() or 'local'})"
         trigger = trigger_retraining(
-            config.model_name, params.dataset, reason, params.cooldown_minutes, params.training_deployment
+            config.model_name,
+            params.dataset,
+            reason,
+            params.cooldown_minutes,
+            params.training_deployment,
+            verdict.summary,
+            report.link,
         )
-    report = store_report(champion, windows, results, verdict, config)
     publish_summary(
         summary_markdown(
             config.model_name,

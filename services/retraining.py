@@ -1,18 +1,25 @@
-"""Retraining on drift: run the training deployment, once per cooldown, under a one-slot lock per model.
+"""Retraining on drift: emit the drift event once per cooldown, under a one-slot lock per model.
 
-Prefect-specific (its client, global concurrency limits and `run_deployment`); monitoring's flow calls
-the `trigger-retraining` task defined here.
+The training run itself is started by Prefect: the `mlops-drift-retrain` automation (created by
+`mlops deploy`, `deployments/automations.py`) runs the training deployment on every `mlops.drift.detected`
+event, with the event's dataset and reason as parameters. This module decides whether the event may be
+emitted (the cooldown), emits it, and waits for the run the automation started, so the run can be tagged
+(`drift-triggered`, `model:<name>`: what the cooldown looks for) before the lock is released.
+Prefect-specific (its client, global concurrency limits, events); monitoring's flow calls the
+`trigger-retraining` task defined here.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from prefect import task
 
+from adapters.alerts import DRIFT_AUTOMATION, DriftAlert, emit_drift
 from core.drift import MonitoringError
 from tasks.retrying import IO
 
@@ -20,6 +27,8 @@ log = logging.getLogger(__name__)
 
 DRIFT_TAG = "drift-triggered"
 LOCK_TIMEOUT_SECONDS = 300
+# How long to wait for the automation's run after the drift event (it takes about a second).
+RUN_WAIT_SECONDS = 120
 
 
 @dataclass(frozen=True)
@@ -51,24 +60,100 @@ def blocking_runs(runs: list[Any], since: datetime) -> list[Any]:
     ]
 
 
-def start_retraining(model_name: str, dataset: str, reason: str, cooldown_minutes: float, deployment: str) -> Trigger:
-    """Start a run of the training deployment, unless one was drift-triggered within the cooldown.
+def drift_automation(client: Any, deployment_id: Any, deployment: str) -> Any:
+    """The drift automation, checked to run `deployment`; MonitoringError naming the fix otherwise."""
+    from prefect.events.actions import RunDeployment
+
+    found = client.read_automations_by_name(DRIFT_AUTOMATION)
+    if not found:
+        raise MonitoringError(
+            f"automation {DRIFT_AUTOMATION!r} not found on {client.api_url}: create it (`mlops deploy`) to retrain"
+        )
+    automation = found[0]
+    targets = [a.deployment_id for a in automation.actions if isinstance(a, RunDeployment)]
+    if deployment_id not in targets:
+        raise MonitoringError(
+            f"automation {DRIFT_AUTOMATION!r} does not run deployment {deployment!r} ({deployment_id}) but "
+            f"{[str(t) for t in targets]}: redeploy (`mlops deploy`) or monitor with the deployment it runs"
+        )
+    return automation
+
+
+def started_run(client: Any, deployment_id: Any, automation_id: Any, reason: str, since: datetime) -> Any | None:
+    """The run of the deployment the drift automation created since `since` with this reason, if any."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    runs = client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+        limit=20,
+    )
+    for run in runs:
+        made_by = run.created_by
+        if (
+            made_by is not None
+            and made_by.type == "AUTOMATION"
+            and made_by.id == automation_id
+            and run.created is not None
+            and run.created >= since
+            and (run.parameters.get("params") or {}).get("reason") == reason
+        ):
+            return run
+    return None
+
+
+def wait_for_started_run(deployment_id: Any, automation_id: Any, reason: str, since: datetime) -> Any:
+    """Poll for the automation's run; MonitoringError (not retried: the event is out) when none shows up."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + RUN_WAIT_SECONDS
+    problem = "no run yet"
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            try:
+                run = started_run(client, deployment_id, automation_id, reason, since)
+            except Exception as exc:  # a transient API error: keep waiting, never emit again
+                problem = repr(exc)
+                run = None
+            if run is not None:
+                return run
+            time.sleep(0.5)
+    raise MonitoringError(
+        f"the drift event was emitted but automation {DRIFT_AUTOMATION!r} started no training run within "
+        f"{RUN_WAIT_SECONDS} s ({problem}); see Prefect UI -> Automations and Events. Not retried, so that a "
+        "late run is not doubled."
+    )
+
+
+def start_retraining(
+    model_name: str,
+    dataset: str,
+    reason: str,
+    cooldown_minutes: float,
+    deployment: str,
+    summary: str = "",
+    report_link: str | None = None,
+) -> Trigger:
+    """Emit the drift event (the automation then runs `deployment`), unless a retrain is within the cooldown.
 
     Any drift-triggered run of this model due within `cooldown_minutes` blocks a new one whatever its
     state (a failed retrain is not retried by the next check: a person should look), and so does one that
-    has not finished. Check and trigger hold a one-slot lock per model, so two checks at once start one run.
-    The run gets the deployment's default parameters with `dataset` and `reason` set, and the tags
-    `drift-triggered` and `model:<name>`.
+    has not finished. Check, event and tagging hold a one-slot lock per model, so two checks at once start
+    one run. The automation runs the deployment with the defaults `mlops deploy` gave it plus the event's
+    `dataset` and `reason`; the run is then tagged `drift-triggered` and `model:<name>`.
+    With the automation paused in the Prefect UI the event is still emitted (visible under Events) and
+    nothing starts (`disabled`).
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.concurrency.sync import concurrency
-    from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
     tags = [DRIFT_TAG, model_tag(model_name)]
     lock = lock_name(model_name)
+    reason = reason[:500]  # TrainingParams.reason's limit
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(lock, limit=1)
     with concurrency(lock, occupy=1, strict=True, timeout_seconds=LOCK_TIMEOUT_SECONDS):
@@ -89,19 +174,44 @@ def start_retraining(model_name: str, dataset: str, reason: str, cooldown_minute
                 log.warning("%s", detail)
                 return Trigger("cooldown", detail, str(run.id))
             try:
-                defaults = client.read_deployment_by_name(deployment).parameters or {}
+                target = client.read_deployment_by_name(deployment)
             except ObjectNotFound as exc:
                 raise MonitoringError(
                     f"deployment {deployment!r} not found on {client.api_url}: deploy it (`mlops deploy`) to retrain"
                 ) from exc
-        params = dict(defaults.get("params") or {}) | {"dataset": dataset, "reason": reason[:500]}
-        run = run_deployment(deployment, parameters={"params": params}, tags=tags, timeout=0)
-    detail = f"started {deployment} run {run.name} ({run.id}): {reason}"
+            automation = drift_automation(client, target.id, deployment)
+            # the server's clock stamps the run; allow for a skew between the two clocks
+            emitted_at = datetime.now(UTC) - timedelta(seconds=30)
+        event = emit_drift(DriftAlert(model_name, dataset, summary, reason, deployment, report_link))
+        if event is None:
+            raise MonitoringError("Prefect emits no events here (no API configured?): cannot trigger retraining")
+        if not automation.enabled:
+            detail = (
+                f"drift event {event.id} emitted, but automation {DRIFT_AUTOMATION!r} is paused (Prefect UI -> "
+                "Automations): no retraining started"
+            )
+            log.warning("%s", detail)
+            return Trigger("disabled", detail)
+        run = wait_for_started_run(target.id, automation.id, reason, emitted_at)
+        try:
+            with get_client(sync_client=True) as client:
+                client.update_flow_run(run.id, tags=sorted(set(run.tags) | set(tags)))
+        except Exception as exc:  # the event is out: a retry would start a second run
+            raise MonitoringError(f"training run {run.name} ({run.id}) started but not tagged {tags}: {exc}") from exc
+    detail = f"drift event {event.id}: {DRIFT_AUTOMATION} started {deployment} run {run.name} ({run.id}): {reason}"
     log.info("%s", detail)
     return Trigger("triggered", detail, str(run.id))
 
 
 @task(name="trigger-retraining", **IO)
-def trigger_retraining(model_name: str, dataset: str, reason: str, cooldown_minutes: float, deployment: str) -> Trigger:
-    """Prefect task: `start_retraining` (the training deployment, once per cooldown, under the model's lock)."""
-    return start_retraining(model_name, dataset, reason, cooldown_minutes, deployment)
+def trigger_retraining(
+    model_name: str,
+    dataset: str,
+    reason: str,
+    cooldown_minutes: float,
+    deployment: str,
+    summary: str = "",
+    report_link: str | None = None,
+) -> Trigger:
+    """Prefect task: `start_retraining` (the drift event, once per cooldown, under the model's lock)."""
+    return start_retraining(model_name, dataset, reason, cooldown_minutes, deployment, summary, report_link)

@@ -1,0 +1,207 @@
+"""Alerts and drift retraining as Prefect automations (Prefect UI -> Automations), created by `mlops deploy`.
+
+- `mlops-alert-run-failed`: a `training`, `monitoring`, `scoring` or `rollback` flow run ends Failed or
+  Crashed -> a notification with the run's link and its error.
+- `mlops-drift-retrain`: the `mlops.drift.detected` event (emitted by monitoring once the cooldown allows a
+  retrain) -> run the training deployment with its defaults plus the event's `dataset` and `reason`
+  (templated parameters), and a notification with the summary, the reason and the links.
+- `mlops-alert-champion-change`: `mlops.champion.promotion`, `.revert` or `.rollback` -> a notification with
+  the versions, the reason, the actor and the model card link.
+
+Notifications go to the `mlops-alerts` webhook block (`adapters.alerts`), from `MLOPS_ALERT_WEBHOOK_URL`.
+Without it the two alert-only automations are not created (and removed if an earlier deploy created them),
+the webhook block is removed, and the drift automation only runs the training deployment; the events are
+emitted all the same (Prefect UI -> Events).
+
+Idempotent: an automation is found by name, created when missing, updated in place (same id) only when it
+differs from the code, and left alone otherwise; one paused in the UI stays paused.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from uuid import UUID
+
+from adapters.alerts import (
+    ALERTED_FLOWS,
+    AUTOMATION_TAG,
+    CHAMPION_AUTOMATION,
+    CHAMPION_EVENT_PREFIX,
+    DRIFT_AUTOMATION,
+    DRIFT_EVENT,
+    RUN_EVENTS,
+    RUN_FAILED_AUTOMATION,
+    delete_webhook_block,
+    save_webhook_block,
+)
+from adapters.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Message templates (Jinja, rendered by Prefect's server). They use only the triggering `event` and the `flow`
+# it names, so `adapters.alerts.render` can render a message Prefect failed to deliver. `{ui}` and
+# `{deployment_id}` are filled in at deploy time.
+RUN_FAILED_SUBJECT = (
+    "[mlops] {{ flow.name }} run {{ event.resource['prefect.resource.name'] }} "
+    "{{ event.resource['prefect.state-name'] }}"
+)
+RUN_FAILED_BODY = (
+    "error: {{ event.payload.validated_state.message }}\n"
+    "run: {ui}/runs/flow-run/{{ event.resource['prefect.resource.id'] | replace('prefect.flow-run.', '') }}"
+)
+DRIFT_SUBJECT = "[mlops] drift on {{ event.payload.model }}: retraining started"
+DRIFT_BODY = (
+    "{{ event.payload.summary }}\n"
+    "reason: {{ event.payload.reason }}\n"
+    "retraining: deployment {{ event.payload.deployment }}, dataset {{ event.payload.dataset }}: "
+    "{ui}/deployments/deployment/{deployment_id}\n"
+    "monitoring run: {{ event.payload.monitoring_run_url or '-' }}\n"
+    "report: {{ event.payload.report_link or '-' }}"
+)
+CHAMPION_SUBJECT = (
+    "[mlops] {{ event.payload.model }}: {{ event.payload.kind }}, champion "
+    "{{ ('v' ~ event.payload.from_version) if event.payload.from_version else 'none' }} -> "
+    "{{ ('v' ~ event.payload.to_version) if event.payload.to_version else 'none' }}"
+)
+CHAMPION_BODY = (
+    "reason: {{ event.payload.reason }}\n"
+    "by: {{ event.payload.actor }} at {{ event.payload.at }}\n"
+    "holdout metrics: {{ event.payload.metrics | tojson }}\n"
+    "model card: {{ event.payload.model_card_link or '-' }}\n"
+    "MLflow: {{ event.payload.mlflow_model_version or '-' }}\n"
+    "Prefect run: {{ event.payload.prefect_flow_run or '-' }}"
+)
+
+COMPARED = ("name", "description", "enabled", "tags", "trigger", "actions", "actions_on_trigger", "actions_on_resolve")
+
+
+def _fill(template: str, **values: str) -> str:
+    for key, value in values.items():
+        template = template.replace("{" + key + "}", value)
+    return template
+
+
+def wanted_automations(
+    training_deployment_id: UUID, training_defaults: dict[str, Any], block_id: UUID | None, ui_url: str
+) -> list[Any]:
+    """The automations for these settings: the drift one always, the alert-only ones with a webhook block."""
+    from prefect.automations import AutomationCore, EventTrigger, RunDeployment, SendNotification
+
+    # The deployment's own defaults, with the event's dataset and reason (templated, rendered per event).
+    params = dict(training_defaults.get("params") or {}) | {
+        "dataset": "{{ event.payload.dataset }}",
+        "reason": "{{ event.payload.reason }}",
+    }
+    model_events = {"prefect.resource.id": "mlops.model.*"}
+    drift_actions: list[Any] = [
+        RunDeployment(source="selected", deployment_id=training_deployment_id, parameters={"params": params})
+    ]
+    if block_id is not None:
+        body = _fill(DRIFT_BODY, ui=ui_url, deployment_id=str(training_deployment_id))
+        drift_actions.append(SendNotification(block_document_id=block_id, subject=DRIFT_SUBJECT, body=body))
+    automations = [
+        AutomationCore(
+            name=DRIFT_AUTOMATION,
+            description="Drift or decay found by monitoring (outside the cooldown): run the training deployment "
+            "with the event's dataset and reason" + (", and notify." if block_id else "."),
+            tags=[AUTOMATION_TAG],
+            trigger=EventTrigger(expect={DRIFT_EVENT}, match=model_events, posture="Reactive", threshold=1),
+            actions=drift_actions,
+        )
+    ]
+    if block_id is None:
+        return automations
+    return [
+        AutomationCore(
+            name=RUN_FAILED_AUTOMATION,
+            description=f"Notify when a run of {', '.join(ALERTED_FLOWS)} ends Failed or Crashed.",
+            tags=[AUTOMATION_TAG],
+            trigger=EventTrigger(
+                expect=set(RUN_EVENTS),
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related={"prefect.resource.role": "flow", "prefect.resource.name": list(ALERTED_FLOWS)},
+                posture="Reactive",
+                threshold=1,
+            ),
+            actions=[
+                SendNotification(
+                    block_document_id=block_id, subject=RUN_FAILED_SUBJECT, body=_fill(RUN_FAILED_BODY, ui=ui_url)
+                )
+            ],
+        ),
+        *automations,
+        AutomationCore(
+            name=CHAMPION_AUTOMATION,
+            description="Notify when the champion alias moves: a promotion, a revert or a rollback.",
+            tags=[AUTOMATION_TAG],
+            trigger=EventTrigger(
+                expect={CHAMPION_EVENT_PREFIX + "*"}, match=model_events, posture="Reactive", threshold=1
+            ),
+            actions=[SendNotification(block_document_id=block_id, subject=CHAMPION_SUBJECT, body=CHAMPION_BODY)],
+        ),
+    ]
+
+
+def _fields(automation: Any) -> dict[str, Any]:
+    return automation.model_dump(include=set(COMPARED))
+
+
+def upsert(client: Any, wanted: Any) -> tuple[UUID, str]:
+    """Create `wanted` or bring the automation of that name in line (in place); returns its id and what was done.
+
+    A duplicate of the same name (e.g. made by hand) is removed; an automation paused in the UI stays paused.
+    """
+    found = client.read_automations_by_name(wanted.name)  # the most recently updated first
+    if not found:
+        return client.create_automation(wanted), "created"
+    current, *duplicates = found
+    for duplicate in duplicates:
+        client.delete_automation(duplicate.id)
+    wanted = wanted.model_copy(update={"enabled": current.enabled})
+    if _fields(current) == _fields(wanted):
+        return current.id, "unchanged" if not duplicates else "duplicates removed"
+    client.update_automation(current.id, wanted)
+    return current.id, "updated"
+
+
+def remove(client: Any, name: str) -> bool:
+    """Delete every automation called `name`; True when there was one."""
+    found = client.read_automations_by_name(name)
+    for automation in found:
+        client.delete_automation(automation.id)
+    return bool(found)
+
+
+def deploy_automations(training_deployment_id: UUID, settings: Settings) -> dict[str, str]:
+    """Create or update the project's automations (and the webhook block); returns automation name -> id."""
+    from prefect.client.orchestration import get_client
+
+    url = settings.alert_webhook_url
+    if url is not None and not url.get_secret_value():
+        url = None
+    block_id = save_webhook_block(url) if url is not None else None
+    with get_client(sync_client=True) as client:
+        defaults = client.read_deployment(training_deployment_id).parameters or {}
+        ids = {}
+        for automation in wanted_automations(training_deployment_id, defaults, block_id, settings.prefect_ui_url):
+            automation_id, done = upsert(client, automation)
+            ids[automation.name] = str(automation_id)
+            log.info(
+                "automation %s: %s (%s/automations/automation/%s)",
+                automation.name,
+                done,
+                settings.prefect_ui_url,
+                automation_id,
+            )
+        if block_id is None:
+            removed = [name for name in (RUN_FAILED_AUTOMATION, CHAMPION_AUTOMATION) if remove(client, name)]
+            log.warning(
+                "MLOPS_ALERT_WEBHOOK_URL is not set: no notifications. The alert-only automations %s are not "
+                "created%s; drift still retrains, and the events are emitted (Prefect UI -> Events).",
+                ", ".join((RUN_FAILED_AUTOMATION, CHAMPION_AUTOMATION)),
+                f" (removed: {', '.join(removed)})" if removed else "",
+            )
+    if block_id is None:
+        delete_webhook_block()
+    return ids

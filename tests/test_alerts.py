@@ -1,0 +1,397 @@
+"""Alerts through Prefect automations on the real stack, received by a local webhook endpoint.
+
+Each alert arrives exactly once, with its link and its reason: a failed training run (worker), a drift
+event (which also starts exactly one training run through the automation; a second check within the
+cooldown starts none), a promotion and a rollback. With the endpoint down, Prefect does not deliver the
+alert later; the project finds it (`undelivered_alerts`) and sends it again (`redeliver`).
+Delivery times (event -> endpoint) are printed (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapters.alerts import (
+    CHAMPION_AUTOMATION,
+    DRIFT_AUTOMATION,
+    DRIFT_EVENT,
+    RUN_FAILED_AUTOMATION,
+    WEBHOOK_BLOCK,
+    model_resource_id,
+    redeliver,
+    undelivered_alerts,
+)
+from adapters.clients import S3Location, mlflow_client, put_bytes
+from tests.ports import free_port
+from tests.waiting import wait_for, wait_for_runs
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODEL = "alerts-test"
+SEED = 5
+MONTHS = 3
+ROWS = 1000
+SEARCH = {"trials_per_family": 1, "cv_folds": 2}
+DELIVERY_TIMEOUT = 60
+# After the first copy of an alert arrived, how long a second copy is waited for (none may come).
+DUPLICATE_WINDOW = 5
+DELAYS: list[tuple[str, float]] = []
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 that records every POST body; it can be stopped and started again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hooks/alerts?token=test-webhook-token"
+        self.posts: list[tuple[float, str]] = []  # (arrival time, the JSON body's text)
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                posts.append((time.time(), json.loads(body)["text"]))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def matching(self, *needles: str) -> list[tuple[float, str]]:
+        return [(at, text) for at, text in self.posts if all(n in text for n in needles)]
+
+    def one(self, *needles: str) -> tuple[float, str]:
+        """The one alert containing every needle: waits for it, then makes sure no second copy follows."""
+        wait_for(lambda: self.matching(*needles), DELIVERY_TIMEOUT, f"an alert with {needles}", interval=0.1)
+        time.sleep(DUPLICATE_WINDOW)
+        found = self.matching(*needles)
+        assert len(found) == 1, found
+        return found[0]
+
+
+def _delay(what: str, occurred: datetime, arrived: float, text: str) -> float:
+    seconds = arrived - occurred.timestamp()
+    DELAYS.append((what, seconds))
+    print(f"\nalert delivery, {what}: {seconds:.2f} s from event to endpoint; the message:\n{text}")
+    return seconds
+
+
+def _client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _events(name: str, resource_id: str, since: datetime, count: int = 1) -> list:
+    """Events whose name starts with `name` on the resource since `since`, once at least `count` are stored
+    (the server persists events in batches, a few seconds after they arrive)."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    found: list = []
+
+    def stored() -> bool:
+        with _client() as client:
+            page = client.read_events(
+                filter=EventFilter(
+                    occurred=EventOccurredFilter(since=since),
+                    event=EventNameFilter(prefix=[name]),
+                    resource=EventResourceFilter(id=[resource_id]),
+                ),
+                limit=50,
+            )
+        found[:] = page.events
+        return len(found) >= count
+
+    wait_for(stored, 30, f"{count} {name} event(s) of {resource_id}", interval=1)
+    return found
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    endpoint = Receiver()
+    endpoint.start()
+    yield endpoint
+    endpoint.stop()
+    if DELAYS:
+        print("\nalert delivery times:", ", ".join(f"{what} {seconds:.2f} s" for what, seconds in DELAYS))
+
+
+def _config(stack, name: str, **changes: object) -> str:
+    import yaml
+
+    from core.dataset import bundled_config_text
+
+    raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": name, "model_name": name} | changes
+    location = S3Location(stack.bucket, f"configs/{name}.yaml")
+    return put_bytes(stack, location, yaml.safe_dump(raw).encode(), "application/yaml")
+
+
+@pytest.fixture(scope="module")
+def dataset(stack) -> str:
+    """A small dataset of its own (config in S3, read by the worker)."""
+    from mlops.datagen import write_months
+
+    source = f"s3://{stack.bucket}/datasets/{MODEL}/"
+    write_months(stack, source, MONTHS, ROWS, seed=SEED)
+    return _config(stack, MODEL, source=source)
+
+
+@pytest.fixture(scope="module")
+def failing_dataset(stack, dataset) -> str:
+    """The same data, with a row count no snapshot reaches: the run fails at validation."""
+    return _config(stack, f"{MODEL}-too-few-rows", source=f"s3://{stack.bucket}/datasets/{MODEL}/", min_rows=10**9)
+
+
+def _training_defaults(dataset: str) -> dict:
+    # dry_run: the drift-triggered run trains and evaluates but registers and promotes nothing
+    return {"params": {"dataset": dataset, "search": SEARCH, "dry_run": True}}
+
+
+@pytest.fixture(scope="module")
+def alerts(stack, receiver, dataset) -> Iterator[dict[str, str]]:
+    """The deployments and automations, notifying the receiver; without the webhook afterwards."""
+    from deployments.deploy import deploy_all
+
+    os.environ["MLOPS_ALERT_WEBHOOK_URL"] = receiver.url
+    try:
+        yield deploy_all(work_pool=stack.work_pool, training_parameters=_training_defaults(dataset))
+    finally:
+        del os.environ["MLOPS_ALERT_WEBHOOK_URL"]
+        # other modules' runs notify nobody: the alert-only automations and the block go away
+        deploy_all(work_pool=stack.work_pool)
+
+
+def test_failed_training_run_is_alerted_once_with_its_link_and_error(stack, alerts, receiver, failing_dataset):
+    from prefect.deployments import run_deployment
+
+    # Given a training run on the worker whose data fails validation
+    run = run_deployment(
+        "training/training", parameters={"params": {"dataset": failing_dataset, "search": SEARCH}}, timeout=0
+    )
+    [finished] = wait_for_runs([run.id], timeout=300)
+    assert finished.state.type.value == "FAILED", finished.state.message
+    # then the endpoint gets one alert naming the run, its state, its error and its link
+    link = f"{stack.prefect_ui_url}/runs/flow-run/{finished.id}"
+    arrived, text = receiver.one(link)
+    assert text.startswith(f"[mlops] training run {finished.name} Failed\n"), text
+    assert "error: " in text and "data validation failed" in text and finished.state.message in text, text
+    _delay("failed run", finished.state.timestamp, arrived, text)
+
+
+def test_drift_event_starts_one_training_run_and_is_alerted_once(stack, alerts, receiver, dataset):
+    from services.retraining import DRIFT_TAG, model_tag, start_retraining
+
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    reason = f"drift: 3 of 13 features drifted (alerts test {time.time():.0f})"
+    # Given drift found twice in a row, as monitoring reports it
+    first = start_retraining(MODEL, dataset, reason, 60, "training/training", summary="3 of 13 features drifted")
+    second = start_retraining(MODEL, dataset, reason + " again", 60, "training/training", summary="still drifted")
+    # then the first emits the event and the automation starts one run; the second is held by the cooldown
+    assert first.status == "triggered", first.detail
+    assert second.status == "cooldown" and second.flow_run_id == first.flow_run_id, second.detail
+    with _client() as client:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+        tagged = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[DRIFT_TAG, model_tag(MODEL)]))
+        )
+        [automation] = client.read_automations_by_name(DRIFT_AUTOMATION)
+    assert [str(r.id) for r in tagged] == [first.flow_run_id]
+    assert tagged[0].created_by.type == "AUTOMATION" and tagged[0].created_by.id == automation.id
+    # and one event is visible under Events, and one alert with the reason and the deployment's link arrives
+    [event] = _events(DRIFT_EVENT, model_resource_id(MODEL), since)
+    assert event.payload["reason"] == reason and event.payload["dataset"] == dataset
+    arrived, text = receiver.one(f"drift on {MODEL}")
+    assert f"reason: {reason}\n" in text and "3 of 13 features drifted" in text, text
+    assert f"{stack.prefect_ui_url}/deployments/deployment/{alerts['training']}" in text, text
+    assert "still drifted" not in text and not receiver.matching("still drifted")
+    _delay("drift", event.occurred, arrived, text)
+    # and the automation started that one run and no other
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with _client() as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[automation.actions[0].deployment_id]))
+        )
+    started = [r for r in runs if r.created_by and r.created_by.type == "AUTOMATION" and r.created >= since]
+    assert [str(r.id) for r in started] == [first.flow_run_id]
+    # and the worker runs it with the event's dataset and reason and the deployment's other defaults
+    [finished] = wait_for_runs([first.flow_run_id], timeout=400)
+    assert finished.state.type.value == "COMPLETED", finished.state.message
+    assert finished.parameters["params"] == _training_defaults(dataset)["params"] | {"reason": reason}
+
+
+def test_promotion_and_rollback_are_alerted_once_each_with_reason_and_model_card(stack, alerts, receiver, dataset):
+    import mlflow
+
+    from adapters.promotion import promote_version
+    from core.decision import Gates
+    from core.search import SearchSpec
+    from flows.training import TrainingParams, training
+    from services.rollback import rollback
+
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    # Given a cold start promoted by the training flow (a lenient gate: 600 holdout rows, a one-trial search)
+    params = TrainingParams(
+        dataset=dataset, search=SearchSpec(**SEARCH), gates=Gates(min_roc_auc=0.55), reason="alerts test: cold start"
+    )
+    state = training(params, return_state=True)
+    assert state.is_completed() and state.result().promoted, state.message
+    first = state.result().candidate_version
+    # then one alert says so, with the reason, the flow run and the model card, which opens once the run is done
+    arrived, text = receiver.one(f"{MODEL}: promotion, champion none -> v{first}")
+    assert "reason: alerts test: cold start" in text, text
+    assert f"{stack.prefect_ui_url}/runs/flow-run/" in text and f"/#/models/{MODEL}/versions/{first}" in text
+    card = next(line for line in text.splitlines() if line.startswith("model card: ")).removeprefix("model card: ")
+    assert f"/model-cards/{MODEL}/{first}/model_card.html" in card
+    page = httpx.get(card, timeout=10)
+    assert page.status_code == 200 and MODEL in page.text
+    [promoted] = _events("mlops.champion.promotion", model_resource_id(MODEL), since)
+    _delay("promotion (training flow)", promoted.occurred, arrived, text)
+    # Given a second version promoted by hand and rolled back
+    run_id = state.result().run_id
+    second = str(mlflow.register_model(f"runs:/{run_id}/model", MODEL, tags={"run_id": run_id}).version)
+    promote_version(MODEL, second, first, reason="alerts test: v2", actor="tester")
+    receiver.one(f"{MODEL}: promotion, champion v{first} -> v{second}", "reason: alerts test: v2", "by: tester at")
+    rollback(MODEL, None, "v2 answers nonsense", "tester")
+    # then the rollback is alerted once, with the versions, the reason, who and the card of the restored version
+    arrived, text = receiver.one(f"{MODEL}: rollback, champion v{second} -> v{first}")
+    assert "reason: v2 answers nonsense\nby: tester at " in text, text
+    assert f"/model-cards/{MODEL}/{first}/model_card.html" in text
+    [rolled] = _events("mlops.champion.rollback", model_resource_id(MODEL), since)
+    assert rolled.payload["reason"] == "v2 answers nonsense" and rolled.payload["actor"] == "tester"
+    _delay("rollback", rolled.occurred, arrived, text)
+    assert mlflow_client(stack).get_registered_model(MODEL).aliases["champion"] == first
+    # no message carries the S3 secret (the card link is presigned: an access key id and a signature)
+    assert not [text for _, text in receiver.posts if "test-secret-key-do-not-log" in text]
+
+
+def _dead_letters(stack) -> Path:
+    """Where the stack's Prefect server (in-memory messaging) puts messages it gave up on."""
+    return stack.state_dir / "prefect" / "dlq"
+
+
+def _dead_lettered(stack, needle: str) -> bool:
+    folder = _dead_letters(stack)
+    return folder.exists() and any(needle in path.read_text(errors="replace") for path in folder.iterdir())
+
+
+def test_alert_missed_while_the_endpoint_is_down_is_not_retried_by_prefect_but_found_and_redelivered(
+    stack, alerts, receiver, failing_dataset
+):
+    from flows.training import TrainingParams, training
+
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    # Given the endpoint down while a run fails
+    receiver.stop()
+    down = time.monotonic()
+    state = training(TrainingParams(dataset=failing_dataset, search=SEARCH), return_state=True)
+    assert state.is_failed(), state.message
+    run_id = str(state.state_details.flow_run_id)
+    # when Prefect has tried (a few attempts at once) and given up: the message is dead-lettered on the server
+    wait_for(lambda: _dead_lettered(stack, run_id), 60, "the alert's dead letter", interval=0.2)
+    # and the endpoint is back after a short outage
+    receiver.start()
+    outage = time.monotonic() - down
+    print(f"\nendpoint down for {outage:.1f} s")
+    # then Prefect does not deliver it later
+    time.sleep(30)
+    assert receiver.matching(run_id) == [], "Prefect delivered the alert after all"
+
+    # but the firing without a delivery is found, rendered as Prefect would have sent it
+    def missed() -> list:
+        return [m for m in undelivered_alerts(since, grace=timedelta(0)) if run_id in m.body]
+
+    wait_for(missed, 30, "the missed alert in the events", interval=1)
+    [alert] = missed()
+    assert alert.automation == RUN_FAILED_AUTOMATION and alert.event == "prefect.flow-run.Failed"
+    assert f"{stack.prefect_ui_url}/runs/flow-run/{run_id}" in alert.body and "data validation failed" in alert.body
+    # and sent again, once; then it is no longer listed
+    assert redeliver([alert]) == 1
+    _, text = receiver.one(run_id)
+    assert text.startswith("[redelivered] [mlops] training run ") and "Failed" in text.splitlines()[0]
+    wait_for(lambda: not missed(), 30, "the redelivery to be recorded", interval=1)
+
+
+def test_deploy_is_idempotent_and_updates_in_place(stack, alerts, receiver, dataset, caplog):
+    from adapters.settings import Settings
+    from deployments.automations import deploy_automations
+    from deployments.deploy import deploy_all
+
+    names = (RUN_FAILED_AUTOMATION, DRIFT_AUTOMATION, CHAMPION_AUTOMATION)
+
+    def state() -> dict[str, tuple[str, str, bool]]:
+        """Each automation by name (exactly one each): id, last update, enabled; and the block's."""
+        found = {}
+        with _client() as client:
+            for name in names:
+                matches = client.read_automations_by_name(name)
+                assert len(matches) <= 1, matches
+                for automation in matches:
+                    raw = client.request("GET", "/automations/{id}", path_params={"id": automation.id}).json()
+                    found[name] = (str(automation.id), raw["updated"], automation.enabled)
+            for block in client.read_block_documents():
+                if block.name == WEBHOOK_BLOCK:
+                    found[WEBHOOK_BLOCK] = (str(block.id), str(block.updated), True)
+        return found
+
+    before = state()
+    assert set(before) == {*names, WEBHOOK_BLOCK} and all(enabled for _, _, enabled in before.values())
+    # a second deploy changes nothing: same ids, nothing updated
+    again = deploy_all(work_pool=stack.work_pool, training_parameters=_training_defaults(dataset))
+    assert again == alerts and state() == before
+    # another webhook URL updates the block in place; the automations are untouched
+    training_id = alerts["training"]
+    from uuid import UUID
+
+    moved = Settings(alert_webhook_url=receiver.url + "&moved=1")
+    with caplog.at_level(logging.DEBUG):
+        deploy_automations(UUID(training_id), moved)
+    assert "webhook block 'mlops-alerts' updated" in caplog.text and "test-webhook-token" not in caplog.text
+    after = state()
+    assert after[WEBHOOK_BLOCK][0] == before[WEBHOOK_BLOCK][0] and after[WEBHOOK_BLOCK][1] != before[WEBHOOK_BLOCK][1]
+    assert {n: after[n] for n in names} == {n: before[n] for n in names}
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    block = CustomWebhookNotificationBlock.load(WEBHOOK_BLOCK)
+    assert block.secrets.get_secret_value()["webhook_url"].endswith("&moved=1")
+    # the URL (with its token) is a secret: the API shows it obfuscated
+    with _client() as client:
+        document = client.read_block_document_by_name(WEBHOOK_BLOCK, "custom-webhook", include_secrets=False)
+    assert "test-webhook-token" not in json.dumps(document.model_dump(mode="json"))
+    # without a webhook: the alert-only automations and the block go, the drift automation only retrains
+    deploy_automations(UUID(training_id), Settings(alert_webhook_url=None))
+    bare = state()
+    assert set(bare) == {DRIFT_AUTOMATION} and bare[DRIFT_AUTOMATION][0] == before[DRIFT_AUTOMATION][0]
+    with _client() as client:
+        [drift] = client.read_automations_by_name(DRIFT_AUTOMATION)
+    assert [a.type for a in drift.actions] == ["run-deployment"]
+    # and the webhook back: all of them again, the drift automation updated in place
+    deploy_automations(UUID(training_id), Settings(alert_webhook_url=receiver.url))
+    restored = state()
+    assert set(restored) == set(before) and restored[DRIFT_AUTOMATION][0] == before[DRIFT_AUTOMATION][0]
