@@ -394,7 +394,7 @@ def test_act_runs_the_model_job_and_a_weak_candidate_fails_it(tmp_path):
         "--platform=ubuntu-latest=-self-hosted",  # host mode: no Docker
         "--cache-server-addr=127.0.0.1",
         f"--action-cache-path={tmp_path / 'act-cache'}",
-        "--bind",  # the job's workspace is the clone itself
+        "--no-skip-checkout",  # act would copy the workspace for the first checkout and ignore its `path`
         "--env-file=/dev/null",
         *_standins(tmp_path / "actions", _load("model.yml")),
         *env_options,
@@ -406,7 +406,10 @@ def test_act_runs_the_model_job_and_a_weak_candidate_fails_it(tmp_path):
         from adapters.settings import Settings
         from mlops import stack as local_stack
 
-        left = local_stack.down(Settings(state_dir=repo / ".mlops", **{k[6:].lower(): v for k, v in ports.items()}))
+        # In host mode act copies the repository to <action-cache-path>/<hash>/hostexecutor, the job's workspace.
+        [workspace] = (tmp_path / "act-cache").glob("*/hostexecutor")
+        settings = Settings(state_dir=workspace / ".mlops", **{k[6:].lower(): v for k, v in ports.items()})
+        left = local_stack.down(settings)
     log = result.stdout + result.stderr
     (tmp_path / "act.log").write_text(log)
     assert result.returncode != 0, log[-5000:]
@@ -417,7 +420,7 @@ def test_act_runs_the_model_job_and_a_weak_candidate_fails_it(tmp_path):
     assert f"exitcode '{REJECT_EXIT}'" in log, log[-5000:]
     assert re.search(r"Success - Main Publish the decision", log) and re.search(r"Success - Main Stop the stack", log)
     assert left == [], f"the job's last step left {left} running"
-    summary = (repo / "model-check.md").read_text()
+    summary = (workspace / "model-check.md").read_text()
     assert summary.startswith("## Model check: REJECT: worse than the champion or unsafe: blocks the merge")
     step_summaries = [p.read_text() for p in (tmp_path / "act-cache").rglob("SUMMARY.md")]
     assert any(s.startswith("## Model check: REJECT") for s in step_summaries), step_summaries
