@@ -109,7 +109,7 @@ def summary_markdown(
         body = decision_markdown(decision, model_name, None, data_version, "dry run")
     else:
         body = card
-    text = "\n".join(lines) + _demote_headings(body) + "\n"
+    text = "\n".join(lines) + "\n" + _demote_headings(body) + "\n"
     if len(text) > MAX_SUMMARY_CHARS:
         text = text[:MAX_SUMMARY_CHARS] + "\n\n(cut here: the whole model card is in the MLflow run, `model_card/`)\n"
     return text

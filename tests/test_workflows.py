@@ -251,7 +251,7 @@ def test_the_summary_nests_the_card_and_says_what_blocks():
     card = "# Model card: credit-risk\n\n**Verdict: REJECT**\n\n## Gates\n\n| a | b |\n"
     text = summary_markdown(judge(decision), decision, "credit-risk", "v-abc", card)
     assert text.startswith("## Model check: REJECT: worse than the champion or unsafe: blocks the merge")
-    assert "### Model card: credit-risk" in text and "#### Gates" in text
+    assert "rows of data version `v-abc`\n\n### Model card: credit-risk" in text and "\n#### Gates\n" in text
     assert "champion v3, on the same holdout rows of data version `v-abc`" in text
     fallback = summary_markdown(judge(decision), decision, "credit-risk", "v-abc", None)
     assert "could not be read" in fallback and "### Promotion decision: **REJECT**" in fallback
@@ -417,7 +417,7 @@ def test_act_runs_the_model_job_and_a_weak_candidate_fails_it(tmp_path):
     for passed in ("Start the local stack", "Generate the bundled data", "Train the champion with the base"):
         assert re.search(rf"Success - Main {re.escape(passed)}", log), f"{passed}: {log[-5000:]}"
     assert re.search(r"Failure - Main Train the candidate with the PR", log), log[-5000:]
-    assert f"exitcode '{REJECT_EXIT}'" in log, log[-5000:]
+    assert f"exit status {REJECT_EXIT}" in log, log[-5000:]
     assert re.search(r"Success - Main Publish the decision", log) and re.search(r"Success - Main Stop the stack", log)
     assert left == [], f"the job's last step left {left} running"
     summary = (workspace / "model-check.md").read_text()
