@@ -322,6 +322,49 @@ def test_a_candidate_as_good_as_the_champion_is_neutral_and_passes(ci_champion, 
     assert summary.read_text().startswith("## Model check: NEUTRAL")
 
 
+# --- cd.yml's own steps on the session stack --------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_cd_steps_deploy_run_training_and_wait_for_it(stack, default_data):
+    [job] = _load("cd.yml")["jobs"].values()
+    env = {"PREFECT_API_URL": stack.prefect_api_url, "PREFECT_API_KEY": "", "GITHUB_REF_NAME": "main"}
+    outputs = []
+    for step in job["steps"]:
+        if "run" in step:
+            result = _run_step(step, env, timeout=1800)
+            outputs.append(result.stdout)
+            assert result.returncode == 0, f"{step.get('name')}: {result.stdout[-3000:]}{result.stderr[-3000:]}"
+    deploy, run = outputs[-2:]
+    assert "deployed training:" in deploy
+    assert "started training/training" in run and f"{stack.prefect_ui_url}/runs/flow-run/" in run
+    assert re.search(r"flow run \S+: Completed", run), run
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_deployment_fails_when_the_run_fails_and_prints_its_url(stack, default_data):
+    # Given a scoring deployment whose default source does not exist
+    from deployments.deploy import deploy_all
+
+    broken = {"params": {"dataset": "credit-risk", "source": "s3://mlops/no-such-partition/"}}
+    deploy_all(work_pool=stack.work_pool, scoring_parameters=broken)
+    try:
+        command = [str(BIN / "mlops"), "run-deployment", "scoring", "--wait", "--timeout", "600"]
+        result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    finally:
+        deploy_all(work_pool=stack.work_pool)
+    # then the command names the run's URL and its state, and exits 1
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{stack.prefect_ui_url}/runs/flow-run/" in result.stdout
+    assert re.search(r"flow run \S+: Failed", result.stdout), result.stdout
+    missing = subprocess.run(
+        [str(BIN / "mlops"), "run-deployment", "no-such-flow"], check=False, capture_output=True, text=True, timeout=300
+    )
+    assert missing.returncode == 1 and "run `mlops deploy` first" in missing.stderr
+
+
 # --- the whole model job under act ------------------------------------------------------------------
 
 # act runs `uses:` actions by cloning them from GitHub, which is not reachable here: each is replaced by a
