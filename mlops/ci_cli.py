@@ -201,26 +201,34 @@ def run_deployment_command(
     except StackNotRunningError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+        code = _run_deployment(name, wait, timeout, tag or [], settings)
+    raise typer.Exit(code)
+
+
+def _run_deployment(name: str, wait: bool, timeout: float, tags: list[str], settings: Settings) -> int:
+    """Start the deployment's run, print its URL, and with `wait` follow it; returns the exit code."""
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
     from prefect.utilities.urls import url_for
 
     full_name = name if "/" in name else f"{name}/{name}"  # the project's flows share their deployments' names
     try:
-        run = run_deployment(full_name, timeout=0, tags=tag or None)
-    except ObjectNotFound as exc:
+        run = run_deployment(full_name, timeout=0, tags=tags or None)
+    except ObjectNotFound:
         typer.secho(f"error: no deployment {full_name!r}: run `mlops deploy` first", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
+        return 1
     link = url_for(run) or f"{settings.prefect_ui_url}/runs/flow-run/{run.id}"
     typer.echo(f"started {full_name}: flow run {run.name} ({run.id})\n  {link}")
     if not wait:
-        return
+        return 0
     run = _wait(run.id, timeout)
     state = run.state
     typer.echo(f"flow run {run.name}: {run.state_name}{f': {state.message}' if state and state.message else ''}")
     typer.echo(f"  {link}")
     if state is None or not state.is_final():
         typer.secho(f"error: still {run.state_name} after {timeout:.0f}s", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1)
-    if not state.is_completed():
-        raise typer.Exit(1)
+        return 1
+    return 0 if state.is_completed() else 1
