@@ -78,7 +78,7 @@ def judge(decision: Decision) -> PrVerdict:
 
 _HEADLINES = {
     "promote": "better than the champion: the flow would promote it",
-    "neutral": "as good as the champion (not better beyond noise): does not block the merge",
+    "neutral": "as good as the champion within noise: does not block the merge",
     "reject": "worse than the champion or unsafe: blocks the merge",
 }
 
