@@ -13,11 +13,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $@
 
-## browser-deps: Debian's chromium for the UI test (Playwright drives it; nothing is downloaded by Playwright)
+## browser-deps: Debian's chromium for the UI test (Playwright drives it; nothing is downloaded by Playwright).
+## As root, apt-get; otherwise through passwordless sudo (GitHub's runners, which ship /usr/bin/chromium anyway).
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
-	  else echo "the browser test needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
+	  if [ "$$(id -u)" = 0 ]; then sudo=; \
+	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo=sudo; \
+	  else echo "the browser test needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 ## demo: install, start the local stack, generate the default data and run the retraining flow once
 demo: install
@@ -34,6 +37,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/actionlint -shellcheck=$(BIN)/shellcheck -pyflakes= .github/workflows/*.yml
 
 format: install
 	$(BIN)/ruff format .

@@ -14,6 +14,7 @@ import typer
 from adapters.settings import Settings, get_settings
 from core.dataset import TaskType
 from mlops import stack
+from mlops.ci_cli import REJECT_EXIT, ModelGate, run_deployment_command
 from mlops.stack import client_env
 
 app = typer.Typer(help="Safe, self-retraining tabular ML on Prefect, MLflow and S3.", no_args_is_help=True)
@@ -25,6 +26,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
 demo_app = typer.Typer(help="Demonstrations against the running stack.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
+app.command("run-deployment")(run_deployment_command)  # CD: run a deployment and wait for its end
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -246,8 +248,20 @@ def serve(
     run(host or settings.host, port or settings.serving_port, settings)
 
 
-def run_training(dataset: str, dry_run: bool, seed: int, trials: int | None, settings: Settings) -> int:
-    """Run the training flow against the configured stack; returns a process exit code."""
+def run_training(
+    dataset: str,
+    dry_run: bool,
+    seed: int,
+    trials: int | None,
+    settings: Settings,
+    families: list[str] | None = None,
+    gate: ModelGate | None = None,
+) -> int:
+    """Run the training flow against the configured stack; returns a process exit code.
+
+    With `gate` (CI's model check) the decision is also written as a summary and judged for the PR.
+    """
+    gate = gate or ModelGate()
     os.environ.update(client_env(settings))
     from adapters.clients import StackNotRunningError, check_stack
 
@@ -255,18 +269,24 @@ def run_training(dataset: str, dry_run: bool, seed: int, trials: int | None, set
         check_stack(settings)
     except StackNotRunningError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        gate.failed("the stack is not reachable", str(exc))
         return 2
     from prefect.settings import PREFECT_API_URL, temporary_settings
+    from pydantic import ValidationError
 
     from core.search import SearchSpec
     from flows.training import TrainingParams, training
 
-    search = SearchSpec() if trials is None else SearchSpec(trials_per_family=trials)
+    try:
+        search = SearchSpec(families=families, **({} if trials is None else {"trials_per_family": trials}))
+    except ValidationError as exc:  # an unknown --family
+        raise _fail(f"--family: {exc.errors()[0]['msg']}", code=2) from exc
     params = TrainingParams(dataset=dataset, dry_run=dry_run, seed=seed, search=search)
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
         state = training(params, return_state=True)
     if not state.is_completed():
         typer.secho(f"training {state.name}: {state.message}", fg=typer.colors.RED, err=True)
+        gate.failed(f"the training run ended {state.name}", str(state.message))
         return 1
     outcome = state.result()
     typer.echo("")
@@ -279,7 +299,7 @@ def run_training(dataset: str, dry_run: bool, seed: int, trials: int | None, set
     serving = get_settings().serving_url  # set by client_env for the local stack
     if serving:
         typer.echo(f"Serving:    {serving}/model (POST {serving}/predict)")
-    return 0
+    return gate.judge(outcome, dataset, settings)
 
 
 @app.command("train")
@@ -290,12 +310,30 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Evaluate only; never register or promote.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the search, folds and models.")] = 42,
     trials: Annotated[int | None, typer.Option(min=1, help="Trials per model family.")] = None,
+    family: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--family",
+            help="Model family to search (repeatable), e.g. decision_tree; default: the task's families.",
+        ),
+    ] = None,
+    summary: Annotated[
+        Path | None, typer.Option("--summary", dir_okay=False, help="Write the decision and model card as Markdown.")
+    ] = None,
+    fail_on_reject: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-reject",
+            help=f"Exit {REJECT_EXIT} when the candidate is worse than the champion or unsafe (CI's model check).",
+        ),
+    ] = False,
 ) -> None:
     """Run the retraining flow now, against the configured stack (shows up on its Prefect server)."""
     _setup_logging()
     if not config.startswith("s3://") and Path(config).suffix in {".yaml", ".yml"}:
         config = str(Path(config).resolve())
-    code = run_training(config, dry_run, seed, trials, get_settings())
+    gate = ModelGate(summary.resolve() if summary else None, fail_on_reject)
+    code = run_training(config, dry_run, seed, trials, get_settings(), family, gate)
     raise typer.Exit(code)
 
 
