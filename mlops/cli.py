@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from enum import StrEnum
@@ -15,6 +14,8 @@ from adapters.settings import Settings, get_settings
 from core.dataset import TaskType
 from mlops import stack
 from mlops.ci_cli import REJECT_EXIT, ModelGate, run_deployment_command
+from mlops.cli_common import connect, fail, os_user, setup_logging
+from mlops.demo_cli import demo_app
 from mlops.stack import client_env
 
 app = typer.Typer(help="Safe, self-retraining tabular ML on Prefect, MLflow and S3.", no_args_is_help=True)
@@ -24,35 +25,21 @@ data_app = typer.Typer(
 )
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
-demo_app = typer.Typer(help="Demonstrations against the running stack.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
+alerts_app = typer.Typer(help="Alerts sent by the Prefect automations `mlops deploy` creates.", no_args_is_help=True)
+app.add_typer(alerts_app, name="alerts")
 app.command("run-deployment")(run_deployment_command)  # CD: run a deployment and wait for its end
-
-
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("httpx", "botocore", "urllib3", "alembic", "great_expectations"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
 
 
 @stack_app.command("up")
 def stack_up() -> None:
     """Start S3, MLflow and Prefect on loopback (a no-op for servers already running)."""
-    _setup_logging()
+    setup_logging()
     settings = get_settings()
     try:
         statuses = stack.up(settings)
     except stack.StackError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     for status in statuses:
         typer.echo(status.describe())
 
@@ -90,14 +77,14 @@ def data_generate(
     from core.synthetic import DriftSpec
     from mlops.datagen import write_months
 
-    _setup_logging()
+    setup_logging()
     settings = get_settings()
     target = dest or load_local_dataset_config("credit-risk").source
     if target.startswith("s3://"):
         try:
             check_stack(settings, services=("S3",))
         except StackNotRunningError as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
     drift = DriftSpec(start_month=drift_from, strength=drift_strength) if drift_from is not None else None
     written = write_months(settings, target, months, rows_per_month, seed, start, drift)
     typer.echo(f"wrote {len(written)} partitions ({months * rows_per_month} rows) to {target}")
@@ -120,10 +107,10 @@ def _source_names(source: str, settings: Settings) -> list[str]:
         try:
             return list_keys(settings, location)
         except BucketNotFoundError as exc:
-            raise _fail(f"{source}: bucket {location.bucket!r} does not exist") from exc
+            raise fail(f"{source}: bucket {location.bucket!r} does not exist") from exc
     path = Path(source)
     if not path.exists():
-        raise _fail(f"{source}: no such file or folder")
+        raise fail(f"{source}: no such file or folder")
     return [path.name] if path.is_file() else [p.name for p in path.rglob("*") if p.is_file()]
 
 
@@ -165,7 +152,7 @@ def data_init(
     from core.config_inference import ConfigInferenceError, format_from_names, infer_config
 
     if out.exists() and not force:
-        raise _fail(f"{out} exists; pass --force to replace it")
+        raise fail(f"{out} exists; pass --force to replace it")
     settings = get_settings()
     if source.startswith("s3://"):
         from adapters.clients import StackNotRunningError, check_stack
@@ -173,7 +160,7 @@ def data_init(
         try:
             check_stack(settings, services=("S3",))
         except StackNotRunningError as exc:
-            raise _fail(str(exc), code=2) from exc
+            raise fail(str(exc), code=2) from exc
     else:
         source = str(Path(source).resolve())
     from adapters.snapshots import DataLoadError, StoreUnavailableError, read_snapshot
@@ -185,7 +172,7 @@ def data_init(
             frame, source=source, fmt=chosen, target=target, id_column=id_column, task=task, name=name
         )
     except (ConfigInferenceError, DataLoadError, StoreUnavailableError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     _write_atomically(out, inferred.to_yaml())
     typer.echo(f"wrote {out}: {inferred.summary()}")
     for reason in inferred.left_out.values():
@@ -199,7 +186,7 @@ def deploy(
     interval: Annotated[int | None, typer.Option(min=10, help="Instead of cron: run every N seconds.")] = None,
 ) -> None:
     """Register the deployments (training, ...) on the configured Prefect server; idempotent."""
-    _setup_logging()
+    setup_logging()
     settings = get_settings()
     os.environ.update(client_env(settings))
     from adapters.clients import StackNotRunningError, check_stack
@@ -207,7 +194,7 @@ def deploy(
     try:
         check_stack(settings, services=("Prefect",))
     except StackNotRunningError as exc:
-        raise _fail(str(exc), code=2) from exc
+        raise fail(str(exc), code=2) from exc
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from deployments.deploy import deploy_all
@@ -238,7 +225,7 @@ def serve(
     poll_seconds: Annotated[float | None, typer.Option(min=0.1, help="Registry poll interval.")] = None,
 ) -> None:
     """Serve predictions from `models:/<model>@champion`, following the alias without a restart."""
-    _setup_logging()
+    setup_logging()
     settings = get_settings()
     changes = {"serving_model": model, "serving_alias": alias, "serving_poll_seconds": poll_seconds}
     settings = settings.model_copy(update={k: v for k, v in changes.items() if v is not None})
@@ -280,7 +267,7 @@ def run_training(
     try:
         search = SearchSpec(families=families, **({} if trials is None else {"trials_per_family": trials}))
     except ValidationError as exc:  # an unknown --family
-        raise _fail(f"--family: {exc.errors()[0]['msg']}", code=2) from exc
+        raise fail(f"--family: {exc.errors()[0]['msg']}", code=2) from exc
     params = TrainingParams(dataset=dataset, dry_run=dry_run, seed=seed, search=search)
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
         state = training(params, return_state=True)
@@ -329,34 +316,12 @@ def train(
     ] = False,
 ) -> None:
     """Run the retraining flow now, against the configured stack (shows up on its Prefect server)."""
-    _setup_logging()
+    setup_logging()
     if not config.startswith("s3://") and Path(config).suffix in {".yaml", ".yml"}:
         config = str(Path(config).resolve())
     gate = ModelGate(summary.resolve() if summary else None, fail_on_reject)
     code = run_training(config, dry_run, seed, trials, get_settings(), family, gate)
     raise typer.Exit(code)
-
-
-def _connect(settings: Settings) -> None:
-    """Point this process's clients at the stack, or exit with the way out when it does not answer."""
-    os.environ.update(client_env(settings))
-    # Our loggers also feed Prefect's run logs; outside a run (this command's own lines) that is not a warning.
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    from adapters.clients import StackNotRunningError, check_stack
-
-    try:
-        check_stack(settings)
-    except StackNotRunningError as exc:
-        raise _fail(str(exc), code=2) from exc
-
-
-def _os_user() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except Exception:  # no user database entry (containers)
-        return "unknown-user"
 
 
 @app.command("rollback")
@@ -367,9 +332,9 @@ def rollback_command(
     serving_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the serving API.")] = 60,
 ) -> None:
     """Move `champion` back to the previous (or given) version; the serving API follows it."""
-    _setup_logging()
+    setup_logging()
     settings = get_settings()
-    _connect(settings)
+    connect(settings)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from adapters.promotion import PromotionConflict
@@ -377,9 +342,9 @@ def rollback_command(
 
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
         try:
-            change = rollback(model, to, reason, _os_user())
+            change = rollback(model, to, reason, os_user())
         except (RollbackError, PromotionConflict) as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
     typer.echo(f"rolled back {model}: champion v{change.from_version} -> v{change.to_version} by {change.actor}")
     serving = serving_after_rollback(model, str(change.to_version), serving_timeout)
     typer.echo(f"serving: {serving.detail}")
@@ -417,136 +382,27 @@ def history_command(
         typer.echo(f"{line}  {row['reason'][:160]}")
 
 
-@demo_app.command("drift")
-def demo_drift(
-    strength: Annotated[float, typer.Option(min=0.05, max=1, help="Drift strength of the new month.")] = 0.8,
-    rows: Annotated[int, typer.Option(min=500, help="Rows in the new month.")] = 4000,
-    cooldown_minutes: Annotated[float, typer.Option(min=0, help="Monitoring's retraining cooldown.")] = 30,
-    wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for the triggered training run.")] = 900,
-) -> None:
-    """Add a drifted month to the bundled dataset, run monitoring, and follow the retraining it triggers."""
-    _setup_logging()
-    settings = get_settings()
-    _connect(settings)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
-        code = _drift_demo(settings, strength, rows, cooldown_minutes, wait)
-    raise typer.Exit(code)
-
-
-def _next_month(settings: Settings, source: str) -> tuple[int, str]:
-    """Index (from 2025-01, the generator's default start) and label of the month after the latest partition."""
-    import re
-
-    import pandas as pd
-
-    from adapters.clients import S3Location
-    from adapters.store import list_keys
-
-    keys = list_keys(settings, S3Location.parse(source))
-    months = sorted({match.group(1) for key in keys if (match := re.search(r"month=(\d{4}-\d{2})/", key))})
-    if not months:
-        raise _fail(f"no partitions under {source}: run `mlops data generate` first")
-    index = (pd.Period(months[-1], freq="M") - pd.Period("2025-01", freq="M")).n + 1
-    return index, str(pd.Period("2025-01", freq="M") + index)
-
-
-def _wait_for_run(flow_run_id: str, timeout: float) -> object:
-    import time
-
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while True:
-            run = client.read_flow_run(flow_run_id)
-            if (run.state is not None and run.state.is_final()) or time.monotonic() > deadline:
-                return run
-            time.sleep(3)
-
-
-def _print_monitoring(outcome: object, monitoring_link: str) -> None:
-    echo = typer.echo
-    for window in outcome.windows:
-        echo(f"   {window.name}: {window.rows} rows; " + ("; ".join(window.reasons) or window.note))
-        for feature in [*window.features, *([window.prediction] if window.prediction else [])]:
-            if window.judged and (feature.drifted or feature.psi >= 0.05):
-                mark = "DRIFTED" if feature.drifted else "       "
-                echo(f"     {mark} {feature.name:<22} PSI {feature.psi:6.3f}  {feature.test} p={feature.p_value:.1g}")
-        if window.performance is not None:
-            perf = window.performance
-            nan = float("nan")
-            figures = ", ".join(
-                f"{m} {v:.3f} (holdout {perf.holdout.get(m, nan):.3f})" for m, v in perf.metrics.items()
-            )
-            echo(f"     performance on {perf.rows} labelled rows: {figures}")
-    echo(f"   verdict: {'RETRAIN' if outcome.verdict.triggered else 'ok'}: {outcome.verdict.summary}")
-    echo(f"   report: {outcome.report.html_uri}\n   report link (7 days): {outcome.report.link}")
-    echo(f"   monitoring run: {monitoring_link}")
-    echo(f"\n3. Retraining: {outcome.trigger.status}: {outcome.trigger.detail}")
-
-
-def _print_training(settings: Settings, experiment_name: str, flow_run_id: str, wait: float) -> None:
-    from adapters.clients import mlflow_client
-
-    echo = typer.echo
-    echo(f"   waiting for the training run (the worker runs it): {settings.prefect_ui_url}/runs/flow-run/{flow_run_id}")
-    run = _wait_for_run(flow_run_id, wait)
-    echo(f"   training run {run.name}: {run.state_name}")
-    client = mlflow_client(settings)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return
-    found = client.search_runs([experiment.experiment_id], f"tags.prefect_flow_run_id = '{flow_run_id}'")
-    if not found:
-        return
-    tags = found[0].data.tags
-    echo(f"   reason recorded on the run: {tags.get('trigger_reason')}")
-    echo(f"   decision: {tags.get('decision', '-')} -> {tags.get('outcome', '-')}")
-    for reason in tags.get("decision.reasons", "").split(" | "):
-        echo(f"     - {reason}")
-    link = f"{settings.mlflow_tracking_uri}/#/experiments/{experiment.experiment_id}/runs/{found[0].info.run_id}"
-    echo(f"   MLflow run: {link}")
-
-
-def _drift_demo(settings: Settings, strength: float, rows: int, cooldown_minutes: float, wait: float) -> int:
-    """The drift story, step by step; returns a process exit code."""
-    from adapters.history_store import list_changes
-    from adapters.registry import champion_version
-    from core.dataset import load_local_dataset_config
-    from core.history import history_table
-    from core.synthetic import DriftSpec
-    from flows.monitoring import MonitoringParams, monitoring
-    from mlops.datagen import write_months
-
-    config = load_local_dataset_config("credit-risk")
-    champion = champion_version(config.model_name)
-    if champion is None:
-        raise _fail(f"{config.model_name} has no champion yet: run `mlops train` (and `mlops deploy`) first")
-    index, month = _next_month(settings, config.source)
-    [partition] = write_months(settings, config.source, 1, rows, 42, "2025-01", DriftSpec(index, strength), index)
-    echo = typer.echo
-    echo(f"\n1. A new month arrived, {month}, drifted by the generator's knob (strength {strength}): {partition}")
-    echo(f"   champion: {config.model_name} v{champion}; its labels are already in the partition (delayed labels)")
-    echo("\n2. Monitoring compares it with the champion's training reference ...")
-    params = MonitoringParams(partition=partition, labels=partition, cooldown_minutes=cooldown_minutes)
-    state = monitoring(params, return_state=True)
-    monitoring_link = f"{settings.prefect_ui_url}/runs/flow-run/{state.state_details.flow_run_id}"
-    if not state.is_completed():
-        echo(f"monitoring {state.name}: {state.message}\n   {monitoring_link}", err=True)
-        return 1
-    outcome = state.result()
-    _print_monitoring(outcome, monitoring_link)
-    if outcome.trigger.status == "triggered" and outcome.trigger.flow_run_id:
-        _print_training(settings, config.name, outcome.trigger.flow_run_id, wait)
-    echo(f"\n4. Champion history of {config.model_name} (`mlops history`):")
-    for row in history_table(list_changes(config.model_name, settings))[-5:]:
-        move = f"{row['from']:>4} -> {row['to']:<4}"
-        echo(f"   {row['at']}  {row['kind']:<9} {move} by {row['actor']}: {row['reason'][:100]}")
-    echo(f"\nnow champion: v{champion_version(config.model_name)}; roll back with `mlops rollback --reason TEXT`")
-    return 0
-
-
 if __name__ == "__main__":
     app()
+
+
+@alerts_app.command("resend")
+def alerts_resend(
+    since_minutes: Annotated[float, typer.Option(min=1, help="Look back this many minutes.")] = 24 * 60,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the missed alerts; send nothing.")] = False,
+) -> None:
+    """Send again the alerts Prefect could not deliver (its webhook was down: Prefect does not retry later)."""
+    from datetime import UTC, datetime, timedelta
+
+    setup_logging()
+    settings = get_settings()
+    connect(settings)
+    from adapters.alerts import redeliver, undelivered_alerts
+
+    missed = undelivered_alerts(datetime.now(UTC) - timedelta(minutes=since_minutes))
+    for alert in missed:
+        typer.echo(f"missed: {alert.occurred:%Y-%m-%d %H:%M:%S} {alert.automation}: {alert.subject}")
+    if dry_run or not missed:
+        typer.echo(f"{len(missed)} missed alert(s); nothing sent")
+        return
+    typer.echo(f"resent {redeliver(missed)} alert(s)")

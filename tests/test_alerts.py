@@ -29,7 +29,6 @@ from adapters.alerts import (
     RUN_FAILED_AUTOMATION,
     WEBHOOK_BLOCK,
     model_resource_id,
-    redeliver,
     undelivered_alerts,
 )
 from adapters.clients import S3Location, mlflow_client, put_bytes
@@ -331,8 +330,17 @@ def test_alert_missed_while_the_endpoint_is_down_is_not_retried_by_prefect_but_f
     [alert] = missed()
     assert alert.automation == RUN_FAILED_AUTOMATION and alert.event == "prefect.flow-run.Failed"
     assert f"{stack.prefect_ui_url}/runs/flow-run/{run_id}" in alert.body and "data validation failed" in alert.body
-    # and sent again, once; then it is no longer listed
-    assert redeliver([alert]) == 1
+    # and sent again, once, by `mlops alerts resend` (which lists it first with --dry-run); then it is no
+    # longer listed
+    from typer.testing import CliRunner
+
+    from mlops.cli import app
+
+    listed = CliRunner().invoke(app, ["alerts", "resend", "--since-minutes", "10", "--dry-run"])
+    assert listed.exit_code == 0 and RUN_FAILED_AUTOMATION in listed.output, listed.output
+    assert receiver.matching(run_id) == []
+    resent = CliRunner().invoke(app, ["alerts", "resend", "--since-minutes", "10"])
+    assert resent.exit_code == 0 and "resent 1 alert(s)" in resent.output, resent.output
     _, text = receiver.one(run_id)
     assert text.startswith("[redelivered] [mlops] training run ") and "Failed" in text.splitlines()[0]
     wait_for(lambda: not missed(), 30, "the redelivery to be recorded", interval=1)
