@@ -57,7 +57,6 @@ IMPORTANCE_MEANING = {
     "roc_auc_ovr": "the drop in macro one-vs-rest ROC AUC",
     "neg_root_mean_squared_error": "the increase in RMSE (in the target's units)",
 }
-DEFAULT_SCORING = {"binary": "roc_auc", "multiclass": "roc_auc_ovr", "regression": "neg_root_mean_squared_error"}
 
 
 class FeatureImportance(NamedTuple):

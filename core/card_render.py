@@ -12,15 +12,15 @@ from typing import Any
 from jinja2 import Environment, StrictUndefined
 
 from core.card import (
-    DEFAULT_SCORING,
     IMPORTANCE_MEANING,
     MACRO_METRICS,
     METRIC_NAMES,
     MULTICLASS_METRIC_NAMES,
     ModelCard,
 )
+from core.dataset import TaskType
 from core.fairness import FairnessReport
-from core.metrics import LOWER_IS_BETTER, improvement
+from core.metrics import LOWER_IS_BETTER, improvement, scoring_for
 from core.slices import slice_drop
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def _cold_start(card: ModelCard) -> dict[str, Any] | None:
 
 
 def _importance_note(card: ModelCard) -> str:
-    scoring = card.importance_scoring or DEFAULT_SCORING.get(card.task_type, "roc_auc")
+    scoring = card.importance_scoring or scoring_for(TaskType(card.task_type)).scorer
     meaning = IMPORTANCE_MEANING.get(scoring, f"the drop in {scoring}")
     return f"Permutation importance on the holdout: {meaning} when the feature's values are shuffled."
 

@@ -195,3 +195,22 @@ class Evaluation:
 def improvement(metric: str, candidate: float, champion: float) -> float:
     """Candidate minus champion, signed so that positive always means better."""
     return champion - candidate if metric in LOWER_IS_BETTER else candidate - champion
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How trials are ranked: a scikit-learn scorer (higher is better) and the metric it reports."""
+
+    scorer: str
+    metric: str
+    sign: float  # metric = sign * scorer value (RMSE is scored as its negative)
+
+
+def scoring_for(task: TaskType) -> Scoring:
+    """Cross-validation score used to rank configurations."""
+    match task:
+        case TaskType.binary:
+            return Scoring("roc_auc", "roc_auc", 1.0)
+        case TaskType.multiclass:
+            return Scoring("roc_auc_ovr", "roc_auc_ovr", 1.0)
+    return Scoring("neg_root_mean_squared_error", "rmse", -1.0)

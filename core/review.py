@@ -32,7 +32,7 @@ from core.dataset import DatasetConfig, FeatureType, TaskType
 from core.decision import GateResult, Gates, HoldoutEvidence, configured_bounds, resolve_gates
 from core.fairness import FairnessReport, fairness_check, fairness_reports, sensitive_groups
 from core.features import prepare_inputs, prepare_target
-from core.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS, model_classes
+from core.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS, model_classes, scoring_for
 from core.significance import DeltaInterval, bootstrap_metrics, paired_bootstrap_metrics
 from core.slices import SliceMetric, slice_gate, slice_metrics, unmeasured_slices
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 LATENCY_CALLS = 30
 
 # scikit-learn scorer of the permutation importance, per task (`task_of`).
-IMPORTANCE_SCORING = {"binary": "roc_auc", "multiclass": "roc_auc_ovr", "regression": "neg_root_mean_squared_error"}
 
 
 def task_of(classes: list[Any]) -> str:
@@ -257,7 +256,7 @@ def review_candidate(
     X = prepare_inputs(holdout, config)
     checks += operational_gates(candidate, X.head(1), gates)
     checks.append(schema_gate(input_schema(config), champion_schema, gates.allow_schema_change))
-    scoring = IMPORTANCE_SCORING[task]
+    scoring = scoring_for(TaskType(task)).scorer  # the search's own CV scorer
     importances = permutation_importances(candidate, X, y_true, scoring=scoring, seed=seed)
     for check in checks:
         log.info("gate %s: %s (%s)", check.gate, "passed" if check.passed else "FAILED", check.detail)

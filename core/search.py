@@ -43,6 +43,7 @@ from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
 from core.dataset import DatasetConfig, TaskType
 from core.features import build_preprocessor, prepare_inputs, prepare_target
+from core.metrics import Scoring, scoring_for
 
 log = logging.getLogger(__name__)
 
@@ -176,25 +177,6 @@ def base_estimator(family: ModelFamily, classification: bool, seed: int) -> Base
             cls = DecisionTreeClassifier if classification else DecisionTreeRegressor
             return cls(random_state=seed)
     raise ValueError(f"unknown model family {family!r}")
-
-
-@dataclass(frozen=True)
-class Scoring:
-    """How trials are ranked: a scikit-learn scorer (higher is better) and the metric it reports."""
-
-    scorer: str
-    metric: str
-    sign: float  # metric = sign * scorer value (RMSE is scored as its negative)
-
-
-def scoring_for(task: TaskType) -> Scoring:
-    """Cross-validation score used to rank configurations."""
-    match task:
-        case TaskType.binary:
-            return Scoring("roc_auc", "roc_auc", 1.0)
-        case TaskType.multiclass:
-            return Scoring("roc_auc_ovr", "roc_auc_ovr", 1.0)
-    return Scoring("neg_root_mean_squared_error", "rmse", -1.0)
 
 
 @dataclass(frozen=True)
