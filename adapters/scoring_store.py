@@ -1,18 +1,20 @@
-"""Batch scoring's outside world: the model version, the partition's files in S3, staging and publishing.
+"""Batch scoring's outside world: the model version, the partition's files in S3, writing and publishing.
 
 Memory stays bounded by the chunk size, not the partition size: each file is read with pyarrow's
 `ParquetFile.iter_batches` (only the id, time and feature columns; buffered reads instead of
 pre-buffering whole row groups), and each chunk's predictions go at once to a `ParquetWriter` that
 streams to S3. What a chunk's predictions and the summary hold is `core.scoring`.
 
-Nothing half-written (S3 has no rename):
-- every part is first written under a staging prefix, `s3://<output bucket>/_staging/scoring/<token>/`;
-- only once every file is scored are the parts copied to the output prefix; parts of an earlier run
-  there that this run does not overwrite are deleted, and `summary.json` is written last: it is the
-  completion marker, present only when the prefix holds one complete run;
-- the staging prefix is deleted on success and on failure (`discard_staging_prefix`), and a failure
-  while copying removes what was copied. Only a killed process can leave objects, and then only under
-  `_staging/` (a lifecycle rule on that prefix cleans them).
+Published atomically (S3 has no rename; the layout is in `core.scoring`):
+- each run writes its parts under a version of its own, `<output>/versions/<version>/`, then its
+  `summary.json` there;
+- the parts are checked to be there, then `<output>/manifest.json` is replaced in one PUT (the flip): a
+  reader of the manifest (`current_output`, `read_current_predictions`) sees the previous complete run
+  until then, and the new complete run after;
+- only after the flip are versions older than the manifest's `previous` deleted (and the files of the
+  layout before manifests, directly under the output): the previous good output stays readable;
+- a failure before the flip deletes the run's version (`discard_version`), never a version the manifest
+  names. A killed run leaves an unreferenced version, deleted by a later publish (`core.scoring.expired_versions`).
 """
 
 from __future__ import annotations
@@ -33,16 +35,22 @@ from adapters.store import BucketNotFoundError, fs_path, list_keys, s3_filesyste
 from core.dataset import DatasetConfig
 from core.metrics import model_classes
 from core.scoring import (
+    MANIFEST_NAME,
     PARQUET_SUFFIXES,
-    SUMMARY_NAME,
+    VERSIONS_FOLDER,
+    Manifest,
     ModelVersionError,
     OutputPlan,
     Partition,
     PartitionFile,
     PredictionTally,
     ScoringInputError,
+    ScoringOutputError,
     ScoringSummary,
-    is_own_output,
+    expired_versions,
+    folder,
+    is_legacy_output,
+    manifest_for,
     missing_columns,
     predict_chunk,
     required_columns,
@@ -140,7 +148,7 @@ def inspect_partition_files(source: str, config: DatasetConfig, settings: Settin
     return inspect_files(source, list_partition_files(source, settings), config, s3_filesystem(settings))
 
 
-# --- scoring into the staging prefix ------------------------------------------------------------------
+# --- scoring into the run's version --------------------------------------------------------------------
 
 
 def score_partition_files(
@@ -154,13 +162,13 @@ def score_partition_files(
     filesystem: Any,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> ScoringSummary:
-    """Score every file chunk by chunk into the staging prefix; returns the summary (nothing is published).
+    """Score every file chunk by chunk into the run's version; returns the summary (nothing is published yet).
 
     Args:
         model: The registered sklearn pipeline: a classifier (`predict_proba`, `classes_`) or a regressor.
         config: Dataset description (id, time and feature columns).
         partition: The files to score (from `inspect_files`).
-        plan: Where the parts are staged and finally published.
+        plan: The output and this run's version, where the parts are written.
         chunk_rows: Rows per chunk: bounds memory.
         model_name: Registered model name, recorded in the summary.
         model_version: Version used, recorded in each row and the summary.
@@ -180,7 +188,7 @@ def score_partition_files(
         if file.rows == 0:
             log.warning("%s has no rows; nothing to score", file.uri)
             continue
-        target = plan.staging + plan.part_name(index)
+        target = plan.prefix + plan.part_name(index)
         first_row = 0
         with (
             filesystem.open_input_file(fs_path(file.uri)) as source,
@@ -219,7 +227,7 @@ def score_partition_files(
         if first_row != file.rows:
             raise ScoringInputError(f"{file.uri}: read {first_row} rows, but its footer says {file.rows}")
         summary.files += 1
-        summary.parts[file.uri] = plan.output + plan.part_name(index)
+        summary.parts[file.uri] = target
     summary.seconds = round(time.perf_counter() - started, 3)
     tally.fill(summary)
     log.info(
@@ -234,7 +242,7 @@ def score_partition_files(
     return summary
 
 
-# --- publishing: staging -> output, summary last ------------------------------------------------------
+# --- publishing: summary, check, flip the manifest, then clean up --------------------------------------
 
 
 def _delete_keys(client: Any, bucket: str, keys: list[str]) -> None:
@@ -243,44 +251,121 @@ def _delete_keys(client: Any, bucket: str, keys: list[str]) -> None:
         client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
 
 
-def publish_output(plan: OutputPlan, summary: ScoringSummary, settings: Settings) -> str:
-    """Copy the staged parts to the output prefix, drop an earlier run's leftovers there, then the summary.
+def read_manifest(output: str, settings: Settings) -> Manifest | None:
+    """The output's manifest, or None when nothing was published there yet.
 
-    The summary is written last, so a prefix with a `summary.json` always holds one complete run. If
-    copying fails, what was copied is removed. Returns the summary's URI.
+    Raises:
+        ScoringOutputError: The manifest exists but is not a valid one (names it).
     """
-    client, filesystem = s3_client(settings), s3_filesystem(settings)
-    staging, final = S3Location.parse(plan.staging), S3Location.parse(plan.output)
-    staged = list_keys(settings, staging, filesystem=filesystem)
-    # Only this flow's own file names directly under the prefix are ever deleted, never anything else.
-    earlier = [
-        key
-        for key in list_keys(settings, final, filesystem=filesystem, recursive=False)
-        if is_own_output(key.removeprefix(final.key))
-    ]
-    if final.key + SUMMARY_NAME in earlier:
-        client.delete_object(Bucket=final.bucket, Key=final.key + SUMMARY_NAME)
-    copied: list[str] = []
+    location = S3Location.parse(folder(output)).child(MANIFEST_NAME)
+    client = s3_client(settings)
     try:
-        for key in staged:
-            destination = final.key + key.removeprefix(staging.key)
-            client.copy({"Bucket": staging.bucket, "Key": key}, final.bucket, destination)
-            copied.append(destination)
-    except BaseException:
-        _delete_keys(client, final.bucket, copied)
+        body = client.get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+    except client.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey"}:
+            return None
         raise
-    _delete_keys(client, final.bucket, [k for k in earlier if k not in copied and not k.endswith(SUMMARY_NAME)])
+    return Manifest.from_json(body, f"s3://{location.bucket}/{location.key}")
+
+
+def current_output(output: str, settings: Settings | None = None) -> Manifest:
+    """The complete scoring output readers should use: the manifest's current version (files, summary).
+
+    Raises:
+        ScoringOutputError: Nothing was published at `output` (no manifest), or the manifest is invalid.
+    """
+    manifest = read_manifest(output, settings or get_settings())
+    if manifest is None:
+        raise ScoringOutputError(f"{folder(output)}: no {MANIFEST_NAME}, so no complete scoring output there yet")
+    return manifest
+
+
+def read_current_predictions(output: str, settings: Settings | None = None) -> pa.Table:
+    """Every prediction of the output's current version (through the manifest), in input-file order."""
+    settings = settings or get_settings()
+    manifest = current_output(output, settings)
+    filesystem = s3_filesystem(settings)
+    tables = []
+    for uri in manifest.files:
+        with filesystem.open_input_file(fs_path(uri)) as handle:
+            tables.append(pq.read_table(handle))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def _version_names(settings: Settings, output: str, filesystem: Any) -> list[str]:
+    """The versions that have objects under `<output>/versions/`."""
+    root = S3Location.parse(folder(output) + VERSIONS_FOLDER)
+    names = {key.removeprefix(root.key).split("/", 1)[0] for key in list_keys(settings, root, filesystem=filesystem)}
+    return sorted(n for n in names if n)
+
+
+def publish_output(plan: OutputPlan, summary: ScoringSummary, settings: Settings) -> Manifest:
+    """Write the run's summary, check its parts, flip the manifest to it (one PUT), then delete expired versions.
+
+    Until the flip the manifest names the previous complete run, which stays readable; after it, the new
+    one. The run's own parts are checked to be in S3 first, so the manifest never names a missing file.
+    Clean-up after the flip is best effort: a failure there is logged, the publication stands.
+
+    Raises:
+        ScoringOutputError: A part the summary lists is not in S3 (nothing is flipped).
+    """
+    filesystem = s3_filesystem(settings)
     put_bytes(settings, S3Location.parse(plan.summary_uri), summary.to_json().encode(), "application/json")
-    _delete_keys(client, staging.bucket, staged)
-    log.info("published %d prediction file(s) and %s", len(copied), plan.summary_uri)
-    return plan.summary_uri
+    prefix = S3Location.parse(plan.prefix)
+    written = {f"s3://{prefix.bucket}/{key}" for key in list_keys(settings, prefix, filesystem=filesystem)}
+    missing = [uri for uri in summary.parts.values() if uri not in written]
+    if missing:
+        raise ScoringOutputError(f"{plan.prefix}: parts not found after writing them: {missing}; nothing published")
+    before = read_manifest(plan.output, settings)
+    # A retry after a flip that did happen finds its own version: keep the previous one it named then.
+    previous = (before.previous if before.version == plan.version else before.version) if before else None
+    manifest = manifest_for(plan, summary, datetime.now(UTC), previous)
+    put_bytes(settings, S3Location.parse(plan.manifest_uri), manifest.to_json().encode(), "application/json")
+    log.info(
+        "published %s: %d prediction file(s), %d rows (previous version: %s)",
+        plan.prefix,
+        len(manifest.files),
+        manifest.rows,
+        manifest.previous or "none",
+    )
+    try:
+        removed = remove_expired_versions(plan.output, manifest, settings, filesystem)
+    except Exception:  # the flip is done: a failed clean-up must not fail the run
+        log.exception("published %s, but deleting expired versions failed; a later run retries", plan.prefix)
+    else:
+        if removed:
+            log.info("deleted %d expired object(s) under %s", removed, plan.output)
+    return manifest
 
 
-def discard_staging_prefix(plan: OutputPlan, settings: Settings) -> int:
-    """Delete everything under the staging prefix; returns how many objects were deleted."""
-    staging = S3Location.parse(plan.staging)
-    keys = list_keys(settings, staging)
-    _delete_keys(s3_client(settings), staging.bucket, keys)
+def remove_expired_versions(output: str, manifest: Manifest, settings: Settings, filesystem: Any = None) -> int:
+    """Delete versions older than the manifest's `previous` and pre-manifest files; returns objects deleted."""
+    filesystem = filesystem or s3_filesystem(settings)
+    client, root = s3_client(settings), S3Location.parse(folder(output))
+    doomed: list[str] = []
+    for version in expired_versions(_version_names(settings, output, filesystem), manifest.version, manifest.previous):
+        doomed += list_keys(settings, root.child(f"{VERSIONS_FOLDER}{version}/"), filesystem=filesystem)
+    # files of the layout before manifests (parts and summary directly under the output): never read now
+    doomed += [
+        key
+        for key in list_keys(settings, root, filesystem=filesystem, recursive=False)
+        if is_legacy_output(key.removeprefix(root.key))
+    ]
+    _delete_keys(client, root.bucket, doomed)
+    return len(doomed)
+
+
+def discard_version(plan: OutputPlan, settings: Settings) -> int:
+    """Delete a failed run's version (never the one the manifest names); returns how many objects were deleted."""
+    manifest = read_manifest(plan.output, settings)
+    if manifest is not None and manifest.version == plan.version:
+        log.warning("not discarding %s: the manifest names it (it was published)", plan.prefix)
+        return 0
+    location = S3Location.parse(plan.prefix)
+    keys = list_keys(settings, location)
+    _delete_keys(s3_client(settings), location.bucket, keys)
     if keys:
-        log.info("discarded %d staged object(s) under %s", len(keys), plan.staging)
+        log.info("discarded %d object(s) of the failed run under %s", len(keys), plan.prefix)
     return len(keys)

@@ -5,10 +5,18 @@ multiclass alike); a regressor's `predicted` value (float64). The summary has cl
 probabilities for a classifier, and prediction statistics (mean, standard deviation, min, max) for a
 regressor.
 
-Where the predictions go: one prediction file per input file, `<output>/part-00000.parquet`, ... in the
-sorted order of the input files, and `summary.json` beside them (the summary maps each input file to its
-output file). Every part is first written under a staging prefix in the output bucket,
-`s3://<output bucket>/_staging/scoring/<token>/`. Reading, staging and publishing are
+Where the predictions go (published atomically: the previous good output stays readable until the new
+one is complete):
+
+    <output>/manifest.json                          which version is current (and the one before it)
+    <output>/versions/<version>/part-00000.parquet  one prediction file per input file, sorted input order
+    <output>/versions/<version>/summary.json        the run's summary (maps each input file to its part)
+
+Each run writes a new `<version>` (its start time in UTC, then a token: versions sort by start time).
+Only once every part and the summary are written is `manifest.json` replaced, in one PUT: that is the
+flip. Readers resolve the output through the manifest (`adapters.scoring_store.current_output`), never by
+listing the prefix, so they see the previous complete run or the new complete run, never a mix. Versions
+older than the manifest's `previous` are deleted after the flip. Reading, writing and publishing are
 `adapters.scoring_store`.
 """
 
@@ -16,7 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -31,7 +39,9 @@ from core.metrics import model_classes, model_scores
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 SUMMARY_NAME = "summary.json"
-STAGING_PREFIX = "_staging/scoring"
+MANIFEST_NAME = "manifest.json"
+VERSIONS_FOLDER = "versions/"
+MANIFEST_FORMAT = 1
 
 
 class ScoringInputError(PermanentError):
@@ -40,6 +50,10 @@ class ScoringInputError(PermanentError):
 
 class ModelVersionError(PermanentError):
     """No model to score with: no champion and no version given, or the given version does not exist."""
+
+
+class ScoringOutputError(PermanentError):
+    """A scoring output cannot be read: no manifest (nothing published yet) or an unreadable one. Names it."""
 
 
 # --- what gets scored, where the predictions go -----------------------------------------------------
@@ -69,10 +83,10 @@ class Partition:
 
 @dataclass(frozen=True)
 class OutputPlan:
-    """Final output prefix and the staging prefix the parts are written to first (both end with `/`)."""
+    """The output prefix (what readers name) and this run's version under it (prefixes end with `/`)."""
 
     output: str
-    staging: str
+    version: str
 
     @staticmethod
     def part_name(index: int) -> str:
@@ -80,9 +94,109 @@ class OutputPlan:
         return f"part-{index:05d}.parquet"
 
     @property
+    def prefix(self) -> str:
+        """Where this run writes its parts and summary: `<output>/versions/<version>/`."""
+        return version_prefix(self.output, self.version)
+
+    @property
     def summary_uri(self) -> str:
-        """Where the summary goes."""
-        return self.output + SUMMARY_NAME
+        """Where this run's summary goes."""
+        return self.prefix + SUMMARY_NAME
+
+    @property
+    def manifest_uri(self) -> str:
+        """The output's manifest, replaced last (the flip)."""
+        return self.output + MANIFEST_NAME
+
+
+def version_prefix(output: str, version: str) -> str:
+    """`<output>/versions/<version>/`."""
+    return f"{folder(output)}{VERSIONS_FOLDER}{version}/"
+
+
+def new_version(now: datetime, token: str) -> str:
+    """A run's version name: its UTC start time (microseconds) then a token, so versions sort by start time."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in token)[:48]
+    return f"{now.astimezone(UTC):%Y%m%dT%H%M%S%fZ}-{safe}"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """`<output>/manifest.json`: the current complete version of an output, and the one it replaced.
+
+    `files` are the current version's prediction files (full URIs, input order) and `summary` its summary;
+    a reader needs nothing else. `previous` is kept readable until the next flip.
+    """
+
+    output: str
+    version: str
+    files: tuple[str, ...]
+    summary: str
+    rows: int
+    model_name: str
+    model_version: str
+    source: str
+    published_at: str
+    previous: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        """The current version's prefix."""
+        return version_prefix(self.output, self.version)
+
+    def to_json(self) -> str:
+        """The manifest as JSON (with its format number)."""
+        return json.dumps({"format": MANIFEST_FORMAT} | asdict(self) | {"files": list(self.files)}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str) -> Manifest:
+        """Parse a manifest; ScoringOutputError naming `where` and what is wrong.
+
+        Raises:
+            ScoringOutputError: Not JSON, another format, or a missing or mistyped field.
+        """
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ScoringOutputError(f"{where}: not a scoring manifest (invalid JSON: {exc})") from exc
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ScoringOutputError(f"{where}: manifest format {found!r}, expected {MANIFEST_FORMAT}")
+        try:
+            manifest = cls(**{k: v for k, v in data.items() if k != "format"} | {"files": tuple(data["files"])})
+        except (KeyError, TypeError) as exc:
+            raise ScoringOutputError(f"{where}: incomplete manifest ({exc})") from exc
+        if not all(f.startswith(manifest.prefix) for f in manifest.files) or not manifest.summary.startswith(
+            manifest.prefix
+        ):
+            raise ScoringOutputError(f"{where}: manifest lists files outside its version {manifest.prefix}")
+        return manifest
+
+
+def manifest_for(plan: OutputPlan, summary: ScoringSummary, published_at: datetime, previous: str | None) -> Manifest:
+    """The manifest that makes `plan`'s version current (its parts in input order, its summary)."""
+    return Manifest(
+        output=plan.output,
+        version=plan.version,
+        files=tuple(summary.parts.values()),
+        summary=plan.summary_uri,
+        rows=summary.rows,
+        model_name=summary.model_name,
+        model_version=summary.model_version,
+        source=summary.source,
+        published_at=published_at.isoformat(),
+        previous=previous,
+    )
+
+
+def expired_versions(versions: list[str], current: str, previous: str | None) -> list[str]:
+    """Versions to delete after a flip: every one older than the oldest kept (`previous`, else `current`).
+
+    Newer versions that are not current are left alone: another run may still be writing one. A run
+    killed mid-write leaves an unreferenced version, deleted once it is older than the kept ones.
+    """
+    oldest_kept = min(v for v in (current, previous) if v is not None)
+    return sorted(v for v in versions if v < oldest_kept and v not in {current, previous})
 
 
 def folder(uri: str) -> str:
@@ -112,22 +226,21 @@ def default_output(bucket: str, model_name: str, source: str, version: str) -> s
     return f"s3://{bucket}/predictions/batch/{model_name}/{partition_name(source)}/v{version}/"
 
 
-def plan_output(output: str | None, bucket: str, model_name: str, source: str, version: str, token: str) -> OutputPlan:
-    """The output prefix (given or default) and a fresh staging prefix in the same bucket.
+def plan_output(output: str | None, bucket: str, model_name: str, source: str, version: str, run: str) -> OutputPlan:
+    """The output prefix (given or default) and this run's version under it (`run`: the run's version name).
 
     Raises:
         ScoringInputError: The output would land inside the source partition (or contain it).
     """
     final = folder(output) if output else default_output(bucket, model_name, source, version)
-    output_bucket = S3Location.parse(final).bucket
     source_folder = folder(source.rsplit("/", 1)[0] if source.endswith(PARQUET_SUFFIXES) else source)
     if final.startswith(source_folder) or source_folder.startswith(final):
         raise ScoringInputError(f"output {final} overlaps the source {source}: predictions would mix with the data")
-    return OutputPlan(final, f"s3://{output_bucket}/{STAGING_PREFIX}/{token}/")
+    return OutputPlan(final, run)
 
 
-def is_own_output(name: str) -> bool:
-    """A name (relative to an output prefix) this flow writes there: `summary.json` or `part-*.parquet`."""
+def is_legacy_output(name: str) -> bool:
+    """A file of the layout before manifests, directly under an output: `summary.json` or `part-*.parquet`."""
     return name == SUMMARY_NAME or (name.startswith("part-") and name.endswith(".parquet"))
 
 

@@ -2,8 +2,9 @@
 
 This module wires tasks and handles state: the tasks are `tasks/scoring.py`, what is predicted and
 summarised is `core/scoring.py`, reading, staging and publishing in S3 is `adapters/scoring_store.py`.
-Predictions are staged first and published only after every file is scored, with `summary.json` last;
-a failure discards the staged parts, so the output prefix never holds a half-written run.
+Each run writes a version of its own under the output and publishes it by replacing the output's
+`manifest.json` last (one PUT), so readers (who go through the manifest) see the previous complete run
+until the new one is complete; a failure discards the run's version. Layout: `core/scoring.py`.
 
 Every task type is scored: a classifier (binary or multiclass) writes the predicted class and the
 probability of every class, a regressor its predicted value (see `core.scoring.predict_chunk`).
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.loading import load_dataset_config
 from tasks.scoring import (
-    discard_staging,
+    discard_version,
     inspect_partition,
     load_model,
     make_output_plan,
@@ -64,8 +65,8 @@ class ScoringParams(BaseModel):
     output: str | None = Field(
         None,
         title="Output",
-        description="s3:// folder for the predictions and summary.json; empty means "
-        "s3://<bucket>/predictions/batch/<model>/<partition>/v<version>/.",
+        description="s3:// folder of the output (manifest.json, versions/<run>/ with the predictions and "
+        "summary.json); empty means s3://<bucket>/predictions/batch/<model>/<partition>/v<version>/.",
         pattern=S3_URI,
     )
 
@@ -79,9 +80,11 @@ class ScoringOutcome:
     rows: int
     chunks: int
     files: int
-    output: str
-    summary_uri: str
+    output: str  # the output prefix; read it through its manifest (`adapters.scoring_store.current_output`)
+    summary_uri: str  # this run's summary, in its version
     task: str = "binary"  # binary, multiclass or regression: what the predictions hold
+    manifest_uri: str = ""  # `<output>/manifest.json`, which names this run's files once published
+    prediction_files: tuple[str, ...] = ()  # this run's prediction files, as the manifest lists them
 
 
 @flow(
@@ -99,11 +102,20 @@ def scoring(params: ScoringParams) -> ScoringOutcome:
     plan = make_output_plan(params.output, config.model_name, params.source, version)
     try:
         summary = score_partition(model, config, partition, plan, params.chunk_rows, config.model_name, version)
-        summary_uri = publish_predictions(plan, summary)
+        manifest = publish_predictions(plan, summary)
     except BaseException:
-        discard_staging(plan)
+        discard_version(plan)
         raise
-    publish_scoring_summary(summary, summary_uri)
+    publish_scoring_summary(summary, manifest.summary)
     return ScoringOutcome(
-        config.model_name, version, summary.rows, summary.chunks, summary.files, plan.output, summary_uri, summary.task
+        config.model_name,
+        version,
+        summary.rows,
+        summary.chunks,
+        summary.files,
+        plan.output,
+        manifest.summary,
+        summary.task,
+        plan.manifest_uri,
+        manifest.files,
     )

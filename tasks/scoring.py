@@ -1,13 +1,14 @@
 """Prefect tasks of batch scoring, thin wrappers.
 
-What is predicted and summarised is `core.scoring`; the model version, reading the partition, staging and
-publishing the output are `adapters.scoring_store`.
+What is predicted and summarised is `core.scoring`; the model version, reading the partition, writing the
+run's version and publishing it (the manifest flip) are `adapters.scoring_store`.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import task
@@ -18,7 +19,7 @@ from adapters.registry import CHAMPION
 from adapters.settings import get_settings
 from adapters.store import s3_filesystem
 from core.dataset import DatasetConfig
-from core.scoring import OutputPlan, Partition, ScoringSummary, plan_output
+from core.scoring import Manifest, OutputPlan, Partition, ScoringSummary, new_version, plan_output
 from tasks.retrying import IO, IO_RETRIES, IO_RETRY_DELAYS
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,12 @@ def inspect_partition(source: str, config: DatasetConfig) -> Partition:
 
 @task(name="plan-output", cache_policy=NO_CACHE)
 def make_output_plan(output: str | None, model_name: str, source: str, version: str) -> OutputPlan:
-    """Prefect task: the output prefix (given or default) and this run's staging prefix."""
+    """Prefect task: the output prefix (given or default) and this run's version under it."""
     from prefect.runtime import flow_run
 
-    token = f"{flow_run.get_id() or 'local'}-{uuid.uuid4().hex[:8]}"
-    plan = plan_output(output, get_settings().bucket, model_name, source, version, token)
-    log.info("predictions go to %s (staged under %s)", plan.output, plan.staging)
+    run = new_version(datetime.now(UTC), f"{(flow_run.get_id() or 'local')[:8]}-{uuid.uuid4().hex[:8]}")
+    plan = plan_output(output, get_settings().bucket, model_name, source, version, run)
+    log.info("predictions go to %s (written under %s, published by its manifest)", plan.output, plan.prefix)
     return plan
 
 
@@ -67,7 +68,7 @@ def score_partition(
     model_name: str,
     model_version: str,
 ) -> ScoringSummary:
-    """Prefect task: score into the staging prefix; progress shows as a Prefect progress artifact."""
+    """Prefect task: score into the run's version; progress shows as a Prefect progress artifact."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     progress_id = create_progress_artifact(
@@ -84,15 +85,15 @@ def score_partition(
 
 
 @task(name="publish-predictions", **IO)
-def publish_predictions(plan: OutputPlan, summary: ScoringSummary) -> str:
-    """Prefect task: staged parts to the output prefix, summary.json last (see `scoring_store.publish_output`)."""
+def publish_predictions(plan: OutputPlan, summary: ScoringSummary) -> Manifest:
+    """Prefect task: summary, then the manifest flip, then expired versions (see `scoring_store.publish_output`)."""
     return scoring_store.publish_output(plan, summary, get_settings())
 
 
-@task(name="discard-staging", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
-def discard_staging(plan: OutputPlan) -> int:
-    """Prefect task: delete this run's staged parts (after a failure, so nothing half-written remains)."""
-    return scoring_store.discard_staging_prefix(plan, get_settings())
+@task(name="discard-version", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
+def discard_version(plan: OutputPlan) -> int:
+    """Prefect task: delete a failed run's version (never the published one), so nothing half-written remains."""
+    return scoring_store.discard_version(plan, get_settings())
 
 
 @task(name="publish-scoring-summary", cache_policy=NO_CACHE)

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from adapters.clients import S3Location, mlflow_client, s3_client, use_tracking_server
-from core.scoring import STAGING_PREFIX, default_output
+from adapters.scoring_store import current_output, read_current_predictions
+from core.scoring import default_output
 from core.search import ModelFamily, SearchSpec
 from flows.scoring import ScoringParams, scoring
 from flows.training import TrainingParams, training
@@ -77,8 +78,13 @@ def _read_parquet(stack, uri: str) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(io.BytesIO(_get(stack, bucket, k))) for k in keys], ignore_index=True)
 
 
+def _published(stack, output: str) -> pd.DataFrame:
+    """The output's current predictions, read through its manifest (as every reader does)."""
+    return read_current_predictions(output, stack).to_pandas()
+
+
 def _summary(stack, output: str) -> dict:
-    location = S3Location.parse(output).child("summary.json")
+    location = S3Location.parse(current_output(output, stack).summary)
     return json.loads(_get(stack, location.bucket, location.key))
 
 
@@ -124,7 +130,7 @@ def test_champion_predictions_match_the_model_and_summary_is_written(stack, vers
     assert outcome.output == default_output(stack.bucket, MODEL, source, champion)
     assert outcome.output.endswith(f"/predictions/batch/{MODEL}/{MONTH}/v{champion}/")
     # and every row of the partition has the model's own prediction and probabilities
-    predictions = _read_parquet(stack, outcome.output)
+    predictions = _published(stack, outcome.output)
     rows = _read_parquet(stack, source)
     _assert_matches_model(stack, predictions, rows, champion)
     # and summary.json beside them has the right counts
@@ -138,8 +144,15 @@ def test_champion_predictions_match_the_model_and_summary_is_written(stack, vers
     assert sum(summary["predicted_counts"].values()) == len(rows)
     for label, mean in summary["mean_probability"].items():
         assert mean == pytest.approx(predictions[f"proba_{label}"].mean())
+    # and the output holds the manifest and this run's version (its part and summary), nothing else
+    manifest = current_output(outcome.output, stack)
+    assert manifest.files == outcome.prediction_files == (f"{manifest.prefix}part-00000.parquet",)
+    assert manifest.summary == outcome.summary_uri == f"{manifest.prefix}summary.json"
+    assert outcome.manifest_uri == f"{outcome.output}manifest.json"
+    assert manifest.prefix.startswith(f"{outcome.output}versions/")
+    assert (manifest.rows, manifest.model_version, manifest.source) == (len(rows), champion, source)
     assert _keys(stack, outcome.output) == sorted(
-        S3Location.parse(outcome.output).child(name).key for name in ("part-00000.parquet", "summary.json")
+        S3Location.parse(uri).key for uri in (outcome.manifest_uri, *manifest.files, manifest.summary)
     )
     # and the run shows the summary as a markdown artifact
     with get_client(sync_client=True) as client:
@@ -150,8 +163,6 @@ def test_champion_predictions_match_the_model_and_summary_is_written(stack, vers
             )
         )
     assert len(artifacts) == 1 and f"| rows | {len(rows):,} |" in artifacts[0].data
-    # and nothing is left in staging
-    assert _keys(stack, f"s3://{stack.bucket}/{STAGING_PREFIX}/") == []
 
 
 def test_small_chunks_over_several_files_give_the_same_predictions(stack, versions, dataset, default_data):
@@ -171,7 +182,7 @@ def test_small_chunks_over_several_files_give_the_same_predictions(stack, versio
     assert big.result().chunks == len(files)
     assert _summary(stack, chunked)["files"] == len(files) > 1
     # and the predictions are the same rows, classes and probabilities, and the model's own
-    by_big, by_small = _read_parquet(stack, whole), _read_parquet(stack, chunked)
+    by_big, by_small = _published(stack, whole), _published(stack, chunked)
     pd.testing.assert_frame_equal(by_big.drop(columns="scored_at"), by_small.drop(columns="scored_at"))
     _assert_matches_model(stack, by_small, rows, champion)
     summaries = _summary(stack, whole), _summary(stack, chunked)
@@ -191,7 +202,7 @@ def test_a_given_older_version_is_used(stack, versions, dataset, default_data):
     outcome = state.result()
     assert outcome.model_version == older != champion
     assert outcome.output.endswith(f"/v{older}/")
-    predictions = _read_parquet(stack, outcome.output)
+    predictions = _published(stack, outcome.output)
     _assert_matches_model(stack, predictions, _read_parquet(stack, source), older)
     assert _summary(stack, outcome.output)["model_version"] == older
 
@@ -211,7 +222,6 @@ def test_bad_source_fails_naming_it_and_writes_nothing(stack, versions, dataset,
     assert state.is_failed()
     assert source in state.message and "no Parquet files" in state.message, state.message
     assert _keys(stack, default_output(stack.bucket, MODEL, source, champion)) == []
-    assert _keys(stack, f"s3://{stack.bucket}/{STAGING_PREFIX}/") == []
 
 
 def test_no_champion_and_no_version_fails_clearly(stack, tmp_path, default_data):
@@ -255,9 +265,8 @@ def test_failure_after_some_files_are_scored_leaves_nothing(stack, versions, dat
     state = _run(dataset, source=f"s3://{stack.bucket}/test-scoring/half-bad/", output=output, chunk_rows=500)
     assert state.is_failed()
     assert bad in state.message and "cannot be scored" in state.message, state.message
-    # and the first file's staged predictions were discarded: nothing in the output, nothing in staging
+    # and the first file's predictions were discarded with the run's version: nothing in the output
     assert _keys(stack, output) == []
-    assert _keys(stack, f"s3://{stack.bucket}/{STAGING_PREFIX}/") == []
 
 
 def test_rerun_into_the_same_output_replaces_the_earlier_run(stack, versions, dataset, default_data):
@@ -265,13 +274,27 @@ def test_rerun_into_the_same_output_replaces_the_earlier_run(stack, versions, da
     # Given an output holding a run over every month (several files)
     first = _run(dataset, source=default_data, output=output)
     assert first.is_completed(), first.message
-    # when one month is scored into the same output
+    first_manifest = current_output(output, stack)
+    first_rows = _published(stack, output)
+    # when one month is scored into the same output, and then another run of it
     second = _run(dataset, source=f"{default_data}{MONTH}/", output=output)
     assert second.is_completed(), second.message
-    # then only that run's file and summary are there
-    prefix = S3Location.parse(output)
-    assert _keys(stack, output) == [prefix.child("part-00000.parquet").key, prefix.child("summary.json").key]
-    assert _summary(stack, output)["rows"] == len(_read_parquet(stack, output)) == len(_month(stack, default_data))
+    # then readers see only that run: one file, and the summary's rows
+    manifest = current_output(output, stack)
+    assert manifest.files == second.result().prediction_files and len(manifest.files) == 1
+    assert manifest.previous == first_manifest.version != manifest.version
+    assert _summary(stack, output)["rows"] == len(_published(stack, output)) == len(_month(stack, default_data))
+    # and the previous version is kept, complete, until the next flip
+    bucket = S3Location.parse(output).bucket
+    kept = [pd.read_parquet(io.BytesIO(_get(stack, bucket, S3Location.parse(u).key))) for u in first_manifest.files]
+    pd.testing.assert_frame_equal(pd.concat(kept, ignore_index=True), first_rows)
+    # and a third run deletes the version before the previous one, keeping the second as previous
+    third = _run(dataset, source=f"{default_data}{MONTH}/", output=output)
+    assert third.is_completed(), third.message
+    latest = current_output(output, stack)
+    assert latest.previous == manifest.version
+    versions = {k.removeprefix(S3Location.parse(output).key).split("/")[1] for k in _keys(stack, output + "versions/")}
+    assert versions == {manifest.version, latest.version}
 
 
 def test_one_file_can_be_scored_and_output_inside_the_source_is_refused(stack, versions, dataset, default_data):
