@@ -37,7 +37,7 @@ def store_reference(settings: Settings, run_id: str, frame: pd.DataFrame) -> str
         path = Path(folder) / Path(REFERENCE_ARTIFACT).name
         frame.to_parquet(path, index=False)
         client.log_artifact(run_id, str(path), str(Path(REFERENCE_ARTIFACT).parent))
-    log.info("training reference: %d rows in run %s at %s", len(frame), run_id, REFERENCE_ARTIFACT)
+    log.info("reference sample (holdout rows): %d rows in run %s at %s", len(frame), run_id, REFERENCE_ARTIFACT)
     return REFERENCE_ARTIFACT
 
 

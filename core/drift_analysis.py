@@ -30,7 +30,7 @@ from core.features import prepare_inputs
 from core.metrics import model_classes, model_scores
 from core.prediction_log import LOG_KEY, PREDICTED_AT, prediction_log_key, window_start
 
-REFERENCE_ROWS = 5000  # training rows kept in the reference sample stored with each model
+REFERENCE_ROWS = 5000  # holdout rows kept in the reference sample stored with each model
 
 
 @dataclass(frozen=True)
@@ -134,13 +134,15 @@ def label_frame(frame: pd.DataFrame, uri: str, config: DatasetConfig) -> pd.Data
     return frame[[config.id_column, config.target]].dropna()
 
 
-def reference_sample(train: pd.DataFrame, model: Any, config: DatasetConfig, max_rows: int, seed: int) -> pd.DataFrame:
-    """Features of up to `max_rows` training rows (a seeded sample) and the model's outputs on them.
+def reference_sample(rows: pd.DataFrame, model: Any, config: DatasetConfig, max_rows: int, seed: int) -> pd.DataFrame:
+    """Features of up to `max_rows` of `rows` (a seeded sample) and the model's outputs on them.
 
-    The outputs are a classifier's probabilities (`proba_<class>` per class) or a regressor's predicted
-    value (`prediction`).
+    Pass rows the model was not fitted on (the training flow passes its frozen holdout): on its own
+    training rows an overfit model is more confident than on any new data, so prediction drift would
+    fire on unchanged data. The outputs are a classifier's probabilities (`proba_<class>` per class) or a
+    regressor's predicted value (`prediction`).
     """
-    rows = train.sample(n=min(max_rows, len(train)), random_state=seed) if len(train) > max_rows else train
+    rows = rows.sample(n=max_rows, random_state=seed) if len(rows) > max_rows else rows
     features = prepare_inputs(rows, config).reset_index(drop=True)
     classes = model_classes(model)
     scores = model_scores(model, features)

@@ -249,9 +249,9 @@ def report_html(champion: Champion, windows: list[Window], results: list[WindowR
             continue
         panels = distribution_panels(champion, window.frame, result, config)
         parts.append(
-            f"{heading}<p>Shares of the training reference and of this window over the bins PSI is computed on "
-            "(the reference's deciles plus missing values; the categories). The figures are the verdict's.</p>"
-            + "".join(panel_html(panel, result.judged) for panel in panels)
+            f"{heading}<p>Shares of the reference (the champion's holdout rows) and of this window over the bins "
+            "PSI is computed on (the reference's deciles plus missing values; the categories). The figures are "
+            "the verdict's.</p>" + "".join(panel_html(panel, result.judged) for panel in panels)
         )
     return (
         "<html><head><meta charset='utf-8'></head><body>"

@@ -167,7 +167,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         evaluation = evaluate_candidate(search.model, split.holdout, config)
         log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, report_json)
         model_uri = log_model(run_id, search.model, split.train, config)
-        log_reference(run_id, search.model, split.train, config, params.seed)  # monitoring's baseline
+        log_reference(run_id, search.model, split.holdout, config, params.seed)  # monitoring's baseline (holdout rows)
 
         lock = ensure_promotion_lock(config.model_name)
         promotion, promotion_error, serving = None, None, None

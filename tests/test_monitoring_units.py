@@ -188,6 +188,51 @@ def test_prediction_log_rows_join_labels_on_their_record_id_else_their_request_i
     assert prediction_log_key(logged.drop(columns="record_id")).tolist() == ["r1", "r1", "r1", "17"]
 
 
+def _hand_psi(reference: np.ndarray, current: np.ndarray) -> float:
+    """PSI over the reference's deciles, written out with numpy (independent of core.drift)."""
+    edges = np.concatenate([[-np.inf], np.unique(np.quantile(reference, np.linspace(0.1, 0.9, 9))), [np.inf]])
+    ref = np.histogram(reference, edges)[0] / len(reference)
+    cur = np.histogram(current, edges)[0] / len(current)
+    ref, cur = np.clip(ref, 1e-4, None), np.clip(cur, 1e-4, None)
+    return float(np.sum((cur - ref) * np.log(cur / ref)))
+
+
+def test_an_overfit_model_on_unchanged_data_drifts_against_training_rows_but_not_against_the_holdout(credit):
+    from scipy.stats import ks_2samp
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import Pipeline
+
+    from core.drift import DriftThresholds, prediction_drift
+    from core.drift_analysis import reference_scores
+    from core.features import build_preprocessor, prepare_target
+    from core.split import split_frame
+
+    config, _ = credit
+    # Given an overfit family (a forest of fully grown trees: min_samples_leaf=1) fitted on the training rows
+    split = split_frame(pd.concat([generate_month(i, 1500, 5) for i in range(4)], ignore_index=True), config)
+    forest = RandomForestClassifier(n_estimators=100, min_samples_leaf=1, random_state=0, n_jobs=1)
+    model = Pipeline([("prep", build_preprocessor(config)), ("model", forest)])
+    model.fit(prepare_inputs(split.train, config), prepare_target(split.train, config))
+    # and a new month from the same, unchanged process
+    current = model.predict_proba(prepare_inputs(generate_month(4, 2000, 5), config))
+    classes = [0, 1]
+    verdicts, ks, psi = {}, {}, {}
+    for name, rows in (("training rows", split.train), ("holdout rows", split.holdout)):
+        reference = reference_sample(rows, model, config, 5000, 0)
+        drift = prediction_drift(reference_scores(reference, classes), current, classes, DriftThresholds())
+        verdicts[name] = drift.drifted
+        ks[name] = ks_2samp(reference["proba_1"], current[:, 1])
+        psi[name] = _hand_psi(reference["proba_1"].to_numpy(), current[:, 1])
+        assert drift.psi == pytest.approx(psi[name], rel=0.25, abs=0.01)  # our PSI agrees with the hand one
+    # then against its in-sample outputs (the old reference) prediction drift fires on unchanged data:
+    # scipy's KS and a hand PSI both say so
+    assert verdicts["training rows"]
+    assert ks["training rows"].pvalue < 1e-3 and ks["training rows"].statistic > 0.1 and psi["training rows"] > 0.2
+    # while against its outputs on holdout rows (the reference training now stores) nothing drifts
+    assert not verdicts["holdout rows"]
+    assert ks["holdout rows"].pvalue > 1e-3 and psi["holdout rows"] < 0.2
+
+
 def test_reference_sample_has_features_and_probabilities(credit):
     config, _ = credit
     train = generate_month(0, 300, 1)
