@@ -19,7 +19,7 @@ from core.card import (
     ModelCard,
 )
 from core.dataset import TaskType
-from core.fairness import FairnessReport
+from core.fairness import FairnessReport, excluded_groups_line
 from core.metrics import LOWER_IS_BETTER, improvement, scoring_for
 from core.slices import slice_drop
 
@@ -151,12 +151,14 @@ _REGRESSION_FAIRNESS_HEADER = ["group", "rows", "MAE", "RMSE", "mean prediction"
 
 def _fairness_summary(report: FairnessReport) -> str:
     """The line under a fairness heading: the differences, or why they do not apply."""
+    left_out = excluded_groups_line([report])
+    left_out = f" {left_out[0].upper()}{left_out[1:]}." if left_out else ""
     if report.task == "regression":
         gaps = report.differences
         return (
             f"Largest difference between groups: MAE {_num(gaps.get('mae'))}, RMSE {_num(gaps.get('rmse'))}, "
             f"mean prediction {_num(gaps.get('mean_prediction'))}. Demographic parity and equalized odds: "
-            f"not applicable for regression: {report.not_applicable}."
+            f"not applicable for regression: {report.not_applicable}.{left_out}"
         )
     if report.not_applicable is not None:
         return f"Demographic parity and equalized odds: not applicable: {report.not_applicable}."
@@ -168,7 +170,7 @@ def _fairness_summary(report: FairnessReport) -> str:
         summary = (
             f"Class {report.positive_label} against the rest (selection: predicted {report.positive_label}). " + summary
         )
-    return summary
+    return summary + left_out
 
 
 def _fairness_rows(report: FairnessReport) -> list[list[str]]:

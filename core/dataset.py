@@ -124,6 +124,12 @@ class DatasetConfig(BaseModel):
         description="Columns fairness is measured on; each a feature or a slice column (numbers banded by the slice).",
     )
     min_slice_rows: int = Field(200, ge=1, description="A slice with fewer holdout rows is not measured.")
+    min_group_rows: int = Field(
+        30,
+        ge=1,
+        description="A sensitive group with fewer holdout rows is reported but left out of the fairness "
+        "differences and the fairness gate (its rates are noise: one row's selection rate is 0 or 1).",
+    )
 
     @model_validator(mode="after")
     def _check_columns(self) -> DatasetConfig:

@@ -15,7 +15,8 @@ Per task (`fairness_reports` picks the right one from the model's classes):
   mean prediction (`differences`). No limit gates these.
 
 Groups are the values of the sensitive column (numbers banded by their slice bins, see
-`sensitive_groups`). A group with fewer than `min_group_rows` rows is left out of the differences, and
+`sensitive_groups`). A group with fewer than `min_group_rows` rows (the dataset config's, 30 by default)
+is left out of the differences and the gate, and named in the gate's detail and the card; and
 a group without both classes is left out of the equalized odds difference (its true or false positive
 rate is undefined: fairlearn would count it as 0); `excluded` says which and why.
 """
@@ -430,7 +431,36 @@ def fairness_gate(
     return failures
 
 
+def small_groups(report: FairnessReport) -> dict[str, int]:
+    """Groups left out of the report's differences for having fewer than `min_group_rows` rows -> their rows."""
+    return {
+        group: int(report.by_group[group]["n_rows"])
+        for group, why in report.excluded.items()
+        if why.startswith(_TOO_FEW) and group in report.by_group
+    }
+
+
+def excluded_groups_line(reports: Sequence[FairnessReport]) -> str:
+    """`left out (fewer than min_group_rows rows): age [18, 30) (1 row); ...`, or "" when none was left out."""
+    parts, seen = [], set()
+    for report in reports:
+        for group, rows in small_groups(report).items():
+            if (report.feature, group) not in seen:
+                seen.add((report.feature, group))
+                parts.append(f"{report.feature} {group} ({rows} row{'s' if rows != 1 else ''})")
+    return f"left out (fewer than min_group_rows rows): {'; '.join(parts)}" if parts else ""
+
+
 def fairness_check(
+    reports: Sequence[FairnessReport], max_dp_difference: float | None, max_eo_difference: float | None
+) -> GateResult:
+    """The `fairness` gate (`_fairness_check`), its detail ending with the groups left out for size."""
+    result = _fairness_check(reports, max_dp_difference, max_eo_difference)
+    left_out = excluded_groups_line(reports)
+    return GateResult(result.gate, result.passed, f"{result.detail}; {left_out}") if left_out else result
+
+
+def _fairness_check(
     reports: Sequence[FairnessReport], max_dp_difference: float | None, max_eo_difference: float | None
 ) -> GateResult:
     """The `fairness` gate of the review, with a detail that says what was and was not judged.

@@ -185,11 +185,13 @@ def model_results(holdout: pd.DataFrame, proba: np.ndarray, classes: list[Any], 
         config: Dataset description (slices, sensitive features).
 
     Fairness: binary as `fairness_report`, multiclass one class against the rest, regression per-group
-    errors with demographic parity and equalised odds marked not applicable (`core.fairness`).
+    errors with demographic parity and equalised odds marked not applicable (`core.fairness`). Groups
+    with fewer than the config's `min_group_rows` holdout rows are reported but left out of the differences.
     """
     y_true = prepare_target(holdout, config)
     slices = slice_metrics(holdout, y_true, proba, classes, config.slices, config.min_slice_rows)
-    fairness = fairness_reports(y_true, proba, classes, sensitive_groups(holdout, config))
+    groups = sensitive_groups(holdout, config)
+    fairness = fairness_reports(y_true, proba, classes, groups, min_group_rows=config.min_group_rows)
     return ModelResults(slices, fairness)
 
 

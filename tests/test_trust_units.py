@@ -16,7 +16,7 @@ from core.card import GateResult, ModelCard, importances_from_frame, time_window
 from core.card_render import render_html, render_markdown
 from core.dataset import DatasetConfig, DatasetConfigError, SliceSpec, load_local_dataset_config, parse_dataset_config
 from core.explain import baseline_row, contributions, importance_figure, permutation_importances
-from core.fairness import FairnessReport, fairness_gate, fairness_report, sensitive_groups
+from core.fairness import FairnessReport, fairness_check, fairness_gate, fairness_report, sensitive_groups
 from core.features import prepare_inputs, prepare_target
 from core.metrics import CLASSIFICATION_METRICS as METRICS
 from core.metrics import compute_metrics
@@ -1014,3 +1014,49 @@ def test_card_without_sensitive_features_says_fairness_was_not_measured(card):
 
     text = render_markdown(replace(card, fairness=[]))
     assert "## Fairness\n\nNot measured: the dataset config names no sensitive features." in text
+
+
+def test_a_one_row_group_that_would_fail_the_fairness_gate_is_left_out_and_named():
+    from dataclasses import replace
+
+    from core.review import model_results
+
+    config = load_local_dataset_config("credit-risk").model_copy(update={"sensitive_features": ["region"]})
+    assert config.min_group_rows == 30  # the documented default
+    # Given a holdout where every row is predicted negative but one row, alone in its region, positive
+    holdout = generate_frame(600, seed=4)
+    holdout["region"] = np.where(np.arange(600) % 2 == 0, "north", "south").astype(object)
+    holdout.loc[holdout.index[0], "region"] = "island"
+    proba = np.zeros((600, 2))
+    proba[:, 0] = 0.9
+    proba[:, 1] = 0.1
+    proba[0] = [0.1, 0.9]
+    classes = [0, 1]
+    # when the review measures fairness with the config's min_group_rows (30)
+    [report] = model_results(holdout, proba, classes, config).fairness
+    # then the one-row group is reported (1 row, selection rate 1) but left out of the difference, and named
+    assert report.by_group["island"]["n_rows"] == 1 and report.by_group["island"]["selection_rate"] == 1.0
+    assert report.demographic_parity_difference == pytest.approx(0.0)  # north and south: both 0, by hand
+    gate = fairness_check([report], 0.1, None)
+    assert gate.passed, gate.detail
+    assert "left out (fewer than min_group_rows rows): region island (1 row)" in gate.detail
+    # and counted (min_group_rows 1, the old behaviour) it would have failed the gate: 1 - 0 > 0.1
+    [counted] = model_results(holdout, proba, classes, config.model_copy(update={"min_group_rows": 1})).fairness
+    assert counted.demographic_parity_difference == pytest.approx(1.0)
+    assert not fairness_check([counted], 0.1, None).passed
+    # and the model card says which group was left out, in both renderings
+    north = SliceMetric("region", "north", 812, {"roc_auc": 0.71})
+    card = replace(_card(north, north), fairness=[report])
+    for text in (render_markdown(card), render_html(card)):
+        assert "Left out (fewer than min_group_rows rows): region island (1 row)." in text
+
+
+def test_min_group_rows_is_a_validated_dataset_setting():
+    import yaml
+
+    from core.dataset import bundled_config_text
+
+    raw = yaml.safe_load(bundled_config_text("credit-risk"))
+    assert parse_dataset_config(yaml.safe_dump(raw | {"min_group_rows": 5}), "x.yaml").min_group_rows == 5
+    with pytest.raises(DatasetConfigError, match=r"x\.yaml.*min_group_rows"):
+        parse_dataset_config(yaml.safe_dump(raw | {"min_group_rows": 0}), "x.yaml")
