@@ -296,3 +296,67 @@ def result_json(windows: list[WindowResult], verdict: Verdict, extra: dict[str, 
     return json.dumps(
         {"verdict": asdict(verdict), "windows": [asdict(w) for w in windows]} | extra, indent=2, default=str
     )
+
+
+# ------------------------------------------------------------------ will a retrain see the drifted data?
+
+DATA_SUFFIXES = (".parquet", ".pq", ".csv")
+
+
+def window_location(source: str) -> str:
+    """Where a window's rows live: its source without the description in parentheses.
+
+    `s3://b/predictions/serving/m/ (last 1 day(s), 3 file(s))` gives `s3://b/predictions/serving/m/`.
+    """
+    return source.split(" (", 1)[0].strip()
+
+
+def inside_source(location: str, source: str) -> bool:
+    """Whether the training source (a folder or one file, as the dataset config's `source`) covers `location`.
+
+    A folder covers everything below it (`s3://b/d/` covers `s3://b/d/month=7/`, not `s3://b/dx/`); a file
+    covers only itself.
+    """
+    location, source = location.strip(), source.strip()
+    if source.endswith(DATA_SUFFIXES):
+        return location == source
+    folder = source if source.endswith("/") else source + "/"
+    return location == source.rstrip("/") or location.startswith(folder)
+
+
+@dataclass(frozen=True)
+class RetrainScope:
+    """Which triggered windows a retrain on the dataset's `source` would read, and which it would not."""
+
+    source: str
+    inside: list[WindowResult]
+    outside: list[WindowResult]
+
+    @property
+    def retrain(self) -> bool:
+        """A retrain is worth starting: some drifted (or decayed) data is in what training reads."""
+        return bool(self.inside)
+
+    @property
+    def window_key(self) -> str:
+        """A short stable key of the triggered windows inside the source (the same data gives the same key)."""
+        import hashlib
+
+        places = sorted({window_location(w.source) for w in self.inside})
+        return hashlib.sha256("\n".join(places).encode()).hexdigest()[:12]
+
+    @property
+    def note(self) -> str:
+        """What the scope means for retraining, in one line ("" when every triggered window is inside)."""
+        if not self.outside:
+            return ""
+        where = ", ".join(dict.fromkeys(window_location(w.source) for w in self.outside))
+        verb = "retraining on the rest" if self.inside else "not retraining"
+        return f"{verb}: the drifted data ({where}) is outside the training source ({self.source})"
+
+
+def retrain_scope(results: list[WindowResult], source: str) -> RetrainScope:
+    """Split the triggered windows by whether a retrain on `source` reads their rows (`inside_source`)."""
+    triggered = [r for r in results if r.triggered]
+    inside = [r for r in triggered if inside_source(window_location(r.source), source)]
+    return RetrainScope(source, inside, [r for r in triggered if r not in inside])

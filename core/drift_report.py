@@ -239,8 +239,13 @@ def panel_html(panel: Panel, judged: bool) -> str:
     )
 
 
-def report_html(champion: Champion, windows: list[Window], results: list[WindowResult], config: DatasetConfig) -> str:
-    """The HTML report: the summary, then per judged window the distributions behind each figure."""
+def report_html(
+    champion: Champion, windows: list[Window], results: list[WindowResult], config: DatasetConfig, retraining: str = ""
+) -> str:
+    """The HTML report: the summary, then per judged window the distributions behind each figure.
+
+    `retraining` (what the verdict means for retraining, when it needs saying) is shown under the summary.
+    """
     parts = []
     for window, result in zip(windows, results, strict=True):
         heading = f"<h2>{DISTRIBUTIONS}: {html.escape(window.name)}</h2>"
@@ -255,5 +260,7 @@ def report_html(champion: Champion, windows: list[Window], results: list[WindowR
         )
     return (
         "<html><head><meta charset='utf-8'></head><body>"
-        f"{summary_html(champion, results)}{''.join(parts)}</body></html>"
+        f"{summary_html(champion, results)}"
+        + (f"<p><b>Retraining</b>: {html.escape(retraining)}</p>" if retraining else "")
+        + f"{''.join(parts)}</body></html>"
     )

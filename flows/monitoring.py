@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.monitoring_store import StoredReport
 from core.drift import DriftThresholds
-from core.drift_analysis import Verdict, WindowResult, overall_verdict
+from core.drift_analysis import Verdict, WindowResult, overall_verdict, retrain_scope
 from core.drift_report import summary_markdown
-from services.retraining import Trigger, trigger_retraining
+from services.retraining import Trigger, outside_source, trigger_retraining
 from tasks.loading import load_dataset_config
 from tasks.monitoring import (
     analyse_window,
@@ -122,11 +122,15 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
     labels = load_labels(params.labels, config) if params.labels else None
     results = [analyse_window(window, champion, config, labels, params.thresholds) for window in windows]
     verdict = overall_verdict(results)
+    # A retrain reads the dataset's source: drift elsewhere (the prediction log, another prefix) is not retrained on.
+    scope = retrain_scope(results, config.source)
 
     # The report first, so the drift event (and its alert) can link it.
-    report = store_report(champion, windows, results, verdict, config)
+    report = store_report(champion, windows, results, verdict, config, scope.note)
     if not verdict.triggered:
         trigger = Trigger("not-needed", "no threshold crossed: nothing to retrain")
+    elif not scope.retrain:
+        trigger = outside_source(scope)
     elif not params.trigger_retraining:
         trigger = Trigger("disabled", f"would retrain ({verdict.summary}), but triggering is off")
     else:
@@ -139,6 +143,7 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
             params.training_deployment,
             verdict.summary,
             report.link,
+            scope.window_key,
         )
     publish_summary(
         summary_markdown(

@@ -21,6 +21,7 @@ from prefect import task
 
 from adapters.alerts import DRIFT_AUTOMATION, DriftAlert, emit_drift
 from core.drift import MonitoringError
+from core.drift_analysis import RetrainScope
 from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,13 @@ RUN_WAIT_SECONDS = 120
 
 @dataclass(frozen=True)
 class Trigger:
-    """What happened to the retraining: `triggered`, `cooldown` (skipped) or `disabled`."""
+    """What happened to the retraining: `triggered`, or why not.
 
-    status: Literal["triggered", "cooldown", "disabled", "not-needed"]
+    `cooldown`, `disabled`, `not-needed`, `outside-source` (the drifted data is not in what training reads)
+    or `already-retrained` (a drift-triggered run already retrained on the same drifted data).
+    """
+
+    status: Literal["triggered", "cooldown", "disabled", "not-needed", "outside-source", "already-retrained"]
     detail: str
     flow_run_id: str | None = None
 
@@ -43,6 +48,17 @@ class Trigger:
 def model_tag(model_name: str) -> str:
     """Prefect tag naming the model a drift-triggered run retrains."""
     return f"model:{model_name}"
+
+
+def window_tag(window_key: str) -> str:
+    """Prefect tag naming the drifted data a drift-triggered run retrained on (`RetrainScope.window_key`)."""
+    return f"drift-window:{window_key}"
+
+
+def outside_source(scope: RetrainScope) -> Trigger:
+    """No retraining: every drifted window is outside the training source, so a retrain would not see it."""
+    log.warning("%s", scope.note)
+    return Trigger("outside-source", scope.note)
 
 
 def lock_name(model_name: str) -> str:
@@ -134,8 +150,14 @@ def start_retraining(
     deployment: str,
     summary: str = "",
     report_link: str | None = None,
+    window_key: str | None = None,
 ) -> Trigger:
     """Emit the drift event (the automation then runs `deployment`), unless a retrain is within the cooldown.
+
+    With `window_key` (the drifted data's key, `RetrainScope.window_key`), a drift-triggered run of this
+    model that already retrained on the same data, whenever it ran, also holds a new one back
+    (`already-retrained`): retraining on unchanged data would not change the verdict, and the drift would
+    fire again after every cooldown. The started run is tagged with the key.
 
     Any drift-triggered run of this model due within `cooldown_minutes` blocks a new one whatever its
     state (a failed retrain is not retried by the next check: a person should look), and so does one that
@@ -173,6 +195,20 @@ def start_retraining(
                 )
                 log.warning("%s", detail)
                 return Trigger("cooldown", detail, str(run.id))
+            if window_key is not None:
+                earlier = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[*tags, window_tag(window_key)])),
+                    sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                    limit=1,
+                )
+                if earlier:
+                    run = earlier[0]
+                    detail = (
+                        f"not retraining: drift-triggered run {run.name} ({run.id}, {run.state_name}) of {model_name} "
+                        f"already retrained on this drifted data (window {window_key}); new data is needed"
+                    )
+                    log.warning("%s", detail)
+                    return Trigger("already-retrained", detail, str(run.id))
             try:
                 target = client.read_deployment_by_name(deployment)
             except ObjectNotFound as exc:
@@ -195,7 +231,8 @@ def start_retraining(
         run = wait_for_started_run(target.id, automation.id, reason, emitted_at)
         try:
             with get_client(sync_client=True) as client:
-                client.update_flow_run(run.id, tags=sorted(set(run.tags) | set(tags)))
+                marks = {*tags, *([window_tag(window_key)] if window_key is not None else [])}
+                client.update_flow_run(run.id, tags=sorted(set(run.tags) | marks))
         except Exception as exc:  # the event is out: a retry would start a second run
             raise MonitoringError(f"training run {run.name} ({run.id}) started but not tagged {tags}: {exc}") from exc
     detail = f"drift event {event.id}: {DRIFT_AUTOMATION} started {deployment} run {run.name} ({run.id}): {reason}"
@@ -212,6 +249,7 @@ def trigger_retraining(
     deployment: str,
     summary: str = "",
     report_link: str | None = None,
+    window_key: str | None = None,
 ) -> Trigger:
-    """Prefect task: `start_retraining` (the drift event, once per cooldown, under the model's lock)."""
-    return start_retraining(model_name, dataset, reason, cooldown_minutes, deployment, summary, report_link)
+    """Prefect task: `start_retraining` (the drift event, once per cooldown and drifted data, under the lock)."""
+    return start_retraining(model_name, dataset, reason, cooldown_minutes, deployment, summary, report_link, window_key)

@@ -94,15 +94,24 @@ def analyse_window(
 
 @task(name="store-monitoring-report", **IO)
 def store_report(
-    champion: Champion, windows: list[Window], results: list[WindowResult], verdict: Verdict, config: DatasetConfig
+    champion: Champion,
+    windows: list[Window],
+    results: list[WindowResult],
+    verdict: Verdict,
+    config: DatasetConfig,
+    retraining: str = "",
 ) -> StoredReport:
-    """Prefect task: the HTML report and the JSON result to `s3://<bucket>/reports/monitoring/<model>/<time>-<run>/`."""
+    """Prefect task: the HTML report and the JSON result to `s3://<bucket>/reports/monitoring/<model>/<time>-<run>/`.
+
+    `retraining` (e.g. why drifted data outside the training source is not retrained on) goes into both.
+    """
     from prefect.runtime import flow_run
 
     settings = get_settings()
     folder = monitoring_store.report_folder(settings, champion.model_name, datetime.now(UTC), flow_run.get_id())
-    page = report_html(champion, windows, results, config)
-    body = result_json(results, verdict, {"model": champion.model_name, "champion": champion.version})
+    page = report_html(champion, windows, results, config, retraining)
+    extra = {"model": champion.model_name, "champion": champion.version, "retraining": retraining}
+    body = result_json(results, verdict, extra)
     return monitoring_store.store_report(settings, folder, page, body)
 
 

@@ -80,11 +80,34 @@ def _monitor(**changes):
 
 
 def test_training_stores_the_reference_sample_with_the_model(stack, dataset):
+    from core.dataset import load_local_dataset_config
+    from core.features import prepare_inputs
+    from core.split import holdout_mask
+
     champion = load_champion_reference.fn(MODEL)
-    # about 80 % of the 6000 rows are training rows, under the 5000-row cap: all of them are kept
-    assert 4000 < len(champion.reference) <= 5000
     assert {"age", "region", "proba_0", "proba_1"} <= set(champion.reference.columns)
     assert champion.reference["proba_1"].between(0, 1).all() and champion.holdout["roc_auc"] > 0.6
+    # the reference is the holdout rows (about 20 % of the 6000, all kept under the 5000-row cap), not the
+    # training rows: the same rows the frozen holdout is, recomputed here from the ids and the config's salt
+    config = load_local_dataset_config("credit-risk")
+    frame = _read(stack, f"s3://{stack.bucket}/datasets/{MODEL}/")
+    holdout = frame[holdout_mask(frame["application_id"], config.holdout_fraction, config.holdout_salt)]
+    assert len(champion.reference) == len(holdout) < 0.3 * len(frame)
+    for column in ("annual_income", "age", "credit_utilization"):
+        np.testing.assert_array_equal(np.sort(champion.reference[column]), np.sort(holdout[column].to_numpy()))
+    # with the champion's own outputs on them
+    expected = champion.model.predict_proba(prepare_inputs(holdout, config))[:, 1]
+    np.testing.assert_allclose(np.sort(champion.reference["proba_1"]), np.sort(expected), rtol=1e-12)
+
+
+def _read(stack, uri: str) -> pd.DataFrame:
+    """Every Parquet object under `uri`, read with boto3 and pandas."""
+    location = S3Location.parse(uri)
+    client = s3_client(stack)
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key)
+    keys = sorted(o["Key"] for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".parquet"))
+    bodies = [client.get_object(Bucket=location.bucket, Key=k)["Body"].read() for k in keys]
+    return pd.concat([pd.read_parquet(io.BytesIO(b)) for b in bodies], ignore_index=True)
 
 
 def test_unchanged_data_triggers_nothing(stack, dataset, deployed):
@@ -141,9 +164,9 @@ def _parquet(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def _prediction_log(month: pd.DataFrame, champion) -> pd.DataFrame:
+def _prediction_log(month: pd.DataFrame, champion, at: datetime | None = None) -> pd.DataFrame:
     """What the serving API logs (its own table builder) for batches of 100 records that carry their
-    application ids, each batch under a request id of its own."""
+    application ids, each batch under a request id of its own, predicted at `at` (now by default)."""
     import uuid
 
     from core.dataset import load_local_dataset_config
@@ -161,7 +184,7 @@ def _prediction_log(month: pd.DataFrame, champion) -> pd.DataFrame:
             classes,
             np.full(len(ids[start : start + 100]), uuid.uuid4().hex),
             champion.version,
-            datetime.now(UTC),
+            at or datetime.now(UTC),
             ids[start : start + 100],
         )
         for start in range(0, len(features), 100)
@@ -169,9 +192,66 @@ def _prediction_log(month: pd.DataFrame, champion) -> pd.DataFrame:
     return to_table(entries)
 
 
+def test_prediction_log_of_the_last_n_days_reads_exactly_those_date_folders(stack, dataset):
+    from datetime import timedelta
+
+    from core.dataset import load_local_dataset_config
+    from core.prediction_log import object_key
+    from tasks.monitoring import load_prediction_log
+
+    model = f"{MODEL}-days"
+    config = load_local_dataset_config("credit-risk")
+    champion = load_champion_reference.fn(MODEL)
+    month = generate_month(MONTHS + 1, 700, SEED)
+    # Given a prediction log with objects in the date folders of today, 1, 2, 3 and 6 days ago (100 rows each,
+    # two objects today), each row predicted at noon of its folder's date (or now, for today)
+    now = datetime.now(UTC)
+    written: dict[int, int] = {}
+    for index, back in enumerate([0, 0, 1, 2, 3, 6]):
+        at = now if back == 0 else (now - timedelta(days=back)).replace(hour=12, minute=0)
+        rows = _prediction_log(month.iloc[index * 100 : (index + 1) * 100], champion, at)
+        key = object_key(model, at, f"days-test-{index}")
+        put_bytes(stack, S3Location(stack.bucket, key), _parquet(rows), OCTET)
+        written[back] = written.get(back, 0) + len(rows)
+    # when monitoring reads the last N days, then it gets exactly the rows of the N newest date folders
+    for days, folders in ((1, [0]), (2, [0, 1]), (3, [0, 1, 2]), (4, [0, 1, 2, 3]), (7, [0, 1, 2, 3, 6])):
+        window = load_prediction_log.fn(model, days, config)
+        assert len(window.frame) == sum(written[b] for b in folders), (days, len(window.frame))
+        expected = {(now - timedelta(days=b)).date() for b in folders}
+        assert set(pd.to_datetime(window.frame["predicted_at"], utc=True).dt.date) == expected
+        assert f"last {days} day(s)" in window.source
+
+
+def test_drift_outside_the_training_source_is_not_retrained_on_and_says_so(stack, dataset, deployed):
+    # Given a drifted month under a prefix that is not the dataset's source (a retrain would not read it)
+    partition = _incoming(stack, MONTHS + 3, DriftSpec(start_month=MONTHS + 3, strength=1.0))
+    source = f"s3://{stack.bucket}/datasets/{MODEL}/"
+    # when monitoring checks it twice, with no cooldown
+    outcomes = [_monitor(dataset=dataset, partition=partition, cooldown_minutes=0) for _ in range(2)]
+    # then both see the drift, and neither retrains: each says why, in the run, the report and its JSON
+    expected = f"not retraining: the drifted data ({partition}) is outside the training source ({source})"
+    for outcome in outcomes:
+        assert outcome.verdict.triggered and outcome.windows[0].drifted
+        assert (outcome.trigger.status, outcome.trigger.detail) == ("outside-source", expected)
+        for uri in (outcome.report.html_uri, outcome.report.json_uri):
+            location = S3Location.parse(uri)
+            body = s3_client(stack).get_object(Bucket=location.bucket, Key=location.key)["Body"].read().decode()
+            assert expected in body.replace("&#x27;", "'"), uri
+    # and no training run was started, by either check
+    assert _triggered_runs() == []
+
+
 def test_drift_triggers_exactly_one_retraining_within_the_cooldown(stack, dataset, deployed):
-    # Given a month shifted by the generator's drift knob
-    partition = _incoming(stack, MONTHS + 2, DriftSpec(start_month=MONTHS + 2, strength=1.0))
+    # Given a month shifted by the generator's drift knob, arrived in the dataset's source (training reads it)
+    [partition] = write_months(
+        stack,
+        f"s3://{stack.bucket}/datasets/{MODEL}/",
+        1,
+        2000,
+        SEED,
+        drift=DriftSpec(start_month=MONTHS + 2, strength=1.0),
+        first_month=MONTHS + 2,
+    )
     # when monitoring checks it twice in a row
     first = _monitor(dataset=dataset, partition=partition, cooldown_minutes=60)
     second = _monitor(dataset=dataset, partition=partition, cooldown_minutes=60)
@@ -191,3 +271,12 @@ def test_drift_triggers_exactly_one_retraining_within_the_cooldown(stack, datase
     experiment = client.get_experiment_by_name(MODEL)
     [run] = client.search_runs([experiment.experiment_id], f"tags.prefect_flow_run_id = '{finished.id}'")
     assert run.data.tags["trigger_reason"].startswith("drift: partition ")
+    # and that run read the drifted month: its snapshot (content hash of the source's files) is not the champion's
+    champion_run = client.get_run(client.get_model_version(MODEL, first.champion_version).run_id)
+    assert run.data.params["data_version"] != champion_run.data.params["data_version"]
+    # and once the cooldown is over, the same drifted data does not start another retrain: the run did
+    later = _monitor(dataset=dataset, partition=partition, cooldown_minutes=0)
+    assert later.verdict.triggered and later.trigger.status == "already-retrained", later.trigger.detail
+    assert later.trigger.flow_run_id == first.trigger.flow_run_id
+    assert later.trigger.detail.startswith("not retraining: drift-triggered run ")
+    assert [str(r.id) for r in _triggered_runs()] == [first.trigger.flow_run_id]

@@ -488,3 +488,41 @@ def test_multiclass_metrics_undefined_on_the_window_are_left_out():
     # then it is left out rather than judged as NaN, and F1 is still there
     assert "roc_auc" not in performance.metrics and "f1" in performance.metrics
     assert performance.holdout == {"f1": 0.8}
+
+
+def test_a_retrain_is_decided_only_for_drifted_data_inside_the_training_source():
+    from core.drift_analysis import WindowResult, inside_source, retrain_scope, window_location
+
+    source = "s3://mlops/datasets/credit-risk/"
+    assert inside_source("s3://mlops/datasets/credit-risk/month=2026-01/", source)
+    assert inside_source("s3://mlops/datasets/credit-risk/month=2026-01/part-0.parquet", source.rstrip("/"))
+    assert not inside_source("s3://mlops/datasets/credit-risk-v2/month=2026-01/", source)  # a sibling, not below
+    assert not inside_source("s3://mlops/incoming/credit-risk/month=2026-01/", source)
+    assert inside_source("s3://b/d/one.parquet", "s3://b/d/one.parquet")
+    assert not inside_source("s3://b/d/two.parquet", "s3://b/d/one.parquet")  # a file source covers itself only
+    assert not inside_source("s3://b/d/x/", "/local/d/")
+    log = "s3://mlops/predictions/serving/credit-risk/ (last 2 day(s), 5 file(s))"
+    assert window_location(log) == "s3://mlops/predictions/serving/credit-risk/"
+
+    def window(name: str, where: str, drifted: bool) -> WindowResult:
+        return WindowResult(name, where, 500, drifted=drifted)
+
+    outside = window("prediction-log", log, True)
+    inside = window("partition", f"{source}month=2026-01/", True)
+    calm = window("partition", "s3://mlops/incoming/x/", False)
+    # only drift outside: no retrain, and the note names where the drift is and what training reads
+    scope = retrain_scope([outside, calm], source)
+    assert not scope.retrain
+    assert scope.note == (
+        "not retraining: the drifted data (s3://mlops/predictions/serving/credit-risk/) is outside the training "
+        f"source ({source})"
+    )
+    # drift inside: retrain, keyed by the drifted data (the same data gives the same key, other data another)
+    both = retrain_scope([outside, inside], source)
+    assert both.retrain and both.note.startswith("retraining on the rest: ")
+    assert (
+        both.window_key
+        == retrain_scope([inside], source).window_key
+        != retrain_scope([window("partition", f"{source}month=2026-02/", True)], source).window_key
+    )
+    assert retrain_scope([calm], source).note == "" and not retrain_scope([calm], source).retrain
