@@ -132,25 +132,58 @@ def _big_source(stack, month: pd.DataFrame) -> str:
     return big
 
 
-def _kill_once_a_part_is_written(process: subprocess.Popen, stack, output: str, good: Manifest) -> str:
-    """SIGKILL the scoring process as soon as a part of a new version is in S3; returns that version."""
-    deadline, killed_version = time.monotonic() + 300, None
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            fresh = {v: names for v, names in _versions(stack, output).items() if v != good.version}
-            if any(name.startswith("part-") for names in fresh.values() for name in names):
-                process.send_signal(signal.SIGKILL)
-                [killed_version] = fresh
-                break
-            time.sleep(0.05)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-    assert killed_version is not None, f"run ended (rc {process.returncode}) before the kill: {process.stderr.read()}"
-    assert process.returncode == -signal.SIGKILL
-    time.sleep(1)  # an upload in flight at the kill would show by now
-    return killed_version
+def _first_part_of_a_new_version(process: subprocess.Popen, stack, output: str, good: Manifest) -> str:
+    """Poll S3 until the scoring process has written a part of a new version; returns that version."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        fresh = {v: names for v, names in _versions(stack, output).items() if v != good.version}
+        if any(name.startswith("part-") for names in fresh.values() for name in names):
+            [version] = fresh
+            return version
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"run ended (rc {process.wait()}) before any fault: {process.stderr.read()}")
+
+
+def _stop_s3(stack) -> None:
+    """Stop the stack's S3 server (its process group), as tests/test_resilience.py does."""
+    from mlops import stack as local_stack
+
+    service = next(s for s in local_stack.services(stack) if s.name == "s3")
+    os.killpg(int(service.pid_file.read_text()), signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while local_stack.port_in_use(stack.host, stack.s3_port):
+        assert time.monotonic() < deadline, "S3 did not stop"
+        time.sleep(0.2)
+
+
+def _given_a_published_output(stack, default_data, dataset: str, output: str) -> tuple[Manifest, bytes, pd.DataFrame]:
+    """Score one month into `output`; returns its manifest, the manifest's bytes and the predictions."""
+    from adapters.scoring_store import current_output, read_current_predictions
+    from flows.scoring import ScoringParams, scoring
+
+    first = scoring(ScoringParams(dataset=dataset, source=f"{default_data}month=2025-06/", output=output))
+    good = current_output(output, stack)
+    rows = read_current_predictions(output, stack).to_pandas()
+    assert first.rows == len(rows) > 0 and good.version in _versions(stack, output)
+    return good, _raw(stack, f"{output}manifest.json"), rows
+
+
+def _assert_previous_output_is_whole(stack, output: str, good: Manifest, manifest: bytes, rows: pd.DataFrame) -> None:
+    """The manifest is byte for byte the previous one, and every file it names reads back unchanged."""
+    from adapters.scoring_store import current_output, read_current_predictions
+
+    assert _raw(stack, f"{output}manifest.json") == manifest
+    assert current_output(output, stack) == good
+    pd.testing.assert_frame_equal(read_current_predictions(output, stack).to_pandas(), rows)
+    assert sum(len(pd.read_parquet(io.BytesIO(_raw(stack, uri)))) for uri in good.files) == len(rows)
+
+
+def _assert_half_written(stack, output: str, version: str) -> None:
+    """The interrupted run's version has some parts, not all, and no summary: it was stopped mid-write."""
+    names = _versions(stack, output).get(version, [])
+    parts = [n for n in names if n.startswith("part-")]
+    assert 1 <= len(parts) < FILES and "summary.json" not in names, names
 
 
 def _score_in_subprocess(stack, dataset: str, source: str, output: str) -> subprocess.Popen:
@@ -181,28 +214,18 @@ def test_scoring_killed_mid_write_leaves_the_previous_output_whole_and_a_rerun_p
     output = f"s3://{stack.bucket}/test-faults/batch/out/"
     month = pd.read_parquet(io.BytesIO(_raw(stack, f"{default_data}month=2025-06/part-0.parquet")))
     # Given an output whose published run scored one month
-    first = scoring(ScoringParams(dataset=dataset, source=f"{default_data}month=2025-06/", output=output))
-    good = current_output(output, stack)
-    good_manifest = _raw(stack, f"{output}manifest.json")
-    good_rows = read_current_predictions(output, stack).to_pandas()
-    assert first.rows == len(good_rows) == len(month) and good.version in _versions(stack, output)
+    good, good_manifest, good_rows = _given_a_published_output(stack, default_data, dataset, output)
     # and a big source: FILES files (each the month, ids made unique), scored 100 rows per chunk
     big = _big_source(stack, month)
     # When a run scoring the big source into the same output is SIGKILLed once it has written a part
-    killed_version = _kill_once_a_part_is_written(
-        _score_in_subprocess(stack, dataset, big, output), stack, output, good
-    )
-
-    # Then it died mid-write: some parts of its version exist, not all, and no summary
-    parts = [n for n in _versions(stack, output)[killed_version] if n.startswith("part-")]
-    assert 1 <= len(parts) < FILES, parts
-    assert "summary.json" not in _versions(stack, output)[killed_version]
-    # and the manifest is byte for byte the previous one: readers still get the previous complete run
-    assert _raw(stack, f"{output}manifest.json") == good_manifest
-    assert current_output(output, stack) == good
-    pd.testing.assert_frame_equal(read_current_predictions(output, stack).to_pandas(), good_rows)
-    for uri in good.files:  # every file it names reads in full
-        assert len(pd.read_parquet(io.BytesIO(_raw(stack, uri)))) == len(month)
+    process = _score_in_subprocess(stack, dataset, big, output)
+    killed_version = _first_part_of_a_new_version(process, stack, output, good)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    time.sleep(1)  # an upload in flight at the kill would show by now
+    # then it died mid-write, and readers still get the previous complete run, unchanged
+    _assert_half_written(stack, output, killed_version)
+    _assert_previous_output_is_whole(stack, output, good, good_manifest, good_rows)
 
     # When the run is started again (in-process, to completion)
     rerun = scoring(ScoringParams(dataset=dataset, source=big, output=output, chunk_rows=100))
@@ -222,3 +245,44 @@ def test_scoring_killed_mid_write_leaves_the_previous_output_whole_and_a_rerun_p
     assert not any(killed_version in uri for uri in latest.files)
     scoring(ScoringParams(dataset=dataset, source=f"{default_data}month=2025-06/", output=output))
     assert set(_versions(stack, output)) == {latest.version, current_output(output, stack).version}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_s3_stopped_mid_write_fails_the_run_and_leaves_the_previous_output_whole(stack, default_data, scoring_setup):
+    from adapters.scoring_store import current_output, read_current_predictions
+    from flows.scoring import ScoringParams, scoring
+    from mlops import stack as local_stack
+
+    dataset, _ = scoring_setup
+    output = f"s3://{stack.bucket}/test-faults/batch/out-s3/"
+    month = pd.read_parquet(io.BytesIO(_raw(stack, f"{default_data}month=2025-06/part-0.parquet")))
+    # Given a published output, and a run scoring a big source into it
+    good, good_manifest, good_rows = _given_a_published_output(stack, default_data, dataset, output)
+    big = _big_source(stack, month)
+    process = _score_in_subprocess(stack, dataset, big, output)
+    # when S3 stops once the run has written a part, and stays down until the run gives up
+    interrupted = _first_part_of_a_new_version(process, stack, output, good)
+    _stop_s3(stack)
+    stopped = time.monotonic()
+    try:
+        returncode = process.wait(timeout=600)
+        failed_after = time.monotonic() - stopped
+    finally:
+        if process.poll() is None:
+            process.kill()
+        local_stack.up(stack)
+    # then the run failed (after its retries, in about `failed_after` s), saying S3 was unreachable
+    stderr = process.stderr.read().decode()
+    assert returncode == 1, stderr[-2000:]
+    assert "unreachable" in stderr or "Connection refused" in stderr or "connect" in stderr.lower(), stderr[-2000:]
+    assert failed_after > 20  # the retries (2, 5, 15 s) ran before it gave up
+    # and once S3 is back, the half-written version is there but unreferenced (its clean-up had no S3 either),
+    # and readers get the previous complete run, unchanged
+    _assert_half_written(stack, output, interrupted)
+    _assert_previous_output_is_whole(stack, output, good, good_manifest, good_rows)
+    # and a rerun publishes the new one, the previous kept
+    rerun = scoring(ScoringParams(dataset=dataset, source=big, output=output, chunk_rows=100))
+    latest = current_output(output, stack)
+    assert latest.previous == good.version and latest.version != interrupted and len(latest.files) == FILES
+    assert len(read_current_predictions(output, stack)) == rerun.rows == FILES * len(month)
