@@ -202,7 +202,11 @@ def test_scoring_deployment_is_on_demand_and_runs_on_the_worker(stack, deployed,
     # then the worker completes it, and the month's predictions and summary are in S3
     assert finished.state.type.value == "COMPLETED", finished.state.message
     version = trained.result().candidate_version
-    summary = S3Location.parse(default_output(stack.bucket, SCORING_MODEL, source, version)).child("summary.json")
+    from adapters.scoring_store import current_output
+
+    summary = S3Location.parse(
+        current_output(default_output(stack.bucket, SCORING_MODEL, source, version), stack).summary
+    )
     body = s3_client(stack).get_object(Bucket=summary.bucket, Key=summary.key)["Body"].read()
     assert json.loads(body)["rows"] == 2000
     assert json.loads(body)["model_version"] == version

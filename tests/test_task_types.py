@@ -262,13 +262,17 @@ def test_batch_scoring_writes_the_predicted_value_and_its_statistics(stack, regr
         5,
         regression["version"],
     )
-    location = S3Location.parse(outcome.output)
+    from adapters.scoring_store import current_output
+
+    manifest = current_output(outcome.output, stack)  # readers resolve the output through its manifest
     client = s3_client(stack)
 
-    def get(name: str) -> bytes:
-        return client.get_object(Bucket=location.bucket, Key=location.child(name).key)["Body"].read()
+    def get(uri: str) -> bytes:
+        location = S3Location.parse(uri)
+        return client.get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
 
-    scored = pd.read_parquet(io.BytesIO(get("part-00000.parquet")))
+    [part] = manifest.files
+    scored = pd.read_parquet(io.BytesIO(get(part)))
     assert list(scored.columns) == ["patient_id", "predicted", "model_version", "scored_at"]
     # every patient's predicted value is the pipeline's own (joined on the id)
     joined = frame.merge(scored, on="patient_id", validate="one_to_one")
@@ -276,7 +280,7 @@ def test_batch_scoring_writes_the_predicted_value_and_its_statistics(stack, regr
     expected = model.predict(prepare_inputs(joined, config))
     np.testing.assert_allclose(joined["predicted"].to_numpy(), expected, rtol=0, atol=1e-9)
     # and the summary has the predictions' statistics, no class counts
-    summary = json.loads(get("summary.json"))
+    summary = json.loads(get(manifest.summary))
     assert summary["task"] == "regression" and "predicted_counts" not in summary and "mean_probability" not in summary
     stats = summary["prediction_stats"]
     assert stats["mean"] == pytest.approx(expected.mean(), rel=1e-12)
