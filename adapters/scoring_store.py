@@ -285,7 +285,12 @@ def current_output(output: str, settings: Settings | None = None) -> Manifest:
 def read_current_predictions(output: str, settings: Settings | None = None) -> pa.Table:
     """Every prediction of the output's current version (through the manifest), in input-file order."""
     settings = settings or get_settings()
-    manifest = current_output(output, settings)
+    return read_predictions(current_output(output, settings), settings)
+
+
+def read_predictions(manifest: Manifest, settings: Settings | None = None) -> pa.Table:
+    """Every prediction of the version a manifest names, in input-file order."""
+    settings = settings or get_settings()
     filesystem = s3_filesystem(settings)
     tables = []
     for uri in manifest.files:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,6 +187,32 @@ def _assert_half_written(stack, output: str, version: str) -> None:
     assert 1 <= len(parts) < FILES and "summary.json" not in names, names
 
 
+class _Reader(threading.Thread):
+    """Reads the output through its manifest in a loop, as a consumer would: (version, rows read, rows listed)."""
+
+    def __init__(self, stack, output: str) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.output = stack, output
+        self.reads: list[tuple[str, int, int]] = []
+        self.errors: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from adapters.scoring_store import current_output, read_predictions
+
+        while not self.done.is_set():
+            try:
+                manifest = current_output(self.output, self.stack)
+                self.reads.append((manifest.version, read_predictions(manifest, self.stack).num_rows, manifest.rows))
+            except Exception as exc:  # any failure to read is what the test is about
+                self.errors.append(repr(exc))
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=60)
+
+
 def _score_in_subprocess(stack, dataset: str, source: str, output: str) -> subprocess.Popen:
     code = (
         "from flows.scoring import ScoringParams, scoring\n"
@@ -227,12 +254,24 @@ def test_scoring_killed_mid_write_leaves_the_previous_output_whole_and_a_rerun_p
     _assert_half_written(stack, output, killed_version)
     _assert_previous_output_is_whole(stack, output, good, good_manifest, good_rows)
 
-    # When the run is started again (in-process, to completion)
-    rerun = scoring(ScoringParams(dataset=dataset, source=big, output=output, chunk_rows=100))
+    # When the run is started again (in-process, to completion), while a consumer keeps reading the output
+    reader = _Reader(stack, output)
+    reader.start()
+    try:
+        rerun = scoring(ScoringParams(dataset=dataset, source=big, output=output, chunk_rows=100))
+        time.sleep(1)  # a few reads of the new version too
+    finally:
+        reader.stop()
     # then it publishes the new output: all FILES files, the previous one kept as `previous`
     latest = current_output(output, stack)
     assert latest.version not in {good.version, killed_version}
     assert latest.previous == good.version and len(latest.files) == FILES == rerun.files
+    # and the consumer never failed to read, and always read a whole version: the previous, then the new one
+    assert reader.errors == []
+    assert {version for version, _, _ in reader.reads} == {good.version, latest.version}
+    assert all(read == listed for _, read, listed in reader.reads)
+    versions = [version for version, _, _ in reader.reads]
+    assert versions == sorted(versions)  # once flipped, never back
     scored = read_current_predictions(output, stack).to_pandas()
     assert len(scored) == FILES * len(month) and scored["application_id"].is_unique
     # and its probabilities are the registered model's own (scikit-learn on the same rows)
