@@ -323,7 +323,7 @@ def _runs(pid: int, program: str) -> bool:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc (macOS): trust the pid file
-    return program.encode() in command
+    return not command or Path(program).name.encode() in command
 
 
 def _clear_dead(service: Service, settings: Settings, wait: float = 15.0) -> None:
@@ -391,42 +391,42 @@ def _start(service: Service, settings: Settings, timeout: float) -> None:
     if pid is not None and _healthy(service.health_url):
         log.info("%s already running (pid %s)", service.name, pid)
         return
-    if pid is not None and not _wait_healthy(service, pid, timeout):  # starting elsewhere (another `up`)?
-        pid = None  # it died meanwhile: start it again below
-    if pid is None:
-        if _recorded_pid(service) is not None:
-            log.warning("%s died (pid file %s); starting it again", service.name, service.pid_file)
-        _clear_dead(service, settings)
-        for port in (service.port, *service.extra_ports):
-            if port_in_use(settings.host, port):
-                raise StackError(
-                    f"{service.name}: port {port} on {settings.host} is busy (another process listens "
-                    f"there); stop it or choose other ports (MLOPS_*_PORT settings)"
-                )
-        service.log_file.parent.mkdir(parents=True, exist_ok=True)
-        service.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        for sub in ("s3", "mlflow", "prefect"):
-            (service.state_dir / sub).mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-        env |= service.env
-        with service.log_file.open("ab") as out:
-            proc = subprocess.Popen(
-                service.command,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=service.cwd or service.state_dir,
-                start_new_session=True,
+    if pid is not None and _wait_healthy(service, pid, timeout):  # starting elsewhere (another `up`)
+        return
+    # dead, or it died while we waited for it: start it again
+    if _recorded_pid(service) is not None:
+        log.warning("%s died (pid file %s); starting it again", service.name, service.pid_file)
+    _clear_dead(service, settings)
+    for port in (service.port, *service.extra_ports):
+        if port_in_use(settings.host, port):
+            raise StackError(
+                f"{service.name}: port {port} on {settings.host} is busy (another process listens "
+                f"there); stop it or choose other ports (MLOPS_*_PORT settings)"
             )
-        service.pid_file.write_text(str(proc.pid))
-        pid = proc.pid
-        log.info("started %s (pid %s), log: %s", service.name, pid, service.log_file)
+    service.log_file.parent.mkdir(parents=True, exist_ok=True)
+    service.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    for sub in ("s3", "mlflow", "prefect"):
+        (service.state_dir / sub).mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env |= service.env
+    with service.log_file.open("ab") as out:
+        proc = subprocess.Popen(
+            service.command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=service.cwd or service.state_dir,
+            start_new_session=True,
+        )
+    service.pid_file.write_text(str(proc.pid))
+    log.info("started %s (pid %s), log: %s", service.name, proc.pid, service.log_file)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _read_pid(service) is None:
+        if proc.poll() is not None:
             raise StackError(
-                f"{service.name} exited during start-up; see {service.log_file}:\n{_tail(service.log_file)}"
+                f"{service.name} exited with {proc.returncode} during start-up; see {service.log_file}:\n"
+                f"{_tail(service.log_file)}"
             )
         if _healthy(service.health_url):
             return
