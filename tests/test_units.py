@@ -396,7 +396,7 @@ def test_spool_segments_are_durable_lines_uploaded_once_and_orphans_are_adopted(
     failing = {"on": False}
 
     class FakeS3:
-        def put_object(self, Bucket, Key, Body):  # noqa: N803 (boto3's names)
+        def put_object(self, Bucket, Key, Body):
             if failing["on"]:
                 raise ConnectionError("S3 down")
             uploaded[Key] = Body
