@@ -251,12 +251,11 @@ class Spool:
         assert self.folder is not None, "open() first"
         return self.folder.name
 
-    def append(self, line: bytes) -> bool:
-        """Write one line and make it durable (fdatasync); False (nothing written) at the bound."""
+    def append(self, line: bytes, now: datetime) -> bool:
+        """Write one line scored at `now` and make it durable (fdatasync); False (nothing written) at the bound."""
         with self._mutex:
             if self.bytes + len(line) > self.max_bytes:
                 return False
-            now = datetime.now(UTC)
             if self._fd is not None and now.date() != self._day:  # a segment holds one UTC date: its S3 folder
                 self._close()
             if self._fd is None:
@@ -368,21 +367,27 @@ class SpooledPredictionLog:
         record_index: np.ndarray | None = None,
     ) -> None:
         """Append one scored batch to the spool and sync it; at the bound, count and report the drop."""
-        entry = Entry(frame, scores, classes, request_ids, version, datetime.now(UTC), record_ids, record_index)
+        now = datetime.now(UTC)
+        entry = Entry(frame, scores, classes, request_ids, version, now, record_ids, record_index)
         line = orjson.dumps(spooled_batch(entry), option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
-        if self.spool.append(line):
-            self.on_spool_bytes(self.spool.bytes)
-            return
-        rows = len(frame)
+        try:
+            if self.spool.append(line, now):
+                self.on_spool_bytes(self.spool.bytes)
+                return
+            why = f"spool full ({self.spool.bytes} of {self.spool.max_bytes} bytes; S3 unreachable?)"
+        except OSError as exc:  # disk full, folder removed: answered anyway, but say loudly that it is not logged
+            why = f"cannot write the spool ({exc})"
+        self._dropped(len(frame), why)
+
+    def _dropped(self, rows: int, why: str) -> None:
+        """Count rows not logged, and say so as an error at most every DROP_LOG_EVERY seconds."""
         self.on_event("dropped", rows)
         self._dropped_since_log += rows
         if time.monotonic() - self._last_drop_log >= DROP_LOG_EVERY:
             log.error(
-                "prediction log: spool %s is full (%d of %d bytes; S3 unreachable?): %d answered predictions "
-                "NOT logged since the last report",
+                "prediction log: %s in %s: %d answered predictions NOT logged since the last report",
+                why,
                 self.spool.folder,
-                self.spool.bytes,
-                self.spool.max_bytes,
                 self._dropped_since_log,
             )
             self._dropped_since_log, self._last_drop_log = 0, time.monotonic()

@@ -386,7 +386,7 @@ def test_duplicate_log_rows_are_dropped_by_request_and_record_index_only():
     assert len(drop_duplicates(kept)) == len(kept)
 
 
-def test_spool_segments_are_durable_lines_uploaded_once_and_orphans_are_adopted(tmp_path, monkeypatch):
+def test_spool_segments_are_durable_lines_uploaded_once_and_orphans_are_adopted(tmp_path, monkeypatch, caplog):
     """The spool's file logic, with S3 replaced by a dict (the real S3 is in tests/test_faults_serving.py)."""
     from adapters.settings import Settings
     from serving import prediction_log
@@ -444,11 +444,14 @@ def test_spool_segments_are_durable_lines_uploaded_once_and_orphans_are_adopted(
     # a live process's folder is never adopted
     other = spooled()
     assert other.adopt() == 0 and live.spool.folder.exists()
-    # at the bound, predictions are dropped and counted, not written
+    # at the bound, predictions are dropped, counted and reported as errors, not written
     events.clear()
+    caplog.set_level("ERROR", logger="serving.prediction_log")
     for i in range(100):
         record(live, f"many-{i}")
     assert ("dropped", 1) in events and live.spool.bytes <= 4096
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("spool full" in m and "NOT logged" in m for m in errors), errors
     written = sum(len(read_segment(p)[0]) for p in live.spool.folder.glob("*.jsonl"))
     assert written + sum(n for k, n in events if k == "dropped") == 100
     for log in (live, other):
