@@ -148,8 +148,13 @@ def _monitoring_log(settings, prefix: str) -> Counter:
 
 def _all_logged(settings, answered: list[str], prefix: str, timeout: float = 90) -> tuple[Counter, Counter]:
     """Wait until every answered id is in the log; the raw and the deduplicated counts."""
-    wait_for(lambda: set(answered) <= set(_raw_log(settings, prefix)), timeout, "every answer in the S3 log", 1)
-    return _raw_log(settings, prefix), _monitoring_log(settings, prefix)
+    deadline = time.monotonic() + timeout
+    while not set(answered) <= set(raw := _raw_log(settings, prefix)):
+        if time.monotonic() > deadline:
+            found = len(set(answered) & set(raw))
+            raise AssertionError(f"after {timeout}s, {found} of {len(answered)} answered predictions are in the S3 log")
+        time.sleep(1)
+    return raw, _monitoring_log(settings, prefix)
 
 
 def _report(case: str, answered: list[str], raw: Counter, read: Counter, **extra: object) -> None:
