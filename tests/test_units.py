@@ -358,6 +358,9 @@ def test_spooled_lines_give_the_same_table_as_the_in_memory_log():
     assert got["predicted_at"].tolist() == [pd.Timestamp(at)] * 3 + [pd.Timestamp(at + timedelta(1)), pd.Timestamp(at)]
     assert got["record_index"].tolist() == [0, 1, 0, -1, 0]  # -1: the batch sent none
     assert np.isnan(got["age"].iloc[1]) and got["region"].iloc[1] is None
+    # and a regressor's values (no classes, one score per record) come back the same way
+    value = Entry(frame, np.array([1.5, np.nan, -2.0]), [], np.array(["e", "e", "e"], dtype=object), "5", at)
+    pd.testing.assert_frame_equal(spooled_table(_spooled([value])), to_table([value]), check_dtype=True)
 
 
 def test_duplicate_log_rows_are_dropped_by_request_and_record_index_only():
