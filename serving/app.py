@@ -6,6 +6,10 @@
   a request id. Bad input is a 422 naming the record and the field; a batch over the limit is a 413.
 - `GET /health` (the process answers), `GET /ready` (a model is loaded), `GET /model` (what is served),
   `GET /metrics` (Prometheus), `POST /reload` (check the registry now; what a promotion calls).
+- With `MLOPS_SERVING_TOKEN` set, /predict, /invocations and /reload need `Authorization: Bearer <token>`
+  (401); without it, /reload is accepted from loopback clients only (403). A body over
+  `serving_max_body_bytes` is a 413, chunked or not. Every answered prediction is logged durably first
+  (`serving/prediction_log.py`).
 
 Run it with `mlops serve` (or `mlops stack up`, which starts it on port 8000).
 """
