@@ -12,6 +12,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -233,6 +235,29 @@ def test_s3_down_for_30_seconds_fails_no_request_and_logs_every_prediction_once(
     metrics = httpx.get(f"{url}/metrics").text
     assert 'mlops_serving_prediction_log_rows_total{result="failed"}' in metrics
     assert 'mlops_serving_prediction_log_rows_total{result="dropped"}' not in metrics
+
+
+def test_stack_up_from_the_cli_restarts_serving_killed_a_moment_before(faults):
+    """The reported failure: `kill -9` of serving, then `mlops stack up` within a second."""
+    env = os.environ | {"MLOPS_SERVING_MODEL": MODEL}
+    mlops = str(Path(sys.executable).parent / "mlops")
+    # Given serving started by a `mlops stack up` process that has exited (so this test is not its parent)
+    _stop_serving(faults)
+    subprocess.run([mlops, "stack", "up"], env=env, check=True, capture_output=True, timeout=300)
+    pid = _pid(faults)
+    assert int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1]) != os.getpid()
+    # when it is SIGKILLed and `mlops stack up` runs at once
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    state = local_stack._state(pid)  # "Z" while PID 1 has not reaped it: what used to pass for "starting"
+    started = time.monotonic()
+    result = subprocess.run([mlops, "stack", "up"], check=False, env=env, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - started
+    # then it starts serving again, with a new process
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _pid(faults) != pid
+    wait_for(lambda: httpx.get(f"{faults.local_serving_url}/ready").status_code == 200, 60, "the model to load")
+    print(f"\n[cli-restart] killed pid state before `up`: {state or 'gone'}; `mlops stack up` took {took:.1f}s")
 
 
 def test_stack_down_during_traffic_loses_no_answered_prediction(faults, record, stack):
