@@ -302,13 +302,19 @@ def test_broken_champion_keeps_the_old_model_serving_and_the_promotion_is_revert
 
 
 def test_prediction_log_outage_never_fails_a_request(stack, default_data, versions, tmp_path_factory):
-    # Given a server whose S3 endpoint is down (nothing listens there)
-    port, context = _serve(stack, tmp_path_factory, "no-s3", AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}")
+    # Given a server whose S3 endpoint is down (nothing listens there) and whose spool holds 4 KiB
+    port, context = _serve(
+        stack,
+        tmp_path_factory,
+        "no-s3",
+        AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}",
+        MLOPS_SERVING_SPOOL_MAX_BYTES="4096",
+    )
     with context:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
-        # when predictions are requested, then they are answered
-        for _ in range(5):
+        # when more predictions are requested than the spool holds, then all of them are answered
+        for _ in range(20):
             answer = httpx.post(f"{url}/predict", json={"records": [_one(stack, default_data)]}, timeout=30)
             assert answer.status_code == 200, answer.text
         # and the failed log writes are counted, with the rows kept for a later try
@@ -317,6 +323,16 @@ def test_prediction_log_outage_never_fails_a_request(stack, default_data, versio
             60,
             "a failed log write to be counted",
         )
+        # and those beyond the bound are counted as dropped and reported as an error
+        metrics = httpx.get(f"{url}/metrics").text
+        dropped = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith('mlops_serving_prediction_log_rows_total{result="dropped"}')
+        )
+        assert 0 < dropped < 20, dropped
+    log = "".join(p.read_text() for p in tmp_path_factory.getbasetemp().glob("no-s3*/serving.log"))
+    assert "ERROR" in log and "spool full" in log and "NOT logged" in log
 
 
 def test_training_reverts_a_promotion_the_serving_api_does_not_confirm(
