@@ -22,7 +22,7 @@ from adapters.settings import Settings
 from adapters.store import fs_path, list_keys, s3_filesystem
 from core.drift import MonitoringError
 from core.drift_analysis import Champion
-from core.prediction_log import day_prefix, log_dates, prefix_for
+from core.prediction_log import day_prefix, drop_duplicates, log_dates, prefix_for
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ def read_prediction_log(
     for key in keys:
         with filesystem.open_input_file(fs_path(S3Location(settings.bucket, key))) as stream:
             frames.append(pd.read_parquet(io.BytesIO(stream.read())))
+    if frames:  # a spool segment uploaded twice (a crash between S3's answer and its deletion) counts once
+        frames = [drop_duplicates(pd.concat(frames, ignore_index=True))]
     source = f"s3://{settings.bucket}/{prefix_for(model_name)} (last {days} day(s), {len(keys)} file(s))"
     log.info("prediction log: %d file(s) from %d date folder(s)", len(keys), days)
     return frames, source

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
+from pydantic import SecretStr
 
 from adapters.registry import CHAMPION
 from adapters.settings import get_settings
@@ -33,11 +34,15 @@ class ServingCheck:
     seconds: float
 
 
-def wait_for_serving(url: str, model_name: str, version: str, timeout: float, poll: float = 0.5) -> ServingCheck:
+def wait_for_serving(
+    url: str, model_name: str, version: str, timeout: float, poll: float = 0.5, token: SecretStr | None = None
+) -> ServingCheck:
     """Ask the serving API at `url` to look at the registry, then wait until it serves `version`.
 
-    Unreachable answers are retried until `timeout` (a restart of the API is not a failure).
+    Unreachable answers are retried until `timeout` (a restart of the API is not a failure). `token` is
+    the serving API's bearer token (`MLOPS_SERVING_TOKEN`), sent with /reload.
     """
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
     url = url.rstrip("/")
     started = time.monotonic()
     deadline = started + timeout
@@ -57,7 +62,9 @@ def wait_for_serving(url: str, model_name: str, version: str, timeout: float, po
             )
             if not nudged:  # /reload loads the new alias target now rather than at the next poll
                 nudged = True
-                httpx.post(f"{url}/reload", timeout=max(deadline - time.monotonic(), 1))
+                reload = httpx.post(f"{url}/reload", headers=headers, timeout=max(deadline - time.monotonic(), 1))
+                if reload.status_code in {401, 403}:
+                    last = f"/reload refused ({reload.status_code}): {reload.json().get('detail')}"
                 continue
         except (httpx.HTTPError, ValueError) as exc:
             last = f"unreachable ({type(exc).__name__}: {exc})"
@@ -69,9 +76,10 @@ def wait_for_serving(url: str, model_name: str, version: str, timeout: float, po
 
 def check_configured_serving(model_name: str, version: str, timeout: float) -> ServingCheck:
     """Wait for the configured serving API (MLOPS_SERVING_URL) to serve `version`; unconfigured: not checked."""
-    url = get_settings().serving_url
+    settings = get_settings()
+    url = settings.serving_url
     if not url:
         return ServingCheck(False, True, "no serving API configured (MLOPS_SERVING_URL): not checked", 0.0)
-    check = wait_for_serving(url, model_name, version, timeout)
+    check = wait_for_serving(url, model_name, version, timeout, token=settings.serving_token)
     (log.info if check.ok else log.error)("%s", check.detail)
     return check

@@ -48,6 +48,22 @@ class Settings(BaseSettings):
     serving_log_max_rows: int = Field(
         200_000, ge=1, description="Logged predictions kept in memory while S3 is unreachable (oldest dropped)."
     )
+    # Issue 12, serving side: the write-ahead spool of the prediction log, and the serving API's token.
+    serving_spool: bool = Field(
+        True,
+        description="Log predictions through a local write-ahead spool (durable before the answer); false: "
+        "the in-memory buffer (rows lost on a crash), kept to measure what the spool costs.",
+    )
+    serving_spool_max_bytes: int = Field(
+        1024 * 2**20,
+        ge=4096,
+        description="Bytes one serving process may hold in its spool while S3 is unreachable; beyond it new "
+        "predictions are still answered but not logged (counted in /metrics and logged as errors).",
+    )
+    serving_token: SecretStr | None = Field(
+        None,
+        description="Bearer token guarding /reload, /predict and /invocations (unset: open, /reload loopback only).",
+    )
 
     aws_access_key_id: str = Field(
         "mlops-local", validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "aws_access_key_id")

@@ -2,8 +2,10 @@
 
 Objects live at `s3://<bucket>/predictions/serving/<model>/date=YYYY-MM-DD/<HHMMSS>-<token>.parquet`
 (the UTC date and time of the write), one row per scored record: the inputs, `request_id`, `record_id`
-(the record's own id, when it sent one), `model_version`, `predicted`, `predicted_at` and a
-`proba_<class>` column per class of a classifier. Pure: no I/O here.
+(the record's own id, when it sent one), `record_index` (the record's place in its request), `model_version`,
+`predicted`, `predicted_at` and a `proba_<class>` column per class of a classifier. A row is identified by
+`request_id` + `record_index` (+ `predicted_at`, so a client that reuses a request id keeps both answers):
+a segment uploaded twice after a crash is dropped again on read (`drop_duplicates`). Pure: no I/O here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pandas as pd
 PREFIX = "predictions/serving"
 REQUEST_ID = "request_id"
 RECORD_ID = "record_id"
+RECORD_INDEX = "record_index"
 PREDICTED_AT = "predicted_at"
 LOG_KEY = "label_key"  # the column monitoring adds: what late labels join on (see `prediction_log_key`)
 
@@ -74,8 +77,9 @@ class Entry:
     classes: list[Any]  # empty for a regressor
     request_ids: np.ndarray
     model_version: str
-    at: datetime
+    at: datetime | np.ndarray  # when it was scored: one time, or one per row
     record_ids: np.ndarray | None = None  # the records' own ids (the dataset's id column), when sent
+    record_index: np.ndarray | None = None  # each record's place in its request (0 for a one-record request)
 
 
 def to_table(entries: list[Entry]) -> pd.DataFrame:
@@ -97,6 +101,12 @@ def to_table(entries: list[Entry]) -> pd.DataFrame:
             for e, size in zip(entries, sizes, strict=True)
         ]
     ).astype(object)
+    table[RECORD_INDEX] = np.concatenate(
+        [
+            np.asarray(e.record_index, dtype="int64") if e.record_index is not None else np.full(size, -1)
+            for e, size in zip(entries, sizes, strict=True)
+        ]
+    )
     table["model_version"] = np.repeat([e.model_version for e in entries], sizes)
     predicted = [
         np.asarray(e.classes)[e.scores.argmax(axis=1)] if e.classes else np.asarray(e.scores, dtype="float64")
@@ -105,7 +115,11 @@ def to_table(entries: list[Entry]) -> pd.DataFrame:
     if len({bool(e.classes) for e in entries}) > 1:
         predicted = [p.astype(str).astype(object) for p in predicted]
     table["predicted"] = np.concatenate(predicted)
-    table[PREDICTED_AT] = pd.to_datetime(np.repeat([e.at for e in entries], sizes), utc=True)
+    times = [
+        e.at if isinstance(e.at, np.ndarray) else np.repeat([e.at], size)
+        for e, size in zip(entries, sizes, strict=True)
+    ]
+    table[PREDICTED_AT] = pd.to_datetime(np.concatenate(times), utc=True)
     columns = dict.fromkeys(f"proba_{c}" for e in entries for c in e.classes)
     for column in columns:
         table[column] = np.concatenate(
@@ -117,3 +131,86 @@ def to_table(entries: list[Entry]) -> pd.DataFrame:
             ]
         )
     return table
+
+
+def drop_duplicates(frame: pd.DataFrame) -> pd.DataFrame:
+    """The log without rows stored twice (a spool segment re-uploaded after a crash), first copy kept.
+
+    A row is one record of one answered request: `request_id` + `record_index` + `predicted_at`. Rows of
+    logs written before `record_index` existed (no column, or -1) are all kept: nothing identifies them.
+    """
+    if frame.empty or RECORD_INDEX not in frame.columns or REQUEST_ID not in frame.columns:
+        return frame
+    keyed = frame[RECORD_INDEX].notna() & (frame[RECORD_INDEX] >= 0)
+    duplicated = frame.duplicated(subset=[REQUEST_ID, RECORD_INDEX, PREDICTED_AT], keep="first") & keyed
+    return frame[~duplicated].reset_index(drop=True) if duplicated.any() else frame
+
+
+def spooled_batch(entry: Entry) -> dict[str, Any]:
+    """One scored batch as the JSON-able dict a spool line stores (columns as lists or float arrays).
+
+    Numbers stay float64 arrays (orjson writes them without a Python loop; NaN becomes null), text columns
+    become lists. `spooled_table` turns lines back into the log's table.
+    """
+    columns = {
+        name: values.to_numpy() if values.dtype.kind == "f" else values.tolist() for name, values in entry.frame.items()
+    }
+    return {
+        "v": entry.model_version,
+        "at": entry.at.isoformat(),
+        "cls": [c.item() if isinstance(c, np.generic) else c for c in entry.classes],
+        "rid": entry.request_ids.tolist(),
+        "ids": None if entry.record_ids is None else list(entry.record_ids),
+        "idx": None if entry.record_index is None else np.asarray(entry.record_index).tolist(),
+        "s": np.asarray(entry.scores, dtype="float64"),
+        "f": columns,
+    }
+
+
+def spooled_table(lines: list[dict[str, Any]]) -> pd.DataFrame:
+    """The log's table (one row per record, as `to_table` builds it) from decoded spool lines.
+
+    Consecutive lines with the same columns and classes are joined before one DataFrame is built (a
+    frame per line would cost ~0.2 ms each, for thousands of lines per upload).
+    """
+    entries: list[Entry] = []
+    group: list[dict[str, Any]] = []
+
+    def close() -> None:
+        if not group:
+            return
+        columns = {name: [v for line in group for v in line["f"][name]] for name in group[0]["f"]}
+        frame = pd.DataFrame(columns)
+        for name, values in group[0]["f"].items():  # numbers stored as floats stay floats (null -> NaN)
+            if values and all(isinstance(v, float) or v is None for v in values):
+                frame[name] = frame[name].astype("float64")
+        sizes = [len(line["rid"]) for line in group]
+        scores = [np.asarray(line["s"], dtype="float64") for line in group]
+        entries.append(
+            Entry(
+                frame=frame,
+                scores=np.concatenate(scores) if scores else np.empty(0),
+                classes=list(group[0]["cls"]),
+                request_ids=np.asarray([r for line in group for r in line["rid"]], dtype=object),
+                model_version=group[0]["v"],
+                at=np.repeat([datetime.fromisoformat(line["at"]) for line in group], sizes),
+                record_ids=np.asarray(
+                    [i for line in group for i in (line["ids"] or [None] * len(line["rid"]))], dtype=object
+                ),
+                record_index=np.asarray(
+                    [i for line in group for i in (line["idx"] or [-1] * len(line["rid"]))], dtype="int64"
+                ),
+            )
+        )
+        group.clear()
+
+    for line in lines:
+        if group and (
+            line["f"].keys() != group[0]["f"].keys() or line["cls"] != group[0]["cls"] or line["v"] != group[0]["v"]
+        ):
+            close()
+        group.append(line)
+    close()
+    if not entries:
+        return pd.DataFrame()
+    return to_table(entries)

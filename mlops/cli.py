@@ -48,7 +48,8 @@ def stack_up() -> None:
 def stack_down() -> None:
     """Stop the servers started from this state folder."""
     stopped = stack.down(get_settings())
-    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    first = " (serving first: it uploaded its spooled predictions while S3 still ran)" if "serving" in stopped else ""
+    typer.echo(f"stopped: {', '.join(stopped)}{first}" if stopped else "nothing was running")
 
 
 @stack_app.command("status")

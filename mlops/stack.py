@@ -1,8 +1,12 @@
 """The local stack: real S3 (SeaweedFS), MLflow and Prefect servers, a worker and the serving API, on loopback.
 
-Each server runs as a detached process whose pid, log and data live under one state folder
-(`settings.state_dir`, `.mlops/` by default). `up` is idempotent: a server that already answers its
-health check is left alone. Failures name the server, the busy port or the log file to read.
+Each server runs as a detached process (its own process group) whose pid, log and data live under one
+state folder (`settings.state_dir`, `.mlops/` by default). `up` is idempotent: a server that already
+answers its health check is left alone; one that died (SIGKILL, crash) is started again at once: a
+killed process that is still a zombie (PID 1 of a container may reap late) counts as dead, what is left
+of its process group is killed, and the start waits for its ports to be free. Failures name the server,
+the busy port or the log file to read. `down` stops the serving API first and waits for it (it uploads
+its spooled predictions to S3), then the others.
 """
 
 from __future__ import annotations
@@ -274,7 +278,11 @@ def services(settings: Settings) -> list[Service]:
 
 
 def _alive(pid: int) -> bool:
-    """True while the process runs. A child of ours that exited is reaped here, so a zombie counts as gone."""
+    """True while the process runs; a zombie counts as gone.
+
+    A child of ours is reaped here; another's zombie (a server whose starter exited, killed while PID 1
+    has not reaped it yet: in a container that may take long) is recognised from /proc.
+    """
     with contextlib.suppress(ChildProcessError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
@@ -284,15 +292,59 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return _state(pid) not in {"Z", "X"}
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc (R, S, Z, ...); None where /proc does not tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def _recorded_pid(service: Service) -> int | None:
+    try:
+        return int(service.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _read_pid(service: Service) -> int | None:
+    """The server's pid while it runs; None when it died or the pid now belongs to another program."""
+    pid = _recorded_pid(service)
+    return pid if pid is not None and _alive(pid) and _runs(pid, service.command[0]) else None
+
+
+def _runs(pid: int, program: str) -> bool:
+    """False when /proc shows that `pid` runs something else than `program` (its number was reused)."""
     try:
-        pid = int(service.pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if _alive(pid) else None
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): trust the pid file
+    return not command or Path(program).name.encode() in command
+
+
+def _clear_dead(service: Service, settings: Settings, wait: float = 15.0) -> None:
+    """After a server died: kill what is left of its process group, forget its pid, wait for its ports.
+
+    A server started here leads its own process group (the pid is the group id), so children it left
+    behind (e.g. uvicorn workers still holding the port after their parent was SIGKILLed) go with it.
+    A port in TIME_WAIT does not block a restart (the servers bind with SO_REUSEADDR); a port another
+    program holds stays busy and is reported by the caller.
+    """
+    pid = _recorded_pid(service)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+            log.info("%s: SIGKILL to the dead server's process group %s (children it left)", service.name, pid)
+        service.pid_file.unlink(missing_ok=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and any(
+        port_in_use(settings.host, port) for port in (service.port, *service.extra_ports)
+    ):
+        time.sleep(0.2)
 
 
 def _healthy(url: str, timeout: float = 2.0) -> bool:
@@ -339,37 +391,42 @@ def _start(service: Service, settings: Settings, timeout: float) -> None:
     if pid is not None and _healthy(service.health_url):
         log.info("%s already running (pid %s)", service.name, pid)
         return
-    if pid is None:
-        for port in (service.port, *service.extra_ports):
-            if port_in_use(settings.host, port):
-                raise StackError(
-                    f"{service.name}: port {port} on {settings.host} is busy (another process listens "
-                    f"there); stop it or choose other ports (MLOPS_*_PORT settings)"
-                )
-        service.log_file.parent.mkdir(parents=True, exist_ok=True)
-        service.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        for sub in ("s3", "mlflow", "prefect"):
-            (service.state_dir / sub).mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-        env |= service.env
-        with service.log_file.open("ab") as out:
-            proc = subprocess.Popen(
-                service.command,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=service.cwd or service.state_dir,
-                start_new_session=True,
+    if pid is not None and _wait_healthy(service, pid, timeout):  # starting elsewhere (another `up`)
+        return
+    # dead, or it died while we waited for it: start it again
+    if _recorded_pid(service) is not None:
+        log.warning("%s died (pid file %s); starting it again", service.name, service.pid_file)
+    _clear_dead(service, settings)
+    for port in (service.port, *service.extra_ports):
+        if port_in_use(settings.host, port):
+            raise StackError(
+                f"{service.name}: port {port} on {settings.host} is busy (another process listens "
+                f"there); stop it or choose other ports (MLOPS_*_PORT settings)"
             )
-        service.pid_file.write_text(str(proc.pid))
-        pid = proc.pid
-        log.info("started %s (pid %s), log: %s", service.name, pid, service.log_file)
+    service.log_file.parent.mkdir(parents=True, exist_ok=True)
+    service.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    for sub in ("s3", "mlflow", "prefect"):
+        (service.state_dir / sub).mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env |= service.env
+    with service.log_file.open("ab") as out:
+        proc = subprocess.Popen(
+            service.command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=service.cwd or service.state_dir,
+            start_new_session=True,
+        )
+    service.pid_file.write_text(str(proc.pid))
+    log.info("started %s (pid %s), log: %s", service.name, proc.pid, service.log_file)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _read_pid(service) is None:
+        if proc.poll() is not None:
             raise StackError(
-                f"{service.name} exited during start-up; see {service.log_file}:\n{_tail(service.log_file)}"
+                f"{service.name} exited with {proc.returncode} during start-up; see {service.log_file}:\n"
+                f"{_tail(service.log_file)}"
             )
         if _healthy(service.health_url):
             return
@@ -377,6 +434,21 @@ def _start(service: Service, settings: Settings, timeout: float) -> None:
     raise StackError(
         f"{service.name} did not become healthy at {service.health_url} within {timeout:.0f}s; "
         f"see {service.log_file}:\n{_tail(service.log_file)}"
+    )
+
+
+def _wait_healthy(service: Service, pid: int, timeout: float) -> bool:
+    """Wait for a running server that another `up` started; False when it dies before it answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _healthy(service.health_url):
+            return True
+        if not _alive(pid):
+            return False
+        time.sleep(0.5)
+    raise StackError(
+        f"{service.name} (pid {pid}) runs but did not become healthy at {service.health_url} within "
+        f"{timeout:.0f}s; see {service.log_file}:\n{_tail(service.log_file)}"
     )
 
 
@@ -402,18 +474,26 @@ def _stop_pid(pid: int, timeout: float = 15.0) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def down(settings: Settings) -> list[str]:
-    """Stop the servers this state folder started; returns the names stopped.
+def down(settings: Settings, serving_timeout: float = 60.0) -> list[str]:
+    """Stop the servers this state folder started; returns the names stopped, in order.
 
-    All get SIGTERM at once (then SIGKILL after a grace period), so stopping takes the slowest
-    server's time, not the sum.
+    The serving API first, alone, waited for up to `serving_timeout` seconds: on SIGTERM it finishes its
+    requests and uploads its spooled predictions to S3, so S3 must still run. Then the others get
+    SIGTERM at once (then SIGKILL after a grace period), so that part takes the slowest server's time.
     """
     running = [(service, _read_pid(service)) for service in reversed(services(settings))]
-    with ThreadPoolExecutor(max_workers=len(running)) as pool:
-        list(pool.map(_stop_pid, [pid for _, pid in running if pid is not None]))
-    for service, _ in running:
+    first = [(service, pid) for service, pid in running if service.name == "serving"]
+    rest = [(service, pid) for service, pid in running if service.name != "serving"]
+    for service, pid in first:
+        if pid is not None:
+            log.info("stopping serving first: it uploads its spooled predictions to S3 before S3 stops")
+            _stop_pid(pid, timeout=serving_timeout)
         service.pid_file.unlink(missing_ok=True)
-    return [service.name for service, pid in running if pid is not None]
+    with ThreadPoolExecutor(max_workers=len(rest)) as pool:
+        list(pool.map(_stop_pid, [pid for _, pid in rest if pid is not None]))
+    for service, _ in rest:
+        service.pid_file.unlink(missing_ok=True)
+    return [service.name for service, pid in first + rest if pid is not None]
 
 
 @contextlib.contextmanager

@@ -6,6 +6,10 @@
   a request id. Bad input is a 422 naming the record and the field; a batch over the limit is a 413.
 - `GET /health` (the process answers), `GET /ready` (a model is loaded), `GET /model` (what is served),
   `GET /metrics` (Prometheus), `POST /reload` (check the registry now; what a promotion calls).
+- With `MLOPS_SERVING_TOKEN` set, /predict, /invocations and /reload need `Authorization: Bearer <token>`
+  (401); without it, /reload is accepted from loopback clients only (403). A body over
+  `serving_max_body_bytes` is a 413, chunked or not. Every answered prediction is logged durably first
+  (`serving/prediction_log.py`).
 
 Run it with `mlops serve` (or `mlops stack up`, which starts it on port 8000).
 """
@@ -13,6 +17,8 @@ Run it with `mlops serve` (or `mlops stack up`, which starts it on port 8000).
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -30,7 +36,7 @@ from serving.batching import Job, MicroBatcher
 from serving.follower import ChampionFollower
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.model import LoadedModel
-from serving.prediction_log import PredictionLog
+from serving.prediction_log import MemoryPredictionLog, PredictionLog, SpooledPredictionLog
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +192,23 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = ServingMetrics()
-        self.prediction_log = PredictionLog(
-            settings,
-            settings.serving_model,
-            flush_seconds=settings.serving_log_flush_seconds,
-            max_rows=settings.serving_log_max_rows,
-            on_event=lambda kind, rows: self.metrics.prediction_log.labels(kind).inc(rows),
-        )
+        self.prediction_log: PredictionLog
+        if settings.serving_spool:
+            self.prediction_log = SpooledPredictionLog(
+                settings,
+                settings.serving_model,
+                flush_seconds=settings.serving_log_flush_seconds,
+                on_event=lambda kind, rows: self.metrics.prediction_log.labels(kind).inc(rows),
+                on_spool_bytes=self.metrics.spool_bytes.set,
+            )
+        else:
+            self.prediction_log = MemoryPredictionLog(
+                settings,
+                settings.serving_model,
+                flush_seconds=settings.serving_log_flush_seconds,
+                max_rows=settings.serving_log_max_rows,
+                on_event=lambda kind, rows: self.metrics.prediction_log.labels(kind).inc(rows),
+            )
         self.batcher = MicroBatcher(
             max_rows=max(settings.serving_max_records, 1),
             on_scored=self._log_predictions,
@@ -203,6 +219,7 @@ class Runtime:
             settings,
             on_reload=lambda result: self.metrics.reloads.labels(result).inc(),
             on_swap=lambda model: self.metrics.served(model.name, model.version),
+            on_unset=self.metrics.not_served,
         )
         self._poller: asyncio.Task | None = None
 
@@ -212,7 +229,10 @@ class Runtime:
         record_ids = None
         if any(job.ids is not None for job in jobs):
             record_ids = np.array([i for job in jobs for i in (job.ids or [None] * len(job.records))], dtype=object)
-        self.prediction_log.record(frame, scores, jobs[0].model.classes, request_ids, jobs[0].model.version, record_ids)
+        record_index = np.concatenate([np.arange(size) for size in sizes])
+        self.prediction_log.record(
+            frame, scores, jobs[0].model.classes, request_ids, jobs[0].model.version, record_ids, record_index
+        )
 
     def _count_batch(self, rows: int) -> None:
         self.metrics.batch_rows.observe(rows)
@@ -221,7 +241,7 @@ class Runtime:
     async def start(self) -> None:
         """Start batching, prediction logging and following the alias."""
         self.batcher.start()
-        self.prediction_log.start()
+        await asyncio.to_thread(self.prediction_log.start)
         self._poller = asyncio.create_task(self.follower.run(), name="champion-follower")
         log.info("serving %s; registry %s", self.follower.following, self.settings.mlflow_tracking_uri)
 
@@ -238,12 +258,7 @@ class Runtime:
         self, request: Request, model: LoadedModel
     ) -> tuple[list[dict[str, Any]], list[str | None] | None]:
         """The request's records, size-checked and validated against `model`, and their ids; raises BadRequest."""
-        limit = self.settings.serving_max_body_bytes
-        length = int(request.headers.get("content-length") or 0)
-        body = b"" if length > limit else await request.body()
-        size = max(length, len(body))
-        if size > limit:
-            raise BadRequest.at(413, ["body"], f"{size} bytes is over the limit of {limit}", "too_large")
+        body = await read_body(request, self.settings.serving_max_body_bytes)
         key, raw = parse_records(body, self.settings.serving_max_records)
         records = validate_records(model, key, raw)
         return records, record_ids(model, key, raw)
@@ -254,7 +269,7 @@ class Runtime:
         model = self.follower.current  # this request finishes on this model, whatever is swapped meanwhile
         if model is None:
             error = self.follower.last_error
-            detail = f"no model loaded yet for {self.follower.following}" + (f" ({error})" if error else "")
+            detail = f"not serving: {error}" if error else f"no model loaded yet for {self.follower.following}"
             return _json({"detail": detail, "request_id": request_id}, 503, request_id)
         explain = request.query_params.get("explain", "").lower() in {"1", "true", "yes"}
         try:
@@ -277,6 +292,51 @@ class Runtime:
         return _json(body, 200, request_id)
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, cut off with a 413 as soon as it passes `limit` bytes, whatever the transfer encoding.
+
+    A declared content-length over the limit is refused before reading; a chunked body (no length) is
+    counted while it streams, so a client cannot make the server hold more than `limit` bytes.
+    """
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > limit:
+        raise BadRequest.at(413, ["body"], f"{declared} bytes is over the limit of {limit}", "too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest.at(413, ["body"], f"more than {limit} bytes: over the limit of {limit}", "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def refused(request: Request, what: str) -> Response | None:
+    """The 401/403 answer for a request `MLOPS_SERVING_TOKEN` does not allow; None when it may go on.
+
+    With a token set, `/predict`, `/invocations` and `/reload` need `Authorization: Bearer <token>`
+    (compared in constant time; the token is never logged). Without one, `/reload` is accepted only from
+    a loopback client (anyone who can reach the port could otherwise make it hit the registry).
+    """
+    token = _runtime(request).settings.serving_token
+    if token is None:
+        if what != "reload":
+            return None
+        client = request.client.host if request.client else ""
+        with suppress(ValueError):
+            if ipaddress.ip_address(client).is_loopback:
+                return None
+        detail = f"/reload is accepted only from loopback without MLOPS_SERVING_TOKEN; {client or 'unknown'} is not"
+        return _json({"detail": detail}, 403)
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        return None
+    detail = f"/{what} needs the header 'Authorization: Bearer <token>' with the serving token (MLOPS_SERVING_TOKEN)"
+    detail += "; none was sent" if not given else "; the one sent is wrong"
+    response = _json({"detail": detail}, 401)
+    response.headers["www-authenticate"] = "Bearer"
+    return response
+
+
 router = APIRouter()
 
 
@@ -287,13 +347,13 @@ def _runtime(request: Request) -> Runtime:
 @router.post("/predict", summary="Predict a batch of records")
 async def predict(request: Request) -> Response:
     """`{"records": [...]}` or `{"dataframe_records": [...]}` in; per record a class and probabilities, or a value."""
-    return await _runtime(request).predict(request)
+    return refused(request, "predict") or await _runtime(request).predict(request)
 
 
 @router.post("/invocations", summary="MLflow scoring-server path for /predict")
 async def invocations(request: Request) -> Response:
     """The same as /predict, at the path clients of `mlflow models serve` call."""
-    return await _runtime(request).predict(request)
+    return refused(request, "invocations") or await _runtime(request).predict(request)
 
 
 @router.get("/health")
@@ -333,6 +393,8 @@ async def prometheus(request: Request) -> Response:
 @router.post("/reload")
 async def reload(request: Request) -> Response:
     """Check the registry now (a promotion calls this); answers what is served afterwards."""
+    if (answer := refused(request, "reload")) is not None:
+        return answer
     follower = _runtime(request).follower
     changed = await follower.check(force=True)
     model = follower.current

@@ -4,6 +4,8 @@ The served model is one reference, replaced in a single assignment once the new 
 loaded and has passed a test prediction; a request holds the reference it started with, so in-flight
 requests finish on their model. A version that fails to load is logged and counted, the old model
 keeps serving, and the failed version is retried only after a back-off (or when asked by /reload).
+When the alias is gone (deleted, e.g. a reverted cold start, or the model deleted), nothing is presented
+as champion any more: `current` becomes None, so /ready and /predict answer 503 saying why.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ChampionFollower:
         settings: Registry address, model name, alias and poll interval.
         on_reload: Called with "success" or "failure" after each load attempt (metrics).
         on_swap: Called with the new model after a swap.
+        on_unset: Called when the served model is dropped because the alias is gone.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class ChampionFollower:
         settings: Settings,
         on_reload: Callable[[str], None] | None = None,
         on_swap: Callable[[LoadedModel], None] | None = None,
+        on_unset: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.serving_model
@@ -48,6 +52,7 @@ class ChampionFollower:
         self.last_error: str | None = None
         self.on_reload = on_reload or (lambda result: None)
         self.on_swap = on_swap or (lambda model: None)
+        self.on_unset = on_unset or (lambda: None)
         self._failed: tuple[str, float] | None = None
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -74,9 +79,7 @@ class ChampionFollower:
                 log.warning("cannot read %s from the registry: %s", self.following, exc)
                 return False
             if version is None:
-                if self.current is not None:
-                    log.warning("%s is not set any more; still serving v%s", self.following, self.current.version)
-                return False
+                return self._alias_gone()
             if self.current is not None and version == self.current.version:
                 return False
             failed = self._failed
@@ -98,6 +101,18 @@ class ChampionFollower:
             self.on_swap(model)
             log.info("serving %s v%s (was %s)", self.name, model.version, previous.version if previous else "none")
             return True
+
+    def _alias_gone(self) -> bool:
+        """Stop presenting a model the alias no longer names; True when one was being served."""
+        gone = f"{self.following} is not set in the registry (alias deleted or model deleted)"
+        if self.current is None:
+            self.last_error = f"{gone}: nothing to serve"
+            return False
+        self.last_error = f"{gone}: stopped serving v{self.current.version}, which is no longer the champion"
+        log.error("%s", self.last_error)
+        self.current = None
+        self.on_unset()
+        return True
 
     def wake(self) -> None:
         """Ask the poll loop to check now."""

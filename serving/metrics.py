@@ -38,8 +38,13 @@ class ServingMetrics:
         self.reloads = Counter("mlops_serving_reloads_total", "Model loads by result.", ["result"], registry=r)
         self.prediction_log = Counter(
             "mlops_serving_prediction_log_rows_total",
-            "Logged prediction rows: written to S3, failed (kept for a retry) or dropped (buffer full).",
+            "Logged prediction rows: written to S3, failed (kept for a retry) or dropped (spool or buffer full).",
             ["result"],
+            registry=r,
+        )
+        self.spool_bytes = Gauge(
+            "mlops_serving_prediction_spool_bytes",
+            "Bytes of answered predictions in this process's spool, not yet confirmed by S3.",
             registry=r,
         )
 
@@ -48,6 +53,11 @@ class ServingMetrics:
         self.model_info.clear()
         self.model_info.labels(name=name, version=version).set(1)
         self.model_version.set(float(version) if version.isdigit() else 0)
+
+    def not_served(self) -> None:
+        """Record that no model is served any more (the alias is gone)."""
+        self.model_info.clear()
+        self.model_version.set(0)
 
 
 class MetricsMiddleware:

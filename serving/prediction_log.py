@@ -1,38 +1,85 @@
-"""Every prediction, logged to S3 as Parquet in batches, off the request path.
+"""Every answered prediction, logged to S3 as Parquet: durable on local disk before the answer is sent.
 
-The request path only appends a reference to what it already computed (inputs, scores, ids);
-a background thread turns the buffer into one Parquet object every few seconds at
-`s3://<bucket>/predictions/serving/<model>/date=YYYY-MM-DD/<time>-<uuid>.parquet`, which monitoring
-reads (the layout and the table are defined once, in `core/prediction_log.py`). When S3 is unreachable
-the rows stay buffered (bounded; the oldest are dropped and counted) and are written once it answers
-again. A logging failure is counted and logged, never raised to a request.
+`SpooledPredictionLog` (the default): the prediction thread appends each scored micro-batch as one JSON
+line to a segment file of this process's spool folder and fsyncs it before the requests are answered.
+The fsync is per micro-batch, not per request: while one batch is scored and synced, the requests that
+arrive queue up and are scored, written and synced together next (group commit through the batcher).
+A background thread closes the segment every `serving_log_flush_seconds`, writes it to
+`s3://<bucket>/predictions/serving/<model>/date=YYYY-MM-DD/<HHMMSS>-<owner>-<segment>.parquet` (a key
+derived from the segment's name, so uploading it again after a crash overwrites the same object) and
+deletes the segment only once S3 confirmed the write. Monitoring reads that folder (the layout and the
+table are defined once, in `core/prediction_log.py`) and drops duplicate rows as well.
+
+Several serving processes may share one state folder: each owns `<state>/spool/<model>/<owner>/`,
+held by an exclusive `flock` for its lifetime. At start-up and every upload round a process adopts the
+folders whose lock is free (their process died), uploads their segments first, and removes them.
+
+The spool is bounded (`serving_spool_max_bytes`): at the bound, predictions are still answered, their
+rows are dropped, counted in `/metrics` and logged as errors. A logging failure never fails a request.
+
+`MemoryPredictionLog` is the previous in-memory buffer (rows lost on a crash), kept behind
+`MLOPS_SERVING_SPOOL=false` to measure what the spool costs (`python -m bench.spool`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import logging
+import os
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+import orjson
 import pandas as pd
 
 from adapters.clients import s3_client
 from adapters.settings import Settings
-from core.prediction_log import Entry, object_key, to_table
+from core.prediction_log import Entry, object_key, spooled_batch, spooled_table, to_table
 
-__all__ = ["Entry", "PredictionLog", "to_table"]  # Entry and to_table are core's, re-exported
+__all__ = [
+    "Entry",
+    "MemoryPredictionLog",
+    "PredictionLog",
+    "SpooledPredictionLog",
+    "to_table",
+]  # Entry, to_table: core's
 
 log = logging.getLogger(__name__)
 
 
-class PredictionLog:
-    """Buffer of scored batches flushed to S3 by a daemon thread.
+class PredictionLog(Protocol):
+    """What the serving API logs its predictions through."""
+
+    def record(
+        self,
+        frame: pd.DataFrame,
+        scores: np.ndarray,
+        classes: list[Any],
+        request_ids: np.ndarray,
+        version: str,
+        record_ids: np.ndarray | None = None,
+        record_index: np.ndarray | None = None,
+    ) -> None:
+        """Log one scored batch (called in the prediction thread, before its requests are answered)."""
+
+    def start(self) -> None:
+        """Start the background writer."""
+
+    def stop(self) -> None:
+        """Write what is left and stop."""
+
+
+class MemoryPredictionLog:
+    """Buffer of scored batches flushed to S3 by a daemon thread (lost on a crash: see `SpooledPredictionLog`).
 
     Args:
         settings: Where S3 is and the bucket.
@@ -70,9 +117,10 @@ class PredictionLog:
         request_ids: np.ndarray,
         version: str,
         record_ids: np.ndarray | None = None,
+        record_index: np.ndarray | None = None,
     ) -> None:
         """Keep one scored batch for the next write (cheap: no copy, no I/O)."""
-        entry = Entry(frame, scores, classes, request_ids, version, datetime.now(UTC), record_ids)
+        entry = Entry(frame, scores, classes, request_ids, version, datetime.now(UTC), record_ids, record_index)
         with self._lock:
             self._entries.append(entry)
             self._rows += len(frame)
@@ -133,3 +181,300 @@ class PredictionLog:
             return None
         self.on_event("written", rows)
         return f"s3://{self.settings.bucket}/{key}"
+
+
+SEGMENT_SUFFIX = ".jsonl"
+LOCK_NAME = "lock"
+DROP_LOG_EVERY = 10.0  # seconds between two error lines while rows are being dropped (each says how many)
+
+
+def _lock(path: Path) -> int | None:
+    """An exclusive, non-blocking `flock` on `path` (created if needed): its fd, or None when another holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # its folder was just removed by the process that adopted it
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    if not path.exists():  # removed between open and lock: the folder is being dropped
+        os.close(fd)
+        return None
+    return fd
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """This process's spool folder: segments of JSON lines, appended and fsynced, under an exclusive lock.
+
+    Args:
+        root: `<state>/spool/<model>`; this process's folder is a new subfolder of it.
+        max_bytes: Bytes of segments kept; an append beyond them is refused (returns False).
+    """
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.folder: Path | None = None
+        self.bytes = 0
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._segment: Path | None = None
+        self._opened_at = 0.0
+        self._day: Any = None
+        self._seq = 0
+        self._mutex = threading.Lock()
+
+    def open(self) -> Path:
+        """Create and lock this process's folder (a fresh name until the lock is ours)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        while self._lock_fd is None:
+            folder = self.root / f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            folder.mkdir()
+            self._lock_fd = _lock(folder / LOCK_NAME)
+            self.folder = folder
+        _fsync_dir(self.root)
+        return self.folder  # type: ignore[return-value]
+
+    @property
+    def owner(self) -> str:
+        """This process's folder name: part of every S3 key it writes."""
+        assert self.folder is not None, "open() first"
+        return self.folder.name
+
+    def append(self, line: bytes, now: datetime) -> bool:
+        """Write one line scored at `now` and make it durable (fdatasync); False (nothing written) at the bound."""
+        with self._mutex:
+            if self.bytes + len(line) > self.max_bytes:
+                return False
+            if self._fd is not None and now.date() != self._day:  # a segment holds one UTC date: its S3 folder
+                self._close()
+            if self._fd is None:
+                assert self.folder is not None, "open() first"
+                self._seq += 1
+                self._segment = self.folder / f"{now:%Y%m%dT%H%M%S%f}-{self._seq:06d}{SEGMENT_SUFFIX}"
+                self._fd = os.open(self._segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                self._opened_at, self._day = time.monotonic(), now.date()
+                _fsync_dir(self.folder)  # the new name itself must survive a crash
+            os.write(self._fd, line)
+            os.fdatasync(self._fd)
+            self.bytes += len(line)
+            return True
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._segment = None, None
+
+    def roll(self, older_than: float = 0.0) -> None:
+        """Close the open segment (if opened more than `older_than` seconds ago), so it can be uploaded."""
+        with self._mutex:
+            if self._fd is not None and time.monotonic() - self._opened_at >= older_than:
+                self._close()
+
+    def closed_segments(self) -> list[Path]:
+        """This process's segments that no longer take appends, oldest first."""
+        assert self.folder is not None, "open() first"
+        with self._mutex:
+            current = self._segment
+        return sorted(p for p in self.folder.glob(f"*{SEGMENT_SUFFIX}") if p != current)
+
+    def forget(self, size: int) -> None:
+        """Count `size` bytes as gone (a segment was uploaded and deleted)."""
+        with self._mutex:
+            self.bytes = max(self.bytes - size, 0)
+
+    def close(self) -> None:
+        """Close the open segment and release the folder (removed when empty)."""
+        with self._mutex:
+            self._close()
+        if self.folder is not None and self._lock_fd is not None:
+            if not any(self.folder.glob(f"*{SEGMENT_SUFFIX}")):
+                with contextlib.suppress(OSError):
+                    (self.folder / LOCK_NAME).unlink()
+                    self.folder.rmdir()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def orphans(self) -> list[Path]:
+        """Sibling folders of processes that died (their lock is free), oldest first."""
+        if not self.root.exists():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p != self.folder)
+
+
+def read_segment(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The lines of a segment, and how many were unreadable (a torn last line: never synced, never answered)."""
+    lines, torn = [], 0
+    for raw in path.read_bytes().splitlines():
+        if not raw.strip():
+            continue
+        try:
+            lines.append(orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            torn += 1
+    return lines, torn
+
+
+class SpooledPredictionLog:
+    """Predictions durable in a local spool before they are answered, uploaded to S3 by a daemon thread.
+
+    Args:
+        settings: Where S3 and the state folder are, the spool bound.
+        model_name: Names the spool folder and the key prefix.
+        flush_seconds: Age at which a segment is closed and uploaded.
+        on_event: Called with ("written" | "dropped" | "failed", rows) for metrics.
+        on_spool_bytes: Called with the spool's size after each change of it (a gauge).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        model_name: str,
+        flush_seconds: float = 5.0,
+        on_event: Callable[[str, int], None] | None = None,
+        on_spool_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model_name = model_name
+        self.flush_seconds = flush_seconds
+        self.on_event = on_event or (lambda kind, rows: None)
+        self.on_spool_bytes = on_spool_bytes or (lambda size: None)
+        self.spool = Spool(settings.state_dir.resolve() / "spool" / model_name, settings.serving_spool_max_bytes)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: Any = None
+        self._dropped_since_log = 0
+        self._last_drop_log = 0.0
+
+    def record(
+        self,
+        frame: pd.DataFrame,
+        scores: np.ndarray,
+        classes: list[Any],
+        request_ids: np.ndarray,
+        version: str,
+        record_ids: np.ndarray | None = None,
+        record_index: np.ndarray | None = None,
+    ) -> None:
+        """Append one scored batch to the spool and sync it; at the bound, count and report the drop."""
+        now = datetime.now(UTC)
+        entry = Entry(frame, scores, classes, request_ids, version, now, record_ids, record_index)
+        line = orjson.dumps(spooled_batch(entry), option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
+        try:
+            if self.spool.append(line, now):
+                self.on_spool_bytes(self.spool.bytes)
+                return
+            why = f"spool full ({self.spool.bytes} of {self.spool.max_bytes} bytes; S3 unreachable?)"
+        except OSError as exc:  # disk full, folder removed: answered anyway, but say loudly that it is not logged
+            why = f"cannot write the spool ({exc})"
+        self._dropped(len(frame), why)
+
+    def _dropped(self, rows: int, why: str) -> None:
+        """Count rows not logged, and say so as an error at most every DROP_LOG_EVERY seconds."""
+        self.on_event("dropped", rows)
+        self._dropped_since_log += rows
+        if time.monotonic() - self._last_drop_log >= DROP_LOG_EVERY:
+            log.error(
+                "prediction log: %s in %s: %d answered predictions NOT logged since the last report",
+                why,
+                self.spool.folder,
+                self._dropped_since_log,
+            )
+            self._dropped_since_log, self._last_drop_log = 0, time.monotonic()
+
+    def start(self) -> None:
+        """Open this process's spool folder and start the uploader (leftovers of dead processes first)."""
+        folder = self.spool.open()
+        log.info("prediction log: spooling to %s, uploading every %.1fs", folder, self.flush_seconds)
+        self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the uploader, upload what is spooled (one try each), release the folder."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.spool.roll()
+        left = self.upload_own()
+        if left:
+            log.warning("prediction log: %d segment(s) stay in %s for the next start", left, self.spool.folder)
+        self.spool.close()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.adopt()
+                self.spool.roll(older_than=self.flush_seconds)
+                self.upload_own()
+            except Exception:  # never let the uploader die: the spool would only grow
+                log.exception("prediction log: upload round failed")
+            if self._stop.wait(self.flush_seconds):
+                return
+
+    def upload_own(self) -> int:
+        """Upload this process's closed segments in order; stops at the first failure. Returns how many are left."""
+        segments = self.spool.closed_segments()
+        for done, segment in enumerate(segments):
+            size = segment.stat().st_size
+            if not self._upload(segment, self.spool.owner):
+                return len(segments) - done
+            self.spool.forget(size)
+            self.on_spool_bytes(self.spool.bytes)
+        return 0
+
+    def adopt(self) -> int:
+        """Upload and remove the spool folders of dead processes (lock free); returns the segments uploaded."""
+        uploaded = 0
+        for folder in self.spool.orphans():
+            fd = _lock(folder / LOCK_NAME)
+            if fd is None:
+                continue  # a live process owns it
+            try:
+                segments = sorted(folder.glob(f"*{SEGMENT_SUFFIX}"))
+                if segments:
+                    log.warning("prediction log: uploading %d segment(s) left by %s", len(segments), folder.name)
+                for segment in segments:
+                    if not self._upload(segment, folder.name):
+                        return uploaded  # S3 down: keep the rest for the next round
+                    uploaded += 1
+                with contextlib.suppress(OSError):  # the lock file last: others fail to open it, then
+                    (folder / LOCK_NAME).unlink()
+                    folder.rmdir()
+            finally:
+                os.close(fd)
+        return uploaded
+
+    def _upload(self, segment: Path, owner: str) -> bool:
+        """One segment to S3 at its own key, then deleted; False (segment kept) when S3 did not confirm."""
+        lines, torn = read_segment(segment)
+        if torn:
+            log.warning(
+                "prediction log: %s: %d torn line(s) skipped (written, never synced or answered)", segment, torn
+            )
+        rows = sum(len(line["rid"]) for line in lines)
+        if lines:
+            created = datetime.strptime(segment.name.split("-", 1)[0], "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC)
+            key = object_key(self.model_name, created, f"{owner}-{segment.stem.split('-', 1)[1]}")
+            try:
+                buffer = io.BytesIO()
+                spooled_table(lines).to_parquet(buffer, index=False)
+                if self._client is None:
+                    self._client = s3_client(self.settings)
+                self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=buffer.getvalue())
+            except Exception as exc:
+                log.warning("prediction log: writing %d rows to S3 failed (%s); kept in %s", rows, exc, segment)
+                self.on_event("failed", rows)
+                return False
+            self.on_event("written", rows)
+        segment.unlink()
+        return True

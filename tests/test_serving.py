@@ -302,13 +302,19 @@ def test_broken_champion_keeps_the_old_model_serving_and_the_promotion_is_revert
 
 
 def test_prediction_log_outage_never_fails_a_request(stack, default_data, versions, tmp_path_factory):
-    # Given a server whose S3 endpoint is down (nothing listens there)
-    port, context = _serve(stack, tmp_path_factory, "no-s3", AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}")
+    # Given a server whose S3 endpoint is down (nothing listens there) and whose spool holds 4 KiB
+    port, context = _serve(
+        stack,
+        tmp_path_factory,
+        "no-s3",
+        AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}",
+        MLOPS_SERVING_SPOOL_MAX_BYTES="4096",
+    )
     with context:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
-        # when predictions are requested, then they are answered
-        for _ in range(5):
+        # when more predictions are requested than the spool holds, then all of them are answered
+        for _ in range(20):
             answer = httpx.post(f"{url}/predict", json={"records": [_one(stack, default_data)]}, timeout=30)
             assert answer.status_code == 200, answer.text
         # and the failed log writes are counted, with the rows kept for a later try
@@ -317,6 +323,16 @@ def test_prediction_log_outage_never_fails_a_request(stack, default_data, versio
             60,
             "a failed log write to be counted",
         )
+        # and those beyond the bound are counted as dropped and reported as an error
+        metrics = httpx.get(f"{url}/metrics").text
+        dropped = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith('mlops_serving_prediction_log_rows_total{result="dropped"}')
+        )
+        assert 0 < dropped < 20, dropped
+    log = "".join(p.read_text() for p in tmp_path_factory.getbasetemp().glob("no-s3*/serving.log"))
+    assert "ERROR" in log and "spool full" in log and "NOT logged" in log
 
 
 def test_training_reverts_a_promotion_the_serving_api_does_not_confirm(
@@ -354,3 +370,105 @@ def test_explain_returns_per_feature_contributions(stack, default_data, server):
     baseline = json.loads(mlflow.artifacts.load_text(f"runs:/{model['run_id']}/explain/baseline.json"))[0]
     same = httpx.post(f"{server}/predict?explain=true", json={"records": [baseline]}, timeout=30).json()
     assert all(v == pytest.approx(0, abs=1e-12) for v in same["predictions"][0]["contributions"].values())
+
+
+def _chunked(body: bytes, size: int = 65536):
+    """A request body sent with `transfer-encoding: chunked` (no content-length), `size` bytes at a time."""
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+def test_a_chunked_body_over_the_limit_is_cut_off_with_413(stack, default_data, tmp_path_factory):
+    # Given a server with a 64 KiB body limit
+    port, context = _serve(stack, tmp_path_factory, "small-body", MLOPS_SERVING_MAX_BODY_BYTES=str(64 * 1024))
+    with context:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
+        record = _one(stack, default_data)
+        big = json.dumps({"records": [record] * 2000}).encode()  # ~1 MB, under the record limit
+        assert len(big) > 64 * 1024
+        # when it is sent chunked (no content-length) and with a content-length
+        chunked = httpx.post(f"{url}/predict", content=_chunked(big), headers={"content-type": "application/json"})
+        declared = httpx.post(f"{url}/predict", content=big, headers={"content-type": "application/json"})
+        # then both are refused with 413 naming the limit; a small chunked body is answered
+        for answer in (chunked, declared):
+            assert answer.status_code == 413, answer.text
+            assert "over the limit of 65536" in answer.json()["detail"][0]["msg"]
+        assert "transfer-encoding" not in declared.request.headers
+        assert chunked.request.headers["transfer-encoding"] == "chunked"
+        small = json.dumps({"records": [record]}).encode()
+        answer = httpx.post(
+            f"{url}/predict", content=_chunked(small, 100), headers={"content-type": "application/json"}
+        )
+        assert answer.status_code == 200, answer.text
+
+
+def test_the_serving_token_guards_predict_and_reload_and_is_never_logged(stack, default_data, tmp_path_factory):
+    token = "serving-token-do-not-log-4821"
+    port, context = _serve(stack, tmp_path_factory, "token", MLOPS_SERVING_TOKEN=token)
+    with context:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
+        body = {"records": [_one(stack, default_data)]}
+        good = {"authorization": f"Bearer {token}"}
+        # without the token, or with a wrong one, /predict, /invocations and /reload are 401, saying what is needed
+        for path in ("/predict", "/invocations", "/reload"):
+            for headers in ({}, {"authorization": "Bearer wrong"}):
+                answer = httpx.post(f"{url}{path}", json=body, headers=headers, timeout=30)
+                assert answer.status_code == 401, (path, answer.text)
+                assert "Authorization: Bearer" in answer.json()["detail"] and token not in answer.text
+                assert answer.headers["www-authenticate"] == "Bearer"
+        # with it they are answered; health, ready and metrics stay open
+        assert httpx.post(f"{url}/predict", json=body, headers=good, timeout=30).status_code == 200
+        assert httpx.post(f"{url}/reload", headers=good, timeout=30).status_code == 200
+        assert httpx.get(f"{url}/ready").status_code == 200
+        # and the promotion's serving check sends it (it would report the refused /reload otherwise)
+        from pydantic import SecretStr
+
+        check = wait_for_serving(url, MODEL, _champion(stack), timeout=10, token=SecretStr(token))
+        assert check.checked and check.ok, check.detail
+    logs = "".join(p.read_text() for p in tmp_path_factory.getbasetemp().glob("token*/serving.log"))
+    assert logs and token not in logs
+
+
+def test_reload_without_a_token_is_refused_from_a_non_loopback_client(stack, tmp_path_factory):
+    import socket
+
+    # Given a server bound to this machine's non-loopback address (no token)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # UDP connect: no packet is sent
+        probe.connect(("198.51.100.1", 9))  # a documentation address: only picks the outgoing interface
+        address = probe.getsockname()[0]
+    if address.startswith("127."):
+        pytest.fail(f"this machine has no non-loopback address to test from ({address})")
+    port = free_port()
+    command = [_bin("mlops"), "serve", "--host", address, "--port", str(port), "--model", MODEL]
+    log_file = tmp_path_factory.mktemp("remote") / "serving.log"
+    with running(command, f"http://{address}:{port}/health", dict(os.environ), log_file):
+        # when a client reaches it through that address, /reload is refused, saying why
+        answer = httpx.post(f"http://{address}:{port}/reload", timeout=30)
+        assert answer.status_code == 403, answer.text
+        assert "only from loopback" in answer.json()["detail"] and address in answer.json()["detail"]
+
+
+def test_when_the_champion_alias_is_gone_the_api_stops_presenting_its_model(stack, default_data, versions, server):
+    client = mlflow_client(stack)
+    old = _champion(stack)
+    body = {"records": [_one(stack, default_data)]}
+    assert httpx.post(f"{server}/predict", json=body, timeout=30).status_code == 200
+    # Given the champion alias deleted (what reverting a cold start leaves)
+    client.delete_registered_model_alias(MODEL, "champion")
+    try:
+        # then within a poll the API is not ready, and /predict and /model say why instead of answering with v{old}
+        wait_for(lambda: httpx.get(f"{server}/ready").status_code == 503, 30, "the API to go not-ready")
+        ready = httpx.get(f"{server}/ready").json()["detail"]
+        assert "not set in the registry" in ready and f"v{old}" in ready
+        answer = httpx.post(f"{server}/predict", json=body, timeout=30)
+        assert answer.status_code == 503 and "not set in the registry" in answer.json()["detail"], answer.text
+        assert httpx.get(f"{server}/model").status_code == 503
+        assert httpx.get(f"{server}/health").json()["version"] is None
+        assert "mlops_serving_model_version 0.0" in httpx.get(f"{server}/metrics").text
+    finally:
+        # and when the alias is back, it serves again
+        client.set_registered_model_alias(MODEL, "champion", old)
+    wait_for(lambda: httpx.get(f"{server}/ready").status_code == 200, 60, "the API to serve again")
+    assert httpx.post(f"{server}/predict", json=body, timeout=30).json()["model"]["version"] == old

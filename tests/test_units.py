@@ -318,3 +318,144 @@ def test_prediction_log_table_keeps_every_row_and_each_models_classes():
     assert table["proba_1"].tolist() == [0.1, 0.8, 0.3]
     assert np.isnan(table["proba_2"].iloc[0]) and table["proba_2"].iloc[2] == 0.5
     assert (table["predicted_at"] == pd.Timestamp(at)).all()
+
+
+def _spooled(entries):
+    """Entries through the spool's line format (orjson, as the serving API writes them) and back."""
+    import orjson
+
+    from core.prediction_log import spooled_batch
+
+    option = orjson.OPT_SERIALIZE_NUMPY
+    return [orjson.loads(orjson.dumps(spooled_batch(e), option=option)) for e in entries]
+
+
+def test_spooled_lines_give_the_same_table_as_the_in_memory_log():
+    from datetime import UTC, datetime, timedelta
+
+    from core.prediction_log import Entry, spooled_table, to_table
+
+    # Given batches of two models (binary, then three classes), with NaN inputs, ids and record indices
+    frame = pd.DataFrame({"age": [30.0, np.nan, 41.5], "region": ["north", None, "south"]})
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    binary = Entry(
+        frame,
+        np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]]),
+        [0, 1],
+        np.array(["a", "a", "b"], dtype=object),
+        "3",
+        at,
+        np.array(["A1", None, None], dtype=object),
+        np.array([0, 1, 0]),
+    )
+    later = Entry(frame.head(1), np.array([[0.3, 0.7]]), [0, 1], np.array(["c"], dtype=object), "3", at + timedelta(1))
+    three = Entry(frame.head(1), np.array([[0.2, 0.3, 0.5]]), [0, 1, 2], np.array(["d"]), "4", at, None, np.array([0]))
+    expected = to_table([binary, later, three])
+    # when they go through the spool's JSON lines
+    got = spooled_table(_spooled([binary, later, three]))
+    # then the table is the one the in-memory log writes: values, dtypes, per-batch times, indices
+    pd.testing.assert_frame_equal(got, expected, check_dtype=True)
+    assert got["predicted_at"].tolist() == [pd.Timestamp(at)] * 3 + [pd.Timestamp(at + timedelta(1)), pd.Timestamp(at)]
+    assert got["record_index"].tolist() == [0, 1, 0, -1, 0]  # -1: the batch sent none
+    assert np.isnan(got["age"].iloc[1]) and got["region"].iloc[1] is None
+    # and a regressor's values (no classes, one score per record) come back the same way
+    value = Entry(frame, np.array([1.5, np.nan, -2.0]), [], np.array(["e", "e", "e"], dtype=object), "5", at)
+    pd.testing.assert_frame_equal(spooled_table(_spooled([value])), to_table([value]), check_dtype=True)
+
+
+def test_duplicate_log_rows_are_dropped_by_request_and_record_index_only():
+    from datetime import UTC, datetime
+
+    from core.prediction_log import Entry, drop_duplicates, to_table
+
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    frame = pd.DataFrame({"age": [1.0, 2.0]})
+    batch = Entry(frame, np.array([[0.4, 0.6], [0.1, 0.9]]), [0, 1], np.array(["r", "r"]), "1", at, None, np.arange(2))
+    later = datetime(2026, 1, 3, tzinfo=UTC)
+    reused = Entry(frame.head(1), np.array([[0.5, 0.5]]), [0, 1], np.array(["r"]), "1", later, None, np.arange(1))
+    old = Entry(frame.head(1), np.array([[0.5, 0.5]]), [0, 1], np.array(["o"]), "1", at)  # before record_index
+    # Given a segment uploaded twice, a client reusing its request id a day later, and old rows without an index
+    table = pd.concat([to_table([batch, old]), to_table([batch, reused, old])], ignore_index=True)
+    kept = drop_duplicates(table)
+    # then each record of each answer is kept once; nothing identifies old rows, so all of them stay
+    assert sorted(zip(kept["request_id"], kept["record_index"], strict=True)) == [
+        ("o", -1),
+        ("o", -1),
+        ("r", 0),
+        ("r", 0),
+        ("r", 1),
+    ]
+    assert kept["predicted_at"].nunique() == 2
+    assert len(drop_duplicates(kept)) == len(kept)
+
+
+def test_spool_segments_are_durable_lines_uploaded_once_and_orphans_are_adopted(tmp_path, monkeypatch, caplog):
+    """The spool's file logic, with S3 replaced by a dict (the real S3 is in tests/test_faults_serving.py)."""
+    from adapters.settings import Settings
+    from serving import prediction_log
+    from serving.prediction_log import SpooledPredictionLog, read_segment
+
+    uploaded: dict[str, bytes] = {}
+    failing = {"on": False}
+
+    class FakeS3:
+        def put_object(self, Bucket, Key, Body):
+            if failing["on"]:
+                raise ConnectionError("S3 down")
+            uploaded[Key] = Body
+
+    monkeypatch.setattr(prediction_log, "s3_client", lambda settings: FakeS3())
+    settings = Settings(state_dir=tmp_path, serving_spool_max_bytes=4096)
+    events: list[tuple[str, int]] = []
+
+    def spooled(name: str = "m") -> SpooledPredictionLog:
+        log = SpooledPredictionLog(settings, name, flush_seconds=3600, on_event=lambda k, n: events.append((k, n)))
+        log.spool.open()  # start() without its thread: rounds are run by hand below
+        return log
+
+    def record(log, request_id: str) -> None:
+        frame = pd.DataFrame({"x": [1.0]})
+        log.record(frame, np.array([[0.3, 0.7]]), [0, 1], np.array([request_id]), "1", None, np.array([0]))
+
+    # Given a process that spooled 3 predictions and died (its lock released, segment left on disk)
+    dead = spooled()
+    for i in range(3):
+        record(dead, f"dead-{i}")
+    dead_folder = dead.spool.folder
+    (segment,) = dead_folder.glob("*.jsonl")
+    segment.open("ab").write(b'{"torn": ')  # a write that never completed (never synced, never answered)
+    dead.spool.close()
+    # and a live one
+    live = spooled()
+    record(live, "live-0")
+    assert len(read_segment(next(live.spool.folder.glob("*.jsonl")))[0]) == 1  # on disk before any upload
+    # when S3 is down, nothing is deleted
+    failing["on"] = True
+    assert live.adopt() == 0 and dead_folder.exists()
+    live.spool.roll()
+    assert live.upload_own() == 1 and ("failed", 1) in events
+    # and once S3 is back, the orphan is adopted (3 rows, torn line skipped) and the live rows go too
+    failing["on"] = False
+    assert live.adopt() == 1 and not dead_folder.exists()
+    assert live.upload_own() == 0 and not list(live.spool.folder.glob("*.jsonl"))
+    tables = {k: pd.read_parquet(io.BytesIO(v)) for k, v in uploaded.items()}
+    rows = pd.concat(tables.values())
+    assert sorted(rows["request_id"]) == ["dead-0", "dead-1", "dead-2", "live-0"]
+    # each key names its segment: the owner folder and the segment number, under the segment's date folder
+    assert all(k.startswith("predictions/serving/m/date=") for k in tables)
+    assert any(dead_folder.name in k for k in tables) and any(live.spool.folder.name in k for k in tables)
+    # a live process's folder is never adopted
+    other = spooled()
+    assert other.adopt() == 0 and live.spool.folder.exists()
+    # at the bound, predictions are dropped, counted and reported as errors, not written
+    events.clear()
+    caplog.set_level("ERROR", logger="serving.prediction_log")
+    for i in range(100):
+        record(live, f"many-{i}")
+    assert ("dropped", 1) in events and live.spool.bytes <= 4096
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("spool full" in m and "NOT logged" in m for m in errors), errors
+    written = sum(len(read_segment(p)[0]) for p in live.spool.folder.glob("*.jsonl"))
+    assert written + sum(n for k, n in events if k == "dropped") == 100
+    for log in (live, other):
+        log.spool.close()
