@@ -35,12 +35,11 @@ from adapters.settings import Settings, get_settings
 from serving.batching import Job, MicroBatcher
 from serving.follower import ChampionFollower
 from serving.metrics import MULTIPROC_ENV, MetricsMiddleware, ServingMetrics, forget_dead_processes
-from serving.model import LoadedModel
+from serving.model import BODY_KEYS, LoadedModel
 from serving.prediction_log import PredictionLog
 
 log = logging.getLogger(__name__)
 
-BODY_KEYS = ("records", "dataframe_records")
 RELOAD_SIGNAL = "reload"  # a file in the metrics folder: touched by /reload, watched by every worker process
 RELOAD_WATCH_SECONDS = 0.2
 
@@ -115,6 +114,21 @@ def validate_records(model: LoadedModel, key: str, records: list[Any]) -> list[d
         raise BadRequest(422, errors) from exc
 
 
+def decode_records(model: LoadedModel, body: bytes, max_records: int) -> tuple[list[Any], list[str | None] | None]:
+    """The body's records checked against the model's signature, and their ids; raises BadRequest (422, 413).
+
+    A good body is decoded and checked in one pass (`RecordSchema.decode`, msgspec); any other is taken
+    apart step by step by `parse_records`, `validate_records` and `record_ids`, whose errors name the
+    record and field.
+    """
+    fast = model.adapter.decode(body, max_records)
+    if fast is not None:
+        return fast[1], fast[2]
+    key, raw = parse_records(body, max_records)
+    records = validate_records(model, key, raw)
+    return records, record_ids(model, key, raw)
+
+
 def record_ids(model: LoadedModel, key: str, records: list[dict[str, Any]]) -> list[str | None] | None:
     """Each record's id for the prediction log: the model's `id_field`, as text, None where absent.
 
@@ -177,9 +191,9 @@ def answer(model: LoadedModel, scores: np.ndarray, request_id: str) -> dict[str,
     else:
         classes = [_plain(c) for c in model.classes]
         labels = [str(c) for c in classes]
-        predictions = [
-            {"class": classes[row.argmax()], "probabilities": dict(zip(labels, row.tolist(), strict=True))}
-            for row in scores
+        predictions = [  # whole-array argmax and tolist: no numpy call per record
+            {"class": classes[best], "probabilities": dict(zip(labels, row, strict=True))}
+            for best, row in zip(scores.argmax(axis=1).tolist(), scores.tolist(), strict=True)
         ]
     return {
         "request_id": request_id,
@@ -289,9 +303,7 @@ class Runtime:
         size = max(length, len(body))
         if size > limit:
             raise BadRequest.at(413, ["body"], f"{size} bytes is over the limit of {limit}", "too_large")
-        key, raw = parse_records(body, self.settings.serving_max_records)
-        records = validate_records(model, key, raw)
-        return records, record_ids(model, key, raw)
+        return decode_records(model, body, self.settings.serving_max_records)
 
     async def predict(self, request: Request) -> Response:
         """Answer one /predict request."""
@@ -396,7 +408,7 @@ async def reload(request: Request) -> Response:
     """Check the registry now (a promotion calls this); answers what is served afterwards.
 
     With several worker processes, the others are asked to check too, and the answer waits (up to the
-    `timeout` query parameter, 30 s by default) until every one serves what this one does; `workers`
+    `timeout` query parameter, 10 s by default) until every one serves what this one does; `workers`
     lists pid and version of each.
     """
     runtime = _runtime(request)
@@ -406,9 +418,9 @@ async def reload(request: Request) -> Response:
     model = follower.current
     version = model.version if model else None
     try:
-        timeout = float(request.query_params.get("timeout", 30))
+        timeout = float(request.query_params.get("timeout", 10))
     except ValueError:
-        timeout = 30.0
+        timeout = 10.0
     served = await runtime.all_serve(version, timeout) if runtime.reload_signal else {os.getpid(): version}
     workers = [{"pid": pid, "version": v} for pid, v in sorted(served.items())]
     return _json(
@@ -440,6 +452,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def worker_app() -> FastAPI:
+    """The app of one worker process (uvicorn's factory): settings from the environment, our log lines kept.
+
+    A spawned worker starts with logging unconfigured: without this its swaps and load errors would only
+    show from warnings up.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO,
+            format=f"%(asctime)s %(levelname)s [{os.getpid()}] %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+        for noisy in ("httpx", "botocore", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    return create_app()
+
+
 def worker_count(settings: Settings) -> int:
     """Serving processes to run: `serving_workers`, or one per CPU core when it is 0."""
     return settings.serving_workers or os.cpu_count() or 1
@@ -467,7 +496,7 @@ def run(host: str, port: int, settings: Settings | None = None, log_level: str =
     os.environ.update(_serving_env(settings))
     log.info("starting %d serving worker processes on %s:%d", workers, host, port)
     uvicorn.run(
-        "serving.app:create_app",
+        "serving.app:worker_app",
         factory=True,
         workers=workers,
         host=host,
