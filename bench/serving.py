@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from fastapi import FastAPI, Request, Response
 
 from adapters.clients import S3Location, mlflow_client, s3_client, use_tracking_server
 from adapters.settings import get_settings
@@ -48,10 +49,8 @@ CLIENTS = (1, 8, 32)  # concurrent closed-loop clients
 SERVERS = ("ours", "mlflow", "floor")
 
 
-def floor_app() -> Any:
+def floor_app() -> FastAPI:
     """The HTTP floor: a FastAPI app whose POST /predict reads the body and answers a constant JSON."""
-    from fastapi import FastAPI, Request, Response
-
     app = FastAPI()
     answer = b'{"predictions": []}'
 

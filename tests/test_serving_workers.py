@@ -1,30 +1,141 @@
-"""The serving API with several worker processes against the real stack: each process follows the champion,
-a swap under load drops no request and reaches every process, metrics and the prediction log cover them all,
-and a worker killed with SIGKILL is replaced."""
+"""Issue 15's serving work.
+
+Against the real stack, with several worker processes: each process follows the champion, a swap under load
+drops no request and reaches every process, metrics and the prediction log cover them all, and a worker
+killed with SIGKILL is replaced. As pure units: the one-pass body decoder accepts and rejects exactly what
+the step-by-step checks do, and the micro-batcher scores a fast model inline and a slow one in its thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import os
 import signal
 import threading
 import time
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 
 from adapters.clients import s3_client
 from adapters.promotion import promote_version, revert_promotion
+from core.signature import Column
 from mlops.stack import running
+from serving.app import BadRequest, parse_records, record_ids, validate_records
+from serving.batching import MicroBatcher
+from serving.model import LoadedModel
 from tests.ports import free_port
 from tests.test_serving import FAST_SEARCH, WEAK_SEARCH, _bin, _config, _records, _rows, _train
 from tests.waiting import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 MODEL = "workers-test"
 WORKERS = 2
+
+
+COLUMNS = [Column("age", "numeric"), Column("loan amount", "numeric"), Column("region", "text")]
+GOOD = {"age": 41, "loan amount": 1200.5, "region": "north"}
+
+
+def _schema_model(id_field: str | None = "application_id") -> LoadedModel:
+    return LoadedModel("m", "1", None, COLUMNS, [0, 1], id_field=id_field)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"records": [GOOD]},
+        {"dataframe_records": [GOOD, GOOD | {"age": None, "region": None}]},
+        {"records": [GOOD | {"unknown": [1, 2], "application_id": "A-1"}, GOOD | {"application_id": 7}]},
+        {"records": [GOOD | {"age": 10**30}]},
+        {"records": [GOOD, {"age": 3, "region": "x"}]},  # a column missing
+        {"records": [GOOD | {"loan amount": "a lot"}]},
+        {"records": [GOOD | {"age": True}]},
+        {"records": [GOOD | {"region": 3}]},
+        {"records": [GOOD | {"application_id": True}]},
+        {"records": [GOOD | {"application_id": 1.5}]},
+        {"records": [GOOD | {"application_id": {"id": 2}}]},
+        {"records": []},
+        {"records": None},
+        {"records": {"age": 1}},
+        {"rows": [GOOD]},
+        [GOOD],
+        {"records": [GOOD] * 6},  # over the limit of 5
+        {"records": [GOOD, "not a record"]},
+    ],
+)
+def test_one_pass_decoder_agrees_with_the_step_by_step_checks(payload):
+    # Given a body, checked by the one-pass decoder and by the step-by-step checks that name errors
+    model, body, limit = _schema_model(), json.dumps(payload).encode(), 5
+    fast = model.adapter.decode(body, limit)
+    try:
+        key, raw = parse_records(body, limit)
+        slow: tuple | BadRequest = (validate_records(model, key, raw), record_ids(model, key, raw))
+    except BadRequest as exc:
+        slow = exc
+    # then both accept it or both reject it, and accepted records give the same frame and ids
+    assert (fast is None) == isinstance(slow, BadRequest), (fast, slow)
+    if fast is not None:
+        pd.testing.assert_frame_equal(model.frame(fast[1]), model.frame(slow[0]))
+        assert fast[2] == slow[1]
+
+
+def test_number_beyond_float_range_is_rejected_by_both_checks():
+    model = _schema_model()
+    body = b'{"records": [{"age": 1e400, "loan amount": 1, "region": "n"}]}'
+    assert model.adapter.decode(body, 5) is None
+    with pytest.raises(BadRequest, match="number is infinity"):
+        parse_records(body, 5)
+
+
+class _Timed:
+    """A classifier that notes the thread of each call and takes `seconds`."""
+
+    classes_ = np.array([0, 1])
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.threads = seconds, []
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.seconds)
+        return np.tile([0.25, 0.75], (len(frame), 1))
+
+
+def _batched(seconds: float, calls: int, concurrent: int) -> tuple[_Timed, list[int]]:
+    pipeline = _Timed(seconds)
+    model = LoadedModel("m", "1", pipeline, COLUMNS, [0, 1])
+    sizes: list[int] = []
+
+    async def run() -> None:
+        batcher = MicroBatcher(on_batch=sizes.append)
+        batcher.start()
+        try:
+            for _ in range(calls):
+                scored = await asyncio.gather(*(batcher.score(model, [GOOD], "r") for _ in range(concurrent)))
+                assert all(s.scores.tolist() == [[0.25, 0.75]] for s in scored)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(run())
+    return pipeline, sizes
+
+
+def test_fast_model_is_scored_inline_once_measured_and_slow_one_in_the_thread():
+    # a model that answers at once: its first call is measured in the thread, once measured it runs inline
+    fast, _ = _batched(0.0, calls=6, concurrent=1)
+    assert fast.threads[0].startswith("predict") and fast.threads[-3:] == [threading.current_thread().name] * 3
+    # a model that takes 5 ms always goes to the thread
+    slow, _ = _batched(0.005, calls=5, concurrent=1)
+    assert all(name.startswith("predict") for name in slow.threads)
+
+
+def test_concurrent_requests_to_a_slow_model_are_still_batched():
+    slow, sizes = _batched(0.005, calls=3, concurrent=8)
+    assert sum(sizes) == 24 and max(sizes) > 1 and len(slow.threads) < 24
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +185,8 @@ def _counter(url: str, line_start: str) -> float:
     return 0.0
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_every_process_serves_and_says_which_it_is(stack, versions, server):
     # Given the server started with two workers: two processes answer, each with its pid and the champion
     seen = _health_pids(server)
@@ -84,6 +197,8 @@ def test_every_process_serves_and_says_which_it_is(stack, versions, server):
     assert _served(server) == dict.fromkeys(seen, versions["first"])
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_metrics_are_summed_across_processes(stack, default_data, server):
     # Given the request count before, and a known number of requests spread over both processes
     counted = 'mlops_serving_requests_total{path="/predict",status="200"}'
@@ -100,6 +215,8 @@ def test_metrics_are_summed_across_processes(stack, default_data, server):
         assert _counter(server, counted) - before == sent
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_prediction_log_is_complete_across_processes(stack, default_data, server):
     # Given requests with known ids, answered by both processes
     ids = [f"workers-log-{i}" for i in range(30)]
@@ -122,6 +239,8 @@ def test_prediction_log_is_complete_across_processes(stack, default_data, server
     wait_for(lambda: set(ids) <= logged(), 30, "every request in the prediction log")
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_swap_under_load_drops_nothing_and_reaches_every_process(stack, default_data, versions, server):
     # Given clients sending requests without pause
     body = {"records": _records(_rows(stack, default_data, 5))}
@@ -170,6 +289,8 @@ def test_swap_under_load_drops_nothing_and_reaches_every_process(stack, default_
     assert len(answer["workers"]) == WORKERS
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_forgotten(stack, versions, server):
     # Given the two worker processes
     before = _served(server)
