@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 # Estimated cost below which an idle batcher scores on the event loop itself. A thread hand-off costs
 # about 0.05-0.1 ms; blocking the loop for up to this long delays other requests by no more than that.
 INLINE_BELOW_SECONDS = 0.001
+# A model's cost is the fastest of its recent calls, allowed to creep up by this factor per call: a call
+# slowed down by a busy machine (pre-empted, a GC pause) does not send the next ones through the thread,
+# while a model that really got slower is noticed within a few dozen calls.
+COST_CREEP = 1.05
 
 
 @dataclass
@@ -78,7 +82,7 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._threads = threads
         self._busy = False  # a batch is being scored in the worker thread
-        self._cost: dict[int, tuple[float, int]] = {}  # id(model) -> (seconds, rows) of its last call
+        self._cost: dict[int, tuple[float, int]] = {}  # id(model) -> (seconds, rows) of its cost estimate
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -136,7 +140,7 @@ class MicroBatcher:
                 self._busy = False
 
     def _cheap(self, model: LoadedModel, rows: int) -> bool:
-        """True when `model`'s last call, scaled to `rows`, took less than INLINE_BELOW_SECONDS."""
+        """True when `model`'s estimated cost per call, scaled to `rows`, is below INLINE_BELOW_SECONDS."""
         seconds, measured_rows = self._cost.get(id(model), (float("inf"), 1))
         return seconds * max(1.0, rows / measured_rows) < INLINE_BELOW_SECONDS
 
@@ -166,9 +170,13 @@ class MicroBatcher:
         frame = model.frame(records)
         scores = model.scores(frame)
         elapsed = time.perf_counter() - started
-        if id(model) not in self._cost and len(self._cost) > 4:  # models served before a swap: forget them
+        previous = self._cost.get(id(model))
+        if previous is None and len(self._cost) > 4:  # models served before a swap: forget them
             self._cost.clear()
-        self._cost[id(model)] = (elapsed, max(len(frame), 1))
+        if previous is None or elapsed <= previous[0] * COST_CREEP:
+            self._cost[id(model)] = (elapsed, max(len(frame), 1))
+        else:
+            self._cost[id(model)] = (previous[0] * COST_CREEP, previous[1])
         if self.on_batch is not None:
             self.on_batch(len(frame))
         log.debug("scored %d rows for %d requests in %.2f ms", len(frame), len(jobs), 1e3 * elapsed)

@@ -135,6 +135,9 @@ class MetricsMiddleware:
     def __init__(self, app: Any, metrics: ServingMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        # (path, status) -> the request counter's and latency histogram's children: `labels()` takes a
+        # lock and builds a key on each call, this is one dict lookup on the request path.
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         """Pass the request on, then count and time it."""
@@ -154,7 +157,11 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
-            self.metrics.requests.labels(path, str(status)).inc()
+            children = self._children.get((path, status))
+            if children is None:
+                requests = self.metrics.requests.labels(path, str(status))
+                children = self._children[(path, status)] = (requests, self.metrics.latency.labels(path))
+            children[0].inc()
             if status >= 400:
                 self.metrics.errors.labels(path, str(status)).inc()
-            self.metrics.latency.labels(path).observe(time.perf_counter() - started)
+            children[1].observe(time.perf_counter() - started)
