@@ -224,10 +224,15 @@ class Runtime:
         self.follower = ChampionFollower(
             settings,
             on_reload=lambda result: self.metrics.reloads.labels(result).inc(),
-            on_swap=lambda model: self.metrics.served(model.name, model.version),
+            on_swap=self._swapped,
         )
         self._poller: asyncio.Task | None = None
         self._reload_watcher: asyncio.Task | None = None
+
+    def _swapped(self, model: LoadedModel) -> None:
+        """After a swap: metrics, and the other worker processes are asked to look now, not at their next poll."""
+        self.metrics.served(model.name, model.version)
+        self.signal_reload()
 
     @property
     def reload_signal(self) -> os.PathLike | None:
