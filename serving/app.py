@@ -513,11 +513,20 @@ def run(host: str, port: int, settings: Settings | None = None, log_level: str =
 
 def _serving_env(settings: Settings) -> dict[str, str]:
     """The serving settings as `MLOPS_SERVING_*` variables, for worker processes that read the environment."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if name.startswith("serving_") and name != "serving_url" and value is not None:
-            env[f"MLOPS_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-    return env
+    return {
+        f"MLOPS_{name.upper()}": _env_text(value)
+        for name, value in settings.model_dump().items()
+        if name.startswith("serving_") and name != "serving_url" and value is not None
+    }
+
+
+def _env_text(value: Any) -> str:
+    """A setting's value as pydantic-settings reads it back from the environment."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list | dict):  # complex values are read as JSON
+        return orjson.dumps(value).decode()
+    return str(value)
 
 
 def _mtime(path: os.PathLike | None) -> float | None:

@@ -23,9 +23,10 @@ import pytest
 
 from adapters.clients import s3_client
 from adapters.promotion import promote_version, revert_promotion
+from adapters.settings import Settings, get_settings
 from core.signature import Column
 from mlops.stack import running
-from serving.app import BadRequest, parse_records, record_ids, validate_records
+from serving.app import BadRequest, _serving_env, parse_records, record_ids, validate_records
 from serving.batching import MicroBatcher
 from serving.model import LoadedModel
 from tests.ports import free_port
@@ -89,6 +90,20 @@ def test_number_beyond_float_range_is_rejected_by_both_checks():
     assert model.adapter.decode(body, 5) is None
     with pytest.raises(BadRequest, match="number is infinity"):
         parse_records(body, 5)
+
+
+def test_worker_processes_read_back_the_serving_settings_they_were_given(monkeypatch):
+    # Given settings changed from the command line (what `mlops serve --model ... --workers ...` does)
+    given = Settings().model_copy(
+        update={"serving_model": "other", "serving_alias": "staging", "serving_poll_seconds": 0.7, "serving_workers": 3}
+    )
+    # when a worker process builds its settings from the environment it inherits
+    for key, value in _serving_env(given).items():
+        monkeypatch.setenv(key, value)
+    read = get_settings()
+    # then it has every serving setting the parent had
+    serving = {k: v for k, v in given.model_dump().items() if k.startswith("serving_") and k != "serving_url"}
+    assert {k: getattr(read, k) for k in serving} == serving
 
 
 class _Timed:
