@@ -260,7 +260,7 @@ class Runtime:
         """Wait (up to `timeout`) until every live worker process serves `version`; returns pid -> version."""
         deadline = time.monotonic() + timeout
         while True:
-            served = self.metrics.served_by_process()
+            served = await asyncio.to_thread(self.metrics.served_by_process)
             if version is None or set(served.values()) <= {version} or time.monotonic() >= deadline:
                 return served
             await asyncio.sleep(0.1)
