@@ -240,7 +240,10 @@ def serve(
     os.environ.update(client_env(settings))
     from serving.app import run
 
-    run(host or settings.host, port or settings.serving_port, settings)
+    try:
+        run(host or settings.host, port or settings.serving_port, settings)
+    except OSError as exc:  # e.g. the port is busy
+        raise fail(str(exc)) from exc
 
 
 def run_training(

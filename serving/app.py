@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -494,6 +495,10 @@ def run(host: str, port: int, settings: Settings | None = None, log_level: str =
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
         return
+    with socket.socket() as probe:  # before emptying the folder a server running on this port still uses
+        probe.settimeout(0.5)
+        if probe.connect_ex((host, port)) == 0:
+            raise OSError(f"port {port} on {host} is busy: another server listens there")
     folder = (settings.state_dir / "run" / f"serving-metrics-{port}").resolve()
     shutil.rmtree(folder, ignore_errors=True)  # counters of an earlier run must not add to this one's
     folder.mkdir(parents=True)
