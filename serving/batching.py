@@ -82,7 +82,9 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._threads = threads
         self._busy = False  # a batch is being scored in the worker thread
-        self._cost: dict[int, tuple[float, int]] = {}  # id(model) -> (seconds, rows) of its cost estimate
+        # (id(model), rows.bit_length()) -> estimated seconds of a call: per model and size class (1, 2-3,
+        # 4-7, ... rows), as a call costs about the same for a few rows and more for hundreds.
+        self._cost: dict[tuple[int, int], float] = {}
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -140,9 +142,8 @@ class MicroBatcher:
                 self._busy = False
 
     def _cheap(self, model: LoadedModel, rows: int) -> bool:
-        """True when `model`'s estimated cost per call, scaled to `rows`, is below INLINE_BELOW_SECONDS."""
-        seconds, measured_rows = self._cost.get(id(model), (float("inf"), 1))
-        return seconds * max(1.0, rows / measured_rows) < INLINE_BELOW_SECONDS
+        """True when `model`'s estimated cost of a call with about `rows` rows is below INLINE_BELOW_SECONDS."""
+        return self._cost.get((id(model), rows.bit_length()), float("inf")) < INLINE_BELOW_SECONDS
 
     async def _score_group(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
         try:
@@ -170,13 +171,11 @@ class MicroBatcher:
         frame = model.frame(records)
         scores = model.scores(frame)
         elapsed = time.perf_counter() - started
-        previous = self._cost.get(id(model))
-        if previous is None and len(self._cost) > 4:  # models served before a swap: forget them
+        key = (id(model), len(frame).bit_length())
+        previous = self._cost.get(key)
+        if previous is None and len(self._cost) > 64:  # models served before a swap: forget them
             self._cost.clear()
-        if previous is None or elapsed <= previous[0] * COST_CREEP:
-            self._cost[id(model)] = (elapsed, max(len(frame), 1))
-        else:
-            self._cost[id(model)] = (previous[0] * COST_CREEP, previous[1])
+        self._cost[key] = elapsed if previous is None else min(elapsed, previous * COST_CREEP)
         if self.on_batch is not None:
             self.on_batch(len(frame))
         log.debug("scored %d rows for %d requests in %.2f ms", len(frame), len(jobs), 1e3 * elapsed)
