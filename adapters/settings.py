@@ -65,6 +65,11 @@ class Settings(BaseSettings):
         description="Bearer token guarding /reload, /predict and /invocations (unset: open, /reload loopback only).",
     )
 
+    # Serving worker processes (issue 15): each follows the champion; metrics are summed across them.
+    serving_workers: int = Field(
+        0, ge=0, description="Serving API worker processes; 0 means one per CPU core (os.cpu_count())."
+    )
+
     aws_access_key_id: str = Field(
         "mlops-local", validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "aws_access_key_id")
     )

@@ -1,13 +1,21 @@
-"""Serving benchmark: our API against `mlflow models serve` for the same champion, same load client, one run.
+"""Serving benchmark: our API against `mlflow models serve` and the HTTP floor, same client, one run.
 
-Needs the stack running with a champion (`make demo` does both). Starts both servers on free loopback
-ports (one worker process each), then drives each with the same asyncio + aiohttp client: N concurrent
-clients, each sending its next request as soon as the previous answered, for a fixed time after a
-warm-up. Scenarios: 1 and 100 records per request, 1 and 8 clients. Also times the pipeline's own
-`predict_proba` (a regressor's `predict`) in-process, the floor for any server. Writes
-bench/results/serving.{json,md}.
+Needs the stack running with a champion (`make demo` does both). Starts three servers on free loopback
+ports, each with the same number of worker processes (`--workers`, default: ours, one per core):
 
-    python -m bench.serving [--seconds 10] [--model credit-risk] [--dataset credit-risk]
+- **ours**: `mlops serve`;
+- **mlflow**: `mlflow models serve` of the same champion;
+- **floor**: a no-op endpoint on the same stack as ours (FastAPI + uvicorn, same workers): it reads the
+  body and answers a constant JSON, so it is the fastest any FastAPI server on this machine can answer.
+
+Each is driven by the same asyncio + aiohttp client: N concurrent clients, each sending its next request as
+soon as the previous answered, for a fixed time after a warm-up, with 1 and 100 records per request and
+1, 8 and 32 clients. The client runs in this process, on the same cores as the servers: at high client
+counts it is part of what is measured. Also times each inference path in-process (the pipeline's own
+`predict_proba`, a regressor's `predict`; `LoadedModel.scores`, whatever the served model uses, and with
+the frame built from records), then checks issue 15's goals. Writes bench/results/serving.{json,md}.
+
+    python -m bench.serving [--seconds 10] [--workers 0] [--model credit-risk] [--dataset credit-risk]
 
 `--dataset` (a bundled name or a local YAML path) gives the records sent; it must be the model's dataset.
 """
@@ -23,21 +31,42 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from fastapi import FastAPI, Request, Response
 
-from adapters.clients import S3Location, mlflow_client, s3_client
+from adapters.clients import S3Location, mlflow_client, s3_client, use_tracking_server
 from adapters.settings import get_settings
 from core.dataset import load_local_dataset_config
 from mlops.stack import client_env, running
 from tests.ports import free_port
 
 RESULTS = Path(__file__).parent / "results"
-SCENARIOS = [(1, 1), (1, 8), (100, 1), (100, 8)]  # (records per request, concurrent clients)
+SIZES = (1, 100)  # records per request
+CLIENTS = (1, 8, 32)  # concurrent closed-loop clients
+SERVERS = ("ours", "mlflow", "floor")
 
 
-def _records(settings, n: int, dataset: str = "credit-risk") -> list[dict]:
+def floor_app() -> FastAPI:
+    """The HTTP floor: a FastAPI app whose POST /predict reads the body and answers a constant JSON."""
+    app = FastAPI()
+    answer = b'{"predictions": []}'
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(b'{"status": "ok"}', media_type="application/json")
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        await request.body()
+        return Response(answer, media_type="application/json")
+
+    return app
+
+
+def _records(settings: Any, n: int, dataset: str = "credit-risk") -> list[dict]:
     config = load_local_dataset_config(dataset)
     if dataset == "credit-risk":  # one month's file, as in the published runs
         location = S3Location.parse(config.source).child("month=2025-01/part-0.parquet")
@@ -48,13 +77,6 @@ def _records(settings, n: int, dataset: str = "credit-risk") -> list[dict]:
 
         frame = read_snapshot(config.source, config.format, settings).frame
     return json.loads(frame[config.feature_names].head(n).to_json(orient="records"))
-
-
-class _Predict:
-    """A regressor seen through `predict_proba`, which `predict_times_ms` times: its served call is `predict`."""
-
-    def __init__(self, model: object) -> None:
-        self.predict_proba = model.predict
 
 
 async def _load(url: str, body: bytes, clients: int, seconds: float, warmup: float) -> dict:
@@ -92,110 +114,197 @@ async def _load(url: str, body: bytes, clients: int, seconds: float, warmup: flo
     }
 
 
-def _in_process(model_name: str, records: list[dict], repeats: int = 300) -> dict:
-    import mlflow.pyfunc
+def _percentiles(times: list[float]) -> dict[str, float]:
+    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+
+
+def _in_process(settings: Any, model_name: str, version: str, records: list[dict], repeats: int = 300) -> dict:
+    """Per-call times of each inference path, in this process (one OpenMP/BLAS thread, as the server)."""
+    from threadpoolctl import threadpool_limits
 
     from core.review import predict_times_ms
+    from serving.model import load_version
 
-    model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion").get_raw_model()
-    if getattr(model, "classes_", None) is None:
-        model = _Predict(model)
-    out = {}
-    for n in (1, 100):
-        times = predict_times_ms(model, pd.DataFrame.from_records(records[:n]), repeats)
-        out[f"{n}_records"] = {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+    use_tracking_server(settings)
+    loaded = load_version(mlflow_client(settings), model_name, version)
+    described = loaded.describe()
+    out: dict[str, Any] = {
+        # What the served model says about how it scores (the compiled form or the pipeline), when it says.
+        "served_path": {k: v for k, v in described.items() if k not in {"inputs", "metrics", "classes"}},
+    }
+    with threadpool_limits(settings.serving_threads):
+        for n in SIZES:
+            frame = loaded.frame(records[:n])
+            scores_times, frame_and_scores = [], []
+            loaded.scores(frame)
+            for _ in range(repeats):
+                started = time.perf_counter()
+                loaded.scores(frame)
+                middle = time.perf_counter()
+                loaded.scores(loaded.frame(records[:n]))
+                frame_and_scores.append((time.perf_counter() - middle) * 1e3)
+                scores_times.append((middle - started) * 1e3)
+            out[f"{n}_records"] = {
+                "pipeline_predict": _percentiles(predict_times_ms(loaded.pipeline, frame, repeats)),
+                "loaded_model_scores": _percentiles(scores_times),
+                "records_to_frame_and_scores": _percentiles(frame_and_scores),
+            }
     return out
 
 
+def _commands(args: argparse.Namespace, workers: int, ports: dict[str, int]) -> dict[str, tuple]:
+    bin_dir = Path(sys.executable).parent
+    base = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    return {
+        "ours": (
+            [str(bin_dir / "mlops"), "serve", "--port", str(ports["ours"]), "--model", args.model,
+             "--workers", str(workers)],
+            base["ours"], "/ready", "/predict", "records",
+        ),
+        "mlflow": (
+            [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{args.model}@champion",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(ports["mlflow"]), "--workers", str(workers)],
+            base["mlflow"], "/ping", "/invocations", "dataframe_records",
+        ),
+        "floor": (
+            [sys.executable, "-m", "uvicorn", "bench.serving:floor_app", "--factory", "--host", "127.0.0.1",
+             "--port", str(ports["floor"]), "--workers", str(workers), "--no-access-log", "--log-level", "warning"],
+            base["floor"], "/health", "/predict", "records",
+        ),
+    }  # fmt: skip
+
+
 def main() -> None:
+    """Run every scenario against the three servers, then write and print the table and the goals."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per scenario")
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--workers", type=int, default=0, help="processes per server; 0: one per core")
     parser.add_argument("--model", default="credit-risk")
     parser.add_argument("--dataset", default="credit-risk", help="bundled name or YAML path: the records sent")
     args = parser.parse_args()
 
     settings = get_settings()
+    workers = args.workers or os.cpu_count() or 1
     env = os.environ | client_env(settings)
     os.environ.update(client_env(settings))
     version = mlflow_client(settings).get_model_version_by_alias(args.model, "champion").version
-    records = _records(settings, 100, args.dataset)
-    bin_dir = Path(sys.executable).parent
-    ours_port, mlflow_port = free_port(), free_port()
-    logs = RESULTS / "logs"
-    servers = {
-        "ours": (
-            [str(bin_dir / "mlops"), "serve", "--port", str(ours_port), "--model", args.model],
-            f"http://127.0.0.1:{ours_port}",
-            "/ready",
-            "/predict",
-            "records",
-        ),
-        "mlflow": (
-            [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{args.model}@champion",
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(mlflow_port)],
-            f"http://127.0.0.1:{mlflow_port}",
-            "/ping",
-            "/invocations",
-            "dataframe_records",
-        ),
-    }  # fmt: skip
-    results: dict = {
+    records = _records(settings, max(SIZES), args.dataset)
+    load_before = os.getloadavg()
+    results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": f"{args.model} v{version}",
         "cpus": os.cpu_count(),
+        "workers": workers,
         "seconds_per_scenario": args.seconds,
-        "in_process_predict_proba": _in_process(args.model, records),
+        "load_average_before": load_before,
+        "in_process": _in_process(settings, args.model, version, records),
         "scenarios": [],
     }
-    print(f"in-process predict_proba: {results['in_process_predict_proba']}", flush=True)
+    print(f"in-process: {json.dumps(results['in_process'])}", flush=True)
     measured: dict[tuple[str, int, int], dict] = {}
-    for name, (command, base, health, path, key) in servers.items():
-        server_env = env | {"PATH": f"{bin_dir}:{env.get('PATH', '')}"}  # mlflow starts `uvicorn` from PATH
-        with running(command, base + health, server_env, logs / f"{name}.log", timeout=180):
-            for size, clients in SCENARIOS:
+    ports = {name: free_port() for name in SERVERS}
+    bin_dir = Path(sys.executable).parent
+    server_env = env | {"PATH": f"{bin_dir}:{env.get('PATH', '')}"}  # mlflow starts `uvicorn` from PATH
+    server_env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)  # the floor app: bench.serving
+    for name, (command, base, health, path, key) in _commands(args, workers, ports).items():
+        with running(command, base + health, server_env, RESULTS / "logs" / f"{name}.log", timeout=180):
+            for size in SIZES:
                 body = json.dumps({key: records[:size]}).encode()
-                result = asyncio.run(_load(base + path, body, clients, args.seconds, args.warmup))
-                measured[(name, size, clients)] = result
-                print(f"{name:6s} {size:3d} records x {clients} clients: {result}", flush=True)
-    for size, clients in SCENARIOS:
-        ours, theirs = measured[("ours", size, clients)], measured[("mlflow", size, clients)]
-        results["scenarios"].append(
-            {
-                "records_per_request": size,
-                "clients": clients,
-                "ours": ours,
-                "mlflow": theirs,
-                "throughput_ratio": ours["throughput_rps"] / theirs["throughput_rps"],
-                "p99_ratio": ours["p99_ms"] / theirs["p99_ms"],
-            }
-        )
+                for clients in CLIENTS:
+                    result = asyncio.run(_load(base + path, body, clients, args.seconds, args.warmup))
+                    measured[(name, size, clients)] = result
+                    print(f"{name:6s} {size:3d} records x {clients:2d} clients: {result}", flush=True)
+    results["load_average_after"] = os.getloadavg()
+    for size in SIZES:
+        for clients in CLIENTS:
+            ours, theirs, floor = (measured[(name, size, clients)] for name in SERVERS)
+            results["scenarios"].append(
+                {
+                    "records_per_request": size,
+                    "clients": clients,
+                    "ours": ours,
+                    "mlflow": theirs,
+                    "floor": floor,
+                    "rps_vs_mlflow": ours["throughput_rps"] / theirs["throughput_rps"],
+                    "rps_vs_floor": ours["throughput_rps"] / floor["throughput_rps"],
+                    "p50_vs_floor": ours["p50_ms"] / floor["p50_ms"],
+                }
+            )
+    results["goals"] = goals(measured)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "serving.md").write_text(_markdown(results))
     print(_markdown(results))
 
 
+def goals(measured: dict[tuple[str, int, int], dict]) -> list[dict[str, Any]]:
+    """Issue 15's goals, each with the figures it compares and whether it passed."""
+
+    def get(name: str, size: int, clients: int, what: str) -> float:
+        return measured[(name, size, clients)][what]
+
+    def check(goal: str, value: float, bound: float, passed: bool) -> dict[str, Any]:
+        return {"goal": goal, "value": value, "bound": bound, "passed": passed}
+
+    rps, ours_rps = "throughput_rps", get("ours", 1, 8, "throughput_rps")
+    ours_p50, floor_p50 = get("ours", 1, 1, "p50_ms"), get("floor", 1, 1, "p50_ms")
+    out = [
+        check("single-record rps at 8 clients >= 20x mlflow's", ours_rps, 20 * get("mlflow", 1, 8, rps),
+              ours_rps >= 20 * get("mlflow", 1, 8, rps)),
+        check("single-record rps at 8 clients >= 25% of the floor's", ours_rps, 0.25 * get("floor", 1, 8, rps),
+              ours_rps >= 0.25 * get("floor", 1, 8, rps)),
+        check("single-record p50 at 1 client <= 2x the floor's (ms)", ours_p50, 2 * floor_p50,
+              ours_p50 <= 2 * floor_p50),
+    ]  # fmt: skip
+    for size in SIZES:
+        ours, theirs = get("ours", size, 8, "p99_ms"), get("mlflow", size, 8, "p50_ms")
+        out.append(check(f"{size}-record p99 at 8 clients < mlflow's p50 (ms)", ours, theirs, ours < theirs))
+    return out
+
+
 def _markdown(results: dict) -> str:
-    floor = results["in_process_predict_proba"]
     lines = [
-        f"# Serving benchmark ({results['date']}, {results['cpus']} CPUs, {results['model']})",
+        f"# Serving benchmark ({results['date']}, {results['cpus']} CPUs, {results['model']}, "
+        f"{results['workers']} worker processes per server)",
         "",
-        f"In-process `predict_proba`: 1 record p50 {floor['1_records']['p50_ms']:.1f} ms / p99 "
-        f"{floor['1_records']['p99_ms']:.1f} ms; 100 records p50 {floor['100_records']['p50_ms']:.1f} ms.",
+        f"Load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in results['load_average_before'])}; "
+        f"after: {', '.join(f'{x:.2f}' for x in results['load_average_after'])}. "
+        f"{results['seconds_per_scenario']:.0f} s per scenario, one closed-loop aiohttp client in the benchmark's "
+        "process.",
         "",
-        "| records/request | clients | ours req/s | mlflow req/s | ratio | ours p50 / p99 ms | mlflow p50 / p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "In-process per call, ms (p50 / p99):",
+        "",
+        "| records | pipeline `predict_proba` | `LoadedModel.scores` | records -> frame -> scores |",
+        "|---:|---:|---:|---:|",
+    ]
+    for size in SIZES:
+        row = results["in_process"][f"{size}_records"]
+        cells = [
+            f"{row[k]['p50_ms']:.3f} / {row[k]['p99_ms']:.3f}"
+            for k in ("pipeline_predict", "loaded_model_scores", "records_to_frame_and_scores")
+        ]
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Served model: `{json.dumps(results['in_process']['served_path'])}`",
+        "",
+        "| records | clients | ours rps | mlflow rps | floor rps | ours / mlflow | ours / floor "
+        "| ours p50 / p99 ms | mlflow p50 / p99 ms | floor p50 / p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in results["scenarios"]:
-        o, m = s["ours"], s["mlflow"]
+        o, m, f = s["ours"], s["mlflow"], s["floor"]
         lines.append(
             f"| {s['records_per_request']} | {s['clients']} | {o['throughput_rps']:.0f} | {m['throughput_rps']:.0f} "
-            f"| {s['throughput_ratio']:.1f}x | {o['p50_ms']:.1f} / {o['p99_ms']:.1f} | {m['p50_ms']:.1f} / "
-            f"{m['p99_ms']:.1f} |"
+            f"| {f['throughput_rps']:.0f} | {s['rps_vs_mlflow']:.1f}x | {s['rps_vs_floor']:.0%} "
+            f"| {o['p50_ms']:.2f} / {o['p99_ms']:.2f} | {m['p50_ms']:.2f} / {m['p99_ms']:.2f} "
+            f"| {f['p50_ms']:.2f} / {f['p99_ms']:.2f} |"
         )
-    failures = sum(s["ours"]["failures"] + s["mlflow"]["failures"] for s in results["scenarios"])
-    lines += ["", f"Failed requests: {failures}."]
+    failures = sum(s[name]["failures"] for s in results["scenarios"] for name in SERVERS)
+    lines += ["", f"Failed requests: {failures}.", "", "Goals (issue 15):", ""]
+    for g in results["goals"]:
+        lines.append(f"- {'PASS' if g['passed'] else 'FAIL'}: {g['goal']} ({g['value']:.2f} vs {g['bound']:.2f})")
     return "\n".join(lines) + "\n"
 
 

@@ -224,16 +224,27 @@ def serve(
     model: Annotated[str | None, typer.Option(help="Registered model to follow (default MLOPS_SERVING_MODEL).")] = None,
     alias: Annotated[str | None, typer.Option(help="Alias to follow (default champion).")] = None,
     poll_seconds: Annotated[float | None, typer.Option(min=0.1, help="Registry poll interval.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Worker processes (default MLOPS_SERVING_WORKERS; 0: one per core).")
+    ] = None,
 ) -> None:
     """Serve predictions from `models:/<model>@champion`, following the alias without a restart."""
     setup_logging()
     settings = get_settings()
-    changes = {"serving_model": model, "serving_alias": alias, "serving_poll_seconds": poll_seconds}
+    changes = {
+        "serving_model": model,
+        "serving_alias": alias,
+        "serving_poll_seconds": poll_seconds,
+        "serving_workers": workers,
+    }
     settings = settings.model_copy(update={k: v for k, v in changes.items() if v is not None})
     os.environ.update(client_env(settings))
     from serving.app import run
 
-    run(host or settings.host, port or settings.serving_port, settings)
+    try:
+        run(host or settings.host, port or settings.serving_port, settings)
+    except OSError as exc:  # e.g. the port is busy
+        raise fail(str(exc)) from exc
 
 
 def run_training(

@@ -269,7 +269,8 @@ def services(settings: Settings) -> list[Service]:
             port=settings.serving_port,
             url=settings.local_serving_url,
             health_url=f"{settings.local_serving_url}/health",
-            command=[_bin("mlops"), "serve"],
+            # Worker processes: MLOPS_SERVING_WORKERS, 0 (the default) for one per core.
+            command=[_bin("mlops"), "serve", "--workers", str(settings.serving_workers)],
             env=client_env(settings),
             state_dir=state,
             cwd=PROJECT_ROOT,

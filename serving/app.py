@@ -11,7 +11,10 @@
   `serving_max_body_bytes` is a 413, chunked or not. Every answered prediction is logged durably first
   (`serving/prediction_log.py`).
 
-Run it with `mlops serve` (or `mlops stack up`, which starts it on port 8000).
+Run it with `mlops serve` (or `mlops stack up`, which starts it on port 8000): as many worker processes
+as cores by default (`MLOPS_SERVING_WORKERS`), sharing one socket (uvicorn's supervisor, which restarts a
+worker that dies). Each process follows the champion on its own; `/health` and `/model` say which process
+answered (`pid`); `/metrics` sums over all of them; `/reload` makes every process check the registry.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import os
+import shutil
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -28,19 +35,20 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr, ValidationError
 
 from adapters.settings import Settings, get_settings
 from serving.batching import Job, MicroBatcher
 from serving.follower import ChampionFollower
-from serving.metrics import MetricsMiddleware, ServingMetrics
-from serving.model import LoadedModel
+from serving.metrics import MULTIPROC_ENV, MetricsMiddleware, ServingMetrics, forget_dead_processes
+from serving.model import BODY_KEYS, LoadedModel
 from serving.prediction_log import MemoryPredictionLog, PredictionLog, SpooledPredictionLog
 
 log = logging.getLogger(__name__)
 
-BODY_KEYS = ("records", "dataframe_records")
+RELOAD_SIGNAL = "reload"  # a file in the metrics folder: touched by /reload, watched by every worker process
+RELOAD_WATCH_SECONDS = 0.2
 
 
 def problem(loc: list[Any], msg: str, kind: str) -> dict[str, Any]:
@@ -113,6 +121,21 @@ def validate_records(model: LoadedModel, key: str, records: list[Any]) -> list[d
         raise BadRequest(422, errors) from exc
 
 
+def decode_records(model: LoadedModel, body: bytes, max_records: int) -> tuple[list[Any], list[str | None] | None]:
+    """The body's records checked against the model's signature, and their ids; raises BadRequest (422, 413).
+
+    A good body is decoded and checked in one pass (`RecordSchema.decode`, msgspec); any other is taken
+    apart step by step by `parse_records`, `validate_records` and `record_ids`, whose errors name the
+    record and field.
+    """
+    fast = model.adapter.decode(body, max_records)
+    if fast is not None:
+        return fast[1], fast[2]
+    key, raw = parse_records(body, max_records)
+    records = validate_records(model, key, raw)
+    return records, record_ids(model, key, raw)
+
+
 def record_ids(model: LoadedModel, key: str, records: list[dict[str, Any]]) -> list[str | None] | None:
     """Each record's id for the prediction log: the model's `id_field`, as text, None where absent.
 
@@ -175,9 +198,9 @@ def answer(model: LoadedModel, scores: np.ndarray, request_id: str) -> dict[str,
     else:
         classes = [_plain(c) for c in model.classes]
         labels = [str(c) for c in classes]
-        predictions = [
-            {"class": classes[row.argmax()], "probabilities": dict(zip(labels, row.tolist(), strict=True))}
-            for row in scores
+        predictions = [  # whole-array argmax and tolist: no numpy call per record
+            {"class": classes[best], "probabilities": dict(zip(labels, row, strict=True))}
+            for best, row in zip(scores.argmax(axis=1).tolist(), scores.tolist(), strict=True)
         ]
     return {
         "request_id": request_id,
@@ -218,10 +241,47 @@ class Runtime:
         self.follower = ChampionFollower(
             settings,
             on_reload=lambda result: self.metrics.reloads.labels(result).inc(),
-            on_swap=lambda model: self.metrics.served(model.name, model.version),
+            on_swap=self._swapped,
             on_unset=self.metrics.not_served,
         )
         self._poller: asyncio.Task | None = None
+        self._reload_watcher: asyncio.Task | None = None
+
+    def _swapped(self, model: LoadedModel) -> None:
+        """After a swap: metrics, and the other worker processes are asked to look now, not at their next poll."""
+        self.metrics.served(model.name, model.version)
+        self.signal_reload()
+
+    @property
+    def reload_signal(self) -> os.PathLike | None:
+        """The file whose change makes every worker process check the registry (None with one process)."""
+        folder = self.metrics.multiprocess_dir
+        return None if folder is None else folder / RELOAD_SIGNAL
+
+    def signal_reload(self) -> None:
+        """Ask every worker process to check the registry now (its own poll would, within the interval)."""
+        if self.reload_signal is not None:
+            with open(self.reload_signal, "a"):
+                os.utime(self.reload_signal)
+
+    async def _watch_reloads(self) -> None:
+        """Wake the follower when another process signals a reload (a stat per interval: cheap)."""
+        seen = _mtime(self.reload_signal)
+        while True:
+            await asyncio.sleep(RELOAD_WATCH_SECONDS)
+            now = _mtime(self.reload_signal)
+            if now != seen:
+                seen = now
+                self.follower.wake()
+
+    async def all_serve(self, version: str | None, timeout: float) -> dict[int, str]:
+        """Wait (up to `timeout`) until every live worker process serves `version`; returns pid -> version."""
+        deadline = time.monotonic() + timeout
+        while True:
+            served = await asyncio.to_thread(self.metrics.served_by_process)
+            if version is None or set(served.values()) <= {version} or time.monotonic() >= deadline:
+                return served
+            await asyncio.sleep(0.1)
 
     def _log_predictions(self, jobs: list[Job], frame: Any, scores: np.ndarray) -> None:
         sizes = [len(job.records) for job in jobs]
@@ -243,14 +303,19 @@ class Runtime:
         self.batcher.start()
         await asyncio.to_thread(self.prediction_log.start)
         self._poller = asyncio.create_task(self.follower.run(), name="champion-follower")
+        if self.metrics.multiprocess_dir is not None:
+            if dead := forget_dead_processes(self.metrics.multiprocess_dir):
+                log.info("worker processes %s are gone: their gauges are dropped", dead)
+            self._reload_watcher = asyncio.create_task(self._watch_reloads(), name="reload-watcher")
         log.info("serving %s; registry %s", self.follower.following, self.settings.mlflow_tracking_uri)
 
     async def stop(self) -> None:
         """Stop polling, finish batching, write the last predictions."""
-        if self._poller is not None:
-            self._poller.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._reload_watcher):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         await self.batcher.stop()
         await asyncio.to_thread(self.prediction_log.stop)
 
@@ -259,9 +324,7 @@ class Runtime:
     ) -> tuple[list[dict[str, Any]], list[str | None] | None]:
         """The request's records, size-checked and validated against `model`, and their ids; raises BadRequest."""
         body = await read_body(request, self.settings.serving_max_body_bytes)
-        key, raw = parse_records(body, self.settings.serving_max_records)
-        records = validate_records(model, key, raw)
-        return records, record_ids(model, key, raw)
+        return decode_records(model, body, self.settings.serving_max_records)
 
     async def predict(self, request: Request) -> Response:
         """Answer one /predict request."""
@@ -358,11 +421,19 @@ async def invocations(request: Request) -> Response:
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    """The process answers; says what it follows, the version it serves and its last load error."""
+    """The process answers; says what it follows, the version it serves, its last load error and its pid."""
     follower = _runtime(request).follower
     model = follower.current
     version = model.version if model else None
-    return _json({"status": "ok", "following": follower.following, "version": version, "error": follower.last_error})
+    return _json(
+        {
+            "status": "ok",
+            "following": follower.following,
+            "version": version,
+            "error": follower.last_error,
+            "pid": os.getpid(),
+        }
+    )
 
 
 @router.get("/ready")
@@ -381,25 +452,47 @@ async def model_info(request: Request) -> Response:
     model = follower.current
     if model is None:
         return _json({"detail": f"no model loaded yet for {follower.following}", "error": follower.last_error}, 503)
-    return _json(model.describe() | {"alias": follower.alias, "last_error": follower.last_error})
+    runtime = _runtime(request)
+    served = await asyncio.to_thread(runtime.metrics.served_by_process)
+    workers = [{"pid": pid, "version": version} for pid, version in sorted(served.items())]
+    return _json(
+        model.describe()
+        | {"alias": follower.alias, "last_error": follower.last_error, "pid": os.getpid(), "workers": workers}
+    )
 
 
 @router.get("/metrics")
 async def prometheus(request: Request) -> Response:
     """Prometheus text format."""
-    return Response(generate_latest(_runtime(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    metrics = _runtime(request).metrics
+    text = await asyncio.to_thread(metrics.exposition) if metrics.multiprocess_dir else metrics.exposition()
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post("/reload")
 async def reload(request: Request) -> Response:
-    """Check the registry now (a promotion calls this); answers what is served afterwards."""
-    if (answer := refused(request, "reload")) is not None:
-        return answer
-    follower = _runtime(request).follower
+    """Check the registry now (a promotion calls this); answers what is served afterwards.
+
+    With several worker processes, the others are asked to check too, and the answer waits (up to the
+    `timeout` query parameter, 10 s by default) until every one serves what this one does; `workers`
+    lists pid and version of each.
+    """
+    if (refusal := refused(request, "reload")) is not None:
+        return refusal
+    runtime = _runtime(request)
+    follower = runtime.follower
+    runtime.signal_reload()
     changed = await follower.check(force=True)
     model = follower.current
+    version = model.version if model else None
+    try:
+        timeout = float(request.query_params.get("timeout", 10))
+    except ValueError:
+        timeout = 10.0
+    served = await runtime.all_serve(version, timeout) if runtime.reload_signal else {os.getpid(): version}
+    workers = [{"pid": pid, "version": v} for pid, v in sorted(served.items())]
     return _json(
-        {"changed": changed, "version": model.version if model else None, "error": follower.last_error},
+        {"changed": changed, "version": version, "error": follower.last_error, "workers": workers},
         200 if model else 503,
     )
 
@@ -427,8 +520,84 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def worker_app() -> FastAPI:
+    """The app of one worker process (uvicorn's factory): settings from the environment, our log lines kept.
+
+    A spawned worker starts with logging unconfigured: without this its swaps and load errors would only
+    show from warnings up.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO,
+            format=f"%(asctime)s %(levelname)s [{os.getpid()}] %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+        for noisy in ("httpx", "botocore", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    return create_app()
+
+
+def worker_count(settings: Settings) -> int:
+    """Serving processes to run: `serving_workers`, or one per CPU core when it is 0."""
+    return settings.serving_workers or os.cpu_count() or 1
+
+
 def run(host: str, port: int, settings: Settings | None = None, log_level: str = "info") -> None:
-    """Serve with uvicorn until interrupted (no access log: it costs latency; /metrics counts requests)."""
+    """Serve with uvicorn until interrupted (no access log: it costs latency; /metrics counts requests).
+
+    One worker: the app runs in this process. Several: uvicorn's supervisor spawns them on one shared
+    socket, each building its app from the environment (`create_app` as a factory), so the serving
+    settings are exported first; metrics go through a freshly emptied multiprocess folder under the
+    state dir, one per port.
+    """
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+    settings = settings or get_settings()
+    workers = worker_count(settings)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+        return
+    with socket.socket() as probe:  # before emptying the folder a server running on this port still uses
+        probe.settimeout(0.5)
+        if probe.connect_ex((host, port)) == 0:
+            raise OSError(f"port {port} on {host} is busy: another server listens there")
+    folder = (settings.state_dir / "run" / f"serving-metrics-{port}").resolve()
+    shutil.rmtree(folder, ignore_errors=True)  # counters of an earlier run must not add to this one's
+    folder.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(folder)
+    os.environ.update(_serving_env(settings))
+    log.info("starting %d serving worker processes on %s:%d", workers, host, port)
+    uvicorn.run(
+        "serving.app:worker_app",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+    )
+
+
+def _serving_env(settings: Settings) -> dict[str, str]:
+    """The serving settings as `MLOPS_SERVING_*` variables, for worker processes that read the environment."""
+    return {
+        f"MLOPS_{name.upper()}": _env_text(value)
+        for name, value in settings.model_dump().items()
+        if name.startswith("serving_") and name != "serving_url" and value is not None
+    }
+
+
+def _env_text(value: Any) -> str:
+    """A setting's value as pydantic-settings reads it back from the environment."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list | dict):  # complex values are read as JSON
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+def _mtime(path: os.PathLike | None) -> float | None:
+    try:
+        return os.stat(path).st_mtime_ns if path is not None else None
+    except FileNotFoundError:
+        return None

@@ -5,6 +5,10 @@ A pipeline's `predict_proba` (or a regressor's `predict`) costs about the same f
 on a timer: when the queue is empty a request is scored at once (single-client latency stays that of one
 call); while a call runs, newcomers queue up and are taken together. Each request keeps the model it started with,
 so a batch only ever mixes requests of the same model.
+
+A fast model (a compiled one: well under a millisecond per call) is scored inline on the event loop when
+nothing is queued or running: handing it to the worker thread and back would cost more than the call.
+Whether a model is fast is measured, per model, on its previous calls; a slow one always goes to the thread.
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ from serving.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
+# Estimated cost below which an idle batcher scores on the event loop itself. A thread hand-off costs
+# about 0.05-0.1 ms; blocking the loop for up to this long delays other requests by no more than that.
+INLINE_BELOW_SECONDS = 0.001
+# A model's cost is the fastest of its recent calls, allowed to creep up by this factor per call: a call
+# slowed down by a busy machine (pre-empted, a GC pause) does not send the next ones through the thread,
+# while a model that really got slower is noticed within a few dozen calls.
+COST_CREEP = 1.05
+
 
 @dataclass
 class Job:
@@ -31,7 +43,7 @@ class Job:
     model: LoadedModel
     records: list[dict[str, Any]]
     request_id: str
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future | None = field(repr=False)  # None when scored inline (nobody waits)
     ids: list[str | None] | None = None  # each record's id, when the model has an id field
 
 
@@ -68,9 +80,15 @@ class MicroBatcher:
             max_workers=1, thread_name_prefix="predict", initializer=_limit_threads, initargs=(threads,)
         )
         self._task: asyncio.Task | None = None
+        self._threads = threads
+        self._busy = False  # a batch is being scored in the worker thread
+        # (id(model), rows.bit_length()) -> estimated seconds of a call: per model and size class (1, 2-3,
+        # 4-7, ... rows), as a call costs about the same for a few rows and more for hundreds.
+        self._cost: dict[tuple[int, int], float] = {}
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
+        _limit_threads(self._threads)  # inline calls run on the loop's thread: the same OpenMP cap there
         self._queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
 
@@ -94,6 +112,9 @@ class MicroBatcher:
     ) -> Scored:
         """Queue `records` (with their ids, if any) for `model` and wait for their scores."""
         assert self._queue is not None, "start() first"
+        if not self._busy and self._queue.empty() and self._cheap(model, len(records)):
+            scores = self._predict([Job(model, records, request_id, None, ids)])
+            return Scored(scores, len(scores))
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(Job(model, records, request_id, future, ids))
         return await future
@@ -113,8 +134,16 @@ class MicroBatcher:
             groups: dict[int, list[Job]] = {}
             for job in pending:
                 groups.setdefault(id(job.model), []).append(job)
-            for jobs in groups.values():
-                await self._score_group(loop, jobs)
+            self._busy = True
+            try:
+                for jobs in groups.values():
+                    await self._score_group(loop, jobs)
+            finally:
+                self._busy = False
+
+    def _cheap(self, model: LoadedModel, rows: int) -> bool:
+        """True when `model`'s estimated cost of a call with about `rows` rows is below INLINE_BELOW_SECONDS."""
+        return self._cost.get((id(model), rows.bit_length()), float("inf")) < INLINE_BELOW_SECONDS
 
     async def _score_group(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
         try:
@@ -138,14 +167,18 @@ class MicroBatcher:
     def _predict(self, jobs: list[Job]) -> np.ndarray:
         model = jobs[0].model
         records = jobs[0].records if len(jobs) == 1 else [r for job in jobs for r in job.records]
-        frame = model.frame(records)
         started = time.perf_counter()
+        frame = model.frame(records)
         scores = model.scores(frame)
+        elapsed = time.perf_counter() - started
+        key = (id(model), len(frame).bit_length())
+        previous = self._cost.get(key)
+        if previous is None and len(self._cost) > 64:  # models served before a swap: forget them
+            self._cost.clear()
+        self._cost[key] = elapsed if previous is None else min(elapsed, previous * COST_CREEP)
         if self.on_batch is not None:
             self.on_batch(len(frame))
-        log.debug(
-            "scored %d rows for %d requests in %.1f ms", len(frame), len(jobs), 1e3 * (time.perf_counter() - started)
-        )
+        log.debug("scored %d rows for %d requests in %.2f ms", len(frame), len(jobs), 1e3 * elapsed)
         if self.on_scored is not None:
             try:
                 self.on_scored(jobs, frame, scores)

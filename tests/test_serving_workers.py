@@ -1,0 +1,325 @@
+"""Issue 15's serving work.
+
+Against the real stack, with several worker processes: each process follows the champion, a swap under load
+drops no request and reaches every process, metrics and the prediction log cover them all, and a worker
+killed with SIGKILL is replaced. As pure units: the one-pass body decoder accepts and rejects exactly what
+the step-by-step checks do, and the micro-batcher scores a fast model inline and a slow one in its thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from adapters.clients import s3_client
+from adapters.promotion import promote_version, revert_promotion
+from adapters.settings import Settings, get_settings
+from core.signature import Column
+from mlops.stack import running
+from serving.app import BadRequest, _serving_env, parse_records, record_ids, validate_records
+from serving.batching import MicroBatcher
+from serving.model import LoadedModel
+from tests.ports import free_port
+from tests.test_serving import FAST_SEARCH, WEAK_SEARCH, _bin, _config, _records, _rows, _train
+from tests.waiting import wait_for
+
+MODEL = "workers-test"
+WORKERS = 2
+
+
+COLUMNS = [Column("age", "numeric"), Column("loan amount", "numeric"), Column("region", "text")]
+GOOD = {"age": 41, "loan amount": 1200.5, "region": "north"}
+
+
+def _schema_model(id_field: str | None = "application_id") -> LoadedModel:
+    return LoadedModel("m", "1", None, COLUMNS, [0, 1], id_field=id_field)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"records": [GOOD]},
+        {"dataframe_records": [GOOD, GOOD | {"age": None, "region": None}]},
+        {"records": [GOOD | {"unknown": [1, 2], "application_id": "A-1"}, GOOD | {"application_id": 7}]},
+        {"records": [GOOD | {"age": 10**30}]},
+        {"records": [GOOD, {"age": 3, "region": "x"}]},  # a column missing
+        {"records": [GOOD | {"loan amount": "a lot"}]},
+        {"records": [GOOD | {"age": True}]},
+        {"records": [GOOD | {"region": 3}]},
+        {"records": [GOOD | {"application_id": True}]},
+        {"records": [GOOD | {"application_id": 1.5}]},
+        {"records": [GOOD | {"application_id": {"id": 2}}]},
+        {"records": []},
+        {"records": None},
+        {"records": {"age": 1}},
+        {"rows": [GOOD]},
+        [GOOD],
+        {"records": [GOOD] * 6},  # over the limit of 5
+        {"records": [GOOD, "not a record"]},
+    ],
+)
+def test_one_pass_decoder_agrees_with_the_step_by_step_checks(payload):
+    # Given a body, checked by the one-pass decoder and by the step-by-step checks that name errors
+    model, body, limit = _schema_model(), json.dumps(payload).encode(), 5
+    fast = model.adapter.decode(body, limit)
+    try:
+        key, raw = parse_records(body, limit)
+        slow: tuple | BadRequest = (validate_records(model, key, raw), record_ids(model, key, raw))
+    except BadRequest as exc:
+        slow = exc
+    # then both accept it or both reject it, and accepted records give the same frame and ids
+    assert (fast is None) == isinstance(slow, BadRequest), (fast, slow)
+    if fast is not None:
+        pd.testing.assert_frame_equal(model.frame(fast[1]), model.frame(slow[0]))
+        assert fast[2] == slow[1]
+
+
+def test_number_beyond_float_range_is_rejected_by_both_checks():
+    model = _schema_model()
+    body = b'{"records": [{"age": 1e400, "loan amount": 1, "region": "n"}]}'
+    assert model.adapter.decode(body, 5) is None
+    with pytest.raises(BadRequest, match="number is infinity"):
+        parse_records(body, 5)
+
+
+def test_worker_processes_read_back_the_serving_settings_they_were_given(monkeypatch):
+    # Given settings changed from the command line (what `mlops serve --model ... --workers ...` does)
+    given = Settings().model_copy(
+        update={"serving_model": "other", "serving_alias": "staging", "serving_poll_seconds": 0.7, "serving_workers": 3}
+    )
+    # when a worker process builds its settings from the environment it inherits
+    for key, value in _serving_env(given).items():
+        monkeypatch.setenv(key, value)
+    read = get_settings()
+    # then it has every serving setting the parent had
+    serving = {k: v for k, v in given.model_dump().items() if k.startswith("serving_") and k != "serving_url"}
+    assert {k: getattr(read, k) for k in serving} == serving
+
+
+class _Timed:
+    """A classifier that notes the thread of each call and takes `seconds`."""
+
+    classes_ = np.array([0, 1])
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.threads = seconds, []
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.seconds)
+        return np.tile([0.25, 0.75], (len(frame), 1))
+
+
+def _batched(seconds: float, calls: int, concurrent: int) -> tuple[_Timed, list[int]]:
+    pipeline = _Timed(seconds)
+    model = LoadedModel("m", "1", pipeline, COLUMNS, [0, 1])
+    sizes: list[int] = []
+
+    async def run() -> None:
+        batcher = MicroBatcher(on_batch=sizes.append)
+        batcher.start()
+        try:
+            for _ in range(calls):
+                scored = await asyncio.gather(*(batcher.score(model, [GOOD], "r") for _ in range(concurrent)))
+                assert all(s.scores.tolist() == [[0.25, 0.75]] for s in scored)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(run())
+    return pipeline, sizes
+
+
+def test_fast_model_is_scored_inline_once_measured_and_slow_one_in_the_thread():
+    # a model that answers at once: its first call is measured in the thread, once measured it runs inline
+    fast, _ = _batched(0.0, calls=6, concurrent=1)
+    assert fast.threads[0].startswith("predict") and fast.threads[-3:] == [threading.current_thread().name] * 3
+    # a model that takes 5 ms always goes to the thread
+    slow, _ = _batched(0.005, calls=5, concurrent=1)
+    assert all(name.startswith("predict") for name in slow.threads)
+
+
+def test_concurrent_requests_to_a_slow_model_are_still_batched():
+    slow, sizes = _batched(0.005, calls=3, concurrent=8)
+    assert sum(sizes) == 24 and max(sizes) > 1 and len(slow.threads) < 24
+
+
+@pytest.fixture(scope="module")
+def versions(stack, default_data, tmp_path_factory) -> dict[str, str]:
+    """v1 (champion, cold start), v2 (registered only)."""
+    config = _config(tmp_path_factory, MODEL)
+    first = _train(config, FAST_SEARCH)
+    second = _train(config, WEAK_SEARCH)
+    assert first.promoted and not second.promoted
+    return {"first": first.candidate_version, "second": second.candidate_version}
+
+
+@pytest.fixture(scope="module")
+def server(stack, versions, tmp_path_factory):
+    port = free_port()
+    command = [_bin("mlops"), "serve", "--port", str(port), "--model", MODEL, "--poll-seconds", "0.5"]
+    command += ["--workers", str(WORKERS)]
+    environment = os.environ | {"MLOPS_SERVING_LOG_FLUSH_SECONDS": "1"}
+    log_file = tmp_path_factory.mktemp("workers") / "serving.log"
+    with running(command, f"http://127.0.0.1:{port}/health", environment, log_file):
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: len(_served(url)) == WORKERS, 90, f"{WORKERS} processes to load their model")
+        yield url
+
+
+def _served(url: str) -> dict[int, str]:
+    """pid -> version of every live worker process, as /model reports it (empty from a process still loading)."""
+    answer = httpx.get(f"{url}/model", timeout=10)
+    assert answer.status_code in (200, 503), answer.text
+    return {w["pid"]: w["version"] for w in answer.json()["workers"]} if answer.status_code == 200 else {}
+
+
+def _health_pids(url: str, calls: int = 40) -> dict[int, set[str | None]]:
+    """Which processes answered `calls` /health requests (each on a new connection), with the versions they said."""
+    seen: dict[int, set[str | None]] = {}
+    for _ in range(calls):
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        seen.setdefault(health["pid"], set()).add(health["version"])
+    return seen
+
+
+def _counter(url: str, line_start: str) -> float:
+    """The value of one sample of /metrics (0 when absent)."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_every_process_serves_and_says_which_it_is(stack, versions, server):
+    # Given the server started with two workers: two processes answer, each with its pid and the champion
+    seen = _health_pids(server)
+    assert len(seen) == WORKERS, seen
+    assert all(versions_said == {versions["first"]} for versions_said in seen.values()), seen
+    assert os.getpid() not in seen
+    # and /model lists the same processes, each serving the champion
+    assert _served(server) == dict.fromkeys(seen, versions["first"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_metrics_are_summed_across_processes(stack, default_data, server):
+    # Given the request count before, and a known number of requests spread over both processes
+    counted = 'mlops_serving_requests_total{path="/predict",status="200"}'
+    before = _counter(server, counted)
+    body = {"records": _records(_rows(stack, default_data, 2))}
+    sent, pids = 40, set()
+    for _ in range(sent):
+        with httpx.Client(timeout=30) as http:  # a new connection each time: the kernel spreads them
+            assert http.post(f"{server}/predict", json=body).status_code == 200
+            pids.add(http.get(f"{server}/health").json()["pid"])
+    assert len(pids) == WORKERS, pids
+    # then /metrics, whichever process answers, counts every one of them (and every record)
+    for _ in range(4):
+        assert _counter(server, counted) - before == sent
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_prediction_log_is_complete_across_processes(stack, default_data, server):
+    # Given requests with known ids, answered by both processes
+    ids = [f"workers-log-{i}" for i in range(30)]
+    body = {"records": _records(_rows(stack, default_data, 1))}
+    for request_id in ids:
+        with httpx.Client(timeout=30) as http:
+            answer = http.post(f"{server}/predict", json=body, headers={"x-request-id": request_id})
+            assert answer.status_code == 200, answer.text
+    client = s3_client(stack)
+
+    def logged() -> set[str]:
+        listing = client.list_objects_v2(Bucket=stack.bucket, Prefix=f"predictions/serving/{MODEL}/")
+        frames = [
+            pd.read_parquet(io.BytesIO(client.get_object(Bucket=stack.bucket, Key=o["Key"])["Body"].read()))
+            for o in listing.get("Contents", [])
+        ]
+        return set(pd.concat(frames)["request_id"]) if frames else set()
+
+    # then every one of them is in S3, once each process has flushed
+    wait_for(lambda: set(ids) <= logged(), 30, "every request in the prediction log")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_swap_under_load_drops_nothing_and_reaches_every_process(stack, default_data, versions, server):
+    # Given clients sending requests without pause
+    body = {"records": _records(_rows(stack, default_data, 5))}
+    old, new = versions["first"], versions["second"]
+    seen: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            with httpx.Client(timeout=30) as http:  # reconnect now and then, so both processes are hit
+                for _ in range(20):
+                    try:
+                        answer = http.post(f"{server}/predict", json=body)
+                        version = answer.json()["model"]["version"] if answer.status_code == 200 else None
+                        seen.append((time.monotonic(), answer.status_code, version))
+                    except httpx.HTTPError as exc:
+                        seen.append((time.monotonic(), 0, type(exc).__name__))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.5)
+        # when another version becomes champion (no /reload: each process finds it by polling)
+        promotion = promote_version(MODEL, new, old)
+        wait_for(lambda: set(_served(server).values()) == {new}, 60, f"every process to serve v{new}")
+        switched = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    try:
+        # then no request failed, answers moved from the old version to the new one and stayed there
+        assert seen and all(status == 200 for _, status, _ in seen), [s for s in seen if s[1] != 200][:5]
+        assert {version for _, _, version in seen} == {old, new}
+        assert all(version == new for at, _, version in seen if at > switched + 0.1)
+        # and each process, asked directly, serves the new version
+        pids = _health_pids(server)
+        assert len(pids) == WORKERS and all(said == {new} for said in pids.values()), pids
+    finally:
+        revert_promotion(promotion, "test: back to the first champion")
+    # and /reload (what a promotion calls) brings every process back at once, not at their next poll
+    answer = httpx.post(f"{server}/reload", timeout=60).json()
+    assert answer["version"] == old and {w["version"] for w in answer["workers"]} == {old}, answer
+    assert len(answer["workers"]) == WORKERS
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_forgotten(stack, versions, server):
+    # Given the two worker processes
+    before = _served(server)
+    victim = min(before)
+    # when one is killed outright
+    os.kill(victim, signal.SIGKILL)
+    # then another takes its place and loads the champion; the dead one is no longer listed
+    after: dict[int, str] = {}
+
+    def replaced() -> bool:
+        after.clear()
+        after.update(_served(server))
+        return len(after) == WORKERS and victim not in after
+
+    wait_for(replaced, 90, "a replacement worker")
+    assert set(after.values()) == {versions["first"]}, after
+    wait_for(lambda: set(_health_pids(server, 10)) == set(after), 30, "both live processes to answer /health")
