@@ -24,6 +24,7 @@ Pure: no I/O (bytes in, bytes out); onnxruntime sessions are created from bytes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 # A null text value as the compiled graph receives it (ONNX strings cannot be null); a float NaN in a
 # text column (which `SimpleImputer(missing_values=np.nan)` imputes, unlike None) is fed as `NAN_TEXT`.
@@ -96,6 +99,32 @@ class Plan:
     inputs: list[str]
 
 
+def _imputer_step(name: str, step: Any, width: int) -> NumericStep:
+    if not (isinstance(step.missing_values, float) and np.isnan(step.missing_values)):
+        raise ConversionError(f"step {name!r}: only missing_values=np.nan is supported")
+    stats = np.asarray(step.statistics_, dtype="float64")
+    if len(stats) != width or np.isnan(stats).any():
+        raise ConversionError(f"step {name!r}: a column without statistics would be dropped")
+    indicator = None
+    if step.add_indicator:
+        indicator = np.asarray(step.indicator_.features_, dtype="int64")
+        if step.indicator_.features != "missing-only" or step.indicator_.sparse not in ("auto", False):
+            raise ConversionError(f"step {name!r}: only a dense missing-only indicator is supported")
+    return NumericStep("impute", stats, indicator=indicator)
+
+
+def _clip_function_step(name: str, step: Any, width: int) -> NumericStep:
+    """`FunctionTransformer(np.clip, kw_args={"a_min": .., "a_max": ..})` (or `min`/`max`)."""
+    kw = dict(step.kw_args or {})
+    lower = kw.pop("a_min", kw.pop("min", None))
+    upper = kw.pop("a_max", kw.pop("max", None))
+    if kw or lower is None or upper is None or step.inverse_func is not None:
+        raise ConversionError(f"step {name!r}: np.clip needs exactly a lower and an upper bound")
+    lo = np.broadcast_to(np.asarray(lower, "float64"), (width,)).copy()
+    hi = np.broadcast_to(np.asarray(upper, "float64"), (width,)).copy()
+    return NumericStep("clip", lo, hi)
+
+
 def _numeric_steps(steps: list[tuple[str, Any]], width: int) -> list[NumericStep]:
     from sklearn.impute import SimpleImputer
     from sklearn.preprocessing import FunctionTransformer, StandardScaler
@@ -104,35 +133,19 @@ def _numeric_steps(steps: list[tuple[str, Any]], width: int) -> list[NumericStep
 
     plan = []
     for name, step in steps:
-        if step in ("passthrough", None):
-            continue
+        if step in ("passthrough", None) or (isinstance(step, FunctionTransformer) and step.func is None):
+            continue  # identity ("passthrough" in a ColumnTransformer becomes FunctionTransformer())
         if isinstance(step, SimpleImputer):
-            if not (isinstance(step.missing_values, float) and np.isnan(step.missing_values)):
-                raise ConversionError(f"step {name!r}: only missing_values=np.nan is supported")
-            stats = np.asarray(step.statistics_, dtype="float64")
-            if len(stats) != width or np.isnan(stats).any():
-                raise ConversionError(f"step {name!r}: a column without statistics would be dropped")
-            indicator = None
-            if step.add_indicator:
-                indicator = np.asarray(step.indicator_.features_, dtype="int64")
-                if step.indicator_.features != "missing-only" or step.indicator_.sparse not in ("auto", False):
-                    raise ConversionError(f"step {name!r}: only a dense missing-only indicator is supported")
-            plan.append(NumericStep("impute", stats, indicator=indicator))
-            width += 0 if indicator is None else len(indicator)
+            plan.append(_imputer_step(name, step, width))
+            width += 0 if plan[-1].indicator is None else len(plan[-1].indicator)
         elif isinstance(step, QuantileClipper):
             plan.append(NumericStep("clip", step.lower_bounds_.astype("float64"), step.upper_bounds_.astype("float64")))
         elif isinstance(step, StandardScaler):
             mean = step.mean_ if step.with_mean else np.zeros(width)
             scale = step.scale_ if step.with_std else np.ones(width)
             plan.append(NumericStep("scale", np.asarray(mean, "float64"), np.asarray(scale, "float64")))
-        elif isinstance(step, FunctionTransformer) and step.func is np.clip and step.inverse_func is None:
-            kw = dict(step.kw_args or {})
-            lower, upper = kw.pop("a_min", None), kw.pop("a_max", None)
-            if kw or lower is None or upper is None:
-                raise ConversionError(f"step {name!r}: np.clip needs exactly a_min and a_max")
-            lo = np.broadcast_to(np.asarray(lower, "float64"), (width,)).copy()
-            hi = np.broadcast_to(np.asarray(upper, "float64"), (width,)).copy()
-            plan.append(NumericStep("clip", lo, hi))
+        elif isinstance(step, FunctionTransformer) and step.func is np.clip:
+            plan.append(_clip_function_step(name, step, width))
         else:
             raise ConversionError(f"step {name!r} ({type(step).__name__}) has no converter")
     return plan
@@ -630,3 +643,77 @@ def check_parity(pipeline: Any, form: Any, frame: pd.DataFrame, tolerance: float
     except Exception as exc:
         return Parity(False, len(frame), reason=f"scoring failed: {type(exc).__name__}: {exc}")
     return compare(reference, candidate, classification, tolerance)
+
+
+# --- the whole check, as the training flow runs it -----------------------------------------------------
+
+FORMS = ("onnx", "exact-arrays", "pipeline")
+
+
+@dataclass(frozen=True)
+class CompiledCheck:
+    """What compiling one candidate gave: the ONNX model (if any), both parity results and the form to serve."""
+
+    form: str  # onnx | exact-arrays | pipeline: what serving should use
+    onnx: Parity
+    arrays: Parity
+    model: bytes | None = field(default=None, repr=False)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        """The review's and the model card's line."""
+        fallback = "exact-arrays, bit-identical" if self.form == "exact-arrays" else "the plain pipeline"
+        if self.onnx.passed:
+            return f"compiled form (ONNX): {self.onnx.summary()}; served compiled"
+        return f"compiled form (ONNX) failed: {self.onnx.reason}; serving uses the exact pipeline ({fallback})"
+
+    def tags(self) -> dict[str, str]:
+        """Model version tags: serving picks its form from them without downloading anything."""
+        tags = {
+            "inference_form": self.form,
+            "compiled_parity": "passed" if self.onnx.passed else "failed",
+            "exact_arrays_parity": "passed" if self.arrays.passed else "failed",
+        }
+        if self.onnx.max_abs_delta is not None:
+            tags["compiled_max_abs_delta"] = f"{self.onnx.max_abs_delta:.3g}"
+        return tags
+
+    def to_dict(self) -> dict[str, Any]:
+        """`compiled/parity.json`."""
+        return {
+            "form": self.form,
+            "onnx": self.onnx.to_dict(),
+            "exact_arrays": self.arrays.to_dict(),
+            "seconds": self.seconds,
+            "null_text": NULL_TEXT,
+            "nan_text": NAN_TEXT,
+        }
+
+
+def compile_and_check(pipeline: Any, holdout: pd.DataFrame, text_columns: set[str], seed: int = 0) -> CompiledCheck:
+    """Compile `pipeline` and check both fast forms on `holdout` (prepared inputs) plus `edge_cases`.
+
+    Never raises for a pipeline it cannot compile: the check fails with the reason, and the form to serve
+    falls back to the exact array form (when it is bit-identical) or the plain pipeline.
+    """
+    import time
+
+    started = time.perf_counter()
+    classification = getattr(pipeline, "classes_", None) is not None
+    try:
+        frame = pd.concat([holdout, edge_cases(pipeline, holdout, text_columns, seed)], ignore_index=True)
+    except Exception as exc:  # still checked, on the holdout alone (said in the result)
+        log.warning("edge cases could not be built (%s): checking on the holdout only", exc)
+        frame = holdout
+    model = None
+    try:
+        model = compile_onnx(pipeline, text_columns)
+        onnx_parity = check_parity(pipeline, OnnxForm(model, text_columns, classification), frame)
+    except Exception as exc:  # ConversionError, or anything skl2onnx/onnxruntime raise
+        onnx_parity = Parity(False, len(frame), reason=f"{type(exc).__name__}: {exc}"[:500])
+    try:
+        arrays_parity = check_parity(pipeline, ArrayForm(pipeline, text_columns), frame, tolerance=0.0)
+    except Exception as exc:
+        arrays_parity = Parity(False, len(frame), tolerance=0.0, reason=f"{type(exc).__name__}: {exc}"[:500])
+    form = "onnx" if onnx_parity.passed else "exact-arrays" if arrays_parity.passed else "pipeline"
+    return CompiledCheck(form, onnx_parity, arrays_parity, model, time.perf_counter() - started)
