@@ -574,7 +574,7 @@ def edge_cases(pipeline: Any, sample: pd.DataFrame, text_columns: set[str], seed
     numeric = [c for c in sample.columns if c not in text_columns]
     text = [c for c in sample.columns if c in text_columns]
     values: dict[str, list[Any]] = {}
-    bounds = _clip_bounds(pipeline, numeric)
+    bounds = _clip_bounds(pipeline, text_columns)
     for c in numeric:
         v: list[Any] = [np.nan, 0.0, -0.0, 5e-324, -1e-300, 1.0, -1.0, 1e15, -1e15, 1e300, -1e300]
         for bound in bounds.get(c, []):
@@ -604,9 +604,9 @@ def edge_cases(pipeline: Any, sample: pd.DataFrame, text_columns: set[str], seed
     return out[list(sample.columns)]
 
 
-def _clip_bounds(pipeline: Any, numeric: list[str]) -> dict[str, list[float]]:
+def _clip_bounds(pipeline: Any, text_columns: set[str]) -> dict[str, list[float]]:
     try:
-        plan = plan_of(pipeline, set())
+        plan = plan_of(pipeline, text_columns)
     except Exception:  # a pipeline without a plan still gets the generic edge cases
         return {}
     bounds: dict[str, list[float]] = {}

@@ -202,7 +202,7 @@ class Runtime:
         self.follower = ChampionFollower(
             settings,
             on_reload=lambda result: self.metrics.reloads.labels(result).inc(),
-            on_swap=lambda model: self.metrics.served(model.name, model.version),
+            on_swap=lambda model: self.metrics.served(model.name, model.version, model.form),
         )
         self._poller: asyncio.Task | None = None
 
