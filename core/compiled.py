@@ -6,8 +6,11 @@ clipping bounds, scaler means and scales, one-hot code tables). The plan is then
 
 - as an ONNX graph (`compile_onnx`): numeric preprocessing in float64 exactly as scikit-learn computes it
   (the same IEEE operations in the same order), text columns through a code table, and the model
-  converted by skl2onnx behind it (tree models take float32 input, as scikit-learn's own trees do;
-  linear models stay float64). Text cannot be null in ONNX, so a null is fed as `NULL_TEXT`;
+  converted by skl2onnx behind it: decision trees and forests take float32 input, as scikit-learn's own
+  do; linear models stay float64; histogram gradient boosting stays float64 too, with its thresholds
+  and leaf values given back in float64 (`_exact_hist_trees`: skl2onnx rounds them to float32, which
+  sends values at a split threshold the wrong way). Text cannot be null in ONNX, so a null is fed as
+  `NULL_TEXT`;
 - as plain numpy (`ArrayForm`): the same steps on arrays, then the fitted model, bypassing the
   `ColumnTransformer`'s per-call overhead. It is meant to be bit-identical to `predict_proba`.
 
@@ -419,8 +422,10 @@ def compile_onnx(pipeline: Any, text_columns: set[str]) -> bytes:
     features = g.op("Concat", parts, "features", axis=1) if len(parts) > 1 else parts[0]
     model = plan.model
     width = _n_features(model)
-    tree = type(model).__name__ in TREE_MODELS
-    # Trees take float32 (as scikit-learn's own trees, and onnxruntime's tree ensembles, do): cast last.
+    hist = type(model).__name__.startswith("HistGradientBoosting")
+    tree = type(model).__name__ in TREE_MODELS and not hist
+    # scikit-learn's trees and forests compare float32 inputs (skl2onnx adjusts their thresholds for it): cast
+    # last. Histogram gradient boosting compares float64 values with float64 thresholds: it stays float64.
     if tree:
         features = g.op("Cast", [features], "features_f", to=TensorProto.FLOAT)
     tensor = FloatTensorType if tree else DoubleTensorType
@@ -433,6 +438,8 @@ def compile_onnx(pipeline: Any, text_columns: set[str]) -> bytes:
             )
     except Exception as exc:
         raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+    if hist:
+        _exact_hist_trees(converted, model)
     inner = converted.graph
     wire = helper.make_node("Identity", [features], ["features"], name="pre_to_model")
     inputs = [
@@ -458,6 +465,58 @@ def compile_onnx(pipeline: Any, text_columns: set[str]) -> bytes:
     except Exception as exc:
         raise ConversionError(f"the compiled graph is invalid: {exc}") from exc
     return merged.SerializeToString()
+
+
+def _exact_hist_trees(converted: Any, model: Any) -> None:
+    """Give a converted histogram gradient boosting model its float64 thresholds, leaf values and baseline.
+
+    skl2onnx stores them as float32 attributes, so a value between a float64 split threshold and its
+    float32 rounding goes the wrong way (values at the clip bounds do: bounds and bin thresholds are
+    both quantiles of the training data). `ai.onnx.ml` 3 takes them as double tensors instead; the
+    ensemble's output stays float32 in onnxruntime, so it is cast back to float64 after the node.
+    Every replaced value is checked to be the one skl2onnx wrote (rounded), or the conversion is refused.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    trees = [tree for iteration in model._predictors for tree in iteration]  # skl2onnx's tree_id order
+    node = next(n for n in converted.graph.node if n.op_type in ("TreeEnsembleClassifier", "TreeEnsembleRegressor"))
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    prefix = "class" if node.op_type == "TreeEnsembleClassifier" else "target"
+    thresholds = np.array(
+        [
+            0.0 if mode == b"LEAF" else float(trees[t].nodes[i]["num_threshold"])
+            for t, i, mode in zip(attrs["nodes_treeids"], attrs["nodes_nodeids"], attrs["nodes_modes"], strict=True)
+        ]
+    )
+    weights = np.array(
+        [
+            float(trees[t].nodes[i]["value"])
+            for t, i in zip(attrs[f"{prefix}_treeids"], attrs[f"{prefix}_nodeids"], strict=True)
+        ]
+    )
+    base = np.asarray(model._baseline_prediction, dtype="float64").ravel()
+    for name, exact, written in (
+        ("nodes_values", thresholds, attrs["nodes_values"]),
+        (f"{prefix}_weights", weights, attrs[f"{prefix}_weights"]),
+        ("base_values", base, attrs.get("base_values", [])),
+    ):
+        if not np.array_equal(exact.astype("float32"), np.asarray(written, dtype="float32")):
+            raise ConversionError(f"{type(model).__name__}: {name} do not match skl2onnx's (categorical splits?)")
+    kept = [a for a in node.attribute if a.name not in ("nodes_values", f"{prefix}_weights", "base_values")]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    for name, values in (
+        ("nodes_values_as_tensor", thresholds),
+        (f"{prefix}_weights_as_tensor", weights),
+        ("base_values_as_tensor", base),
+    ):
+        node.attribute.append(helper.make_attribute(name, numpy_helper.from_array(values)))
+    for k, name in enumerate(list(node.output)):
+        if name != "label":
+            node.output[k] = f"{name}_float32"
+            converted.graph.node.append(
+                helper.make_node("Cast", [f"{name}_float32"], [name], name=f"{name}_to_double", to=TensorProto.DOUBLE)
+            )
 
 
 def _n_features(model: Any) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.compose import ColumnTransformer
-from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
@@ -36,7 +36,7 @@ from core.compiled import (
 )
 from core.dataset import load_local_dataset_config
 from core.features import prepare_inputs, prepare_target
-from core.search import build_model
+from core.search import build_model, make_pipeline
 from core.signature import Column
 from core.split import split_frame
 from core.synthetic import generate_frame
@@ -89,7 +89,7 @@ def test_compiled_and_array_forms_match_sklearn(data, family, params):
 
 
 def test_regression_forms_match_sklearn(data):
-    """Ridge (float64 all through) passes the relative limit; the array form of a regressor is bit-identical."""
+    """Ridge and gradient boosting pass the relative limit; the array form of a regressor is bit-identical."""
     train_X, _, holdout = data
     y = train_X["annual_income"].fillna(0) / 1000 + train_X["age"]
     pipeline = build_model(CONFIG, "ridge", {"alpha": 1.0}, 42).fit(train_X, y)
@@ -98,6 +98,33 @@ def test_regression_forms_match_sklearn(data):
     got = OnnxForm(compile_onnx(pipeline, TEXT), TEXT, False).scores(frame)
     assert (np.abs(got - expected) / np.maximum(np.abs(expected), 1e-12)).max() <= 1e-6
     assert np.array_equal(ArrayForm(pipeline, TEXT).scores(frame), expected)
+    boosted = make_pipeline(CONFIG, HistGradientBoostingRegressor(max_iter=100, random_state=0)).fit(train_X, y)
+    check = compile_and_check(boosted, holdout, TEXT)
+    assert check.form == "onnx" and check.onnx.max_rel_delta <= 1e-6, check.line()
+
+
+@pytest.mark.parametrize("estimator", [HistGradientBoostingClassifier, HistGradientBoostingRegressor])
+def test_hist_gradient_boosting_splits_exactly_at_its_thresholds(estimator):
+    """Values at and one ulp either side of every split threshold go the way scikit-learn sends them.
+
+    skl2onnx alone rounds thresholds to float32, which sends some of these rows the wrong way.
+    """
+    rng = np.random.default_rng(1)
+    X = pd.DataFrame({"a": rng.normal(size=3000), "b": rng.lognormal(size=3000)})
+    classification = estimator is HistGradientBoostingClassifier
+    y = (X["a"] + np.log(X["b"]) > 0).astype(int) if classification else X["a"] * 50 + 100
+    pre = ColumnTransformer([("numeric", "passthrough", ["a", "b"])])
+    pipeline = Pipeline([("preprocess", pre), ("model", estimator(max_iter=40, random_state=0))]).fit(X, y)
+    nodes = np.concatenate([tree.nodes for iteration in pipeline[-1]._predictors for tree in iteration])
+    splits = nodes[nodes["is_leaf"] == 0]
+    rows = []
+    for feature, threshold in zip(splits["feature_idx"], splits["num_threshold"], strict=True):
+        for value in (threshold, np.nextafter(threshold, np.inf), np.nextafter(threshold, -np.inf)):
+            rows.append(X.iloc[len(rows) % len(X)].to_numpy().copy())
+            rows[-1][feature] = value
+    probe = pd.DataFrame(rows, columns=["a", "b"])
+    parity = check_parity(pipeline, OnnxForm(compile_onnx(pipeline, set()), set(), classification), probe)
+    assert parity.passed, parity.reason
 
 
 def test_preprocessing_equals_the_column_transformer(data):
