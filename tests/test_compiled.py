@@ -262,6 +262,36 @@ def test_null_text_is_fed_as_the_marker():
     assert feeds["t"].ravel().tolist() == ["a", NULL_TEXT] and feeds["n"].shape == (2, 1)
 
 
+def test_card_shows_the_serving_form(data):
+    from datetime import UTC, datetime
+
+    from core.card import ModelCard
+    from core.card_render import render_html, render_markdown
+
+    train_X, train_y, holdout = data
+    pipeline = build_model(CONFIG, "decision_tree", {"max_depth": 2}, 42).fit(train_X, train_y)
+    line = compile_and_check(pipeline, holdout, TEXT).line()
+    card = ModelCard(
+        model_name="m",
+        candidate_version="2",
+        champion_version=None,
+        verdict="promote",
+        outcome="promoted",
+        reasons=[],
+        data_version="d",
+        training_window=None,
+        rows_train=1,
+        rows_holdout=1,
+        candidate_metrics={"roc_auc": 0.8},
+        code_version="c",
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+        inference=line,
+    )
+    assert "**Serving form:** compiled form (ONNX): parity passed (max \\|d\\| = " in render_markdown(card)
+    assert "<dt>Serving form</dt><dd>compiled form (ONNX): parity passed (max |d| = " in render_html(card)
+    assert '"inference": "compiled form (ONNX): parity passed' in card.to_json()
+
+
 # --- real stack -------------------------------------------------------------------------------------------
 
 
@@ -296,7 +326,7 @@ def test_served_champion_is_compiled_and_matches_the_registered_pipeline(stack, 
     review = json.loads(mlflow.artifacts.load_text(f"runs:/{outcome.run_id}/review/review.json"))
     assert review["inference"].startswith("compiled form (ONNX): parity passed (max |d| = "), review["inference"]
     card = mlflow.artifacts.load_text(f"runs:/{outcome.run_id}/model_card/model_card.md")
-    assert f"**Serving form:** {review['inference']}" in card
+    assert "**Serving form:** " + review["inference"].replace("|", "\\|") in card  # a Markdown-escaped cell
     url = stack.serving_url
     wait_for(lambda: httpx.get(f"{url}/model", timeout=5).json().get("version") == version, 60, "the new champion")
     described = httpx.get(f"{url}/model", timeout=5).json()
