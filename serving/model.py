@@ -226,15 +226,14 @@ def choose_inference(
     for form, build, tolerance in candidates:
         try:
             inference = build()
+            check = check_parity(pipeline, inference, probe, tolerance)
         except Exception as exc:
             fallbacks.append(f"{form}: {type(exc).__name__}: {exc}"[:300])
-            continue
-        check = check_parity(pipeline, inference, probe, tolerance)
-        if check.passed:
-            return inference, facts | ({"fallbacks": fallbacks} if fallbacks else {})
-        fallbacks.append(f"{form}: {check.reason}")
-    for reason in fallbacks:
-        log.warning("inference form fallback: %s", reason)
+        else:
+            if check.passed:
+                return inference, facts | ({"fallbacks": fallbacks} if fallbacks else {})
+            fallbacks.append(f"{form}: {check.reason}")
+        log.warning("not serving the %s form: %s", form, fallbacks[-1])
     return None, facts | ({"fallbacks": fallbacks} if fallbacks else {})
 
 
