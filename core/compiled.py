@@ -6,10 +6,10 @@ clipping bounds, scaler means and scales, one-hot code tables). The plan is then
 
 - as an ONNX graph (`compile_onnx`): numeric preprocessing in float64 exactly as scikit-learn computes it
   (the same IEEE operations in the same order), text columns through a code table, and the model
-  converted by skl2onnx behind it: decision trees and forests take float32 input, as scikit-learn's own
-  do; linear models stay float64; histogram gradient boosting stays float64 too, with its thresholds
-  and leaf values given back in float64 (`_exact_hist_trees`: skl2onnx rounds them to float32, which
-  sends values at a split threshold the wrong way). Text cannot be null in ONNX, so a null is fed as
+  behind it: histogram gradient boosting by our own converter (`_hist_onnx`: one float64 `TreeEnsemble`,
+  `ai.onnx.ml` 5, then its link in float64; skl2onnx's float32 thresholds send values at a split
+  threshold the wrong way), other models by skl2onnx (decision trees and forests on float32 input, as
+  scikit-learn's own are; linear models in float64). Text cannot be null in ONNX, so a null is fed as
   `NULL_TEXT`;
 - as plain numpy (`ArrayForm`): the same steps on arrays, then the fitted model, bypassing the
   `ColumnTransformer`'s per-call overhead. It is meant to be bit-identical to `predict_proba`.
@@ -17,9 +17,9 @@ clipping bounds, scaler means and scales, one-hot code tables). The plan is then
 Neither form is trusted on faith: `check_parity` compares a form with the pipeline's own scores on the
 holdout plus generated edge cases (`edge_cases`: a null in every column, unseen and infrequent
 categories, values at and beyond the clip bounds, extreme magnitudes). A step without a converter raises
-`ConversionError` (the check then fails with that reason, and serving falls back). Known case: histogram
-gradient boosting with native categorical features converts without error but wrongly (skl2onnx #1051);
-only the parity check catches it, which is why it is never skipped.
+`ConversionError` (the check then fails with that reason, and serving falls back). Histogram gradient
+boosting with native categorical features is refused: skl2onnx converts it without an error but wrongly
+(#1051), the kind of mistake only the parity check would catch, which is why it is never skipped.
 
 Pure: no I/O (bytes in, bytes out); onnxruntime sessions are created from bytes.
 """
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 NULL_TEXT = "\x00null"
 NAN_TEXT = "\x00nan"
 TOLERANCE = 1e-6  # max |delta probability|; for a regressor, max |delta| / |value|
-ONNX_OPSET = {"": 18, "ai.onnx.ml": 3}
+ONNX_OPSET = {"": 18, "ai.onnx.ml": 3}  # what skl2onnx converts to
+TREE_OPSET = {"": 21, "ai.onnx.ml": 5}  # TreeEnsemble (float64 thresholds, leaves and output): `_hist_onnx`
 TREE_MODELS = (
     "DecisionTreeClassifier",
     "DecisionTreeRegressor",
@@ -413,8 +414,6 @@ def compile_onnx(pipeline: Any, text_columns: set[str]) -> bytes:
     """
     import onnx
     from onnx import TensorProto, helper
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 
     plan = plan_of(pipeline, text_columns)
     g = _Graph()
@@ -422,44 +421,45 @@ def compile_onnx(pipeline: Any, text_columns: set[str]) -> bytes:
     features = g.op("Concat", parts, "features", axis=1) if len(parts) > 1 else parts[0]
     model = plan.model
     width = _n_features(model)
-    hist = type(model).__name__.startswith("HistGradientBoosting")
-    tree = type(model).__name__ in TREE_MODELS and not hist
-    # scikit-learn's trees and forests compare float32 inputs (skl2onnx adjusts their thresholds for it): cast
-    # last. Histogram gradient boosting compares float64 values with float64 thresholds: it stays float64.
-    if tree:
-        features = g.op("Cast", [features], "features_f", to=TensorProto.FLOAT)
-    tensor = FloatTensorType if tree else DoubleTensorType
     classification = getattr(model, "classes_", None) is not None
-    options = {id(model): {"zipmap": False}} if classification else None
-    try:
-        with _int_booleans():
-            converted = convert_sklearn(
-                model, initial_types=[("features", tensor([None, width]))], options=options, target_opset=ONNX_OPSET
-            )
-    except Exception as exc:
-        raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
-    if hist:
-        _exact_hist_trees(converted, model)
-    inner = converted.graph
-    wire = helper.make_node("Identity", [features], ["features"], name="pre_to_model")
+    output = "probabilities" if classification else "variable"
+    if type(model).__name__.startswith("HistGradientBoosting"):
+        scores = _hist_onnx(g, features, model)
+        model_nodes, model_initializers, opsets, ir_version = [], [], TREE_OPSET, 10
+    else:
+        converted = _skl2onnx(model, width, classification)
+        # scikit-learn's trees and forests compare float32 inputs (skl2onnx adjusts their thresholds for it):
+        # cast last. Linear models take float64.
+        if type(model).__name__ in TREE_MODELS:
+            features = g.op("Cast", [features], "features_f", to=TensorProto.FLOAT)
+        g.nodes.append(helper.make_node("Identity", [features], ["features"], name="pre_to_model"))
+        model_nodes, model_initializers = list(converted.graph.node), list(converted.graph.initializer)
+        found = {o.domain: o.version for o in converted.opset_import}
+        opsets = {d: max(v, found.get(d, 0)) for d, v in ONNX_OPSET.items()} | {
+            d: v for d, v in found.items() if d not in ONNX_OPSET
+        }
+        ir_version = converted.ir_version
+        scores = f"{output}_model"
+        for node in model_nodes:
+            node.output[:] = [scores if name == output else name for name in node.output]
+    # The output under its public name, as float64 (skl2onnx's tree ensembles answer float32).
+    last = helper.make_node("Cast", [scores], [output], name="scores_to_double", to=TensorProto.DOUBLE)
     inputs = [
         helper.make_tensor_value_info(c, TensorProto.STRING if c in text_columns else TensorProto.DOUBLE, [None, 1])
         for c in plan.inputs
     ]
-    outputs = [o for o in inner.output if o.name in ("probabilities", "variable")]
+    out = helper.make_tensor_value_info(
+        output, TensorProto.DOUBLE, [None, len(model.classes_) if classification else 1]
+    )
     graph = helper.make_graph(
-        [*g.nodes, wire, *inner.node],
+        [*g.nodes, *model_nodes, last],
         "compiled_pipeline",
         inputs,
-        outputs,
-        initializer=[*g.initializers, *inner.initializer],
+        [out],
+        initializer=[*g.initializers, *model_initializers],
     )
-    opsets = {o.domain: o.version for o in converted.opset_import}
-    opsets = {d: max(v, opsets.get(d, 0)) for d, v in ONNX_OPSET.items()} | {
-        d: v for d, v in opsets.items() if d not in ONNX_OPSET
-    }
     merged = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
-    merged.ir_version = converted.ir_version
+    merged.ir_version = ir_version
     try:
         onnx.checker.check_model(merged)
     except Exception as exc:
@@ -467,56 +467,104 @@ def compile_onnx(pipeline: Any, text_columns: set[str]) -> bytes:
     return merged.SerializeToString()
 
 
-def _exact_hist_trees(converted: Any, model: Any) -> None:
-    """Give a converted histogram gradient boosting model its float64 thresholds, leaf values and baseline.
+def _hist_onnx(g: _Graph, features: str, model: Any) -> str:
+    """Histogram gradient boosting as one `ai.onnx.ml` 5 `TreeEnsemble` in float64, then its link, in float64.
 
-    skl2onnx stores them as float32 attributes, so a value between a float64 split threshold and its
-    float32 rounding goes the wrong way (values at the clip bounds do: bounds and bin thresholds are
-    both quantiles of the training data). `ai.onnx.ml` 3 takes them as double tensors instead; the
-    ensemble's output stays float32 in onnxruntime, so it is cast back to float64 after the node.
-    Every replaced value is checked to be the one skl2onnx wrote (rounded), or the conversion is refused.
+    Written here rather than by skl2onnx, whose tree ensembles hold float32 thresholds and leaf values
+    (a value between a float64 threshold and its float32 rounding goes the wrong way; values at the clip
+    bounds do, as bounds and bin thresholds are both quantiles of the training data) and answer float32.
+    Raw scores are the baseline plus each tree's leaf, as scikit-learn sums them; then the logistic
+    (binary: [1 - p, p]), softmax (multiclass) or identity (squared, absolute or quantile loss) link.
+
+    Raises:
+        ConversionError: Native categorical splits, or a loss with another link.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
-    trees = [tree for iteration in model._predictors for tree in iteration]  # skl2onnx's tree_id order
-    node = next(n for n in converted.graph.node if n.op_type in ("TreeEnsembleClassifier", "TreeEnsembleRegressor"))
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    prefix = "class" if node.op_type == "TreeEnsembleClassifier" else "target"
-    thresholds = np.array(
-        [
-            0.0 if mode == b"LEAF" else float(trees[t].nodes[i]["num_threshold"])
-            for t, i, mode in zip(attrs["nodes_treeids"], attrs["nodes_nodeids"], attrs["nodes_modes"], strict=True)
-        ]
+    per_iteration = len(model._predictors[0])
+    node_feature, node_split, node_missing = [], [], []
+    true_ids, true_leaf, false_ids, false_leaf = [], [], [], []
+    leaf_target, leaf_weight, roots = [], [], []
+    for iteration in model._predictors:
+        for target, tree in enumerate(iteration):
+            nodes = tree.nodes
+            if nodes["is_categorical"].any():
+                raise ConversionError(f"{type(model).__name__}: native categorical splits have no exact converter")
+            branch = {i: len(node_feature) + k for k, i in enumerate(np.flatnonzero(nodes["is_leaf"] == 0))}
+            leaves = {i: len(leaf_target) + k for k, i in enumerate(np.flatnonzero(nodes["is_leaf"] != 0))}
+            for i in np.flatnonzero(nodes["is_leaf"] != 0):
+                leaf_target.append(target)
+                leaf_weight.append(float(nodes[i]["value"]))
+            if not branch:  # a single leaf: a split whose both sides are that leaf
+                roots.append(len(node_feature))
+                node_feature.append(0)
+                node_split.append(0.0)
+                node_missing.append(0)
+                true_ids.append(leaves[0])
+                false_ids.append(leaves[0])
+                true_leaf.append(1)
+                false_leaf.append(1)
+                continue
+            roots.append(branch[0])
+            for i in branch:
+                node = nodes[i]
+                node_feature.append(int(node["feature_idx"]))
+                node_split.append(float(node["num_threshold"]))
+                node_missing.append(int(node["missing_go_to_left"]))  # NaN goes left, the `<=` side
+                for child, ids, is_leaf in (
+                    (node["left"], true_ids, true_leaf),
+                    (node["right"], false_ids, false_leaf),
+                ):
+                    ids.append(leaves[child] if child in leaves else branch[child])
+                    is_leaf.append(int(child in leaves))
+    raw = g.op(
+        "TreeEnsemble",
+        [features],
+        "trees",
+        domain="ai.onnx.ml",
+        tree_roots=roots,
+        nodes_featureids=node_feature,
+        nodes_splits=numpy_helper.from_array(np.array(node_split, dtype="float64")),
+        nodes_modes=numpy_helper.from_array(np.zeros(len(node_feature), dtype="uint8")),  # BRANCH_LEQ
+        nodes_missing_value_tracks_true=node_missing,
+        nodes_truenodeids=true_ids,
+        nodes_trueleafs=true_leaf,
+        nodes_falsenodeids=false_ids,
+        nodes_falseleafs=false_leaf,
+        leaf_targetids=leaf_target,
+        leaf_weights=numpy_helper.from_array(np.array(leaf_weight, dtype="float64")),
+        n_targets=per_iteration,
+        aggregate_function=1,  # SUM
+        post_transform=0,
     )
-    weights = np.array(
-        [
-            float(trees[t].nodes[i]["value"])
-            for t, i in zip(attrs[f"{prefix}_treeids"], attrs[f"{prefix}_nodeids"], strict=True)
-        ]
-    )
-    base = np.asarray(model._baseline_prediction, dtype="float64").ravel()
-    for name, exact, written in (
-        ("nodes_values", thresholds, attrs["nodes_values"]),
-        (f"{prefix}_weights", weights, attrs[f"{prefix}_weights"]),
-        ("base_values", base, attrs.get("base_values", [])),
-    ):
-        if not np.array_equal(exact.astype("float32"), np.asarray(written, dtype="float32")):
-            raise ConversionError(f"{type(model).__name__}: {name} do not match skl2onnx's (categorical splits?)")
-    kept = [a for a in node.attribute if a.name not in ("nodes_values", f"{prefix}_weights", "base_values")]
-    del node.attribute[:]
-    node.attribute.extend(kept)
-    for name, values in (
-        ("nodes_values_as_tensor", thresholds),
-        (f"{prefix}_weights_as_tensor", weights),
-        ("base_values_as_tensor", base),
-    ):
-        node.attribute.append(helper.make_attribute(name, numpy_helper.from_array(values)))
-    for k, name in enumerate(list(node.output)):
-        if name != "label":
-            node.output[k] = f"{name}_float32"
-            converted.graph.node.append(
-                helper.make_node("Cast", [f"{name}_float32"], [name], name=f"{name}_to_double", to=TensorProto.DOUBLE)
+    baseline = np.asarray(model._baseline_prediction, dtype="float64").reshape(1, per_iteration)
+    raw = g.op("Add", [g.const(baseline, "baseline"), raw], "raw")
+    loss = type(model._loss).__name__
+    if getattr(model, "classes_", None) is None:
+        if loss not in ("HalfSquaredError", "AbsoluteError", "PinballLoss"):
+            raise ConversionError(f"{type(model).__name__}: loss {loss} has no exact converter")
+        return g.op("Identity", [raw], "variable")
+    if per_iteration == 1:  # binary: [1 - expit(raw), expit(raw)], as HalfBinomialLoss.predict_proba
+        positive = g.op("Sigmoid", [raw], "positive")
+        negative = g.op("Sub", [g.const(np.ones((1, 1)), "one"), positive], "negative")
+        return g.op("Concat", [negative, positive], "probabilities", axis=1)
+    return g.op("Softmax", [raw], "probabilities", axis=1)
+
+
+def _skl2onnx(model: Any, width: int, classification: bool) -> Any:
+    """skl2onnx's conversion of the model alone, on an input `features` (float32 for trees, else float64)."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
+
+    tensor = FloatTensorType if type(model).__name__ in TREE_MODELS else DoubleTensorType
+    options = {id(model): {"zipmap": False}} if classification else None
+    try:
+        with _int_booleans():
+            return convert_sklearn(
+                model, initial_types=[("features", tensor([None, width]))], options=options, target_opset=ONNX_OPSET
             )
+    except Exception as exc:
+        raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
 
 
 def _n_features(model: Any) -> int:

@@ -125,6 +125,18 @@ def test_hist_gradient_boosting_splits_exactly_at_its_thresholds(estimator):
     probe = pd.DataFrame(rows, columns=["a", "b"])
     parity = check_parity(pipeline, OnnxForm(compile_onnx(pipeline, set()), set(), classification), probe)
     assert parity.passed, parity.reason
+    assert parity.max_abs_delta <= 1e-12  # float64 all through: only the summation order differs
+
+    # skl2onnx's own conversion (float32 thresholds) sends some of these rows the wrong way.
+    import onnxruntime as ort
+
+    from core.compiled import _skl2onnx
+
+    session = ort.InferenceSession(_skl2onnx(pipeline[-1], 2, classification).SerializeToString())
+    name = "probabilities" if classification else "variable"
+    got = session.run([name], {"features": probe.to_numpy("float32")})[0]
+    reference = pipeline.predict_proba(probe) if classification else pipeline.predict(probe)
+    assert not compare(reference, got.reshape(reference.shape), classification).passed
 
 
 def test_preprocessing_equals_the_column_transformer(data):
@@ -173,9 +185,9 @@ def test_step_without_converter_fails_with_its_name(data):
     )
 
 
-def _native_categorical() -> tuple[Pipeline, pd.DataFrame]:
-    """Histogram gradient boosting with a native categorical feature: skl2onnx converts it, wrongly (#1051)."""
-    rng = np.random.default_rng(0)
+def _native_categorical(seed: int = 0) -> tuple[Pipeline, pd.DataFrame]:
+    """Histogram gradient boosting with a native categorical feature."""
+    rng = np.random.default_rng(seed)
     X = pd.DataFrame({"a": rng.normal(size=2000), "code": rng.integers(0, 8, 2000).astype("float64")})
     y = (X["code"].isin([1, 5, 6]) ^ (X["a"] > 0.3)).astype(int)
     model = HistGradientBoostingClassifier(categorical_features=[1], max_iter=30, random_state=0)
@@ -183,26 +195,48 @@ def _native_categorical() -> tuple[Pipeline, pd.DataFrame]:
     return Pipeline([("preprocess", pre), ("model", model)]).fit(X, y), X
 
 
-def test_wrong_conversion_fails_parity_and_serving_falls_back():
+def test_native_categorical_is_refused_and_served_exactly():
     pipeline, X = _native_categorical()
-    model = compile_onnx(pipeline, set())  # converts without complaint...
+    with pytest.raises(ConversionError, match="native categorical splits"):
+        compile_onnx(pipeline, set())
     check = compile_and_check(pipeline, X.head(500), set())
-    assert not check.onnx.passed and check.onnx.class_mismatches > 0  # ...but the parity check sees it
-    assert check.onnx.max_abs_delta > 1e-3
+    assert not check.onnx.passed and check.model is None
     assert check.form == "exact-arrays" and check.arrays.passed and check.arrays.max_abs_delta == 0
-    assert check.line().startswith("compiled form (ONNX) failed: max |d probability|")
+    assert check.line().startswith("compiled form (ONNX) failed: ConversionError: HistGradientBoostingClassifier")
+    assert check.line().endswith("serving uses the exact pipeline (exact-arrays, bit-identical)")
+    assert check.tags()["inference_form"] == "exact-arrays" and check.tags()["compiled_parity"] == "failed"
 
-    # Serving told (wrongly) that the compiled form passed still re-checks it and falls back.
+
+def test_parity_catches_a_conversion_that_succeeds_but_is_wrong():
+    """skl2onnx converts native categorical splits without an error, wrongly (skl2onnx #1051)."""
+    import onnxruntime as ort
+
+    from core.compiled import _skl2onnx
+
+    pipeline, X = _native_categorical()
+    converted = _skl2onnx(pipeline[-1], 2, True)  # no exception
+    session = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["probabilities"], {"features": X.to_numpy("float32")})[0]
+    parity = compare(pipeline.predict_proba(X), got, classification=True)
+    assert not parity.passed and parity.class_mismatches > 100 and parity.max_abs_delta > 0.1
+
+
+def test_serving_falls_back_from_a_wrong_compiled_model():
+    """Tags say the compiled form passed, but the ONNX file is another model's: re-checked at load, not served."""
+    pipeline, X = _native_categorical()
+    other = Pipeline([("preprocess", ColumnTransformer([("numeric", "passthrough", ["a", "code"])]))])
+    other.steps.append(("model", LogisticRegression()))
+    other.fit(X, (X["a"] > 0).astype(int))
+    wrong = compile_onnx(other, set())
     columns = [Column("a", "numeric"), Column("code", "numeric")]
     tags = {"inference_form": "onnx", "compiled_parity": "passed", "exact_arrays_parity": "passed"}
-    inference, facts = choose_inference(pipeline, columns, tags, "run", X.head(200), onnx_bytes=lambda _: model)
+    inference, facts = choose_inference(pipeline, columns, tags, "run", X.head(200), onnx_bytes=lambda _: wrong)
     assert inference.form == "exact-arrays"
     assert facts["fallbacks"][0].startswith("onnx: max |d probability|")
     assert np.array_equal(inference.scores(X), pipeline.predict_proba(X))
     # ... and to the plain pipeline when neither fast form is known to be exact
-    inference, facts = choose_inference(
-        pipeline, columns, tags | {"exact_arrays_parity": "failed"}, "run", X, lambda _: model
-    )
+    tags |= {"exact_arrays_parity": "failed"}
+    inference, facts = choose_inference(pipeline, columns, tags, "run", X, lambda _: wrong)
     assert inference is None and len(facts["fallbacks"]) == 1
 
 
