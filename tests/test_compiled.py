@@ -103,6 +103,18 @@ def test_regression_forms_match_sklearn(data):
     assert check.form == "onnx" and check.onnx.max_rel_delta <= 1e-6, check.line()
 
 
+@pytest.mark.parametrize("estimator", [HistGradientBoostingClassifier, LogisticRegression])
+def test_multiclass_forms_match_sklearn(data, estimator):
+    train_X, _, holdout = data
+    y = pd.qcut(train_X["age"] + train_X["debt_to_income"] * 10, 3, labels=["low", "mid", "high"]).astype(str)
+    pipeline = make_pipeline(CONFIG, estimator(max_iter=60)).fit(train_X, y)
+    check = compile_and_check(pipeline, holdout, TEXT)
+    assert check.form == "onnx" and check.onnx.max_abs_delta <= 1e-9, check.line()
+    frame = holdout.head(50)
+    got = OnnxForm(check.model, TEXT, True).scores(frame)
+    assert got.shape == (50, 3) and np.allclose(got, pipeline.predict_proba(frame), rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("estimator", [HistGradientBoostingClassifier, HistGradientBoostingRegressor])
 def test_hist_gradient_boosting_splits_exactly_at_its_thresholds(estimator):
     """Values at and one ulp either side of every split threshold go the way scikit-learn sends them.
