@@ -29,7 +29,7 @@ from pydantic import Field, TypeAdapter
 from typing_extensions import TypedDict
 
 from adapters.registry import holdout_metrics
-from core.compiled import TOLERANCE, ArrayForm, OnnxForm, check_parity
+from core.compiled import ONNX_ARTIFACT, TOLERANCE, ArrayForm, OnnxForm, check_parity
 from core.signature import BASELINE_ARTIFACT, Column, ModelLoadError, columns_from_signature
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,6 @@ def _probe_rows(baseline: pd.DataFrame, columns: list[Column]) -> pd.DataFrame:
 
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
-
-
-ONNX_ARTIFACT = "compiled/model.onnx"  # written by tasks.compile.log_compiled
 
 
 def _onnx_bytes(run_id: str) -> bytes:

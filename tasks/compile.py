@@ -17,15 +17,12 @@ from prefect.cache_policies import NO_CACHE
 
 from adapters.clients import mlflow_client
 from adapters.settings import get_settings
-from core.compiled import CompiledCheck, compile_and_check
+from core.compiled import ONNX_ARTIFACT, PARITY_ARTIFACT, CompiledCheck, compile_and_check
 from core.dataset import DatasetConfig
 from core.features import prepare_inputs
 from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
-
-ONNX_ARTIFACT = "compiled/model.onnx"
-PARITY_ARTIFACT = "compiled/parity.json"
 
 
 def compile_candidate(
