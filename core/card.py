@@ -104,6 +104,7 @@ class ModelCard:
         gate_bounds: Every configured absolute limit as (metric, bound, `min` or `max`), to show each cold
             start interval against its limit.
         importance_scoring: The scikit-learn scorer of the permutation importances (None: the task's default).
+        inference: How serving runs the model: the compiled form's parity line (None: not compiled).
     """
 
     model_name: str
@@ -136,6 +137,7 @@ class ModelCard:
     holdout: HoldoutEvidence | None = None
     gate_bounds: list[tuple[str, float, str]] = field(default_factory=list)
     importance_scoring: str | None = None
+    inference: str | None = None
 
     @property
     def task_type(self) -> str:
@@ -225,4 +227,5 @@ def make_card(
         holdout=review.holdout,
         gate_bounds=[(metric, float(bound), kind) for metric, bound, kind in gate_bounds],
         importance_scoring=review.importance_scoring,
+        inference=review.inference,
     )

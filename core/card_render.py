@@ -285,6 +285,7 @@ def _view(card: ModelCard) -> dict[str, Any]:
         ("Training window", window),
         ("Rows", f"{card.rows_train} train, {card.rows_holdout} holdout"),
         ("Code version", card.code_version),
+        ("Serving form", card.inference or "not compiled: serving uses the pipeline"),
         ("Created at", _when(card.created_at)),
     ]
     links = [

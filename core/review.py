@@ -71,6 +71,8 @@ class Review:
     holdout: HoldoutEvidence | None = None
     task: str | None = None
     importance_scoring: str | None = None
+    # How the candidate is served: the compiled form's parity line (`core.compiled.CompiledCheck.line`).
+    inference: str | None = None
 
     def interval(self, metric: str) -> DeltaInterval | None:
         """The improvement's interval on `metric` (None at cold start)."""
@@ -87,6 +89,7 @@ class Review:
             "holdout": None if self.holdout is None else asdict(self.holdout),
             "task": self.task,
             "importance_scoring": self.importance_scoring,
+            "inference": self.inference,
         }
         return json.dumps(record, indent=2, default=str)
 

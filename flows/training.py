@@ -8,7 +8,7 @@ Run it ad hoc with `mlops train` (or `python -m mlops train`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -28,6 +28,7 @@ from core.split import Split
 from core.validation import DataValidationError
 from services.approval import ask_approval, steps_after
 from services.promotion import current_champion, promote_checked
+from tasks.compile import compile_candidate
 from tasks.evaluation import evaluate_candidate
 from tasks.loading import load_dataset_config, load_snapshot
 from tasks.monitoring import log_reference
@@ -168,21 +169,25 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, report_json)
         model_uri = log_model(run_id, search.model, split.train, config)
         log_reference(run_id, search.model, split.holdout, config, params.seed)  # monitoring's baseline (holdout rows)
+        compiled = compile_candidate(run_id, search.model, split.holdout, config, params.seed)  # how it is served
 
         lock = ensure_promotion_lock(config.model_name)
         promotion, promotion_error, serving = None, None, None
         # Decide and promote one run at a time per model, so no run promotes against a stale champion.
         with hold(lock, timeout_seconds=3600):
             champion = current_champion(config, split.holdout)
-            findings = review(
-                search.model,
-                evaluation.proba,
-                split.holdout,
-                config,
-                gates,
-                params.seed,
-                champion.proba,
-                champion.schema,
+            findings = replace(
+                review(
+                    search.model,
+                    evaluation.proba,
+                    split.holdout,
+                    config,
+                    gates,
+                    params.seed,
+                    champion.proba,
+                    champion.schema,
+                ),
+                inference=compiled.line(),
             )
             decision = decide(
                 evaluation.metrics,
@@ -200,7 +205,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                 "data_version": snapshot.data_version,
                 "id_column": config.id_column,
                 "task": config.task.value,  # what serving and scoring answer (a value, or class probabilities)
-            }
+            } | compiled.tags()  # the form serving uses (onnx only when its parity check passed)
             version = None if params.dry_run else register_model(model_uri, config.model_name, run_id, version_tags)
             wanted = decision.promote and version is not None
             promote_now = partial(
@@ -217,8 +222,11 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                     promotion, promotion_error, serving = promote_now(f"{params.reason}; {approval.describe()}")
         promoted = promotion is not None
         outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error, approval)
-        tags = {"promoted": str(promoted).lower(), "outcome": outcome}
-        tags |= ({"serving_check": serving.detail} if serving else {}) | (approval.tags() if approval else {})
+        tags = (
+            {"promoted": str(promoted).lower(), "outcome": outcome}
+            | ({"serving_check": serving.detail} if serving else {})
+            | (approval.tags() if approval else {})
+        )
         _record(
             run_id,
             params,

@@ -249,7 +249,7 @@ class Runtime:
 
     def _swapped(self, model: LoadedModel) -> None:
         """After a swap: metrics, and the other worker processes are asked to look now, not at their next poll."""
-        self.metrics.served(model.name, model.version)
+        self.metrics.served(model.name, model.version, model.form)
         self.signal_reload()
 
     @property

@@ -24,6 +24,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
+INFERENCE_FORMS = ("onnx", "exact-arrays", "pipeline")
 KNOWN_PATHS = frozenset({"/predict", "/invocations", "/health", "/ready", "/model", "/metrics", "/reload"})
 
 
@@ -59,6 +60,14 @@ class ServingMetrics:
             registry=r,
             multiprocess_mode="liveall",
         )
+        self.inference_form = Gauge(
+            "mlops_serving_inference_form",
+            "How the served model runs (value 1 for the current form): onnx (compiled, parity checked), "
+            "exact-arrays (fitted steps on arrays, bit-identical) or pipeline.",
+            ["form"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.reloads = Counter("mlops_serving_reloads_total", "Model loads by result.", ["result"], registry=r)
         self.prediction_log = Counter(
             "mlops_serving_prediction_log_rows_total",
@@ -73,8 +82,8 @@ class ServingMetrics:
             multiprocess_mode="livesum",
         )
 
-    def served(self, name: str, version: str) -> None:
-        """Record a swap to `name` v`version`."""
+    def served(self, name: str, version: str, form: str = "pipeline") -> None:
+        """Record a swap to `name` v`version`, run in inference `form`."""
         if self.multiprocess_dir is None:
             self.model_info.clear()
         else:  # clear() would leave the old value in this process's file: zero it instead
@@ -83,6 +92,8 @@ class ServingMetrics:
         self._served = [(name, version)]
         self.model_info.labels(name=name, version=version).set(1)
         self.model_version.set(float(version) if version.isdigit() else 0)
+        for known in INFERENCE_FORMS:
+            self.inference_form.labels(form=known).set(1 if known == form else 0)
 
     def not_served(self) -> None:
         """Record that no model is served any more (the alias is gone)."""

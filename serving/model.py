@@ -7,6 +7,13 @@ The record schema is derived from the model's signature, so a request is checked
 was trained on: every signature column must be present (null is allowed; the pipeline imputes it),
 numbers must be numbers and text must be text. Unknown categories pass: the pipeline's one-hot encoder
 ignores them, exactly as in training.
+
+Inference form (`LoadedModel.inference`, reported by `GET /model` and `/metrics`): the compiled ONNX
+graph when the version's parity check passed in training (version tag `inference_form=onnx`), else the
+pipeline's exact array form when it was bit-identical there (`exact-arrays`), else the plain pipeline.
+At load the chosen form is checked once more against the pipeline on a row of nulls and the explanation
+baseline; a form that disagrees (or an ONNX file that cannot be read) falls back to the next one, with
+the reason in `/model`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pydantic import Field, TypeAdapter
 from typing_extensions import TypedDict
 
 from adapters.registry import holdout_metrics
+from core.compiled import ONNX_ARTIFACT, TOLERANCE, ArrayForm, OnnxForm, check_parity
 from core.signature import BASELINE_ARTIFACT, Column, ModelLoadError, columns_from_signature
 
 log = logging.getLogger(__name__)
@@ -104,6 +112,9 @@ class LoadedModel:
     # The dataset's id column (version tag `id_column`): a record may carry it; it is logged, not scored.
     id_field: str | None = None
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    # A faster form of the pipeline (`core.compiled.OnnxForm` or `ArrayForm`); None: the pipeline itself.
+    inference: Any = field(default=None, repr=False, compare=False)
+    parity: dict[str, Any] = field(default_factory=dict, compare=False)
     adapter: RecordSchema = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -132,7 +143,14 @@ class LoadedModel:
 
     def scores(self, frame: pd.DataFrame) -> np.ndarray:
         """Class probabilities (n, classes) in `classes` order, or predicted values (n,) of a regressor."""
+        if self.inference is not None:
+            return self.inference.scores(frame)
         return model_scores(self.pipeline, frame)
+
+    @property
+    def form(self) -> str:
+        """`onnx`, `exact-arrays` or `pipeline`: what `scores` runs."""
+        return "pipeline" if self.inference is None else self.inference.form
 
     def describe(self) -> dict[str, Any]:
         """What `GET /model` answers."""
@@ -148,6 +166,7 @@ class LoadedModel:
             "metrics": self.metrics,
             "promoted_at": self.promoted_at,
             "loaded_at": self.loaded_at,
+            "inference": {"form": self.form, "parity": self.parity},
         }
 
 
@@ -196,8 +215,75 @@ def _baseline(run_id: str | None) -> pd.DataFrame | None:
     return pd.DataFrame(json.loads(text))
 
 
+def _probe_rows(baseline: pd.DataFrame, columns: list[Column]) -> pd.DataFrame:
+    """The explanation baseline as prepared records (float64 numbers, object text with None for nulls)."""
+    empty = pd.Series([None] * len(baseline), index=baseline.index, dtype=object)
+    frame = pd.DataFrame({c.name: baseline.get(c.name, empty) for c in columns})
+    for c in columns:
+        if c.kind == "numeric":
+            frame[c.name] = pd.to_numeric(frame[c.name], errors="coerce").astype("float64")
+        else:
+            frame[c.name] = frame[c.name].astype("object").where(frame[c.name].notna(), None)
+    return frame
+
+
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
+
+
+def _onnx_bytes(run_id: str) -> bytes:
+    import mlflow.artifacts
+
+    path = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{ONNX_ARTIFACT}")
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def _parity_facts(tags: dict[str, str]) -> dict[str, Any]:
+    """What training found (version tags), as `/model` shows it."""
+    facts: dict[str, Any] = {"compiled": tags.get("compiled_parity", "not checked")}
+    if "compiled_max_abs_delta" in tags:
+        facts["max_abs_delta"] = float(tags["compiled_max_abs_delta"])
+    facts["exact_arrays"] = tags.get("exact_arrays_parity", "not checked")
+    facts["tolerance"] = TOLERANCE
+    return facts
+
+
+def choose_inference(
+    pipeline: Any,
+    columns: list[Column],
+    tags: dict[str, str],
+    run_id: str | None,
+    probe: pd.DataFrame,
+    onnx_bytes: Any = _onnx_bytes,
+) -> tuple[Any, dict[str, Any]]:
+    """The fastest form training found exact (version tags), re-checked on `probe`; (None, facts) for the pipeline.
+
+    A form that cannot be built or disagrees with the pipeline on `probe` falls back to the next one
+    (onnx -> exact-arrays -> pipeline); the reasons are listed in the facts under `fallbacks`.
+    """
+    facts = _parity_facts(tags)
+    text = {c.name for c in columns if c.kind == "text"}
+    classification = getattr(pipeline, "classes_", None) is not None
+    wanted = tags.get("inference_form", "pipeline")
+    candidates = []
+    if wanted == "onnx" and run_id:
+        candidates.append(("onnx", lambda: OnnxForm(onnx_bytes(run_id), text, classification), TOLERANCE))
+    if wanted in ("onnx", "exact-arrays") and tags.get("exact_arrays_parity") == "passed":
+        candidates.append(("exact-arrays", lambda: ArrayForm(pipeline, text), 0.0))
+    fallbacks = []
+    for form, build, tolerance in candidates:
+        try:
+            inference = build()
+            check = check_parity(pipeline, inference, probe, tolerance)
+        except Exception as exc:
+            fallbacks.append(f"{form}: {type(exc).__name__}: {exc}"[:300])
+        else:
+            if check.passed:
+                return inference, facts | ({"fallbacks": fallbacks} if fallbacks else {})
+            fallbacks.append(f"{form}: {check.reason}")
+        log.warning("not serving the %s form: %s", form, fallbacks[-1])
+    return None, facts | ({"fallbacks": fallbacks} if fallbacks else {})
 
 
 def load_version(client: Any, name: str, version: str) -> LoadedModel:
@@ -224,6 +310,13 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         logged = {}
     metrics = holdout_metrics(logged)
     baseline = _baseline(details.run_id)
+    nulls = LoadedModel(name, str(version), pipeline, columns, classes).frame([dict.fromkeys(c.name for c in columns)])
+    probe = nulls if baseline is None else pd.concat([nulls, _probe_rows(baseline, columns)], ignore_index=True)
+    try:
+        inference, parity = choose_inference(pipeline, columns, tags, details.run_id, probe)
+    except Exception as exc:  # the pipeline itself still serves (the test prediction below checks it)
+        log.warning("%s: no fast inference form (%s: %s)", uri, type(exc).__name__, exc)
+        inference, parity = None, _parity_facts(tags) | {"fallbacks": [f"{type(exc).__name__}: {exc}"[:300]]}
     loaded = LoadedModel(
         name=name,
         version=str(version),
@@ -236,6 +329,8 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         source=details.source,
         baseline=baseline,
         id_field=tags.get("id_column") or None,
+        inference=inference,
+        parity=parity,
     )
     # A model that loads but cannot score is no better than one that does not load: try one row of
     # nulls (the pipeline imputes them) before it is allowed to replace the served model.

@@ -1,0 +1,62 @@
+"""Prefect tasks of compiled inference: compile and check the candidate (`core.compiled`), log the result.
+
+Compiling never fails the run and never blocks a promotion: a candidate that does not compile, or
+whose compiled form misses the parity limit, is served in its exact form instead (the version tags
+say which; see `CompiledCheck.tags`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from adapters.clients import mlflow_client
+from adapters.settings import get_settings
+from core.compiled import ONNX_ARTIFACT, PARITY_ARTIFACT, CompiledCheck, compile_and_check
+from core.dataset import DatasetConfig
+from core.features import prepare_inputs
+from tasks.retrying import IO
+
+log = logging.getLogger(__name__)
+
+
+def compile_candidate(
+    run_id: str, model: Any, holdout: pd.DataFrame, config: DatasetConfig, seed: int
+) -> CompiledCheck:
+    """Compile and check the candidate (`compile_check`), then log the result in the run (`log_compiled`)."""
+    check = compile_check(model, holdout, config, seed)
+    log_compiled(run_id, check)
+    return check
+
+
+@task(name="compile", cache_policy=NO_CACHE)
+def compile_check(model: Any, holdout: pd.DataFrame, config: DatasetConfig, seed: int) -> CompiledCheck:
+    """Prefect task: compile the candidate to ONNX and check it (and the exact array form) on the holdout."""
+    check = compile_and_check(model, prepare_inputs(holdout, config), set(config.categorical_features), seed)
+    log.info("%s (%.1f s)", check.line(), check.seconds)
+    if not check.arrays.passed:
+        log.warning("exact array form differs from the pipeline: %s", check.arrays.reason)
+    return check
+
+
+@task(name="log-compiled", **IO)
+def log_compiled(run_id: str, check: CompiledCheck) -> None:
+    """Prefect task: the ONNX model and the parity results in the run, and the parity as metrics."""
+    import tempfile
+    from pathlib import Path
+
+    client = mlflow_client(get_settings())
+    client.log_text(run_id, json.dumps(check.to_dict(), indent=2), PARITY_ARTIFACT)
+    client.log_metric(run_id, "compiled_parity_passed", float(check.onnx.passed))
+    if check.onnx.max_abs_delta is not None:
+        client.log_metric(run_id, "compiled_parity_max_abs_delta", check.onnx.max_abs_delta)
+    if check.model is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(ONNX_ARTIFACT).name
+            path.write_bytes(check.model)
+            client.log_artifact(run_id, str(path), str(Path(ONNX_ARTIFACT).parent))
