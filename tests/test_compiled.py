@@ -347,6 +347,7 @@ def test_served_champion_is_compiled_and_matches_the_registered_pipeline(stack, 
     import httpx
     import mlflow.artifacts
     import mlflow.sklearn
+    from prometheus_client.parser import text_string_to_metric_families
 
     from adapters.clients import mlflow_client, use_tracking_server
     from core.search import ModelFamily, SearchSpec
@@ -378,9 +379,12 @@ def test_served_champion_is_compiled_and_matches_the_registered_pipeline(stack, 
     described = httpx.get(f"{url}/model", timeout=5).json()
     assert described["inference"]["form"] == "onnx", described["inference"]
     assert described["inference"]["parity"]["compiled"] == "passed"
-    metrics = httpx.get(f"{url}/metrics", timeout=5).text
-    assert 'mlops_serving_inference_form{form="onnx"} 1.0' in metrics
-    assert 'mlops_serving_inference_form{form="pipeline"} 0.0' in metrics
+    httpx.post(f"{url}/reload", timeout=30)  # answers once every worker process serves the same version
+    forms: dict[str, dict[str, float]] = {}  # pid -> form -> value, over every live worker process
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
+        for sample in family.samples if family.name == "mlops_serving_inference_form" else []:
+            forms.setdefault(sample.labels.get("pid", "-"), {})[sample.labels["form"]] = sample.value
+    assert forms and all(f["onnx"] == 1.0 and f["pipeline"] == 0.0 for f in forms.values()), forms
 
     # The API's probabilities against the registered pipeline's own predict_proba, on raw rows plus edge cases.
     pipeline = mlflow.sklearn.load_model(f"models:/credit-risk/{version}")
