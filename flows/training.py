@@ -172,7 +172,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         lock = ensure_promotion_lock(config.model_name)
         promotion, promotion_error, serving = None, None, None
         # Decide and promote one run at a time per model, so no run promotes against a stale champion.
-        with hold(lock, timeout_seconds=3600):
+        with hold(lock, timeout_seconds=3600) as held:
             champion = current_champion(config, split.holdout)
             findings = review(
                 search.model,
@@ -217,7 +217,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                     promotion, promotion_error, serving = promote_now(f"{params.reason}; {approval.describe()}")
         promoted = promotion is not None
         outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error, approval)
-        tags = {"promoted": str(promoted).lower(), "outcome": outcome}
+        tags = {"promoted": str(promoted).lower(), "outcome": outcome} | held.tags()  # the lock's wait, too
         tags |= ({"serving_check": serving.detail} if serving else {}) | (approval.tags() if approval else {})
         _record(
             run_id,
