@@ -15,6 +15,7 @@ from adapters.clients import mlflow_client
 from adapters.history_store import list_changes
 from adapters.promotion import promote_version, revert_promotion
 from core.decision import Gates
+from core.history import ChampionChange, PendingChange, happened
 from core.search import SearchSpec
 from flows.rollback import RollbackParams, rollback
 from flows.training import TrainingParams, training
@@ -305,3 +306,22 @@ def test_a_rollback_to_a_rejected_never_champion_version_is_refused_unless_force
     # and back to v2 (a former champion that passed its gates: no force needed)
     back = _cli("rollback", "--model", MODEL, "--to", second, "--reason", "v3 was a test", MLOPS_SERVING_URL=server)
     assert back.returncode == 0, back.stdout + back.stderr
+
+
+def _intent(at: str, before: str | None, after: str | None) -> PendingChange:
+    change = ChampionChange(at, MODEL, before, after, "promotion", "unit", "me")
+    return PendingChange(change, {"champion": before}, {"champion": after}, {str(after): {"promoted_at": at}})
+
+
+def test_which_unfinished_changes_happened_is_read_from_the_champion_and_later_intents():
+    # a pure unit: no server
+    one, two = _intent("2026-01-01T00:00:01+00:00", "1", "2"), _intent("2026-01-01T00:00:02+00:00", "2", "3")
+    assert happened([one], "2") == [True] and happened([one], "1") == [False]
+    # the later change started from the earlier one's champion: both happened, though the champion moved on
+    assert happened([one, two], "3") == [True, True]
+    # an earlier move that never happened, then one from the old champion
+    never, after = _intent("2026-01-01T00:00:01+00:00", "1", "2"), _intent("2026-01-01T00:00:02+00:00", "1", "4")
+    assert happened([never, after], "4") == [False, True]
+    # a reverted cold start leaves no champion, which is its target
+    assert happened([_intent("2026-01-01T00:00:03+00:00", "1", None)], None) == [True]
+    assert PendingChange.from_json(one.to_json()) == one
