@@ -1,4 +1,8 @@
-"""Prefect global concurrency limits used as locks: one slot per model for decide-and-promote and rollback."""
+"""Prefect global concurrency limits used as locks: one slot per model for decide-and-promote and rollback.
+
+Also the test-only pause hook (`pause_at`) at the checkpoints of a champion change (before the lock, before
+the promotion, after the champion alias moved), where fault-injection tests kill a server or release runs.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+
+from adapters.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +31,23 @@ def ensure_lock(name: str) -> str:
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
     return name
+
+
+def pause_at(checkpoint: str) -> None:
+    """Test-only fault hook: wait at `checkpoint` when `MLOPS_TEST_PAUSE_AT` names it.
+
+    Creates `<MLOPS_TEST_PAUSE_FILE>.reached`, then waits (up to 10 minutes) for `MLOPS_TEST_PAUSE_FILE` to
+    appear, so a fault-injection test can kill a server at an exact point of a real run. Unset: no effect.
+    """
+    settings = get_settings()
+    if settings.test_pause_at != checkpoint or settings.test_pause_file is None:
+        return
+    release = Path(settings.test_pause_file)
+    Path(f"{release}.reached").write_text(checkpoint)
+    log.warning("test pause at %r: waiting for %s", checkpoint, release)
+    deadline = time.monotonic() + 600
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 @dataclass
@@ -51,6 +75,7 @@ def hold(name: str, timeout_seconds: float) -> Iterator[Held]:
     """
     from prefect.concurrency.sync import concurrency
 
+    pause_at("before-lock")
     held = Held(name)
     start = time.monotonic()
     with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds):

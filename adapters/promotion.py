@@ -18,13 +18,12 @@ move happened is completed (aliases, tags, record), one whose move never happene
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from adapters.clients import mlflow_client
+from adapters.locks import pause_at
 from adapters.registry import CHAMPION, PREVIOUS, aliases_of, set_alias
 from adapters.settings import get_settings
 from core.errors import PermanentError
@@ -46,23 +45,6 @@ class Promotion:
     replaced: str | None
     replaced_previous: str | None
     promoted_at: str
-
-
-def pause_at(checkpoint: str) -> None:
-    """Test-only fault hook: wait at `checkpoint` when `MLOPS_TEST_PAUSE_AT` names it.
-
-    Creates `<MLOPS_TEST_PAUSE_FILE>.reached`, then waits (up to 10 minutes) for `MLOPS_TEST_PAUSE_FILE` to
-    appear, so a fault-injection test can kill a server at an exact point of a real run. Unset: no effect.
-    """
-    settings = get_settings()
-    if settings.test_pause_at != checkpoint or settings.test_pause_file is None:
-        return
-    release = Path(settings.test_pause_file)
-    Path(f"{release}.reached").write_text(checkpoint)
-    log.warning("test pause at %r: waiting for %s", checkpoint, release)
-    deadline = time.monotonic() + 600
-    while not release.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def _champion_holds(client: Any, model_name: str, version: str | None) -> bool:

@@ -80,7 +80,9 @@ class Settings(BaseSettings):
 
     # Fault injection (tests only): a run waits at the named checkpoint of a champion change until the
     # file exists (`adapters.promotion.pause_at`), so a test can kill a server at an exact point.
-    test_pause_at: str | None = Field(None, description="Checkpoint to pause at (tests only): before-promote, ...")
+    test_pause_at: str | None = Field(
+        None, description="Checkpoint to pause at (tests only): before-lock, before-promote, after-champion-move."
+    )
     test_pause_file: Path | None = Field(None, description="File whose creation ends the pause (tests only).")
 
     @cached_property

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from adapters.clients import mlflow_client
-from tests.waiting import wait_for_runs
+from tests.waiting import wait_for, wait_for_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -118,7 +118,8 @@ def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed,
             runs = client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed["training"]]))
             )
-            scheduled = [r for r in runs if r.auto_scheduled]
+            # runs of schedules other tests set (before this anchor) are not this one's
+            scheduled = [r for r in runs if r.auto_scheduled and r.expected_start_time >= anchor]
             if scheduled or time.monotonic() > deadline:
                 break
             time.sleep(2)
@@ -164,7 +165,22 @@ def test_concurrent_runs_never_promote_against_a_stale_champion(stack, deployed,
     # champion on its own (the gates allow its wider input schema), and the two are the same model
     weak = _weak_champion(stack, tmp_path)
     contended = _parameters(deployed_dataset, gates={"allow_schema_change": True})
-    runs = [run_deployment("training/training", parameters=contended, timeout=0) for _ in range(2)]
+    # Each run waits just before taking the promotion lock (test hook) until both are there, so the lock is
+    # contended: trained side by side on a busy machine, one run may otherwise finish its turn before the other
+    # arrives, and the test would prove nothing about the lock.
+    releases = [tmp_path / f"release-{i}" for i in range(2)]
+    runs = [
+        run_deployment(
+            "training/training",
+            parameters=contended,
+            job_variables={"env": {"MLOPS_TEST_PAUSE_AT": "before-lock", "MLOPS_TEST_PAUSE_FILE": str(release)}},
+            timeout=0,
+        )
+        for release in releases
+    ]
+    wait_for(lambda: all(Path(f"{r}.reached").exists() for r in releases), 900, "both runs at the lock", interval=1)
+    for release in releases:
+        release.touch()
     finished = wait_for_runs([r.id for r in runs])
     assert [r.state.type.value for r in finished] == ["COMPLETED", "COMPLETED"], [r.state.message for r in finished]
     # then they ran at the same time
@@ -181,6 +197,7 @@ def test_concurrent_runs_never_promote_against_a_stale_champion(stack, deployed,
     released = datetime.fromisoformat(first["lock.released_at"])
     acquired = datetime.fromisoformat(second["lock.acquired_at"])
     waited = float(second["lock.wait_seconds"])
+    print(f"\npromotion lock: the second run waited {waited:.2f} s; the first waited {first['lock.wait_seconds']} s")
     assert acquired >= released, "both runs held the promotion lock at once"
     assert acquired - timedelta(seconds=waited) < released and waited > 1, (first, second)
     # and exactly one promoted: the first, over the weak champion; the second decided against the new champion
