@@ -1,6 +1,8 @@
 """Champion history in S3: record a change (with the new champion's metrics and links), list a model's changes.
 
-Recording a change also announces it as a Prefect event (`adapters.alerts.announce_change`), best-effort.
+Once recorded, a change is announced as a Prefect event (`adapters.alerts.announce_change`, by `adapters.promotion`).
+The intent of a change (`core.history.PendingChange`) is stored before its alias move, in S3 or, when S3
+cannot take it, in the local state folder (`<state_dir>/history-pending/<model>/`), so a crash never loses it.
 
 The record, its key and its display are `core.history`; `mlops history` lists what is stored here.
 """
@@ -9,14 +11,23 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 
-from adapters.alerts import announce_change
 from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
 from adapters.registry import run_holdout_metrics
 from adapters.settings import Settings, get_settings
 from adapters.store import list_keys
-from core.history import ChampionChange, ChangeKind, history_prefix, record_key
+from core.history import (
+    ChampionChange,
+    ChangeKind,
+    PendingChange,
+    history_prefix,
+    pending_key,
+    pending_prefix,
+    record_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +51,9 @@ def version_facts(settings: Settings, model_name: str, version: str | None) -> t
         return {}, None
     try:
         client = mlflow_client(settings)
-        run_id = client.get_model_version(model_name, version).run_id
+        found = client.get_model_version(model_name, version)
+        # the training flow tags each version with its own run; the registry's run_id is the fallback
+        run_id = found.tags.get("run_id") or found.run_id
         return run_holdout_metrics(client, run_id), run_id
     except Exception as exc:  # history is informative: a missing figure must not block a change
         log.warning("metrics of %s v%s unavailable for the history: %s", model_name, version, exc)
@@ -95,27 +108,6 @@ def record_change(change: ChampionChange, settings: Settings | None = None) -> s
     return uri
 
 
-def record_change_safely(change: ChampionChange) -> str | None:
-    """`record_change`, but a failure is logged loudly and returns None: the alias move it records stands.
-
-    Then the change is announced as the Prefect event `mlops.champion.<kind>` (what the champion-change alert
-    automation notifies), whether or not the record was stored; that is best-effort too.
-    """
-    uri = None
-    try:
-        uri = record_change(change)
-    except Exception:
-        log.exception(
-            "HISTORY NOT RECORDED for %s (%s v%s -> v%s): the change itself stands; record it by hand if needed",
-            change.model,
-            change.kind,
-            change.from_version,
-            change.to_version,
-        )
-    announce_change(change, uri)
-    return uri
-
-
 def list_changes(model_name: str, settings: Settings | None = None) -> list[ChampionChange]:
     """Every recorded champion change of `model_name`, oldest first (empty when there is none)."""
     settings = settings or get_settings()
@@ -128,3 +120,54 @@ def list_changes(model_name: str, settings: Settings | None = None) -> list[Cham
         except (ValueError, TypeError) as exc:
             log.warning("skipping unreadable history record s3://%s/%s: %s", settings.bucket, key, exc)
     return changes
+
+
+def _local_pending(settings: Settings, change: ChampionChange) -> Path:
+    return settings.state_dir.resolve() / pending_key(change)
+
+
+def store_pending(pending: PendingChange, settings: Settings | None = None) -> str:
+    """Write the intent of a change before its alias moves: to S3, else to the local state folder.
+
+    Returns where it went. Raises when neither took it, so nothing moves without a durable record.
+    """
+    settings = settings or get_settings()
+    body = pending.to_json().encode()
+    try:
+        return put_bytes(settings, S3Location(settings.bucket, pending_key(pending.change)), body, "application/json")
+    except Exception as exc:
+        path = _local_pending(settings, pending.change)
+        log.warning("intent of %s not stored in S3 (%s); keeping it in %s", pending.change.describe(), exc, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(body)
+        with partial.open("rb") as handle:
+            os.fsync(handle.fileno())
+        partial.replace(path)
+        return str(path)
+
+
+def list_pending(model_name: str, settings: Settings | None = None) -> list[PendingChange]:
+    """The unfinished changes of `model_name` (S3 and the local state folder), oldest first.
+
+    Raises when S3 cannot be listed: deciding what happened on half the intents would be wrong.
+    """
+    settings = settings or get_settings()
+    found: dict[str, PendingChange] = {}
+    client = s3_client(settings)
+    for key in list_keys(settings, S3Location(settings.bucket, pending_prefix(model_name)), (".json",)):
+        body = client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+        intent = PendingChange.from_json(body.decode())
+        found[intent.change.id] = intent
+    local = settings.state_dir.resolve() / pending_prefix(model_name)
+    for path in sorted(local.glob("*.json")) if local.is_dir() else []:
+        intent = PendingChange.from_json(path.read_text())
+        found[intent.change.id] = intent
+    return sorted(found.values(), key=lambda intent: intent.change.at)
+
+
+def delete_pending(pending: PendingChange, settings: Settings | None = None) -> None:
+    """Remove the intent of a finished (or abandoned) change, wherever it was stored."""
+    settings = settings or get_settings()
+    s3_client(settings).delete_object(Bucket=settings.bucket, Key=pending_key(pending.change))
+    _local_pending(settings, pending.change).unlink(missing_ok=True)

@@ -19,21 +19,18 @@ def champion_version(model_name: str) -> str | None:
     return aliases_of(mlflow_client(get_settings()), model_name).get(CHAMPION)
 
 
-def move_champion(client: Any, model_name: str, version: str, current: str | None) -> None:
-    """Point `champion` at `version` and `previous` at `current` (when there is one).
+def set_alias(client: Any, model_name: str, alias: str, version: str | None) -> None:
+    """Point `alias` at `version`; None removes the alias (absent already is fine)."""
+    from mlflow.exceptions import MlflowException
 
-    The champion alias moves in one call; if recording `previous` then fails, the champion is put back
-    to `current` and the error raised, so a failure leaves the old champion.
-    """
-    client.set_registered_model_alias(model_name, CHAMPION, version)
-    if current is None:
+    if version is not None:
+        client.set_registered_model_alias(model_name, alias, version)
         return
     try:
-        client.set_registered_model_alias(model_name, PREVIOUS, current)
-    except Exception:
-        log.exception("recording alias %r failed; restoring champion v%s", PREVIOUS, current)
-        client.set_registered_model_alias(model_name, CHAMPION, current)
-        raise
+        client.delete_registered_model_alias(model_name, alias)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 def aliases_of(client: Any, model_name: str) -> dict[str, str]:

@@ -99,6 +99,13 @@ class Settings(BaseSettings):
         "(the events are still emitted).",
     )
 
+    # Fault injection (tests only): a run waits at the named checkpoint of a champion change until the
+    # file exists (`adapters.promotion.pause_at`), so a test can kill a server at an exact point.
+    test_pause_at: str | None = Field(
+        None, description="Checkpoint to pause at (tests only): before-lock, before-promote, after-champion-move."
+    )
+    test_pause_file: Path | None = Field(None, description="File whose creation ends the pause (tests only).")
+
     @cached_property
     def s3_endpoint_url(self) -> str:
         """S3 endpoint: `AWS_ENDPOINT_URL_S3` if set, else the local gateway."""

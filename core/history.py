@@ -3,6 +3,11 @@
 Each change (a promotion, a revert of a promotion the serving API did not confirm, a rollback) is stored
 as `s3://<bucket>/history/<model>/<sortable UTC timestamp>-<uuid>.json`, so the history is ordered by its
 keys and an append never rewrites an earlier record. Storing and listing are `adapters.history_store`.
+
+Before the alias moves, the change is written down as a `PendingChange` (the intent: the record itself, the
+aliases before and after, the tags to set), under `history-pending/<model>/`. Once the move is done and the
+record stored, the intent is deleted; an intent left behind by a crash is completed (or, when its move never
+happened, discarded) by the next promotion, rollback or `mlops history` (`adapters.promotion.reconcile`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 PREFIX = "history"
+PENDING_PREFIX = "history-pending"
 ChangeKind = Literal["promotion", "rollback", "revert"]
 
 
@@ -65,6 +71,60 @@ class ChampionChange:
         return f"{self.at} {self.kind} {before} -> {after} by {self.actor}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class PendingChange:
+    """A champion change written down before its alias move: enough to finish it after a crash.
+
+    Attributes:
+        change: The history record to store once the move is done (its id and time are fixed here, so
+            storing it twice writes the same object).
+        before: `champion` and `previous` as they were (None: absent).
+        after: What the aliases must become; `champion` is the move itself, the others follow it. A missing
+            key leaves that alias alone; None removes it.
+        tags: Version -> tag -> value to set once the champion moved (None deletes the tag).
+    """
+
+    change: ChampionChange
+    before: dict[str, str | None]
+    after: dict[str, str | None]
+    tags: dict[str, dict[str, str | None]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The stored form."""
+        return json.dumps(
+            {"change": asdict(self.change), "before": self.before, "after": self.after, "tags": self.tags},
+            indent=2,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PendingChange:
+        """Parse a stored intent."""
+        raw = json.loads(text)
+        change = ChampionChange.from_json(json.dumps(raw["change"]))
+        return cls(change, raw["before"], raw["after"], raw.get("tags", {}))
+
+    @property
+    def champion_after(self) -> str | None:
+        """The version the `champion` alias points at once the change is done (None: no champion)."""
+        return self.after.get("champion")
+
+
+def happened(pending: list[PendingChange], champion: str | None) -> list[bool]:
+    """Which of the intents (oldest first) had their alias move done, given the champion now.
+
+    The newest intent happened when the champion is its target. An older one happened when the champion is
+    its target, or when a later intent started from its target (that later change saw it done). Intents are
+    only written under the model's promotion lock, after the earlier ones were completed or discarded, so no
+    other move can fall between them.
+    """
+    done = []
+    for i, intent in enumerate(pending):
+        later_saw_it = any(after.before.get("champion") == intent.champion_after for after in pending[i + 1 :])
+        done.append(intent.champion_after == champion or later_saw_it)
+    return done
+
+
 def history_prefix(model_name: str) -> str:
     """Key prefix of a model's history."""
     return f"{PREFIX}/{model_name}/"
@@ -74,6 +134,16 @@ def record_key(change: ChampionChange) -> str:
     """Object key of a change: sortable by time, unique by the record id."""
     stamp = datetime.fromisoformat(change.at).astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     return f"{history_prefix(change.model)}{stamp}-{change.id}.json"
+
+
+def pending_prefix(model_name: str) -> str:
+    """Key prefix of a model's unfinished changes (also the folder name under the local state dir)."""
+    return f"{PENDING_PREFIX}/{model_name}/"
+
+
+def pending_key(change: ChampionChange) -> str:
+    """Object key of the intent of `change` (sortable by time, like its record)."""
+    return pending_prefix(change.model) + record_key(change).removeprefix(history_prefix(change.model))
 
 
 def history_table(changes: list[ChampionChange], metric: str = "roc_auc") -> list[dict[str, Any]]:

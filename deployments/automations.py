@@ -7,6 +7,10 @@
   (templated parameters), and a notification with the summary, the reason and the links.
 - `mlops-alert-champion-change`: `mlops.champion.promotion`, `.revert` or `.rollback` -> a notification with
   the versions, the reason, the actor and the model card link.
+- `mlops-crash-zombie-runs`: a flow run that sent a heartbeat (`prefect.flow-run.heartbeat`, every
+  `PREFECT_FLOWS_HEARTBEAT_FREQUENCY` s; the stack's worker sets 30) and then neither another one nor a final
+  state within `ZOMBIE_AFTER` -> the run is marked Crashed (its machine died: worker and run killed), which the
+  run-failed alert then reports. Prefect's recipe "detect zombie flows"; always created.
 
 Notifications go to the `mlops-alerts` webhook block (`adapters.alerts`), from `MLOPS_ALERT_WEBHOOK_URL`.
 Without it the two alert-only automations are not created (and removed if an earlier deploy created them),
@@ -73,6 +77,10 @@ CHAMPION_BODY = (
     "Prefect run: {{ event.payload.prefect_flow_run or '-' }}"
 )
 
+ZOMBIE_AUTOMATION = "mlops-crash-zombie-runs"
+# Three missed heartbeats at the stack's 30 s frequency (Prefect's recipe uses the same margin).
+ZOMBIE_AFTER_SECONDS = 90
+
 COMPARED = ("name", "description", "enabled", "tags", "trigger", "actions", "actions_on_trigger", "actions_on_resolve")
 
 
@@ -101,6 +109,7 @@ def wanted_automations(
         body = _fill(DRIFT_BODY, ui=ui_url, deployment_id=str(training_deployment_id))
         drift_actions.append(SendNotification(block_document_id=block_id, subject=DRIFT_SUBJECT, body=body))
     automations = [
+        zombie_automation(),
         AutomationCore(
             name=DRIFT_AUTOMATION,
             description="Drift or decay found by monitoring (outside the cooldown): run the training deployment "
@@ -108,7 +117,7 @@ def wanted_automations(
             tags=[AUTOMATION_TAG],
             trigger=EventTrigger(expect={DRIFT_EVENT}, match=model_events, posture="Reactive", threshold=1),
             actions=drift_actions,
-        )
+        ),
     ]
     if block_id is None:
         return automations
@@ -141,6 +150,38 @@ def wanted_automations(
             actions=[SendNotification(block_document_id=block_id, subject=CHAMPION_SUBJECT, body=CHAMPION_BODY)],
         ),
     ]
+
+
+def zombie_automation() -> Any:
+    """Mark Crashed a flow run whose heartbeats stopped without a final state (its process or machine died)."""
+    from datetime import timedelta
+
+    from prefect.automations import AutomationCore, EventTrigger
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+
+    final = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+    return AutomationCore(
+        name=ZOMBIE_AUTOMATION,
+        description=f"A flow run whose heartbeats stopped for {ZOMBIE_AFTER_SECONDS} s without a final state "
+        "(its worker or machine died) is marked Crashed.",
+        tags=[AUTOMATION_TAG],
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *final},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            for_each={"prefect.resource.id"},
+            posture="Proactive",
+            threshold=1,
+            within=timedelta(seconds=ZOMBIE_AFTER_SECONDS),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {ZOMBIE_AFTER_SECONDS} s: the run's process (or machine) died",
+            )
+        ],
+    )
 
 
 def _fields(automation: Any) -> dict[str, Any]:

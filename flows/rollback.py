@@ -1,7 +1,7 @@
 """The rollback flow: put the champion back on the previous (or a given) version, from the Prefect UI.
 
 This module wires tasks; the compare-and-set and the history live in `services/rollback.py`.
-The same action from a shell: `mlops rollback --reason TEXT [--to VERSION]`.
+The same action from a shell: `mlops rollback --reason TEXT [--to VERSION] [--force]`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ class RollbackParams(BaseModel):
         title="To version",
         description="Version to make champion again; empty means the version holding the `previous` alias.",
     )
+    force: bool = Field(
+        False,
+        title="Force",
+        description="Roll back even to a version the gates rejected or that was never champion (recorded).",
+    )
     actor: str = Field("prefect-ui", min_length=1, title="Actor", description="Who asks (recorded with the run name).")
     serving_timeout_seconds: float = Field(
         60,
@@ -53,7 +58,7 @@ class RollbackParams(BaseModel):
 def rollback(params: RollbackParams) -> RollbackOutcome:
     """Roll the champion back, record the change, then check that the serving API follows it."""
     actor = f"{params.actor} (flow run {flow_run.get_name()})" if flow_run.get_id() else params.actor
-    change = rollback_champion(params.model_name, params.to_version, params.reason, actor)
+    change = rollback_champion(params.model_name, params.to_version, params.reason, actor, params.force)
     serving = check_rollback_serving(params.model_name, change.to_version, params.serving_timeout_seconds)
     publish_rollback(change, serving)
     return RollbackOutcome(change, serving)

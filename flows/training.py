@@ -174,7 +174,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         lock = ensure_promotion_lock(config.model_name)
         promotion, promotion_error, serving = None, None, None
         # Decide and promote one run at a time per model, so no run promotes against a stale champion.
-        with hold(lock, timeout_seconds=3600):
+        with hold(lock, timeout_seconds=3600) as held:
             champion = current_champion(config, split.holdout)
             findings = replace(
                 review(
@@ -224,6 +224,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error, approval)
         tags = (
             {"promoted": str(promoted).lower(), "outcome": outcome}
+            | held.tags()  # the promotion lock's wait, too
             | ({"serving_check": serving.detail} if serving else {})
             | (approval.tags() if approval else {})
         )

@@ -342,6 +342,10 @@ def rollback_command(
     to: Annotated[str | None, typer.Option("--to", help="Version to restore (default: the `previous` alias).")] = None,
     model: Annotated[str, typer.Option(help="Registered model.")] = "credit-risk",
     serving_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the serving API.")] = 60,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Also to a version the gates rejected or that was never champion (recorded)."),
+    ] = False,
 ) -> None:
     """Move `champion` back to the previous (or given) version; the serving API follows it."""
     setup_logging()
@@ -354,7 +358,7 @@ def rollback_command(
 
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
         try:
-            change = rollback(model, to, reason, os_user())
+            change = rollback(model, to, reason, os_user(), force)
         except (RollbackError, PromotionConflict) as exc:
             raise fail(str(exc)) from exc
     typer.echo(f"rolled back {model}: champion v{change.from_version} -> v{change.to_version} by {change.actor}")
@@ -369,15 +373,25 @@ def history_command(
     model: Annotated[str, typer.Option(help="Registered model.")] = "credit-risk",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
 ) -> None:
-    """List every change of the champion (promotions, reverts, rollbacks), oldest first."""
+    """List every change of the champion (promotions, reverts, rollbacks), oldest first.
+
+    First finishes any change a crash left half-done (its intent was stored before the alias moved).
+    """
     settings = get_settings()
     os.environ.update(client_env(settings))
     import json
     from dataclasses import asdict
 
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from adapters.history_store import list_changes
+    from adapters.promotion import reconcile_now
     from core.history import history_table
 
+    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+        unfinished = reconcile_now(model)
+    if unfinished:
+        typer.echo(unfinished, err=True)
     changes = list_changes(model, settings)
     if as_json:
         for change in changes:

@@ -260,6 +260,9 @@ def services(settings: Settings) -> list[Service]:
                 "PREFECT_HOME": str(prefect_dir),
                 "PREFECT_WORKER_WEBSERVER_HOST": host,
                 "PREFECT_WORKER_WEBSERVER_PORT": str(settings.worker_port),
+                # Its flow runs send a heartbeat every 30 s (Prefect's minimum); when they stop without a final
+                # state, the `mlops-crash-zombie-runs` automation marks the run Crashed.
+                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
             },
             state_dir=state,
             cwd=PROJECT_ROOT,

@@ -1,29 +1,34 @@
 """Rollback: put `champion` back on an earlier version (the `previous` alias by default), and say why.
 
 A compare-and-set like a promotion: the move happens under the model's promotion lock (the one training
-takes to decide and promote), and only if the champion is still the version seen when the rollback was
-asked for. The replaced champion becomes `previous`, so a second rollback undoes the first. The version
-that was rolled back gets a `rolled_back` tag, and the change goes to the champion history.
+takes to decide and promote), after any change a crash left unfinished is completed (`adapters.promotion.
+reconcile`). The replaced champion becomes `previous`, so a second rollback undoes the first. The version
+that was rolled back gets a `rolled_back` tag, and the change goes to the champion history (via its intent,
+so a crash never loses it).
+
+A rollback to a version the gates rejected, or that was never champion, is refused unless forced, and the
+refusal says which gates failed or that it never held the alias.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adapters.clients import mlflow_client
-from adapters.history_store import make_change, record_change_safely
+from adapters.history_store import list_changes, make_change
 from adapters.locks import ensure_lock, hold, promotion_lock_name
-from adapters.promotion import PromotionConflict
-from adapters.registry import PREVIOUS, aliases_of, champion_version, move_champion
+from adapters.promotion import apply_change, reconcile
+from adapters.registry import CHAMPION, PREVIOUS, aliases_of
 from adapters.serving_api import ServingCheck, check_configured_serving
 from adapters.settings import get_settings
 from core.errors import PermanentError
-from core.history import ChampionChange
+from core.history import ChampionChange, PendingChange
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)
@@ -38,11 +43,12 @@ def resolve_target(model_name: str, to_version: str | None) -> tuple[str, str]:
     from mlflow.exceptions import MlflowException
 
     client = mlflow_client(get_settings())
-    current = champion_version(model_name)
+    aliases = aliases_of(client, model_name)
+    current = aliases.get(CHAMPION)
     if current is None:
         raise RollbackError(f"{model_name!r} has no champion (no such registered model, or no `champion` alias)")
     if to_version is None:
-        previous = aliases_of(client, model_name).get(PREVIOUS)
+        previous = aliases.get(PREVIOUS)
         if previous is None:
             raise RollbackError(
                 f"{model_name!r} has no `{PREVIOUS}` alias to roll back to; name a version (--to VERSION)"
@@ -57,7 +63,31 @@ def resolve_target(model_name: str, to_version: str | None) -> tuple[str, str]:
     return current, to_version
 
 
-def rollback(model_name: str, to_version: str | None, reason: str, actor: str) -> ChampionChange:
+def objections(model_name: str, version: str) -> list[str]:
+    """Why `version` should not become champion again: the gates rejected it, or it was never champion.
+
+    Having been champion is read from the registry and the history: the `previous` alias, a `promoted_at` or
+    `rolled_back` tag, or a recorded change that made it champion.
+    """
+    client = mlflow_client(get_settings())
+    tags: dict[str, Any] = client.get_model_version(model_name, version).tags
+    found = []
+    if tags.get("decision") == "reject":
+        failed = tags.get("decision.failed_gates", "none")
+        why = tags.get("decision.reasons", "")[:300]
+        found.append(f"the gates rejected v{version} (failed gates: {failed}; {why})")
+    was_champion = (
+        aliases_of(client, model_name).get(PREVIOUS) == version
+        or "promoted_at" in tags
+        or "rolled_back" in tags
+        or any(change.to_version == version for change in list_changes(model_name))
+    )
+    if not was_champion:
+        found.append(f"v{version} was never champion (no promotion or rollback to it in the history or the registry)")
+    return found
+
+
+def rollback(model_name: str, to_version: str | None, reason: str, actor: str, force: bool = False) -> ChampionChange:
     """Move `champion` of `model_name` to `to_version` (default: the `previous` alias) and record why.
 
     Args:
@@ -65,37 +95,44 @@ def rollback(model_name: str, to_version: str | None, reason: str, actor: str) -
         to_version: Version to make champion again; None means the `previous` alias.
         reason: Why (required: it goes to the history and to a tag on the rolled-back version).
         actor: Who asked (an OS user, `prefect-ui`, a flow run).
+        force: Roll back even to a version the gates rejected or that was never champion (the objections
+            are recorded with the reason).
 
     Returns:
-        The recorded change (also when writing the history failed, which is logged loudly).
+        The recorded change (also while its history record waits for S3: its intent keeps it).
 
     Raises:
-        RollbackError: No champion, no such version, the version is already champion, or no reason given.
-        PromotionConflict: The champion moved while the rollback waited for the lock; nothing changed.
+        RollbackError: No champion, no such version, the version is already champion, no reason given, or
+            (without `force`) a version the gates rejected or that was never champion.
     """
     if not reason.strip():
         raise RollbackError("a rollback needs a reason (it is recorded in the champion history)")
-    current, target = resolve_target(model_name, to_version)
     with hold(ensure_lock(promotion_lock_name(model_name)), timeout_seconds=600):
-        now = champion_version(model_name)
-        if now != current:
-            raise PromotionConflict(
-                f"champion of {model_name!r} moved from v{current} to v{now} while the rollback waited: not done"
+        for intent in reconcile(model_name):  # an earlier attempt of this same rollback moved the alias
+            change = intent.change
+            same_request = change.reason == reason or change.reason.startswith(f"{reason} [forced: ")
+            if change.kind == "rollback" and change.actor == actor and same_request:
+                log.warning("%s: this rollback was done by an earlier attempt; finished it", model_name)
+                return change
+        current, target = resolve_target(model_name, to_version)
+        found = objections(model_name, target)
+        if found and not force:
+            raise RollbackError(
+                f"refusing to roll {model_name!r} back to v{target}: {'; '.join(found)}. "
+                "Roll back anyway with --force (CLI) or force=true (rollback flow)."
             )
+        recorded = f"{reason} [forced: {'; '.join(found)}]" if found else reason
         client = mlflow_client(get_settings())
-        at = datetime.now(UTC).isoformat(timespec="seconds")
-        move_champion(client, model_name, target, current)
-        for version, key, value in (
-            (current, "rolled_back", f"{at} by {actor}: {reason}"),
-            (target, "promoted_at", at),
-        ):
-            try:  # informative tags: the alias move stands without them
-                client.set_model_version_tag(model_name, version, key, value[:4900])
-            except Exception as exc:
-                log.warning("tag %s on %s v%s not set: %s", key, model_name, version, exc)
-    log.warning("%s: rolled back, champion v%s -> v%s by %s: %s", model_name, current, target, actor, reason)
-    change = make_change(model_name, current, target, "rollback", reason, actor)
-    record_change_safely(change)
+        change = make_change(model_name, current, target, "rollback", recorded, actor)
+        at = datetime.fromisoformat(change.at).isoformat(timespec="seconds")
+        intent = PendingChange(
+            change,
+            before={CHAMPION: current, PREVIOUS: aliases_of(client, model_name).get(PREVIOUS)},
+            after={CHAMPION: target, PREVIOUS: current},
+            tags={current: {"rolled_back": f"{at} by {actor}: {recorded}"}, target: {"promoted_at": at}},
+        )
+        apply_change(client, intent)
+    log.warning("%s: rolled back, champion v%s -> v%s by %s: %s", model_name, current, target, actor, recorded)
     return change
 
 
@@ -106,9 +143,11 @@ def rollback(model_name: str, to_version: str | None, reason: str, actor: str) -
     retry_condition_fn=retry_unless_permanent,
     cache_policy=NO_CACHE,
 )
-def rollback_champion(model_name: str, to_version: str | None, reason: str, actor: str) -> ChampionChange:
+def rollback_champion(
+    model_name: str, to_version: str | None, reason: str, actor: str, force: bool = False
+) -> ChampionChange:
     """Prefect task: roll the champion back (see `rollback`)."""
-    return rollback(model_name, to_version, reason, actor)
+    return rollback(model_name, to_version, reason, actor, force)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from adapters.clients import mlflow_client
-from tests.waiting import wait_for_runs
+from tests.waiting import wait_for, wait_for_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -118,7 +118,8 @@ def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed,
             runs = client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed["training"]]))
             )
-            scheduled = [r for r in runs if r.auto_scheduled]
+            # runs of schedules other tests set (before this anchor) are not this one's
+            scheduled = [r for r in runs if r.auto_scheduled and r.expected_start_time >= anchor]
             if scheduled or time.monotonic() > deadline:
                 break
             time.sleep(2)
@@ -134,25 +135,76 @@ def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed,
     assert len(_model_versions(stack)) == before + 1
 
 
-def test_concurrent_runs_never_promote_against_a_stale_champion(stack, deployed, deployed_dataset):
+def _weak_champion(stack, tmp_path) -> str:
+    """A champion on two inputs only, made by the training flow and promoted by hand: any full candidate beats it."""
+    import yaml
+
+    from adapters.promotion import promote_version
+    from adapters.registry import champion_version
+    from core.dataset import bundled_config_text
+    from core.search import SearchSpec
+    from flows.training import TrainingParams, training
+
+    raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL}
+    raw["features"] = [f for f in raw["features"] if f["name"] in {"age", "region"}]
+    path = tmp_path / "weak.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    params = TrainingParams(dataset=str(path), dry_run=False, search=SearchSpec(trials_per_family=1, cv_folds=2))
+    state = training(params, return_state=True)
+    assert state.is_completed(), state.message
+    weak = state.result().candidate_version
+    if champion_version(MODEL) != weak:
+        promote_version(MODEL, weak, champion_version(MODEL), reason="test: a weak champion", actor="tester")
+    return weak
+
+
+def test_concurrent_runs_never_promote_against_a_stale_champion(stack, deployed, deployed_dataset, tmp_path):
     from prefect.deployments import run_deployment
 
-    # Given two runs started at once with different seeds (so both could beat the champion)
+    # Given a weak champion, and two runs started at once with the same seed: each candidate beats the
+    # champion on its own (the gates allow its wider input schema), and the two are the same model
+    weak = _weak_champion(stack, tmp_path)
+    contended = _parameters(deployed_dataset, gates={"allow_schema_change": True})
+    # Each run waits just before taking the promotion lock (test hook) until both are there, so the lock is
+    # contended: trained side by side on a busy machine, one run may otherwise finish its turn before the other
+    # arrives, and the test would prove nothing about the lock.
+    releases = [tmp_path / f"release-{i}" for i in range(2)]
     runs = [
-        run_deployment("training/training", parameters=_parameters(deployed_dataset, seed=seed), timeout=0)
-        for seed in (101, 202)
+        run_deployment(
+            "training/training",
+            parameters=contended,
+            job_variables={"env": {"MLOPS_TEST_PAUSE_AT": "before-lock", "MLOPS_TEST_PAUSE_FILE": str(release)}},
+            timeout=0,
+        )
+        for release in releases
     ]
+    wait_for(lambda: all(Path(f"{r}.reached").exists() for r in releases), 900, "both runs at the lock", interval=1)
+    for release in releases:
+        release.touch()
     finished = wait_for_runs([r.id for r in runs])
     assert [r.state.type.value for r in finished] == ["COMPLETED", "COMPLETED"], [r.state.message for r in finished]
-    # then both decisions are recorded, and every promotion names as the champion it beat the version that
-    # was champion just before it: no two promotions were decided against the same champion
-    versions = _model_versions(stack)
-    run_ids = {str(r.id) for r in finished}
+    # then they ran at the same time
+    assert max(r.start_time for r in finished) < min(r.end_time for r in finished), "the runs did not overlap"
+    # and one waited on the promotion lock until the other released it (both record their wait)
     client = mlflow_client(stack)
-    decided = [v for v in versions if client.get_run(v.tags["run_id"]).data.tags.get("prefect_flow_run_id") in run_ids]
-    assert len(decided) == 2 and all(v.tags.get("decision") in {"promote", "reject"} for v in decided)
-    beaten = [v.tags["decision.champion_version"] for v in versions if v.tags.get("promoted") == "true"]
-    assert len(beaten) == len(set(beaten)), beaten
+    by_run = {
+        r.id: client.search_runs(
+            [client.get_experiment_by_name(MODEL).experiment_id], f"tags.prefect_flow_run_id = '{r.id}'"
+        )[0].data.tags
+        for r in finished
+    }
+    first, second = sorted(by_run.values(), key=lambda tags: tags["lock.acquired_at"])
+    released = datetime.fromisoformat(first["lock.released_at"])
+    acquired = datetime.fromisoformat(second["lock.acquired_at"])
+    waited = float(second["lock.wait_seconds"])
+    print(f"\npromotion lock: the second run waited {waited:.2f} s; the first waited {first['lock.wait_seconds']} s")
+    assert acquired >= released, "both runs held the promotion lock at once"
+    assert acquired - timedelta(seconds=waited) < released and waited > 1, (first, second)
+    # and exactly one promoted: the first, over the weak champion; the second decided against the new champion
+    assert (first["promoted"], first["decision"], first["decision.champion_version"]) == ("true", "promote", weak)
+    promoted = mlflow_client(stack).get_registered_model(MODEL).aliases["champion"]
+    assert second["decision.champion_version"] == str(promoted) and second["decision"] == "reject"
+    assert second["promoted"] == "false" and "outcome" in first and "outcome" in second
     # and the lock that serialises decide-and-promote exists with one slot
     with _client() as prefect:
         assert prefect.read_global_concurrency_limit_by_name(f"promotion-{MODEL}").limit == 1

@@ -14,6 +14,8 @@ import pytest
 from adapters.clients import mlflow_client
 from adapters.history_store import list_changes
 from adapters.promotion import promote_version, revert_promotion
+from core.decision import Gates
+from core.history import ChampionChange, PendingChange, happened
 from core.search import SearchSpec
 from flows.rollback import RollbackParams, rollback
 from flows.training import TrainingParams, training
@@ -38,7 +40,8 @@ def _aliases(stack) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def versions(stack, default_data, tmp_path_factory) -> dict[str, str]:
-    """v1 (trained, cold-start champion) and v2 (the same model registered again, then promoted)."""
+    """v1 (trained, cold-start champion), v2 (the same model registered again, then promoted), and v3
+    (another seed, registered but rejected by a gate it cannot pass: never champion)."""
     import mlflow
     import yaml
 
@@ -56,7 +59,18 @@ def versions(stack, default_data, tmp_path_factory) -> dict[str, str]:
     run_id = first.run_id
     second = str(mlflow.register_model(f"runs:/{run_id}/model", MODEL, tags={"run_id": run_id}).version)
     promote_version(MODEL, second, first.candidate_version, reason="test: a newer version", actor="tester")
-    return {"first": first.candidate_version, "second": second}
+    rejected = training(
+        TrainingParams(
+            dataset=str(config),
+            search=SearchSpec(trials_per_family=1, cv_folds=2),
+            seed=3,
+            gates=Gates(min_roc_auc=0.999),
+        ),
+        return_state=True,
+    )
+    assert rejected.is_completed(), rejected.message
+    assert not rejected.result().promoted and rejected.result().candidate_version is not None
+    return {"first": first.candidate_version, "second": second, "rejected": rejected.result().candidate_version}
 
 
 @pytest.fixture(scope="module")
@@ -150,15 +164,19 @@ def test_history_failure_never_undoes_a_promotion(stack, versions, monkeypatch, 
     def broken(*args, **kwargs):
         raise ConnectionError("S3 down")
 
+    # Given S3 refuses every write (the intent then goes to the local state folder)
     monkeypatch.setattr("adapters.history_store.put_bytes", broken)
-    with caplog.at_level(logging.ERROR, logger="adapters.history_store"):
+    with caplog.at_level(logging.WARNING, logger="adapters"):
         promotion = promote_version(MODEL, first, second, reason="while S3 is down")
+    # then the promotion stands, and its record waits in a durable intent, loudly
     assert _aliases(stack)["champion"] == first
-    assert "HISTORY NOT RECORDED" in caplog.text
+    assert "HISTORY NOT RECORDED YET" in caplog.text
+    assert list((stack.state_dir / "history-pending" / MODEL).glob("*.json"))
     monkeypatch.undo()
-    # and a revert of it is recorded again (S3 back)
+    # and once S3 is back, the next change (a revert of it) records it first, then itself
     revert_promotion(promotion, "serving did not confirm", actor="tester")
     assert _aliases(stack)["champion"] == second
+    assert not list((stack.state_dir / "history-pending" / MODEL).glob("*.json"))
 
 
 def test_history_lists_every_change_in_order(stack, versions):
@@ -170,10 +188,10 @@ def test_history_lists_every_change_in_order(stack, versions):
         ("promotion", first, second),
         ("rollback", second, first),  # the CLI
         ("rollback", first, second),  # the flow
-        # the promotion while S3 was down is missing, as logged; its revert is there
+        ("promotion", second, first),  # while S3 was down: recorded from its intent once S3 was back
         ("revert", first, second),
     ]
-    cold, _, cli, flow, _ = changes
+    cold, _, cli, flow, _, _ = changes
     assert "cold start" in cold.reason and "run reason: manual" in cold.reason
     assert cli.reason == "v2 answers nonsense" and cli.actor not in {"", "prefect-ui"}
     assert flow.actor.startswith("prefect-ui") and "prefect_flow_run" in flow.links
@@ -184,4 +202,126 @@ def test_history_lists_every_change_in_order(stack, versions):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 + len(changes) and lines[0].split()[:4] == ["at", "kind", "from", "to"]
-    assert [line.split()[2] for line in lines[1:]] == ["promotion", "promotion", "rollback", "rollback", "revert"]
+    kinds = [line.split()[2] for line in lines[1:]]
+    assert kinds == ["promotion", "promotion", "rollback", "rollback", "promotion", "revert"]
+
+
+def _run_metric(stack, version: str, name: str = "holdout_roc_auc") -> float:
+    client = mlflow_client(stack)
+    return client.get_run(client.get_model_version(MODEL, version).tags["run_id"]).data.metrics[name]
+
+
+class _AliasWrites:
+    """Real MLflow calls, with a fault after (or instead of) chosen alias writes, and the order of writes."""
+
+    def __init__(self, monkeypatch, fail_after: set[str] = frozenset(), fail_instead: set[str] = frozenset()):
+        from mlflow import MlflowClient
+
+        self.calls: list[tuple[str, str]] = []
+        real_alias, real_tag = MlflowClient.set_registered_model_alias, MlflowClient.set_model_version_tag
+
+        def set_alias(client, name, alias, version):
+            self.calls.append(("alias", alias))
+            if alias in fail_instead:
+                fail_instead.discard(alias)
+                raise ConnectionError("MLflow went away before applying it")
+            real_alias(client, name, alias, version)
+            if alias in fail_after:
+                fail_after.discard(alias)
+                raise TimeoutError("read timed out (the server applied it)")
+
+        def set_tag(client, name, version, key, value):
+            self.calls.append(("tag", key))
+            real_tag(client, name, version, key, value)
+
+        monkeypatch.setattr(MlflowClient, "set_registered_model_alias", set_alias)
+        monkeypatch.setattr(MlflowClient, "set_model_version_tag", set_tag)
+
+
+def _moves(stack) -> list[tuple[str, str | None, str | None]]:
+    return [(c.kind, c.from_version, c.to_version) for c in list_changes(MODEL, stack)]
+
+
+def test_a_promote_whose_alias_write_timed_out_after_applying_it_is_accepted(stack, versions, monkeypatch):
+    first, second = versions["first"], versions["second"]
+    assert _aliases(stack) == {"champion": second, "previous": first}
+    before = _moves(stack)
+    # Given the champion alias write reaches MLflow but the client times out waiting for the answer
+    writes = _AliasWrites(monkeypatch, fail_after={"champion"})
+    # when v1 is promoted over v2
+    promotion = promote_version(MODEL, first, second, reason="timeout test", actor="tester")
+    monkeypatch.undo()
+    # then the move is read back and accepted: previous, tag and history all follow, tags after the move
+    assert promotion.replaced == second and promotion.replaced_previous == first
+    assert _aliases(stack) == {"champion": first, "previous": second}
+    assert writes.calls.index(("alias", "champion")) < writes.calls.index(("tag", "promoted_at"))
+    assert mlflow_client(stack).get_model_version(MODEL, first).tags["promoted_at"] == promotion.promoted_at
+    assert _moves(stack) == [*before, ("promotion", second, first)]
+
+
+def test_a_retried_promote_finishes_what_the_first_attempt_started(stack, versions, monkeypatch):
+    first, second = versions["first"], versions["second"]
+    before = _moves(stack)
+    # Given a promotion whose champion move went through, then MLflow failed (the `previous` write is lost)
+    _AliasWrites(monkeypatch, fail_instead={"previous"})
+    with pytest.raises(ConnectionError):
+        promote_version(MODEL, second, first, reason="retry test", actor="tester")
+    monkeypatch.undo()
+    assert _aliases(stack)["champion"] == second  # half done: champion moved, previous not, no record
+    assert _moves(stack) == before
+    # when the same promotion is retried (as the task's retry does)
+    promotion = promote_version(MODEL, second, first, reason="retry test", actor="tester")
+    # then no conflict: the first attempt's move is accepted and finished, recorded once
+    assert promotion.replaced == first and promotion.replaced_previous == second
+    assert _aliases(stack) == {"champion": second, "previous": first}
+    assert _moves(stack) == [*before, ("promotion", first, second)]
+
+
+def test_a_rollback_to_a_rejected_never_champion_version_is_refused_unless_forced(stack, versions, server):
+    second, rejected = versions["second"], versions["rejected"]
+    assert _aliases(stack)["champion"] == second
+    # when an operator rolls back to the version the gates rejected
+    refused = _cli("rollback", "--model", MODEL, "--to", rejected, "--reason", "try v3", MLOPS_SERVING_URL=server)
+    # then it is refused, saying which gate failed and that it never was champion; nothing moved
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "gates rejected" in refused.stderr and "min_roc_auc" in refused.stderr
+    assert "never champion" in refused.stderr and "--force" in refused.stderr
+    assert _aliases(stack)["champion"] == second
+    # the flow refuses the same way
+    state = rollback(RollbackParams(model_name=MODEL, reason="try v3", to_version=rejected), return_state=True)
+    assert state.is_failed() and "never champion" in state.message
+    # when forced, it happens, and the history row shows the new champion's own metrics
+    forced = _cli(
+        "rollback", "--model", MODEL, "--to", rejected, "--reason", "try v3", "--force", MLOPS_SERVING_URL=server
+    )
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert _aliases(stack) == {"champion": rejected, "previous": second}
+    last = list_changes(MODEL, stack)[-1]
+    assert (last.kind, last.from_version, last.to_version) == ("rollback", second, rejected)
+    assert "[forced: the gates rejected" in last.reason
+    own, old = _run_metric(stack, rejected), _run_metric(stack, second)
+    assert own != old and last.metrics["roc_auc"] == pytest.approx(own)
+    row = _cli("history", "--model", MODEL).stdout.strip().splitlines()[-1]
+    assert f"{own:.4f}" in row.split() and f"{old:.4f}" not in row.split()
+    # and back to v2 (a former champion that passed its gates: no force needed)
+    back = _cli("rollback", "--model", MODEL, "--to", second, "--reason", "v3 was a test", MLOPS_SERVING_URL=server)
+    assert back.returncode == 0, back.stdout + back.stderr
+
+
+def _intent(at: str, before: str | None, after: str | None) -> PendingChange:
+    change = ChampionChange(at, MODEL, before, after, "promotion", "unit", "me")
+    return PendingChange(change, {"champion": before}, {"champion": after}, {str(after): {"promoted_at": at}})
+
+
+def test_which_unfinished_changes_happened_is_read_from_the_champion_and_later_intents():
+    # a pure unit: no server
+    one, two = _intent("2026-01-01T00:00:01+00:00", "1", "2"), _intent("2026-01-01T00:00:02+00:00", "2", "3")
+    assert happened([one], "2") == [True] and happened([one], "1") == [False]
+    # the later change started from the earlier one's champion: both happened, though the champion moved on
+    assert happened([one, two], "3") == [True, True]
+    # an earlier move that never happened, then one from the old champion
+    never, after = _intent("2026-01-01T00:00:01+00:00", "1", "2"), _intent("2026-01-01T00:00:02+00:00", "1", "4")
+    assert happened([never, after], "4") == [False, True]
+    # a reverted cold start leaves no champion, which is its target
+    assert happened([_intent("2026-01-01T00:00:03+00:00", "1", None)], None) == [True]
+    assert PendingChange.from_json(one.to_json()) == one
