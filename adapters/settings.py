@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,16 @@ class Settings(BaseSettings):
         ge=4096,
         description="Bytes one serving process may hold in its spool while S3 is unreachable; beyond it new "
         "predictions are still answered but not logged (counted in /metrics and logged as errors).",
+    )
+    serving_spool_sync: Literal["batch", "always"] = Field(
+        "batch",
+        description="batch: each answered batch is written to the spool file (the kernel holds it: a killed or "
+        "crashed serving process loses nothing) and a background thread fdatasyncs it every "
+        "serving_spool_sync_seconds (a crash of the whole machine may lose that last interval); always: "
+        "fdatasync before the answer (group commit per micro-batch; costs the disk's flush latency per request).",
+    )
+    serving_spool_sync_seconds: float = Field(
+        0.02, gt=0, le=5, description="With serving_spool_sync=batch, how often the spool is fdatasynced."
     )
     serving_token: SecretStr | None = Field(
         None,

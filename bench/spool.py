@@ -1,12 +1,13 @@
 """What the prediction-log spool costs per request: our API with the spool on, against the in-memory log.
 
-Needs the stack running with a champion (`make demo` does both). Starts two serving APIs for the same
-champion on free loopback ports, one with `MLOPS_SERVING_SPOOL=true` (each micro-batch fsynced to the
-spool before its answers, the default) and one with `false` (the previous in-memory buffer, lost on a
-crash), and drives each with the same closed-loop client as `bench.serving` (each client sends its next
-request as soon as the previous answered): single-record requests, 1 and 8 clients. Rounds alternate
-between the two servers so that a busy spell of the machine hits both. Also times the log's own
-`record()` call in-process (serialisation + write + fdatasync, against appending to a list).
+Needs the stack running with a champion (`make demo` does both). Starts three serving APIs for the same
+champion on free loopback ports: the spool with `MLOPS_SERVING_SPOOL_SYNC=batch` (the default: written
+before the answer, fdatasynced every 20 ms by a background thread), the spool with `always` (each
+micro-batch fdatasynced before its answers) and `MLOPS_SERVING_SPOOL=false` (the previous in-memory
+buffer, lost on a crash). Drives each with the same closed-loop client as `bench.serving` (each client
+sends its next request as soon as the previous answered): single-record requests, 1 and 8 clients.
+Rounds alternate between the servers so that a busy spell of the machine hits all. Also times the log's
+own `record()` call in-process (serialisation + write [+ fdatasync], against appending to a list).
 Writes bench/results/spool.{json,md}.
 
     python -m bench.spool [--seconds 10] [--rounds 2] [--model credit-risk]
@@ -36,10 +37,15 @@ from tests.ports import free_port
 
 RESULTS = Path(__file__).parent / "results"
 CLIENTS = (1, 8)
+VARIANTS = {  # name -> server environment
+    "batch": {"MLOPS_SERVING_SPOOL": "true", "MLOPS_SERVING_SPOOL_SYNC": "batch"},
+    "always": {"MLOPS_SERVING_SPOOL": "true", "MLOPS_SERVING_SPOOL_SYNC": "always"},
+    "memory": {"MLOPS_SERVING_SPOOL": "false"},
+}
 
 
 def _record_cost(records: list[dict], calls: int = 2000) -> dict:
-    """Per-call time of `record()` for one scored record: the spool (to a temp folder) and the memory log."""
+    """Per-call time of `record()` for one scored record: the spool (temp folder; both syncs), the memory log."""
     from serving.prediction_log import MemoryPredictionLog, SpooledPredictionLog
 
     frame = pd.DataFrame.from_records(records[:1])
@@ -47,8 +53,13 @@ def _record_cost(records: list[dict], calls: int = 2000) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(state_dir=Path(folder))
-        logs = {"spool": SpooledPredictionLog(settings, "bench"), "memory": MemoryPredictionLog(settings, "bench")}
-        logs["spool"].spool.open()  # no uploader thread: only the request path's cost is timed
+        logs = {
+            "batch": SpooledPredictionLog(settings.model_copy(update={"serving_spool_sync": "batch"}), "bench"),
+            "always": SpooledPredictionLog(settings.model_copy(update={"serving_spool_sync": "always"}), "bench"),
+            "memory": MemoryPredictionLog(settings, "bench"),
+        }
+        for name in ("batch", "always"):
+            logs[name].spool.open()  # no uploader nor sync thread: only the request path's cost is timed
         for name, log in logs.items():
             times = []
             for _ in range(calls):
@@ -57,7 +68,8 @@ def _record_cost(records: list[dict], calls: int = 2000) -> dict:
                 times.append(time.perf_counter() - started)
             lat = np.array(times) * 1e3
             out[name] = {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
-        logs["spool"].spool.close()
+        for name in ("batch", "always"):
+            logs[name].spool.close()
     return out
 
 
@@ -90,10 +102,10 @@ def main() -> None:
     latencies: dict[tuple[str, int], list[dict]] = {}
     with ExitStack() as servers:
         urls = {}
-        for name, spool in (("spool", "true"), ("memory", "false")):
+        for name, variant in VARIANTS.items():
             port = free_port()
             command = [str(bin_dir / "mlops"), "serve", "--port", str(port), "--model", args.model]
-            server_env = env | {"MLOPS_SERVING_SPOOL": spool}
+            server_env = env | variant
             servers.enter_context(
                 running(command, f"http://127.0.0.1:{port}/ready", server_env, RESULTS / "logs" / f"spool-{name}.log")
             )
@@ -106,7 +118,7 @@ def main() -> None:
                     print(f"{name:6s} 1 record x {clients} clients: {result}", flush=True)
     for clients in CLIENTS:
         row = {"clients": clients}
-        for name in ("spool", "memory"):
+        for name in VARIANTS:
             runs = latencies[(name, clients)]
             row[name] = {
                 "requests": sum(r["requests"] for r in runs),
@@ -115,9 +127,10 @@ def main() -> None:
                 "p50_ms": float(np.median([r["p50_ms"] for r in runs])),
                 "p99_ms": float(np.median([r["p99_ms"] for r in runs])),
             }
-        row["p50_ratio"] = row["spool"]["p50_ms"] / row["memory"]["p50_ms"]
-        row["p99_ratio"] = row["spool"]["p99_ms"] / row["memory"]["p99_ms"]
-        row["throughput_ratio"] = row["spool"]["throughput_rps"] / row["memory"]["throughput_rps"]
+        for name in ("batch", "always"):
+            row[f"{name}_p50_ratio"] = row[name]["p50_ms"] / row["memory"]["p50_ms"]
+            row[f"{name}_p99_ratio"] = row[name]["p99_ms"] / row["memory"]["p99_ms"]
+            row[f"{name}_throughput_ratio"] = row[name]["throughput_rps"] / row["memory"]["throughput_rps"]
         results["scenarios"].append(row)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "spool.json").write_text(json.dumps(results, indent=2))
@@ -130,25 +143,28 @@ def _markdown(results: dict) -> str:
     lines = [
         f"# Prediction-log spool benchmark ({results['date']}, {results['cpus']} CPUs, {results['model']})",
         "",
-        f"`record()` of one record, in-process: spool p50 {call['spool']['p50_ms']:.3f} ms / p99 "
-        f"{call['spool']['p99_ms']:.3f} ms (serialise, write, fdatasync); memory p50 "
-        f"{call['memory']['p50_ms']:.3f} ms / p99 {call['memory']['p99_ms']:.3f} ms.",
+        "`record()` of one record, in-process, p50 / p99 ms: "
+        + "; ".join(f"{name} {call[name]['p50_ms']:.3f} / {call[name]['p99_ms']:.3f}" for name in VARIANTS)
+        + " (batch: serialise + write; always: + fdatasync; memory: append to a list).",
         "",
         f"Single-record requests, closed loop, {results['rounds']} alternating round(s) of "
-        f"{results['seconds_per_scenario']:.0f} s per server (median of the rounds' percentiles):",
+        f"{results['seconds_per_scenario']:.0f} s per server (median of the rounds' percentiles); ratios against "
+        "the in-memory log:",
         "",
-        "| clients | spool req/s | memory req/s | ratio | spool p50 / p99 ms | memory p50 / p99 ms "
-        "| p50 ratio | p99 ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| clients | log | req/s | p50 / p99 ms | req/s ratio | p50 ratio | p99 ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for s in results["scenarios"]:
-        o, m = s["spool"], s["memory"]
-        lines.append(
-            f"| {s['clients']} | {o['throughput_rps']:.0f} | {m['throughput_rps']:.0f} | {s['throughput_ratio']:.2f}x "
-            f"| {o['p50_ms']:.2f} / {o['p99_ms']:.2f} | {m['p50_ms']:.2f} / {m['p99_ms']:.2f} "
-            f"| {s['p50_ratio']:.2f} | {s['p99_ratio']:.2f} |"
-        )
-    failures = sum(s["spool"]["failures"] + s["memory"]["failures"] for s in results["scenarios"])
+        for name in VARIANTS:
+            o = s[name]
+            ratios = (
+                "| 1 | 1 | 1 "
+                if name == "memory"
+                else "".join(f"| {s[f'{name}_{kind}_ratio']:.2f} " for kind in ("throughput", "p50", "p99"))
+            )
+            timing = f"{o['throughput_rps']:.0f} | {o['p50_ms']:.2f} / {o['p99_ms']:.2f}"
+            lines.append(f"| {s['clients']} | {name} | {timing} {ratios}|")
+    failures = sum(s[name]["failures"] for s in results["scenarios"] for name in VARIANTS)
     lines += ["", f"Failed requests: {failures}."]
     return "\n".join(lines) + "\n"
 

@@ -1,9 +1,15 @@
-"""Every answered prediction, logged to S3 as Parquet: durable on local disk before the answer is sent.
+"""Every answered prediction, logged to S3 as Parquet: in a local spool before the answer is sent.
 
 `SpooledPredictionLog` (the default): the prediction thread appends each scored micro-batch as one JSON
-line to a segment file of this process's spool folder and fsyncs it before the requests are answered.
-The fsync is per micro-batch, not per request: while one batch is scored and synced, the requests that
-arrive queue up and are scored, written and synced together next (group commit through the batcher).
+line to a segment file of this process's spool folder before the requests are answered. How durable
+that is, `serving_spool_sync` says:
+- `batch` (default): the line is written (the kernel holds it, so a serving process that is killed or
+  crashes loses nothing) and a background thread fdatasyncs the file every `serving_spool_sync_seconds`
+  (20 ms): a crash of the whole machine may lose that last interval;
+- `always`: the line is fdatasynced before the answer. The sync is per micro-batch, not per request:
+  while one batch is scored and synced, the requests that arrive queue up and are scored, written and
+  synced together next (group commit through the batcher); a lone client pays the disk's flush latency on
+  every request.
 A background thread closes the segment every `serving_log_flush_seconds`, writes it to
 `s3://<bucket>/predictions/serving/<model>/date=YYYY-MM-DD/<HHMMSS>-<owner>-<segment>.parquet` (a key
 derived from the segment's name, so uploading it again after a crash overwrites the same object) and
@@ -219,11 +225,16 @@ class Spool:
     Args:
         root: `<state>/spool/<model>`; this process's folder is a new subfolder of it.
         max_bytes: Bytes of segments kept; an append beyond them is refused (returns False).
+        sync_each: fdatasync in `append` itself (before the caller answers); otherwise `append` only writes
+            (the kernel holds the line: a killed process loses nothing) and `sync()`, called by a background
+            thread every few milliseconds, makes it durable against a crash of the machine.
     """
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, sync_each: bool = True) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.sync_each = sync_each
+        self._dirty = False
         self.folder: Path | None = None
         self.bytes = 0
         self._lock_fd: int | None = None
@@ -252,7 +263,7 @@ class Spool:
         return self.folder.name
 
     def append(self, line: bytes, now: datetime) -> bool:
-        """Write one line scored at `now` and make it durable (fdatasync); False (nothing written) at the bound."""
+        """Write one line scored at `now` (and fdatasync it with `sync_each`); False (nothing written) at the bound."""
         with self._mutex:
             if self.bytes + len(line) > self.max_bytes:
                 return False
@@ -266,12 +277,29 @@ class Spool:
                 self._opened_at, self._day = time.monotonic(), now.date()
                 _fsync_dir(self.folder)  # the new name itself must survive a crash
             os.write(self._fd, line)
-            os.fdatasync(self._fd)
+            if self.sync_each:
+                os.fdatasync(self._fd)
+            else:
+                self._dirty = True
             self.bytes += len(line)
             return True
 
+    def sync(self) -> None:
+        """Make durable (fdatasync) what `append` wrote since the last sync; appends go on meanwhile."""
+        with self._mutex:
+            if not self._dirty or self._fd is None:
+                return
+            fd, self._dirty = os.dup(self._fd), False
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
     def _close(self) -> None:
         if self._fd is not None:
+            if self._dirty:
+                os.fdatasync(self._fd)
+                self._dirty = False
             os.close(self._fd)
         self._fd, self._segment = None, None
 
@@ -349,7 +377,13 @@ class SpooledPredictionLog:
         self.flush_seconds = flush_seconds
         self.on_event = on_event or (lambda kind, rows: None)
         self.on_spool_bytes = on_spool_bytes or (lambda size: None)
-        self.spool = Spool(settings.state_dir.resolve() / "spool" / model_name, settings.serving_spool_max_bytes)
+        self.spool = Spool(
+            settings.state_dir.resolve() / "spool" / model_name,
+            settings.serving_spool_max_bytes,
+            sync_each=settings.serving_spool_sync == "always",
+        )
+        self.sync_seconds = settings.serving_spool_sync_seconds
+        self._syncer: threading.Thread | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: Any = None
@@ -398,12 +432,23 @@ class SpooledPredictionLog:
         log.info("prediction log: spooling to %s, uploading every %.1fs", folder, self.flush_seconds)
         self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
         self._thread.start()
+        if not self.spool.sync_each:
+            self._syncer = threading.Thread(target=self._sync_loop, name="prediction-log-sync", daemon=True)
+            self._syncer.start()
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.sync_seconds):
+            try:
+                self.spool.sync()
+            except OSError:
+                log.exception("prediction log: syncing the spool failed")
 
     def stop(self) -> None:
         """Stop the uploader, upload what is spooled (one try each), release the folder."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for thread in (self._thread, self._syncer):
+            if thread is not None:
+                thread.join(timeout=30)
         self.spool.roll()
         left = self.upload_own()
         if left:

@@ -459,3 +459,40 @@ def test_spool_segments_are_durable_lines_uploaded_once_and_orphans_are_adopted(
     assert written + sum(n for k, n in events if k == "dropped") == 100
     for log in (live, other):
         log.spool.close()
+
+
+def test_spool_sync_modes_write_before_the_answer_and_sync_when_told(tmp_path, monkeypatch):
+    """batch: the line is in the file (the kernel's) when `record` returns, fdatasync comes from `sync()`;
+    always: fdatasync inside `record`. Counted through os.fdatasync itself."""
+    import os
+
+    from adapters.settings import Settings
+    from serving import prediction_log
+    from serving.prediction_log import SpooledPredictionLog, read_segment
+
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(prediction_log.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    frame = pd.DataFrame({"x": [1.0]})
+
+    def record(log, request_id: str) -> None:
+        log.record(frame, np.array([[0.3, 0.7]]), [0, 1], np.array([request_id]), "1", None, np.array([0]))
+
+    batch = SpooledPredictionLog(Settings(state_dir=tmp_path / "b", serving_spool_sync="batch"), "m")
+    batch.spool.open()
+    for i in range(5):
+        record(batch, f"r{i}")
+    (segment,) = batch.spool.folder.glob("*.jsonl")
+    assert len(read_segment(segment)[0]) == 5 and synced == []  # written, visible to any reader, not synced yet
+    batch.spool.sync()
+    batch.spool.sync()  # nothing new: no second sync
+    assert len(synced) == 1
+    batch.spool.close()
+
+    synced.clear()
+    always = SpooledPredictionLog(Settings(state_dir=tmp_path / "a", serving_spool_sync="always"), "m")
+    always.spool.open()
+    for i in range(3):
+        record(always, f"r{i}")
+    assert len(synced) == 3
+    always.spool.close()
