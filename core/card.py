@@ -136,6 +136,7 @@ class ModelCard:
     holdout: HoldoutEvidence | None = None
     gate_bounds: list[tuple[str, float, str]] = field(default_factory=list)
     importance_scoring: str | None = None
+    feature_join: str | None = None  # counts of the feature store's point-in-time join (JoinReport.summary)
 
     @property
     def task_type(self) -> str:

@@ -70,6 +70,9 @@ def data_generate(
     drift_from: Annotated[int | None, typer.Option(help="Index of the first drifted month (0-based).")] = None,
     drift_strength: Annotated[float, typer.Option(min=0, max=1, help="0 none .. 1 strong.")] = 0.5,
     dest: Annotated[str | None, typer.Option(help="Where to write (default: the bundled config's source).")] = None,
+    history: Annotated[
+        bool, typer.Option(help="Also write the applicants' event history (the feature store's offline source).")
+    ] = True,
 ) -> None:
     """Write the synthetic credit-risk dataset as monthly Parquet partitions (to S3 by default)."""
     from adapters.clients import StackNotRunningError, check_stack
@@ -88,6 +91,11 @@ def data_generate(
     drift = DriftSpec(start_month=drift_from, strength=drift_strength) if drift_from is not None else None
     written = write_months(settings, target, months, rows_per_month, seed, start, drift)
     typer.echo(f"wrote {len(written)} partitions ({months * rows_per_month} rows) to {target}")
+    if history and target.startswith("s3://"):  # the feature store's offline source lives on the stack's S3
+        from mlops.datagen import write_applicant_history
+
+        uri, rows = write_applicant_history(settings, months, rows_per_month, seed, start, drift)
+        typer.echo(f"wrote the applicants' history ({rows} feature rows) to {uri}")
 
 
 class SnapshotFormat(StrEnum):
