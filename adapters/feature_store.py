@@ -55,8 +55,12 @@ def describe_store(settings: Settings) -> dict[str, str]:
         else ("SQL (MLOPS_FEAST_REGISTRY)" if registry is not None else _registry(settings)["path"])
     )
     online = "Redis (MLOPS_FEAST_REDIS)" if settings.feast_redis else f"SQLite {settings.feast_online_path}"
-    return {"project": settings.feast_project, "registry": shown_registry, "offline": history_uri(settings),
-            "online": online}
+    return {
+        "project": settings.feast_project,
+        "registry": shown_registry,
+        "offline": history_uri(settings),
+        "online": online,
+    }
 
 
 def feature_store(settings: Settings) -> Any:
@@ -126,7 +130,9 @@ def list_repository(settings: Settings) -> dict[str, list[str]]:
     store = feature_store(settings)
     return {
         "entities": sorted(e.name for e in store.list_entities()),
-        "feature_views": sorted(f"{v.name}: {', '.join(f.name for f in v.features)}" for v in store.list_feature_views()),
+        "feature_views": sorted(
+            f"{v.name}: {', '.join(f.name for f in v.features)}" for v in store.list_feature_views()
+        ),
         "feature_services": sorted(s.name for s in store.list_feature_services()),
     }
 
@@ -158,5 +164,3 @@ def online_features(store: Any, service: str, ids: list[str]) -> dict[str, list[
         features=store.get_feature_service(service), entity_rows=[{ENTITY_KEY: i} for i in ids]
     )
     return response.to_dict()
-
-

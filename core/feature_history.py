@@ -111,7 +111,12 @@ def complete_join(
 
 
 def join_report(
-    service: str, rows_in: int, rows_out: int, dropped: int, completed: pd.DataFrame, features: list[str],
+    service: str,
+    rows_in: int,
+    rows_out: int,
+    dropped: int,
+    completed: pd.DataFrame,
+    features: list[str],
     max_missing_share: float,
 ) -> JoinReport:
     """Count what the join did (`complete_join`'s outputs) into a `JoinReport`."""

@@ -31,7 +31,10 @@ HISTORY_TABLE = "features/applicant_history/history.parquet"  # under the bucket
 def definitions(source_path: str, s3_endpoint: str | None) -> list[object]:
     """Every Feast object of the repository, reading the history table at `source_path`."""
     application = Entity(
-        name="application", join_keys=[ENTITY_KEY], value_type=ValueType.STRING, description="An applicant's application."
+        name="application",
+        join_keys=[ENTITY_KEY],
+        value_type=ValueType.STRING,
+        description="An applicant's application.",
     )
     source = FileSource(
         name="applicant_history_source",

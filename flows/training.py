@@ -142,14 +142,13 @@ def _record(
     # Everything worth keeping goes to MLflow and S3 explicitly; no Prefect result lands in a local folder.
     persist_result=False,
 )
-def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # noqa: B008 - frozen, safe default
+def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # noqa: B008, PLR0915 - frozen default; a table of contents
     """Retrain the dataset's model and promote it when it passes the gates and beats the champion."""
     config = load_dataset_config(params.dataset)
     gates = resolve_gates(params.gates, config.task)  # the task's default primary metric, or a clear error
     snapshot = load_snapshot(config)
-    frame, join = snapshot.frame, None
-    if config.feature_service:  # the store's features as of each row's time; lost rows counted, not hidden
-        frame, join = join_features(snapshot.frame, config)
+    # With a feature service, the store's features as of each row's time; lost rows are counted, not hidden.
+    frame, join = join_features(snapshot.frame, config) if config.feature_service else (snapshot.frame, None)
     report = check_snapshot(frame, config, snapshot.data_version, join)
     report_json = report.to_json()
     store_validation_report(config.name, snapshot.data_version, report_json, report.to_markdown())

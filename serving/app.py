@@ -30,6 +30,7 @@ from serving.batching import Job, MicroBatcher
 from serving.follower import ChampionFollower
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.model import LoadedModel
+from serving.online_features import FeatureLookupError, OnlineFeatures
 from serving.prediction_log import PredictionLog
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ class Runtime:
             on_swap=lambda model: self.metrics.served(model.name, model.version),
         )
         self._poller: asyncio.Task | None = None
+        self.online = OnlineFeatures(settings, self.metrics.registry)  # feature store lookups (issue 17)
 
     def _log_predictions(self, jobs: list[Job], frame: Any, scores: np.ndarray) -> None:
         sizes = [len(job.records) for job in jobs]
@@ -245,6 +247,11 @@ class Runtime:
         if size > limit:
             raise BadRequest.at(413, ["body"], f"{size} bytes is over the limit of {limit}", "too_large")
         key, raw = parse_records(body, self.settings.serving_max_records)
+        if model.feature_service:  # store features the records leave out come from the online store, by id
+            try:
+                raw = await self.online.enrich(model.feature_service, model.id_field, key, raw)
+            except FeatureLookupError as exc:
+                raise BadRequest(422, exc.errors) from exc
         records = validate_records(model, key, raw)
         return records, record_ids(model, key, raw)
 

@@ -38,7 +38,10 @@ def entity_rows(frame: pd.DataFrame, config: DatasetConfig) -> pd.DataFrame:
     if config.time_column is None:
         raise ValueError(f"dataset {config.name!r} names a feature service but no time_column to join as of")
     return pd.DataFrame(
-        {config.id_column: frame[config.id_column], ENTITY_TIMESTAMP: pd.to_datetime(frame[config.time_column], utc=True)}
+        {
+            config.id_column: frame[config.id_column],
+            ENTITY_TIMESTAMP: pd.to_datetime(frame[config.time_column], utc=True),
+        }
     )
 
 
@@ -57,7 +60,9 @@ def join_features(frame: pd.DataFrame, config: DatasetConfig) -> tuple[pd.DataFr
     store_columns = config.store_features
     keys = [config.id_column, ENTITY_TIMESTAMP]
     completed, rows_out, dropped = complete_join(rows, joined, keys, store_columns)
-    report = join_report(service, len(rows), rows_out, dropped, completed, store_columns, config.max_missing_feature_share)
+    report = join_report(
+        service, len(rows), rows_out, dropped, completed, store_columns, config.max_missing_feature_share
+    )
     log.info(report.summary())
     enriched = frame.reset_index(drop=True).copy()
     for column in store_columns:
