@@ -87,8 +87,10 @@ def test_training_joins_point_in_time_and_reports_the_counts(stack, trained):
     text = Path(card).read_text()
     assert f"{join['rows_in']} rows in, {join['rows_out']} out of the point-in-time join" in text
     # and the model was trained on the store's features
-    signature = client.get_run(version.run_id).data.tags
-    assert signature is not None
+    import mlflow.models
+
+    inputs = mlflow.models.get_model_info(f"models:/{MODEL}/{trained.candidate_version}").signature.inputs
+    assert set(HISTORY_FEATURES) <= set(inputs.input_names())
 
 
 def test_a_join_losing_too_many_rows_fails_the_run_naming_the_counts(stack, applied, tmp_path):
@@ -170,16 +172,11 @@ def test_online_features_match_offline_and_serving_matches_the_pipeline(stack, t
     refused = httpx.post(f"{server}/predict", json={"records": [records[1], stranger]}, timeout=60)
     assert refused.status_code == 422
     assert "records[1].application_id: unknown entity 'nobody-0001'" in refused.text
-    if unknown_ids:  # an application without any history event is unknown too
-        assert (
-            httpx.post(f"{server}/predict", json={"records": [records[0] | {ENTITY_KEY: unknown_ids[0]}]}).status_code
-            == 422
-        )
+    # and so is an application without any history event (a few percent of the generated ones)
+    assert unknown_ids
+    lone = httpx.post(f"{server}/predict", json={"records": [records[0] | {ENTITY_KEY: unknown_ids[0]}]}, timeout=60)
+    assert lone.status_code == 422 and "unknown entity" in lone.text
     # and the lookup latency is in /metrics
     metrics = httpx.get(f"{server}/metrics").text
-    assert (
-        "mlops_serving_feature_lookup_seconds_count 3.0" in metrics
-        or "mlops_serving_feature_lookup_seconds_count" in metrics
-    )
     count = next(line for line in metrics.splitlines() if line.startswith("mlops_serving_feature_lookup_seconds_count"))
     assert float(count.split()[-1]) >= 2
