@@ -186,7 +186,7 @@ def test_dataset_config_feature_service_fields():
     raw = yaml.safe_load(bundled_config_text("credit-risk-history"))
     config = parse_dataset_config(yaml.safe_dump(raw), "history")
     assert config.feature_service == SERVICE and set(config.store_features) == set(HISTORY_FEATURES)
-    with pytest.raises(DatasetConfigError, match="store_features .* must also be listed in features"):
+    with pytest.raises(DatasetConfigError, match=r"store_features .* must also be listed in features"):
         parse_dataset_config(yaml.safe_dump(raw | {"store_features": ["nope"]}), "x")
     with pytest.raises(DatasetConfigError, match="feature_service and store_features go together"):
         parse_dataset_config(yaml.safe_dump(raw | {"feature_service": None}), "x")
