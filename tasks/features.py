@@ -10,7 +10,9 @@ from prefect import task
 
 from adapters.feature_store import Materialized, apply_repository, historical_features, materialize
 from adapters.settings import get_settings
+from adapters.snapshots import read_snapshot
 from core.dataset import DatasetConfig
+from core.drift_analysis import Window, partition_window
 from core.feature_history import ENTITY_TIMESTAMP, JoinReport, complete_join, join_report
 from tasks.retrying import IO
 
@@ -68,3 +70,16 @@ def join_features(frame: pd.DataFrame, config: DatasetConfig) -> tuple[pd.DataFr
     for column in store_columns:
         enriched[column] = completed[column].to_numpy()
     return enriched, report
+
+
+@task(name="load-partition-with-features", timeout_seconds=3600, **IO)
+def load_partition_with_features(uri: str, config: DatasetConfig) -> Window:
+    """Prefect task: a recent partition joined with its feature service as of each row's time (drift window).
+
+    The drift of the store's features is then measured against the training reference, which holds them
+    too; the join's counts are logged (a window is compared, not trained on: no limit applies).
+    """
+    frame = read_snapshot(uri, config.format, get_settings()).frame
+    enriched, report = join_features.fn(frame, config)
+    log.info("drift window %s: %s", uri, report.summary())
+    return partition_window(enriched, uri, config)

@@ -180,3 +180,19 @@ def test_online_features_match_offline_and_serving_matches_the_pipeline(stack, t
     metrics = httpx.get(f"{server}/metrics").text
     count = next(line for line in metrics.splitlines() if line.startswith("mlops_serving_feature_lookup_seconds_count"))
     assert float(count.split()[-1]) >= 2
+
+
+def test_drift_monitoring_covers_the_store_features(stack, trained):
+    from flows.monitoring import MonitoringParams, monitoring
+
+    # Given the champion trained with store features (promoted: a cold start)
+    month = f"s3://{stack.bucket}/datasets/credit-risk/month=2025-{TEST_MONTHS:02d}/"
+    # when monitoring compares the latest partition (joined with the store as of each row's time)
+    outcome = monitoring(
+        MonitoringParams(dataset=MODEL, partition=month, prediction_log_days=0, trigger_retraining=False)
+    )
+    # then every store feature has a drift statistic next to the request-time features
+    [window] = outcome.windows
+    measured = {f.name for f in window.features}
+    assert set(HISTORY_FEATURES) <= measured and "age" in measured
+    assert window.rows == TEST_ROWS_PER_MONTH
