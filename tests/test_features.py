@@ -196,3 +196,22 @@ def test_drift_monitoring_covers_the_store_features(stack, trained):
     measured = {f.name for f in window.features}
     assert set(HISTORY_FEATURES) <= measured and "age" in measured
     assert window.rows == TEST_ROWS_PER_MONTH
+
+
+def test_features_deployment_is_scheduled_and_runs_on_the_worker(stack, applied):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from deployments.deploy import deploy_all
+
+    # Given every deployment registered (what `mlops deploy` does)
+    deploy_all(work_pool=stack.work_pool)
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("features/features")
+    # then materialization is scheduled daily at 02:00, shows its form, and holds no secret
+    assert deployment.schedules[0].schedule.cron == "0 2 * * *"
+    assert "MaterializeParams" in str(deployment.parameter_openapi_schema)
+    assert stack.aws_secret_access_key.get_secret_value() not in deployment.model_dump_json()
+    # when it is run on demand (as the UI's Run button does), the worker runs it to completion
+    run = run_deployment("features/features", timeout=600, tags=["test-features"])
+    assert run.state.is_completed(), run.state.message
