@@ -7,7 +7,8 @@ time (never after: that would leak the future into training).
 
 Feast's point-in-time join silently drops entity rows whose time is before all feature data of their
 entity or older than the feature view's TTL (and leaves rows without features as nulls). `join_report`
-counts rows in, rows out and rows without features; `check_join` fails above a configured share.
+counts rows in, rows out and rows without features; `with_join` adds them to the validation report, as a
+failure above a configured share.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-from core.errors import PermanentError
+from core.validation import ExpectationFailure, ValidationReport
 
 ENTITY_TIMESTAMP = "event_timestamp"
 HISTORY_FEATURES = ["prev_applications", "past_delinquencies", "last_utilization", "mean_utilization_3"]
@@ -88,14 +89,6 @@ class JoinReport:
         return json.dumps(asdict(self) | {"missing_share": self.missing_share, "ok": self.ok}, indent=2)
 
 
-class FeatureJoinError(PermanentError, ValueError):
-    """Too many training rows got no store features: the run stops instead of training on nulls."""
-
-    def __init__(self, report: JoinReport) -> None:
-        super().__init__(report.summary())
-        self.report = report
-
-
 def complete_join(
     entity_rows: pd.DataFrame, joined: pd.DataFrame, keys: list[str], features: list[str]
 ) -> tuple[pd.DataFrame, int, int]:
@@ -124,8 +117,15 @@ def join_report(
     return JoinReport(service, rows_in, rows_out, dropped, all_null - dropped, max_missing_share)
 
 
-def check_join(report: JoinReport) -> JoinReport:
-    """The report when within the limit; raises FeatureJoinError naming the counts otherwise."""
-    if not report.ok:
-        raise FeatureJoinError(report)
-    return report
+def with_join(report: ValidationReport, join: JoinReport) -> ValidationReport:
+    """`report` with the point-in-time join's counts in its statistics, and a failure when over the limit."""
+    failures = list(report.failures)
+    if not join.ok:
+        failures.append(ExpectationFailure("feature_store_join", None, join.summary()))
+    return ValidationReport(
+        success=report.success and join.ok,
+        n_expectations=report.n_expectations + 1,
+        failures=failures,
+        statistics=report.statistics | {"feature_join": json.loads(join.to_json())},
+        result=report.result,
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pandas as pd
@@ -13,8 +12,8 @@ from adapters.clients import S3Location, put_bytes, s3_client
 from adapters.expectations import cache_key, validate_frame
 from adapters.settings import get_settings
 from core.dataset import DatasetConfig
-from core.feature_history import JoinReport
-from core.validation import ExpectationFailure, ValidationReport, report_from_json
+from core.feature_history import JoinReport, with_join
+from core.validation import ValidationReport, report_from_json
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)
@@ -55,17 +54,3 @@ def check_snapshot(
     report = validate_frame(df, config)
     put_bytes(settings, location, report.to_json().encode(), "application/json")
     return report
-
-
-def with_join(report: ValidationReport, join: JoinReport) -> ValidationReport:
-    """`report` with the point-in-time join's counts in its statistics, and a failure when over the limit."""
-    failures = list(report.failures)
-    if not join.ok:
-        failures.append(ExpectationFailure("feature_store_join", None, join.summary()))
-    return ValidationReport(
-        success=report.success and join.ok,
-        n_expectations=report.n_expectations + 1,
-        failures=failures,
-        statistics=report.statistics | {"feature_join": json.loads(join.to_json())},
-        result=report.result,
-    )

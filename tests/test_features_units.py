@@ -7,6 +7,9 @@ a SQLite online store in a temp folder. The stack-backed path (S3, serving) is i
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 
@@ -14,14 +17,14 @@ from core.dataset import DatasetConfigError, bundled_config_text, parse_dataset_
 from core.feature_history import (
     ENTITY_TIMESTAMP,
     HISTORY_FEATURES,
-    FeatureJoinError,
-    check_join,
     complete_join,
     history_features,
     join_report,
+    with_join,
 )
 from core.feature_repo import ENTITY_KEY, HISTORY_TTL, definitions
 from core.synthetic import generate_frame, generate_history
+from core.validation import ValidationReport
 
 KEYS = [ENTITY_KEY, ENTITY_TIMESTAMP]
 SERVICE = "credit_risk_history"
@@ -156,9 +159,16 @@ def test_rows_before_all_feature_data_or_beyond_the_ttl_are_counted_not_lost(tmp
     assert completed[HISTORY_FEATURES].iloc[[0, 2]].isna().all().all()
     assert (report.rows_in, report.missing) == (3, 2)
     assert report.rows_out + report.rows_dropped == 3
-    # and a share of 2/3 fails a 50 % limit with the counts in the message
-    with pytest.raises(FeatureJoinError, match=r"3 rows in, .* 66\.7% without store features \(limit 50\.0%\)"):
-        check_join(report)
+    # and a share of 2/3 fails validation under a 50 % limit, the counts in the failure
+    validated = with_join(ValidationReport(True, 10, []), report)
+    assert not validated.success and validated.n_expectations == 11
+    [failure] = validated.failures
+    assert failure.expectation == "feature_store_join"
+    assert re.search(r"3 rows in, .* 66\.7% without store features \(limit 50\.0%\)", failure.detail)
+    assert validated.statistics["feature_join"]["rows_in"] == 3
+    # and under a 70 % limit it passes, the counts still reported
+    relaxed = with_join(ValidationReport(True, 10, []), replace(report, max_missing_share=0.7))
+    assert relaxed.success and relaxed.statistics["feature_join"]["missing_share"] == pytest.approx(2 / 3)
 
 
 def test_materialized_online_values_equal_offline_point_in_time_at_the_same_time(tmp_path):
