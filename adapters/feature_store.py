@@ -137,12 +137,12 @@ def list_repository(settings: Settings) -> dict[str, list[str]]:
     }
 
 
-def service_features(store: Any, service: str) -> list[str]:
-    """The feature columns a service returns (plain names, as in training frames)."""
+def service_features(store: Any, service: str) -> tuple[Any, list[str]]:
+    """A service from the registry and the feature columns it returns (plain names, as in training frames)."""
     if service not in FEATURE_SERVICES:
         raise KeyError(f"unknown feature service {service!r}; known: {sorted(FEATURE_SERVICES)}")
     found = store.get_feature_service(service)
-    return [f.name for projection in found.feature_view_projections for f in projection.features]
+    return found, [f.name for projection in found.feature_view_projections for f in projection.features]
 
 
 def historical_features(settings: Settings, entity_rows: pd.DataFrame, service: str) -> pd.DataFrame:
@@ -158,9 +158,12 @@ def historical_features(settings: Settings, entity_rows: pd.DataFrame, service: 
     return joined
 
 
-def online_features(store: Any, service: str, ids: list[str]) -> dict[str, list[Any]]:
-    """Newest feature values of entities `ids` from the online store (None where it has none)."""
-    response = store.get_online_features(
-        features=store.get_feature_service(service), entity_rows=[{ENTITY_KEY: i} for i in ids]
-    )
+def online_features(store: Any, service: Any, ids: list[str]) -> dict[str, list[Any]]:
+    """Newest feature values of entities `ids` from the online store (None where it has none).
+
+    `service`: a service name, or the `FeatureService` object itself (reading it from the registry costs
+    ~20 ms, far more than the lookup: the serving API keeps it).
+    """
+    found = store.get_feature_service(service) if isinstance(service, str) else service
+    response = store.get_online_features(features=found, entity_rows=[{ENTITY_KEY: i} for i in ids])
     return response.to_dict()

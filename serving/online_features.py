@@ -25,6 +25,7 @@ from adapters.settings import Settings
 
 log = logging.getLogger(__name__)
 
+SERVICE_REFRESH_SECONDS = 60.0  # as the registry cache: a re-applied service is seen within a minute
 LOOKUP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -55,19 +56,22 @@ class OnlineFeatures:
             "mlops_serving_feature_entities_total", "Entities looked up, by result.", ["result"], registry=registry
         )
         self._store: Any = None
-        self._columns: dict[str, list[str]] = {}
+        self._services: dict[str, tuple[float, Any, list[str]]] = {}  # name -> (read at, service, columns)
         self._lock = threading.Lock()
 
-    def _features(self, service: str) -> tuple[Any, list[str]]:
+    def _features(self, service: str) -> tuple[Any, Any, list[str]]:
+        """The store, the service and its columns; the service is re-read from the registry every minute."""
         with self._lock:
             if self._store is None:
                 self._store = feature_store(self.settings)
-            if service not in self._columns:
-                self._columns[service] = service_features(self._store, service)
-            return self._store, self._columns[service]
+            read_at = self._services.get(service, (float("-inf"),))[0]
+            if time.monotonic() - read_at > SERVICE_REFRESH_SECONDS:
+                self._services[service] = (time.monotonic(), *service_features(self._store, service))
+            _, found, columns = self._services[service]
+            return self._store, found, columns
 
     def _fill(self, service: str, id_field: str, key: str, records: list[Any]) -> list[Any]:
-        store, columns = self._features(service)
+        store, found_service, columns = self._features(service)
         wanting = [i for i, r in enumerate(records) if isinstance(r, dict) and any(c not in r for c in columns)]
         if not wanting:
             return records
@@ -81,7 +85,7 @@ class OnlineFeatures:
             raise FeatureLookupError(errors)
         ids = [str(records[i][id_field]) for i in wanting]
         started = time.perf_counter()
-        found = online_features(store, service, ids)
+        found = online_features(store, found_service, ids)
         self.latency.observe(time.perf_counter() - started)
         filled = list(records)
         for position, i in enumerate(wanting):
