@@ -14,10 +14,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from feast import Entity, FeatureService, FeatureView, Field, FileSource
-from feast.types import Float64, Int64
-from feast.value_type import ValueType
-
 from core.feature_history import ENTITY_TIMESTAMP
 
 ENTITY_KEY = "application_id"
@@ -30,6 +26,12 @@ HISTORY_TABLE = "features/applicant_history/history.parquet"  # under the bucket
 
 def definitions(source_path: str, s3_endpoint: str | None) -> list[object]:
     """Every Feast object of the repository, reading the history table at `source_path`."""
+    # Imported here: Feast takes seconds to import, and the serving API, the CLI and the flows import this
+    # module whether or not a model uses a feature service.
+    from feast import Entity, FeatureService, FeatureView, Field, FileSource
+    from feast.types import Float64, Int64
+    from feast.value_type import ValueType
+
     application = Entity(
         name="application",
         join_keys=[ENTITY_KEY],
