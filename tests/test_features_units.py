@@ -202,3 +202,30 @@ def test_dataset_config_feature_service_fields():
         parse_dataset_config(yaml.safe_dump(raw | {"feature_service": None}), "x")
     plain = yaml.safe_load(bundled_config_text("credit-risk"))
     assert parse_dataset_config(yaml.safe_dump(plain), "plain").feature_service is None
+
+
+def test_an_sql_registry_from_settings_holds_the_repository(tmp_path, monkeypatch):
+    from feast import FeatureStore, RepoConfig
+
+    from adapters import feature_store
+    from adapters.settings import Settings
+
+    # Given MLOPS_FEAST_REGISTRY naming an SQL database (SQLite here; PostgreSQL the same way)
+    monkeypatch.setenv("MLOPS_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("MLOPS_FEAST_REGISTRY", f"sqlite:///{tmp_path / 'registry.sqlite'}")
+    settings = Settings()
+    config = RepoConfig(
+        project="unit_sql",
+        provider="local",
+        registry=feature_store._registry(settings),
+        online_store=feature_store._online(settings),
+        offline_store={"type": "file"},
+        entity_key_serialization_version=3,
+    )
+    # when the repository is applied to it
+    FeatureStore(config=config).apply(definitions(str(tmp_path / "history.parquet"), None))
+    # then a second store reading the same database sees every object
+    again = FeatureStore(config=config)
+    assert [s.name for s in again.list_feature_services()] == [SERVICE]
+    assert [v.name for v in again.list_feature_views()] == ["applicant_history"]
+    assert (tmp_path / "registry.sqlite").stat().st_size > 0
