@@ -167,6 +167,25 @@ def test_online_features_match_offline_and_serving_matches_the_pipeline(stack, t
     full = chosen.merge(sample[[ENTITY_KEY, *HISTORY_FEATURES]], on=ENTITY_KEY)
     pipeline = mlflow.pyfunc.load_model(f"models:/{MODEL}/{trained.candidate_version}").get_raw_model()
     np.testing.assert_allclose(got, pipeline.predict_proba(prepare_inputs(full, config)), rtol=1e-9, atol=1e-12)
+    # and a store feature the record carries itself is kept, not overwritten by the lookup
+    own = chosen.head(1).merge(sample[[ENTITY_KEY, *HISTORY_FEATURES]], on=ENTITY_KEY)
+    own["past_delinquencies"] = 9
+    mine = httpx.post(f"{server}/predict", json={"records": [records[0] | {"past_delinquencies": 9}]}, timeout=60)
+    assert mine.status_code == 200, mine.text
+    expected_own = pipeline.predict_proba(prepare_inputs(own, config))[0]
+    assert mine.json()["predictions"][0]["probabilities"]["1"] == pytest.approx(expected_own[1], rel=1e-9)
+
+    # and a record carrying every store feature is scored without a lookup
+    def lookups() -> float:
+        text = httpx.get(f"{server}/metrics").text
+        return float(
+            next(x for x in text.splitlines() if x.startswith("mlops_serving_feature_lookup_seconds_count")).split()[-1]
+        )
+
+    before = lookups()
+    complete = json.loads(own[[ENTITY_KEY, *config.feature_names]].to_json(orient="records"))
+    assert httpx.post(f"{server}/predict", json={"records": complete}, timeout=60).status_code == 200
+    assert lookups() == before
     # and an entity the store does not know is a 422 naming the record and the id, never a silent zero
     stranger = records[0] | {ENTITY_KEY: "nobody-0001"}
     refused = httpx.post(f"{server}/predict", json={"records": [records[1], stranger]}, timeout=60)
