@@ -116,6 +116,16 @@ class Settings(BaseSettings):
         None, description="Checkpoint to pause at (tests only): before-lock, before-promote, after-champion-move."
     )
     test_pause_file: Path | None = Field(None, description="File whose creation ends the pause (tests only).")
+    # Feature store (Feast, issue 17). Secrets: a SQL registry URL or a Redis string may carry a password.
+    feast_project: str = Field("mlops", description="Feast project (namespace of the feature repository).")
+    feast_registry: SecretStr | None = Field(
+        None,
+        description="Feast registry: an SQL URL (postgresql+psycopg://..., sqlite:///...) or an s3:// path; "
+        "unset: s3://<bucket>/features/registry.db on the stack's S3.",
+    )
+    feast_redis: SecretStr | None = Field(
+        None, description="Redis connection string (host:port[,password=...]) of the online store; unset: SQLite."
+    )
 
     @cached_property
     def s3_endpoint_url(self) -> str:
@@ -141,6 +151,11 @@ class Settings(BaseSettings):
     def prefect_ui_url(self) -> str:
         """Prefect UI address derived from the API URL."""
         return self.prefect_api_url.removesuffix("/api")
+
+    @property
+    def feast_online_path(self) -> Path:
+        """The SQLite online store of the feature store (when no Redis is configured)."""
+        return self.state_dir / "feast" / "online.db"
 
     @property
     def logs_dir(self) -> Path:

@@ -138,6 +138,7 @@ class ModelCard:
     gate_bounds: list[tuple[str, float, str]] = field(default_factory=list)
     importance_scoring: str | None = None
     inference: str | None = None
+    feature_join: str | None = None  # counts of the feature store's point-in-time join (JoinReport.summary)
 
     @property
     def task_type(self) -> str:

@@ -284,6 +284,7 @@ def _view(card: ModelCard) -> dict[str, Any]:
         ("Data version", card.data_version),
         ("Training window", window),
         ("Rows", f"{card.rows_train} train, {card.rows_holdout} holdout"),
+        *([("Feature store join", card.feature_join)] if card.feature_join else []),
         ("Code version", card.code_version),
         ("Serving form", card.inference or "not compiled: serving uses the pipeline"),
         ("Created at", _when(card.created_at)),

@@ -18,7 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-BUNDLED_DATASETS = ("credit-risk",)
+BUNDLED_DATASETS = ("credit-risk", "credit-risk-history")
 
 
 class TaskType(StrEnum):
@@ -130,6 +130,16 @@ class DatasetConfig(BaseModel):
         description="A sensitive group with fewer holdout rows is reported but left out of the fairness "
         "differences and the fairness gate (its rates are noise: one row's selection rate is 0 or 1).",
     )
+    # Feature store (issue 17): features joined point-in-time from a Feast feature service, by id and time.
+    feature_service: str | None = Field(
+        None, description="Feast feature service whose values are joined as of each row's time (none: no join)."
+    )
+    store_features: list[str] = Field(
+        default=[], description="Features the service provides (each listed in `features` with its expectations)."
+    )
+    max_missing_feature_share: float = Field(
+        0.05, ge=0, le=1, description="Largest share of rows the join may drop or leave without store features."
+    )
 
     @model_validator(mode="after")
     def _check_columns(self) -> DatasetConfig:
@@ -143,7 +153,17 @@ class DatasetConfig(BaseModel):
         if self.task is TaskType.regression and self.classes is not None:
             raise ValueError("classes only apply to binary and multiclass tasks, not to regression")
         self._check_slices()
+        self._check_store_features(names)
         return self
+
+    def _check_store_features(self, names: list[str]) -> None:
+        if bool(self.feature_service) != bool(self.store_features):
+            raise ValueError("feature_service and store_features go together: name both or neither")
+        if self.feature_service and self.time_column is None:
+            raise ValueError("a feature_service needs a time_column: features are joined as of each row's time")
+        unknown = [f for f in self.store_features if f not in names]
+        if unknown:
+            raise ValueError(f"store_features {unknown} must also be listed in features (with their type)")
 
     def _check_slices(self) -> None:
         types = {f.name: f.type for f in self.features}

@@ -140,3 +140,51 @@ def generate_frame(
         [generate_month(i, size, seed, start, drift) for i, size in enumerate(sizes) if size],
         ignore_index=True,
     )
+
+
+HISTORY_EVENT_COLUMNS = ["application_id", "event_timestamp", "delinquent", "utilization"]
+
+
+def generate_history(applications: pd.DataFrame, seed: int = 42, future_share: float = 0.3) -> pd.DataFrame:
+    """Credit-bureau style events of each application's applicant: one row per past account event.
+
+    Each event is a previous application (`delinquent` 1 when that account went delinquent) with the
+    utilisation reported then. Events fall in the two years before the application date, a Poisson
+    count per applicant that grows with the applicant's open accounts (some applicants have none, so
+    their rows get no store features: the join must count them). A share `future_share` of applicants also
+    gets one event AFTER the application date, delinquent exactly when the application defaulted: a
+    feature leaking it would make training look far better than it is, so point-in-time joins must skip it.
+    Deterministic for a given frame and seed. Entity key: `application_id`.
+    """
+    rng = np.random.default_rng([seed, 17])
+    n = len(applications)
+    ids = applications["application_id"].to_numpy()
+    at = pd.to_datetime(applications["application_date"]).to_numpy()
+    utilization = applications["credit_utilization"].to_numpy(dtype=float)
+    delinquencies = applications["num_delinquencies"].to_numpy(dtype=float)
+    counts = rng.poisson(1.0 + applications["num_open_accounts"].to_numpy(dtype=float) / 3)
+    owner = np.repeat(np.arange(n), counts)
+    days_before = rng.uniform(1, 730, owner.size)
+    past = pd.DataFrame(
+        {
+            "application_id": ids[owner],
+            "event_timestamp": at[owner] - pd.to_timedelta(days_before, unit="D").to_numpy(),
+            # Past delinquencies and utilisation track the application's own (the signal a model can use).
+            "delinquent": (rng.uniform(size=owner.size) < 0.05 + 0.25 * np.minimum(delinquencies[owner], 2)).astype(
+                "int64"
+            ),
+            "utilization": np.clip(utilization[owner] + rng.normal(0, 0.15, owner.size), 0, 1.5).round(4),
+        }
+    )
+    later = np.flatnonzero(rng.uniform(size=n) < future_share)
+    future = pd.DataFrame(
+        {
+            "application_id": ids[later],
+            "event_timestamp": at[later] + pd.to_timedelta(rng.uniform(1, 90, later.size), unit="D").to_numpy(),
+            "delinquent": applications["default"].to_numpy()[later].astype("int64"),
+            "utilization": np.full(later.size, 1.5),
+        }
+    )
+    events = pd.concat([past, future], ignore_index=True)
+    events["event_timestamp"] = events["event_timestamp"].dt.floor("s").dt.tz_localize("UTC")
+    return events.sort_values(["application_id", "event_timestamp"], ignore_index=True)[HISTORY_EVENT_COLUMNS]

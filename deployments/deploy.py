@@ -4,8 +4,8 @@
 worker on this machine runs it there) and takes its connection settings from the worker's environment,
 so no secret is stored in the deployment or shown in the UI. Re-deploying updates in place.
 
-Every flow has a `FlowDeployment` entry in `deployments()`: `training` (weekly) and `monitoring` (daily)
-on a schedule; `scoring` and `rollback` on demand.
+Every flow has a `FlowDeployment` entry in `deployments()`: `training` (weekly), `monitoring` (daily) and
+`features` (feature store materialization, daily) on a schedule; `scoring` and `rollback` on demand.
 `scoring` (batch scoring) has no schedule: it runs on demand, from the UI or `run_deployment`.
 Then the automations (`deployments/automations.py`): drift retraining and the alerts.
 """
@@ -96,6 +96,13 @@ def deployments(
             "triggers the training deployment when drift or decay crosses the thresholds.",
             cron=monitoring_cron,
             parameters=monitoring_parameters,
+        ),
+        FlowDeployment(
+            name="features",
+            entrypoint="flows/features.py:materialize",
+            description="Feature store: apply the repository and load the newest feature values into the online "
+            "store. Daily at 02:00, after the data and history land and before the weekly training; or press Run.",
+            cron="0 2 * * *",
         ),
         FlowDeployment(
             name="rollback",

@@ -23,6 +23,7 @@ from core.drift import DriftThresholds
 from core.drift_analysis import Verdict, WindowResult, overall_verdict, retrain_scope
 from core.drift_report import summary_markdown
 from services.retraining import Trigger, outside_source, trigger_retraining
+from tasks.features import load_partition_with_features
 from tasks.loading import load_dataset_config
 from tasks.monitoring import (
     analyse_window,
@@ -116,7 +117,8 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
     champion = load_champion_reference(config.model_name)
     windows = []
     if params.partition:
-        windows.append(load_partition(params.partition, config))
+        load = load_partition_with_features if config.feature_service else load_partition  # store features too
+        windows.append(load(params.partition, config))
     if params.prediction_log_days:
         windows.append(load_prediction_log(config.model_name, params.prediction_log_days, config))
     labels = load_labels(params.labels, config) if params.labels else None

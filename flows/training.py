@@ -30,6 +30,7 @@ from services.approval import ask_approval, steps_after
 from services.promotion import current_champion, promote_checked
 from tasks.compile import compile_candidate
 from tasks.evaluation import evaluate_candidate
+from tasks.features import join_features
 from tasks.loading import load_dataset_config, load_snapshot
 from tasks.monitoring import log_reference
 from tasks.promotion import ensure_promotion_lock
@@ -112,6 +113,7 @@ def _record(
     outcome: str,
     tags: dict[str, str],
     step: Callable[[Task], Callable[..., Any]],
+    feature_join: str | None = None,
 ) -> None:
     """Record the decision and what came of it on the run and the version, then publish the model card."""
     markdown = decision_markdown(decision, config.model_name, version, data_version, outcome)
@@ -130,6 +132,7 @@ def _record(
         code_version=git_commit(),
         slice_max_drop=params.gates.max_slice_drop,
     )
+    card = replace(card, feature_join=feature_join)
     step(publish_model_card)(card, run_id)
     step(publish_decision)(markdown)
 
@@ -140,12 +143,14 @@ def _record(
     # Everything worth keeping goes to MLflow and S3 explicitly; no Prefect result lands in a local folder.
     persist_result=False,
 )
-def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # noqa: B008 - frozen, safe default
+def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # noqa: B008, PLR0915 - frozen default; a table of contents
     """Retrain the dataset's model and promote it when it passes the gates and beats the champion."""
     config = load_dataset_config(params.dataset)
     gates = resolve_gates(params.gates, config.task)  # the task's default primary metric, or a clear error
     snapshot = load_snapshot(config)
-    report = check_snapshot(snapshot.frame, config, snapshot.data_version)
+    # With a feature service, the store's features as of each row's time; lost rows are counted, not hidden.
+    frame, join = join_features(snapshot.frame, config) if config.feature_service else (snapshot.frame, None)
+    report = check_snapshot(frame, config, snapshot.data_version, join)
     report_json = report.to_json()
     store_validation_report(config.name, snapshot.data_version, report_json, report.to_markdown())
     if not report.success:
@@ -163,7 +168,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     )
     approval: Approval | None = None
     try:
-        split = split_snapshot(snapshot.frame, config)
+        split = split_snapshot(frame, config)
         search = train_candidate(split.train, config, params.search, params.seed)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
         log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, report_json)
@@ -201,11 +206,15 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             )
             log_review(run_id, findings)
             # id_column: the record field the serving API logs with each prediction, so labels can join
-            version_tags = {
-                "data_version": snapshot.data_version,
-                "id_column": config.id_column,
-                "task": config.task.value,  # what serving and scoring answer (a value, or class probabilities)
-            } | compiled.tags()  # the form serving uses (onnx only when its parity check passed)
+            version_tags = (
+                {
+                    "data_version": snapshot.data_version,
+                    "id_column": config.id_column,
+                    "task": config.task.value,  # what serving and scoring answer (a value, or class probabilities)
+                }
+                | compiled.tags()  # the form serving uses (onnx only when its parity check passed)
+                | ({"feature_service": config.feature_service} if config.feature_service else {})  # serving looks up
+            )
             version = None if params.dry_run else register_model(model_uri, config.model_name, run_id, version_tags)
             wanted = decision.promote and version is not None
             promote_now = partial(
@@ -240,6 +249,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             outcome,
             tags,
             steps_after(approval),
+            join.summary() if join else None,
         )
         if promotion_error is not None:
             raise promotion_error

@@ -26,6 +26,11 @@ data_app = typer.Typer(
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
 app.add_typer(demo_app, name="demo")
+features_app = typer.Typer(
+    help="Feature store (Feast): register the repository, load the online store, list what is there.",
+    no_args_is_help=True,
+)
+app.add_typer(features_app, name="features")
 alerts_app = typer.Typer(help="Alerts sent by the Prefect automations `mlops deploy` creates.", no_args_is_help=True)
 app.add_typer(alerts_app, name="alerts")
 app.command("run-deployment")(run_deployment_command)  # CD: run a deployment and wait for its end
@@ -71,6 +76,9 @@ def data_generate(
     drift_from: Annotated[int | None, typer.Option(help="Index of the first drifted month (0-based).")] = None,
     drift_strength: Annotated[float, typer.Option(min=0, max=1, help="0 none .. 1 strong.")] = 0.5,
     dest: Annotated[str | None, typer.Option(help="Where to write (default: the bundled config's source).")] = None,
+    history: Annotated[
+        bool, typer.Option(help="Also write the applicants' event history (the feature store's offline source).")
+    ] = True,
 ) -> None:
     """Write the synthetic credit-risk dataset as monthly Parquet partitions (to S3 by default)."""
     from adapters.clients import StackNotRunningError, check_stack
@@ -89,6 +97,11 @@ def data_generate(
     drift = DriftSpec(start_month=drift_from, strength=drift_strength) if drift_from is not None else None
     written = write_months(settings, target, months, rows_per_month, seed, start, drift)
     typer.echo(f"wrote {len(written)} partitions ({months * rows_per_month} rows) to {target}")
+    if history and target.startswith("s3://"):  # the feature store's offline source lives on the stack's S3
+        from mlops.datagen import write_applicant_history
+
+        uri, rows = write_applicant_history(settings, months, rows_per_month, seed, start, drift)
+        typer.echo(f"wrote the applicants' history ({rows} feature rows) to {uri}")
 
 
 class SnapshotFormat(StrEnum):
@@ -432,3 +445,47 @@ def alerts_resend(
         typer.echo(f"{len(missed)} missed alert(s); nothing sent")
         return
     typer.echo(f"resent {redeliver(missed)} alert(s)")
+
+
+@features_app.command("apply")
+def features_apply() -> None:
+    """Register the feature repository (entities, feature views, services) in the stack's registry."""
+    from adapters.feature_store import apply_repository, describe_store
+
+    setup_logging()
+    settings = get_settings()
+    names = apply_repository(settings)
+    typer.echo(f"applied {', '.join(names)} to {describe_store(settings)['registry']}")
+
+
+@features_app.command("materialize")
+def features_materialize(
+    end: Annotated[str | None, typer.Option(help="Load values up to this UTC time (ISO 8601); default now.")] = None,
+) -> None:
+    """Run the `features` flow: apply, then load the newest feature values into the online store."""
+    from datetime import UTC, datetime
+
+    setup_logging()
+    try:
+        until = datetime.fromisoformat(end).replace(tzinfo=UTC) if end else None
+    except ValueError as exc:
+        raise fail(f"--end {end!r}: not an ISO 8601 time ({exc})") from exc
+    connect(get_settings())  # before Prefect is imported: it reads PREFECT_API_URL once
+    from flows.features import MaterializeParams, materialize
+
+    done = materialize(MaterializeParams(end=until))
+    typer.echo(done.summary())
+
+
+@features_app.command("list")
+def features_list() -> None:
+    """Where the store lives (no secrets) and its entities, feature views and services."""
+    from adapters.feature_store import describe_store, list_repository
+
+    settings = get_settings()
+    for key, value in describe_store(settings).items():
+        typer.echo(f"{key:9} {value}")
+    for kind, names in list_repository(settings).items():
+        typer.echo(f"{kind}:")
+        for name in names or ["(none: run `mlops features apply`)"]:
+            typer.echo(f"  {name}")

@@ -53,3 +53,27 @@ def write_months(
         log.info("wrote %s rows for %s to %s", len(frame), month, target)
         written.append(target)
     return written
+
+
+def write_applicant_history(
+    settings: Settings,
+    months: int,
+    rows_per_month: int,
+    seed: int = 42,
+    start: str = "2025-01",
+    drift: DriftSpec | None = None,
+) -> tuple[str, int]:
+    """The applicants' event history for months `0 .. months - 1`, as the feature store's offline table on S3.
+
+    The applications are regenerated (same arguments, same rows as `write_months`), so the history always
+    matches the partitions; returns the table's URI and its row count.
+    """
+    import pandas as pd
+
+    from adapters.feature_store import write_history
+    from core.synthetic import generate_history
+
+    applications = pd.concat(
+        [generate_month(i, rows_per_month, seed, start=start, drift=drift) for i in range(months)], ignore_index=True
+    )
+    return write_history(settings, generate_history(applications, seed))

@@ -43,6 +43,7 @@ from serving.batching import Job, MicroBatcher
 from serving.follower import ChampionFollower
 from serving.metrics import MULTIPROC_ENV, MetricsMiddleware, ServingMetrics, forget_dead_processes
 from serving.model import BODY_KEYS, LoadedModel
+from serving.online_features import FeatureLookupError, OnlineFeatures
 from serving.prediction_log import MemoryPredictionLog, PredictionLog, SpooledPredictionLog
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,7 @@ class Runtime:
         )
         self._poller: asyncio.Task | None = None
         self._reload_watcher: asyncio.Task | None = None
+        self.online = OnlineFeatures(settings, self.metrics.registry)  # feature store lookups (issue 17)
 
     def _swapped(self, model: LoadedModel) -> None:
         """After a swap: metrics, and the other worker processes are asked to look now, not at their next poll."""
@@ -324,7 +326,16 @@ class Runtime:
     ) -> tuple[list[dict[str, Any]], list[str | None] | None]:
         """The request's records, size-checked and validated against `model`, and their ids; raises BadRequest."""
         body = await read_body(request, self.settings.serving_max_body_bytes)
-        return decode_records(model, body, self.settings.serving_max_records)
+        if not model.feature_service:
+            return decode_records(model, body, self.settings.serving_max_records)
+        key, raw = parse_records(body, self.settings.serving_max_records)
+        # store features the records leave out come from the online store, by id (issue 17)
+        try:
+            raw = await self.online.enrich(model.feature_service, model.id_field, key, raw)
+        except FeatureLookupError as exc:
+            raise BadRequest(422, exc.errors) from exc
+        records = validate_records(model, key, raw)
+        return records, record_ids(model, key, raw)
 
     async def predict(self, request: Request) -> Response:
         """Answer one /predict request."""

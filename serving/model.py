@@ -111,6 +111,8 @@ class LoadedModel:
     baseline: pd.DataFrame | None = field(default=None, repr=False, compare=False)
     # The dataset's id column (version tag `id_column`): a record may carry it; it is logged, not scored.
     id_field: str | None = None
+    # The feature service it was trained with (version tag `feature_service`): serving looks those features up.
+    feature_service: str | None = None
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     # A faster form of the pipeline (`core.compiled.OnnxForm` or `ArrayForm`); None: the pipeline itself.
     inference: Any = field(default=None, repr=False, compare=False)
@@ -163,6 +165,7 @@ class LoadedModel:
             "classes": [_plain(c) for c in self.classes],
             "inputs": [{"name": c.name, "type": c.kind} for c in self.columns],
             "id_field": self.id_field,
+            "feature_service": self.feature_service,
             "metrics": self.metrics,
             "promoted_at": self.promoted_at,
             "loaded_at": self.loaded_at,
@@ -331,6 +334,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         id_field=tags.get("id_column") or None,
         inference=inference,
         parity=parity,
+        feature_service=tags.get("feature_service") or None,
     )
     # A model that loads but cannot score is no better than one that does not load: try one row of
     # nulls (the pipeline imputes them) before it is allowed to replace the served model.

@@ -12,6 +12,7 @@ from adapters.clients import S3Location, put_bytes, s3_client
 from adapters.expectations import cache_key, validate_frame
 from adapters.settings import get_settings
 from core.dataset import DatasetConfig
+from core.feature_history import JoinReport, with_join
 from core.validation import ValidationReport, report_from_json
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
@@ -25,13 +26,21 @@ log = logging.getLogger(__name__)
     retry_condition_fn=retry_unless_permanent,
     cache_policy=NO_CACHE,
 )
-def check_snapshot(df: pd.DataFrame, config: DatasetConfig, data_version: str) -> ValidationReport:
+def check_snapshot(
+    df: pd.DataFrame, config: DatasetConfig, data_version: str, feature_join: JoinReport | None = None
+) -> ValidationReport:
     """Prefect task: validate (or reuse the stored result for this data version) and return the report.
 
     Results are cached in S3 under `cache/validation/`, keyed by `cache_key`, so a rerun on unchanged
     data skips Great Expectations. The flow stores the report, then fails on failure.
+
+    With `feature_join` (the snapshot joined with a feature service), the frame is always validated (the
+    store's data is not part of the data version) and the join's counts join the report: above the
+    dataset's limit of rows without store features they are a failure like any expectation's.
     """
     settings = get_settings()
+    if feature_join is not None:
+        return with_join(validate_frame(df, config), feature_join)
     location = S3Location(settings.bucket, f"cache/validation/{cache_key(config, data_version)}")
     client = s3_client(settings)
     try:
