@@ -308,7 +308,8 @@ def test_prediction_log_outage_never_fails_a_request(stack, default_data, versio
         tmp_path_factory,
         "no-s3",
         AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}",
-        MLOPS_SERVING_SPOOL_MAX_BYTES="4096",
+        MLOPS_SERVING_SPOOL_MAX_BYTES="4096",  # per process: one process, so the bound is reached predictably
+        MLOPS_SERVING_WORKERS="1",
     )
     with context:
         url = f"http://127.0.0.1:{port}"
