@@ -30,6 +30,7 @@ from core.scoring import (
     manifest_for,
     new_version,
 )
+from tests.faults import kill_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,14 +149,7 @@ def _first_part_of_a_new_version(process: subprocess.Popen, stack, output: str, 
 
 def _stop_s3(stack) -> None:
     """Stop the stack's S3 server (its process group), as tests/test_resilience.py does."""
-    from mlops import stack as local_stack
-
-    service = next(s for s in local_stack.services(stack) if s.name == "s3")
-    os.killpg(int(service.pid_file.read_text()), signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while local_stack.port_in_use(stack.host, stack.s3_port):
-        assert time.monotonic() < deadline, "S3 did not stop"
-        time.sleep(0.2)
+    kill_server(stack, "s3", signal.SIGTERM)
 
 
 def _given_a_published_output(stack, default_data, dataset: str, output: str) -> tuple[Manifest, bytes, pd.DataFrame]:

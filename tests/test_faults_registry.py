@@ -26,6 +26,7 @@ from adapters.clients import mlflow_client
 from adapters.history_store import list_changes, list_pending
 from mlops import stack as local_stack
 from mlops.stack import client_env
+from tests.faults import kill_server
 from tests.waiting import wait_for, wait_for_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -108,11 +109,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
 
 def _kill_mlflow(stack) -> int:
     """SIGKILL the stack's MLflow server and its workers (its process group); returns the pid."""
-    [mlflow] = [s for s in local_stack.services(stack) if s.name == "mlflow"]
-    pid = int(mlflow.pid_file.read_text())
-    os.killpg(pid, signal.SIGKILL)
-    wait_for(lambda: not local_stack.port_in_use(stack.host, stack.mlflow_port), 30, "MLflow's port to close")
-    return pid
+    return kill_server(stack, "mlflow")
 
 
 def _state(stack, model: str) -> tuple[dict[str, str], list[tuple[str, str | None, str | None]]]:

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
-import time
 
 import pytest
 
 from core.dataset import load_local_dataset_config
 from mlops import stack as local_stack
 from tests.conftest import TEST_MONTHS, TEST_ROWS_PER_MONTH
+from tests.faults import kill_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _stop_s3(stack) -> None:
-    service = next(s for s in local_stack.services(stack) if s.name == "s3")
-    os.killpg(int(service.pid_file.read_text()), signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while local_stack.port_in_use(stack.host, stack.s3_port):
-        assert time.monotonic() < deadline, "S3 did not stop"
-        time.sleep(0.2)
+    kill_server(stack, "s3", signal.SIGTERM)
 
 
 @pytest.fixture
