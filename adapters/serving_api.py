@@ -34,13 +34,26 @@ class ServingCheck:
     seconds: float
 
 
+def served_versions(answer: dict) -> set[str | None]:
+    """The versions an answer of `/model` or `/reload` says are served.
+
+    One per worker process when it lists them (`workers`), else its own `version` (a single-process API).
+    """
+    workers = answer.get("workers")
+    if workers:
+        return {None if w.get("version") is None else str(w["version"]) for w in workers}
+    return {None if answer.get("version") is None else str(answer["version"])}
+
+
 def wait_for_serving(
     url: str, model_name: str, version: str, timeout: float, poll: float = 0.5, token: SecretStr | None = None
 ) -> ServingCheck:
     """Ask the serving API at `url` to look at the registry, then wait until it serves `version`.
 
-    Unreachable answers are retried until `timeout` (a restart of the API is not a failure). `token` is
-    the serving API's bearer token (`MLOPS_SERVING_TOKEN`), sent with /reload.
+    With several worker processes, every one of them must serve it (`/reload` waits for them and lists
+    them, `/model` too), not only the one that happened to answer. Unreachable answers are retried until
+    `timeout` (a restart of the API is not a failure). `token` is the serving API's bearer token
+    (`MLOPS_SERVING_TOKEN`), sent with /reload.
     """
     headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
     url = url.rstrip("/")
@@ -54,18 +67,24 @@ def wait_for_serving(
             if following != f"{model_name}@{CHAMPION}":
                 detail = f"serving API at {url} follows {following!r}, not {model_name}@{CHAMPION}: not checked"
                 return ServingCheck(False, True, detail, time.monotonic() - started)
-            if health.get("version") == version:
-                seconds = time.monotonic() - started
-                return ServingCheck(True, True, f"serving API at {url} serves v{version} ({seconds:.1f}s)", seconds)
-            last = f"it serves v{health.get('version')}" + (
-                f"; its last error: {health['error']}" if health.get("error") else ""
-            )
-            if not nudged:  # /reload loads the new alias target now rather than at the next poll
+            if not nudged:  # /reload loads the new alias target now, in every process, rather than at the next poll
                 nudged = True
-                reload = httpx.post(f"{url}/reload", headers=headers, timeout=max(deadline - time.monotonic(), 1))
+                wait = max(min(deadline - time.monotonic(), 30.0), 1.0)
+                reload = httpx.post(f"{url}/reload", params={"timeout": wait}, headers=headers, timeout=wait + 5)
                 if reload.status_code in {401, 403}:
                     last = f"/reload refused ({reload.status_code}): {reload.json().get('detail')}"
-                continue
+            described = httpx.get(f"{url}/model", timeout=5).json()
+            served = served_versions(described)
+            if served == {version}:
+                seconds = time.monotonic() - started
+                processes = len(described.get("workers") or [None])
+                detail = f"serving API at {url} serves v{version} in {processes} process(es) ({seconds:.1f}s)"
+                return ServingCheck(True, True, detail, seconds)
+            last = f"it serves {sorted(map(str, served))}" + (
+                f"; its last error: {described.get('last_error') or described.get('error')}"
+                if described.get("last_error") or described.get("error")
+                else ""
+            )
         except (httpx.HTTPError, ValueError) as exc:
             last = f"unreachable ({type(exc).__name__}: {exc})"
         if time.monotonic() >= deadline:

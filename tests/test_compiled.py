@@ -343,25 +343,39 @@ def test_card_shows_the_serving_form(data):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_served_champion_is_compiled_and_matches_the_registered_pipeline(stack, default_data):
+def test_served_champion_is_compiled_and_matches_the_registered_pipeline(stack, default_data, tmp_path):
+    import os
+    import shutil
+    import sys
+
     import httpx
     import mlflow.artifacts
     import mlflow.sklearn
-    from prometheus_client.parser import text_string_to_metric_families
+    import yaml
 
     from adapters.clients import mlflow_client, use_tracking_server
+    from core.dataset import bundled_config_text
     from core.search import ModelFamily, SearchSpec
     from flows.training import TrainingParams, training
+    from mlops.stack import running
+    from tests.ports import free_port
     from tests.waiting import wait_for
 
+    # Its own model (the bundled one's data and features), so the session's credit-risk keeps no champion
+    # for the modules that start from a cold start, and its own serving API following it.
+    model = "compiled-test"
+    config = tmp_path / f"{model}.yaml"
+    config.write_text(
+        yaml.safe_dump(yaml.safe_load(bundled_config_text("credit-risk")) | {"name": model, "model_name": model})
+    )
     search = SearchSpec(families=[ModelFamily.hist_gradient_boosting], trials_per_family=1, cv_folds=2)
-    state = training(TrainingParams(dataset="credit-risk", search=search), return_state=True)
+    state = training(TrainingParams(dataset=str(config), search=search), return_state=True)
     assert state.is_completed(), state.message
     outcome = state.result()
     assert outcome.promoted
     version = outcome.candidate_version
     client = mlflow_client(stack)
-    tags = client.get_model_version("credit-risk", version).tags
+    tags = client.get_model_version(model, version).tags
     assert tags["inference_form"] == "onnx" and tags["compiled_parity"] == "passed"
     assert {a.path for a in client.list_artifacts(outcome.run_id, "compiled")} == {
         "compiled/model.onnx",
@@ -374,8 +388,23 @@ def test_served_champion_is_compiled_and_matches_the_registered_pipeline(stack, 
     assert review["inference"].startswith("compiled form (ONNX): parity passed (max |d| = "), review["inference"]
     card = mlflow.artifacts.load_text(f"runs:/{outcome.run_id}/model_card/model_card.md")
     assert "**Serving form:** " + review["inference"].replace("|", "\\|") in card  # a Markdown-escaped cell
-    url = stack.serving_url
-    wait_for(lambda: httpx.get(f"{url}/model", timeout=5).json().get("version") == version, 60, "the new champion")
+    port = free_port()
+    mlops = shutil.which("mlops", path=os.path.dirname(sys.executable))
+    command = [mlops, "serve", "--port", str(port), "--model", model, "--workers", "2"]
+    server = running(command, f"http://127.0.0.1:{port}/health", dict(os.environ), tmp_path / "serving.log")
+    url = f"http://127.0.0.1:{port}"
+    with server:
+        wait_for(lambda: httpx.get(f"{url}/ready", timeout=5).status_code == 200, 90, "every process to load it")
+        _served_is_compiled_and_exact(url, model, version)
+
+
+def _served_is_compiled_and_exact(url: str, model: str, version: str) -> None:
+    """What the serving API at `url` says and answers for `model` v`version` (compiled, within 1e-6)."""
+    import httpx
+    import mlflow.sklearn
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert httpx.get(f"{url}/model", timeout=5).json()["version"] == version
     described = httpx.get(f"{url}/model", timeout=5).json()
     assert described["inference"]["form"] == "onnx", described["inference"]
     assert described["inference"]["parity"]["compiled"] == "passed"
@@ -387,7 +416,7 @@ def test_served_champion_is_compiled_and_matches_the_registered_pipeline(stack, 
     assert forms and all(f["onnx"] == 1.0 and f["pipeline"] == 0.0 for f in forms.values()), forms
 
     # The API's probabilities against the registered pipeline's own predict_proba, on raw rows plus edge cases.
-    pipeline = mlflow.sklearn.load_model(f"models:/credit-risk/{version}")
+    pipeline = mlflow.sklearn.load_model(f"models:/{model}/{version}")
     holdout = prepare_inputs(generate_frame(300, seed=11), CONFIG)
     cases = edge_cases(pipeline, holdout, TEXT).head(150)
     frame = pd.concat([holdout, cases], ignore_index=True)

@@ -496,3 +496,15 @@ def test_spool_sync_modes_write_before_the_answer_and_sync_when_told(tmp_path, m
         record(always, f"r{i}")
     assert len(synced) == 3
     always.spool.close()
+
+
+def test_the_serving_check_counts_every_worker_process_not_the_one_that_answered():
+    from adapters.serving_api import served_versions
+
+    two = {"version": "3", "workers": [{"pid": 1, "version": "3"}, {"pid": 2, "version": "2"}]}
+    assert served_versions(two) == {"3", "2"}  # one process still serves v2: not yet
+    assert served_versions({"version": "3", "workers": [{"pid": 1, "version": "3"}, {"pid": 2, "version": "3"}]}) == {
+        "3"
+    }
+    assert served_versions({"version": 3}) == {"3"}  # a single-process API without a workers list
+    assert served_versions({"detail": "no model loaded yet"}) == {None}
