@@ -127,6 +127,18 @@ class Settings(BaseSettings):
         None, description="Redis connection string (host:port[,password=...]) of the online store; unset: SQLite."
     )
 
+    # Dask cluster (issue 14): heavy steps (search trials, big snapshots, scoring and drift over partitions).
+    dask_address: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MLOPS_DASK_ADDRESS", "dask_address"),
+        description="Scheduler of an existing Dask cluster (tcp://host:8786); unset: the local stack's scheduler "
+        "when `mlops stack up` started one, else no cluster (everything runs in the flow's process).",
+    )
+    dask_workers: int = Field(2, ge=0, description="Dask workers `mlops stack up` starts (0: no local cluster).")
+    dask_scheduler_port: int = Field(8786, description="Port of the local Dask scheduler.")
+    dask_dashboard_port: int = Field(8787, description="Dashboard port of the local Dask scheduler (127.0.0.1).")
+    dask_worker_memory: str = Field("4GiB", description="Memory limit per local Dask worker (bounded, measured).")
+
     @cached_property
     def s3_endpoint_url(self) -> str:
         """S3 endpoint: `AWS_ENDPOINT_URL_S3` if set, else the local gateway."""
