@@ -60,6 +60,25 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 
 
 @pytest.fixture(scope="session")
+def dask_cluster(stack) -> Iterator[str]:
+    """A two-worker Dask cluster on loopback for the session; yields its scheduler address.
+
+    Worker processes (nannies), one thread each, memory bounded like the stack's workers.
+    """
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        memory_limit=stack.dask_worker_memory,
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
 def default_data(stack) -> str:
     """The bundled dataset, small, written to the stack's S3 where the bundled config reads it."""
     from core.dataset import load_local_dataset_config
