@@ -45,8 +45,7 @@ def dataset(stack) -> str:
     # 1,200 holdout rows, point 0.73): a lenient gate, as in tests/test_trust.py, since this module needs a
     # champion to monitor, not a test of the promotion rule.
     params = TrainingParams(dataset=config, search=SearchSpec(**SEARCH), gates=Gates(min_roc_auc=0.55))
-    state = training(params, return_state=True)
-    assert state.is_completed() and state.result().promoted, state.message
+    assert training(params).promoted  # the in-memory result (see _monitor)
     return config
 
 
@@ -74,9 +73,11 @@ def _triggered_runs() -> list:
 
 
 def _monitor(**changes):
-    state = monitoring(MonitoringParams(**({"prediction_log_days": 0} | changes)), return_state=True)
-    assert state.is_completed(), state.message
-    return state.result()
+    # The flow's return value, kept in memory by the engine (a failure raises with its message). Not
+    # `return_state=True` + `state.result()`: with persist_result=False a state that came back from the API
+    # (e.g. the server's answer to a rejected state proposal) carries no data, and a Completed run failed
+    # here once with `MissingResult` under load (cause not pinned down; the return value is unaffected).
+    return monitoring(MonitoringParams(**({"prediction_log_days": 0} | changes)))
 
 
 def test_training_stores_the_reference_sample_with_the_model(stack, dataset):
