@@ -4,7 +4,8 @@
 and carries no path of this checkout and no pull step: a worker runs the flow from the `prefect-mlops` package
 installed in its own environment (a venv, the Docker image, a Kubernetes job's image), from any folder, on any
 machine. So the code a worker runs is the version installed there (the image tag is the package version);
-the deployment's `version` is the flow source's hash, shown in the UI. Connection settings come from the
+the deployment's `version` (in the UI) is the deploying checkout's git commit, as Prefect infers it, else the
+flow source's hash. Connection settings come from the
 worker's environment, so no secret is stored in the deployment or shown in the UI. Re-deploying updates in
 place (and drops the checkout path and pull step of deployments made before).
 
@@ -220,6 +221,18 @@ def deploy_all(
         )
         ids[spec.name] = str(deployment_id)
         log.info("deployed %s/%s (%s)", flow.name, spec.name + name_suffix, deployment_id)
+    _drop_stored_paths(ids.values())
     if automations:
         deploy_automations(UUID(ids["training"]), get_settings())
     return ids
+
+
+def _drop_stored_paths(deployment_ids: Any) -> None:
+    """Clear the folder a deployment made before (from this checkout) still stores: an update leaves it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    with get_client(sync_client=True) as client:
+        for deployment_id in deployment_ids:
+            if client.read_deployment(deployment_id).path:
+                client.update_deployment(UUID(deployment_id), DeploymentUpdate(path=None))
