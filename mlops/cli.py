@@ -198,6 +198,9 @@ def data_init(
 def deploy(
     cron: Annotated[str, typer.Option(help="Training schedule (cron, server time zone).")] = "0 3 * * 1",
     interval: Annotated[int | None, typer.Option(min=10, help="Instead of cron: run every N seconds.")] = None,
+    kubernetes: Annotated[
+        bool, typer.Option(help="Deploy to the Kubernetes work pool `mlops-kubernetes` (infra/k8s) instead.")
+    ] = False,
 ) -> None:
     """Register the deployments (training, ...) on the configured Prefect server; idempotent."""
     setup_logging()
@@ -211,13 +214,18 @@ def deploy(
         raise fail(str(exc), code=2) from exc
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from deployments.deploy import deploy_all
+    from deployments.deploy import KUBERNETES_POOL, WorkPoolMissingError, deploy_all
 
+    pool = KUBERNETES_POOL if kubernetes else settings.work_pool
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
-        ids = deploy_all(training_cron=cron, training_interval=interval, work_pool=settings.work_pool)
+        try:
+            ids = deploy_all(training_cron=cron, training_interval=interval, work_pool=pool, kubernetes=kubernetes)
+        except WorkPoolMissingError as exc:
+            raise fail(str(exc), code=2) from exc
     for name, deployment_id in ids.items():
         typer.echo(f"deployed {name}: {settings.prefect_ui_url}/deployments/deployment/{deployment_id}")
-    typer.echo(f"work pool: {settings.work_pool} (served by the worker that `mlops stack up` starts)")
+    served_by = "the Kubernetes worker of infra/k8s" if kubernetes else "the worker that `mlops stack up` starts"
+    typer.echo(f"work pool: {pool} (served by {served_by}; its flows come from the installed package)")
 
 
 @app.command("worker")

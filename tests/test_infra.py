@@ -53,3 +53,46 @@ def test_worker_serves_the_pool_deployments_use_and_training_checks_the_serving_
     assert f"--pool {Settings().work_pool} " in services["worker"]["command"] + " "
     assert services["worker"]["environment"]["MLOPS_SERVING_URL"] == "http://serving:8000"
     assert "mlops serve" in services["serving"]["command"]
+
+
+DOCKERFILE = COMPOSE.parent / "Dockerfile"
+
+
+def _project_image() -> str:
+    import tomllib
+
+    version = tomllib.loads((COMPOSE.parent.parent / "pyproject.toml").read_text())["project"]["version"]
+    return f"prefect-mlops:{version}"
+
+
+def test_project_services_run_the_installed_image_with_no_checkout_mounted():
+    services = _compose()["services"]
+    for name in ("mlflow", "worker", "serving"):
+        assert services[name]["build"] == {"context": "..", "dockerfile": "infra/Dockerfile"}, name
+        assert services[name]["image"] == _project_image(), name
+        # no bind mount: the worker's flow runs import the flows from the image's package
+        assert not services[name].get("volumes"), f"{name} mounts {services[name].get('volumes')}"
+        assert "working_dir" not in services[name]
+    assert "--type process" in services["worker"]["command"]
+
+
+def test_image_installs_every_package_from_a_wheel_and_holds_no_source():
+    import tomllib
+
+    include = tomllib.loads((COMPOSE.parent.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"][
+        "find"
+    ]["include"]
+    packages = {pattern.rstrip("*") for pattern in include}
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    stages = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
+    assert len(stages) == 2, "a wheel stage and the runtime stage"
+    build, runtime = lines[stages[0] : stages[1]], lines[stages[1] :]
+    # the wheel stage has every package of the distribution (a missing one would only fail at import, in a run)
+    assert packages <= {line.split()[1] for line in build if line.startswith("COPY ")}
+    assert any(line.startswith("RUN pip wheel") for line in build)
+    # the runtime stage copies only the wheel, installs it with the Kubernetes worker's extra, and is not root
+    assert [line for line in runtime if line.startswith("COPY ")] == ["COPY --from=wheel /wheels /wheels"]
+    install = next(line for line in runtime if "pip install" in line)
+    assert "prefect_mlops-*.whl)[kubernetes]" in install
+    user = [line.split()[1] for line in runtime if line.startswith("USER ")]
+    assert user and user[-1] not in {"root", "0"}
