@@ -41,7 +41,15 @@ from adapters.cluster import s3_storage_options
 from adapters.settings import Settings
 from adapters.store import fs_path, s3_filesystem
 from core.dataset import DatasetConfig
-from core.drift import MonitoringError, WindowPartial, WindowReference, merge_partials, window_partial
+from core.drift import (
+    DriftThresholds,
+    MonitoringError,
+    WindowPartial,
+    WindowReference,
+    merge_partials,
+    window_partial,
+)
+from core.drift_analysis import WindowResult, join_labels, judge_window
 from core.features import prepare_inputs
 from core.metrics import model_classes, model_scores
 from core.scoring import (
@@ -61,6 +69,7 @@ CONNECT_TIMEOUT = "20s"
 
 # --- on the workers: the model, once per worker process -------------------------------------------------
 
+MODELS_KEPT = 2  # models a worker keeps (the newest used); a long-lived cluster does not fill up with old versions
 _MODELS: dict[tuple[str, str, str], Any] = {}
 _MODELS_LOCK = threading.Lock()
 _LOADS: list[tuple[str, str]] = []  # every load this process did: (model, version), for the tests and logs
@@ -71,6 +80,8 @@ def worker_model(model_name: str, version: str, settings: Settings) -> Any:
     key = (settings.mlflow_tracking_uri, model_name, version)
     with _MODELS_LOCK:
         if key not in _MODELS:
+            while len(_MODELS) >= MODELS_KEPT:
+                _MODELS.pop(next(iter(_MODELS)))
             _MODELS[key] = registry.load_model(model_name, version, settings)
             _LOADS.append((model_name, version))
         return _MODELS[key]
@@ -280,8 +291,6 @@ class DriftPart:
 
 def drift_part(frame: pd.DataFrame, index: int, job: DriftJob, labels: pd.DataFrame | None) -> DriftPart:
     """On a worker: one partition's counts over the reference's bins (and its labelled rows)."""
-    from core.drift_analysis import join_labels
-
     model = worker_model(job.model_name, job.model_version, job.settings)
     features = prepare_inputs(frame, job.config)
     if len(features):
@@ -365,13 +374,12 @@ def window_result(
     counts: WindowCounts,
     reference: WindowReference,
     holdout: dict[str, float],
-    thresholds: Any,
+    thresholds: DriftThresholds,
     labelled_given: bool,
-) -> Any:
+) -> WindowResult:
     """The window's verdict from its merged counts: what `core.drift_analysis.analyse` gives on the whole frame."""
     from core.decay import labelled_performance
     from core.drift import partial_drifts
-    from core.drift_analysis import judge_window
 
     if counts.partial.rows == 0:
         return judge_window(name, source, 0, [], None, None, 0, thresholds)

@@ -66,6 +66,20 @@ def test_the_engine_rule():
         use_cluster("dask", 1, None)
 
 
+def test_a_worker_loads_each_model_once_and_keeps_only_the_newest(monkeypatch):
+    from adapters import partitioned
+    from adapters.settings import Settings
+
+    loaded: list[str] = []
+    monkeypatch.setattr(partitioned.registry, "load_model", lambda name, version, settings: loaded.append(version))
+    monkeypatch.setattr(partitioned, "_MODELS", {})
+    for version in ["1", "1", "2", "1", "2", "3", "1"]:
+        partitioned.worker_model("m", version, Settings())
+    # 1 and 2 stay cached; 3 pushes out 1 (the oldest), so 1 is loaded again
+    assert loaded == ["1", "2", "3", "1"]
+    assert len(partitioned._MODELS) == partitioned.MODELS_KEPT
+
+
 # ---------------------------------------------------------------------------------------------- on the cluster
 
 
