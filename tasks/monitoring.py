@@ -36,7 +36,7 @@ from core.drift_analysis import (
 )
 from core.drift_analysis import analyse_window as analyse_one
 from core.drift_report import report_html
-from core.scoring import use_cluster
+from core.scoring import ScoringInputError, use_cluster
 from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,12 @@ def choose_drift_engine(engine: str, uri: str, config: DatasetConfig) -> tuple[s
             why = "the data is CSV" if config.format != "parquet" else "the dataset joins a feature service"
             raise MonitoringError(f"engine 'dask' counts Parquet partitions only, but {why}: use engine local")
         return None, []
-    files = list_partition_files(uri, settings)
+    try:
+        files = list_partition_files(uri, settings)
+    except ScoringInputError:
+        if engine == "dask":
+            raise
+        return None, []  # auto: the local path reads it and names what is wrong
     rows = partitioned.parquet_rows(files, settings) if engine == "auto" else 0
     chosen = address if use_cluster(engine, rows, address) else None
     log.info("engine %s: partition %s %s", engine, uri, f"counted on the cluster {chosen}" if chosen else "read here")
