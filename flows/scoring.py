@@ -6,6 +6,10 @@ Each run writes a version of its own under the output and publishes it by replac
 `manifest.json` last (one PUT), so readers (who go through the manifest) see the previous complete run
 until the new one is complete; a failure discards the run's version. Layout: `core/scoring.py`.
 
+`engine` chooses where: in the flow's process, or on a Dask cluster with one task per file, the model
+loaded once per worker and the summary merged from per-file tallies (`adapters/partitioned.py`); the
+publication (the manifest flip) is the same.
+
 Every task type is scored: a classifier (binary or multiclass) writes the predicted class and the
 probability of every class, a regressor its predicted value (see `core.scoring.predict_chunk`).
 """
