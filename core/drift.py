@@ -31,7 +31,7 @@ Rules (stated once, here):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, Literal
 
@@ -272,8 +272,12 @@ def column_drift(name: str, kind: Kind, reference: Any, current: Any, thresholds
     else:
         statistic, p_value = chi_square_test(reference, current)
         test, effect = "chi2", total_variation(reference, current)
-    drifted = psi >= thresholds.psi or (p_value < thresholds.p_value and effect >= thresholds.min_effect)
-    return FeatureDrift(name, kind, psi, test, statistic, p_value, effect, bool(drifted))
+    return FeatureDrift(name, kind, psi, test, statistic, p_value, effect, is_drifted(psi, p_value, effect, thresholds))
+
+
+def is_drifted(psi: float, p_value: float, effect: float, thresholds: DriftThresholds) -> bool:
+    """The feature rule of the module: PSI reaches `psi`, or a significant test with a material effect."""
+    return bool(psi >= thresholds.psi or (p_value < thresholds.p_value and effect >= thresholds.min_effect))
 
 
 def feature_kind(feature: str, config: DatasetConfig) -> Kind:
@@ -379,3 +383,246 @@ def prediction_basis(classes: list[Any]) -> str:
     if len(classes) == 2:
         return f"the probability of class {classes[1]}"
     return f"the shares of the predicted classes ({', '.join(map(str, classes))})"
+
+
+# ---------------------------------------------------------------------------------------------- over partitions
+#
+# A window too big for one process is read partition by partition (on a Dask cluster). Every figure above
+# is a function of counts over bins that the *reference* fixes, so each partition only counts, the counts
+# are summed, and the figures are computed once from the sums: the same numbers as on the whole frame.
+# - PSI (numeric): counts over the reference's quantile edges plus the missing bin (`numeric_counts`).
+# - KS (numeric): the reference is small (`REFERENCE_ROWS`), so its distinct values cut the line into
+#   cells: "equal to the j-th value" and "strictly between the (j-1)-th and the j-th". Both ECDFs are
+#   constant or monotone inside a cell, so the largest ECDF gap is found at a cell's ends: the counts per
+#   cell give the exact statistic. The p-value is scipy's for that statistic and those sizes (exact method
+#   up to scipy's 10,000 rows, Smirnov's asymptotic formula above it, as `ks_2samp(method="auto")`).
+# - chi-square, total variation, PSI (categorical): counts per category (missing as `__missing__`).
+# - null rates: missing values per column.
+
+KS_EXACT_MAX_ROWS = 10_000  # scipy's `ks_2samp` uses the exact method up to this many rows per sample
+
+
+@dataclass(frozen=True)
+class ColumnReference:
+    """What the partitions of a window need from the reference for one column: bins fixed by the reference."""
+
+    name: str
+    kind: Kind
+    values: Any = None  # the reference values themselves (the final figures are computed against them)
+    edges: np.ndarray = field(default_factory=lambda: np.array([]))  # numeric: PSI's inner edges
+    support: np.ndarray = field(default_factory=lambda: np.array([]))  # numeric: distinct non-missing values
+
+
+def column_reference(name: str, kind: Kind, values: Any) -> ColumnReference:
+    """The reference side of a column, for partial counts (`column_partial`)."""
+    if kind == "categorical":
+        return ColumnReference(name, kind, _labels(values))
+    array = np.asarray(values, dtype=float)
+    return ColumnReference(name, kind, array, quantile_edges(array), np.unique(array[~np.isnan(array)]))
+
+
+@dataclass
+class ColumnPartial:
+    """Counts of one column over some rows of a window, against its `ColumnReference`; `merge` sums them."""
+
+    name: str
+    kind: Kind
+    rows: int = 0
+    missing: int = 0
+    psi_counts: np.ndarray = field(default_factory=lambda: np.zeros(0))  # numeric: `numeric_counts`
+    equal: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # numeric: == support[j]
+    between: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # numeric: (s[j-1], s[j])
+    categories: dict[str, int] = field(default_factory=dict)  # categorical: count per label
+
+    def merge(self, other: ColumnPartial) -> ColumnPartial:
+        """The counts of both (the same column against the same reference)."""
+        if (other.name, other.kind) != (self.name, self.kind):
+            raise ValueError(f"cannot merge the counts of {other.name} ({other.kind}) into {self.name} ({self.kind})")
+        categories = dict(self.categories)
+        for label, count in other.categories.items():
+            categories[label] = categories.get(label, 0) + count
+        return ColumnPartial(
+            self.name,
+            self.kind,
+            self.rows + other.rows,
+            self.missing + other.missing,
+            self.psi_counts + other.psi_counts,
+            self.equal + other.equal,
+            self.between + other.between,
+            categories,
+        )
+
+    @property
+    def null_rate(self) -> float:
+        """Share of missing values (0 for no rows)."""
+        return self.missing / self.rows if self.rows else 0.0
+
+
+def column_partial(reference: ColumnReference, values: Any) -> ColumnPartial:
+    """Counts of one partition's values of a column (see the section's comment)."""
+    if reference.kind == "categorical":
+        labels = _labels(values)
+        counts = labels.value_counts()
+        categories = {str(label): int(count) for label, count in counts.items()}
+        return ColumnPartial(
+            reference.name, "categorical", len(labels), categories.get(MISSING, 0), categories=categories
+        )
+    array = np.asarray(values, dtype=float)
+    present = array[~np.isnan(array)]
+    support = reference.support
+    left = np.searchsorted(support, present, side="left")
+    right = np.searchsorted(support, present, side="right")
+    hit = right > left
+    return ColumnPartial(
+        reference.name,
+        "numeric",
+        array.size,
+        int(array.size - present.size),
+        numeric_counts(array, reference.edges),
+        np.bincount(left[hit], minlength=support.size).astype(np.int64),
+        np.bincount(left[~hit], minlength=support.size + 1).astype(np.int64),
+    )
+
+
+def _ks_surrogate(support: np.ndarray, equal: np.ndarray, between: np.ndarray) -> np.ndarray:
+    """A sample with exactly these cell counts (a value inside each open cell stands for the cell's values)."""
+    inside = np.empty(support.size + 1)
+    inside[0] = np.nextafter(support[0], -np.inf)
+    inside[1:-1] = np.nextafter(support[:-1], np.inf)  # strictly inside (s[j-1], s[j]) whenever that cell is not empty
+    inside[-1] = np.nextafter(support[-1], np.inf)
+    return np.concatenate([np.repeat(support, equal), np.repeat(inside, between)])
+
+
+def ks_from_partial(reference: ColumnReference, partial: ColumnPartial) -> tuple[float, float]:
+    """`ks_test(reference values, all the window's values)` from the window's merged cell counts."""
+    support = reference.support
+    ref = np.asarray(reference.values, dtype=float)
+    ref = ref[~np.isnan(ref)]
+    n_ref, n_cur = ref.size, int(partial.equal.sum() + partial.between.sum())
+    if n_ref == 0 or n_cur == 0:
+        return 0.0, 1.0
+    if max(n_ref, n_cur) <= KS_EXACT_MAX_ROWS:  # small: scipy's exact method on a sample with the same cells
+        return ks_test(ref, _ks_surrogate(support, partial.equal, partial.between))
+    ref_cum = np.searchsorted(np.sort(ref), support, side="right")  # reference rows <= s[j]
+    cur_at = np.cumsum(partial.equal + partial.between[:-1])  # window rows <= s[j]
+    before = np.concatenate([[0], cur_at]) + partial.between  # window rows < s[j] (and all rows, last)
+    ref_before = np.concatenate([[0], ref_cum])
+    gaps = np.concatenate(
+        [ref_cum / n_ref - cur_at / n_cur, ref_before / n_ref - before / n_cur]  # at s[j]; just before s[j]
+    )
+    statistic = float(max(gaps.max(), -gaps.min(), 0.0))
+    # scipy's ks_2samp, method "asymp", two-sided: Smirnov's distribution at the effective size
+    m, n = sorted([float(n_ref), float(n_cur)], reverse=True)
+    p_value = float(np.clip(stats.kstwo.sf(statistic, np.round(m * n / (m + n))), 0, 1))
+    return statistic, p_value
+
+
+def drift_from_partial(reference: ColumnReference, partial: ColumnPartial, thresholds: DriftThresholds) -> FeatureDrift:
+    """`column_drift(name, kind, reference values, the window's values)` from the window's merged counts."""
+    if reference.kind == "numeric":
+        bins = Bins([], numeric_counts(reference.values, reference.edges), partial.psi_counts)
+        statistic, p_value = ks_from_partial(reference, partial)
+        test, effect = "ks", statistic
+    else:
+        ref_counts = reference.values.value_counts()
+        categories = sorted(set(ref_counts.index) | set(partial.categories))
+        ref = ref_counts.reindex(categories, fill_value=0).to_numpy(dtype=float)
+        cur = np.array([partial.categories.get(c, 0) for c in categories], dtype=float)
+        bins = Bins(categories, ref, cur)
+        if len(categories) < 2:
+            statistic, p_value = 0.0, 1.0
+        else:
+            statistic, p_value, _, _ = stats.chi2_contingency(np.vstack([ref, cur]), correction=False)
+            statistic, p_value = float(statistic), float(p_value)
+        test, effect = "chi2", float(0.5 * np.abs(ref / ref.sum() - cur / cur.sum()).sum())
+    psi = bins.psi
+    drifted = is_drifted(psi, p_value, effect, thresholds)
+    return FeatureDrift(reference.name, reference.kind, psi, test, statistic, p_value, effect, drifted)
+
+
+@dataclass(frozen=True)
+class WindowReference:
+    """The reference side of every feature (prepared inputs) and of the champion's predictions."""
+
+    features: tuple[ColumnReference, ...]
+    prediction: ColumnReference | None  # None: predictions are not compared
+    classes: tuple[Any, ...] = ()  # the model's classes (empty for a regressor)
+
+
+def window_reference(reference: pd.DataFrame, config: DatasetConfig, classes: list[Any] | None) -> WindowReference:
+    """From a stored reference sample (features + outputs); `classes` None leaves predictions out.
+
+    `classes` is the model's (empty for a regressor); the reference's outputs are `prediction_values` of them.
+    """
+    features = tuple(
+        column_reference(f, feature_kind(f, config), feature_values(reference, f, config)) for f in config.feature_names
+    )
+    if classes is None:
+        return WindowReference(features, None)
+    scores = reference[output_columns(classes)].to_numpy(dtype=float)
+    values = prediction_values(scores if classes else scores[:, 0], classes)
+    prediction = column_reference(prediction_name(classes), prediction_kind(classes), values)
+    return WindowReference(features, prediction, tuple(classes))
+
+
+@dataclass
+class WindowPartial:
+    """Counts of some rows of a window: per feature, and of the champion's predictions on them."""
+
+    rows: int
+    features: list[ColumnPartial]
+    prediction: ColumnPartial | None = None
+
+    def merge(self, other: WindowPartial) -> WindowPartial:
+        """The counts of both."""
+        prediction = None
+        if self.prediction is not None and other.prediction is not None:
+            prediction = self.prediction.merge(other.prediction)
+        features = [a.merge(b) for a, b in zip(self.features, other.features, strict=True)]
+        return WindowPartial(self.rows + other.rows, features, prediction)
+
+    @property
+    def null_rates(self) -> dict[str, float]:
+        """Share of missing values per feature."""
+        return {f.name: f.null_rate for f in self.features}
+
+
+def window_partial(
+    features: pd.DataFrame, reference: WindowReference, config: DatasetConfig, scores: np.ndarray | None = None
+) -> WindowPartial:
+    """Counts of one partition: `features` are its prepared inputs, `scores` the model's outputs on them.
+
+    An empty partition needs no scores (a model cannot score no rows); its counts are zeros.
+    """
+    partials = [column_partial(r, feature_values(features, r.name, config)) for r in reference.features]
+    prediction = None
+    if reference.prediction is not None:
+        if len(features) == 0:
+            values: Any = np.array([], dtype=float if reference.prediction.kind == "numeric" else object)
+        elif scores is None:
+            raise ValueError("the model's outputs are needed to count the predictions of a non-empty partition")
+        else:
+            values = prediction_values(scores, list(reference.classes))
+        prediction = column_partial(reference.prediction, values)
+    return WindowPartial(len(features), partials, prediction)
+
+
+def merge_partials(partials: list[WindowPartial]) -> WindowPartial:
+    """The counts of every partition of a window (in any order: sums of integers)."""
+    if not partials:
+        raise ValueError("no partitions to merge")
+    merged = partials[0]
+    for partial in partials[1:]:
+        merged = merged.merge(partial)
+    return merged
+
+
+def partial_drifts(
+    reference: WindowReference, partial: WindowPartial, thresholds: DriftThresholds
+) -> tuple[list[FeatureDrift], FeatureDrift | None]:
+    """Every feature's drift and the predictions' (None when not counted) from a window's merged counts."""
+    features = [drift_from_partial(r, p, thresholds) for r, p in zip(reference.features, partial.features, strict=True)]
+    prediction = None
+    if reference.prediction is not None and partial.prediction is not None:
+        prediction = drift_from_partial(reference.prediction, partial.prediction, thresholds)
+    return features, prediction

@@ -266,6 +266,31 @@ def scoring_task(config: DatasetConfig, classes: list[Any], model_name: str, mod
     return "regression" if not classes else ("binary" if len(classes) == 2 else "multiclass")
 
 
+# --- where it runs: this process, or partitions on a Dask cluster ----------------------------------------
+
+CLUSTER_MIN_ROWS = 1_000_000  # `engine="auto"` scores a partition this big on the cluster when there is one
+ENGINES = ("auto", "local", "dask")
+
+
+def use_cluster(engine: str, rows: int, address: str | None) -> bool:
+    """Whether to score on the Dask cluster at `address` (None: no cluster).
+
+    `local`: never; `dask`: always (an error without a cluster); `auto`: when there is a cluster and the
+    partition has at least `CLUSTER_MIN_ROWS` rows (below that, starting tasks costs more than it saves).
+
+    Raises:
+        ScoringInputError: `dask` asked for with no cluster, or an unknown engine.
+    """
+    if engine not in ENGINES:
+        raise ScoringInputError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "dask" and address is None:
+        raise ScoringInputError(
+            "engine 'dask' asked for, but there is no Dask cluster: set MLOPS_DASK_ADDRESS or start the local "
+            "stack's scheduler (mlops stack up)"
+        )
+    return engine == "dask" or (engine == "auto" and address is not None and rows >= CLUSTER_MIN_ROWS)
+
+
 # --- one chunk in, its predictions out ---------------------------------------------------------------
 
 
@@ -327,6 +352,17 @@ class PredictionStats:
         self.count = total
         self.min, self.max = min(self.min, float(values.min())), max(self.max, float(values.max()))
 
+    def merge(self, other: PredictionStats) -> None:
+        """Merge another run's statistics (Chan et al.'s pairwise update, as `add` does for a chunk)."""
+        if other.count == 0:
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / total
+        self.m2 += other.m2 + delta**2 * self.count * other.count / total
+        self.count = total
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+
     def as_dict(self) -> dict[str, float]:
         """`mean`, `std` (population), `min`, `max`; empty when nothing was added."""
         if self.count == 0:
@@ -360,6 +396,15 @@ class PredictionTally:
         for label, count in zip(*np.unique(predicted, return_counts=True), strict=True):
             self.counts[str(label)] = self.counts.get(str(label), 0) + int(count)
 
+    def merge(self, other: PredictionTally) -> None:
+        """Merge the tally of other rows (another partition's), as if its chunks had been added here."""
+        self.rows += other.rows
+        for label, value in other.sums.items():
+            self.sums[label] = self.sums.get(label, 0.0) + value
+        for label, count in other.counts.items():
+            self.counts[label] = self.counts.get(label, 0) + count
+        self.values.merge(other.values)
+
     def fill(self, summary: ScoringSummary) -> None:
         """Set the summary's class counts and mean probabilities, or its prediction statistics."""
         if self.rows == 0:
@@ -391,6 +436,12 @@ class ScoringSummary:
     mean_probability: dict[str, float] = field(default_factory=dict)
     prediction_stats: dict[str, float] = field(default_factory=dict)
     parts: dict[str, str] = field(default_factory=dict)
+    # How it ran: `local` (chunks in the flow's process) or `dask` (partitions on a cluster); for `dask`, the
+    # workers used, each worker's memory limit and its peak resident memory (MB, since the worker started).
+    engine: str = "local"
+    workers: int = 0
+    worker_memory_limit_mb: dict[str, float] = field(default_factory=dict)
+    worker_peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
     @property
     def rows_per_second(self) -> float:
@@ -418,6 +469,7 @@ class ScoringSummary:
             f"| chunks | {self.chunks} |",
             f"| seconds | {self.seconds:.1f} ({self.rows_per_second:,.0f} rows/s) |",
             f"| task | {self.task} |",
+            f"| engine | {self.engine}{f' ({self.workers} workers)' if self.engine == 'dask' else ''} |",
             f"| scored at | {self.scored_at} |",
             "",
         ]

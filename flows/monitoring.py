@@ -13,6 +13,7 @@ Deployed daily (`deployments/deploy.py`); `mlops demo drift` runs it once on a d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -26,7 +27,9 @@ from services.retraining import Trigger, outside_source, trigger_retraining
 from tasks.features import load_partition_with_features
 from tasks.loading import load_dataset_config
 from tasks.monitoring import (
+    analyse_partition_on_cluster,
     analyse_window,
+    choose_drift_engine,
     load_champion_reference,
     load_labels,
     load_partition,
@@ -69,6 +72,13 @@ class MonitoringParams(BaseModel):
         description="s3:// URI of late-arriving labels (id column and target). Partition rows join on the id "
         "column, prediction-log rows on the id their record carried (else their request id); gives ROC AUC "
         "and F1 (macro for multiclass), or RMSE and MAE (regression), on recent data.",
+    )
+    engine: Literal["auto", "local", "dask"] = Field(
+        "auto",
+        title="Engine",
+        description="Where the recent partition's statistics are computed. local: read whole here; dask: "
+        "counted per Parquet file on the Dask cluster and merged (the same figures); auto: the cluster when "
+        "there is one and the partition has at least 1,000,000 rows.",
     )
     thresholds: DriftThresholds = Field(
         default_factory=DriftThresholds, title="Thresholds", description="When drift or decay means retraining."
@@ -115,14 +125,23 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
     """Measure drift (and decay, when labels arrived), store the report, and trigger retraining if needed."""
     config = load_dataset_config(params.dataset)
     champion = load_champion_reference(config.model_name)
-    windows = []
-    if params.partition:
-        load = load_partition_with_features if config.feature_service else load_partition  # store features too
-        windows.append(load(params.partition, config))
-    if params.prediction_log_days:
-        windows.append(load_prediction_log(config.model_name, params.prediction_log_days, config))
     labels = load_labels(params.labels, config) if params.labels else None
-    results = [analyse_window(window, champion, config, labels, params.thresholds) for window in windows]
+    windows, results, pending = [], [], []
+    if params.partition:
+        address, files = choose_drift_engine(params.engine, params.partition, config)
+        if address:  # a big partition: counted per file on the cluster, merged into the same figures
+            window, result = analyse_partition_on_cluster(
+                address, params.partition, files, champion, config, labels, params.thresholds
+            )
+            windows.append(window)
+            results.append(result)
+        else:
+            load = load_partition_with_features if config.feature_service else load_partition  # store features too
+            pending.append(load(params.partition, config))
+    if params.prediction_log_days:
+        pending.append(load_prediction_log(config.model_name, params.prediction_log_days, config))
+    windows += pending
+    results += [analyse_window(window, champion, config, labels, params.thresholds) for window in pending]
     verdict = overall_verdict(results)
     # A retrain reads the dataset's source: drift elsewhere (the prediction log, another prefix) is not retrained on.
     scope = retrain_scope(results, config.source)

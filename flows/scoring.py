@@ -6,6 +6,10 @@ Each run writes a version of its own under the output and publishes it by replac
 `manifest.json` last (one PUT), so readers (who go through the manifest) see the previous complete run
 until the new one is complete; a failure discards the run's version. Layout: `core/scoring.py`.
 
+`engine` chooses where: in the flow's process, or on a Dask cluster with one task per file, the model
+loaded once per worker and the summary merged from per-file tallies (`adapters/partitioned.py`); the
+publication (the manifest flip) is the same.
+
 Every task type is scored: a classifier (binary or multiclass) writes the predicted class and the
 probability of every class, a regressor its predicted value (see `core.scoring.predict_chunk`).
 """
@@ -13,12 +17,14 @@ probability of every class, a regressor its predicted value (see `core.scoring.p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.loading import load_dataset_config
 from tasks.scoring import (
+    choose_engine,
     discard_version,
     inspect_partition,
     load_model,
@@ -27,6 +33,7 @@ from tasks.scoring import (
     publish_scoring_summary,
     resolve_model_version,
     score_partition,
+    score_partition_on_cluster,
 )
 
 S3_URI = r"^s3://[^/]+(/.*)?$"
@@ -69,6 +76,13 @@ class ScoringParams(BaseModel):
         "summary.json); empty means s3://<bucket>/predictions/batch/<model>/<partition>/v<version>/.",
         pattern=S3_URI,
     )
+    engine: Literal["auto", "local", "dask"] = Field(
+        "auto",
+        title="Engine",
+        description="local: chunks in the flow's process; dask: one task per file on the Dask cluster "
+        "(MLOPS_DASK_ADDRESS, else the local stack's scheduler); auto: the cluster when there is one and the "
+        "partition has at least 1,000,000 rows.",
+    )
 
 
 @dataclass(frozen=True)
@@ -98,10 +112,16 @@ def scoring(params: ScoringParams) -> ScoringOutcome:
     config = load_dataset_config(params.dataset)
     version = resolve_model_version(config.model_name, params.model_version)
     partition = inspect_partition(params.source, config)
-    model = load_model(config.model_name, version)
+    address = choose_engine(params.engine, partition)
+    model = None if address else load_model(config.model_name, version)  # on the cluster, each worker loads it
     plan = make_output_plan(params.output, config.model_name, params.source, version)
     try:
-        summary = score_partition(model, config, partition, plan, params.chunk_rows, config.model_name, version)
+        if address:
+            summary = score_partition_on_cluster(
+                address, config, partition, plan, params.chunk_rows, config.model_name, version
+            )
+        else:
+            summary = score_partition(model, config, partition, plan, params.chunk_rows, config.model_name, version)
         manifest = publish_predictions(plan, summary)
     except BaseException:
         discard_version(plan)

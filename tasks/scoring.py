@@ -14,12 +14,13 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adapters import registry, scoring_store
+from adapters import partitioned, registry, scoring_store
+from adapters.cluster import cluster_address
 from adapters.registry import CHAMPION
 from adapters.settings import get_settings
 from adapters.store import s3_filesystem
 from core.dataset import DatasetConfig
-from core.scoring import Manifest, OutputPlan, Partition, ScoringSummary, new_version, plan_output
+from core.scoring import Manifest, OutputPlan, Partition, ScoringSummary, new_version, plan_output, use_cluster
 from tasks.retrying import IO, IO_RETRIES, IO_RETRY_DELAYS
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,31 @@ def score_partition(
     filesystem = s3_filesystem(get_settings())
     return scoring_store.score_partition_files(
         model, config, partition, plan, chunk_rows, model_name, model_version, filesystem, report
+    )
+
+
+@task(name="choose-engine", cache_policy=NO_CACHE)
+def choose_engine(engine: str, partition: Partition) -> str | None:
+    """Prefect task: the Dask scheduler to score on, or None for this process (see `core.scoring.use_cluster`)."""
+    address = cluster_address(get_settings())
+    chosen = address if use_cluster(engine, partition.rows, address) else None
+    log.info("engine %s: scoring %d rows %s", engine, partition.rows, f"on the cluster {chosen}" if chosen else "here")
+    return chosen
+
+
+@task(name="score-partition-on-cluster", **IO, timeout_seconds=6 * 3600)
+def score_partition_on_cluster(
+    address: str,
+    config: DatasetConfig,
+    partition: Partition,
+    plan: OutputPlan,
+    chunk_rows: int,
+    model_name: str,
+    model_version: str,
+) -> ScoringSummary:
+    """Prefect task: score on the Dask cluster, one partition per file, into the run's version (nothing published)."""
+    return partitioned.score_on_cluster(
+        address, config, partition, plan, chunk_rows, model_name, model_version, get_settings()
     )
 
 
