@@ -190,7 +190,10 @@ def full_data_stats(snapshot: BigSnapshot, config: DatasetConfig, settings: Sett
         duplicated = ids.count() - ids.drop_duplicates(split_out=max(frame.npartitions // 2, 1)).count()
     fraction = min(1.0, sample_rows / max(snapshot.rows, 1))
     sample = frame.sample(frac=fraction, random_state=seed) if fraction < 1 else frame
-    stats, duplicated, sample_frame = client.compute([parts[0], duplicated, sample], sync=True)
+    # One graph of delayed objects (mixing them with expressions reorders the results in dask 2026.8)
+    duplicated = duplicated.to_delayed() if hasattr(duplicated, "to_delayed") else delayed(duplicated)
+    wanted = [parts[0], duplicated, delayed(pd.concat)(sample.to_delayed())]
+    stats, duplicated, sample_frame = client.compute(wanted, sync=True)
     return stats, columns, int(duplicated), sample_frame.reset_index(drop=True)
 
 
@@ -251,7 +254,8 @@ def split_big(snapshot: BigSnapshot, config: DatasetConfig, settings: Settings) 
         .map_partitions(_train_part, config, meta=frame._meta)
         .head(_TRAIN_SAMPLE_ROWS, npartitions=1, compute=False)
     )
-    holdout_frame, totals, train_sample = client.compute([holdout, counts[0], sample], sync=True)
+    wanted = [delayed(pd.concat)(holdout.to_delayed()), counts[0], delayed(pd.concat)(sample.to_delayed())]
+    holdout_frame, totals, train_sample = client.compute(wanted, sync=True)
     holdout_frame = holdout_frame.reset_index(drop=True)
     for part, rows, name in (
         (train_sample, totals["train"], "training"),
@@ -302,16 +306,15 @@ def train_lightgbm(
     train = frame.map_partitions(_train_part, config, meta=frame._meta).map_partitions(
         encode_partition, config, fitted, meta=meta
     )
-    train = client.persist(train)
-    wait(train)
-    try:
+    kwargs = lightgbm_kwargs(config, seed)
+    estimator_class = DaskLGBMClassifier if config.task.is_classification else DaskLGBMRegressor
+    with client.as_current():  # `wait` and LightGBM's helpers look for the current client
+        train = client.persist(train)
+        wait(train)
         X, y = train[encoded_columns(config)], train[config.target]
-        kwargs = lightgbm_kwargs(config, seed)
-        estimator_class = DaskLGBMClassifier if config.task.is_classification else DaskLGBMRegressor
         estimator = estimator_class(client=client, **kwargs)
         estimator.fit(X, y, categorical_feature=categorical_indices(config))
         local = estimator.to_local()
-    finally:
-        client.cancel(train)
+        del X, y, train  # the last references: the cluster frees the persisted partitions
     log.info("LightGBM on the cluster: %d training rows, %s", split.rows_train, kwargs)
     return assemble(fitted, local), kwargs
