@@ -93,15 +93,24 @@ def test_full_data_checks_on_the_cluster_match_pandas(stack, big) -> None:
     assert {f.column for f in failures} == {"age", "loan_amount", "credit_utilization", "region", "application_id"}
 
 
-def test_holdout_is_the_pandas_engines(stack, big) -> None:
+@pytest.fixture(scope="module")
+def good_split(stack, big):
+    """The good snapshot split on the cluster with room for the whole holdout (shared by two tests)."""
+    from adapters.big_snapshots import open_big_snapshot, split_big
+
+    config = _config("big-engine-test", big["good"], max_holdout_rows=10**6)
+    snapshot = open_big_snapshot(config, stack)
+    return config, snapshot, split_big(snapshot, config, stack)
+
+
+def test_holdout_is_the_pandas_engines(stack, big, good_split) -> None:
     from adapters.big_snapshots import open_big_snapshot, split_big
     from core.split import split_frame
 
     frame = big["frame"]
     reference = split_frame(frame, _config("x", big["good"]))  # the pandas engine
     # With room for the whole holdout, the evaluated rows are exactly the pandas engine's holdout
-    config = _config("big-engine-test", big["good"], max_holdout_rows=10**6)
-    split = split_big(open_big_snapshot(config, stack), config, stack)
+    _, _, split = good_split
     assert set(split.holdout["application_id"]) == set(reference.holdout["application_id"])
     assert split.rows_holdout == len(reference.holdout) and split.rows_train == len(reference.train)
     assert split.window == tuple(
@@ -114,17 +123,15 @@ def test_holdout_is_the_pandas_engines(stack, big) -> None:
     assert 700 <= len(small.holdout) <= 1300 and small.rows_holdout == len(reference.holdout)
 
 
-def test_dask_lightgbm_matches_a_local_reference(stack, big) -> None:
+def test_dask_lightgbm_matches_a_local_reference(stack, big, good_split) -> None:
     import lightgbm
     from sklearn.metrics import roc_auc_score
 
-    from adapters.big_snapshots import open_big_snapshot, split_big, train_lightgbm
+    from adapters.big_snapshots import train_lightgbm
     from core.big_model import lightgbm_kwargs
     from core.split import split_frame
 
-    config = _config("big-engine-test", big["good"], max_holdout_rows=10**6)
-    snapshot = open_big_snapshot(config, stack)
-    split = split_big(snapshot, config, stack)
+    config, snapshot, split = good_split
     model, params = train_lightgbm(snapshot, split, config, stack, seed=42)
     reference_split = split_frame(big["frame"], config)
     # Reference: the same parameters on the same training rows, trained locally with pandas categoricals
@@ -138,13 +145,14 @@ def test_dask_lightgbm_matches_a_local_reference(stack, big) -> None:
                 out[f.name] = pd.Categorical(out[f.name], categories=sorted(f.categories))
         return out
 
-    local = lightgbm.LGBMClassifier(**lightgbm_kwargs(config, 42)).fit(native(train), train["default"])
+    local = lightgbm.LGBMClassifier(**lightgbm_kwargs(config, 42), n_jobs=1).fit(native(train), train["default"])
     ours = roc_auc_score(holdout["default"], model.predict_proba(holdout[features])[:, 1])
     theirs = roc_auc_score(holdout["default"], local.predict_proba(native(holdout))[:, 1])
     print(f"holdout ROC AUC: dask {ours:.4f}, local reference {theirs:.4f}")
     assert abs(ours - theirs) <= 0.01
     assert ours > 0.7
     assert params["n_estimators"] == 60 and model.named_steps["model"].n_estimators == 60
+    assert model.named_steps["model"].n_jobs == 1  # one OpenMP thread when it predicts (serving, review)
 
 
 def test_flow_on_dask_registers_and_promotes_a_model_that_takes_raw_rows(stack, big, tmp_path, monkeypatch) -> None:
