@@ -140,3 +140,13 @@ def test_lightgbm_pipeline_takes_raw_rows() -> None:
     data = skops.io.dumps(pipeline)
     loaded = skops.io.loads(data, trusted=skops_trusted_types(pipeline))
     assert np.array_equal(loaded.predict_proba(raw), proba)
+
+
+def test_split_summary_is_what_the_card_showed_before() -> None:
+    from core.card import time_window
+    from core.split import split_frame
+
+    split = split_frame(generate_month(0, 2000, 6), CONFIG)
+    assert split.training_window("application_date") == time_window(split.train["application_date"])
+    assert split.training_window(None) is None
+    assert (split.rows_train, split.rows_holdout) == (len(split.train), len(split.holdout))
