@@ -90,6 +90,18 @@ class SliceSpec(BaseModel):
         return self
 
 
+class LightGBMParams(BaseModel):
+    """LightGBM parameters of the Dask engine's model (the same on the cluster and in a local reference)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_estimators: int = Field(200, ge=1, le=10_000)
+    learning_rate: float = Field(0.1, gt=0, le=1)
+    num_leaves: int = Field(31, ge=2, le=4096)
+    min_child_samples: int = Field(20, ge=1)
+    seed: int | None = Field(None, description="None: the run's seed.")
+
+
 class DatasetConfig(BaseModel):
     """Where a dataset lives and what a valid snapshot of it looks like."""
 
@@ -139,6 +151,28 @@ class DatasetConfig(BaseModel):
     )
     max_missing_feature_share: float = Field(
         0.05, ge=0, le=1, description="Largest share of rows the join may drop or leave without store features."
+    )
+
+    # Big snapshots (issue 14): an out-of-core engine on a Dask cluster, LightGBM's Dask estimator.
+    engine: Literal["pandas", "dask", "auto"] = Field(
+        "pandas",
+        description="pandas: the whole snapshot in the flow's process; dask: partitions on the Dask cluster, "
+        "trained by LightGBM's Dask estimator; auto: dask from `dask_min_rows` rows (counted from Parquet metadata).",
+    )
+    dask_min_rows: int = Field(
+        2_000_000, ge=1, description="With engine auto, snapshots with at least this many rows go to Dask."
+    )
+    validation_sample_rows: int = Field(
+        100_000, ge=1, description="Dask engine: rows Great Expectations checks (full-data checks run on the cluster)."
+    )
+    max_holdout_rows: int = Field(
+        200_000,
+        ge=100,
+        description="Dask engine: at most about this many holdout rows are collected for evaluation, a fixed "
+        "subset of the frozen holdout chosen by the same id hash.",
+    )
+    lightgbm: LightGBMParams = Field(
+        default_factory=LightGBMParams, description="Dask engine: the LightGBM model's parameters."
     )
 
     @model_validator(mode="after")

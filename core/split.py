@@ -23,15 +23,30 @@ class Split:
     train: pd.DataFrame = field(repr=False)
     holdout: pd.DataFrame = field(repr=False)
 
+    @property
+    def rows_train(self) -> int:
+        """Training rows (the Dask engine's split has the same properties)."""
+        return len(self.train)
 
-def holdout_mask(ids: pd.Series, fraction: float, salt: str) -> np.ndarray:
-    """True for ids in the holdout: blake2b(salt + id) mod 10,000 below `fraction` * 10,000.
+    @property
+    def rows_holdout(self) -> int:
+        """Holdout rows."""
+        return len(self.holdout)
 
-    Depends only on the id's text and the salt, never on row order, row count or other rows.
-    """
+    def training_window(self, column: str | None) -> tuple[str, str] | None:
+        """First and last value of the time column in the training rows."""
+        if column is None:
+            return None
+        values = self.train[column].dropna()
+        if values.empty:
+            return None
+        return tuple(v.isoformat() if hasattr(v, "isoformat") else str(v) for v in (values.min(), values.max()))
+
+
+def holdout_buckets(ids: pd.Series, salt: str) -> np.ndarray:
+    """Each id's bucket in [0, 10,000): blake2b(salt + id) mod 10,000 (the Dask engine hashes per partition)."""
     key = salt.encode()
-    threshold = round(fraction * _BUCKETS)
-    buckets = np.fromiter(
+    return np.fromiter(
         (
             int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8, key=key).digest(), "big") % _BUCKETS
             for i in ids
@@ -39,7 +54,19 @@ def holdout_mask(ids: pd.Series, fraction: float, salt: str) -> np.ndarray:
         dtype=np.int64,
         count=len(ids),
     )
-    return buckets < threshold
+
+
+def holdout_threshold(fraction: float) -> int:
+    """Buckets below this are held out."""
+    return round(fraction * _BUCKETS)
+
+
+def holdout_mask(ids: pd.Series, fraction: float, salt: str) -> np.ndarray:
+    """True for ids in the holdout: blake2b(salt + id) mod 10,000 below `fraction` * 10,000.
+
+    Depends only on the id's text and the salt, never on row order, row count or other rows.
+    """
+    return holdout_buckets(ids, salt) < holdout_threshold(fraction)
 
 
 def split_frame(frame: pd.DataFrame, config: DatasetConfig) -> Split:

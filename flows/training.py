@@ -16,9 +16,10 @@ from prefect import Task, flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.big_snapshots import BigSplit
 from adapters.locks import hold
 from core.approval import Approval, ApprovalTimeout
-from core.card import make_card, time_window
+from core.card import make_card
 from core.dataset import DatasetConfig
 from core.decision import Decision, Gates, decide, decision_markdown, decision_tags, resolve_gates
 from core.outcome import describe_outcome
@@ -28,6 +29,13 @@ from core.split import Split
 from core.validation import DataValidationError
 from services.approval import ask_approval, steps_after
 from services.promotion import current_champion, promote_checked
+from tasks.big_training import (
+    check_big_snapshot,
+    choose_snapshot_engine,
+    load_big_snapshot,
+    split_big_snapshot,
+    train_big_candidate,
+)
 from tasks.compile import compile_candidate
 from tasks.evaluation import evaluate_candidate
 from tasks.features import join_features
@@ -105,7 +113,7 @@ def _record(
     run_id: str,
     params: TrainingParams,
     config: DatasetConfig,
-    split: Split,
+    split: Split | BigSplit,
     data_version: str,
     version: str | None,
     decision: Decision,
@@ -125,9 +133,9 @@ def _record(
         decision=decision,
         outcome=outcome,
         data_version=data_version,
-        training_window=time_window(split.train[config.time_column]) if config.time_column else None,
-        rows_train=len(split.train),
-        rows_holdout=len(split.holdout),
+        training_window=split.training_window(config.time_column),
+        rows_train=split.rows_train,
+        rows_holdout=split.rows_holdout,
         review=findings,
         code_version=git_commit(),
         slice_max_drop=params.gates.max_slice_drop,
@@ -147,10 +155,15 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     """Retrain the dataset's model and promote it when it passes the gates and beats the champion."""
     config = load_dataset_config(params.dataset)
     gates = resolve_gates(params.gates, config.task)  # the task's default primary metric, or a clear error
-    snapshot = load_snapshot(config)
-    # With a feature service, the store's features as of each row's time; lost rows are counted, not hidden.
-    frame, join = join_features(snapshot.frame, config) if config.feature_service else (snapshot.frame, None)
-    report = check_snapshot(frame, config, snapshot.data_version, join)
+    big = choose_snapshot_engine(config) == "dask"  # `engine` in the dataset config; auto counts Parquet rows
+    if big:  # partitions stay on the Dask cluster: GX on a sample plus full-data checks computed there
+        snapshot, join = load_big_snapshot(config), None
+        report = check_big_snapshot(snapshot, config, params.seed)
+    else:
+        snapshot = load_snapshot(config)
+        # With a feature service, the store's features as of each row's time; lost rows are counted, not hidden.
+        frame, join = join_features(snapshot.frame, config) if config.feature_service else (snapshot.frame, None)
+        report = check_snapshot(frame, config, snapshot.data_version, join)
     report_json = report.to_json()
     store_validation_report(config.name, snapshot.data_version, report_json, report.to_markdown())
     if not report.success:
@@ -168,8 +181,12 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     )
     approval: Approval | None = None
     try:
-        split = split_snapshot(frame, config)
-        search = train_candidate(split.train, config, params.search, params.seed)
+        if big:  # the frozen holdout by id hash per partition; LightGBM's Dask estimator on every training row
+            split = split_big_snapshot(snapshot, config)
+            search = train_big_candidate(snapshot, split, config, params.seed)
+        else:
+            split = split_snapshot(frame, config)
+            search = train_candidate(split.train, config, params.search, params.seed)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
         log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, report_json)
         model_uri = log_model(run_id, search.model, split.train, config)

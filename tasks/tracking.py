@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
 # What a loaded model needs; listing it avoids MLflow's slow requirement inference (~5-10 s a model).
 MODEL_REQUIREMENTS = [
-    f"{dist}=={metadata.version(dist)}" for dist in ("scikit-learn", "pandas", "numpy", "scipy", "skops")
+    f"{dist}=={metadata.version(dist)}"
+    for dist in ("scikit-learn", "pandas", "numpy", "scipy", "skops", "lightgbm")  # lightgbm: the Dask engine's models
 ]
 
 

@@ -1,0 +1,94 @@
+"""Prefect tasks of the Dask engine (issue 14): choose the engine, load, validate, split and train big snapshots.
+
+The work runs on the Dask cluster (`adapters.big_snapshots`); the rules (engine choice, full-data checks,
+the evaluated holdout) are pure (`core.big_checks`, `core.big_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from adapters.big_snapshots import (
+    BigSnapshot,
+    BigSplit,
+    count_rows,
+    full_data_stats,
+    open_big_snapshot,
+    split_big,
+    train_lightgbm,
+)
+from adapters.expectations import validate_frame
+from adapters.settings import get_settings
+from core.big_checks import choose_engine, combined_report, full_data_failures
+from core.dataset import DatasetConfig
+from core.search import SearchResult
+from core.validation import ValidationReport
+from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
+
+log = logging.getLogger(__name__)
+
+
+@task(
+    name="engine",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
+def choose_snapshot_engine(config: DatasetConfig) -> str:
+    """Prefect task: `pandas` or `dask` (with `engine: auto`, by the row count in the Parquet footers)."""
+    rows = count_rows(config, get_settings()) if config.engine == "auto" else None
+    engine = choose_engine(config, rows)
+    log.info("engine %s (config %s, %s rows, dask from %d)", engine, config.engine, rows, config.dask_min_rows)
+    return engine
+
+
+@task(
+    name="load-big",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
+def load_big_snapshot(config: DatasetConfig) -> BigSnapshot:
+    """Prefect task: the snapshot's partitions, row count and data version (no data read)."""
+    return open_big_snapshot(config, get_settings())
+
+
+@task(name="validate-big", cache_policy=NO_CACHE)
+def check_big_snapshot(snapshot: BigSnapshot, config: DatasetConfig, seed: int) -> ValidationReport:
+    """Prefect task: Great Expectations on a sample plus full-data checks computed on the cluster."""
+    stats, columns, duplicated, sample = full_data_stats(
+        snapshot, config, get_settings(), config.validation_sample_rows, seed
+    )
+    checks, failures = full_data_failures(stats, config, columns, duplicated)
+    sample_report = validate_frame(sample, config.model_copy(update={"min_rows": min(config.min_rows, len(sample))}))
+    report = combined_report(sample_report, len(sample), stats, checks, failures)
+    log.info(
+        "validation (GX on %d sampled rows, full-data checks on %d rows): %s",
+        len(sample),
+        stats["rows"],
+        report.summary(),
+    )
+    return report
+
+
+@task(name="split-big", cache_policy=NO_CACHE)
+def split_big_snapshot(snapshot: BigSnapshot, config: DatasetConfig) -> BigSplit:
+    """Prefect task: the frozen holdout by id hash on the cluster; its evaluated subset comes back."""
+    return split_big(snapshot, config, get_settings())
+
+
+@task(name="train-big", cache_policy=NO_CACHE)
+def train_big_candidate(snapshot: BigSnapshot, split: BigSplit, config: DatasetConfig, seed: int) -> SearchResult:
+    """Prefect task: LightGBM's Dask estimator on every training row; the local model in a raw-rows pipeline."""
+    model, params = train_lightgbm(snapshot, split, config, get_settings(), seed)
+    scoring = "roc_auc" if config.task.is_classification else "neg_root_mean_squared_error"
+    # No cross-validation on the cluster: one configuration, judged on the holdout like every candidate.
+    return SearchResult(
+        model=model, family="lightgbm_dask", params=params, cv_mean=math.nan, scoring=scoring, trials=[]
+    )
