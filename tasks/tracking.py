@@ -19,8 +19,8 @@ from adapters.settings import get_settings
 from adapters.snapshot_listing import snapshot_listing
 from core.dataset import DatasetConfig
 from core.explain import baseline_row, importance_figure
-from core.fingerprint import Fingerprint, canonical_hash, code_version, listing_version, params_version
 from core.features import prepare_inputs
+from core.fingerprint import Fingerprint, canonical_hash, code_version, listing_version, params_version
 from core.review import Review
 from core.search import SearchResult
 from core.signature import BASELINE_ARTIFACT
