@@ -165,12 +165,12 @@ def _nothing_new(
     )
     decision = Decision(False, [why.reason], {}, champion.version, champion.metrics, gates.primary_metric)
     markdown = nothing_new_markdown(config.model_name, why, run, data_version)
-    tags = {"decision": "nothing_new", "outcome": why.reason, "promoted": "false", "data_version": data_version}
+    tags = {"decision": "nothing_new", "decision.reasons": why.reason, "outcome": why.reason, "promoted": "false"}
     record_decision(
         run_id,
         config.model_name,
         None,
-        tags | {"decision.champion_version": str(champion.version)},
+        tags | {"decision.champion_version": str(champion.version), "data_version": data_version},
         markdown,
         decision.to_json(),
     )
