@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import subprocess
@@ -57,6 +58,7 @@ TRAINING_PACKAGES = ("core", "adapters", "tasks", "services", "flows")
 MODEL_LIBRARIES = ("scikit-learn", "numpy", "scipy", "pandas", "pyarrow", "optuna", "lightgbm", "skops")
 
 
+@functools.cache  # once per process: the code it imported, even if the files are edited while it runs
 def code_fingerprint() -> str:
     """The code part of a run's fingerprint: the training packages' source files and the model libraries.
 
