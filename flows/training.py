@@ -22,6 +22,7 @@ from core.approval import Approval, ApprovalTimeout
 from core.card import make_card
 from core.dataset import DatasetConfig
 from core.decision import Decision, Gates, decide, decision_markdown, decision_tags, resolve_gates
+from core.fingerprint import Comparison, Fingerprint, compare, nothing_new_markdown
 from core.outcome import describe_outcome
 from core.review import Review
 from core.search import SearchSpec
@@ -46,7 +47,10 @@ from tasks.reports import publish_decision, publish_model_card, store_validation
 from tasks.review import review
 from tasks.split import split_snapshot
 from tasks.tracking import (
+    ChampionRecord,
+    champion_record,
     end_run,
+    fingerprint_run,
     git_commit,
     log_evaluation,
     log_model,
@@ -87,6 +91,12 @@ class TrainingParams(BaseModel):
     approval_timeout_seconds: int = Field(
         86_400, ge=10, le=7 * 86_400, title="Approval timeout (s)", description="No answer by then: not promoted."
     )
+    force: bool = Field(
+        False,
+        title="Force retraining",
+        description="Train even when the data, dataset config, parameters and code are the champion's "
+        "(otherwise such a run records 'nothing new' and stops).",
+    )
     serving_timeout_seconds: float = Field(
         120,
         gt=0,
@@ -107,6 +117,7 @@ class TrainingOutcome:
     candidate_version: str | None
     promoted: bool
     previous_champion: str | None
+    nothing_new: str | None = None  # why nothing was trained (same fingerprint as the champion's), else None
 
 
 def _record(
@@ -145,6 +156,37 @@ def _record(
     step(publish_decision)(markdown)
 
 
+def _nothing_new(
+    params: TrainingParams,
+    config: DatasetConfig,
+    gates: Gates,
+    run: Fingerprint,
+    champion: ChampionRecord,
+    why: Comparison,
+) -> TrainingOutcome:
+    """Record on an MLflow run and the Prefect run that nothing new was trained, and why; promote nothing."""
+    data_version = champion.data_version or run.data
+    run_id = start_run(
+        config,
+        params.model_dump(mode="json") | {"data_version": data_version, "source": config.source},
+        {"prefect_flow_run_id": str(flow_run.get_id()), "trigger_reason": params.reason} | run.tags(),
+    )
+    decision = Decision(False, [why.reason], {}, champion.version, champion.metrics, gates.primary_metric)
+    markdown = nothing_new_markdown(config.model_name, why, run, data_version)
+    tags = {"decision": "nothing_new", "decision.reasons": why.reason, "outcome": why.reason, "promoted": "false"}
+    record_decision(
+        run_id,
+        config.model_name,
+        None,
+        tags | {"decision.champion_version": str(champion.version), "data_version": data_version},
+        markdown,
+        decision.to_json(),
+    )
+    publish_decision(markdown)
+    end_run(run_id, "FINISHED")
+    return TrainingOutcome(run_id, data_version, decision, None, False, None, nothing_new=why.reason)
+
+
 @flow(
     name="training",
     description="Retrain, evaluate on a frozen holdout, promote only when it is safe.",
@@ -155,6 +197,11 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     """Retrain the dataset's model and promote it when it passes the gates and beats the champion."""
     config = load_dataset_config(params.dataset)
     gates = resolve_gates(params.gates, config.task)  # the task's default primary metric, or a clear error
+    # Same data listing, config, params and code as the champion: nothing to learn; stop before reading the data.
+    fingerprint, champion = fingerprint_run(config, params.model_dump(mode="json")), champion_record(config.model_name)
+    same = compare(fingerprint, champion.fingerprint, config.model_name, champion.version)
+    if same.unchanged and not params.force:
+        return _nothing_new(params, config, gates, fingerprint, champion, same)
     big = choose_snapshot_engine(config) == "dask"  # `engine` in the dataset config; auto counts Parquet rows
     if big:  # partitions stay on the Dask cluster: GX on a sample plus full-data checks computed there
         snapshot, join = load_big_snapshot(config), None
@@ -177,7 +224,9 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             "prefect_flow_run_id": str(flow_run.get_id()),
             "dry_run": str(params.dry_run).lower(),
             "trigger_reason": params.reason,
-        },
+            "fingerprint.comparison": same.note(params.force),
+        }
+        | fingerprint.tags(),
     )
     approval: Approval | None = None
     try:
@@ -230,6 +279,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                     "task": config.task.value,  # what serving and scoring answer (a value, or class probabilities)
                 }
                 | compiled.tags()  # the form serving uses (onnx only when its parity check passed)
+                | fingerprint.tags()  # what it was trained from: a later run with the same one has nothing new
                 | ({"feature_service": config.feature_service} if config.feature_service else {})  # serving looks up
             )
             version = None if params.dry_run else register_model(model_uri, config.model_name, run_id, version_tags)

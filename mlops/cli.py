@@ -276,6 +276,7 @@ def run_training(
     settings: Settings,
     families: list[str] | None = None,
     gate: ModelGate | None = None,
+    force: bool = False,
 ) -> int:
     """Run the training flow against the configured stack; returns a process exit code.
 
@@ -301,7 +302,7 @@ def run_training(
         search = SearchSpec(families=families, **({} if trials is None else {"trials_per_family": trials}))
     except ValidationError as exc:  # an unknown --family
         raise fail(f"--family: {exc.errors()[0]['msg']}", code=2) from exc
-    params = TrainingParams(dataset=dataset, dry_run=dry_run, seed=seed, search=search)
+    params = TrainingParams(dataset=dataset, dry_run=dry_run, seed=seed, search=search, force=force)
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
         state = training(params, return_state=True)
     if not state.is_completed():
@@ -310,9 +311,14 @@ def run_training(
         return 1
     outcome = state.result()
     typer.echo("")
-    typer.echo(f"decision: {outcome.decision.verdict} -> {'PROMOTED' if outcome.promoted else 'not promoted'}")
-    for reason in outcome.decision.reasons:
-        typer.echo(f"  - {reason}")
+    if outcome.nothing_new:  # the champion's data, config, params and code: the flow stopped before training
+        typer.echo(f"nothing new -> not trained, not promoted (champion v{outcome.decision.champion_version} stays)")
+        typer.echo(f"  - {outcome.nothing_new}")
+        typer.echo("  - `mlops train --force` retrains anyway")
+    else:
+        typer.echo(f"decision: {outcome.decision.verdict} -> {'PROMOTED' if outcome.promoted else 'not promoted'}")
+        for reason in outcome.decision.reasons:
+            typer.echo(f"  - {reason}")
     typer.echo(f"candidate version: {outcome.candidate_version or '-'}; data version: {outcome.data_version}")
     typer.echo(f"Prefect UI: {settings.prefect_ui_url}")
     typer.echo(f"MLflow UI:  {settings.mlflow_tracking_uri}/#/models")
@@ -347,13 +353,19 @@ def train(
             help=f"Exit {REJECT_EXIT} when the candidate is worse than the champion or unsafe (CI's model check).",
         ),
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Train even when the data, config, parameters and code are the champion's (nothing new)."
+        ),
+    ] = False,
 ) -> None:
     """Run the retraining flow now, against the configured stack (shows up on its Prefect server)."""
     setup_logging()
     if not config.startswith("s3://") and Path(config).suffix in {".yaml", ".yml"}:
         config = str(Path(config).resolve())
     gate = ModelGate(summary.resolve() if summary else None, fail_on_reject)
-    code = run_training(config, dry_run, seed, trials, get_settings(), family, gate)
+    code = run_training(config, dry_run, seed, trials, get_settings(), family, gate, force)
     raise typer.Exit(code)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import subprocess
-from importlib import metadata
+from dataclasses import dataclass, field
+from importlib import metadata, util
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,13 @@ import pandas as pd
 from prefect import task
 
 from adapters.clients import mlflow_client, use_tracking_server
+from adapters.registry import champion_version, run_holdout_metrics
 from adapters.settings import get_settings
+from adapters.snapshot_listing import snapshot_listing
 from core.dataset import DatasetConfig
 from core.explain import baseline_row, importance_figure
 from core.features import prepare_inputs
+from core.fingerprint import Fingerprint, canonical_hash, code_version, listing_version, params_version
 from core.review import Review
 from core.search import SearchResult
 from core.signature import BASELINE_ARTIFACT
@@ -46,6 +51,77 @@ def git_commit() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# The source that trains and decides (not the CLI, the serving API or the deployments), and the libraries
+# that fit the model: a change in either may change the answer, so it is part of a run's fingerprint.
+TRAINING_PACKAGES = ("core", "adapters", "tasks", "services", "flows")
+MODEL_LIBRARIES = ("scikit-learn", "numpy", "scipy", "pandas", "pyarrow", "optuna", "lightgbm", "skops")
+
+
+@functools.cache  # once per process: the code it imported, even if the files are edited while it runs
+def code_fingerprint() -> str:
+    """The code part of a run's fingerprint: the training packages' source files and the model libraries.
+
+    Read from wherever the packages are imported from (a checkout or an installed wheel), so a worker
+    without a checkout has one too, the same code gives the same value on every worker, and an edit not yet
+    committed counts (a git commit would miss it). A few hundred kB: milliseconds.
+    """
+    files = []
+    for package in TRAINING_PACKAGES:
+        spec = util.find_spec(package)
+        roots = (spec.submodule_search_locations or []) if spec is not None else []
+        for root in roots:
+            base = Path(root)
+            files += [
+                (f"{package}/{path.relative_to(base).as_posix()}", path.read_bytes())
+                for path in sorted(base.rglob("*"))
+                if path.suffix in {".py", ".yaml"} and "__pycache__" not in path.parts
+            ]
+    libraries = {}
+    for dist in MODEL_LIBRARIES:
+        try:
+            libraries[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            libraries[dist] = "absent"
+    return code_version(files, libraries)
+
+
+@task(name="fingerprint", **IO)
+def fingerprint_run(config: DatasetConfig, params: dict[str, Any]) -> Fingerprint:
+    """Prefect task: what this run depends on (data listing, config, params, code), without reading the data."""
+    listing = snapshot_listing(config.source, config.format, get_settings())
+    fingerprint = Fingerprint(
+        data=listing_version(listing),
+        config=canonical_hash(config.model_dump(mode="json")),
+        params=params_version(params),
+        code=code_fingerprint(),
+    )
+    log.info("fingerprint of this run (%d file(s) listed): %s", len(listing), fingerprint.tags())
+    return fingerprint
+
+
+@dataclass(frozen=True)
+class ChampionRecord:
+    """The current champion as its registry entry records it (version None: no champion)."""
+
+    version: str | None = None
+    fingerprint: Fingerprint | None = None
+    data_version: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@task(name="champion-fingerprint", **IO)
+def champion_record(model_name: str) -> ChampionRecord:
+    """Prefect task: the champion's version, recorded fingerprint, data version and holdout metrics."""
+    version = champion_version(model_name)
+    if version is None:
+        return ChampionRecord()
+    client = mlflow_client(get_settings())
+    tags = client.get_model_version(model_name, version).tags
+    fingerprint = Fingerprint.from_tags(tags)
+    metrics = run_holdout_metrics(client, tags.get("run_id")) if fingerprint is not None else {}
+    return ChampionRecord(version, fingerprint, tags.get("data_version"), metrics)
 
 
 @task(name="start-run", **IO)

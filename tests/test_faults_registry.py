@@ -205,8 +205,12 @@ def test_mlflow_killed_between_promote_and_history(stack, default_data, tmp_path
     record = list_changes(model, stack)[-1]
     assert record.metrics["roc_auc"] == pytest.approx(_run_metric(stack, model, candidate))
     assert f"v{candidate}" in history.stdout.strip().splitlines()[-1]
-    # and a rerun of the same training does not promote again (same model: not better than the champion)
-    code, out = _finish(_train(stack, params))
+    # and a rerun of the same training does not promote again (same model: not better than the champion;
+    # forced, since the champion's own fingerprint would otherwise stop it as "nothing new" before training)
+    from flows.training import TrainingParams
+
+    forced = TrainingParams.model_validate_json(params).model_copy(update={"force": True}).model_dump_json()
+    code, out = _finish(_train(stack, forced))
     assert code == 0, out[-3000:]
     assert _state(stack, model) == (aliases, moves)
     assert mlflow_client(stack).get_model_version(model, _versions(stack, model)[-1].version).tags["decision"] == (

@@ -103,7 +103,8 @@ def test_weak_challenger_is_not_promoted_and_champion_stays(stack, first_run):
 
 def test_dry_run_registers_nothing(stack, first_run):
     before = len(_versions(stack, "credit-risk"))
-    state = training(TrainingParams(search=FAST_SEARCH, dry_run=True), return_state=True)
+    # force: the champion's own params and data, which would otherwise stop as "nothing new" before training
+    state = training(TrainingParams(search=FAST_SEARCH, dry_run=True, force=True), return_state=True)
     assert state.is_completed(), state.message
     assert state.result().candidate_version is None
     assert len(_versions(stack, "credit-risk")) == before

@@ -314,7 +314,8 @@ def test_a_weak_candidate_fails_the_model_check_with_a_reject_summary(ci_champio
 @pytest.mark.slow
 def test_a_candidate_as_good_as_the_champion_is_neutral_and_passes(ci_champion, tmp_path):
     summary = tmp_path / "model-check.md"
-    env = {"SEED": "42", "SUMMARY": str(summary), "TRAIN_OPTIONS": ci_champion, "CANDIDATE_OPTIONS": ""}
+    # --force: the same code, data and options as the champion's would otherwise stop as "nothing new"
+    env = {"SEED": "42", "SUMMARY": str(summary), "TRAIN_OPTIONS": ci_champion, "CANDIDATE_OPTIONS": "--force"}
     result = _run_step(_step(_load("model.yml"), "candidate with the PR"), env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "decision: reject -> not promoted" in result.stdout  # the flow does not promote it ...
