@@ -137,11 +137,14 @@ def test_choose_prefers_complete_trials_over_degenerate_ones():
         choose([trials[2]])
 
 
-def test_a_time_budget_keeps_one_trial_per_family():
+def test_a_time_budget_keeps_the_first_batch_of_every_family():
     frame, config = _table(load_wine, "multiclass")
-    spec = SearchSpec(families=ALL_CLASSIFIERS[:2], trials_per_family=50, time_budget_seconds=0.01)
-    result = search_models(frame, config, spec, seed=2)
-    assert [t.family for t in result.trials] == [f.value for f in ALL_CLASSIFIERS[:2]]
+    for batch in (1, 3):
+        spec = SearchSpec(
+            families=ALL_CLASSIFIERS[:2], trials_per_family=50, trials_per_batch=batch, time_budget_seconds=0.01
+        )
+        result = search_models(frame, config, spec, seed=2)
+        assert [t.family for t in result.trials] == [f.value for f in ALL_CLASSIFIERS[:2] for _ in range(batch)]
 
 
 def test_too_few_rows_of_a_class_for_the_folds_is_named():
