@@ -318,8 +318,11 @@ def _quiet_optuna() -> None:
 
 
 def _pruner() -> optuna.pruners.BasePruner:
-    """Median pruning across folds: a trial stops when its running mean falls below the median of the
-    completed trials' at the same fold (after two completed trials)."""
+    """Median pruning across folds (Optuna's), the same in the driver and in every trial.
+
+    A trial stops when its running mean falls below the median of the completed trials' at the same fold,
+    once two trials completed.
+    """
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
 
 
@@ -347,7 +350,9 @@ def prepare_search(train: pd.DataFrame, config: DatasetConfig, spec: SearchSpec,
     scoring = scoring_for(config.task)
     folds = _folds(X, y, config, spec.cv_folds, seed)
     shape = _data_shape(y, folds, classification)
-    return SearchData(config, X, y, folds, scoring, shape, constant_baseline(X, y, folds, scoring, classification), seed)
+    return SearchData(
+        config, X, y, folds, scoring, shape, constant_baseline(X, y, folds, scoring, classification), seed
+    )
 
 
 @dataclass(frozen=True)
@@ -390,9 +395,7 @@ def evaluate_trial(data: SearchData, job: TrialJob) -> TrialOutcome:
     Pure and self-contained (a fresh estimator, a throw-away in-memory study holding only the earlier
     trials), so it runs the same in this process or on any worker of a cluster.
     """
-    judge = optuna.create_study(
-        direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0), pruner=_pruner()
-    )
+    judge = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0), pruner=_pruner())
     judge.add_trials(job.earlier)
     trial = judge.ask()
 
