@@ -223,7 +223,8 @@ def test_batches_run_in_any_order_give_the_same_search_and_prune_only_against_ea
         # like workers finishing in any order: evaluated in reverse, two at a time, returned in the order given
         batches.append(jobs)
         with ThreadPoolExecutor(2) as pool:
-            done = dict(zip(reversed(range(len(jobs))), pool.map(lambda j: evaluate_trial(data, j), reversed(jobs))))
+            outcomes = pool.map(lambda j: evaluate_trial(data, j), reversed(jobs))
+            done = dict(zip(reversed(range(len(jobs))), outcomes, strict=True))
         return [done[i] for i in range(len(jobs))]
 
     parallel = run_search(data, spec, run_batch=shuffled_parallel)
