@@ -110,4 +110,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `bench.search_dask`, not `__main__`: the flow then pickles by reference (the workers import it),
+    # not by value with the module's globals (the rows) inside every task's context.
+    from bench.search_dask import main as imported_main
+
+    imported_main()

@@ -7,8 +7,10 @@ the runs through Prefect's task runners must give exactly its trials table and c
 
 from __future__ import annotations
 
+import sys
 import time
 
+import cloudpickle
 import pytest
 from prefect import flow
 
@@ -30,6 +32,10 @@ SPEC = SearchSpec(
 )
 CONFIG = load_local_dataset_config("credit-risk").model_copy(update={"model_name": "dask-search-test"})
 TRAIN = split_frame(generate_frame(2000, seed=SEED), CONFIG).train
+
+
+# The stack's workers run the project's installed packages, not tests/: this module travels by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @flow(name="search-on-dask-test", persist_result=False)
