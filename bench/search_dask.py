@@ -35,9 +35,15 @@ SEED = 42
 STATE: dict = {}  # the rows stay out of the flow's parameters (Prefect would try to JSON-encode a frame)
 
 
+def _inputs() -> tuple:
+    # A module function pickles by reference; the flow's own function pickles by value with the globals it
+    # names (Prefect sends the flow in every task's context), so it must not name STATE itself.
+    return STATE["train"], STATE["config"], STATE["spec"]
+
+
 @flow(name="bench-search-dask", persist_result=False)
 def search_on(address: str) -> SearchResult:
-    return run_search_on(dask_runner(address), STATE["train"], STATE["config"], STATE["spec"], SEED)
+    return run_search_on(dask_runner(address), *_inputs(), SEED)
 
 
 def timed_search(workers: int) -> tuple[float, SearchResult]:
