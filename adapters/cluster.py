@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from adapters.settings import Settings
 
@@ -21,9 +22,30 @@ def _listening(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+class ClusterError(RuntimeError):
+    """The configured Dask cluster cannot be reached, or has no worker to run on."""
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if not parts.hostname or not parts.port:
+        raise ClusterError(f"MLOPS_DASK_ADDRESS={address!r} is not a scheduler address: use tcp://host:port")
+    return parts.hostname, parts.port
+
+
 def cluster_address(settings: Settings) -> str | None:
-    """The scheduler to use, or None when there is no cluster."""
+    """The scheduler to use, or None when there is no cluster.
+
+    Raises:
+        ClusterError: MLOPS_DASK_ADDRESS is set but nothing listens there (never a silent fallback to no cluster).
+    """
     if settings.dask_address:
+        host, port = _host_port(settings.dask_address)
+        if not _listening(host, port, timeout=5.0):
+            raise ClusterError(
+                f"the Dask scheduler at MLOPS_DASK_ADDRESS={settings.dask_address} does not answer on {host}:{port}: "
+                "start the cluster, or unset MLOPS_DASK_ADDRESS to use the local stack's"
+            )
         return settings.dask_address
     if settings.dask_workers > 0 and _listening(settings.host, settings.dask_scheduler_port):
         return f"tcp://{settings.host}:{settings.dask_scheduler_port}"
@@ -42,3 +64,20 @@ def s3_storage_options(settings: Settings) -> dict[str, Any]:
         "client_kwargs": {"endpoint_url": settings.s3_endpoint_url, "region_name": settings.aws_region},
         "config_kwargs": {"s3": {"addressing_style": "path"}},
     }
+
+
+def require_workers(address: str, timeout: float = 60.0) -> int:
+    """Wait until the scheduler at `address` has a worker; returns how many it has.
+
+    Raises:
+        ClusterError: The scheduler cannot be reached, or no worker joined it within `timeout` seconds
+            (work sent there would wait forever).
+    """
+    from distributed import Client
+
+    try:
+        with Client(address, timeout="10s", set_as_default=False) as client:
+            client.wait_for_workers(1, timeout=timeout)
+            return len(client.scheduler_info(n_workers=-1)["workers"])
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"the Dask cluster at {address} has no worker to run on ({exc})") from exc

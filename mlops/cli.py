@@ -47,6 +47,7 @@ def stack_up() -> None:
         raise fail(str(exc)) from exc
     for status in statuses:
         typer.echo(status.describe())
+    typer.echo(stack.dask_summary(settings))
 
 
 @stack_app.command("down")
@@ -60,9 +61,11 @@ def stack_down() -> None:
 @stack_app.command("status")
 def stack_status() -> None:
     """Report each server; exits 1 if any is not healthy."""
-    statuses = stack.status(get_settings())
+    settings = get_settings()
+    statuses = stack.status(settings)
     for status in statuses:
         typer.echo(status.describe())
+    typer.echo(stack.dask_summary(settings))
     if not all(s.healthy for s in statuses):
         raise typer.Exit(1)
 

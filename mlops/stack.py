@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,7 @@ class Service:
     state_dir: Path
     extra_ports: tuple[int, ...] = ()
     cwd: Path | None = None
+    ready: Callable[[], bool] | None = None  # health beyond an answer at health_url (e.g. all Dask workers joined)
 
     @property
     def log_file(self) -> Path:
@@ -141,6 +142,9 @@ def client_env(settings: Settings) -> dict[str, str]:
             "MLOPS_SERVING_MODEL": settings.serving_model,
             # Training checks after a promotion that this serving API switched to the new champion.
             "MLOPS_SERVING_URL": settings.serving_url or settings.local_serving_url,
+            # Flows find the local Dask scheduler on this port (adapters.cluster.cluster_address).
+            "MLOPS_DASK_WORKERS": str(settings.dask_workers),
+            "MLOPS_DASK_SCHEDULER_PORT": str(settings.dask_scheduler_port),
         }
         | CLIENT_DEFAULTS
     )
@@ -195,7 +199,7 @@ def services(settings: Settings) -> list[Service]:
         str(settings.prefect_port),
         "--analytics-off",
     ]
-    return [
+    servers = [
         Service(
             name="s3",
             port=settings.s3_port,
@@ -238,6 +242,7 @@ def services(settings: Settings) -> list[Service]:
             },
             state_dir=state,
         ),
+        *dask_services(settings),
         Service(
             name="worker",
             port=settings.worker_port,
@@ -279,6 +284,103 @@ def services(settings: Settings) -> list[Service]:
             cwd=PROJECT_ROOT,
         ),
     ]
+    return servers
+
+
+def dask_address(settings: Settings) -> str:
+    """The local Dask scheduler's address."""
+    return f"tcp://{settings.host}:{settings.dask_scheduler_port}"
+
+
+def dask_dashboard_url(settings: Settings) -> str:
+    """The local Dask scheduler's dashboard (127.0.0.1 unless MLOPS_HOST says otherwise)."""
+    return f"http://{settings.host}:{settings.dask_dashboard_port}/status"
+
+
+def dask_worker_count(settings: Settings) -> int | None:
+    """Workers connected to the local scheduler (from its HTTP JSON), or None when it does not answer."""
+    try:
+        response = httpx.get(f"http://{settings.host}:{settings.dask_dashboard_port}/json/counts.json", timeout=2.0)
+        return int(response.json()["workers"]) if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+
+
+def dask_summary(settings: Settings) -> str:
+    """One line for `stack status`: which Dask cluster flows use, its workers and its dashboard."""
+    if settings.dask_address:
+        return f"dask     flows use MLOPS_DASK_ADDRESS={settings.dask_address} (the local cluster is not used)"
+    if settings.dask_workers == 0:
+        return "dask     no local cluster (MLOPS_DASK_WORKERS=0): search trials run in the flow's process"
+    connected = dask_worker_count(settings)
+    workers = "scheduler not answering" if connected is None else f"{connected} of {settings.dask_workers} workers"
+    return f"dask     {dask_address(settings)}  {workers}  dashboard {dask_dashboard_url(settings)}"
+
+
+def dask_services(settings: Settings) -> list[Service]:
+    """The local Dask cluster: a scheduler and `dask_workers` workers (none when 0), all on loopback.
+
+    Every listening socket is on `settings.host` (127.0.0.1): `dask scheduler` and `dask worker` open their
+    HTTP dashboards on 0.0.0.0 unless told otherwise. The workers are nanny-managed processes (a killed
+    worker is restarted by its nanny, which also sets OpenMP/BLAS threads to 1), one thread each, with a
+    memory limit; they run the project's code from this environment (the package is installed in it).
+    """
+    if settings.dask_workers == 0:
+        return []
+    state = settings.state_dir.resolve()
+    host = settings.host
+    dashboard = f"http://{host}:{settings.dask_dashboard_port}"
+    scheduler = Service(
+        name="dask-scheduler",
+        port=settings.dask_scheduler_port,
+        url=f"{dask_address(settings)}  dashboard {dask_dashboard_url(settings)}",
+        health_url=f"{dashboard}/health",
+        command=[
+            _bin("dask"),
+            "scheduler",
+            "--host",
+            host,
+            "--port",
+            str(settings.dask_scheduler_port),
+            "--dashboard-address",
+            f"{host}:{settings.dask_dashboard_port}",
+        ],
+        env={},
+        state_dir=state,
+        extra_ports=(settings.dask_dashboard_port,),
+    )
+    workers = Service(
+        name="dask-workers",
+        port=0,  # no port of their own: they listen on free ports of `host` and join the scheduler
+        url=f"{settings.dask_workers} x (1 thread, {settings.dask_worker_memory}) on {dask_address(settings)}",
+        health_url=f"{dashboard}/json/counts.json",
+        command=[
+            _bin("dask"),
+            "worker",
+            dask_address(settings),
+            "--nworkers",
+            str(settings.dask_workers),
+            "--nthreads",
+            "1",
+            "--nanny",
+            "--memory-limit",
+            settings.dask_worker_memory,
+            "--host",
+            host,
+            "--dashboard-address",
+            f"{host}:0",
+            "--name",
+            f"mlops-{settings.dask_scheduler_port}",
+            "--local-directory",
+            str(state / "dask"),  # spilled data stays with the stack's state
+        ],
+        # Trials are Prefect task runs: the workers report to this stack's Prefect server and log like flows.
+        env=client_env(settings),
+        state_dir=state,
+        cwd=PROJECT_ROOT,
+        ready=lambda: (dask_worker_count(settings) or 0) >= settings.dask_workers,
+    )
+    return [scheduler, workers]
 
 
 def _alive(pid: int) -> bool:
@@ -351,6 +453,10 @@ def _clear_dead(service: Service, settings: Settings, wait: float = 15.0) -> Non
         time.sleep(0.2)
 
 
+def _service_healthy(service: Service) -> bool:
+    return service.ready() if service.ready is not None else _healthy(service.health_url)
+
+
 def _healthy(url: str, timeout: float = 2.0) -> bool:
     try:
         return httpx.get(url, timeout=timeout).status_code < 500
@@ -375,7 +481,7 @@ def status(settings: Settings) -> list[ServiceStatus]:
                 name=service.name,
                 url=service.url,
                 running=pid is not None,
-                healthy=_healthy(service.health_url),
+                healthy=_service_healthy(service),
                 pid=pid,
                 log_file=service.log_file,
             )
@@ -392,7 +498,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def _start(service: Service, settings: Settings, timeout: float) -> None:
     pid = _read_pid(service)
-    if pid is not None and _healthy(service.health_url):
+    if pid is not None and _service_healthy(service):
         log.info("%s already running (pid %s)", service.name, pid)
         return
     if pid is not None and _wait_healthy(service, pid, timeout):  # starting elsewhere (another `up`)
@@ -432,7 +538,7 @@ def _start(service: Service, settings: Settings, timeout: float) -> None:
                 f"{service.name} exited with {proc.returncode} during start-up; see {service.log_file}:\n"
                 f"{_tail(service.log_file)}"
             )
-        if _healthy(service.health_url):
+        if _service_healthy(service):
             return
         time.sleep(0.5)
     raise StackError(
@@ -445,7 +551,7 @@ def _wait_healthy(service: Service, pid: int, timeout: float) -> bool:
     """Wait for a running server that another `up` started; False when it dies before it answers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _healthy(service.health_url):
+        if _service_healthy(service):
             return True
         if not _alive(pid):
             return False

@@ -1,27 +1,29 @@
-"""Prefect task: the model search (`core.search`), with its progress as a Prefect artifact."""
+"""The model search (`core.search`), each trial a task run (on the Dask cluster when there is one)."""
 
 from __future__ import annotations
 
 import logging
 
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
+from adapters.cluster import cluster_address
+from adapters.settings import get_settings
 from core.dataset import DatasetConfig
-from core.search import (
-    SearchResult,
-    SearchSpec,
-    Trial,
-    search_models,
-)
+from core.search import SearchResult, SearchSpec, Trial
+from tasks.search_trials import dask_runner, local_runner, run_search_on
 
 log = logging.getLogger(__name__)
 
 
-@task(name="train", cache_policy=NO_CACHE)
 def train_candidate(train: pd.DataFrame, config: DatasetConfig, spec: SearchSpec, seed: int) -> SearchResult:
-    """Prefect task: search and refit; progress shows as a Prefect progress artifact."""
+    """Search and refit, each trial a task run of the calling flow; progress shows as a Prefect progress artifact.
+
+    The trials run on the Dask cluster `adapters.cluster.cluster_address` names (MLOPS_DASK_ADDRESS, else
+    the local stack's scheduler), else one after another in this process. Not a task itself: Prefect sends
+    the caller's run context with every task run it submits, and a task's context holds its parameters,
+    so every trial would carry the whole training frame to the cluster (the flow's context holds the small
+    `TrainingParams` only).
+    """
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     progress_id = create_progress_artifact(
@@ -31,4 +33,8 @@ def train_candidate(train: pd.DataFrame, config: DatasetConfig, spec: SearchSpec
     def report(done: int, total: int, trial: Trial) -> None:
         update_progress_artifact(progress_id, progress=100.0 * done / total)
 
-    return search_models(train, config, spec, seed, on_trial=report)
+    address = cluster_address(get_settings())
+    if address is None:
+        log.info("search trials run in this process, one at a time (no Dask cluster)")
+    runner = dask_runner(address) if address else local_runner()
+    return run_search_on(runner, train, config, spec, seed, on_trial=report)

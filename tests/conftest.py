@@ -29,7 +29,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from mlops import stack as local_stack
 
     state = tmp_path_factory.mktemp("stack")
-    for var in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "PREFECT_API_URL", "MLFLOW_S3_ENDPOINT_URL"):
+    for var in (
+        "MLFLOW_TRACKING_URI",
+        "AWS_ENDPOINT_URL_S3",
+        "PREFECT_API_URL",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "MLOPS_DASK_ADDRESS",
+    ):
         os.environ.pop(var, None)
     serving_port = free_port()
     env = {
@@ -43,6 +49,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         "MLOPS_SERVING_URL": f"http://127.0.0.1:{serving_port}",
         "MLOPS_SERVING_POLL_SECONDS": "1",
         "MLOPS_WEED_PORT_BASE": str(free_port_block(16)),
+        # The stack's Dask cluster (2 workers); flows in this process and in the stack's worker find it here.
+        "MLOPS_DASK_WORKERS": "2",
+        "MLOPS_DASK_SCHEDULER_PORT": str(free_port()),
+        "MLOPS_DASK_DASHBOARD_PORT": str(free_port()),
         "AWS_ACCESS_KEY_ID": "test-access-key",
         "AWS_SECRET_ACCESS_KEY": "test-secret-key-do-not-log",
     }
@@ -60,22 +70,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def dask_cluster(stack) -> Iterator[str]:
-    """A two-worker Dask cluster on loopback for the session; yields its scheduler address.
+def dask_cluster(stack) -> str:
+    """The session stack's Dask cluster (scheduler and two nanny workers on loopback); yields its address.
 
-    Worker processes (nannies), one thread each, memory bounded like the stack's workers.
+    One cluster per session, started by `mlops stack up` like a user's; flows run in this process and by the
+    stack's Prefect worker find it (`adapters.cluster.cluster_address`).
     """
-    from distributed import LocalCluster
+    from adapters.cluster import cluster_address, require_workers
 
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        memory_limit=stack.dask_worker_memory,
-    ) as cluster:
-        yield cluster.scheduler_address
+    address = cluster_address(stack)
+    assert address is not None, "the stack started no Dask scheduler"
+    require_workers(address)
+    return address
 
 
 @pytest.fixture(scope="session")

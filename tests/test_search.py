@@ -137,11 +137,14 @@ def test_choose_prefers_complete_trials_over_degenerate_ones():
         choose([trials[2]])
 
 
-def test_a_time_budget_keeps_one_trial_per_family():
+def test_a_time_budget_keeps_the_first_batch_of_every_family():
     frame, config = _table(load_wine, "multiclass")
-    spec = SearchSpec(families=ALL_CLASSIFIERS[:2], trials_per_family=50, time_budget_seconds=0.01)
-    result = search_models(frame, config, spec, seed=2)
-    assert [t.family for t in result.trials] == [f.value for f in ALL_CLASSIFIERS[:2]]
+    for batch in (1, 3):
+        spec = SearchSpec(
+            families=ALL_CLASSIFIERS[:2], trials_per_family=50, trials_per_batch=batch, time_budget_seconds=0.01
+        )
+        result = search_models(frame, config, spec, seed=2)
+        assert [t.family for t in result.trials] == [f.value for f in ALL_CLASSIFIERS[:2] for _ in range(batch)]
 
 
 def test_too_few_rows_of_a_class_for_the_folds_is_named():
@@ -149,3 +152,100 @@ def test_too_few_rows_of_a_class_for_the_folds_is_named():
     few = pd.concat([frame[frame["target"] != 2], frame[frame["target"] == 2].head(2)])
     with pytest.raises(ValueError, match=r"class 2 of 'target' has 2 training rows, fewer than cv_folds=3"):
         search_models(few, config, SearchSpec(trials_per_family=1), seed=0)
+
+
+def _sequential_optuna_reference(frame, config, spec, seed):
+    """The search as one plain sequential Optuna loop per family (`study.optimize`, pruning inside the
+    objective), written out here: what the batched search must equal with one trial per batch."""
+    import optuna
+    from sklearn.metrics import get_scorer
+    from sklearn.model_selection import StratifiedKFold
+
+    from core.features import prepare_inputs, prepare_target
+    from core.search import build_model, suggest
+
+    X, y = prepare_inputs(frame, config), prepare_target(frame, config)
+    folds = list(StratifiedKFold(n_splits=spec.cv_folds, shuffle=True, random_state=seed).split(X, y))
+    shape = DataShape(min(len(t) for t, _ in folds), min(int(y.iloc[t].value_counts().min()) for t, _ in folds))
+    scorer = get_scorer("roc_auc_ovr")
+    rows = []
+    for index, family in enumerate(spec.families):
+        study = optuna.create_study(
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=seed + index),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+        )
+
+        def objective(trial, family=family):
+            params = suggest(family, trial, shape)
+            scores = []
+            for step, (train, valid) in enumerate(folds):
+                model = build_model(config, family, params, seed).fit(X.iloc[train], y.iloc[train])
+                scores.append(scorer(model, X.iloc[valid], y.iloc[valid]))
+                trial.report(float(np.mean(scores)), step)
+                if step < len(folds) - 1 and trial.should_prune():
+                    raise optuna.TrialPruned()
+            return float(np.mean(scores))
+
+        study.optimize(objective, n_trials=spec.trials_per_family)
+        for t in study.trials:
+            pruned = t.state == optuna.trial.TrialState.PRUNED
+            value = list(t.intermediate_values.values())[-1] if pruned else t.value
+            rows.append((family.value, t.params, "pruned" if pruned else "complete", value))
+    return rows
+
+
+LIGHT = [ModelFamily.decision_tree, ModelFamily.logistic_regression]  # single-threaded: quick on a busy machine
+
+
+def test_one_trial_per_batch_is_exactly_the_sequential_optuna_search():
+    frame, config = _table(load_wine, "multiclass")
+    spec = SearchSpec(families=LIGHT, trials_per_family=6, trials_per_batch=1, cv_folds=3)
+    result = search_models(frame, config, spec, seed=4)
+    got = [(t.family, t.params, t.state, t.cv_mean) for t in result.trials]
+    expected = _sequential_optuna_reference(frame, config, spec, seed=4)
+    assert [row[:3] for row in got] == [row[:3] for row in expected]
+    np.testing.assert_allclose([row[3] for row in got], [row[3] for row in expected], rtol=0, atol=1e-12)
+    assert "pruned" in {row[2] for row in expected}  # the comparison covers pruning
+
+
+def test_batches_run_in_any_order_give_the_same_search_and_prune_only_against_earlier_batches():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.search import evaluate_trial, prepare_search, run_search
+
+    frame, config = _table(load_wine, "multiclass")
+    spec = SearchSpec(families=LIGHT, trials_per_family=5, trials_per_batch=2, cv_folds=3)
+    data = prepare_search(frame, config, spec, seed=11)
+    batches = []
+
+    def shuffled_parallel(jobs):
+        # like workers finishing in any order: evaluated in reverse, two at a time, returned in the order given
+        batches.append(jobs)
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = pool.map(lambda j: evaluate_trial(data, j), reversed(jobs))
+            done = dict(zip(reversed(range(len(jobs))), outcomes, strict=True))
+        return [done[i] for i in range(len(jobs))]
+
+    parallel = run_search(data, spec, run_batch=shuffled_parallel)
+    sequential = search_models(frame, config, spec, seed=11)
+    assert [(t.family, t.params, t.cv_mean, t.state, t.folds) for t in parallel.trials] == [
+        (t.family, t.params, t.cv_mean, t.state, t.folds) for t in sequential.trials
+    ]
+    assert (parallel.family, parallel.params) == (sequential.family, sequential.params)
+    assert "pruned" in {t.state for t in parallel.trials}
+    # every family's batch of two in each round; pruning sees only trials completed in earlier rounds
+    assert [len(b) for b in batches] == [4, 4, 2]
+    for round_, jobs in enumerate(batches):
+        for job in jobs:
+            assert all(earlier.number < 2 * round_ for earlier in job.earlier)
+            assert len(job.earlier) <= 2 * round_
+    assert not any(job.earlier for job in batches[0])
+
+
+def test_one_batch_of_all_trials_prunes_nothing():
+    frame, config = _table(load_wine, "multiclass")
+    spec = SearchSpec(families=LIGHT, trials_per_family=4, trials_per_batch=4, cv_folds=3)
+    result = search_models(frame, config, spec, seed=4)
+    assert {t.state for t in result.trials} <= {"complete", "degenerate"}
+    assert all(t.folds == 3 for t in result.trials)

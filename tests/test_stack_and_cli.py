@@ -74,3 +74,45 @@ def test_s3_rejects_bad_credentials(stack):
     )
     with pytest.raises(ClientError):
         client.list_objects_v2(Bucket=stack.bucket)
+
+
+def test_the_stack_runs_a_dask_cluster_on_loopback_and_status_shows_it(stack, dask_cluster):
+    import psutil
+
+    result = subprocess.run([MLOPS, "stack", "status"], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert "healthy" in lines["dask-scheduler"] and "healthy" in lines["dask-workers"]
+    assert lines["dask"].split()[1:5] == [dask_cluster, "2", "of", "2"]
+    assert f"dashboard http://127.0.0.1:{stack.dask_dashboard_port}/status" in lines["dask"]
+    # the scheduler, the nannies, the workers and all their dashboards listen on loopback only
+    leaders = [
+        int((stack.state_dir / "run" / f"{name}.pid").read_text()) for name in ("dask-scheduler", "dask-workers")
+    ]
+    processes = [psutil.Process(pid) for pid in leaders]
+    processes += [child for p in processes for child in p.children(recursive=True)]
+    listening = [c.laddr for p in processes for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 2 + 2 * 3  # scheduler + dashboard; per worker: nanny, worker, worker dashboard
+    assert {address.ip for address in listening} == {"127.0.0.1"}
+
+
+def test_no_dask_workers_means_no_local_cluster(tmp_path):
+    settings = Settings(state_dir=tmp_path, dask_workers=0)
+    assert [s.name for s in local_stack.services(settings) if s.name.startswith("dask")] == []
+    assert "no local cluster (MLOPS_DASK_WORKERS=0)" in local_stack.dask_summary(settings)
+    from adapters.cluster import cluster_address
+
+    assert cluster_address(settings) is None
+    names = [s.name for s in local_stack.services(Settings(state_dir=tmp_path, dask_workers=3))]
+    assert names.index("dask-scheduler") < names.index("dask-workers") < names.index("worker")
+
+
+def test_an_unreachable_dask_address_is_named(tmp_path):
+    from adapters.cluster import ClusterError, cluster_address
+
+    port = _closed_port()
+    settings = Settings(state_dir=tmp_path, dask_address=f"tcp://127.0.0.1:{port}")
+    with pytest.raises(ClusterError, match=f"MLOPS_DASK_ADDRESS=tcp://127.0.0.1:{port} does not answer"):
+        cluster_address(settings)
+    with pytest.raises(ClusterError, match="is not a scheduler address"):
+        cluster_address(Settings(state_dir=tmp_path, dask_address="nonsense"))

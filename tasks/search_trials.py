@@ -1,0 +1,111 @@
+"""Prefect tasks of the model search: each trial is its own task run, on the Dask cluster when there is one.
+
+`run_search_on` drives `core.search.run_search` with a Prefect task runner: the training rows are handed
+to the runner once (`search-data`, a future every trial reads: on a cluster they travel to each worker
+once, not with every trial), each batch of trials is submitted as task runs (`trial <family>-<n>`, with
+their own logs in the UI) and the chosen configuration is refitted as a task run (`refit`). The runner
+is `prefect_dask.DaskTaskRunner` on the configured cluster (`adapters.cluster.cluster_address`), else a
+one-thread `ThreadPoolTaskRunner`: without a cluster the trials run one after another in this process, as
+before, because each already uses every core (OpenMP/BLAS threads) and running several at once would only
+oversubscribe the cores and multiply the memory held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+from prefect import Task, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from sklearn.pipeline import Pipeline
+
+from adapters.cluster import require_workers
+from core.dataset import DatasetConfig
+from core.search import (
+    SearchData,
+    SearchResult,
+    SearchSpec,
+    Trial,
+    TrialJob,
+    TrialOutcome,
+    evaluate_trial,
+    prepare_search,
+    refit,
+    run_search,
+)
+
+
+@task(name="search-data", cache_policy=NO_CACHE)
+def share_search_data(data: SearchData) -> SearchData:
+    """Prefect task: hand the training rows and folds to the runner once; every trial reads this result."""
+    return data
+
+
+@task(name="trial", cache_policy=NO_CACHE)
+def run_trial(data: SearchData, job: TrialJob) -> TrialOutcome:
+    """Prefect task: cross-validate one configuration (`core.search.evaluate_trial`); logs its outcome."""
+    outcome = evaluate_trial(data, job)
+    state = "pruned" if outcome.pruned else ("degenerate" if outcome.degenerate else "complete")
+    get_run_logger().info(
+        "%s %s: cv %s %.4f after %d of %d folds (%.1fs) [%s]",
+        job.name,
+        job.params,
+        data.scoring.metric,
+        data.scoring.sign * outcome.running_means[-1],
+        len(outcome.scores),
+        len(data.folds),
+        outcome.seconds,
+        state,
+    )
+    return outcome
+
+
+@task(name="refit", cache_policy=NO_CACHE)
+def refit_chosen(data: SearchData, family: str, params: dict[str, Any]) -> Pipeline:
+    """Prefect task: fit the chosen configuration on all training rows."""
+    return refit(data, family, params)
+
+
+def local_runner() -> TaskRunner:
+    """The runner without a cluster: one trial at a time in this process (each uses every core already)."""
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def dask_runner(address: str) -> TaskRunner:
+    """Prefect's Dask integration on an existing scheduler (a clear error when it has no worker)."""
+    from prefect_dask import DaskTaskRunner
+
+    workers = require_workers(address)
+    get_run_logger().info("search trials run on the Dask cluster at %s (%d workers)", address, workers)
+    return DaskTaskRunner(address=address)
+
+
+def _submit(runner: TaskRunner, step: Task, name: str | None = None, **parameters: Any) -> PrefectFuture:
+    # What `Task.submit` does with the flow's runner (`task_runner.submit(task, parameters)`), with ours.
+    return runner.submit(step.with_options(task_run_name=name) if name else step, parameters)
+
+
+def run_search_on(
+    runner: TaskRunner,
+    train: pd.DataFrame,
+    config: DatasetConfig,
+    spec: SearchSpec,
+    seed: int,
+    on_trial: Callable[[int, int, Trial], None] | None = None,
+) -> SearchResult:
+    """The model search with every trial and the refit as task runs of `runner` (started here)."""
+    with runner:
+        data = prepare_search(train, config, spec, seed)
+        shared = _submit(runner, share_search_data, data=data)
+
+        def run_batch(jobs: list[TrialJob]) -> list[TrialOutcome]:
+            futures = [_submit(runner, run_trial, f"trial {job.name}", data=shared, job=job) for job in jobs]
+            return [future.result() for future in futures]  # in trial order, whichever finished first
+
+        def fit(_: SearchData, family: str, params: dict[str, Any]) -> Pipeline:
+            return _submit(runner, refit_chosen, data=shared, family=family, params=params).result()
+
+        return run_search(data, spec, run_batch, fit, on_trial)

@@ -1,0 +1,88 @@
+"""The search on Dask (issue 14, item 2): each trial a Prefect task run on the cluster, and the same seed
+chooses the same model on one worker, two workers and without a cluster.
+
+The reference is the search in this process (`core.search.search_models`, trials one after another):
+the runs through Prefect's task runners must give exactly its trials table and choice.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import cloudpickle
+import pytest
+from prefect import flow
+
+from core.dataset import load_local_dataset_config
+from core.search import ModelFamily, SearchResult, SearchSpec, search_models
+from core.split import split_frame
+from core.synthetic import generate_frame
+from tasks.search_trials import dask_runner, local_runner, run_search_on
+
+pytestmark = pytest.mark.integration
+
+SEED = 3
+# Single-threaded families: under load, OpenMP threads spin (gradient boosting runs ~20x slower in-process).
+SPEC = SearchSpec(
+    families=[ModelFamily.logistic_regression, ModelFamily.decision_tree],
+    trials_per_family=4,
+    trials_per_batch=2,
+    cv_folds=3,
+)
+CONFIG = load_local_dataset_config("credit-risk").model_copy(update={"model_name": "dask-search-test"})
+TRAIN = split_frame(generate_frame(2000, seed=SEED), CONFIG).train
+
+
+# The stack's workers run the project's installed packages, not tests/: this module travels by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@flow(name="search-on-dask-test", persist_result=False)
+def search_flow(address: str | None) -> SearchResult:
+    # The rows are module data, not a flow parameter: Prefect would try to JSON-encode a frame parameter.
+    return run_search_on(dask_runner(address) if address else local_runner(), TRAIN, CONFIG, SPEC, SEED)
+
+
+def _table(result: SearchResult) -> list[tuple]:
+    return [(t.number, t.family, t.params, t.cv_mean, t.cv_std, t.state, t.folds) for t in result.trials]
+
+
+def test_same_seed_same_trials_and_choice_on_one_worker_two_workers_and_no_cluster(dask_cluster, stack):
+    from distributed import LocalCluster
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterTaskRunId
+
+    reference = search_models(TRAIN, CONFIG, SPEC, SEED)
+    assert {t.state for t in reference.trials} >= {"complete"} and len(reference.trials) == 8
+
+    two = search_flow(dask_cluster, return_state=True)  # the stack's cluster: 2 workers
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    ) as one_worker:
+        one = search_flow(one_worker.scheduler_address, return_state=True)
+    none = search_flow(None, return_state=True)
+
+    for state in (two, one, none):
+        result = state.result()
+        assert _table(result) == _table(reference)
+        assert (result.family, result.params, result.cv_mean) == (reference.family, reference.params, reference.cv_mean)
+
+    # every trial of the run on the cluster is its own task run, with its own log line, and so is the refit
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[two.state_details.flow_run_id]))
+        )
+        trials = [run for run in runs if run.name.startswith("trial ")]
+        expected = {f"trial {t.family}-{t.number % SPEC.trials_per_family}" for t in reference.trials}
+        assert {run.name for run in trials} == expected
+        assert all(run.state.is_completed() for run in trials)
+        assert {"search-data", "refit"} <= {run.name.rsplit("-", 1)[0] for run in runs}
+        deadline = time.monotonic() + 30  # the workers ship their logs in the background
+        while True:
+            logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[run.id for run in trials])))
+            if {log.task_run_id for log in logs} == {run.id for run in trials} or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert {log.task_run_id for log in logs} == {run.id for run in trials}
+        assert any("after 3 of 3 folds" in log.message for log in logs)
