@@ -10,10 +10,13 @@ ports, each with the same number of worker processes (`--workers`, default: ours
 
 Each is driven by the same asyncio + aiohttp client: N concurrent clients, each sending its next request as
 soon as the previous answered, for a fixed time after a warm-up, with 1 and 100 records per request and
-1, 8 and 32 clients. The client runs in this process, on the same cores as the servers: at high client
-counts it is part of what is measured. Also times each inference path in-process (the pipeline's own
-`predict_proba`, a regressor's `predict`; `LoadedModel.scores` on a frame, whatever the served model uses;
-and what a request runs: its body decoded into column arrays and scored), then checks issue 15's goals.
+1, 8 and 32 clients. The three servers run side by side and each scenario measures them one after the
+other (ours, mlflow, floor), so a change in the machine's load during the run hits all three alike
+rather than whichever server happened to be measured then. The client runs in this process, on the same
+cores as the servers: at high client counts it is part of what is measured. Also times each inference
+path in-process (the pipeline's own `predict_proba`, a regressor's `predict`; `LoadedModel.scores` on a
+frame, whatever the served model uses; and what a request runs: its body decoded into column arrays and
+scored), then checks issue 15's goals.
 Writes bench/results/serving.{json,md}.
 
     python -m bench.serving [--seconds 10] [--workers 0] [--model credit-risk] [--dataset credit-risk]
@@ -30,6 +33,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -212,11 +216,14 @@ def main() -> None:
     bin_dir = Path(sys.executable).parent
     server_env = env | {"PATH": f"{bin_dir}:{env.get('PATH', '')}"}  # mlflow starts `uvicorn` from PATH
     server_env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)  # the floor app: bench.serving
-    for name, (command, base, health, path, key) in _commands(args, workers, ports).items():
-        with running(command, base + health, server_env, RESULTS / "logs" / f"{name}.log", timeout=180):
-            for size in SIZES:
-                body = json.dumps({key: records[:size]}).encode()
-                for clients in CLIENTS:
+    commands = _commands(args, workers, ports)
+    with ExitStack() as servers:  # all three up at once; each scenario measures them back to back
+        for name, (command, base, health, _, _) in commands.items():
+            servers.enter_context(running(command, base + health, server_env, RESULTS / "logs" / f"{name}.log", 180))
+        for size in SIZES:
+            for clients in CLIENTS:
+                for name, (_, base, _, path, key) in commands.items():
+                    body = json.dumps({key: records[:size]}).encode()
                     result = asyncio.run(_load(base + path, body, clients, args.seconds, args.warmup))
                     measured[(name, size, clients)] = result
                     print(f"{name:6s} {size:3d} records x {clients:2d} clients: {result}", flush=True)
