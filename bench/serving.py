@@ -219,7 +219,7 @@ def main() -> None:
     commands = _commands(args, workers, ports)
     with ExitStack() as servers:  # all three up at once; each scenario measures them back to back
         for name, (command, base, health, _, _) in commands.items():
-            servers.enter_context(running(command, base + health, server_env, RESULTS / "logs" / f"{name}.log", 180))
+            servers.enter_context(running(command, base + health, server_env, RESULTS / "logs" / f"{name}.log", 600))
         for size in SIZES:
             for clients in CLIENTS:
                 for name, (_, base, _, path, key) in commands.items():
