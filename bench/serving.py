@@ -10,10 +10,14 @@ ports, each with the same number of worker processes (`--workers`, default: ours
 
 Each is driven by the same asyncio + aiohttp client: N concurrent clients, each sending its next request as
 soon as the previous answered, for a fixed time after a warm-up, with 1 and 100 records per request and
-1, 8 and 32 clients. The client runs in this process, on the same cores as the servers: at high client
-counts it is part of what is measured. Also times each inference path in-process (the pipeline's own
-`predict_proba`, a regressor's `predict`; `LoadedModel.scores`, whatever the served model uses, and with
-the frame built from records), then checks issue 15's goals. Writes bench/results/serving.{json,md}.
+1, 8 and 32 clients. The three servers run side by side and each scenario measures them one after the
+other (ours, mlflow, floor), so a change in the machine's load during the run hits all three alike
+rather than whichever server happened to be measured then. The client runs in this process, on the same
+cores as the servers: at high client counts it is part of what is measured. Also times each inference
+path in-process (the pipeline's own `predict_proba`, a regressor's `predict`; `LoadedModel.scores` on a
+frame, whatever the served model uses; and what a request runs: its body decoded into column arrays and
+scored), then checks issue 15's goals.
+Writes bench/results/serving.{json,md}.
 
     python -m bench.serving [--seconds 10] [--workers 0] [--model credit-risk] [--dataset credit-risk]
 
@@ -29,6 +33,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -123,6 +128,7 @@ def _in_process(settings: Any, model_name: str, version: str, records: list[dict
     from threadpoolctl import threadpool_limits
 
     from core.review import predict_times_ms
+    from serving.app import decode_records
     from serving.model import load_version
 
     use_tracking_server(settings)
@@ -135,19 +141,22 @@ def _in_process(settings: Any, model_name: str, version: str, records: list[dict
     with threadpool_limits(settings.serving_threads):
         for n in SIZES:
             frame = loaded.frame(records[:n])
-            scores_times, frame_and_scores = [], []
+            body = json.dumps({"records": records[:n]}).encode()
+            scores_times, body_to_scores = [], []
             loaded.scores(frame)
             for _ in range(repeats):
                 started = time.perf_counter()
                 loaded.scores(frame)
                 middle = time.perf_counter()
-                loaded.scores(loaded.frame(records[:n]))
-                frame_and_scores.append((time.perf_counter() - middle) * 1e3)
+                # what a request runs: body -> msgspec structs -> column arrays -> scores (no DataFrame
+                # for the compiled form)
+                loaded.scores(loaded.columns_of(decode_records(loaded, body, n)[0]))
+                body_to_scores.append((time.perf_counter() - middle) * 1e3)
                 scores_times.append((middle - started) * 1e3)
             out[f"{n}_records"] = {
                 "pipeline_predict": _percentiles(predict_times_ms(loaded.pipeline, frame, repeats)),
                 "loaded_model_scores": _percentiles(scores_times),
-                "records_to_frame_and_scores": _percentiles(frame_and_scores),
+                "body_to_scores": _percentiles(body_to_scores),
             }
     return out
 
@@ -207,11 +216,14 @@ def main() -> None:
     bin_dir = Path(sys.executable).parent
     server_env = env | {"PATH": f"{bin_dir}:{env.get('PATH', '')}"}  # mlflow starts `uvicorn` from PATH
     server_env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)  # the floor app: bench.serving
-    for name, (command, base, health, path, key) in _commands(args, workers, ports).items():
-        with running(command, base + health, server_env, RESULTS / "logs" / f"{name}.log", timeout=180):
-            for size in SIZES:
-                body = json.dumps({key: records[:size]}).encode()
-                for clients in CLIENTS:
+    commands = _commands(args, workers, ports)
+    with ExitStack() as servers:  # all three up at once; each scenario measures them back to back
+        for name, (command, base, health, _, _) in commands.items():
+            servers.enter_context(running(command, base + health, server_env, RESULTS / "logs" / f"{name}.log", 600))
+        for size in SIZES:
+            for clients in CLIENTS:
+                for name, (_, base, _, path, key) in commands.items():
+                    body = json.dumps({key: records[:size]}).encode()
                     result = asyncio.run(_load(base + path, body, clients, args.seconds, args.warmup))
                     measured[(name, size, clients)] = result
                     print(f"{name:6s} {size:3d} records x {clients:2d} clients: {result}", flush=True)
@@ -275,14 +287,14 @@ def _markdown(results: dict) -> str:
         "",
         "In-process per call, ms (p50 / p99):",
         "",
-        "| records | pipeline `predict_proba` | `LoadedModel.scores` | records -> frame -> scores |",
+        "| records | pipeline `predict_proba` | `LoadedModel.scores` (a frame) | request body -> columns -> scores |",
         "|---:|---:|---:|---:|",
     ]
     for size in SIZES:
         row = results["in_process"][f"{size}_records"]
         cells = [
             f"{row[k]['p50_ms']:.3f} / {row[k]['p99_ms']:.3f}"
-            for k in ("pipeline_predict", "loaded_model_scores", "records_to_frame_and_scores")
+            for k in ("pipeline_predict", "loaded_model_scores", "body_to_scores")
         ]
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
     lines += [

@@ -289,6 +289,7 @@ class ArrayForm:
     """The pipeline's fitted steps applied to plain arrays, then the fitted model (`scores` like the pipeline's)."""
 
     form = "exact-arrays"
+    takes_columns = False  # `scores` needs a frame
 
     def __init__(self, pipeline: Any, text_columns: set[str]) -> None:
         self.plan = plan_of(pipeline, text_columns)
@@ -580,6 +581,7 @@ class OnnxForm:
     """An onnxruntime session of a compiled pipeline (one intra-op thread), scoring frames like the pipeline."""
 
     form = "onnx"
+    takes_columns = True  # `scores` accepts a mapping of column -> array as well as a frame
 
     def __init__(self, model: bytes, text_columns: set[str], classification: bool) -> None:
         import onnxruntime as ort
@@ -593,23 +595,27 @@ class OnnxForm:
         self.output = ["probabilities" if classification else "variable"]
         self.classification = classification
 
-    def feeds(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
-        """The session's inputs from a frame of the pipeline's columns (nulls as `NULL_TEXT`/NaN)."""
+    def feeds(self, data: Any) -> dict[str, np.ndarray]:
+        """The session's inputs from the pipeline's columns: a frame, or a mapping of column -> 1-d array.
+
+        A mapping (what the serving API decodes a request into: float64 numbers with NaN for null, object
+        text with None for null) is fed without building a frame; nulls become `NULL_TEXT`/NaN either way.
+        """
         feeds = {}
         for name, text in zip(self.inputs, self.text, strict=True):
-            values = frame[name].to_numpy()
+            values = np.asarray(data[name])
             if text:
                 values = np.array(
-                    [NULL_TEXT if v is None else NAN_TEXT if _is_nan(v) else v for v in values], dtype=object
+                    [NULL_TEXT if v is None else NAN_TEXT if _is_nan(v) else v for v in values.tolist()], dtype=object
                 )
-            else:
-                values = values.astype("float64", copy=False)
+            elif values.dtype != np.float64:
+                values = values.astype("float64")
             feeds[name] = values.reshape(-1, 1)
         return feeds
 
-    def scores(self, frame: pd.DataFrame) -> np.ndarray:
-        """Probabilities (n, classes) as float64, or predicted values (n,) of a regressor."""
-        (out,) = self.session.run(self.output, self.feeds(frame))
+    def scores(self, data: Any) -> np.ndarray:
+        """Probabilities (n, classes) as float64, or predicted values (n,) of a regressor, of a frame or columns."""
+        (out,) = self.session.run(self.output, self.feeds(data))
         out = np.asarray(out, dtype="float64")
         return out if self.classification else out.reshape(-1)
 

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
+from urllib.parse import parse_qs
 
 import numpy as np
 import orjson
@@ -285,16 +286,21 @@ class Runtime:
                 return served
             await asyncio.sleep(0.1)
 
-    def _log_predictions(self, jobs: list[Job], frame: Any, scores: np.ndarray) -> None:
-        sizes = [len(job.records) for job in jobs]
-        request_ids = np.repeat([job.request_id for job in jobs], sizes)
-        record_ids = None
-        if any(job.ids is not None for job in jobs):
-            record_ids = np.array([i for job in jobs for i in (job.ids or [None] * len(job.records))], dtype=object)
-        record_index = np.concatenate([np.arange(size) for size in sizes])
-        self.prediction_log.record(
-            frame, scores, jobs[0].model.classes, request_ids, jobs[0].model.version, record_ids, record_index
-        )
+    def _log_predictions(self, jobs: list[Job], columns: dict[str, np.ndarray], scores: np.ndarray) -> None:
+        if len(jobs) == 1:  # the usual case: plain lists, no numpy call per request
+            job = jobs[0]
+            size = len(job.records)
+            request_ids: list[str] = [job.request_id] * size
+            record_ids = job.ids
+            record_index: Any = range(size)
+        else:
+            request_ids = [job.request_id for job in jobs for _ in job.records]
+            record_ids = None
+            if any(job.ids is not None for job in jobs):
+                record_ids = [i for job in jobs for i in (job.ids or [None] * len(job.records))]
+            record_index = [i for job in jobs for i in range(len(job.records))]
+        model = jobs[0].model
+        self.prediction_log.record(columns, scores, model.classes, request_ids, model.version, record_ids, record_index)
 
     def _count_batch(self, rows: int) -> None:
         self.metrics.batch_rows.observe(rows)
@@ -322,10 +328,9 @@ class Runtime:
         await asyncio.to_thread(self.prediction_log.stop)
 
     async def read_records(
-        self, request: Request, model: LoadedModel
+        self, body: bytes, model: LoadedModel
     ) -> tuple[list[dict[str, Any]], list[str | None] | None]:
-        """The request's records, size-checked and validated against `model`, and their ids; raises BadRequest."""
-        body = await read_body(request, self.settings.serving_max_body_bytes)
+        """The body's records, validated against `model`, and their ids; raises BadRequest."""
         if not model.feature_service:
             return decode_records(model, body, self.settings.serving_max_records)
         key, raw = parse_records(body, self.settings.serving_max_records)
@@ -337,78 +342,173 @@ class Runtime:
         records = validate_records(model, key, raw)
         return records, record_ids(model, key, raw)
 
-    async def predict(self, request: Request) -> Response:
-        """Answer one /predict request."""
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    async def predict(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """Answer one /predict (or /invocations) request from its ASGI scope: status, JSON body, headers.
+
+        Used by `PredictPath` (ahead of FastAPI's routing) and by the FastAPI routes alike. Raises
+        ClientGone when the client left before its body was read.
+        """
+        given_id, authorization, declared = _predict_headers(scope)
+        if self.settings.serving_token is not None:
+            what = "predict" if scope["path"] == "/predict" else "invocations"
+            if (detail := token_problem(self.settings.serving_token, authorization, what)) is not None:
+                return 401, orjson.dumps({"detail": detail}), [*_JSON, (b"www-authenticate", b"Bearer")]
+        request_id = given_id or uuid.uuid4().hex
         model = self.follower.current  # this request finishes on this model, whatever is swapped meanwhile
         if model is None:
             error = self.follower.last_error
             detail = f"not serving: {error}" if error else f"no model loaded yet for {self.follower.following}"
-            return _json({"detail": detail, "request_id": request_id}, 503, request_id)
-        explain = request.query_params.get("explain", "").lower() in {"1", "true", "yes"}
+            return _raw(503, {"detail": detail, "request_id": request_id}, request_id)
+        explain = bool(scope.get("query_string")) and _explain_asked(scope["query_string"])
         try:
             if explain and model.baseline is None:
                 why = "no baseline was stored with it"
                 raise BadRequest.at(422, ["query", "explain"], f"v{model.version} cannot explain: {why}", "explain")
-            records, ids = await self.read_records(request, model)
+            body = await receive_body(receive, declared, self.settings.serving_max_body_bytes)
+            records, ids = await self.read_records(body, model)
             scored = await self.batcher.score(model, records, request_id, ids)
             explained = await asyncio.to_thread(explain_records, model, records, scored.scores) if explain else None
         except BadRequest as exc:
-            return _json({"detail": exc.errors, "request_id": request_id}, exc.status, request_id)
+            return _raw(exc.status, {"detail": exc.errors, "request_id": request_id}, request_id)
+        except ClientGone:
+            raise
         except Exception as exc:
             log.exception("request %s failed", request_id)
             detail = f"prediction failed: {type(exc).__name__}"
-            return _json({"detail": detail, "request_id": request_id}, 500, request_id)
-        body = answer(model, scored.scores, request_id)
+            return _raw(500, {"detail": detail, "request_id": request_id}, request_id)
+        answered = answer(model, scored.scores, request_id)
         if explained is not None:
-            for prediction, extra in zip(body["predictions"], explained, strict=True):
+            for prediction, extra in zip(answered["predictions"], explained, strict=True):
                 prediction.update(extra)
-        return _json(body, 200, request_id)
+        return _raw(200, answered, request_id)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+_JSON = [(b"content-type", b"application/json")]
+
+
+def _raw(status: int, content: Any, request_id: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    return status, orjson.dumps(content), [*_JSON, (b"x-request-id", request_id.encode("latin-1"))]
+
+
+def _predict_headers(scope: dict[str, Any]) -> tuple[str | None, str | None, int]:
+    """x-request-id, authorization and the declared content-length of a request (one pass over its headers)."""
+    request_id = authorization = None
+    declared = 0
+    for name, value in scope["headers"]:  # ASGI: names in lower case
+        if name == b"x-request-id":
+            request_id = value.decode("latin-1") or None
+        elif name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"content-length":
+            with suppress(ValueError):
+                declared = int(value)
+    return request_id, authorization, declared
+
+
+def _explain_asked(query: bytes) -> bool:
+    values = parse_qs(query.decode("latin-1")).get("explain")
+    return bool(values) and values[-1].lower() in {"1", "true", "yes"}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was read: nobody to answer."""
+
+
+async def receive_body(receive: Any, declared: int, limit: int) -> bytes:
     """The request body, cut off with a 413 as soon as it passes `limit` bytes, whatever the transfer encoding.
 
     A declared content-length over the limit is refused before reading; a chunked body (no length) is
     counted while it streams, so a client cannot make the server hold more than `limit` bytes.
     """
-    declared = int(request.headers.get("content-length") or 0)
     if declared > limit:
         raise BadRequest.at(413, ["body"], f"{declared} bytes is over the limit of {limit}", "too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BadRequest.at(413, ["body"], f"more than {limit} bytes: over the limit of {limit}", "too_large")
+        if not message.get("more_body", False):
+            return b"".join([*chunks, chunk]) if chunks else chunk
         chunks.append(chunk)
-    return b"".join(chunks)
+
+
+def token_problem(token: SecretStr, authorization: str | None, what: str) -> str | None:
+    """Why a request to /`what` is refused under `MLOPS_SERVING_TOKEN` (the 401's detail); None when allowed.
+
+    It needs `Authorization: Bearer <token>`, compared in constant time; the token is never logged.
+    """
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        return None
+    detail = f"/{what} needs the header 'Authorization: Bearer <token>' with the serving token (MLOPS_SERVING_TOKEN)"
+    return detail + ("; none was sent" if not given else "; the one sent is wrong")
 
 
 def refused(request: Request, what: str) -> Response | None:
-    """The 401/403 answer for a request `MLOPS_SERVING_TOKEN` does not allow; None when it may go on.
+    """The 401/403 answer for a /reload request `MLOPS_SERVING_TOKEN` does not allow; None when it may go on.
 
-    With a token set, `/predict`, `/invocations` and `/reload` need `Authorization: Bearer <token>`
-    (compared in constant time; the token is never logged). Without one, `/reload` is accepted only from
-    a loopback client (anyone who can reach the port could otherwise make it hit the registry).
+    With a token set, it needs `Authorization: Bearer <token>` (as /predict and /invocations do). Without
+    one, it is accepted only from a loopback client (anyone who can reach the port could otherwise make it
+    hit the registry).
     """
     token = _runtime(request).settings.serving_token
     if token is None:
-        if what != "reload":
-            return None
         client = request.client.host if request.client else ""
         with suppress(ValueError):
             if ipaddress.ip_address(client).is_loopback:
                 return None
-        detail = f"/reload is accepted only from loopback without MLOPS_SERVING_TOKEN; {client or 'unknown'} is not"
+        detail = f"/{what} is accepted only from loopback without MLOPS_SERVING_TOKEN; {client or 'unknown'} is not"
         return _json({"detail": detail}, 403)
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+    if (detail := token_problem(token, request.headers.get("authorization"), what)) is None:
         return None
-    detail = f"/{what} needs the header 'Authorization: Bearer <token>' with the serving token (MLOPS_SERVING_TOKEN)"
-    detail += "; none was sent" if not given else "; the one sent is wrong"
     response = _json({"detail": detail}, 401)
     response.headers["www-authenticate"] = "Bearer"
     return response
+
+
+class PredictPath:
+    """Pure ASGI middleware answering `POST /predict` and `/invocations` ahead of FastAPI's routing.
+
+    The same answers as the FastAPI routes (which share `Runtime.predict` and stay in the OpenAPI schema),
+    without what FastAPI does per request that this path does not need (route matching, a Request object,
+    dependency solving, a Response object): the body in from `receive`, pre-encoded JSON out through
+    `send`. Counts and times each request in the same metrics `MetricsMiddleware` keeps for other paths.
+    """
+
+    PATHS = frozenset({"/predict", "/invocations"})
+
+    def __init__(self, app: Any, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}  # as MetricsMiddleware's
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Answer a prediction request; pass anything else on."""
+        if scope["type"] != "http" or scope["path"] not in self.PATHS or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        try:
+            status, body, headers = await self.runtime.predict(scope, receive)
+        except ClientGone:
+            return
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        path = scope["path"]
+        children = self._children.get((path, status))
+        if children is None:
+            metrics = self.runtime.metrics
+            requests = metrics.requests.labels(path, str(status))
+            children = self._children[(path, status)] = (requests, metrics.latency.labels(path))
+        children[0].inc()
+        if status >= 400:
+            self.runtime.metrics.errors.labels(path, str(status)).inc()
+        children[1].observe(time.perf_counter() - started)
 
 
 router = APIRouter()
@@ -418,16 +518,27 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
+async def _predict_route(request: Request) -> Response:
+    try:
+        status, body, headers = await _runtime(request).predict(request.scope, request.receive)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it
+    return Response(body, status_code=status, headers={k.decode(): v.decode("latin-1") for k, v in headers})
+
+
 @router.post("/predict", summary="Predict a batch of records")
 async def predict(request: Request) -> Response:
-    """`{"records": [...]}` or `{"dataframe_records": [...]}` in; per record a class and probabilities, or a value."""
-    return refused(request, "predict") or await _runtime(request).predict(request)
+    """`{"records": [...]}` or `{"dataframe_records": [...]}` in; per record a class and probabilities, or a value.
+
+    Answered by `PredictPath` ahead of the router; this route documents it (OpenAPI) and answers the same.
+    """
+    return await _predict_route(request)
 
 
 @router.post("/invocations", summary="MLflow scoring-server path for /predict")
 async def invocations(request: Request) -> Response:
     """The same as /predict, at the path clients of `mlflow models serve` call."""
-    return refused(request, "invocations") or await _runtime(request).predict(request)
+    return await _predict_route(request)
 
 
 @router.get("/health")
@@ -535,6 +646,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.include_router(router)
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
+    app.add_middleware(PredictPath, runtime=runtime)  # outermost: predictions skip the routing
     return app
 
 

@@ -60,9 +60,9 @@ class MicroBatcher:
 
     Args:
         max_rows: Largest batch one call scores (a larger single request is still scored alone).
-        on_scored: Called in the worker thread after each successful batch with the jobs, their frame
-            and scores (probabilities, or a regressor's values) for prediction logging; its errors are
-            logged and never fail a request.
+        on_scored: Called in the worker thread after each successful batch with the jobs, their columns
+            (`LoadedModel.columns_of`) and scores (probabilities, or a regressor's values) for prediction
+            logging; its errors are logged and never fail a request.
     """
 
     def __init__(
@@ -168,20 +168,21 @@ class MicroBatcher:
         model = jobs[0].model
         records = jobs[0].records if len(jobs) == 1 else [r for job in jobs for r in job.records]
         started = time.perf_counter()
-        frame = model.frame(records)
-        scores = model.scores(frame)
+        columns = model.columns_of(records)
+        scores = model.scores(columns)
         elapsed = time.perf_counter() - started
-        key = (id(model), len(frame).bit_length())
+        rows = len(records)
+        key = (id(model), rows.bit_length())
         previous = self._cost.get(key)
         if previous is None and len(self._cost) > 64:  # models served before a swap: forget them
             self._cost.clear()
         self._cost[key] = elapsed if previous is None else min(elapsed, previous * COST_CREEP)
         if self.on_batch is not None:
-            self.on_batch(len(frame))
-        log.debug("scored %d rows for %d requests in %.2f ms", len(frame), len(jobs), 1e3 * elapsed)
+            self.on_batch(rows)
+        log.debug("scored %d rows for %d requests in %.2f ms", rows, len(jobs), 1e3 * elapsed)
         if self.on_scored is not None:
             try:
-                self.on_scored(jobs, frame, scores)
+                self.on_scored(jobs, columns, scores)
             except Exception:  # logging predictions must never fail a request
                 log.exception("recording predictions failed")
         return scores

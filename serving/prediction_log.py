@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,7 +49,7 @@ import pandas as pd
 
 from adapters.clients import s3_client
 from adapters.settings import Settings
-from core.prediction_log import Entry, object_key, spooled_batch, spooled_table, to_table
+from core.prediction_log import Entry, object_key, spooled_table, to_table
 
 __all__ = [
     "Entry",
@@ -61,21 +61,26 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+Inputs = pd.DataFrame | Mapping[str, np.ndarray]  # a batch's records: a frame, or column -> 1-d array
+
 
 class PredictionLog(Protocol):
     """What the serving API logs its predictions through."""
 
     def record(
         self,
-        frame: pd.DataFrame,
+        inputs: Inputs,
         scores: np.ndarray,
         classes: list[Any],
-        request_ids: np.ndarray,
+        request_ids: Sequence[str],
         version: str,
-        record_ids: np.ndarray | None = None,
-        record_index: np.ndarray | None = None,
+        record_ids: Sequence[str | None] | None = None,
+        record_index: Sequence[int] | None = None,
     ) -> None:
-        """Log one scored batch (called in the prediction thread, before its requests are answered)."""
+        """Log one scored batch (called in the prediction thread, before its requests are answered).
+
+        `inputs`: the records as a frame or as `LoadedModel.columns_of`'s arrays (column -> 1-d array).
+        """
 
     def start(self) -> None:
         """Start the background writer."""
@@ -117,15 +122,19 @@ class MemoryPredictionLog:
 
     def record(
         self,
-        frame: pd.DataFrame,
+        inputs: Inputs,
         scores: np.ndarray,
         classes: list[Any],
-        request_ids: np.ndarray,
+        request_ids: Sequence[str],
         version: str,
-        record_ids: np.ndarray | None = None,
-        record_index: np.ndarray | None = None,
+        record_ids: Sequence[str | None] | None = None,
+        record_index: Sequence[int] | None = None,
     ) -> None:
-        """Keep one scored batch for the next write (cheap: no copy, no I/O)."""
+        """Keep one scored batch for the next write (cheap: no I/O)."""
+        frame = inputs if isinstance(inputs, pd.DataFrame) else pd.DataFrame(inputs, copy=False)
+        request_ids = np.asarray(request_ids, dtype=object)
+        record_ids = None if record_ids is None else np.asarray(record_ids, dtype=object)
+        record_index = None if record_index is None else np.asarray(record_index, dtype="int64")
         entry = Entry(frame, scores, classes, request_ids, version, datetime.now(UTC), record_ids, record_index)
         with self._lock:
             self._entries.append(entry)
@@ -192,6 +201,12 @@ class MemoryPredictionLog:
 SEGMENT_SUFFIX = ".jsonl"
 LOCK_NAME = "lock"
 DROP_LOG_EVERY = 10.0  # seconds between two error lines while rows are being dropped (each says how many)
+PUBLISH_BYTES_EVERY = 0.1  # seconds between two updates of the spool-size gauge from the request path
+
+
+def _plain_list(values: Sequence[Any]) -> list[Any]:
+    """A list of plain Python values (what orjson writes) from a list, a range or a numpy array."""
+    return values.tolist() if isinstance(values, np.ndarray) else list(values)
 
 
 def _lock(path: Path) -> int | None:
@@ -361,7 +376,8 @@ class SpooledPredictionLog:
         model_name: Names the spool folder and the key prefix.
         flush_seconds: Age at which a segment is closed and uploaded.
         on_event: Called with ("written" | "dropped" | "failed", rows) for metrics.
-        on_spool_bytes: Called with the spool's size after each change of it (a gauge).
+        on_spool_bytes: Called with the spool's size (a gauge): after each upload, and after appends at most
+            every `PUBLISH_BYTES_EVERY` seconds from the request path (and by the sync thread, within its interval).
     """
 
     def __init__(
@@ -389,29 +405,59 @@ class SpooledPredictionLog:
         self._client: Any = None
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
+        self._bytes_published, self._bytes_value = 0.0, 0
+        self._classes_seen: list[Any] | None = None
+        self._classes_plain: list[Any] = []
 
     def record(
         self,
-        frame: pd.DataFrame,
+        inputs: Inputs,
         scores: np.ndarray,
         classes: list[Any],
-        request_ids: np.ndarray,
+        request_ids: Sequence[str],
         version: str,
-        record_ids: np.ndarray | None = None,
-        record_index: np.ndarray | None = None,
+        record_ids: Sequence[str | None] | None = None,
+        record_index: Sequence[int] | None = None,
     ) -> None:
-        """Append one scored batch to the spool and sync it; at the bound, count and report the drop."""
+        """Append one scored batch to the spool as one line (synced in `always` mode); at the bound, count the drop.
+
+        The line is what `core.prediction_log.spooled_batch` writes (and `spooled_table` reads), built straight
+        from the column arrays: numbers as float64 arrays (orjson writes them without a Python loop; NaN
+        becomes null), text as lists.
+        """
         now = datetime.now(UTC)
-        entry = Entry(frame, scores, classes, request_ids, version, now, record_ids, record_index)
-        line = orjson.dumps(spooled_batch(entry), option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
+        columns = {name: np.asarray(values) for name, values in inputs.items()}
+        rows = len(scores)
+        if classes is not self._classes_seen:  # the same list for every batch of one model
+            self._classes_seen = classes
+            self._classes_plain = [c.item() if isinstance(c, np.generic) else c for c in classes]
+        line = orjson.dumps(
+            {
+                "v": version,
+                "at": now.isoformat(),
+                "cls": self._classes_plain,
+                "rid": _plain_list(request_ids),
+                "ids": None if record_ids is None else _plain_list(record_ids),
+                "idx": None if record_index is None else _plain_list(record_index),
+                "s": np.asarray(scores, dtype="float64"),
+                "f": {name: v if v.dtype.kind == "f" else v.tolist() for name, v in columns.items()},
+            },
+            option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE,
+        )
         try:
             if self.spool.append(line, now):
-                self.on_spool_bytes(self.spool.bytes)
+                if time.monotonic() - self._bytes_published >= PUBLISH_BYTES_EVERY:
+                    self._publish_bytes()
                 return
             why = f"spool full ({self.spool.bytes} of {self.spool.max_bytes} bytes; S3 unreachable?)"
         except OSError as exc:  # disk full, folder removed: answered anyway, but say loudly that it is not logged
             why = f"cannot write the spool ({exc})"
-        self._dropped(len(frame), why)
+        self._dropped(rows, why)
+
+    def _publish_bytes(self) -> None:
+        """Report the spool's size (a gauge: an mmap write in multiprocess mode, so not on every request)."""
+        self._bytes_published, self._bytes_value = time.monotonic(), self.spool.bytes
+        self.on_spool_bytes(self._bytes_value)
 
     def _dropped(self, rows: int, why: str) -> None:
         """Count rows not logged, and say so as an error at most every DROP_LOG_EVERY seconds."""
@@ -442,6 +488,8 @@ class SpooledPredictionLog:
                 self.spool.sync()
             except OSError:
                 log.exception("prediction log: syncing the spool failed")
+            if self.spool.bytes != self._bytes_value:
+                self._publish_bytes()
 
     def stop(self) -> None:
         """Stop the uploader, upload what is spooled (one try each), release the folder."""

@@ -432,3 +432,41 @@ def _served_is_compiled_and_exact(url: str, model: str, version: str) -> None:
     assert served.shape == expected.shape
     assert np.abs(served - expected).max() <= 1e-6
     assert (served.argmax(axis=1) == expected.argmax(axis=1)).all()
+
+
+@pytest.mark.parametrize("family", ["hist_gradient_boosting", "logistic_regression"])
+def test_onnx_fed_decoded_columns_equals_frame_fed_and_the_pipeline(data, family):
+    """The serving path (JSON body -> msgspec structs -> column arrays -> ONNX, no DataFrame) scores exactly
+    as the frame-fed session does, and within the parity limit of scikit-learn's own `predict_proba`,
+    on the holdout plus the edge cases (nulls, unseen categories, clip bounds, +-1e300, signed zeros)."""
+    import orjson
+
+    from serving.model import LoadedModel
+
+    train_X, train_y, holdout = data
+    params = dict(FAMILIES)[family]
+    pipeline = build_model(CONFIG, family, params, 42).fit(train_X, train_y)
+    frame = pd.concat([holdout, edge_cases(pipeline, holdout, TEXT)], ignore_index=True)
+    form = OnnxForm(compile_onnx(pipeline, TEXT), TEXT, True)
+    columns = [Column(c, "text" if c in TEXT else "numeric") for c in frame.columns]
+    served = LoadedModel("m", "1", pipeline, columns, list(pipeline.classes_), inference=form)
+    records = [
+        {c: (None if isinstance(v, float) and np.isnan(v) else v) for c, v in row.items()}
+        for row in frame.to_dict(orient="records")
+    ]
+    body = orjson.dumps({"records": records})
+    decoded = served.adapter.decode(body, len(records))
+    assert decoded is not None  # the one-pass decoder took every row, edge cases included
+    arrays = served.columns_of(decoded[1])
+    assert all(isinstance(a, np.ndarray) for a in arrays.values()) and set(arrays) == set(frame.columns)
+    from_arrays = served.scores(arrays)
+    from_dicts = served.scores(served.columns_of(records))  # the step-by-step path's records (dicts)
+    from_frame = form.scores(frame)
+    assert np.array_equal(from_arrays, from_frame) and np.array_equal(from_dicts, from_frame)
+    expected = pipeline.predict_proba(frame)
+    assert np.abs(from_arrays - expected).max() <= 1e-6
+    assert (from_arrays.argmax(axis=1) == expected.argmax(axis=1)).all()
+    # one record at a time, as most requests come: the same scores, row by row
+    for i in (0, len(holdout), len(frame) - 1):
+        one = served.scores(served.columns_of(served.adapter.decode(orjson.dumps({"records": [records[i]]}), 1)[1]))
+        assert np.array_equal(one, from_frame[i : i + 1])
