@@ -22,7 +22,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from sklearn.pipeline import Pipeline
 
-from adapters.cluster import require_workers
+from adapters.cluster import ClusterError, require_workers
 from core.dataset import DatasetConfig
 from core.search import (
     SearchData,
@@ -108,4 +108,22 @@ def run_search_on(
         def fit(_: SearchData, family: str, params: dict[str, Any]) -> Pipeline:
             return _submit(runner, refit_chosen, data=shared, family=family, params=params).result()
 
-        return run_search(data, spec, run_batch, fit, on_trial)
+        try:
+            return run_search(data, spec, run_batch, fit, on_trial)
+        except Exception as exc:
+            from distributed.scheduler import KilledWorker
+
+            if not isinstance(exc, KilledWorker):
+                raise
+            raise ClusterError(lost_workers_message(len(data.X), data.X.memory_usage(deep=True).sum(), exc)) from exc
+
+
+def lost_workers_message(rows: int, frame_bytes: int, exc: BaseException) -> str:
+    """Why a search on the cluster stopped when its workers kept dying (most often: out of memory)."""
+    return (
+        f"the model search stopped: Dask workers kept dying while running a trial on {rows:,} training rows "
+        f"({frame_bytes / 2**30:.1f} GiB as a frame, copied into each worker that runs a trial); a worker past "
+        "its memory limit is restarted by its nanny, so give the workers more memory "
+        "(MLOPS_DASK_WORKER_MEMORY, or the cluster's own limit) or train this snapshot with `engine: dask` "
+        f"in the dataset config, which keeps the rows partitioned across the workers. Dask said: {exc}"
+    )

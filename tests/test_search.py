@@ -249,3 +249,13 @@ def test_one_batch_of_all_trials_prunes_nothing():
     result = search_models(frame, config, spec, seed=4)
     assert {t.state for t in result.trials} <= {"complete", "degenerate"}
     assert all(t.folds == 3 for t in result.trials)
+
+
+def test_lost_workers_during_the_search_are_explained():
+    from distributed.scheduler import KilledWorker
+
+    from tasks.search_trials import lost_workers_message
+
+    text = lost_workers_message(8_000_000, 3 * 2**30, KilledWorker("Attempted to run task 'run_trial-1' on 4..."))
+    assert "8,000,000 training rows" in text and "3.0 GiB" in text
+    assert "MLOPS_DASK_WORKER_MEMORY" in text and "engine: dask" in text and "run_trial-1" in text
