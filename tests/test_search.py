@@ -252,10 +252,14 @@ def test_one_batch_of_all_trials_prunes_nothing():
 
 
 def test_lost_workers_during_the_search_are_explained():
+    from types import SimpleNamespace
+
     from distributed.scheduler import KilledWorker
 
     from tasks.search_trials import lost_workers_message
 
-    text = lost_workers_message(8_000_000, 3 * 2**30, KilledWorker("Attempted to run task 'run_trial-1' on 4..."))
+    text = lost_workers_message(
+        8_000_000, 3 * 2**30, KilledWorker("run_trial-1", SimpleNamespace(address="tcp://127.0.0.1:1"), 3)
+    )
     assert "8,000,000 training rows" in text and "3.0 GiB" in text
     assert "MLOPS_DASK_WORKER_MEMORY" in text and "engine: dask" in text and "run_trial-1" in text
