@@ -80,8 +80,12 @@ def prepare(rows: int) -> tuple[str, str, str]:
     model = make_pipeline(config, HistGradientBoostingClassifier(random_state=0))
     model.fit(prepare_inputs(train, config), prepare_target(train, config))
     use_tracking_server(settings)
-    mlflow.set_experiment(MODEL)
-    with mlflow.start_run() as run:
+    # Not mlflow.set_experiment: it sets a process-wide active experiment, and the training flow's later
+    # mlflow.start_run(run_id=...) in this process then refuses runs of any other experiment.
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(MODEL)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(MODEL)
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.sklearn.log_model(
             model, name="model", pip_requirements=MODEL_REQUIREMENTS, skops_trusted_types=skops_trusted_types(model)
         )
