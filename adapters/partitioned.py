@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from adapters import registry
 from adapters.cluster import s3_storage_options
+from adapters.scoring_store import write_predictions
 from adapters.settings import Settings
 from adapters.store import fs_path, s3_filesystem
 from core.dataset import DatasetConfig
@@ -59,7 +60,6 @@ from core.scoring import (
     PredictionTally,
     ScoringInputError,
     ScoringSummary,
-    predict_chunk,
     scoring_task,
 )
 
@@ -175,25 +175,11 @@ def score_part(frame: pd.DataFrame, index: int, file: PartitionFile, job: Scorin
     if table.num_rows != file.rows:
         raise ScoringInputError(f"{file.uri}: read {table.num_rows} rows, but its footer says {file.rows}")
     target = job.plan.prefix + job.plan.part_name(index)
-    chunks = 0
     with s3_filesystem(job.settings).open_output_stream(fs_path(target)) as sink:
-        writer: pq.ParquetWriter | None = None
-        try:
-            for batch in table.to_batches(max_chunksize=job.chunk_rows):
-                first = chunks * job.chunk_rows
-                try:
-                    predictions = predict_chunk(model, batch, job.config, job.model_version, job.scored_at)
-                except (ValueError, TypeError) as exc:
-                    rows = f"rows {first}-{first + batch.num_rows - 1}"
-                    raise ScoringInputError(f"{file.uri} ({rows}): cannot be scored: {exc}") from exc
-                if writer is None:
-                    writer = pq.ParquetWriter(sink, predictions.schema)
-                writer.write_batch(predictions)
-                tally.add(predictions)
-                chunks += 1
-        finally:
-            if writer is not None:
-                writer.close()
+        batches = table.to_batches(max_chunksize=job.chunk_rows)
+        _, chunks = write_predictions(
+            batches, sink, model, job.config, job.model_version, job.scored_at, file.uri, tally
+        )
     return PartResult(index, file.uri, target, table.num_rows, chunks, task, tally, time.perf_counter() - started)
 
 

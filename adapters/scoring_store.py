@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -148,6 +148,47 @@ def inspect_partition_files(source: str, config: DatasetConfig, settings: Settin
     return inspect_files(source, list_partition_files(source, settings), config, s3_filesystem(settings))
 
 
+def write_predictions(
+    batches: Iterable[pa.RecordBatch],
+    sink: Any,
+    model: Any,
+    config: DatasetConfig,
+    model_version: str,
+    scored_at: datetime,
+    uri: str,
+    tally: PredictionTally,
+    chunk_done: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Predict each batch of one input file and write the predictions to `sink` as one Parquet file.
+
+    Shared by the single-process path and the cluster's workers; returns (rows, chunks).
+
+    Raises:
+        ScoringInputError: A chunk cannot be scored (names the file and its rows).
+    """
+    rows = chunks = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        for batch in batches:
+            try:
+                predictions = predict_chunk(model, batch, config, model_version, scored_at)
+            except (ValueError, TypeError) as exc:
+                where = f"rows {rows}-{rows + batch.num_rows - 1}"
+                raise ScoringInputError(f"{uri} ({where}): cannot be scored: {exc}") from exc
+            if writer is None:
+                writer = pq.ParquetWriter(sink, predictions.schema)
+            writer.write_batch(predictions)
+            tally.add(predictions)
+            rows += batch.num_rows
+            chunks += 1
+            if chunk_done is not None:
+                chunk_done(batch.num_rows)
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows, chunks
+
+
 # --- scoring into the run's version --------------------------------------------------------------------
 
 
@@ -189,41 +230,31 @@ def score_partition_files(
             log.warning("%s has no rows; nothing to score", file.uri)
             continue
         target = plan.prefix + plan.part_name(index)
-        first_row = 0
         with (
             filesystem.open_input_file(fs_path(file.uri)) as source,
             filesystem.open_output_stream(fs_path(target)) as sink,
         ):
             reader = pq.ParquetFile(source, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
-            writer: pq.ParquetWriter | None = None
-            try:
-                for batch in reader.iter_batches(batch_size=chunk_rows, columns=list(partition.columns)):
-                    try:
-                        predictions = predict_chunk(model, batch, config, model_version, scored_at)
-                    except (ValueError, TypeError) as exc:
-                        rows = f"rows {first_row}-{first_row + batch.num_rows - 1}"
-                        raise ScoringInputError(f"{file.uri} ({rows}): cannot be scored: {exc}") from exc
-                    if writer is None:
-                        writer = pq.ParquetWriter(sink, predictions.schema)
-                    writer.write_batch(predictions)
-                    first_row += batch.num_rows
-                    summary.rows += batch.num_rows
-                    summary.chunks += 1
-                    tally.add(predictions)
-                    log.info(
-                        "chunk %d: %d rows of %s (%d/%d rows, %.0f rows/s)",
-                        summary.chunks,
-                        batch.num_rows,
-                        file.uri,
-                        summary.rows,
-                        partition.rows,
-                        summary.rows / max(time.perf_counter() - started, 1e-9),
-                    )
-                    if on_chunk is not None:
-                        on_chunk(summary.rows, partition.rows)
-            finally:
-                if writer is not None:
-                    writer.close()
+
+            def chunk_done(rows: int, uri: str = file.uri) -> None:
+                summary.rows += rows
+                summary.chunks += 1
+                log.info(
+                    "chunk %d: %d rows of %s (%d/%d rows, %.0f rows/s)",
+                    summary.chunks,
+                    rows,
+                    uri,
+                    summary.rows,
+                    partition.rows,
+                    summary.rows / max(time.perf_counter() - started, 1e-9),
+                )
+                if on_chunk is not None:
+                    on_chunk(summary.rows, partition.rows)
+
+            batches = reader.iter_batches(batch_size=chunk_rows, columns=list(partition.columns))
+            first_row, _ = write_predictions(
+                batches, sink, model, config, model_version, scored_at, file.uri, tally, chunk_done
+            )
         if first_row != file.rows:
             raise ScoringInputError(f"{file.uri}: read {first_row} rows, but its footer says {file.rows}")
         summary.files += 1
