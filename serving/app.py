@@ -563,15 +563,16 @@ async def ready(request: Request) -> Response:
     """200 only when a model is loaded, in every worker process (whichever process answers)."""
     runtime = _runtime(request)
     follower = runtime.follower
+    served = await asyncio.to_thread(runtime.metrics.served_by_process)
+    expected = worker_count(runtime.settings) if runtime.metrics.multiprocess_dir is not None else 1
+    processes = {"serving": len(served), "expected": expected}
     if follower.current is None:
-        return _json({"ready": False, "detail": follower.last_error or "no model loaded yet"}, 503)
-    if runtime.metrics.multiprocess_dir is not None:
-        expected = worker_count(runtime.settings)
-        served = await asyncio.to_thread(runtime.metrics.served_by_process)
-        if len(served) < expected:
-            detail = f"{len(served)} of {expected} worker processes serve a model so far"
-            return _json({"ready": False, "detail": detail, "version": follower.current.version}, 503)
-    return _json({"ready": True, "version": follower.current.version})
+        detail = follower.last_error or "no model loaded yet"
+        return _json({"ready": False, "detail": detail, "processes": processes}, 503)
+    if len(served) < expected:
+        detail = f"{len(served)} of {expected} worker processes serve a model so far"
+        return _json({"ready": False, "detail": detail, "version": follower.current.version, "processes": processes}, 503)
+    return _json({"ready": True, "version": follower.current.version, "processes": processes})
 
 
 @router.get("/model")
