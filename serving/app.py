@@ -571,7 +571,8 @@ async def ready(request: Request) -> Response:
         return _json({"ready": False, "detail": detail, "processes": processes}, 503)
     if len(served) < expected:
         detail = f"{len(served)} of {expected} worker processes serve a model so far"
-        return _json({"ready": False, "detail": detail, "version": follower.current.version, "processes": processes}, 503)
+        version = follower.current.version
+        return _json({"ready": False, "detail": detail, "version": version, "processes": processes}, 503)
     return _json({"ready": True, "version": follower.current.version, "processes": processes})
 
 

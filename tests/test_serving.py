@@ -461,7 +461,10 @@ def test_when_the_champion_alias_is_gone_the_api_stops_presenting_its_model(stac
     try:
         # then within a poll every worker process drops it: the API is not ready, and /predict and /model say why
         # instead of answering with v{old} (until the last process has polled, /ready says how many still serve)
-        wait_for(lambda: httpx.get(f"{server}/ready").json()["processes"]["serving"] == 0, 30, "every process to drop it")
+        def none_serving() -> bool:
+            return httpx.get(f"{server}/ready").json()["processes"]["serving"] == 0
+
+        wait_for(none_serving, 30, "every process to drop it")
         ready = httpx.get(f"{server}/ready").json()["detail"]
         assert "not set in the registry" in ready and f"v{old}" in ready
         answer = httpx.post(f"{server}/predict", json=body, timeout=30)
