@@ -179,6 +179,9 @@ def log_model(run_id: str, model: Any, train: pd.DataFrame, config: DatasetConfi
     if example.empty:
         example = prepare_inputs(train.head(5), config)
     signature = infer_signature(prepare_inputs(train.head(1000), config), model.predict(example))
+    # The fluent API refuses a run outside the process's active experiment (a notebook's `set_experiment`, or the
+    # last dataset trained in this process): make the run's own experiment the active one.
+    mlflow.set_experiment(experiment_id=mlflow_client(get_settings()).get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
         # The reference record that per-prediction contributions are measured against (serving, `?explain=true`).
         mlflow.log_text(baseline_row(prepare_inputs(train, config)).to_json(orient="records"), BASELINE_ARTIFACT)

@@ -105,8 +105,7 @@ def model_setup(stack, tmp_path_factory, dask_cluster):
     train = pd.concat([generate_month(i, 1500, 5) for i in range(3)], ignore_index=True)
     model = fit(config, train, LogisticRegression(max_iter=1000))
     use_tracking_server(stack)
-    # Not mlflow.set_experiment: it sets a process-wide active experiment, and the training flow's later
-    # mlflow.start_run(run_id=...) in this process then refuses runs of any other experiment.
+    # Not mlflow.set_experiment: it would set a process-wide active experiment for the rest of the session.
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(MODEL)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(MODEL)

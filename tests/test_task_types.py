@@ -335,3 +335,25 @@ def test_monitoring_a_regressor_measures_rmse_and_mae_on_late_labels(stack, regr
     assert "Task: regression" in ours and "<td>RMSE</td>" in ours and "<td>MAE</td>" in ours
     assert "ROC AUC" not in ours and "proba_" not in ours
     assert "Feature distributions: partition" in page
+
+
+def test_logging_a_model_works_whatever_experiment_the_caller_made_active(stack, regression):
+    # Given a caller (a notebook, a test, an earlier flow) that made another experiment the active one
+    import mlflow
+
+    from tasks.tracking import log_model, start_run
+
+    config, frame = regression["config"], regression["frame"]
+    use_tracking_server(stack)
+    mlflow.set_experiment("a-notebook-scratch-experiment")
+    # when a training run of this dataset logs its model in the same process
+    run_id = start_run.fn(config, {"test": "active-experiment"}, {"run_name": "active-experiment"})
+    uri = log_model.fn(run_id, regression["model"], frame.iloc[:TRAIN_ROWS], config)
+    # then the model lands in the dataset's run and experiment, and loads back to the same predictions
+    run = mlflow_client(stack).get_run(run_id)
+    assert run.info.experiment_id == mlflow_client(stack).get_experiment_by_name(config.name).experiment_id
+    inputs = prepare_inputs(frame.iloc[TRAIN_ROWS:], config)
+    import mlflow.sklearn
+
+    loaded = mlflow.sklearn.load_model(uri)
+    assert (loaded.predict(inputs) == regression["model"].predict(inputs)).all()
