@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -96,3 +97,39 @@ def test_image_installs_every_package_from_a_wheel_and_holds_no_source():
     assert "prefect_mlops-*.whl)[kubernetes]" in install
     user = [line.split()[1] for line in runtime if line.startswith("USER ")]
     assert user and user[-1] not in {"root", "0"}
+
+
+# Debian packages python:3.11-slim (bookworm) already has: glibc, the GCC runtime and libstdc++ (apt needs them), zlib.
+SLIM_BASE_PACKAGES = {"libc6", "libgcc-s1", "libstdc++6", "zlib1g"}
+
+
+def test_image_installs_every_system_library_the_wheels_link_against():
+    import shutil
+    import sysconfig
+
+    # Given every native extension installed in this environment (the image installs the same pinned wheels)
+    site = Path(sysconfig.get_paths()["purelib"])
+    objects = [str(p) for p in site.rglob("*.so*") if p.is_file()]
+    linked: set[str] = set()
+    for start in range(0, len(objects), 100):
+        out = subprocess.run(["ldd", *objects[start : start + 100]], capture_output=True, text=True, check=False)
+        linked |= {line.split("=>")[1].split()[0] for line in out.stdout.splitlines() if "=> /" in line}
+    system = sorted(path for path in linked if not path.startswith(str(site)))
+    assert system, "ldd found no system library: the check would pass vacuously"
+    # when each system library is traced to its Debian package (dpkg owns the real file behind a link)
+    assert shutil.which("dpkg"), "this check reads the Debian package database"
+    packages = set()
+    for path in system:
+        # (with merged /usr, dpkg knows a file by the path its package shipped: the link's or the target's)
+        owners = [
+            subprocess.run(["dpkg", "-S", candidate], capture_output=True, text=True, check=False)
+            for candidate in (path, str(Path(path).resolve()))
+        ]
+        owner = next((o.stdout for o in owners if o.returncode == 0), None)
+        assert owner, f"no Debian package owns {path}: {owners[-1].stderr}"
+        packages.add(owner.split(":")[0])
+    # then the runtime stage has each one: the slim base's, or installed by its apt-get line
+    runtime = DOCKERFILE.read_text().split("\nFROM ")[-1]
+    installed = {word for line in runtime.splitlines() if "apt-get install" in line for word in line.split()}
+    missing = packages - SLIM_BASE_PACKAGES - installed
+    assert not missing, f"the image lacks {sorted(missing)}, which installed wheels link against"
