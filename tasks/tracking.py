@@ -15,6 +15,7 @@ import pandas as pd
 from prefect import task
 
 from adapters.clients import mlflow_client, use_tracking_server
+from adapters.feature_store import history_uri
 from adapters.registry import champion_version, run_holdout_metrics
 from adapters.settings import get_settings
 from adapters.snapshot_listing import snapshot_listing
@@ -56,7 +57,19 @@ def git_commit() -> str:
 # The source that trains and decides (not the CLI, the serving API or the deployments), and the libraries
 # that fit the model: a change in either may change the answer, so it is part of a run's fingerprint.
 TRAINING_PACKAGES = ("core", "adapters", "tasks", "services", "flows")
-MODEL_LIBRARIES = ("scikit-learn", "numpy", "scipy", "pandas", "pyarrow", "optuna", "lightgbm", "skops")
+MODEL_LIBRARIES = (
+    "scikit-learn",
+    "numpy",
+    "scipy",
+    "pandas",
+    "pyarrow",
+    "optuna",
+    "lightgbm",
+    "skops",
+    "dask",
+    "distributed",  # the Dask engine's training (partitions, LightGBM's Dask estimator)
+    "feast",  # the point-in-time join of a feature service
+)
 
 
 @functools.cache  # once per process: the code it imported, even if the files are edited while it runs
@@ -90,7 +103,15 @@ def code_fingerprint() -> str:
 @task(name="fingerprint", **IO)
 def fingerprint_run(config: DatasetConfig, params: dict[str, Any]) -> Fingerprint:
     """Prefect task: what this run depends on (data listing, config, params, code), without reading the data."""
-    listing = snapshot_listing(config.source, config.format, get_settings())
+    settings = get_settings()
+    listing = snapshot_listing(config.source, config.format, settings)
+    if config.feature_service:
+        # Features joined from the store are training data too: a rewritten history table is new data even when
+        # the snapshot's files are the same (its listing counts under a name no snapshot file can have).
+        listing += [
+            (f"feature-store:{config.feature_service}:{name}", stamp, size)
+            for name, stamp, size in snapshot_listing(history_uri(settings), "parquet", settings)
+        ]
     fingerprint = Fingerprint(
         data=listing_version(listing),
         config=canonical_hash(config.model_dump(mode="json")),

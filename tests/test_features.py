@@ -234,3 +234,25 @@ def test_features_deployment_is_scheduled_and_runs_on_the_worker(stack, applied)
     # when it is run on demand (as the UI's Run button does), the worker runs it to completion
     run = run_deployment("features/features", timeout=600, tags=["test-features"])
     assert run.state.is_completed(), run.state.message
+
+
+def test_a_rewritten_feature_history_is_new_data_for_the_fingerprint(stack, applied):
+    from mlops.datagen import write_applicant_history
+    from tasks.loading import load_dataset_config
+    from tasks.tracking import fingerprint_run
+
+    # Given the model's dataset config (a feature service joined onto the snapshot) and its fingerprint
+    config, params = load_dataset_config(MODEL), TrainingParams(dataset=MODEL).model_dump(mode="json")
+    before = fingerprint_run.fn(config, params)
+    try:
+        # when the store's history table is rewritten with other events, the snapshot's files untouched
+        write_applicant_history(stack, TEST_MONTHS, TEST_ROWS_PER_MONTH, seed=8)
+        changed = fingerprint_run.fn(config, params)
+    finally:
+        # (the same events again: the table every other test of the session reads)
+        write_applicant_history(stack, TEST_MONTHS, TEST_ROWS_PER_MONTH, seed=7)
+    # then the data part differs (a rerun would train, not record "nothing new"), and only the data part
+    assert changed.data != before.data
+    assert (changed.config, changed.params, changed.code) == (before.config, before.params, before.code)
+    # and the same bytes written again give the same data part back (the listing's ETags are content hashes)
+    assert fingerprint_run.fn(config, params).data == before.data
