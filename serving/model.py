@@ -39,6 +39,8 @@ Number = Annotated[float, Field(allow_inf_nan=False)]
 _LARGEST = float(np.finfo("float64").max)
 FiniteNumber = Annotated[float, msgspec.Meta(ge=-_LARGEST, le=_LARGEST)]  # msgspec's form of `Number`
 BODY_KEYS = ("records", "dataframe_records")
+# The integers orjson reads as integers (64-bit signed or unsigned); beyond them it reads a float.
+JSON_INTS = range(-(2**63), 2**64)
 _FLOAT = np.dtype("float64")
 
 
@@ -67,8 +69,9 @@ class RecordSchema:
             spec.append(("record_id", str | int | None, None))
             names["record_id"] = self.id_field
         struct = msgspec.defstruct("Record", spec, rename=names)
-        records = list[struct] | None  # type: ignore[valid-type]
-        body = msgspec.defstruct("Body", [("records", records, None), ("dataframe_records", records, None)])
+        # UNSET: the key is absent, told apart from an explicit null (which the step-by-step checks refuse).
+        records = list[struct] | None | msgspec.UnsetType  # type: ignore[valid-type]
+        body = msgspec.defstruct("Body", [(key, records, msgspec.UNSET) for key in BODY_KEYS])
         self._decoder = msgspec.json.Decoder(body)
 
     def validate_python(self, records: list[Any]) -> list[dict[str, Any]]:
@@ -76,18 +79,29 @@ class RecordSchema:
         return self.adapter.validate_python(records)
 
     def decode(self, body: bytes, max_records: int) -> tuple[str, list[Any], list[str | None] | None] | None:
-        """(key, records, their ids as text or None) of a valid body of 1..max_records records, else None."""
+        """(key, records, their ids as text or None) of a valid body of 1..max_records records, else None.
+
+        None whenever the step-by-step checks might answer otherwise, so that they give the answer: invalid
+        UTF-8 anywhere (msgspec checks only the strings it keeps; a cheap ASCII test first, a full UTF-8
+        decode only for a body that is not ASCII), an explicit null under the key a body is read from
+        (the first of `BODY_KEYS` present), an id integer orjson would read as a float.
+        """
         try:
+            if not body.isascii():
+                body.decode("utf-8")
             decoded = self._decoder.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
             return None
-        key = "records" if decoded.records is not None else "dataframe_records"
+        key = "records" if decoded.records is not msgspec.UNSET else "dataframe_records"
         records = getattr(decoded, key)
-        if not records or len(records) > max_records:
+        if not records or len(records) > max_records:  # also None (null) and UNSET (no key)
             return None
         ids = None
         if self.id_field:
             ids = [None if r.record_id is None else str(r.record_id) for r in records]
+            # msgspec bounds stop at int64: orjson's range checked here (an integer id is rare)
+            if any(type(r.record_id) is int and r.record_id not in JSON_INTS for r in records):
+                return None
         return key, records, ids
 
 

@@ -26,7 +26,7 @@ from adapters.promotion import promote_version, revert_promotion
 from adapters.settings import Settings, get_settings
 from core.signature import Column
 from mlops.stack import running
-from serving.app import BadRequest, _serving_env, parse_records, record_ids, validate_records
+from serving.app import BadRequest, _serving_env, decode_records, parse_records, record_ids, validate_records
 from serving.batching import MicroBatcher
 from serving.model import LoadedModel
 from tests.ports import free_port
@@ -39,6 +39,12 @@ WORKERS = 2
 
 COLUMNS = [Column("age", "numeric"), Column("loan amount", "numeric"), Column("region", "text")]
 GOOD = {"age": 41, "loan amount": 1200.5, "region": "north"}
+
+
+def _raw(text: str) -> bytes:
+    """A body written by hand: `%s` is a good record's opening (its closing brace left to the text)."""
+    good = json.dumps(GOOD)[:-1]
+    return (text % good if "%s" in text else text).encode("latin-1")
 
 
 def _schema_model(id_field: str | None = "application_id") -> LoadedModel:
@@ -66,11 +72,25 @@ def _schema_model(id_field: str | None = "application_id") -> LoadedModel:
         [GOOD],
         {"records": [GOOD] * 6},  # over the limit of 5
         {"records": [GOOD, "not a record"]},
+        # raw bodies: what json.dumps cannot write
+        _raw('{"records": [{"age": 1, "loan amount": 2, "region": "\xff"}]}'),  # invalid UTF-8 in a text value
+        _raw('{"records": [%s, "unknown": "\xff"}]}'),  # ... in a key nobody reads
+        _raw('{"records": [%s, "\xff": 1}]}'),  # ... as a key
+        _raw('{"records": [%s, "unknown": ["\xc3"]}]}'),  # a truncated sequence
+        _raw('{"records": [{"age": 1, "loan amount": 2, "region": "n\xc3\xb6rth"}]}'),  # good UTF-8: accepted
+        _raw('{"records": null, "dataframe_records": [%s}]}'),  # the first key's null is what counts
+        _raw('{"dataframe_records": [%s}], "records": null}'),
+        _raw('{"records": [%s}], "dataframe_records": null}'),
+        _raw('{"records": [%s, "application_id": 18446744073709551616}]}'),  # 2**64: orjson reads a float
+        _raw('{"records": [%s, "application_id": -9223372036854775809}]}'),  # -2**63 - 1: a float too
+        _raw('{"records": [%s, "application_id": 18446744073709551615}]}'),  # 2**64 - 1: still an integer
+        _raw('{"records": [%s, "application_id": -9223372036854775808}]}'),
     ],
 )
 def test_one_pass_decoder_agrees_with_the_step_by_step_checks(payload):
     # Given a body, checked by the one-pass decoder and by the step-by-step checks that name errors
-    model, body, limit = _schema_model(), json.dumps(payload).encode(), 5
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    model, limit = _schema_model(), 5
     fast = model.adapter.decode(body, limit)
     try:
         key, raw = parse_records(body, limit)
@@ -90,6 +110,14 @@ def test_number_beyond_float_range_is_rejected_by_both_checks():
     assert model.adapter.decode(body, 5) is None
     with pytest.raises(BadRequest, match="number is infinity"):
         parse_records(body, 5)
+
+
+def test_invalid_utf8_in_a_text_value_is_a_422_not_a_500():
+    # msgspec raises UnicodeDecodeError for it (neither of its own errors): the step-by-step checks answer
+    body = b'{"records": [{"age": 1, "loan amount": 2, "region": "\xff"}]}'
+    with pytest.raises(BadRequest, match="not valid JSON") as raised:
+        decode_records(_schema_model(), body, 5)
+    assert raised.value.status == 422
 
 
 def test_worker_processes_read_back_the_serving_settings_they_were_given(monkeypatch):
