@@ -150,3 +150,19 @@ def test_split_summary_is_what_the_card_showed_before() -> None:
     assert split.training_window("application_date") == time_window(split.train["application_date"])
     assert split.training_window(None) is None
     assert (split.rows_train, split.rows_holdout) == (len(split.train), len(split.holdout))
+
+
+def test_auto_engine_counts_parquet_rows_from_the_footers(tmp_path) -> None:
+    from adapters.big_snapshots import count_rows
+    from adapters.settings import Settings
+    from tasks.big_training import choose_snapshot_engine
+
+    # Given a local snapshot of three Parquet partitions (1,200 + 800 + 1,000 rows)
+    for month, rows in enumerate([1200, 800, 1000]):
+        generate_month(month, rows, 5).to_parquet(tmp_path / f"part-{month}.parquet", index=False)
+    config = CONFIG.model_copy(update={"source": str(tmp_path), "engine": "auto"})
+    # when the rows are counted from the footers, they are what pandas reads
+    assert count_rows(config, Settings()) == len(pd.read_parquet(tmp_path)) == 3000
+    # and the engine follows the stated threshold on either side of it
+    assert choose_snapshot_engine.fn(config.model_copy(update={"dask_min_rows": 3000})) == "dask"
+    assert choose_snapshot_engine.fn(config.model_copy(update={"dask_min_rows": 3001})) == "pandas"

@@ -117,6 +117,10 @@ def remote_worker(stack, tmp_path_factory):
         "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,core,adapters,services,tasks,flows",
     }
     env.pop("MLOPS_STATE_DIR", None)  # the stack's state folder is this machine's, not the worker's
+    # No Dask cluster: the stack's workers run from this checkout's venv, so trials, refit and scoring sent there
+    # would not be run by the worker's own environment. Without one, every step runs in the flow-run process.
+    env.pop("MLOPS_DASK_ADDRESS", None)
+    env["MLOPS_DASK_WORKERS"] = "0"
     probe = json.loads(subprocess.check_output([python, "-c", PROBE, *PACKAGES], env=env, cwd=home, text=True))
     log_path = tmp / "worker.log"
     with log_path.open("wb") as log_file:
@@ -255,6 +259,8 @@ def test_a_worker_elsewhere_runs_every_deployment(stack, remote_worker, anywhere
     assert {r.work_pool_name for r in first + second_runs} == {POOL}
     worker_log = remote_worker["log"].read_text()
     assert all(str(r.id) in worker_log for r in first + second_runs), worker_log[-3000:]
+    # (and the search ran in the flow-run process of the worker's environment, not on the checkout's Dask workers)
+    assert "search trials run in this process, one at a time (no Dask cluster)" in worker_log, worker_log[-3000:]
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == str(second)
 
 
