@@ -1,6 +1,6 @@
 """The training flow at 1M and 10M rows, on the pandas engine and on the Dask engine: wall time and peak RSS.
 
-Its own stack (state in /tmp/wt-c-bench; S3 29000, MLflow 25000, Prefect 24200, worker 24201, serving
+Its own stack (state in /tmp/mlops-bench-scale; S3 29000, MLflow 25000, Prefect 24200, worker 24201, serving
 28000, weed ports from 26300) and its own Dask cluster (scheduler 28786, dashboard 28787, two workers of
 one thread each, `--worker-memory` each), all on 127.0.0.1; nothing of the default stack is touched.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
-STATE = Path("/tmp/wt-c-bench")
+STATE = Path("/tmp/mlops-bench-scale")
 ENV = {
     "MLOPS_STATE_DIR": str(STATE),
     "MLOPS_S3_PORT": "29000",
@@ -226,11 +226,20 @@ def retime() -> None:
 
 
 def run(rows: int, engine: str, timeout: float, max_flow_gb: float) -> dict[str, Any]:
-    """One flow run, measured."""
+    """One flow run, measured.
+
+    The pandas engine is the single-machine engine: its run gets no Dask cluster (no MLOPS_DASK_ADDRESS,
+    MLOPS_DASK_WORKERS=0), so the search's trials and refit run in the flow's process, as on a machine without
+    one. The Dask engine's run uses the bench's cluster.
+    """
     env = _env()
+    if engine == "pandas":
+        env.pop("MLOPS_DASK_ADDRESS", None)
+        env["MLOPS_DASK_WORKERS"] = "0"
     command = [BIN / "mlops", "train", "--config", str(_config(rows, engine)), "--dry-run", "--trials", "1",
                "--family", "hist_gradient_boosting"]  # fmt: skip
     log = STATE / "logs" / f"bench-{rows}-{engine}.log"
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with open(log, "wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -253,12 +262,14 @@ def run(rows: int, engine: str, timeout: float, max_flow_gb: float) -> dict[str,
         "exit_code": code,
         "timed_out": timed_out,
         "killed_for_memory": sampler.killed_for_memory,
+        "cluster": env.get("MLOPS_DASK_ADDRESS"),  # None: every step in the flow's process
         "wall_seconds": round(wall, 1),
         "flow_peak_rss_mb": round(sampler.flow_peak / 2**20),
         "worker_peak_rss_mb": {str(pid): round(v / 2**20) for pid, v in sampler.workers.items()},
         "tasks_seconds": _task_durations(config),
         "log_tail": log.read_text(errors="replace").splitlines()[-5:],
-        "machine": f"{os.cpu_count()} cores, shared with other work",
+        "machine": f"{os.cpu_count()} cores",
+        "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # before, after
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     RESULTS.mkdir(exist_ok=True)
@@ -271,9 +282,9 @@ def run(rows: int, engine: str, timeout: float, max_flow_gb: float) -> dict[str,
 def table() -> None:
     """bench/results/scale.md from scale.jsonl."""
     lines = [
-        "| rows | engine | outcome | wall (s) | flow process peak RSS (MB) | Dask workers peak RSS (MB) "
-        "| slowest tasks (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| when | rows | engine | search/training on | outcome | wall (s) | flow process peak RSS (MB) "
+        "| Dask workers peak RSS (MB) | slowest tasks (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for raw in (RESULTS / "scale.jsonl").read_text().splitlines():
         r = json.loads(raw)
@@ -285,7 +296,12 @@ def table() -> None:
         peaks = sorted(r["worker_peak_rss_mb"].values(), reverse=True)[:2]
         workers = ", ".join(str(v) for v in peaks) if r["engine"] == "dask" else "-"
         slow = ", ".join(f"{k} {v}" for k, v in sorted(r["tasks_seconds"].items(), key=lambda kv: -kv[1])[:4])
-        cells = [f"{r['rows']:,}", r["engine"], outcome, r["wall_seconds"], r["flow_peak_rss_mb"], workers, slow]
+        # (runs before the `cluster` field existed all had the bench's cluster, the pandas engine's trials too)
+        where = "flow process" if "cluster" in r and not r["cluster"] else "Dask cluster"
+        cells = [
+            r.get("when", "-"), f"{r['rows']:,}", r["engine"], where, outcome, r["wall_seconds"],
+            r["flow_peak_rss_mb"], workers, slow,
+        ]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
