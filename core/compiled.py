@@ -10,7 +10,9 @@ clipping bounds, scaler means and scales, one-hot code tables). The plan is then
   `ai.onnx.ml` 5, then its link in float64; skl2onnx's float32 thresholds send values at a split
   threshold the wrong way), other models by skl2onnx (decision trees and forests on float32 input, as
   scikit-learn's own are; linear models in float64). Text cannot be null in ONNX, so a null is fed as
-  `NULL_TEXT`;
+  `NULL_TEXT`. Markers start with `MARK` (the NUL character), which no real value may collide with: a training
+  category starting with it is refused (`ConversionError`), and a value sent that starts with it is fed
+  as `UNSEEN_TEXT`, an unseen category, as the pipeline scores it;
 - as plain numpy (`ArrayForm`): the same steps on arrays, then the fitted model, bypassing the
   `ColumnTransformer`'s per-call overhead. It is meant to be bit-identical to `predict_proba`.
 
@@ -40,8 +42,12 @@ log = logging.getLogger(__name__)
 
 # A null text value as the compiled graph receives it (ONNX strings cannot be null); a float NaN in a
 # text column (which `SimpleImputer(missing_values=np.nan)` imputes, unlike None) is fed as `NAN_TEXT`.
-NULL_TEXT = "\x00null"
-NAN_TEXT = "\x00nan"
+# Every marker starts with MARK: a real string starting with it is fed as `UNSEEN_TEXT` (`text_key`), and
+# a category starting with it is refused, so a value sent can never be read as a null.
+MARK = "\x00"
+NULL_TEXT = MARK + "null"
+NAN_TEXT = MARK + "nan"
+UNSEEN_TEXT = MARK + "unseen"  # in no code table: the code of a category not seen in training
 TOLERANCE = 1e-6  # max |delta probability|; for a regressor, max |delta| / |value|
 ONNX_ARTIFACT = "compiled/model.onnx"  # in the training run, next to the model (tasks.compile)
 PARITY_ARTIFACT = "compiled/parity.json"
@@ -192,13 +198,17 @@ def _text_block(columns: list[str], steps: list[tuple[str, Any]]) -> TextBlock:
         seen = [*categories, None, float("nan")] + [
             s for _, imp in imputers for s in [imp.statistics_[j]] if isinstance(s, str)
         ]
+        for value in seen:
+            if isinstance(value, str) and value.startswith(MARK):
+                reserved = f"starts with {MARK!r}, which marks nulls and unseen values in the compiled forms"
+                raise ConversionError(f"column {columns[j]!r}: category {value!r} {reserved}")
         imputed = [_impute(v, imputers, j, len(columns)) for v in seen]
         table = {}
         for value, after in zip(seen, imputed, strict=True):
             key = NAN_TEXT if _is_nan(value) else value
             table[key] = encode(after)
         codes.append(table)
-        unknown.append(encode("\x00unseen"))
+        unknown.append(encode(UNSEEN_TEXT))
         widths.append(width)
     return TextBlock(columns, codes, unknown, widths)
 
@@ -213,6 +223,20 @@ def _impute(value: Any, imputers: list[tuple[str, Any]], j: int, n: int) -> Any:
 
 def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and np.isnan(value)
+
+
+def text_key(value: Any, null: Any = NULL_TEXT) -> Any:
+    """A text value as the code tables look it up (None as `null`, a float NaN as `NAN_TEXT`).
+
+    A string starting with `MARK` is never a category (`_text_block` refuses those): it is looked up as
+    `UNSEEN_TEXT`, so that a client sending a marker's text (`NULL_TEXT` as a JSON string) is scored as the
+    unseen category it is, not as a null.
+    """
+    if value is None:
+        return null
+    if isinstance(value, str):
+        return UNSEEN_TEXT if value.startswith(MARK) else value
+    return NAN_TEXT if _is_nan(value) else value
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -278,9 +302,7 @@ def _text_array(block: TextBlock, frame: pd.DataFrame) -> np.ndarray:
     parts = []
     for column, table, unknown, width in zip(block.columns, block.codes, block.unknown, block.widths, strict=True):
         values = frame[column].to_numpy()
-        index = np.fromiter(
-            (table.get(NAN_TEXT if _is_nan(v) else v, unknown) for v in values), dtype="int64", count=len(values)
-        )
+        index = np.fromiter((table.get(text_key(v, None), unknown) for v in values), dtype="int64", count=len(values))
         parts.append((index[:, None] == np.arange(width)[None, :]).astype("float64"))
     return np.hstack(parts) if parts else np.empty((len(frame), 0))
 
@@ -599,15 +621,14 @@ class OnnxForm:
         """The session's inputs from the pipeline's columns: a frame, or a mapping of column -> 1-d array.
 
         A mapping (what the serving API decodes a request into: float64 numbers with NaN for null, object
-        text with None for null) is fed without building a frame; nulls become `NULL_TEXT`/NaN either way.
+        text with None for null) is fed without building a frame; nulls become `NULL_TEXT`/NaN either way,
+        text starting with `MARK` becomes `UNSEEN_TEXT` (`text_key`).
         """
         feeds = {}
         for name, text in zip(self.inputs, self.text, strict=True):
             values = np.asarray(data[name])
             if text:
-                values = np.array(
-                    [NULL_TEXT if v is None else NAN_TEXT if _is_nan(v) else v for v in values.tolist()], dtype=object
-                )
+                values = np.array([text_key(v) for v in values.tolist()], dtype=object)
             elif values.dtype != np.float64:
                 values = values.astype("float64")
             feeds[name] = values.reshape(-1, 1)
@@ -682,8 +703,9 @@ def edge_cases(pipeline: Any, sample: pd.DataFrame, text_columns: set[str], seed
     """Rows that stress a compiled form, built around `sample`'s first row (same columns and dtypes).
 
     A null in each column, all nulls, every known category (frequent and infrequent), unseen and empty
-    text, numbers at, just beyond and far beyond each clip bound, extreme magnitudes and signed zeros,
-    plus random mixes of all of these.
+    text, the compiled forms' own marker strings sent as text (they must score as unseen, not as nulls),
+    numbers at, just beyond and far beyond each clip bound, extreme magnitudes and signed zeros, plus
+    random mixes of all of these.
     """
     base = sample.iloc[[0]].reset_index(drop=True)
     numeric = [c for c in sample.columns if c not in text_columns]
@@ -701,7 +723,8 @@ def edge_cases(pipeline: Any, sample: pd.DataFrame, text_columns: set[str], seed
         values[c] = v
     categories = _categories(pipeline)
     for c in text:
-        values[c] = [None, "", "\x00unseen", "__missing__", "UNSEEN category", *categories.get(c, [])]
+        markers = [NULL_TEXT, NAN_TEXT, UNSEEN_TEXT, MARK]
+        values[c] = [None, "", *markers, "__missing__", "UNSEEN category", *categories.get(c, [])]
     rows = []
     for c, options in values.items():
         for value in options:

@@ -23,7 +23,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, PolynomialFeatures, StandardScaler
 
 from core.compiled import (
+    NAN_TEXT,
     NULL_TEXT,
+    UNSEEN_TEXT,
     ArrayForm,
     ConversionError,
     OnnxForm,
@@ -292,6 +294,7 @@ def test_edge_cases_cover_nulls_unseen_and_bounds(data):
     for column in CONFIG.categorical_features:
         known = set(holdout[column].dropna())
         assert set(cases[column].dropna()) - known, f"{column}: no unseen category"
+        assert {NULL_TEXT, NAN_TEXT} <= set(cases[column].dropna()), f"{column}: no marker sent as text"
     clipper = pipeline[0].named_transformers_["numeric"].named_steps["clip"]
     for j, column in enumerate(CONFIG.numeric_features):
         upper = clipper.upper_bounds_[j]
@@ -304,8 +307,49 @@ def test_edge_cases_cover_nulls_unseen_and_bounds(data):
 def test_null_text_is_fed_as_the_marker():
     form = OnnxForm.__new__(OnnxForm)
     form.inputs, form.text = ["t", "n"], [True, False]
-    feeds = form.feeds(pd.DataFrame({"t": np.array(["a", None], dtype=object), "n": [1.0, np.nan]}))
-    assert feeds["t"].ravel().tolist() == ["a", NULL_TEXT] and feeds["n"].shape == (2, 1)
+    sent = np.array(["a", None, np.nan, NULL_TEXT, NAN_TEXT, "\x00x"], dtype=object)
+    feeds = form.feeds(pd.DataFrame({"t": sent, "n": [1.0, np.nan] * 3}))
+    assert feeds["t"].ravel().tolist() == ["a", NULL_TEXT, NAN_TEXT, UNSEEN_TEXT, UNSEEN_TEXT, UNSEEN_TEXT]
+    assert feeds["n"].shape == (6, 1)
+
+
+def _text_pipeline(categories: list[object], strategy: str = "most_frequent") -> tuple[Pipeline, pd.DataFrame]:
+    """A logistic regression on a number and a text column `c` of these categories (None: a category too)."""
+    rng = np.random.default_rng(0)
+    text_values = np.array(categories, dtype=object)[rng.integers(0, len(categories), 600)]
+    X = pd.DataFrame({"a": rng.normal(size=600), "c": text_values})
+    y = ((X["a"] > 0) ^ X["c"].isin(categories[:1])).astype(int)
+    text = Pipeline([("impute", SimpleImputer(strategy=strategy)), ("encode", OneHotEncoder(handle_unknown="ignore"))])
+    pre = ColumnTransformer([("n", "passthrough", ["a"]), ("t", text, ["c"])])
+    return Pipeline([("preprocess", pre), ("model", LogisticRegression())]).fit(X, y), X
+
+
+@pytest.mark.parametrize("marker", [NULL_TEXT, NAN_TEXT, UNSEEN_TEXT, "\x00"])
+def test_marker_strings_sent_as_text_are_unseen_categories_not_nulls(marker):
+    """A client sending a marker's text (e.g. `NULL_TEXT` as a JSON string) gets the unseen category's scores."""
+    pipeline, X = _text_pipeline(["x", "y", None])  # NaN imputed to "x", None a category, unseen: all zeros
+    rows = X.head(4).reset_index(drop=True)
+    expected = pipeline.predict_proba(rows.assign(c="never seen"))
+    for null in (None, np.nan):  # the markers' meanings score otherwise here: a collision would show
+        assert np.abs(expected - pipeline.predict_proba(rows.assign(c=null))).max() > 1e-3
+    sent = rows.assign(c=marker)
+    assert np.array_equal(pipeline.predict_proba(sent), expected)
+    onnx_scores = OnnxForm(compile_onnx(pipeline, {"c"}), {"c"}, True).scores(sent)
+    assert np.abs(onnx_scores - expected).max() <= 1e-6
+    assert np.array_equal(ArrayForm(pipeline, {"c"}).scores(sent), expected)
+
+
+def test_a_training_category_starting_with_the_marker_is_refused():
+    pipeline, X = _text_pipeline(["x", NULL_TEXT, "y"])
+    with pytest.raises(ConversionError, match="column 'c': category '\\\\x00null' starts with"):
+        compile_onnx(pipeline, {"c"})
+    check = compile_and_check(pipeline, X.head(50), {"c"})
+    assert check.form == "pipeline" and not check.onnx.passed and not check.arrays.passed, check.line()
+    # ... and an imputer's fill value too
+    pipeline, X = _text_pipeline(["x", "y", None], strategy="constant")
+    pipeline[0].named_transformers_["t"].named_steps["impute"].statistics_[0] = NAN_TEXT
+    with pytest.raises(ConversionError, match="category '\\\\x00nan' starts with"):
+        ArrayForm(pipeline, {"c"})
 
 
 def test_card_shows_the_serving_form(data):
