@@ -459,19 +459,29 @@ def _served_is_compiled_and_exact(url: str, model: str, version: str) -> None:
             forms.setdefault(sample.labels.get("pid", "-"), {})[sample.labels["form"]] = sample.value
     assert forms and all(f["onnx"] == 1.0 and f["pipeline"] == 0.0 for f in forms.values()), forms
 
-    # The API's probabilities against the registered pipeline's own predict_proba, on raw rows plus edge cases.
+    # The API's probabilities against the registered pipeline's own predict_proba, on raw rows plus every edge
+    # case (nulls in each column, all-null rows, unseen categories, the compiled form's markers sent as text),
+    # in requests of at most the server's limit of records.
+    from adapters.settings import get_settings
+
     pipeline = mlflow.sklearn.load_model(f"models:/{model}/{version}")
     holdout = prepare_inputs(generate_frame(300, seed=11), CONFIG)
-    cases = edge_cases(pipeline, holdout, TEXT).head(150)
+    cases = edge_cases(pipeline, holdout, TEXT)
     frame = pd.concat([holdout, cases], ignore_index=True)
     frame = frame[np.isfinite(frame[CONFIG.numeric_features].fillna(0)).all(axis=1)]
+    assert len(frame) == len(holdout) + len(cases)  # every edge case is finite: none is left out
     records = json.loads(frame.to_json(orient="records", double_precision=15))
     frame = pd.DataFrame(records)[list(holdout.columns)]  # exactly what the API received
     frame = prepare_inputs(frame.assign(**{c: frame[c].astype(object) for c in CONFIG.categorical_features}), CONFIG)
-    answer = httpx.post(f"{url}/predict", json={"records": records}, timeout=60)
-    assert answer.status_code == 200, answer.text
+    assert frame.isna().all(axis=1).any() and (frame[list(TEXT)] == NULL_TEXT).any().all()
+    limit = get_settings().serving_max_records  # what the server, started from the same environment, allows
+    predictions = []
+    for start in range(0, len(records), limit):
+        answer = httpx.post(f"{url}/predict", json={"records": records[start : start + limit]}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        predictions += answer.json()["predictions"]
     classes = [str(c) for c in pipeline.classes_]
-    served = np.array([[p["probabilities"][c] for c in classes] for p in answer.json()["predictions"]])
+    served = np.array([[p["probabilities"][c] for c in classes] for p in predictions])
     expected = pipeline.predict_proba(frame)
     assert served.shape == expected.shape
     assert np.abs(served - expected).max() <= 1e-6
