@@ -245,7 +245,9 @@ def test_every_process_serves_and_says_which_it_is(stack, versions, server):
 def test_metrics_are_summed_across_processes(stack, default_data, server):
     # Given the request count before, and a known number of requests spread over both processes
     counted = 'mlops_serving_requests_total{path="/predict",status="200"}'
-    before = _counter(server, counted)
+    timed = 'mlops_serving_request_seconds_count{path="/predict"}'  # a histogram's count, summed as well
+    records, rows = "mlops_serving_predicted_records_total", "mlops_serving_batch_rows_sum"
+    before = {name: _counter(server, name) for name in (counted, timed, records, rows)}
     body = {"records": _records(_rows(stack, default_data, 2))}
     sent, pids = 40, set()
     for _ in range(sent):
@@ -255,7 +257,8 @@ def test_metrics_are_summed_across_processes(stack, default_data, server):
     assert len(pids) == WORKERS, pids
     # then /metrics, whichever process answers, counts every one of them (and every record)
     for _ in range(4):
-        assert _counter(server, counted) - before == sent
+        grown = {name: _counter(server, name) - value for name, value in before.items()}
+        assert grown == {counted: sent, timed: sent, records: 2 * sent, rows: 2 * sent}, grown
 
 
 @pytest.mark.integration
