@@ -239,6 +239,8 @@ class Runtime:
             on_scored=self._log_predictions,
             on_batch=self._count_batch,
             threads=settings.serving_threads,
+            # logging a batch that waits for the disk must not run on the event loop (nor one request at a time)
+            inline=not self.prediction_log.syncs_each_write,
         )
         self.follower = ChampionFollower(
             settings,

@@ -9,6 +9,9 @@ so a batch only ever mixes requests of the same model.
 A fast model (a compiled one: well under a millisecond per call) is scored inline on the event loop when
 nothing is queued or running: handing it to the worker thread and back would cost more than the call.
 Whether a model is fast is measured, per model, on its previous calls; a slow one always goes to the thread.
+Never inline when logging a batch waits for the disk (`inline=False`: the spool's `always` sync mode): an
+fdatasync on the event loop would stall every request, one at a time, instead of the thread syncing the
+requests that queued meanwhile together (group commit).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class MicroBatcher:
         on_scored: Called in the worker thread after each successful batch with the jobs, their columns
             (`LoadedModel.columns_of`) and scores (probabilities, or a regressor's values) for prediction
             logging; its errors are logged and never fail a request.
+        inline: Whether a model measured fast may be scored (and `on_scored` called) on the event loop;
+            False when `on_scored` waits for the disk.
     """
 
     def __init__(
@@ -71,8 +76,10 @@ class MicroBatcher:
         on_scored: Callable[[list[Job], Any, np.ndarray], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
         threads: int = 1,
+        inline: bool = True,
     ) -> None:
         self.max_rows = max_rows
+        self.inline = inline
         self.on_scored = on_scored
         self.on_batch = on_batch
         self._queue: asyncio.Queue[Job] | None = None
@@ -112,7 +119,7 @@ class MicroBatcher:
     ) -> Scored:
         """Queue `records` (with their ids, if any) for `model` and wait for their scores."""
         assert self._queue is not None, "start() first"
-        if not self._busy and self._queue.empty() and self._cheap(model, len(records)):
+        if self.inline and not self._busy and self._queue.empty() and self._cheap(model, len(records)):
             scores = self._predict([Job(model, records, request_id, None, ids)])
             return Scored(scores, len(scores))
         future = asyncio.get_running_loop().create_future()

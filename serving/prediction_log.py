@@ -8,8 +8,9 @@ that is, `serving_spool_sync` says:
   (20 ms): a crash of the whole machine may lose that last interval;
 - `always`: the line is fdatasynced before the answer. The sync is per micro-batch, not per request:
   while one batch is scored and synced, the requests that arrive queue up and are scored, written and
-  synced together next (group commit through the batcher); a lone client pays the disk's flush latency on
-  every request.
+  synced together next (group commit through the batcher, whose prediction thread does it: in this mode
+  no model is scored inline on the event loop, `syncs_each_write`); a lone client pays the disk's flush
+  latency on every request.
 A background thread closes the segment every `serving_log_flush_seconds`, writes it to
 `s3://<bucket>/predictions/serving/<model>/date=YYYY-MM-DD/<HHMMSS>-<owner>-<segment>.parquet` (a key
 derived from the segment's name, so uploading it again after a crash overwrites the same object) and
@@ -82,6 +83,10 @@ class PredictionLog(Protocol):
         `inputs`: the records as a frame or as `LoadedModel.columns_of`'s arrays (column -> 1-d array).
         """
 
+    @property
+    def syncs_each_write(self) -> bool:
+        """Whether `record` waits for the disk (fdatasync): then it must never run on the event loop."""
+
     def start(self) -> None:
         """Start the background writer."""
 
@@ -119,6 +124,8 @@ class MemoryPredictionLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: Any = None
+
+    syncs_each_write = False  # `record` does no I/O
 
     def record(
         self,
@@ -408,6 +415,11 @@ class SpooledPredictionLog:
         self._bytes_published, self._bytes_value = 0.0, 0
         self._classes_seen: list[Any] | None = None
         self._classes_plain: list[Any] = []
+
+    @property
+    def syncs_each_write(self) -> bool:
+        """True in `always` sync mode: `record` fdatasyncs before it returns."""
+        return self.spool.sync_each
 
     def record(
         self,

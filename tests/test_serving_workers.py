@@ -26,7 +26,15 @@ from adapters.promotion import promote_version, revert_promotion
 from adapters.settings import Settings, get_settings
 from core.signature import Column
 from mlops.stack import running
-from serving.app import BadRequest, _serving_env, decode_records, parse_records, record_ids, validate_records
+from serving.app import (
+    BadRequest,
+    Runtime,
+    _serving_env,
+    decode_records,
+    parse_records,
+    record_ids,
+    validate_records,
+)
 from serving.batching import MicroBatcher
 from serving.model import LoadedModel
 from tests.ports import free_port
@@ -148,13 +156,13 @@ class _Timed:
         return np.tile([0.25, 0.75], (len(frame), 1))
 
 
-def _batched(seconds: float, calls: int, concurrent: int) -> tuple[_Timed, list[int]]:
+def _batched(seconds: float, calls: int, concurrent: int, inline: bool = True) -> tuple[_Timed, list[int]]:
     pipeline = _Timed(seconds)
     model = LoadedModel("m", "1", pipeline, COLUMNS, [0, 1])
     sizes: list[int] = []
 
     async def run() -> None:
-        batcher = MicroBatcher(on_batch=sizes.append)
+        batcher = MicroBatcher(on_batch=sizes.append, inline=inline)
         batcher.start()
         try:
             for _ in range(calls):
@@ -174,6 +182,46 @@ def test_fast_model_is_scored_inline_once_measured_and_slow_one_in_the_thread():
     # a model that takes 5 ms always goes to the thread
     slow, _ = _batched(0.005, calls=5, concurrent=1)
     assert all(name.startswith("predict") for name in slow.threads)
+
+
+def test_a_fast_model_stays_in_the_thread_when_the_batcher_may_not_score_inline():
+    fast, _ = _batched(0.0, calls=6, concurrent=1, inline=False)
+    assert len(fast.threads) == 6 and all(name.startswith("predict") for name in fast.threads)
+
+
+@pytest.mark.parametrize(
+    ("spool", "sync", "syncs"), [(True, "always", True), (True, "batch", False), (False, "", False)]
+)
+def test_spool_syncing_each_write_is_never_done_on_the_event_loop(tmp_path, monkeypatch, spool, sync, syncs):
+    # Given the serving runtime with the spool in each sync mode (and the in-memory log)
+    update = {"state_dir": tmp_path, "serving_spool": spool} | ({"serving_spool_sync": sync} if sync else {})
+    runtime = Runtime(Settings().model_copy(update=update))
+    # then only the `always` mode keeps every model, however fast, off the event loop
+    assert runtime.prediction_log.syncs_each_write is syncs and runtime.batcher.inline is not syncs
+    if not syncs:
+        return
+    synced_in: list[str] = []
+    fdatasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced_in.append(threading.current_thread().name), fdatasync(fd)))
+    pipeline = _Timed(0.0)
+    model = LoadedModel("m", "1", pipeline, COLUMNS, [0, 1])
+    runtime.prediction_log.spool.open()
+
+    async def run() -> None:
+        runtime.batcher.start()
+        try:
+            for _ in range(6):  # one at a time: a fast model, once measured, would be scored inline
+                await runtime.batcher.score(model, [GOOD], "r")
+        finally:
+            await runtime.batcher.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        runtime.prediction_log.spool.close()
+    # when requests come one at a time, each is scored and synced in the prediction thread
+    assert len(pipeline.threads) == 6 and all(name.startswith("predict") for name in pipeline.threads)
+    assert len(synced_in) >= 6 and all(name.startswith("predict") for name in synced_in), synced_in
 
 
 def test_concurrent_requests_to_a_slow_model_are_still_batched():
