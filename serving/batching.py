@@ -89,8 +89,9 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._threads = threads
         self._busy = False  # a batch is being scored in the worker thread
-        # (id(model), rows.bit_length()) -> estimated seconds of a call: per model and size class (1, 2-3,
-        # 4-7, ... rows), as a call costs about the same for a few rows and more for hundreds.
+        # (model.serial, rows.bit_length()) -> estimated seconds of a call: per model and size class (1, 2-3,
+        # 4-7, ... rows), as a call costs about the same for a few rows and more for hundreds. Keyed by the
+        # serial, never reused, not id(): a model loaded later may get a freed model's id, not its rating.
         self._cost: dict[tuple[int, int], float] = {}
 
     def start(self) -> None:
@@ -150,7 +151,7 @@ class MicroBatcher:
 
     def _cheap(self, model: LoadedModel, rows: int) -> bool:
         """True when `model`'s estimated cost of a call with about `rows` rows is below INLINE_BELOW_SECONDS."""
-        return self._cost.get((id(model), rows.bit_length()), float("inf")) < INLINE_BELOW_SECONDS
+        return self._cost.get((model.serial, rows.bit_length()), float("inf")) < INLINE_BELOW_SECONDS
 
     async def _score_group(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
         try:
@@ -179,7 +180,7 @@ class MicroBatcher:
         scores = model.scores(columns)
         elapsed = time.perf_counter() - started
         rows = len(records)
-        key = (id(model), rows.bit_length())
+        key = (model.serial, rows.bit_length())
         previous = self._cost.get(key)
         if previous is None and len(self._cost) > 64:  # models served before a swap: forget them
             self._cost.clear()

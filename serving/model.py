@@ -18,6 +18,7 @@ the reason in `/model`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ BODY_KEYS = ("records", "dataframe_records")
 # The integers orjson reads as integers (64-bit signed or unsigned); beyond them it reads a float.
 JSON_INTS = range(-(2**63), 2**64)
 _FLOAT = np.dtype("float64")
+_SERIALS = itertools.count(1)  # LoadedModel.serial: never reused in a process, unlike id()
 
 
 class RecordSchema:
@@ -133,6 +135,9 @@ class LoadedModel:
     inference: Any = field(default=None, repr=False, compare=False)
     parity: dict[str, Any] = field(default_factory=dict, compare=False)
     adapter: RecordSchema = field(init=False, repr=False, compare=False)
+    # This load's number in the process, never reused (an id() is, once a swapped-out model is freed): what
+    # per-model caches (the batcher's measured costs) key on.
+    serial: int = field(default_factory=lambda: next(_SERIALS), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapter", record_adapter(self.columns, self.id_field))

@@ -224,6 +224,35 @@ def test_spool_syncing_each_write_is_never_done_on_the_event_loop(tmp_path, monk
     assert len(synced_in) >= 6 and all(name.startswith("predict") for name in synced_in), synced_in
 
 
+def test_a_new_model_never_inherits_a_freed_model_cost(monkeypatch):
+    """Costs are keyed by the model's serial: even a model given the id of a freed one (every id made the
+    same here, as CPython may reuse one after a swap) is measured afresh, in the thread."""
+    import serving.batching
+
+    monkeypatch.setattr(serving.batching, "id", lambda obj: 1, raising=False)
+    pipeline = _Timed(0.0)
+    models = [LoadedModel("m", str(v), pipeline, COLUMNS, [0, 1]) for v in (1, 2)]
+    assert models[0].serial != models[1].serial
+    batcher = MicroBatcher()
+
+    main = threading.current_thread().name
+
+    async def run() -> None:
+        batcher.start()
+        try:
+            for _ in range(20):  # the first model, until measured fast (a busy machine may slow a call)
+                await batcher.score(models[0], [GOOD], "r")
+                if pipeline.threads[-1] == main:
+                    break
+            await batcher.score(models[1], [GOOD], "r")
+        finally:
+            await batcher.stop()
+
+    asyncio.run(run())
+    assert pipeline.threads[0].startswith("predict") and pipeline.threads[-2] == main  # the first: inline
+    assert pipeline.threads[-1].startswith("predict")  # the second: not rated by the first one's calls
+
+
 def test_concurrent_requests_to_a_slow_model_are_still_batched():
     slow, sizes = _batched(0.005, calls=3, concurrent=8)
     assert sum(sizes) == 24 and max(sizes) > 1 and len(slow.threads) < 24
