@@ -85,14 +85,15 @@ class RecordSchema:
 
         None whenever the step-by-step checks might answer otherwise, so that they give the answer: invalid
         UTF-8 anywhere (msgspec checks only the strings it keeps; a cheap ASCII test first, a full UTF-8
-        decode only for a body that is not ASCII), an explicit null under the key a body is read from
-        (the first of `BODY_KEYS` present), an id integer orjson would read as a float.
+        decode only for a body that is not ASCII), nesting deeper than msgspec recurses (RecursionError),
+        an explicit null under the key a body is read from (the first of `BODY_KEYS` present), an id
+        integer orjson would read as a float.
         """
         try:
             if not body.isascii():
                 body.decode("utf-8")
             decoded = self._decoder.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return None
         key = "records" if decoded.records is not msgspec.UNSET else "dataframe_records"
         records = getattr(decoded, key)

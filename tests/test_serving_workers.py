@@ -93,6 +93,8 @@ def _schema_model(id_field: str | None = "application_id") -> LoadedModel:
         _raw('{"records": [%s, "application_id": -9223372036854775809}]}'),  # -2**63 - 1: a float too
         _raw('{"records": [%s, "application_id": 18446744073709551615}]}'),  # 2**64 - 1: still an integer
         _raw('{"records": [%s, "application_id": -9223372036854775808}]}'),
+        _raw('{"records": [%s, "unknown": ' + "[" * 1100 + "]" * 1100 + "}]}"),  # deeper than msgspec recurses
+        _raw('{"records": [%s, "unknown": ' + "[" * 500 + "]" * 500 + "}]}"),
     ],
 )
 def test_one_pass_decoder_agrees_with_the_step_by_step_checks(payload):
@@ -120,9 +122,16 @@ def test_number_beyond_float_range_is_rejected_by_both_checks():
         parse_records(body, 5)
 
 
-def test_invalid_utf8_in_a_text_value_is_a_422_not_a_500():
-    # msgspec raises UnicodeDecodeError for it (neither of its own errors): the step-by-step checks answer
-    body = b'{"records": [{"age": 1, "loan amount": 2, "region": "\xff"}]}'
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"records": [{"age": 1, "loan amount": 2, "region": "\xff"}]}',  # msgspec: UnicodeDecodeError
+        _raw('{"records": [%s, "unknown": ' + "[" * 1100 + "]" * 1100 + "}]}"),  # msgspec: RecursionError
+    ],
+    ids=["invalid-utf8", "deep"],
+)
+def test_bodies_msgspec_raises_other_errors_for_are_422s_not_500s(body):
+    # neither is one of msgspec's own errors: the step-by-step checks answer
     with pytest.raises(BadRequest, match="not valid JSON") as raised:
         decode_records(_schema_model(), body, 5)
     assert raised.value.status == 422
