@@ -259,8 +259,9 @@ def test_a_worker_elsewhere_runs_every_deployment(stack, remote_worker, anywhere
     assert {r.work_pool_name for r in first + second_runs} == {POOL}
     worker_log = remote_worker["log"].read_text()
     assert all(str(r.id) in worker_log for r in first + second_runs), worker_log[-3000:]
-    # (and the search ran in the flow-run process of the worker's environment, not on the checkout's Dask workers)
-    assert "search trials run in this process, one at a time (no Dask cluster)" in worker_log, worker_log[-3000:]
+    # (and the search's trial ran in the flow-run process of the worker's environment, whose console the worker
+    # streams: a trial on a Dask worker would log to that worker's console, not here)
+    assert "Task run 'trial logistic_regression-0' - Finished in state Completed()" in worker_log, worker_log[-3000:]
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == str(second)
 
 
