@@ -34,12 +34,15 @@ import contextlib
 import fcntl
 import io
 import logging
+import multiprocessing
 import os
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -362,6 +365,21 @@ class Spool:
         return sorted(p for p in self.root.iterdir() if p.is_dir() and p != self.folder)
 
 
+def segment_parquet(path: Path) -> tuple[bytes | None, int, int]:
+    """A segment as the Parquet object its upload writes: (bytes, or None when it has no line; rows; torn lines).
+
+    Run in the converter process (`SpooledPredictionLog`): decoding a few seconds of lines and building the
+    table is CPU work in Python that would hold the serving process's GIL for hundreds of milliseconds.
+    """
+    lines, torn = read_segment(path)
+    rows = sum(len(line["rid"]) for line in lines)
+    if not lines:
+        return None, rows, torn
+    buffer = io.BytesIO()
+    spooled_table(lines).to_parquet(buffer, index=False)
+    return buffer.getvalue(), rows, torn
+
+
 def read_segment(path: Path) -> tuple[list[dict[str, Any]], int]:
     """The lines of a segment, and how many were unreadable (a torn last line: never synced, never answered)."""
     lines, torn = [], 0
@@ -415,6 +433,7 @@ class SpooledPredictionLog:
         self._bytes_published, self._bytes_value = 0.0, 0
         self._classes_seen: list[Any] | None = None
         self._classes_plain: list[Any] = []
+        self._converter: ProcessPoolExecutor | None = None
 
     @property
     def syncs_each_write(self) -> bool:
@@ -514,6 +533,29 @@ class SpooledPredictionLog:
         if left:
             log.warning("prediction log: %d segment(s) stay in %s for the next start", left, self.spool.folder)
         self.spool.close()
+        if self._converter is not None:
+            self._converter.shutdown(wait=True, cancel_futures=True)
+            self._converter = None
+
+    def _convert(self, segment: Path) -> tuple[bytes | None, int, int]:
+        """`segment_parquet` in a converter process of its own (started on first use).
+
+        Building the table there never holds this process's GIL: measured with 100-record requests from 8
+        clients, a 5 s segment took ~0.65 s of such work, and the answers' p99 went from ~19 ms (no upload)
+        to 60-300 ms. In this process as before when the converter cannot be used (it died, or cannot start).
+        """
+        if self._converter is None:
+            try:
+                self._converter = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            except (OSError, ValueError) as exc:
+                log.warning("prediction log: no converter process (%s); converting in this process", exc)
+                return segment_parquet(segment)
+        try:
+            return self._converter.submit(segment_parquet, segment).result()
+        except BrokenProcessPool as exc:
+            log.warning("prediction log: the converter process died (%s); converting in this process", exc)
+            self._converter = None
+            return segment_parquet(segment)
 
     def _loop(self) -> None:
         while True:
@@ -561,21 +603,18 @@ class SpooledPredictionLog:
 
     def _upload(self, segment: Path, owner: str) -> bool:
         """One segment to S3 at its own key, then deleted; False (segment kept) when S3 did not confirm."""
-        lines, torn = read_segment(segment)
+        body, rows, torn = self._convert(segment)
         if torn:
             log.warning(
                 "prediction log: %s: %d torn line(s) skipped (written, never synced or answered)", segment, torn
             )
-        rows = sum(len(line["rid"]) for line in lines)
-        if lines:
+        if body is not None:
             created = datetime.strptime(segment.name.split("-", 1)[0], "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC)
             key = object_key(self.model_name, created, f"{owner}-{segment.stem.split('-', 1)[1]}")
             try:
-                buffer = io.BytesIO()
-                spooled_table(lines).to_parquet(buffer, index=False)
                 if self._client is None:
                     self._client = s3_client(self.settings)
-                self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=buffer.getvalue())
+                self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=body)
             except Exception as exc:
                 log.warning("prediction log: writing %d rows to S3 failed (%s); kept in %s", rows, exc, segment)
                 self.on_event("failed", rows)
