@@ -380,6 +380,20 @@ def segment_parquet(path: Path) -> tuple[bytes | None, int, int]:
     return buffer.getvalue(), rows, torn
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In the converter process: exit once the serving process that started it is gone (even SIGKILLed).
+
+    A process pool's worker holds both ends of its own call queue, so it would never read an end of file.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def read_segment(path: Path) -> tuple[list[dict[str, Any]], int]:
     """The lines of a segment, and how many were unreadable (a torn last line: never synced, never answered)."""
     lines, torn = [], 0
@@ -546,7 +560,12 @@ class SpooledPredictionLog:
         """
         if self._converter is None:
             try:
-                self._converter = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                self._converter = ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_exit_with_parent,
+                    initargs=(os.getpid(),),
+                )
             except (OSError, ValueError) as exc:
                 log.warning("prediction log: no converter process (%s); converting in this process", exc)
                 return segment_parquet(segment)
