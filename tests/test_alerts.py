@@ -55,6 +55,7 @@ class Receiver:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hooks/alerts?token=test-webhook-token"
         self.posts: list[tuple[float, str]] = []  # (arrival time, the JSON body's text)
+        self.prefect_log: Path | None = None  # the stack's Prefect server log (see `one`)
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> None:
@@ -85,12 +86,29 @@ class Receiver:
         return [(at, text) for at, text in self.posts if all(n in text for n in needles)]
 
     def one(self, *needles: str) -> tuple[float, str]:
-        """The one alert containing every needle: waits for it, then makes sure no second copy follows."""
+        """The one alert containing every needle: waits for it, then makes sure no second copy follows.
+
+        One exception, Prefect's and not ours: its trigger consumer is at-least-once, and on SQLite an event
+        whose automation bucket write hit "database is locked" is retried and may fire the action again (seen
+        once in a clean-clone CI run: two copies of the failed-run alert, the retry in the server's log). A
+        second copy is accepted only when the Prefect server's log shows that retry; any other duplicate fails.
+        """
         wait_for(lambda: self.matching(*needles), DELIVERY_TIMEOUT, f"an alert with {needles}", interval=0.1)
         time.sleep(DUPLICATE_WINDOW)
         found = self.matching(*needles)
+        if len(found) == 2 and self.prefect_log is not None and _trigger_retried(self.prefect_log.read_text()):
+            print(f"\nPrefect retried a trigger after a SQLite lock: {len(found)} copies of {needles}")
+            return found[0]
         assert len(found) == 1, found
         return found[0]
+
+
+def _trigger_retried(prefect_log: str) -> bool:
+    """Whether the Prefect server retried an automation's trigger after SQLite refused its bucket write."""
+    return any(
+        "database is locked" in block and "INSERT INTO automation_bucket" in block
+        for block in prefect_log.split("Failed in consume_loop")[1:]
+    )
 
 
 def _delay(what: str, occurred: datetime, arrived: float, text: str) -> float:
@@ -131,8 +149,9 @@ def _events(name: str, resource_id: str, since: datetime, count: int = 1) -> lis
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
+def receiver(stack) -> Iterator[Receiver]:
     endpoint = Receiver()
+    endpoint.prefect_log = stack.state_dir / "logs" / "prefect.log"
     endpoint.start()
     yield endpoint
     endpoint.stop()
