@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -96,17 +97,28 @@ class Receiver:
         wait_for(lambda: self.matching(*needles), DELIVERY_TIMEOUT, f"an alert with {needles}", interval=0.1)
         time.sleep(DUPLICATE_WINDOW)
         found = self.matching(*needles)
-        if len(found) == 2 and self.prefect_log is not None and _trigger_retried(self.prefect_log.read_text()):
+        if len(found) == 2 and self.prefect_log is not None and _trigger_retried(self.prefect_log.read_text(), needles):
             print(f"\nPrefect retried a trigger after a SQLite lock: {len(found)} copies of {needles}")
             return found[0]
         assert len(found) == 1, found
         return found[0]
 
 
-def _trigger_retried(prefect_log: str) -> bool:
-    """Whether the Prefect server retried an automation's trigger after SQLite refused its bucket write."""
+def _trigger_retried(prefect_log: str, needles: tuple[str, ...] = ()) -> bool:
+    """Whether the Prefect server retried an automation's trigger after SQLite refused its bucket write.
+
+    When the alert names a resource by id (a flow run's link), the refused write must be that resource's
+    bucket: a lock met by another alert's event excuses nothing here.
+    """
+    ids = {
+        i
+        for needle in needles
+        for i in re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", needle)
+    }
     return any(
-        "database is locked" in block and "INSERT INTO automation_bucket" in block
+        "database is locked" in block
+        and "INSERT INTO automation_bucket" in block
+        and (not ids or any(i in block for i in ids))
         for block in prefect_log.split("Failed in consume_loop")[1:]
     )
 
