@@ -26,7 +26,9 @@ browser-deps:
 demo: install
 	$(BIN)/mlops stack up
 	$(BIN)/mlops data generate
-	$(BIN)/mlops train
+	$(BIN)/mlops models add credit-risk --replace
+	$(BIN)/mlops deploy
+	$(BIN)/mlops train --model credit-risk
 
 ## test: install and run the whole suite against real servers (exit 5, "no tests ran", is a failure)
 test: install browser-deps

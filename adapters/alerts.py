@@ -4,7 +4,7 @@ Events (Prefect UI -> Events, emitted whether or not a webhook is configured), o
 `mlops.model.<name>`:
 - `mlops.drift.detected`: monitoring found drift or decay and a retrain may start (the cooldown was
   checked first); payload: model, dataset, summary, reason, the training deployment, the monitoring run and
-  report links. The `mlops-drift-retrain` automation runs the training deployment with it.
+  report links. The model's `mlops-drift-retrain/<model>` automation runs `training/<model>` with it.
 - `mlops.champion.promotion`, `mlops.champion.revert`, `mlops.champion.rollback`: the `champion` alias moved;
   payload: the versions, reason, actor, the new champion's holdout metrics, the model card and links.
   Emitted best-effort: a failure to emit is logged and never undoes the alias move.
@@ -45,6 +45,11 @@ CHAMPION_AUTOMATION = "mlops-alert-champion-change"
 AUTOMATION_TAG = "prefect-mlops"
 
 CARD_LINK_SECONDS = 7 * 24 * 3600  # presigned model-card links last a week, like the monitoring report's
+
+
+def drift_automation_name(model_name: str) -> str:
+    """The drift automation of one catalog model: `mlops-drift-retrain/<model>` (runs `training/<model>`)."""
+    return f"{DRIFT_AUTOMATION}/{model_name}"
 
 
 def model_resource_id(model_name: str) -> str:
@@ -297,11 +302,13 @@ def undelivered_alerts(since: datetime, grace: timedelta = timedelta(seconds=30)
 
     with get_client(sync_client=True) as client:
         notifying = {}
-        for name in (RUN_FAILED_AUTOMATION, DRIFT_AUTOMATION, CHAMPION_AUTOMATION):
-            for automation in client.read_automations_by_name(name):
-                actions = [a for a in automation.actions if isinstance(a, SendNotification)]
-                if actions:
-                    notifying[f"prefect.automation.{automation.id}"] = (name, actions[0])
+        for automation in client.read_automations():
+            name = automation.name
+            if name not in (RUN_FAILED_AUTOMATION, CHAMPION_AUTOMATION) and not name.startswith(DRIFT_AUTOMATION):
+                continue
+            actions = [a for a in automation.actions if isinstance(a, SendNotification)]
+            if actions:
+                notifying[f"prefect.automation.{automation.id}"] = (name, actions[0])
         if not notifying:
             return []
         ids = list(notifying)

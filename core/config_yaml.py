@@ -13,6 +13,7 @@ from core.dataset import (
     DatasetConfig,
     Feature,
 )
+from core.operations import COMMENTED_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def render_yaml(inferred: InferredConfig) -> str:
     lines += _comment_lines(
         'slices and sensitive_features are not inferred: add them by hand (README, "Your own data").'
     )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + COMMENTED_DEFAULTS
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.operations import Operations
+
 BUNDLED_DATASETS = ("credit-risk", "credit-risk-history")
+# A model name is a catalog key, an S3 key part, a Prefect deployment name and a URL path segment.
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 class TaskType(StrEnum):
@@ -108,7 +112,13 @@ class DatasetConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1, description="Dataset name; also the MLflow experiment name.")
-    model_name: str = Field(min_length=1, description="Registered model name in MLflow.")
+    model_name: str = Field(
+        min_length=1,
+        max_length=100,
+        pattern=MODEL_NAME,
+        description="Registered model name in MLflow; also its catalog entry and deployment name (letters, digits, "
+        "'.', '_', '-').",
+    )
     source: str = Field(
         min_length=1,
         description="s3://bucket/prefix or a local path; one file or a folder of partitions.",
@@ -149,6 +159,11 @@ class DatasetConfig(BaseModel):
     store_features: list[str] = Field(
         default=[], description="Features the service provides (each listed in `features` with its expectations)."
     )
+    feature_repo: str | None = Field(
+        None,
+        description="Folder of a Feast repository in Feast's usual layout (Python files of entities, feature views "
+        "and services) that defines `feature_service`; `mlops models add` applies it to the stack's registry.",
+    )
     max_missing_feature_share: float = Field(
         0.05, ge=0, le=1, description="Largest share of rows the join may drop or leave without store features."
     )
@@ -173,6 +188,11 @@ class DatasetConfig(BaseModel):
     )
     lightgbm: LightGBMParams = Field(
         default_factory=LightGBMParams, description="Dask engine: the LightGBM model's parameters."
+    )
+
+    operations: Operations = Field(
+        default_factory=Operations,
+        description="How the model is run once in the catalog: schedules, monitoring, scoring, serving, gates.",
     )
 
     @model_validator(mode="after")

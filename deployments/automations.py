@@ -2,9 +2,11 @@
 
 - `mlops-alert-run-failed`: a `training`, `monitoring`, `scoring` or `rollback` flow run ends Failed or
   Crashed -> a notification with the run's link and its error.
-- `mlops-drift-retrain`: the `mlops.drift.detected` event (emitted by monitoring once the cooldown allows a
-  retrain) -> run the training deployment with its defaults plus the event's `dataset` and `reason`
-  (templated parameters), and a notification with the summary, the reason and the links.
+- `mlops-drift-retrain/<model>`, one per catalog model: the `mlops.drift.detected` event of that model
+  (resource `mlops.model.<model>`, emitted by its monitoring once the cooldown allows a retrain) -> run
+  `training/<model>` with its defaults plus the event's `dataset` and `reason` (templated parameters), and
+  a notification with the summary, the reason and the links. So drift retrains exactly the model it was
+  found on.
 - `mlops-alert-champion-change`: `mlops.champion.promotion`, `.revert` or `.rollback` -> a notification with
   the versions, the reason, the actor and the model card link.
 - `mlops-crash-zombie-runs`: a flow run that sent a heartbeat (`prefect.flow-run.heartbeat`, every
@@ -37,6 +39,8 @@ from adapters.alerts import (
     RUN_EVENTS,
     RUN_FAILED_AUTOMATION,
     delete_webhook_block,
+    drift_automation_name,
+    model_resource_id,
     save_webhook_block,
 )
 from adapters.settings import Settings
@@ -47,7 +51,8 @@ log = logging.getLogger(__name__)
 # it names, so `adapters.alerts.render` can render a message Prefect failed to deliver. `{ui}` and
 # `{deployment_id}` are filled in at deploy time.
 RUN_FAILED_SUBJECT = (
-    "[mlops] {{ flow.name }} run {{ event.resource['prefect.resource.name'] }} "
+    "[mlops] {{ flow.name }}{% for r in event.related %}{% if r['prefect.resource.role'] == 'deployment' %}"
+    " of {{ r['prefect.resource.name'] }}{% endif %}{% endfor %} run {{ event.resource['prefect.resource.name'] }} "
     "{{ event.resource['prefect.state-name'] }}"
 )
 RUN_FAILED_BODY = (
@@ -90,10 +95,10 @@ def _fill(template: str, **values: str) -> str:
     return template
 
 
-def wanted_automations(
-    training_deployment_id: UUID, training_defaults: dict[str, Any], block_id: UUID | None, ui_url: str
-) -> list[Any]:
-    """The automations for these settings: the drift one always, the alert-only ones with a webhook block."""
+def drift_retrain_automation(
+    model: str, training_deployment_id: UUID, training_defaults: dict[str, Any], block_id: UUID | None, ui_url: str
+) -> Any:
+    """Drift of `model` -> run its training deployment with the event's dataset and reason (and notify)."""
     from prefect.automations import AutomationCore, EventTrigger, RunDeployment, SendNotification
 
     # The deployment's own defaults, with the event's dataset and reason (templated, rendered per event).
@@ -101,22 +106,41 @@ def wanted_automations(
         "dataset": "{{ event.payload.dataset }}",
         "reason": "{{ event.payload.reason }}",
     }
-    model_events = {"prefect.resource.id": "mlops.model.*"}
-    drift_actions: list[Any] = [
+    actions: list[Any] = [
         RunDeployment(source="selected", deployment_id=training_deployment_id, parameters={"params": params})
     ]
     if block_id is not None:
         body = _fill(DRIFT_BODY, ui=ui_url, deployment_id=str(training_deployment_id))
-        drift_actions.append(SendNotification(block_document_id=block_id, subject=DRIFT_SUBJECT, body=body))
+        actions.append(SendNotification(block_document_id=block_id, subject=DRIFT_SUBJECT, body=body))
+    return AutomationCore(
+        name=drift_automation_name(model),
+        description=f"Drift or decay of {model} found by monitoring (outside the cooldown): run training/{model} "
+        "with the event's dataset and reason" + (", and notify." if block_id else "."),
+        tags=[AUTOMATION_TAG],
+        trigger=EventTrigger(
+            expect={DRIFT_EVENT},
+            match={"prefect.resource.id": model_resource_id(model)},
+            posture="Reactive",
+            threshold=1,
+        ),
+        actions=actions,
+    )
+
+
+def wanted_automations(
+    training: dict[str, tuple[UUID, dict[str, Any]]], block_id: UUID | None, ui_url: str
+) -> list[Any]:
+    """The automations for these models (name -> training deployment id and defaults) and settings.
+
+    The zombie-run one and one drift automation per model always; the alert-only ones with a webhook block.
+    """
+    from prefect.automations import AutomationCore, EventTrigger, SendNotification
+
     automations = [
         zombie_automation(),
-        AutomationCore(
-            name=DRIFT_AUTOMATION,
-            description="Drift or decay found by monitoring (outside the cooldown): run the training deployment "
-            "with the event's dataset and reason" + (", and notify." if block_id else "."),
-            tags=[AUTOMATION_TAG],
-            trigger=EventTrigger(expect={DRIFT_EVENT}, match=model_events, posture="Reactive", threshold=1),
-            actions=drift_actions,
+        *(
+            drift_retrain_automation(model, deployment_id, defaults, block_id, ui_url)
+            for model, (deployment_id, defaults) in sorted(training.items())
         ),
     ]
     if block_id is None:
@@ -145,7 +169,10 @@ def wanted_automations(
             description="Notify when the champion alias moves: a promotion, a revert or a rollback.",
             tags=[AUTOMATION_TAG],
             trigger=EventTrigger(
-                expect={CHAMPION_EVENT_PREFIX + "*"}, match=model_events, posture="Reactive", threshold=1
+                expect={CHAMPION_EVENT_PREFIX + "*"},
+                match={"prefect.resource.id": "mlops.model.*"},
+                posture="Reactive",
+                threshold=1,
             ),
             actions=[SendNotification(block_document_id=block_id, subject=CHAMPION_SUBJECT, body=CHAMPION_BODY)],
         ),
@@ -214,8 +241,20 @@ def remove(client: Any, name: str) -> bool:
     return bool(found)
 
 
-def deploy_automations(training_deployment_id: UUID, settings: Settings) -> dict[str, str]:
-    """Create or update the project's automations (and the webhook block); returns automation name -> id."""
+def remove_model_automations(model: str) -> bool:
+    """Delete a model's drift automation (its model left the catalog); True when there was one."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return remove(client, drift_automation_name(model))
+
+
+def deploy_automations(training: dict[str, UUID], settings: Settings) -> dict[str, str]:
+    """Create or update the project's automations (and the webhook block); returns automation name -> id.
+
+    `training` maps each catalog model to its training deployment's id. The legacy single drift automation
+    (`mlops-drift-retrain`, which retrained one deployment on any model's drift) is removed.
+    """
     from prefect.client.orchestration import get_client
 
     url = settings.alert_webhook_url
@@ -223,9 +262,13 @@ def deploy_automations(training_deployment_id: UUID, settings: Settings) -> dict
         url = None
     block_id = save_webhook_block(url) if url is not None else None
     with get_client(sync_client=True) as client:
-        defaults = client.read_deployment(training_deployment_id).parameters or {}
+        defaults = {
+            model: (deployment_id, client.read_deployment(deployment_id).parameters or {})
+            for model, deployment_id in training.items()
+        }
+        remove(client, DRIFT_AUTOMATION)
         ids = {}
-        for automation in wanted_automations(training_deployment_id, defaults, block_id, settings.prefect_ui_url):
+        for automation in wanted_automations(defaults, block_id, settings.prefect_ui_url):
             automation_id, done = upsert(client, automation)
             ids[automation.name] = str(automation_id)
             log.info(

@@ -1,39 +1,46 @@
-"""Deployments as code: register the project's flows on a Prefect server, served by a worker anywhere.
+"""Deployments as code: every catalog model's flows on a Prefect server, served by a worker anywhere.
 
-`mlops deploy` calls `deploy_all`. Each deployment names its flow by **module path** (`flows.training.training`)
-and carries no path of this checkout and no pull step: a worker runs the flow from the `prefect-mlops` package
-installed in its own environment (a venv, the Docker image, a Kubernetes job's image), from any folder, on any
-machine. So the code a worker runs is the version installed there (the image tag is the package version);
-the deployment's `version` (in the UI) is the deploying checkout's git commit, as Prefect infers it, else the
-flow source's hash. Connection settings come from the
-worker's environment, so no secret is stored in the deployment or shown in the UI. Re-deploying updates in
-place (and drops the checkout path and pull step of deployments made before).
+`mlops deploy` calls `deploy_all`, which reads the model catalog (`adapters/catalog.py`) and registers, for
+each model, `training/<model>`, `monitoring/<model>`, `scoring/<model>` (when its config names a
+`scoring_source`) and `rollback/<model>`, with the schedules and parameters of the config's `operations`
+section (`core/operations.py`); then the shared `features/features` (feature store materialization, daily).
+A model removed from the catalog has its deployments (and their scheduled runs) deleted by the next deploy.
 
-Every flow has a `FlowDeployment` entry in `deployments()`: `training` (weekly), `monitoring` (daily) and
-`features` (feature store materialization, daily) on a schedule; `scoring` and `rollback` on demand.
-`scoring` (batch scoring) has no schedule: it runs on demand, from the UI or `run_deployment`.
-Then the automations (`deployments/automations.py`): drift retraining and the alerts.
+Each deployment names its flow by **module path** (`flows.training.training`) and carries no path of this
+checkout and no pull step: a worker runs the flow from the `prefect-mlops` package installed in its own
+environment (a venv, the Docker image, a Kubernetes job's image), from any folder, on any machine. The
+deployment's `version` (in the UI) is the deploying checkout's git commit, as Prefect infers it. A model's
+deployments pass its catalog URI as the dataset, so a config changed with `mlops models add --replace`
+takes effect at the next run without a redeploy (a changed schedule needs one). Connection settings come
+from the worker's environment, so no secret is stored in a deployment or shown in the UI.
+Then the automations (`deployments/automations.py`): drift retraining per model, and the alerts.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import import_module
 from typing import Any
 from uuid import UUID
 
+from adapters.catalog import CatalogEntry, list_entries
 from adapters.settings import get_settings
-from deployments.automations import deploy_automations
+from core.operations import Operations
+from deployments.automations import deploy_automations, remove_model_automations
+from services.catalog import delete_model_deployments, model_tag
 
 log = logging.getLogger(__name__)
 
 WORK_POOL = "mlops-process"
 # The Kubernetes work pool (`mlops deploy --kubernetes`); infra/k8s's worker creates it from its base job template.
 KUBERNETES_POOL = "mlops-kubernetes"
-# The bundled dataset's latest month, as `mlops data generate` writes it (12 months from 2025-01).
-DEFAULT_SCORING_SOURCE = "s3://mlops/datasets/credit-risk/month=2025-12/"
+PROJECT_TAG = "prefect-mlops"
+# The flows a catalog model gets a deployment of, named after the model (`<flow>/<model>`).
+MODEL_FLOWS = ("training", "monitoring", "scoring", "rollback")
+SHARED = "features/features"
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class FlowDeployment:
     """
 
     name: str
+    flow_name: str
     entrypoint: str
     description: str
     cron: str | None = None
@@ -51,6 +59,17 @@ class FlowDeployment:
     anchor: datetime | None = None
     parameters: dict[str, Any] | None = None
     on_demand: bool = False
+    model: str | None = None
+
+    @property
+    def full_name(self) -> str:
+        """`<flow>/<deployment>`, as `run_deployment` and `mlops run-deployment` take it."""
+        return f"{self.flow_name}/{self.name}"
+
+    @property
+    def tags(self) -> list[str]:
+        """The project's tag, and the model's for a model's deployment."""
+        return [PROJECT_TAG, *([model_tag(self.model)] if self.model else [])]
 
     def schedule(self) -> Any:
         """The Prefect schedule object for this deployment; None for an on-demand deployment."""
@@ -68,63 +87,86 @@ class FlowDeployment:
         return getattr(import_module(module), attribute)
 
 
-def deployments(
-    training_cron: str = "0 3 * * 1",
-    training_interval: int | None = None,
-    training_anchor: datetime | None = None,
-    training_parameters: dict[str, Any] | None = None,
-    scoring_parameters: dict[str, Any] | None = None,
-    monitoring_cron: str = "0 6 * * *",
-    monitoring_parameters: dict[str, Any] | None = None,
-) -> list[FlowDeployment]:
-    """The project's deployments; the training schedule is weekly (Monday 03:00) unless changed.
+def _scheduled(cron: str | None, interval: int | None, ops: Operations) -> dict[str, Any]:
+    """The schedule fields of a deployment: an interval (from the anchor), a cron, or on demand."""
+    if interval is not None:
+        return {"interval_seconds": interval, "anchor": ops.schedule_anchor}
+    return {"cron": cron} if cron is not None else {"on_demand": True}
 
-    `training_parameters` are the deployment's default flow parameters (e.g. `{"params": {"dataset": ...}}`).
-    `scoring_parameters` are the scoring deployment's defaults; by default the bundled dataset's latest
-    month, scored with the champion.
-    `monitoring_cron` schedules drift monitoring (daily 06:00 by default) with `monitoring_parameters` as its
-    defaults (by default the bundled dataset's champion against the last day of the serving prediction log).
-    `rollback` has no schedule: it is pressed in the UI (its form asks for a reason).
-    """
-    return [
+
+def model_deployments(entry: CatalogEntry) -> list[FlowDeployment]:
+    """A catalog model's deployments, from its config's `operations` section; each reads the config from the catalog."""
+    model, ops = entry.name, entry.config.operations
+    training = {"dataset": entry.uri, "reason": "scheduled"} | ({"gates": ops.gates} if ops.gates else {})
+    monitoring = {
+        "dataset": entry.uri,
+        "prediction_log_days": ops.prediction_log_days,
+        "partition": ops.monitoring_partition,
+        "training_deployment": f"training/{model}",
+    }
+    specs = [
         FlowDeployment(
-            name="training",
+            name=model,
+            flow_name="training",
             entrypoint="flows.training.training",
-            description="Scheduled retraining: promote a new champion only when it is safe.",
-            cron=training_cron,
-            interval_seconds=training_interval,
-            anchor=training_anchor,
-            parameters=training_parameters,
+            description=f"Retraining of {model}: promote a new champion only when it is safe.",
+            parameters={"params": training},
+            model=model,
+            **_scheduled(ops.training_cron, ops.training_interval_seconds, ops),
         ),
         FlowDeployment(
-            name="scoring",
-            entrypoint="flows.scoring.scoring",
-            description="Batch scoring on demand: predict a partition in S3 with the champion, in chunks.",
-            parameters=scoring_parameters or {"params": {"dataset": "credit-risk", "source": DEFAULT_SCORING_SOURCE}},
-            on_demand=True,
-        ),
-        FlowDeployment(
-            name="monitoring",
+            name=model,
+            flow_name="monitoring",
             entrypoint="flows.monitoring.monitoring",
-            description="Drift monitoring: recent data and predictions against the champion's training reference; "
-            "triggers the training deployment when drift or decay crosses the thresholds.",
-            cron=monitoring_cron,
-            parameters=monitoring_parameters,
+            description=f"Drift monitoring of {model}: recent data and predictions against the champion's "
+            f"reference; triggers training/{model} when drift or decay crosses the thresholds.",
+            parameters={"params": monitoring},
+            model=model,
+            **_scheduled(ops.monitoring_cron, ops.monitoring_interval_seconds, ops),
         ),
         FlowDeployment(
-            name="features",
-            entrypoint="flows.features.materialize",
-            description="Feature store: apply the repository and load the newest feature values into the online "
-            "store. Daily at 02:00, after the data and history land and before the weekly training; or press Run.",
-            cron="0 2 * * *",
-        ),
-        FlowDeployment(
-            name="rollback",
+            name=model,
+            flow_name="rollback",
             entrypoint="flows.rollback.rollback",
-            description="Roll the champion back to the previous (or a given) version, with a reason; on demand.",
+            description=f"Roll {model}'s champion back to the previous (or a given) version, with a reason.",
+            parameters={"params": {"model_name": model}},
+            model=model,
             on_demand=True,
         ),
     ]
+    if ops.scoring_source is not None:
+        scoring = {"dataset": entry.uri, "source": ops.scoring_source}
+        specs.append(
+            FlowDeployment(
+                name=model,
+                flow_name="scoring",
+                entrypoint="flows.scoring.scoring",
+                description=f"Batch scoring with {model}'s champion: predict {ops.scoring_source} in chunks.",
+                parameters={"params": scoring},
+                model=model,
+                **({"cron": ops.scoring_cron} if ops.scoring_cron else {"on_demand": True}),
+            )
+        )
+    return specs
+
+
+def shared_deployments() -> list[FlowDeployment]:
+    """The deployments every model shares: the feature store's materialization."""
+    return [
+        FlowDeployment(
+            name="features",
+            flow_name="features",
+            entrypoint="flows.features.materialize",
+            description="Feature store: load the newest values of the registry's feature views into the online "
+            "store. Daily at 02:00, before the models' training; or press Run.",
+            cron="0 2 * * *",
+        )
+    ]
+
+
+def deployments(entries: Sequence[CatalogEntry]) -> list[FlowDeployment]:
+    """Every deployment of these catalog models, and the shared ones."""
+    return [spec for entry in entries for spec in model_deployments(entry)] + shared_deployments()
 
 
 class WorkPoolMissingError(RuntimeError):
@@ -169,62 +211,80 @@ def ensure_work_pool(name: str = WORK_POOL, kubernetes: bool = False) -> bool:
 
 
 def deploy_all(
-    training_cron: str = "0 3 * * 1",
-    training_interval: int | None = None,
     work_pool: str = WORK_POOL,
-    training_anchor: datetime | None = None,
-    training_parameters: dict[str, Any] | None = None,
-    scoring_parameters: dict[str, Any] | None = None,
-    monitoring_cron: str = "0 6 * * *",
-    monitoring_parameters: dict[str, Any] | None = None,
+    entries: Sequence[CatalogEntry] | None = None,
     name_suffix: str = "",
     automations: bool = True,
     kubernetes: bool = False,
+    prune: bool = True,
 ) -> dict[str, str]:
-    """Register every deployment and the automations (idempotent: updated in place); returns deployment name -> id.
+    """Register the deployments of every catalog model (or of `entries`) and the automations; idempotent.
 
-    The automations (`deployments/automations.py`): drift -> run `training`, and, with
-    `MLOPS_ALERT_WEBHOOK_URL` set, the alerts on failed runs and champion changes. `name_suffix` names a
-    separate set of deployments (`training<suffix>`, ...; the returned keys are the plain names) and
-    `automations=False` leaves the automations alone: a second set on another pool does not take them over.
-    `kubernetes`: the pool is a Kubernetes pool (it must exist; see `ensure_work_pool`).
+    Returns `<flow>/<deployment>` -> id (the plain names, without `name_suffix`). With `prune`, the
+    deployments of models no longer in the catalog (found by their `model:<name>` tag on this pool) are
+    deleted with their scheduled runs, and so are their drift automations. The automations
+    (`deployments/automations.py`): per model, drift -> run `training/<model>`; with `MLOPS_ALERT_WEBHOOK_URL`
+    set, the alerts on failed runs and champion changes. `name_suffix` names a separate set of deployments
+    (`<model><suffix>`) and `automations=False` leaves the automations alone: a second set on another pool
+    does not take them over. `kubernetes`: the pool is a Kubernetes pool (it must exist; see `ensure_work_pool`).
     """
-    from prefect.deployments.runner import EntrypointType
-
+    settings = get_settings()
+    entries = list_entries(settings) if entries is None else list(entries)
     ensure_work_pool(work_pool, kubernetes=kubernetes)
     ids = {}
-    specs = deployments(
-        training_cron,
-        training_interval,
-        training_anchor,
-        training_parameters,
-        scoring_parameters,
-        monitoring_cron,
-        monitoring_parameters,
-    )
-    for spec in specs:
-        flow = spec.load_flow()
-        deployment_id = flow.deploy(
-            name=spec.name + name_suffix,
-            work_pool_name=work_pool,
-            schedule=spec.schedule(),
-            parameters=spec.parameters,
-            description=spec.description,
-            tags=["prefect-mlops"],
-            # No working_dir, no pull step: the worker imports the module from its own installed package.
-            job_variables={},
-            entrypoint_type=EntrypointType.MODULE_PATH,
-            print_next_steps=False,
-            ignore_warnings=True,
-            build=False,
-            push=False,
-        )
-        ids[spec.name] = str(deployment_id)
-        log.info("deployed %s/%s (%s)", flow.name, spec.name + name_suffix, deployment_id)
+    for spec in deployments(entries):
+        ids[spec.full_name] = str(_deploy(spec, work_pool, name_suffix))
     _drop_stored_paths(ids.values())
+    if prune:
+        removed = prune_models(work_pool, {entry.name for entry in entries}, name_suffix)
+        if automations:
+            for model in removed:
+                remove_model_automations(model)
     if automations:
-        deploy_automations(UUID(ids["training"]), get_settings())
+        training = {e.name: UUID(ids[f"training/{e.name}"]) for e in entries}
+        deploy_automations(training, settings)
     return ids
+
+
+def _deploy(spec: FlowDeployment, work_pool: str, name_suffix: str) -> UUID:
+    from prefect.deployments.runner import EntrypointType
+
+    flow = spec.load_flow()
+    deployment_id = flow.deploy(
+        name=spec.name + name_suffix,
+        work_pool_name=work_pool,
+        schedule=spec.schedule(),
+        parameters=spec.parameters,
+        description=spec.description,
+        tags=spec.tags,
+        # No working_dir, no pull step: the worker imports the module from its own installed package.
+        job_variables={},
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        print_next_steps=False,
+        ignore_warnings=True,
+        build=False,
+        push=False,
+    )
+    log.info("deployed %s%s (%s)", spec.full_name, name_suffix, deployment_id)
+    return deployment_id
+
+
+def prune_models(work_pool: str, keep: set[str], name_suffix: str = "") -> list[str]:
+    """Delete the deployments on `work_pool` of models not in `keep`; returns the models removed."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        tagged = {
+            tag.removeprefix("model:")
+            for d in client.read_deployments()
+            if d.work_pool_name == work_pool and d.name.endswith(name_suffix)
+            for tag in d.tags
+            if tag.startswith("model:")
+        }
+    gone = sorted(tagged - keep)
+    for model in gone:
+        delete_model_deployments(model, work_pool)
+    return gone
 
 
 def _drop_stored_paths(deployment_ids: Any) -> None:

@@ -49,8 +49,8 @@ class MonitoringParams(BaseModel):
     dataset: str = Field(
         "credit-risk",
         title="Dataset",
-        description="A bundled dataset name (credit-risk), a local YAML path or an s3:// URI of a dataset config. "
-        "Its model's champion is monitored.",
+        description="A catalog model's config (s3://<bucket>/catalog/<model>.yaml, what `monitoring/<model>` "
+        "passes), a bundled dataset name, a local YAML path or another s3:// URI. Its model's champion is monitored.",
     )
     partition: str | None = Field(
         None,
@@ -96,11 +96,11 @@ class MonitoringParams(BaseModel):
         title="Cooldown (minutes)",
         description="No new retraining while one that monitoring started is due within this window or unfinished.",
     )
-    training_deployment: str = Field(
-        "training/training",
+    training_deployment: str | None = Field(
+        None,
         title="Training deployment",
-        description="`<flow>/<deployment>` that the drift automation (`mlops-drift-retrain`, created by "
-        "`mlops deploy`) runs; checked before the drift event is emitted.",
+        description="`<flow>/<deployment>` that the model's drift automation (`mlops-drift-retrain/<model>`, "
+        "created by `mlops deploy`) runs; checked before the drift event is emitted. Empty: training/<model>.",
     )
 
 
@@ -161,7 +161,7 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
             params.dataset,
             reason,
             params.cooldown_minutes,
-            params.training_deployment,
+            params.training_deployment or f"training/{config.model_name}",
             verdict.summary,
             report.link,
             scope.window_key,

@@ -189,8 +189,16 @@ def run_deployment_command(
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to end; exit 1 unless it completed.")] = False,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait with --wait.")] = 3600,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag of the flow run (repeatable).")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            help="A flow parameter `key=value` (repeatable), e.g. `dry_run=true` or `search.trials_per_family=2`; "
+            "the value is read as YAML (numbers, true/false, null, lists); the deployment's other defaults stay.",
+        ),
+    ] = None,
 ) -> None:
-    """Run a deployment on the configured Prefect server (PREFECT_API_URL) and print the run's URL."""
+    """Run a deployment (`training/<model>`, ...) on the configured Prefect server and print the run's URL."""
     settings = get_settings()
     os.environ["PREFECT_API_URL"] = settings.prefect_api_url
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
@@ -203,22 +211,80 @@ def run_deployment_command(
         raise typer.Exit(2) from exc
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    try:
+        changes = parse_params(param or [])
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
-        code = _run_deployment(name, wait, timeout, tag or [], settings)
+        code = _run_deployment(name, wait, timeout, tag or [], settings, changes)
     raise typer.Exit(code)
 
 
-def _run_deployment(name: str, wait: bool, timeout: float, tags: list[str], settings: Settings) -> int:
-    """Start the deployment's run, print its URL, and with `wait` follow it; returns the exit code."""
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """`["a=1", "search.trials_per_family=2"]` -> `{"a": 1, "search": {"trials_per_family": 2}}`.
+
+    Raises:
+        ValueError: A pair without `=` or with an empty key, or one key given twice (names it).
+    """
+    import yaml
+
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ValueError(f"--param {pair!r}: expected key=value (a dotted key for a nested field)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            value = text
+        node = changes
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--param {pair!r}: {part!r} is given as a value and as a group")
+        if parts[-1] in node:
+            raise ValueError(f"--param {pair!r}: {key!r} is given twice")
+        node[parts[-1]] = value
+    return changes
+
+
+def merged(defaults: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`defaults` with `changes` laid over them, nested mappings merged key by key."""
+    out = dict(defaults)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _run_deployment(
+    name: str, wait: bool, timeout: float, tags: list[str], settings: Settings, changes: dict[str, Any]
+) -> int:
+    """Start the deployment's run, print its URL, and with `wait` follow it; returns the exit code.
+
+    `changes` are laid over the deployment's `params` defaults (the flows take one `params` model).
+    """
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
     from prefect.utilities.urls import url_for
 
-    full_name = name if "/" in name else f"{name}/{name}"  # the project's flows share their deployments' names
+    full_name = name if "/" in name else f"{name}/{name}"  # `features`: the shared deployment of its flow
     try:
-        run = run_deployment(full_name, timeout=0, tags=tags or None)
+        with get_client(sync_client=True) as client:
+            defaults = client.read_deployment_by_name(full_name).parameters or {}
+        parameters = {"params": merged(defaults.get("params") or {}, changes)} if changes else None
+        run = run_deployment(full_name, timeout=0, tags=tags or None, parameters=parameters)
     except ObjectNotFound:
-        typer.secho(f"error: no deployment {full_name!r}: run `mlops deploy` first", fg=typer.colors.RED, err=True)
+        typer.secho(
+            f"error: no deployment {full_name!r}: add the model (`mlops models add`) and run `mlops deploy`",
+            fg=typer.colors.RED,
+            err=True,
+        )
         return 1
     link = url_for(run) or f"{settings.prefect_ui_url}/runs/flow-run/{run.id}"
     typer.echo(f"started {full_name}: flow run {run.name} ({run.id})\n  {link}")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from prefect import task
 
-from adapters.alerts import DRIFT_AUTOMATION, DriftAlert, emit_drift
+from adapters.alerts import DriftAlert, drift_automation_name, emit_drift
 from core.drift import MonitoringError
 from core.drift_analysis import RetrainScope
 from tasks.retrying import IO
@@ -76,20 +76,22 @@ def blocking_runs(runs: list[Any], since: datetime) -> list[Any]:
     ]
 
 
-def drift_automation(client: Any, deployment_id: Any, deployment: str) -> Any:
-    """The drift automation, checked to run `deployment`; MonitoringError naming the fix otherwise."""
+def drift_automation(client: Any, deployment_id: Any, deployment: str, model_name: str) -> Any:
+    """The model's drift automation, checked to run `deployment`; MonitoringError naming the fix otherwise."""
     from prefect.events.actions import RunDeployment
 
-    found = client.read_automations_by_name(DRIFT_AUTOMATION)
+    name = drift_automation_name(model_name)
+    found = client.read_automations_by_name(name)
     if not found:
         raise MonitoringError(
-            f"automation {DRIFT_AUTOMATION!r} not found on {client.api_url}: create it (`mlops deploy`) to retrain"
+            f"automation {name!r} not found on {client.api_url}: add {model_name} to the catalog "
+            f"(`mlops models add`) and create its deployments (`mlops deploy`) to retrain"
         )
     automation = found[0]
     targets = [a.deployment_id for a in automation.actions if isinstance(a, RunDeployment)]
     if deployment_id not in targets:
         raise MonitoringError(
-            f"automation {DRIFT_AUTOMATION!r} does not run deployment {deployment!r} ({deployment_id}) but "
+            f"automation {name!r} does not run deployment {deployment!r} ({deployment_id}) but "
             f"{[str(t) for t in targets]}: redeploy (`mlops deploy`) or monitor with the deployment it runs"
         )
     return automation
@@ -119,7 +121,7 @@ def started_run(client: Any, deployment_id: Any, automation_id: Any, reason: str
     return None
 
 
-def wait_for_started_run(deployment_id: Any, automation_id: Any, reason: str, since: datetime) -> Any:
+def wait_for_started_run(deployment_id: Any, automation: Any, reason: str, since: datetime) -> Any:
     """Poll for the automation's run; MonitoringError (not retried: the event is out) when none shows up."""
     from prefect.client.orchestration import get_client
 
@@ -128,7 +130,7 @@ def wait_for_started_run(deployment_id: Any, automation_id: Any, reason: str, si
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
             try:
-                run = started_run(client, deployment_id, automation_id, reason, since)
+                run = started_run(client, deployment_id, automation.id, reason, since)
             except Exception as exc:  # a transient API error: keep waiting, never emit again
                 problem = repr(exc)
                 run = None
@@ -136,7 +138,7 @@ def wait_for_started_run(deployment_id: Any, automation_id: Any, reason: str, si
                 return run
             time.sleep(0.5)
     raise MonitoringError(
-        f"the drift event was emitted but automation {DRIFT_AUTOMATION!r} started no training run within "
+        f"the drift event was emitted but automation {automation.name!r} started no training run within "
         f"{RUN_WAIT_SECONDS} s ({problem}); see Prefect UI -> Automations and Events. Not retried, so that a "
         "late run is not doubled."
     )
@@ -215,7 +217,7 @@ def start_retraining(
                 raise MonitoringError(
                     f"deployment {deployment!r} not found on {client.api_url}: deploy it (`mlops deploy`) to retrain"
                 ) from exc
-            automation = drift_automation(client, target.id, deployment)
+            automation = drift_automation(client, target.id, deployment, model_name)
             # the server's clock stamps the run; allow for a skew between the two clocks
             emitted_at = datetime.now(UTC) - timedelta(seconds=30)
         event = emit_drift(DriftAlert(model_name, dataset, summary, reason, deployment, report_link))
@@ -223,19 +225,19 @@ def start_retraining(
             raise MonitoringError("Prefect emits no events here (no API configured?): cannot trigger retraining")
         if not automation.enabled:
             detail = (
-                f"drift event {event.id} emitted, but automation {DRIFT_AUTOMATION!r} is paused (Prefect UI -> "
+                f"drift event {event.id} emitted, but automation {automation.name!r} is paused (Prefect UI -> "
                 "Automations): no retraining started"
             )
             log.warning("%s", detail)
             return Trigger("disabled", detail)
-        run = wait_for_started_run(target.id, automation.id, reason, emitted_at)
+        run = wait_for_started_run(target.id, automation, reason, emitted_at)
         try:
             with get_client(sync_client=True) as client:
                 marks = {*tags, *([window_tag(window_key)] if window_key is not None else [])}
                 client.update_flow_run(run.id, tags=sorted(set(run.tags) | marks))
         except Exception as exc:  # the event is out: a retry would start a second run
             raise MonitoringError(f"training run {run.name} ({run.id}) started but not tagged {tags}: {exc}") from exc
-    detail = f"drift event {event.id}: {DRIFT_AUTOMATION} started {deployment} run {run.name} ({run.id}): {reason}"
+    detail = f"drift event {event.id}: {automation.name} started {deployment} run {run.name} ({run.id}): {reason}"
     log.info("%s", detail)
     return Trigger("triggered", detail, str(run.id))
 
