@@ -16,6 +16,7 @@ from typing import Any
 from adapters.clients import S3Location, s3_client
 from adapters.settings import Settings
 from core.dataset import DatasetConfig, DatasetConfigError, parse_dataset_config
+from core.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ VERSIONS = "catalog/.versions/"
 
 class CatalogError(ValueError):
     """A catalog operation was refused; the message names the model and the field or place."""
+
+
+class ModelRemovedError(PermanentError):
+    """A catalog model was removed while one of its runs was in flight."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from core.dataset import DatasetConfig
 from core.decision import Gates, resolve_gates
+from core.search import SearchSpec
 
 
 class CatalogConfigError(ValueError):
@@ -28,6 +29,17 @@ def checked_gates(config: DatasetConfig) -> Gates:
         raise CatalogConfigError(f"model {model!r}: {problems}") from exc
     except ValueError as exc:
         raise CatalogConfigError(f"model {model!r}: operations.{exc}") from exc
+
+
+def checked_search(config: DatasetConfig) -> SearchSpec:
+    """The config's `operations.search` as a SearchSpec; CatalogConfigError naming the field."""
+    try:
+        return SearchSpec.model_validate(config.operations.search)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"operations.search.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise CatalogConfigError(f"model {config.model_name!r}: {problems}") from exc
 
 
 @dataclass(frozen=True)

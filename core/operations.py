@@ -64,6 +64,11 @@ class Operations(BaseModel):
     )
     scoring_cron: str | None = Field(None, description="Batch-scoring schedule (cron); null: on demand.")
     served: bool = Field(True, description="The serving API serves this model's champion at /models/<model>/.")
+    search: dict[str, Any] = Field(
+        default={},
+        description="Model search of this model's training deployment (the SearchSpec fields, e.g. "
+        "trials_per_family, families, time_budget_seconds); empty: the defaults.",
+    )
     gates: dict[str, Any] = Field(
         default={},
         description="Promotion gates for this model's training deployment (the Gates fields, e.g. min_roc_auc).",
@@ -103,5 +108,6 @@ operations:                      # schedules, monitoring, scoring, serving, gate
   # scoring_source: s3://bucket/to-score/         # batch scoring input: creates scoring/<model>
   # scoring_cron: "0 7 * * *"                     # batch scoring schedule (needs scoring_source)
   served: true                     # the serving API serves the champion at /models/<model>/predict
+  search: {}                       # model search, e.g. {trials_per_family: 8, time_budget_seconds: 600}
   gates: {}                        # promotion gates, e.g. {min_roc_auc: 0.75, min_delta: 0.002}
 """

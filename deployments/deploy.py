@@ -97,7 +97,8 @@ def _scheduled(cron: str | None, interval: int | None, ops: Operations) -> dict[
 def model_deployments(entry: CatalogEntry) -> list[FlowDeployment]:
     """A catalog model's deployments, from its config's `operations` section; each reads the config from the catalog."""
     model, ops = entry.name, entry.config.operations
-    training = {"dataset": entry.uri, "reason": "scheduled"} | ({"gates": ops.gates} if ops.gates else {})
+    training = {"dataset": entry.uri, "reason": "scheduled"}
+    training |= {key: value for key, value in (("search", ops.search), ("gates", ops.gates)) if value}
     monitoring = {
         "dataset": entry.uri,
         "prediction_log_days": ops.prediction_log_days,
@@ -216,11 +217,12 @@ def deploy_all(
     name_suffix: str = "",
     automations: bool = True,
     kubernetes: bool = False,
-    prune: bool = True,
+    prune: bool | None = None,
 ) -> dict[str, str]:
     """Register the deployments of every catalog model (or of `entries`) and the automations; idempotent.
 
-    Returns `<flow>/<deployment>` -> id (the plain names, without `name_suffix`). With `prune`, the
+    Returns `<flow>/<deployment>` -> id (the plain names, without `name_suffix`). With `prune` (by default
+    when the whole catalog is deployed, not given `entries`), the
     deployments of models no longer in the catalog (found by their `model:<name>` tag on this pool) are
     deleted with their scheduled runs, and so are their drift automations. The automations
     (`deployments/automations.py`): per model, drift -> run `training/<model>`; with `MLOPS_ALERT_WEBHOOK_URL`
@@ -229,6 +231,7 @@ def deploy_all(
     does not take them over. `kubernetes`: the pool is a Kubernetes pool (it must exist; see `ensure_work_pool`).
     """
     settings = get_settings()
+    prune = entries is None if prune is None else prune
     entries = list_entries(settings) if entries is None else list(entries)
     ensure_work_pool(work_pool, kubernetes=kubernetes)
     ids = {}

@@ -40,7 +40,7 @@ from tasks.big_training import (
 from tasks.compile import compile_candidate
 from tasks.evaluation import evaluate_candidate
 from tasks.features import join_features
-from tasks.loading import load_dataset_config, load_snapshot
+from tasks.loading import check_still_in_catalog, load_dataset_config, load_snapshot
 from tasks.monitoring import log_reference
 from tasks.promotion import ensure_promotion_lock
 from tasks.reports import publish_decision, publish_model_card, store_validation_report
@@ -282,6 +282,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
                 | fingerprint.tags()  # what it was trained from: a later run with the same one has nothing new
                 | ({"feature_service": config.feature_service} if config.feature_service else {})  # serving looks up
             )
+            check_still_in_catalog(params.dataset, config.model_name)  # removed meanwhile: nothing registered
             version = None if params.dry_run else register_model(model_uri, config.model_name, run_id, version_tags)
             wanted = decision.promote and version is not None
             promote_now = partial(

@@ -31,7 +31,7 @@ from adapters.serving_status import served_versions
 from adapters.settings import Settings
 from adapters.snapshot_listing import snapshot_listing
 from adapters.snapshots import DataLoadError, StoreUnavailableError
-from core.catalog import CatalogConfigError, ModelStatus, checked_gates
+from core.catalog import CatalogConfigError, ModelStatus, checked_gates, checked_search
 from core.dataset import DatasetConfig, DatasetConfigError, parse_dataset_config
 
 log = logging.getLogger(__name__)
@@ -135,13 +135,28 @@ def _apply_feature_repo(config: DatasetConfig, origin: str, settings: Settings) 
         raise CatalogError(f"model {model!r}: feature_service {config.feature_service!r} is not defined {where}")
 
 
+def _model_named(text: str) -> str:
+    """`model 'x': ` when the YAML names its model, else nothing (the error names the file)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return ""
+    name = raw.get("model_name") if isinstance(raw, dict) else None
+    return f"model {name!r}: " if isinstance(name, str) else ""
+
+
 def check_config(text: str, origin: str, settings: Settings) -> DatasetConfig:
     """Parse and check a config the way `add_model` does, storing nothing; CatalogError names model and field."""
     try:
         config = parse_dataset_config(text, origin)
         checked_gates(config)
-    except (DatasetConfigError, CatalogConfigError) as exc:
+        checked_search(config)
+    except CatalogConfigError as exc:
         raise CatalogError(str(exc)) from exc
+    except DatasetConfigError as exc:  # named by the model when the text says which
+        raise CatalogError(f"{_model_named(text)}{exc}") from exc
     model, ops = config.model_name, config.operations
     _check_readable(model, "source", config.source, config.format, settings)
     if ops.scoring_source:
