@@ -1,7 +1,8 @@
 """After a promotion: does the serving API answer with the new champion? If not, the promotion is undone.
 
 "Configured" means `MLOPS_SERVING_URL` is set (the local stack sets it for its worker and the CLI).
-A serving API that follows another model or alias is not ours to check and is skipped, saying so.
+The API serves its default model and every served catalog model; a model it does not serve (or follows at
+another alias) is not ours to check and is skipped, saying so.
 """
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ def served_versions(answer: dict) -> set[str | None]:
 def wait_for_serving(
     url: str, model_name: str, version: str, timeout: float, poll: float = 0.5, token: SecretStr | None = None
 ) -> ServingCheck:
-    """Ask the serving API at `url` to look at the registry, then wait until it serves `version`.
+    """Ask the serving API at `url` to look at the registry, then wait until it serves `version` of `model_name`.
 
-    With several worker processes, every one of them must serve it (`/reload` waits for them and lists
-    them, `/model` too), not only the one that happened to answer. Unreachable answers are retried until
-    `timeout` (a restart of the API is not a failure). `token` is the serving API's bearer token
-    (`MLOPS_SERVING_TOKEN`), sent with /reload.
+    The API's default model is read at `/model`; any other model it serves (a served catalog model) at
+    `/models/<model_name>`, after `/reload?model=<model_name>` made it re-read the catalog. A model it does not
+    serve (not its default, not served in its catalog, or followed at another alias) is not checked, saying
+    so. With several worker processes, every one of them must serve it (`/reload` waits for them and lists
+    them, `/model` and `/models/<name>` too), not only the one that happened to answer. Unreachable answers
+    are retried until `timeout` (a restart of the API is not a failure). `token` is the serving API's bearer
+    token (`MLOPS_SERVING_TOKEN`), sent with /reload.
     """
     headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
     url = url.rstrip("/")
@@ -64,33 +68,65 @@ def wait_for_serving(
         try:
             health = httpx.get(f"{url}/health", timeout=5).raise_for_status().json()
             following = str(health.get("following", ""))
-            if following != f"{model_name}@{CHAMPION}":
+            default = following == f"{model_name}@{CHAMPION}"
+            if not default and following.partition("@")[0] == model_name:
                 detail = f"serving API at {url} follows {following!r}, not {model_name}@{CHAMPION}: not checked"
                 return ServingCheck(False, True, detail, time.monotonic() - started)
             if not nudged:  # /reload loads the new alias target now, in every process, rather than at the next poll
                 nudged = True
-                wait = max(min(deadline - time.monotonic(), 30.0), 1.0)
-                reload = httpx.post(f"{url}/reload", params={"timeout": wait}, headers=headers, timeout=wait + 5)
+                reload = _reload(url, None if default else model_name, headers, deadline)
+                if reload.status_code == 404 and not default:
+                    return _not_served(url, model_name, following, reload, started)
                 if reload.status_code in {401, 403}:
                     last = f"/reload refused ({reload.status_code}): {reload.json().get('detail')}"
-            described = httpx.get(f"{url}/model", timeout=5).json()
+            answer = httpx.get(f"{url}/model" if default else f"{url}/models/{model_name}", timeout=5)
+            if answer.status_code == 404 and not default:
+                return _not_served(url, model_name, following, answer, started)
+            described = answer.json()
+            if not default and described.get("alias", CHAMPION) != CHAMPION:
+                detail = f"serving API at {url} serves {model_name}@{described['alias']}, not @{CHAMPION}: not checked"
+                return ServingCheck(False, True, detail, time.monotonic() - started)
             served = served_versions(described)
             if served == {version}:
                 seconds = time.monotonic() - started
                 processes = len(described.get("workers") or [None])
-                detail = f"serving API at {url} serves v{version} in {processes} process(es) ({seconds:.1f}s)"
+                where = "" if default else f" at /models/{model_name}"
+                detail = f"serving API at {url} serves v{version}{where} in {processes} process(es) ({seconds:.1f}s)"
                 return ServingCheck(True, True, detail, seconds)
-            last = f"it serves {sorted(map(str, served))}" + (
-                f"; its last error: {described.get('last_error') or described.get('error')}"
-                if described.get("last_error") or described.get("error")
-                else ""
-            )
+            last = _what_is_served(served, described)
         except (httpx.HTTPError, ValueError) as exc:
             last = f"unreachable ({type(exc).__name__}: {exc})"
         if time.monotonic() >= deadline:
-            detail = f"serving API at {url} did not serve v{version} within {timeout:.0f}s: {last}"
+            detail = f"serving API at {url} did not serve v{version} of {model_name} within {timeout:.0f}s: {last}"
             return ServingCheck(True, False, detail, time.monotonic() - started)
         time.sleep(poll)
+
+
+def _reload(url: str, model_name: str | None, headers: dict[str, str], deadline: float) -> httpx.Response:
+    """POST /reload (of one model, re-reading the catalog), waiting for every process up to the time left."""
+    wait = max(min(deadline - time.monotonic(), 30.0), 1.0)
+    params: dict[str, str | float] = {"timeout": wait} | ({"model": model_name} if model_name else {})
+    return httpx.post(f"{url}/reload", params=params, headers=headers, timeout=wait + 5)
+
+
+def _not_served(url: str, model_name: str, following: str, answer: httpx.Response, started: float) -> ServingCheck:
+    """The check's answer for a model the serving API does not serve: not checked, saying why."""
+    try:
+        served = answer.json().get("served")
+    except ValueError:
+        served = None
+    listed = f" (it serves {served})" if served else ""
+    detail = (
+        f"serving API at {url} does not serve {model_name} (its default model is {following!r} and its catalog "
+        f"does not serve {model_name}){listed}: not checked"
+    )
+    return ServingCheck(False, True, detail, time.monotonic() - started)
+
+
+def _what_is_served(served: set[str | None], described: dict) -> str:
+    """What the API serves instead, with its last load error, for the failure's detail."""
+    error = described.get("last_error") or described.get("error")
+    return f"it serves {sorted(map(str, served))}" + (f"; its last error: {error}" if error else "")
 
 
 def check_configured_serving(model_name: str, version: str, timeout: float) -> ServingCheck:

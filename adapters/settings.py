@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     serving_poll_seconds: float = Field(
         2.0, gt=0, description="How often the serving API checks the registry for a new champion."
     )
+    serving_catalog_poll_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How often the serving API re-reads the model catalog (the models it serves at /models/<name>/).",
+    )
     serving_threads: int = Field(1, ge=1, description="OpenMP/BLAS threads per model call in the serving API.")
     serving_max_records: int = Field(10_000, ge=1, description="Largest batch one /predict request may send.")
     serving_max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Largest /predict request body.")

@@ -1,20 +1,27 @@
-"""The serving API: predictions from the registry's champion, which it follows without a restart.
+"""The serving API: predictions from the registry's champions, which it follows without a restart.
 
 - `POST /predict` (and `/invocations`, MLflow's path): `{"records": [...]}` or MLflow's
   `{"dataframe_records": [...]}`; answers per record the class and the probability of every class (a
   classifier, binary or multiclass) or the predicted value (a regressor), with the model version and
   a request id. Bad input is a 422 naming the record and the field; a batch over the limit is a 413.
 - `GET /health` (the process answers), `GET /ready` (a model is loaded), `GET /model` (what is served),
-  `GET /metrics` (Prometheus), `POST /reload` (check the registry now; what a promotion calls).
-- With `MLOPS_SERVING_TOKEN` set, /predict, /invocations and /reload need `Authorization: Bearer <token>`
+  `GET /metrics` (Prometheus), `POST /reload` (re-read the catalog and check the registry now; what a
+  promotion calls; `?model=<name>` checks that model only).
+- Every model of the catalog whose config says `operations.served` (`serving/served.py`) is served too, each
+  followed and hot-swapped on its own: `POST /models/<name>/predict` and `/models/<name>/invocations` (the
+  same bodies and answers), `GET /models/<name>` (as `/model`), `GET /models` (every served model). The
+  paths without a name serve the default model (`MLOPS_SERVING_MODEL`), which is always served. A name not
+  served is a 404 listing the served ones; a model that cannot be loaded is a 503 for that model only.
+- With `MLOPS_SERVING_TOKEN` set, the predict paths and /reload need `Authorization: Bearer <token>`
   (401); without it, /reload is accepted from loopback clients only (403). A body over
   `serving_max_body_bytes` is a 413, chunked or not. Every answered prediction is logged durably first
-  (`serving/prediction_log.py`).
+  (`serving/prediction_log.py`), in its model's own log.
 
 Run it with `mlops serve` (or `mlops stack up`, which starts it on port 8000): as many worker processes
 as cores by default (`MLOPS_SERVING_WORKERS`), sharing one socket (uvicorn's supervisor, which restarts a
-worker that dies). Each process follows the champion on its own; `/health` and `/model` say which process
-answered (`pid`); `/metrics` sums over all of them; `/reload` makes every process check the registry.
+worker that dies). Each process follows every champion and reads the catalog on its own; `/health` and
+`/model` say which process answered (`pid`); `/metrics` sums over all of them (each series of a model
+with its `model` label); `/reload` makes every process re-read the catalog and check the registry.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -42,14 +50,23 @@ from pydantic import SecretStr, ValidationError
 from adapters.settings import Settings, get_settings
 from serving.batching import Job, MicroBatcher
 from serving.follower import ChampionFollower
-from serving.metrics import MULTIPROC_ENV, MetricsMiddleware, ServingMetrics, forget_dead_processes
+from serving.metrics import (
+    MODEL_ACTIONS,
+    MULTIPROC_ENV,
+    MetricsMiddleware,
+    ServingMetrics,
+    forget_dead_processes,
+    route_of,
+)
 from serving.model import BODY_KEYS, LoadedModel
 from serving.online_features import FeatureLookupError, OnlineFeatures
-from serving.prediction_log import MemoryPredictionLog, PredictionLog, SpooledPredictionLog
+from serving.prediction_log import PredictionLog
+from serving.served import ModelSet, ServedModel, workers_of
 
 log = logging.getLogger(__name__)
 
 RELOAD_SIGNAL = "reload"  # a file in the metrics folder: touched by /reload, watched by every worker process
+CATALOG_SIGNAL = "catalog"  # the same, for re-reading the model catalog
 RELOAD_WATCH_SECONDS = 0.2
 
 
@@ -212,83 +229,100 @@ def answer(model: LoadedModel, scores: np.ndarray, request_id: str) -> dict[str,
 
 
 class Runtime:
-    """Everything one app instance runs: the champion follower, the micro-batcher, the prediction log, metrics."""
+    """Everything one app instance runs: the served models, the micro-batcher they share, metrics.
+
+    Each served model (`serving.served.ServedModel`) has its champion follower and its prediction log.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = ServingMetrics()
-        self.prediction_log: PredictionLog
-        if settings.serving_spool:
-            self.prediction_log = SpooledPredictionLog(
-                settings,
-                settings.serving_model,
-                flush_seconds=settings.serving_log_flush_seconds,
-                on_event=lambda kind, rows: self.metrics.prediction_log.labels(kind).inc(rows),
-                on_spool_bytes=self.metrics.spool_bytes.set,
-            )
-        else:
-            self.prediction_log = MemoryPredictionLog(
-                settings,
-                settings.serving_model,
-                flush_seconds=settings.serving_log_flush_seconds,
-                max_rows=settings.serving_log_max_rows,
-                on_event=lambda kind, rows: self.metrics.prediction_log.labels(kind).inc(rows),
-            )
+        self.models = ModelSet(settings, lambda name: ServedModel(settings, name, self.metrics, self._swapped))
+        self.default = self.models.default
         self.batcher = MicroBatcher(
             max_rows=max(settings.serving_max_records, 1),
-            on_scored=self._log_predictions,
-            on_batch=self._count_batch,
+            on_scored=self._scored,
             threads=settings.serving_threads,
             # logging a batch that waits for the disk must not run on the event loop (nor one request at a time)
-            inline=not self.prediction_log.syncs_each_write,
+            inline=not self.default.log.syncs_each_write,
         )
-        self.follower = ChampionFollower(
-            settings,
-            on_reload=lambda result: self.metrics.reloads.labels(result).inc(),
-            on_swap=self._swapped,
-            on_unset=self.metrics.not_served,
-        )
-        self._poller: asyncio.Task | None = None
-        self._reload_watcher: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self.online = OnlineFeatures(settings, self.metrics.registry)  # feature store lookups (issue 17)
+
+    @property
+    def follower(self) -> ChampionFollower:
+        """The default model's follower."""
+        return self.default.follower
+
+    @property
+    def prediction_log(self) -> PredictionLog:
+        """The default model's prediction log."""
+        return self.default.log
 
     def _swapped(self, model: LoadedModel) -> None:
         """After a swap: metrics, and the other worker processes are asked to look now, not at their next poll."""
         self.metrics.served(model.name, model.version, model.form)
         self.signal_reload()
 
-    @property
-    def reload_signal(self) -> os.PathLike | None:
-        """The file whose change makes every worker process check the registry (None with one process)."""
+    def _signal(self, name: str) -> Path | None:
         folder = self.metrics.multiprocess_dir
-        return None if folder is None else folder / RELOAD_SIGNAL
+        return None if folder is None else folder / name
 
-    def signal_reload(self) -> None:
-        """Ask every worker process to check the registry now (its own poll would, within the interval)."""
-        if self.reload_signal is not None:
-            with open(self.reload_signal, "a"):
-                os.utime(self.reload_signal)
+    @property
+    def reload_signal(self) -> Path | None:
+        """The file whose change makes every worker process check the registry (None with one process)."""
+        return self._signal(RELOAD_SIGNAL)
+
+    def signal_reload(self, catalog: bool = False) -> None:
+        """Ask every worker process to check the registry now (and re-read the catalog, with `catalog`)."""
+        for name in (RELOAD_SIGNAL, CATALOG_SIGNAL) if catalog else (RELOAD_SIGNAL,):
+            if (path := self._signal(name)) is not None:
+                with open(path, "a"):
+                    os.utime(path)
+
+    def wake_all(self) -> None:
+        """Every served model's follower checks the registry now."""
+        for served in list(self.models.models.values()):
+            served.follower.wake()
 
     async def _watch_reloads(self) -> None:
-        """Wake the follower when another process signals a reload (a stat per interval: cheap)."""
-        seen = _mtime(self.reload_signal)
+        """Wake the followers (or the catalog reader) when another process signals (a stat per interval: cheap)."""
+        signals = {self._signal(RELOAD_SIGNAL): self.wake_all, self._signal(CATALOG_SIGNAL): self.models.wake}
+        seen = {path: _mtime(path) for path in signals}
         while True:
             await asyncio.sleep(RELOAD_WATCH_SECONDS)
-            now = _mtime(self.reload_signal)
-            if now != seen:
-                seen = now
-                self.follower.wake()
+            for path, wake in signals.items():
+                now = _mtime(path)
+                if now != seen[path]:
+                    seen[path] = now
+                    wake()
 
-    async def all_serve(self, version: str | None, timeout: float) -> dict[int, str]:
-        """Wait (up to `timeout`) until every live worker process serves `version`; returns pid -> version."""
+    async def all_serve(self, name: str, version: str | None, timeout: float) -> dict[int, str | None]:
+        """Wait (up to `timeout`) until every live worker process serves `version` of model `name`.
+
+        Returns pid -> the version each live process serves (None: not loaded there).
+        """
         deadline = time.monotonic() + timeout
         while True:
-            served = await asyncio.to_thread(self.metrics.served_by_process)
-            if version is None or set(served.values()) <= {version} or time.monotonic() >= deadline:
-                return served
+            live, served = await asyncio.to_thread(self.metrics.snapshot)
+            by_pid = served.get(name, {})
+            workers = {pid: by_pid.get(pid) for pid in sorted(live | set(by_pid))}
+            if version is None or set(workers.values()) <= {version} or time.monotonic() >= deadline:
+                return workers
             await asyncio.sleep(0.1)
 
-    def _log_predictions(self, jobs: list[Job], columns: dict[str, np.ndarray], scores: np.ndarray) -> None:
+    def _scored(self, jobs: list[Job], columns: dict[str, np.ndarray], scores: np.ndarray) -> None:
+        """After a batch call: count it for its model and log its predictions in the model's log."""
+        served: ServedModel = jobs[0].context or self.default
+        rows = len(scores)
+        served.batch_rows.observe(rows)
+        served.records.inc(rows)
+        self._log_predictions(served.log, jobs, columns, scores)
+
+    @staticmethod
+    def _log_predictions(
+        prediction_log: PredictionLog, jobs: list[Job], columns: dict[str, np.ndarray], scores: np.ndarray
+    ) -> None:
         if len(jobs) == 1:  # the usual case: plain lists, no numpy call per request
             job = jobs[0]
             size = len(job.records)
@@ -302,32 +336,55 @@ class Runtime:
                 record_ids = [i for job in jobs for i in (job.ids or [None] * len(job.records))]
             record_index = [i for job in jobs for i in range(len(job.records))]
         model = jobs[0].model
-        self.prediction_log.record(columns, scores, model.classes, request_ids, model.version, record_ids, record_index)
-
-    def _count_batch(self, rows: int) -> None:
-        self.metrics.batch_rows.observe(rows)
-        self.metrics.records.inc(rows)
+        prediction_log.record(columns, scores, model.classes, request_ids, model.version, record_ids, record_index)
 
     async def start(self) -> None:
-        """Start batching, prediction logging and following the alias."""
+        """Start batching, the default model, reading the catalog (its models start from there)."""
         self.batcher.start()
-        await asyncio.to_thread(self.prediction_log.start)
-        self._poller = asyncio.create_task(self.follower.run(), name="champion-follower")
+        folder = self.metrics.multiprocess_dir
+        if folder is not None and (dead := forget_dead_processes(folder)):
+            log.info("worker processes %s are gone: their gauges are dropped", dead)
+        self.metrics.worker.set(1)
+        await self.models.start()
+        self._tasks.append(asyncio.create_task(self.models.run(), name="catalog-reader"))
         if self.metrics.multiprocess_dir is not None:
-            if dead := forget_dead_processes(self.metrics.multiprocess_dir):
-                log.info("worker processes %s are gone: their gauges are dropped", dead)
-            self._reload_watcher = asyncio.create_task(self._watch_reloads(), name="reload-watcher")
+            self._tasks.append(asyncio.create_task(self._watch_reloads(), name="reload-watcher"))
         log.info("serving %s; registry %s", self.follower.following, self.settings.mlflow_tracking_uri)
 
     async def stop(self) -> None:
-        """Stop polling, finish batching, write the last predictions."""
-        for task in (self._poller, self._reload_watcher):
-            if task is not None:
-                task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await task
+        """Stop reading the catalog, finish batching, stop every model (their logs write the last predictions)."""
+        for task in self._tasks:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
         await self.batcher.stop()
-        await asyncio.to_thread(self.prediction_log.stop)
+        await self.models.stop()
+
+    async def reload_model(self, name: str, timeout: float) -> dict[str, Any]:
+        """Check model `name`'s alias now; then wait (up to `timeout`) until every process serves what this one does."""
+        served = self.models.get(name)
+        if served is None:  # it left the catalog meanwhile
+            return {"changed": False, "version": None, "error": "not served any more", "workers": []}
+        follower = served.follower
+        changed = await follower.check(force=True)
+        version = follower.current.version if follower.current else None
+        if self.reload_signal is not None:
+            by_pid = await self.all_serve(name, version, timeout)
+        else:
+            by_pid = {os.getpid(): version}
+        workers = [{"pid": pid, "version": v} for pid, v in sorted(by_pid.items())]
+        return {"changed": changed, "version": version, "error": follower.last_error, "workers": workers}
+
+    def resolve(self, path: str) -> ServedModel | None:
+        """The served model a prediction path is for: /predict and /invocations the default; None if not served."""
+        if path in PredictPath.PATHS:
+            return self.default
+        return self.models.get(path.split("/", 3)[2])
+
+    def not_served(self, name: str) -> dict[str, Any]:
+        """The 404 answer's content for a model name this API does not serve."""
+        served = self.models.names()
+        return {"detail": f"model {name!r} is not served here; served models: {served}", "served": served}
 
     async def read_records(
         self, body: bytes, model: LoadedModel
@@ -345,21 +402,26 @@ class Runtime:
         return records, record_ids(model, key, raw)
 
     async def predict(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        """Answer one /predict (or /invocations) request from its ASGI scope: status, JSON body, headers.
+        """Answer one /predict (or /invocations, or /models/<name>/...) request from its ASGI scope.
 
-        Used by `PredictPath` (ahead of FastAPI's routing) and by the FastAPI routes alike. Raises
-        ClientGone when the client left before its body was read.
+        Returns status, JSON body, headers: 404 naming a model not served here, 503 for one not loaded. Used
+        by `PredictPath` (ahead of FastAPI's routing) and by the FastAPI routes alike. Raises ClientGone when
+        the client left before its body was read.
         """
         given_id, authorization, declared = _predict_headers(scope)
-        if self.settings.serving_token is not None:
-            what = "predict" if scope["path"] == "/predict" else "invocations"
-            if (detail := token_problem(self.settings.serving_token, authorization, what)) is not None:
-                return 401, orjson.dumps({"detail": detail}), [*_JSON, (b"www-authenticate", b"Bearer")]
+        path = scope["path"]
+        token = self.settings.serving_token
+        if token is not None and (detail := token_problem(token, authorization, path[1:])) is not None:
+            return 401, orjson.dumps({"detail": detail}), [*_JSON, (b"www-authenticate", b"Bearer")]
         request_id = given_id or uuid.uuid4().hex
-        model = self.follower.current  # this request finishes on this model, whatever is swapped meanwhile
+        served = self.resolve(path)
+        if served is None:
+            return _raw(404, self.not_served(path.split("/", 3)[2]) | {"request_id": request_id}, request_id)
+        follower = served.follower
+        model = follower.current  # this request finishes on this model, whatever is swapped meanwhile
         if model is None:
-            error = self.follower.last_error
-            detail = f"not serving: {error}" if error else f"no model loaded yet for {self.follower.following}"
+            error = follower.last_error
+            detail = f"not serving: {error}" if error else f"no model loaded yet for {follower.following}"
             return _raw(503, {"detail": detail, "request_id": request_id}, request_id)
         explain = bool(scope.get("query_string")) and _explain_asked(scope["query_string"])
         try:
@@ -368,7 +430,7 @@ class Runtime:
                 raise BadRequest.at(422, ["query", "explain"], f"v{model.version} cannot explain: {why}", "explain")
             body = await receive_body(receive, declared, self.settings.serving_max_body_bytes)
             records, ids = await self.read_records(body, model)
-            scored = await self.batcher.score(model, records, request_id, ids)
+            scored = await self.batcher.score(model, records, request_id, ids, served)
             explained = await asyncio.to_thread(explain_records, model, records, scored.scores) if explain else None
         except BadRequest as exc:
             return _raw(exc.status, {"detail": exc.errors, "request_id": request_id}, request_id)
@@ -473,7 +535,9 @@ def refused(request: Request, what: str) -> Response | None:
 
 
 class PredictPath:
-    """Pure ASGI middleware answering `POST /predict` and `/invocations` ahead of FastAPI's routing.
+    """Pure ASGI middleware answering prediction requests ahead of FastAPI's routing.
+
+    `POST /predict` and `/invocations` (the default model), `/models/<name>/predict` and `/invocations`.
 
     The same answers as the FastAPI routes (which share `Runtime.predict` and stay in the OpenAPI schema),
     without what FastAPI does per request that this path does not need (route matching, a Request object,
@@ -486,11 +550,11 @@ class PredictPath:
     def __init__(self, app: Any, runtime: Runtime) -> None:
         self.app = app
         self.runtime = runtime
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}  # as MetricsMiddleware's
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # as MetricsMiddleware's
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Answer a prediction request; pass anything else on."""
-        if scope["type"] != "http" or scope["path"] not in self.PATHS or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or not is_predict_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -501,16 +565,19 @@ class PredictPath:
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        path = scope["path"]
-        children = self._children.get((path, status))
-        if children is None:
-            metrics = self.runtime.metrics
-            requests = metrics.requests.labels(path, str(status))
-            children = self._children[(path, status)] = (requests, metrics.latency.labels(path))
-        children[0].inc()
-        if status >= 400:
-            self.runtime.metrics.errors.labels(path, str(status)).inc()
-        children[1].observe(time.perf_counter() - started)
+        runtime = self.runtime
+        model, path = route_of(scope["path"], runtime.default.name, runtime.models.models)
+        runtime.metrics.count(model, path, status, time.perf_counter() - started, self._children)
+
+
+def is_predict_path(path: str) -> bool:
+    """`/predict`, `/invocations`, or `/models/<name>/predict` or `/invocations`."""
+    if path in PredictPath.PATHS:
+        return True
+    if not path.startswith("/models/"):
+        return False
+    parts = path.split("/")
+    return len(parts) == 4 and bool(parts[2]) and parts[3] in MODEL_ACTIONS
 
 
 router = APIRouter()
@@ -565,7 +632,7 @@ async def ready(request: Request) -> Response:
     """200 only when a model is loaded, in every worker process (whichever process answers)."""
     runtime = _runtime(request)
     follower = runtime.follower
-    served = await asyncio.to_thread(runtime.metrics.served_by_process)
+    served = await asyncio.to_thread(runtime.metrics.served_by_process, runtime.default.name)
     expected = worker_count(runtime.settings) if runtime.metrics.multiprocess_dir is not None else 1
     processes = {"serving": len(served), "expected": expected}
     if follower.current is None:
@@ -586,7 +653,7 @@ async def model_info(request: Request) -> Response:
     if model is None:
         return _json({"detail": f"no model loaded yet for {follower.following}", "error": follower.last_error}, 503)
     runtime = _runtime(request)
-    served = await asyncio.to_thread(runtime.metrics.served_by_process)
+    served = await asyncio.to_thread(runtime.metrics.served_by_process, runtime.default.name)
     workers = [{"pid": pid, "version": version} for pid, version in sorted(served.items())]
     return _json(
         model.describe()
@@ -604,30 +671,82 @@ async def prometheus(request: Request) -> Response:
 
 @router.post("/reload")
 async def reload(request: Request) -> Response:
-    """Check the registry now (a promotion calls this); answers what is served afterwards.
+    """Re-read the catalog and check the registry now (a promotion calls this); answers what is served afterwards.
 
-    With several worker processes, the others are asked to check too, and the answer waits (up to the
-    `timeout` query parameter, 10 s by default) until every one serves what this one does; `workers`
-    lists pid and version of each.
+    Every served model is checked, or only the one the `model` query parameter names (404 when it is not
+    served, even after re-reading the catalog). With several worker processes, the others are asked to do
+    the same, and the answer waits (up to the `timeout` query parameter, 10 s by default) until every one
+    serves what this one does. The answer's `changed`, `version`, `error` and `workers` (pid and version of
+    each process) are the named model's, else the default model's; `models` has them for each model checked.
     """
     if (refusal := refused(request, "reload")) is not None:
         return refusal
     runtime = _runtime(request)
-    follower = runtime.follower
-    runtime.signal_reload()
-    changed = await follower.check(force=True)
-    model = follower.current
-    version = model.version if model else None
+    name = request.query_params.get("model")
+    runtime.signal_reload(catalog=True)
+    await runtime.models.refresh()
+    if name is not None and runtime.models.get(name) is None:
+        return _json(runtime.not_served(name) | {"catalog_error": runtime.models.catalog_error}, 404)
     try:
         timeout = float(request.query_params.get("timeout", 10))
     except ValueError:
         timeout = 10.0
-    served = await runtime.all_serve(version, timeout) if runtime.reload_signal else {os.getpid(): version}
-    workers = [{"pid": pid, "version": v} for pid, v in sorted(served.items())]
+    names = runtime.models.names() if name is None else [name]
+    answers = dict(zip(names, await asyncio.gather(*(runtime.reload_model(n, timeout) for n in names)), strict=True))
+    main = answers[name or runtime.default.name]
+    content = main | {"models": answers, "catalog_error": runtime.models.catalog_error}
+    return _json(content, 200 if main["version"] is not None else 503)
+
+
+@router.get("/models")
+async def models(request: Request) -> Response:
+    """Every model served here, the default (/predict's) first.
+
+    Per model: name, alias, version (None until loaded), task, inference form, last error, and the version
+    each worker process serves.
+    """
+    runtime = _runtime(request)
+    live, served = await asyncio.to_thread(runtime.metrics.snapshot)
+    listed = [m.summary(live, served.get(m.name, {})) for m in list(runtime.models.models.values())]
     return _json(
-        {"changed": changed, "version": version, "error": follower.last_error, "workers": workers},
-        200 if model else 503,
+        {
+            "default": runtime.default.name,
+            "models": listed,
+            "catalog_error": runtime.models.catalog_error,
+            "pid": os.getpid(),
+        }
     )
+
+
+@router.get("/models/{name}")
+async def model_by_name(name: str, request: Request) -> Response:
+    """What `GET /model` says, for model `name`; `workers` lists every live process (version None: not loaded)."""
+    runtime = _runtime(request)
+    served = runtime.models.get(name)
+    if served is None:
+        return _json(runtime.not_served(name), 404)
+    follower = served.follower
+    model = follower.current
+    if model is None:
+        return _json({"detail": f"no model loaded yet for {follower.following}", "error": follower.last_error}, 503)
+    live, by_model = await asyncio.to_thread(runtime.metrics.snapshot)
+    workers = workers_of(live, by_model.get(name, {}))
+    return _json(
+        model.describe()
+        | {"alias": follower.alias, "last_error": follower.last_error, "pid": os.getpid(), "workers": workers}
+    )
+
+
+@router.post("/models/{name}/predict", summary="Predict a batch of records with model `name`")
+async def predict_model(name: str, request: Request) -> Response:
+    """The same as /predict, for the served model `name` (404 naming it when it is not served here)."""
+    return await _predict_route(request)
+
+
+@router.post("/models/{name}/invocations", summary="MLflow scoring-server path for /models/{name}/predict")
+async def invocations_model(name: str, request: Request) -> Response:
+    """The same as /models/{name}/predict, at MLflow's path."""
+    return await _predict_route(request)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -649,7 +768,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     app.include_router(router)
-    app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
+    app.add_middleware(
+        MetricsMiddleware, metrics=runtime.metrics, default=runtime.default.name, served=runtime.models.models
+    )
     app.add_middleware(PredictPath, runtime=runtime)  # outermost: predictions skip the routing
     return app
 

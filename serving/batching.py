@@ -37,6 +37,9 @@ INLINE_BELOW_SECONDS = 0.001
 # slowed down by a busy machine (pre-empted, a GC pause) does not send the next ones through the thread,
 # while a model that really got slower is noticed within a few dozen calls.
 COST_CREEP = 1.05
+# Measured costs kept (a model has one per size class it was called with, ~15 at most): enough for dozens of
+# served models; beyond it (models swapped out since) they are all forgotten and measured again.
+COSTS_KEPT = 1024
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Job:
     request_id: str
     future: asyncio.Future | None = field(repr=False)  # None when scored inline (nobody waits)
     ids: list[str | None] | None = None  # each record's id, when the model has an id field
+    # What the caller scores for (e.g. the served model's prediction log), handed back to `on_scored`
+    context: Any = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -117,14 +122,18 @@ class MicroBatcher:
         records: list[dict[str, Any]],
         request_id: str,
         ids: list[str | None] | None = None,
+        context: Any = None,
     ) -> Scored:
-        """Queue `records` (with their ids, if any) for `model` and wait for their scores."""
+        """Queue `records` (with their ids, if any) for `model` and wait for their scores.
+
+        `context` comes back with the job to `on_scored` (requests of one model share it).
+        """
         assert self._queue is not None, "start() first"
         if self.inline and not self._busy and self._queue.empty() and self._cheap(model, len(records)):
-            scores = self._predict([Job(model, records, request_id, None, ids)])
+            scores = self._predict([Job(model, records, request_id, None, ids, context)])
             return Scored(scores, len(scores))
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(Job(model, records, request_id, future, ids))
+        self._queue.put_nowait(Job(model, records, request_id, future, ids, context))
         return await future
 
     async def _run(self) -> None:
@@ -182,7 +191,7 @@ class MicroBatcher:
         rows = len(records)
         key = (model.serial, rows.bit_length())
         previous = self._cost.get(key)
-        if previous is None and len(self._cost) > 64:  # models served before a swap: forget them
+        if previous is None and len(self._cost) > COSTS_KEPT:  # models served before a swap: forget them
             self._cost.clear()
         self._cost[key] = elapsed if previous is None else min(elapsed, previous * COST_CREEP)
         if self.on_batch is not None:

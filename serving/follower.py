@@ -32,7 +32,8 @@ class ChampionFollower:
     """Keeps `current` on the version the alias points at.
 
     Args:
-        settings: Registry address, model name, alias and poll interval.
+        settings: Registry address, alias, poll interval and the default model name.
+        name: The registered model to follow; None: the settings' `serving_model`.
         on_reload: Called with "success" or "failure" after each load attempt (metrics).
         on_swap: Called with the new model after a swap.
         on_unset: Called when the served model is dropped because the alias is gone.
@@ -41,12 +42,13 @@ class ChampionFollower:
     def __init__(
         self,
         settings: Settings,
+        name: str | None = None,
         on_reload: Callable[[str], None] | None = None,
         on_swap: Callable[[LoadedModel], None] | None = None,
         on_unset: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.name = settings.serving_model
+        self.name = name or settings.serving_model
         self.alias = settings.serving_alias
         self.current: LoadedModel | None = None
         self.last_error: str | None = None

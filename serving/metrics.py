@@ -5,7 +5,9 @@ One process: one registry per app (several apps can share a process). Several wo
 (a folder under the state dir that `serving.app.run` empties before the workers start). Each process
 writes its values to memory-mapped files there and `/metrics`, whichever process answers it, sums
 counters and histograms over all of them; gauges say per live process what it serves (`pid` label)
-or the most recent value written.
+or the most recent value written. Every series of a served model has its `model` label (the request
+path of `/models/<name>/...` is templated as `/models/{name}/...`, so series grow with served models, not
+with the names clients send).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import glob
 import os
 import re
 import time
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +28,48 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 INFERENCE_FORMS = ("onnx", "exact-arrays", "pipeline")
-KNOWN_PATHS = frozenset({"/predict", "/invocations", "/health", "/ready", "/model", "/metrics", "/reload"})
+KNOWN_PATHS = frozenset({"/predict", "/invocations", "/health", "/ready", "/model", "/metrics", "/reload", "/models"})
+DEFAULT_MODEL_PATHS = frozenset({"/predict", "/invocations", "/model", "/ready"})
+MODEL_ACTIONS = frozenset({"predict", "invocations"})
 
 
 class ServingMetrics:
-    """Requests, errors, latency, batch sizes, the served version, reloads and the prediction log."""
+    """Requests, errors, latency, batch sizes, the served version, reloads and the prediction log, per model.
+
+    Every series of a served model carries its `model` label (`mlops_serving_model_info` names it `name`);
+    a request to a path of no model (/health, /metrics, /models, /reload) has `model=""`.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.multiprocess_dir = multiprocess_dir()
-        self._served: list[tuple[str, str]] = []  # (name, version) this process served last
-        self.requests = Counter("mlops_serving_requests_total", "HTTP requests.", ["path", "status"], registry=r)
+        self._served: dict[str, str] = {}  # model -> the version this process serves
+        self._forms: dict[str, str] = {}  # model -> its inference form in this process
+        by_path = ["model", "path", "status"]
+        self.requests = Counter("mlops_serving_requests_total", "HTTP requests.", by_path, registry=r)
         self.errors = Counter(
-            "mlops_serving_errors_total", "Requests answered with a 4xx or 5xx status.", ["path", "status"], registry=r
+            "mlops_serving_errors_total", "Requests answered with a 4xx or 5xx status.", by_path, registry=r
         )
         self.latency = Histogram(
-            "mlops_serving_request_seconds", "Request latency.", ["path"], buckets=LATENCY_BUCKETS, registry=r
+            "mlops_serving_request_seconds",
+            "Request latency.",
+            ["model", "path"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
-        self.records = Counter("mlops_serving_predicted_records_total", "Records predicted.", registry=r)
+        self.records = Counter("mlops_serving_predicted_records_total", "Records predicted.", ["model"], registry=r)
         self.batch_rows = Histogram(
-            "mlops_serving_batch_rows", "Rows per model call (micro-batches).", buckets=BATCH_BUCKETS, registry=r
+            "mlops_serving_batch_rows",
+            "Rows per model call (micro-batches).",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.model_version = Gauge(
             "mlops_serving_model_version",
             "Registry version served (0 before a model is loaded); across processes the latest swap's.",
+            ["model"],
             registry=r,
             multiprocess_mode="livemostrecent",
         )
@@ -64,46 +84,72 @@ class ServingMetrics:
             "mlops_serving_inference_form",
             "How the served model runs (value 1 for the current form): onnx (compiled, parity checked), "
             "exact-arrays (fitted steps on arrays, bit-identical) or pipeline.",
-            ["form"],
+            ["model", "form"],
             registry=r,
             multiprocess_mode="liveall",
         )
-        self.reloads = Counter("mlops_serving_reloads_total", "Model loads by result.", ["result"], registry=r)
+        self.reloads = Counter("mlops_serving_reloads_total", "Model loads by result.", ["model", "result"], registry=r)
         self.prediction_log = Counter(
             "mlops_serving_prediction_log_rows_total",
             "Logged prediction rows: written to S3, failed (kept for a retry) or dropped (spool or buffer full).",
-            ["result"],
+            ["model", "result"],
             registry=r,
         )
         self.spool_bytes = Gauge(
             "mlops_serving_prediction_spool_bytes",
             "Bytes of answered predictions in the spool, not yet confirmed by S3 (summed over live processes).",
+            ["model"],
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.worker = Gauge(
+            "mlops_serving_worker_up",
+            "1 for each live serving process (one series per pid across processes).",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
 
     def served(self, name: str, version: str, form: str = "pipeline") -> None:
-        """Record a swap to `name` v`version`, run in inference `form`."""
-        if self.multiprocess_dir is None:
-            self.model_info.clear()
-        else:  # clear() would leave the old value in this process's file: zero it instead
-            for labels in self._served:
-                self.model_info.labels(*labels).set(0)
-        self._served = [(name, version)]
+        """Record a swap of model `name` to v`version`, run in inference `form`."""
+        self._unset_info(name)
+        self._served[name], self._forms[name] = version, form
         self.model_info.labels(name=name, version=version).set(1)
-        self.model_version.set(float(version) if version.isdigit() else 0)
+        self.model_version.labels(name).set(float(version) if version.isdigit() else 0)
         for known in INFERENCE_FORMS:
-            self.inference_form.labels(form=known).set(1 if known == form else 0)
+            self.inference_form.labels(model=name, form=known).set(1 if known == form else 0)
 
-    def not_served(self) -> None:
-        """Record that no model is served any more (the alias is gone)."""
-        if self.multiprocess_dir is None:
-            self.model_info.clear()
-        else:  # clear() would leave the old value in this process's file: zero it instead
-            for labels in self._served:
-                self.model_info.labels(*labels).set(0)
-        self._served = []
-        self.model_version.set(0)
+    def not_served(self, name: str) -> None:
+        """Record that model `name` is not served any more (its alias is gone)."""
+        self._unset_info(name)
+        self._served.pop(name, None)
+        self.model_version.labels(name).set(0)
+
+    def forget(self, name: str) -> None:
+        """Model `name` left the catalog: its served-model gauges say nothing is served (0)."""
+        self.not_served(name)
+        self.spool_bytes.labels(name).set(0)
+        for known in INFERENCE_FORMS:
+            self.inference_form.labels(model=name, form=known).set(0)
+        self._forms.pop(name, None)
+
+    def _unset_info(self, name: str) -> None:
+        """Zero the info series of what this process served of `name` (clear() would keep it in its file)."""
+        if name in self._served:
+            self.model_info.labels(name, self._served[name]).set(0)
+
+    def count(
+        self, model: str, path: str, status: int, seconds: float, children: dict[tuple[str, str, int], Any]
+    ) -> None:
+        """Count one answered request and time it (`children`: the caller's cache of labelled series)."""
+        key = (model, path, status)
+        cached = children.get(key)
+        if cached is None:
+            requests = self.requests.labels(model, path, str(status))
+            cached = children[key] = (requests, self.latency.labels(model, path))
+        cached[0].inc()
+        if status >= 400:
+            self.errors.labels(model, path, str(status)).inc()
+        cached[1].observe(seconds)
 
     def exposition(self) -> bytes:
         """The Prometheus text of this process, or of all worker processes in multiprocess mode."""
@@ -113,19 +159,34 @@ class ServingMetrics:
         MultiProcessCollector(registry, path=str(self.multiprocess_dir))
         return generate_latest(registry)
 
-    def served_by_process(self) -> dict[int, str]:
-        """The version each live worker process serves (pid -> version); this process only outside multiprocess."""
+    def served_by_process(self, name: str) -> dict[int, str]:
+        """The version of model `name` each live process serves (pid -> version); processes not serving it left out."""
+        return self.snapshot()[1].get(name, {})
+
+    def snapshot(self) -> tuple[set[int], dict[str, dict[int, str]]]:
+        """The live serving processes, and per model the version each of them serves (pid -> version).
+
+        Outside multiprocess mode: this process only. A process that died (its files not yet dropped) is
+        left out.
+        """
         if self.multiprocess_dir is None:
-            return {os.getpid(): self._served[0][1]} if self._served else {}
+            pid = os.getpid()
+            return {pid}, {name: {pid: version} for name, version in self._served.items()}
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.multiprocess_dir))
-        return {
-            int(sample.labels["pid"]): sample.labels["version"]
-            for family in registry.collect()
-            if family.name == "mlops_serving_model_info"
-            for sample in family.samples
-            if sample.value == 1
-        }
+        live: set[int] = set()
+        served: dict[str, dict[int, str]] = {}
+        for family in registry.collect():
+            if family.name == "mlops_serving_worker_up":
+                live.update(int(s.labels["pid"]) for s in family.samples if s.value == 1)
+            elif family.name == "mlops_serving_model_info":
+                for sample in family.samples:
+                    if sample.value == 1:
+                        served.setdefault(sample.labels["name"], {})[int(sample.labels["pid"])] = sample.labels[
+                            "version"
+                        ]
+        served = {name: {pid: v for pid, v in by_pid.items() if _alive(pid)} for name, by_pid in served.items()}
+        return {pid for pid in live if _alive(pid)} | {p for by_pid in served.values() for p in by_pid}, served
 
 
 def multiprocess_dir() -> Path | None:
@@ -156,15 +217,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class MetricsMiddleware:
-    """Pure ASGI middleware: counts every request by path and status and times it."""
+def route_of(path: str, default: str, served: Container[str]) -> tuple[str, str]:
+    """The (model, path) labels of a request path: paths of a model templated, unknown paths as `other`.
 
-    def __init__(self, app: Any, metrics: ServingMetrics) -> None:
+    `/predict`, `/invocations`, `/model` and `/ready` are the default model's; `/models/<name>[/predict|
+    /invocations]` is `<name>`'s when it is served, else `model=""` (a label per unknown name would let any
+    client grow the series without bound).
+    """
+    if path in DEFAULT_MODEL_PATHS:
+        return default, path
+    if path in KNOWN_PATHS:
+        return "", path
+    if path.startswith("/models/"):
+        name, _, rest = path[len("/models/") :].partition("/")
+        if (not rest or rest in MODEL_ACTIONS) and name:
+            return (name if name in served else ""), "/models/{name}" + (f"/{rest}" if rest else "")
+    return "", "other"
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: counts every request by model, path and status and times it.
+
+    Args:
+        app: The ASGI app it wraps.
+        metrics: Where it counts.
+        default: The default model's name (the label of /predict, /model, ...).
+        served: The names of the models served now (a live view, e.g. the runtime's dict of them).
+    """
+
+    def __init__(self, app: Any, metrics: ServingMetrics, default: str = "", served: Container[str] = ()) -> None:
         self.app = app
         self.metrics = metrics
-        # (path, status) -> the request counter's and latency histogram's children: `labels()` takes a
+        self.default = default
+        self.served = served
+        # (model, path, status) -> the request counter's and latency histogram's children: `labels()` takes a
         # lock and builds a key on each call, this is one dict lookup on the request path.
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         """Pass the request on, then count and time it."""
@@ -183,12 +271,5 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
-            children = self._children.get((path, status))
-            if children is None:
-                requests = self.metrics.requests.labels(path, str(status))
-                children = self._children[(path, status)] = (requests, self.metrics.latency.labels(path))
-            children[0].inc()
-            if status >= 400:
-                self.metrics.errors.labels(path, str(status)).inc()
-            children[1].observe(time.perf_counter() - started)
+            model, path = route_of(scope["path"], self.default, self.served)
+            self.metrics.count(model, path, status, time.perf_counter() - started, self._children)

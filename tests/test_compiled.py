@@ -456,6 +456,8 @@ def _served_is_compiled_and_exact(url: str, model: str, version: str) -> None:
     forms: dict[str, dict[str, float]] = {}  # pid -> form -> value, over every live worker process
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
         for sample in family.samples if family.name == "mlops_serving_inference_form" else []:
+            if sample.labels.get("model") != model:  # other served models' series are not this one's
+                continue
             forms.setdefault(sample.labels.get("pid", "-"), {})[sample.labels["form"]] = sample.value
     assert forms and all(f["onnx"] == 1.0 and f["pipeline"] == 0.0 for f in forms.values()), forms
 

@@ -220,7 +220,7 @@ def test_s3_down_for_30_seconds_fails_no_request_and_logs_every_prediction_once(
             next(
                 line.split()[-1]
                 for line in httpx.get(f"{url}/metrics").text.splitlines()
-                if line.startswith("mlops_serving_prediction_spool_bytes ")
+                if line.startswith(f'mlops_serving_prediction_spool_bytes{{model="{MODEL}"}} ')
             )
         )
         # when it comes back
@@ -235,8 +235,8 @@ def test_s3_down_for_30_seconds_fails_no_request_and_logs_every_prediction_once(
     assert all(raw[i] == 1 for i in load.answered), [i for i in load.answered if raw[i] != 1][:5]
     assert all(read[i] == 1 for i in load.answered)
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'mlops_serving_prediction_log_rows_total{result="failed"}' in metrics
-    assert 'mlops_serving_prediction_log_rows_total{result="dropped"}' not in metrics
+    assert f'mlops_serving_prediction_log_rows_total{{model="{MODEL}",result="failed"}}' in metrics
+    assert f'mlops_serving_prediction_log_rows_total{{model="{MODEL}",result="dropped"}}' not in metrics
 
 
 def test_stack_up_from_the_cli_restarts_serving_killed_a_moment_before(faults):

@@ -178,11 +178,11 @@ def test_health_ready_model_and_metrics(stack, versions, server):
     assert {c["name"] for c in model["inputs"]} >= {"age", "region"}
     text = httpx.get(f"{server}/metrics").text
     for name in (
-        'mlops_serving_requests_total{path="/predict",status="200"}',
+        f'mlops_serving_requests_total{{model="{MODEL}",path="/predict",status="200"}}',
         "mlops_serving_request_seconds_bucket",
         "mlops_serving_errors_total",
-        f"mlops_serving_model_version {float(model['version'])}",
-        'mlops_serving_reloads_total{result="success"}',
+        f'mlops_serving_model_version{{model="{MODEL}"}} {float(model["version"])}',
+        f'mlops_serving_reloads_total{{model="{MODEL}",result="success"}}',
         "mlops_serving_batch_rows_bucket",
     ):
         assert name in text, name
@@ -294,7 +294,7 @@ def test_broken_champion_keeps_the_old_model_serving_and_the_promotion_is_revert
     answer = httpx.post(f"{server}/predict", json=good, timeout=30)
     assert answer.status_code == 200 and answer.json()["model"]["version"] == old
     assert httpx.get(f"{server}/ready").status_code == 200
-    assert 'mlops_serving_reloads_total{result="failure"}' in httpx.get(f"{server}/metrics").text
+    assert f'mlops_serving_reloads_total{{model="{MODEL}",result="failure"}}' in httpx.get(f"{server}/metrics").text
     # and reverting the promotion (what the training flow does) puts the old champion back, tagged why
     revert_promotion(promotion, check.detail)
     assert _champion(stack) == old
@@ -320,7 +320,10 @@ def test_prediction_log_outage_never_fails_a_request(stack, default_data, versio
             assert answer.status_code == 200, answer.text
         # and the failed log writes are counted, with the rows kept for a later try
         wait_for(
-            lambda: 'mlops_serving_prediction_log_rows_total{result="failed"}' in httpx.get(f"{url}/metrics").text,
+            lambda: (
+                f'mlops_serving_prediction_log_rows_total{{model="{MODEL}",result="failed"}}'
+                in httpx.get(f"{url}/metrics").text
+            ),
             60,
             "a failed log write to be counted",
         )
@@ -329,7 +332,7 @@ def test_prediction_log_outage_never_fails_a_request(stack, default_data, versio
         dropped = next(
             float(line.split()[-1])
             for line in metrics.splitlines()
-            if line.startswith('mlops_serving_prediction_log_rows_total{result="dropped"}')
+            if line.startswith(f'mlops_serving_prediction_log_rows_total{{model="{MODEL}",result="dropped"}}')
         )
         assert 0 < dropped < 20, dropped
     log = "".join(p.read_text() for p in tmp_path_factory.getbasetemp().glob("no-s3*/serving.log"))
@@ -471,7 +474,7 @@ def test_when_the_champion_alias_is_gone_the_api_stops_presenting_its_model(stac
         assert answer.status_code == 503 and "not set in the registry" in answer.json()["detail"], answer.text
         assert httpx.get(f"{server}/model").status_code == 503
         assert httpx.get(f"{server}/health").json()["version"] is None
-        assert "mlops_serving_model_version 0.0" in httpx.get(f"{server}/metrics").text
+        assert f'mlops_serving_model_version{{model="{MODEL}"}} 0.0' in httpx.get(f"{server}/metrics").text
     finally:
         # and when the alias is back, it serves again
         client.set_registered_model_alias(MODEL, "champion", old)

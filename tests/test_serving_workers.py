@@ -330,9 +330,10 @@ def test_every_process_serves_and_says_which_it_is(stack, versions, server):
 @pytest.mark.slow
 def test_metrics_are_summed_across_processes(stack, default_data, server):
     # Given the request count before, and a known number of requests spread over both processes
-    counted = 'mlops_serving_requests_total{path="/predict",status="200"}'
-    timed = 'mlops_serving_request_seconds_count{path="/predict"}'  # a histogram's count, summed as well
-    records, rows = "mlops_serving_predicted_records_total", "mlops_serving_batch_rows_sum"
+    counted = f'mlops_serving_requests_total{{model="{MODEL}",path="/predict",status="200"}}'
+    timed = f'mlops_serving_request_seconds_count{{model="{MODEL}",path="/predict"}}'  # a histogram's count, summed
+    records = f'mlops_serving_predicted_records_total{{model="{MODEL}"}}'
+    rows = f'mlops_serving_batch_rows_sum{{model="{MODEL}"}}'
     before = {name: _counter(server, name) for name in (counted, timed, records, rows)}
     body = {"records": _records(_rows(stack, default_data, 2))}
     sent, pids = 40, set()
