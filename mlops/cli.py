@@ -11,11 +11,12 @@ from typing import Annotated
 import typer
 
 from adapters.settings import Settings, get_settings
-from core.dataset import TaskType
+from core.dataset import DatasetConfig, TaskType
 from mlops import stack
 from mlops.ci_cli import REJECT_EXIT, ModelGate, run_deployment_command
 from mlops.cli_common import connect, fail, os_user, setup_logging
 from mlops.demo_cli import demo_app
+from mlops.models_cli import deploy, models_app
 from mlops.stack import client_env
 
 app = typer.Typer(help="Safe, self-retraining tabular ML on Prefect, MLflow and S3.", no_args_is_help=True)
@@ -33,6 +34,8 @@ features_app = typer.Typer(
 app.add_typer(features_app, name="features")
 alerts_app = typer.Typer(help="Alerts sent by the Prefect automations `mlops deploy` creates.", no_args_is_help=True)
 app.add_typer(alerts_app, name="alerts")
+app.add_typer(models_app, name="models")
+app.command("deploy")(deploy)
 app.command("run-deployment")(run_deployment_command)  # CD: run a deployment and wait for its end
 
 
@@ -197,40 +200,6 @@ def data_init(
     typer.echo(f"next: check it, then `mlops train --config {out}`")
 
 
-@app.command("deploy")
-def deploy(
-    cron: Annotated[str, typer.Option(help="Training schedule (cron, server time zone).")] = "0 3 * * 1",
-    interval: Annotated[int | None, typer.Option(min=10, help="Instead of cron: run every N seconds.")] = None,
-    kubernetes: Annotated[
-        bool, typer.Option(help="Deploy to the Kubernetes work pool `mlops-kubernetes` (infra/k8s) instead.")
-    ] = False,
-) -> None:
-    """Register the deployments (training, ...) on the configured Prefect server; idempotent."""
-    setup_logging()
-    settings = get_settings()
-    os.environ.update(client_env(settings))
-    from adapters.clients import StackNotRunningError, check_stack
-
-    try:
-        check_stack(settings, services=("Prefect",))
-    except StackNotRunningError as exc:
-        raise fail(str(exc), code=2) from exc
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from deployments.deploy import KUBERNETES_POOL, WorkPoolMissingError, deploy_all
-
-    pool = KUBERNETES_POOL if kubernetes else settings.work_pool
-    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
-        try:
-            ids = deploy_all(training_cron=cron, training_interval=interval, work_pool=pool, kubernetes=kubernetes)
-        except WorkPoolMissingError as exc:
-            raise fail(str(exc), code=2) from exc
-    for name, deployment_id in ids.items():
-        typer.echo(f"deployed {name}: {settings.prefect_ui_url}/deployments/deployment/{deployment_id}")
-    served_by = "the Kubernetes worker of infra/k8s" if kubernetes else "the worker that `mlops stack up` starts"
-    typer.echo(f"work pool: {pool} (served by {served_by}; its flows come from the installed package)")
-
-
 @app.command("worker")
 def worker() -> None:
     """Run a Prefect process worker for the work pool in the foreground (Ctrl+C stops it)."""
@@ -295,18 +264,32 @@ def run_training(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         gate.failed("the stack is not reachable", str(exc))
         return 2
+    from prefect import tags
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from pydantic import ValidationError
 
+    from adapters.snapshots import DataLoadError, read_dataset_config
     from core.search import SearchSpec
     from flows.training import TrainingParams, training
+    from services.catalog import model_tag
 
     try:
-        search = SearchSpec(families=families, **({} if trials is None else {"trials_per_family": trials}))
+        config = read_dataset_config(dataset, settings)
+    except DataLoadError as exc:
+        raise fail(str(exc), code=2) from exc
+    # the config's own search and gates (its `operations`), then what the command line changes
+    chosen = {"families": families} if families else {}
+    chosen |= {} if trials is None else {"trials_per_family": trials}
+    try:
+        search = SearchSpec.model_validate(config.operations.search | chosen)
     except ValidationError as exc:  # an unknown --family
         raise fail(f"--family: {exc.errors()[0]['msg']}", code=2) from exc
-    params = TrainingParams(dataset=dataset, dry_run=dry_run, seed=seed, search=search, force=force)
-    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+    gates = {"gates": config.operations.gates} if config.operations.gates else {}
+    params = TrainingParams.model_validate(
+        {"dataset": dataset, "dry_run": dry_run, "seed": seed, "search": search, "force": force} | gates
+    )
+    # tagged with its model like a deployment's runs, so `mlops models list` shows this run too
+    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}), tags(model_tag(config.model_name)):
         state = training(params, return_state=True)
     if not state.is_completed():
         typer.secho(f"training {state.name}: {state.message}", fg=typer.colors.RED, err=True)
@@ -327,8 +310,19 @@ def run_training(
     typer.echo(f"MLflow UI:  {settings.mlflow_tracking_uri}/#/models")
     serving = get_settings().serving_url  # set by client_env for the local stack
     if serving:
-        typer.echo(f"Serving:    {serving}/model (POST {serving}/predict)")
+        typer.echo(f"Serving:    {_serving_line(serving, config, settings)}")
     return gate.judge(outcome, dataset, settings)
+
+
+def _serving_line(url: str, config: DatasetConfig, settings: Settings) -> str:
+    """Where the model is served, or why it is not (the serving API serves the catalog's served models)."""
+    from adapters.catalog import get_entry
+
+    if get_entry(settings, config.model_name) is None and config.model_name != settings.serving_model:
+        return f"not served: {config.model_name} is not in the catalog (`mlops models add` serves it at /models/...)"
+    if not config.operations.served:
+        return f"not served: {config.model_name}'s config says served: false"
+    return f"{url}/models/{config.model_name} (POST .../predict, .../invocations)"
 
 
 @app.command("train")
@@ -336,6 +330,9 @@ def train(
     config: Annotated[
         str, typer.Option("--config", help="Dataset config: bundled name, YAML path or s3:// URI.")
     ] = "credit-risk",
+    model: Annotated[
+        str | None, typer.Option("--model", help="A catalog model (`mlops models list`): train on its stored config.")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Evaluate only; never register or promote.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the search, folds and models.")] = 42,
     trials: Annotated[int | None, typer.Option(min=1, help="Trials per model family.")] = None,
@@ -365,7 +362,11 @@ def train(
 ) -> None:
     """Run the retraining flow now, against the configured stack (shows up on its Prefect server)."""
     setup_logging()
-    if not config.startswith("s3://") and Path(config).suffix in {".yaml", ".yml"}:
+    if model is not None:
+        from adapters.catalog import entry_uri
+
+        config = entry_uri(get_settings(), model)
+    elif not config.startswith("s3://") and Path(config).suffix in {".yaml", ".yml"}:
         config = str(Path(config).resolve())
     gate = ModelGate(summary.resolve() if summary else None, fail_on_reject)
     code = run_training(config, dry_run, seed, trials, get_settings(), family, gate, force)
@@ -471,21 +472,29 @@ def alerts_resend(
 
 
 @features_app.command("apply")
-def features_apply() -> None:
-    """Register the feature repository (entities, feature views, services) in the stack's registry."""
-    from adapters.feature_store import apply_repository, describe_store
+def features_apply(
+    repo: Annotated[
+        str, typer.Option(help="Feast repository folder (relative: to this directory, else to the checkout).")
+    ] = "examples/feature_repo",
+) -> None:
+    """Register a Feast repository's entities, feature views and services in the stack's registry."""
+    from adapters.feature_store import FeatureRepoError, apply_repository, describe_store, resolve_repository
 
     setup_logging()
     settings = get_settings()
-    names = apply_repository(settings)
+    try:
+        names = apply_repository(settings, resolve_repository(repo))
+    except FeatureRepoError as exc:
+        raise fail(str(exc)) from exc
     typer.echo(f"applied {', '.join(names)} to {describe_store(settings)['registry']}")
 
 
 @features_app.command("materialize")
 def features_materialize(
     end: Annotated[str | None, typer.Option(help="Load values up to this UTC time (ISO 8601); default now.")] = None,
+    repo: Annotated[str | None, typer.Option(help="Apply this Feast repository folder first.")] = None,
 ) -> None:
-    """Run the `features` flow: apply, then load the newest feature values into the online store."""
+    """Run the `features` flow: load the registered views' newest values online (`--repo`: apply it first)."""
     from datetime import UTC, datetime
 
     setup_logging()
@@ -496,7 +505,7 @@ def features_materialize(
     connect(get_settings())  # before Prefect is imported: it reads PREFECT_API_URL once
     from flows.features import MaterializeParams, materialize
 
-    done = materialize(MaterializeParams(end=until))
+    done = materialize(MaterializeParams(end=until, repo=repo))
     typer.echo(done.summary())
 
 

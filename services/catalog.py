@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -107,28 +106,17 @@ def _check_readable(model: str, field: str, source: str, fmt: str, settings: Set
         raise CatalogError(f"model {model!r}: {field} {source!r} cannot be read: {exc}") from exc
 
 
-def feature_repo_path(config: DatasetConfig, origin: str) -> Path | None:
-    """The config's Feast repository folder: relative to a local config file's folder, else to the current one."""
-    if not config.feature_repo:
-        return None
-    path = Path(config.feature_repo).expanduser()
-    if not path.is_absolute() and Path(origin).is_file():
-        beside = Path(origin).parent / path
-        path = beside if beside.exists() else path
-    return path.resolve()
-
-
 def _apply_feature_repo(config: DatasetConfig, origin: str, settings: Settings) -> None:
-    from adapters.feature_store import apply_repository, has_service
+    from adapters.feature_store import FeatureRepoError, apply_repository, has_service, resolve_repository
 
-    repo = feature_repo_path(config, origin)
-    model = config.model_name
-    if repo is not None:
-        if not repo.is_dir():
-            raise CatalogError(f"model {model!r}: feature_repo {config.feature_repo!r} is not a folder ({repo})")
+    model, repo = config.model_name, None
+    if config.feature_repo:
         try:
+            repo = resolve_repository(config.feature_repo, origin)
             apply_repository(settings, repo)
-        except Exception as exc:  # Feast's own errors: the repository's code or objects
+        except FeatureRepoError as exc:
+            raise CatalogError(f"model {model!r}: feature_repo: {exc}") from exc
+        except Exception as exc:  # Feast's own errors about the repository's objects
             raise CatalogError(f"model {model!r}: feature_repo {repo} did not apply: {exc}") from exc
     if config.feature_service and not has_service(settings, config.feature_service):
         where = f"in feature_repo {repo}" if repo else "in the feature store's registry (no feature_repo given)"

@@ -1,14 +1,25 @@
-"""Prefect tasks of the feature store: apply the repository, materialize, join training rows point-in-time."""
+"""Prefect tasks of the feature store: apply a repository, materialize, join training rows point-in-time.
+
+Joining and materializing read the definitions from the registry by feature service name only: a worker
+needs no repository code. Applying parses a repository folder (where one is given, e.g. a local run).
+"""
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime
+from pathlib import Path
 
 import pandas as pd
 from prefect import task
 
-from adapters.feature_store import Materialized, apply_repository, historical_features, materialize
+from adapters.feature_store import (
+    Materialized,
+    apply_repository,
+    historical_features,
+    materialize,
+    resolve_repository,
+)
 from adapters.settings import get_settings
 from adapters.snapshots import read_snapshot
 from core.dataset import DatasetConfig
@@ -20,10 +31,19 @@ log = logging.getLogger(__name__)
 
 
 @task(name="features-apply", **IO)
-def apply_features() -> list[str]:
-    """Prefect task: register the feature repository (entities, views, services) in the registry."""
-    names = apply_repository(get_settings())
-    log.info("feature repository applied: %s", ", ".join(names))
+def apply_features(repo: str | None = None) -> list[str]:
+    """Prefect task: register a Feast repository folder's entities, views and services in the registry.
+
+    Args:
+        repo: The repository folder (`adapters.feature_store.resolve_repository` rules); default the bundled
+            example repository.
+
+    Returns:
+        Names of the applied objects.
+    """
+    folder = resolve_repository(repo) if repo else None
+    names = apply_repository(get_settings(), Path(folder) if folder else None)
+    log.info("feature repository %s applied: %s", folder or "(bundled example)", ", ".join(names))
     return names
 
 
@@ -58,7 +78,8 @@ def join_features(frame: pd.DataFrame, config: DatasetConfig) -> tuple[pd.DataFr
     if service is None:
         raise ValueError(f"dataset {config.name!r} names no feature service")
     rows = entity_rows(frame, config)
-    joined = historical_features(get_settings(), rows, service)
+    # The service, its views and entity from the registry (by name); the id column stands for the join key.
+    joined = historical_features(get_settings(), rows, service, id_column=config.id_column)
     store_columns = config.store_features
     keys = [config.id_column, ENTITY_TIMESTAMP]
     completed, rows_out, dropped = complete_join(rows, joined, keys, store_columns)

@@ -15,7 +15,7 @@ import pandas as pd
 from prefect import task
 
 from adapters.clients import mlflow_client, use_tracking_server
-from adapters.feature_store import history_uri
+from adapters.feature_store import service_sources
 from adapters.registry import champion_version, run_holdout_metrics
 from adapters.settings import get_settings
 from adapters.snapshot_listing import snapshot_listing
@@ -109,8 +109,9 @@ def fingerprint_run(config: DatasetConfig, params: dict[str, Any]) -> Fingerprin
         # Features joined from the store are training data too: a rewritten history table is new data even when
         # the snapshot's files are the same (its listing counts under a name no snapshot file can have).
         listing += [
-            (f"feature-store:{config.feature_service}:{name}", stamp, size)
-            for name, stamp, size in snapshot_listing(history_uri(settings), "parquet", settings)
+            (f"feature-store:{config.feature_service}:{source}{name}", stamp, size)
+            for source in service_sources(settings, config.feature_service)  # its views' tables, per the registry
+            for name, stamp, size in snapshot_listing(source, "parquet", settings)
         ]
     fingerprint = Fingerprint(
         data=listing_version(listing),

@@ -1,14 +1,17 @@
 """Feature store units: history aggregates, the point-in-time join against an independent pandas reference,
-the planted future event, the TTL trap counted, and the dataset config's feature-service fields.
+the planted future event, the TTL trap counted, the dataset config's feature-service fields, and parsing
+Feast repositories (the bundled example, and folders that cannot be applied).
 
-Feast runs for real here (a library, no server): a local Parquet offline source, a local registry file and
-a SQLite online store in a temp folder. The stack-backed path (S3, serving) is in tests/test_features.py.
+Feast runs for real here (a library, no server): the example repository (`examples/feature_repo`) parsed
+by Feast's own repo parsing, its source pointed at a local Parquet file, a local registry file and a SQLite
+online store in a temp folder. The stack-backed path (S3, serving) is in tests/test_features.py.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -22,16 +25,35 @@ from core.feature_history import (
     join_report,
     with_join,
 )
-from core.feature_repo import ENTITY_KEY, HISTORY_TTL, definitions
+from core.feature_repo import (
+    ENTITY_KEY,
+    EXAMPLE_REPO,
+    HISTORY_SERVICE,
+    HISTORY_TABLE,
+    HISTORY_TTL,
+    HISTORY_VIEW,
+)
 from core.synthetic import generate_frame, generate_history
 from core.validation import ValidationReport
 
 KEYS = [ENTITY_KEY, ENTITY_TIMESTAMP]
 SERVICE = "credit_risk_history"
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def _ts(text: str) -> pd.Timestamp:
     return pd.Timestamp(text, tz="UTC")
+
+
+def _example_objects(source_path: str) -> list:
+    """The example repository's objects as Feast parses them, its history source read from `source_path`."""
+    from adapters.feature_store import _objects, parse_repository
+
+    contents = parse_repository(CHECKOUT / EXAMPLE_REPO)
+    [source] = contents.data_sources
+    source.file_options.uri = source_path  # the view holds the same source object
+    source.file_options.s3_endpoint_override = ""
+    return _objects(contents)
 
 
 def _local_store(tmp_path, table: pd.DataFrame):
@@ -48,7 +70,7 @@ def _local_store(tmp_path, table: pd.DataFrame):
         entity_key_serialization_version=3,
     )
     store = FeatureStore(config=config)
-    store.apply(definitions(str(path), None))
+    store.apply(_example_objects(str(path)))
     return store
 
 
@@ -223,9 +245,124 @@ def test_an_sql_registry_from_settings_holds_the_repository(tmp_path, monkeypatc
         entity_key_serialization_version=3,
     )
     # when the repository is applied to it
-    FeatureStore(config=config).apply(definitions(str(tmp_path / "history.parquet"), None))
+    FeatureStore(config=config).apply(_example_objects(str(tmp_path / "history.parquet")))
     # then a second store reading the same database sees every object
     again = FeatureStore(config=config)
     assert [s.name for s in again.list_feature_services()] == [SERVICE]
     assert [v.name for v in again.list_feature_views()] == ["applicant_history"]
     assert (tmp_path / "registry.sqlite").stat().st_size > 0
+
+
+def test_the_example_repository_parses_into_what_the_rest_of_the_code_names(monkeypatch):
+    from feast import Entity, FeatureService, FeatureView, FileSource
+
+    from adapters.feature_store import parse_repository
+
+    # Given the bundled example repository, parsed by Feast's own repo parsing with a bucket from the environment
+    monkeypatch.setenv("MLOPS_BUCKET", "unit-bucket")
+    monkeypatch.setenv("FEAST_S3_ENDPOINT_URL", "http://127.0.0.1:1")
+    contents = parse_repository(CHECKOUT / EXAMPLE_REPO, "mlops")
+    entities = [e for e in contents.entities if e.name != "__dummy"]
+    # then it holds one entity, source, view and service, named as the constants other code reads
+    assert [type(o) for o in (*entities, *contents.data_sources)] == [Entity, FileSource]
+    [entity], [source], [view], [service] = (
+        entities,
+        contents.data_sources,
+        contents.feature_views,
+        contents.feature_services,
+    )
+    assert isinstance(view, FeatureView) and isinstance(service, FeatureService)
+    assert entity.join_key == ENTITY_KEY and view.name == HISTORY_VIEW and service.name == HISTORY_SERVICE
+    assert view.ttl == HISTORY_TTL and [f.name for f in view.features] == HISTORY_FEATURES
+    # and the source reads the table where the generator writes it, on the endpoint Feast was given
+    assert source.path == f"s3://unit-bucket/{HISTORY_TABLE}"
+    assert source.s3_endpoint_override == "http://127.0.0.1:1" and source.timestamp_field == ENTITY_TIMESTAMP
+    # and parsing left nothing behind: the working directory and the imported modules are as before
+    assert Path.cwd() != CHECKOUT / EXAMPLE_REPO
+    import sys
+
+    assert "applicant_history" not in sys.modules
+
+
+@pytest.fixture
+def unit_settings(tmp_path, monkeypatch):
+    """Settings of a stack that is never started; the variables `apply_repository` exports are restored after."""
+    from adapters.settings import Settings
+
+    for name in (
+        "FEAST_S3_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "MLOPS_BUCKET",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLOPS_STATE_DIR", str(tmp_path / "state"))
+    return Settings()
+
+
+def test_a_repository_with_a_python_error_is_refused_naming_the_file_and_line(tmp_path, unit_settings):
+    from adapters.feature_store import FeatureRepoError, apply_repository
+
+    # Given a repository whose second file fails on import (a name error on line 4), next to a good file
+    repo = tmp_path / "my_repo"
+    (repo / "views").mkdir(parents=True)
+    (repo / "entities.py").write_text(
+        "from feast import Entity\n\ncustomer = Entity(name='customer', join_keys=['cid'])\n"
+    )
+    (repo / "views" / "broken.py").write_text("from feast import Field\n\n\nview = FeatureVeiw(name='x')\n")
+    # when it is applied, then the error names the folder, the file, the line and Python's message
+    with pytest.raises(FeatureRepoError) as raised:
+        apply_repository(unit_settings, repo)
+    message = str(raised.value)
+    assert message.startswith(f"feature repository {repo}: ")
+    assert "views/broken.py, line 4: NameError" in message and "FeatureVeiw" in message
+    # and a syntax error is named the same way
+    (repo / "views" / "broken.py").write_text("from feast import Field\nview = (\n")
+    with pytest.raises(FeatureRepoError, match=r"views/broken\.py, line \d+: SyntaxError"):
+        apply_repository(unit_settings, repo)
+
+
+def test_a_repository_without_definitions_or_without_a_folder_is_refused_naming_it(tmp_path, unit_settings):
+    from adapters.feature_store import FeatureRepoError, apply_repository
+
+    # Given a folder whose Python files define no Feast object
+    repo = tmp_path / "empty_repo"
+    repo.mkdir()
+    (repo / "helpers.py").write_text("THRESHOLD = 3\n")
+    (repo / "feature_store.yaml").write_text("project: mine\n")
+    with pytest.raises(FeatureRepoError) as raised:
+        apply_repository(unit_settings, repo)
+    assert str(raised.value) == (
+        f"feature repository {repo}: no Feast definitions (entities, data sources, feature views, feature services "
+        "at module level) in helpers.py"
+    )
+    # and a folder without any Python file, and no folder at all
+    (repo / "helpers.py").unlink()
+    with pytest.raises(FeatureRepoError, match=rf"^feature repository {re.escape(str(repo))}: no Python files"):
+        apply_repository(unit_settings, repo)
+    with pytest.raises(FeatureRepoError, match=rf"^feature repository {re.escape(str(tmp_path / 'nope'))}: no such"):
+        apply_repository(unit_settings, tmp_path / "nope")
+
+
+def test_a_relative_feature_repo_resolves_against_the_config_folder_then_the_checkout(tmp_path, monkeypatch):
+    from adapters.feature_store import FeatureRepoError, resolve_repository
+
+    # Given a local config file next to its repository, and a current directory elsewhere
+    (tmp_path / "configs" / "repo").mkdir(parents=True)
+    config = tmp_path / "configs" / "model.yaml"
+    config.write_text("name: x\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # then a local config's relative repository is found next to it; an absolute one is taken as it is
+    assert resolve_repository("repo", str(config)) == (tmp_path / "configs" / "repo").resolve()
+    assert resolve_repository(str(tmp_path / "configs" / "repo")) == (tmp_path / "configs" / "repo").resolve()
+    # and a bundled config's (no file) is found from any directory: the current one, else the checkout
+    assert resolve_repository(EXAMPLE_REPO, "credit-risk-history") == (CHECKOUT / EXAMPLE_REPO).resolve()
+    # and a missing one is an error naming every place looked at
+    with pytest.raises(FeatureRepoError) as raised:
+        resolve_repository("missing", str(config))
+    assert str(tmp_path / "configs" / "missing") in str(raised.value)
+    assert str(CHECKOUT / "missing") in str(raised.value)
