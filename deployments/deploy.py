@@ -94,8 +94,11 @@ def _scheduled(cron: str | None, interval: int | None, ops: Operations) -> dict[
     return {"cron": cron} if cron is not None else {"on_demand": True}
 
 
-def model_deployments(entry: CatalogEntry) -> list[FlowDeployment]:
-    """A catalog model's deployments, from its config's `operations` section; each reads the config from the catalog."""
+def model_deployments(entry: CatalogEntry, name_suffix: str = "") -> list[FlowDeployment]:
+    """A catalog model's deployments, from its config's `operations` section; each reads the config from the catalog.
+
+    With `name_suffix` (a second set of deployments), monitoring's drift retrains the suffixed training deployment.
+    """
     model, ops = entry.name, entry.config.operations
     training = {"dataset": entry.uri, "reason": "scheduled"}
     training |= {key: value for key, value in (("search", ops.search), ("gates", ops.gates)) if value}
@@ -103,7 +106,7 @@ def model_deployments(entry: CatalogEntry) -> list[FlowDeployment]:
         "dataset": entry.uri,
         "prediction_log_days": ops.prediction_log_days,
         "partition": ops.monitoring_partition,
-        "training_deployment": f"training/{model}",
+        "training_deployment": f"training/{model}{name_suffix}",
     }
     specs = [
         FlowDeployment(
@@ -165,9 +168,9 @@ def shared_deployments() -> list[FlowDeployment]:
     ]
 
 
-def deployments(entries: Sequence[CatalogEntry]) -> list[FlowDeployment]:
+def deployments(entries: Sequence[CatalogEntry], name_suffix: str = "") -> list[FlowDeployment]:
     """Every deployment of these catalog models, and the shared ones."""
-    return [spec for entry in entries for spec in model_deployments(entry)] + shared_deployments()
+    return [spec for entry in entries for spec in model_deployments(entry, name_suffix)] + shared_deployments()
 
 
 class WorkPoolMissingError(RuntimeError):
@@ -235,7 +238,7 @@ def deploy_all(
     entries = list_entries(settings) if entries is None else list(entries)
     ensure_work_pool(work_pool, kubernetes=kubernetes)
     ids = {}
-    for spec in deployments(entries):
+    for spec in deployments(entries, name_suffix):
         ids[spec.full_name] = str(_deploy(spec, work_pool, name_suffix))
     _drop_stored_paths(ids.values())
     if prune:

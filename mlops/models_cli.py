@@ -54,7 +54,8 @@ def models_add(
     ops = entry.config.operations
     kept = len(versions(settings, entry.name))
     typer.echo(f"added {entry.name}: {entry.uri}" + (f" ({kept} earlier version(s) kept)" if kept else ""))
-    schedule = ops.training_cron or (f"every {ops.training_interval_seconds}s" if ops.training_interval_seconds else "")
+    every = f"every {ops.training_interval_seconds} s" if ops.training_interval_seconds else None
+    schedule = every or ops.training_cron
     typer.echo(f"  training: {schedule or 'on demand'}; served: {'yes' if ops.served else 'no'}")
     typer.echo("next: `mlops deploy` creates its deployments (training/, monitoring/, scoring/, rollback/)")
 

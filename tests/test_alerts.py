@@ -29,6 +29,7 @@ from adapters.alerts import (
     DRIFT_EVENT,
     RUN_FAILED_AUTOMATION,
     WEBHOOK_BLOCK,
+    drift_automation_name,
     model_resource_id,
     undelivered_alerts,
 )
@@ -43,6 +44,9 @@ SEED = 5
 MONTHS = 3
 ROWS = 1000
 SEARCH = {"trials_per_family": 1, "cv_folds": 2}
+# The model's training deployment promotes nothing: no holdout is this large. So the drift-triggered run trains
+# and evaluates (and registers a rejected candidate) but leaves the champion to the promotion test.
+GATES = {"min_holdout_rows": 10**9}
 DELIVERY_TIMEOUT = 60
 # After the first copy of an alert arrived, how long a second copy is waited for (none may come).
 DUPLICATE_WINDOW = 5
@@ -171,64 +175,76 @@ def receiver(stack) -> Iterator[Receiver]:
         print("\nalert delivery times:", ", ".join(f"{what} {seconds:.2f} s" for what, seconds in DELAYS))
 
 
-def _config(stack, name: str, **changes: object) -> str:
+def _raw(stack, name: str, **changes: object) -> dict:
     import yaml
 
     from core.dataset import bundled_config_text
 
-    raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": name, "model_name": name} | changes
+    raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": name, "model_name": name}
+    return raw | {"source": f"s3://{stack.bucket}/datasets/{MODEL}/"} | changes
+
+
+def _config(stack, name: str, **changes: object) -> str:
+    import yaml
+
     location = S3Location(stack.bucket, f"configs/{name}.yaml")
-    return put_bytes(stack, location, yaml.safe_dump(raw).encode(), "application/yaml")
+    return put_bytes(stack, location, yaml.safe_dump(_raw(stack, name, **changes)).encode(), "application/yaml")
+
+
+def _deploy(stack) -> dict[str, str]:
+    """The model's deployments (`training/alerts-test`, ...) and the automations; flow name -> id."""
+    from tests.catalog import deploy_model
+
+    return deploy_model(stack, _raw(stack, MODEL), search=SEARCH, gates=GATES)
 
 
 @pytest.fixture(scope="module")
 def dataset(stack) -> str:
-    """A small dataset of its own (config in S3, read by the worker)."""
+    """A small dataset of its own; its config is the model's catalog entry (in S3, read by the worker)."""
     from mlops.datagen import write_months
+    from tests.catalog import put_model
 
-    source = f"s3://{stack.bucket}/datasets/{MODEL}/"
-    write_months(stack, source, MONTHS, ROWS, seed=SEED)
-    return _config(stack, MODEL, source=source)
+    write_months(stack, _raw(stack, MODEL)["source"], MONTHS, ROWS, seed=SEED)
+    return put_model(stack, _raw(stack, MODEL), search=SEARCH, gates=GATES).uri
 
 
 @pytest.fixture(scope="module")
 def failing_dataset(stack, dataset) -> str:
     """The same data, with a row count no snapshot reaches: the run fails at validation."""
-    return _config(stack, f"{MODEL}-too-few-rows", source=f"s3://{stack.bucket}/datasets/{MODEL}/", min_rows=10**9)
+    return _config(stack, f"{MODEL}-too-few-rows", min_rows=10**9)
 
 
 def _training_defaults(dataset: str) -> dict:
-    # dry_run: the drift-triggered run trains and evaluates but registers and promotes nothing
-    return {"params": {"dataset": dataset, "search": SEARCH, "dry_run": True}}
+    """The model's training deployment's defaults: its catalog entry, and its config's search and gates."""
+    return {"params": {"dataset": dataset, "reason": "scheduled", "search": SEARCH, "gates": GATES}}
 
 
 @pytest.fixture(scope="module")
 def alerts(stack, receiver, dataset) -> Iterator[dict[str, str]]:
     """The deployments and automations, notifying the receiver; without the webhook afterwards."""
-    from deployments.deploy import deploy_all
-
     os.environ["MLOPS_ALERT_WEBHOOK_URL"] = receiver.url
     try:
-        yield deploy_all(work_pool=stack.work_pool, training_parameters=_training_defaults(dataset))
+        yield _deploy(stack)
     finally:
         del os.environ["MLOPS_ALERT_WEBHOOK_URL"]
         # other modules' runs notify nobody: the alert-only automations and the block go away
-        deploy_all(work_pool=stack.work_pool)
+        _deploy(stack)
 
 
 def test_failed_training_run_is_alerted_once_with_its_link_and_error(stack, alerts, receiver, failing_dataset):
     from prefect.deployments import run_deployment
 
-    # Given a training run on the worker whose data fails validation
+    # Given a run of the model's training deployment on the worker whose data fails validation
     run = run_deployment(
-        "training/training", parameters={"params": {"dataset": failing_dataset, "search": SEARCH}}, timeout=0
+        f"training/{MODEL}", parameters={"params": {"dataset": failing_dataset, "search": SEARCH}}, timeout=0
     )
     [finished] = wait_for_runs([run.id], timeout=300)
     assert finished.state.type.value == "FAILED", finished.state.message
-    # then the endpoint gets one alert naming the run, its state, its error and its link
+    # then the endpoint gets one alert naming the model (by the run's deployment), the run, its state, its error
+    # and its link
     link = f"{stack.prefect_ui_url}/runs/flow-run/{finished.id}"
     arrived, text = receiver.one(link)
-    assert text.startswith(f"[mlops] training run {finished.name} Failed\n"), text
+    assert text.startswith(f"[mlops] training of {MODEL} run {finished.name} Failed\n"), text
     assert "error: " in text and "data validation failed" in text and finished.state.message in text, text
     _delay("failed run", finished.state.timestamp, arrived, text)
 
@@ -239,8 +255,9 @@ def test_drift_event_starts_one_training_run_and_is_alerted_once(stack, alerts, 
     since = datetime.now(UTC) - timedelta(seconds=5)
     reason = f"drift: 3 of 13 features drifted (alerts test {time.time():.0f})"
     # Given drift found twice in a row, as monitoring reports it
-    first = start_retraining(MODEL, dataset, reason, 60, "training/training", summary="3 of 13 features drifted")
-    second = start_retraining(MODEL, dataset, reason + " again", 60, "training/training", summary="still drifted")
+    deployment = f"training/{MODEL}"
+    first = start_retraining(MODEL, dataset, reason, 60, deployment, summary="3 of 13 features drifted")
+    second = start_retraining(MODEL, dataset, reason + " again", 60, deployment, summary="still drifted")
     # then the first emits the event and the automation starts one run; the second is held by the cooldown
     assert first.status == "triggered", first.detail
     assert second.status == "cooldown" and second.flow_run_id == first.flow_run_id, second.detail
@@ -250,7 +267,7 @@ def test_drift_event_starts_one_training_run_and_is_alerted_once(stack, alerts, 
         tagged = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[DRIFT_TAG, model_tag(MODEL)]))
         )
-        [automation] = client.read_automations_by_name(DRIFT_AUTOMATION)
+        [automation] = client.read_automations_by_name(drift_automation_name(MODEL))
     assert [str(r.id) for r in tagged] == [first.flow_run_id]
     assert tagged[0].created_by.type == "AUTOMATION" and tagged[0].created_by.id == automation.id
     # and one event is visible under Events, and one alert with the reason and the deployment's link arrives
@@ -259,6 +276,7 @@ def test_drift_event_starts_one_training_run_and_is_alerted_once(stack, alerts, 
     arrived, text = receiver.one(f"drift on {MODEL}")
     assert f"reason: {reason}\n" in text and "3 of 13 features drifted" in text, text
     assert f"{stack.prefect_ui_url}/deployments/deployment/{alerts['training']}" in text, text
+    assert f"retraining: deployment {deployment}, dataset {dataset}: " in text, text
     assert "still drifted" not in text and not receiver.matching("still drifted")
     _delay("drift", event.occurred, arrived, text)
     # and the automation started that one run and no other
@@ -377,12 +395,12 @@ def test_alert_missed_while_the_endpoint_is_down_is_not_retried_by_prefect_but_f
     wait_for(lambda: not missed(), 30, "the redelivery to be recorded", interval=1)
 
 
-def test_deploy_is_idempotent_and_updates_in_place(stack, alerts, receiver, dataset, caplog):
+def test_deploy_is_idempotent_and_updates_in_place(stack, alerts, receiver, caplog):
     from adapters.settings import Settings
     from deployments.automations import deploy_automations
-    from deployments.deploy import deploy_all
 
-    names = (RUN_FAILED_AUTOMATION, DRIFT_AUTOMATION, CHAMPION_AUTOMATION)
+    drift = drift_automation_name(MODEL)
+    names = (RUN_FAILED_AUTOMATION, drift, CHAMPION_AUTOMATION)
 
     def state() -> dict[str, tuple[str, str, bool]]:
         """Each automation by name (exactly one each): id, last update, enabled; and the block's."""
@@ -402,15 +420,18 @@ def test_deploy_is_idempotent_and_updates_in_place(stack, alerts, receiver, data
     before = state()
     assert set(before) == {*names, WEBHOOK_BLOCK} and all(enabled for _, _, enabled in before.values())
     # a second deploy changes nothing: same ids, nothing updated
-    again = deploy_all(work_pool=stack.work_pool, training_parameters=_training_defaults(dataset))
+    again = _deploy(stack)
     assert again == alerts and state() == before
+    # and the legacy single drift automation is gone
+    with _client() as client:
+        assert client.read_automations_by_name(DRIFT_AUTOMATION) == []
     # another webhook URL updates the block in place; the automations are untouched
-    training_id = alerts["training"]
     from uuid import UUID
 
+    training = {MODEL: UUID(alerts["training"])}
     moved = Settings(alert_webhook_url=receiver.url + "&moved=1")
     with caplog.at_level(logging.DEBUG):
-        deploy_automations(UUID(training_id), moved)
+        deploy_automations(training, moved)
     assert "webhook block 'mlops-alerts' updated" in caplog.text and "test-webhook-token" not in caplog.text
     after = state()
     assert after[WEBHOOK_BLOCK][0] == before[WEBHOOK_BLOCK][0] and after[WEBHOOK_BLOCK][1] != before[WEBHOOK_BLOCK][1]
@@ -424,13 +445,13 @@ def test_deploy_is_idempotent_and_updates_in_place(stack, alerts, receiver, data
         document = client.read_block_document_by_name(WEBHOOK_BLOCK, "custom-webhook", include_secrets=False)
     assert "test-webhook-token" not in json.dumps(document.model_dump(mode="json"))
     # without a webhook: the alert-only automations and the block go, the drift automation only retrains
-    deploy_automations(UUID(training_id), Settings(alert_webhook_url=None))
+    deploy_automations(training, Settings(alert_webhook_url=None))
     bare = state()
-    assert set(bare) == {DRIFT_AUTOMATION} and bare[DRIFT_AUTOMATION][0] == before[DRIFT_AUTOMATION][0]
+    assert set(bare) == {drift} and bare[drift][0] == before[drift][0]
     with _client() as client:
-        [drift] = client.read_automations_by_name(DRIFT_AUTOMATION)
-    assert [a.type for a in drift.actions] == ["run-deployment"]
+        [automation] = client.read_automations_by_name(drift)
+    assert [a.type for a in automation.actions] == ["run-deployment"]
     # and the webhook back: all of them again, the drift automation updated in place
-    deploy_automations(UUID(training_id), Settings(alert_webhook_url=receiver.url))
+    deploy_automations(training, Settings(alert_webhook_url=receiver.url))
     restored = state()
-    assert set(restored) == set(before) and restored[DRIFT_AUTOMATION][0] == before[DRIFT_AUTOMATION][0]
+    assert set(restored) == set(before) and restored[drift][0] == before[drift][0]

@@ -20,31 +20,38 @@ SCHEDULE_LEAD = 45
 MODEL = "deployed-credit-risk"
 
 
-@pytest.fixture(scope="module")
-def deployed_dataset(stack, default_data) -> str:
-    """A dataset config in S3 (read by the worker's runs) for a model of its own, apart from other tests."""
+SEARCH = {"trials_per_family": 2}
+
+
+def _raw(model: str) -> dict:
+    """The bundled credit-risk config under a model of its own."""
     import yaml
 
-    from adapters.clients import S3Location, put_bytes
     from core.dataset import bundled_config_text
 
-    raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL}
-    location = S3Location(stack.bucket, f"configs/{MODEL}.yaml")
-    return put_bytes(stack, location, yaml.safe_dump(raw).encode(), "application/yaml")
+    return yaml.safe_load(bundled_config_text("credit-risk")) | {"name": model, "model_name": model}
+
+
+@pytest.fixture(scope="module")
+def deployed_dataset(stack, default_data) -> str:
+    """The model's catalog entry (its config in S3, read by the worker's runs), apart from other tests' models."""
+    from tests.catalog import put_model
+
+    return put_model(stack, _raw(MODEL), search=SEARCH).uri
 
 
 def _parameters(dataset: str, **changes) -> dict:
-    return {"params": {"dataset": dataset, "search": {"trials_per_family": 2}} | changes}
+    return {"params": {"dataset": dataset, "search": SEARCH} | changes}
 
 
 @pytest.fixture(scope="module")
 def deployed(stack, deployed_dataset):
-    from deployments.deploy import deploy_all
+    from tests.catalog import deploy_model
 
-    ids = deploy_all(work_pool=stack.work_pool, training_parameters=_parameters(deployed_dataset))
+    ids = deploy_model(stack, _raw(MODEL), search=SEARCH)
     yield ids
     # back to the weekly schedule, which also drops the short schedule's future runs
-    deploy_all(work_pool=stack.work_pool, training_parameters=_parameters(deployed_dataset))
+    deploy_model(stack, _raw(MODEL), search=SEARCH)
 
 
 def _client():
@@ -53,9 +60,12 @@ def _client():
     return get_client(sync_client=True)
 
 
-def test_parameters_form_has_titles_descriptions_defaults_and_enums(deployed):
+def test_parameters_form_has_titles_descriptions_defaults_and_enums(deployed, deployed_dataset):
     with _client() as client:
         deployment = client.read_deployment(deployed["training"])
+    assert deployment.name == MODEL
+    # the model's defaults: its catalog entry and the search of its config's operations section
+    assert deployment.parameters == {"params": {"dataset": deployed_dataset, "reason": "scheduled", "search": SEARCH}}
     schema = deployment.parameter_openapi_schema
     params = schema["definitions"]["TrainingParams"]["properties"]
     assert params["dataset"]["default"] == "credit-risk" and params["dataset"]["description"]
@@ -79,25 +89,26 @@ def test_parameters_form_has_titles_descriptions_defaults_and_enums(deployed):
     assert "test-secret-key-do-not-log" not in deployment.model_dump_json()
 
 
-def test_redeploy_is_idempotent(stack, deployed, deployed_dataset):
-    from deployments.deploy import deploy_all
+def test_redeploy_is_idempotent(stack, deployed):
+    from tests.catalog import deploy_model
 
-    again = deploy_all(work_pool=stack.work_pool, training_parameters=_parameters(deployed_dataset))
+    again = deploy_model(stack, _raw(MODEL), search=SEARCH)
     assert again == deployed
     with _client() as client:
-        names = [d.name for d in client.read_deployments() if d.name == "training"]
-    assert names == ["training"]
+        flows = {f.id: f.name for f in client.read_flows()}
+        names = [f"{flows[d.flow_id]}/{d.name}" for d in client.read_deployments() if d.name == MODEL]
+    # one deployment of each of the model's flows (scoring too: the bundled config names a scoring source)
+    assert sorted(names) == [f"{flow}/{MODEL}" for flow in ("monitoring", "rollback", "scoring", "training")]
 
 
 def _model_versions(stack) -> list:
     return mlflow_client(stack).search_model_versions(f"name='{MODEL}'")
 
 
-def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed, deployed_dataset):
-
+def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    from deployments.deploy import deploy_all
+    from tests.catalog import deploy_model
 
     # Given an hourly schedule whose first run is due shortly. The server only schedules dates that are
     # still ahead when its scheduler reaches the deployment (a 5 s loop for just-updated deployments, 60 s
@@ -105,12 +116,7 @@ def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed,
     # the run an hour later and the test waited for it in vain.
     before = len(_model_versions(stack))
     anchor = (datetime.now(UTC) + timedelta(seconds=SCHEDULE_LEAD)).replace(microsecond=0)
-    deploy_all(
-        work_pool=stack.work_pool,
-        training_interval=3600,
-        training_anchor=anchor,
-        training_parameters=_parameters(deployed_dataset),
-    )
+    deploy_model(stack, _raw(MODEL), search=SEARCH, training_interval_seconds=3600, schedule_anchor=anchor.isoformat())
     # when the server's scheduler creates it
     deadline = time.monotonic() + 180
     with _client() as client:
@@ -171,7 +177,7 @@ def test_concurrent_runs_never_promote_against_a_stale_champion(stack, deployed,
     releases = [tmp_path / f"release-{i}" for i in range(2)]
     runs = [
         run_deployment(
-            "training/training",
+            f"training/{MODEL}",
             parameters=contended,
             job_variables={"env": {"MLOPS_TEST_PAUSE_AT": "before-lock", "MLOPS_TEST_PAUSE_FILE": str(release)}},
             timeout=0,
@@ -216,20 +222,24 @@ SCORING_MODEL = "deployed-scoring"
 def test_scoring_deployment_is_on_demand_and_runs_on_the_worker(stack, deployed, default_data):
     import json
 
-    import yaml
     from prefect.deployments import run_deployment
 
-    from adapters.clients import S3Location, put_bytes, s3_client
-    from core.dataset import bundled_config_text
+    from adapters.catalog import entry_uri
+    from adapters.clients import S3Location, s3_client
     from core.scoring import default_output
     from core.search import SearchSpec
-    from deployments.deploy import DEFAULT_SCORING_SOURCE
     from flows.scoring import ScoringParams
     from flows.training import TrainingParams, training
+    from tests.catalog import deploy_model
 
+    # Given a model of its own whose config names a scoring source (one month) and no schedule
+    source = f"{default_data}month=2025-06/"
+    ids = deploy_model(stack, _raw(SCORING_MODEL), scoring_source=source, training_cron=None, monitoring_cron=None)
+    config = entry_uri(stack, SCORING_MODEL)
     # The scoring deployment has no schedule, a form built from ScoringParams, and defaults that validate
     with _client() as client:
-        deployment = client.read_deployment(deployed["scoring"])
+        deployment = client.read_deployment(ids["scoring"])
+    assert deployment.name == SCORING_MODEL
     assert deployment.schedules == []
     assert deployment.work_pool_name == "mlops-process"
     definition = deployment.parameter_openapi_schema["definitions"]["ScoringParams"]
@@ -238,18 +248,15 @@ def test_scoring_deployment_is_on_demand_and_runs_on_the_worker(stack, deployed,
     assert definition["properties"]["chunk_rows"]["default"] == 50_000
     assert definition["properties"]["chunk_rows"]["minimum"] == 100
     assert definition["properties"]["model_version"]["title"] == "Model version"
-    assert ScoringParams.model_validate(deployment.parameters["params"]).source == DEFAULT_SCORING_SOURCE
-    # Given a champion of a model of its own, and its dataset config in S3 (read by the worker's run)
-    raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": SCORING_MODEL, "model_name": SCORING_MODEL}
-    location = S3Location(stack.bucket, f"configs/{SCORING_MODEL}.yaml")
-    config = put_bytes(stack, location, yaml.safe_dump(raw).encode(), "application/yaml")
+    assert ScoringParams.model_validate(deployment.parameters["params"]).source == source
+    assert deployment.parameters == {"params": {"dataset": config, "source": source}}
+    # Given a champion of that model (its config is the catalog entry, read by the worker's run)
     trained = training(
         TrainingParams(dataset=config, search=SearchSpec(trials_per_family=1, cv_folds=2)), return_state=True
     )
     assert trained.is_completed() and trained.result().promoted, trained.message
-    # when a run of the deployment is started for one month
-    source = f"{default_data}month=2025-06/"
-    run = run_deployment("scoring/scoring", parameters={"params": {"dataset": config, "source": source}}, timeout=0)
+    # when a run of the deployment is started (its defaults: the month of the config's scoring source)
+    run = run_deployment(f"scoring/{SCORING_MODEL}", timeout=0)
     [finished] = wait_for_runs([run.id])
     # then the worker completes it, and the month's predictions and summary are in S3
     assert finished.state.type.value == "COMPLETED", finished.state.message
@@ -281,10 +288,10 @@ def test_run_from_the_ui_form_with_a_changed_parameter(stack, deployed):
             executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"]
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        # Given the deployment's page in the Prefect UI
-        page.goto(f"{stack.prefect_ui_url}/deployments")
-        page.get_by_role("link", name="training").first.click()
+        # Given the model's training deployment's page in the Prefect UI
+        page.goto(f"{stack.prefect_ui_url}/deployments/deployment/{deployed['training']}")
         page.wait_for_load_state("networkidle")
+        page.get_by_text(MODEL).first.wait_for()
         # when a person opens Run > Custom run, changes "Trials per family" in the form and submits
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_text("Custom run").click()
@@ -303,7 +310,7 @@ def test_run_from_the_ui_form_with_a_changed_parameter(stack, deployed):
                 runs = client.read_flow_runs(
                     deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed["training"]]))
                 )
-                # runs other modules left on the shared deployment (schedules, triggered retrains) are not ours
+                # runs other tests left on the deployment (its schedules) are not this one's
                 new = [r for r in runs if not r.auto_scheduled and r.created >= submitted - timedelta(seconds=1)]
                 mine = [r for r in new if r.parameters["params"].get("search", {}).get("trials_per_family") == 1]
                 if mine or time.monotonic() > deadline:

@@ -250,22 +250,21 @@ def test_worker_killed_mid_run_is_marked_crashed_and_the_schedule_goes_on(stack,
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.deployments import run_deployment
 
-    from adapters.clients import S3Location, put_bytes
+    from adapters.catalog import entry_uri
     from core.dataset import bundled_config_text
     from deployments.automations import ZOMBIE_AFTER_SECONDS, ZOMBIE_AUTOMATION
-    from deployments.deploy import deploy_all
+    from tests.catalog import deploy_model
 
     model = "faults-worker"
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": model, "model_name": model}
-    config = put_bytes(
-        stack, S3Location(stack.bucket, f"configs/{model}.yaml"), yaml.safe_dump(raw).encode(), "application/yaml"
-    )
-    parameters = {"params": {"dataset": config, "search": {"trials_per_family": 1, "cv_folds": 2}}}
-    ids = deploy_all(work_pool=stack.work_pool, training_parameters=parameters)
+    search = {"trials_per_family": 1, "cv_folds": 2}
+    ids = deploy_model(stack, raw, search=search)
+    parameters = {"params": {"dataset": entry_uri(stack, model), "search": search}}
     with get_client(sync_client=True) as client:
         assert client.read_automations_by_name(ZOMBIE_AUTOMATION)
-    # Given a training run on the worker, running (its first heartbeat is sent as it starts)
-    run = run_deployment("training/training", parameters=parameters, timeout=0)
+    # Given a run of the model's training deployment on the worker, running (its first heartbeat is sent as it
+    # starts)
+    run = run_deployment(f"training/{model}", parameters=parameters, timeout=0)
 
     def state():
         with get_client(sync_client=True) as client:
@@ -290,9 +289,7 @@ def test_worker_killed_mid_run_is_marked_crashed_and_the_schedule_goes_on(stack,
     # and after the worker is restarted, the next scheduled run happens and completes
     local_stack.up(stack)
     anchor = (datetime.now(UTC) + timedelta(seconds=45)).replace(microsecond=0)
-    deploy_all(
-        work_pool=stack.work_pool, training_interval=3600, training_anchor=anchor, training_parameters=parameters
-    )
+    deploy_model(stack, raw, search=search, training_interval_seconds=3600, schedule_anchor=anchor.isoformat())
     deadline = time.monotonic() + 180
     with get_client(sync_client=True) as client:
         while True:
@@ -306,4 +303,5 @@ def test_worker_killed_mid_run_is_marked_crashed_and_the_schedule_goes_on(stack,
     assert scheduled, "the server scheduled no run after the worker came back"
     [finished] = wait_for_runs([scheduled[0].id])
     assert finished.state.type.value == "COMPLETED", finished.state.message
-    deploy_all(work_pool=stack.work_pool, training_parameters=parameters)  # back to the weekly schedule
+    assert finished.parameters == {"params": {"reason": "scheduled"} | parameters["params"]}
+    deploy_model(stack, raw, search=search)  # back to the weekly schedule

@@ -30,17 +30,23 @@ SEARCH = {"trials_per_family": 1, "cv_folds": 2}
 OCTET = "application/octet-stream"
 
 
-@pytest.fixture(scope="module")
-def dataset(stack) -> str:
-    """A dataset of its own (config in S3, read by the worker) with a trained champion."""
+def _raw(stack) -> dict:
     import yaml
 
     from core.dataset import bundled_config_text
 
     source = f"s3://{stack.bucket}/datasets/{MODEL}/"
-    write_months(stack, source, MONTHS, ROWS, seed=SEED)
-    raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL, "source": source}
-    config = put_bytes(stack, S3Location(stack.bucket, f"configs/{MODEL}.yaml"), yaml.safe_dump(raw).encode(), OCTET)
+    return yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL, "source": source}
+
+
+@pytest.fixture(scope="module")
+def dataset(stack) -> str:
+    """A dataset of its own (its config the model's catalog entry, read by the worker) with a trained champion."""
+    from tests.catalog import put_model
+
+    raw = _raw(stack)
+    write_months(stack, raw["source"], MONTHS, ROWS, seed=SEED)
+    config = put_model(stack, raw, search=SEARCH).uri
     # The cold start is judged on the lower bound of ROC AUC's interval (0.68 for this one-trial search on
     # 1,200 holdout rows, point 0.73): a lenient gate, as in tests/test_trust.py, since this module needs a
     # champion to monitor, not a test of the promotion rule.
@@ -51,9 +57,10 @@ def dataset(stack) -> str:
 
 @pytest.fixture(scope="module")
 def deployed(stack, dataset):
-    from deployments.deploy import deploy_all
+    """The model's deployments (`training/monitoring-test`, ...) and its drift automation."""
+    from tests.catalog import deploy_model
 
-    return deploy_all(work_pool=stack.work_pool, training_parameters={"params": {"dataset": dataset, "search": SEARCH}})
+    return deploy_model(stack, _raw(stack), search=SEARCH)
 
 
 def _incoming(stack, month: int, drift: DriftSpec | None = None) -> str:
@@ -263,6 +270,8 @@ def test_drift_triggers_exactly_one_retraining_within_the_cooldown(stack, datase
     assert second.trigger.flow_run_id == first.trigger.flow_run_id
     runs = _triggered_runs()
     assert [str(r.id) for r in runs] == [first.trigger.flow_run_id]
+    # by the model's own training deployment (monitoring's default `training/<model>`)
+    assert str(runs[0].deployment_id) == deployed["training"]
     # and the worker runs it with the reason recorded on the Prefect run and the MLflow run
     [finished] = wait_for_runs([runs[0].id], timeout=300)
     assert finished.state.type.value == "COMPLETED", finished.state.message

@@ -5,8 +5,9 @@ The worker's environment is a new venv holding the project installed from a whee
 sources; its third-party packages come from this venv's site-packages through a `.pth` path line (which does not
 run the editable install's finder there, so the checkout's packages cannot be imported from it). It starts in a
 temp folder with a clean environment (no PYTHONPATH) and serves a pool of its own, where `deploy_all` registers
-a second set of deployments (`<name>-anywhere`, no automations), so the session's shared deployments stay as
-they are.
+the deployments of a catalog model of its own under a suffix (`training/anywhere-credit-risk-anywhere`, ...,
+`features/features-anywhere`; no automations), so the session's deployments on the stack's pool stay as they
+are.
 """
 
 from __future__ import annotations
@@ -158,25 +159,30 @@ def test_the_worker_env_cannot_import_this_checkout(remote_worker):
 
 
 @pytest.fixture(scope="module")
-def anywhere_dataset(stack, default_data) -> str:
-    """The bundled dataset config under a model of its own, in S3 (the worker reads it from there), and the
-    applicants' history the feature store materializes (as tests/test_features.py writes it)."""
+def anywhere_entry(stack, default_data):
+    """The bundled dataset config under a model of its own, in the catalog (the worker reads it from S3), with
+    its search, monitoring and scoring in its operations; and the applicants' history the feature store
+    materializes (as tests/test_features.py writes it)."""
     import yaml
 
-    from adapters.clients import S3Location, put_bytes
     from core.dataset import bundled_config_text
     from mlops.datagen import write_applicant_history
+    from tests.catalog import put_model
     from tests.conftest import TEST_MONTHS, TEST_ROWS_PER_MONTH
 
     write_applicant_history(stack, TEST_MONTHS, TEST_ROWS_PER_MONTH, seed=7)
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL}
-    return put_bytes(
-        stack, S3Location(stack.bucket, f"configs/{MODEL}.yaml"), yaml.safe_dump(raw).encode(), "application/yaml"
+    return put_model(
+        stack,
+        raw,
+        search={"families": ["logistic_regression"], "trials_per_family": 1, "cv_folds": 2},
+        scoring_source=f"{default_data}month=2025-06/",
+        prediction_log_days=0,
     )
 
 
-def test_a_worker_elsewhere_runs_every_deployment(stack, remote_worker, anywhere_dataset, default_data):
+def test_a_worker_elsewhere_runs_every_deployment(stack, remote_worker, anywhere_entry):
     import mlflow
     from prefect import flow
     from prefect.client.orchestration import get_client
@@ -188,7 +194,7 @@ def test_a_worker_elsewhere_runs_every_deployment(stack, remote_worker, anywhere
     ensure_work_pool(POOL)
     old = flow.from_source(source=str(CHECKOUT), entrypoint="flows/training.py:training")
     old.deploy(
-        f"training{SUFFIX}",
+        f"{MODEL}{SUFFIX}",
         work_pool_name=POOL,
         job_variables={"working_dir": str(CHECKOUT)},
         build=False,
@@ -196,23 +202,13 @@ def test_a_worker_elsewhere_runs_every_deployment(stack, remote_worker, anywhere
         print_next_steps=False,
     )
     # when the deployments are registered on the worker's own pool: module entrypoints, no path, no pull step
-    ids = deploy_all(
-        work_pool=POOL,
-        name_suffix=SUFFIX,
-        automations=False,
-        training_parameters={
-            "params": {
-                "dataset": anywhere_dataset,
-                "search": {"families": ["logistic_regression"], "trials_per_family": 1, "cv_folds": 2},
-            }
-        },
-        scoring_parameters={"params": {"dataset": anywhere_dataset, "source": f"{default_data}month=2025-06/"}},
-        monitoring_parameters={"params": {"dataset": anywhere_dataset, "prediction_log_days": 0}},
-    )
+    ids = deploy_all(work_pool=POOL, entries=[anywhere_entry], name_suffix=SUFFIX, automations=False)
+    every = [f"{flow}/{MODEL}" for flow in ("training", "monitoring", "rollback", "scoring")] + ["features/features"]
+    assert sorted(ids) == sorted(every)
     with get_client(sync_client=True) as client:
         for name, deployment_id in ids.items():
             deployment = client.read_deployment(deployment_id)
-            assert deployment.name == name + SUFFIX and deployment.work_pool_name == POOL
+            assert deployment.name == name.split("/")[1] + SUFFIX and deployment.work_pool_name == POOL
             assert ":" not in deployment.entrypoint and deployment.entrypoint.startswith("flows.")
             assert not deployment.path and not deployment.pull_steps, (name, deployment.path, deployment.pull_steps)
             assert str(CHECKOUT) not in deployment.model_dump_json(), name
@@ -224,10 +220,10 @@ def test_a_worker_elsewhere_runs_every_deployment(stack, remote_worker, anywhere
         )
 
     def start(name: str, parameters: dict | None = None):
-        return run_deployment(f"{name}/{name}{SUFFIX}", parameters=parameters or {}, timeout=0).id
+        return run_deployment(f"{name}{SUFFIX}", parameters=parameters or {}, timeout=0).id
 
     # When training and the feature store run on that worker
-    first = wait_for_runs([start("training"), start("features")], timeout=600)
+    first = wait_for_runs([start(f"training/{MODEL}"), start("features/features")], timeout=600)
     assert [r.state.type.value for r in first] == ["COMPLETED", "COMPLETED"], [r.state.message for r in first]
     client = mlflow_client(stack)
     champion = client.get_model_version_by_alias(MODEL, "champion")
@@ -236,10 +232,10 @@ def test_a_worker_elsewhere_runs_every_deployment(stack, remote_worker, anywhere
     # then scoring, monitoring and rollback on the model it trained
     second_runs = wait_for_runs(
         [
-            start("scoring"),
-            start("monitoring"),
+            start(f"scoring/{MODEL}"),
+            start(f"monitoring/{MODEL}"),
             start(
-                "rollback",
+                f"rollback/{MODEL}",
                 {
                     "params": {
                         "model_name": MODEL,

@@ -124,14 +124,19 @@ def test_secrets_are_named_only_in_env_and_never_printed(name):
 def test_cd_deploys_runs_training_and_waits_with_the_server_from_secrets():
     cd = _load("cd.yml")
     [job] = cd["jobs"].values()
+    # the Prefect server and the S3 store holding the catalog come from secrets; the model from a variable
     assert job["env"] == {
         "PREFECT_API_URL": "${{ secrets.PREFECT_API_URL }}",
         "PREFECT_API_KEY": "${{ secrets.PREFECT_API_KEY }}",
+        "AWS_ENDPOINT_URL_S3": "${{ secrets.AWS_ENDPOINT_URL_S3 }}",
+        "AWS_ACCESS_KEY_ID": "${{ secrets.AWS_ACCESS_KEY_ID }}",
+        "AWS_SECRET_ACCESS_KEY": "${{ secrets.AWS_SECRET_ACCESS_KEY }}",
+        "CD_MODEL": "${{ vars.CD_MODEL || 'credit-risk' }}",
     }
     runs = [s["run"] for s in job["steps"] if "run" in s]
     assert ".venv/bin/mlops deploy" in runs
     [run_training] = [r for r in runs if "run-deployment" in r]
-    assert run_training.startswith(".venv/bin/mlops run-deployment training --wait")
+    assert run_training.startswith('.venv/bin/mlops run-deployment "training/$CD_MODEL" --wait')
 
 
 def test_model_job_trains_the_base_champion_then_judges_the_pr_candidate():
@@ -326,11 +331,33 @@ def test_a_candidate_as_good_as_the_champion_is_neutral_and_passes(ci_champion, 
 # --- cd.yml's own steps on the session stack --------------------------------------------------------
 
 
+# Models of this module's own in the catalog: cd.yml deploys the catalog; a scoring deployment that fails.
+CD_MODEL = "cd-credit-risk"
+BROKEN_MODEL = "workflows-broken-scoring"
+
+
+def _raw(model: str) -> dict:
+    from core.dataset import bundled_config_text
+
+    return yaml.safe_load(bundled_config_text("credit-risk")) | {"name": model, "model_name": model}
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_cd_steps_deploy_run_training_and_wait_for_it(stack, default_data):
+    from tests.catalog import put_model
+
+    # Given a model in the catalog (the bundled dataset, a small search), as `mlops models add` puts it there
+    put_model(stack, _raw(CD_MODEL), search={"trials_per_family": 1, "cv_folds": 2})
     [job] = _load("cd.yml")["jobs"].values()
-    env = {"PREFECT_API_URL": stack.prefect_api_url, "PREFECT_API_KEY": "", "GITHUB_REF_NAME": "main"}
+    # the job's CD_MODEL (the repository variable) names the model whose training runs
+    assert "CD_MODEL" in job["env"]
+    env = {
+        "PREFECT_API_URL": stack.prefect_api_url,
+        "PREFECT_API_KEY": "",
+        "GITHUB_REF_NAME": "main",
+        "CD_MODEL": CD_MODEL,
+    }
     outputs = []
     for step in job["steps"]:
         if "run" in step:
@@ -338,24 +365,29 @@ def test_cd_steps_deploy_run_training_and_wait_for_it(stack, default_data):
             outputs.append(result.stdout)
             assert result.returncode == 0, f"{step.get('name')}: {result.stdout[-3000:]}{result.stderr[-3000:]}"
     deploy, run = outputs[-2:]
-    assert "deployed training:" in deploy
-    assert "started training/training" in run and f"{stack.prefect_ui_url}/runs/flow-run/" in run
+    assert f"deployed training/{CD_MODEL}: " in deploy, deploy
+    assert f"started training/{CD_MODEL}: " in run and f"{stack.prefect_ui_url}/runs/flow-run/" in run
     assert re.search(r"flow run \S+: Completed", run), run
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_run_deployment_fails_when_the_run_fails_and_prints_its_url(stack, default_data):
-    # Given a scoring deployment whose default source does not exist
-    from deployments.deploy import deploy_all
+    # Given a model's scoring deployment whose default source (its config's scoring source) does not exist
+    from deployments.automations import remove_model_automations
+    from services.catalog import remove_model
+    from tests.catalog import deploy_model
 
-    broken = {"params": {"dataset": "credit-risk", "source": "s3://mlops/no-such-partition/"}}
-    deploy_all(work_pool=stack.work_pool, scoring_parameters=broken)
+    raw = _raw(BROKEN_MODEL)
+    deploy_model(
+        stack, raw, scoring_source=f"s3://{stack.bucket}/no-such-partition/", training_cron=None, monitoring_cron=None
+    )
     try:
-        command = [str(BIN / "mlops"), "run-deployment", "scoring", "--wait", "--timeout", "600"]
+        command = [str(BIN / "mlops"), "run-deployment", f"scoring/{BROKEN_MODEL}", "--wait", "--timeout", "600"]
         result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT, timeout=900)
     finally:
-        deploy_all(work_pool=stack.work_pool)
+        remove_model(BROKEN_MODEL, stack)  # its deployments and its catalog entry (as `mlops models remove`)
+        remove_model_automations(BROKEN_MODEL)
     # then the command names the run's URL and its state, and exits 1
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{stack.prefect_ui_url}/runs/flow-run/" in result.stdout
