@@ -197,7 +197,7 @@ def data_init(
     typer.echo(f"wrote {out}: {inferred.summary()}")
     for reason in inferred.left_out.values():
         typer.echo(f"  left out: {reason}")
-    typer.echo(f"next: check it, then `mlops train --config {out}`")
+    typer.echo(f"next: check it (and its operations section), then `mlops models add {out}` and `mlops deploy`")
 
 
 @app.command("worker")
