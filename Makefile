@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install browser-deps demo test lint format bench stack-up stack-down clean
+.PHONY: install browser-deps demo test test-fast lint docs format bench stack-up stack-down clean
 
 install: $(VENV)/.installed
 
@@ -35,7 +35,16 @@ test: install browser-deps
 	@$(BIN)/pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
+## test-fast: the tests that need no server (unit tests of core, adapters' pure parts, the CLI's answers)
+test-fast: install
+	$(BIN)/pytest -m "not integration" -q
+
+## docs: the documentation site on 127.0.0.1:8001 (the configuration reference is generated from the code)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
+
 lint: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
