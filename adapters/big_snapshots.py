@@ -1,4 +1,4 @@
-"""Big snapshots on a Dask cluster (issue 14): row count, full-data checks, the split, LightGBM on Dask.
+"""Big snapshots on a Dask cluster: row count, full-data checks, the split, LightGBM on Dask.
 
 dask.dataframe reads the snapshot's partitions (S3 through s3fs with the configured endpoint, or a local
 folder) on the cluster's workers; the flow's process only ever holds a sample (for Great Expectations),

@@ -1,4 +1,4 @@
-"""The Dask cluster heavy steps run on (issue 14): which scheduler, and the S3 options its workers read with.
+"""The Dask cluster heavy steps run on: which scheduler, and the S3 options its workers read with.
 
 `cluster_address` is `MLOPS_DASK_ADDRESS` when set (an existing cluster anywhere), else the local stack's
 scheduler when one listens on `MLOPS_DASK_SCHEDULER_PORT` (`mlops stack up` starts it), else None: no

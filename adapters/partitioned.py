@@ -1,4 +1,4 @@
-"""Batch scoring and drift statistics over partitions on a Dask cluster (issue 14).
+"""Batch scoring and drift statistics over partitions on a Dask cluster.
 
 The same work as the single-process paths (`adapters.scoring_store.score_partition_files`,
 `core.drift_analysis.analyse`), spread over a cluster's workers:

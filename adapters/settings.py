@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     serving_log_max_rows: int = Field(
         200_000, ge=1, description="Logged predictions kept in memory while S3 is unreachable (oldest dropped)."
     )
-    # Issue 12, serving side: the write-ahead spool of the prediction log, and the serving API's token.
+    # Serving: the write-ahead spool of the prediction log, and the serving API's token.
     serving_spool: bool = Field(
         True,
         description="Log predictions through a local write-ahead spool (durable before the answer); false: "
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         description="Bearer token guarding /reload, /predict and /invocations (unset: open, /reload loopback only).",
     )
 
-    # Serving worker processes (issue 15): each follows the champion; metrics are summed across them.
+    # Serving worker processes: each follows the champion; metrics are summed across them.
     serving_workers: int = Field(
         0, ge=0, description="Serving API worker processes; 0 means one per CPU core (os.cpu_count())."
     )
@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         None, description="Checkpoint to pause at (tests only): before-lock, before-promote, after-champion-move."
     )
     test_pause_file: Path | None = Field(None, description="File whose creation ends the pause (tests only).")
-    # Feature store (Feast, issue 17). Secrets: a SQL registry URL or a Redis string may carry a password.
+    # Feature store (Feast). Secrets: a SQL registry URL or a Redis string may carry a password.
     feast_project: str = Field("mlops", description="Feast project (namespace of the feature repository).")
     feast_registry: SecretStr | None = Field(
         None,
@@ -132,7 +132,7 @@ class Settings(BaseSettings):
         None, description="Redis connection string (host:port[,password=...]) of the online store; unset: SQLite."
     )
 
-    # Dask cluster (issue 14): heavy steps (search trials, big snapshots, scoring and drift over partitions).
+    # Dask cluster: heavy steps (search trials, big snapshots, scoring and drift over partitions).
     dask_address: str | None = Field(
         None,
         validation_alias=AliasChoices("MLOPS_DASK_ADDRESS", "dask_address"),

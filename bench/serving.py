@@ -16,7 +16,7 @@ rather than whichever server happened to be measured then. The client runs in th
 cores as the servers: at high client counts it is part of what is measured. Also times each inference
 path in-process (the pipeline's own `predict_proba`, a regressor's `predict`; `LoadedModel.scores` on a
 frame, whatever the served model uses; and what a request runs: its body decoded into column arrays and
-scored), then checks issue 15's goals.
+scored), then checks the serving goals.
 Writes bench/results/serving.{json,md}.
 
     python -m bench.serving [--seconds 10] [--workers 0] [--model credit-risk] [--dataset credit-risk]
@@ -251,7 +251,7 @@ def main() -> None:
 
 
 def goals(measured: dict[tuple[str, int, int], dict]) -> list[dict[str, Any]]:
-    """Issue 15's goals, each with the figures it compares and whether it passed."""
+    """The serving goals (against mlflow and the floor), each with the figures it compares and whether it passed."""
 
     def get(name: str, size: int, clients: int, what: str) -> float:
         return measured[(name, size, clients)][what]
@@ -314,7 +314,7 @@ def _markdown(results: dict) -> str:
             f"| {f['p50_ms']:.2f} / {f['p99_ms']:.2f} |"
         )
     failures = sum(s[name]["failures"] for s in results["scenarios"] for name in SERVERS)
-    lines += ["", f"Failed requests: {failures}.", "", "Goals (issue 15):", ""]
+    lines += ["", f"Failed requests: {failures}.", "", "Goals:", ""]
     for g in results["goals"]:
         lines.append(f"- {'PASS' if g['passed'] else 'FAIL'}: {g['goal']} ({g['value']:.2f} vs {g['bound']:.2f})")
     return "\n".join(lines) + "\n"

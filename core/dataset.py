@@ -152,7 +152,7 @@ class DatasetConfig(BaseModel):
         description="A sensitive group with fewer holdout rows is reported but left out of the fairness "
         "differences and the fairness gate (its rates are noise: one row's selection rate is 0 or 1).",
     )
-    # Feature store (issue 17): features joined point-in-time from a Feast feature service, by id and time.
+    # Feature store: features joined point-in-time from a Feast feature service, by id and time.
     feature_service: str | None = Field(
         None, description="Feast feature service whose values are joined as of each row's time (none: no join)."
     )
@@ -168,7 +168,7 @@ class DatasetConfig(BaseModel):
         0.05, ge=0, le=1, description="Largest share of rows the join may drop or leave without store features."
     )
 
-    # Big snapshots (issue 14): an out-of-core engine on a Dask cluster, LightGBM's Dask estimator.
+    # Big snapshots: an out-of-core engine on a Dask cluster, LightGBM's Dask estimator.
     engine: Literal["pandas", "dask", "auto"] = Field(
         "pandas",
         description="pandas: the whole snapshot in the flow's process; dask: partitions on the Dask cluster, "

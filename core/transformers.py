@@ -43,7 +43,7 @@ class QuantileClipper(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
 # which refuses any type it is not told to trust).
 # `mlops.transformers.` is where the clipper lived before the layout moved it to `core/`.
 TRUSTED_MODULE_PREFIXES = ("sklearn.", "numpy.", "scipy.", "core.transformers.", "mlops.transformers.")
-# The Dask engine's models (issue 14): a local LightGBM model (its Booster keeps an OrderedDict).
+# The Dask engine's models: a local LightGBM model (its Booster keeps an OrderedDict).
 TRUSTED_MODULE_PREFIXES += ("lightgbm.basic.Booster", "lightgbm.sklearn.", "collections.OrderedDict")
 
 

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 # Message templates (Jinja, rendered by Prefect's server). They use only the triggering `event` and the `flow`
 # it names, so `adapters.alerts.render` can render a message Prefect failed to deliver. `{ui}` and
 # `{deployment_id}` are filled in at deploy time.
+# Every message ends with its idempotency key, the id of the event that fired it: Prefect's trigger consumer is
+# at-least-once (an event it retries may fire its action twice), so a receiver drops a key it has seen.
+ALERT_ID = "\nalert id: {{ event.id }}"
 RUN_FAILED_SUBJECT = (
     "[mlops] {{ flow.name }}{% for r in event.related %}{% if r['prefect.resource.role'] == 'deployment' %}"
     " of {{ r['prefect.resource.name'] }}{% endif %}{% endfor %} run {{ event.resource['prefect.resource.name'] }} "
@@ -58,6 +61,7 @@ RUN_FAILED_SUBJECT = (
 RUN_FAILED_BODY = (
     "error: {{ event.payload.validated_state.message }}\n"
     "run: {ui}/runs/flow-run/{{ event.resource['prefect.resource.id'] | replace('prefect.flow-run.', '') }}"
+    + ALERT_ID
 )
 DRIFT_SUBJECT = "[mlops] drift on {{ event.payload.model }}: retraining started"
 DRIFT_BODY = (
@@ -67,6 +71,7 @@ DRIFT_BODY = (
     "{ui}/deployments/deployment/{deployment_id}\n"
     "monitoring run: {{ event.payload.monitoring_run_url or '-' }}\n"
     "report: {{ event.payload.report_link or '-' }}"
+    + ALERT_ID
 )
 CHAMPION_SUBJECT = (
     "[mlops] {{ event.payload.model }}: {{ event.payload.kind }}, champion "
@@ -80,6 +85,7 @@ CHAMPION_BODY = (
     "model card: {{ event.payload.model_card_link or '-' }}\n"
     "MLflow: {{ event.payload.mlflow_model_version or '-' }}\n"
     "Prefect run: {{ event.payload.prefect_flow_run or '-' }}"
+    + ALERT_ID
 )
 
 ZOMBIE_AUTOMATION = "mlops-crash-zombie-runs"

@@ -247,7 +247,7 @@ class Runtime:
             inline=not self.default.log.syncs_each_write,
         )
         self._tasks: list[asyncio.Task] = []
-        self.online = OnlineFeatures(settings, self.metrics.registry)  # feature store lookups (issue 17)
+        self.online = OnlineFeatures(settings, self.metrics.registry)  # feature store lookups
 
     @property
     def follower(self) -> ChampionFollower:
@@ -393,7 +393,7 @@ class Runtime:
         if not model.feature_service:
             return decode_records(model, body, self.settings.serving_max_records)
         key, raw = parse_records(body, self.settings.serving_max_records)
-        # store features the records leave out come from the online store, by id (issue 17)
+        # store features the records leave out come from the online store, by id
         try:
             raw = await self.online.enrich(model.feature_service, model.id_field, key, raw)
         except FeatureLookupError as exc:

@@ -1,4 +1,4 @@
-"""Prefect tasks of the Dask engine (issue 14): choose the engine, load, validate, split and train big snapshots.
+"""Prefect tasks of the Dask engine: choose the engine, load, validate, split and train big snapshots.
 
 The work runs on the Dask cluster (`adapters.big_snapshots`); the rules (engine choice, full-data checks,
 the evaluated holdout) are pure (`core.big_checks`, `core.big_model`).

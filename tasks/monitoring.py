@@ -125,7 +125,7 @@ def publish_summary(markdown: str) -> None:
     create_markdown_artifact(markdown=markdown, key="drift-report", description="Drift monitoring summary")
 
 
-# --- a big partition: statistics over its partitions on the Dask cluster (issue 14) ---------------------
+# --- a big partition: statistics over its partitions on the Dask cluster ---------------------
 
 
 @task(name="choose-drift-engine", **IO)

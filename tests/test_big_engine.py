@@ -1,4 +1,4 @@
-"""The Dask engine on the real stack and a real two-worker Dask cluster (issue 14, item 3).
+"""The Dask engine on the real stack and a real two-worker Dask cluster.
 
 Each result is compared with an independent computation: the full-data checks with pandas on the same
 rows, the holdout with `core.split.split_frame` (the pandas engine), the Dask-trained LightGBM with

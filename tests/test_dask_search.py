@@ -1,4 +1,4 @@
-"""The search on Dask (issue 14, item 2): each trial a Prefect task run on the cluster, and the same seed
+"""The search on Dask: each trial a Prefect task run on the cluster, and the same seed
 chooses the same model on one worker, two workers and without a cluster.
 
 The reference is the search in this process (`core.search.search_models`, trials one after another):

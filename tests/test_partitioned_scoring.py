@@ -1,4 +1,4 @@
-"""Batch scoring and drift statistics over partitions on a real two-worker Dask cluster (issue 14).
+"""Batch scoring and drift statistics over partitions on a real two-worker Dask cluster.
 
 The reference for each cluster run is the single-process path on the same input: the same predictions
 row for row, the same summary numbers (counts exact, means within 1e-12), the same drift figures. The

@@ -1,4 +1,4 @@
-"""Issue 15's serving work.
+"""The serving API at its limits.
 
 Against the real stack, with several worker processes: each process follows the champion, a swap under load
 drops no request and reaches every process, metrics and the prediction log cover them all, and a worker
