@@ -543,8 +543,12 @@ class SpooledPredictionLog:
                 "rid": _plain_list(request_ids),
                 "ids": None if record_ids is None else _plain_list(record_ids),
                 "idx": None if record_index is None else _plain_list(record_index),
-                "s": np.asarray(scores, dtype="float64"),
-                "f": {name: v if v.dtype.kind == "f" else v.tolist() for name, v in columns.items()},
+                # orjson writes C-contiguous arrays only: a column cut from a 2-d batch, or a class slice of the
+                # scores, is a strided view (seen with several models behind one batcher), so copy it when it is one
+                "s": np.ascontiguousarray(scores, dtype="float64"),
+                "f": {
+                    name: np.ascontiguousarray(v) if v.dtype.kind == "f" else v.tolist() for name, v in columns.items()
+                },
             },
             option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE,
         )

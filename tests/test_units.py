@@ -508,3 +508,28 @@ def test_the_serving_check_counts_every_worker_process_not_the_one_that_answered
     }
     assert served_versions({"version": 3}) == {"3"}  # a single-process API without a workers list
     assert served_versions({"detail": "no model loaded yet"}) == {None}
+
+
+def test_spool_records_strided_arrays_a_batch_cut_from_a_matrix(tmp_path):
+    """Columns cut from a 2-d batch and a class slice of the scores are strided views: they are logged all the same."""
+    from adapters.settings import Settings
+    from core.prediction_log import spooled_table
+    from serving.prediction_log import SpooledPredictionLog, read_segment
+
+    events: list[tuple[str, int]] = []
+    log = SpooledPredictionLog(
+        Settings(state_dir=tmp_path), "m", flush_seconds=3600, on_event=lambda k, n: events.append((k, n))
+    )
+    log.spool.open()
+    matrix = np.asfortranarray(np.arange(12, dtype="float64").reshape(4, 3))
+    columns = {"a": matrix[:, 0], "b": matrix[::1, 2]}  # Fortran order: a row-wise view is not C-contiguous
+    scores = np.arange(16, dtype="float64").reshape(4, 4)[:, 1:3]  # two classes sliced from four: strided
+    assert not columns["a"].flags["C_CONTIGUOUS"] or not scores.flags["C_CONTIGUOUS"]
+    log.record(columns, scores, [0, 1], ["r"] * 4, "1", None, list(range(4)))
+    (segment,) = log.spool.folder.glob("*.jsonl")
+    lines, _ = read_segment(segment)
+    table = spooled_table(lines)
+    assert ("dropped", 4) not in events and len(table) == 4
+    assert table["a"].tolist() == [0.0, 3.0, 6.0, 9.0] and table["b"].tolist() == [2.0, 5.0, 8.0, 11.0]
+    assert table["proba_1"].tolist() == [2.0, 6.0, 10.0, 14.0]  # the sliced scores' second column, row by row
+    log.spool.close()
