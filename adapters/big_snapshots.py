@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -20,6 +20,7 @@ from adapters.settings import Settings
 from adapters.snapshots import SUFFIXES, DataLoadError
 from core.big_checks import Stats, evaluation_threshold, merge_stats, partition_stats
 from core.big_model import (
+    BigSplit,
     assemble,
     categorical_indices,
     empty_encoded,
@@ -45,22 +46,6 @@ class BigSnapshot:
     files: tuple[str, ...]
     rows: int
     data_version: str
-
-
-@dataclass(frozen=True)
-class BigSplit:
-    """What the flow's process keeps of a big snapshot's split: the evaluated holdout and a training sample."""
-
-    holdout: pd.DataFrame = field(repr=False)
-    train: pd.DataFrame = field(repr=False)  # a sample of training rows: signature, input example, baseline
-    rows_train: int
-    rows_holdout: int  # the whole frozen holdout; `holdout` is its evaluated subset
-    window: tuple[str, str] | None
-    evaluation_threshold: int
-
-    def training_window(self, column: str | None) -> tuple[str, str] | None:
-        """First and last time of the training rows (computed on the cluster)."""
-        return self.window if column else None
 
 
 def dask_client(settings: Settings) -> Any:

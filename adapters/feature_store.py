@@ -24,7 +24,6 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import pandas as pd
 from adapters.clients import S3Location, put_bytes
 from adapters.settings import Settings
 from core.errors import PermanentError
-from core.feature_history import ENTITY_TIMESTAMP, history_features
+from core.feature_history import ENTITY_TIMESTAMP, Materialized, history_features
 from core.feature_repo import ENTITY_KEY, EXAMPLE_REPO, HISTORY_TABLE
 
 log = logging.getLogger(__name__)
@@ -310,21 +309,6 @@ def has_service(settings: Settings, name: str) -> bool:
     except FeatureServiceNotFoundException:
         return False
     return True
-
-
-@dataclass(frozen=True)
-class Materialized:
-    """One materialization: the views and the window loaded into the online store."""
-
-    views: list[str]
-    start: datetime
-    end: datetime
-
-    def summary(self) -> str:
-        """One line for logs and the CLI."""
-        if not self.views:
-            return "materialized nothing: the registry holds no online feature view (apply a repository first)"
-        return f"materialized {', '.join(self.views)} from {self.start:%Y-%m-%d %H:%M} to {self.end:%Y-%m-%d %H:%M} UTC"
 
 
 def materialize(settings: Settings, end: datetime | None = None) -> Materialized:

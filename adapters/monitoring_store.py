@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from adapters.settings import Settings
 from adapters.store import fs_path, list_keys, s3_filesystem
 from core.drift import MonitoringError
 from core.drift_analysis import Champion
+from core.drift_report import StoredReport
 from core.prediction_log import day_prefix, drop_duplicates, log_dates, prefix_for
 
 log = logging.getLogger(__name__)
@@ -94,15 +94,6 @@ def read_prediction_log(
     source = f"s3://{settings.bucket}/{prefix_for(model_name)} (last {days} day(s), {len(keys)} file(s))"
     log.info("prediction log: %d file(s) from %d date folder(s)", len(keys), days)
     return frames, source
-
-
-@dataclass(frozen=True)
-class StoredReport:
-    """Where the report went: S3 URIs and a link a browser can open (presigned, 7 days)."""
-
-    html_uri: str
-    json_uri: str
-    link: str
 
 
 def report_folder(settings: Settings, model_name: str, now: datetime, run_id: str | None) -> S3Location:

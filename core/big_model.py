@@ -8,6 +8,7 @@ champion.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -89,3 +90,19 @@ def categorical_indices(config: DatasetConfig) -> list[int]:
 def assemble(fitted: ColumnTransformer, local_model: Any) -> Pipeline:
     """The registered model: raw rows in, the encoder, then the local LightGBM model (`to_local()`)."""
     return Pipeline([("prepare", fitted), ("model", local_model)])
+
+
+@dataclass(frozen=True)
+class BigSplit:
+    """What the flow's process keeps of a big snapshot's split: the evaluated holdout and a training sample."""
+
+    holdout: pd.DataFrame = field(repr=False)
+    train: pd.DataFrame = field(repr=False)  # a sample of training rows: signature, input example, baseline
+    rows_train: int
+    rows_holdout: int  # the whole frozen holdout; `holdout` is its evaluated subset
+    window: tuple[str, str] | None
+    evaluation_threshold: int
+
+    def training_window(self, column: str | None) -> tuple[str, str] | None:
+        """First and last time of the training rows (computed on the cluster)."""
+        return self.window if column else None

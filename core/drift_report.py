@@ -264,3 +264,12 @@ def report_html(
         + (f"<p><b>Retraining</b>: {html.escape(retraining)}</p>" if retraining else "")
         + f"{''.join(parts)}</body></html>"
     )
+
+
+@dataclass(frozen=True)
+class StoredReport:
+    """Where the report went: S3 URIs and a link a browser can open (presigned, 7 days)."""
+
+    html_uri: str
+    json_uri: str
+    link: str

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from datetime import datetime
 
 import pandas as pd
 
@@ -129,3 +130,18 @@ def with_join(report: ValidationReport, join: JoinReport) -> ValidationReport:
         statistics=report.statistics | {"feature_join": json.loads(join.to_json())},
         result=report.result,
     )
+
+
+@dataclass(frozen=True)
+class Materialized:
+    """One materialization: the views and the window loaded into the online store."""
+
+    views: list[str]
+    start: datetime
+    end: datetime
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        if not self.views:
+            return "materialized nothing: the registry holds no online feature view (apply a repository first)"
+        return f"materialized {', '.join(self.views)} from {self.start:%Y-%m-%d %H:%M} to {self.end:%Y-%m-%d %H:%M} UTC"

@@ -19,10 +19,9 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.monitoring_store import StoredReport
 from core.drift import DriftThresholds
 from core.drift_analysis import Verdict, WindowResult, overall_verdict, retrain_scope
-from core.drift_report import summary_markdown
+from core.drift_report import StoredReport, summary_markdown
 from services.retraining import Trigger, outside_source, trigger_retraining
 from tasks.features import load_partition_with_features
 from tasks.loading import load_dataset_config

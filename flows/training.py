@@ -16,9 +16,8 @@ from prefect import Task, flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.big_snapshots import BigSplit
-from adapters.locks import hold
 from core.approval import Approval, ApprovalTimeout
+from core.big_model import BigSplit
 from core.card import make_card
 from core.dataset import DatasetConfig
 from core.decision import Decision, Gates, decide, decision_markdown, decision_tags, resolve_gates
@@ -29,7 +28,7 @@ from core.search import SearchSpec
 from core.split import Split
 from core.validation import DataValidationError
 from services.approval import ask_approval, steps_after
-from services.promotion import current_champion, promote_checked
+from services.promotion import current_champion, promote_checked, promotion_lock
 from tasks.big_training import (
     check_big_snapshot,
     choose_snapshot_engine,
@@ -245,7 +244,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         lock = ensure_promotion_lock(config.model_name)
         promotion, promotion_error, serving = None, None, None
         # Decide and promote one run at a time per model, so no run promotes against a stale champion.
-        with hold(lock, timeout_seconds=3600) as held:
+        with promotion_lock(lock) as held:
             champion = current_champion(config, split.holdout)
             findings = replace(
                 review(
@@ -295,7 +294,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             # champion the decision saw, so a champion that changed meanwhile is never replaced blindly.
             approval = ask_approval(decision, config.model_name, version, run_id, params.approval_timeout_seconds)
             if approval.approved:
-                with hold(lock, timeout_seconds=3600):
+                with promotion_lock(lock):
                     promotion, promotion_error, serving = promote_now(f"{params.reason}; {approval.describe()}")
         promoted = promotion is not None
         outcome = describe_outcome(decision, params.dry_run, promoted, promotion_error, approval)

@@ -7,9 +7,11 @@ answers with the new version, or revert.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from adapters.locks import Held, hold
 from adapters.promotion import Promotion
 from adapters.serving_api import ServingCheck, ServingCheckFailed
 from core.dataset import DatasetConfig
@@ -20,6 +22,17 @@ from tasks.review import champion_schema
 from tasks.serving_check import check_serving
 
 log = logging.getLogger(__name__)
+
+PROMOTION_LOCK_TIMEOUT_SECONDS = 3600
+
+
+def promotion_lock(lock: str, timeout_seconds: float = PROMOTION_LOCK_TIMEOUT_SECONDS) -> AbstractContextManager[Held]:
+    """Hold the model's one-slot promotion lock while deciding and promoting.
+
+    So no run promotes against a stale champion (`tasks.promotion.ensure_promotion_lock` makes the lock); the
+    `Held` says how long it was waited for.
+    """
+    return hold(lock, timeout_seconds=timeout_seconds)
 
 
 def promote_checked(

@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from adapters.clients import mlflow_client
 from adapters.history_store import list_changes, make_change
 from adapters.locks import ensure_lock, hold, promotion_lock_name
+from adapters.model_store import version_exists
 from adapters.promotion import apply_change, reconcile
 from adapters.registry import CHAMPION, PREVIOUS, aliases_of
 from adapters.serving_api import ServingCheck, check_configured_serving
@@ -40,8 +41,6 @@ class RollbackError(PermanentError):
 
 def resolve_target(model_name: str, to_version: str | None) -> tuple[str, str]:
     """The current champion and the version to roll back to; raises RollbackError naming the problem."""
-    from mlflow.exceptions import MlflowException
-
     client = mlflow_client(get_settings())
     aliases = aliases_of(client, model_name)
     current = aliases.get(CHAMPION)
@@ -54,10 +53,8 @@ def resolve_target(model_name: str, to_version: str | None) -> tuple[str, str]:
                 f"{model_name!r} has no `{PREVIOUS}` alias to roll back to; name a version (--to VERSION)"
             )
         to_version = str(previous)
-    try:
-        client.get_model_version(model_name, to_version)
-    except MlflowException as exc:
-        raise RollbackError(f"{model_name!r} has no version {to_version!r}: nothing to roll back to") from exc
+    if not version_exists(get_settings(), model_name, to_version):
+        raise RollbackError(f"{model_name!r} has no version {to_version!r}: nothing to roll back to")
     if to_version == current:
         raise RollbackError(f"{model_name!r} v{to_version} is already the champion: nothing to roll back")
     return current, to_version

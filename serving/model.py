@@ -30,6 +30,7 @@ import pandas as pd
 from pydantic import Field, TypeAdapter
 from typing_extensions import TypedDict
 
+from adapters.model_store import load_pyfunc, run_bytes, run_json
 from adapters.registry import holdout_metrics
 from core.compiled import ONNX_ARTIFACT, TOLERANCE, ArrayForm, OnnxForm, check_parity
 from core.signature import BASELINE_ARTIFACT, Column, ModelLoadError, columns_from_signature
@@ -241,18 +242,14 @@ def check_servable(pipeline: Any, uri: str) -> list[Any]:
 
 def _baseline(run_id: str | None) -> pd.DataFrame | None:
     """The reference record stored with the model for per-prediction contributions (None if absent)."""
-    import json
-
-    import mlflow.artifacts
-
     if not run_id:
         return None
     try:
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{BASELINE_ARTIFACT}")
+        records = run_json(run_id, BASELINE_ARTIFACT)
     except Exception as exc:  # an older model: it serves, without explanations
         log.info("no explanation baseline for run %s (%s)", run_id, type(exc).__name__)
         return None
-    return pd.DataFrame(json.loads(text))
+    return pd.DataFrame(records)
 
 
 def _probe_rows(baseline: pd.DataFrame, columns: list[Column]) -> pd.DataFrame:
@@ -272,11 +269,7 @@ def _plain(value: Any) -> Any:
 
 
 def _onnx_bytes(run_id: str) -> bytes:
-    import mlflow.artifacts
-
-    path = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{ONNX_ARTIFACT}")
-    with open(path, "rb") as file:
-        return file.read()
+    return run_bytes(run_id, ONNX_ARTIFACT)
 
 
 def _parity_facts(tags: dict[str, str]) -> dict[str, Any]:
@@ -331,17 +324,14 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
 
     Raises ModelLoadError naming the version and the cause; never returns a half-loaded model.
     """
-    import mlflow.pyfunc
-
     uri = f"models:/{name}/{version}"
     try:
         details = client.get_model_version(name, version)
-        pyfunc = mlflow.pyfunc.load_model(uri)
-        pipeline = pyfunc.get_raw_model()
+        pipeline, signature = load_pyfunc(uri)
     except Exception as exc:
         raise ModelLoadError(f"{uri} could not be loaded: {type(exc).__name__}: {exc}") from exc
     classes = check_servable(pipeline, uri)
-    columns = columns_from_signature(pyfunc.metadata.signature)
+    columns = columns_from_signature(signature)
     tags = details.tags or {}
     try:  # the holdout metrics the run logged before the version was registered
         logged = client.get_run(details.run_id).data.metrics if details.run_id else {}

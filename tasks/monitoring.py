@@ -17,7 +17,6 @@ from prefect.cache_policies import NO_CACHE
 
 from adapters import monitoring_store, partitioned
 from adapters.cluster import cluster_address
-from adapters.monitoring_store import StoredReport
 from adapters.settings import get_settings
 from adapters.snapshots import read_snapshot
 from core.dataset import DatasetConfig
@@ -35,7 +34,7 @@ from core.drift_analysis import (
     result_json,
 )
 from core.drift_analysis import analyse_window as analyse_one
-from core.drift_report import report_html
+from core.drift_report import StoredReport, report_html
 from core.scoring import ScoringInputError, use_cluster
 from tasks.retrying import IO
 

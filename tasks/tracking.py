@@ -14,8 +14,9 @@ from typing import Any
 import pandas as pd
 from prefect import task
 
-from adapters.clients import mlflow_client, use_tracking_server
+from adapters.clients import mlflow_client
 from adapters.feature_store import service_sources
+from adapters.model_store import LoggedModel, log_sklearn_model, register
 from adapters.registry import champion_version, run_holdout_metrics
 from adapters.settings import get_settings
 from adapters.snapshot_listing import snapshot_listing
@@ -192,30 +193,19 @@ def log_evaluation(
 @task(name="log-model", **IO)
 def log_model(run_id: str, model: Any, train: pd.DataFrame, config: DatasetConfig) -> str:
     """Prefect task: log the pipeline with its signature and an input example; returns the model URI."""
-    import mlflow
-    import mlflow.sklearn
-    from mlflow.models import infer_signature
-
-    use_tracking_server(get_settings())
     example = prepare_inputs(train.head(200), config).dropna().head(5)
     if example.empty:
         example = prepare_inputs(train.head(5), config)
-    signature = infer_signature(prepare_inputs(train.head(1000), config), model.predict(example))
-    # The fluent API refuses a run outside the process's active experiment (a notebook's `set_experiment`, or the
-    # last dataset trained in this process): make the run's own experiment the active one.
-    mlflow.set_experiment(experiment_id=mlflow_client(get_settings()).get_run(run_id).info.experiment_id)
-    with mlflow.start_run(run_id=run_id):
+    logged = LoggedModel(
+        signature_inputs=prepare_inputs(train.head(1000), config),
+        example=example,
         # The reference record that per-prediction contributions are measured against (serving, `?explain=true`).
-        mlflow.log_text(baseline_row(prepare_inputs(train, config)).to_json(orient="records"), BASELINE_ARTIFACT)
-        info = mlflow.sklearn.log_model(
-            model,
-            name=MODEL_ARTIFACT,
-            signature=signature,
-            input_example=example,
-            pip_requirements=MODEL_REQUIREMENTS,
-            skops_trusted_types=skops_trusted_types(model),
-        )
-    return info.model_uri
+        baseline_json=baseline_row(prepare_inputs(train, config)).to_json(orient="records"),
+        baseline_artifact=BASELINE_ARTIFACT,
+        requirements=MODEL_REQUIREMENTS,
+        trusted_types=skops_trusted_types(model),
+    )
+    return log_sklearn_model(get_settings(), run_id, model, MODEL_ARTIFACT, logged)
 
 
 @task(name="log-review", **IO)
@@ -234,12 +224,9 @@ def log_review(run_id: str, review: Review) -> None:
 @task(name="register", **IO)
 def register_model(model_uri: str, model_name: str, run_id: str, tags: dict[str, str]) -> str:
     """Prefect task: register the candidate as a new version of `model_name`; returns the version."""
-    import mlflow
-
-    use_tracking_server(get_settings())
-    version = mlflow.register_model(model_uri, model_name, tags=tags | {"run_id": run_id})
-    log.info("registered %s v%s", model_name, version.version)
-    return str(version.version)
+    version = register(get_settings(), model_uri, model_name, tags | {"run_id": run_id})
+    log.info("registered %s v%s", model_name, version)
+    return version
 
 
 @task(name="record-decision", **IO)
