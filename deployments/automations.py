@@ -60,8 +60,7 @@ RUN_FAILED_SUBJECT = (
 )
 RUN_FAILED_BODY = (
     "error: {{ event.payload.validated_state.message }}\n"
-    "run: {ui}/runs/flow-run/{{ event.resource['prefect.resource.id'] | replace('prefect.flow-run.', '') }}"
-    + ALERT_ID
+    "run: {ui}/runs/flow-run/{{ event.resource['prefect.resource.id'] | replace('prefect.flow-run.', '') }}" + ALERT_ID
 )
 DRIFT_SUBJECT = "[mlops] drift on {{ event.payload.model }}: retraining started"
 DRIFT_BODY = (
@@ -70,8 +69,7 @@ DRIFT_BODY = (
     "retraining: deployment {{ event.payload.deployment }}, dataset {{ event.payload.dataset }}: "
     "{ui}/deployments/deployment/{deployment_id}\n"
     "monitoring run: {{ event.payload.monitoring_run_url or '-' }}\n"
-    "report: {{ event.payload.report_link or '-' }}"
-    + ALERT_ID
+    "report: {{ event.payload.report_link or '-' }}" + ALERT_ID
 )
 CHAMPION_SUBJECT = (
     "[mlops] {{ event.payload.model }}: {{ event.payload.kind }}, champion "
@@ -84,8 +82,7 @@ CHAMPION_BODY = (
     "holdout metrics: {{ event.payload.metrics | tojson }}\n"
     "model card: {{ event.payload.model_card_link or '-' }}\n"
     "MLflow: {{ event.payload.mlflow_model_version or '-' }}\n"
-    "Prefect run: {{ event.payload.prefect_flow_run or '-' }}"
-    + ALERT_ID
+    "Prefect run: {{ event.payload.prefect_flow_run or '-' }}" + ALERT_ID
 )
 
 ZOMBIE_AUTOMATION = "mlops-crash-zombie-runs"
