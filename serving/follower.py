@@ -58,6 +58,7 @@ class ChampionFollower:
         self._failed: tuple[str, float] | None = None
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self.checked = asyncio.Event()  # set after the first check (loaded, failed, or no alias)
         self._client: Any = None
 
     @property
@@ -121,9 +122,10 @@ class ChampionFollower:
         self._wake.set()
 
     async def run(self) -> None:
-        """Poll forever (cancel to stop)."""
+        """Poll forever (cancel to stop); `checked` is set once the first look at the alias is done."""
         while True:
             await self.check()
+            self.checked.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.serving_poll_seconds)
             self._wake.clear()

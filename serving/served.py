@@ -30,6 +30,8 @@ from serving.prediction_log import MemoryPredictionLog, PredictionLog, SpooledPr
 
 log = logging.getLogger(__name__)
 
+DEFAULT_FIRST_SECONDS = 60.0
+
 
 def prediction_log_for(settings: Settings, name: str, metrics: ServingMetrics) -> PredictionLog:
     """Model `name`'s prediction log (the spool, or the in-memory buffer), counting into its metrics."""
@@ -181,7 +183,13 @@ class ModelSet:
         self._wake.set()
 
     async def run(self) -> None:
-        """Read the catalog now and every `serving_catalog_poll_seconds` (or when woken) forever (cancel to stop)."""
+        """Read the catalog every `serving_catalog_poll_seconds` (or when woken) forever (cancel to stop).
+
+        The first read waits (up to `DEFAULT_FIRST_SECONDS`) until the default model's first load is done, so a
+        long catalog does not hold back what /predict and /ready answer with.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.default.follower.checked.wait(), timeout=DEFAULT_FIRST_SECONDS)
         while True:
             await self.refresh()
             with contextlib.suppress(TimeoutError):
