@@ -319,10 +319,12 @@ def materialize(settings: Settings, end: datetime | None = None) -> Materialized
     """
     store = feature_store(settings)
     end = end or datetime.now(UTC)
+    online = [view for view in store.list_feature_views() if view.online]
+    if online:  # this machine's online store gets the views' tables (a worker elsewhere has a store of its own)
+        store.apply([*store.list_entities(), *online], partial=True)
     by_ttl: dict[timedelta | None, list[str]] = {}
-    for view in store.list_feature_views():
-        if view.online:
-            by_ttl.setdefault(view.ttl or None, []).append(view.name)
+    for view in online:
+        by_ttl.setdefault(view.ttl or None, []).append(view.name)
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
     starts = []
     for ttl, views in by_ttl.items():

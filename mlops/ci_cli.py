@@ -281,7 +281,7 @@ def _run_deployment(
         run = run_deployment(full_name, timeout=0, tags=tags or None, parameters=parameters)
     except ObjectNotFound:
         typer.secho(
-            f"error: no deployment {full_name!r}: add the model (`mlops models add`) and run `mlops deploy`",
+            f"error: no deployment {full_name!r}: add the model (`mlops models add`) and run `mlops deploy` first",
             fg=typer.colors.RED,
             err=True,
         )
