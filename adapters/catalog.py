@@ -109,6 +109,14 @@ def _keep_version(client: Any, settings: Settings, model: str, text: str, suffix
     return location.uri
 
 
+def taken(model: str, uri: str) -> CatalogError:
+    """The error for a model name already in the catalog."""
+    return CatalogError(
+        f"model {model!r} (field model_name) is already in the catalog ({uri}): "
+        "give the config another model_name, or `mlops models add --replace` to store a new version of it"
+    )
+
+
 def put_entry(settings: Settings, config: DatasetConfig, text: str, replace: bool = False) -> CatalogEntry:
     """Store `config` (its YAML `text`) as its model's catalog entry; the replaced version is kept.
 
@@ -119,10 +127,7 @@ def put_entry(settings: Settings, config: DatasetConfig, text: str, replace: boo
     location = entry_location(settings, config.model_name)
     current = _get_text(client, location)
     if current is not None and not replace:
-        raise CatalogError(
-            f"model {config.model_name!r} (field model_name) is already in the catalog ({location.uri}): "
-            "give the config another model_name, or `mlops models add --replace` to store a new version of it"
-        )
+        raise taken(config.model_name, location.uri)
     if current is not None:
         kept = _keep_version(client, settings, config.model_name, current)
         log.info("kept the replaced config of %s as %s", config.model_name, kept)

@@ -23,6 +23,7 @@ from adapters.catalog import (
     get_entry,
     put_entry,
     read_config_text,
+    taken,
 )
 from adapters.clients import mlflow_client, s3_client
 from adapters.registry import CHAMPION, aliases_of, run_holdout_metrics
@@ -160,8 +161,8 @@ def add_model(ref: str, settings: Settings, replace: bool = False) -> CatalogEnt
     """Check the config at `ref` (bundled name, path or s3:// URI) and store it as its model's catalog entry."""
     text, origin = read_config_text(ref, settings)
     config = check_config(text, origin, settings)
-    if not replace and get_entry(settings, config.model_name) is not None:
-        put_entry(settings, config, text, replace=False)  # raises CatalogError naming the model and field
+    if not replace and (found := get_entry(settings, config.model_name)) is not None:
+        raise taken(config.model_name, found.uri)  # before the feature repository is applied
     _apply_feature_repo(config, origin, settings)
     return put_entry(settings, config, text, replace=replace)
 
