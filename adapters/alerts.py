@@ -321,11 +321,14 @@ def undelivered_alerts(since: datetime, grace: timedelta = timedelta(seconds=30)
         if event.payload.get("action_type") == "send-notification"
     } | {(event.payload.get("automation_resource"), _triggering_event_id(event)) for event in resent}
     cutoff = datetime.now(UTC) - grace
-    missed = []
+    missed, seen = [], set()
     for event in fired:
         trigger = event.payload.get("triggering_event") or {}
-        if (event.resource.id, trigger.get("id")) in delivered or event.occurred > cutoff:
+        key = (event.resource.id, trigger.get("id"))
+        # one alert per automation and triggering event (its idempotency key): Prefect may record a firing twice
+        if key in delivered or key in seen or event.occurred > cutoff:
             continue
+        seen.add(key)
         name, action = notifying[event.resource.id]
         missed.append(
             MissedAlert(

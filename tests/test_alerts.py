@@ -366,7 +366,9 @@ def test_alert_missed_while_the_endpoint_is_down_is_not_retried_by_prefect_but_f
         return [m for m in undelivered_alerts(since, grace=timedelta(0)) if run_id in m.body]
 
     wait_for(missed, 30, "the missed alert in the events", interval=1)
-    [alert] = missed()
+    found = missed()
+    assert len(found) == 1, [(m.automation, m.automation_resource, m.triggering_event.get("id")) for m in found]
+    [alert] = found
     assert alert.automation == RUN_FAILED_AUTOMATION and alert.event == "prefect.flow-run.Failed"
     assert f"{stack.prefect_ui_url}/runs/flow-run/{run_id}" in alert.body and "data validation failed" in alert.body
     # and sent again, once, by `mlops alerts resend` (which lists it first with --dry-run); then it is no
