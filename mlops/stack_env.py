@@ -1,0 +1,79 @@
+"""Where the local stack's processes find their programs and each other: console scripts, addresses, variables.
+
+`client_env` is the environment that points any process (the CLI's runs, a worker and its flows, the serving
+API) at this stack; the servers' own environments are in `mlops.stack_servers`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from adapters.settings import Settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Client settings for every process that runs flows (set before Prefect and MLflow load): our
+# standard-library loggers go to the Prefect UI; analytics, telemetry and progress bars are off.
+CLIENT_DEFAULTS = {
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,core,adapters,services,tasks,flows",
+    # The same loggers also run outside flows (`mlops rollback`, the serving API): log locally, no warning.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Bound MLflow's own HTTP retries (7 with long backoff by default); Prefect's task retries come on top.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+def console_script(name: str) -> str:
+    """Path of a console script installed beside the running interpreter."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def s3_env(settings: Settings) -> dict[str, str]:
+    """The S3 credentials and region, under the variables boto3 and SeaweedFS read."""
+    return {
+        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id,
+        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
+        "AWS_DEFAULT_REGION": settings.aws_region,
+    }
+
+
+def client_env(settings: Settings) -> dict[str, str]:
+    """Environment that points a process (the CLI's runs, a worker and its flows) at this stack."""
+    return (
+        s3_env(settings)
+        | {
+            "MLOPS_HOST": settings.host,
+            "MLOPS_STATE_DIR": str(settings.state_dir.resolve()),
+            "MLOPS_S3_PORT": str(settings.s3_port),
+            "MLOPS_MLFLOW_PORT": str(settings.mlflow_port),
+            "MLOPS_PREFECT_PORT": str(settings.prefect_port),
+            "MLOPS_BUCKET": settings.bucket,
+            "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+            "AWS_ENDPOINT_URL_S3": settings.s3_endpoint_url,
+            "PREFECT_API_URL": settings.prefect_api_url,
+            "MLOPS_SERVING_PORT": str(settings.serving_port),
+            "MLOPS_SERVING_MODEL": settings.serving_model,
+            # Training checks after a promotion that this serving API switched to the new champion.
+            "MLOPS_SERVING_URL": settings.serving_url or settings.local_serving_url,
+            # Flows find the local Dask scheduler on this port (adapters.cluster.cluster_address).
+            "MLOPS_DASK_WORKERS": str(settings.dask_workers),
+            "MLOPS_DASK_SCHEDULER_PORT": str(settings.dask_scheduler_port),
+        }
+        | CLIENT_DEFAULTS
+    )
+
+
+def dask_address(settings: Settings) -> str:
+    """The local Dask scheduler's address."""
+    return f"tcp://{settings.host}:{settings.dask_scheduler_port}"
+
+
+def dask_dashboard_url(settings: Settings) -> str:
+    """The local Dask scheduler's dashboard (127.0.0.1 unless MLOPS_HOST says otherwise)."""
+    return f"http://{settings.host}:{settings.dask_dashboard_port}/status"
