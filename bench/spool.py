@@ -46,10 +46,11 @@ VARIANTS = {  # name -> server environment
 
 def _record_cost(records: list[dict], calls: int = 2000) -> dict:
     """Per-call time of `record()` for one scored record: the spool (temp folder; both syncs), the memory log."""
-    from serving.prediction_log import MemoryPredictionLog, SpooledPredictionLog
+    from serving.prediction_log import MemoryPredictionLog, ScoredBatch, SpooledPredictionLog
 
     frame = pd.DataFrame.from_records(records[:1])
     scores, request_ids, index = np.array([[0.3, 0.7]]), np.array(["r"], dtype=object), np.zeros(1, dtype="int64")
+    batch = ScoredBatch(frame, scores, [0, 1], request_ids, "1", None, index)
     out = {}
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(state_dir=Path(folder))
@@ -64,7 +65,7 @@ def _record_cost(records: list[dict], calls: int = 2000) -> dict:
             times = []
             for _ in range(calls):
                 started = time.perf_counter()
-                log.record(frame, scores, [0, 1], request_ids, "1", None, index)
+                log.record(batch)
                 times.append(time.perf_counter() - started)
             lat = np.array(times) * 1e3
             out[name] = {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}

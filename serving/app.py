@@ -60,7 +60,7 @@ from serving.metrics import (
 )
 from serving.model import BODY_KEYS, LoadedModel
 from serving.online_features import FeatureLookupError, OnlineFeatures
-from serving.prediction_log import PredictionLog
+from serving.prediction_log import PredictionLog, ScoredBatch
 from serving.served import ModelSet, ServedModel, workers_of
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,9 @@ class Runtime:
                 record_ids = [i for job in jobs for i in (job.ids or [None] * len(job.records))]
             record_index = [i for job in jobs for i in range(len(job.records))]
         model = jobs[0].model
-        prediction_log.record(columns, scores, model.classes, request_ids, model.version, record_ids, record_index)
+        prediction_log.record(
+            ScoredBatch(columns, scores, model.classes, request_ids, model.version, record_ids, record_index)
+        )
 
     async def start(self) -> None:
         """Start batching, the default model, reading the catalog (its models start from there)."""

@@ -22,19 +22,20 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import numpy as np
     from adapters.settings import Settings
-    from serving.prediction_log import SpooledPredictionLog
+    from adapters.prediction_spool import CONVERTER
+    from serving.prediction_log import ScoredBatch, SpooledPredictionLog
 
     log = SpooledPredictionLog(Settings(state_dir=Path(sys.argv[1])), "m")
     log.spool.open()
     columns = {"age": np.array([30.0, np.nan, 41.5]), "region": np.array(["north", None, "\\x00null"], dtype=object)}
     for i in range(50):
-        log.record(columns, np.full((3, 2), 0.5), [0, 1], [f"r{i}"] * 3, "7", ["a", None, "c"], [0, 1, 2])
+        log.record(ScoredBatch(columns, np.full((3, 2), 0.5), [0, 1], [f"r{i}"] * 3, "7", ["a", None, "c"], [0, 1, 2]))
     log.spool.roll()
     [segment] = log.spool.closed_segments()
-    body, rows, torn = log._convert(segment)
+    body, rows, torn = log.uploader.convert(segment)
     Path(sys.argv[2]).write_bytes(body)
     print(rows, torn, segment, flush=True)
-    [child] = log._converter._processes  # the converter's pid, for the test to watch
+    [child] = CONVERTER.pool._processes  # the converter's pid, for the test to watch
     print(child, flush=True)
     time.sleep(600)
     """
@@ -50,7 +51,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_converter_writes_what_the_serving_process_would_and_dies_with_it(tmp_path):
-    from serving.prediction_log import segment_parquet
+    from adapters.prediction_spool import segment_parquet
 
     # Given a serving-like process that spooled 150 records and had its segment converted by the converter
     out = tmp_path / "converted.parquet"

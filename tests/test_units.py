@@ -391,9 +391,10 @@ def test_duplicate_log_rows_are_dropped_by_request_and_record_index_only():
 
 def test_spool_segments_are_durable_lines_uploaded_once_and_orphans_are_adopted(tmp_path, monkeypatch, caplog):
     """The spool's file logic, with S3 replaced by a dict (the real S3 is in tests/test_faults_serving.py)."""
+    from adapters import prediction_spool
+    from adapters.prediction_spool import read_segment
     from adapters.settings import Settings
-    from serving import prediction_log
-    from serving.prediction_log import SpooledPredictionLog, read_segment
+    from serving.prediction_log import ScoredBatch, SpooledPredictionLog
 
     uploaded: dict[str, bytes] = {}
     failing = {"on": False}
@@ -404,7 +405,7 @@ def test_spool_segments_are_durable_lines_uploaded_once_and_orphans_are_adopted(
                 raise ConnectionError("S3 down")
             uploaded[Key] = Body
 
-    monkeypatch.setattr(prediction_log, "s3_client", lambda settings: FakeS3())
+    monkeypatch.setattr(prediction_spool, "s3_client", lambda settings: FakeS3())
     settings = Settings(state_dir=tmp_path, serving_spool_max_bytes=4096)
     events: list[tuple[str, int]] = []
 
@@ -415,7 +416,7 @@ def test_spool_segments_are_durable_lines_uploaded_once_and_orphans_are_adopted(
 
     def record(log, request_id: str) -> None:
         frame = pd.DataFrame({"x": [1.0]})
-        log.record(frame, np.array([[0.3, 0.7]]), [0, 1], np.array([request_id]), "1", None, np.array([0]))
+        log.record(ScoredBatch(frame, np.array([[0.3, 0.7]]), [0, 1], np.array([request_id]), "1", None, np.array([0])))
 
     # Given a process that spooled 3 predictions and died (its lock released, segment left on disk)
     dead = spooled()
@@ -466,17 +467,18 @@ def test_spool_sync_modes_write_before_the_answer_and_sync_when_told(tmp_path, m
     always: fdatasync inside `record`. Counted through os.fdatasync itself."""
     import os
 
+    from adapters import prediction_spool
+    from adapters.prediction_spool import read_segment
     from adapters.settings import Settings
-    from serving import prediction_log
-    from serving.prediction_log import SpooledPredictionLog, read_segment
+    from serving.prediction_log import ScoredBatch, SpooledPredictionLog
 
     synced: list[int] = []
     real = os.fdatasync
-    monkeypatch.setattr(prediction_log.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    monkeypatch.setattr(prediction_spool.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
     frame = pd.DataFrame({"x": [1.0]})
 
     def record(log, request_id: str) -> None:
-        log.record(frame, np.array([[0.3, 0.7]]), [0, 1], np.array([request_id]), "1", None, np.array([0]))
+        log.record(ScoredBatch(frame, np.array([[0.3, 0.7]]), [0, 1], np.array([request_id]), "1", None, np.array([0])))
 
     batch = SpooledPredictionLog(Settings(state_dir=tmp_path / "b", serving_spool_sync="batch"), "m")
     batch.spool.open()
@@ -512,9 +514,10 @@ def test_the_serving_check_counts_every_worker_process_not_the_one_that_answered
 
 def test_spool_records_strided_arrays_a_batch_cut_from_a_matrix(tmp_path):
     """Columns cut from a 2-d batch and a class slice of the scores are strided views: they are logged all the same."""
+    from adapters.prediction_spool import read_segment
     from adapters.settings import Settings
     from core.prediction_log import spooled_table
-    from serving.prediction_log import SpooledPredictionLog, read_segment
+    from serving.prediction_log import ScoredBatch, SpooledPredictionLog
 
     events: list[tuple[str, int]] = []
     log = SpooledPredictionLog(
@@ -525,7 +528,7 @@ def test_spool_records_strided_arrays_a_batch_cut_from_a_matrix(tmp_path):
     columns = {"a": matrix[:, 0], "b": matrix[::1, 2]}  # Fortran order: a row-wise view is not C-contiguous
     scores = np.arange(16, dtype="float64").reshape(4, 4)[:, 1:3]  # two classes sliced from four: strided
     assert not columns["a"].flags["C_CONTIGUOUS"] or not scores.flags["C_CONTIGUOUS"]
-    log.record(columns, scores, [0, 1], ["r"] * 4, "1", None, list(range(4)))
+    log.record(ScoredBatch(columns, scores, [0, 1], ["r"] * 4, "1", None, list(range(4))))
     (segment,) = log.spool.folder.glob("*.jsonl")
     lines, _ = read_segment(segment)
     table = spooled_table(lines)
