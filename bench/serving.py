@@ -128,7 +128,7 @@ def _in_process(settings: Any, model_name: str, version: str, records: list[dict
     from threadpoolctl import threadpool_limits
 
     from core.review import predict_times_ms
-    from serving.app import decode_records
+    from serving.forms import decode_records
     from serving.model import load_version
 
     use_tracking_server(settings)

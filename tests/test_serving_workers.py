@@ -26,17 +26,11 @@ from adapters.promotion import promote_version, revert_promotion
 from adapters.settings import Settings, get_settings
 from core.signature import Column
 from mlops.stack import running
-from serving.app import (
-    BadRequest,
-    Runtime,
-    _serving_env,
-    decode_records,
-    parse_records,
-    record_ids,
-    validate_records,
-)
+from serving.app import _serving_env
 from serving.batching import MicroBatcher
+from serving.forms import BadRequest, decode_records, parse_records, record_ids, validate_records
 from serving.model import LoadedModel
+from serving.runtime import Runtime
 from tests.ports import free_port
 from tests.test_serving import FAST_SEARCH, WEAK_SEARCH, _bin, _config, _records, _rows, _train
 from tests.waiting import wait_for

@@ -18,7 +18,7 @@ from core.features import prepare_inputs
 from core.prediction_log import Entry, to_table
 from core.scoring import PredictionStats, PredictionTally, ScoringSummary, predict_chunk
 from core.signature import Column, ModelLoadError
-from serving.app import answer, explain_records
+from serving.forms import answer, explain_records
 from serving.model import LoadedModel, check_servable
 from tests.task_types import diabetes_config, diabetes_frame, fit, multiclass_config, multiclass_frame
 

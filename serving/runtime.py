@@ -1,0 +1,287 @@
+"""What one serving app runs: its served models, the micro-batcher they share, metrics, and its answers.
+
+`Runtime.predict` answers a prediction request from its ASGI scope (for `serving.app.PredictPath`, ahead of
+FastAPI's routing, and for the routes alike); `/reload` and the other worker processes reach each other
+through signal files in the metrics folder, watched by every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from adapters.settings import Settings
+from serving.batching import Job, MicroBatcher
+from serving.follower import ChampionFollower
+from serving.forms import (
+    BadRequest,
+    answer,
+    decode_records,
+    explain_records,
+    parse_records,
+    record_ids,
+    validate_records,
+)
+from serving.metrics import ServingMetrics, forget_dead_processes
+from serving.model import LoadedModel
+from serving.online_features import FeatureLookupError, OnlineFeatures
+from serving.prediction_log import PredictionLog, ScoredBatch
+from serving.request_io import (
+    JSON_HEADERS,
+    ClientGone,
+    encoded_answer,
+    explain_asked,
+    predict_headers,
+    receive_body,
+    token_problem,
+)
+from serving.served import ModelSet, ServedModel
+
+log = logging.getLogger(__name__)
+
+RELOAD_SIGNAL = "reload"  # a file in the metrics folder: touched by /reload, watched by every worker process
+CATALOG_SIGNAL = "catalog"  # the same, for re-reading the model catalog
+RELOAD_WATCH_SECONDS = 0.2
+PREDICT_PATHS = frozenset({"/predict", "/invocations"})  # the default model's prediction paths
+
+
+class Runtime:
+    """Everything one app instance runs: the served models, the micro-batcher they share, metrics.
+
+    Each served model (`serving.served.ServedModel`) has its champion follower and its prediction log.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ServingMetrics()
+        self.models = ModelSet(settings, lambda name: ServedModel(settings, name, self.metrics, self._swapped))
+        self.default = self.models.default
+        self.batcher = MicroBatcher(
+            max_rows=max(settings.serving_max_records, 1),
+            on_scored=self._scored,
+            threads=settings.serving_threads,
+            # logging a batch that waits for the disk must not run on the event loop (nor one request at a time)
+            inline=not self.default.log.syncs_each_write,
+        )
+        self._tasks: list[asyncio.Task] = []
+        self.online = OnlineFeatures(settings, self.metrics.registry)  # feature store lookups
+
+    @property
+    def follower(self) -> ChampionFollower:
+        """The default model's follower."""
+        return self.default.follower
+
+    @property
+    def prediction_log(self) -> PredictionLog:
+        """The default model's prediction log."""
+        return self.default.log
+
+    def _swapped(self, model: LoadedModel) -> None:
+        """After a swap: metrics, and the other worker processes are asked to look now, not at their next poll."""
+        self.metrics.served(model.name, model.version, model.form)
+        self.signal_reload()
+
+    def _signal(self, name: str) -> Path | None:
+        folder = self.metrics.multiprocess_dir
+        return None if folder is None else folder / name
+
+    @property
+    def reload_signal(self) -> Path | None:
+        """The file whose change makes every worker process check the registry (None with one process)."""
+        return self._signal(RELOAD_SIGNAL)
+
+    def signal_reload(self, catalog: bool = False) -> None:
+        """Ask every worker process to check the registry now (and re-read the catalog, with `catalog`)."""
+        for name in (RELOAD_SIGNAL, CATALOG_SIGNAL) if catalog else (RELOAD_SIGNAL,):
+            if (path := self._signal(name)) is not None:
+                with open(path, "a"):
+                    os.utime(path)
+
+    def wake_all(self) -> None:
+        """Every served model's follower checks the registry now."""
+        for served in list(self.models.models.values()):
+            served.follower.wake()
+
+    async def _watch_reloads(self) -> None:
+        """Wake the followers (or the catalog reader) when another process signals (a stat per interval: cheap)."""
+        signals = {self._signal(RELOAD_SIGNAL): self.wake_all, self._signal(CATALOG_SIGNAL): self.models.wake}
+        seen = {path: _mtime(path) for path in signals}
+        while True:
+            await asyncio.sleep(RELOAD_WATCH_SECONDS)
+            for path, wake in signals.items():
+                now = _mtime(path)
+                if now != seen[path]:
+                    seen[path] = now
+                    wake()
+
+    async def all_serve(self, name: str, version: str | None, timeout: float) -> dict[int, str | None]:
+        """Wait (up to `timeout`) until every live worker process serves `version` of model `name`.
+
+        Returns pid -> the version each live process serves (None: not loaded there).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            live, served = await asyncio.to_thread(self.metrics.snapshot)
+            by_pid = served.get(name, {})
+            workers = {pid: by_pid.get(pid) for pid in sorted(live | set(by_pid))}
+            if version is None or set(workers.values()) <= {version} or time.monotonic() >= deadline:
+                return workers
+            await asyncio.sleep(0.1)
+
+    def _scored(self, jobs: list[Job], columns: dict[str, np.ndarray], scores: np.ndarray) -> None:
+        """After a batch call: count it for its model and log its predictions in the model's log."""
+        served: ServedModel = jobs[0].context or self.default
+        rows = len(scores)
+        served.batch_rows.observe(rows)
+        served.records.inc(rows)
+        self._log_predictions(served.log, jobs, columns, scores)
+
+    @staticmethod
+    def _log_predictions(
+        prediction_log: PredictionLog, jobs: list[Job], columns: dict[str, np.ndarray], scores: np.ndarray
+    ) -> None:
+        if len(jobs) == 1:  # the usual case: plain lists, no numpy call per request
+            job = jobs[0]
+            size = len(job.records)
+            request_ids: list[str] = [job.request_id] * size
+            record_ids = job.ids
+            record_index: Any = range(size)
+        else:
+            request_ids = [job.request_id for job in jobs for _ in job.records]
+            record_ids = None
+            if any(job.ids is not None for job in jobs):
+                record_ids = [i for job in jobs for i in (job.ids or [None] * len(job.records))]
+            record_index = [i for job in jobs for i in range(len(job.records))]
+        model = jobs[0].model
+        prediction_log.record(
+            ScoredBatch(columns, scores, model.classes, request_ids, model.version, record_ids, record_index)
+        )
+
+    async def start(self) -> None:
+        """Start batching, the default model, reading the catalog (its models start from there)."""
+        self.batcher.start()
+        folder = self.metrics.multiprocess_dir
+        if folder is not None and (dead := forget_dead_processes(folder)):
+            log.info("worker processes %s are gone: their gauges are dropped", dead)
+        self.metrics.worker.set(1)
+        await self.models.start()
+        self._tasks.append(asyncio.create_task(self.models.run(), name="catalog-reader"))
+        if self.metrics.multiprocess_dir is not None:
+            self._tasks.append(asyncio.create_task(self._watch_reloads(), name="reload-watcher"))
+        log.info("serving %s; registry %s", self.follower.following, self.settings.mlflow_tracking_uri)
+
+    async def stop(self) -> None:
+        """Stop reading the catalog, finish batching, stop every model (their logs write the last predictions)."""
+        for task in self._tasks:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        await self.batcher.stop()
+        await self.models.stop()
+
+    async def reload_model(self, name: str, timeout: float) -> dict[str, Any]:
+        """Check model `name`'s alias now; then wait (up to `timeout`) until every process serves what this one does."""
+        served = self.models.get(name)
+        if served is None:  # it left the catalog meanwhile
+            return {"changed": False, "version": None, "error": "not served any more", "workers": []}
+        follower = served.follower
+        changed = await follower.check(force=True)
+        version = follower.current.version if follower.current else None
+        if self.reload_signal is not None:
+            by_pid = await self.all_serve(name, version, timeout)
+        else:
+            by_pid = {os.getpid(): version}
+        workers = [{"pid": pid, "version": v} for pid, v in sorted(by_pid.items())]
+        return {"changed": changed, "version": version, "error": follower.last_error, "workers": workers}
+
+    def resolve(self, path: str) -> ServedModel | None:
+        """The served model a prediction path is for: /predict and /invocations the default; None if not served."""
+        if path in PREDICT_PATHS:
+            return self.default
+        return self.models.get(path.split("/", 3)[2])
+
+    def not_served(self, name: str) -> dict[str, Any]:
+        """The 404 answer's content for a model name this API does not serve."""
+        served = self.models.names()
+        return {"detail": f"model {name!r} is not served here; served models: {served}", "served": served}
+
+    async def read_records(
+        self, body: bytes, model: LoadedModel
+    ) -> tuple[list[dict[str, Any]], list[str | None] | None]:
+        """The body's records, validated against `model`, and their ids; raises BadRequest."""
+        if not model.feature_service:
+            return decode_records(model, body, self.settings.serving_max_records)
+        key, raw = parse_records(body, self.settings.serving_max_records)
+        # store features the records leave out come from the online store, by id
+        try:
+            raw = await self.online.enrich(model.feature_service, model.id_field, key, raw)
+        except FeatureLookupError as exc:
+            raise BadRequest(422, exc.errors) from exc
+        records = validate_records(model, key, raw)
+        return records, record_ids(model, key, raw)
+
+    async def predict(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """Answer one /predict (or /invocations, or /models/<name>/...) request from its ASGI scope.
+
+        Returns status, JSON body, headers: 404 naming a model not served here, 503 for one not loaded. Used
+        by `PredictPath` (ahead of FastAPI's routing) and by the FastAPI routes alike. Raises ClientGone when
+        the client left before its body was read.
+        """
+        given_id, authorization, declared = predict_headers(scope)
+        path = scope["path"]
+        token = self.settings.serving_token
+        if token is not None and (detail := token_problem(token, authorization, path[1:])) is not None:
+            return 401, orjson.dumps({"detail": detail}), [*JSON_HEADERS, (b"www-authenticate", b"Bearer")]
+        request_id = given_id or uuid.uuid4().hex
+        served = self.resolve(path)
+        if served is None:
+            return encoded_answer(404, self.not_served(path.split("/", 3)[2]) | {"request_id": request_id}, request_id)
+        follower = served.follower
+        model = follower.current  # this request finishes on this model, whatever is swapped meanwhile
+        if model is None:
+            error = follower.last_error
+            detail = f"not serving: {error}" if error else f"no model loaded yet for {follower.following}"
+            return encoded_answer(503, {"detail": detail, "request_id": request_id}, request_id)
+        explain = bool(scope.get("query_string")) and explain_asked(scope["query_string"])
+        try:
+            if explain and model.baseline is None:
+                why = "no baseline was stored with it"
+                raise BadRequest.at(422, ["query", "explain"], f"v{model.version} cannot explain: {why}", "explain")
+            body = await receive_body(receive, declared, self.settings.serving_max_body_bytes)
+            records, ids = await self.read_records(body, model)
+            scored = await self.batcher.score(model, records, request_id, ids, served)
+            explained = await asyncio.to_thread(explain_records, model, records, scored.scores) if explain else None
+        except BadRequest as exc:
+            return encoded_answer(exc.status, {"detail": exc.errors, "request_id": request_id}, request_id)
+        except ClientGone:
+            raise
+        except Exception as exc:
+            log.exception("request %s failed", request_id)
+            detail = f"prediction failed: {type(exc).__name__}"
+            return encoded_answer(500, {"detail": detail, "request_id": request_id}, request_id)
+        answered = answer(model, scored.scores, request_id)
+        if explained is not None:
+            for prediction, extra in zip(answered["predictions"], explained, strict=True):
+                prediction.update(extra)
+        return encoded_answer(200, answered, request_id)
+
+
+def worker_count(settings: Settings) -> int:
+    """Serving processes to run: `serving_workers`, or one per CPU core when it is 0."""
+    return settings.serving_workers or os.cpu_count() or 1
+
+
+def _mtime(path: os.PathLike | None) -> float | None:
+    try:
+        return os.stat(path).st_mtime_ns if path is not None else None
+    except FileNotFoundError:
+        return None
