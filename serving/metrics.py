@@ -46,68 +46,10 @@ class ServingMetrics:
         self.multiprocess_dir = multiprocess_dir()
         self._served: dict[str, str] = {}  # model -> the version this process serves
         self._forms: dict[str, str] = {}  # model -> its inference form in this process
-        by_path = ["model", "path", "status"]
-        self.requests = Counter("mlops_serving_requests_total", "HTTP requests.", by_path, registry=r)
-        self.errors = Counter(
-            "mlops_serving_errors_total", "Requests answered with a 4xx or 5xx status.", by_path, registry=r
-        )
-        self.latency = Histogram(
-            "mlops_serving_request_seconds",
-            "Request latency.",
-            ["model", "path"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.records = Counter("mlops_serving_predicted_records_total", "Records predicted.", ["model"], registry=r)
-        self.batch_rows = Histogram(
-            "mlops_serving_batch_rows",
-            "Rows per model call (micro-batches).",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.model_version = Gauge(
-            "mlops_serving_model_version",
-            "Registry version served (0 before a model is loaded); across processes the latest swap's.",
-            ["model"],
-            registry=r,
-            multiprocess_mode="livemostrecent",
-        )
-        self.model_info = Gauge(
-            "mlops_serving_model_info",
-            "The model served (value 1; 0 for one served before); across processes one series per pid.",
-            ["name", "version"],
-            registry=r,
-            multiprocess_mode="liveall",
-        )
-        self.inference_form = Gauge(
-            "mlops_serving_inference_form",
-            "How the served model runs (value 1 for the current form): onnx (compiled, parity checked), "
-            "exact-arrays (fitted steps on arrays, bit-identical) or pipeline.",
-            ["model", "form"],
-            registry=r,
-            multiprocess_mode="liveall",
-        )
-        self.reloads = Counter("mlops_serving_reloads_total", "Model loads by result.", ["model", "result"], registry=r)
-        self.prediction_log = Counter(
-            "mlops_serving_prediction_log_rows_total",
-            "Logged prediction rows: written to S3, failed (kept for a retry) or dropped (spool or buffer full).",
-            ["model", "result"],
-            registry=r,
-        )
-        self.spool_bytes = Gauge(
-            "mlops_serving_prediction_spool_bytes",
-            "Bytes of answered predictions in the spool, not yet confirmed by S3 (summed over live processes).",
-            ["model"],
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.worker = Gauge(
-            "mlops_serving_worker_up",
-            "1 for each live serving process (one series per pid across processes).",
-            registry=r,
-            multiprocess_mode="liveall",
-        )
+        # created in this order: the exposition lists them so
+        self.requests, self.errors, self.latency, self.records, self.batch_rows = _request_series(r)
+        self.model_version, self.model_info, self.inference_form, self.reloads = _model_series(r)
+        self.prediction_log, self.spool_bytes, self.worker = _log_and_process_series(r)
 
     def served(self, name: str, version: str, form: str = "pipeline") -> None:
         """Record a swap of model `name` to v`version`, run in inference `form`."""
@@ -187,6 +129,81 @@ class ServingMetrics:
                         ]
         served = {name: {pid: v for pid, v in by_pid.items() if _alive(pid)} for name, by_pid in served.items()}
         return {pid for pid in live if _alive(pid)} | {p for by_pid in served.values() for p in by_pid}, served
+
+
+def _request_series(r: CollectorRegistry) -> tuple[Counter, Counter, Histogram, Counter, Histogram]:
+    """Requests, errors and latency per model, path (and status); records predicted and rows per model call."""
+    by_path = ["model", "path", "status"]
+    requests = Counter("mlops_serving_requests_total", "HTTP requests.", by_path, registry=r)
+    errors = Counter("mlops_serving_errors_total", "Requests answered with a 4xx or 5xx status.", by_path, registry=r)
+    latency = Histogram(
+        "mlops_serving_request_seconds",
+        "Request latency.",
+        ["model", "path"],
+        buckets=LATENCY_BUCKETS,
+        registry=r,
+    )
+    records = Counter("mlops_serving_predicted_records_total", "Records predicted.", ["model"], registry=r)
+    batch_rows = Histogram(
+        "mlops_serving_batch_rows",
+        "Rows per model call (micro-batches).",
+        ["model"],
+        buckets=BATCH_BUCKETS,
+        registry=r,
+    )
+    return requests, errors, latency, records, batch_rows
+
+
+def _model_series(r: CollectorRegistry) -> tuple[Gauge, Gauge, Gauge, Counter]:
+    """What each model serves: its version, its info series, its inference form; its loads by result."""
+    model_version = Gauge(
+        "mlops_serving_model_version",
+        "Registry version served (0 before a model is loaded); across processes the latest swap's.",
+        ["model"],
+        registry=r,
+        multiprocess_mode="livemostrecent",
+    )
+    model_info = Gauge(
+        "mlops_serving_model_info",
+        "The model served (value 1; 0 for one served before); across processes one series per pid.",
+        ["name", "version"],
+        registry=r,
+        multiprocess_mode="liveall",
+    )
+    inference_form = Gauge(
+        "mlops_serving_inference_form",
+        "How the served model runs (value 1 for the current form): onnx (compiled, parity checked), "
+        "exact-arrays (fitted steps on arrays, bit-identical) or pipeline.",
+        ["model", "form"],
+        registry=r,
+        multiprocess_mode="liveall",
+    )
+    reloads = Counter("mlops_serving_reloads_total", "Model loads by result.", ["model", "result"], registry=r)
+    return model_version, model_info, inference_form, reloads
+
+
+def _log_and_process_series(r: CollectorRegistry) -> tuple[Counter, Gauge, Gauge]:
+    """The prediction log's rows by result and its spool's bytes per model; each live serving process."""
+    prediction_log = Counter(
+        "mlops_serving_prediction_log_rows_total",
+        "Logged prediction rows: written to S3, failed (kept for a retry) or dropped (spool or buffer full).",
+        ["model", "result"],
+        registry=r,
+    )
+    spool_bytes = Gauge(
+        "mlops_serving_prediction_spool_bytes",
+        "Bytes of answered predictions in the spool, not yet confirmed by S3 (summed over live processes).",
+        ["model"],
+        registry=r,
+        multiprocess_mode="livesum",
+    )
+    worker = Gauge(
+        "mlops_serving_worker_up",
+        "1 for each live serving process (one series per pid across processes).",
+        registry=r,
+        multiprocess_mode="liveall",
+    )
+    return prediction_log, spool_bytes, worker
 
 
 def multiprocess_dir() -> Path | None:
