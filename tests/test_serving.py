@@ -22,6 +22,7 @@ from core.search import ModelFamily, SearchSpec
 from flows.training import TrainingParams, training
 from mlops.stack import running
 from tests.ports import free_port
+from tests.serving_helpers import corrupt_version
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -263,27 +264,12 @@ def test_new_champion_is_served_under_load_without_failed_requests(stack, defaul
     wait_for(lambda: httpx.get(f"{server}/health").json()["version"] == old, 60, f"v{old} to be served again")
 
 
-def _corrupt(stack, version: str) -> None:
-    """Overwrite the version's serialised model in S3 with garbage (what a bad upload would leave)."""
-    import mlflow
-
-    source = mlflow_client(stack).get_model_version(MODEL, version).source
-    artifacts = mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location
-    prefix = "mlflow/" + artifacts.split("mlflow-artifacts:/", 1)[1].strip("/") + "/"
-    client = s3_client(stack)
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=stack.bucket, Prefix=prefix).get("Contents", [])]
-    model_files = [k for k in keys if k.endswith((".skops", ".pkl"))]
-    assert model_files, keys
-    for key in model_files:
-        client.put_object(Bucket=stack.bucket, Key=key, Body=b"not a model")
-
-
 def test_broken_champion_keeps_the_old_model_serving_and_the_promotion_is_reverted(
     stack, default_data, versions, server
 ):
     # Given a third version whose stored model is corrupt
     broken = _train(versions["config"], WEAK_SEARCH, seed=3).candidate_version
-    _corrupt(stack, broken)
+    corrupt_version(stack, MODEL, broken)
     old = _champion(stack)
     good = {"records": [_one(stack, default_data)]}
     # when it is promoted, the serving API cannot load it: it says why and keeps serving the old model

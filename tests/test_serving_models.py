@@ -29,13 +29,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from adapters.catalog import delete_entry, get_entry, put_entry
-from adapters.clients import mlflow_client, s3_client
 from adapters.monitoring_store import read_prediction_log
 from adapters.serving_api import wait_for_serving
 from core.dataset import DatasetConfig
 from core.features import prepare_inputs
 from mlops.stack import running
 from tests.ports import free_port
+from tests.serving_helpers import corrupt_version
 from tests.task_types import diabetes_config, diabetes_frame, fit, multiclass_config, multiclass_frame
 from tests.test_task_types import _records, _register
 from tests.waiting import wait_for
@@ -86,28 +86,13 @@ def models(stack) -> dict[str, dict]:
         BROKEN: _model(stack, diabetes_config(BROKEN), diabetes, Ridge(alpha=1.0), 300),
         LATE: _model(stack, diabetes_config(LATE), diabetes, Ridge(alpha=3.0), 300),
     }
-    _corrupt_version(stack, BROKEN, made[BROKEN]["version"])
+    corrupt_version(stack, BROKEN, made[BROKEN]["version"])
     for name in (LEVELS, FLAG, BROKEN):
         _catalog(stack, made[name]["config"])
     yield made
     for name in made:
         if get_entry(stack, name) is not None:
             delete_entry(stack, name)
-
-
-def _corrupt_version(stack, name: str, version: str) -> None:
-    """Overwrite the version's serialised model in S3 with garbage (what a bad upload would leave)."""
-    import mlflow
-
-    source = mlflow_client(stack).get_model_version(name, version).source
-    artifacts = mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location
-    prefix = "mlflow/" + artifacts.split("mlflow-artifacts:/", 1)[1].strip("/") + "/"
-    client = s3_client(stack)
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=stack.bucket, Prefix=prefix).get("Contents", [])]
-    model_files = [k for k in keys if k.endswith((".skops", ".pkl"))]
-    assert model_files, keys
-    for key in model_files:
-        client.put_object(Bucket=stack.bucket, Key=key, Body=b"not a model")
 
 
 def _serve(tmp_path_factory, name: str, workers: int, **env: str):
