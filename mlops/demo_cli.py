@@ -117,14 +117,15 @@ def _drift_demo(settings: Settings, strength: float, rows: int, cooldown_minutes
     from core.history import history_table
     from core.synthetic import DriftSpec
     from flows.monitoring import MonitoringParams, monitoring
-    from mlops.datagen import write_months
+    from mlops.datagen import SyntheticMonths, write_partitions
 
     config = load_local_dataset_config("credit-risk")
     champion = champion_version(config.model_name)
     if champion is None:
         raise fail(f"{config.model_name} has no champion yet: run `mlops train` (and `mlops deploy`) first")
     index, month = _next_month(settings, config.source)
-    [partition] = write_months(settings, config.source, 1, rows, 42, "2025-01", DriftSpec(index, strength), index)
+    drifted = SyntheticMonths(1, rows, 42, "2025-01", DriftSpec(index, strength), first_month=index)
+    [partition] = write_partitions(settings, config.source, drifted)
     echo = typer.echo
     echo(f"\n1. A new month arrived, {month}, drifted by the generator's knob (strength {strength}): {partition}")
     echo(f"   champion: {config.model_name} v{champion}; its labels are already in the partition (delayed labels)")
