@@ -11,13 +11,16 @@ from typing import Annotated
 import typer
 
 from adapters.settings import Settings, get_settings
-from core.dataset import DatasetConfig, TaskType
+from core.dataset import TaskType
 from mlops import stack
-from mlops.ci_cli import REJECT_EXIT, ModelGate, run_deployment_command
+from mlops.ci_cli import run_deployment_command
 from mlops.cli_common import connect, fail, os_user, setup_logging
 from mlops.demo_cli import demo_app
 from mlops.models_cli import deploy, models_app
 from mlops.stack import client_env
+from mlops.train_cli import run_training, train
+
+__all__ = ["app", "run_training"]  # run_training: tests train in-process through mlops.cli
 
 app = typer.Typer(help="Safe, self-retraining tabular ML on Prefect, MLflow and S3.", no_args_is_help=True)
 stack_app = typer.Typer(help="Start, stop and inspect the local stack (S3, MLflow, Prefect).", no_args_is_help=True)
@@ -74,7 +77,7 @@ def stack_status() -> None:
 
 
 @data_app.command("generate")
-def data_generate(
+def data_generate(  # many parameters: a Typer command declares one per command-line option
     months: Annotated[int, typer.Option(min=1, help="Number of monthly partitions.")] = 12,
     rows_per_month: Annotated[int, typer.Option(min=10, help="Rows in each month.")] = 4000,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 42,
@@ -90,7 +93,7 @@ def data_generate(
     from adapters.clients import StackNotRunningError, check_stack
     from core.dataset import load_local_dataset_config
     from core.synthetic import DriftSpec
-    from mlops.datagen import write_months
+    from mlops.datagen import SyntheticMonths, write_partitions
 
     setup_logging()
     settings = get_settings()
@@ -101,7 +104,7 @@ def data_generate(
         except StackNotRunningError as exc:
             raise fail(str(exc)) from exc
     drift = DriftSpec(start_month=drift_from, strength=drift_strength) if drift_from is not None else None
-    written = write_months(settings, target, months, rows_per_month, seed, start, drift)
+    written = write_partitions(settings, target, SyntheticMonths(months, rows_per_month, seed, start, drift))
     typer.echo(f"wrote {len(written)} partitions ({months * rows_per_month} rows) to {target}")
     if history and target.startswith("s3://"):  # the feature store's offline source lives on the stack's S3
         from mlops.datagen import write_applicant_history
@@ -154,7 +157,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 @data_app.command("init")
-def data_init(
+def data_init(  # many parameters: a Typer command declares one per command-line option
     source: Annotated[str, typer.Argument(help="CSV/Parquet file, folder of partitions, or s3:// prefix.")],
     target: Annotated[str, typer.Option("--target", help="Target column.")],
     out: Annotated[Path, typer.Option("--out", help="YAML file to write.", dir_okay=False)],
@@ -240,137 +243,8 @@ def serve(
         raise fail(str(exc)) from exc
 
 
-def run_training(
-    dataset: str,
-    dry_run: bool,
-    seed: int,
-    trials: int | None,
-    settings: Settings,
-    families: list[str] | None = None,
-    gate: ModelGate | None = None,
-    force: bool = False,
-) -> int:
-    """Run the training flow against the configured stack; returns a process exit code.
-
-    With `gate` (CI's model check) the decision is also written as a summary and judged for the PR.
-    """
-    gate = gate or ModelGate()
-    os.environ.update(client_env(settings))
-    from adapters.clients import StackNotRunningError, check_stack
-
-    try:
-        check_stack(settings)
-    except StackNotRunningError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        gate.failed("the stack is not reachable", str(exc))
-        return 2
-    from prefect import tags
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from pydantic import ValidationError
-
-    from adapters.snapshots import DataLoadError, read_dataset_config
-    from core.search import SearchSpec
-    from flows.training import TrainingParams, training
-    from services.catalog import model_tag
-
-    try:
-        config = read_dataset_config(dataset, settings)
-    except DataLoadError as exc:
-        raise fail(str(exc), code=2) from exc
-    # the config's own search and gates (its `operations`), then what the command line changes
-    chosen = {"families": families} if families else {}
-    chosen |= {} if trials is None else {"trials_per_family": trials}
-    try:
-        search = SearchSpec.model_validate(config.operations.search | chosen)
-    except ValidationError as exc:  # an unknown --family
-        raise fail(f"--family: {exc.errors()[0]['msg']}", code=2) from exc
-    gates = {"gates": config.operations.gates} if config.operations.gates else {}
-    params = TrainingParams.model_validate(
-        {"dataset": dataset, "dry_run": dry_run, "seed": seed, "search": search, "force": force} | gates
-    )
-    # tagged with its model like a deployment's runs, so `mlops models list` shows this run too
-    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}), tags(model_tag(config.model_name)):
-        state = training(params, return_state=True)
-    if not state.is_completed():
-        typer.secho(f"training {state.name}: {state.message}", fg=typer.colors.RED, err=True)
-        gate.failed(f"the training run ended {state.name}", str(state.message))
-        return 1
-    outcome = state.result()
-    typer.echo("")
-    if outcome.nothing_new:  # the champion's data, config, params and code: the flow stopped before training
-        typer.echo(f"nothing new -> not trained, not promoted (champion v{outcome.decision.champion_version} stays)")
-        typer.echo(f"  - {outcome.nothing_new}")
-        typer.echo("  - `mlops train --force` retrains anyway")
-    else:
-        typer.echo(f"decision: {outcome.decision.verdict} -> {'PROMOTED' if outcome.promoted else 'not promoted'}")
-        for reason in outcome.decision.reasons:
-            typer.echo(f"  - {reason}")
-    typer.echo(f"candidate version: {outcome.candidate_version or '-'}; data version: {outcome.data_version}")
-    typer.echo(f"Prefect UI: {settings.prefect_ui_url}")
-    typer.echo(f"MLflow UI:  {settings.mlflow_tracking_uri}/#/models")
-    serving = get_settings().serving_url  # set by client_env for the local stack
-    if serving:
-        typer.echo(f"Serving:    {_serving_line(serving, config, settings)}")
-    return gate.judge(outcome, dataset, settings)
-
-
-def _serving_line(url: str, config: DatasetConfig, settings: Settings) -> str:
-    """Where the model is served, or why it is not (the serving API serves the catalog's served models)."""
-    from adapters.catalog import get_entry
-
-    if get_entry(settings, config.model_name) is None and config.model_name != settings.serving_model:
-        return f"not served: {config.model_name} is not in the catalog (`mlops models add` serves it at /models/...)"
-    if not config.operations.served:
-        return f"not served: {config.model_name}'s config says served: false"
-    return f"{url}/models/{config.model_name} (POST .../predict, .../invocations)"
-
-
-@app.command("train")
-def train(
-    config: Annotated[
-        str, typer.Option("--config", help="Dataset config: bundled name, YAML path or s3:// URI.")
-    ] = "credit-risk",
-    model: Annotated[
-        str | None, typer.Option("--model", help="A catalog model (`mlops models list`): train on its stored config.")
-    ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Evaluate only; never register or promote.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for the search, folds and models.")] = 42,
-    trials: Annotated[int | None, typer.Option(min=1, help="Trials per model family.")] = None,
-    family: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--family",
-            help="Model family to search (repeatable), e.g. decision_tree; default: the task's families.",
-        ),
-    ] = None,
-    summary: Annotated[
-        Path | None, typer.Option("--summary", dir_okay=False, help="Write the decision and model card as Markdown.")
-    ] = None,
-    fail_on_reject: Annotated[
-        bool,
-        typer.Option(
-            "--fail-on-reject",
-            help=f"Exit {REJECT_EXIT} when the candidate is worse than the champion or unsafe (CI's model check).",
-        ),
-    ] = False,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force", help="Train even when the data, config, parameters and code are the champion's (nothing new)."
-        ),
-    ] = False,
-) -> None:
-    """Run the retraining flow now, against the configured stack (shows up on its Prefect server)."""
-    setup_logging()
-    if model is not None:
-        from adapters.catalog import entry_uri
-
-        config = entry_uri(get_settings(), model)
-    elif not config.startswith("s3://") and Path(config).suffix in {".yaml", ".yml"}:
-        config = str(Path(config).resolve())
-    gate = ModelGate(summary.resolve() if summary else None, fail_on_reject)
-    code = run_training(config, dry_run, seed, trials, get_settings(), family, gate, force)
-    raise typer.Exit(code)
+# `mlops train` (its options, the run and its report) lives in mlops.train_cli; `run_training` runs it in-process.
+app.command("train")(train)
 
 
 @app.command("rollback")
