@@ -33,7 +33,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,25 @@ async def _load(url: str, body: bytes, clients: int, seconds: float, warmup: flo
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
     }
+
+
+@dataclass(frozen=True)
+class Load:
+    """One closed-loop load: `clients` clients posting `body` to `url`; `label` starts its printed line."""
+
+    url: str
+    body: bytes
+    clients: int
+    label: str
+    tag: Any = None  # what the caller files the result under
+
+
+def drive(loads: Iterable[Load], seconds: float, warmup: float) -> Iterator[tuple[Load, dict]]:
+    """Each load in turn (`_load`: `warmup`, then `seconds` measured), printed as it ends; yields it and its result."""
+    for load in loads:
+        result = asyncio.run(_load(load.url, load.body, load.clients, seconds, warmup))
+        print(f"{load.label}: {result}", flush=True)
+        yield load, result
 
 
 def _percentiles(times: list[float]) -> dict[str, float]:
@@ -211,7 +232,6 @@ def main() -> None:
         "scenarios": [],
     }
     print(f"in-process: {json.dumps(results['in_process'])}", flush=True)
-    measured: dict[tuple[str, int, int], dict] = {}
     ports = {name: free_port() for name in SERVERS}
     bin_dir = Path(sys.executable).parent
     server_env = env | {"PATH": f"{bin_dir}:{env.get('PATH', '')}"}  # mlflow starts `uvicorn` from PATH
@@ -220,18 +240,35 @@ def main() -> None:
     with ExitStack() as servers:  # all three up at once; each scenario measures them back to back
         for name, (command, base, health, _, _) in commands.items():
             servers.enter_context(running(command, base + health, server_env, RESULTS / "logs" / f"{name}.log", 600))
-        for size in SIZES:
-            for clients in CLIENTS:
-                for name, (_, base, _, path, key) in commands.items():
-                    body = json.dumps({key: records[:size]}).encode()
-                    result = asyncio.run(_load(base + path, body, clients, args.seconds, args.warmup))
-                    measured[(name, size, clients)] = result
-                    print(f"{name:6s} {size:3d} records x {clients:2d} clients: {result}", flush=True)
+        loads = (
+            Load(
+                base + path,
+                json.dumps({key: records[:size]}).encode(),
+                clients,
+                f"{name:6s} {size:3d} records x {clients:2d} clients",
+                (name, size, clients),
+            )
+            for size in SIZES
+            for clients in CLIENTS
+            for name, (_, base, _, path, key) in commands.items()
+        )
+        measured = {load.tag: result for load, result in drive(loads, args.seconds, args.warmup)}
     results["load_average_after"] = os.getloadavg()
+    results["scenarios"] = scenarios(measured)
+    results["goals"] = goals(measured)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serving.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "serving.md").write_text(_markdown(results))
+    print(_markdown(results))
+
+
+def scenarios(measured: dict[tuple[str, int, int], dict]) -> list[dict[str, Any]]:
+    """Per request size and client count, the three servers' figures side by side and ours against theirs."""
+    out = []
     for size in SIZES:
         for clients in CLIENTS:
             ours, theirs, floor = (measured[(name, size, clients)] for name in SERVERS)
-            results["scenarios"].append(
+            out.append(
                 {
                     "records_per_request": size,
                     "clients": clients,
@@ -243,11 +280,7 @@ def main() -> None:
                     "p50_vs_floor": ours["p50_ms"] / floor["p50_ms"],
                 }
             )
-    results["goals"] = goals(measured)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serving.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "serving.md").write_text(_markdown(results))
-    print(_markdown(results))
+    return out
 
 
 def goals(measured: dict[tuple[str, int, int], dict]) -> list[dict[str, Any]]:

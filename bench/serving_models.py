@@ -36,7 +36,7 @@ import psutil
 import yaml
 
 from adapters.settings import Settings, get_settings
-from bench.serving import _load
+from bench.serving import Load, _load, drive
 from mlops.stack import client_env, running
 from tests.ports import free_port, free_port_block
 
@@ -159,14 +159,18 @@ def rss(url: str) -> dict[str, Any]:
 
 def measure(url: str, paths: dict[str, str], records: dict[str, list], seconds: float, warmup: float) -> list[dict]:
     """Each path alone at 1 and 8 clients: throughput, p50, p99."""
-    out = []
-    for label, path in paths.items():
-        body = json.dumps({"records": records[label]}).encode()
-        for clients in CLIENTS:
-            result = asyncio.run(_load(url + path, body, clients, seconds, warmup))
-            out.append({"model": label, "path": path, "clients": clients} | result)
-            print(f"  {label:14s} {path:28s} x{clients}: {result}", flush=True)
-    return out
+    loads = (
+        Load(
+            url + path,
+            json.dumps({"records": records[label]}).encode(),
+            clients,
+            f"  {label:14s} {path:28s} x{clients}",
+            {"model": label, "path": path, "clients": clients},
+        )
+        for label, path in paths.items()
+        for clients in CLIENTS
+    )
+    return [load.tag | result for load, result in drive(loads, seconds, warmup)]
 
 
 async def _all_at_once(url: str, made: dict[str, dict], seconds: float, warmup: float) -> list[dict]:

@@ -16,7 +16,6 @@ Writes bench/results/spool.{json,md}.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ import pandas as pd
 
 from adapters.clients import mlflow_client
 from adapters.settings import Settings, get_settings
-from bench.serving import _load, _records
+from bench.serving import Load, _records, drive
 from mlops.stack import client_env, running
 from tests.ports import free_port
 
@@ -112,31 +111,38 @@ def main() -> None:
             )
             urls[name] = f"http://127.0.0.1:{port}/predict"
         for _ in range(args.rounds):
-            for clients in CLIENTS:
-                for name, url in urls.items():
-                    result = asyncio.run(_load(url, body, clients, args.seconds, args.warmup))
-                    latencies.setdefault((name, clients), []).append(result)
-                    print(f"{name:6s} 1 record x {clients} clients: {result}", flush=True)
-    for clients in CLIENTS:
-        row = {"clients": clients}
-        for name in VARIANTS:
-            runs = latencies[(name, clients)]
-            row[name] = {
-                "requests": sum(r["requests"] for r in runs),
-                "failures": sum(r["failures"] for r in runs),
-                "throughput_rps": float(np.mean([r["throughput_rps"] for r in runs])),
-                "p50_ms": float(np.median([r["p50_ms"] for r in runs])),
-                "p99_ms": float(np.median([r["p99_ms"] for r in runs])),
-            }
-        for name in ("batch", "always"):
-            row[f"{name}_p50_ratio"] = row[name]["p50_ms"] / row["memory"]["p50_ms"]
-            row[f"{name}_p99_ratio"] = row[name]["p99_ms"] / row["memory"]["p99_ms"]
-            row[f"{name}_throughput_ratio"] = row[name]["throughput_rps"] / row["memory"]["throughput_rps"]
-        results["scenarios"].append(row)
+            loads = (
+                Load(url, body, clients, f"{name:6s} 1 record x {clients} clients", (name, clients))
+                for clients in CLIENTS
+                for name, url in urls.items()
+            )
+            for load, result in drive(loads, args.seconds, args.warmup):
+                latencies.setdefault(load.tag, []).append(result)
+    results["scenarios"] = [_scenario(clients, latencies) for clients in CLIENTS]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "spool.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "spool.md").write_text(_markdown(results))
     print(_markdown(results))
+
+
+def _scenario(clients: int, latencies: dict[tuple[str, int], list[dict]]) -> dict:
+    """One client count over the rounds, per server (requests, failures, mean rps, median percentiles) and
+    each spool mode against the in-memory log."""
+    row: dict = {"clients": clients}
+    for name in VARIANTS:
+        runs = latencies[(name, clients)]
+        row[name] = {
+            "requests": sum(r["requests"] for r in runs),
+            "failures": sum(r["failures"] for r in runs),
+            "throughput_rps": float(np.mean([r["throughput_rps"] for r in runs])),
+            "p50_ms": float(np.median([r["p50_ms"] for r in runs])),
+            "p99_ms": float(np.median([r["p99_ms"] for r in runs])),
+        }
+    for name in ("batch", "always"):
+        row[f"{name}_p50_ratio"] = row[name]["p50_ms"] / row["memory"]["p50_ms"]
+        row[f"{name}_p99_ratio"] = row[name]["p99_ms"] / row["memory"]["p99_ms"]
+        row[f"{name}_throughput_ratio"] = row[name]["throughput_rps"] / row["memory"]["throughput_rps"]
+    return row
 
 
 def _markdown(results: dict) -> str:
