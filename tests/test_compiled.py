@@ -144,7 +144,7 @@ def test_hist_gradient_boosting_splits_exactly_at_its_thresholds(estimator):
     # skl2onnx's own conversion (float32 thresholds) sends some of these rows the wrong way.
     import onnxruntime as ort
 
-    from core.compiled import _skl2onnx
+    from core.compiled_onnx import _skl2onnx
 
     session = ort.InferenceSession(_skl2onnx(pipeline[-1], 2, classification).SerializeToString())
     name = "probabilities" if classification else "variable"
@@ -225,7 +225,7 @@ def test_parity_catches_a_conversion_that_succeeds_but_is_wrong():
     """skl2onnx converts native categorical splits without an error, wrongly (skl2onnx #1051)."""
     import onnxruntime as ort
 
-    from core.compiled import _skl2onnx
+    from core.compiled_onnx import _skl2onnx
 
     pipeline, X = _native_categorical()
     converted = _skl2onnx(pipeline[-1], 2, True)  # no exception
