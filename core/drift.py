@@ -1,9 +1,11 @@
 """Drift statistics and the rules that judge them: recent data against the champion's training reference.
 
 Pure (numpy, scipy, pandas; unit-tested, no I/O): PSI, KS, chi-square and total-variation distance per
-feature, and the drift of the champion's predictions. These numbers are the only drift figures in the
-project: the verdict, the Markdown summary and the HTML report (`core/drift_report.py`, which plots the
-very bins PSI is computed over) all show them.
+feature (computed in `core/drift_statistics.py`), and the drift of the champion's predictions. These
+numbers are the only drift figures in the project: the verdict, the Markdown summary and the HTML report
+(`core/drift_report.py`, which plots the very bins PSI is computed over) all show them. A window read
+partition by partition gives the same figures from summed counts (`core/drift_partials.py`, then
+`window_partial`, `merge_partials` and `partial_drifts` here).
 
 Rules (stated once, here):
 - A feature has drifted when its PSI reaches `psi`, or when its test rejects "same distribution"
@@ -31,8 +33,7 @@ Rules (stated once, here):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from itertools import pairwise
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -41,15 +42,82 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
 from core.dataset import DatasetConfig
+from core.drift_partials import (
+    KS_EXACT_MAX_ROWS,
+    ColumnPartial,
+    ColumnReference,
+    column_partial,
+    column_reference,
+    ks_from_partial,
+)
+from core.drift_statistics import (
+    Bins,
+    Kind,
+    categorical_psi,
+    chi_square_test,
+    column_bins,
+    edge_labels,
+    ks_test,
+    numeric_bins,
+    numeric_counts,
+    numeric_psi,
+    psi_from_shares,
+    quantile_edges,
+    total_variation,
+)
 from core.errors import PermanentError
+
+__all__ = [
+    "KS_EXACT_MAX_ROWS",
+    "PREDICTED_CLASS",
+    "PREDICTION_COLUMN",
+    "PROBA_PREFIX",
+    "Bins",
+    "ColumnPartial",
+    "ColumnReference",
+    "DriftThresholds",
+    "FeatureDrift",
+    "Kind",
+    "MonitoringError",
+    "WindowPartial",
+    "WindowReference",
+    "categorical_psi",
+    "chi_square_test",
+    "column_bins",
+    "column_drift",
+    "column_partial",
+    "column_reference",
+    "drift_from_partial",
+    "edge_labels",
+    "feature_drifts",
+    "feature_kind",
+    "feature_values",
+    "is_drifted",
+    "ks_from_partial",
+    "ks_test",
+    "merge_partials",
+    "numeric_bins",
+    "numeric_counts",
+    "numeric_psi",
+    "output_columns",
+    "partial_drifts",
+    "prediction_basis",
+    "prediction_drift",
+    "prediction_kind",
+    "prediction_name",
+    "prediction_values",
+    "proba_columns",
+    "psi_from_shares",
+    "quantile_edges",
+    "task_of",
+    "total_variation",
+    "window_partial",
+    "window_reference",
+]
 
 PROBA_PREFIX = "proba_"
 PREDICTION_COLUMN = "prediction"  # a regressor's predicted value in the reference sample
 PREDICTED_CLASS = "predicted"  # a multiclass model's predicted class, as prediction drift sees it
-MISSING = "__missing__"
-EPSILON = 1e-4  # floor of a bin's share in PSI, so an empty bin does not make it infinite
-
-Kind = Literal["numeric", "categorical"]
 
 
 class MonitoringError(PermanentError):
@@ -109,141 +177,6 @@ class DriftThresholds(BaseModel):
     min_labelled_rows: int = Field(
         200, ge=10, title="Minimum labelled rows", description="Performance is judged on at least this many rows."
     )
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-
-
-def psi_from_shares(reference: np.ndarray, current: np.ndarray) -> float:
-    """Population stability index of two distributions over the same bins (shares, or counts).
-
-    PSI = sum((c - r) * ln(c / r)); shares are floored at `EPSILON` so an empty bin stays finite.
-    """
-    ref = np.asarray(reference, dtype=float)
-    cur = np.asarray(current, dtype=float)
-    if ref.shape != cur.shape:
-        raise ValueError(f"bins differ: reference has {ref.shape}, current has {cur.shape}")
-    if ref.sum() <= 0 or cur.sum() <= 0:
-        raise ValueError("a distribution with no observations has no PSI")
-    ref = np.clip(ref / ref.sum(), EPSILON, None)
-    cur = np.clip(cur / cur.sum(), EPSILON, None)
-    return float(np.sum((cur - ref) * np.log(cur / ref)))
-
-
-def quantile_edges(reference: np.ndarray, bins: int = 10) -> np.ndarray:
-    """Inner bin edges at the reference's quantiles (distinct values only, so ties do not make empty bins)."""
-    values = np.asarray(reference, dtype=float)
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return np.array([])
-    return np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
-
-
-def numeric_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Counts per bin (`(-inf, e0], (e0, e1], ..., (ek, inf)`) plus a last bin for missing values."""
-    values = np.asarray(values, dtype=float)
-    missing = np.isnan(values)
-    index = np.searchsorted(edges, values[~missing], side="left")
-    counts = np.bincount(index, minlength=len(edges) + 1).astype(float)
-    return np.append(counts, missing.sum())
-
-
-def _short(value: float) -> str:
-    """A bin edge for people: 4 significant digits, thousands as `k` and millions as `M` (`25.88k`)."""
-    for scale, suffix in ((1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.4g}{suffix}"
-    return f"{value:.4g}"
-
-
-def edge_labels(edges: np.ndarray) -> list[str]:
-    """Names of the bins of `numeric_counts`: `<= e0`, `(e0, e1]`, ..., `> ek`, `missing`."""
-    if len(edges) == 0:
-        return ["any value", "missing"]
-    text = [_short(e) for e in edges]
-    inner = [f"({low}, {high}]" for low, high in pairwise(text)]
-    return [f"<= {text[0]}", *inner, f"> {text[-1]}", "missing"]
-
-
-def _labels(values: Any) -> pd.Series:
-    series = pd.Series(values, dtype="object")
-    return series.where(series.notna(), MISSING).astype(str)
-
-
-def category_counts(reference: Any, current: Any) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Categories seen in either sample (missing values as `__missing__`) and both samples' counts."""
-    ref, cur = _labels(reference), _labels(current)
-    categories = sorted(set(ref) | set(cur))
-    ref_counts = ref.value_counts().reindex(categories, fill_value=0).to_numpy(dtype=float)
-    cur_counts = cur.value_counts().reindex(categories, fill_value=0).to_numpy(dtype=float)
-    return categories, ref_counts, cur_counts
-
-
-@dataclass(frozen=True)
-class Bins:
-    """The bins a column's PSI is computed over: a name per bin and both samples' counts."""
-
-    labels: list[str]
-    reference: np.ndarray
-    current: np.ndarray
-
-    @property
-    def psi(self) -> float:
-        """PSI over these bins."""
-        return psi_from_shares(self.reference, self.current)
-
-
-def numeric_bins(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> Bins:
-    """The reference's quantile bins (plus one for missing values) with both samples' counts."""
-    edges = quantile_edges(reference, bins)
-    return Bins(edge_labels(edges), numeric_counts(reference, edges), numeric_counts(current, edges))
-
-
-def categorical_bins(reference: Any, current: Any) -> Bins:
-    """The categories of both samples with their counts."""
-    categories, ref, cur = category_counts(reference, current)
-    return Bins(categories, ref, cur)
-
-
-def column_bins(kind: Kind, reference: Any, current: Any) -> Bins:
-    """The bins PSI uses for a column of this kind."""
-    return numeric_bins(reference, current) if kind == "numeric" else categorical_bins(reference, current)
-
-
-def numeric_psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
-    """PSI of a numeric feature over the reference's quantile bins (missing values are a bin of their own)."""
-    return numeric_bins(reference, current, bins).psi
-
-
-def categorical_psi(reference: Any, current: Any) -> float:
-    """PSI of a categorical feature over the categories of both samples."""
-    return categorical_bins(reference, current).psi
-
-
-def total_variation(reference: Any, current: Any) -> float:
-    """Total-variation distance of two categorical samples: half the sum of absolute share differences (0..1)."""
-    _, ref, cur = category_counts(reference, current)
-    return float(0.5 * np.abs(ref / ref.sum() - cur / cur.sum()).sum())
-
-
-def ks_test(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
-    """Two-sample Kolmogorov-Smirnov statistic and p-value on the non-missing values ((0, 1) if either is empty)."""
-    ref = np.asarray(reference, dtype=float)
-    cur = np.asarray(current, dtype=float)
-    ref, cur = ref[~np.isnan(ref)], cur[~np.isnan(cur)]
-    if ref.size == 0 or cur.size == 0:
-        return 0.0, 1.0
-    result = stats.ks_2samp(ref, cur)
-    return float(result.statistic), float(result.pvalue)
-
-
-def chi_square_test(reference: Any, current: Any) -> tuple[float, float]:
-    """Chi-square test of homogeneity of two categorical samples: statistic and p-value ((0, 1) for one category)."""
-    _, ref, cur = category_counts(reference, current)
-    if len(ref) < 2:
-        return 0.0, 1.0
-    statistic, p_value, _, _ = stats.chi2_contingency(np.vstack([ref, cur]), correction=False)
-    return float(statistic), float(p_value)
 
 
 # ---------------------------------------------------------------------------------------------- per column
@@ -386,135 +319,8 @@ def prediction_basis(classes: list[Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- over partitions
-#
-# A window too big for one process is read partition by partition (on a Dask cluster). Every figure above
-# is a function of counts over bins that the *reference* fixes, so each partition only counts, the counts
-# are summed, and the figures are computed once from the sums: the same numbers as on the whole frame.
-# - PSI (numeric): counts over the reference's quantile edges plus the missing bin (`numeric_counts`).
-# - KS (numeric): the reference is small (`REFERENCE_ROWS`), so its distinct values cut the line into
-#   cells: "equal to the j-th value" and "strictly between the (j-1)-th and the j-th". Both ECDFs are
-#   constant or monotone inside a cell, so the largest ECDF gap is found at a cell's ends: the counts per
-#   cell give the exact statistic. The p-value is scipy's for that statistic and those sizes (exact method
-#   up to scipy's 10,000 rows, Smirnov's asymptotic formula above it, as `ks_2samp(method="auto")`).
-# - chi-square, total variation, PSI (categorical): counts per category (missing as `__missing__`).
-# - null rates: missing values per column.
-
-KS_EXACT_MAX_ROWS = 10_000  # scipy's `ks_2samp` uses the exact method up to this many rows per sample
-
-
-@dataclass(frozen=True)
-class ColumnReference:
-    """What the partitions of a window need from the reference for one column: bins fixed by the reference."""
-
-    name: str
-    kind: Kind
-    values: Any = None  # the reference values themselves (the final figures are computed against them)
-    edges: np.ndarray = field(default_factory=lambda: np.array([]))  # numeric: PSI's inner edges
-    support: np.ndarray = field(default_factory=lambda: np.array([]))  # numeric: distinct non-missing values
-
-
-def column_reference(name: str, kind: Kind, values: Any) -> ColumnReference:
-    """The reference side of a column, for partial counts (`column_partial`)."""
-    if kind == "categorical":
-        return ColumnReference(name, kind, _labels(values))
-    array = np.asarray(values, dtype=float)
-    return ColumnReference(name, kind, array, quantile_edges(array), np.unique(array[~np.isnan(array)]))
-
-
-@dataclass
-class ColumnPartial:
-    """Counts of one column over some rows of a window, against its `ColumnReference`; `merge` sums them."""
-
-    name: str
-    kind: Kind
-    rows: int = 0
-    missing: int = 0
-    psi_counts: np.ndarray = field(default_factory=lambda: np.zeros(0))  # numeric: `numeric_counts`
-    equal: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # numeric: == support[j]
-    between: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # numeric: (s[j-1], s[j])
-    categories: dict[str, int] = field(default_factory=dict)  # categorical: count per label
-
-    def merge(self, other: ColumnPartial) -> ColumnPartial:
-        """The counts of both (the same column against the same reference)."""
-        if (other.name, other.kind) != (self.name, self.kind):
-            raise ValueError(f"cannot merge the counts of {other.name} ({other.kind}) into {self.name} ({self.kind})")
-        categories = dict(self.categories)
-        for label, count in other.categories.items():
-            categories[label] = categories.get(label, 0) + count
-        return ColumnPartial(
-            self.name,
-            self.kind,
-            self.rows + other.rows,
-            self.missing + other.missing,
-            self.psi_counts + other.psi_counts,
-            self.equal + other.equal,
-            self.between + other.between,
-            categories,
-        )
-
-    @property
-    def null_rate(self) -> float:
-        """Share of missing values (0 for no rows)."""
-        return self.missing / self.rows if self.rows else 0.0
-
-
-def column_partial(reference: ColumnReference, values: Any) -> ColumnPartial:
-    """Counts of one partition's values of a column (see the section's comment)."""
-    if reference.kind == "categorical":
-        labels = _labels(values)
-        counts = labels.value_counts()
-        categories = {str(label): int(count) for label, count in counts.items()}
-        return ColumnPartial(
-            reference.name, "categorical", len(labels), categories.get(MISSING, 0), categories=categories
-        )
-    array = np.asarray(values, dtype=float)
-    present = array[~np.isnan(array)]
-    support = reference.support
-    left = np.searchsorted(support, present, side="left")
-    right = np.searchsorted(support, present, side="right")
-    hit = right > left
-    return ColumnPartial(
-        reference.name,
-        "numeric",
-        array.size,
-        int(array.size - present.size),
-        numeric_counts(array, reference.edges),
-        np.bincount(left[hit], minlength=support.size).astype(np.int64),
-        np.bincount(left[~hit], minlength=support.size + 1).astype(np.int64),
-    )
-
-
-def _ks_surrogate(support: np.ndarray, equal: np.ndarray, between: np.ndarray) -> np.ndarray:
-    """A sample with exactly these cell counts (a value inside each open cell stands for the cell's values)."""
-    inside = np.empty(support.size + 1)
-    inside[0] = np.nextafter(support[0], -np.inf)
-    inside[1:-1] = np.nextafter(support[:-1], np.inf)  # strictly inside (s[j-1], s[j]) whenever that cell is not empty
-    inside[-1] = np.nextafter(support[-1], np.inf)
-    return np.concatenate([np.repeat(support, equal), np.repeat(inside, between)])
-
-
-def ks_from_partial(reference: ColumnReference, partial: ColumnPartial) -> tuple[float, float]:
-    """`ks_test(reference values, all the window's values)` from the window's merged cell counts."""
-    support = reference.support
-    ref = np.asarray(reference.values, dtype=float)
-    ref = ref[~np.isnan(ref)]
-    n_ref, n_cur = ref.size, int(partial.equal.sum() + partial.between.sum())
-    if n_ref == 0 or n_cur == 0:
-        return 0.0, 1.0
-    if max(n_ref, n_cur) <= KS_EXACT_MAX_ROWS:  # small: scipy's exact method on a sample with the same cells
-        return ks_test(ref, _ks_surrogate(support, partial.equal, partial.between))
-    ref_cum = np.searchsorted(np.sort(ref), support, side="right")  # reference rows <= s[j]
-    cur_at = np.cumsum(partial.equal + partial.between[:-1])  # window rows <= s[j]
-    before = np.concatenate([[0], cur_at]) + partial.between  # window rows < s[j] (and all rows, last)
-    ref_before = np.concatenate([[0], ref_cum])
-    gaps = np.concatenate(
-        [ref_cum / n_ref - cur_at / n_cur, ref_before / n_ref - before / n_cur]  # at s[j]; just before s[j]
-    )
-    statistic = float(max(gaps.max(), -gaps.min(), 0.0))
-    # scipy's ks_2samp, method "asymp", two-sided: Smirnov's distribution at the effective size
-    m, n = sorted([float(n_ref), float(n_cur)], reverse=True)
-    p_value = float(np.clip(stats.kstwo.sf(statistic, np.round(m * n / (m + n))), 0, 1))
-    return statistic, p_value
+# Per column, the partitions' counts (`core/drift_partials.py`); here, a window's columns and the drift from
+# the merged counts.
 
 
 def drift_from_partial(reference: ColumnReference, partial: ColumnPartial, thresholds: DriftThresholds) -> FeatureDrift:
