@@ -169,49 +169,49 @@ def time_window(values: pd.Series) -> tuple[str, str] | None:
     return low, high
 
 
-# --- one set of formatted rows, used by both renderers ---
+@dataclass(frozen=True)
+class CardFacts:
+    """What one training run decided and what came of it: everything its model card is made from.
+
+    `task` (`DatasetConfig.task`) defaults to the one the review found (`Review.task`); `feature_join` is the
+    feature store's point-in-time join summary, when the model has a feature service.
+    """
+
+    model_name: str
+    candidate_version: str | None
+    decision: Decision
+    outcome: str
+    data_version: str
+    training_window: tuple[str, str] | None
+    rows_train: int
+    rows_holdout: int
+    review: Review
+    code_version: str
+    slice_max_drop: float | None
+    task: str | None = None
+    feature_join: str | None = None
 
 
-# --- Markdown ---
-
-
-# --- HTML ---
-
-
-def make_card(
-    *,
-    model_name: str,
-    candidate_version: str | None,
-    decision: Decision,
-    outcome: str,
-    data_version: str,
-    training_window: tuple[str, str] | None,
-    rows_train: int,
-    rows_holdout: int,
-    review: Review,
-    code_version: str,
-    slice_max_drop: float | None,
-    task: str | None = None,
-) -> ModelCard:
+def make_card(facts: CardFacts) -> ModelCard:
     """The card of one decision, from what the run computed (pure: no I/O).
 
-    `task` (`DatasetConfig.task`) defaults to the one the review found (`Review.task`); the cold start
-    evidence is `Review.holdout`, shown against the limits recorded in `Decision.gates`.
+    The cold start evidence is `Review.holdout`, shown against the limits recorded in `Decision.gates`.
     """
+    decision, review, task = facts.decision, facts.review, facts.task
     gate_bounds = configured_bounds(Gates.model_validate(decision.gates)) if decision.gates else []
     return ModelCard(
-        model_name=model_name,
-        candidate_version=candidate_version,
+        model_name=facts.model_name,
+        candidate_version=facts.candidate_version,
         champion_version=decision.champion_version,
         verdict=decision.verdict,
-        outcome=outcome,
+        outcome=facts.outcome,
         reasons=list(decision.reasons),
-        data_version=data_version,
-        training_window=training_window,
-        rows_train=rows_train,
-        rows_holdout=rows_holdout,
+        data_version=facts.data_version,
+        training_window=facts.training_window,
+        rows_train=facts.rows_train,
+        rows_holdout=facts.rows_holdout,
         candidate_metrics=decision.candidate_metrics,
-        code_version=code_version,
+        code_version=facts.code_version,
         created_at=datetime.now(UTC),
         champion_metrics=decision.champion_metrics,
         intervals=list(review.intervals),
@@ -219,7 +219,7 @@ def make_card(
         slices_candidate=list(review.candidate.slices),
         slices_champion=list(review.champion.slices) if review.champion else [],
         slice_metric=decision.primary_metric,
-        slice_max_drop=slice_max_drop,
+        slice_max_drop=facts.slice_max_drop,
         fairness=list(review.candidate.fairness),
         fairness_champion=list(review.champion.fairness) if review.champion else [],
         gates=list(decision.checks),
@@ -229,4 +229,5 @@ def make_card(
         gate_bounds=[(metric, float(bound), kind) for metric, bound, kind in gate_bounds],
         importance_scoring=review.importance_scoring,
         inference=review.inference,
+        feature_join=facts.feature_join,
     )

@@ -248,12 +248,28 @@ def holdout_size_gate(evidence: HoldoutEvidence, gates: Gates) -> GateResult:
     )
 
 
+@dataclass(frozen=True)
+class ChampionEvidence:
+    """The champion as the decision sees it.
+
+    Attributes:
+        metrics: Its metrics on the candidate's holdout rows (None at cold start or when it could not be scored).
+        version: Its registered version, if there is one.
+        error: Why it could not be scored (blocks promotion).
+    """
+
+    metrics: dict[str, float] | None = None
+    version: str | None = None
+    error: str | None = None
+
+
+NO_CHAMPION = ChampionEvidence()
+
+
 def decide(
     candidate: dict[str, float],
-    champion: dict[str, float] | None,
-    champion_version: str | None,
+    incumbent: ChampionEvidence,
     gates: Gates,
-    champion_error: str | None = None,
     interval: DeltaInterval | None = None,
     checks: Sequence[GateResult] = (),
     holdout: HoldoutEvidence | None = None,
@@ -264,14 +280,13 @@ def decide(
 
     Args:
         candidate: The candidate's holdout metrics.
-        champion: The champion's metrics on the same rows (None at cold start or when it failed).
-        champion_version: The champion's version, if there is one.
+        incumbent: The champion's metrics on the same rows, its version, or why it could not be scored.
         gates: Thresholds (`primary_metric` empty means the task's default, told by the metrics' kind).
-        champion_error: Why the champion could not be scored (blocks promotion).
         interval: Paired bootstrap interval of the improvement on the primary metric (needed with a champion).
         checks: Review gates (slices, fairness, size, latency, schema) already evaluated.
         holdout: The holdout's size and the candidate's bootstrap intervals (needed at cold start).
     """
+    champion, champion_version, champion_error = incumbent.metrics, incumbent.version, incumbent.error
     if gates.primary_metric is None:
         gates = resolve_gates(gates, TaskType.regression if "rmse" in candidate else TaskType.binary)
     primary = gates.primary_metric

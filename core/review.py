@@ -198,31 +198,39 @@ def model_results(holdout: pd.DataFrame, proba: np.ndarray, classes: list[Any], 
     return ModelResults(slices, fairness)
 
 
-def review_candidate(
-    candidate: Any,
-    proba: np.ndarray,
-    holdout: pd.DataFrame,
-    config: DatasetConfig,
-    gates: Gates,
-    seed: int,
-    champion_proba: np.ndarray | None = None,
-    champion_schema: dict[str, str] | None = None,
-) -> Review:
-    """Everything the decision needs beyond the candidate's metrics, on the frozen holdout rows.
+@dataclass(frozen=True)
+class ReviewInputs:
+    """The candidate and the scores the review compares, on the frozen holdout rows.
 
-    Args:
+    Attributes:
         candidate: The candidate's fitted pipeline.
         proba: The candidate's scores on `holdout` (from its evaluation: not scored again): probabilities,
             or predicted values for a regressor.
         holdout: Frozen holdout rows (raw columns).
-        config: Dataset description (slices, sensitive features).
-        gates: Thresholds of the review gates (an empty primary metric is filled with the task's default).
-        seed: Seeds the bootstrap and the permutations.
         champion_proba: The champion's scores on the same rows (None at cold start).
         champion_schema: The champion's inputs as logged in its signature (column -> numeric | text).
     """
+
+    candidate: Any
+    proba: np.ndarray
+    holdout: pd.DataFrame
+    champion_proba: np.ndarray | None = None
+    champion_schema: dict[str, str] | None = None
+
+
+def review_candidate(inputs: ReviewInputs, config: DatasetConfig, gates: Gates, seed: int) -> Review:
+    """Everything the decision needs beyond the candidate's metrics, on the frozen holdout rows.
+
+    Args:
+        inputs: The candidate, its scores and the champion's, on the holdout rows.
+        config: Dataset description (slices, sensitive features).
+        gates: Thresholds of the review gates (an empty primary metric is filled with the task's default).
+        seed: Seeds the bootstrap and the permutations.
+    """
     from core.explain import permutation_importances
 
+    candidate, proba, holdout = inputs.candidate, inputs.proba, inputs.holdout
+    champion_proba, champion_schema = inputs.champion_proba, inputs.champion_schema
     y_true = prepare_target(holdout, config)
     classes = model_classes(candidate)
     task = task_of(classes)

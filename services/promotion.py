@@ -1,25 +1,38 @@
-"""Promotion as the training flow carries it out.
+"""Promotion as the training flow carries it out: review, decide, register, ask approval, promote, record.
 
-The champion as the decision sees it (scored on the same holdout), then promote, confirm that the serving API
-answers with the new version, or revert.
+`review_and_promote` scores the champion on the candidate's holdout, reviews the candidate, decides, registers
+it and promotes it, all under the model's promotion lock (a person's approval is awaited outside it), and
+confirms that the serving API answers with the new version, or reverts. `record_run` writes the decision, the
+model card and the outcome on the run.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from adapters.locks import Held, hold
 from adapters.promotion import Promotion
 from adapters.serving_api import ServingCheck, ServingCheckFailed
+from core.approval import Approval, ApprovalTimeout
+from core.card import CardFacts, make_card
 from core.dataset import DatasetConfig
-from core.decision import Decision
+from core.decision import ChampionEvidence, Decision, Gates, decide, decision_markdown, decision_tags
+from core.metrics import Evaluation
+from core.outcome import describe_outcome
+from core.review import Review, ReviewInputs
+from services.approval import ask_approval
 from tasks.evaluation import evaluate_candidate
-from tasks.promotion import find_champion, load_champion, promote, revert
-from tasks.review import champion_schema
+from tasks.loading import check_still_in_catalog
+from tasks.promotion import ensure_promotion_lock, find_champion, load_champion, promote, revert
+from tasks.reports import publish_decision, publish_model_card
+from tasks.review import champion_schema, review
 from tasks.serving_check import check_serving
+from tasks.tracking import log_review, record_decision, register_model
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +96,161 @@ def current_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
     except Exception as exc:  # the decision records why; promotion is then blocked
         return ChampionState(version, error=f"{type(exc).__name__}: {exc}")
     return ChampionState(version, scored.proba, scored.metrics, schema)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trained and evaluated candidate, logged on run `run_id`.
+
+    Attributes:
+        run_id: Its MLflow run.
+        model: The fitted pipeline.
+        model_uri: Where it was logged (what is registered).
+        evaluation: Its metrics and scores on `holdout`.
+        holdout: The frozen holdout rows.
+        version_tags: Tags of the registered version (data version, served form, fingerprint, ...).
+        inference: How it is served (the compiled form's parity line).
+    """
+
+    run_id: str
+    model: Any
+    model_uri: str
+    evaluation: Evaluation
+    holdout: Any
+    version_tags: dict[str, str]
+    inference: str | None = None
+
+
+@dataclass(frozen=True)
+class PromotionPolicy:
+    """How a candidate is judged and promoted (from the run's parameters).
+
+    Attributes:
+        gates: The resolved gates.
+        seed: Seeds the review's bootstrap and permutations.
+        dry_run: Review and decide, but never register or promote.
+        require_approval: Wait for a person's answer before promoting.
+        approval_timeout_seconds: How long to wait for it.
+        serving_timeout_seconds: How long the serving API may take to answer with the new champion.
+        reason: Why the run was started (recorded with the promotion).
+        dataset: The dataset reference the run was started with (checked still in the catalog before registering).
+    """
+
+    gates: Gates
+    seed: int
+    dry_run: bool = False
+    require_approval: bool = False
+    approval_timeout_seconds: int = 86_400
+    serving_timeout_seconds: float = 120
+    reason: str = "manual"
+    dataset: str = ""
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    """What the review, the decision and the promotion came to."""
+
+    findings: Review
+    decision: Decision
+    version: str | None
+    promotion: Promotion | None = None
+    error: Exception | None = None
+    serving: ServingCheck | None = None
+    approval: Approval | None = None
+    lock_tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def promoted(self) -> bool:
+        """Whether the candidate is the champion now."""
+        return self.promotion is not None
+
+    def outcome(self, dry_run: bool) -> str:
+        """What happened after the decision, in one line."""
+        return describe_outcome(self.decision, dry_run, self.promoted, self.error, self.approval)
+
+    def tags(self, outcome: str) -> dict[str, str]:
+        """The run's tags about the outcome: promoted, the lock's wait, the serving check, the approval."""
+        return (
+            {"promoted": str(self.promoted).lower(), "outcome": outcome}
+            | self.lock_tags
+            | ({"serving_check": self.serving.detail} if self.serving else {})
+            | (self.approval.tags() if self.approval else {})
+        )
+
+    def raise_failure(self, model_name: str) -> None:
+        """Raise what stopped the promotion (the run then fails), or the approval's expiry."""
+        if self.error is not None:
+            raise self.error
+        if self.approval is not None and not self.approval.answered:
+            raise ApprovalTimeout(f"{model_name} v{self.version} was not promoted: {self.approval.describe()}")
+
+
+def review_and_promote(candidate: Candidate, config: DatasetConfig, policy: PromotionPolicy) -> PromotionResult:
+    """Review and decide against the current champion, register, and promote when the decision says so.
+
+    One run at a time per model decides and promotes (the promotion lock), so no run promotes against a stale
+    champion. With `require_approval` the person is asked outside the lock; the promotion is then a
+    compare-and-set against the champion the decision saw, so a champion that changed meanwhile is never
+    replaced blindly.
+    """
+    lock = ensure_promotion_lock(config.model_name)
+    with promotion_lock(lock) as held:
+        champion = current_champion(config, candidate.holdout)
+        findings, decision = _review_and_decide(candidate, config, policy, champion)
+        log_review(candidate.run_id, findings)
+        check_still_in_catalog(policy.dataset, config.model_name)  # removed meanwhile: nothing registered
+        version = (
+            None
+            if policy.dry_run
+            else register_model(candidate.model_uri, config.model_name, candidate.run_id, candidate.version_tags)
+        )
+        result = PromotionResult(findings, decision, version, lock_tags=held.tags())
+        wanted = decision.promote and version is not None
+        promote_now = partial(
+            promote_checked, config.model_name, version, champion.version, policy.serving_timeout_seconds, decision
+        )
+        if wanted and not policy.require_approval:
+            return replace(result, **_promoted(promote_now(policy.reason)))
+    if not (wanted and policy.require_approval):
+        return result
+    approval = ask_approval(decision, config.model_name, version, candidate.run_id, policy.approval_timeout_seconds)
+    if not approval.approved:
+        return replace(result, approval=approval)
+    with promotion_lock(lock):
+        return replace(result, approval=approval, **_promoted(promote_now(f"{policy.reason}; {approval.describe()}")))
+
+
+def _review_and_decide(
+    candidate: Candidate, config: DatasetConfig, policy: PromotionPolicy, champion: ChampionState
+) -> tuple[Review, Decision]:
+    inputs = ReviewInputs(
+        candidate.model, candidate.evaluation.proba, candidate.holdout, champion.proba, champion.schema
+    )
+    findings = replace(review(inputs, config, policy.gates, policy.seed), inference=candidate.inference)
+    decision = decide(
+        candidate.evaluation.metrics,
+        ChampionEvidence(champion.metrics, champion.version, champion.error),
+        policy.gates,
+        findings.interval(policy.gates.primary_metric),
+        findings.checks,
+        findings.holdout,
+    )
+    return findings, decision
+
+
+def _promoted(outcome: tuple[Promotion | None, Exception | None, ServingCheck | None]) -> dict[str, Any]:
+    promotion, error, serving = outcome
+    return {"promotion": promotion, "error": error, "serving": serving}
+
+
+def record_run(facts: CardFacts, run_id: str, tags: dict[str, str], step: Callable[[Any], Callable[..., Any]]) -> None:
+    """Record the decision and what came of it on the run and the version, then publish the model card.
+
+    `step` runs each recording task (`services.approval.steps_after`: plain functions once an approval expired).
+    """
+    decision = facts.decision
+    markdown = decision_markdown(decision, facts.model_name, facts.candidate_version, facts.data_version, facts.outcome)
+    tags = decision_tags(decision, facts.data_version) | tags
+    step(record_decision)(run_id, facts.model_name, facts.candidate_version, tags, markdown, decision.to_json())
+    step(publish_model_card)(make_card(facts), run_id)
+    step(publish_decision)(markdown)

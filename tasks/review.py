@@ -3,38 +3,23 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-import numpy as np
-import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adapters import registry
 from core.dataset import DatasetConfig
 from core.decision import Gates
-from core.review import (
-    Review,
-    review_candidate,
-)
+from core.review import Review, ReviewInputs, review_candidate
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
 
 log = logging.getLogger(__name__)
 
 
 @task(name="review", cache_policy=NO_CACHE)
-def review(
-    candidate: Any,
-    proba: np.ndarray,
-    holdout: pd.DataFrame,
-    config: DatasetConfig,
-    gates: Gates,
-    seed: int,
-    champion_proba: np.ndarray | None = None,
-    champion_schema: dict[str, str] | None = None,
-) -> Review:
+def review(inputs: ReviewInputs, config: DatasetConfig, gates: Gates, seed: int) -> Review:
     """Prefect task: see `review_candidate`."""
-    return review_candidate(candidate, proba, holdout, config, gates, seed, champion_proba, champion_schema)
+    return review_candidate(inputs, config, gates, seed)
 
 
 @task(name="champion-schema", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)

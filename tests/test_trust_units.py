@@ -885,9 +885,9 @@ def task_case(request) -> dict:
 
 
 def _reviewed(case: dict, cold: bool):
-    from core.decision import Gates, decide, resolve_gates
+    from core.decision import NO_CHAMPION, ChampionEvidence, Gates, decide, resolve_gates
     from core.metrics import model_classes, predict_proba
-    from core.review import review_candidate
+    from core.review import ReviewInputs, review_candidate
 
     config, holdout = case["config"], case["holdout"]
     gates = resolve_gates(
@@ -896,14 +896,12 @@ def _reviewed(case: dict, cold: bool):
     )
     scores = predict_proba(case["candidate"], holdout, config)
     champion_scores = None if cold else predict_proba(case["champion"], holdout, config)
-    review = review_candidate(case["candidate"], scores, holdout, config, gates, 0, champion_scores, None)
+    review = review_candidate(ReviewInputs(case["candidate"], scores, holdout, champion_scores), config, gates, 0)
     y, classes = prepare_target(holdout, config), model_classes(case["candidate"])
     decision = decide(
         compute_metrics(y, scores, classes),
-        None if cold else compute_metrics(y, champion_scores, classes),
-        None if cold else "1",
+        NO_CHAMPION if cold else ChampionEvidence(compute_metrics(y, champion_scores, classes), "1"),
         gates,
-        None,
         review.interval(gates.primary_metric),
         review.checks,
         review.holdout,
@@ -951,22 +949,24 @@ def test_review_candidate_runs_end_to_end_for_every_task(task_case, cold):
 
 @pytest.mark.parametrize("cold", [False, True])
 def test_the_card_reads_right_for_every_task(task_case, cold):
-    from core.card import make_card
+    from core.card import CardFacts, make_card
 
     review, decision, gates = _reviewed(task_case, cold)
     task = task_case["task"]
     card = make_card(
-        model_name="toy",
-        candidate_version="2",
-        decision=decision,
-        outcome="dry run",
-        data_version="v1",
-        training_window=None,
-        rows_train=100,
-        rows_holdout=len(task_case["holdout"]),
-        review=review,
-        code_version="abc",
-        slice_max_drop=gates.max_slice_drop,
+        CardFacts(
+            model_name="toy",
+            candidate_version="2",
+            decision=decision,
+            outcome="dry run",
+            data_version="v1",
+            training_window=None,
+            rows_train=100,
+            rows_holdout=len(task_case["holdout"]),
+            review=review,
+            code_version="abc",
+            slice_max_drop=gates.max_slice_drop,
+        )
     )
     text, html = render_markdown(card), render_html(card)
     assert card.task == task and f"- **Task:** {task}" in text

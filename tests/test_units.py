@@ -12,7 +12,7 @@ from sklearn.metrics import brier_score_loss
 from adapters.clients import S3Location
 from adapters.settings import Settings
 from core.dataset import DatasetConfigError, TaskType, load_local_dataset_config, parse_dataset_config
-from core.decision import GateResult, Gates, HoldoutEvidence, decide, resolve_gates
+from core.decision import NO_CHAMPION, ChampionEvidence, GateResult, Gates, HoldoutEvidence, decide, resolve_gates
 from core.metrics import compute_metrics, improvement
 from core.significance import DeltaInterval, MetricInterval
 from core.split import holdout_mask
@@ -34,7 +34,7 @@ def _evidence(
 
 
 def test_cold_start_promotes_when_gates_pass():
-    decision = decide(GOOD, None, None, Gates(), holdout=_evidence(GOOD))
+    decision = decide(GOOD, NO_CHAMPION, Gates(), holdout=_evidence(GOOD))
     assert decision.promote
     assert any("cold start" in r and "promoted" in r for r in decision.reasons)
     assert [c.gate for c in decision.checks] == ["holdout_size", "min_roc_auc"]
@@ -42,7 +42,7 @@ def test_cold_start_promotes_when_gates_pass():
 
 def test_cold_start_rejects_when_a_gate_fails_and_never_states_the_promotion_rule():
     bad = GOOD | {"roc_auc": 0.6}
-    decision = decide(bad, None, None, Gates(min_roc_auc=0.7), holdout=_evidence(bad))
+    decision = decide(bad, NO_CHAMPION, Gates(min_roc_auc=0.7), holdout=_evidence(bad))
     assert not decision.promote
     assert any(r.startswith("gate failed: roc_auc 95% CI lower bound 0.6000") for r in decision.reasons)
     # the rejected run says why it was rejected, not the rule that would have promoted it
@@ -52,37 +52,37 @@ def test_cold_start_rejects_when_a_gate_fails_and_never_states_the_promotion_rul
 
 def test_cold_start_is_judged_on_the_interval_bound_not_the_point_estimate():
     # point estimate 0.82 clears 0.7, but the 95 % interval reaches down to 0.62: a tiny holdout's luck
-    decision = decide(GOOD, None, None, Gates(min_roc_auc=0.7), holdout=_evidence(GOOD, width=0.2))
+    decision = decide(GOOD, NO_CHAMPION, Gates(min_roc_auc=0.7), holdout=_evidence(GOOD, width=0.2))
     assert not decision.promote
     assert decision.checks[1].gate == "min_roc_auc" and not decision.checks[1].passed
     assert "lower bound 0.6200 (point 0.8200" in decision.checks[1].detail
     # loss metrics are judged on the upper bound
     gates = Gates(max_log_loss=0.4)
-    assert not decide(GOOD, None, None, gates, holdout=_evidence(GOOD, width=0.1)).promote  # 0.35 + 0.1 > 0.4
-    assert decide(GOOD, None, None, gates, holdout=_evidence(GOOD, width=0.04)).promote
+    assert not decide(GOOD, NO_CHAMPION, gates, holdout=_evidence(GOOD, width=0.1)).promote  # 0.35 + 0.1 > 0.4
+    assert decide(GOOD, NO_CHAMPION, gates, holdout=_evidence(GOOD, width=0.04)).promote
 
 
 def test_cold_start_needs_enough_holdout_rows_and_rows_per_class():
-    few_rows = decide(GOOD, None, None, Gates(min_holdout_rows=200), holdout=_evidence(GOOD, n_rows=150))
+    few_rows = decide(GOOD, NO_CHAMPION, Gates(min_holdout_rows=200), holdout=_evidence(GOOD, n_rows=150))
     assert not few_rows.promote
     assert "gate failed: holdout_size: 150 holdout rows < min_holdout_rows 200" in few_rows.reasons
-    few_per_class = decide(GOOD, None, None, Gates(min_holdout_per_class=20), holdout=_evidence(GOOD, per_class=7))
+    few_per_class = decide(GOOD, NO_CHAMPION, Gates(min_holdout_per_class=20), holdout=_evidence(GOOD, per_class=7))
     assert not few_per_class.promote
     assert any("fewer than min_holdout_per_class 20 rows (0: 7, 1: 7)" in r for r in few_per_class.reasons)
     with pytest.raises(ValueError, match="needs the holdout evidence"):
-        decide(GOOD, None, None, Gates())
+        decide(GOOD, NO_CHAMPION, Gates())
 
 
 def test_regression_gates_default_to_rmse_and_min_r2():
     metrics = {"rmse": 1.2, "mae": 0.9, "r2": 0.4}
     gates = resolve_gates(Gates(), TaskType.regression)
     assert gates.primary_metric == "rmse"
-    decision = decide(metrics, None, None, Gates(), holdout=_evidence(metrics))
+    decision = decide(metrics, NO_CHAMPION, Gates(), holdout=_evidence(metrics))
     assert decision.promote and decision.primary_metric == "rmse"
     # min_roc_auc (a classification gate) does not apply; min_r2 = 0 does
     assert [c.gate for c in decision.checks] == ["holdout_size", "min_r2"]
     worse_than_the_mean = metrics | {"r2": -0.1}
-    assert not decide(worse_than_the_mean, None, None, Gates(), holdout=_evidence(worse_than_the_mean)).promote
+    assert not decide(worse_than_the_mean, NO_CHAMPION, Gates(), holdout=_evidence(worse_than_the_mean)).promote
     with pytest.raises(ValueError, match="does not apply to a regression task"):
         resolve_gates(Gates(primary_metric="roc_auc"), TaskType.regression)
     with pytest.raises(ValueError, match="does not apply to a binary task"):
@@ -92,7 +92,11 @@ def test_regression_gates_default_to_rmse_and_min_r2():
 def test_rejected_with_a_champion_says_why_when_it_beats_it():
     slice_failure = GateResult("slices", False, "slice region=north: roc_auc drop 0.07")
     decision = decide(
-        GOOD, dict(GOOD), "3", Gates(), interval=_interval("roc_auc", 0.02, 0.01, 0.03), checks=[slice_failure]
+        GOOD,
+        ChampionEvidence(dict(GOOD), "3"),
+        Gates(),
+        interval=_interval("roc_auc", 0.02, 0.01, 0.03),
+        checks=[slice_failure],
     )
     assert not decision.promote
     assert "not promoted: it beats the champion, but 1 gate(s) failed" in decision.reasons
@@ -105,9 +109,13 @@ def _interval(metric: str, delta: float, low: float, high: float) -> DeltaInterv
 def test_candidate_must_beat_champion_beyond_noise_by_min_delta():
     champion = GOOD | {"roc_auc": 0.80}
     # the lower bound of the improvement's interval clears min_delta: promoted
-    assert decide(GOOD, champion, "3", Gates(min_delta=0.01), interval=_interval("roc_auc", 0.02, 0.012, 0.03)).promote
+    assert decide(
+        GOOD, ChampionEvidence(champion, "3"), Gates(min_delta=0.01), interval=_interval("roc_auc", 0.02, 0.012, 0.03)
+    ).promote
     # better on the point estimate, but the interval reaches below min_delta: not promoted
-    rejected = decide(GOOD, champion, "3", Gates(min_delta=0.01), interval=_interval("roc_auc", 0.02, 0.005, 0.03))
+    rejected = decide(
+        GOOD, ChampionEvidence(champion, "3"), Gates(min_delta=0.01), interval=_interval("roc_auc", 0.02, 0.005, 0.03)
+    )
     assert not rejected.promote
     assert any("does not beat the champion beyond noise" in r for r in rejected.reasons)
     assert rejected.interval["low"] == 0.005
@@ -115,29 +123,33 @@ def test_candidate_must_beat_champion_beyond_noise_by_min_delta():
 
 def test_equal_candidate_does_not_replace_champion():
     # equal up to noise: the interval straddles zero
-    assert not decide(GOOD, dict(GOOD), "1", Gates(), interval=_interval("roc_auc", 0.0, -0.004, 0.004)).promote
+    assert not decide(
+        GOOD, ChampionEvidence(dict(GOOD), "1"), Gates(), interval=_interval("roc_auc", 0.0, -0.004, 0.004)
+    ).promote
 
 
 def test_a_champion_comparison_needs_the_interval_of_the_primary_metric():
     with pytest.raises(ValueError, match="paired interval of roc_auc"):
-        decide(GOOD, dict(GOOD), "1", Gates())
+        decide(GOOD, ChampionEvidence(dict(GOOD), "1"), Gates())
     with pytest.raises(ValueError, match="paired interval of roc_auc"):
-        decide(GOOD, dict(GOOD), "1", Gates(), interval=_interval("f1", 0.1, 0.05, 0.2))
+        decide(GOOD, ChampionEvidence(dict(GOOD), "1"), Gates(), interval=_interval("f1", 0.1, 0.05, 0.2))
 
 
 def test_lower_is_better_metrics_are_compared_in_the_right_direction():
     assert improvement("log_loss", 0.30, 0.35) == pytest.approx(0.05)
     assert improvement("roc_auc", 0.80, 0.85) == pytest.approx(-0.05)
     gates = Gates(primary_metric="log_loss", min_delta=0.01)
-    assert decide(GOOD | {"log_loss": 0.30}, GOOD, "2", gates, interval=_interval("log_loss", 0.05, 0.02, 0.08)).promote
+    assert decide(
+        GOOD | {"log_loss": 0.30}, ChampionEvidence(GOOD, "2"), gates, interval=_interval("log_loss", 0.05, 0.02, 0.08)
+    ).promote
     worse = _interval("log_loss", -0.05, -0.08, -0.02)
-    assert not decide(GOOD | {"log_loss": 0.40}, GOOD, "2", gates, interval=worse).promote
+    assert not decide(GOOD | {"log_loss": 0.40}, ChampionEvidence(GOOD, "2"), gates, interval=worse).promote
 
 
 def test_a_failed_review_gate_blocks_promotion_and_is_named():
     slice_failure = GateResult("slices", False, "slice region=north: roc_auc 0.7100 vs champion 0.7600")
     decision = decide(
-        GOOD, None, None, Gates(), checks=[slice_failure, GateResult("latency", True, "5 ms")], holdout=_evidence(GOOD)
+        GOOD, NO_CHAMPION, Gates(), checks=[slice_failure, GateResult("latency", True, "5 ms")], holdout=_evidence(GOOD)
     )
     assert not decision.promote
     assert "gate failed: slices: slice region=north: roc_auc 0.7100 vs champion 0.7600" in decision.reasons
@@ -145,13 +157,13 @@ def test_a_failed_review_gate_blocks_promotion_and_is_named():
 
 
 def test_unscorable_champion_blocks_promotion():
-    decision = decide(GOOD, None, "4", Gates(), champion_error="KeyError: 'age'")
+    decision = decide(GOOD, ChampionEvidence(None, "4", "KeyError: 'age'"), Gates())
     assert not decision.promote
     assert any("could not be scored" in r for r in decision.reasons)
 
 
 def test_max_gates():
-    decision = decide(GOOD, None, None, Gates(max_brier=0.05, max_log_loss=0.3), holdout=_evidence(GOOD))
+    decision = decide(GOOD, NO_CHAMPION, Gates(max_brier=0.05, max_log_loss=0.3), holdout=_evidence(GOOD))
     assert not decision.promote
     assert len([r for r in decision.reasons if r.startswith("gate failed")]) == 2
 

@@ -1,0 +1,92 @@
+"""The data a training run learns from, whatever the engine: load, join features, validate, split and train.
+
+The `pandas` engine reads the snapshot into memory (and joins the feature store's features as of each row's
+time when the model has a feature service); the `dask` engine keeps the partitions on the cluster, validates a
+sample with Great Expectations plus full-data checks computed there, and trains LightGBM's Dask estimator.
+The dataset config's `engine` chooses (`auto` counts the Parquet rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from core.big_model import BigSplit
+from core.dataset import DatasetConfig
+from core.feature_history import JoinReport
+from core.search import SearchResult, SearchSpec
+from core.split import Split
+from core.validation import DataValidationError, ValidationReport
+from tasks.big_training import (
+    check_big_snapshot,
+    choose_snapshot_engine,
+    load_big_snapshot,
+    split_big_snapshot,
+    train_big_candidate,
+)
+from tasks.features import join_features
+from tasks.loading import load_snapshot
+from tasks.reports import store_validation_report
+from tasks.split import split_snapshot
+from tasks.training import train_candidate
+from tasks.validation import check_snapshot
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A validated snapshot, ready to split.
+
+    Attributes:
+        snapshot: The snapshot (in memory, or the cluster's partitions with the `dask` engine).
+        frame: The rows to learn from (after the feature join), None with the `dask` engine.
+        join: The feature store's point-in-time join report, when there is a feature service.
+        report: The validation report (it passed).
+    """
+
+    snapshot: Any
+    frame: pd.DataFrame | None
+    join: JoinReport | None
+    report: ValidationReport
+
+    @property
+    def data_version(self) -> str:
+        """The snapshot's data version."""
+        return self.snapshot.data_version
+
+    @property
+    def on_cluster(self) -> bool:
+        """Whether the rows stay on the Dask cluster."""
+        return self.frame is None
+
+
+def prepare_data(config: DatasetConfig, seed: int) -> PreparedData:
+    """Load and validate the snapshot (store the report); raise `DataValidationError` when it fails."""
+    if choose_snapshot_engine(config) == "dask":
+        snapshot, frame, join = load_big_snapshot(config), None, None
+        report = check_big_snapshot(snapshot, config, seed)
+    else:
+        snapshot = load_snapshot(config)
+        # With a feature service, the store's features as of each row's time; lost rows are counted, not hidden.
+        frame, join = join_features(snapshot.frame, config) if config.feature_service else (snapshot.frame, None)
+        report = check_snapshot(frame, config, snapshot.data_version, join)
+    store_validation_report(config.name, snapshot.data_version, report.to_json(), report.to_markdown())
+    if not report.success:
+        raise DataValidationError(report.failures, report)
+    return PreparedData(snapshot, frame, join, report)
+
+
+def fit_candidate(
+    data: PreparedData, config: DatasetConfig, search: SearchSpec, seed: int
+) -> tuple[Split | BigSplit, SearchResult]:
+    """Split off the frozen holdout and train the candidate on the rest.
+
+    In memory: the model search with cross-validation. On the cluster: the holdout by id hash per partition,
+    LightGBM's Dask estimator on every training row.
+    """
+    if data.on_cluster:
+        split = split_big_snapshot(data.snapshot, config)
+        return split, train_big_candidate(data.snapshot, split, config, seed)
+    split = split_snapshot(data.frame, config)
+    return split, train_candidate(split.train, config, search, seed)
