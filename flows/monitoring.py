@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.drift import DriftThresholds
 from core.drift_analysis import Verdict, WindowResult, overall_verdict, retrain_scope
 from core.drift_report import StoredReport, summary_markdown
-from services.retraining import Trigger, outside_source, trigger_retraining
+from core.retraining import RetrainRequest, Trigger
+from services.retraining import retrain_if_needed
 from tasks.features import load_partition_with_features
 from tasks.loading import load_dataset_config
 from tasks.monitoring import (
@@ -147,24 +148,17 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
 
     # The report first, so the drift event (and its alert) can link it.
     report = store_report(champion, windows, results, verdict, config, scope.note)
-    if not verdict.triggered:
-        trigger = Trigger("not-needed", "no threshold crossed: nothing to retrain")
-    elif not scope.retrain:
-        trigger = outside_source(scope)
-    elif not params.trigger_retraining:
-        trigger = Trigger("disabled", f"would retrain ({verdict.summary}), but triggering is off")
-    else:
-        reason = f"drift: {verdict.summary} (monitoring run {flow_run.get_name() or 'local'})"
-        trigger = trigger_retraining(
-            config.model_name,
-            params.dataset,
-            reason,
-            params.cooldown_minutes,
-            params.training_deployment or f"training/{config.model_name}",
-            verdict.summary,
-            report.link,
-            scope.window_key,
-        )
+    request = RetrainRequest(
+        config.model_name,
+        params.dataset,
+        f"drift: {verdict.summary} (monitoring run {flow_run.get_name() or 'local'})",
+        params.cooldown_minutes,
+        params.training_deployment or f"training/{config.model_name}",
+        verdict.summary,
+        report.link,
+        scope.window_key,
+    )
+    trigger = retrain_if_needed(verdict, scope, request, params.trigger_retraining)
     publish_summary(
         summary_markdown(
             config.model_name,

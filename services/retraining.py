@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from prefect import task
 
 from adapters.alerts import DriftAlert, drift_automation_name, emit_drift
 from core.drift import MonitoringError
-from core.drift_analysis import RetrainScope
+from core.drift_analysis import RetrainScope, Verdict
+from core.retraining import (
+    RetrainRequest,
+    Trigger,
+    already_retrained_trigger,
+    cooldown_trigger,
+    retrain_rule,
+)
 from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
@@ -30,19 +36,6 @@ DRIFT_TAG = "drift-triggered"
 LOCK_TIMEOUT_SECONDS = 300
 # How long to wait for the automation's run after the drift event (it takes about a second).
 RUN_WAIT_SECONDS = 120
-
-
-@dataclass(frozen=True)
-class Trigger:
-    """What happened to the retraining: `triggered`, or why not.
-
-    `cooldown`, `disabled`, `not-needed`, `outside-source` (the drifted data is not in what training reads)
-    or `already-retrained` (a drift-triggered run already retrained on the same drifted data).
-    """
-
-    status: Literal["triggered", "cooldown", "disabled", "not-needed", "outside-source", "already-retrained"]
-    detail: str
-    flow_run_id: str | None = None
 
 
 def model_tag(model_name: str) -> str:
@@ -55,25 +48,9 @@ def window_tag(window_key: str) -> str:
     return f"drift-window:{window_key}"
 
 
-def outside_source(scope: RetrainScope) -> Trigger:
-    """No retraining: every drifted window is outside the training source, so a retrain would not see it."""
-    log.warning("%s", scope.note)
-    return Trigger("outside-source", scope.note)
-
-
 def lock_name(model_name: str) -> str:
     """The one-slot global concurrency limit that check-and-trigger holds: `drift-trigger-<model>`."""
     return f"drift-trigger-{model_name}"
-
-
-def blocking_runs(runs: list[Any], since: datetime) -> list[Any]:
-    """Drift-triggered runs that keep a new trigger back: started (or due) since `since`, or not finished yet."""
-    return [
-        run
-        for run in runs
-        if (run.expected_start_time is not None and run.expected_start_time >= since)
-        or (run.state is not None and not run.state.is_final())
-    ]
 
 
 def drift_automation(client: Any, deployment_id: Any, deployment: str, model_name: str) -> Any:
@@ -144,17 +121,18 @@ def wait_for_started_run(deployment_id: Any, automation: Any, reason: str, since
     )
 
 
-def start_retraining(
-    model_name: str,
-    dataset: str,
-    reason: str,
-    cooldown_minutes: float,
-    deployment: str,
-    summary: str = "",
-    report_link: str | None = None,
-    window_key: str | None = None,
-) -> Trigger:
-    """Emit the drift event (the automation then runs `deployment`), unless a retrain is within the cooldown.
+def retrain_if_needed(verdict: Verdict, scope: RetrainScope, request: RetrainRequest, enabled: bool) -> Trigger:
+    """Apply the trigger rule (`core.retraining.retrain_rule`); retrain (`trigger_retraining`) when it says so."""
+    held_back = retrain_rule(verdict, scope, request, enabled)
+    if held_back is None:
+        return trigger_retraining(request)
+    if held_back.status == "outside-source":
+        log.warning("%s", held_back.detail)
+    return held_back
+
+
+def start_retraining(request: RetrainRequest) -> Trigger:
+    """Emit the drift event (the automation then runs the deployment), unless a retrain is within the cooldown.
 
     With `window_key` (the drifted data's key, `RetrainScope.window_key`), a drift-triggered run of this
     model that already retrained on the same data, whenever it ran, also holds a new one back
@@ -170,57 +148,30 @@ def start_retraining(
     nothing starts (`disabled`).
     """
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectNotFound
 
-    tags = [DRIFT_TAG, model_tag(model_name)]
-    lock = lock_name(model_name)
-    reason = reason[:500]  # TrainingParams.reason's limit
+    lock = lock_name(request.model_name)
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(lock, limit=1)
     with concurrency(lock, occupy=1, strict=True, timeout_seconds=LOCK_TIMEOUT_SECONDS):
-        since = datetime.now(UTC) - timedelta(minutes=cooldown_minutes)
         with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)),
-                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                limit=50,
-            )
-            blocking = blocking_runs(runs, since)
-            if blocking:
-                run = blocking[0]
-                detail = (
-                    f"cooldown: drift-triggered run {run.name} ({run.id}, {run.state_name}) of {model_name} is within "
-                    f"the last {cooldown_minutes:g} min or unfinished; not starting another"
-                )
-                log.warning("%s", detail)
-                return Trigger("cooldown", detail, str(run.id))
-            if window_key is not None:
-                earlier = client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[*tags, window_tag(window_key)])),
-                    sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                    limit=1,
-                )
-                if earlier:
-                    run = earlier[0]
-                    detail = (
-                        f"not retraining: drift-triggered run {run.name} ({run.id}, {run.state_name}) of {model_name} "
-                        f"already retrained on this drifted data (window {window_key}); new data is needed"
-                    )
-                    log.warning("%s", detail)
-                    return Trigger("already-retrained", detail, str(run.id))
-            try:
-                target = client.read_deployment_by_name(deployment)
-            except ObjectNotFound as exc:
-                raise MonitoringError(
-                    f"deployment {deployment!r} not found on {client.api_url}: deploy it (`mlops deploy`) to retrain"
-                ) from exc
-            automation = drift_automation(client, target.id, deployment, model_name)
+            held_back = _held_back(client, request)
+            if held_back is not None:
+                log.warning("%s", held_back.detail)
+                return held_back
+            target, automation = _target(client, request)
             # the server's clock stamps the run; allow for a skew between the two clocks
             emitted_at = datetime.now(UTC) - timedelta(seconds=30)
-        event = emit_drift(DriftAlert(model_name, dataset, summary, reason, deployment, report_link))
+        event = emit_drift(
+            DriftAlert(
+                request.model_name,
+                request.dataset,
+                request.summary,
+                request.reason,
+                request.deployment,
+                request.report_link,
+            )
+        )
         if event is None:
             raise MonitoringError("Prefect emits no events here (no API configured?): cannot trigger retraining")
         if not automation.enabled:
@@ -230,28 +181,67 @@ def start_retraining(
             )
             log.warning("%s", detail)
             return Trigger("disabled", detail)
-        run = wait_for_started_run(target.id, automation, reason, emitted_at)
-        try:
-            with get_client(sync_client=True) as client:
-                marks = {*tags, *([window_tag(window_key)] if window_key is not None else [])}
-                client.update_flow_run(run.id, tags=sorted(set(run.tags) | marks))
-        except Exception as exc:  # the event is out: a retry would start a second run
-            raise MonitoringError(f"training run {run.name} ({run.id}) started but not tagged {tags}: {exc}") from exc
-    detail = f"drift event {event.id}: {automation.name} started {deployment} run {run.name} ({run.id}): {reason}"
+        run = wait_for_started_run(target.id, automation, request.reason, emitted_at)
+        _tag(run, request)
+    detail = (
+        f"drift event {event.id}: {automation.name} started {request.deployment} run {run.name} ({run.id}): "
+        f"{request.reason}"
+    )
     log.info("%s", detail)
     return Trigger("triggered", detail, str(run.id))
 
 
+def _tags(request: RetrainRequest) -> list[str]:
+    return [DRIFT_TAG, model_tag(request.model_name)]
+
+
+def _held_back(client: Any, request: RetrainRequest) -> Trigger | None:
+    """The cooldown, then the already-retrained rule, on the model's drift-triggered runs."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    def runs(tags: list[str], limit: int) -> list[Any]:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=limit,
+        )
+
+    since = datetime.now(UTC) - timedelta(minutes=request.cooldown_minutes)
+    cooldown = cooldown_trigger(runs(_tags(request), 50), since, request)
+    if cooldown is not None or request.window_key is None:
+        return cooldown
+    return already_retrained_trigger(runs([*_tags(request), window_tag(request.window_key)], 1), request)
+
+
+def _target(client: Any, request: RetrainRequest) -> tuple[Any, Any]:
+    """The training deployment and the model's drift automation that runs it (checked)."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        target = client.read_deployment_by_name(request.deployment)
+    except ObjectNotFound as exc:
+        raise MonitoringError(
+            f"deployment {request.deployment!r} not found on {client.api_url}: deploy it (`mlops deploy`) to retrain"
+        ) from exc
+    return target, drift_automation(client, target.id, request.deployment, request.model_name)
+
+
+def _tag(run: Any, request: RetrainRequest) -> None:
+    """Tag the started run drift-triggered, with its model and drifted data (what the cooldown looks for)."""
+    from prefect.client.orchestration import get_client
+
+    marks = {*_tags(request), *([window_tag(request.window_key)] if request.window_key is not None else [])}
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run.id, tags=sorted(set(run.tags) | marks))
+    except Exception as exc:  # the event is out: a retry would start a second run
+        raise MonitoringError(
+            f"training run {run.name} ({run.id}) started but not tagged {sorted(marks)}: {exc}"
+        ) from exc
+
+
 @task(name="trigger-retraining", **IO)
-def trigger_retraining(
-    model_name: str,
-    dataset: str,
-    reason: str,
-    cooldown_minutes: float,
-    deployment: str,
-    summary: str = "",
-    report_link: str | None = None,
-    window_key: str | None = None,
-) -> Trigger:
+def trigger_retraining(request: RetrainRequest) -> Trigger:
     """Prefect task: `start_retraining` (the drift event, once per cooldown and drifted data, under the lock)."""
-    return start_retraining(model_name, dataset, reason, cooldown_minutes, deployment, summary, report_link, window_key)
+    return start_retraining(request)

@@ -239,14 +239,17 @@ def test_failed_training_run_is_alerted_once_with_its_link_and_error(stack, aler
 
 
 def test_drift_event_starts_one_training_run_and_is_alerted_once(stack, alerts, receiver, dataset):
+    from core.retraining import RetrainRequest
     from services.retraining import DRIFT_TAG, model_tag, start_retraining
 
     since = datetime.now(UTC) - timedelta(seconds=5)
     reason = f"drift: 3 of 13 features drifted (alerts test {time.time():.0f})"
     # Given drift found twice in a row, as monitoring reports it
     deployment = f"training/{MODEL}"
-    first = start_retraining(MODEL, dataset, reason, 60, deployment, summary="3 of 13 features drifted")
-    second = start_retraining(MODEL, dataset, reason + " again", 60, deployment, summary="still drifted")
+    first = start_retraining(RetrainRequest(MODEL, dataset, reason, 60, deployment, summary="3 of 13 features drifted"))
+    second = start_retraining(
+        RetrainRequest(MODEL, dataset, reason + " again", 60, deployment, summary="still drifted")
+    )
     # then the first emits the event and the automation starts one run; the second is held by the cooldown
     assert first.status == "triggered", first.detail
     assert second.status == "cooldown" and second.flow_run_id == first.flow_run_id, second.detail

@@ -29,8 +29,8 @@ from core.drift_analysis import join_labels, judge_window, overall_verdict, refe
 from core.drift_report import summary_markdown
 from core.features import prepare_inputs
 from core.history import ChampionChange, history_table, record_key
+from core.retraining import blocking_runs
 from core.synthetic import DriftSpec, generate_month
-from services.retraining import blocking_runs
 
 RNG = np.random.default_rng(0)
 THRESHOLDS = DriftThresholds()
