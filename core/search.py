@@ -4,12 +4,12 @@ Every trial builds its own estimator (`sklearn.base.clone`), and the model that 
 is built from exactly the chosen trial's parameters, so the registered pipeline is the one the search
 picked (a test checks it against the logged parameters).
 
-The search space fits the data: leaf sizes are capped by the smallest class in a CV training fold (by
-the fold's size for regression), so no configuration can only ever predict the prior. A trial whose CV
-score equals the constant predictor's (`DummyClassifier(strategy="prior")` / `DummyRegressor()`, scored
-on the same folds) is logged as degenerate and chosen only when every trial is. Folds are scored one at
-a time and Optuna's median pruner stops a trial whose running mean falls below the completed trials' at
-the same fold.
+The search space fits the data (`core/model_families.py`): leaf sizes are capped by the smallest class in
+a CV training fold (by the fold's size for regression), so no configuration can only ever predict the
+prior. A trial whose CV score equals the constant predictor's (`DummyClassifier(strategy="prior")` /
+`DummyRegressor()`, scored on the same folds) is logged as degenerate and chosen only when every trial is
+(`core/search_results.py`). Folds are scored one at a time and Optuna's median pruner stops a trial whose
+running mean falls below the completed trials' at the same fold.
 
 Trials run in batches (`SearchSpec.trials_per_batch` per family, every family at once) that may run in
 parallel anywhere (`run_batch`: the flow sends them to a Dask cluster): Optuna is asked for a whole
@@ -22,11 +22,9 @@ With `trials_per_batch=1` the search is the sequential one (each trial sees ever
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -35,44 +33,28 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.base import BaseEstimator, clone
 from sklearn.dummy import DummyClassifier, DummyRegressor
-from sklearn.ensemble import (
-    HistGradientBoostingClassifier,
-    HistGradientBoostingRegressor,
-    RandomForestClassifier,
-    RandomForestRegressor,
-)
-from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import get_scorer
 from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
-from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
 from core.dataset import DatasetConfig, TaskType
 from core.features import build_preprocessor, prepare_inputs, prepare_target
 from core.metrics import Scoring, scoring_for
+from core.model_families import (
+    CLASSIFICATION_ONLY,
+    DEFAULT_FAMILIES,
+    REGRESSION_ONLY,
+    DataShape,
+    ModelFamily,
+    base_estimator,
+    suggest,
+)
+from core.search_results import SearchResult, Trial, choose
 
 log = logging.getLogger(__name__)
 
 # A CV score within this of the constant predictor's counts as the constant predictor's.
 DEGENERATE_TOLERANCE = 1e-9
-
-
-class ModelFamily(StrEnum):
-    """Model families the search can try (each builds a classifier or a regressor as the task needs)."""
-
-    logistic_regression = "logistic_regression"
-    ridge = "ridge"
-    hist_gradient_boosting = "hist_gradient_boosting"
-    random_forest = "random_forest"
-    decision_tree = "decision_tree"
-
-
-CLASSIFICATION_ONLY = {ModelFamily.logistic_regression: ModelFamily.ridge}
-REGRESSION_ONLY = {ModelFamily.ridge: ModelFamily.logistic_regression}
-DEFAULT_FAMILIES = {
-    True: [ModelFamily.logistic_regression, ModelFamily.hist_gradient_boosting],  # classification
-    False: [ModelFamily.ridge, ModelFamily.hist_gradient_boosting],  # regression
-}
 
 
 class SearchSpec(BaseModel):
@@ -124,125 +106,6 @@ class SearchSpec(BaseModel):
                     f"model family {family.value!r} does not fit a {task.value} task: use {wrong[family].value!r}"
                 )
         return families
-
-
-@dataclass(frozen=True)
-class DataShape:
-    """What the search space is scaled to: rows in a CV training fold and the smallest class there."""
-
-    fold_rows: int
-    smallest_class: int | None  # None for regression
-
-    @property
-    def max_leaf(self) -> int:
-        """Largest `min_samples_leaf` worth trying: half the smallest class (classification) or 5 % of a fold."""
-        bound = self.smallest_class // 2 if self.smallest_class is not None else self.fold_rows // 20
-        return max(1, min(200, bound))
-
-
-def _leaf(trial: optuna.Trial, shape: DataShape, low: int = 1) -> int:
-    high = shape.max_leaf
-    return trial.suggest_int("min_samples_leaf", min(low, high), high, log=high > 2 * low)
-
-
-def suggest(family: ModelFamily, trial: optuna.Trial, shape: DataShape) -> dict[str, Any]:
-    """Draw one configuration of `family` from ranges scaled to the data (`DataShape.max_leaf`)."""
-    match family:
-        case ModelFamily.logistic_regression:
-            return {
-                "C": trial.suggest_float("C", 1e-3, 1e2, log=True),
-                "class_weight": trial.suggest_categorical("class_weight", [None, "balanced"]),
-            }
-        case ModelFamily.ridge:
-            return {"alpha": trial.suggest_float("alpha", 1e-3, 1e3, log=True)}
-        case ModelFamily.hist_gradient_boosting:
-            return {
-                "learning_rate": trial.suggest_float("learning_rate", 0.03, 0.3, log=True),
-                "max_leaf_nodes": trial.suggest_int("max_leaf_nodes", 8, 64, log=True),
-                "min_samples_leaf": _leaf(trial, shape),
-                "l2_regularization": trial.suggest_float("l2_regularization", 1e-4, 10, log=True),
-                "max_iter": trial.suggest_int("max_iter", 100, 300, step=100),
-            }
-        case ModelFamily.random_forest:
-            return {
-                "n_estimators": trial.suggest_int("n_estimators", 100, 200, step=100),
-                "max_depth": trial.suggest_categorical("max_depth", [6, 10, None]),
-                "min_samples_leaf": _leaf(trial, shape),
-                "max_features": trial.suggest_categorical("max_features", ["sqrt", 0.5]),
-            }
-        case ModelFamily.decision_tree:
-            return {"max_depth": trial.suggest_int("max_depth", 1, 3), "min_samples_leaf": _leaf(trial, shape)}
-    raise ValueError(f"unknown model family {family!r}")
-
-
-def base_estimator(family: ModelFamily, classification: bool, seed: int) -> BaseEstimator:
-    """The family's unfitted estimator with fixed settings (each trial clones it)."""
-    match family:
-        case ModelFamily.logistic_regression:
-            return LogisticRegression(max_iter=1000)
-        case ModelFamily.ridge:
-            return Ridge()
-        case ModelFamily.hist_gradient_boosting:
-            cls = HistGradientBoostingClassifier if classification else HistGradientBoostingRegressor
-            return cls(random_state=seed)
-        case ModelFamily.random_forest:
-            cls = RandomForestClassifier if classification else RandomForestRegressor
-            return cls(random_state=seed, n_jobs=-1)
-        case ModelFamily.decision_tree:
-            cls = DecisionTreeClassifier if classification else DecisionTreeRegressor
-            return cls(random_state=seed)
-    raise ValueError(f"unknown model family {family!r}")
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One configuration's cross-validated score (in the scorer's higher-is-better sense)."""
-
-    family: str
-    params: dict[str, Any]
-    cv_mean: float
-    cv_std: float
-    seconds: float
-    number: int = 0
-    state: str = "complete"  # complete | pruned | degenerate
-    folds: int = 0
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """The refitted best pipeline and every trial behind the choice."""
-
-    model: Pipeline = field(repr=False)
-    family: str
-    params: dict[str, Any]
-    cv_mean: float
-    scoring: str
-    trials: list[Trial]
-    metric: str = ""
-    baseline: float = math.nan
-
-    @property
-    def cv_metric(self) -> float:
-        """The chosen trial's CV score as its metric reads (e.g. RMSE positive)."""
-        return self.cv_mean if self.metric in ("", self.scoring) else -self.cv_mean
-
-    def trials_frame(self) -> pd.DataFrame:
-        """Trials as a table (for the run's artifacts)."""
-        return pd.DataFrame(
-            [
-                {
-                    "number": t.number,
-                    "family": t.family,
-                    "state": t.state,
-                    "folds": t.folds,
-                    "cv_mean": t.cv_mean,
-                    "cv_std": t.cv_std,
-                    "seconds": t.seconds,
-                }
-                | {f"param_{k}": v for k, v in t.params.items()}
-                for t in self.trials
-            ]
-        )
 
 
 def make_pipeline(config: DatasetConfig, estimator: BaseEstimator) -> Pipeline:
@@ -573,19 +436,3 @@ def search_models(
         run_batch: Runs a batch of trials (default: one after another in this process).
     """
     return run_search(prepare_search(train, config, spec, seed), spec, run_batch, on_trial=on_trial)
-
-
-def choose(trials: list[Trial]) -> Trial:
-    """The best complete trial; degenerate trials only when nothing else completed (earliest wins ties).
-
-    Raises:
-        ValueError: No trial completed (every one was pruned, which the pruner's start-up trials prevent).
-    """
-    complete = [t for t in trials if t.state == "complete"]
-    if not complete:
-        complete = [t for t in trials if t.state == "degenerate"]
-        if complete:
-            log.warning("every trial scored the constant predictor's CV score: the chosen model is degenerate")
-    if not complete:
-        raise ValueError("no search trial completed")
-    return max(complete, key=lambda t: (t.cv_mean, -t.number))
