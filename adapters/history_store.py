@@ -80,10 +80,9 @@ def make_change(
     kind: ChangeKind,
     reason: str,
     actor: str | None = None,
-    settings: Settings | None = None,
 ) -> ChampionChange:
-    """A change record with the new champion's metrics, run id and links filled in."""
-    settings = settings or get_settings()
+    """A change record with the new champion's metrics, run id and links filled in (the settings' servers)."""
+    settings = get_settings()
     metrics, run_id = version_facts(settings, model_name, to_version)
     return ChampionChange(
         at=datetime.now(UTC).isoformat(timespec="microseconds"),

@@ -286,11 +286,9 @@ def decide(
         checks: Review gates (slices, fairness, size, latency, schema) already evaluated.
         holdout: The holdout's size and the candidate's bootstrap intervals (needed at cold start).
     """
-    champion, champion_version, champion_error = incumbent.metrics, incumbent.version, incumbent.error
     if gates.primary_metric is None:
         gates = resolve_gates(gates, TaskType.regression if "rmse" in candidate else TaskType.binary)
-    primary = gates.primary_metric
-    cold_start = champion is None and champion_error is None
+    cold_start = incumbent.metrics is None and incumbent.error is None
     if cold_start and holdout is None:
         raise ValueError("judging a cold start needs the holdout evidence (size and bootstrap intervals)")
     results = [*absolute_gates(candidate, gates, holdout.intervals if cold_start and holdout else None), *checks]
@@ -303,44 +301,57 @@ def decide(
     ]
     if not failed:
         reasons.append(f"all {len(results)} absolute and review gates passed ({', '.join(r.gate for r in results)})")
-    if champion_error is not None:
-        reasons.append(f"current champion v{champion_version} could not be scored: {champion_error}; not promoted")
+    if incumbent.error is not None:
+        reasons.append(f"current champion v{incumbent.version} could not be scored: {incumbent.error}; not promoted")
         promote = False
-    elif champion is None:
+    elif cold_start:
         promote = not failed
-        if promote:
-            reasons.append(
-                "cold start: no champion yet; the holdout is large enough and every absolute gate holds on the "
-                "pessimistic bound of its bootstrap interval, so the candidate is promoted"
-            )
-        else:
-            reasons.append(f"cold start: no champion yet; not promoted because {len(failed)} gate(s) failed")
+        reasons.append(_cold_start_reason(len(failed)))
     else:
-        if interval is None or interval.metric != primary:
-            raise ValueError(f"comparing with a champion needs the paired interval of {primary}")
-        beats = interval.low > 0 and interval.low >= gates.min_delta
-        results.append(GateResult("beats_champion", beats, interval.describe()))
-        reasons.append(
-            f"{primary}: candidate {interval.candidate:.4f} vs champion v{champion_version} {interval.champion:.4f}, "
-            f"improvement {interval.delta:+.4f} with {interval.confidence:.0%} CI [{interval.low:+.4f}, "
-            f"{interval.high:+.4f}]; the lower bound must be > 0 and >= {gates.min_delta:.4f}: "
-            f"{'beats' if beats else 'does not beat'} the champion"
-            + ("" if beats or interval.delta <= 0 else " beyond noise")
-        )
-        promote = not failed and beats
-        if beats and failed:
+        beats, reason = _beats_champion(interval, gates, incumbent.version)
+        results.append(beats)
+        reasons.append(reason)
+        promote = not failed and beats.passed
+        if beats.passed and failed:
             reasons.append(f"not promoted: it beats the champion, but {len(failed)} gate(s) failed")
     return Decision(
         promote,
         reasons,
         candidate,
-        champion_version,
-        champion,
-        primary,
+        incumbent.version,
+        incumbent.metrics,
+        gates.primary_metric,
         gates.model_dump(),
         None if interval is None else asdict(interval),
         results,
     )
+
+
+def _cold_start_reason(failed: int) -> str:
+    if failed:
+        return f"cold start: no champion yet; not promoted because {failed} gate(s) failed"
+    return (
+        "cold start: no champion yet; the holdout is large enough and every absolute gate holds on the "
+        "pessimistic bound of its bootstrap interval, so the candidate is promoted"
+    )
+
+
+def _beats_champion(
+    interval: DeltaInterval | None, gates: Gates, champion_version: str | None
+) -> tuple[GateResult, str]:
+    """The `beats_champion` gate (the improvement's lower bound is > 0 and >= min_delta) and its reason."""
+    primary = gates.primary_metric
+    if interval is None or interval.metric != primary:
+        raise ValueError(f"comparing with a champion needs the paired interval of {primary}")
+    beats = interval.low > 0 and interval.low >= gates.min_delta
+    reason = (
+        f"{primary}: candidate {interval.candidate:.4f} vs champion v{champion_version} {interval.champion:.4f}, "
+        f"improvement {interval.delta:+.4f} with {interval.confidence:.0%} CI [{interval.low:+.4f}, "
+        f"{interval.high:+.4f}]; the lower bound must be > 0 and >= {gates.min_delta:.4f}: "
+        f"{'beats' if beats else 'does not beat'} the champion"
+        + ("" if beats or interval.delta <= 0 else " beyond noise")
+    )
+    return GateResult("beats_champion", beats, interval.describe()), reason
 
 
 def decision_markdown(

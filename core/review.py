@@ -218,6 +218,16 @@ class ReviewInputs:
     champion_schema: dict[str, str] | None = None
 
 
+def _slices_check(results: ModelResults, champion: ModelResults, gates: Gates, unmeasured: int) -> GateResult:
+    """The `slices` gate: no slice's primary metric drops more than `max_slice_drop` against the champion's."""
+    failures = slice_gate(results.slices, champion.slices, gates.primary_metric, gates.max_slice_drop)
+    measured = len(results.slices) - unmeasured
+    detail = "; ".join(failures) or (
+        f"no slice drops more than {gates.max_slice_drop:g} in {gates.primary_metric} ({measured} slices measured)"
+    )
+    return GateResult("slices", not failures, detail)
+
+
 def review_candidate(inputs: ReviewInputs, config: DatasetConfig, gates: Gates, seed: int) -> Review:
     """Everything the decision needs beyond the candidate's metrics, on the frozen holdout rows.
 
@@ -256,13 +266,7 @@ def review_candidate(inputs: ReviewInputs, config: DatasetConfig, gates: Gates, 
             seed=seed,
         )
         if gates.max_slice_drop is not None and config.slices:
-            failures = slice_gate(results.slices, champion_results.slices, gates.primary_metric, gates.max_slice_drop)
-            measured = len(results.slices) - len(notes)
-            detail = "; ".join(failures) or (
-                f"no slice drops more than {gates.max_slice_drop:g} in {gates.primary_metric} "
-                f"({measured} slices measured)"
-            )
-            checks.append(GateResult("slices", not failures, detail))
+            checks.append(_slices_check(results, champion_results, gates, len(notes)))
         notes = unmeasured_slices(results.slices, champion_results.slices)
     if gates.max_dp_difference is not None or gates.max_eo_difference is not None:
         checks.append(fairness_check(results.fairness, gates.max_dp_difference, gates.max_eo_difference))
