@@ -337,27 +337,35 @@ def _infer_features(
 # --- the whole config ---
 
 
-def infer_config(
-    frame: pd.DataFrame,
-    *,
-    source: str,
-    fmt: str,
-    target: str,
-    id_column: str | None = None,
-    task: TaskType | None = None,
-    name: str | None = None,
-    rules: InferenceRules = InferenceRules(),
-) -> InferredConfig:
-    """Infer a dataset config from the rows of a snapshot.
+@dataclass(frozen=True)
+class InferenceRequest:
+    """What `mlops data init` is asked: where the snapshot was read from, its format, the target, and choices.
 
-    Args:
-        frame: The snapshot's rows, as the training flow would load them.
-        source: Where they were read from; written as the config's `source`.
+    Attributes:
+        source: Where the rows were read from; written as the config's `source`.
         fmt: `csv` or `parquet`.
         target: The target column.
         id_column: The id column; inferred when None (a column unique per row).
         task: The task; inferred from the target when None.
         name: Dataset and model name; from the source's name when None.
+    """
+
+    source: str
+    fmt: str
+    target: str
+    id_column: str | None = None
+    task: TaskType | None = None
+    name: str | None = None
+
+
+def infer_config(
+    frame: pd.DataFrame, request: InferenceRequest, *, rules: InferenceRules = InferenceRules()
+) -> InferredConfig:
+    """Infer a dataset config from the rows of a snapshot.
+
+    Args:
+        frame: The snapshot's rows, as the training flow would load them.
+        request: Their source and format, the target, and the id column, task and name if given.
         rules: Caps and margins of the inference.
 
     Returns:
@@ -367,14 +375,47 @@ def infer_config(
         ConfigInferenceError: the data cannot give a valid config (missing or constant target, no id, no
             usable feature, no rows); the message names the column or the source.
     """
+    source = request.source
     if frame.shape[1] == 0 or len(frame) == 0:
         raise ConfigInferenceError(f"{source}: the snapshot has no rows (columns: {list(map(str, frame.columns))})")
+    choices = _choose(frame, request, rules)
+    config = _validated_config(choices, request, rules, len(frame))
+    notes = _notes(choices, request, rules, len(frame))
+    inferred = InferredConfig(config, notes, choices.feature_notes, choices.left_out, _header(frame, source, rules))
+    try:
+        parsed = parse_dataset_config(inferred.to_yaml(), f"the YAML inferred for {source}")
+    except DatasetConfigError as exc:
+        raise ConfigInferenceError(str(exc)) from exc
+    if parsed != config:  # the YAML must say exactly what was inferred
+        raise ConfigInferenceError(f"the YAML rendered for {source} does not read back to the inferred config")
+    return inferred
+
+
+@dataclass(frozen=True)
+class _Choices:
+    """What the data decided: task, classes, id and time columns and features, each with its reason."""
+
+    task: TaskType
+    task_note: str
+    classes: list[Any] | None
+    classes_note: str
+    id_column: str
+    id_note: str
+    time_column: str | None
+    time_note: str
+    features: list[Feature]
+    feature_notes: dict[str, str]
+    left_out: dict[str, str]
+
+
+def _choose(frame: pd.DataFrame, request: InferenceRequest, rules: InferenceRules) -> _Choices:
+    source, target = request.source, request.target
     values = _check_target(frame, target, source)
-    chosen_task, task_note = _infer_task(values, task, rules)
+    chosen_task, task_note = _infer_task(values, request.task, rules)
     classes, classes_note = (
         _classes(values) if chosen_task.is_classification else (None, "not used: regression has no classes")
     )
-    id_name, id_note = _infer_id(frame, id_column, target, source)
+    id_name, id_note = _infer_id(frame, request.id_column, target, source)
     time_name, time_note, other_times = _infer_time(frame, {target, id_name})
     time_note = time_note or "none: no date/time column found"
     taken = {target, id_name, *([time_name] if time_name else []), *other_times}
@@ -383,42 +424,65 @@ def infer_config(
     if not features:
         reasons = "; ".join(left_out.values()) or "no columns besides the target, id and time"
         raise ConfigInferenceError(f"no usable feature in {source}: {reasons}")
-    dataset = name or dataset_name(source)
-    min_rows = max(1, min(rules.min_rows_cap, len(frame) // 2))
+    return _Choices(
+        chosen_task,
+        task_note,
+        classes,
+        classes_note,
+        id_name,
+        id_note,
+        time_name,
+        time_note,
+        features,
+        feature_notes,
+        left_out,
+    )
+
+
+def _validated_config(choices: _Choices, request: InferenceRequest, rules: InferenceRules, rows: int) -> DatasetConfig:
+    dataset = request.name or dataset_name(request.source)
     raw = {
         "name": dataset,
         "model_name": dataset,
-        "source": source,
-        "format": fmt,
-        "target": target,
-        "task": chosen_task.value,
-        "classes": classes,
-        "id_column": id_name,
-        "time_column": time_name,
-        "min_rows": min_rows,
+        "source": request.source,
+        "format": request.fmt,
+        "target": request.target,
+        "task": choices.task.value,
+        "classes": choices.classes,
+        "id_column": choices.id_column,
+        "time_column": choices.time_column,
+        "min_rows": max(1, min(rules.min_rows_cap, rows // 2)),
         "max_null_fraction": rules.null_margin,
         "holdout_fraction": rules.holdout_fraction,
-        "features": [f.model_dump(exclude_none=True, mode="json") for f in features],
+        "features": [f.model_dump(exclude_none=True, mode="json") for f in choices.features],
     }
     try:
-        config = DatasetConfig.model_validate(raw)
+        return DatasetConfig.model_validate(raw)
     except ValueError as exc:  # a bug here, not the user's: say what was built
-        raise ConfigInferenceError(f"the inferred config for {source} is not valid: {exc}") from exc
-    notes = {
-        "name": "from --name" if name else "from the source's name (--name to choose)",
+        raise ConfigInferenceError(f"the inferred config for {request.source} is not valid: {exc}") from exc
+
+
+def _notes(choices: _Choices, request: InferenceRequest, rules: InferenceRules, rows: int) -> dict[str, str]:
+    """The reason for each top-level field, as the YAML comments it."""
+    return {
+        "name": "from --name" if request.name else "from the source's name (--name to choose)",
         "model_name": "registered model name in MLflow",
         "source": "where the snapshot was read from",
         "format": "file format of the snapshot",
         "target": "--target",
-        "task": task_note,
-        "classes": classes_note,
-        "id_column": id_note,
-        "time_column": time_note,
-        "min_rows": f"min({rules.min_rows_cap}, half the {count_text(len(frame))} rows seen): fewer rows are rejected",
+        "task": choices.task_note,
+        "classes": choices.classes_note,
+        "id_column": choices.id_note,
+        "time_column": choices.time_note,
+        "min_rows": f"min({rules.min_rows_cap}, half the {count_text(rows)} rows seen): fewer rows are rejected",
         "max_null_fraction": f"default null tolerance for the features seen without nulls (margin {rules.null_margin})",
         "holdout_fraction": "share of ids kept out of training, frozen by a hash of the id",
     }
-    header = (
+
+
+def _header(frame: pd.DataFrame, source: str, rules: InferenceRules) -> str:
+    """The YAML's opening comment: where it came from, what to do next, and the rules (`RULES`)."""
+    return (
         f"Dataset config written by `mlops data init` from {source}\n"
         f"({count_text(len(frame))} rows, {frame.shape[1]} columns). Check it, then: mlops train --config FILE\n\n"
         + RULES.format(
@@ -429,14 +493,6 @@ def infer_config(
             min_rows_cap=rules.min_rows_cap,
         )
     )
-    inferred = InferredConfig(config, notes, feature_notes, left_out, header)
-    try:
-        parsed = parse_dataset_config(inferred.to_yaml(), f"the YAML inferred for {source}")
-    except DatasetConfigError as exc:
-        raise ConfigInferenceError(str(exc)) from exc
-    if parsed != config:  # the YAML must say exactly what was inferred
-        raise ConfigInferenceError(f"the YAML rendered for {source} does not read back to the inferred config")
-    return inferred
 
 
 # --- YAML ---

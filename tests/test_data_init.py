@@ -14,6 +14,7 @@ from adapters.settings import Settings
 from adapters.snapshots import read_snapshot
 from core.config_inference import (
     ConfigInferenceError,
+    InferenceRequest,
     InferenceRules,
     dataset_name,
     format_from_names,
@@ -47,7 +48,9 @@ def _frame(n: int = 300, seed: int = 0) -> pd.DataFrame:
 
 
 def _infer(frame: pd.DataFrame, **options):
-    return infer_config(frame, source="/data/churn.csv", fmt="csv", **({"target": "churned"} | options))
+    return infer_config(
+        frame, InferenceRequest(source="/data/churn.csv", fmt="csv", **({"target": "churned"} | options))
+    )
 
 
 def _feature(inferred, name: str):
@@ -84,7 +87,7 @@ def test_numeric_ranges_widen_by_a_tenth_of_the_range_and_keep_zero_for_non_nega
             "y": [0, 1, 0, 1, 0, 1],
         }
     )
-    inferred = infer_config(frame, source="/d.csv", fmt="csv", target="y")
+    inferred = infer_config(frame, InferenceRequest(source="/d.csv", fmt="csv", target="y"))
     bounds = {f.name: (f.min, f.max) for f in inferred.config.features}
     assert bounds == {"counts": (0, 110), "signed": (-60, 60), "ratio": (0.4, 1.6), "positive": (9, 21)}
     text = inferred.to_yaml()
@@ -104,7 +107,7 @@ def test_null_tolerance_is_the_share_seen_plus_a_margin_capped_at_one():
             "y": [i % 2 for i in range(n)],
         }
     )
-    inferred = infer_config(frame, source="/d.csv", fmt="csv", target="y")
+    inferred = infer_config(frame, InferenceRequest(source="/d.csv", fmt="csv", target="y"))
     assert _feature(inferred, "some_nulls").max_null_fraction == 0.15
     assert _feature(inferred, "mostly_nulls").max_null_fraction == 1.0
     assert _feature(inferred, "no_nulls").max_null_fraction is None
@@ -123,10 +126,12 @@ def test_text_columns_above_the_category_cap_are_left_out_with_a_comment():
             "y": [i % 2 for i in range(n)],
         }
     )
-    inferred = infer_config(frame, source="/d.csv", fmt="csv", target="y")
+    inferred = infer_config(frame, InferenceRequest(source="/d.csv", fmt="csv", target="y"))
     assert inferred.config.feature_names == ["colour", "x"]
     assert "  # left out: free_text has 1,100 distinct values (cap 50)" in inferred.to_yaml().splitlines()
-    smaller = infer_config(frame, source="/d.csv", fmt="csv", target="y", rules=InferenceRules(max_categories=2))
+    smaller = infer_config(
+        frame, InferenceRequest(source="/d.csv", fmt="csv", target="y"), rules=InferenceRules(max_categories=2)
+    )
     assert "colour has 3 distinct values (cap 2)" in smaller.left_out["colour"]
 
 
@@ -154,7 +159,7 @@ def test_constant_and_empty_columns_are_left_out():
 )
 def test_task_and_classes_are_inferred_from_the_target(values, task, classes):
     frame = pd.DataFrame({"id": range(100), "x": np.arange(100) % 9, "y": values})
-    inferred = infer_config(frame, source="/d.csv", fmt="csv", target="y")
+    inferred = infer_config(frame, InferenceRequest(source="/d.csv", fmt="csv", target="y"))
     assert inferred.config.task is task
     assert inferred.config.classes == classes
     assert "inferred:" in inferred.notes["task"]
@@ -162,14 +167,19 @@ def test_task_and_classes_are_inferred_from_the_target(values, task, classes):
 
 def test_a_given_task_is_kept_and_checked():
     frame = pd.DataFrame({"id": range(100), "x": np.arange(100) % 9, "y": [1, 2, 3, 4] * 25})
-    assert infer_config(frame, source="/d.csv", fmt="csv", target="y", task=TaskType.regression).config.classes is None
+    assert (
+        infer_config(
+            frame, InferenceRequest(source="/d.csv", fmt="csv", target="y", task=TaskType.regression)
+        ).config.classes
+        is None
+    )
     with pytest.raises(ConfigInferenceError, match=r"--task binary, but target 'y' has 4 distinct values"):
-        infer_config(frame, source="/d.csv", fmt="csv", target="y", task=TaskType.binary)
+        infer_config(frame, InferenceRequest(source="/d.csv", fmt="csv", target="y", task=TaskType.binary))
     text = frame.assign(y=["a", "b"] * 50)
     with pytest.raises(ConfigInferenceError, match="--task regression needs a numeric target"):
-        infer_config(text, source="/d.csv", fmt="csv", target="y", task=TaskType.regression)
+        infer_config(text, InferenceRequest(source="/d.csv", fmt="csv", target="y", task=TaskType.regression))
     with pytest.raises(ConfigInferenceError, match="use --task binary"):
-        infer_config(text, source="/d.csv", fmt="csv", target="y", task=TaskType.multiclass)
+        infer_config(text, InferenceRequest(source="/d.csv", fmt="csv", target="y", task=TaskType.multiclass))
 
 
 def test_id_prefers_a_unique_column_named_like_an_id():
@@ -180,20 +190,22 @@ def test_id_prefers_a_unique_column_named_like_an_id():
 
 def test_id_is_the_only_unique_column_whatever_its_name():
     frame = pd.DataFrame({"ref": [f"r{i}" for i in range(50)], "x": [i % 5 for i in range(50)], "y": [0, 1] * 25})
-    assert infer_config(frame, source="/d.csv", fmt="csv", target="y").config.id_column == "ref"
+    assert infer_config(frame, InferenceRequest(source="/d.csv", fmt="csv", target="y")).config.id_column == "ref"
 
 
 def test_unique_measurements_are_not_taken_for_ids():
     frame = pd.DataFrame({"weight": np.linspace(1.01, 9.99, 50), "x": [i % 5 for i in range(50)], "y": [0, 1] * 25})
     with pytest.raises(ConfigInferenceError, match=r"no column of /d.csv is unique per row .* pass --id COLUMN"):
-        infer_config(frame, source="/d.csv", fmt="csv", target="y")
+        infer_config(frame, InferenceRequest(source="/d.csv", fmt="csv", target="y"))
 
 
 def test_several_unique_columns_without_an_id_name_need_id():
     frame = pd.DataFrame({"a": range(50), "b": [f"b{i}" for i in range(50)], "y": [0, 1] * 25})
     with pytest.raises(ConfigInferenceError, match=r"several columns .* \(a, b\) .* pass --id COLUMN"):
-        infer_config(frame, source="/d.csv", fmt="csv", target="y")
-    assert infer_config(frame, source="/d.csv", fmt="csv", target="y", id_column="b").config.feature_names == ["a"]
+        infer_config(frame, InferenceRequest(source="/d.csv", fmt="csv", target="y"))
+    assert infer_config(
+        frame, InferenceRequest(source="/d.csv", fmt="csv", target="y", id_column="b")
+    ).config.feature_names == ["a"]
 
 
 def test_a_date_column_becomes_the_time_column():
@@ -246,12 +258,12 @@ def test_refuses_a_target_with_empty_values():
 def test_refuses_a_table_without_a_usable_feature():
     frame = pd.DataFrame({"id": range(100), "constant": 1, "text": [f"t{i}" for i in range(100)], "y": [0, 1] * 50})
     with pytest.raises(ConfigInferenceError, match=r"no usable feature in /d.csv: constant has a single value"):
-        infer_config(frame, source="/d.csv", fmt="csv", target="y")
+        infer_config(frame, InferenceRequest(source="/d.csv", fmt="csv", target="y"))
 
 
 def test_refuses_an_empty_table():
     with pytest.raises(ConfigInferenceError, match=r"/d.csv: the snapshot has no rows"):
-        infer_config(pd.DataFrame({"id": [], "y": []}), source="/d.csv", fmt="csv", target="y")
+        infer_config(pd.DataFrame({"id": [], "y": []}), InferenceRequest(source="/d.csv", fmt="csv", target="y"))
 
 
 def test_refuses_an_id_that_is_not_unique():
