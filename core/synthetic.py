@@ -55,7 +55,54 @@ def generate_month(
     rng = np.random.default_rng([seed, month_index])
     period = _month_label(start, month_index)
     d = drift.strength if drift is not None and month_index >= drift.start_month else 0.0
+    # One generator, drawn in a fixed order: applicants, their defaults, the flaws, then the dates.
+    a = _applicants(rng, n_rows, d)
+    default = _defaults(rng, a, d)
+    income, history, employment = _with_flaws(rng, a)
+    days = rng.integers(0, period.days_in_month, n_rows)
+    return pd.DataFrame(
+        {
+            "application_id": [f"A{period.year:04d}{period.month:02d}{i:07d}" for i in range(n_rows)],
+            "application_date": (period.start_time + pd.to_timedelta(days, unit="D")).values.astype("datetime64[ns]"),
+            "age": a.age,
+            "annual_income": income,
+            "loan_amount": a.loan_amount,
+            "loan_term_months": a.term,
+            "debt_to_income": a.dti.round(4),
+            "credit_utilization": a.utilization.round(4),
+            "credit_history_years": history,
+            "num_open_accounts": a.accounts,
+            "num_delinquencies": a.delinquencies,
+            "employment_type": employment,
+            "home_ownership": np.asarray(HOME, dtype=object)[a.home],
+            "loan_purpose": np.asarray(PURPOSE, dtype=object)[a.purpose],
+            "region": np.asarray(REGION, dtype=object)[a.region],
+            "default": default,
+        }
+    )
 
+
+@dataclass(frozen=True)
+class _Applicants:
+    """A month's applicants as drawn, before flaws: numbers, and categories as codes into their lists."""
+
+    employment: np.ndarray
+    home: np.ndarray
+    purpose: np.ndarray
+    region: np.ndarray
+    age: np.ndarray
+    income: np.ndarray
+    loan_amount: np.ndarray
+    term: np.ndarray
+    dti: np.ndarray
+    utilization: np.ndarray
+    history: np.ndarray
+    accounts: np.ndarray
+    delinquencies: np.ndarray
+
+
+def _applicants(rng: np.random.Generator, n_rows: int, d: float) -> _Applicants:
+    """Draw the applicants; drift `d` shifts employment, region, income and utilisation."""
     employment = _choice(rng, EMPLOYMENT, _EMPLOYMENT_P + d * np.array([-0.2, 0.0, 0.12, 0.08, 0.0]), n_rows)
     home = _choice(rng, HOME, _HOME_P, n_rows)
     purpose = _choice(rng, PURPOSE, _PURPOSE_P, n_rows)
@@ -71,57 +118,60 @@ def generate_month(
     history = np.clip(age - 18 - rng.uniform(0, 8, n_rows), 0, 80).round(1)
     accounts = np.clip(rng.poisson(4 + history / 6), 0, 60).astype(float)
     delinquencies = np.clip(rng.poisson(0.25 + 0.8 * (utilization > 0.9)), 0, 40).astype(float)
+    return _Applicants(
+        employment,
+        home,
+        purpose,
+        region,
+        age,
+        income,
+        loan_amount,
+        term,
+        dti,
+        utilization,
+        history,
+        accounts,
+        delinquencies,
+    )
 
+
+def _defaults(rng: np.random.Generator, a: _Applicants, d: float) -> np.ndarray:
+    """Whether each applicant defaults (0/1), drawn from the true risk; drift `d` changes the relationship."""
+    n_rows = len(a.age)
     # Signal: non-linear in utilisation (threshold), age (U-shape), dti x term interaction.
     z = (
         _INTERCEPT
-        + 2.0 * (utilization > 0.75)
-        + 0.9 * np.maximum(utilization - 0.9, 0) * 4
-        + 0.012 * (age - 45) ** 2 / 10
-        + 1.2 * dti * (term / 36)
-        - 0.55 * np.log(income / 50_000)
-        + 0.45 * delinquencies
-        - 0.02 * history
-        + _EMPLOYMENT_RISK[employment]
-        + _HOME_RISK[home]
-        + _PURPOSE_RISK[purpose]
-        + _REGION_RISK[region]
+        + 2.0 * (a.utilization > 0.75)
+        + 0.9 * np.maximum(a.utilization - 0.9, 0) * 4
+        + 0.012 * (a.age - 45) ** 2 / 10
+        + 1.2 * a.dti * (a.term / 36)
+        - 0.55 * np.log(a.income / 50_000)
+        + 0.45 * a.delinquencies
+        - 0.02 * a.history
+        + _EMPLOYMENT_RISK[a.employment]
+        + _HOME_RISK[a.home]
+        + _PURPOSE_RISK[a.purpose]
+        + _REGION_RISK[a.region]
         + rng.normal(0, 0.3, n_rows)
     )
     # Concept drift: the same utilisation means more risk, income protects less.
-    z += d * (0.9 * utilization + 0.35 * np.log(income / 50_000) - 0.3)
-    default = (rng.uniform(size=n_rows) < 1 / (1 + np.exp(-z))).astype("int64")
+    z += d * (0.9 * a.utilization + 0.35 * np.log(a.income / 50_000) - 0.3)
+    return (rng.uniform(size=n_rows) < 1 / (1 + np.exp(-z))).astype("int64")
 
-    # Outliers and missing values, as real feeds have them.
+
+def _with_flaws(rng: np.random.Generator, a: _Applicants) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Outliers and missing values, as real feeds have them: income, credit history and employment labels."""
+    n_rows = len(a.age)
+    income = a.income.copy()
     outliers = rng.uniform(size=n_rows) < 0.005
     income[outliers] = rng.uniform(1_000_000, 9_000_000, outliers.sum())
     income = np.clip(income, 0, 10_000_000).round(-1)
     income[rng.uniform(size=n_rows) < 0.05] = np.nan
+    history = a.history.copy()
     history[rng.uniform(size=n_rows) < 0.03] = np.nan
-    employment_labels = np.asarray(EMPLOYMENT, dtype=object)[employment]
-    employment_labels[rng.uniform(size=n_rows) < 0.02] = None
-
-    days = rng.integers(0, period.days_in_month, n_rows)
-    return pd.DataFrame(
-        {
-            "application_id": [f"A{period.year:04d}{period.month:02d}{i:07d}" for i in range(n_rows)],
-            "application_date": (period.start_time + pd.to_timedelta(days, unit="D")).values.astype("datetime64[ns]"),
-            "age": age,
-            "annual_income": income,
-            "loan_amount": loan_amount,
-            "loan_term_months": term,
-            "debt_to_income": dti.round(4),
-            "credit_utilization": utilization.round(4),
-            "credit_history_years": history,
-            "num_open_accounts": accounts,
-            "num_delinquencies": delinquencies,
-            "employment_type": employment_labels,
-            "home_ownership": np.asarray(HOME, dtype=object)[home],
-            "loan_purpose": np.asarray(PURPOSE, dtype=object)[purpose],
-            "region": np.asarray(REGION, dtype=object)[region],
-            "default": default,
-        }
-    )
+    employment = np.asarray(EMPLOYMENT, dtype=object)[a.employment]
+    employment[rng.uniform(size=n_rows) < 0.02] = None
+    return income, history, employment
 
 
 def generate_months(
