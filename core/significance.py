@@ -30,6 +30,15 @@ _MAX_DRAWS_PER_RESAMPLE = 10
 
 
 @dataclass(frozen=True)
+class BootstrapSettings:
+    """How to bootstrap: resamples kept, the intervals' coverage and the seed (the same seed, the same intervals)."""
+
+    n_resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class DeltaInterval:
     """Candidate minus champion on one metric, signed so that positive means the candidate is better.
 
@@ -323,11 +332,11 @@ def _resampled_weights(
             yield weights.astype("float64"), drawn
 
 
-def _check_bootstrap(n_resamples: int, confidence: float, metrics: Sequence[str], classes: Sequence[Any]) -> None:
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+def _check_bootstrap(settings: BootstrapSettings, metrics: Sequence[str], classes: Sequence[Any]) -> None:
+    if settings.n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {settings.n_resamples}")
+    if not 0 < settings.confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1, got {settings.confidence}")
     if not metrics:
         raise ValueError("no metric to compare")
     for metric in metrics:
@@ -353,16 +362,15 @@ def paired_bootstrap_metrics(
     classes: Sequence[Any],
     metrics: Sequence[str] | None = None,
     *,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
+    settings: BootstrapSettings = BootstrapSettings(),
 ) -> list[DeltaInterval]:
     """Paired bootstrap intervals of several metrics, all from the same resamples (see `paired_bootstrap`).
 
     `metrics` defaults to every metric of the scores' kind (classification or regression).
     """
+    n_resamples, confidence, seed = settings.n_resamples, settings.confidence, settings.seed
     metrics = list(_metrics_of(classes) if metrics is None else metrics)
-    _check_bootstrap(n_resamples, confidence, metrics, classes)
+    _check_bootstrap(settings, metrics, classes)
     codes, cand = _validate(y_true, proba_candidate, classes)
     _, champ = _validate(y_true, proba_champion, classes)
     strata, n_classes = _class_codes(codes, classes)
@@ -430,12 +438,11 @@ def bootstrap_metrics(
     classes: Sequence[Any],
     metrics: Sequence[str],
     *,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
+    settings: BootstrapSettings = BootstrapSettings(),
 ) -> list[MetricInterval]:
     """Percentile bootstrap intervals of one model's metrics on its holdout rows (resampled as above)."""
-    _check_bootstrap(n_resamples, confidence, metrics, classes)
+    n_resamples, confidence, seed = settings.n_resamples, settings.confidence, settings.seed
+    _check_bootstrap(settings, metrics, classes)
     codes, values = _validate(y_true, scores, classes)
     strata, n_classes = _class_codes(codes, classes)
     scorers = {metric: _PREPARE[metric](codes, values) for metric in metrics}
@@ -459,9 +466,7 @@ def paired_bootstrap(
     classes: Sequence[Any],
     metric: str,
     *,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
+    settings: BootstrapSettings = BootstrapSettings(),
 ) -> DeltaInterval:
     """Confidence interval of the candidate's improvement over the champion, by a paired bootstrap.
 
@@ -476,9 +481,7 @@ def paired_bootstrap(
         classes: Class labels in column order (`model.classes_`).
         metric: One of `tasks.evaluation.METRICS` that fits the scores' kind; lower-is-better metrics are
             sign-flipped.
-        n_resamples: Number of resamples kept.
-        confidence: Coverage of the interval.
-        seed: Seed of the resampling.
+        settings: Resamples kept, the interval's coverage and the seed of the resampling.
 
     Returns:
         The point improvement (positive: candidate better) and its interval.
@@ -487,13 +490,6 @@ def paired_bootstrap(
         ValueError: Unknown metric, mismatched shapes, a label outside `classes` or a class with no row.
     """
     (interval,) = paired_bootstrap_metrics(
-        y_true,
-        proba_candidate,
-        proba_champion,
-        classes,
-        [metric],
-        n_resamples=n_resamples,
-        confidence=confidence,
-        seed=seed,
+        y_true, proba_candidate, proba_champion, classes, [metric], settings=settings
     )
     return interval

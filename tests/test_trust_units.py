@@ -21,7 +21,13 @@ from core.features import prepare_inputs, prepare_target
 from core.metrics import CLASSIFICATION_METRICS as METRICS
 from core.metrics import compute_metrics
 from core.search import make_pipeline
-from core.significance import DeltaInterval, paired_bootstrap, paired_bootstrap_metrics, weighted_metric
+from core.significance import (
+    BootstrapSettings,
+    DeltaInterval,
+    paired_bootstrap,
+    paired_bootstrap_metrics,
+    weighted_metric,
+)
 from core.slices import SliceMetric, slice_gate, slice_labels, slice_metrics, unmeasured_slices
 from core.synthetic import REGION, generate_frame
 
@@ -46,7 +52,7 @@ def binary_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("metric", METRICS)
 def test_identical_models_give_an_interval_around_zero(binary_case, metric):
     y, good, _ = binary_case
-    interval = paired_bootstrap(y, good, good.copy(), [0, 1], metric, n_resamples=200)
+    interval = paired_bootstrap(y, good, good.copy(), [0, 1], metric, settings=BootstrapSettings(n_resamples=200))
     assert interval.delta == 0
     assert interval.low <= 0 <= interval.high
     assert not interval.significant
@@ -57,49 +63,55 @@ def test_identical_models_give_an_interval_around_zero(binary_case, metric):
 def test_two_equally_useless_models_are_not_significantly_different(binary_case):
     y, _, noise = binary_case
     other = _binary(np.random.default_rng(99).uniform(0.001, 0.999, len(y)))
-    interval = paired_bootstrap(y, noise, other, [0, 1], "roc_auc", n_resamples=500)
+    interval = paired_bootstrap(y, noise, other, [0, 1], "roc_auc", settings=BootstrapSettings(n_resamples=500))
     assert interval.low < 0 < interval.high
 
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_clearly_better_candidate_has_interval_above_zero(binary_case, metric):
     y, good, noise = binary_case
-    interval = paired_bootstrap(y, good, noise, [0, 1], metric, n_resamples=300, seed=1)
+    interval = paired_bootstrap(y, good, noise, [0, 1], metric, settings=BootstrapSettings(n_resamples=300, seed=1))
     assert interval.delta > 0
     assert 0 < interval.low <= interval.delta <= interval.high
     assert interval.significant
     # and the other way round: the useless model is significantly worse
-    assert paired_bootstrap(y, noise, good, [0, 1], metric, n_resamples=300, seed=1).high < 0
+    assert (
+        paired_bootstrap(y, noise, good, [0, 1], metric, settings=BootstrapSettings(n_resamples=300, seed=1)).high < 0
+    )
 
 
 def test_bootstrap_is_reproducible_for_a_seed(binary_case):
     y, good, noise = binary_case
-    first = paired_bootstrap(y, good, noise, [0, 1], "pr_auc", n_resamples=200, seed=3)
-    assert paired_bootstrap(y, good, noise, [0, 1], "pr_auc", n_resamples=200, seed=3) == first
-    other = paired_bootstrap(y, good, noise, [0, 1], "pr_auc", n_resamples=200, seed=4)
+    first = paired_bootstrap(y, good, noise, [0, 1], "pr_auc", settings=BootstrapSettings(n_resamples=200, seed=3))
+    assert (
+        paired_bootstrap(y, good, noise, [0, 1], "pr_auc", settings=BootstrapSettings(n_resamples=200, seed=3)) == first
+    )
+    other = paired_bootstrap(y, good, noise, [0, 1], "pr_auc", settings=BootstrapSettings(n_resamples=200, seed=4))
     assert (other.low, other.high) != (first.low, first.high)
     assert other.delta == first.delta  # the point estimate does not depend on the resamples
     # one metric alone or several together: the same resamples, so the same interval
-    together = paired_bootstrap_metrics(y, good, noise, [0, 1], ["roc_auc", "pr_auc"], n_resamples=200, seed=3)
+    together = paired_bootstrap_metrics(
+        y, good, noise, [0, 1], ["roc_auc", "pr_auc"], settings=BootstrapSettings(n_resamples=200, seed=3)
+    )
     assert together[1] == first
 
 
 def test_lower_is_better_metric_is_signed_so_positive_means_better(binary_case):
     y, good, noise = binary_case
-    interval = paired_bootstrap(y, good, noise, [0, 1], "log_loss", n_resamples=200)
+    interval = paired_bootstrap(y, good, noise, [0, 1], "log_loss", settings=BootstrapSettings(n_resamples=200))
     cand, champ = compute_metrics(y, good, [0, 1])["log_loss"], compute_metrics(y, noise, [0, 1])["log_loss"]
     assert cand < champ
     assert interval.delta == pytest.approx(champ - cand)
     assert interval.low > 0
     # swapping the models mirrors the interval (same resamples, opposite sign)
-    swapped = paired_bootstrap(y, noise, good, [0, 1], "log_loss", n_resamples=200)
+    swapped = paired_bootstrap(y, noise, good, [0, 1], "log_loss", settings=BootstrapSettings(n_resamples=200))
     assert swapped.delta == pytest.approx(-interval.delta)
     assert (swapped.low, swapped.high) == pytest.approx((-interval.high, -interval.low))
 
 
 def test_point_estimates_agree_with_compute_metrics(binary_case):
     y, good, noise = binary_case
-    intervals = paired_bootstrap_metrics(y, good, noise, [0, 1], n_resamples=50)
+    intervals = paired_bootstrap_metrics(y, good, noise, [0, 1], settings=BootstrapSettings(n_resamples=50))
     cand, champ = compute_metrics(y, good, [0, 1]), compute_metrics(y, noise, [0, 1])
     for interval in intervals:
         assert interval.candidate == cand[interval.metric]
@@ -134,7 +146,9 @@ def test_resamples_missing_a_class_are_redrawn_not_crashed_on():
     # 40 rows with 2 positives: many resamples hold no positive
     y = np.array([1, 1] + [0] * 38)
     proba = _binary(np.linspace(0.9, 0.1, 40))
-    interval = paired_bootstrap(y, proba, proba[::-1].copy(), [0, 1], "roc_auc", n_resamples=300)
+    interval = paired_bootstrap(
+        y, proba, proba[::-1].copy(), [0, 1], "roc_auc", settings=BootstrapSettings(n_resamples=300)
+    )
     assert interval.n_resamples == 300
     assert interval.n_skipped > 0
     assert interval.low <= interval.high
@@ -158,7 +172,7 @@ def test_thousand_resamples_of_twenty_thousand_rows_are_fast():
     cand = _binary(np.clip(0.2 * y + rng.uniform(0, 0.8, len(y)), 0, 1))
     champ = _binary(np.clip(0.15 * y + rng.uniform(0, 0.85, len(y)), 0, 1))
     started = time.perf_counter()
-    interval = paired_bootstrap(y, cand, champ, [0, 1], "roc_auc", n_resamples=1000)
+    interval = paired_bootstrap(y, cand, champ, [0, 1], "roc_auc", settings=BootstrapSettings(n_resamples=1000))
     elapsed = time.perf_counter() - started
     assert interval.n_resamples == 1000
     assert elapsed < 3.0, f"1000 resamples of 20,000 rows took {elapsed:.2f}s"
