@@ -8,6 +8,7 @@ not `age_scaled` or `region_north`), and they work for every model family.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,15 +19,27 @@ from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from sklearn.inspection import permutation_importance
 
 
+@dataclass(frozen=True)
+class PermutationBudget:
+    """How much work permutation importances may do: the cost grows with rows x features x repeats.
+
+    Attributes:
+        n_repeats: Shuffles per feature.
+        max_rows: Rows used at most (a seeded random sample).
+    """
+
+    n_repeats: int = 5
+    max_rows: int = 5000
+
+
 def permutation_importances(
     model: Any,
     X: pd.DataFrame,
     y: pd.Series | np.ndarray,
     *,
     scoring: str = "roc_auc",
-    n_repeats: int = 5,
     seed: int = 0,
-    max_rows: int = 5000,
+    budget: PermutationBudget = PermutationBudget(),
 ) -> pd.DataFrame:
     """How much the score drops when one raw feature is shuffled (scikit-learn's permutation importance).
 
@@ -36,18 +49,17 @@ def permutation_importances(
         y: True labels of those rows.
         scoring: scikit-learn scorer name; "roc_auc" for binary, e.g. "roc_auc_ovr" for multiclass,
             "neg_root_mean_squared_error" for regression.
-        n_repeats: Shuffles per feature.
         seed: Seeds the row sample and the shuffles.
-        max_rows: Rows used at most (a seeded random sample): the cost grows with rows x features x repeats.
+        budget: Shuffles per feature and rows used at most.
 
     Returns:
         Columns `feature`, `importance_mean`, `importance_std`, one row per raw feature, most important first.
     """
     y = pd.Series(np.asarray(y), index=X.index)
-    if len(X) > max_rows:
-        rows = np.sort(np.random.default_rng(seed).choice(len(X), size=max_rows, replace=False))
+    if len(X) > budget.max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(len(X), size=budget.max_rows, replace=False))
         X, y = X.iloc[rows], y.iloc[rows]
-    result = permutation_importance(model, X, y, scoring=scoring, n_repeats=n_repeats, random_state=seed)
+    result = permutation_importance(model, X, y, scoring=scoring, n_repeats=budget.n_repeats, random_state=seed)
     table = pd.DataFrame(
         {
             "feature": list(X.columns),

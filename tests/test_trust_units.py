@@ -15,7 +15,7 @@ from sklearn.tree import DecisionTreeClassifier
 from core.card import GateResult, ModelCard, importances_from_frame, time_window
 from core.card_render import render_html, render_markdown
 from core.dataset import DatasetConfig, DatasetConfigError, SliceSpec, load_local_dataset_config, parse_dataset_config
-from core.explain import baseline_row, contributions, importance_figure, permutation_importances
+from core.explain import PermutationBudget, baseline_row, contributions, importance_figure, permutation_importances
 from core.fairness import FairnessReport, fairness_check, fairness_gate, fairness_report, sensitive_groups
 from core.features import prepare_inputs, prepare_target
 from core.metrics import CLASSIFICATION_METRICS as METRICS
@@ -434,7 +434,9 @@ def explain_case() -> dict:
 
 
 def test_permutation_importance_ranks_the_informative_feature_first(explain_case):
-    importances = permutation_importances(explain_case["logistic"], explain_case["X"], explain_case["y"], max_rows=500)
+    importances = permutation_importances(
+        explain_case["logistic"], explain_case["X"], explain_case["y"], budget=PermutationBudget(max_rows=500)
+    )
     assert list(importances.columns) == ["feature", "importance_mean", "importance_std"]
     assert set(importances["feature"]) == {"signal", "noise", "colour"}
     assert importances["feature"].iloc[0] == "signal"
@@ -444,7 +446,9 @@ def test_permutation_importance_ranks_the_informative_feature_first(explain_case
 
 
 def test_importance_figure_is_a_bar_per_feature(explain_case):
-    importances = permutation_importances(explain_case["logistic"], explain_case["X"], explain_case["y"], n_repeats=2)
+    importances = permutation_importances(
+        explain_case["logistic"], explain_case["X"], explain_case["y"], budget=PermutationBudget(n_repeats=2)
+    )
     fig = importance_figure(importances)
     (ax,) = fig.axes
     assert len(ax.patches) == 3
