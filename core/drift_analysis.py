@@ -2,7 +2,7 @@
 
 The statistics and the rules are in `core/drift.py`, decay in `core/decay.py`; this module holds the value
 types monitoring passes around (the champion, a window, a window's result, the verdict), the reference
-sample stored with each model, the label join and `analyse`, which puts them together. No I/O.
+sample stored with each model, the label join and `analyse_window`, which puts them together. No I/O.
 """
 
 from __future__ import annotations
@@ -181,17 +181,23 @@ def join_labels(current: pd.DataFrame, key: str, labels: pd.DataFrame, id_column
 # ---------------------------------------------------------------------------------------------- verdicts
 
 
-def judge_window(
-    name: str,
-    source: str,
-    rows: int,
-    features: list[FeatureDrift],
-    prediction: FeatureDrift | None,
-    performance: Performance | None,
-    labelled_rows: int,
-    thresholds: DriftThresholds,
-) -> WindowResult:
+@dataclass(frozen=True)
+class WindowFigures:
+    """What was measured on one window, before the thresholds judge it (`judge_window`)."""
+
+    name: str
+    source: str
+    rows: int
+    features: list[FeatureDrift] = field(default_factory=list)
+    prediction: FeatureDrift | None = None
+    performance: Performance | None = None
+    labelled_rows: int = 0
+
+
+def judge_window(figures: WindowFigures, thresholds: DriftThresholds) -> WindowResult:
     """Apply the thresholds to one window's figures: a pure function of numbers."""
+    name, source, rows, features = figures.name, figures.source, figures.rows, figures.features
+    prediction, performance, labelled_rows = figures.prediction, figures.performance, figures.labelled_rows
     if rows < thresholds.min_rows:
         note = f"{rows} rows, fewer than the {thresholds.min_rows} needed for a verdict"
         return WindowResult(
@@ -243,21 +249,17 @@ def overall_verdict(windows: list[WindowResult]) -> Verdict:
     return Verdict(True, reasons, "; ".join(parts))
 
 
-def analyse(
-    name: str,
-    source: str,
-    current: pd.DataFrame,
-    key: str,
-    reference: pd.DataFrame,
-    model: Any,
-    config: DatasetConfig,
-    labels: pd.DataFrame | None,
-    holdout: dict[str, float],
-    thresholds: DriftThresholds,
+def analyse_window(
+    window: Window, champion: Champion, config: DatasetConfig, labels: pd.DataFrame | None, thresholds: DriftThresholds
 ) -> WindowResult:
-    """Compare one window of recent rows with the reference: features, the champion's predictions, labels."""
+    """Compare one window of recent rows with the champion's reference: features, its predictions, labels.
+
+    Labels (late, joined by id on `window.key`) are judged against the champion's holdout figures.
+    """
+    current = window.frame
     if len(current) == 0:
-        return judge_window(name, source, 0, [], None, None, 0, thresholds)
+        return judge_window(WindowFigures(window.name, window.source, 0), thresholds)
+    model, reference = champion.model, champion.reference
     features = prepare_inputs(current, config)
     classes = model_classes(model)
     scores = model_scores(model, features)
@@ -265,30 +267,13 @@ def analyse(
     prediction = prediction_drift(reference_scores(reference, classes), scores, classes, thresholds)
     performance, labelled = None, 0
     if labels is not None:
-        y = join_labels(current, key, labels, config.id_column, config.target)
+        y = join_labels(current, window.key, labels, config.id_column, config.target)
         known = y.notna().to_numpy()
         labelled = int(known.sum())
         if labelled >= thresholds.min_labelled_rows:
-            performance = labelled_performance(y[known].to_numpy(), scores[known], classes, holdout)
-    return judge_window(name, source, len(current), drifts, prediction, performance, labelled, thresholds)
-
-
-def analyse_window(
-    window: Window, champion: Champion, config: DatasetConfig, labels: pd.DataFrame | None, thresholds: DriftThresholds
-) -> WindowResult:
-    """`analyse` on a window against the champion's reference, holdout figures and model."""
-    return analyse(
-        window.name,
-        window.source,
-        window.frame,
-        window.key,
-        champion.reference,
-        champion.model,
-        config,
-        labels,
-        champion.holdout,
-        thresholds,
-    )
+            performance = labelled_performance(y[known].to_numpy(), scores[known], classes, champion.holdout)
+    figures = WindowFigures(window.name, window.source, len(current), drifts, prediction, performance, labelled)
+    return judge_window(figures, thresholds)
 
 
 def result_json(windows: list[WindowResult], verdict: Verdict, extra: dict[str, Any]) -> str:

@@ -52,25 +52,32 @@ def _columns(result: WindowResult) -> list[tuple[str, FeatureDrift]]:
     return named + ([(f"{result.prediction.name} (prediction)", result.prediction)] if result.prediction else [])
 
 
+@dataclass(frozen=True)
+class MonitoredModel:
+    """The model a monitoring summary is about: its registered name, the champion's version and its classes.
+
+    `classes` (empty for a regressor) names the task and what prediction drift measured; None leaves them out.
+    """
+
+    name: str
+    version: str
+    classes: list[Any] | None = None
+
+
 def summary_markdown(
-    model_name: str,
-    champion: str,
+    model: MonitoredModel,
     windows: list[WindowResult],
     verdict: Verdict,
     report_uri: str,
     report_link: str,
     trigger: str,
-    classes: list[Any] | None = None,
 ) -> str:
-    """The Prefect artifact: verdict, a table per window and the link to the full report.
-
-    `classes` (the champion's; empty for a regressor) names the task and what prediction drift measured.
-    """
-    classes = None if classes is None else list(classes)
+    """The Prefect artifact: verdict, a table per window and the link to the full report."""
+    classes = None if model.classes is None else list(model.classes)
     lines = [
         f"# Drift monitoring: **{'RETRAIN' if verdict.triggered else 'OK'}**",
         "",
-        f"- model: `{model_name}`, champion v{champion}; report: [report.html]({report_link}) (`{report_uri}`)",
+        f"- model: `{model.name}`, champion v{model.version}; report: [report.html]({report_link}) (`{report_uri}`)",
     ]
     if classes is not None:
         lines.append(f"- task: {task_of(classes)}; prediction drift is measured on {prediction_basis(classes)}")

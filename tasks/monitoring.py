@@ -87,7 +87,7 @@ def load_labels(uri: str, config: DatasetConfig) -> pd.DataFrame:
 def analyse_window(
     window: Window, champion: Champion, config: DatasetConfig, labels: pd.DataFrame | None, thresholds: DriftThresholds
 ) -> WindowResult:
-    """Prefect task: compare one window with the champion's reference (see `core.drift_analysis.analyse`)."""
+    """Prefect task: compare one window with the champion's reference (see `core.drift_analysis.analyse_window`)."""
     result = analyse_one(window, champion, config, labels, thresholds)
     log.info("%s: %s", window.name, "; ".join(result.reasons) or result.note)
     return result

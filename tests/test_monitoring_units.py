@@ -25,8 +25,8 @@ from core.drift import (
     quantile_edges,
     total_variation,
 )
-from core.drift_analysis import join_labels, judge_window, overall_verdict, reference_sample
-from core.drift_report import summary_markdown
+from core.drift_analysis import WindowFigures, join_labels, judge_window, overall_verdict, reference_sample
+from core.drift_report import MonitoredModel, summary_markdown
 from core.features import prepare_inputs
 from core.history import ChampionChange, history_table, record_key
 from core.retraining import blocking_runs
@@ -129,37 +129,39 @@ def _features(n_drifted: int, total: int = 10) -> list:
 
 def test_window_verdict_rules():
     quiet = column_drift("proba_1", "numeric", np.arange(100.0), np.arange(100.0), THRESHOLDS)
-    ok = judge_window("partition", "s3://b/p", 1000, _features(1), quiet, None, 0, THRESHOLDS)
+    ok = judge_window(WindowFigures("partition", "s3://b/p", 1000, _features(1), quiet, None, 0), THRESHOLDS)
     assert not ok.triggered and ok.note == "no threshold crossed"
-    drifted = judge_window("partition", "s3://b/p", 1000, _features(2), quiet, None, 0, THRESHOLDS)
+    drifted = judge_window(WindowFigures("partition", "s3://b/p", 1000, _features(2), quiet, None, 0), THRESHOLDS)
     assert drifted.drifted and "2/10 features drifted" in drifted.reasons[0]
     # too few rows: no verdict whatever the numbers
-    small = judge_window("partition", "s3://b/p", 50, _features(10), quiet, None, 0, THRESHOLDS)
+    small = judge_window(WindowFigures("partition", "s3://b/p", 50, _features(10), quiet, None, 0), THRESHOLDS)
     assert not small.triggered and "fewer than the 200" in small.note
     assert ok.judged and not small.judged  # its per-feature figures are shown as "not judged", never "drifted"
     # prediction drift alone triggers
     moved = column_drift("proba_1", "numeric", np.arange(100.0), np.arange(100.0) + 60, THRESHOLDS)
-    assert judge_window("w", "s", 1000, _features(0), moved, None, 0, THRESHOLDS).drifted
+    assert judge_window(WindowFigures("w", "s", 1000, _features(0), moved, None, 0), THRESHOLDS).drifted
 
 
 def test_decay_is_judged_against_the_holdout():
     holdout = {"roc_auc": 0.85, "f1": 0.5}
     fine = Performance(500, {"roc_auc": 0.83, "f1": 0.45}, holdout)
     worse = Performance(500, {"roc_auc": 0.75, "f1": 0.45}, holdout)
-    assert not judge_window("w", "s", 1000, _features(0), None, fine, 500, THRESHOLDS).triggered
-    decayed = judge_window("w", "s", 1000, _features(0), None, worse, 500, THRESHOLDS)
+    assert not judge_window(WindowFigures("w", "s", 1000, _features(0), None, fine, 500), THRESHOLDS).triggered
+    decayed = judge_window(WindowFigures("w", "s", 1000, _features(0), None, worse, 500), THRESHOLDS)
     assert decayed.decayed and not decayed.drifted and "roc_auc 0.7500" in decayed.reasons[0]
     assert worse.drop("roc_auc") == pytest.approx(0.1) and worse.drop("brier") is None
 
 
 def test_overall_verdict_and_markdown():
     assert overall_verdict([]).summary == "no recent data to compare"
-    ok = judge_window("partition", "s", 1000, _features(0), None, None, 0, THRESHOLDS)
-    bad = judge_window("prediction-log", "s", 1000, _features(5), None, None, 0, THRESHOLDS)
+    ok = judge_window(WindowFigures("partition", "s", 1000, _features(0), None, None, 0), THRESHOLDS)
+    bad = judge_window(WindowFigures("prediction-log", "s", 1000, _features(5), None, None, 0), THRESHOLDS)
     verdict = overall_verdict([ok, bad])
     assert verdict.triggered and verdict.summary.startswith("prediction-log 5/10 features")
     assert not overall_verdict([ok]).triggered
-    markdown = summary_markdown("m", "3", [ok, bad], verdict, "s3://b/r.html", "http://x/r.html", "triggered")
+    markdown = summary_markdown(
+        MonitoredModel("m", "3"), [ok, bad], verdict, "s3://b/r.html", "http://x/r.html", "triggered"
+    )
     assert "# Drift monitoring: **RETRAIN**" in markdown and "| f0 | numeric |" in markdown
     assert "[report.html](http://x/r.html)" in markdown
 
@@ -307,8 +309,8 @@ def test_regression_prediction_drift_is_on_the_predicted_value():
     # predictions half a standard deviation higher: PSI over the reference's deciles crosses 0.2
     shifted = prediction_drift(ref, RNG.normal(175, 50, 2000), [], THRESHOLDS)
     assert shifted.psi >= THRESHOLDS.prediction_psi and shifted.drifted
-    assert judge_window("w", "s", 2000, _features(0), shifted, None, 0, THRESHOLDS).drifted
-    assert not judge_window("w", "s", 2000, _features(0), same, None, 0, THRESHOLDS).triggered
+    assert judge_window(WindowFigures("w", "s", 2000, _features(0), shifted, None, 0), THRESHOLDS).drifted
+    assert not judge_window(WindowFigures("w", "s", 2000, _features(0), same, None, 0), THRESHOLDS).triggered
 
 
 def test_regression_decay_is_a_relative_rise_of_rmse_or_mae():
@@ -317,7 +319,7 @@ def test_regression_decay_is_a_relative_rise_of_rmse_or_mae():
 
     def judged(rmse: float, mae: float):
         performance = Performance(500, {"rmse": rmse, "mae": mae, "r2": 0.4}, holdout)
-        return judge_window("w", "s", 1000, _features(0), None, performance, 500, THRESHOLDS)
+        return judge_window(WindowFigures("w", "s", 1000, _features(0), None, performance, 500), THRESHOLDS)
 
     # 9 % worse on both: within the 10 % allowed
     assert not judged(54.5, 43.6).triggered
@@ -332,7 +334,7 @@ def test_regression_decay_is_a_relative_rise_of_rmse_or_mae():
     assert all("roc_auc" not in r and "f1" not in r for r in judged(80.0, 80.0).reasons)
     strict = DriftThresholds(max_rmse_rise=0.05)
     performance = Performance(500, {"rmse": 53.0, "mae": 40.0}, holdout)
-    assert judge_window("w", "s", 1000, _features(0), None, performance, 500, strict).decayed
+    assert judge_window(WindowFigures("w", "s", 1000, _features(0), None, performance, 500), strict).decayed
     # a perfect holdout: any error is an infinite rise, none is no rise
     assert Performance(10, {"rmse": 0.1}, {"rmse": 0.0}).rise("rmse") == float("inf")
     assert Performance(10, {"rmse": 0.0}, {"rmse": 0.0}).rise("rmse") == 0.0
@@ -341,7 +343,7 @@ def test_regression_decay_is_a_relative_rise_of_rmse_or_mae():
 def test_regression_window_metrics_equal_sklearns_and_shifted_labels_decay(regression):
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-    from core.drift_analysis import analyse
+    from core.drift_analysis import Champion, Window, analyse_window
     from core.metrics import compute_metrics
 
     config, frame, model, reference = regression
@@ -350,8 +352,12 @@ def test_regression_window_metrics_equal_sklearns_and_shifted_labels_decay(regre
     X, y = prepare_inputs(frame, config), frame["progression"].to_numpy()
     predicted = model.predict(X)
     holdout = compute_metrics(y[300:], predicted[300:], [])  # the champion's figures on rows it never saw
-    result = analyse(
-        "partition", "s3://b/p", window, "patient_id", reference, model, config, labels, holdout, THRESHOLDS
+    result = analyse_window(
+        Window("partition", "s3://b/p", window, "patient_id"),
+        Champion("m", "1", "run", model, holdout, reference),
+        config,
+        labels,
+        THRESHOLDS,
     )
     # RMSE, MAE and R² on the 442 labelled rows are scikit-learn's on the same rows
     performance = result.performance
@@ -365,34 +371,52 @@ def test_regression_window_metrics_equal_sklearns_and_shifted_labels_decay(regre
     assert result.prediction.name == "prediction" and not result.prediction.drifted
     # labels that moved by half a standard deviation of the target make the champion clearly worse
     moved = labels.assign(progression=labels["progression"] + 0.5 * y.std())
-    decayed = analyse(
-        "partition", "s3://b/p", window, "patient_id", reference, model, config, moved, holdout, THRESHOLDS
+    decayed = analyse_window(
+        Window("partition", "s3://b/p", window, "patient_id"),
+        Champion("m", "1", "run", model, holdout, reference),
+        config,
+        moved,
+        THRESHOLDS,
     )
     assert decayed.decayed and any(r.startswith("rmse ") for r in decayed.reasons), decayed.reasons
     assert overall_verdict([decayed]).summary.startswith("partition RMSE ")
 
 
 def test_regression_window_with_shifted_inputs_triggers_prediction_drift(regression):
-    from core.drift_analysis import analyse
+    from core.drift_analysis import Champion, Window, analyse_window
 
     config, frame, model, reference = regression
     # Given patients whose BMI is a standard deviation higher (the model's strongest input)
     heavier = frame.assign(bmi=frame["bmi"] + frame["bmi"].std())
-    result = analyse("partition", "s", heavier, "patient_id", reference, model, config, None, {}, THRESHOLDS)
+    result = analyse_window(
+        Window("partition", "s", heavier, "patient_id"),
+        Champion("m", "1", "run", model, {}, reference),
+        config,
+        None,
+        THRESHOLDS,
+    )
     # then the predicted value drifted beyond the limit, and that alone triggers
     assert result.prediction.psi >= THRESHOLDS.prediction_psi and result.drifted
     assert any(r.startswith("prediction drift: PSI") for r in result.reasons)
 
 
 def test_regression_reports_show_error_metrics_and_no_classification_rows(regression):
-    from core.drift_analysis import Champion, analyse
+    from core.drift_analysis import Champion, Window, analyse_window
     from core.drift_report import summary_html as _summary_html
 
     config, frame, model, reference = regression
     labels = frame[["patient_id", "progression"]]
     holdout = {"rmse": 40.0, "mae": 30.0, "r2": 0.6}
-    result = analyse("partition", "s", frame, "patient_id", reference, model, config, labels, holdout, THRESHOLDS)
-    markdown = summary_markdown("d", "1", [result], overall_verdict([result]), "s3://r", "http://r", "t", [])
+    result = analyse_window(
+        Window("partition", "s", frame, "patient_id"),
+        Champion("m", "1", "run", model, holdout, reference),
+        config,
+        labels,
+        THRESHOLDS,
+    )
+    markdown = summary_markdown(
+        MonitoredModel("d", "1", []), [result], overall_verdict([result]), "s3://r", "http://r", "t"
+    )
     assert "task: regression; prediction drift is measured on the predicted value" in markdown
     assert "| RMSE |" in markdown and "| MAE |" in markdown and "| R² |" in markdown
     assert "| prediction (prediction) | numeric |" in markdown
@@ -416,12 +440,18 @@ def multiclass():
 
 
 def test_multiclass_prediction_drift_is_quiet_on_unchanged_data_and_fires_on_a_shifted_class_mix(multiclass):
-    from core.drift_analysis import analyse
+    from core.drift_analysis import Champion, Window, analyse_window
 
     config, unseen, model, reference = multiclass
     assert {"proba_high", "proba_low", "proba_mid"} <= set(reference.columns)
     # Given unseen rows of the same process, then the predicted classes' shares did not move
-    same = analyse("partition", "s", unseen, "row_id", reference, model, config, None, {}, THRESHOLDS)
+    same = analyse_window(
+        Window("partition", "s", unseen, "row_id"),
+        Champion("m", "1", "run", model, {}, reference),
+        config,
+        None,
+        THRESHOLDS,
+    )
     assert same.prediction.name == "predicted" and same.prediction.test == "chi2"
     assert same.prediction.psi < 0.02 and not same.prediction.drifted and not same.triggered, same.reasons
     # Given a class mix of 70 % "high" (each class a third before), drawn from the same unseen rows
@@ -429,7 +459,13 @@ def test_multiclass_prediction_drift_is_quiet_on_unchanged_data_and_fires_on_a_s
     high, other = unseen.index[unseen["level"] == "high"], unseen.index[unseen["level"] != "high"]
     mix = np.concatenate([rng.choice(high, 1400), rng.choice(other, 600)])
     shifted = unseen.loc[mix].reset_index(drop=True)
-    moved = analyse("partition", "s", shifted, "row_id", reference, model, config, None, {}, THRESHOLDS)
+    moved = analyse_window(
+        Window("partition", "s", shifted, "row_id"),
+        Champion("m", "1", "run", model, {}, reference),
+        config,
+        None,
+        THRESHOLDS,
+    )
     # then the prediction drift fires (the shift is in the shares of every class, not one probability column)
     assert moved.prediction.psi >= THRESHOLDS.prediction_psi and moved.drifted
     assert any(r.startswith("prediction drift: PSI") for r in moved.reasons)
@@ -450,7 +486,7 @@ def test_multiclass_prediction_drift_sees_a_shift_the_last_probability_column_mi
 def test_multiclass_performance_is_macro_and_gated_like_binary(multiclass):
     from sklearn.metrics import f1_score, roc_auc_score
 
-    from core.drift_analysis import analyse
+    from core.drift_analysis import Champion, Window, analyse_window
 
     config, unseen, model, reference = multiclass
     labels = unseen[["row_id", "level"]]
@@ -459,7 +495,13 @@ def test_multiclass_performance_is_macro_and_gated_like_binary(multiclass):
     macro_auc = roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(model.classes_))
     macro_f1 = f1_score(y, model.classes_[proba.argmax(axis=1)], average="macro")
     holdout = {"roc_auc": macro_auc, "f1": macro_f1}
-    result = analyse("partition", "s", unseen, "row_id", reference, model, config, labels, holdout, THRESHOLDS)
+    result = analyse_window(
+        Window("partition", "s", unseen, "row_id"),
+        Champion("m", "1", "run", model, holdout, reference),
+        config,
+        labels,
+        THRESHOLDS,
+    )
     assert result.performance.metrics["roc_auc"] == pytest.approx(macro_auc, rel=1e-12)
     assert result.performance.metrics["f1"] == pytest.approx(macro_f1, rel=1e-12)
     assert not result.decayed
@@ -467,10 +509,16 @@ def test_multiclass_performance_is_macro_and_gated_like_binary(multiclass):
     wrong = labels.copy()
     flip = wrong.index[::3]
     wrong.loc[flip, "level"] = wrong.loc[flip, "level"].map({"low": "mid", "mid": "high", "high": "low"})
-    decayed = analyse("partition", "s", unseen, "row_id", reference, model, config, wrong, holdout, THRESHOLDS)
+    decayed = analyse_window(
+        Window("partition", "s", unseen, "row_id"),
+        Champion("m", "1", "run", model, holdout, reference),
+        config,
+        wrong,
+        THRESHOLDS,
+    )
     assert decayed.decayed and {r.split()[0] for r in decayed.reasons} >= {"roc_auc", "f1"}
     markdown = summary_markdown(
-        "m", "1", [decayed], overall_verdict([decayed]), "s3://r", "u", "t", list(model.classes_)
+        MonitoredModel("m", "1", list(model.classes_)), [decayed], overall_verdict([decayed]), "s3://r", "u", "t"
     )
     assert "| ROC AUC (macro) |" in markdown and "| F1 (macro) |" in markdown and "RMSE" not in markdown
     assert "shares of the predicted classes (high, low, mid)" in markdown
