@@ -104,18 +104,23 @@ def complete_join(
     return completed, len(joined), len(entity_rows) - len(found)
 
 
+@dataclass(frozen=True)
+class JoinCounts:
+    """Rows of a point-in-time join: sent to the store, returned by it, and dropped by it (`complete_join`)."""
+
+    rows_in: int
+    rows_out: int
+    dropped: int
+
+
 def join_report(
-    service: str,
-    rows_in: int,
-    rows_out: int,
-    dropped: int,
-    completed: pd.DataFrame,
-    features: list[str],
-    max_missing_share: float,
+    service: str, counts: JoinCounts, completed: pd.DataFrame, features: list[str], max_missing_share: float
 ) -> JoinReport:
     """Count what the join did (`complete_join`'s outputs) into a `JoinReport`."""
     all_null = int(completed[features].isna().all(axis=1).sum())
-    return JoinReport(service, rows_in, rows_out, dropped, all_null - dropped, max_missing_share)
+    return JoinReport(
+        service, counts.rows_in, counts.rows_out, counts.dropped, all_null - counts.dropped, max_missing_share
+    )
 
 
 def with_join(report: ValidationReport, join: JoinReport) -> ValidationReport:

@@ -24,7 +24,7 @@ from adapters.settings import get_settings
 from adapters.snapshots import read_snapshot
 from core.dataset import DatasetConfig
 from core.drift_analysis import Window, partition_window
-from core.feature_history import ENTITY_TIMESTAMP, JoinReport, complete_join, join_report
+from core.feature_history import ENTITY_TIMESTAMP, JoinCounts, JoinReport, complete_join, join_report
 from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,8 @@ def join_features(frame: pd.DataFrame, config: DatasetConfig) -> tuple[pd.DataFr
     store_columns = config.store_features
     keys = [config.id_column, ENTITY_TIMESTAMP]
     completed, rows_out, dropped = complete_join(rows, joined, keys, store_columns)
-    report = join_report(
-        service, len(rows), rows_out, dropped, completed, store_columns, config.max_missing_feature_share
-    )
+    counts = JoinCounts(len(rows), rows_out, dropped)
+    report = join_report(service, counts, completed, store_columns, config.max_missing_feature_share)
     log.info(report.summary())
     enriched = frame.reset_index(drop=True).copy()
     for column in store_columns:

@@ -20,6 +20,7 @@ from core.dataset import DatasetConfigError, bundled_config_text, parse_dataset_
 from core.feature_history import (
     ENTITY_TIMESTAMP,
     HISTORY_FEATURES,
+    JoinCounts,
     complete_join,
     history_features,
     join_report,
@@ -150,7 +151,7 @@ def test_point_in_time_join_equals_merge_asof_and_never_leaks_the_future(tmp_pat
     assert (later[ENTITY_TIMESTAMP] > later[f"{ENTITY_TIMESTAMP}_row"]).sum() > 300  # the future is really there
     # and the counts add up: rows in = rows returned + rows Feast dropped; nothing silently lost
     assert len(completed) == len(rows) == rows_out + dropped
-    report = join_report(SERVICE, len(rows), rows_out, dropped, completed, HISTORY_FEATURES, 0.5)
+    report = join_report(SERVICE, JoinCounts(len(rows), rows_out, dropped), completed, HISTORY_FEATURES, 0.5)
     assert report.missing == int(expected[HISTORY_FEATURES].isna().all(axis=1).sum())
 
 
@@ -175,7 +176,7 @@ def test_rows_before_all_feature_data_or_beyond_the_ttl_are_counted_not_lost(tmp
     )
     joined = _feast_join(store, rows)
     completed, rows_out, dropped = complete_join(rows, joined, KEYS, HISTORY_FEATURES)
-    report = join_report(SERVICE, len(rows), rows_out, dropped, completed, HISTORY_FEATURES, 0.5)
+    report = join_report(SERVICE, JoinCounts(len(rows), rows_out, dropped), completed, HISTORY_FEATURES, 0.5)
     # then only the middle row has features; the other two are counted, whatever Feast did with them
     assert completed["last_utilization"].tolist()[1] == 0.3
     assert completed[HISTORY_FEATURES].iloc[[0, 2]].isna().all().all()
