@@ -1,17 +1,26 @@
-"""The Dask cluster heavy steps run on: which scheduler, and the S3 options its workers read with.
+"""The Dask cluster heavy steps run on: which scheduler, its clients, and the S3 options its workers read with.
 
 `cluster_address` is `MLOPS_DASK_ADDRESS` when set (an existing cluster anywhere), else the local stack's
 scheduler when one listens on `MLOPS_DASK_SCHEDULER_PORT` (`mlops stack up` starts it), else None: no
-cluster, and every step runs in the flow's own process.
+cluster, and every step runs in the flow's own process. `dask_client` keeps one client per scheduler for
+the process (a loopback `LocalCluster` when there is none); `connect` opens a client for one run's work.
+Nothing here runs at import; a client is made on first use.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 from urllib.parse import urlsplit
 
 from adapters.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = "20s"
+
+_clients: dict[str, Any] = {}  # one client per scheduler address for the process (made on first use)
 
 
 def _listening(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -81,3 +90,35 @@ def require_workers(address: str, timeout: float = 60.0) -> int:
             return len(client.scheduler_info(n_workers=-1)["workers"])
     except (OSError, TimeoutError) as exc:
         raise ClusterError(f"the Dask cluster at {address} has no worker to run on ({exc})") from exc
+
+
+def dask_client(settings: Settings) -> Any:
+    """A client of the configured cluster, or of a local one (`dask_workers` processes, loopback) when none is set."""
+    from distributed import Client, LocalCluster
+
+    address = cluster_address(settings) or "local"
+    client = _clients.get(address)
+    if client is not None and client.status == "running":
+        return client
+    if address == "local":
+        cluster = LocalCluster(
+            n_workers=max(settings.dask_workers, 1),
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            memory_limit=settings.dask_worker_memory,
+        )
+        client = Client(cluster, set_as_default=False)
+    else:
+        client = Client(address, set_as_default=False)
+    _clients[address] = client
+    log.info("Dask cluster %s: %d worker(s)", address, len(client.scheduler_info()["workers"]))
+    return client
+
+
+def connect(address: str) -> Any:
+    """A new client of the scheduler at `address` (a context manager: closed after the run's work)."""
+    from distributed import Client
+
+    return Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)

@@ -109,6 +109,18 @@ class OutputPlan:
         return self.output + MANIFEST_NAME
 
 
+@dataclass(frozen=True)
+class ScoringRequest:
+    """One run's scoring, whatever the engine: which model version scores which partition into which plan."""
+
+    config: DatasetConfig
+    partition: Partition
+    plan: OutputPlan
+    chunk_rows: int  # rows read, predicted and written at a time
+    model_name: str
+    model_version: str
+
+
 def version_prefix(output: str, version: str) -> str:
     """`<output>/versions/<version>/`."""
     return f"{folder(output)}{VERSIONS_FOLDER}{version}/"

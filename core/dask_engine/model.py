@@ -1,0 +1,91 @@
+"""The Dask engine's model: fixed input encoding + LightGBM, as one scikit-learn pipeline (pure).
+
+The encoding learns nothing from data (categories come from the config or are counted on the cluster),
+so the same fitted encoder is applied to every partition on the cluster and, inside the registered
+pipeline, to raw rows in serving and scoring: the registered model takes the same raw frame as any
+champion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OrdinalEncoder
+
+from core.dataset import DatasetConfig
+from core.features import prepare_inputs
+
+
+def encoder(config: DatasetConfig, categories: dict[str, list[str]]) -> ColumnTransformer:
+    """Categories to codes (unknown and missing: NaN, LightGBM's missing value), numbers passed through."""
+    columns = config.categorical_features
+    parts: list[tuple[str, Any, list[str]]] = []
+    if columns:
+        parts.append(
+            (
+                "categorical",
+                OrdinalEncoder(
+                    categories=[sorted(categories[c]) for c in columns],
+                    handle_unknown="use_encoded_value",
+                    unknown_value=np.nan,
+                    dtype=np.float64,
+                ),
+                columns,
+            )
+        )
+    parts.append(("numeric", "passthrough", config.numeric_features))
+    # pandas out: LightGBM sees the same column names on the cluster and inside the registered pipeline
+    return ColumnTransformer(parts, remainder="drop", verbose_feature_names_out=False).set_output(transform="pandas")
+
+
+def fitted_encoder(config: DatasetConfig, categories: dict[str, list[str]], rows: pd.DataFrame) -> ColumnTransformer:
+    """The encoder fitted on a few raw rows (it learns only the column layout from them)."""
+    return encoder(config, categories).fit(prepare_inputs(rows, config))
+
+
+def encoded_columns(config: DatasetConfig) -> list[str]:
+    """Column names of the encoder's output, in order (categorical codes first)."""
+    return [*config.categorical_features, *config.numeric_features]
+
+
+def encode_partition(frame: pd.DataFrame, config: DatasetConfig, fitted: ColumnTransformer) -> pd.DataFrame:
+    """Encoded features (float64) plus the target of one partition of raw rows."""
+    if frame.empty:
+        return empty_encoded(config, frame[config.target].dtype)
+    encoded = fitted.transform(prepare_inputs(frame, config))[encoded_columns(config)].astype("float64")
+    encoded[config.target] = frame[config.target].to_numpy()
+    return encoded
+
+
+def empty_encoded(config: DatasetConfig, target_dtype: Any) -> pd.DataFrame:
+    """The encoded frame's layout with no rows (Dask's `meta`)."""
+    frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in encoded_columns(config)})
+    frame[config.target] = pd.Series(dtype=target_dtype)
+    return frame
+
+
+def lightgbm_kwargs(config: DatasetConfig, seed: int) -> dict[str, Any]:
+    """The estimator parameters (the cluster's and the local reference's are the same)."""
+    params = config.lightgbm
+    return {
+        "n_estimators": params.n_estimators,
+        "learning_rate": params.learning_rate,
+        "num_leaves": params.num_leaves,
+        "min_child_samples": params.min_child_samples,
+        "random_state": params.seed if params.seed is not None else seed,
+        "verbose": -1,
+    }
+
+
+def categorical_indices(config: DatasetConfig) -> list[int]:
+    """Positions of the categorical codes in the encoded columns (LightGBM's `categorical_feature`)."""
+    return list(range(len(config.categorical_features)))
+
+
+def assemble(fitted: ColumnTransformer, local_model: Any) -> Pipeline:
+    """The registered model: raw rows in, the encoder, then the local LightGBM model (`to_local()`)."""
+    return Pipeline([("prepare", fitted), ("model", local_model)])
