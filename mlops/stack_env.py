@@ -16,7 +16,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Client settings for every process that runs flows (set before Prefect and MLflow load): our
 # standard-library loggers go to the Prefect UI; analytics, telemetry and progress bars are off.
 CLIENT_DEFAULTS = {
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,core,adapters,services,tasks,flows",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,core,adapters,dask_engine,services,tasks,flows",
     # The same loggers also run outside flows (`mlops rollback`, the serving API): log locally, no warning.
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

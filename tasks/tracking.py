@@ -57,7 +57,7 @@ def git_commit() -> str:
 
 # The source that trains and decides (not the CLI, the serving API or the deployments), and the libraries
 # that fit the model: a change in either may change the answer, so it is part of a run's fingerprint.
-TRAINING_PACKAGES = ("core", "adapters", "tasks", "services", "flows")
+TRAINING_PACKAGES = ("core", "adapters", "dask_engine", "tasks", "services", "flows")
 MODEL_LIBRARIES = (
     "scikit-learn",
     "numpy",

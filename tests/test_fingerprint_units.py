@@ -134,7 +134,7 @@ def test_code_fingerprint_reads_the_training_packages_only(tmp_path):
 
     # the same code gives the same value; the CLI and serving packages are not part of it
     assert tracking.code_fingerprint() == tracking.code_fingerprint()
-    assert set(tracking.TRAINING_PACKAGES) == {"core", "adapters", "tasks", "services", "flows"}
+    assert set(tracking.TRAINING_PACKAGES) == {"core", "adapters", "dask_engine", "tasks", "services", "flows"}
 
 
 FP = Fingerprint(data="d1", config="c1", params="p1", code="k1")

@@ -30,7 +30,7 @@ from tests.waiting import wait_for, wait_for_runs
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-PACKAGES = ("core", "adapters", "tasks", "services", "flows", "serving", "deployments", "mlops")
+PACKAGES = ("core", "adapters", "dask_engine", "tasks", "services", "flows", "serving", "deployments", "mlops")
 POOL = "mlops-anywhere"
 SUFFIX = "-anywhere"
 MODEL = "anywhere-credit-risk"
@@ -115,7 +115,7 @@ def remote_worker(stack, tmp_path_factory):
         # asks for due runs every second (10 s by default): the runs here start as soon as they are created
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         # its runs' logs reach the Prefect API like the stack worker's
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,core,adapters,services,tasks,flows",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "mlops,core,adapters,dask_engine,services,tasks,flows",
     }
     env.pop("MLOPS_STATE_DIR", None)  # the stack's state folder is this machine's, not the worker's
     # No Dask cluster: the stack's workers run from this checkout's venv, so trials, refit and scoring sent there

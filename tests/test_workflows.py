@@ -75,7 +75,15 @@ def test_the_three_workflows_parse_and_name_their_triggers():
     assert set(ci["on"]) == {"push", "pull_request"}
     assert set(model["on"]) == {"pull_request", "workflow_dispatch"}
     paths = model["on"]["pull_request"]["paths"]
-    for wanted in ("core/**", "core/configs/**", "adapters/**", "tasks/**", "flows/**", "services/**"):
+    for wanted in (
+        "core/**",
+        "core/configs/**",
+        "adapters/**",
+        "dask_engine/**",
+        "tasks/**",
+        "flows/**",
+        "services/**",
+    ):
         assert wanted in paths
     assert set(cd["on"]) == {"push", "workflow_dispatch"}
     assert cd["on"]["push"] == {"branches": ["main"], "tags": ["v*"]}
