@@ -128,11 +128,9 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
     labels = load_labels(params.labels, config) if params.labels else None
     windows, results, pending = [], [], []
     if params.partition:
-        address, files = choose_drift_engine(params.engine, params.partition, config)
-        if address:  # a big partition: counted per file on the cluster, merged into the same figures
-            window, result = analyse_partition_on_cluster(
-                address, params.partition, files, champion, config, labels, params.thresholds
-            )
+        cluster = choose_drift_engine(params.engine, params.partition, config)
+        if cluster:  # a big partition: counted per file on the cluster, merged into the same figures
+            window, result = analyse_partition_on_cluster(cluster, champion, config, labels, params.thresholds)
             windows.append(window)
             results.append(result)
         else:

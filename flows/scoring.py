@@ -7,7 +7,7 @@ Each run writes a version of its own under the output and publishes it by replac
 until the new one is complete; a failure discards the run's version. Layout: `core/scoring.py`.
 
 `engine` chooses where: in the flow's process, or on a Dask cluster with one task per file, the model
-loaded once per worker and the summary merged from per-file tallies (`adapters/partitioned.py`); the
+loaded once per worker and the summary merged from per-file tallies (`dask_engine/scoring.py`); the
 publication (the manifest flip) is the same.
 
 Every task type is scored: a classifier (binary or multiclass) writes the predicted class and the
@@ -22,6 +22,7 @@ from typing import Literal
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.scoring import ScoringRequest
 from tasks.loading import load_dataset_config
 from tasks.scoring import (
     choose_engine,
@@ -115,13 +116,9 @@ def scoring(params: ScoringParams) -> ScoringOutcome:
     address = choose_engine(params.engine, partition)
     model = None if address else load_model(config.model_name, version)  # on the cluster, each worker loads it
     plan = make_output_plan(params.output, config.model_name, params.source, version)
+    request = ScoringRequest(config, partition, plan, params.chunk_rows, config.model_name, version)
     try:
-        if address:
-            summary = score_partition_on_cluster(
-                address, config, partition, plan, params.chunk_rows, config.model_name, version
-            )
-        else:
-            summary = score_partition(model, config, partition, plan, params.chunk_rows, config.model_name, version)
+        summary = score_partition_on_cluster(address, request) if address else score_partition(model, request)
         manifest = publish_predictions(plan, summary)
     except BaseException:
         discard_version(plan)

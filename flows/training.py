@@ -14,8 +14,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.big_model import BigSplit
 from core.card import CardFacts
+from core.dask_engine.split import DaskSplit
 from core.dataset import DatasetConfig
 from core.decision import Decision, Gates, resolve_gates
 from core.fingerprint import Comparison, Fingerprint, compare, nothing_new_markdown
@@ -214,7 +214,7 @@ def _policy(params: TrainingParams, gates: Gates) -> PromotionPolicy:
 def _card_facts(
     params: TrainingParams,
     config: DatasetConfig,
-    split: Split | BigSplit,
+    split: Split | DaskSplit,
     data: PreparedData,
     result: PromotionResult,
     outcome: str,

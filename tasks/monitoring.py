@@ -15,12 +15,12 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adapters import monitoring_store, partitioned
+from adapters import monitoring_store
 from adapters.cluster import cluster_address
 from adapters.settings import get_settings
 from adapters.snapshots import read_snapshot
 from core.dataset import DatasetConfig
-from core.drift import DriftThresholds, MonitoringError, window_reference
+from core.drift import DriftThresholds, MonitoringError
 from core.drift_analysis import (
     REFERENCE_ROWS,
     Champion,
@@ -36,6 +36,8 @@ from core.drift_analysis import (
 from core.drift_analysis import analyse_window as analyse_one
 from core.drift_report import StoredReport, report_html
 from core.scoring import ScoringInputError, use_cluster
+from dask_engine.drift import ClusterPartition, analyse_on_cluster
+from dask_engine.snapshots import parquet_rows
 from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
@@ -128,8 +130,8 @@ def publish_summary(markdown: str) -> None:
 
 
 @task(name="choose-drift-engine", **IO)
-def choose_drift_engine(engine: str, uri: str, config: DatasetConfig) -> tuple[str | None, list[str]]:
-    """Prefect task: the Dask scheduler to count the partition on (or None: here) and its Parquet files.
+def choose_drift_engine(engine: str, uri: str, config: DatasetConfig) -> ClusterPartition | None:
+    """Prefect task: the Dask scheduler and Parquet files to count the partition with, or None (here).
 
     `local`: here; `dask`: the cluster (an error without one, or for CSV data); `auto`: the cluster when
     there is one, the data is Parquet without a feature service, and it has at least 1,000,000 rows
@@ -140,29 +142,27 @@ def choose_drift_engine(engine: str, uri: str, config: DatasetConfig) -> tuple[s
     settings = get_settings()
     address = cluster_address(settings)
     if engine == "local" or (engine == "auto" and address is None):
-        return None, []
+        return None
     if config.format != "parquet" or config.feature_service:
         if engine == "dask":
             why = "the data is CSV" if config.format != "parquet" else "the dataset joins a feature service"
             raise MonitoringError(f"engine 'dask' counts Parquet partitions only, but {why}: use engine local")
-        return None, []
+        return None
     try:
         files = list_partition_files(uri, settings)
     except ScoringInputError:
         if engine == "dask":
             raise
-        return None, []  # auto: the local path reads it and names what is wrong
-    rows = partitioned.parquet_rows(files, settings) if engine == "auto" else 0
+        return None  # auto: the local path reads it and names what is wrong
+    rows = parquet_rows(files, settings) if engine == "auto" else 0
     chosen = address if use_cluster(engine, rows, address) else None
     log.info("engine %s: partition %s %s", engine, uri, f"counted on the cluster {chosen}" if chosen else "read here")
-    return chosen, files if chosen else []
+    return ClusterPartition(chosen, uri, tuple(files)) if chosen else None
 
 
 @task(name="analyse-partition-on-cluster", **IO)
 def analyse_partition_on_cluster(
-    address: str,
-    uri: str,
-    files: list[str],
+    cluster: ClusterPartition,
     champion: Champion,
     config: DatasetConfig,
     labels: pd.DataFrame | None,
@@ -170,23 +170,7 @@ def analyse_partition_on_cluster(
 ) -> tuple[Window, WindowResult]:
     """Prefect task: the partition's drift figures from per-partition counts merged (the same as on the whole frame).
 
-    The window carries no rows (they stay on the cluster), so the report shows its figures without plots.
+    The window carries no rows (they stay on the cluster), so the report shows its figures without plots
+    (see `dask_engine.drift.analyse_on_cluster`).
     """
-    settings = get_settings()
-    reference = window_reference(champion.reference, config, champion.classes)
-    job = partitioned.DriftJob(champion.model_name, champion.version, config, reference, config.id_column, settings)
-    counts = partitioned.drift_on_cluster(address, files, job, labels)
-    result = partitioned.window_result(
-        "partition", uri, counts, reference, champion.holdout, thresholds, labels is not None
-    )
-    log.info(
-        "%s: %s (%d rows on %d worker(s); null rates %s; peak RSS per worker (MB) %s)",
-        uri,
-        "; ".join(result.reasons) or result.note,
-        counts.partial.rows,
-        counts.workers,
-        {k: round(v, 4) for k, v in counts.partial.null_rates.items()},
-        {w: m["peak_rss_mb"] for w, m in counts.worker_memory.items()},
-    )
-    window = Window("partition", uri, pd.DataFrame(columns=config.feature_names), config.id_column)
-    return window, result
+    return analyse_on_cluster(cluster, champion, config, labels, thresholds, get_settings())

@@ -13,13 +13,13 @@ from typing import Any
 
 import pandas as pd
 
-from core.big_model import BigSplit
+from core.dask_engine.split import DaskSplit
 from core.dataset import DatasetConfig
 from core.feature_history import JoinReport
 from core.search import SearchResult, SearchSpec
 from core.split import Split
 from core.validation import DataValidationError, ValidationReport
-from tasks.big_training import (
+from tasks.dask_training import (
     check_big_snapshot,
     choose_snapshot_engine,
     load_big_snapshot,
@@ -79,7 +79,7 @@ def prepare_data(config: DatasetConfig, seed: int) -> PreparedData:
 
 def fit_candidate(
     data: PreparedData, config: DatasetConfig, search: SearchSpec, seed: int
-) -> tuple[Split | BigSplit, SearchResult]:
+) -> tuple[Split | DaskSplit, SearchResult]:
     """Split off the frozen holdout and train the candidate on the rest.
 
     In memory: the model search with cross-validation. On the cluster: the holdout by id hash per partition,

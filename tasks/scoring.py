@@ -1,7 +1,8 @@
 """Prefect tasks of batch scoring, thin wrappers.
 
 What is predicted and summarised is `core.scoring`; the model version, reading the partition, writing the
-run's version and publishing it (the manifest flip) are `adapters.scoring_store`.
+run's version and publishing it (the manifest flip) are `adapters.scoring_store`; scoring on a Dask cluster
+is `dask_engine.scoring`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adapters import partitioned, registry, scoring_store
+from adapters import registry, scoring_store
 from adapters.cluster import cluster_address
 from adapters.registry import CHAMPION
 from adapters.settings import get_settings
 from adapters.store import s3_filesystem
 from core.dataset import DatasetConfig
-from core.scoring import Manifest, OutputPlan, Partition, ScoringSummary, new_version, plan_output, use_cluster
+from core.scoring import (
+    Manifest,
+    OutputPlan,
+    Partition,
+    ScoringRequest,
+    ScoringSummary,
+    new_version,
+    plan_output,
+    use_cluster,
+)
+from dask_engine.scoring import score_on_cluster
 from tasks.retrying import IO, IO_RETRIES, IO_RETRY_DELAYS
 
 log = logging.getLogger(__name__)
@@ -60,15 +71,7 @@ def make_output_plan(output: str | None, model_name: str, source: str, version: 
 
 
 @task(name="score-partition", **IO, timeout_seconds=6 * 3600)
-def score_partition(
-    model: Any,
-    config: DatasetConfig,
-    partition: Partition,
-    plan: OutputPlan,
-    chunk_rows: int,
-    model_name: str,
-    model_version: str,
-) -> ScoringSummary:
+def score_partition(model: Any, request: ScoringRequest) -> ScoringSummary:
     """Prefect task: score into the run's version; progress shows as a Prefect progress artifact."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -81,7 +84,15 @@ def score_partition(
 
     filesystem = s3_filesystem(get_settings())
     return scoring_store.score_partition_files(
-        model, config, partition, plan, chunk_rows, model_name, model_version, filesystem, report
+        model,
+        request.config,
+        request.partition,
+        request.plan,
+        request.chunk_rows,
+        request.model_name,
+        request.model_version,
+        filesystem,
+        report,
     )
 
 
@@ -95,19 +106,9 @@ def choose_engine(engine: str, partition: Partition) -> str | None:
 
 
 @task(name="score-partition-on-cluster", **IO, timeout_seconds=6 * 3600)
-def score_partition_on_cluster(
-    address: str,
-    config: DatasetConfig,
-    partition: Partition,
-    plan: OutputPlan,
-    chunk_rows: int,
-    model_name: str,
-    model_version: str,
-) -> ScoringSummary:
+def score_partition_on_cluster(address: str, request: ScoringRequest) -> ScoringSummary:
     """Prefect task: score on the Dask cluster, one partition per file, into the run's version (nothing published)."""
-    return partitioned.score_on_cluster(
-        address, config, partition, plan, chunk_rows, model_name, model_version, get_settings()
-    )
+    return score_on_cluster(address, request, get_settings())
 
 
 @task(name="publish-predictions", **IO)

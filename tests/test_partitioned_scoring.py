@@ -67,17 +67,17 @@ def test_the_engine_rule():
 
 
 def test_a_worker_loads_each_model_once_and_keeps_only_the_newest(monkeypatch):
-    from adapters import partitioned
     from adapters.settings import Settings
+    from dask_engine import workers
 
     loaded: list[str] = []
-    monkeypatch.setattr(partitioned.registry, "load_model", lambda name, version, settings: loaded.append(version))
-    monkeypatch.setattr(partitioned, "_MODELS", {})
+    monkeypatch.setattr(workers.registry, "load_model", lambda name, version, settings: loaded.append(version))
+    monkeypatch.setattr(workers, "_MODELS", {})
     for version in ["1", "1", "2", "1", "2", "3", "1"]:
-        partitioned.worker_model("m", version, Settings())
+        workers.worker_model("m", version, Settings())
     # 1 and 2 stay cached; 3 pushes out 1 (the oldest), so 1 is loaded again
     assert loaded == ["1", "2", "3", "1"]
-    assert len(partitioned._MODELS) == partitioned.MODELS_KEPT
+    assert len(workers._MODELS) == workers.MODELS_KEPT
 
 
 # ---------------------------------------------------------------------------------------------- on the cluster
@@ -148,8 +148,8 @@ def _summary(stack, output: str) -> dict:
 def test_cluster_scoring_gives_the_single_process_output(stack, model_setup, dask_cluster, monkeypatch):
     from distributed import Client
 
-    from adapters import partitioned
     from adapters.scoring_store import current_output, read_current_predictions
+    from dask_engine import workers
 
     path, version, model = model_setup
     monkeypatch.setenv("MLOPS_DASK_ADDRESS", dask_cluster)
@@ -189,7 +189,7 @@ def test_cluster_scoring_gives_the_single_process_output(stack, model_setup, das
         assert 0 < peak < s_cluster["worker_memory_limit_mb"][worker]
     # the model was loaded once per worker at most, not once per partition
     with Client(dask_cluster, set_as_default=False) as client:
-        loads = client.run(partitioned.model_loads)
+        loads = client.run(workers.model_loads)
     counts = [sum(1 for load in worker if load == (MODEL, version)) for worker in loads.values()]
     assert max(counts) == 1 and sum(counts) >= 1, loads
 

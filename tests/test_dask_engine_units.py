@@ -9,14 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.big_checks import (
-    choose_engine,
-    combined_report,
-    evaluation_threshold,
-    full_data_failures,
-    merge_stats,
-    partition_stats,
-)
+from core.dask_engine.checks import combined_report, full_data_failures, merge_stats, partition_stats
+from core.dask_engine.choice import choose_engine
+from core.dask_engine.split import evaluation_threshold
 from core.dataset import load_local_dataset_config
 from core.split import holdout_buckets, holdout_mask, holdout_threshold
 from core.synthetic import generate_month
@@ -123,7 +118,7 @@ def test_lightgbm_pipeline_takes_raw_rows() -> None:
     import lightgbm
     import skops.io
 
-    from core.big_model import assemble, categorical_indices, encode_partition, fitted_encoder, lightgbm_kwargs
+    from core.dask_engine.model import assemble, categorical_indices, encode_partition, fitted_encoder, lightgbm_kwargs
     from core.transformers import skops_trusted_types
 
     frame = generate_month(0, 2000, 5)
@@ -153,9 +148,9 @@ def test_split_summary_is_what_the_card_showed_before() -> None:
 
 
 def test_auto_engine_counts_parquet_rows_from_the_footers(tmp_path) -> None:
-    from adapters.big_snapshots import count_rows
     from adapters.settings import Settings
-    from tasks.big_training import choose_snapshot_engine
+    from dask_engine.snapshots import count_rows
+    from tasks.dask_training import choose_snapshot_engine
 
     # Given a local snapshot of three Parquet partitions (1,200 + 800 + 1,000 rows)
     for month, rows in enumerate([1200, 800, 1000]):

@@ -38,7 +38,7 @@ def big(stack, dask_cluster) -> dict:
     import os
 
     from mlops.datagen import write_months
-    from tests.test_big_units import _bad_frame
+    from tests.test_dask_engine_units import _bad_frame
 
     os.environ["MLOPS_DASK_ADDRESS"] = dask_cluster
     good = f"s3://{stack.bucket}/datasets/big-engine-test/"
@@ -67,12 +67,13 @@ def big(stack, dask_cluster) -> dict:
 
 
 def test_full_data_checks_on_the_cluster_match_pandas(stack, big) -> None:
-    from adapters.big_snapshots import full_data_stats, open_big_snapshot
-    from core.big_checks import full_data_failures
+    from core.dask_engine.checks import full_data_failures
+    from dask_engine.snapshots import open_snapshot
+    from dask_engine.validation import full_data_stats
 
     config = _config("big-engine-bad", big["bad"])
     frame = big["bad_frame"]
-    snapshot = open_big_snapshot(config, stack)
+    snapshot = open_snapshot(config, stack)
     assert snapshot.rows == len(frame) and len(snapshot.files) == 3  # from the Parquet footers
     stats, columns, duplicated, sample = full_data_stats(snapshot, config, stack, 500, seed=1)
     # Independent: pandas on the same rows in one frame
@@ -96,16 +97,18 @@ def test_full_data_checks_on_the_cluster_match_pandas(stack, big) -> None:
 @pytest.fixture(scope="module")
 def good_split(stack, big):
     """The good snapshot split on the cluster with room for the whole holdout (shared by two tests)."""
-    from adapters.big_snapshots import open_big_snapshot, split_big
+    from dask_engine.snapshots import open_snapshot
+    from dask_engine.split import split_snapshot
 
     config = _config("big-engine-test", big["good"], max_holdout_rows=10**6)
-    snapshot = open_big_snapshot(config, stack)
-    return config, snapshot, split_big(snapshot, config, stack)
+    snapshot = open_snapshot(config, stack)
+    return config, snapshot, split_snapshot(snapshot, config, stack)
 
 
 def test_holdout_is_the_pandas_engines(stack, big, good_split) -> None:
-    from adapters.big_snapshots import open_big_snapshot, split_big
     from core.split import split_frame
+    from dask_engine.snapshots import open_snapshot
+    from dask_engine.split import split_snapshot
 
     frame = big["frame"]
     reference = split_frame(frame, _config("x", big["good"]))  # the pandas engine
@@ -118,7 +121,7 @@ def test_holdout_is_the_pandas_engines(stack, big, good_split) -> None:
     )
     # With a cap, a fixed subset of that holdout (never a training row) comes back
     capped = _config("big-engine-test", big["good"], max_holdout_rows=1000)
-    small = split_big(open_big_snapshot(capped, stack), capped, stack)
+    small = split_snapshot(open_snapshot(capped, stack), capped, stack)
     assert set(small.holdout["application_id"]) < set(reference.holdout["application_id"])
     assert 700 <= len(small.holdout) <= 1300 and small.rows_holdout == len(reference.holdout)
 
@@ -127,9 +130,9 @@ def test_dask_lightgbm_matches_a_local_reference(stack, big, good_split) -> None
     import lightgbm
     from sklearn.metrics import roc_auc_score
 
-    from adapters.big_snapshots import train_lightgbm
-    from core.big_model import lightgbm_kwargs
+    from core.dask_engine.model import lightgbm_kwargs
     from core.split import split_frame
+    from dask_engine.training import train_lightgbm
 
     config, snapshot, split = good_split
     model, params = train_lightgbm(snapshot, split, config, stack, seed=42)

@@ -1,7 +1,7 @@
 """Prefect tasks of the Dask engine: choose the engine, load, validate, split and train big snapshots.
 
-The work runs on the Dask cluster (`adapters.big_snapshots`); the rules (engine choice, full-data checks,
-the evaluated holdout) are pure (`core.big_checks`, `core.big_model`).
+The work runs on the Dask cluster (`dask_engine`: snapshots, validation, split, training); the rules (engine
+choice, full-data checks, the evaluated holdout, the model) are pure (`core.dask_engine`).
 """
 
 from __future__ import annotations
@@ -12,21 +12,18 @@ import math
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adapters.big_snapshots import (
-    BigSnapshot,
-    BigSplit,
-    count_rows,
-    full_data_stats,
-    open_big_snapshot,
-    split_big,
-    train_lightgbm,
-)
 from adapters.expectations import validate_frame
 from adapters.settings import get_settings
-from core.big_checks import choose_engine, combined_report, full_data_failures
+from core.dask_engine.checks import combined_report, full_data_failures
+from core.dask_engine.choice import choose_engine
+from core.dask_engine.split import DaskSplit
 from core.dataset import DatasetConfig
 from core.search import SearchResult
 from core.validation import ValidationReport
+from dask_engine.snapshots import DaskSnapshot, count_rows, open_snapshot
+from dask_engine.split import split_snapshot
+from dask_engine.training import train_lightgbm
+from dask_engine.validation import full_data_stats
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)
@@ -54,13 +51,13 @@ def choose_snapshot_engine(config: DatasetConfig) -> str:
     retry_condition_fn=retry_unless_permanent,
     cache_policy=NO_CACHE,
 )
-def load_big_snapshot(config: DatasetConfig) -> BigSnapshot:
+def load_big_snapshot(config: DatasetConfig) -> DaskSnapshot:
     """Prefect task: the snapshot's partitions, row count and data version (no data read)."""
-    return open_big_snapshot(config, get_settings())
+    return open_snapshot(config, get_settings())
 
 
 @task(name="validate-big", cache_policy=NO_CACHE)
-def check_big_snapshot(snapshot: BigSnapshot, config: DatasetConfig, seed: int) -> ValidationReport:
+def check_big_snapshot(snapshot: DaskSnapshot, config: DatasetConfig, seed: int) -> ValidationReport:
     """Prefect task: Great Expectations on a sample plus full-data checks computed on the cluster."""
     stats, columns, duplicated, sample = full_data_stats(
         snapshot, config, get_settings(), config.validation_sample_rows, seed
@@ -78,13 +75,13 @@ def check_big_snapshot(snapshot: BigSnapshot, config: DatasetConfig, seed: int) 
 
 
 @task(name="split-big", cache_policy=NO_CACHE)
-def split_big_snapshot(snapshot: BigSnapshot, config: DatasetConfig) -> BigSplit:
+def split_big_snapshot(snapshot: DaskSnapshot, config: DatasetConfig) -> DaskSplit:
     """Prefect task: the frozen holdout by id hash on the cluster; its evaluated subset comes back."""
-    return split_big(snapshot, config, get_settings())
+    return split_snapshot(snapshot, config, get_settings())
 
 
 @task(name="train-big", cache_policy=NO_CACHE)
-def train_big_candidate(snapshot: BigSnapshot, split: BigSplit, config: DatasetConfig, seed: int) -> SearchResult:
+def train_big_candidate(snapshot: DaskSnapshot, split: DaskSplit, config: DatasetConfig, seed: int) -> SearchResult:
     """Prefect task: LightGBM's Dask estimator on every training row; the local model in a raw-rows pipeline."""
     model, params = train_lightgbm(snapshot, split, config, get_settings(), seed)
     scoring = "roc_auc" if config.task.is_classification else "neg_root_mean_squared_error"
