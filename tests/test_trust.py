@@ -16,6 +16,7 @@ from adapters.clients import S3Location, mlflow_client, s3_client
 from core.decision import Gates
 from core.search import ModelFamily, SearchSpec
 from flows.training import TrainingParams, training
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -171,7 +172,11 @@ def test_model_card_contains_the_numbers_the_run_logged(stack, clearly_better):
     assert "plots/feature_importance.png" in plots
 
 
-def _paused_run(timeout: float = 120):
+def _paused_run(config: str, result: dict, timeout: float = 120):
+    """The paused run of the training started on `config` (not another test's paused run).
+
+    `result` is the run's result holder: a run that ended without pausing is reported with its state.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
@@ -180,11 +185,24 @@ def _paused_run(timeout: float = 120):
     paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
-            runs = client.read_flow_runs(flow_run_filter=paused)
+            runs = [
+                run
+                for run in client.read_flow_runs(flow_run_filter=paused)
+                if (run.parameters.get("params") or {}).get("dataset") == config
+            ]
             if runs:
                 return runs[0]
+            if "state" in result:
+                raise AssertionError(f"the run of {config} ended without pausing: {result['state'].message}")
             time.sleep(1)
-    raise AssertionError("no paused flow run appeared")
+    raise AssertionError(f"no paused flow run of {config} appeared")
+
+
+def _left_paused(run_id) -> bool:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return not client.read_flow_run(run_id).state.is_paused()
 
 
 def _start_run_needing_approval(config: str, timeout: int = 300) -> tuple[threading.Thread, dict]:
@@ -213,16 +231,18 @@ def test_approval_pauses_the_run_and_the_answer_decides(approve, stack, default_
 
     # Given a model with no champion and a run that requires approval
     name = f"approval-{'yes' if approve else 'no'}"
-    thread, result = _start_run_needing_approval(_config(tmp_path_factory, name, model_name=name))
+    config = _config(tmp_path_factory, name, model_name=name)
+    thread, result = _start_run_needing_approval(config)
     try:
         # when it has decided to promote, it pauses and waits; nothing is promoted yet
-        paused = _paused_run()
+        paused = _paused_run(config, result)
         client = mlflow_client(stack)
         assert "champion" not in client.get_registered_model(name).aliases
         # and a reviewer answers in Prefect
         resume_flow_run(paused.id, run_input={"approve": approve, "reviewer": "alice", "comment": "checked the card"})
     finally:
         thread.join(timeout=300)
+    assert not thread.is_alive(), "the run was resumed but did not finish within 300 s"
     state = result["state"]
     assert state.is_completed(), state.message
     outcome = state.result()
@@ -238,8 +258,9 @@ def test_approval_pauses_the_run_and_the_answer_decides(approve, stack, default_
 def test_no_answer_in_time_promotes_nothing_and_leaves_the_record(stack, default_data, tmp_path_factory):
     # Given a run that requires approval within 10 s, when nobody answers
     name = "approval-none"
-    thread, result = _start_run_needing_approval(_config(tmp_path_factory, name, model_name=name), timeout=10)
-    paused = _paused_run()
+    config = _config(tmp_path_factory, name, model_name=name)
+    thread, result = _start_run_needing_approval(config, timeout=10)
+    paused = _paused_run(config, result)
     thread.join(timeout=180)
     assert not thread.is_alive(), "the run still waits after its approval timeout"
     # then the run fails, as Prefect fails a run whose pause expired, and nothing is promoted
@@ -280,9 +301,10 @@ def test_a_reviewer_approves_in_the_prefect_ui(stack, default_data, tmp_path_fac
 
     # Given a run paused for approval
     name = "approval-ui"
-    thread, result = _start_run_needing_approval(_config(tmp_path_factory, name, model_name=name))
+    config = _config(tmp_path_factory, name, model_name=name)
+    thread, result = _start_run_needing_approval(config)
     try:
-        paused = _paused_run()
+        paused = _paused_run(config, result)
         ARTIFACTS.mkdir(exist_ok=True)
         assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium (make browser-deps)"
         with sync_playwright() as playwright:
@@ -301,9 +323,14 @@ def test_a_reviewer_approves_in_the_prefect_ui(stack, default_data, tmp_path_fac
             fields.nth(1).fill("card read, slices fine")
             page.screenshot(path=str(ARTIFACTS / "ui-approval-form.png"), full_page=True)
             page.get_by_role("button", name="Submit").click()
-            browser.close()
+            try:
+                wait_for(lambda: _left_paused(paused.id), 60, "the form's answer to resume the run", interval=1)
+            finally:
+                page.screenshot(path=str(ARTIFACTS / "ui-approval-submitted.png"), full_page=True)
+                browser.close()
     finally:
-        thread.join(timeout=180)
+        thread.join(timeout=300)
+    assert not thread.is_alive(), "the run was resumed but did not finish within 300 s"
     # then the run promotes, and the version records who approved and why
     state = result["state"]
     assert state.is_completed(), state.message
