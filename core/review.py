@@ -33,7 +33,7 @@ from core.decision import GateResult, Gates, HoldoutEvidence, configured_bounds,
 from core.fairness import FairnessReport, fairness_check, fairness_reports, sensitive_groups
 from core.features import prepare_inputs, prepare_target
 from core.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS, model_classes, scoring_for
-from core.significance import DeltaInterval, bootstrap_metrics, paired_bootstrap_metrics
+from core.significance import BootstrapSettings, DeltaInterval, bootstrap_metrics, paired_bootstrap_metrics
 from core.slices import SliceMetric, slice_gate, slice_metrics, unmeasured_slices
 
 log = logging.getLogger(__name__)
@@ -172,10 +172,12 @@ def holdout_evidence(
     gated = [metric for metric, _, _ in configured_bounds(gates) if metric in applicable]
     intervals = []
     if gated and len(y_true) and all(counts.values()):
-        intervals = bootstrap_metrics(
-            y_true, scores, classes, gated, n_resamples=gates.n_resamples, confidence=gates.confidence, seed=seed
-        )
+        intervals = bootstrap_metrics(y_true, scores, classes, gated, settings=_bootstrap(gates, seed))
     return HoldoutEvidence(len(y_true), counts, intervals)
+
+
+def _bootstrap(gates: Gates, seed: int) -> BootstrapSettings:
+    return BootstrapSettings(n_resamples=gates.n_resamples, confidence=gates.confidence, seed=seed)
 
 
 def model_results(holdout: pd.DataFrame, proba: np.ndarray, classes: list[Any], config: DatasetConfig) -> ModelResults:
@@ -256,15 +258,7 @@ def review_candidate(inputs: ReviewInputs, config: DatasetConfig, gates: Gates, 
         evidence = holdout_evidence(y_true, proba, classes, gates, seed)
     else:
         champion_results = model_results(holdout, champion_proba, classes, config)
-        intervals = paired_bootstrap_metrics(
-            y_true,
-            proba,
-            champion_proba,
-            classes,
-            n_resamples=gates.n_resamples,
-            confidence=gates.confidence,
-            seed=seed,
-        )
+        intervals = paired_bootstrap_metrics(y_true, proba, champion_proba, classes, settings=_bootstrap(gates, seed))
         if gates.max_slice_drop is not None and config.slices:
             checks.append(_slices_check(results, champion_results, gates, len(notes)))
         notes = unmeasured_slices(results.slices, champion_results.slices)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.drift import DriftThresholds
 from core.drift_analysis import Verdict, WindowResult, overall_verdict, retrain_scope
-from core.drift_report import StoredReport, summary_markdown
+from core.drift_report import MonitoredModel, StoredReport, summary_markdown
 from core.retraining import RetrainRequest, Trigger
 from services.retraining import retrain_if_needed
 from tasks.features import load_partition_with_features
@@ -159,14 +159,12 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
     trigger = retrain_if_needed(verdict, scope, request, params.trigger_retraining)
     publish_summary(
         summary_markdown(
-            config.model_name,
-            champion.version,
+            MonitoredModel(config.model_name, champion.version, champion.classes),
             results,
             verdict,
             report.html_uri,
             report.link,
             trigger.detail,
-            champion.classes,
         )
     )
     return MonitoringOutcome(config.model_name, champion.version, results, verdict, report, trigger)

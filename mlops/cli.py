@@ -172,7 +172,7 @@ def data_init(  # many parameters: a Typer command declares one per command-line
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Write a commented dataset config inferred from a snapshot; `mlops train --config OUT` takes it as it is."""
-    from core.config_inference import ConfigInferenceError, format_from_names, infer_config
+    from core.config_inference import ConfigInferenceError, InferenceRequest, format_from_names, infer_config
 
     if out.exists() and not force:
         raise fail(f"{out} exists; pass --force to replace it")
@@ -191,9 +191,8 @@ def data_init(  # many parameters: a Typer command declares one per command-line
     try:
         chosen = fmt.value if fmt else format_from_names(source, _source_names(source, settings))
         frame = read_snapshot(source, chosen, settings).frame
-        inferred = infer_config(
-            frame, source=source, fmt=chosen, target=target, id_column=id_column, task=task, name=name
-        )
+        request = InferenceRequest(source=source, fmt=chosen, target=target, id_column=id_column, task=task, name=name)
+        inferred = infer_config(frame, request)
     except (ConfigInferenceError, DataLoadError, StoreUnavailableError) as exc:
         raise fail(str(exc)) from exc
     _write_atomically(out, inferred.to_yaml())
