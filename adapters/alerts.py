@@ -28,7 +28,7 @@ from pydantic import SecretStr
 
 from adapters.clients import s3_client
 from adapters.settings import Settings, get_settings
-from core.history import ChampionChange
+from core.promotion.history import ChampionChange
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from adapters.clients import S3Location, s3_client
 from adapters.settings import Settings
-from core.dataset import DatasetConfig, DatasetConfigError, parse_dataset_config
+from core.data.dataset import DatasetConfig, DatasetConfigError, parse_dataset_config
 from core.errors import PermanentError
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def read_config_text(ref: str, settings: Settings) -> tuple[str, str]:
     """The YAML text of a config given as a bundled name, a local path or an s3:// URI, and its origin."""
     from pathlib import Path
 
-    from core.dataset import BUNDLED_DATASETS, bundled_config_text
+    from core.data.dataset import BUNDLED_DATASETS, bundled_config_text
 
     if ref in BUNDLED_DATASETS:
         return bundled_config_text(ref), f"bundled dataset {ref!r}"

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from adapters.settings import Settings
-from core.locations import S3Location
+from core.data.locations import S3Location
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from core.dataset import DatasetConfig, FeatureType
-from core.validation import ExpectationFailure, ValidationReport
+from core.data.dataset import DatasetConfig, FeatureType
+from core.data.validation import ExpectationFailure, ValidationReport
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ import pandas as pd
 
 from adapters.clients import S3Location, put_bytes
 from adapters.settings import Settings
+from core.data.feature_history import ENTITY_TIMESTAMP, Materialized, history_features
+from core.data.feature_repo import ENTITY_KEY, EXAMPLE_REPO, HISTORY_TABLE
 from core.errors import PermanentError
-from core.feature_history import ENTITY_TIMESTAMP, Materialized, history_features
-from core.feature_repo import ENTITY_KEY, EXAMPLE_REPO, HISTORY_TABLE
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """Champion history in S3: record a change (with the new champion's metrics and links), list a model's changes.
 
 Once recorded, a change is announced as a Prefect event (`adapters.alerts.announce_change`, by `adapters.promotion`).
-The intent of a change (`core.history.PendingChange`) is stored before its alias move, in S3 or, when S3
+The intent of a change (`core.promotion.history.PendingChange`) is stored before its alias move, in S3 or, when S3
 cannot take it, in the local state folder (`<state_dir>/history-pending/<model>/`), so a crash never loses it.
 
-The record, its key and its display are `core.history`; `mlops history` lists what is stored here.
+The record, its key and its display are `core.promotion.history`; `mlops history` lists what is stored here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
 from adapters.registry import run_holdout_metrics
 from adapters.settings import Settings, get_settings
 from adapters.store import list_keys
-from core.history import (
+from core.promotion.history import (
     ChampionChange,
     ChangeKind,
     PendingChange,

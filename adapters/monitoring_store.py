@@ -1,7 +1,7 @@
 """Monitoring's I/O: the training reference in MLflow, the prediction log and the reports in S3.
 
 Built from settings on each call; nothing is configured at import. The shapes are core's
-(`core/drift_analysis.py`, `core/prediction_log.py`); this module only moves bytes.
+(`core/monitoring/drift_analysis.py`, `core/monitoring/prediction_log.py`); this module only moves bytes.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
 from adapters.registry import CHAMPION, aliases_of, holdout_metrics, load_model
 from adapters.settings import Settings
 from adapters.store import fs_path, list_keys, s3_filesystem
-from core.drift import MonitoringError
-from core.drift_analysis import Champion
-from core.drift_report import StoredReport
-from core.prediction_log import day_prefix, drop_duplicates, log_dates, prefix_for
+from core.monitoring.drift import MonitoringError
+from core.monitoring.drift_analysis import Champion
+from core.monitoring.drift_report import StoredReport
+from core.monitoring.prediction_log import day_prefix, drop_duplicates, log_dates, prefix_for
 
 log = logging.getLogger(__name__)
 

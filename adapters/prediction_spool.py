@@ -13,7 +13,7 @@ serving processes may share one state folder: each owns its folder for its lifet
 derived from the segment's name, so uploading it again after a crash overwrites the same object) and deletes
 the segment only once S3 confirmed the write. It adopts the folders of the same model whose lock is free
 (their process died): uploads their segments first, and removes them. Monitoring reads that folder (the
-layout and the table are defined once, in `core/prediction_log.py`) and drops duplicate rows as well.
+layout and the table are defined once, in `core/monitoring/prediction_log.py`) and drops duplicate rows as well.
 
 Segments are turned into Parquet in a converter process (`CONVERTER`), one per serving process, shared by
 the logs of all its models (the functions it runs are pickled by this module's path).
@@ -43,7 +43,7 @@ import orjson
 
 from adapters.clients import s3_client
 from adapters.settings import Settings
-from core.prediction_log import object_key, spooled_table
+from core.monitoring.prediction_log import object_key, spooled_table
 
 log = logging.getLogger(__name__)
 

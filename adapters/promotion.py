@@ -3,7 +3,7 @@
 Every move of `champion` (promotion, revert, rollback) goes through `apply_change`, which makes it safe to
 retry and to crash in the middle of:
 
-1. the intent (`core.history.PendingChange`: the record, the aliases before and after, the tags) is stored
+1. the intent (`core.promotion.history.PendingChange`: the record, the aliases before and after, the tags) is stored
    first (S3, else the local state folder); without it nothing moves;
 2. the `champion` alias moves; when the call fails (a client timeout, MLflow died after applying it) the
    alias is read back, and the move is accepted when it holds;
@@ -27,7 +27,7 @@ from adapters.locks import pause_at
 from adapters.registry import CHAMPION, PREVIOUS, aliases_of, set_alias
 from adapters.settings import get_settings
 from core.errors import PermanentError
-from core.history import ChampionChange, PendingChange, happened
+from core.promotion.history import ChampionChange, PendingChange, happened
 
 log = logging.getLogger(__name__)
 

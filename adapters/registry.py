@@ -68,7 +68,7 @@ def input_schema(model_name: str, version: str, settings: Settings | None = None
     """A version's inputs as its logged signature says (what callers send today): column -> numeric | text."""
     from mlflow.models import get_model_info
 
-    from core.signature import columns_from_signature
+    from core.modeling.signature import columns_from_signature
 
     use_tracking_server(settings or get_settings())
     signature = get_model_info(f"models:/{model_name}/{version}").signature

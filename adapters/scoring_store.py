@@ -3,9 +3,9 @@
 Memory stays bounded by the chunk size, not the partition size: each file is read with pyarrow's
 `ParquetFile.iter_batches` (only the id, time and feature columns; buffered reads instead of
 pre-buffering whole row groups), and each chunk's predictions go at once to a `ParquetWriter` that
-streams to S3. What a chunk's predictions and the summary hold is `core.scoring`.
+streams to S3. What a chunk's predictions and the summary hold is `core.inference.scoring`.
 
-Published atomically (S3 has no rename; the layout is in `core.scoring`):
+Published atomically (S3 has no rename; the layout is in `core.inference.scoring`):
 - each run writes its parts under a version of its own, `<output>/versions/<version>/`, then its
   `summary.json` there;
 - the parts are checked to be there, then `<output>/manifest.json` is replaced in one PUT (the flip): a
@@ -14,7 +14,8 @@ Published atomically (S3 has no rename; the layout is in `core.scoring`):
 - only after the flip are versions older than the manifest's `previous` deleted (and the files of the
   layout before manifests, directly under the output): the previous good output stays readable;
 - a failure before the flip deletes the run's version (`discard_version`), never a version the manifest
-  names. A killed run leaves an unreferenced version, deleted by a later publish (`core.scoring.expired_versions`).
+  names. A killed run leaves an unreferenced version, deleted by a later publish
+  (`core.inference.scoring.expired_versions`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,9 +34,8 @@ from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
 from adapters.registry import CHAMPION, champion_version
 from adapters.settings import Settings, get_settings
 from adapters.store import BucketNotFoundError, fs_path, list_keys, s3_filesystem
-from core.dataset import DatasetConfig
-from core.metrics import model_classes
-from core.scoring import (
+from core.data.dataset import DatasetConfig
+from core.inference.scoring import (
     MANIFEST_NAME,
     PARQUET_SUFFIXES,
     VERSIONS_FOLDER,
@@ -46,6 +47,7 @@ from core.scoring import (
     PredictionTally,
     ScoringInputError,
     ScoringOutputError,
+    ScoringRequest,
     ScoringSummary,
     expired_versions,
     folder,
@@ -56,6 +58,7 @@ from core.scoring import (
     required_columns,
     scoring_task,
 )
+from core.modeling.metrics import model_classes
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +151,24 @@ def inspect_partition_files(source: str, config: DatasetConfig, settings: Settin
     return inspect_files(source, list_partition_files(source, settings), config, s3_filesystem(settings))
 
 
+@dataclass(frozen=True)
+class ChunkScorer:
+    """Predicts one chunk of rows: the model, its dataset config, its version and the run's scoring time."""
+
+    model: Any
+    config: DatasetConfig
+    model_version: str
+    scored_at: datetime
+
+    def predict(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The chunk's predictions (`core.inference.scoring.predict_chunk`)."""
+        return predict_chunk(self.model, batch, self.config, self.model_version, self.scored_at)
+
+
 def write_predictions(
     batches: Iterable[pa.RecordBatch],
     sink: Any,
-    model: Any,
-    config: DatasetConfig,
-    model_version: str,
-    scored_at: datetime,
+    scorer: ChunkScorer,
     uri: str,
     tally: PredictionTally,
     chunk_done: Callable[[int], None] | None = None,
@@ -171,7 +185,7 @@ def write_predictions(
     try:
         for batch in batches:
             try:
-                predictions = predict_chunk(model, batch, config, model_version, scored_at)
+                predictions = scorer.predict(batch)
             except (ValueError, TypeError) as exc:
                 where = f"rows {rows}-{rows + batch.num_rows - 1}"
                 raise ScoringInputError(f"{uri} ({where}): cannot be scored: {exc}") from exc
@@ -192,14 +206,31 @@ def write_predictions(
 # --- scoring into the run's version --------------------------------------------------------------------
 
 
+def _progress(
+    summary: ScoringSummary,
+    uri: str,
+    total: int,
+    started: float,
+    on_chunk: Callable[[int, int], None] | None,
+) -> Callable[[int], None]:
+    """What runs after each chunk of `uri`: count it in the summary, log the rate, report the progress."""
+
+    def chunk_done(rows: int) -> None:
+        summary.rows += rows
+        summary.chunks += 1
+        rate = summary.rows / max(time.perf_counter() - started, 1e-9)
+        log.info(
+            "chunk %d: %d rows of %s (%d/%d rows, %.0f rows/s)", summary.chunks, rows, uri, summary.rows, total, rate
+        )
+        if on_chunk is not None:
+            on_chunk(summary.rows, total)
+
+    return chunk_done
+
+
 def score_partition_files(
     model: Any,
-    config: DatasetConfig,
-    partition: Partition,
-    plan: OutputPlan,
-    chunk_rows: int,
-    model_name: str,
-    model_version: str,
+    request: ScoringRequest,
     filesystem: Any,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> ScoringSummary:
@@ -207,18 +238,17 @@ def score_partition_files(
 
     Args:
         model: The registered sklearn pipeline: a classifier (`predict_proba`, `classes_`) or a regressor.
-        config: Dataset description (id, time and feature columns).
-        partition: The files to score (from `inspect_files`).
-        plan: The output and this run's version, where the parts are written.
-        chunk_rows: Rows per chunk: bounds memory.
-        model_name: Registered model name, recorded in the summary.
-        model_version: Version used, recorded in each row and the summary.
+        request: The dataset config, the files to score (from `inspect_files`), the output plan (where this
+            run's version is written), rows per chunk (bounds memory), and the model's name and version
+            (recorded in each row and the summary).
         filesystem: pyarrow filesystem for reading and writing (`adapters.store.s3_filesystem`).
         on_chunk: Called after each chunk with (rows done, rows in total), for progress reporting.
 
     Raises:
         ScoringInputError: A chunk's values cannot be prepared for the model (names the file and rows).
     """
+    config, partition, plan = request.config, request.partition, request.plan
+    model_name, model_version = request.model_name, request.model_version
     scored_at = datetime.now(UTC)
     classes = model_classes(model)
     task = scoring_task(config, classes, model_name, model_version)
@@ -235,26 +265,10 @@ def score_partition_files(
             filesystem.open_output_stream(fs_path(target)) as sink,
         ):
             reader = pq.ParquetFile(source, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
-
-            def chunk_done(rows: int, uri: str = file.uri) -> None:
-                summary.rows += rows
-                summary.chunks += 1
-                log.info(
-                    "chunk %d: %d rows of %s (%d/%d rows, %.0f rows/s)",
-                    summary.chunks,
-                    rows,
-                    uri,
-                    summary.rows,
-                    partition.rows,
-                    summary.rows / max(time.perf_counter() - started, 1e-9),
-                )
-                if on_chunk is not None:
-                    on_chunk(summary.rows, partition.rows)
-
-            batches = reader.iter_batches(batch_size=chunk_rows, columns=list(partition.columns))
-            first_row, _ = write_predictions(
-                batches, sink, model, config, model_version, scored_at, file.uri, tally, chunk_done
-            )
+            chunk_done = _progress(summary, file.uri, partition.rows, started, on_chunk)
+            batches = reader.iter_batches(batch_size=request.chunk_rows, columns=list(partition.columns))
+            scorer = ChunkScorer(model, config, model_version, scored_at)
+            first_row, _ = write_predictions(batches, sink, scorer, file.uri, tally, chunk_done)
         if first_row != file.rows:
             raise ScoringInputError(f"{file.uri}: read {first_row} rows, but its footer says {file.rows}")
         summary.files += 1

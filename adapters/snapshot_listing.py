@@ -1,6 +1,6 @@
 """A snapshot's files as a listing (name, ETag or stamp, size), read without reading the data.
 
-The training flow compares this listing's version (`core.fingerprint.listing_version`) with the champion's
+The training flow compares this listing's version (`core.data.fingerprint.listing_version`) with the champion's
 before it loads anything. S3 gives each object's ETag in the listing itself (the MD5 of its bytes for a
 plain upload, so a file rewritten with the same bytes keeps it); a local file gives its size and
 modification time (touching a file counts as a change: a needless run, never a wrong skip). The same files

@@ -17,7 +17,7 @@ import pandas as pd
 from adapters.clients import S3Location, s3_client
 from adapters.settings import Settings
 from adapters.store import BucketNotFoundError, StoreUnreachableError, list_keys
-from core.dataset import DatasetConfig, DatasetConfigError, load_local_dataset_config, parse_dataset_config
+from core.data.dataset import DatasetConfig, DatasetConfigError, load_local_dataset_config, parse_dataset_config
 from core.errors import PermanentError
 
 log = logging.getLogger(__name__)

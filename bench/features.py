@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from adapters.clients import S3Location, s3_client
 from adapters.feature_store import feature_store, online_features
 from adapters.settings import get_settings
-from core.dataset import load_local_dataset_config
+from core.data.dataset import load_local_dataset_config
 from mlops.stack import client_env, running
 from serving.online_features import OnlineFeatures
 from tests.ports import free_port

@@ -28,11 +28,11 @@ import yaml
 
 from adapters.clients import S3Location, check_stack, put_bytes, s3_client
 from adapters.settings import get_settings
-from core.dataset import bundled_config_text, parse_dataset_config
-from core.metrics import evaluate_on
-from core.search import ModelFamily, SearchSpec, search_models
-from core.split import split_frame
-from core.synthetic import generate_frame
+from core.data.dataset import bundled_config_text, parse_dataset_config
+from core.data.split import split_frame
+from core.data.synthetic import generate_frame
+from core.modeling.metrics import evaluate_on
+from core.modeling.search import ModelFamily, SearchSpec, search_models
 
 RESULTS = Path(__file__).parent / "results"
 SPEC = SearchSpec(

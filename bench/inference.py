@@ -1,12 +1,12 @@
 """In-process per-call time of each inference path, in one run: pipeline vs exact-arrays vs onnx.
 
 No servers: the bundled credit-risk generator's rows, the frozen holdout split, one pipeline per model
-family fitted with fixed parameters (as `core.search.build_model` builds them). For each family and
+family fitted with fixed parameters (as `core.modeling.search.build_model` builds them). For each family and
 batch size (1 and 100 rows by default) it times `LoadedModel.scores`' three possible forms on the same
 holdout rows:
 - `pipeline`: the fitted `Pipeline.predict_proba` on a DataFrame (what serving ran before);
-- `exact-arrays`: `core.compiled.ArrayForm` (fitted steps on plain arrays, bit-identical);
-- `onnx`: `core.compiled.OnnxForm` (the compiled graph in onnxruntime, one intra-op thread);
+- `exact-arrays`: `core.inference.compiled.ArrayForm` (fitted steps on plain arrays, bit-identical);
+- `onnx`: `core.inference.compiled.OnnxForm` (the compiled graph in onnxruntime, one intra-op thread);
 and reports median and p99 per call with the ratio to the pipeline's median, plus each form's parity
 result (max |d| against `predict_proba`) on the holdout and edge cases. OpenMP threads are limited to 1
 once for the process, as the serving API does.
@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from core.compiled import ArrayForm, OnnxForm, compile_and_check
-from core.dataset import load_local_dataset_config
-from core.features import prepare_inputs, prepare_target
-from core.search import build_model
-from core.split import split_frame
-from core.synthetic import generate_frame
+from core.data.dataset import load_local_dataset_config
+from core.data.features import prepare_inputs, prepare_target
+from core.data.split import split_frame
+from core.data.synthetic import generate_frame
+from core.inference.compiled import ArrayForm, OnnxForm, compile_and_check
+from core.modeling.search import build_model
 
 RESULTS = Path(__file__).parent / "results"
 SEED = 42

@@ -129,7 +129,7 @@ def data(rows: int) -> None:
 def _config(rows: int, engine: str) -> Path:
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {
         "name": f"scale-{rows}-{engine}",

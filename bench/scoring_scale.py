@@ -42,7 +42,7 @@ def _source(rows: int, bucket: str) -> str:
 def _dataset_yaml(source: str) -> Path:
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL, "source": source}
     path = Path(os.environ.get("MLOPS_STATE_DIR", ".mlops")) / f"{MODEL}.yaml"
@@ -60,10 +60,10 @@ def prepare(rows: int) -> tuple[str, str, str]:
     from adapters.clients import S3Location, use_tracking_server
     from adapters.settings import get_settings
     from adapters.store import list_keys
-    from core.dataset import load_local_dataset_config
-    from core.features import prepare_inputs, prepare_target
-    from core.search import make_pipeline
-    from core.synthetic import generate_month
+    from core.data.dataset import load_local_dataset_config
+    from core.data.features import prepare_inputs, prepare_target
+    from core.data.synthetic import generate_month
+    from core.modeling.search import make_pipeline
     from core.transformers import skops_trusted_types
     from mlops.datagen import write_months
     from tasks.tracking import MODEL_REQUIREMENTS

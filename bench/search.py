@@ -25,12 +25,12 @@ from sklearn.base import clone
 from sklearn.model_selection import ParameterSampler, StratifiedKFold, cross_val_score
 from threadpoolctl import threadpool_limits
 
-from core.dataset import load_local_dataset_config
-from core.features import prepare_inputs, prepare_target
-from core.metrics import evaluate_on
-from core.search import ModelFamily, SearchSpec, base_estimator, make_pipeline, search_models
-from core.split import split_frame
-from core.synthetic import generate_frame
+from core.data.dataset import load_local_dataset_config
+from core.data.features import prepare_inputs, prepare_target
+from core.data.split import split_frame
+from core.data.synthetic import generate_frame
+from core.modeling.metrics import evaluate_on
+from core.modeling.search import ModelFamily, SearchSpec, base_estimator, make_pipeline, search_models
 
 RESULTS = Path(__file__).parent / "results"
 SEED = 42

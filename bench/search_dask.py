@@ -24,10 +24,10 @@ from distributed import LocalCluster
 from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
-from core.dataset import load_local_dataset_config
-from core.search import SearchResult, SearchSpec
-from core.split import split_frame
-from core.synthetic import generate_frame
+from core.data.dataset import load_local_dataset_config
+from core.data.split import split_frame
+from core.data.synthetic import generate_frame
+from core.modeling.search import SearchResult, SearchSpec
 from tasks.search_trials import dask_runner, run_search_on
 
 RESULTS = Path(__file__).parent / "results"

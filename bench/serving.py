@@ -46,7 +46,7 @@ from fastapi import FastAPI, Request, Response
 
 from adapters.clients import S3Location, mlflow_client, s3_client, use_tracking_server
 from adapters.settings import get_settings
-from core.dataset import load_local_dataset_config
+from core.data.dataset import load_local_dataset_config
 from mlops.stack import client_env, running
 from tests.ports import free_port
 
@@ -148,7 +148,7 @@ def _in_process(settings: Any, model_name: str, version: str, records: list[dict
     """Per-call times of each inference path, in this process (one OpenMP/BLAS thread, as the server)."""
     from threadpoolctl import threadpool_limits
 
-    from core.review import predict_times_ms
+    from core.evaluation.review import predict_times_ms
     from serving.forms import decode_records
     from serving.model import load_version
 

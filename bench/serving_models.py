@@ -81,7 +81,7 @@ def register_models(settings: Settings) -> dict[str, dict]:
     from sklearn.linear_model import LogisticRegression, Ridge
 
     from adapters.clients import use_tracking_server
-    from core.dataset import DatasetConfig
+    from core.data.dataset import DatasetConfig
     from tests.task_types import diabetes_config, diabetes_frame, fit, multiclass_config, multiclass_frame
     from tests.test_task_types import _records, _register
 

@@ -7,9 +7,9 @@ from datetime import datetime
 
 from pydantic import ValidationError
 
-from core.dataset import DatasetConfig
-from core.decision import Gates, resolve_gates
-from core.search import SearchSpec
+from core.data.dataset import DatasetConfig
+from core.evaluation.decision import Gates, resolve_gates
+from core.modeling.search import SearchSpec
 
 
 class CatalogConfigError(ValueError):

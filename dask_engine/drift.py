@@ -1,10 +1,10 @@
 """Drift statistics of a partition on a Dask cluster: per-file counts over the reference's bins, merged.
 
-The same figures as the single-process path (`core.drift_analysis.analyse_window` on the whole frame): each
+The same figures as the single-process path (`core.monitoring.drift_analysis.analyse_window` on the whole frame): each
 Parquet file is one partition whose task returns counts over the reference's bins
-(`core.drift.window_partial`, the model loaded once per worker by `dask_engine.workers.worker_model`),
+(`core.monitoring.drift.window_partial`, the model loaded once per worker by `dask_engine.workers.worker_model`),
 plus its labelled rows' labels and scores when labels are given; the counts are summed here into the
-figures of the whole window (`core.drift.partial_drifts`) and judged like any window.
+figures of the whole window (`core.monitoring.drift.partial_drifts`) and judged like any window.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import pandas as pd
 
 from adapters.cluster import connect
 from adapters.settings import Settings
-from core.dataset import DatasetConfig
-from core.drift import (
+from core.data.dataset import DatasetConfig
+from core.data.features import prepare_inputs
+from core.modeling.metrics import model_scores
+from core.monitoring.drift import (
     DriftThresholds,
     MonitoringError,
     WindowPartial,
@@ -28,9 +30,7 @@ from core.drift import (
     window_partial,
     window_reference,
 )
-from core.drift_analysis import Champion, Window, WindowFigures, WindowResult, join_labels, judge_window
-from core.features import prepare_inputs
-from core.metrics import model_scores
+from core.monitoring.drift_analysis import Champion, Window, WindowFigures, WindowResult, join_labels, judge_window
 from dask_engine.snapshots import read_files
 from dask_engine.workers import worker_memory, worker_model
 
@@ -145,12 +145,12 @@ def window_result(
     holdout: dict[str, float],
     thresholds: DriftThresholds,
 ) -> WindowResult:
-    """The window's verdict from its merged counts: what `core.drift_analysis.analyse_window` gives on the whole frame.
+    """The window's verdict from its merged counts: what `analyse_window` (core.monitoring) gives on the whole frame.
 
     Decay is measured when the counts carry labelled rows (labels were given to `drift_on_cluster`).
     """
-    from core.decay import labelled_performance
-    from core.drift import partial_drifts
+    from core.monitoring.decay import labelled_performance
+    from core.monitoring.drift import partial_drifts
 
     if counts.partial.rows == 0:
         return judge_window(WindowFigures(name, source, 0), thresholds)

@@ -28,12 +28,11 @@ import pandas as pd
 import pyarrow as pa
 
 from adapters.cluster import connect
-from adapters.scoring_store import write_predictions
+from adapters.scoring_store import ChunkScorer, write_predictions
 from adapters.settings import Settings
 from adapters.store import fs_path, s3_filesystem
-from core.dataset import DatasetConfig
-from core.metrics import model_classes
-from core.scoring import (
+from core.data.dataset import DatasetConfig
+from core.inference.scoring import (
     OutputPlan,
     Partition,
     PartitionFile,
@@ -43,6 +42,7 @@ from core.scoring import (
     ScoringSummary,
     scoring_task,
 )
+from core.modeling.metrics import model_classes
 from dask_engine.snapshots import read_files
 from dask_engine.workers import worker_memory, worker_model
 
@@ -93,9 +93,8 @@ def score_part(frame: pd.DataFrame, index: int, file: PartitionFile, job: Scorin
     target = job.plan.prefix + job.plan.part_name(index)
     with s3_filesystem(job.settings).open_output_stream(fs_path(target)) as sink:
         batches = table.to_batches(max_chunksize=job.chunk_rows)
-        _, chunks = write_predictions(
-            batches, sink, model, job.config, job.model_version, job.scored_at, file.uri, tally
-        )
+        scorer = ChunkScorer(model, job.config, job.model_version, job.scored_at)
+        _, chunks = write_predictions(batches, sink, scorer, file.uri, tally)
     return PartResult(index, file.uri, target, table.num_rows, chunks, task, tally, time.perf_counter() - started)
 
 

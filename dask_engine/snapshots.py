@@ -17,7 +17,7 @@ from adapters.cluster import s3_storage_options
 from adapters.settings import Settings
 from adapters.snapshots import SUFFIXES, DataLoadError
 from adapters.store import fs_path, s3_filesystem
-from core.dataset import DatasetConfig
+from core.data.dataset import DatasetConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from core.dask_engine.split import (
     split_counts,
     train_part,
 )
-from core.dataset import DatasetConfig
+from core.data.dataset import DatasetConfig
 from dask_engine.snapshots import DaskSnapshot, read_frame, tree_reduce
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def _check_parts(config: DatasetConfig, train_sample: pd.DataFrame, train_rows: 
 
 
 def split_snapshot(snapshot: DaskSnapshot, config: DatasetConfig, settings: Settings) -> DaskSplit:
-    """The frozen holdout by id hash per partition (the same ids as `core.split`), its evaluated subset collected.
+    """The frozen holdout by id hash per partition (the same ids as `core.data.split`), its evaluated subset collected.
 
     Only ids below `evaluation_threshold` (a subset of the holdout of about `max_holdout_rows` rows) come to
     this process; the counts and the training window are computed on the cluster.

@@ -21,7 +21,7 @@ from core.dask_engine.model import (
     lightgbm_kwargs,
 )
 from core.dask_engine.split import DaskSplit, train_part
-from core.dataset import DatasetConfig
+from core.data.dataset import DatasetConfig
 from dask_engine.snapshots import DaskSnapshot, read_frame
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import pandas as pd
 from adapters.cluster import dask_client
 from adapters.settings import Settings
 from core.dask_engine.checks import Stats, merge_stats, partition_stats
-from core.dataset import DatasetConfig
+from core.data.dataset import DatasetConfig
 from dask_engine.snapshots import DaskSnapshot, read_frame, tree_reduce
 
 

@@ -3,7 +3,7 @@
 `mlops deploy` calls `deploy_all`, which reads the model catalog (`adapters/catalog.py`) and registers, for
 each model, `training/<model>`, `monitoring/<model>`, `scoring/<model>` (when its config names a
 `scoring_source`) and `rollback/<model>`, with the schedules and parameters of the config's `operations`
-section (`core/operations.py`); then the shared `features/features` (feature store materialization, daily).
+section (`core/data/operations.py`); then the shared `features/features` (feature store materialization, daily).
 A model removed from the catalog has its deployments (and their scheduled runs) deleted by the next deploy.
 
 Each deployment names its flow by **module path** (`flows.training.training`) and carries no path of this
@@ -28,7 +28,7 @@ from uuid import UUID
 
 from adapters.catalog import CatalogEntry, list_entries
 from adapters.settings import get_settings
-from core.operations import Operations
+from core.data.operations import Operations
 from deployments.automations import deploy_automations, remove_model_automations
 from services.catalog import delete_model_deployments, model_tag
 

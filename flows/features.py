@@ -13,7 +13,7 @@ from datetime import datetime
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.feature_history import Materialized
+from core.data.feature_history import Materialized
 from tasks.features import apply_features, materialize_features
 
 

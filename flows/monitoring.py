@@ -1,9 +1,9 @@
 """The monitoring flow: recent data against the champion's training reference; retrain when it drifted or decayed.
 
-This module wires tasks; the statistics and the rules live in `core/drift.py` (decay in `core/decay.py`,
-verdicts in `core/drift_analysis.py`), the reports in `core/drift_report.py`, the I/O in
-`adapters/monitoring_store.py`, the retraining trigger in `services/retraining.py` (a Prefect event that the
-`mlops-drift-retrain` automation turns into a run of the training deployment).
+This module wires tasks; the statistics and the rules live in `core/monitoring/` (`drift.py`, decay in `decay.py`,
+verdicts in `drift_analysis.py`, the reports in `drift_report.py`), the I/O in `adapters/monitoring_store.py`, the
+retraining rule in `core/monitoring/retraining.py` and its trigger in `services/retraining.py` (a Prefect event that
+the model's `mlops-drift-retrain/<model>` automation turns into a run of its training deployment).
 Every task type is monitored: prediction drift is on the positive-class probability (binary), the predicted
 classes' shares (multiclass) or the predicted value (regression); decay on ROC AUC and F1 (macro for
 multiclass) or on RMSE and MAE (regression).
@@ -19,10 +19,10 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.drift import DriftThresholds
-from core.drift_analysis import Verdict, WindowResult, overall_verdict, retrain_scope
-from core.drift_report import MonitoredModel, StoredReport, summary_markdown
-from core.retraining import RetrainRequest, Trigger
+from core.monitoring.drift import DriftThresholds
+from core.monitoring.drift_analysis import Verdict, WindowResult, overall_verdict, retrain_scope
+from core.monitoring.drift_report import MonitoredModel, StoredReport, summary_markdown
+from core.monitoring.retraining import RetrainRequest, Trigger
 from services.retraining import retrain_if_needed
 from tasks.features import load_partition_with_features
 from tasks.loading import load_dataset_config

@@ -1,17 +1,17 @@
 """The batch scoring flow: score a dataset partition in S3 with the champion (or a given version).
 
 This module wires tasks and handles state: the tasks are `tasks/scoring.py`, what is predicted and
-summarised is `core/scoring.py`, reading, staging and publishing in S3 is `adapters/scoring_store.py`.
+summarised is `core/inference/scoring.py`, reading, staging and publishing in S3 is `adapters/scoring_store.py`.
 Each run writes a version of its own under the output and publishes it by replacing the output's
 `manifest.json` last (one PUT), so readers (who go through the manifest) see the previous complete run
-until the new one is complete; a failure discards the run's version. Layout: `core/scoring.py`.
+until the new one is complete; a failure discards the run's version. Layout: `core/inference/scoring.py`.
 
 `engine` chooses where: in the flow's process, or on a Dask cluster with one task per file, the model
 loaded once per worker and the summary merged from per-file tallies (`dask_engine/scoring.py`); the
 publication (the manifest flip) is the same.
 
 Every task type is scored: a classifier (binary or multiclass) writes the predicted class and the
-probability of every class, a regressor its predicted value (see `core.scoring.predict_chunk`).
+probability of every class, a regressor its predicted value (see `core.inference.scoring.predict_chunk`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Literal
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.scoring import ScoringRequest
+from core.inference.scoring import ScoringRequest
 from tasks.loading import load_dataset_config
 from tasks.scoring import (
     choose_engine,

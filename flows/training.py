@@ -14,13 +14,13 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.card import CardFacts
 from core.dask_engine.split import DaskSplit
-from core.dataset import DatasetConfig
-from core.decision import Decision, Gates, resolve_gates
-from core.fingerprint import Comparison, Fingerprint, compare, nothing_new_markdown
-from core.search import SearchSpec
-from core.split import Split
+from core.data.dataset import DatasetConfig
+from core.data.fingerprint import Comparison, Fingerprint, compare, nothing_new_markdown
+from core.data.split import Split
+from core.evaluation.decision import Decision, Gates, resolve_gates
+from core.modeling.search import SearchSpec
+from core.promotion.card import CardFacts
 from services.approval import steps_after
 from services.promotion import Candidate, PromotionPolicy, PromotionResult, record_run, review_and_promote
 from tasks.compile import compile_candidate

@@ -33,7 +33,7 @@ import typer
 from adapters.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from core.decision import Decision
+    from core.evaluation.decision import Decision
 
 REJECT_EXIT = 3  # distinct from 1 (the run failed) and 2 (the stack or server is not reachable)
 MAX_SUMMARY_CHARS = 60_000  # a PR comment holds 65,536 characters
@@ -92,7 +92,7 @@ def summary_markdown(
     verdict: PrVerdict, decision: Decision, model_name: str, data_version: str, card: str | None
 ) -> str:
     """The job summary and PR comment: the PR's verdict, the flow's decision and the model card."""
-    from core.decision import decision_markdown
+    from core.evaluation.decision import decision_markdown
 
     lines = [
         f"## Model check: {verdict.verdict.upper()}: {_HEADLINES[verdict.verdict]}",

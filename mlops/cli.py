@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from adapters.settings import Settings, get_settings
-from core.dataset import TaskType
+from core.data.dataset import TaskType
 from mlops import stack
 from mlops.ci_cli import run_deployment_command
 from mlops.cli_common import connect, fail, os_user, setup_logging
@@ -77,7 +77,7 @@ def stack_status() -> None:
 
 
 @data_app.command("generate")
-def data_generate(  # many parameters: a Typer command declares one per command-line option
+def data_generate(  # noqa: PLR0913 - a Typer command declares one parameter per command-line option
     months: Annotated[int, typer.Option(min=1, help="Number of monthly partitions.")] = 12,
     rows_per_month: Annotated[int, typer.Option(min=10, help="Rows in each month.")] = 4000,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 42,
@@ -91,8 +91,8 @@ def data_generate(  # many parameters: a Typer command declares one per command-
 ) -> None:
     """Write the synthetic credit-risk dataset as monthly Parquet partitions (to S3 by default)."""
     from adapters.clients import StackNotRunningError, check_stack
-    from core.dataset import load_local_dataset_config
-    from core.synthetic import DriftSpec
+    from core.data.dataset import load_local_dataset_config
+    from core.data.synthetic import DriftSpec
     from mlops.datagen import SyntheticMonths, write_partitions
 
     setup_logging()
@@ -157,7 +157,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 @data_app.command("init")
-def data_init(  # many parameters: a Typer command declares one per command-line option
+def data_init(  # noqa: PLR0913 - a Typer command declares one parameter per command-line option
     source: Annotated[str, typer.Argument(help="CSV/Parquet file, folder of partitions, or s3:// prefix.")],
     target: Annotated[str, typer.Option("--target", help="Target column.")],
     out: Annotated[Path, typer.Option("--out", help="YAML file to write.", dir_okay=False)],
@@ -172,7 +172,7 @@ def data_init(  # many parameters: a Typer command declares one per command-line
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Write a commented dataset config inferred from a snapshot; `mlops train --config OUT` takes it as it is."""
-    from core.config_inference import ConfigInferenceError, InferenceRequest, format_from_names, infer_config
+    from core.data.config_inference import ConfigInferenceError, InferenceRequest, format_from_names, infer_config
 
     if out.exists() and not force:
         raise fail(f"{out} exists; pass --force to replace it")
@@ -296,7 +296,7 @@ def history_command(
 
     from adapters.history_store import list_changes
     from adapters.promotion import reconcile_now
-    from core.history import history_table
+    from core.promotion.history import history_table
 
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
         unfinished = reconcile_now(model)

@@ -10,7 +10,7 @@ from typing import TypedDict, Unpack
 
 from adapters.clients import S3Location, put_bytes
 from adapters.settings import Settings
-from core.synthetic import DriftSpec, generate_month
+from core.data.synthetic import DriftSpec, generate_month
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def write_applicant_history(
     import pandas as pd
 
     from adapters.feature_store import write_history
-    from core.synthetic import generate_history
+    from core.data.synthetic import generate_history
 
     applications = pd.concat(
         [generate_month(i, rows_per_month, seed, start=start, drift=drift) for i in range(months)], ignore_index=True

@@ -113,9 +113,9 @@ def _drift_demo(settings: Settings, strength: float, rows: int, cooldown_minutes
     """The drift story, step by step; returns a process exit code."""
     from adapters.history_store import list_changes
     from adapters.registry import champion_version
-    from core.dataset import load_local_dataset_config
-    from core.history import history_table
-    from core.synthetic import DriftSpec
+    from core.data.dataset import load_local_dataset_config
+    from core.data.synthetic import DriftSpec
+    from core.promotion.history import history_table
     from flows.monitoring import MonitoringParams, monitoring
     from mlops.datagen import SyntheticMonths, write_partitions
 

@@ -77,11 +77,11 @@ def model_table(model: type[BaseModel]) -> list[str]:
 def configuration_reference() -> str:
     """The whole reference page."""
     from adapters.settings import Settings
-    from core.dataset import DatasetConfig, Feature, LightGBMParams, SliceSpec
-    from core.decision import Gates
-    from core.drift import DriftThresholds
-    from core.operations import Operations
-    from core.search import SearchSpec
+    from core.data.dataset import DatasetConfig, Feature, LightGBMParams, SliceSpec
+    from core.data.operations import Operations
+    from core.evaluation.decision import Gates
+    from core.modeling.search import SearchSpec
+    from core.monitoring.drift import DriftThresholds
     from flows.monitoring import MonitoringParams
     from flows.rollback import RollbackParams
     from flows.scoring import ScoringParams

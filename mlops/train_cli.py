@@ -20,7 +20,7 @@ from mlops.cli_common import fail, setup_logging
 from mlops.stack import client_env
 
 if TYPE_CHECKING:
-    from core.dataset import DatasetConfig
+    from core.data.dataset import DatasetConfig
     from flows.training import TrainingParams
 
 
@@ -79,7 +79,7 @@ def _training_params(request: TrainingRequest, settings: Settings) -> tuple[Data
     from pydantic import ValidationError
 
     from adapters.snapshots import DataLoadError, read_dataset_config
-    from core.search import SearchSpec
+    from core.modeling.search import SearchSpec
     from flows.training import TrainingParams
 
     try:
@@ -139,7 +139,7 @@ def run_training(
     return train_and_report(TrainingRequest(dataset, dry_run, seed, trials, tuple(families or ())), settings)
 
 
-def train(  # many parameters: a Typer command declares one per command-line option
+def train(  # noqa: PLR0913 - a Typer command declares one parameter per command-line option
     config: Annotated[
         str, typer.Option("--config", help="Dataset config: bundled name, YAML path or s3:// URI.")
     ] = "credit-risk",

@@ -12,8 +12,8 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from core.approval import Approval, approval_request
-from core.decision import Decision
+from core.evaluation.decision import Decision
+from core.promotion.approval import Approval, approval_request
 from tasks.reports import publish_approval_request
 
 log = logging.getLogger(__name__)

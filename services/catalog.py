@@ -32,7 +32,7 @@ from adapters.settings import Settings
 from adapters.snapshot_listing import snapshot_listing
 from adapters.snapshots import DataLoadError, StoreUnavailableError
 from core.catalog import CatalogConfigError, ModelStatus, checked_gates, checked_search
-from core.dataset import DatasetConfig, DatasetConfigError, parse_dataset_config
+from core.data.dataset import DatasetConfig, DatasetConfigError, parse_dataset_config
 
 log = logging.getLogger(__name__)
 

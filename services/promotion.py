@@ -18,13 +18,13 @@ from typing import Any
 from adapters.locks import Held, hold
 from adapters.promotion import Promotion
 from adapters.serving_api import ServingCheck, ServingCheckFailed
-from core.approval import Approval, ApprovalTimeout
-from core.card import CardFacts, make_card
-from core.dataset import DatasetConfig
-from core.decision import ChampionEvidence, Decision, Gates, decide, decision_markdown, decision_tags
-from core.metrics import Evaluation
-from core.outcome import describe_outcome
-from core.review import Review, ReviewInputs
+from core.data.dataset import DatasetConfig
+from core.evaluation.decision import ChampionEvidence, Decision, Gates, decide, decision_markdown, decision_tags
+from core.evaluation.review import Review, ReviewInputs
+from core.modeling.metrics import Evaluation
+from core.promotion.approval import Approval, ApprovalTimeout
+from core.promotion.card import CardFacts, make_card
+from core.promotion.outcome import describe_outcome
 from services.approval import ask_approval
 from tasks.evaluation import evaluate_candidate
 from tasks.loading import check_still_in_catalog

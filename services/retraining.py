@@ -19,9 +19,9 @@ from typing import Any
 from prefect import task
 
 from adapters.alerts import DriftAlert, drift_automation_name, emit_drift
-from core.drift import MonitoringError
-from core.drift_analysis import RetrainScope, Verdict
-from core.retraining import (
+from core.monitoring.drift import MonitoringError
+from core.monitoring.drift_analysis import RetrainScope, Verdict
+from core.monitoring.retraining import (
     RetrainRequest,
     Trigger,
     already_retrained_trigger,
@@ -122,7 +122,7 @@ def wait_for_started_run(deployment_id: Any, automation: Any, reason: str, since
 
 
 def retrain_if_needed(verdict: Verdict, scope: RetrainScope, request: RetrainRequest, enabled: bool) -> Trigger:
-    """Apply the trigger rule (`core.retraining.retrain_rule`); retrain (`trigger_retraining`) when it says so."""
+    """Apply the trigger rule (`core.monitoring.retraining.retrain_rule`); retrain when it says so."""
     held_back = retrain_rule(verdict, scope, request, enabled)
     if held_back is None:
         return trigger_retraining(request)

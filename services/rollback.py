@@ -29,7 +29,7 @@ from adapters.registry import CHAMPION, PREVIOUS, aliases_of
 from adapters.serving_api import ServingCheck, check_configured_serving
 from adapters.settings import get_settings
 from core.errors import PermanentError
-from core.history import ChampionChange, PendingChange
+from core.promotion.history import ChampionChange, PendingChange
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Any
 from adapters.clients import mlflow_client, use_tracking_server
 from adapters.registry import aliases_of
 from adapters.settings import Settings
-from core.signature import ModelLoadError
+from core.modeling.signature import ModelLoadError
 from serving.model import LoadedModel, load_version
 
 log = logging.getLogger(__name__)

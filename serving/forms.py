@@ -132,9 +132,9 @@ def explained_output(model: LoadedModel, scores: np.ndarray) -> tuple[int | np.n
 def explain_records(model: LoadedModel, records: list[dict[str, Any]], scores: np.ndarray) -> list[dict[str, Any]]:
     """Per-record, per-feature contributions to the output `explained_output` names, and that output.
 
-    By occlusion against the baseline record stored with the model (see `core.explain.contributions`).
+    By occlusion against the baseline record stored with the model (see `core.modeling.explain.contributions`).
     """
-    from core.explain import contributions
+    from core.modeling.explain import contributions
 
     frame = model.frame(records)
     index, explained = explained_output(model, scores)

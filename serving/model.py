@@ -32,8 +32,8 @@ from typing_extensions import TypedDict
 
 from adapters.model_store import load_pyfunc, run_bytes, run_json
 from adapters.registry import holdout_metrics
-from core.compiled import ONNX_ARTIFACT, TOLERANCE, ArrayForm, OnnxForm, check_parity
-from core.signature import BASELINE_ARTIFACT, Column, ModelLoadError, columns_from_signature
+from core.inference.compiled import ONNX_ARTIFACT, TOLERANCE, ArrayForm, OnnxForm, check_parity
+from core.modeling.signature import BASELINE_ARTIFACT, Column, ModelLoadError, columns_from_signature
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class LoadedModel:
     # The feature service it was trained with (version tag `feature_service`): serving looks those features up.
     feature_service: str | None = None
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    # A faster form of the pipeline (`core.compiled.OnnxForm` or `ArrayForm`); None: the pipeline itself.
+    # A faster form of the pipeline (`core.inference.compiled.OnnxForm` or `ArrayForm`); None: the pipeline itself.
     inference: Any = field(default=None, repr=False, compare=False)
     parity: dict[str, Any] = field(default_factory=dict, compare=False)
     adapter: RecordSchema = field(init=False, repr=False, compare=False)

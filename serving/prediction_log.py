@@ -42,7 +42,7 @@ import pandas as pd
 
 from adapters.prediction_spool import CONVERTER, PredictionObjects, Spool, SpoolUploader
 from adapters.settings import Settings
-from core.prediction_log import Entry, object_key, to_table
+from core.monitoring.prediction_log import Entry, object_key, to_table
 
 __all__ = [
     "Entry",
@@ -260,8 +260,8 @@ class SpooledPredictionLog:
     def record(self, batch: ScoredBatch) -> None:
         """Append one scored batch to the spool as one line (synced in `always` mode); at the bound, count the drop.
 
-        The line is what `core.prediction_log.spooled_batch` writes (and `spooled_table` reads), built straight
-        from the column arrays: numbers as float64 arrays (orjson writes them without a Python loop; NaN
+        The line is what `core.monitoring.prediction_log.spooled_batch` writes (and `spooled_table` reads), built
+        straight from the column arrays: numbers as float64 arrays (orjson writes them without a Python loop; NaN
         becomes null), text as lists.
         """
         now = datetime.now(UTC)

@@ -1,4 +1,4 @@
-"""Prefect tasks of compiled inference: compile and check the candidate (`core.compiled`), log the result.
+"""Prefect tasks of compiled inference: compile and check the candidate (`core.inference.compiled`), log the result.
 
 Compiling never fails the run and never blocks a promotion: a candidate that does not compile, or
 whose compiled form misses the parity limit, is served in its exact form instead (the version tags
@@ -17,9 +17,9 @@ from prefect.cache_policies import NO_CACHE
 
 from adapters.clients import mlflow_client
 from adapters.settings import get_settings
-from core.compiled import ONNX_ARTIFACT, PARITY_ARTIFACT, CompiledCheck, compile_and_check
-from core.dataset import DatasetConfig
-from core.features import prepare_inputs
+from core.data.dataset import DatasetConfig
+from core.data.features import prepare_inputs
+from core.inference.compiled import ONNX_ARTIFACT, PARITY_ARTIFACT, CompiledCheck, compile_and_check
 from tasks.retrying import IO
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ from adapters.settings import get_settings
 from core.dask_engine.checks import combined_report, full_data_failures
 from core.dask_engine.choice import choose_engine
 from core.dask_engine.split import DaskSplit
-from core.dataset import DatasetConfig
-from core.search import SearchResult
-from core.validation import ValidationReport
+from core.data.dataset import DatasetConfig
+from core.data.validation import ValidationReport
+from core.modeling.search import SearchResult
 from dask_engine.snapshots import DaskSnapshot, count_rows, open_snapshot
 from dask_engine.split import split_snapshot
 from dask_engine.training import train_lightgbm

@@ -1,4 +1,4 @@
-"""Prefect task: holdout evaluation of a fitted pipeline (the metrics are `core.metrics`)."""
+"""Prefect task: holdout evaluation of a fitted pipeline (the metrics are `core.modeling.metrics`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from core.dataset import DatasetConfig
-from core.features import prepare_target
-from core.metrics import (
+from core.data.dataset import DatasetConfig
+from core.data.features import prepare_target
+from core.modeling.metrics import (
     Evaluation,
     compute_metrics,
     evaluation_figures,

@@ -22,9 +22,9 @@ from adapters.feature_store import (
 )
 from adapters.settings import get_settings
 from adapters.snapshots import read_snapshot
-from core.dataset import DatasetConfig
-from core.drift_analysis import Window, partition_window
-from core.feature_history import ENTITY_TIMESTAMP, JoinCounts, JoinReport, complete_join, join_report
+from core.data.dataset import DatasetConfig
+from core.data.feature_history import ENTITY_TIMESTAMP, JoinCounts, JoinReport, complete_join, join_report
+from core.monitoring.drift_analysis import Window, partition_window
 from tasks.retrying import IO
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from adapters.catalog import ModelRemovedError, entry_uri, get_entry
 from adapters.settings import get_settings
 from adapters.snapshots import Snapshot, read_dataset_config, read_snapshot
-from core.dataset import DatasetConfig
+from core.data.dataset import DatasetConfig
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 

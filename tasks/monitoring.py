@@ -1,8 +1,8 @@
 """Monitoring's Prefect tasks: thin wrappers over core (statistics, rules, reports) and adapters (I/O).
 
-The drift statistics and rules are in `core/drift.py` (decay in `core/decay.py`, windows and the verdict in
-`core/drift_analysis.py`), the reports in `core/drift_report.py`, the reference, prediction log and report
-storage in `adapters/monitoring_store.py`; the retraining trigger is `services/retraining.py`.
+The drift statistics and rules are in `core/monitoring/drift.py` (decay in `core/monitoring/decay.py`, windows and
+the verdict in `core/monitoring/drift_analysis.py`), the reports in `core/monitoring/drift_report.py`, the reference,
+prediction log and report storage in `adapters/monitoring_store.py`; the retraining trigger is `services/retraining.py`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from adapters import monitoring_store
 from adapters.cluster import cluster_address
 from adapters.settings import get_settings
 from adapters.snapshots import read_snapshot
-from core.dataset import DatasetConfig
-from core.drift import DriftThresholds, MonitoringError
-from core.drift_analysis import (
+from core.data.dataset import DatasetConfig
+from core.inference.scoring import ScoringInputError, use_cluster
+from core.monitoring.drift import DriftThresholds, MonitoringError
+from core.monitoring.drift_analysis import (
     REFERENCE_ROWS,
     Champion,
     Verdict,
@@ -33,9 +34,8 @@ from core.drift_analysis import (
     reference_sample,
     result_json,
 )
-from core.drift_analysis import analyse_window as analyse_one
-from core.drift_report import StoredReport, report_html
-from core.scoring import ScoringInputError, use_cluster
+from core.monitoring.drift_analysis import analyse_window as analyse_one
+from core.monitoring.drift_report import StoredReport, report_html
 from dask_engine.drift import ClusterPartition, analyse_on_cluster
 from dask_engine.snapshots import parquet_rows
 from tasks.retrying import IO
@@ -70,7 +70,7 @@ def load_partition(uri: str, config: DatasetConfig) -> Window:
 def load_prediction_log(model_name: str, days: int, config: DatasetConfig) -> Window:
     """Prefect task: what the serving API logged in the last `days` UTC dates (today and the `days - 1` before).
 
-    Labels join on each record's id, or its request id (see `core.prediction_log.prediction_log_key`).
+    Labels join on each record's id, or its request id (see `core.monitoring.prediction_log.prediction_log_key`).
     """
     now = datetime.now(UTC)
     frames, source = monitoring_store.read_prediction_log(get_settings(), model_name, days, now)
@@ -89,7 +89,7 @@ def load_labels(uri: str, config: DatasetConfig) -> pd.DataFrame:
 def analyse_window(
     window: Window, champion: Champion, config: DatasetConfig, labels: pd.DataFrame | None, thresholds: DriftThresholds
 ) -> WindowResult:
-    """Prefect task: compare one window with the champion's reference (see `core.drift_analysis.analyse_window`)."""
+    """Prefect task: compare one window with the champion's reference (see `analyse_window` in core.monitoring)."""
     result = analyse_one(window, champion, config, labels, thresholds)
     log.info("%s: %s", window.name, "; ".join(result.reasons) or result.note)
     return result
@@ -135,7 +135,7 @@ def choose_drift_engine(engine: str, uri: str, config: DatasetConfig) -> Cluster
 
     `local`: here; `dask`: the cluster (an error without one, or for CSV data); `auto`: the cluster when
     there is one, the data is Parquet without a feature service, and it has at least 1,000,000 rows
-    (`core.scoring.CLUSTER_MIN_ROWS`, read from the footers).
+    (`core.inference.scoring.CLUSTER_MIN_ROWS`, read from the footers).
     """
     from adapters.scoring_store import list_partition_files
 

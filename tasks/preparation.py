@@ -14,11 +14,11 @@ from typing import Any
 import pandas as pd
 
 from core.dask_engine.split import DaskSplit
-from core.dataset import DatasetConfig
-from core.feature_history import JoinReport
-from core.search import SearchResult, SearchSpec
-from core.split import Split
-from core.validation import DataValidationError, ValidationReport
+from core.data.dataset import DatasetConfig
+from core.data.feature_history import JoinReport
+from core.data.split import Split
+from core.data.validation import DataValidationError, ValidationReport
+from core.modeling.search import SearchResult, SearchSpec
 from tasks.dask_training import (
     check_big_snapshot,
     choose_snapshot_engine,

@@ -12,8 +12,8 @@ from prefect.runtime import flow_run
 
 from adapters.clients import S3Location, mlflow_client, put_bytes
 from adapters.settings import get_settings
-from core.card import ModelCard
-from core.card_render import render_html, render_markdown
+from core.promotion.card import ModelCard
+from core.promotion.card_render import render_html, render_markdown
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Prefect tasks of the review: the candidate's review (`core.review`) and the champion's input schema."""
+"""Prefect tasks of the review: the candidate's review (`core.evaluation.review`) and the champion's input schema."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adapters import registry
-from core.dataset import DatasetConfig
-from core.decision import Gates
-from core.review import Review, ReviewInputs, review_candidate
+from core.data.dataset import DatasetConfig
+from core.evaluation.decision import Gates
+from core.evaluation.review import Review, ReviewInputs, review_candidate
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
 
 log = logging.getLogger(__name__)

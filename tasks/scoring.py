@@ -1,6 +1,6 @@
 """Prefect tasks of batch scoring, thin wrappers.
 
-What is predicted and summarised is `core.scoring`; the model version, reading the partition, writing the
+What is predicted and summarised is `core.inference.scoring`; the model version, reading the partition, writing the
 run's version and publishing it (the manifest flip) are `adapters.scoring_store`; scoring on a Dask cluster
 is `dask_engine.scoring`.
 """
@@ -20,8 +20,8 @@ from adapters.cluster import cluster_address
 from adapters.registry import CHAMPION
 from adapters.settings import get_settings
 from adapters.store import s3_filesystem
-from core.dataset import DatasetConfig
-from core.scoring import (
+from core.data.dataset import DatasetConfig
+from core.inference.scoring import (
     Manifest,
     OutputPlan,
     Partition,
@@ -83,22 +83,12 @@ def score_partition(model: Any, request: ScoringRequest) -> ScoringSummary:
         update_progress_artifact(progress_id, progress=100.0 * done / max(total, 1))
 
     filesystem = s3_filesystem(get_settings())
-    return scoring_store.score_partition_files(
-        model,
-        request.config,
-        request.partition,
-        request.plan,
-        request.chunk_rows,
-        request.model_name,
-        request.model_version,
-        filesystem,
-        report,
-    )
+    return scoring_store.score_partition_files(model, request, filesystem, report)
 
 
 @task(name="choose-engine", cache_policy=NO_CACHE)
 def choose_engine(engine: str, partition: Partition) -> str | None:
-    """Prefect task: the Dask scheduler to score on, or None for this process (see `core.scoring.use_cluster`)."""
+    """Prefect task: the Dask scheduler to score on, or None for this process (`core.inference.scoring.use_cluster`)."""
     address = cluster_address(get_settings())
     chosen = address if use_cluster(engine, partition.rows, address) else None
     log.info("engine %s: scoring %d rows %s", engine, partition.rows, f"on the cluster {chosen}" if chosen else "here")

@@ -1,6 +1,6 @@
 """Prefect tasks of the model search: each trial is its own task run, on the Dask cluster when there is one.
 
-`run_search_on` drives `core.search.run_search` with a Prefect task runner: the training rows are handed
+`run_search_on` drives `core.modeling.search.run_search` with a Prefect task runner: the training rows are handed
 to the runner once (`search-data`, a future every trial reads: on a cluster they travel to each worker
 once, not with every trial), each batch of trials is submitted as task runs (`trial <family>-<n>`, with
 their own logs in the UI) and the chosen configuration is refitted as a task run (`refit`). The runner
@@ -23,8 +23,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from sklearn.pipeline import Pipeline
 
 from adapters.cluster import ClusterError, require_workers
-from core.dataset import DatasetConfig
-from core.search import (
+from core.data.dataset import DatasetConfig
+from core.modeling.search import (
     SearchData,
     SearchResult,
     SearchSpec,
@@ -46,7 +46,7 @@ def share_search_data(data: SearchData) -> SearchData:
 
 @task(name="trial", cache_policy=NO_CACHE)
 def run_trial(data: SearchData, job: TrialJob) -> TrialOutcome:
-    """Prefect task: cross-validate one configuration (`core.search.evaluate_trial`); logs its outcome."""
+    """Prefect task: cross-validate one configuration (`core.modeling.search.evaluate_trial`); logs its outcome."""
     outcome = evaluate_trial(data, job)
     state = "pruned" if outcome.pruned else ("degenerate" if outcome.degenerate else "complete")
     get_run_logger().info(

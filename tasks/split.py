@@ -1,4 +1,4 @@
-"""Prefect task: the frozen holdout split (`core.split`)."""
+"""Prefect task: the frozen holdout split (`core.data.split`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from core.dataset import DatasetConfig
-from core.split import Split, split_frame
+from core.data.dataset import DatasetConfig
+from core.data.split import Split, split_frame
 
 log = logging.getLogger(__name__)
 

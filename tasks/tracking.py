@@ -20,13 +20,13 @@ from adapters.model_store import LoggedModel, log_sklearn_model, register
 from adapters.registry import champion_version, run_holdout_metrics
 from adapters.settings import get_settings
 from adapters.snapshot_listing import snapshot_listing
-from core.dataset import DatasetConfig
-from core.explain import baseline_row, importance_figure
-from core.features import prepare_inputs
-from core.fingerprint import Fingerprint, canonical_hash, code_version, listing_version, params_version
-from core.review import Review
-from core.search import SearchResult
-from core.signature import BASELINE_ARTIFACT
+from core.data.dataset import DatasetConfig
+from core.data.features import prepare_inputs
+from core.data.fingerprint import Fingerprint, canonical_hash, code_version, listing_version, params_version
+from core.evaluation.review import Review
+from core.modeling.explain import baseline_row, importance_figure
+from core.modeling.search import SearchResult
+from core.modeling.signature import BASELINE_ARTIFACT
 from core.transformers import skops_trusted_types
 from tasks.retrying import IO
 

@@ -1,4 +1,4 @@
-"""The model search (`core.search`), each trial a task run (on the Dask cluster when there is one)."""
+"""The model search (`core.modeling.search`), each trial a task run (on the Dask cluster when there is one)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pandas as pd
 
 from adapters.cluster import cluster_address
 from adapters.settings import get_settings
-from core.dataset import DatasetConfig
-from core.search import SearchResult, SearchSpec, Trial
+from core.data.dataset import DatasetConfig
+from core.modeling.search import SearchResult, SearchSpec, Trial
 from tasks.search_trials import dask_runner, local_runner, run_search_on
 
 log = logging.getLogger(__name__)

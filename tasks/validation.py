@@ -11,9 +11,9 @@ from prefect.cache_policies import NO_CACHE
 from adapters.clients import S3Location, put_bytes, s3_client
 from adapters.expectations import cache_key, validate_frame
 from adapters.settings import get_settings
-from core.dataset import DatasetConfig
-from core.feature_history import JoinReport, with_join
-from core.validation import ValidationReport, report_from_json
+from core.data.dataset import DatasetConfig
+from core.data.feature_history import JoinReport, with_join
+from core.data.validation import ValidationReport, report_from_json
 from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
 
 log = logging.getLogger(__name__)

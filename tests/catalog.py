@@ -14,7 +14,7 @@ def put_model(settings: Any, raw: dict[str, Any], **operations: Any) -> Any:
     test's data may be written later. Replaces an entry of the same model.
     """
     from adapters.catalog import put_entry
-    from core.dataset import parse_dataset_config
+    from core.data.dataset import parse_dataset_config
 
     raw = dict(raw) | {"operations": (raw.get("operations") or {}) | operations}
     text = yaml.safe_dump(raw, sort_keys=False)

@@ -88,7 +88,7 @@ def dask_cluster(stack) -> str:
 @pytest.fixture(scope="session")
 def default_data(stack) -> str:
     """The bundled dataset, small, written to the stack's S3 where the bundled config reads it."""
-    from core.dataset import load_local_dataset_config
+    from core.data.dataset import load_local_dataset_config
     from mlops.datagen import write_months
 
     source = load_local_dataset_config("credit-risk").source
@@ -101,7 +101,7 @@ def dataset_yaml(tmp_path: Path):
     """Write a dataset config derived from the bundled one with some fields replaced; returns its path."""
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     def make(**changes: object) -> str:
         raw = yaml.safe_load(bundled_config_text("credit-risk")) | changes

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.dataset import DatasetConfig
+from core.data.dataset import DatasetConfig
 
 DIABETES_NUMERIC = ["age", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
 MULTICLASS_LABELS = np.array(["low", "mid", "high"], dtype=object)
@@ -87,7 +87,7 @@ def multiclass_config(name: str, source: str = "s3://mlops/datasets/levels/") ->
 
 def fit(config: DatasetConfig, frame: pd.DataFrame, estimator: Any) -> Any:
     """The project's pipeline (preprocessing + `estimator`) fitted on `frame`."""
-    from core.features import prepare_inputs, prepare_target
-    from core.search import make_pipeline
+    from core.data.features import prepare_inputs, prepare_target
+    from core.modeling.search import make_pipeline
 
     return make_pipeline(config, estimator).fit(prepare_inputs(frame, config), prepare_target(frame, config))

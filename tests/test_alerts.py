@@ -167,7 +167,7 @@ def receiver(stack) -> Iterator[Receiver]:
 def _raw(stack, name: str, **changes: object) -> dict:
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": name, "model_name": name}
     return raw | {"source": f"s3://{stack.bucket}/datasets/{MODEL}/"} | changes
@@ -239,7 +239,7 @@ def test_failed_training_run_is_alerted_once_with_its_link_and_error(stack, aler
 
 
 def test_drift_event_starts_one_training_run_and_is_alerted_once(stack, alerts, receiver, dataset):
-    from core.retraining import RetrainRequest
+    from core.monitoring.retraining import RetrainRequest
     from services.retraining import DRIFT_TAG, model_tag, start_retraining
 
     since = datetime.now(UTC) - timedelta(seconds=5)
@@ -291,8 +291,8 @@ def test_promotion_and_rollback_are_alerted_once_each_with_reason_and_model_card
     import mlflow
 
     from adapters.promotion import promote_version
-    from core.decision import Gates
-    from core.search import SearchSpec
+    from core.evaluation.decision import Gates
+    from core.modeling.search import SearchSpec
     from flows.training import TrainingParams, training
     from services.rollback import rollback
 

@@ -1,4 +1,4 @@
-"""Compiled inference (core/compiled.py) and how serving picks its form.
+"""Compiled inference (core/inference/compiled.py) and how serving picks its form.
 
 Units: each form's scores against scikit-learn's own `predict_proba`/`predict` (the independent
 reference), the one-hot table against `ColumnTransformer.transform`, the parity comparison, the edge
@@ -22,7 +22,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, PolynomialFeatures, StandardScaler
 
-from core.compiled import (
+from core.data.dataset import load_local_dataset_config
+from core.data.features import prepare_inputs, prepare_target
+from core.data.split import split_frame
+from core.data.synthetic import generate_frame
+from core.inference.compiled import (
     NAN_TEXT,
     NULL_TEXT,
     UNSEEN_TEXT,
@@ -36,12 +40,8 @@ from core.compiled import (
     compile_onnx,
     edge_cases,
 )
-from core.dataset import load_local_dataset_config
-from core.features import prepare_inputs, prepare_target
-from core.search import build_model, make_pipeline
-from core.signature import Column
-from core.split import split_frame
-from core.synthetic import generate_frame
+from core.modeling.search import build_model, make_pipeline
+from core.modeling.signature import Column
 from serving.model import choose_inference
 
 CONFIG = load_local_dataset_config("credit-risk")
@@ -144,7 +144,7 @@ def test_hist_gradient_boosting_splits_exactly_at_its_thresholds(estimator):
     # skl2onnx's own conversion (float32 thresholds) sends some of these rows the wrong way.
     import onnxruntime as ort
 
-    from core.compiled_onnx import _skl2onnx
+    from core.inference.compiled_onnx import _skl2onnx
 
     session = ort.InferenceSession(_skl2onnx(pipeline[-1], 2, classification).SerializeToString())
     name = "probabilities" if classification else "variable"
@@ -225,7 +225,7 @@ def test_parity_catches_a_conversion_that_succeeds_but_is_wrong():
     """skl2onnx converts native categorical splits without an error, wrongly (skl2onnx #1051)."""
     import onnxruntime as ort
 
-    from core.compiled_onnx import _skl2onnx
+    from core.inference.compiled_onnx import _skl2onnx
 
     pipeline, X = _native_categorical()
     converted = _skl2onnx(pipeline[-1], 2, True)  # no exception
@@ -355,8 +355,8 @@ def test_a_training_category_starting_with_the_marker_is_refused():
 def test_card_shows_the_serving_form(data):
     from datetime import UTC, datetime
 
-    from core.card import ModelCard
-    from core.card_render import render_html, render_markdown
+    from core.promotion.card import ModelCard
+    from core.promotion.card_render import render_html, render_markdown
 
     train_X, train_y, holdout = data
     pipeline = build_model(CONFIG, "decision_tree", {"max_depth": 2}, 42).fit(train_X, train_y)
@@ -398,8 +398,8 @@ def test_served_champion_is_compiled_and_matches_the_registered_pipeline(stack, 
     import yaml
 
     from adapters.clients import mlflow_client, use_tracking_server
-    from core.dataset import bundled_config_text
-    from core.search import ModelFamily, SearchSpec
+    from core.data.dataset import bundled_config_text
+    from core.modeling.search import ModelFamily, SearchSpec
     from flows.training import TrainingParams, training
     from mlops.stack import running
     from tests.ports import free_port

@@ -1,7 +1,7 @@
 """The Dask engine on the real stack and a real two-worker Dask cluster.
 
 Each result is compared with an independent computation: the full-data checks with pandas on the same
-rows, the holdout with `core.split.split_frame` (the pandas engine), the Dask-trained LightGBM with
+rows, the holdout with `core.data.split.split_frame` (the pandas engine), the Dask-trained LightGBM with
 `lightgbm.LGBMClassifier` trained locally on the same rows (holdout ROC AUC within 0.01). Then the flow
 with `engine: dask` registers and promotes its own model, which answers raw rows; a bad snapshot fails
 validation naming the columns and registers nothing.
@@ -20,7 +20,7 @@ MONTHS, ROWS = 4, 3000
 
 
 def _config(name: str, source: str, **changes: object):
-    from core.dataset import DatasetConfig, bundled_config_text
+    from core.data.dataset import DatasetConfig, bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {
         "name": name,
@@ -45,7 +45,7 @@ def big(stack, dask_cluster) -> dict:
     write_months(stack, good, MONTHS, ROWS, seed=11)
     frames = []
     for index in range(MONTHS):
-        from core.synthetic import generate_month
+        from core.data.synthetic import generate_month
 
         frames.append(generate_month(index, ROWS, 11))
     bad = f"s3://{stack.bucket}/datasets/big-engine-bad/"
@@ -106,7 +106,7 @@ def good_split(stack, big):
 
 
 def test_holdout_is_the_pandas_engines(stack, big, good_split) -> None:
-    from core.split import split_frame
+    from core.data.split import split_frame
     from dask_engine.snapshots import open_snapshot
     from dask_engine.split import split_snapshot
 
@@ -131,7 +131,7 @@ def test_dask_lightgbm_matches_a_local_reference(stack, big, good_split) -> None
     from sklearn.metrics import roc_auc_score
 
     from core.dask_engine.model import lightgbm_kwargs
-    from core.split import split_frame
+    from core.data.split import split_frame
     from dask_engine.training import train_lightgbm
 
     config, snapshot, split = good_split

@@ -12,10 +12,10 @@ import pytest
 from core.dask_engine.checks import combined_report, full_data_failures, merge_stats, partition_stats
 from core.dask_engine.choice import choose_engine
 from core.dask_engine.split import evaluation_threshold
-from core.dataset import load_local_dataset_config
-from core.split import holdout_buckets, holdout_mask, holdout_threshold
-from core.synthetic import generate_month
-from core.validation import ValidationReport
+from core.data.dataset import load_local_dataset_config
+from core.data.split import holdout_buckets, holdout_mask, holdout_threshold
+from core.data.synthetic import generate_month
+from core.data.validation import ValidationReport
 
 CONFIG = load_local_dataset_config("credit-risk")
 
@@ -138,8 +138,8 @@ def test_lightgbm_pipeline_takes_raw_rows() -> None:
 
 
 def test_split_summary_is_what_the_card_showed_before() -> None:
-    from core.card import time_window
-    from core.split import split_frame
+    from core.data.split import split_frame
+    from core.promotion.card import time_window
 
     split = split_frame(generate_month(0, 2000, 6), CONFIG)
     assert split.training_window("application_date") == time_window(split.train["application_date"])

@@ -1,7 +1,7 @@
 """The search on Dask: each trial a Prefect task run on the cluster, and the same seed
 chooses the same model on one worker, two workers and without a cluster.
 
-The reference is the search in this process (`core.search.search_models`, trials one after another):
+The reference is the search in this process (`core.modeling.search.search_models`, trials one after another):
 the runs through Prefect's task runners must give exactly its trials table and choice.
 """
 
@@ -14,10 +14,10 @@ import cloudpickle
 import pytest
 from prefect import flow
 
-from core.dataset import load_local_dataset_config
-from core.search import ModelFamily, SearchResult, SearchSpec, search_models
-from core.split import split_frame
-from core.synthetic import generate_frame
+from core.data.dataset import load_local_dataset_config
+from core.data.split import split_frame
+from core.data.synthetic import generate_frame
+from core.modeling.search import ModelFamily, SearchResult, SearchSpec, search_models
 from tasks.search_trials import dask_runner, local_runner, run_search_on
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from adapters.expectations import validate_frame
-from core.dataset import load_local_dataset_config
-from core.synthetic import DriftSpec, generate_frame, generate_month, generate_months
-from core.validation import DataValidationError
+from core.data.dataset import load_local_dataset_config
+from core.data.synthetic import DriftSpec, generate_frame, generate_month, generate_months
+from core.data.validation import DataValidationError
 
 CONFIG = load_local_dataset_config("credit-risk")
 

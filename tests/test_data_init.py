@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from adapters.expectations import validate_frame
 from adapters.settings import Settings
 from adapters.snapshots import read_snapshot
-from core.config_inference import (
+from core.data.config_inference import (
     ConfigInferenceError,
     InferenceRequest,
     InferenceRules,
@@ -20,7 +20,7 @@ from core.config_inference import (
     format_from_names,
     infer_config,
 )
-from core.dataset import FeatureType, TaskType, load_local_dataset_config, parse_dataset_config
+from core.data.dataset import FeatureType, TaskType, load_local_dataset_config, parse_dataset_config
 from mlops.cli import app
 
 runner = CliRunner()

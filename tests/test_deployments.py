@@ -27,7 +27,7 @@ def _raw(model: str) -> dict:
     """The bundled credit-risk config under a model of its own."""
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     return yaml.safe_load(bundled_config_text("credit-risk")) | {"name": model, "model_name": model}
 
@@ -147,8 +147,8 @@ def _weak_champion(stack, tmp_path) -> str:
 
     from adapters.promotion import promote_version
     from adapters.registry import champion_version
-    from core.dataset import bundled_config_text
-    from core.search import SearchSpec
+    from core.data.dataset import bundled_config_text
+    from core.modeling.search import SearchSpec
     from flows.training import TrainingParams, training
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL}
@@ -226,8 +226,8 @@ def test_scoring_deployment_is_on_demand_and_runs_on_the_worker(stack, deployed,
 
     from adapters.catalog import entry_uri
     from adapters.clients import S3Location, s3_client
-    from core.scoring import default_output
-    from core.search import SearchSpec
+    from core.inference.scoring import default_output
+    from core.modeling.search import SearchSpec
     from flows.scoring import ScoringParams
     from flows.training import TrainingParams, training
     from tests.catalog import deploy_model

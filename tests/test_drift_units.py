@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.dataset import load_local_dataset_config
-from core.drift import DriftThresholds
-from core.drift_analysis import reference_sample
-from core.synthetic import DriftSpec, generate_month
+from core.data.dataset import load_local_dataset_config
+from core.data.synthetic import DriftSpec, generate_month
+from core.monitoring.drift import DriftThresholds
+from core.monitoring.drift_analysis import reference_sample
 
 THRESHOLDS = DriftThresholds()
 
@@ -58,7 +58,7 @@ def credit_champion(credit):
     """A logistic regression on four credit-risk months (numeric and categorical features), with its reference."""
     from sklearn.linear_model import LogisticRegression
 
-    from core.drift_analysis import Champion
+    from core.monitoring.drift_analysis import Champion
     from tests.task_types import fit
 
     config = credit
@@ -69,9 +69,9 @@ def credit_champion(credit):
 
 
 def test_the_html_reports_figures_are_the_verdicts_and_its_plots_use_the_same_bins(credit_champion):
-    from core.drift import psi_from_shares
-    from core.drift_analysis import Window, analyse_window
-    from core.drift_report import DISTRIBUTIONS, distribution_panels, report_html
+    from core.monitoring.drift import psi_from_shares
+    from core.monitoring.drift_analysis import Window, analyse_window
+    from core.monitoring.drift_report import DISTRIBUTIONS, distribution_panels, report_html
 
     config, champion = credit_champion
     # Given an unchanged month and a drifted one (numeric and categorical features moved)
@@ -105,8 +105,8 @@ def test_the_html_reports_figures_are_the_verdicts_and_its_plots_use_the_same_bi
 
 
 def test_a_window_too_small_for_a_verdict_has_no_plots_and_says_not_judged(credit_champion):
-    from core.drift_analysis import Window, analyse_window
-    from core.drift_report import report_html
+    from core.monitoring.drift_analysis import Window, analyse_window
+    from core.monitoring.drift_report import report_html
 
     config, champion = credit_champion
     small = Window("partition", "s", generate_month(5, 50, 3), config.id_column)
@@ -117,8 +117,8 @@ def test_a_window_too_small_for_a_verdict_has_no_plots_and_says_not_judged(credi
 
 
 def test_the_regression_report_has_no_classification_figures_anywhere(regression):
-    from core.drift_analysis import Champion, Window, analyse_window
-    from core.drift_report import report_html
+    from core.monitoring.drift_analysis import Champion, Window, analyse_window
+    from core.monitoring.drift_report import report_html
 
     config, frame, model, reference = regression
     champion = Champion("d", "1", "run", model, {"rmse": 40.0}, reference)
@@ -130,7 +130,7 @@ def test_the_regression_report_has_no_classification_figures_anywhere(regression
 
 
 def test_numeric_bin_labels_name_the_bins_numeric_counts_fills():
-    from core.drift import edge_labels, numeric_bins
+    from core.monitoring.drift import edge_labels, numeric_bins
 
     bins = numeric_bins(np.array([1.0, 2, 3, 4, 5, np.nan]), np.array([0.0, 2.5, 9, np.nan]), bins=4)
     assert bins.labels == ["<= 2", "(2, 3]", "(3, 4]", "> 4", "missing"]
@@ -142,7 +142,7 @@ def test_numeric_bin_labels_name_the_bins_numeric_counts_fills():
 
 
 def test_the_prediction_log_reads_exactly_the_last_n_date_folders():
-    from core.prediction_log import day_prefix, log_dates, object_key, window_start
+    from core.monitoring.prediction_log import day_prefix, log_dates, object_key, window_start
 
     now = datetime(2026, 3, 2, 5, 30, tzinfo=UTC)
     # N days are today and the N-1 dates before, and the window starts at midnight of the oldest
@@ -158,8 +158,8 @@ def test_the_prediction_log_reads_exactly_the_last_n_date_folders():
 
 
 def test_prediction_log_window_keeps_the_window_and_adds_the_label_key(credit):
-    from core.drift_analysis import prediction_log_window
-    from core.prediction_log import LOG_KEY
+    from core.monitoring.drift_analysis import prediction_log_window
+    from core.monitoring.prediction_log import LOG_KEY
 
     config = credit
     now = datetime(2026, 3, 2, 5, 30, tzinfo=UTC)

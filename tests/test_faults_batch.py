@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.scoring import (
+from core.inference.scoring import (
     Manifest,
     OutputPlan,
     ScoringOutputError,
@@ -79,8 +79,8 @@ def scoring_setup(stack, default_data, tmp_path_factory):
     import yaml
 
     from adapters.clients import mlflow_client
-    from core.dataset import bundled_config_text
-    from core.search import ModelFamily, SearchSpec
+    from core.data.dataset import bundled_config_text
+    from core.modeling.search import ModelFamily, SearchSpec
     from flows.training import TrainingParams, training
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL}
@@ -227,8 +227,8 @@ def test_scoring_killed_mid_write_leaves_the_previous_output_whole_and_a_rerun_p
 
     from adapters.clients import use_tracking_server
     from adapters.scoring_store import current_output, read_current_predictions
-    from core.dataset import load_local_dataset_config
-    from core.features import prepare_inputs
+    from core.data.dataset import load_local_dataset_config
+    from core.data.features import prepare_inputs
     from flows.scoring import ScoringParams, scoring
 
     dataset, version = scoring_setup

@@ -47,7 +47,7 @@ sys.exit(0 if state.is_completed() else 1)
 def _config(tmp_path: Path, model: str, **changes) -> str:
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": model, "model_name": model} | changes
     path = tmp_path / f"{model}-{len(changes)}.yaml"
@@ -56,8 +56,8 @@ def _config(tmp_path: Path, model: str, **changes) -> str:
 
 
 def _params(dataset: str, seed: int = 42, **gates) -> str:
-    from core.decision import Gates
-    from core.search import SearchSpec
+    from core.evaluation.decision import Gates
+    from core.modeling.search import SearchSpec
     from flows.training import TrainingParams
 
     params = TrainingParams(
@@ -221,7 +221,7 @@ def test_mlflow_killed_between_promote_and_history(stack, default_data, tmp_path
 def _features() -> list[dict]:
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     return yaml.safe_load(bundled_config_text("credit-risk"))["features"]
 
@@ -251,7 +251,7 @@ def test_worker_killed_mid_run_is_marked_crashed_and_the_schedule_goes_on(stack,
     from prefect.deployments import run_deployment
 
     from adapters.catalog import entry_uri
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
     from deployments.automations import ZOMBIE_AFTER_SECONDS, ZOMBIE_AUTOMATION
     from tests.catalog import deploy_model
 

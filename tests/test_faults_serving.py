@@ -26,7 +26,7 @@ import pytest
 
 from adapters.clients import S3Location, s3_client
 from adapters.monitoring_store import read_prediction_log
-from core.search import SearchSpec
+from core.modeling.search import SearchSpec
 from flows.training import TrainingParams, training
 from mlops import stack as local_stack
 from tests.waiting import wait_for
@@ -52,7 +52,7 @@ def faults(stack, default_data, tmp_path_factory):
     """The session stack with its serving API following MODEL (a champion trained here); restored after."""
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     settings = stack.model_copy(update={"serving_model": MODEL})
     _stop_serving(stack)  # the stack's serving API, following credit-risk

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.feature_history import ENTITY_TIMESTAMP, HISTORY_FEATURES
-from core.feature_repo import ENTITY_KEY
-from core.search import SearchSpec
+from core.data.feature_history import ENTITY_TIMESTAMP, HISTORY_FEATURES
+from core.data.feature_repo import ENTITY_KEY
+from core.modeling.search import SearchSpec
 from flows.training import TrainingParams, training
 from mlops.stack import running
 from tests.conftest import TEST_MONTHS, TEST_ROWS_PER_MONTH
@@ -96,7 +96,7 @@ def test_training_joins_point_in_time_and_reports_the_counts(stack, trained):
 def test_a_join_losing_too_many_rows_fails_the_run_naming_the_counts(stack, applied, tmp_path):
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text(MODEL)) | {"name": "history-strict", "max_missing_feature_share": 0.0}
     path = tmp_path / "strict.yaml"
@@ -138,8 +138,8 @@ def test_online_features_match_offline_and_serving_matches_the_pipeline(stack, t
     import mlflow.pyfunc
 
     from adapters.feature_store import feature_store, historical_features, online_features
-    from core.dataset import load_local_dataset_config
-    from core.features import prepare_inputs
+    from core.data.dataset import load_local_dataset_config
+    from core.data.features import prepare_inputs
 
     config = load_local_dataset_config(MODEL)
     applications = _applications(stack)

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.feature_history import ENTITY_TIMESTAMP
-from core.search import SearchSpec
+from core.data.feature_history import ENTITY_TIMESTAMP
+from core.modeling.search import SearchSpec
 from flows.training import TrainingParams, training
 from tests.conftest import TEST_MONTHS, TEST_ROWS_PER_MONTH
 
@@ -113,7 +113,7 @@ def user_repo(stack, default_data, tmp_path_factory):
     from adapters.clients import s3_client
     from adapters.feature_store import apply_repository, feature_store, has_service, resolve_repository
     from adapters.snapshots import read_snapshot
-    from core.dataset import bundled_config_text, load_local_dataset_config
+    from core.data.dataset import bundled_config_text, load_local_dataset_config
 
     folder = tmp_path_factory.mktemp("user-model")
     repo = folder / "bureau_repo"

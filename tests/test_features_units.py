@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core.dataset import DatasetConfigError, bundled_config_text, parse_dataset_config
-from core.feature_history import (
+from core.data.dataset import DatasetConfigError, bundled_config_text, parse_dataset_config
+from core.data.feature_history import (
     ENTITY_TIMESTAMP,
     HISTORY_FEATURES,
     JoinCounts,
@@ -26,7 +26,7 @@ from core.feature_history import (
     join_report,
     with_join,
 )
-from core.feature_repo import (
+from core.data.feature_repo import (
     ENTITY_KEY,
     EXAMPLE_REPO,
     HISTORY_SERVICE,
@@ -34,8 +34,8 @@ from core.feature_repo import (
     HISTORY_TTL,
     HISTORY_VIEW,
 )
-from core.synthetic import generate_frame, generate_history
-from core.validation import ValidationReport
+from core.data.synthetic import generate_frame, generate_history
+from core.data.validation import ValidationReport
 
 KEYS = [ENTITY_KEY, ENTITY_TIMESTAMP]
 SERVICE = "credit_risk_history"

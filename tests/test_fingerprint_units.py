@@ -1,4 +1,4 @@
-"""The run fingerprint (core/fingerprint.py) and the local listing it is taken from: pure, no servers."""
+"""The run fingerprint (core/data/fingerprint.py) and the local listing it is taken from: pure, no servers."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import yaml
 from adapters.settings import Settings
 from adapters.snapshot_listing import snapshot_listing
 from adapters.snapshots import DataLoadError
-from core.dataset import bundled_config_text, parse_dataset_config
-from core.decision import Gates
-from core.fingerprint import (
+from core.data.dataset import bundled_config_text, parse_dataset_config
+from core.data.fingerprint import (
     NOT_FINGERPRINTED,
     PARTS,
     Fingerprint,
@@ -25,7 +24,8 @@ from core.fingerprint import (
     listing_version,
     params_version,
 )
-from core.search import SearchSpec
+from core.evaluation.decision import Gates
+from core.modeling.search import SearchSpec
 from flows.training import TrainingParams
 
 BUNDLED = yaml.safe_load(bundled_config_text("credit-risk"))

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
-from core.decision import Gates
-from core.search import SearchSpec
-from core.synthetic import DriftSpec, generate_month
+from core.data.synthetic import DriftSpec, generate_month
+from core.evaluation.decision import Gates
+from core.modeling.search import SearchSpec
 from flows.monitoring import MonitoringParams, monitoring
 from flows.training import TrainingParams, training
 from mlops.datagen import write_months
@@ -33,7 +33,7 @@ OCTET = "application/octet-stream"
 def _raw(stack) -> dict:
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     source = f"s3://{stack.bucket}/datasets/{MODEL}/"
     return yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL, "source": source}
@@ -88,9 +88,9 @@ def _monitor(**changes):
 
 
 def test_training_stores_the_reference_sample_with_the_model(stack, dataset):
-    from core.dataset import load_local_dataset_config
-    from core.features import prepare_inputs
-    from core.split import holdout_mask
+    from core.data.dataset import load_local_dataset_config
+    from core.data.features import prepare_inputs
+    from core.data.split import holdout_mask
 
     champion = load_champion_reference.fn(MODEL)
     assert {"age", "region", "proba_0", "proba_1"} <= set(champion.reference.columns)
@@ -177,9 +177,9 @@ def _prediction_log(month: pd.DataFrame, champion, at: datetime | None = None) -
     application ids, each batch under a request id of its own, predicted at `at` (now by default)."""
     import uuid
 
-    from core.dataset import load_local_dataset_config
-    from core.features import prepare_inputs
-    from core.prediction_log import Entry, to_table
+    from core.data.dataset import load_local_dataset_config
+    from core.data.features import prepare_inputs
+    from core.monitoring.prediction_log import Entry, to_table
 
     features = prepare_inputs(month, load_local_dataset_config("credit-risk"))
     proba = champion.model.predict_proba(features)
@@ -203,8 +203,8 @@ def _prediction_log(month: pd.DataFrame, champion, at: datetime | None = None) -
 def test_prediction_log_of_the_last_n_days_reads_exactly_those_date_folders(stack, dataset):
     from datetime import timedelta
 
-    from core.dataset import load_local_dataset_config
-    from core.prediction_log import object_key
+    from core.data.dataset import load_local_dataset_config
+    from core.monitoring.prediction_log import object_key
     from tasks.monitoring import load_prediction_log
 
     model = f"{MODEL}-days"

@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.dataset import load_local_dataset_config
-from core.decay import Performance
-from core.drift import (
+from core.data.dataset import load_local_dataset_config
+from core.data.features import prepare_inputs
+from core.data.synthetic import DriftSpec, generate_month
+from core.monitoring.decay import Performance
+from core.monitoring.drift import (
     DriftThresholds,
     categorical_psi,
     chi_square_test,
@@ -25,12 +27,10 @@ from core.drift import (
     quantile_edges,
     total_variation,
 )
-from core.drift_analysis import WindowFigures, join_labels, judge_window, overall_verdict, reference_sample
-from core.drift_report import MonitoredModel, summary_markdown
-from core.features import prepare_inputs
-from core.history import ChampionChange, history_table, record_key
-from core.retraining import blocking_runs
-from core.synthetic import DriftSpec, generate_month
+from core.monitoring.drift_analysis import WindowFigures, join_labels, judge_window, overall_verdict, reference_sample
+from core.monitoring.drift_report import MonitoredModel, summary_markdown
+from core.monitoring.retraining import blocking_runs
+from core.promotion.history import ChampionChange, history_table, record_key
 
 RNG = np.random.default_rng(0)
 THRESHOLDS = DriftThresholds()
@@ -175,7 +175,7 @@ def test_labels_join_by_id_and_missing_labels_stay_unknown():
 
 
 def test_prediction_log_rows_join_labels_on_their_record_id_else_their_request_id():
-    from core.prediction_log import prediction_log_key
+    from core.monitoring.prediction_log import prediction_log_key
 
     # Given a batch request whose records carried integer ids (logged as text), one record without an id,
     # and a single-record request whose x-request-id is the id
@@ -191,7 +191,7 @@ def test_prediction_log_rows_join_labels_on_their_record_id_else_their_request_i
 
 
 def _hand_psi(reference: np.ndarray, current: np.ndarray) -> float:
-    """PSI over the reference's deciles, written out with numpy (independent of core.drift)."""
+    """PSI over the reference's deciles, written out with numpy (independent of core.monitoring.drift)."""
     edges = np.concatenate([[-np.inf], np.unique(np.quantile(reference, np.linspace(0.1, 0.9, 9))), [np.inf]])
     ref = np.histogram(reference, edges)[0] / len(reference)
     cur = np.histogram(current, edges)[0] / len(current)
@@ -204,10 +204,10 @@ def test_an_overfit_model_on_unchanged_data_drifts_against_training_rows_but_not
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.pipeline import Pipeline
 
-    from core.drift import DriftThresholds, prediction_drift
-    from core.drift_analysis import reference_scores
-    from core.features import build_preprocessor, prepare_target
-    from core.split import split_frame
+    from core.data.features import build_preprocessor, prepare_target
+    from core.data.split import split_frame
+    from core.monitoring.drift import DriftThresholds, prediction_drift
+    from core.monitoring.drift_analysis import reference_scores
 
     config, _ = credit
     # Given an overfit family (a forest of fully grown trees: min_samples_leaf=1) fitted on the training rows
@@ -294,8 +294,8 @@ def test_regression_reference_stores_the_predicted_value(regression):
     expected = model.predict(prepare_inputs(frame.iloc[:300], config))
     np.testing.assert_allclose(reference["prediction"].to_numpy(), expected, rtol=0, atol=1e-9)
     # a classifier's reference cannot be read as a regressor's, and the error says so
-    from core.drift import MonitoringError
-    from core.drift_analysis import reference_scores
+    from core.monitoring.drift import MonitoringError
+    from core.monitoring.drift_analysis import reference_scores
 
     with pytest.raises(MonitoringError, match="regression expected"):
         reference_scores(reference.drop(columns="prediction").assign(proba_0=0.5, proba_1=0.5), [])
@@ -343,8 +343,8 @@ def test_regression_decay_is_a_relative_rise_of_rmse_or_mae():
 def test_regression_window_metrics_equal_sklearns_and_shifted_labels_decay(regression):
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-    from core.drift_analysis import Champion, Window, analyse_window
-    from core.metrics import compute_metrics
+    from core.modeling.metrics import compute_metrics
+    from core.monitoring.drift_analysis import Champion, Window, analyse_window
 
     config, frame, model, reference = regression
     window = frame.drop(columns="progression")  # what arrives: features and ids, labels later
@@ -383,7 +383,7 @@ def test_regression_window_metrics_equal_sklearns_and_shifted_labels_decay(regre
 
 
 def test_regression_window_with_shifted_inputs_triggers_prediction_drift(regression):
-    from core.drift_analysis import Champion, Window, analyse_window
+    from core.monitoring.drift_analysis import Champion, Window, analyse_window
 
     config, frame, model, reference = regression
     # Given patients whose BMI is a standard deviation higher (the model's strongest input)
@@ -401,8 +401,8 @@ def test_regression_window_with_shifted_inputs_triggers_prediction_drift(regress
 
 
 def test_regression_reports_show_error_metrics_and_no_classification_rows(regression):
-    from core.drift_analysis import Champion, Window, analyse_window
-    from core.drift_report import summary_html as _summary_html
+    from core.monitoring.drift_analysis import Champion, Window, analyse_window
+    from core.monitoring.drift_report import summary_html as _summary_html
 
     config, frame, model, reference = regression
     labels = frame[["patient_id", "progression"]]
@@ -440,7 +440,7 @@ def multiclass():
 
 
 def test_multiclass_prediction_drift_is_quiet_on_unchanged_data_and_fires_on_a_shifted_class_mix(multiclass):
-    from core.drift_analysis import Champion, Window, analyse_window
+    from core.monitoring.drift_analysis import Champion, Window, analyse_window
 
     config, unseen, model, reference = multiclass
     assert {"proba_high", "proba_low", "proba_mid"} <= set(reference.columns)
@@ -486,7 +486,7 @@ def test_multiclass_prediction_drift_sees_a_shift_the_last_probability_column_mi
 def test_multiclass_performance_is_macro_and_gated_like_binary(multiclass):
     from sklearn.metrics import f1_score, roc_auc_score
 
-    from core.drift_analysis import Champion, Window, analyse_window
+    from core.monitoring.drift_analysis import Champion, Window, analyse_window
 
     config, unseen, model, reference = multiclass
     labels = unseen[["row_id", "level"]]
@@ -525,7 +525,7 @@ def test_multiclass_performance_is_macro_and_gated_like_binary(multiclass):
 
 
 def test_multiclass_metrics_undefined_on_the_window_are_left_out():
-    from core.decay import labelled_performance
+    from core.monitoring.decay import labelled_performance
 
     # Given labels of two of three classes only: ROC AUC of the third is undefined
     rng = np.random.default_rng(0)
@@ -539,7 +539,7 @@ def test_multiclass_metrics_undefined_on_the_window_are_left_out():
 
 
 def test_a_retrain_is_decided_only_for_drifted_data_inside_the_training_source():
-    from core.drift_analysis import WindowResult, inside_source, retrain_scope, window_location
+    from core.monitoring.drift_analysis import WindowResult, inside_source, retrain_scope, window_location
 
     source = "s3://mlops/datasets/credit-risk/"
     assert inside_source("s3://mlops/datasets/credit-risk/month=2026-01/", source)

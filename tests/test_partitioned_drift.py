@@ -1,7 +1,7 @@
 """Pure units: drift statistics counted per partition and merged equal the whole-window computation.
 
 The reference fixes the bins; each partition only counts; the merged counts give every figure (PSI, KS,
-chi-square, total variation, null rates, prediction drift). The whole-window figures are `core.drift`'s
+chi-square, total variation, null rates, prediction drift). The whole-window figures are `core.monitoring.drift`'s
 own functions on the concatenated frame (scipy's `ks_2samp` and `chi2_contingency` underneath): counts
 exact, floats within 1e-12.
 """
@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.drift import (
+from core.data.features import prepare_inputs
+from core.modeling.metrics import model_classes, model_scores
+from core.monitoring.drift import (
     KS_EXACT_MAX_ROWS,
     ColumnPartial,
     DriftThresholds,
@@ -29,9 +31,7 @@ from core.drift import (
     window_partial,
     window_reference,
 )
-from core.drift_analysis import reference_sample, reference_scores
-from core.features import prepare_inputs
-from core.metrics import model_classes, model_scores
+from core.monitoring.drift_analysis import reference_sample, reference_scores
 
 THRESHOLDS = DriftThresholds()
 FIELDS = ("psi", "statistic", "p_value", "effect")
@@ -90,8 +90,8 @@ def credit():
     """A logistic regression on credit-risk months (numeric and categorical features), its reference."""
     from sklearn.linear_model import LogisticRegression
 
-    from core.dataset import load_local_dataset_config
-    from core.synthetic import generate_month
+    from core.data.dataset import load_local_dataset_config
+    from core.data.synthetic import generate_month
     from tests.task_types import fit
 
     config = load_local_dataset_config("credit-risk")
@@ -102,7 +102,7 @@ def credit():
 
 @pytest.mark.parametrize("rows", [3000, 24_000])  # scipy's exact KS p-value below 10,000 rows, asymptotic above
 def test_binary_window_merged_from_partitions_equals_the_whole_window(credit, rows):
-    from core.synthetic import DriftSpec, generate_month
+    from core.data.synthetic import DriftSpec, generate_month
 
     config, model, reference = credit
     # an unchanged month, and a drifted one with nulls put into a numeric and a categorical feature

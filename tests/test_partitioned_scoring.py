@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from core.scoring import PredictionTally, ScoringInputError, use_cluster
+from core.inference.scoring import PredictionTally, ScoringInputError, use_cluster
 
 MODEL = "partitioned-test"
 SOURCE = "s3://mlops/datasets/partitioned-test/"
@@ -92,9 +92,9 @@ def model_setup(stack, tmp_path_factory, dask_cluster):
 
     from adapters.clients import use_tracking_server
     from adapters.monitoring_store import store_reference
-    from core.dataset import load_local_dataset_config
-    from core.drift_analysis import reference_sample
-    from core.synthetic import generate_month
+    from core.data.dataset import load_local_dataset_config
+    from core.data.synthetic import generate_month
+    from core.monitoring.drift_analysis import reference_sample
     from core.transformers import skops_trusted_types
     from mlops.datagen import write_months
     from tasks.tracking import MODEL_REQUIREMENTS
@@ -118,7 +118,7 @@ def model_setup(stack, tmp_path_factory, dask_cluster):
     mlflow.MlflowClient().set_registered_model_alias(MODEL, "champion", version)
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL, "source": SOURCE}
     path = tmp_path_factory.mktemp("partitioned") / f"{MODEL}.yaml"
@@ -169,8 +169,8 @@ def test_cluster_scoring_gives_the_single_process_output(stack, model_setup, das
         f"part-{i:05d}.parquet" for i in range(MONTHS)
     ]
     # and the predictions are the model's own (an independent reference: the fitted pipeline itself)
-    from core.dataset import load_local_dataset_config
-    from core.features import prepare_inputs
+    from core.data.dataset import load_local_dataset_config
+    from core.data.features import prepare_inputs
 
     frames = [_read_source_month(stack, i) for i in range(MONTHS)]
     rows = pd.concat(frames, ignore_index=True)

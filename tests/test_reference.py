@@ -39,9 +39,9 @@ from sklearn.preprocessing import label_binarize
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
 from adapters.clients import mlflow_client
-from core.dataset import load_local_dataset_config
-from core.features import build_preprocessor
-from core.split import holdout_mask
+from core.data.dataset import load_local_dataset_config
+from core.data.features import build_preprocessor
+from core.data.split import holdout_mask
 from flows.training import TrainingParams, training
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from adapters.settings import Settings
-from core.dataset import DatasetConfig
-from core.operations import Operations
+from core.data.dataset import DatasetConfig
+from core.data.operations import Operations
 from mlops.reference import configuration_reference, env_names
 
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from core.dataset import load_local_dataset_config
+from core.data.dataset import load_local_dataset_config
 from mlops import stack as local_stack
 from tests.conftest import TEST_MONTHS, TEST_ROWS_PER_MONTH
 from tests.faults import kill_server

@@ -14,9 +14,9 @@ import pytest
 from adapters.clients import mlflow_client
 from adapters.history_store import list_changes
 from adapters.promotion import promote_version, revert_promotion
-from core.decision import Gates
-from core.history import ChampionChange, PendingChange, happened
-from core.search import SearchSpec
+from core.evaluation.decision import Gates
+from core.modeling.search import SearchSpec
+from core.promotion.history import ChampionChange, PendingChange, happened
 from flows.rollback import RollbackParams, rollback
 from flows.training import TrainingParams, training
 from mlops.stack import running
@@ -45,7 +45,7 @@ def versions(stack, default_data, tmp_path_factory) -> dict[str, str]:
     import mlflow
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL}
     config = tmp_path_factory.mktemp(MODEL) / f"{MODEL}.yaml"

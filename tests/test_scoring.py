@@ -13,8 +13,8 @@ import pytest
 
 from adapters.clients import S3Location, mlflow_client, s3_client, use_tracking_server
 from adapters.scoring_store import current_output, read_current_predictions
-from core.scoring import default_output
-from core.search import ModelFamily, SearchSpec
+from core.inference.scoring import default_output
+from core.modeling.search import ModelFamily, SearchSpec
 from flows.scoring import ScoringParams, scoring
 from flows.training import TrainingParams, training
 
@@ -30,7 +30,7 @@ TREE = SearchSpec(families=[ModelFamily.decision_tree], trials_per_family=1, cv_
 def _dataset_yaml(folder: Path, **changes: object) -> str:
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | changes
     path = folder / f"{raw['name']}.yaml"
@@ -89,7 +89,7 @@ def _summary(stack, output: str) -> dict:
 
 
 def _features(frame: pd.DataFrame) -> pd.DataFrame:
-    from core.dataset import load_local_dataset_config
+    from core.data.dataset import load_local_dataset_config
 
     return frame[load_local_dataset_config("credit-risk").feature_names]
 

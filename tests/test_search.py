@@ -10,8 +10,17 @@ import pytest
 from sklearn.base import clone
 from sklearn.datasets import load_diabetes, load_wine
 
-from core.dataset import DatasetConfig
-from core.search import DataShape, ModelFamily, SearchSpec, Trial, base_estimator, choose, make_pipeline, search_models
+from core.data.dataset import DatasetConfig
+from core.modeling.search import (
+    DataShape,
+    ModelFamily,
+    SearchSpec,
+    Trial,
+    base_estimator,
+    choose,
+    make_pipeline,
+    search_models,
+)
 
 
 def _table(loader, task: str, extra_categorical: bool = False) -> tuple[pd.DataFrame, DatasetConfig]:
@@ -51,7 +60,7 @@ def test_the_shipped_model_has_exactly_the_chosen_trials_parameters(wine_search)
     reference = make_pipeline(
         config, clone(base_estimator(ModelFamily(best.family), True, 11)).set_params(**best.params)
     )
-    from core.features import prepare_inputs, prepare_target
+    from core.data.features import prepare_inputs, prepare_target
 
     X, y = prepare_inputs(frame, config), prepare_target(frame, config)
     reference.fit(X, y)
@@ -161,8 +170,8 @@ def _sequential_optuna_reference(frame, config, spec, seed):
     from sklearn.metrics import get_scorer
     from sklearn.model_selection import StratifiedKFold
 
-    from core.features import prepare_inputs, prepare_target
-    from core.search import build_model, suggest
+    from core.data.features import prepare_inputs, prepare_target
+    from core.modeling.search import build_model, suggest
 
     X, y = prepare_inputs(frame, config), prepare_target(frame, config)
     folds = list(StratifiedKFold(n_splits=spec.cv_folds, shuffle=True, random_state=seed).split(X, y))
@@ -212,7 +221,7 @@ def test_one_trial_per_batch_is_exactly_the_sequential_optuna_search():
 def test_batches_run_in_any_order_give_the_same_search_and_prune_only_against_earlier_batches():
     from concurrent.futures import ThreadPoolExecutor
 
-    from core.search import evaluate_trial, prepare_search, run_search
+    from core.modeling.search import evaluate_trial, prepare_search, run_search
 
     frame, config = _table(load_wine, "multiclass")
     spec = SearchSpec(families=LIGHT, trials_per_family=5, trials_per_batch=2, cv_folds=3)

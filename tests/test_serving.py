@@ -18,7 +18,7 @@ import pytest
 from adapters.clients import S3Location, mlflow_client, s3_client, use_tracking_server
 from adapters.promotion import promote_version, revert_promotion
 from adapters.serving_api import wait_for_serving
-from core.search import ModelFamily, SearchSpec
+from core.modeling.search import ModelFamily, SearchSpec
 from flows.training import TrainingParams, training
 from mlops.stack import running
 from tests.ports import free_port
@@ -36,7 +36,7 @@ NON_FEATURES = ["default", "application_id", "application_date"]
 def _config(tmp_path_factory, name: str) -> str:
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": name, "model_name": name}
     path = tmp_path_factory.mktemp(name) / f"{name}.yaml"
@@ -98,8 +98,8 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 def test_predictions_match_the_model_loaded_directly(stack, default_data, versions, server):
     import mlflow.pyfunc
 
-    from core.dataset import load_local_dataset_config
-    from core.features import prepare_inputs
+    from core.data.dataset import load_local_dataset_config
+    from core.data.features import prepare_inputs
 
     # Given 40 raw rows, one of them with a missing value
     frame = _rows(stack, default_data, 40)

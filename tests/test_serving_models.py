@@ -31,8 +31,8 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from adapters.catalog import delete_entry, get_entry, put_entry
 from adapters.monitoring_store import read_prediction_log
 from adapters.serving_api import wait_for_serving
-from core.dataset import DatasetConfig
-from core.features import prepare_inputs
+from core.data.dataset import DatasetConfig
+from core.data.features import prepare_inputs
 from mlops.stack import running
 from tests.ports import free_port
 from tests.serving_helpers import corrupt_version

@@ -24,7 +24,7 @@ import pytest
 from adapters.clients import s3_client
 from adapters.promotion import promote_version, revert_promotion
 from adapters.settings import Settings, get_settings
-from core.signature import Column
+from core.modeling.signature import Column
 from mlops.stack import running
 from serving.app import _serving_env
 from serving.batching import MicroBatcher

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from adapters.clients import mlflow_client
-from core.search import ModelFamily, SearchSpec
+from core.modeling.search import ModelFamily, SearchSpec
 from flows.training import TrainingParams, training
 from mlops.datagen import write_months
 
@@ -50,7 +50,7 @@ def source(stack) -> str:
 
 @pytest.fixture(scope="module")
 def config(stack, source, tmp_path_factory) -> str:
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": MODEL, "model_name": MODEL, "source": source}
     path = tmp_path_factory.mktemp(MODEL) / f"{MODEL}.yaml"

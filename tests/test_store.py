@@ -121,7 +121,7 @@ def test_callers_keep_their_messages_for_a_missing_bucket(stack):
 
     from adapters.scoring_store import list_partition_files
     from adapters.snapshots import DataLoadError, read_snapshot
-    from core.scoring import ScoringInputError
+    from core.inference.scoring import ScoringInputError
     from mlops.cli import app
 
     source = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/data/"

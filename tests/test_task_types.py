@@ -24,8 +24,8 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import mean_absolute_error, mean_squared_error
 
 from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client, use_tracking_server
-from core.features import prepare_inputs, prepare_target
-from core.metrics import compute_metrics
+from core.data.features import prepare_inputs, prepare_target
+from core.modeling.metrics import compute_metrics
 from mlops.stack import running
 from tests.ports import free_port
 from tests.task_types import diabetes_config, diabetes_frame, fit, multiclass_config, multiclass_frame
@@ -41,7 +41,7 @@ TRAIN_ROWS = 300  # diabetes: the first 300 patients train, the other 142 are th
 
 def _register(stack, config, model, train: pd.DataFrame, holdout: pd.DataFrame) -> str:
     """Log and register `model` as the training flow does (metrics, model, baseline, reference); make it champion."""
-    from core.metrics import model_classes, model_scores
+    from core.modeling.metrics import model_classes, model_scores
     from tasks.monitoring import log_reference
     from tasks.tracking import log_model, register_model, start_run
 

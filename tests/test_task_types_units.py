@@ -13,11 +13,11 @@ import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.svm import SVC
 
-from core.explain import baseline_row, contributions
-from core.features import prepare_inputs
-from core.prediction_log import Entry, to_table
-from core.scoring import PredictionStats, PredictionTally, ScoringSummary, predict_chunk
-from core.signature import Column, ModelLoadError
+from core.data.features import prepare_inputs
+from core.inference.scoring import PredictionStats, PredictionTally, ScoringSummary, predict_chunk
+from core.modeling.explain import baseline_row, contributions
+from core.modeling.signature import Column, ModelLoadError
+from core.monitoring.prediction_log import Entry, to_table
 from serving.forms import answer, explain_records
 from serving.model import LoadedModel, check_servable
 from tests.task_types import diabetes_config, diabetes_frame, fit, multiclass_config, multiclass_frame

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from adapters.clients import S3Location, mlflow_client, s3_client, use_tracking_server
-from core.decision import Gates
-from core.search import ModelFamily, SearchSpec
+from core.evaluation.decision import Gates
+from core.modeling.search import ModelFamily, SearchSpec
 from flows.training import TrainingParams, training
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

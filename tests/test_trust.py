@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from adapters.clients import S3Location, mlflow_client, s3_client
-from core.decision import Gates
-from core.search import ModelFamily, SearchSpec
+from core.evaluation.decision import Gates
+from core.modeling.search import ModelFamily, SearchSpec
 from flows.training import TrainingParams, training
 from tests.waiting import wait_for
 
@@ -28,7 +28,7 @@ STRONG = SearchSpec(families=[ModelFamily.hist_gradient_boosting], trials_per_fa
 def _config(tmp_path_factory, name: str, **changes) -> str:
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": name, "model_name": MODEL} | changes
     path = tmp_path_factory.mktemp(name) / f"{name}.yaml"
@@ -84,8 +84,8 @@ def _relabelled_source(stack, default_data, config: str, name: str, rows: str, f
     ("all" or a region); the frozen holdout keeps the truth, so only what a model learns changes."""
     import numpy as np
 
-    from core.dataset import load_local_dataset_config
-    from core.split import holdout_mask
+    from core.data.dataset import load_local_dataset_config
+    from core.data.split import holdout_mask
 
     cfg = load_local_dataset_config(config)
     client = s3_client(stack)

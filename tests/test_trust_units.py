@@ -12,24 +12,36 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
-from core.card import GateResult, ModelCard, importances_from_frame, time_window
-from core.card_render import render_html, render_markdown
-from core.dataset import DatasetConfig, DatasetConfigError, SliceSpec, load_local_dataset_config, parse_dataset_config
-from core.explain import PermutationBudget, baseline_row, contributions, importance_figure, permutation_importances
-from core.fairness import FairnessReport, fairness_check, fairness_gate, fairness_report, sensitive_groups
-from core.features import prepare_inputs, prepare_target
-from core.metrics import CLASSIFICATION_METRICS as METRICS
-from core.metrics import compute_metrics
-from core.search import make_pipeline
-from core.significance import (
+from core.data.dataset import (
+    DatasetConfig,
+    DatasetConfigError,
+    SliceSpec,
+    load_local_dataset_config,
+    parse_dataset_config,
+)
+from core.data.features import prepare_inputs, prepare_target
+from core.data.synthetic import REGION, generate_frame
+from core.evaluation.fairness import FairnessReport, fairness_check, fairness_gate, fairness_report, sensitive_groups
+from core.evaluation.significance import (
     BootstrapSettings,
     DeltaInterval,
     paired_bootstrap,
     paired_bootstrap_metrics,
     weighted_metric,
 )
-from core.slices import SliceMetric, slice_gate, slice_labels, slice_metrics, unmeasured_slices
-from core.synthetic import REGION, generate_frame
+from core.evaluation.slices import SliceMetric, slice_gate, slice_labels, slice_metrics, unmeasured_slices
+from core.modeling.explain import (
+    PermutationBudget,
+    baseline_row,
+    contributions,
+    importance_figure,
+    permutation_importances,
+)
+from core.modeling.metrics import CLASSIFICATION_METRICS as METRICS
+from core.modeling.metrics import compute_metrics
+from core.modeling.search import make_pipeline
+from core.promotion.card import GateResult, ModelCard, importances_from_frame, time_window
+from core.promotion.card_render import render_html, render_markdown
 
 
 def _binary(p1: np.ndarray) -> np.ndarray:
@@ -613,9 +625,9 @@ def test_passing_slice_and_cold_start_card(card):
 
 
 def test_an_unanswered_approval_is_recorded_as_no_answer_not_as_a_rejection():
-    from core.approval import Approval
-    from core.decision import Decision
-    from core.outcome import describe_outcome
+    from core.evaluation.decision import Decision
+    from core.promotion.approval import Approval
+    from core.promotion.outcome import describe_outcome
     from services.approval import ApprovalInput
 
     decision = Decision(True, ["beats the champion"], {"roc_auc": 0.8}, "1", {"roc_auc": 0.7})
@@ -742,7 +754,7 @@ def test_multiclass_slice_gate_fires_on_a_macro_roc_auc_drop():
 
 
 def test_regression_fairness_equals_a_pandas_groupby_of_the_errors():
-    from core.fairness import REGRESSION_NOT_APPLICABLE, regression_fairness_report
+    from core.evaluation.fairness import REGRESSION_NOT_APPLICABLE, regression_fairness_report
 
     rng = np.random.default_rng(13)
     groups = pd.Series(rng.permutation(np.repeat(["a", "b", "c"], [200, 250, 50])), name="region")
@@ -774,7 +786,7 @@ def test_regression_fairness_equals_a_pandas_groupby_of_the_errors():
 
 
 def test_multiclass_fairness_is_one_class_against_the_rest():
-    from core.fairness import fairness_reports
+    from core.evaluation.fairness import fairness_reports
 
     y = np.array(list("aabbccaabbcc"))
     predicted = np.array(list("abbbcaaabccc"))
@@ -795,7 +807,7 @@ def test_multiclass_fairness_is_one_class_against_the_rest():
 
 
 def test_not_applicable_fairness_never_crashes_and_says_why():
-    from core.fairness import fairness_check, fairness_reports
+    from core.evaluation.fairness import fairness_check, fairness_reports
 
     groups = {"region": pd.Series(list("aabb"), name="region")}
     regression = fairness_reports([1.0, 2.0, 3.0, 4.0], np.array([1.5, 2.0, 2.5, 4.5]), [], groups)
@@ -822,7 +834,7 @@ def test_not_applicable_fairness_never_crashes_and_says_why():
 
 
 def test_predict_times_use_predict_proba_for_a_classifier_and_predict_for_a_regressor():
-    from core.review import predict_times_ms
+    from core.evaluation.review import predict_times_ms
 
     class Classifier:
         classes_ = np.array([0, 1])
@@ -903,9 +915,9 @@ def task_case(request) -> dict:
 
 
 def _reviewed(case: dict, cold: bool):
-    from core.decision import NO_CHAMPION, ChampionEvidence, Gates, decide, resolve_gates
-    from core.metrics import model_classes, predict_proba
-    from core.review import ReviewInputs, review_candidate
+    from core.evaluation.decision import NO_CHAMPION, ChampionEvidence, Gates, decide, resolve_gates
+    from core.evaluation.review import ReviewInputs, review_candidate
+    from core.modeling.metrics import model_classes, predict_proba
 
     config, holdout = case["config"], case["holdout"]
     gates = resolve_gates(
@@ -967,7 +979,7 @@ def test_review_candidate_runs_end_to_end_for_every_task(task_case, cold):
 
 @pytest.mark.parametrize("cold", [False, True])
 def test_the_card_reads_right_for_every_task(task_case, cold):
-    from core.card import CardFacts, make_card
+    from core.promotion.card import CardFacts, make_card
 
     review, decision, gates = _reviewed(task_case, cold)
     task = task_case["task"]
@@ -1037,7 +1049,7 @@ def test_card_without_sensitive_features_says_fairness_was_not_measured(card):
 def test_a_one_row_group_that_would_fail_the_fairness_gate_is_left_out_and_named():
     from dataclasses import replace
 
-    from core.review import model_results
+    from core.evaluation.review import model_results
 
     config = load_local_dataset_config("credit-risk").model_copy(update={"sensitive_features": ["region"]})
     assert config.min_group_rows == 30  # the documented default
@@ -1072,7 +1084,7 @@ def test_a_one_row_group_that_would_fail_the_fairness_gate_is_left_out_and_named
 def test_min_group_rows_is_a_validated_dataset_setting():
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     raw = yaml.safe_load(bundled_config_text("credit-risk"))
     assert parse_dataset_config(yaml.safe_dump(raw | {"min_group_rows": 5}), "x.yaml").min_group_rows == 5

@@ -11,11 +11,19 @@ from sklearn.metrics import brier_score_loss
 
 from adapters.clients import S3Location
 from adapters.settings import Settings
-from core.dataset import DatasetConfigError, TaskType, load_local_dataset_config, parse_dataset_config
-from core.decision import NO_CHAMPION, ChampionEvidence, GateResult, Gates, HoldoutEvidence, decide, resolve_gates
-from core.metrics import compute_metrics, improvement
-from core.significance import DeltaInterval, MetricInterval
-from core.split import holdout_mask
+from core.data.dataset import DatasetConfigError, TaskType, load_local_dataset_config, parse_dataset_config
+from core.data.split import holdout_mask
+from core.evaluation.decision import (
+    NO_CHAMPION,
+    ChampionEvidence,
+    GateResult,
+    Gates,
+    HoldoutEvidence,
+    decide,
+    resolve_gates,
+)
+from core.evaluation.significance import DeltaInterval, MetricInterval
+from core.modeling.metrics import compute_metrics, improvement
 from core.transformers import QuantileClipper
 
 GOOD = {"roc_auc": 0.82, "pr_auc": 0.5, "f1": 0.4, "log_loss": 0.35, "brier": 0.1}
@@ -283,7 +291,7 @@ def test_s3_location_parsing():
 
 
 def test_schema_gate_blocks_inputs_that_would_break_callers():
-    from core.review import schema_gate
+    from core.evaluation.review import schema_gate
 
     champion = {"age": "numeric", "region": "text", "income": "numeric"}
     assert schema_gate({"age": "numeric", "region": "text"}, champion, False).passed  # a dropped input is fine
@@ -297,7 +305,7 @@ def test_schema_gate_blocks_inputs_that_would_break_callers():
 def test_operational_gates_measure_size_and_latency():
     from sklearn.linear_model import LogisticRegression
 
-    from core.review import operational_gates
+    from core.evaluation.review import operational_gates
 
     X = pd.DataFrame({"a": np.arange(100, dtype=float), "b": np.arange(100, dtype=float) % 7})
     model = LogisticRegression().fit(X, (X["a"] > 50).astype(int))
@@ -336,7 +344,7 @@ def _spooled(entries):
     """Entries through the spool's line format (orjson, as the serving API writes them) and back."""
     import orjson
 
-    from core.prediction_log import spooled_batch
+    from core.monitoring.prediction_log import spooled_batch
 
     option = orjson.OPT_SERIALIZE_NUMPY
     return [orjson.loads(orjson.dumps(spooled_batch(e), option=option)) for e in entries]
@@ -345,7 +353,7 @@ def _spooled(entries):
 def test_spooled_lines_give_the_same_table_as_the_in_memory_log():
     from datetime import UTC, datetime, timedelta
 
-    from core.prediction_log import Entry, spooled_table, to_table
+    from core.monitoring.prediction_log import Entry, spooled_table, to_table
 
     # Given batches of two models (binary, then three classes), with NaN inputs, ids and record indices
     frame = pd.DataFrame({"age": [30.0, np.nan, 41.5], "region": ["north", None, "south"]})
@@ -378,7 +386,7 @@ def test_spooled_lines_give_the_same_table_as_the_in_memory_log():
 def test_duplicate_log_rows_are_dropped_by_request_and_record_index_only():
     from datetime import UTC, datetime
 
-    from core.prediction_log import Entry, drop_duplicates, to_table
+    from core.monitoring.prediction_log import Entry, drop_duplicates, to_table
 
     at = datetime(2026, 1, 2, tzinfo=UTC)
     frame = pd.DataFrame({"age": [1.0, 2.0]})
@@ -528,7 +536,7 @@ def test_spool_records_strided_arrays_a_batch_cut_from_a_matrix(tmp_path):
     """Columns cut from a 2-d batch and a class slice of the scores are strided views: they are logged all the same."""
     from adapters.prediction_spool import read_segment
     from adapters.settings import Settings
-    from core.prediction_log import spooled_table
+    from core.monitoring.prediction_log import spooled_table
     from serving.prediction_log import ScoredBatch, SpooledPredictionLog
 
     events: list[tuple[str, int]] = []

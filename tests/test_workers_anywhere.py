@@ -165,7 +165,7 @@ def anywhere_entry(stack, default_data):
     materializes (as tests/test_features.py writes it)."""
     import yaml
 
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
     from mlops.datagen import write_applicant_history
     from tests.catalog import put_model
     from tests.conftest import TEST_MONTHS, TEST_ROWS_PER_MONTH

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.decision import Decision, GateResult, Gates
+from core.evaluation.decision import Decision, GateResult, Gates
 from mlops.ci_cli import REJECT_EXIT, judge, summary_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,7 +291,7 @@ def _run_step(step: dict, env: dict[str, str], timeout: float = 900) -> subproce
 @pytest.fixture(scope="module")
 def ci_champion(stack, default_data, tmp_path_factory):
     """A champion of its own model (`ci-check`), trained by model.yml's champion step; returns the options."""
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     config = tmp_path_factory.mktemp("ci") / "ci-check.yaml"
     raw = yaml.safe_load(bundled_config_text("credit-risk")) | {"name": "ci-check", "model_name": "ci-check"}
@@ -345,7 +345,7 @@ BROKEN_MODEL = "workflows-broken-scoring"
 
 
 def _raw(model: str) -> dict:
-    from core.dataset import bundled_config_text
+    from core.data.dataset import bundled_config_text
 
     return yaml.safe_load(bundled_config_text("credit-risk")) | {"name": model, "model_name": model}
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from core.dataset import DatasetConfig, Feature, FeatureType
-from core.validation import ExpectationFailure, ValidationReport
+from core.data.dataset import DatasetConfig, Feature, FeatureType
+from core.data.validation import ExpectationFailure, ValidationReport
 
 _MAX_BAD_VALUES = 20  # distinct unexpected categories kept per column (with their counts)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.dataset import DatasetConfig
+from core.data.dataset import DatasetConfig
 
 
 def choose_engine(config: DatasetConfig, rows: int | None) -> str:

@@ -16,8 +16,8 @@ from sklearn.compose import ColumnTransformer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OrdinalEncoder
 
-from core.dataset import DatasetConfig
-from core.features import prepare_inputs
+from core.data.dataset import DatasetConfig
+from core.data.features import prepare_inputs
 
 
 def encoder(config: DatasetConfig, categories: dict[str, list[str]]) -> ColumnTransformer:

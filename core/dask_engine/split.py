@@ -1,6 +1,6 @@
 """The Dask engine's split, partition by partition (pure): the frozen holdout and what the flow keeps of it.
 
-Each partition hashes its ids with `core.split`'s function, so the holdout is the pandas engine's, id for
+Each partition hashes its ids with `core.data.split`'s function, so the holdout is the pandas engine's, id for
 id. Only ids below `evaluation_threshold` (a subset of the holdout of about `max_holdout_rows` rows) are
 collected for evaluation; the training rows' count and time window are counted per partition and merged.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from core.dataset import DatasetConfig
-from core.split import holdout_buckets, holdout_threshold
+from core.data.dataset import DatasetConfig
+from core.data.split import holdout_buckets, holdout_threshold
 
 _BUCKETS = 10_000
 

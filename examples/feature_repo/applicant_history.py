@@ -53,7 +53,7 @@ applicant_history = FeatureView(
     ],
     source=applicant_history_source,
     online=True,
-    description="Aggregates of the applicant's account events up to each event (core.feature_history).",
+    description="Aggregates of the applicant's account events up to each event (core.data.feature_history).",
 )
 
 credit_risk_history = FeatureService(

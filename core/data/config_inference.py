@@ -1,0 +1,498 @@
+"""Infer a dataset config from a table: a frame in, a validated config and its commented YAML out.
+
+Pure code (pandas and the config model only; no reading, writing, Prefect, MLflow or S3): `mlops data init`
+reads the snapshot and writes the file. Every choice made here is explained in the YAML it renders, and the
+rules are listed at the top of that file (`RULES` below is their text, filled in from `InferenceRules`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import pandas as pd
+
+from core.data.column_kinds import (
+    count_text,
+    is_bool,
+    is_datetime,
+    is_number,
+    is_text,
+    looks_like_id,
+    nulls_text,
+    plain_number,
+    plain_value,
+    round_up,
+    show_number,
+    whole_numbers,
+)
+from core.data.config_yaml import InferredConfig
+from core.data.dataset import (
+    DatasetConfig,
+    DatasetConfigError,
+    Feature,
+    FeatureType,
+    TaskType,
+    parse_dataset_config,
+)
+
+FORMAT_SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv", ".csv.gz")}
+_TIME_NAME = re.compile(r"date|time|_at$|^at_|timestamp|day", re.IGNORECASE)
+
+
+class ConfigInferenceError(ValueError):
+    """No config can be inferred from this data with these options; the message names the column or source."""
+
+
+@dataclass(frozen=True)
+class InferenceRules:
+    """The knobs of the inference; the YAML header states each one."""
+
+    max_categories: int = 50
+    range_margin: float = 0.1
+    null_margin: float = 0.05
+    max_classes: int = 20
+    min_rows_cap: int = 100
+    holdout_fraction: float = 0.2
+
+
+RULES = """\
+Rules used (`mlops data init`):
+- task: a text or true/false target, or a numeric target with at most {max_classes} distinct whole-number values,
+  is classification (2 values: binary, 3 or more: multiclass); any other numeric target is regression.
+  `classes` lists the target values seen.
+- id_column: --id if given (checked non-null and unique), else the one column without nulls whose values are
+  unique per row (whole numbers or text); among several, the one named like an id (id, *_id, id_*, *Id).
+- time_column: a date/time column (datetime values, or text in ISO form YYYY-MM-DD...); among several, the one
+  named like a time (date, time, *_at, timestamp). Not a model feature; other date/time columns are left out.
+- feature types: numbers are numeric, including integer codes and 0/1 flags (the range check bounds them; a
+  config lists categories as text, which integers never match); true/false columns and text are categorical.
+- numeric range: observed min and max, each widened by {margin_pct} of the observed range (max - min) and
+  rounded outward (whole numbers to whole bounds); a column with no negative values keeps min >= 0.
+- categories: the distinct values seen, when there are at most {max_categories}; a text column with more is left
+  out. A true/false column lists none (the config lists categories as text, which true/false never matches).
+- null tolerance: the share of nulls seen + {null_margin}, rounded up to 2 decimals, capped at 1; columns seen
+  without nulls use the dataset default max_null_fraction ({null_margin}).
+- left out: columns with a single value, only nulls, infinite numbers, or other types.
+- min_rows: min({min_rows_cap}, half the rows seen)."""
+
+
+# --- small helpers ---
+
+
+def dataset_name(source: str) -> str:
+    """A dataset name from a source: the file's stem, or the folder's (prefix's) last part; lower-case, dashes."""
+    path = PurePosixPath(source.removeprefix("s3://").rstrip("/"))
+    stem = path.name
+    for suffix in (".csv.gz", ".parquet", ".pq", ".csv"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    name = re.sub(r"[^a-z0-9_-]+", "-", stem.lower()).strip("-_")
+    return name or "dataset"
+
+
+def format_from_names(source: str, names: list[str]) -> str:
+    """`csv` or `parquet` from the file names of a source (its own name, or the files under a folder/prefix).
+
+    Raises:
+        ConfigInferenceError: no CSV/Parquet file, or both kinds (then `--format` decides).
+    """
+    found = sorted({fmt for name in names for fmt, ends in FORMAT_SUFFIXES.items() if name.lower().endswith(ends)})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ConfigInferenceError(
+            f"{source}: no CSV (.csv, .csv.gz) or Parquet (.parquet, .pq) files found; pass --format for other names"
+        )
+    raise ConfigInferenceError(f"{source}: holds both CSV and Parquet files; pass --format csv or --format parquet")
+
+
+# --- target and task ---
+
+
+def _check_target(frame: pd.DataFrame, target: str, source: str) -> pd.Series:
+    if target not in frame.columns:
+        columns = ", ".join(map(str, frame.columns[:30])) + (" ..." if frame.shape[1] > 30 else "")
+        raise ConfigInferenceError(f"target column {target!r} is not in {source} (columns: {columns})")
+    values = frame[target]
+    nulls = int(values.isna().sum())
+    if nulls:
+        raise ConfigInferenceError(
+            f"target column {target!r} in {source} has {count_text(nulls)} empty value(s) of "
+            f"{count_text(len(values))}: "
+            "every row needs a target (training rejects such a snapshot); drop or fill those rows first"
+        )
+    if values.nunique() < 2:
+        raise ConfigInferenceError(
+            f"target column {target!r} in {source} is constant "
+            f"({plain_value(values.iloc[0])!r} in every row): nothing to learn"
+        )
+    return values
+
+
+def _infer_task(values: pd.Series, given: TaskType | None, rules: InferenceRules) -> tuple[TaskType, str]:
+    name, distinct = values.name, int(values.nunique())
+    numeric = is_number(values)
+    whole = numeric and whole_numbers(values)
+    if given is not None:
+        if given is TaskType.regression and not numeric:
+            raise ConfigInferenceError(f"--task regression needs a numeric target; {name!r} is {values.dtype}")
+        if given is TaskType.binary and distinct != 2:
+            raise ConfigInferenceError(f"--task binary, but target {name!r} has {distinct} distinct values")
+        if given is TaskType.multiclass and distinct < 3:
+            raise ConfigInferenceError(f"--task multiclass, but target {name!r} has 2 values: use --task binary")
+        return given, f"given (--task); target has {count_text(distinct)} distinct values"
+    if numeric and not (whole and distinct <= rules.max_classes):
+        kind = "non-whole numbers" if not whole else f"more than {rules.max_classes} distinct whole numbers"
+        return TaskType.regression, f"inferred: numeric target with {kind} ({count_text(distinct)} distinct)"
+    if distinct > rules.max_classes:
+        raise ConfigInferenceError(
+            f"target {name!r} is {values.dtype} with {count_text(distinct)} distinct values: too many to infer a "
+            f"classification task (at most {rules.max_classes}); pass --task multiclass if that is what it is"
+        )
+    kind = "numeric target" if numeric else "true/false target" if is_bool(values) else "text target"
+    task = TaskType.binary if distinct == 2 else TaskType.multiclass
+    return task, f"inferred: {kind} with {distinct} distinct values"
+
+
+def _classes(values: pd.Series) -> tuple[list[Any] | None, str]:
+    distinct = values.drop_duplicates().tolist()
+    if is_bool(values):
+        return [False, True], "the target values seen (true/false, read as 0/1)"
+    if is_number(values):
+        if not whole_numbers(values):
+            return None, "not listed: the config lists classes as whole numbers or text"
+        return sorted(int(v) for v in distinct), "the target values seen"
+    if all(isinstance(v, str) for v in distinct):
+        return sorted(distinct), "the target values seen"
+    return None, "not listed: the target mixes value types"
+
+
+# --- id and time ---
+
+
+def _id_candidates(frame: pd.DataFrame, exclude: set[str]) -> list[str]:
+    n = len(frame)
+    found = []
+    for column in frame.columns:
+        series = frame[column]
+        if column in exclude or series.isna().any() or is_bool(series) or is_datetime(series):
+            continue
+        usable = (is_number(series) and whole_numbers(series)) or is_text(series)
+        if usable and series.nunique() == n:
+            found.append(str(column))
+    return found
+
+
+def _infer_id(frame: pd.DataFrame, given: str | None, target: str, source: str) -> tuple[str, str]:
+    if given is not None:
+        if given not in frame.columns:
+            raise ConfigInferenceError(f"--id column {given!r} is not in {source}")
+        if given == target:
+            raise ConfigInferenceError(f"--id column {given!r} is also the target")
+        values = frame[given]
+        nulls = int(values.isna().sum())
+        if nulls:
+            raise ConfigInferenceError(
+                f"--id column {given!r} has {count_text(nulls)} empty value(s): every row needs an id"
+            )
+        duplicated = values[values.duplicated(keep=False)]
+        if not duplicated.empty:
+            examples = list(dict.fromkeys(plain_value(v) for v in duplicated))[:5]
+            raise ConfigInferenceError(
+                f"--id column {given!r} is not unique: {count_text(len(duplicated))} rows share "
+                f"{count_text(duplicated.nunique())} value(s), e.g. {examples}; the frozen holdout needs one id per row"
+            )
+        return given, "given (--id); non-null and unique per row"
+    candidates = _id_candidates(frame, {target})
+    named = [c for c in candidates if looks_like_id(c)]
+    if len(candidates) == 1:
+        return candidates[0], "inferred: the only column unique per row"
+    if named:
+        others = f" (also unique: {', '.join(c for c in candidates if c != named[0])})" if len(candidates) > 1 else ""
+        return named[0], f"inferred: unique per row and named like an id{others}"
+    if not candidates:
+        raise ConfigInferenceError(
+            f"no column of {source} is unique per row without nulls, so no id column can be inferred: pass --id "
+            "COLUMN (the frozen holdout hashes it; add a row id to the data if there is none)"
+        )
+    raise ConfigInferenceError(
+        f"several columns of {source} are unique per row ({', '.join(candidates)}) and none is named like an id: "
+        "pass --id COLUMN"
+    )
+
+
+def _infer_time(frame: pd.DataFrame, taken: set[str]) -> tuple[str | None, str, list[str]]:
+    """The time column, why, and the other date/time columns (left out)."""
+    found = [str(c) for c in frame.columns if c not in taken and is_datetime(frame[c])]
+    if not found:
+        return None, "", []
+    named = [c for c in found if _TIME_NAME.search(c)]
+    chosen = (named or found)[0]
+    values = frame[chosen]
+    parsed = values if pd.api.types.is_datetime64_any_dtype(values.dtype) else pd.to_datetime(values, format="ISO8601")
+    kind = "datetime values" if parsed is values else "ISO dates in text"
+    low, high = (str(t).removesuffix(" 00:00:00") for t in (parsed.min(), parsed.max()))
+    note = f"{kind}, {low} .. {high}: the model card's training window; not a model feature"
+    return chosen, note, [c for c in found if c != chosen]
+
+
+# --- features ---
+
+
+def _null_tolerance(share: float, rules: InferenceRules) -> float | None:
+    """None (use the default) for a column without nulls, else share + margin rounded up, capped at 1."""
+    return None if share == 0 else min(1.0, round_up(share + rules.null_margin))
+
+
+def _bounds(low: float, high: float, whole: bool, rules: InferenceRules) -> tuple[int | float, int | float]:
+    margin = rules.range_margin * (high - low)
+    # round to a tenth of the margin's order of magnitude: readable, and widening by at most that much more
+    step = 10 ** (math.floor(math.log10(margin)) - 1) if margin > 0 else 1
+    step = max(step, 1) if whole else step  # whole numbers keep whole bounds
+    decimals = max(0, -math.floor(math.log10(step)))
+    lower = round(math.floor((low - margin) / step) * step, decimals)
+    upper = round(math.ceil((high + margin) / step) * step, decimals)
+    if low >= 0:
+        lower = max(lower, 0)
+    return plain_number(lower), plain_number(upper)
+
+
+def _numeric_feature(name: str, series: pd.Series, share: float, rules: InferenceRules) -> tuple[Feature, str]:
+    values = series.dropna().astype("float64")
+    low, high = float(values.min()), float(values.max())
+    whole = whole_numbers(values)
+    lower, upper = _bounds(low, high, whole, rules)
+    feature = Feature(
+        name=name, type=FeatureType.numeric, min=lower, max=upper, max_null_fraction=_null_tolerance(share, rules)
+    )
+    kind = "whole numbers" if whole else "numbers"
+    return feature, f"{kind}, observed {show_number(low)} .. {show_number(high)}; {nulls_text(share)}"
+
+
+def _categorical_feature(name: str, series: pd.Series, share: float, rules: InferenceRules) -> tuple[Feature, str]:
+    values = series.dropna()
+    tolerance = _null_tolerance(share, rules)
+    if is_bool(series):
+        feature = Feature(name=name, type=FeatureType.categorical, max_null_fraction=tolerance)
+        return feature, f"true/false; categories not listed (text never matches true/false); {nulls_text(share)}"
+    distinct = values.drop_duplicates().tolist()
+    if not all(isinstance(v, str) for v in distinct):
+        feature = Feature(name=name, type=FeatureType.categorical, max_null_fraction=tolerance)
+        return feature, f"{len(distinct)} values of mixed types; categories not listed; {nulls_text(share)}"
+    feature = Feature(name=name, type=FeatureType.categorical, categories=sorted(distinct), max_null_fraction=tolerance)
+    return feature, f"text, {len(distinct)} distinct values (cap {rules.max_categories}); {nulls_text(share)}"
+
+
+def _leave_out_reason(name: str, series: pd.Series, rules: InferenceRules) -> str | None:
+    """Why a column cannot be a feature, or None when it can."""
+    values = series.dropna()
+    distinct = values.nunique()
+    reason = None
+    if values.empty:
+        reason = f"{name} has only empty values"
+    elif distinct == 1:
+        single = plain_value(values.iloc[0])
+        reason = f"{name} has a single value ({single!r}) in every row; add it by hand if it varies later"
+    elif is_number(series):
+        if not values.astype("float64").map(math.isfinite).all():
+            reason = f"{name} has infinite values"
+    elif is_bool(series):
+        pass
+    elif is_text(series):
+        if distinct > rules.max_categories:
+            reason = f"{name} has {count_text(distinct)} distinct values (cap {rules.max_categories})"
+    else:
+        reason = f"{name} has type {series.dtype}, neither numeric nor categorical"
+    return reason
+
+
+def _infer_features(
+    frame: pd.DataFrame, taken: set[str], rules: InferenceRules
+) -> tuple[list[Feature], dict[str, str], dict[str, str]]:
+    features, notes, left_out = [], {}, {}
+    for column in frame.columns:
+        name = str(column)
+        if column in taken:
+            continue
+        series = frame[column]
+        reason = _leave_out_reason(name, series, rules)
+        if reason is not None:
+            left_out[name] = reason
+            continue
+        share = float(series.isna().mean())
+        if is_number(series):
+            feature, note = _numeric_feature(name, series, share, rules)
+        else:
+            feature, note = _categorical_feature(name, series, share, rules)
+        features.append(feature)
+        notes[name] = note
+    return features, notes, left_out
+
+
+# --- the whole config ---
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """What `mlops data init` is asked: where the snapshot was read from, its format, the target, and choices.
+
+    Attributes:
+        source: Where the rows were read from; written as the config's `source`.
+        fmt: `csv` or `parquet`.
+        target: The target column.
+        id_column: The id column; inferred when None (a column unique per row).
+        task: The task; inferred from the target when None.
+        name: Dataset and model name; from the source's name when None.
+    """
+
+    source: str
+    fmt: str
+    target: str
+    id_column: str | None = None
+    task: TaskType | None = None
+    name: str | None = None
+
+
+def infer_config(
+    frame: pd.DataFrame, request: InferenceRequest, *, rules: InferenceRules = InferenceRules()
+) -> InferredConfig:
+    """Infer a dataset config from the rows of a snapshot.
+
+    Args:
+        frame: The snapshot's rows, as the training flow would load them.
+        request: Their source and format, the target, and the id column, task and name if given.
+        rules: Caps and margins of the inference.
+
+    Returns:
+        The config (validated, also through its YAML text) with the reason for each choice.
+
+    Raises:
+        ConfigInferenceError: the data cannot give a valid config (missing or constant target, no id, no
+            usable feature, no rows); the message names the column or the source.
+    """
+    source = request.source
+    if frame.shape[1] == 0 or len(frame) == 0:
+        raise ConfigInferenceError(f"{source}: the snapshot has no rows (columns: {list(map(str, frame.columns))})")
+    choices = _choose(frame, request, rules)
+    config = _validated_config(choices, request, rules, len(frame))
+    notes = _notes(choices, request, rules, len(frame))
+    inferred = InferredConfig(config, notes, choices.feature_notes, choices.left_out, _header(frame, source, rules))
+    try:
+        parsed = parse_dataset_config(inferred.to_yaml(), f"the YAML inferred for {source}")
+    except DatasetConfigError as exc:
+        raise ConfigInferenceError(str(exc)) from exc
+    if parsed != config:  # the YAML must say exactly what was inferred
+        raise ConfigInferenceError(f"the YAML rendered for {source} does not read back to the inferred config")
+    return inferred
+
+
+@dataclass(frozen=True)
+class _Choices:
+    """What the data decided: task, classes, id and time columns and features, each with its reason."""
+
+    task: TaskType
+    task_note: str
+    classes: list[Any] | None
+    classes_note: str
+    id_column: str
+    id_note: str
+    time_column: str | None
+    time_note: str
+    features: list[Feature]
+    feature_notes: dict[str, str]
+    left_out: dict[str, str]
+
+
+def _choose(frame: pd.DataFrame, request: InferenceRequest, rules: InferenceRules) -> _Choices:
+    source, target = request.source, request.target
+    values = _check_target(frame, target, source)
+    chosen_task, task_note = _infer_task(values, request.task, rules)
+    classes, classes_note = (
+        _classes(values) if chosen_task.is_classification else (None, "not used: regression has no classes")
+    )
+    id_name, id_note = _infer_id(frame, request.id_column, target, source)
+    time_name, time_note, other_times = _infer_time(frame, {target, id_name})
+    time_note = time_note or "none: no date/time column found"
+    taken = {target, id_name, *([time_name] if time_name else []), *other_times}
+    features, feature_notes, left_out = _infer_features(frame, taken, rules)
+    left_out = {c: f"{c} is a date/time column besides time_column {time_name}" for c in other_times} | left_out
+    if not features:
+        reasons = "; ".join(left_out.values()) or "no columns besides the target, id and time"
+        raise ConfigInferenceError(f"no usable feature in {source}: {reasons}")
+    return _Choices(
+        chosen_task,
+        task_note,
+        classes,
+        classes_note,
+        id_name,
+        id_note,
+        time_name,
+        time_note,
+        features,
+        feature_notes,
+        left_out,
+    )
+
+
+def _validated_config(choices: _Choices, request: InferenceRequest, rules: InferenceRules, rows: int) -> DatasetConfig:
+    dataset = request.name or dataset_name(request.source)
+    raw = {
+        "name": dataset,
+        "model_name": dataset,
+        "source": request.source,
+        "format": request.fmt,
+        "target": request.target,
+        "task": choices.task.value,
+        "classes": choices.classes,
+        "id_column": choices.id_column,
+        "time_column": choices.time_column,
+        "min_rows": max(1, min(rules.min_rows_cap, rows // 2)),
+        "max_null_fraction": rules.null_margin,
+        "holdout_fraction": rules.holdout_fraction,
+        "features": [f.model_dump(exclude_none=True, mode="json") for f in choices.features],
+    }
+    try:
+        return DatasetConfig.model_validate(raw)
+    except ValueError as exc:  # a bug here, not the user's: say what was built
+        raise ConfigInferenceError(f"the inferred config for {request.source} is not valid: {exc}") from exc
+
+
+def _notes(choices: _Choices, request: InferenceRequest, rules: InferenceRules, rows: int) -> dict[str, str]:
+    """The reason for each top-level field, as the YAML comments it."""
+    return {
+        "name": "from --name" if request.name else "from the source's name (--name to choose)",
+        "model_name": "registered model name in MLflow",
+        "source": "where the snapshot was read from",
+        "format": "file format of the snapshot",
+        "target": "--target",
+        "task": choices.task_note,
+        "classes": choices.classes_note,
+        "id_column": choices.id_note,
+        "time_column": choices.time_note,
+        "min_rows": f"min({rules.min_rows_cap}, half the {count_text(rows)} rows seen): fewer rows are rejected",
+        "max_null_fraction": f"default null tolerance for the features seen without nulls (margin {rules.null_margin})",
+        "holdout_fraction": "share of ids kept out of training, frozen by a hash of the id",
+    }
+
+
+def _header(frame: pd.DataFrame, source: str, rules: InferenceRules) -> str:
+    """The YAML's opening comment: where it came from, what to do next, and the rules (`RULES`)."""
+    return (
+        f"Dataset config written by `mlops data init` from {source}\n"
+        f"({count_text(len(frame))} rows, {frame.shape[1]} columns). Check it, then: mlops train --config FILE\n\n"
+        + RULES.format(
+            max_classes=rules.max_classes,
+            margin_pct=f"{100 * rules.range_margin:g} %",
+            max_categories=rules.max_categories,
+            null_margin=rules.null_margin,
+            min_rows_cap=rules.min_rows_cap,
+        )
+    )
+
+
+# --- YAML ---

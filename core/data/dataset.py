@@ -1,0 +1,296 @@
+"""Dataset description: where a snapshot lives and what it must look like.
+
+A dataset config is a small YAML file validated by pydantic. It says where the data is (an S3 URI or a
+local path, one file or a folder of partitions), which column is the target, the id and the time, the
+feature columns with their types, and the expectations that cannot be inferred from the data (ranges,
+allowed categories, the tolerated fraction of nulls). It may also name the slices (sub-populations) a
+candidate must not get worse on and the sensitive features its fairness is measured on.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from importlib import resources
+from itertools import pairwise
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.data.operations import Operations
+
+BUNDLED_DATASETS = ("credit-risk", "credit-risk-history")
+# A model name is a catalog key, an S3 key part, a Prefect deployment name and a URL path segment.
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class TaskType(StrEnum):
+    """Supervised task the dataset is for."""
+
+    binary = "binary"
+    multiclass = "multiclass"
+    regression = "regression"
+
+    @property
+    def is_classification(self) -> bool:
+        """Binary or multiclass: the model gives class probabilities."""
+        return self is not TaskType.regression
+
+
+class FeatureType(StrEnum):
+    """Type of a feature column."""
+
+    numeric = "numeric"
+    categorical = "categorical"
+
+
+class Feature(BaseModel):
+    """One feature column and its expectations."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    type: FeatureType
+    min: float | None = Field(None, description="Smallest valid value (numeric features).")
+    max: float | None = Field(None, description="Largest valid value (numeric features).")
+    categories: list[str] | None = Field(None, description="Allowed values (categorical features).")
+    max_null_fraction: float | None = Field(
+        None, ge=0, le=1, description="Overrides the dataset's default null tolerance for this column."
+    )
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Feature:
+        if self.type is FeatureType.categorical and (self.min is not None or self.max is not None):
+            raise ValueError(f"feature {self.name!r}: min/max only apply to numeric features")
+        if self.type is FeatureType.numeric and self.categories is not None:
+            raise ValueError(f"feature {self.name!r}: categories only apply to categorical features")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"feature {self.name!r}: min {self.min} is greater than max {self.max}")
+        return self
+
+
+class SliceSpec(BaseModel):
+    """A column to slice the holdout by: categories as they are, numbers banded by `bins`.
+
+    With bins `[18, 30, 45]` the slices are labelled `[18, 30)` and `[30, 45]` (the last band is closed);
+    values below or above the bins are `< 18` and `> 45`, nulls are `missing`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    column: str = Field(min_length=1)
+    bins: list[float] | None = Field(
+        None, description="Increasing cut points for a numeric column; none for a categorical column."
+    )
+
+    @model_validator(mode="after")
+    def _check_bins(self) -> SliceSpec:
+        if self.bins is not None:
+            if len(self.bins) < 2:
+                raise ValueError(f"slice {self.column!r}: bins need at least two cut points")
+            if any(a >= b for a, b in pairwise(self.bins)):
+                raise ValueError(f"slice {self.column!r}: bins must be strictly increasing, got {self.bins}")
+        return self
+
+
+class LightGBMParams(BaseModel):
+    """LightGBM parameters of the Dask engine's model (the same on the cluster and in a local reference)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_estimators: int = Field(200, ge=1, le=10_000)
+    learning_rate: float = Field(0.1, gt=0, le=1)
+    num_leaves: int = Field(31, ge=2, le=4096)
+    min_child_samples: int = Field(20, ge=1)
+    seed: int | None = Field(None, description="None: the run's seed.")
+
+
+class DatasetConfig(BaseModel):
+    """Where a dataset lives and what a valid snapshot of it looks like."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, description="Dataset name; also the MLflow experiment name.")
+    model_name: str = Field(
+        min_length=1,
+        max_length=100,
+        pattern=MODEL_NAME,
+        description="Registered model name in MLflow; also its catalog entry and deployment name (letters, digits, "
+        "'.', '_', '-').",
+    )
+    source: str = Field(
+        min_length=1,
+        description="s3://bucket/prefix or a local path; one file or a folder of partitions.",
+    )
+    format: Literal["parquet", "csv"] = "parquet"
+    target: str
+    task: TaskType = TaskType.binary
+    id_column: str
+    time_column: str | None = None
+    features: list[Feature] = Field(min_length=1)
+    classes: list[str | int] | None = Field(
+        None, description="Expected target values, when known (classification only)."
+    )
+    min_rows: int = Field(100, ge=1, description="A snapshot with fewer rows is rejected.")
+    max_null_fraction: float = Field(0.2, ge=0, le=1, description="Default null tolerance per feature.")
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of ids kept out of training, frozen by hashing the id."
+    )
+    holdout_salt: str = Field("holdout-v1", description="Changing it draws a new holdout.")
+    slices: list[SliceSpec] = Field(
+        default=[], description="Sub-populations of the holdout measured separately (slice gate, model card)."
+    )
+    sensitive_features: list[str] = Field(
+        default=[],
+        description="Columns fairness is measured on; each a feature or a slice column (numbers banded by the slice).",
+    )
+    min_slice_rows: int = Field(200, ge=1, description="A slice with fewer holdout rows is not measured.")
+    min_group_rows: int = Field(
+        30,
+        ge=1,
+        description="A sensitive group with fewer holdout rows is reported but left out of the fairness "
+        "differences and the fairness gate (its rates are noise: one row's selection rate is 0 or 1).",
+    )
+    # Feature store: features joined point-in-time from a Feast feature service, by id and time.
+    feature_service: str | None = Field(
+        None, description="Feast feature service whose values are joined as of each row's time (none: no join)."
+    )
+    store_features: list[str] = Field(
+        default=[], description="Features the service provides (each listed in `features` with its expectations)."
+    )
+    feature_repo: str | None = Field(
+        None,
+        description="Folder of a Feast repository in Feast's usual layout (Python files of entities, feature views "
+        "and services) that defines `feature_service`; `mlops models add` applies it to the stack's registry.",
+    )
+    max_missing_feature_share: float = Field(
+        0.05, ge=0, le=1, description="Largest share of rows the join may drop or leave without store features."
+    )
+
+    # Big snapshots: an out-of-core engine on a Dask cluster, LightGBM's Dask estimator.
+    engine: Literal["pandas", "dask", "auto"] = Field(
+        "pandas",
+        description="pandas: the whole snapshot in the flow's process; dask: partitions on the Dask cluster, "
+        "trained by LightGBM's Dask estimator; auto: dask from `dask_min_rows` rows (counted from Parquet metadata).",
+    )
+    dask_min_rows: int = Field(
+        2_000_000, ge=1, description="With engine auto, snapshots with at least this many rows go to Dask."
+    )
+    validation_sample_rows: int = Field(
+        100_000, ge=1, description="Dask engine: rows Great Expectations checks (full-data checks run on the cluster)."
+    )
+    max_holdout_rows: int = Field(
+        200_000,
+        ge=100,
+        description="Dask engine: at most about this many holdout rows are collected for evaluation, a fixed "
+        "subset of the frozen holdout chosen by the same id hash.",
+    )
+    lightgbm: LightGBMParams = Field(
+        default_factory=LightGBMParams, description="Dask engine: the LightGBM model's parameters."
+    )
+
+    operations: Operations = Field(
+        default_factory=Operations,
+        description="How the model is run once in the catalog: schedules, monitoring, scoring, serving, gates.",
+    )
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> DatasetConfig:
+        names = [f.name for f in self.features]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"features listed more than once: {duplicated}")
+        for role, column in (("target", self.target), ("id_column", self.id_column)):
+            if column in names:
+                raise ValueError(f"{role} {column!r} must not also be a feature")
+        if self.task is TaskType.regression and self.classes is not None:
+            raise ValueError("classes only apply to binary and multiclass tasks, not to regression")
+        self._check_slices()
+        self._check_store_features(names)
+        return self
+
+    def _check_store_features(self, names: list[str]) -> None:
+        if bool(self.feature_service) != bool(self.store_features):
+            raise ValueError("feature_service and store_features go together: name both or neither")
+        if self.feature_service and self.time_column is None:
+            raise ValueError("a feature_service needs a time_column: features are joined as of each row's time")
+        unknown = [f for f in self.store_features if f not in names]
+        if unknown:
+            raise ValueError(f"store_features {unknown} must also be listed in features (with their type)")
+
+    def _check_slices(self) -> None:
+        types = {f.name: f.type for f in self.features}
+        columns = [s.column for s in self.slices]
+        duplicated = sorted({c for c in columns if columns.count(c) > 1})
+        if duplicated:
+            raise ValueError(f"slices listed more than once: {duplicated}")
+        binned = {s.column for s in self.slices if s.bins is not None}
+        for spec in self.slices:
+            if spec.column in (self.target, self.id_column):
+                raise ValueError(f"slice {spec.column!r}: cannot slice by the target or the id column")
+            if types.get(spec.column) is FeatureType.categorical and spec.bins is not None:
+                raise ValueError(f"slice {spec.column!r}: bins only apply to numeric columns")
+            if types.get(spec.column) is FeatureType.numeric and spec.bins is None:
+                raise ValueError(f"slice {spec.column!r}: a numeric feature needs bins")
+        for column in self.sensitive_features:
+            if column not in types and column not in columns:
+                raise ValueError(f"sensitive feature {column!r} is neither a feature nor a slice column")
+            if types.get(column) is FeatureType.numeric and column not in binned:
+                raise ValueError(
+                    f"sensitive feature {column!r} is numeric: add a slice with bins for it, to band it into groups"
+                )
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Feature column names in config order."""
+        return [f.name for f in self.features]
+
+    @property
+    def numeric_features(self) -> list[str]:
+        """Names of numeric features."""
+        return [f.name for f in self.features if f.type is FeatureType.numeric]
+
+    @property
+    def categorical_features(self) -> list[str]:
+        """Names of categorical features."""
+        return [f.name for f in self.features if f.type is FeatureType.categorical]
+
+
+class DatasetConfigError(ValueError):
+    """A dataset config could not be read or is invalid."""
+
+
+def parse_dataset_config(text: str, origin: str) -> DatasetConfig:
+    """Parse YAML text into a validated config; errors name `origin` and the offending field."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DatasetConfigError(f"{origin}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise DatasetConfigError(f"{origin}: expected a mapping of settings, got {type(raw).__name__}")
+    try:
+        return DatasetConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise DatasetConfigError(f"{origin}: invalid dataset config: {problems}") from exc
+
+
+def bundled_config_text(name: str) -> str:
+    """Text of a bundled dataset config."""
+    return resources.files("core.configs").joinpath(f"{name}.yaml").read_text()
+
+
+def load_local_dataset_config(ref: str) -> DatasetConfig:
+    """Load a bundled config by name or a YAML file from a local path."""
+    if ref in BUNDLED_DATASETS:
+        return parse_dataset_config(bundled_config_text(ref), f"bundled dataset {ref!r}")
+    path = Path(ref)
+    if not path.is_file():
+        raise DatasetConfigError(
+            f"dataset config {ref!r} not found: give a bundled name {list(BUNDLED_DATASETS)}, "
+            "a YAML file path or an s3:// URI"
+        )
+    return parse_dataset_config(path.read_text(), str(path))

@@ -1,0 +1,239 @@
+"""The plan of a fitted pipeline: per column block, the fitted numbers of each step, and the model.
+
+`plan_of` reads a trained pipeline (`core.modeling.search.make_pipeline`) into blocks in the `ColumnTransformer`'s
+output order: numeric blocks (imputation statistics, clipping bounds, scaler means and scales) and text
+blocks (a one-hot code table per column). Both compiled forms are emitted from it (`core/inference/compiled.py`).
+A step without an exact converter raises `ConversionError`.
+
+Text cannot be null in ONNX, so a null is fed as `NULL_TEXT`. Markers start with `MARK` (the NUL
+character), which no real value may collide with: a training category starting with it is refused, and a
+value sent that starts with it is looked up as `UNSEEN_TEXT` (`text_key`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# A null text value as the compiled graph receives it (ONNX strings cannot be null); a float NaN in a
+# text column (which `SimpleImputer(missing_values=np.nan)` imputes, unlike None) is fed as `NAN_TEXT`.
+# Every marker starts with MARK: a real string starting with it is fed as `UNSEEN_TEXT` (`text_key`), and
+# a category starting with it is refused, so a value sent can never be read as a null.
+MARK = "\x00"
+NULL_TEXT = MARK + "null"
+NAN_TEXT = MARK + "nan"
+UNSEEN_TEXT = MARK + "unseen"  # in no code table: the code of a category not seen in training
+
+
+class ConversionError(ValueError):
+    """The pipeline has a step (or a setting) that cannot be compiled exactly."""
+
+
+@dataclass(frozen=True)
+class NumericStep:
+    """One elementwise numeric step on a block's columns (in order)."""
+
+    kind: str  # impute | clip | scale
+    a: np.ndarray | None = None  # impute: statistics; clip: lower; scale: mean
+    b: np.ndarray | None = None  # clip: upper; scale: scale
+    indicator: np.ndarray | None = None  # impute: columns whose missing indicator is appended
+
+
+@dataclass(frozen=True)
+class NumericBlock:
+    """Numeric columns and the steps applied to them, in order."""
+
+    columns: list[str]
+    steps: list[NumericStep]
+
+
+@dataclass(frozen=True)
+class TextBlock:
+    """Text columns one-hot encoded: per column, value -> output column within its block (-1: all zeros)."""
+
+    columns: list[str]
+    codes: list[dict[Any, int]]  # keys: category values, None, and NAN_TEXT (a float NaN)
+    unknown: list[int]  # the code of a value not in `codes`
+    widths: list[int]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The fitted preprocessing as blocks (in the `ColumnTransformer`'s output order) and the model."""
+
+    blocks: list[NumericBlock | TextBlock]
+    model: Any
+    inputs: list[str]
+
+
+def _imputer_step(name: str, step: Any, width: int) -> NumericStep:
+    if not (isinstance(step.missing_values, float) and np.isnan(step.missing_values)):
+        raise ConversionError(f"step {name!r}: only missing_values=np.nan is supported")
+    stats = np.asarray(step.statistics_, dtype="float64")
+    if len(stats) != width or np.isnan(stats).any():
+        raise ConversionError(f"step {name!r}: a column without statistics would be dropped")
+    indicator = None
+    if step.add_indicator:
+        indicator = np.asarray(step.indicator_.features_, dtype="int64")
+        if step.indicator_.features != "missing-only" or step.indicator_.sparse not in ("auto", False):
+            raise ConversionError(f"step {name!r}: only a dense missing-only indicator is supported")
+    return NumericStep("impute", stats, indicator=indicator)
+
+
+def _clip_function_step(name: str, step: Any, width: int) -> NumericStep:
+    """`FunctionTransformer(np.clip, kw_args={"a_min": .., "a_max": ..})` (or `min`/`max`)."""
+    kw = dict(step.kw_args or {})
+    lower = kw.pop("a_min", kw.pop("min", None))
+    upper = kw.pop("a_max", kw.pop("max", None))
+    if kw or lower is None or upper is None or step.inverse_func is not None:
+        raise ConversionError(f"step {name!r}: np.clip needs exactly a lower and an upper bound")
+    lo = np.broadcast_to(np.asarray(lower, "float64"), (width,)).copy()
+    hi = np.broadcast_to(np.asarray(upper, "float64"), (width,)).copy()
+    return NumericStep("clip", lo, hi)
+
+
+def _numeric_steps(steps: list[tuple[str, Any]], width: int) -> list[NumericStep]:
+    from sklearn.impute import SimpleImputer
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+    from core.transformers import QuantileClipper
+
+    plan = []
+    for name, step in steps:
+        if step in ("passthrough", None) or (isinstance(step, FunctionTransformer) and step.func is None):
+            continue  # identity ("passthrough" in a ColumnTransformer becomes FunctionTransformer())
+        if isinstance(step, SimpleImputer):
+            plan.append(_imputer_step(name, step, width))
+            width += 0 if plan[-1].indicator is None else len(plan[-1].indicator)
+        elif isinstance(step, QuantileClipper):
+            plan.append(NumericStep("clip", step.lower_bounds_.astype("float64"), step.upper_bounds_.astype("float64")))
+        elif isinstance(step, StandardScaler):
+            mean = step.mean_ if step.with_mean else np.zeros(width)
+            scale = step.scale_ if step.with_std else np.ones(width)
+            plan.append(NumericStep("scale", np.asarray(mean, "float64"), np.asarray(scale, "float64")))
+        elif isinstance(step, FunctionTransformer) and step.func is np.clip:
+            plan.append(_clip_function_step(name, step, width))
+        else:
+            raise ConversionError(f"step {name!r} ({type(step).__name__}) has no converter")
+    return plan
+
+
+def _text_block(columns: list[str], steps: list[tuple[str, Any]]) -> TextBlock:
+    from sklearn.impute import SimpleImputer
+    from sklearn.preprocessing import OneHotEncoder
+
+    steps = [(n, s) for n, s in steps if s not in ("passthrough", None)]
+    *imputers, (name, encoder) = steps
+    if not isinstance(encoder, OneHotEncoder):
+        raise ConversionError(f"text step {name!r} ({type(encoder).__name__}) has no converter")
+    if encoder.drop is not None or encoder.handle_unknown not in ("ignore", "infrequent_if_exist"):
+        raise ConversionError(f"step {name!r}: only drop=None with handle_unknown ignore/infrequent is supported")
+    for imp_name, imputer in imputers:
+        if not isinstance(imputer, SimpleImputer) or imputer.add_indicator:
+            raise ConversionError(f"text step {imp_name!r} ({type(imputer).__name__}) has no converter")
+    codes, unknown, widths = [], [], []
+    infrequent = getattr(encoder, "infrequent_categories_", None) or [None] * len(columns)
+    for j, categories in enumerate(encoder.categories_):
+        rare = [] if infrequent[j] is None else list(infrequent[j])
+        frequent = [c for c in categories if not any(_same(c, r) for r in rare)]
+        width = len(frequent) + (1 if rare else 0)
+        for value in categories:
+            if value is not None and not isinstance(value, str) and not _is_nan(value):
+                raise ConversionError(f"column {columns[j]!r}: category {value!r} is not text")
+
+        def encode(value: Any, frequent: list[Any] = frequent, rare: list[Any] = rare, width: int = width) -> int:
+            for k, c in enumerate(frequent):
+                if _same(value, c):
+                    return k
+            if any(_same(value, r) for r in rare):
+                return width - 1
+            return width - 1 if rare and encoder.handle_unknown == "infrequent_if_exist" else -1
+
+        # Each value the imputers can see, passed through them as scikit-learn does, then encoded.
+        seen = [*categories, None, float("nan")] + [
+            s for _, imp in imputers for s in [imp.statistics_[j]] if isinstance(s, str)
+        ]
+        for value in seen:
+            if isinstance(value, str) and value.startswith(MARK):
+                reserved = f"starts with {MARK!r}, which marks nulls and unseen values in the compiled forms"
+                raise ConversionError(f"column {columns[j]!r}: category {value!r} {reserved}")
+        imputed = [_impute(v, imputers, j, len(columns)) for v in seen]
+        table = {}
+        for value, after in zip(seen, imputed, strict=True):
+            key = NAN_TEXT if _is_nan(value) else value
+            table[key] = encode(after)
+        codes.append(table)
+        unknown.append(encode(UNSEEN_TEXT))
+        widths.append(width)
+    return TextBlock(columns, codes, unknown, widths)
+
+
+def _impute(value: Any, imputers: list[tuple[str, Any]], j: int, n: int) -> Any:
+    for _, imputer in imputers:
+        row = np.array([[value] * n], dtype=object)
+        names = getattr(imputer, "feature_names_in_", None)
+        value = imputer.transform(row if names is None else pd.DataFrame(row, columns=names))[0, j]
+    return value
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and np.isnan(value)
+
+
+def text_key(value: Any, null: Any = NULL_TEXT) -> Any:
+    """A text value as the code tables look it up (None as `null`, a float NaN as `NAN_TEXT`).
+
+    A string starting with `MARK` is never a category (`_text_block` refuses those): it is looked up as
+    `UNSEEN_TEXT`, so that a client sending a marker's text (`NULL_TEXT` as a JSON string) is scored as the
+    unseen category it is, not as a null.
+    """
+    if value is None:
+        return null
+    if isinstance(value, str):
+        return UNSEEN_TEXT if value.startswith(MARK) else value
+    return NAN_TEXT if _is_nan(value) else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    if _is_nan(a) or _is_nan(b):
+        return _is_nan(a) and _is_nan(b)
+    return type(a) is type(b) and a == b
+
+
+def plan_of(pipeline: Any, text_columns: set[str]) -> Plan:
+    """Read a fitted `Pipeline([("preprocess", ColumnTransformer), ("model", estimator)])` into a plan.
+
+    Raises:
+        ConversionError: A step or setting without an exact converter (named).
+    """
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import Pipeline
+
+    if not isinstance(pipeline, Pipeline) or len(pipeline.steps) != 2:
+        raise ConversionError("expected a pipeline of a ColumnTransformer and a model")
+    preprocess, model = pipeline.steps[0][1], pipeline.steps[1][1]
+    if not isinstance(preprocess, ColumnTransformer) or preprocess.sparse_output_:
+        raise ConversionError("expected a dense ColumnTransformer as the first step")
+    blocks: list[NumericBlock | TextBlock] = []
+    inputs: list[str] = []
+    for name, transformer, columns in preprocess.transformers_:
+        if transformer == "drop" or (name == "remainder" and transformer == "drop"):
+            continue
+        if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+            raise ConversionError(f"transformer {name!r}: columns must be given by name")
+        if not columns:
+            continue
+        steps = transformer.steps if isinstance(transformer, Pipeline) else [(name, transformer)]
+        inputs += columns
+        if all(c in text_columns for c in columns):
+            blocks.append(_text_block(columns, steps))
+        elif not any(c in text_columns for c in columns):
+            blocks.append(NumericBlock(columns, _numeric_steps(steps, len(columns))))
+        else:
+            raise ConversionError(f"transformer {name!r} mixes numeric and text columns")
+    return Plan(blocks, model, inputs)

@@ -1,0 +1,168 @@
+"""Explanations: which raw features the model relies on, and why it scored one record as it did.
+
+Both work on the fitted pipeline (preprocessing + estimator, classifier or regressor) and raw feature
+frames as `core.data.features.prepare_inputs` produces them, so they speak of the columns people know (`age`,
+not `age_scaled` or `region_north`), and they work for every model family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
+from sklearn.inspection import permutation_importance
+
+
+@dataclass(frozen=True)
+class PermutationBudget:
+    """How much work permutation importances may do: the cost grows with rows x features x repeats.
+
+    Attributes:
+        n_repeats: Shuffles per feature.
+        max_rows: Rows used at most (a seeded random sample).
+    """
+
+    n_repeats: int = 5
+    max_rows: int = 5000
+
+
+def permutation_importances(
+    model: Any,
+    X: pd.DataFrame,
+    y: pd.Series | np.ndarray,
+    *,
+    scoring: str = "roc_auc",
+    seed: int = 0,
+    budget: PermutationBudget = PermutationBudget(),
+) -> pd.DataFrame:
+    """How much the score drops when one raw feature is shuffled (scikit-learn's permutation importance).
+
+    Args:
+        model: Fitted pipeline taking raw feature frames.
+        X: Raw feature frame (e.g. holdout rows through `prepare_inputs`).
+        y: True labels of those rows.
+        scoring: scikit-learn scorer name; "roc_auc" for binary, e.g. "roc_auc_ovr" for multiclass,
+            "neg_root_mean_squared_error" for regression.
+        seed: Seeds the row sample and the shuffles.
+        budget: Shuffles per feature and rows used at most.
+
+    Returns:
+        Columns `feature`, `importance_mean`, `importance_std`, one row per raw feature, most important first.
+    """
+    y = pd.Series(np.asarray(y), index=X.index)
+    if len(X) > budget.max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(len(X), size=budget.max_rows, replace=False))
+        X, y = X.iloc[rows], y.iloc[rows]
+    result = permutation_importance(model, X, y, scoring=scoring, n_repeats=budget.n_repeats, random_state=seed)
+    table = pd.DataFrame(
+        {
+            "feature": list(X.columns),
+            "importance_mean": result.importances_mean,
+            "importance_std": result.importances_std,
+        }
+    )
+    return table.sort_values("importance_mean", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def importance_figure(importances: pd.DataFrame, top_k: int = 20) -> Figure:
+    """Horizontal bar chart of permutation importances (most important on top), drawn with Agg.
+
+    Args:
+        importances: Output of `permutation_importances`.
+        top_k: Features shown at most.
+
+    Returns:
+        A matplotlib figure not registered with pyplot (nothing to close; save or log it).
+    """
+    shown = importances.head(top_k).iloc[::-1]
+    fig = Figure(figsize=(6, 0.35 * len(shown) + 1.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.barh(shown["feature"], shown["importance_mean"], xerr=shown["importance_std"], color="#4c72b0")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("drop in score when the feature is shuffled")
+    ax.set_title("Permutation importance (holdout)")
+    return fig
+
+
+def baseline_row(X: pd.DataFrame) -> pd.DataFrame:
+    """A reference record: the median of each numeric column, the most frequent value of the others.
+
+    Nulls are ignored; a column with only nulls stays null. Column order follows `X`; numeric columns
+    are float64 (a median need not be a whole number), the others keep their dtype.
+    """
+    values: dict[str, Any] = {}
+    for column in X.columns:
+        series = X[column].dropna()
+        if series.empty:
+            values[column] = None
+        elif is_numeric_dtype(series) and not is_bool_dtype(series):
+            values[column] = series.median()
+        else:
+            # mode() sorts ties, so the choice does not depend on row order.
+            values[column] = series.mode().iloc[0]
+    dtypes = {
+        column: "float64" if is_numeric_dtype(dtype) and not is_bool_dtype(dtype) else dtype
+        for column, dtype in X.dtypes.items()
+    }
+    return pd.DataFrame([values], columns=X.columns).astype(dtypes)
+
+
+def contributions(
+    model: Any, X: pd.DataFrame, baseline: pd.DataFrame, positive_index: int | Sequence[int] | None = None
+) -> pd.DataFrame:
+    """Per-record, per-feature contributions to one model output, by occlusion.
+
+    The output explained is a class probability for a classifier (`positive_index`) or the predicted
+    value for a regressor (`positive_index=None`: `model.predict`). The contribution of a feature to a
+    record is the record's output minus its output when that one feature is set to the baseline value:
+    positive means the record's value pushes the output up compared with the baseline. Model-agnostic, no
+    retraining; interactions are not split between features, so contributions need not add up to the
+    difference from the baseline's output. All outputs come from one `predict_proba` (or `predict`) call
+    on a stacked frame of n_records x (n_features + 1) rows.
+
+    Args:
+        model: Fitted pipeline taking raw feature frames.
+        X: Records to explain (raw features).
+        baseline: One reference row with the same columns (e.g. `baseline_row` of the training rows).
+        positive_index: Column of `predict_proba` explained (e.g. `list(model.classes_).index(1)`), for
+            every record; or one column per record (e.g. each record's predicted class, for multiclass);
+            None explains `predict` (a regressor's predicted value).
+
+    Returns:
+        A frame with `X`'s index and columns: each cell is that feature's contribution for that record.
+    """
+    if len(baseline) != 1:
+        raise ValueError(f"baseline must have exactly one row, got {len(baseline)}")
+    missing = [c for c in X.columns if c not in baseline.columns]
+    if missing:
+        raise ValueError(f"baseline lacks columns {missing}")
+    n_records, n_features = X.shape
+    columns = None if positive_index is None or np.ndim(positive_index) == 0 else np.asarray(positive_index)
+    if columns is not None and columns.shape != (n_records,):
+        raise ValueError(f"positive_index has {columns.size} entries for {n_records} records")
+    if n_records == 0:
+        return pd.DataFrame(columns=X.columns, index=X.index, dtype="float64")
+    # Block of each record: the record itself, then one copy per feature with that feature occluded.
+    block = n_features + 1
+    stacked = X.iloc[np.repeat(np.arange(n_records), block)].reset_index(drop=True)
+    starts = np.arange(n_records) * block
+    for j, column in enumerate(X.columns):
+        value = baseline[column].iloc[0]
+        if pd.isna(value):
+            # The null prepare_inputs uses: None for categories, NaN for numbers.
+            value = np.nan if is_numeric_dtype(X[column]) else None
+        stacked.iloc[starts + 1 + j, j] = value
+    if positive_index is None:
+        output = np.asarray(model.predict(stacked), dtype="float64").reshape(n_records, block)
+    else:
+        proba = np.asarray(model.predict_proba(stacked)).reshape(n_records, block, -1)
+        index = np.full(n_records, positive_index) if columns is None else columns
+        output = proba[np.arange(n_records), :, index]
+    return pd.DataFrame(output[:, :1] - output[:, 1:], index=X.index, columns=X.columns)

@@ -1,0 +1,84 @@
+"""What a model search gives: every trial's cross-validated score, the choice among them and the refitted model.
+
+`choose` picks the best complete trial; a degenerate one (the constant predictor's CV score) only when
+every trial is (see `core/modeling/search.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from sklearn.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One configuration's cross-validated score (in the scorer's higher-is-better sense)."""
+
+    family: str
+    params: dict[str, Any]
+    cv_mean: float
+    cv_std: float
+    seconds: float
+    number: int = 0
+    state: str = "complete"  # complete | pruned | degenerate
+    folds: int = 0
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The refitted best pipeline and every trial behind the choice."""
+
+    model: Pipeline = field(repr=False)
+    family: str
+    params: dict[str, Any]
+    cv_mean: float
+    scoring: str
+    trials: list[Trial]
+    metric: str = ""
+    baseline: float = math.nan
+
+    @property
+    def cv_metric(self) -> float:
+        """The chosen trial's CV score as its metric reads (e.g. RMSE positive)."""
+        return self.cv_mean if self.metric in ("", self.scoring) else -self.cv_mean
+
+    def trials_frame(self) -> pd.DataFrame:
+        """Trials as a table (for the run's artifacts)."""
+        return pd.DataFrame(
+            [
+                {
+                    "number": t.number,
+                    "family": t.family,
+                    "state": t.state,
+                    "folds": t.folds,
+                    "cv_mean": t.cv_mean,
+                    "cv_std": t.cv_std,
+                    "seconds": t.seconds,
+                }
+                | {f"param_{k}": v for k, v in t.params.items()}
+                for t in self.trials
+            ]
+        )
+
+
+def choose(trials: list[Trial]) -> Trial:
+    """The best complete trial; degenerate trials only when nothing else completed (earliest wins ties).
+
+    Raises:
+        ValueError: No trial completed (every one was pruned, which the pruner's start-up trials prevent).
+    """
+    complete = [t for t in trials if t.state == "complete"]
+    if not complete:
+        complete = [t for t in trials if t.state == "degenerate"]
+        if complete:
+            log.warning("every trial scored the constant predictor's CV score: the chosen model is degenerate")
+    if not complete:
+        raise ValueError("no search trial completed")
+    return max(complete, key=lambda t: (t.cv_mean, -t.number))

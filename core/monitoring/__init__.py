@@ -1,0 +1,4 @@
+"""Monitoring.
+
+Drift statistics and verdicts, decay, the reports, the prediction log's layout and the retraining rule.
+"""
