@@ -204,13 +204,14 @@ def review_and_promote(candidate: Candidate, config: DatasetConfig, policy: Prom
             if policy.dry_run
             else register_model(candidate.model_uri, config.model_name, candidate.run_id, candidate.version_tags)
         )
-        result = PromotionResult(findings, decision, version, lock_tags=held.tags())
+        result = PromotionResult(findings, decision, version)
         wanted = decision.promote and version is not None
         promote_now = partial(
             promote_checked, config.model_name, version, champion.version, policy.serving_timeout_seconds, decision
         )
         if wanted and not policy.require_approval:
-            return replace(result, **_promoted(promote_now(policy.reason)))
+            result = replace(result, **_promoted(promote_now(policy.reason)))
+    result = replace(result, lock_tags=held.tags())  # read once released: the wait, when taken and given back
     if not (wanted and policy.require_approval):
         return result
     approval = ask_approval(decision, config.model_name, version, candidate.run_id, policy.approval_timeout_seconds)
