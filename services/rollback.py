@@ -30,7 +30,7 @@ from adapters.serving_api import ServingCheck, check_configured_serving
 from adapters.settings import get_settings
 from core.errors import PermanentError
 from core.promotion.history import ChampionChange, PendingChange
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
+from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,7 @@ def rollback(model_name: str, to_version: str | None, reason: str, actor: str, f
     return change
 
 
-@task(
-    name="rollback",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
+@task(name="rollback", **IO)
 def rollback_champion(
     model_name: str, to_version: str | None, reason: str, actor: str, force: bool = False
 ) -> ChampionChange:

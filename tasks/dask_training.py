@@ -24,18 +24,12 @@ from dask_engine.snapshots import DaskSnapshot, count_rows, open_snapshot
 from dask_engine.split import split_snapshot
 from dask_engine.training import train_lightgbm
 from dask_engine.validation import full_data_stats
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
+from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
 
 
-@task(
-    name="engine",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
+@task(name="engine", **IO)
 def choose_snapshot_engine(config: DatasetConfig) -> str:
     """Prefect task: `pandas` or `dask` (with `engine: auto`, by the row count in the Parquet footers)."""
     rows = count_rows(config, get_settings()) if config.engine == "auto" else None
@@ -44,13 +38,7 @@ def choose_snapshot_engine(config: DatasetConfig) -> str:
     return engine
 
 
-@task(
-    name="load-big",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
+@task(name="load-big", **IO)
 def load_big_snapshot(config: DatasetConfig) -> DaskSnapshot:
     """Prefect task: the snapshot's partitions, row count and data version (no data read)."""
     return open_snapshot(config, get_settings())

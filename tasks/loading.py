@@ -3,47 +3,27 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from adapters.catalog import ModelRemovedError, entry_uri, get_entry
 from adapters.settings import get_settings
 from adapters.snapshots import Snapshot, read_dataset_config, read_snapshot
 from core.data.dataset import DatasetConfig
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
+from tasks.retrying import IO
 
 
-@task(
-    name="load",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_unless_permanent,
-    timeout_seconds=1800,
-    cache_policy=NO_CACHE,
-)
+@task(name="load", **IO, timeout_seconds=1800)
 def load_snapshot(config: DatasetConfig) -> Snapshot:
     """Prefect task: load the dataset's snapshot from its configured source."""
     return read_snapshot(config.source, config.format, get_settings())
 
 
-@task(
-    name="dataset-config",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
+@task(name="dataset-config", **IO)
 def load_dataset_config(ref: str) -> DatasetConfig:
     """Prefect task: a dataset config by bundled name, local YAML path or s3:// URI of a YAML file."""
     return read_dataset_config(ref, get_settings())
 
 
-@task(
-    name="still-in-catalog",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
+@task(name="still-in-catalog", **IO)
 def check_still_in_catalog(ref: str, model_name: str) -> None:
     """Prefect task: a run of a catalog model stops before registering when the model was removed meanwhile.
 

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from adapters.locks import ensure_lock, promotion_lock_name
 from adapters.promotion import Promotion, promote_version, revert_promotion
 from adapters.registry import champion_version, load_model
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
+from tasks.retrying import IO, IO_RETRIES, IO_RETRY_DELAYS
 
 if TYPE_CHECKING:
     pass
@@ -37,13 +37,7 @@ def load_champion(model_name: str, version: str) -> Any:
     return load_model(model_name, version)
 
 
-@task(
-    name="promote",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
+@task(name="promote", **IO)
 def promote(
     model_name: str, version: str, expected_champion: str | None, reason: str = "", actor: str | None = None
 ) -> Promotion:
@@ -51,13 +45,7 @@ def promote(
     return promote_version(model_name, version, expected_champion, reason, actor)
 
 
-@task(
-    name="revert-promotion",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
+@task(name="revert-promotion", **IO)
 def revert(promotion: Promotion, reason: str) -> None:
     """Prefect task: undo a promotion (see `revert_promotion`)."""
     revert_promotion(promotion, reason)

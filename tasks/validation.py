@@ -6,7 +6,6 @@ import logging
 
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from adapters.clients import S3Location, put_bytes, s3_client
 from adapters.expectations import cache_key, validate_frame
@@ -14,18 +13,12 @@ from adapters.settings import get_settings
 from core.data.dataset import DatasetConfig
 from core.data.feature_history import JoinReport, with_join
 from core.data.validation import ValidationReport, report_from_json
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS, retry_unless_permanent
+from tasks.retrying import IO
 
 log = logging.getLogger(__name__)
 
 
-@task(
-    name="validate",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
+@task(name="validate", **IO)
 def check_snapshot(
     df: pd.DataFrame, config: DatasetConfig, data_version: str, feature_join: JoinReport | None = None
 ) -> ValidationReport:

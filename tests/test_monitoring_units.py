@@ -352,13 +352,9 @@ def test_regression_window_metrics_equal_sklearns_and_shifted_labels_decay(regre
     X, y = prepare_inputs(frame, config), frame["progression"].to_numpy()
     predicted = model.predict(X)
     holdout = compute_metrics(y[300:], predicted[300:], [])  # the champion's figures on rows it never saw
-    result = analyse_window(
-        Window("partition", "s3://b/p", window, "patient_id"),
-        Champion("m", "1", "run", model, holdout, reference),
-        config,
-        labels,
-        THRESHOLDS,
-    )
+    recent = Window("partition", "s3://b/p", window, "patient_id")
+    champion = Champion("m", "1", "run", model, holdout, reference)
+    result = analyse_window(recent, champion, config, labels, THRESHOLDS)
     # RMSE, MAE and R² on the 442 labelled rows are scikit-learn's on the same rows
     performance = result.performance
     assert performance is not None and performance.rows == len(frame) == result.labelled_rows
@@ -371,13 +367,7 @@ def test_regression_window_metrics_equal_sklearns_and_shifted_labels_decay(regre
     assert result.prediction.name == "prediction" and not result.prediction.drifted
     # labels that moved by half a standard deviation of the target make the champion clearly worse
     moved = labels.assign(progression=labels["progression"] + 0.5 * y.std())
-    decayed = analyse_window(
-        Window("partition", "s3://b/p", window, "patient_id"),
-        Champion("m", "1", "run", model, holdout, reference),
-        config,
-        moved,
-        THRESHOLDS,
-    )
+    decayed = analyse_window(recent, champion, config, moved, THRESHOLDS)
     assert decayed.decayed and any(r.startswith("rmse ") for r in decayed.reasons), decayed.reasons
     assert overall_verdict([decayed]).summary.startswith("partition RMSE ")
 
