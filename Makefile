@@ -30,9 +30,11 @@ demo: install
 	$(BIN)/mlops deploy
 	$(BIN)/mlops train --model credit-risk
 
-## test: install and run the whole suite against real servers (exit 5, "no tests ran", is a failure)
+## test: install and run the whole suite against real servers (exit 5, "no tests ran", is a failure), on
+## TEST_WORKERS processes, each with its own stack; a module's tests stay on one (their servers are shared)
+TEST_WORKERS ?= 2
 test: install browser-deps
-	@$(BIN)/pytest; rc=$$?; \
+	@$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 ## test-fast: the tests that need no server (unit tests of core, adapters' pure parts, the CLI's answers)
