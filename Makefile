@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# uv installs the project and its dependencies into the venv (the same versions pip resolves, in seconds from
+# its cache instead of minutes: CI, the demo and the model job's two checkouts all install).
+UV     := uv==0.13.9
 
 .PHONY: install browser-deps demo test test-fast lint docs format bench stack-up stack-down clean
 
@@ -9,8 +12,8 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --upgrade pip $(UV)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[dev]"
 	@touch $@
 
 ## browser-deps: Debian's chromium for the UI test (Playwright drives it; nothing is downloaded by Playwright).
