@@ -6,11 +6,13 @@ from typing import Any
 
 from prefect.cache_policies import NO_CACHE
 
+from adapters.settings import get_settings
 from core.errors import PermanentError
 
-# Backoff for network-facing tasks (Prefect's own examples use the same shape).
-IO_RETRIES = 3
-IO_RETRY_DELAYS = [2, 5, 15]
+# Backoff for network-facing tasks (Prefect's own examples use the same shape): `MLOPS_IO_RETRY_DELAYS`,
+# 2, 5 and 15 s by default.
+IO_RETRY_DELAYS = list(get_settings().io_retry_delays)
+IO_RETRIES = len(IO_RETRY_DELAYS)
 
 
 def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:

@@ -31,9 +31,17 @@ from tests.waiting import wait_for, wait_for_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# Fail fast while MLflow is down: no client-side HTTP retries, so the flow's own task retries (2, 5, 15 s) are
-# what the outage meets, and the run ends within ~a minute instead of several.
-FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# Fail fast while MLflow is down: no client-side HTTP retries, so the flow's own task retries are what the
+# outage meets; three of them 1 s apart (the configured backoff, 2, 5 and 15 s by default) end the run within
+# seconds of the outage instead of a minute.
+FAST_FAIL = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLOPS_IO_RETRY_DELAYS": "[1, 1, 1]",
+}
+
+# seconds from deploying a schedule to its first run (the server's scheduler looks at new deployments every 5 s)
+SCHEDULE_LEAD = 30
 
 FLOW = """
 import sys
@@ -280,16 +288,18 @@ def test_worker_killed_mid_run_is_marked_crashed_and_the_schedule_goes_on(stack,
     for victim in [pid, *below]:
         os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
+    # and the worker is restarted (the machine is back) with a run scheduled shortly, while the killed run's
+    # heartbeats are being missed
+    local_stack.up(stack)
+    anchor = (datetime.now(UTC) + timedelta(seconds=SCHEDULE_LEAD)).replace(microsecond=0)
+    deploy_model(stack, raw, search=search, training_interval_seconds=3600, schedule_anchor=anchor.isoformat())
     # then the run is marked Crashed once its heartbeats stop (measured)
     wait_for(lambda: state().is_crashed(), ZOMBIE_AFTER_SECONDS + 240, "the run to be marked Crashed", interval=1)
     crashed = state()
     to_crashed = time.monotonic() - killed
     print(f"\ntime from SIGKILL to Crashed: {to_crashed:.1f} s ({crashed.message})")
     assert "heartbeat" in (crashed.message or "")
-    # and after the worker is restarted, the next scheduled run happens and completes
-    local_stack.up(stack)
-    anchor = (datetime.now(UTC) + timedelta(seconds=45)).replace(microsecond=0)
-    deploy_model(stack, raw, search=search, training_interval_seconds=3600, schedule_anchor=anchor.isoformat())
+    # and the restarted worker runs the next scheduled run, which completes
     deadline = time.monotonic() + 180
     with get_client(sync_client=True) as client:
         while True:
