@@ -29,8 +29,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MLOPS = str(Path(sys.executable).parent / "mlops")
 WINE, DIABETES = "wine-quality", "diabetes-progress"
 ROWS = 1500
-# seconds between `mlops deploy` and the first scheduled run (the server's scheduler must reach it first)
-SCHEDULE_LEAD = 180
+# seconds from `mlops models add` to the first scheduled run (`deploy` and the server's scheduler come between)
+SCHEDULE_LEAD = 60
 
 
 def _mlops(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -104,16 +104,20 @@ def onboarded(stack, tables, tmp_path_factory) -> dict[str, str]:
     from prefect.client.orchestration import get_client
 
     folder = tmp_path_factory.mktemp("catalog")
-    # The first run is due at the anchor: it leaves the CLI calls below and the server's scheduler time to
-    # create that run while the anchor is still ahead (a deployment made after its anchor starts an hour later).
+    paths = {
+        name: _init(stack, folder, name, target) for name, target in ((WINE, "cultivar"), (DIABETES, "progression"))
+    }
+    # The first run is due at the anchor: it leaves `models add`, `deploy` and the server's scheduler (which
+    # looks at new deployments every 5 s) time to create that run while the anchor is still ahead (a
+    # deployment made after its anchor starts an hour later).
     anchor = (datetime.now(UTC) + timedelta(seconds=SCHEDULE_LEAD)).replace(microsecond=0)
-    for name, target in ((WINE, "cultivar"), (DIABETES, "progression")):
-        path = _init(stack, folder, name, target)
+    for name, path in paths.items():
         _schedule(path, anchor)
         added = _mlops("models", "add", str(path))
         assert f"added {name}: s3://{stack.bucket}/catalog/{name}.yaml" in added.stdout
     deployed = _mlops("deploy").stdout
     margin = (anchor - datetime.now(UTC)).total_seconds()
+    print(f"\n`models add` twice and `deploy` left {margin:.0f} s before the anchor")
     assert margin > 20, f"the CLI calls left {margin:.0f} s before the anchor: raise SCHEDULE_LEAD"
     for flow in ("training", "monitoring", "rollback"):
         assert f"deployed {flow}/{WINE}:" in deployed and f"deployed {flow}/{DIABETES}:" in deployed
