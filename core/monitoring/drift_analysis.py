@@ -8,7 +8,7 @@ sample stored with each model, the label join and `analyse_window`, which puts t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -61,8 +61,8 @@ class Window:
 
 
 @dataclass(frozen=True)
-class WindowResult:
-    """The verdict on one window of recent data (`partition` or `prediction-log`)."""
+class WindowFigures:
+    """What was measured on one window, before the thresholds judge it (`judge_window`)."""
 
     name: str
     source: str
@@ -71,6 +71,12 @@ class WindowResult:
     prediction: FeatureDrift | None = None
     performance: Performance | None = None
     labelled_rows: int = 0
+
+
+@dataclass(frozen=True)
+class WindowResult(WindowFigures):
+    """The verdict on one window of recent data (`partition` or `prediction-log`): its figures, judged."""
+
     drifted: bool = False
     decayed: bool = False
     reasons: list[str] = field(default_factory=list)
@@ -181,28 +187,13 @@ def join_labels(current: pd.DataFrame, key: str, labels: pd.DataFrame, id_column
 # ---------------------------------------------------------------------------------------------- verdicts
 
 
-@dataclass(frozen=True)
-class WindowFigures:
-    """What was measured on one window, before the thresholds judge it (`judge_window`)."""
-
-    name: str
-    source: str
-    rows: int
-    features: list[FeatureDrift] = field(default_factory=list)
-    prediction: FeatureDrift | None = None
-    performance: Performance | None = None
-    labelled_rows: int = 0
-
-
 def judge_window(figures: WindowFigures, thresholds: DriftThresholds) -> WindowResult:
     """Apply the thresholds to one window's figures: a pure function of numbers."""
-    name, source, rows, features = figures.name, figures.source, figures.rows, figures.features
-    prediction, performance, labelled_rows = figures.prediction, figures.performance, figures.labelled_rows
+    measured = {f.name: getattr(figures, f.name) for f in fields(WindowFigures)}
+    rows, features, prediction, performance = figures.rows, figures.features, figures.prediction, figures.performance
     if rows < thresholds.min_rows:
         note = f"{rows} rows, fewer than the {thresholds.min_rows} needed for a verdict"
-        return WindowResult(
-            name, source, rows, features, prediction, performance, labelled_rows, note=note, judged=False
-        )
+        return WindowResult(**measured, note=note, judged=False)
     reasons = []
     drifted_names = [f.name for f in features if f.drifted]
     share = len(drifted_names) / len(features) if features else 0.0
@@ -221,9 +212,7 @@ def judge_window(figures: WindowFigures, thresholds: DriftThresholds) -> WindowR
         decayed = bool(decay)
         reasons += decay
     note = "" if reasons else "no threshold crossed"
-    return WindowResult(
-        name, source, rows, features, prediction, performance, labelled_rows, drifted, decayed, reasons, note
-    )
+    return WindowResult(**measured, drifted=drifted, decayed=decayed, reasons=reasons, note=note)
 
 
 def overall_verdict(windows: list[WindowResult]) -> Verdict:
