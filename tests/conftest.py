@@ -74,6 +74,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         "MLOPS_SERVING_URL": f"http://127.0.0.1:{serving_port}",
         "MLOPS_SERVING_POLL_SECONDS": "1",
         "MLOPS_SERVING_CATALOG_POLL_SECONDS": "2",
+        # One serving process (not one per core): each polls the registry every second and loads every new
+        # champion, the suite's largest CPU consumer with two (tests/test_serving_workers.py starts several).
+        "MLOPS_SERVING_WORKERS": "1",
         "MLOPS_WEED_PORT_BASE": str(free_port_block(16)),
         # The stack's Dask cluster (2 workers); flows in this process and in the stack's worker find it here.
         "MLOPS_DASK_WORKERS": "2",
