@@ -115,15 +115,15 @@ class Settings(BaseSettings):
         "(the events are still emitted).",
     )
 
-    # Fault injection (tests only): a run waits at the named checkpoint of a champion change until the
-    # file exists (`adapters.promotion.pause_at`), so a test can kill a server at an exact point.
     io_retry_delays: list[float] = Field(
         [2, 5, 15],
-        min_length=0,
         description="Seconds between the retries of a task that touches S3, MLflow or Prefect's API (one retry per "
         'entry; `[]`: none), e.g. `MLOPS_IO_RETRY_DELAYS="[5, 30, 120]"` to ride out longer outages. Read when '
         "the tasks are imported (at a run's start).",
     )
+
+    # Fault injection (tests only): a run waits at the named checkpoint of a champion change until the
+    # file exists (`adapters.promotion.pause_at`), so a test can kill a server at an exact point.
     test_pause_at: str | None = Field(
         None, description="Checkpoint to pause at (tests only): before-lock, before-promote, after-champion-move."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pandas as pd
@@ -556,3 +557,26 @@ def test_spool_records_strided_arrays_a_batch_cut_from_a_matrix(tmp_path):
     assert table["a"].tolist() == [0.0, 3.0, 6.0, 9.0] and table["b"].tolist() == [2.0, 5.0, 8.0, 11.0]
     assert table["proba_1"].tolist() == [2.0, 6.0, 10.0, 14.0]  # the sliced scores' second column, row by row
     log.spool.close()
+
+
+def test_the_io_retry_backoff_is_the_setting_on_every_io_task():
+    """`MLOPS_IO_RETRY_DELAYS` sets the retries of every task that touches the network (read at import)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        "import json\n"
+        "from tasks.promotion import promote\n"
+        "from tasks.reports import publish_model_card\n"
+        "print(json.dumps([[t.retries, t.retry_delay_seconds] for t in (promote, publish_model_card)]))\n"
+    )
+    for setting, expected in ((None, [3, [2, 5, 15]]), ("[1, 4]", [2, [1, 4]]), ("[]", [0, []])):
+        env = {k: v for k, v in os.environ.items() if k != "MLOPS_IO_RETRY_DELAYS"}
+        if setting is not None:
+            env["MLOPS_IO_RETRY_DELAYS"] = setting
+        out = subprocess.run(
+            [sys.executable, "-c", probe], check=False, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == [expected, expected], setting
