@@ -6,12 +6,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from adapters.locks import ensure_lock, promotion_lock_name
 from adapters.promotion import Promotion, promote_version, revert_promotion
 from adapters.registry import champion_version, load_model
-from tasks.retrying import IO, IO_RETRIES, IO_RETRY_DELAYS
+from tasks.retrying import IO, IO_ANY_ERROR
 
 if TYPE_CHECKING:
     pass
@@ -19,19 +18,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@task(name="promotion-lock", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
+@task(name="promotion-lock", **IO_ANY_ERROR)
 def ensure_promotion_lock(model_name: str) -> str:
     """Prefect task: make sure the one-slot concurrency limit for this model exists; returns its name."""
     return ensure_lock(promotion_lock_name(model_name))
 
 
-@task(name="find-champion", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
+@task(name="find-champion", **IO_ANY_ERROR)
 def find_champion(model_name: str) -> str | None:
     """Prefect task: the current champion's version, if any."""
     return champion_version(model_name)
 
 
-@task(name="load-champion", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
+@task(name="load-champion", **IO_ANY_ERROR)
 def load_champion(model_name: str, version: str) -> Any:
     """Prefect task: the champion's fitted pipeline (sklearn flavour, so it gives probabilities)."""
     return load_model(model_name, version)

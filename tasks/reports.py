@@ -14,7 +14,7 @@ from adapters.clients import S3Location, mlflow_client, put_bytes
 from adapters.settings import get_settings
 from core.promotion.card import ModelCard
 from core.promotion.card_render import render_html, render_markdown
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
+from tasks.retrying import IO_ANY_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,7 @@ def report_location(dataset: str, data_version: str, name: str) -> S3Location:
 
 @task(
     name="store-validation-report",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    cache_policy=NO_CACHE,
+    **IO_ANY_ERROR,
 )
 def store_validation_report(dataset: str, data_version: str, report_json: str, markdown: str) -> str:
     """Prefect task: the validation result (no copy of the data) to S3, and a markdown artifact linking it."""
@@ -50,7 +48,7 @@ def publish_decision(markdown: str) -> None:
     create_markdown_artifact(markdown=markdown, key="promotion-decision", description="Promotion decision")
 
 
-@task(name="publish-model-card", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
+@task(name="publish-model-card", **IO_ANY_ERROR)
 def publish_model_card(card: ModelCard, run_id: str) -> str:
     """Prefect task: store the model card where a person looks for it; returns the S3 URI of the HTML card.
 

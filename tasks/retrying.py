@@ -34,3 +34,7 @@ IO: dict[str, Any] = {
     "retry_condition_fn": retry_unless_permanent,
     "cache_policy": NO_CACHE,
 }
+
+# The same backoff for tasks that retry whatever failed (their errors are all transient I/O; none raises a
+# `PermanentError`).
+IO_ANY_ERROR: dict[str, Any] = {key: value for key, value in IO.items() if key != "retry_condition_fn"}

@@ -11,7 +11,7 @@ from adapters import registry
 from core.data.dataset import DatasetConfig
 from core.evaluation.decision import Gates
 from core.evaluation.review import Review, ReviewInputs, review_candidate
-from tasks.retrying import IO_RETRIES, IO_RETRY_DELAYS
+from tasks.retrying import IO_ANY_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def review(inputs: ReviewInputs, config: DatasetConfig, gates: Gates, seed: int)
     return review_candidate(inputs, config, gates, seed)
 
 
-@task(name="champion-schema", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
+@task(name="champion-schema", **IO_ANY_ERROR)
 def champion_schema(model_name: str, version: str) -> dict[str, str]:
     """Prefect task: the champion's inputs as its logged signature says (what callers send today)."""
     return registry.input_schema(model_name, version)

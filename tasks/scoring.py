@@ -32,7 +32,7 @@ from core.inference.scoring import (
     use_cluster,
 )
 from dask_engine.scoring import score_on_cluster
-from tasks.retrying import IO, IO_RETRIES, IO_RETRY_DELAYS
+from tasks.retrying import IO, IO_ANY_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def publish_predictions(plan: OutputPlan, summary: ScoringSummary) -> Manifest:
     return scoring_store.publish_output(plan, summary, get_settings())
 
 
-@task(name="discard-version", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
+@task(name="discard-version", **IO_ANY_ERROR)
 def discard_version(plan: OutputPlan) -> int:
     """Prefect task: delete a failed run's version (never the published one), so nothing half-written remains."""
     return scoring_store.discard_version(plan, get_settings())
