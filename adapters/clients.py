@@ -42,11 +42,37 @@ def put_bytes(settings: Settings, location: S3Location, body: bytes, content_typ
     return location.uri
 
 
+# MLflow loads every installed package's `mlflow.request_header_provider` entry point at its first request.
+# Feast registers one: loading it imports all of feast (about 8 s of CPU in every process that talks to MLflow,
+# most of it typeguard recompiling feast's decorated functions), and it would send a Kubernetes
+# service-account token it finds as a bearer token to whichever tracking server is configured. MLflow's own
+# providers are kept; these are left out.
+SKIPPED_HEADER_PROVIDERS = frozenset({"feast"})
+HEADER_PROVIDER_GROUP = "mlflow.request_header_provider"
+
+
+def _mlflow() -> Any:
+    """`mlflow`, its plugin lookup without the skipped request-header providers (read at its first request)."""
+    import mlflow
+    from mlflow.utils import plugins
+
+    if not getattr(plugins.get_entry_points, "skips_foreign_header_providers", False):
+        original = plugins.get_entry_points
+
+        def get_entry_points(group: str) -> list:
+            points = original(group)
+            if group == HEADER_PROVIDER_GROUP:
+                return [point for point in points if point.name not in SKIPPED_HEADER_PROVIDERS]
+            return points
+
+        get_entry_points.skips_foreign_header_providers = True  # type: ignore[attr-defined]
+        plugins.get_entry_points = get_entry_points
+    return mlflow
+
+
 def mlflow_client(settings: Settings) -> MlflowClient:
     """A client of the configured tracking server (and its registry); changes no global state."""
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    return _mlflow().MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
 
 
 def use_tracking_server(settings: Settings) -> None:
@@ -55,9 +81,7 @@ def use_tracking_server(settings: Settings) -> None:
     The one place that sets MLflow's process-wide tracking URI; callers that only need a client use
     `mlflow_client`, which leaves it alone.
     """
-    import mlflow
-
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    _mlflow().set_tracking_uri(settings.mlflow_tracking_uri)
 
 
 class StackNotRunningError(RuntimeError):

@@ -580,3 +580,23 @@ def test_the_io_retry_backoff_is_the_setting_on_every_io_task():
         )
         assert out.returncode == 0, out.stderr[-2000:]
         assert json.loads(out.stdout.strip().splitlines()[-1]) == [expected, expected], setting
+
+
+def test_mlflow_requests_skip_feasts_header_provider_and_never_import_feast():
+    # A fresh interpreter, as a flow run or the serving API starts: the first MLflow request reads the
+    # request-header providers. Feast's (installed with feast) is left out, so feast is never imported.
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    assert "feast" in {point.name for point in entry_points(group="mlflow.request_header_provider")}
+    script = (
+        "import sys\n"
+        "from adapters.clients import mlflow_client\n"
+        "from adapters.settings import Settings\n"
+        "mlflow_client(Settings())\n"
+        "from mlflow.tracking.request_header.registry import _request_header_provider_registry as registry\n"
+        "print(sorted(type(p).__name__ for p in registry), 'feast' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split("\n")[0] == "['DatabricksRequestHeaderProvider', 'DefaultRequestHeaderProvider'] False"
