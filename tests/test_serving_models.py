@@ -119,13 +119,25 @@ def _everywhere(url: str, name: str, version: str, workers: int) -> bool:
     return model is not None and [w["version"] for w in model["workers"]] == [version] * workers
 
 
+# A fresh server loads its default model, then the catalog's (one of them broken) one after another: on a
+# loaded 2-core machine that took over 90 s once. The bound is generous; a timeout shows what /models says.
+LOAD_TIMEOUT = 240
+
+
+def _wait_served(url: str, name: str, version: str, workers: int) -> None:
+    try:
+        wait_for(lambda: _everywhere(url, name, version, workers), LOAD_TIMEOUT, f"{name} v{version} everywhere")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; /models says {name}: {_listed(url).get(name)}") from None
+
+
 @pytest.fixture(scope="module")
 def server(stack, models, tmp_path_factory):
     url, context = _serve(tmp_path_factory, "serving-models", WORKERS)
     with context:
         for name in (DEFAULT, LEVELS, FLAG):
             version = models[name]["version"]
-            wait_for(lambda n=name, v=version: _everywhere(url, n, v, WORKERS), 90, f"{name} v{version} everywhere")
+            _wait_served(url, name, version, WORKERS)
         yield url
 
 
@@ -276,7 +288,7 @@ def test_a_model_added_to_the_catalog_is_served_and_a_removed_one_is_404(stack, 
     assert httpx.post(path, json=body, timeout=30).status_code == 404
     # Given a model put in the catalog: within the poll interval it is served, in every process
     _catalog(stack, late["config"])
-    wait_for(lambda: _everywhere(server, LATE, late["version"], WORKERS), 30, f"{LATE} served everywhere")
+    _wait_served(server, LATE, late["version"], WORKERS)
     _assert_answers_as_its_pipeline(server, LATE, late, [f"/models/{LATE}/predict"])
     ids = [f"late-{uuid.uuid4().hex[:8]}-{i}" for i in range(3)]
     for request_id in ids:
@@ -359,7 +371,7 @@ def test_an_unreachable_catalog_keeps_every_served_model(stack, models, tmp_path
     relay = _Relay(stack.s3_port)
     url, context = _serve(tmp_path_factory, "catalog-outage", 1, AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{relay.port}")
     with context:
-        wait_for(lambda: _everywhere(url, FLAG, models[FLAG]["version"], 1), 90, f"{FLAG} served")
+        _wait_served(url, FLAG, models[FLAG]["version"], 1)
         assert httpx.get(f"{url}/models", timeout=10).json()["catalog_error"] is None
         # when S3 becomes unreachable
         relay.cut()
