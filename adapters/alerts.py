@@ -5,6 +5,8 @@ Events (Prefect UI -> Events, emitted whether or not a webhook is configured), o
 - `mlops.drift.detected`: monitoring found drift or decay and a retrain may start (the cooldown was
   checked first); payload: model, dataset, summary, reason, the training deployment, the monitoring run and
   report links. The model's `mlops-drift-retrain/<model>` automation runs `training/<model>` with it.
+- `mlops.model.refused`: a process refused to load a registered version because its stored artifact is not
+  the one training recorded (payload: model, version, reason, where: serving, scoring, training, ...).
 - `mlops.champion.promotion`, `mlops.champion.revert`, `mlops.champion.rollback`: the `champion` alias moved;
   payload: the versions, reason, actor, the new champion's holdout metrics, the model card and links.
   Emitted best-effort: a failure to emit is logged and never undoes the alias move.
@@ -42,6 +44,9 @@ WEBHOOK_BLOCK = "mlops-alerts"
 RUN_FAILED_AUTOMATION = "mlops-alert-run-failed"
 DRIFT_AUTOMATION = "mlops-drift-retrain"
 CHAMPION_AUTOMATION = "mlops-alert-champion-change"
+REFUSED_EVENT = "mlops.model.refused"
+REFUSED_AUTOMATION = "mlops-alert-model-refused"
+ALERT_ONLY_AUTOMATIONS = (RUN_FAILED_AUTOMATION, CHAMPION_AUTOMATION, REFUSED_AUTOMATION)
 AUTOMATION_TAG = "prefect-mlops"
 
 CARD_LINK_SECONDS = 7 * 24 * 3600  # presigned model-card links last a week, like the monitoring report's
@@ -86,6 +91,16 @@ def emit(event: str, model_name: str, payload: dict[str, Any], related: list[dic
         log.warning("no Prefect API configured (PREFECT_API_URL): event %s of %s not emitted", event, model_name)
         return None
     return emit_event(event, resource=_model_resource(model_name), payload=payload, related=related or [])
+
+
+def emit_refused(model_name: str, version: str, reason: str, where: str) -> Any:
+    """Emit `mlops.model.refused` (a stored artifact failed its checks); best-effort: a failure is logged."""
+    payload = {"model": model_name, "version": version, "reason": reason[:2000], "where": where}
+    try:
+        return emit(REFUSED_EVENT, model_name, payload)
+    except Exception as exc:  # the refusal itself stands; only its alert is lost
+        log.error("could not emit %s for %s v%s: %s", REFUSED_EVENT, model_name, version, exc)
+        return None
 
 
 @dataclass(frozen=True)
@@ -304,7 +319,7 @@ def undelivered_alerts(since: datetime, grace: timedelta = timedelta(seconds=30)
         notifying = {}
         for automation in client.read_automations():
             name = automation.name
-            if name not in (RUN_FAILED_AUTOMATION, CHAMPION_AUTOMATION) and not name.startswith(DRIFT_AUTOMATION):
+            if name not in ALERT_ONLY_AUTOMATIONS and not name.startswith(DRIFT_AUTOMATION):
                 continue
             actions = [a for a in automation.actions if isinstance(a, SendNotification)]
             if actions:

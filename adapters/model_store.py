@@ -7,13 +7,24 @@ API stay free of it. Built from settings; nothing at import.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import yaml
 
 from adapters.clients import mlflow_client, use_tracking_server
 from adapters.settings import Settings
+from core.modeling.artifacts import (
+    MLMODEL_FILE,
+    MODEL_FILE,
+    ArtifactDigests,
+    UntrustedArtifactError,
+    load_skops,
+)
 
 
 @dataclass(frozen=True)
@@ -28,8 +39,13 @@ class LoggedModel:
     trusted_types: list[str]
 
 
-def log_sklearn_model(settings: Settings, run_id: str, model: Any, artifact: str, logged: LoggedModel) -> str:
-    """Log the pipeline (skops) with its signature, input example and baseline into run `run_id`; its model URI."""
+def log_sklearn_model(
+    settings: Settings, run_id: str, model: Any, artifact: str, logged: LoggedModel
+) -> tuple[str, ArtifactDigests]:
+    """Log the pipeline (skops) with its signature, input example and baseline into run `run_id`.
+
+    Returns its model URI and the digests of the stored files (`stored_digests`), for the registered version.
+    """
     import mlflow
     import mlflow.sklearn
     from mlflow.models import infer_signature
@@ -49,7 +65,117 @@ def log_sklearn_model(settings: Settings, run_id: str, model: Any, artifact: str
             pip_requirements=logged.requirements,
             skops_trusted_types=logged.trusted_types,
         )
-    return info.model_uri
+    return info.model_uri, stored_digests(settings, info.model_uri, model, logged.example)
+
+
+def _download(settings: Settings, uri: str) -> bytes:
+    """The bytes of one stored artifact file (into a temporary folder, removed after)."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as folder:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=folder, tracking_uri=settings.mlflow_tracking_uri
+        )
+        return Path(local).read_bytes()
+
+
+def _outputs(model: Any, rows: pd.DataFrame) -> np.ndarray:
+    return model.predict_proba(rows) if hasattr(model, "predict_proba") else model.predict(rows)
+
+
+def stored_digests(settings: Settings, model_uri: str, model: Any, example: pd.DataFrame) -> ArtifactDigests:
+    """The digests of the model just logged at `model_uri` (`models:/m-...`), read back from the store.
+
+    The stored skops file is loaded (with the project's own types only) and must give `model`'s outputs on
+    `example` exactly: the digests recorded at registration are those of the model this run trained.
+    """
+    location = mlflow_client(settings).get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    data = _download(settings, f"{location}/{MODEL_FILE}")
+    mlmodel = _download(settings, f"{location}/{MLMODEL_FILE}")
+    stored = load_skops(data, f"the model just logged at {model_uri}")
+    if not np.array_equal(_outputs(stored, example), _outputs(model, example)):
+        raise UntrustedArtifactError(f"the model stored at {model_uri} does not give the trained model's outputs")
+    return ArtifactDigests.of(data, mlmodel)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered version loaded after its checks: the fitted pipeline, its signature and the version."""
+
+    pipeline: Any
+    signature: Any
+    details: Any  # MLflow's ModelVersion (tags, run id, source)
+
+
+def load_registered(settings: Settings, model_name: str, version: str) -> RegisteredModel:
+    """A registered version, loaded only when its stored files are the ones training recorded.
+
+    The version's digests (tags) are checked on the downloaded skops file and MLmodel, and the types the
+    skops file names against the project's list, before anything is deserialised; the artifact's own
+    loading instructions (format, trusted types) are never read. The signature comes from the checked MLmodel.
+
+    Raises:
+        UntrustedArtifactError: no digests, another format, other bytes, or a type the project does not load.
+    """
+    from mlflow.models import Model
+
+    what = f"{model_name} v{version}"
+    details = mlflow_client(settings).get_model_version(model_name, version)
+    digests = ArtifactDigests.from_tags(details.tags or {}, what)
+    data = _download(settings, f"models:/{model_name}/{version}/{MODEL_FILE}")
+    mlmodel = _download(settings, f"models:/{model_name}/{version}/{MLMODEL_FILE}")
+    digests.check(data, mlmodel, what)
+    signature = Model.from_dict(yaml.safe_load(mlmodel)).signature
+    return RegisteredModel(load_skops(data, what), signature, details)
+
+
+@dataclass(frozen=True)
+class TrustResult:
+    """What `trust_version` recorded (or found already recorded)."""
+
+    digests: ArtifactDigests
+    onnx: str | None  # the compiled file's digest, when the version is served compiled
+    already: bool  # the version already carried these digests
+
+
+def trust_version(settings: Settings, model_name: str, version: str, actor: str) -> TrustResult:
+    """Record the digests of a version registered before digests existed, after checking what can be checked.
+
+    Refused (UntrustedArtifactError): an MLmodel that does not describe an sklearn model stored with skops in
+    `model.skops` (a pickle cannot be checked without running it: retrain instead), a skops file naming a type
+    the project does not load, or a version whose recorded digests no longer match (changed after
+    registration). The file is loaded with the project's types only, never the artifact's own list.
+    """
+    from mlflow.models import Model
+
+    from core.inference.compiled import ONNX_ARTIFACT
+    from core.modeling.artifacts import MODEL_DIGEST_TAG, ONNX_DIGEST_TAG, sha256_hex
+
+    what = f"{model_name} v{version}"
+    client = mlflow_client(settings)
+    details = client.get_model_version(model_name, version)
+    tags = details.tags or {}
+    mlmodel = _download(settings, f"models:/{model_name}/{version}/{MLMODEL_FILE}")
+    flavor = (Model.from_dict(yaml.safe_load(mlmodel)).flavors or {}).get("sklearn") or {}
+    if flavor.get("serialization_format") != "skops" or flavor.get("pickled_model") != MODEL_FILE:
+        raise UntrustedArtifactError(
+            f"{what} is stored as {flavor.get('serialization_format')!r} ({flavor.get('pickled_model')!r}), "
+            f"not skops in {MODEL_FILE}: it cannot be checked without running it; retrain it instead"
+        )
+    data = _download(settings, f"models:/{model_name}/{version}/{MODEL_FILE}")
+    if tags.get(MODEL_DIGEST_TAG):
+        recorded = ArtifactDigests.from_tags(tags, what)
+        recorded.check(data, mlmodel, what)
+        return TrustResult(recorded, tags.get(ONNX_DIGEST_TAG), already=True)
+    load_skops(data, what)  # the project's types only: refuses anything else before building it
+    digests = ArtifactDigests.of(data, mlmodel)
+    onnx = None
+    if tags.get("inference_form") == "onnx" and details.run_id:
+        onnx = sha256_hex(run_bytes(details.run_id, ONNX_ARTIFACT))
+    new_tags = digests.tags() | ({ONNX_DIGEST_TAG: onnx} if onnx else {}) | {"trusted_by": actor}
+    for key, value in new_tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    return TrustResult(digests, onnx, already=False)
 
 
 def register(settings: Settings, model_uri: str, model_name: str, tags: dict[str, str]) -> str:
@@ -69,14 +195,6 @@ def version_exists(settings: Settings, model_name: str, version: str) -> bool:
     except MlflowException:
         return False
     return True
-
-
-def load_pyfunc(uri: str) -> tuple[Any, Any]:
-    """The fitted model behind `models:/<name>/<version>` and its logged signature (MLflow's loader)."""
-    import mlflow.pyfunc
-
-    pyfunc = mlflow.pyfunc.load_model(uri)
-    return pyfunc.get_raw_model(), pyfunc.metadata.signature
 
 
 def run_text(run_id: str, path: str) -> str:

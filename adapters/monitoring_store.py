@@ -62,7 +62,7 @@ def load_champion(settings: Settings, model_name: str) -> Champion:
     if reference.empty:
         raise MonitoringError(f"the training reference of {model_name!r} v{version} (run {run_id}) is empty")
     holdout = holdout_metrics(client.get_run(run_id).data.metrics)
-    model = load_model(model_name, version, settings)
+    model = load_model(model_name, version, settings, where="monitoring")
     log.info("monitoring %s v%s against %d reference rows", model_name, version, len(reference))
     return Champion(model_name, version, run_id, model, holdout, reference)
 

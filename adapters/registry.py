@@ -46,12 +46,22 @@ def aliases_of(client: Any, model_name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in aliases.items()}
 
 
-def load_model(model_name: str, version: str, settings: Settings | None = None) -> Any:
-    """A registered version's fitted scikit-learn pipeline (the sklearn flavour: probabilities, not labels)."""
-    import mlflow.sklearn
+def load_model(model_name: str, version: str, settings: Settings | None = None, where: str = "a flow run") -> Any:
+    """A registered version's fitted scikit-learn pipeline, loaded only after its artifact checks.
 
-    use_tracking_server(settings or get_settings())
-    return mlflow.sklearn.load_model(f"models:/{model_name}/{version}")
+    The checks are `adapters.model_store.load_registered`'s (recorded digests, skops, the project's types);
+    a refusal is alerted (`mlops.model.refused`, naming `where`) and raised as UntrustedArtifactError.
+    """
+    from adapters.alerts import emit_refused
+    from adapters.model_store import load_registered
+    from core.modeling.artifacts import UntrustedArtifactError
+
+    try:
+        return load_registered(settings or get_settings(), model_name, version).pipeline
+    except UntrustedArtifactError as exc:
+        log.error("refused %s v%s in %s: %s", model_name, version, where, exc)
+        emit_refused(model_name, version, str(exc), where)
+        raise
 
 
 def holdout_metrics(logged: dict[str, float]) -> dict[str, float]:

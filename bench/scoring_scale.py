@@ -52,21 +52,18 @@ def _dataset_yaml(source: str) -> Path:
 
 def prepare(rows: int) -> tuple[str, str, str]:
     """The data (written once per row count, one file per month) and the registered model; (source, yaml, version)."""
-    import mlflow
-    import mlflow.sklearn
     import pandas as pd
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    from adapters.clients import S3Location, use_tracking_server
+    from adapters.clients import S3Location
     from adapters.settings import get_settings
     from adapters.store import list_keys
     from core.data.dataset import load_local_dataset_config
     from core.data.features import prepare_inputs, prepare_target
     from core.data.synthetic import generate_month
     from core.modeling.search import make_pipeline
-    from core.transformers import skops_trusted_types
     from mlops.datagen import write_months
-    from tasks.tracking import MODEL_REQUIREMENTS
+    from tasks.tracking import log_model, register_model, start_run
 
     settings = get_settings()
     source = _source(rows, settings.bucket)
@@ -79,17 +76,10 @@ def prepare(rows: int) -> tuple[str, str, str]:
     train = pd.concat([generate_month(i, 5000, 5) for i in range(3)], ignore_index=True)
     model = make_pipeline(config, HistGradientBoostingClassifier(random_state=0))
     model.fit(prepare_inputs(train, config), prepare_target(train, config))
-    use_tracking_server(settings)
-    # Not mlflow.set_experiment: it sets a process-wide active experiment, and the training flow's later
-    # mlflow.start_run(run_id=...) in this process then refuses runs of any other experiment.
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(MODEL)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(MODEL)
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.sklearn.log_model(
-            model, name="model", pip_requirements=MODEL_REQUIREMENTS, skops_trusted_types=skops_trusted_types(model)
-        )
-    version = str(mlflow.register_model(f"runs:/{run.info.run_id}/model", MODEL).version)
+    # logged and registered as training does (the version carries its artifact digests, which loaders check)
+    run_id = start_run.fn(config.model_copy(update={"name": MODEL}), {"bench": "scoring_scale"}, {"run_name": MODEL})
+    uri, digests = log_model.fn(run_id, model, train, config)
+    version = register_model.fn(uri, MODEL, run_id, digests.tags())
     return source, str(_dataset_yaml(source)), version
 
 

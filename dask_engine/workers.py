@@ -28,7 +28,7 @@ def worker_model(model_name: str, version: str, settings: Settings) -> Any:
         if key not in _MODELS:
             while len(_MODELS) >= MODELS_KEPT:
                 _MODELS.pop(next(iter(_MODELS)))
-            _MODELS[key] = registry.load_model(model_name, version, settings)
+            _MODELS[key] = registry.load_model(model_name, version, settings, where="scoring on the cluster")
             _LOADS.append((model_name, version))
         return _MODELS[key]
 

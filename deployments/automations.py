@@ -30,12 +30,15 @@ from typing import Any
 from uuid import UUID
 
 from adapters.alerts import (
+    ALERT_ONLY_AUTOMATIONS,
     ALERTED_FLOWS,
     AUTOMATION_TAG,
     CHAMPION_AUTOMATION,
     CHAMPION_EVENT_PREFIX,
     DRIFT_AUTOMATION,
     DRIFT_EVENT,
+    REFUSED_AUTOMATION,
+    REFUSED_EVENT,
     RUN_EVENTS,
     RUN_FAILED_AUTOMATION,
     delete_webhook_block,
@@ -84,6 +87,8 @@ CHAMPION_BODY = (
     "MLflow: {{ event.payload.mlflow_model_version or '-' }}\n"
     "Prefect run: {{ event.payload.prefect_flow_run or '-' }}" + ALERT_ID
 )
+REFUSED_SUBJECT = "[mlops] {{ event.payload.model }} v{{ event.payload.version }} refused by {{ event.payload.where }}"
+REFUSED_BODY = "reason: {{ event.payload.reason }}" + ALERT_ID
 
 ZOMBIE_AUTOMATION = "mlops-crash-zombie-runs"
 # Three missed heartbeats at the stack's 30 s frequency (Prefect's recipe uses the same margin).
@@ -178,6 +183,18 @@ def wanted_automations(
                 threshold=1,
             ),
             actions=[SendNotification(block_document_id=block_id, subject=CHAMPION_SUBJECT, body=CHAMPION_BODY)],
+        ),
+        AutomationCore(
+            name=REFUSED_AUTOMATION,
+            description="Notify when a registered version's stored artifact is refused (not the one recorded).",
+            tags=[AUTOMATION_TAG],
+            trigger=EventTrigger(
+                expect={REFUSED_EVENT},
+                match={"prefect.resource.id": "mlops.model.*"},
+                posture="Reactive",
+                threshold=1,
+            ),
+            actions=[SendNotification(block_document_id=block_id, subject=REFUSED_SUBJECT, body=REFUSED_BODY)],
         ),
     ]
 
@@ -282,11 +299,11 @@ def deploy_automations(training: dict[str, UUID], settings: Settings) -> dict[st
                 automation_id,
             )
         if block_id is None:
-            removed = [name for name in (RUN_FAILED_AUTOMATION, CHAMPION_AUTOMATION) if remove(client, name)]
+            removed = [name for name in ALERT_ONLY_AUTOMATIONS if remove(client, name)]
             log.warning(
                 "MLOPS_ALERT_WEBHOOK_URL is not set: no notifications. The alert-only automations %s are not "
                 "created%s; drift still retrains, and the events are emitted (Prefect UI -> Events).",
-                ", ".join((RUN_FAILED_AUTOMATION, CHAMPION_AUTOMATION)),
+                ", ".join(ALERT_ONLY_AUTOMATIONS),
                 f" (removed: {', '.join(removed)})" if removed else "",
             )
     if block_id is None:

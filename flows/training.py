@@ -152,10 +152,10 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         split, search = fit_candidate(data, config, params.search, params.seed)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
         log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, data.report.to_json())
-        model_uri = log_model(run_id, search.model, split.train, config)
+        model_uri, digests = log_model(run_id, search.model, split.train, config)  # loaders check the digests
         log_reference(run_id, search.model, split.holdout, config, params.seed)  # monitoring's baseline (holdout rows)
         compiled = compile_candidate(run_id, search.model, split.holdout, config, params.seed)  # how it is served
-        tags = _version_tags(config, data, compiled.tags() | fingerprint.tags())
+        tags = _version_tags(config, data, compiled.tags() | fingerprint.tags() | digests.tags())
         candidate = Candidate(run_id, search.model, model_uri, evaluation, split.holdout, tags, compiled.line())
         result = review_and_promote(candidate, config, _policy(params, gates))
         outcome = result.outcome(params.dry_run)

@@ -109,6 +109,35 @@ def models_show(name: Annotated[str, typer.Argument(help="Catalog model name.")]
     typer.echo(entry.text.rstrip())
 
 
+@models_app.command("trust")
+def models_trust(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Registered version (a number).")],
+) -> None:
+    """Record the artifact digests of a version registered before they existed, so that it can be loaded.
+
+    Every loader (serving, scoring, training's champion, monitoring) refuses a version without the digests
+    training records. Run this once, for a version you know your own training registered: it checks the stored
+    model is skops with only the project's types (a pickle is refused: retrain it), then records its digests.
+    """
+    setup_logging()
+    _connect(("S3", "MLflow"))
+    import getpass
+
+    from adapters.model_store import trust_version
+    from core.modeling.artifacts import UntrustedArtifactError
+
+    try:
+        result = trust_version(get_settings(), name, version, actor=getpass.getuser())
+    except UntrustedArtifactError as exc:
+        raise fail(f"not trusted: {exc}") from exc
+    done = "already recorded, and the stored files match" if result.already else "recorded"
+    typer.echo(
+        f"{name} v{version}: digests {done}: model.skops {result.digests.model[:16]}..., "
+        f"MLmodel {result.digests.mlmodel[:16]}..." + (f", model.onnx {result.onnx[:16]}..." if result.onnx else "")
+    )
+
+
 @models_app.command("remove")
 def models_remove(name: Annotated[str, typer.Argument(help="Catalog model name.")]) -> None:
     """Remove a model: its deployments and schedules go (runs in flight are cancelled); versions, data and logs stay."""

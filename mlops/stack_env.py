@@ -25,6 +25,9 @@ CLIENT_DEFAULTS = {
     # Bound MLflow's own HTTP retries (7 with long backoff by default); Prefect's task retries come on top.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    # The project loads models itself (`adapters.model_store.load_registered`: recorded digests, skops only);
+    # MLflow's own loaders (e.g. `mlflow models serve`) are told never to unpickle either.
+    "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
 }
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from adapters.alerts import emit_refused
 from adapters.clients import mlflow_client, use_tracking_server
 from adapters.registry import aliases_of
 from adapters.settings import Settings
@@ -90,8 +91,10 @@ class ChampionFollower:
                 return False
             log.info("%s now points at v%s; loading it", self.following, version)
             try:
-                model = await asyncio.to_thread(load_version, self._client, self.name, version)
+                model = await asyncio.to_thread(load_version, self._client, self.name, version, self.settings)
             except ModelLoadError as exc:
+                if exc.refused and (self._failed is None or self._failed[0] != version):  # alerted once a version
+                    await asyncio.to_thread(emit_refused, self.name, version, str(exc), "serving")
                 self._failed = (version, time.monotonic() + RETRY_FAILED_AFTER)
                 self.last_error = str(exc)
                 self.on_reload("failure")

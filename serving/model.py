@@ -30,9 +30,11 @@ import pandas as pd
 from pydantic import Field, TypeAdapter
 from typing_extensions import TypedDict
 
-from adapters.model_store import load_pyfunc, run_bytes, run_json
+from adapters.model_store import load_registered, run_bytes, run_json
 from adapters.registry import holdout_metrics
+from adapters.settings import Settings, get_settings
 from core.inference.compiled import ONNX_ARTIFACT, TOLERANCE, ArrayForm, OnnxForm, check_parity
+from core.modeling.artifacts import ONNX_DIGEST_TAG, UntrustedArtifactError, check_digest
 from core.modeling.signature import BASELINE_ARTIFACT, Column, ModelLoadError, columns_from_signature
 
 log = logging.getLogger(__name__)
@@ -300,15 +302,25 @@ def choose_inference(
     classification = getattr(pipeline, "classes_", None) is not None
     wanted = tags.get("inference_form", "pipeline")
     candidates = []
-    if wanted == "onnx" and run_id:
-        candidates.append(("onnx", lambda: OnnxForm(onnx_bytes(run_id), text, classification), TOLERANCE))
+    fallbacks = []
+    if wanted == "onnx" and run_id and not tags.get(ONNX_DIGEST_TAG):
+        fallbacks.append("onnx: no recorded digest of the compiled file (registered by earlier code)")
+    elif wanted == "onnx" and run_id:
+
+        def onnx_form() -> OnnxForm:
+            data = onnx_bytes(run_id)
+            check_digest(data, tags[ONNX_DIGEST_TAG], f"the compiled file of run {run_id}")  # before onnxruntime
+            return OnnxForm(data, text, classification)
+
+        candidates.append(("onnx", onnx_form, TOLERANCE))
     if wanted in ("onnx", "exact-arrays") and tags.get("exact_arrays_parity") == "passed":
         candidates.append(("exact-arrays", lambda: ArrayForm(pipeline, text), 0.0))
-    fallbacks = []
     for form, build, tolerance in candidates:
         try:
             inference = build()
             check = check_parity(pipeline, inference, probe, tolerance)
+        except UntrustedArtifactError:  # a changed file is refused with the version, not worked around
+            raise
         except Exception as exc:
             fallbacks.append(f"{form}: {type(exc).__name__}: {exc}"[:300])
         else:
@@ -319,17 +331,22 @@ def choose_inference(
     return None, facts | ({"fallbacks": fallbacks} if fallbacks else {})
 
 
-def load_version(client: Any, name: str, version: str) -> LoadedModel:
+def load_version(client: Any, name: str, version: str, settings: Settings | None = None) -> LoadedModel:
     """Load `models:/<name>/<version>` with its signature, metrics and promotion time.
+
+    Only an artifact training recorded is loaded (`adapters.model_store.load_registered`); a refused one
+    raises ModelLoadError with `refused` set.
 
     Raises ModelLoadError naming the version and the cause; never returns a half-loaded model.
     """
     uri = f"models:/{name}/{version}"
     try:
-        details = client.get_model_version(name, version)
-        pipeline, signature = load_pyfunc(uri)
+        registered = load_registered(settings or get_settings(), name, version)
+    except UntrustedArtifactError as exc:
+        raise ModelLoadError(f"{uri} refused: {exc}", refused=True) from exc
     except Exception as exc:
         raise ModelLoadError(f"{uri} could not be loaded: {type(exc).__name__}: {exc}") from exc
+    details, pipeline, signature = registered.details, registered.pipeline, registered.signature
     classes = check_servable(pipeline, uri)
     columns = columns_from_signature(signature)
     tags = details.tags or {}
@@ -344,6 +361,8 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
     probe = nulls if baseline is None else pd.concat([nulls, _probe_rows(baseline, columns)], ignore_index=True)
     try:
         inference, parity = choose_inference(pipeline, columns, tags, details.run_id, probe)
+    except UntrustedArtifactError as exc:
+        raise ModelLoadError(f"{uri} refused: {exc}", refused=True) from exc
     except Exception as exc:  # the pipeline itself still serves (the test prediction below checks it)
         log.warning("%s: no fast inference form (%s: %s)", uri, type(exc).__name__, exc)
         inference, parity = None, _parity_facts(tags) | {"fallbacks": [f"{type(exc).__name__}: {exc}"[:300]]}

@@ -30,10 +30,10 @@ def find_champion(model_name: str) -> str | None:
     return champion_version(model_name)
 
 
-@task(name="load-champion", **IO_ANY_ERROR)
+@task(name="load-champion", **IO)
 def load_champion(model_name: str, version: str) -> Any:
-    """Prefect task: the champion's fitted pipeline (sklearn flavour, so it gives probabilities)."""
-    return load_model(model_name, version)
+    """Prefect task: the champion's fitted pipeline, after its artifact checks (a refused artifact is not retried)."""
+    return load_model(model_name, version, where="training (the champion)")
 
 
 @task(name="promote", **IO)

@@ -48,7 +48,7 @@ def resolve_model_version(model_name: str, requested: str | None) -> str:
 @task(name="load-model", **IO)
 def load_model(model_name: str, version: str) -> Any:
     """Prefect task: a registered version's fitted pipeline (sklearn flavour: a classifier or a regressor)."""
-    return registry.load_model(model_name, version)
+    return registry.load_model(model_name, version, where="scoring")
 
 
 @task(name="inspect-partition", **IO)

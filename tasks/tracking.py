@@ -24,6 +24,7 @@ from core.data.dataset import DatasetConfig
 from core.data.features import prepare_inputs
 from core.data.fingerprint import Fingerprint, canonical_hash, code_version, listing_version, params_version
 from core.evaluation.review import Review
+from core.modeling.artifacts import ArtifactDigests
 from core.modeling.explain import baseline_row, importance_figure
 from core.modeling.search import SearchResult
 from core.modeling.signature import BASELINE_ARTIFACT
@@ -191,8 +192,12 @@ def log_evaluation(
 
 
 @task(name="log-model", **IO)
-def log_model(run_id: str, model: Any, train: pd.DataFrame, config: DatasetConfig) -> str:
-    """Prefect task: log the pipeline with its signature and an input example; returns the model URI."""
+def log_model(run_id: str, model: Any, train: pd.DataFrame, config: DatasetConfig) -> tuple[str, ArtifactDigests]:
+    """Prefect task: log the pipeline with its signature and an input example.
+
+    Returns the model URI and the digests of the stored files, which the registered version must carry:
+    loaders refuse a version without them (`adapters.model_store.load_registered`).
+    """
     example = prepare_inputs(train.head(200), config).dropna().head(5)
     if example.empty:
         example = prepare_inputs(train.head(5), config)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adapters.clients import mlflow_client, s3_client
+from adapters.clients import mlflow_client, s3_client, use_tracking_server
 
 
 def corrupt_version(stack, name: str, version: str) -> None:
@@ -18,3 +18,17 @@ def corrupt_version(stack, name: str, version: str) -> None:
     assert model_files, keys
     for key in model_files:
         client.put_object(Bucket=stack.bucket, Key=key, Body=b"not a model")
+
+
+def register_again(stack, name: str, version: str) -> str:
+    """Register the model of version `version` again (its run's `model`), with that version's run id and artifact
+    digests (the same stored files): a second version to promote or roll back to."""
+    import mlflow
+
+    from core.modeling.artifacts import FORMAT_TAG, MLMODEL_DIGEST_TAG, MODEL_DIGEST_TAG
+
+    use_tracking_server(stack)
+    details = mlflow_client(stack).get_model_version(name, version)
+    kept = (MODEL_DIGEST_TAG, MLMODEL_DIGEST_TAG, FORMAT_TAG)
+    tags = {key: value for key, value in details.tags.items() if key in kept} | {"run_id": details.run_id}
+    return str(mlflow.register_model(f"runs:/{details.run_id}/model", name, tags=tags).version)

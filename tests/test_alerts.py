@@ -27,6 +27,7 @@ from adapters.alerts import (
     CHAMPION_AUTOMATION,
     DRIFT_AUTOMATION,
     DRIFT_EVENT,
+    REFUSED_AUTOMATION,
     RUN_FAILED_AUTOMATION,
     WEBHOOK_BLOCK,
     drift_automation_name,
@@ -35,6 +36,7 @@ from adapters.alerts import (
 )
 from adapters.clients import S3Location, mlflow_client, put_bytes
 from tests.ports import free_port
+from tests.serving_helpers import register_again
 from tests.waiting import wait_for, wait_for_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -238,6 +240,28 @@ def test_failed_training_run_is_alerted_once_with_its_link_and_error(stack, aler
     _delay("failed run", finished.state.timestamp, arrived, text)
 
 
+def test_a_refused_model_artifact_is_alerted_once_with_the_version_and_why(stack, alerts, receiver):
+    import mlflow
+    from sklearn.dummy import DummyClassifier
+
+    from adapters.clients import use_tracking_server
+    from adapters.registry import load_model
+    from core.modeling.artifacts import UntrustedArtifactError
+
+    # Given a version registered outside training (no artifact digests)
+    name = f"{MODEL}-outsider"
+    use_tracking_server(stack)
+    with mlflow.start_run(experiment_id=mlflow.MlflowClient().create_experiment(name)) as run:
+        mlflow.sklearn.log_model(DummyClassifier().fit([[0], [1]], [0, 1]), name="model")
+    version = str(mlflow.register_model(f"runs:/{run.info.run_id}/model", name).version)
+    # when scoring would load it, it is refused
+    with pytest.raises(UntrustedArtifactError):
+        load_model(name, version, where="scoring")
+    # then one alert names the model, the version, where and why
+    _, text = receiver.one(f"[mlops] {name} v{version} refused by scoring")
+    assert "reason: " in text and "no recorded artifact digest" in text and "mlops models trust" in text, text
+
+
 def test_drift_event_starts_one_training_run_and_is_alerted_once(stack, alerts, receiver, dataset):
     from core.monitoring.retraining import RetrainRequest
     from services.retraining import DRIFT_TAG, model_tag, start_retraining
@@ -288,7 +312,6 @@ def test_drift_event_starts_one_training_run_and_is_alerted_once(stack, alerts, 
 
 
 def test_promotion_and_rollback_are_alerted_once_each_with_reason_and_model_card(stack, alerts, receiver, dataset):
-    import mlflow
 
     from adapters.promotion import promote_version
     from core.evaluation.decision import Gates
@@ -315,8 +338,7 @@ def test_promotion_and_rollback_are_alerted_once_each_with_reason_and_model_card
     [promoted] = _events("mlops.champion.promotion", model_resource_id(MODEL), since)
     _delay("promotion (training flow)", promoted.occurred, arrived, text)
     # Given a second version promoted by hand and rolled back
-    run_id = state.result().run_id
-    second = str(mlflow.register_model(f"runs:/{run_id}/model", MODEL, tags={"run_id": run_id}).version)
+    second = register_again(stack, MODEL, first)
     promote_version(MODEL, second, first, reason="alerts test: v2", actor="tester")
     receiver.one(f"{MODEL}: promotion, champion v{first} -> v{second}", "reason: alerts test: v2", "by: tester at")
     rollback(MODEL, None, "v2 answers nonsense", "tester")
@@ -401,7 +423,7 @@ def test_deploy_is_idempotent_and_updates_in_place(stack, alerts, receiver, capl
     from deployments.automations import deploy_automations
 
     drift = drift_automation_name(MODEL)
-    names = (RUN_FAILED_AUTOMATION, drift, CHAMPION_AUTOMATION)
+    names = (RUN_FAILED_AUTOMATION, drift, CHAMPION_AUTOMATION, REFUSED_AUTOMATION)
 
     def state() -> dict[str, tuple[str, str, bool]]:
         """Each automation by name (exactly one each): id, last update, enabled; and the block's."""

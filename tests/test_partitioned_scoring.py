@@ -86,36 +86,27 @@ def test_a_worker_loads_each_model_once_and_keeps_only_the_newest(monkeypatch):
 @pytest.fixture(scope="module")
 def model_setup(stack, tmp_path_factory, dask_cluster):
     """Three months in S3, a logistic regression registered as `partitioned-test` (champion, with a reference)."""
-    import mlflow
-    import mlflow.sklearn
     from sklearn.linear_model import LogisticRegression
 
-    from adapters.clients import use_tracking_server
+    from adapters.clients import mlflow_client
     from adapters.monitoring_store import store_reference
     from core.data.dataset import load_local_dataset_config
     from core.data.synthetic import generate_month
     from core.monitoring.drift_analysis import reference_sample
-    from core.transformers import skops_trusted_types
     from mlops.datagen import write_months
-    from tasks.tracking import MODEL_REQUIREMENTS
+    from tasks.tracking import log_model, register_model, start_run
     from tests.task_types import fit
 
     config = load_local_dataset_config("credit-risk")
     write_months(stack, SOURCE, MONTHS, ROWS_PER_MONTH, seed=11)
     train = pd.concat([generate_month(i, 1500, 5) for i in range(3)], ignore_index=True)
     model = fit(config, train, LogisticRegression(max_iter=1000))
-    use_tracking_server(stack)
-    # Not mlflow.set_experiment: it would set a process-wide active experiment for the rest of the session.
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(MODEL)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(MODEL)
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.sklearn.log_model(
-            model, name="model", pip_requirements=MODEL_REQUIREMENTS, skops_trusted_types=skops_trusted_types(model)
-        )
-    version = str(mlflow.register_model(f"runs:/{run.info.run_id}/model", MODEL).version)
-    store_reference(stack, run.info.run_id, reference_sample(train, model, config, 5000, 0))
-    mlflow.MlflowClient().set_registered_model_alias(MODEL, "champion", version)
+    # logged and registered as training does (the version carries its artifact digests)
+    run_id = start_run.fn(config.model_copy(update={"name": MODEL}), {"test": "partitioned"}, {"run_name": MODEL})
+    uri, digests = log_model.fn(run_id, model, train, config)
+    version = register_model.fn(uri, MODEL, run_id, digests.tags())
+    store_reference(stack, run_id, reference_sample(train, model, config, 5000, 0))
+    mlflow_client(stack).set_registered_model_alias(MODEL, "champion", version)
     import yaml
 
     from core.data.dataset import bundled_config_text

@@ -23,6 +23,7 @@ from mlops.stack import running
 from services.rollback import RollbackError
 from services.rollback import rollback as rollback_now
 from tests.ports import free_port
+from tests.serving_helpers import register_again
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,7 +43,6 @@ def _aliases(stack) -> dict[str, str]:
 def versions(stack, default_data, tmp_path_factory) -> dict[str, str]:
     """v1 (trained, cold-start champion), v2 (the same model registered again, then promoted), and v3
     (another seed, registered but rejected by a gate it cannot pass: never champion)."""
-    import mlflow
     import yaml
 
     from core.data.dataset import bundled_config_text
@@ -56,8 +56,7 @@ def versions(stack, default_data, tmp_path_factory) -> dict[str, str]:
     assert state.is_completed(), state.message
     first = state.result()
     assert first.promoted
-    run_id = first.run_id
-    second = str(mlflow.register_model(f"runs:/{run_id}/model", MODEL, tags={"run_id": run_id}).version)
+    second = register_again(stack, MODEL, first.candidate_version)
     promote_version(MODEL, second, first.candidate_version, reason="test: a newer version", actor="tester")
     rejected = training(
         TrainingParams(

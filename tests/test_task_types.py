@@ -50,9 +50,9 @@ def _register(stack, config, model, train: pd.DataFrame, holdout: pd.DataFrame) 
     y, scores = prepare_target(holdout, config), model_scores(model, prepare_inputs(holdout, config))
     for name, value in compute_metrics(y, scores, model_classes(model)).items():
         client.log_metric(run_id, f"holdout_{name}", value)
-    uri = log_model.fn(run_id, model, train, config)
+    uri, digests = log_model.fn(run_id, model, train, config)
     log_reference.fn(run_id, model, train, config)
-    version = register_model.fn(uri, config.model_name, run_id, {"id_column": config.id_column})
+    version = register_model.fn(uri, config.model_name, run_id, {"id_column": config.id_column} | digests.tags())
     client.set_registered_model_alias(config.model_name, "champion", version)
     return version
 

@@ -25,6 +25,7 @@ import pytest
 from adapters.clients import mlflow_client
 from mlops.stack import client_env
 from tests.ports import free_port
+from tests.serving_helpers import register_again
 from tests.waiting import wait_for, wait_for_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -183,7 +184,6 @@ def anywhere_entry(stack, default_data):
 
 
 def test_a_worker_elsewhere_runs_every_deployment(stack, remote_worker, anywhere_entry):
-    import mlflow
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -228,7 +228,7 @@ def test_a_worker_elsewhere_runs_every_deployment(stack, remote_worker, anywhere
     client = mlflow_client(stack)
     champion = client.get_model_version_by_alias(MODEL, "champion")
     # a second version (the same model registered again) for the rollback to go to
-    second = mlflow.register_model(f"runs:/{champion.run_id}/model", MODEL).version
+    second = register_again(stack, MODEL, champion.version)
     # then scoring, monitoring and rollback on the model it trained
     second_runs = wait_for_runs(
         [

@@ -44,6 +44,7 @@ from core.inference.compiled_arrays import ArrayForm
 from core.inference.compiled_onnx import OnnxForm, compile_onnx
 from core.inference.compiled_parity import TOLERANCE, Parity, check_parity, compare, edge_cases
 from core.inference.compiled_plan import NAN_TEXT, NULL_TEXT, UNSEEN_TEXT, ConversionError
+from core.modeling.artifacts import ONNX_DIGEST_TAG, sha256_hex
 
 __all__ = [
     "FORMS",
@@ -98,6 +99,8 @@ class CompiledCheck:
         }
         if self.onnx.max_abs_delta is not None:
             tags["compiled_max_abs_delta"] = f"{self.onnx.max_abs_delta:.3g}"
+        if self.model is not None:  # serving checks the downloaded ONNX file against it before using it
+            tags[ONNX_DIGEST_TAG] = sha256_hex(self.model)
         return tags
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,7 +19,14 @@ TEXT_TYPES = {"string"}
 
 
 class ModelLoadError(RuntimeError):
-    """A model version could not be loaded or is not servable; the model already served stays."""
+    """A model version could not be loaded or is not servable; the model already served stays.
+
+    `refused`: its stored artifact failed the checks (not the one training recorded, or not loadable safely).
+    """
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass(frozen=True)
