@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -78,7 +78,13 @@ class Settings(BaseSettings):
     )
     serving_token: SecretStr | None = Field(
         None,
-        description="Bearer token guarding /reload, /predict and /invocations (unset: open, /reload loopback only).",
+        description="Bearer token guarding /reload, /predict and /invocations (unset: open, /reload loopback only). "
+        "Surrounding whitespace is ignored, on both sides; an empty or blank token is an error, never 'no token'.",
+    )
+    serving_insecure: bool = Field(
+        False,
+        description="Allow the serving API to bind beyond loopback without a token (`mlops serve --insecure`); "
+        "logged as a warning. Without it, such a start is refused.",
     )
 
     # Serving worker processes: each follows the champion; metrics are summed across them.
@@ -150,6 +156,19 @@ class Settings(BaseSettings):
     dask_scheduler_port: int = Field(8786, description="Port of the local Dask scheduler.")
     dask_dashboard_port: int = Field(8787, description="Dashboard port of the local Dask scheduler (127.0.0.1).")
     dask_worker_memory: str = Field("4GiB", description="Memory limit per local Dask worker (bounded, measured).")
+
+    @field_validator("serving_token")
+    @classmethod
+    def _token_is_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
+        """An empty or blank token is refused (it would otherwise match an empty `Bearer`); spaces are trimmed."""
+        if token is None:
+            return None
+        trimmed = token.get_secret_value().strip()
+        if not trimmed:
+            raise ValueError(
+                "MLOPS_SERVING_TOKEN is set but empty or blank: set a token, or unset the variable for no token"
+            )
+        return SecretStr(trimmed)
 
     @cached_property
     def s3_endpoint_url(self) -> str:

@@ -213,7 +213,7 @@ def worker() -> None:
 
 
 @app.command("serve")
-def serve(
+def serve(  # noqa: PLR0913 - a Typer command declares one parameter per command-line option
     host: Annotated[str | None, typer.Option(help="Address to bind (default MLOPS_HOST, loopback).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default MLOPS_SERVING_PORT, 8000).")] = None,
     model: Annotated[str | None, typer.Option(help="Registered model to follow (default MLOPS_SERVING_MODEL).")] = None,
@@ -222,22 +222,34 @@ def serve(
     workers: Annotated[
         int | None, typer.Option(min=0, help="Worker processes (default MLOPS_SERVING_WORKERS; 0: one per core).")
     ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure", help="Bind beyond loopback without MLOPS_SERVING_TOKEN (refused otherwise; logged)."
+        ),
+    ] = False,
 ) -> None:
     """Serve predictions from `models:/<model>@champion`, following the alias without a restart."""
     setup_logging()
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValueError as exc:  # e.g. a blank MLOPS_SERVING_TOKEN
+        raise fail(f"bad settings: {exc}") from exc
     changes = {
         "serving_model": model,
         "serving_alias": alias,
         "serving_poll_seconds": poll_seconds,
         "serving_workers": workers,
+        "serving_insecure": insecure or None,
     }
     settings = settings.model_copy(update={k: v for k, v in changes.items() if v is not None})
     os.environ.update(client_env(settings))
-    from serving.app import run
+    from serving.app import ExposedWithoutTokenError, run
 
     try:
         run(host or settings.host, port or settings.serving_port, settings)
+    except ExposedWithoutTokenError as exc:
+        raise fail(str(exc), code=2) from exc
     except OSError as exc:  # e.g. the port is busy
         raise fail(str(exc)) from exc
 

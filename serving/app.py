@@ -30,6 +30,7 @@ and the answers out, `serving/request_io.py` the request's headers, body and tok
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -152,6 +153,7 @@ def run(host: str, port: int, settings: Settings | None = None, log_level: str =
     import uvicorn
 
     settings = settings or get_settings()
+    check_exposure(host, settings)
     workers = worker_count(settings)
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
@@ -175,6 +177,32 @@ def run(host: str, port: int, settings: Settings | None = None, log_level: str =
         log_level=log_level,
         access_log=False,
     )
+
+
+class ExposedWithoutTokenError(RuntimeError):
+    """Binding beyond loopback without a serving token, and without `--insecure`."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or `localhost`) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(host: str, settings: Settings) -> None:
+    """Refuse to bind beyond loopback without a token unless `serving_insecure` says so (then a warning)."""
+    if is_loopback(host) or settings.serving_token is not None:
+        return
+    if not settings.serving_insecure:
+        raise ExposedWithoutTokenError(
+            f"refusing to serve on {host} without MLOPS_SERVING_TOKEN: anyone who reaches it could predict and "
+            "reload. Set a token, bind 127.0.0.1, or pass --insecure (MLOPS_SERVING_INSECURE=true) to accept it"
+        )
+    log.warning("serving on %s WITHOUT a token (--insecure): /predict and /invocations are open to anyone", host)
 
 
 def _serving_env(settings: Settings) -> dict[str, str]:

@@ -82,10 +82,12 @@ async def receive_body(receive: Any, declared: int, limit: int) -> bytes:
 def token_problem(token: SecretStr, authorization: str | None, what: str) -> str | None:
     """Why a request to /`what` is refused under `MLOPS_SERVING_TOKEN` (the 401's detail); None when allowed.
 
-    It needs `Authorization: Bearer <token>`, compared in constant time; the token is never logged.
+    It needs `Authorization: Bearer <token>`, compared in constant time; the token is never logged. Both sides are
+    compared trimmed (settings trim the configured one and refuse it blank), and an empty one never matches.
     """
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    expected = token.get_secret_value().strip().encode()
+    if scheme.lower() == "bearer" and expected and hmac.compare_digest(given.strip().encode(), expected):
         return None
     detail = f"/{what} needs the header 'Authorization: Bearer <token>' with the serving token (MLOPS_SERVING_TOKEN)"
     return detail + ("; none was sent" if not given else "; the one sent is wrong")

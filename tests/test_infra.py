@@ -133,3 +133,11 @@ def test_image_installs_every_system_library_the_wheels_link_against():
     installed = {word for line in runtime.splitlines() if "apt-get install" in line for word in line.split()}
     missing = packages - SLIM_BASE_PACKAGES - installed
     assert not missing, f"the image lacks {sorted(missing)}, which installed wheels link against"
+
+
+def test_compose_serving_binds_beyond_loopback_only_with_a_required_token():
+    services = _compose()["services"]
+    for name in ("serving", "worker"):  # the worker calls the serving API after each promotion
+        token = services[name]["environment"]["MLOPS_SERVING_TOKEN"]
+        assert token.startswith("${MLOPS_SERVING_TOKEN:?"), f"{name}: {token}"  # Compose refuses to start without
+    assert "--host 0.0.0.0" in services["serving"]["command"] and "--insecure" not in services["serving"]["command"]
