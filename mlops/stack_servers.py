@@ -88,6 +88,8 @@ def _s3(settings: Settings) -> Service:
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-webdav=false",
+        "-master.telemetry=false",  # on by default: anonymous cluster statistics to the vendor
+        "-admin.ui=false",  # a web admin without a password by default; nothing here needs it
         f"-bucket={settings.bucket}",
     ]
     for name in WEED_INTERNAL:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from adapters.settings import Settings
@@ -59,6 +60,23 @@ def test_stack_status_reports_each_server(stack):
     for name in ("s3", "mlflow", "prefect"):
         assert f"{name} " in result.stdout and "healthy" in result.stdout
     assert stack.aws_secret_access_key.get_secret_value() not in result.stdout
+
+
+def test_seaweedfs_runs_without_telemetry_or_an_open_admin_page(stack):
+    from mlops.stack_servers import weed_ports
+
+    # its admin page answers 200 to anyone by default (no password); the stack turns the page off
+    admin = f"http://{stack.host}:{weed_ports(stack)['admin']}"
+    for path in ("/", "/admin"):
+        try:
+            status = httpx.get(admin + path, timeout=5).status_code
+        except httpx.TransportError:
+            continue
+        assert status != 200, f"{admin}{path} answers {status}"
+    # and anonymous statistics to the vendor are off (no network here to watch them: the flag is checked)
+    pid = int((stack.state_dir / "run" / "s3.pid").read_text())
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"-master.telemetry=false" in command and b"-admin.ui=false" in command
 
 
 def test_s3_rejects_bad_credentials(stack):
