@@ -2,19 +2,30 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# uv installs the project and its dependencies into the venv (the same versions pip resolves, in seconds from
-# its cache instead of minutes: CI, the demo and the model job's two checkouts all install).
+# uv installs the project and its dependencies into the venv, in seconds from its cache instead of minutes (CI,
+# the demo and the model job's two checkouts all install), from requirements.lock: every transitive dependency
+# pinned with its hashes (`make lock` writes it from pyproject.toml; tests/test_units.py checks they agree).
 UV     := uv==0.13.9
+PIP    := pip==26.3
+LOCK_OPTIONS := --generate-hashes --universal --python-version 3.11 --quiet
 
-.PHONY: install browser-deps demo test test-fast lint docs format bench stack-up stack-down clean
+.PHONY: install lock browser-deps demo test test-fast lint docs format bench stack-up stack-down clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip $(UV)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[dev]"
+	$(BIN)/python -m pip install --quiet $(PIP) $(UV)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --require-hashes -r requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	@touch $@
+
+## lock: resolve requirements.lock (the venv's) and infra/requirements-image.lock (the image's) again, with hashes,
+## after a change to pyproject.toml's dependencies
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_OPTIONS) -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml infra/image-requirements.in --extra kubernetes $(LOCK_OPTIONS) \
+	  -o infra/requirements-image.lock
 
 ## browser-deps: Debian's chromium for the UI test (Playwright drives it; nothing is downloaded by Playwright).
 ## As root, apt-get; otherwise through passwordless sudo (GitHub's runners, which ship /usr/bin/chromium anyway).

