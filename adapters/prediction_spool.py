@@ -76,6 +76,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_line(fd: int, line: bytes) -> None:
+    """Append `line` whole, or not at all.
+
+    A short write is continued; a write that fails part-way is cut back to the line's start (a partial line
+    would glue onto the next one and both would be skipped as torn), then raised.
+    """
+    start = os.lseek(fd, 0, os.SEEK_END)
+    view, done = memoryview(line), 0
+    try:
+        while done < len(line):
+            written = os.write(fd, view[done:])
+            if written <= 0:
+                raise OSError(f"short write: {done} of {len(line)} bytes")
+            done += written
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        raise
+
+
 class Spool:
     """This process's spool folder: segments of JSON lines, appended and fsynced, under an exclusive lock.
 
@@ -133,7 +153,7 @@ class Spool:
                 self._fd = os.open(self._segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 self._opened_at, self._day = time.monotonic(), now.date()
                 _fsync_dir(self.folder)  # the new name itself must survive a crash
-            os.write(self._fd, line)
+            _write_line(self._fd, line)
             if self.sync_each:
                 os.fdatasync(self._fd)
             else:

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         description="Log predictions through a local write-ahead spool (durable before the answer); false: "
         "the in-memory buffer (rows lost on a crash), kept to measure what the spool costs.",
     )
+    serving_spool_full: Literal["answer", "refuse"] = Field(
+        "answer",
+        description="When the spool cannot take a batch (full while S3 is unreachable, or a write error): answer "
+        "(the predictions are answered, counted as dropped and logged as an error) or refuse (503 with "
+        "Retry-After: nothing is answered that is not logged; for regulated use).",
+    )
     serving_spool_max_bytes: int = Field(
         1024 * 2**20,
         ge=4096,

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from serving.model import LoadedModel
+from serving.prediction_log import PredictionNotLogged
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,9 @@ class MicroBatcher:
         try:
             scores = await loop.run_in_executor(self._executor, self._predict, jobs)
         except Exception as exc:
-            if len(jobs) == 1:
-                _fail(jobs[0], exc)
+            if len(jobs) == 1 or isinstance(exc, PredictionNotLogged):  # one by one would not be logged either
+                for job in jobs:
+                    _fail(job, exc)
                 return
             # One bad request must not fail its neighbours: score each on its own.
             log.warning("batch of %d requests failed (%s); scoring them one by one", len(jobs), exc)
@@ -200,7 +202,9 @@ class MicroBatcher:
         if self.on_scored is not None:
             try:
                 self.on_scored(jobs, columns, scores)
-            except Exception:  # logging predictions must never fail a request
+            except PredictionNotLogged:  # the spool's `refuse` policy: these requests are not answered
+                raise
+            except Exception:  # otherwise logging predictions never fails a request
                 log.exception("recording predictions failed")
         return scores
 

@@ -210,6 +210,10 @@ def _plain_list(values: Sequence[Any]) -> list[Any]:
     return values.tolist() if isinstance(values, np.ndarray) else list(values)
 
 
+class PredictionNotLogged(RuntimeError):
+    """With `serving_spool_full=refuse`: a batch the spool could not take is not answered (503)."""
+
+
 class SpooledPredictionLog:
     """Predictions durable in a local spool before they are answered, uploaded to S3 by a daemon thread.
 
@@ -297,6 +301,8 @@ class SpooledPredictionLog:
         except OSError as exc:  # disk full, folder removed: answered anyway, but say loudly that it is not logged
             why = f"cannot write the spool ({exc})"
         self._dropped(rows, why)
+        if self.settings.serving_spool_full == "refuse":  # nothing is answered that is not logged
+            raise PredictionNotLogged(f"the predictions could not be logged: {why}")
 
     def _publish_bytes(self) -> None:
         """Report the spool's size (a gauge: an mmap write in multiprocess mode, so not on every request)."""

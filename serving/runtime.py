@@ -34,7 +34,7 @@ from serving.forms import (
 from serving.metrics import ServingMetrics, forget_dead_processes
 from serving.model import LoadedModel
 from serving.online_features import FeatureLookupError, OnlineFeatures
-from serving.prediction_log import PredictionLog, ScoredBatch
+from serving.prediction_log import PredictionLog, PredictionNotLogged, ScoredBatch
 from serving.request_io import (
     JSON_HEADERS,
     ClientGone,
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 RELOAD_SIGNAL = "reload"  # a file in the metrics folder: touched by /reload, watched by every worker process
 CATALOG_SIGNAL = "catalog"  # the same, for re-reading the model catalog
 RELOAD_WATCH_SECONDS = 0.2
+SPOOL_FULL_RETRY_AFTER = 5  # seconds a client is told to wait when the spool refuses (`serving_spool_full=refuse`)
 PREDICT_PATHS = frozenset({"/predict", "/invocations"})  # the default model's prediction paths
 
 
@@ -260,19 +261,27 @@ class Runtime:
             records, ids = await self.read_records(body, model)
             scored = await self.batcher.score(model, records, request_id, ids, served)
             explained = await asyncio.to_thread(explain_records, model, records, scored.scores) if explain else None
-        except BadRequest as exc:
-            return encoded_answer(exc.status, {"detail": exc.errors, "request_id": request_id}, request_id)
         except ClientGone:
             raise
         except Exception as exc:
-            log.exception("request %s failed", request_id)
-            detail = f"prediction failed: {type(exc).__name__}"
-            return encoded_answer(500, {"detail": detail, "request_id": request_id}, request_id)
+            return _failed(exc, request_id)
         answered = answer(model, scored.scores, request_id)
         if explained is not None:
             for prediction, extra in zip(answered["predictions"], explained, strict=True):
                 prediction.update(extra)
         return encoded_answer(200, answered, request_id)
+
+
+def _failed(exc: Exception, request_id: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """The answer to a request that raised: its 4xx, 503 (the spool's `refuse` policy) or 500 (logged)."""
+    if isinstance(exc, BadRequest):
+        return encoded_answer(exc.status, {"detail": exc.errors, "request_id": request_id}, request_id)
+    if isinstance(exc, PredictionNotLogged):
+        status, body, headers = encoded_answer(503, {"detail": str(exc), "request_id": request_id}, request_id)
+        return status, body, [*headers, (b"retry-after", str(SPOOL_FULL_RETRY_AFTER).encode())]
+    log.error("request %s failed", request_id, exc_info=exc)
+    detail = f"prediction failed: {type(exc).__name__}"
+    return encoded_answer(500, {"detail": detail, "request_id": request_id}, request_id)
 
 
 def worker_count(settings: Settings) -> int:

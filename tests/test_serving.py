@@ -325,6 +325,45 @@ def test_prediction_log_outage_never_fails_a_request(stack, default_data, versio
     assert "ERROR" in log and "spool full" in log and "NOT logged" in log
 
 
+def test_a_full_spool_under_the_refuse_policy_answers_nothing_it_has_not_logged(
+    stack, default_data, versions, tmp_path_factory
+):
+    # Given a server whose S3 endpoint is down, whose spool holds 4 KiB, under `serving_spool_full=refuse`
+    state = tmp_path_factory.mktemp("refuse-state")
+    port, context = _serve(
+        stack,
+        tmp_path_factory,
+        "refuse",
+        AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}",
+        MLOPS_SERVING_SPOOL_MAX_BYTES="4096",
+        MLOPS_SERVING_SPOOL_FULL="refuse",
+        MLOPS_SERVING_WORKERS="1",
+        MLOPS_STATE_DIR=str(state),  # its own spool folder, to read back
+    )
+    answered, refused = [], []
+    with context:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "the server to load its model")
+        # when more predictions are requested than the spool holds
+        body = {"records": [_one(stack, default_data)]}
+        for i in range(30):
+            request_id = f"refuse-{i}"
+            answer = httpx.post(f"{url}/predict", json=body, headers={"x-request-id": request_id}, timeout=30)
+            assert answer.status_code in (200, 503), answer.text
+            if answer.status_code == 503:
+                assert answer.headers["retry-after"] == "5" and "could not be logged" in answer.json()["detail"]
+            (answered if answer.status_code == 200 else refused).append(request_id)
+    # then the first ones are answered, the rest refused with 503 and Retry-After
+    assert answered and refused, (answered, refused)
+    assert answered == [f"refuse-{i}" for i in range(len(answered))]
+    # and every answered prediction is in the spool, and no refused one is
+    logged = set()
+    for segment in (state / "spool" / MODEL).glob("*/*.jsonl"):
+        for line in segment.read_text().splitlines():
+            logged.update(json.loads(line)["rid"])
+    assert set(answered) <= logged and not set(refused) & logged, (answered, refused, sorted(logged))
+
+
 def test_training_reverts_a_promotion_the_serving_api_does_not_confirm(
     stack, default_data, tmp_path_factory, monkeypatch
 ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -600,3 +601,37 @@ def test_mlflow_requests_skip_feasts_header_provider_and_never_import_feast():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.split("\n")[0] == "['DatabricksRequestHeaderProvider', 'DefaultRequestHeaderProvider'] False"
+
+
+def test_a_spool_write_cut_short_leaves_no_partial_line(tmp_path):
+    # A real short write: in a child process whose files may not grow past 1,000 bytes (RLIMIT_FSIZE; SIGXFSZ
+    # ignored, so write() returns the bytes it could write, then fails with EFBIG)
+    import subprocess
+    import sys
+
+    script = f"""
+import json, os, resource, signal
+from datetime import UTC, datetime
+from pathlib import Path
+from adapters.prediction_spool import Spool
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+spool = Spool(Path({str(tmp_path)!r}) / "spool", max_bytes=10**6)
+spool.open()
+outcomes = []
+for i in range(5):
+    line = (json.dumps({{"i": i, "pad": "x" * 280}}) + "\\n").encode()
+    try:
+        outcomes.append(spool.append(line, datetime.now(UTC)))
+    except OSError as exc:
+        outcomes.append(type(exc).__name__)
+print(json.dumps(outcomes))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    outcomes = json.loads(result.stdout.splitlines()[-1])
+    # then three 299-byte lines fit; the fourth is cut short and fails, and so does the fifth
+    assert outcomes == [True, True, True, "OSError", "OSError"]
+    [segment] = (tmp_path / "spool").glob("*/*.jsonl")
+    text = segment.read_bytes()
+    # and the segment holds the three whole lines only: nothing of the fourth glues onto a later line
+    assert text.endswith(b"\n") and [json.loads(line)["i"] for line in text.splitlines()] == [0, 1, 2]
