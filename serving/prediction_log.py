@@ -70,6 +70,7 @@ class ScoredBatch:
         version: The registry version that scored them.
         record_ids: Each record's id (the model's `id_field`), None without one.
         record_index: Each record's position in its request.
+        request_seq: Each record's request's position in its micro-batch (None: one request).
     """
 
     inputs: Inputs
@@ -79,6 +80,7 @@ class ScoredBatch:
     version: str
     record_ids: Sequence[str | None] | None = None
     record_index: Sequence[int] | None = None
+    request_seq: Sequence[int] | None = None
 
 
 class PredictionLog(Protocol):
@@ -138,8 +140,17 @@ class MemoryPredictionLog:
         request_ids = np.asarray(batch.request_ids, dtype=object)
         record_ids = None if batch.record_ids is None else np.asarray(batch.record_ids, dtype=object)
         record_index = None if batch.record_index is None else np.asarray(batch.record_index, dtype="int64")
+        request_seq = None if batch.request_seq is None else np.asarray(batch.request_seq, dtype="int64")
         entry = Entry(
-            frame, batch.scores, batch.classes, request_ids, batch.version, datetime.now(UTC), record_ids, record_index
+            frame,
+            batch.scores,
+            batch.classes,
+            request_ids,
+            batch.version,
+            datetime.now(UTC),
+            record_ids,
+            record_index,
+            request_seq,
         )
         with self._lock:
             self._entries.append(entry)
@@ -283,6 +294,7 @@ class SpooledPredictionLog:
                 "rid": _plain_list(batch.request_ids),
                 "ids": None if record_ids is None else _plain_list(record_ids),
                 "idx": None if record_index is None else _plain_list(record_index),
+                "seq": None if batch.request_seq is None else _plain_list(batch.request_seq),
                 # orjson writes C-contiguous arrays only: a column cut from a 2-d batch, or a class slice of the
                 # scores, is a strided view (seen with several models behind one batcher), so copy it when it is one
                 "s": np.ascontiguousarray(scores, dtype="float64"),

@@ -150,6 +150,7 @@ class Runtime:
     def _log_predictions(
         prediction_log: PredictionLog, jobs: list[Job], columns: dict[str, np.ndarray], scores: np.ndarray
     ) -> None:
+        request_seq = None  # one request: every row's is 0
         if len(jobs) == 1:  # the usual case: plain lists, no numpy call per request
             job = jobs[0]
             size = len(job.records)
@@ -162,9 +163,13 @@ class Runtime:
             if any(job.ids is not None for job in jobs):
                 record_ids = [i for job in jobs for i in (job.ids or [None] * len(job.records))]
             record_index = [i for job in jobs for i in range(len(job.records))]
+            # each request's place in the batch: two sent at once with one x-request-id stay two rows
+            request_seq = [seq for seq, job in enumerate(jobs) for _ in job.records]
         model = jobs[0].model
         prediction_log.record(
-            ScoredBatch(columns, scores, model.classes, request_ids, model.version, record_ids, record_index)
+            ScoredBatch(
+                columns, scores, model.classes, request_ids, model.version, record_ids, record_index, request_seq
+            )
         )
 
     async def start(self) -> None:

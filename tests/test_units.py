@@ -635,3 +635,29 @@ print(json.dumps(outcomes))
     text = segment.read_bytes()
     # and the segment holds the three whole lines only: nothing of the fourth glues onto a later line
     assert text.endswith(b"\n") and [json.loads(line)["i"] for line in text.splitlines()] == [0, 1, 2]
+
+
+def test_two_requests_with_one_request_id_in_one_micro_batch_stay_two_rows(tmp_path):
+    from types import SimpleNamespace
+
+    from adapters.prediction_spool import read_segment
+    from adapters.settings import Settings
+    from core.monitoring.prediction_log import drop_duplicates, spooled_table
+    from serving.batching import Job
+    from serving.prediction_log import SpooledPredictionLog
+    from serving.runtime import Runtime
+
+    # Given two requests sent at once with the same x-request-id, scored in one micro-batch
+    model = SimpleNamespace(classes=[0, 1], version="7")
+    jobs = [Job(model, [{"x": 1.0}], "same-id", None), Job(model, [{"x": 2.0}], "same-id", None)]
+    log = SpooledPredictionLog(Settings(state_dir=tmp_path), "m")
+    log.spool.open()
+    Runtime._log_predictions(log, jobs, {"x": np.array([1.0, 2.0])}, np.array([[0.3, 0.7], [0.6, 0.4]]))
+    log.spool.close()
+    # when monitoring reads the log (a segment read twice, as after a crash between upload and deletion)
+    (segment,) = log.spool.folder.glob("*.jsonl")
+    lines = read_segment(segment)[0]
+    table = drop_duplicates(pd.concat([spooled_table(lines), spooled_table(lines)], ignore_index=True))
+    # then both answers are there once each: the re-read copy goes, the colliding request does not
+    assert sorted(table["x"]) == [1.0, 2.0] and table["request_id"].tolist() == ["same-id", "same-id"]
+    assert sorted(table["request_seq"]) == [0, 1]

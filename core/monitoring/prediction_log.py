@@ -3,9 +3,11 @@
 Objects live at `s3://<bucket>/predictions/serving/<model>/date=YYYY-MM-DD/<HHMMSS>-<token>.parquet`
 (the UTC date and time of the write), one row per scored record: the inputs, `request_id`, `record_id`
 (the record's own id, when it sent one), `record_index` (the record's place in its request), `model_version`,
-`predicted`, `predicted_at` and a `proba_<class>` column per class of a classifier. A row is identified by
-`request_id` + `record_index` (+ `predicted_at`, so a client that reuses a request id keeps both answers):
-a segment uploaded twice after a crash is dropped again on read (`drop_duplicates`). Pure: no I/O here.
+`predicted`, `predicted_at`, `request_seq` and a `proba_<class>` column per class of a classifier. A row is
+identified by `request_id` + `record_index` + `predicted_at` + `request_seq` (the request's place in its
+micro-batch: two requests sent at once with the same id keep both answers, and a client that reuses a request
+id later keeps both too): a segment uploaded twice after a crash is dropped again on read (`drop_duplicates`).
+Pure: no I/O here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ REQUEST_ID = "request_id"
 RECORD_ID = "record_id"
 RECORD_INDEX = "record_index"
 PREDICTED_AT = "predicted_at"
+REQUEST_SEQ = "request_seq"
 LOG_KEY = "label_key"  # the column monitoring adds: what late labels join on (see `prediction_log_key`)
 
 
@@ -80,6 +83,7 @@ class Entry:
     at: datetime | np.ndarray  # when it was scored: one time, or one per row
     record_ids: np.ndarray | None = None  # the records' own ids (the dataset's id column), when sent
     record_index: np.ndarray | None = None  # each record's place in its request (0 for a one-record request)
+    request_seq: np.ndarray | None = None  # each record's request's place in its micro-batch (None: all 0)
 
 
 def to_table(entries: list[Entry]) -> pd.DataFrame:
@@ -104,6 +108,12 @@ def to_table(entries: list[Entry]) -> pd.DataFrame:
     table[RECORD_INDEX] = np.concatenate(
         [
             np.asarray(e.record_index, dtype="int64") if e.record_index is not None else np.full(size, -1)
+            for e, size in zip(entries, sizes, strict=True)
+        ]
+    )
+    table[REQUEST_SEQ] = np.concatenate(
+        [
+            np.asarray(e.request_seq, dtype="int64") if e.request_seq is not None else np.zeros(size, dtype="int64")
             for e, size in zip(entries, sizes, strict=True)
         ]
     )
@@ -136,13 +146,15 @@ def to_table(entries: list[Entry]) -> pd.DataFrame:
 def drop_duplicates(frame: pd.DataFrame) -> pd.DataFrame:
     """The log without rows stored twice (a spool segment re-uploaded after a crash), first copy kept.
 
-    A row is one record of one answered request: `request_id` + `record_index` + `predicted_at`. Rows of
+    A row is one record of one answered request: `request_id` + `record_index` + `predicted_at` +
+    `request_seq` (logs written before it existed have no column: their key is the other three). Rows of
     logs written before `record_index` existed (no column, or -1) are all kept: nothing identifies them.
     """
     if frame.empty or RECORD_INDEX not in frame.columns or REQUEST_ID not in frame.columns:
         return frame
     keyed = frame[RECORD_INDEX].notna() & (frame[RECORD_INDEX] >= 0)
-    duplicated = frame.duplicated(subset=[REQUEST_ID, RECORD_INDEX, PREDICTED_AT], keep="first") & keyed
+    key = [REQUEST_ID, RECORD_INDEX, PREDICTED_AT] + ([REQUEST_SEQ] if REQUEST_SEQ in frame.columns else [])
+    duplicated = frame.duplicated(subset=key, keep="first") & keyed
     return frame[~duplicated].reset_index(drop=True) if duplicated.any() else frame
 
 
@@ -162,6 +174,7 @@ def spooled_batch(entry: Entry) -> dict[str, Any]:
         "rid": entry.request_ids.tolist(),
         "ids": None if entry.record_ids is None else list(entry.record_ids),
         "idx": None if entry.record_index is None else np.asarray(entry.record_index).tolist(),
+        "seq": None if entry.request_seq is None else np.asarray(entry.request_seq).tolist(),
         "s": np.asarray(entry.scores, dtype="float64"),
         "f": columns,
     }
@@ -199,6 +212,9 @@ def spooled_table(lines: list[dict[str, Any]]) -> pd.DataFrame:
                 ),
                 record_index=np.asarray(
                     [i for line in group for i in (line["idx"] or [-1] * len(line["rid"]))], dtype="int64"
+                ),
+                request_seq=np.asarray(
+                    [i for line in group for i in (line.get("seq") or [0] * len(line["rid"]))], dtype="int64"
                 ),
             )
         )
