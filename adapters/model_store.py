@@ -32,7 +32,7 @@ class LoggedModel:
     """What `log_sklearn_model` needs besides the model: its example frames, artifacts and trust list."""
 
     signature_inputs: pd.DataFrame  # inputs the signature is inferred from
-    example: pd.DataFrame  # the input example stored with the model
+    example: pd.DataFrame  # rows the stored model's outputs are checked on (and the signature's outputs)
     baseline_json: str  # the explanation baseline record
     baseline_artifact: str
     requirements: list[str]
@@ -42,7 +42,7 @@ class LoggedModel:
 def log_sklearn_model(
     settings: Settings, run_id: str, model: Any, artifact: str, logged: LoggedModel
 ) -> tuple[str, ArtifactDigests]:
-    """Log the pipeline (skops) with its signature, input example and baseline into run `run_id`.
+    """Log the pipeline (skops) with its signature and explanation baseline into run `run_id`.
 
     Returns its model URI and the digests of the stored files (`stored_digests`), for the registered version.
     """
@@ -61,7 +61,8 @@ def log_sklearn_model(
             model,
             name=artifact,
             signature=signature,
-            input_example=logged.example,
+            # No input example: MLflow would load the stored model through its own loader to check it, which
+            # MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false forbids; `stored_digests` checks the example with ours.
             pip_requirements=logged.requirements,
             skops_trusted_types=logged.trusted_types,
         )

@@ -23,6 +23,14 @@ class Settings(BaseSettings):
     )
 
     host: str = Field("127.0.0.1", description="Address the local servers bind to (loopback by default).")
+    stack_user: str = Field(
+        "mlops", description="User of the stack's MLflow and Prefect servers when they bind beyond loopback."
+    )
+    stack_password: SecretStr | None = Field(
+        None,
+        description="Password of `stack_user`: with MLOPS_HOST beyond loopback, `mlops stack up` requires it and "
+        "starts MLflow with its basic-auth app and Prefect with an API auth string; clients send it.",
+    )
     state_dir: Path = Field(Path(".mlops"), description="Folder holding the local stack's data and logs.")
     s3_port: int = Field(9000, description="Port of the local S3 gateway.")
     mlflow_port: int = Field(5000, description="Port of the local MLflow tracking server.")
@@ -175,6 +183,18 @@ class Settings(BaseSettings):
                 "MLOPS_SERVING_TOKEN is set but empty or blank: set a token, or unset the variable for no token"
             )
         return SecretStr(trimmed)
+
+    @property
+    def exposed(self) -> bool:
+        """True when the stack binds beyond loopback (its servers then need credentials)."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return True
 
     @cached_property
     def s3_endpoint_url(self) -> str:

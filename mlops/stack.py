@@ -167,8 +167,30 @@ def _wait_healthy(service: Service, pid: int, timeout: float) -> bool:
     )
 
 
+DEFAULT_S3_SECRET = "mlops-local-secret"
+
+
+def check_exposure(settings: Settings) -> None:
+    """Beyond loopback, refuse the local stack's open defaults: no MLflow/Prefect password, the default S3 secret."""
+    if not settings.exposed:
+        return
+    missing = []
+    if settings.stack_password is None or not settings.stack_password.get_secret_value().strip():
+        missing.append("MLOPS_STACK_PASSWORD (MLflow's and Prefect's servers then require it)")
+    if settings.aws_secret_access_key.get_secret_value() == DEFAULT_S3_SECRET:
+        missing.append("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of your own (the default ones are public)")
+    if settings.serving_token is None and not settings.serving_insecure:
+        missing.append("MLOPS_SERVING_TOKEN (the serving API refuses to start beyond loopback without it)")
+    if missing:
+        raise StackError(f"MLOPS_HOST={settings.host} binds beyond loopback; set " + "; ".join(missing))
+
+
 def up(settings: Settings, timeout: float = 180.0) -> list[ServiceStatus]:
-    """Start every server that is not already healthy, then wait for all of them."""
+    """Start every server that is not already healthy, then wait for all of them.
+
+    Beyond loopback (MLOPS_HOST), only with credentials (`check_exposure`).
+    """
+    check_exposure(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     for service in services(settings):
         _start(service, settings, timeout)

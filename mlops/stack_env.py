@@ -46,10 +46,23 @@ def s3_env(settings: Settings) -> dict[str, str]:
     }
 
 
+def auth_env(settings: Settings) -> dict[str, str]:
+    """The credentials MLflow's and Prefect's clients send to a stack bound beyond loopback (none on loopback)."""
+    if not settings.exposed or settings.stack_password is None:
+        return {}
+    password = settings.stack_password.get_secret_value()
+    return {
+        "MLFLOW_TRACKING_USERNAME": settings.stack_user,
+        "MLFLOW_TRACKING_PASSWORD": password,
+        "PREFECT_API_AUTH_STRING": f"{settings.stack_user}:{password}",
+    }
+
+
 def client_env(settings: Settings) -> dict[str, str]:
     """Environment that points a process (the CLI's runs, a worker and its flows) at this stack."""
     return (
         s3_env(settings)
+        | auth_env(settings)
         | {
             "MLOPS_HOST": settings.host,
             "MLOPS_STATE_DIR": str(settings.state_dir.resolve()),
@@ -72,11 +85,20 @@ def client_env(settings: Settings) -> dict[str, str]:
     )
 
 
+def dask_host(settings: Settings) -> str:
+    """Where the local Dask cluster listens: MLOPS_HOST, but loopback when that is beyond loopback.
+
+    A Dask scheduler runs whatever its clients send (pickled functions) and has no password: it is never
+    exposed. A cluster other machines use is configured on its own (MLOPS_DASK_ADDRESS, with Dask's TLS).
+    """
+    return "127.0.0.1" if settings.exposed else settings.host
+
+
 def dask_address(settings: Settings) -> str:
     """The local Dask scheduler's address."""
-    return f"tcp://{settings.host}:{settings.dask_scheduler_port}"
+    return f"tcp://{dask_host(settings)}:{settings.dask_scheduler_port}"
 
 
 def dask_dashboard_url(settings: Settings) -> str:
     """The local Dask scheduler's dashboard (127.0.0.1 unless MLOPS_HOST says otherwise)."""
-    return f"http://{settings.host}:{settings.dask_dashboard_port}/status"
+    return f"http://{dask_host(settings)}:{settings.dask_dashboard_port}/status"

@@ -7,7 +7,7 @@ import socket
 import httpx
 
 from adapters.settings import Settings
-from mlops.stack_env import dask_address, dask_dashboard_url
+from mlops.stack_env import dask_address, dask_dashboard_url, dask_host
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
@@ -28,7 +28,8 @@ def port_in_use(host: str, port: int) -> bool:
 def dask_worker_count(settings: Settings) -> int | None:
     """Workers connected to the local scheduler (from its HTTP JSON), or None when it does not answer."""
     try:
-        response = httpx.get(f"http://{settings.host}:{settings.dask_dashboard_port}/json/counts.json", timeout=2.0)
+        url = f"http://{dask_host(settings)}:{settings.dask_dashboard_port}/json/counts.json"
+        response = httpx.get(url, timeout=2.0)
         return int(response.json()["workers"]) if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError, KeyError):
         return None

@@ -8,12 +8,21 @@ worker and the serving API. `mlops.stack` starts, stops and reports them.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.settings import Settings
-from mlops.stack_env import PROJECT_ROOT, client_env, console_script, dask_address, dask_dashboard_url, s3_env
+from mlops.stack_env import (
+    PROJECT_ROOT,
+    client_env,
+    console_script,
+    dask_address,
+    dask_dashboard_url,
+    dask_host,
+    s3_env,
+)
 from mlops.stack_health import dask_worker_count, healthy
 
 # SeaweedFS `weed mini` opens several internal ports besides S3 (master, volume, filer, admin and a
@@ -126,8 +135,12 @@ def _mlflow(settings: Settings) -> Service:
             f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
             "--artifacts-destination",
             f"s3://{settings.bucket}/mlflow",
+            # Beyond loopback: its basic-auth app, and the Host headers it answers (MLflow's DNS-rebinding guard
+            # allows loopback and private ranges only unless told)
+            *(["--app-name", "basic-auth", "--allowed-hosts", _mlflow_hosts(settings)] if settings.exposed else []),
         ],
         env=s3_env(settings)
+        | _mlflow_auth_env(settings)
         | {
             "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{settings.s3_port}",
             # The job runner (GenAI features we do not use) starts 7 huey workers, ~1.7 GB in all.
@@ -136,6 +149,45 @@ def _mlflow(settings: Settings) -> Service:
         },
         state_dir=state,
     )
+
+
+MLFLOW_AUTH_INI = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///{database}
+admin_username = {user}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+grant_default_workspace_access = false
+"""
+
+
+def _mlflow_hosts(settings: Settings) -> str:
+    port = settings.mlflow_port
+    return ",".join([f"{settings.host}:{port}", settings.host, f"127.0.0.1:{port}", f"localhost:{port}"])
+
+
+def _mlflow_auth_env(settings: Settings) -> dict[str, str]:
+    """MLflow's basic-auth app beyond loopback.
+
+    Its user store lives in the state folder; the stack's user is its admin (MLflow creates it with
+    MLOPS_STACK_PASSWORD at the first start).
+    """
+    if not settings.exposed:
+        return {}
+    folder = settings.state_dir.resolve() / "mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "basic_auth.ini"
+    config.write_text(MLFLOW_AUTH_INI.format(database=folder / "auth.db", user=settings.stack_user))
+    password = settings.stack_password.get_secret_value() if settings.stack_password else ""
+    # Its CSRF protection signs with a key that must stay the same across restarts: made once, kept private.
+    key_file = folder / "flask_secret_key"
+    if not key_file.exists():
+        key_file.touch(mode=0o600)
+        key_file.write_text(secrets.token_hex(32))
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": key_file.read_text().strip(),
+    }
 
 
 def _prefect(settings: Settings) -> Service:
@@ -155,9 +207,17 @@ def _prefect(settings: Settings) -> Service:
             "PREFECT_SERVER_API_PORT": str(port),
             "PREFECT_UI_API_URL": f"http://{host}:{port}/api",
             "PREFECT_LOGGING_LEVEL": "WARNING",
-        },
+        }
+        | _prefect_auth_env(settings),
         state_dir=state,
     )
+
+
+def _prefect_auth_env(settings: Settings) -> dict[str, str]:
+    """Prefect's API auth string (basic auth on every API call and in the UI) beyond loopback."""
+    if not settings.exposed or settings.stack_password is None:
+        return {}
+    return {"PREFECT_SERVER_API_AUTH_STRING": f"{settings.stack_user}:{settings.stack_password.get_secret_value()}"}
 
 
 def _worker(settings: Settings) -> Service:
@@ -236,7 +296,7 @@ def _dask_env() -> dict[str, str]:
 
 
 def _dask_scheduler(settings: Settings) -> Service:
-    host, dashboard_port = settings.host, settings.dask_dashboard_port
+    host, dashboard_port = dask_host(settings), settings.dask_dashboard_port
     return Service(
         name="dask-scheduler",
         port=settings.dask_scheduler_port,
@@ -259,7 +319,7 @@ def _dask_scheduler(settings: Settings) -> Service:
 
 
 def _dask_workers(settings: Settings) -> Service:
-    state, host, count = settings.state_dir.resolve(), settings.host, settings.dask_workers
+    state, host, count = settings.state_dir.resolve(), dask_host(settings), settings.dask_workers
     return Service(
         name="dask-workers",
         port=0,  # no port of their own: they listen on free ports of `host` and join the scheduler
