@@ -15,8 +15,16 @@ from tests.ports import free_port, free_port_block
 os.environ.update(CLIENT_DEFAULTS)
 # Except one: tests load registered versions with MLflow's own loaders too, as the independent reference for
 # what was registered (the project's loaders check digests and never use them; the stack's servers, workers
-# and flows keep MLflow's loaders refused).
-os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"
+# and flows keep MLflow's loaders refused). Set again before each test: a CLI command run in this process
+# (`connect`) puts the stack's client environment back.
+MLFLOW_LOADERS_ALLOWED = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}
+os.environ.update(MLFLOW_LOADERS_ALLOWED)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_loaders_allowed_in_tests() -> None:
+    os.environ.update(MLFLOW_LOADERS_ALLOWED)
+
 
 TEST_MONTHS = 6
 TEST_ROWS_PER_MONTH = 2000

@@ -48,11 +48,16 @@ MARKER = "MLOPS_TRUST_MARKER"
 BIN = Path(sys.executable).parent
 
 
+def _write_marker() -> None:
+    """What unpickling a `Planted` runs: writes the file $MLOPS_TRUST_MARKER names (read when it runs)."""
+    Path(os.environ[MARKER]).write_text("code ran")
+
+
 class Planted:
-    """Unpickling it runs code: it writes the marker file named by $MLOPS_TRUST_MARKER."""
+    """Unpickling it runs code (`_write_marker`)."""
 
     def __reduce__(self):
-        return (Path.write_text, (Path(os.environ[MARKER]), "code ran"))
+        return (_write_marker, ())
 
 
 def _model_keys(stack, name: str, version: str) -> dict[str, str]:
@@ -180,10 +185,12 @@ def test_a_pickled_version_is_never_unpickled_and_cannot_be_trusted(stack, tmp_p
     from adapters.registry import load_model
 
     marker = tmp_path / "marker"
-    monkeypatch.setenv(MARKER, str(marker))  # read when it is pickled: unpickling writes this file
-    # Given a version whose stored model is a pickle that runs code when it is loaded
-    version = _log_and_register(stack, PICKLED, Planted(), serialization_format="cloudpickle")
-    assert "model.pkl" in _model_keys(stack, PICKLED, version) and not marker.exists()
+    # Given a version whose stored model is a pickle that runs code when it is loaded (requirements given:
+    # MLflow would otherwise load it to infer them)
+    options = {"serialization_format": "cloudpickle", "pip_requirements": ["scikit-learn"]}
+    version = _log_and_register(stack, PICKLED, Planted(), **options)
+    assert "model.pkl" in _model_keys(stack, PICKLED, version)
+    monkeypatch.setenv(MARKER, str(marker))  # from now on, unpickling it would write this file
     # then it is refused for its missing digests
     with pytest.raises(UntrustedArtifactError, match="no recorded artifact digest"):
         load_model(PICKLED, version, stack)

@@ -10,6 +10,7 @@ registered pipeline's `predict_proba` within 1e-6.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -40,6 +41,7 @@ from core.inference.compiled import (
     compile_onnx,
     edge_cases,
 )
+from core.modeling.artifacts import ONNX_DIGEST_TAG, UntrustedArtifactError
 from core.modeling.search import build_model, make_pipeline
 from core.modeling.signature import Column
 from serving.model import choose_inference
@@ -243,7 +245,9 @@ def test_serving_falls_back_from_a_wrong_compiled_model():
     other.fit(X, (X["a"] > 0).astype(int))
     wrong = compile_onnx(other, set())
     columns = [Column("a", "numeric"), Column("code", "numeric")]
+    # (the file is the one recorded, its digest matches: the parity re-check is what catches it)
     tags = {"inference_form": "onnx", "compiled_parity": "passed", "exact_arrays_parity": "passed"}
+    tags |= {ONNX_DIGEST_TAG: hashlib.sha256(wrong).hexdigest()}
     inference, facts = choose_inference(pipeline, columns, tags, "run", X.head(200), onnx_bytes=lambda _: wrong)
     assert inference.form == "exact-arrays"
     assert facts["fallbacks"][0].startswith("onnx: max |d probability|")
@@ -262,8 +266,17 @@ def test_serving_uses_onnx_when_it_passed(data):
     inference, facts = choose_inference(pipeline, columns, check.tags(), "run", holdout.head(20), lambda _: check.model)
     assert inference.form == "onnx" and "fallbacks" not in facts
     assert facts["compiled"] == "passed" and facts["max_abs_delta"] <= 1e-6
-    unreadable = choose_inference(pipeline, columns, check.tags(), "run", holdout, lambda _: b"not onnx")
+    # a recorded file onnxruntime cannot read falls back to the next form
+    recorded = check.tags() | {ONNX_DIGEST_TAG: hashlib.sha256(b"not onnx").hexdigest()}
+    unreadable = choose_inference(pipeline, columns, recorded, "run", holdout, lambda _: b"not onnx")
     assert unreadable[0].form == "exact-arrays" and "onnx: " in unreadable[1]["fallbacks"][0]
+    # a file that is not the one recorded is refused, before onnxruntime reads it
+    with pytest.raises(UntrustedArtifactError, match="the compiled file of run run"):
+        choose_inference(pipeline, columns, check.tags(), "run", holdout, lambda _: b"not onnx")
+    # a version from before the digests is served without its compiled form
+    undigested = {k: v for k, v in check.tags().items() if k != ONNX_DIGEST_TAG}
+    older = choose_inference(pipeline, columns, undigested, "run", holdout, lambda _: check.model)
+    assert older[0].form == "exact-arrays" and "no recorded digest" in older[1]["fallbacks"][0]
     assert choose_inference(pipeline, columns, {}, "run", holdout)[0] is None  # an old version: no tags
 
 
