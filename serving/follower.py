@@ -93,13 +93,14 @@ class ChampionFollower:
             try:
                 model = await asyncio.to_thread(load_version, self._client, self.name, version, self.settings)
             except ModelLoadError as exc:
-                if exc.refused and (self._failed is None or self._failed[0] != version):  # alerted once a version
-                    await asyncio.to_thread(emit_refused, self.name, version, str(exc), "serving")
+                alert = exc.refused and (self._failed is None or self._failed[0] != version)  # once a version
                 self._failed = (version, time.monotonic() + RETRY_FAILED_AFTER)
                 self.last_error = str(exc)
                 self.on_reload("failure")
                 served = f"v{self.current.version}" if self.current else "no model"
                 log.error("not switching to v%s, still serving %s: %s", version, served, exc)
+                if alert:  # after the state says why: emitting the event may take a moment
+                    await asyncio.to_thread(emit_refused, self.name, version, str(exc), "serving")
                 return False
             previous, self.current = self.current, model  # the swap: one reference assignment
             self._failed, self.last_error = None, None

@@ -71,7 +71,9 @@ def test_a_worker_loads_each_model_once_and_keeps_only_the_newest(monkeypatch):
     from dask_engine import workers
 
     loaded: list[str] = []
-    monkeypatch.setattr(workers.registry, "load_model", lambda name, version, settings: loaded.append(version))
+    monkeypatch.setattr(
+        workers.registry, "load_model", lambda name, version, settings, where=None: loaded.append(version)
+    )
     monkeypatch.setattr(workers, "_MODELS", {})
     for version in ["1", "1", "2", "1", "2", "3", "1"]:
         workers.worker_model("m", version, Settings())
