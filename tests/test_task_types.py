@@ -350,7 +350,7 @@ def test_logging_a_model_works_whatever_experiment_the_caller_made_active(stack,
     mlflow.set_experiment("a-notebook-scratch-experiment")
     # when a training run of this dataset logs its model in the same process
     run_id = start_run.fn(config, {"test": "active-experiment"}, {"run_name": "active-experiment"})
-    uri = log_model.fn(run_id, regression["model"], frame.iloc[:TRAIN_ROWS], config)
+    uri, _ = log_model.fn(run_id, regression["model"], frame.iloc[:TRAIN_ROWS], config)
     # then the model lands in the dataset's run and experiment, and loads back to the same predictions
     run = mlflow_client(stack).get_run(run_id)
     assert run.info.experiment_id == mlflow_client(stack).get_experiment_by_name(config.name).experiment_id

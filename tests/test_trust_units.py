@@ -178,16 +178,22 @@ def test_bootstrap_rejects_bad_input(binary_case):
         paired_bootstrap(np.zeros(len(y), dtype=int), good, noise, [0, 1], "roc_auc")
 
 
-def test_thousand_resamples_of_twenty_thousand_rows_are_fast():
+def test_thousand_resamples_of_twenty_thousand_rows_bracket_the_full_sample_delta():
+    # (its time is printed, not asserted: a timed assertion fails on a busy machine; bench/ measures speed)
+    from sklearn.metrics import roc_auc_score
+
     rng = np.random.default_rng(0)
     y = (rng.uniform(size=20_000) < 0.15).astype(int)
     cand = _binary(np.clip(0.2 * y + rng.uniform(0, 0.8, len(y)), 0, 1))
     champ = _binary(np.clip(0.15 * y + rng.uniform(0, 0.85, len(y)), 0, 1))
     started = time.perf_counter()
     interval = paired_bootstrap(y, cand, champ, [0, 1], "roc_auc", settings=BootstrapSettings(n_resamples=1000))
-    elapsed = time.perf_counter() - started
+    print(f"\n1000 paired resamples of 20,000 rows: {time.perf_counter() - started:.2f} s")
     assert interval.n_resamples == 1000
-    assert elapsed < 3.0, f"1000 resamples of 20,000 rows took {elapsed:.2f}s"
+    # the point estimate is scikit-learn's difference on all rows, inside its own interval
+    delta = roc_auc_score(y, cand[:, 1]) - roc_auc_score(y, champ[:, 1])
+    assert interval.delta == pytest.approx(delta, abs=1e-12)
+    assert interval.low < interval.delta < interval.high
 
 
 # --- slices and their config ---
