@@ -15,6 +15,18 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or `localhost`) only accepts connections from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 class Settings(BaseSettings):
     """Where the stack lives and how to reach it."""
 
@@ -187,14 +199,7 @@ class Settings(BaseSettings):
     @property
     def exposed(self) -> bool:
         """True when the stack binds beyond loopback (its servers then need credentials)."""
-        import ipaddress
-
-        if self.host == "localhost":
-            return False
-        try:
-            return not ipaddress.ip_address(self.host).is_loopback
-        except ValueError:  # a host name: it may resolve to anything
-            return True
+        return not is_loopback(self.host)
 
     @cached_property
     def s3_endpoint_url(self) -> str:

@@ -167,7 +167,8 @@ def _wait_healthy(service: Service, pid: int, timeout: float) -> bool:
     )
 
 
-DEFAULT_S3_SECRET = "mlops-local-secret"
+# The loopback stack's well-known default (the setting's), refused beyond it.
+DEFAULT_S3_SECRET = Settings.model_fields["aws_secret_access_key"].default.get_secret_value()
 
 
 def check_exposure(settings: Settings) -> None:

@@ -176,7 +176,9 @@ def _mlflow_auth_env(settings: Settings) -> dict[str, str]:
     folder = settings.state_dir.resolve() / "mlflow"
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "basic_auth.ini"
-    config.write_text(MLFLOW_AUTH_INI.format(database=folder / "auth.db", user=settings.stack_user))
+    wanted = MLFLOW_AUTH_INI.format(database=folder / "auth.db", user=settings.stack_user)
+    if not config.exists() or config.read_text() != wanted:  # `services()` is built by status and down too
+        config.write_text(wanted)
     password = settings.stack_password.get_secret_value() if settings.stack_password else ""
     # Its CSRF protection signs with a key that must stay the same across restarts: made once, kept private.
     key_file = folder / "flask_secret_key"

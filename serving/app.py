@@ -30,7 +30,6 @@ and the answers out, `serving/request_io.py` the request's headers, body and tok
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import shutil
@@ -44,7 +43,7 @@ import orjson
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from adapters.settings import Settings, get_settings
+from adapters.settings import Settings, get_settings, is_loopback
 from serving.metrics import MODEL_ACTIONS, MULTIPROC_ENV, MetricsMiddleware, route_of
 from serving.request_io import ClientGone
 from serving.routes import router
@@ -181,16 +180,6 @@ def run(host: str, port: int, settings: Settings | None = None, log_level: str =
 
 class ExposedWithoutTokenError(RuntimeError):
     """Binding beyond loopback without a serving token, and without `--insecure`."""
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (an address or `localhost`) only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
 
 
 def check_exposure(host: str, settings: Settings) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ports import free_port, free_port_block
+from tests.ports import stack_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,19 +48,13 @@ def test_the_recipe_adds_the_bundled_model_to_the_catalog_deploys_and_trains_it(
 
 
 def test_demo_commands_end_with_a_served_champion(tmp_path):
-    serving = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPS_", "PREFECT_API", "MLFLOW_", "AWS_"))}
-    env |= {
+    env |= stack_ports() | {
         "MLOPS_STATE_DIR": str(tmp_path / "state"),
-        "MLOPS_S3_PORT": str(free_port()),
-        "MLOPS_MLFLOW_PORT": str(free_port()),
-        "MLOPS_PREFECT_PORT": str(free_port()),
-        "MLOPS_WORKER_PORT": str(free_port()),
-        "MLOPS_SERVING_PORT": str(serving),
         "MLOPS_SERVING_WORKERS": "1",
-        "MLOPS_WEED_PORT_BASE": str(free_port_block(16, start=40000)),
         "MLOPS_DASK_WORKERS": "0",
     }
+    serving = int(env["MLOPS_SERVING_PORT"])
     outputs = []
     try:
         for command in demo_commands():

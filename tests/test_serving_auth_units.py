@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from adapters.settings import Settings
-from serving.app import ExposedWithoutTokenError, check_exposure, is_loopback
+from adapters.settings import Settings, is_loopback
+from serving.app import ExposedWithoutTokenError, check_exposure
 from serving.request_io import token_problem
 from tests.ports import free_port
 

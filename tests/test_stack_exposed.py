@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ports import free_port, free_port_block
+from tests.ports import free_port, stack_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,17 +38,11 @@ def _own_address() -> str:
 
 def _env(state: Path, host: str, **extra: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPS_", "PREFECT_", "MLFLOW_", "AWS_"))}
-    ports = {
-        "MLOPS_S3_PORT": free_port(),
-        "MLOPS_MLFLOW_PORT": free_port(),
-        "MLOPS_PREFECT_PORT": free_port(),
-        "MLOPS_WORKER_PORT": free_port(),
-        "MLOPS_SERVING_PORT": free_port(),
-        "MLOPS_DASK_SCHEDULER_PORT": free_port(),
-        "MLOPS_DASK_DASHBOARD_PORT": free_port(),
-        "MLOPS_WEED_PORT_BASE": free_port_block(16, start=41000),
+    ports = stack_ports(weed_start=41000) | {
+        "MLOPS_DASK_SCHEDULER_PORT": str(free_port()),
+        "MLOPS_DASK_DASHBOARD_PORT": str(free_port()),
     }
-    return clean | {k: str(v) for k, v in ports.items()} | {"MLOPS_STATE_DIR": str(state), "MLOPS_HOST": host} | extra
+    return clean | ports | {"MLOPS_STATE_DIR": str(state), "MLOPS_HOST": host} | extra
 
 
 def _mlops(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -426,21 +426,14 @@ def _standins(folder: Path, workflow: dict) -> list[str]:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_act_runs_the_model_job_and_a_weak_candidate_fails_it(tmp_path):
-    from tests.ports import free_port, free_port_block
+    from tests.ports import stack_ports
 
     if not (ROOT / ".git").exists():
         pytest.skip("act needs the project as a git repository (it clones the committed HEAD)")
     repo = tmp_path / "repo"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True, timeout=120)
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
-    ports = {
-        "MLOPS_S3_PORT": free_port(),
-        "MLOPS_MLFLOW_PORT": free_port(),
-        "MLOPS_PREFECT_PORT": free_port(),
-        "MLOPS_WORKER_PORT": free_port(),
-        "MLOPS_SERVING_PORT": free_port(),
-        "MLOPS_WEED_PORT_BASE": free_port_block(16, start=40000),
-    }
+    ports = stack_ports()
     env_options = [f"--env={k}={v}" for k, v in ports.items()] + [f"--env=ACT_CHECKOUT_SOURCE={repo}"]
     # Nothing of the session stack (or a developer's) leaks into the job: it starts its own.
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPS_", "PREFECT_", "MLFLOW_", "AWS_"))}
