@@ -8,17 +8,26 @@ BIN    := $(VENV)/bin
 UV     := uv==0.13.9
 PIP    := pip==26.3
 LOCK_OPTIONS := --generate-hashes --universal --python-version 3.11 --quiet
+# The project's packages. Their bytecode is compiled ahead (`compile`), like the dependencies' at install
+# (--compile-bytecode): with PYTHONDONTWRITEBYTECODE=1, which some machines set, no .pyc is ever written, so
+# every process would compile every module it imports from source: about 9 s of CPU for a training run's
+# imports (13.9 s instead of 4.4), in each of the suite's hundreds of processes.
+PACKAGES := core adapters dask_engine tasks serving services flows deployments mlops
 
-.PHONY: install lock browser-deps demo test test-fast lint docs format bench stack-up stack-down clean
+.PHONY: install compile lock browser-deps demo test test-fast lint docs format bench stack-up stack-down clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(PIP) $(UV)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --require-hashes -r requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode --require-hashes -r requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	@touch $@
+
+## compile: the project's bytecode, ahead of the processes that import it (only what changed is compiled again)
+compile: install
+	@$(BIN)/python -m compileall -q -j 0 $(PACKAGES) >/dev/null
 
 ## lock: resolve requirements.lock (the venv's) and infra/requirements-image.lock (the image's) again, with hashes,
 ## after a change to pyproject.toml's dependencies
@@ -37,7 +46,7 @@ browser-deps:
 	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 ## demo: install, start the local stack, generate the default data and run the retraining flow once
-demo: install
+demo: compile
 	$(BIN)/mlops stack up
 	$(BIN)/mlops data generate
 	$(BIN)/mlops models add credit-risk --replace
@@ -47,12 +56,12 @@ demo: install
 ## test: install and run the whole suite against real servers (exit 5, "no tests ran", is a failure), on
 ## TEST_WORKERS processes, each with its own stack; a module's tests stay on one (their servers are shared)
 TEST_WORKERS ?= 2
-test: install browser-deps
+test: compile browser-deps
 	@$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 ## test-fast: the tests that need no server (unit tests of core, adapters' pure parts, the CLI's answers)
-test-fast: install
+test-fast: compile
 	$(BIN)/pytest -m "not integration" -q
 
 ## docs: the documentation site on 127.0.0.1:8001 (the configuration reference is generated from the code)
@@ -70,12 +79,12 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: install
+bench: compile
 	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.flow_overhead
 	$(BIN)/python -m bench.serving
 
-stack-up: install
+stack-up: compile
 	$(BIN)/mlops stack up
 
 stack-down: install
