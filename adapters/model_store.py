@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,7 @@ def log_sklearn_model(
     # The fluent API refuses a run outside the process's active experiment (a notebook's `set_experiment`, or the
     # last dataset trained in this process): make the run's own experiment the active one.
     mlflow.set_experiment(experiment_id=mlflow_client(settings).get_run(run_id).info.experiment_id)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _no_requirement_check():
         mlflow.log_text(logged.baseline_json, logged.baseline_artifact)
         info = mlflow.sklearn.log_model(
             model,
@@ -67,6 +69,24 @@ def log_sklearn_model(
             skops_trusted_types=logged.trusted_types,
         )
     return info.model_uri, stored_digests(settings, info.model_uri, model, logged.example)
+
+
+@contextmanager
+def _no_requirement_check() -> Iterator[None]:
+    """Leave out MLflow's check of the logged requirements against the installed packages, for the block.
+
+    The requirements are the installed versions themselves (`tasks.tracking.MODEL_REQUIREMENTS`), so the check
+    cannot find a mismatch, and it costs about a second per process: it maps every installed distribution's
+    files to their modules first.
+    """
+    from mlflow.utils import environment
+
+    check = environment.warn_dependency_requirement_mismatches
+    environment.warn_dependency_requirement_mismatches = lambda requirements: None
+    try:
+        yield
+    finally:
+        environment.warn_dependency_requirement_mismatches = check
 
 
 def _download(settings: Settings, uri: str) -> bytes:
