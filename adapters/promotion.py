@@ -5,8 +5,11 @@ retry and to crash in the middle of:
 
 1. the intent (`core.promotion.history.PendingChange`: the record, the aliases before and after, the tags) is stored
    first (S3, else the local state folder); without it nothing moves;
-2. the `champion` alias moves; when the call fails (a client timeout, MLflow died after applying it) the
-   alias is read back, and the move is accepted when it holds;
+2. the `champion` alias moves, compare-and-set: right before it, the holder renews its promotion lock's lease
+   (`adapters.locks.confirm_held`: a holder whose lease lapsed, while another may have taken the lock, stops
+   here) and reads the champion back (a champion that is no longer the one the intent replaces stops it too;
+   the intent is dropped, nothing moved); when the move's call fails (a client timeout, MLflow died after
+   applying it) the alias is read back, and the move is accepted when it holds;
 3. then `previous` and the tags (`promoted_at`, `rolled_back`) follow, the history record is stored under the
    intent's id (so storing it twice writes the same object) and the intent is deleted.
 
@@ -23,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from adapters.clients import mlflow_client
-from adapters.locks import pause_at
+from adapters.locks import confirm_held, pause_at, promotion_lock_name
 from adapters.registry import CHAMPION, PREVIOUS, aliases_of, set_alias
 from adapters.settings import get_settings
 from core.errors import PermanentError
@@ -105,10 +108,25 @@ def apply_change(client: Any, pending: PendingChange) -> str | None:
     Returns the history record's URI (None while it waits for S3). Raises, with the intent stored, when the
     move cannot be confirmed; the next attempt or `reconcile` then finds out whether it happened.
     """
-    from adapters.history_store import store_pending
+    from adapters.history_store import delete_pending, store_pending
 
     change = pending.change
     store_pending(pending)
+    pause_at("before-champion-move")
+    try:
+        confirm_held(promotion_lock_name(change.model))
+        expected = pending.before.get(CHAMPION)
+        if not _champion_holds(client, change.model, expected):
+            raise PromotionConflict(
+                f"champion of {change.model!r} is no longer v{expected} (it changed while this change was "
+                f"prepared): not moving it to v{pending.champion_after}"
+            )
+    except PermanentError:  # nothing moved: the intent goes (else the next reconcile finds it never happened)
+        try:
+            delete_pending(pending)
+        except Exception as exc:
+            log.warning("intent of %s not deleted (%s); the next reconcile drops it", change.describe(), exc)
+        raise
     target = pending.champion_after
     try:
         set_alias(client, change.model, CHAMPION, target)

@@ -11,10 +11,14 @@ Published atomically (S3 has no rename; the layout is in `core.inference.scoring
 - the parts are checked to be there, then `<output>/manifest.json` is replaced in one PUT (the flip): a
   reader of the manifest (`current_output`, `read_current_predictions`) sees the previous complete run
   until then, and the new complete run after;
+- a run never replaces a manifest that names a later-started run's version (runs of one output are
+  serialised by a lock in the flow; this holds without it too);
 - only after the flip are versions older than the manifest's `previous` deleted (and the files of the
-  layout before manifests, directly under the output): the previous good output stays readable;
+  layout before manifests, directly under the output), and only those whose run started longer ago than
+  the longest run (`scoring_max_run_seconds`): the previous good output stays readable, and a version still
+  being written is never touched;
 - a failure before the flip deletes the run's version (`discard_version`), never a version the manifest
-  names. A killed run leaves an unreferenced version, deleted by a later publish
+  names. A killed run leaves an unreferenced version, deleted by a later publish once it is old enough
   (`core.inference.scoring.expired_versions`).
 """
 
@@ -369,6 +373,11 @@ def publish_output(plan: OutputPlan, summary: ScoringSummary, settings: Settings
     if missing:
         raise ScoringOutputError(f"{plan.prefix}: parts not found after writing them: {missing}; nothing published")
     before = read_manifest(plan.output, settings)
+    if before is not None and before.version > plan.version:  # names sort by start time
+        raise ScoringOutputError(
+            f"{plan.output}: a run that started later ({before.version}) has published already; not replacing it "
+            f"with this run's older version {plan.version}"
+        )
     # A retry after a flip that did happen finds its own version: keep the previous one it named then.
     previous = (before.previous if before.version == plan.version else before.version) if before else None
     manifest = manifest_for(plan, summary, datetime.now(UTC), previous)
@@ -391,11 +400,16 @@ def publish_output(plan: OutputPlan, summary: ScoringSummary, settings: Settings
 
 
 def remove_expired_versions(output: str, manifest: Manifest, settings: Settings, filesystem: Any = None) -> int:
-    """Delete versions older than the manifest's `previous` and pre-manifest files; returns objects deleted."""
+    """Delete versions older than the manifest's `previous` (and than the longest run) and pre-manifest files.
+
+    Returns how many objects were deleted.
+    """
     filesystem = filesystem or s3_filesystem(settings)
     client, root = s3_client(settings), S3Location.parse(folder(output))
     doomed: list[str] = []
-    for version in expired_versions(_version_names(settings, output, filesystem), manifest.version, manifest.previous):
+    versions = _version_names(settings, output, filesystem)
+    now, longest = datetime.now(UTC), settings.scoring_max_run_seconds
+    for version in expired_versions(versions, manifest.version, manifest.previous, now, longest):
         doomed += list_keys(settings, root.child(f"{VERSIONS_FOLDER}{version}/"), filesystem=filesystem)
     # files of the layout before manifests (parts and summary directly under the output): never read now
     doomed += [

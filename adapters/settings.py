@@ -154,10 +154,26 @@ class Settings(BaseSettings):
         "the tasks are imported (at a run's start).",
     )
 
+    lock_lease_seconds: float = Field(
+        300,
+        ge=60,
+        description="Lease of a held lock (promotion, rollback, a scoring output), renewed while its holder "
+        "runs; a holder whose renewals fail this long is cancelled, and the next may take the lock. The longest "
+        "single MLflow or S3 call of a guarded write must stay well below it.",
+    )
+    scoring_max_run_seconds: float = Field(
+        86_400,
+        gt=0,
+        description="Longest a scoring run may take: clean-up after a publication never deletes a version of the "
+        "output that started less than this long ago (another run may still be writing it).",
+    )
+
     # Fault injection (tests only): a run waits at the named checkpoint of a champion change until the
     # file exists (`adapters.promotion.pause_at`), so a test can kill a server at an exact point.
     test_pause_at: str | None = Field(
-        None, description="Checkpoint to pause at (tests only): before-lock, before-promote, after-champion-move."
+        None,
+        description="Checkpoint to pause at (tests only): before-lock, before-promote, before-champion-move, "
+        "after-champion-move.",
     )
     test_pause_file: Path | None = Field(None, description="File whose creation ends the pause (tests only).")
     # Feature store (Feast). Secrets: a SQL registry URL or a Redis string may carry a password.

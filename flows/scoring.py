@@ -2,9 +2,10 @@
 
 This module wires tasks and handles state: the tasks are `tasks/scoring.py`, what is predicted and
 summarised is `core/inference/scoring.py`, reading, staging and publishing in S3 is `adapters/scoring_store.py`.
-Each run writes a version of its own under the output and publishes it by replacing the output's
-`manifest.json` last (one PUT), so readers (who go through the manifest) see the previous complete run
-until the new one is complete; a failure discards the run's version. Layout: `core/inference/scoring.py`.
+Runs of one output go one at a time (a lock per output). Each run writes a version of its own under the
+output and publishes it by replacing the output's `manifest.json` last (one PUT), so readers (who go
+through the manifest) see the previous complete run until the new one is complete; a failure discards the
+run's version. Layout: `core/inference/scoring.py`.
 
 `engine` chooses where: in the flow's process, or on a Dask cluster with one task per file, the model
 loaded once per worker and the summary merged from per-file tallies (`dask_engine/scoring.py`); the
@@ -30,6 +31,7 @@ from tasks.scoring import (
     inspect_partition,
     load_model,
     make_output_plan,
+    output_lock,
     publish_predictions,
     publish_scoring_summary,
     resolve_model_version,
@@ -115,14 +117,15 @@ def scoring(params: ScoringParams) -> ScoringOutcome:
     partition = inspect_partition(params.source, config)
     address = choose_engine(params.engine, partition)
     model = None if address else load_model(config.model_name, version)  # on the cluster, each worker loads it
-    plan = make_output_plan(params.output, config.model_name, params.source, version)
-    request = ScoringRequest(config, partition, plan, params.chunk_rows, config.model_name, version)
-    try:
-        summary = score_partition_on_cluster(address, request) if address else score_partition(model, request)
-        manifest = publish_predictions(plan, summary)
-    except BaseException:
-        discard_version(plan)
-        raise
+    with output_lock(params.output, config.model_name, params.source, version):  # one run at a time per output
+        plan = make_output_plan(params.output, config.model_name, params.source, version)
+        request = ScoringRequest(config, partition, plan, params.chunk_rows, config.model_name, version)
+        try:
+            summary = score_partition_on_cluster(address, request) if address else score_partition(model, request)
+            manifest = publish_predictions(plan, summary)
+        except BaseException:
+            discard_version(plan)
+            raise
     publish_scoring_summary(summary, manifest.summary)
     return ScoringOutcome(
         config.model_name,

@@ -7,8 +7,11 @@ is `dask_engine.scoring`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from adapters import registry, scoring_store
 from adapters.cluster import cluster_address
+from adapters.locks import Held, ensure_lock, hold
 from adapters.registry import CHAMPION
 from adapters.settings import get_settings
 from adapters.store import s3_filesystem
@@ -28,6 +32,7 @@ from core.inference.scoring import (
     ScoringRequest,
     ScoringSummary,
     new_version,
+    output_folder,
     plan_output,
     use_cluster,
 )
@@ -57,6 +62,27 @@ def inspect_partition(source: str, config: DatasetConfig) -> Partition:
     partition = scoring_store.inspect_partition_files(source, config, get_settings())
     log.info("partition %s: %d file(s), %d rows", source, len(partition.files), partition.rows)
     return partition
+
+
+def scoring_lock_name(output: str) -> str:
+    """The Prefect concurrency limit that serialises scoring runs of one output (a digest of its folder)."""
+    return "scoring-output-" + hashlib.sha256(output.encode()).hexdigest()[:24]
+
+
+@contextmanager
+def output_lock(output: str | None, model_name: str, source: str, version: str) -> Iterator[Held]:
+    """Hold the output's lock for the block: runs of one output plan, write and publish one at a time.
+
+    Waits up to `scoring_max_run_seconds` for a run before; the run's version is named once the lock is held,
+    so versions are published in the order they were named.
+    """
+    settings = get_settings()
+    folder = output_folder(output, settings.bucket, model_name, source, version)
+    log.info("taking the lock of output %s (one scoring run at a time)", folder)
+    with hold(ensure_lock(scoring_lock_name(folder)), timeout_seconds=settings.scoring_max_run_seconds) as held:
+        if held.waited_seconds >= 1:
+            log.info("waited %.0f s for another scoring run of %s", held.waited_seconds, folder)
+        yield held
 
 
 @task(name="plan-output", cache_policy=NO_CACHE)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,10 @@ from core.inference.scoring import (
     expired_versions,
     manifest_for,
     new_version,
+    version_started,
 )
 from tests.faults import kill_server
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,10 +45,16 @@ def test_versions_sort_by_start_time_and_expire_only_below_the_kept_ones():
     assert early < late  # the time comes first, so the token never reorders runs
     v = [new_version(datetime(2026, 1, 1, h, tzinfo=UTC), f"run/{h}") for h in range(6)]
     assert all("/" not in name for name in v)
+    later = datetime(2026, 1, 2, tzinfo=UTC)  # a day after: every run of these is over (longest run: 1 hour)
     # current v[4], previous v[2]: v[0], v[1] expire; v[3] (a killed or concurrent run) and v[5] (newer) stay
-    assert expired_versions(v, v[4], v[2]) == [v[0], v[1]]
-    assert expired_versions(v, v[0], None) == []
-    assert expired_versions(v, v[3], None) == [v[0], v[1], v[2]]
+    assert expired_versions(v, v[4], v[2], later, 3600) == [v[0], v[1]]
+    assert expired_versions(v, v[0], None, later, 3600) == []
+    assert expired_versions(v, v[3], None, later, 3600) == [v[0], v[1], v[2]]
+    # a version whose run started less than the longest run ago may still be being written: never deleted
+    two_hours_in = datetime(2026, 1, 1, 2, 30, tzinfo=UTC)  # v[0], v[1] started 2.5 and 1.5 h before
+    assert expired_versions(v, v[4], v[2], two_hours_in, 2 * 3600) == [v[0]]
+    assert expired_versions(v, v[4], v[2], two_hours_in, 3 * 3600) == []
+    assert version_started(v[1]) == datetime(2026, 1, 1, 1, tzinfo=UTC) and version_started("not-ours") is None
 
 
 def test_manifest_round_trips_and_bad_ones_are_named():
@@ -107,6 +115,19 @@ def _raw(stack, uri: str) -> bytes:
 
     location = S3Location.parse(uri)
     return s3_client(stack).get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
+
+
+def _served(stack, uri: str) -> bool:
+    """Whether S3 answers a GET of `uri` (not the server error of a volume that is not serving yet)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        _raw(stack, uri)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in {"InternalError", "ServiceUnavailable", "SlowDown"}:
+            raise
+        return False
+    return True
 
 
 def _versions(stack, output: str) -> dict[str, list[str]]:
@@ -221,7 +242,7 @@ def _score_in_subprocess(stack, dataset: str, source: str, output: str, **extra_
 @pytest.mark.integration
 @pytest.mark.slow
 def test_scoring_killed_mid_write_leaves_the_previous_output_whole_and_a_rerun_publishes(
-    stack, default_data, scoring_setup
+    stack, default_data, scoring_setup, monkeypatch
 ):
     import mlflow.sklearn
 
@@ -276,6 +297,8 @@ def test_scoring_killed_mid_write_leaves_the_previous_output_whole_and_a_rerun_p
     np.testing.assert_allclose(scored["proba_1"].to_numpy(), np.tile(expected, FILES), rtol=1e-12)
     # and the killed run's leftovers are never read, and go once they are older than the kept versions
     assert not any(killed_version in uri for uri in latest.files)
+    # (the longest run set to 1 s: the killed run's version is older than that, so its run is over)
+    monkeypatch.setenv("MLOPS_SCORING_MAX_RUN_SECONDS", "1")
     scoring(ScoringParams(dataset=dataset, source=f"{default_data}month=2025-06/", output=output))
     assert set(_versions(stack, output)) == {latest.version, current_output(output, stack).version}
 
@@ -306,6 +329,8 @@ def test_s3_stopped_mid_write_fails_the_run_and_leaves_the_previous_output_whole
         if process.poll() is None:
             process.kill()
         local_stack.up(stack)
+    # (a restarted SeaweedFS is healthy a moment before its volume serves the stored objects again)
+    wait_for(lambda: _served(stack, f"{output}manifest.json"), 60, "S3 to serve the stored objects again")
     # then the run failed (after its retries, in about `failed_after` s), saying S3 was unreachable
     stderr = process.stderr.read().decode()
     assert returncode == 1, stderr[-2000:]
@@ -320,3 +345,73 @@ def test_s3_stopped_mid_write_fails_the_run_and_leaves_the_previous_output_whole
     latest = current_output(output, stack)
     assert latest.previous == good.version and latest.version != interrupted and len(latest.files) == FILES
     assert len(read_current_predictions(output, stack)) == rerun.rows == FILES * len(month)
+
+
+@pytest.mark.integration
+def test_an_older_run_never_replaces_a_later_publication_nor_clean_up_a_version_still_written(stack):
+    from adapters.clients import S3Location, put_bytes
+    from adapters.scoring_store import publish_output, read_manifest
+
+    output = f"s3://{stack.bucket}/test-faults/batch/out-races/"
+    now = datetime.now(UTC)
+
+    def written(started: datetime, token: str) -> tuple[OutputPlan, ScoringSummary]:
+        """A run's version with its one part in S3, not published yet."""
+        plan = OutputPlan(output, new_version(started, token))
+        summary = ScoringSummary(MODEL, "1", "s3://b/in/", output, "binary", rows=1)
+        summary.parts = {"s3://b/in/a.parquet": plan.prefix + "part-00000.parquet"}
+        put_bytes(stack, S3Location.parse(summary.parts["s3://b/in/a.parquet"]), b"part", "x/parquet")
+        return plan, summary
+
+    # Given runs of one output: one that started two days ago and never finished, one still writing (started a
+    # minute ago), then A (30 s ago) and B (10 s ago), both written
+    stale, running = written(now - timedelta(days=2), "stale"), written(now - timedelta(minutes=1), "running")
+    a, b = written(now - timedelta(seconds=30), "a"), written(now - timedelta(seconds=10), "b")
+    # when B publishes first, then A
+    publish_output(*b, stack)
+    # then A is refused, naming the later run: the output stays B's
+    with pytest.raises(ScoringOutputError, match=r"started later .* has published already"):
+        publish_output(*a, stack)
+    assert read_manifest(output, stack).version == b[0].version
+    # and when a newer run publishes on top, clean-up deletes the two-day-old version (older than the longest
+    # run, a day) but not the one started a minute ago, which may still be written
+    newest = written(now, "newest")
+    publish_output(*newest, stack)
+    manifest = read_manifest(output, stack)
+    assert (manifest.version, manifest.previous) == (newest[0].version, b[0].version)
+    assert set(_versions(stack, output)) == {running[0].version, a[0].version, b[0].version, newest[0].version}
+    assert stale[0].version < running[0].version < b[0].version  # (older than the kept ones, both)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_scoring_runs_of_one_output_take_turns(stack, default_data, scoring_setup, caplog):
+    import contextvars
+    import logging
+
+    from adapters.locks import ensure_lock, hold
+    from adapters.scoring_store import current_output
+    from flows.scoring import ScoringParams, scoring
+    from tasks.scoring import scoring_lock_name
+
+    dataset, _ = scoring_setup
+    output = f"s3://{stack.bucket}/test-faults/batch/out-turns/"
+    caplog.set_level(logging.INFO, logger="tasks.scoring")
+    finished: list = []
+    # Given another run of the output holding its lock
+    with hold(ensure_lock(scoring_lock_name(output)), timeout_seconds=60):
+        # when a run of the same output starts and reaches the lock
+        params = ScoringParams(dataset=dataset, source=f"{default_data}month=2025-06/", output=output)
+        # in this test's context: Prefect's API address is a context setting of the session (tests/conftest.py)
+        context = contextvars.copy_context()
+        run = threading.Thread(target=context.run, args=(lambda: finished.append(scoring(params)),), daemon=True)
+        run.start()
+        wait_for(lambda: any("taking the lock of output" in r.getMessage() for r in caplog.records), 300, "the lock")
+        # then it has named no version of its own and written nothing while the other holds the lock
+        assert _versions(stack, output) == {}
+        released = datetime.now(UTC)
+    run.join(300)
+    # and once the lock is released it goes on: its version is named after the release, and published
+    [outcome] = finished
+    manifest = current_output(output, stack)
+    assert version_started(manifest.version) >= released and outcome.rows > 0

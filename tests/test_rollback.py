@@ -324,3 +324,113 @@ def test_which_unfinished_changes_happened_is_read_from_the_champion_and_later_i
     # a reverted cold start leaves no champion, which is its target
     assert happened([_intent("2026-01-01T00:00:03+00:00", "1", None)], None) == [True]
     assert PendingChange.from_json(one.to_json()) == one
+
+
+# --- races: a champion change whose lock lapsed, or whose champion moved, moves nothing -----------------
+
+RACES = "promotion-races"
+
+
+def _copy(stack, version: str) -> str:
+    """MODEL's `version` registered as a new version of RACES (the same stored files and digests)."""
+    import mlflow
+
+    from core.modeling.artifacts import FORMAT_TAG, MLMODEL_DIGEST_TAG, MODEL_DIGEST_TAG
+
+    details = mlflow_client(stack).get_model_version(MODEL, version)
+    kept = (MODEL_DIGEST_TAG, MLMODEL_DIGEST_TAG, FORMAT_TAG)
+    tags = {key: value for key, value in details.tags.items() if key in kept} | {"run_id": details.run_id}
+    return str(mlflow.register_model(f"runs:/{details.run_id}/model", RACES, tags=tags).version)
+
+
+def _races_aliases(stack) -> dict[str, str]:
+    return {k: str(v) for k, v in mlflow_client(stack).get_registered_model(RACES).aliases.items()}
+
+
+class _Paused:
+    """A promotion to `version` (against champion `expected`) in a thread, holding the promotion lock, paused
+    right before its champion move (`MLOPS_TEST_PAUSE_AT=before-champion-move`); `leases` what it holds."""
+
+    def __init__(self, version: str, expected: str | None, folder: Path, monkeypatch) -> None:
+        import contextvars
+        import json
+        import threading
+
+        from adapters.locks import ensure_lock, hold, promotion_lock_name
+
+        self.release, self.error = folder / "release", None
+        monkeypatch.setenv("MLOPS_TEST_PAUSE_AT", "before-champion-move")
+        monkeypatch.setenv("MLOPS_TEST_PAUSE_FILE", str(self.release))
+        self.lock = ensure_lock(promotion_lock_name(RACES))
+
+        def run() -> None:
+            try:
+                with hold(self.lock, timeout_seconds=120):
+                    promote_version(RACES, version, expected, reason="test: the paused holder", actor="A")
+            except Exception as exc:
+                self.error = exc
+
+        # in this test's context: Prefect's API address is a context setting of the session (tests/conftest.py)
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True)
+        self.thread.start()
+        reached = Path(f"{self.release}.reached")
+        wait_for(lambda: reached.exists() or not self.thread.is_alive(), 120, "the pause before the champion move")
+        assert self.thread.is_alive(), self.error
+        self.leases = json.loads(reached.read_text())["leases"]
+        monkeypatch.delenv("MLOPS_TEST_PAUSE_AT")  # nobody else pauses
+
+    def go_on(self) -> Exception | None:
+        self.release.touch()
+        self.thread.join(120)
+        assert not self.thread.is_alive()
+        return self.error
+
+
+def test_a_holder_whose_lease_lapsed_moves_nothing_after_the_next_holder_promoted(
+    stack, versions, tmp_path, monkeypatch
+):
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    from adapters.history_store import list_pending
+    from adapters.locks import LockLost, hold
+
+    champion, a, b = (_copy(stack, versions["first"]) for _ in range(3))
+    promote_version(RACES, champion, None, reason="test: the champion", actor="tester")
+    # Given holder A, paused with its intent stored, right before moving the champion to its version
+    holder = _Paused(a, champion, tmp_path, monkeypatch)
+    assert [intent.change.to_version for intent in list_pending(RACES, stack)] == [a]
+    # when its lease lapses (revoked, as the server does to a lease not renewed in time) and holder B takes the
+    # lock, finds A's intent (its move never happened: discarded) and promotes its own version
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots_with_lease(lease_id=UUID(holder.leases[holder.lock]))
+    with hold(holder.lock, timeout_seconds=30):
+        promote_version(RACES, b, champion, reason="test: the next holder", actor="B")
+    # then A, going on, cannot confirm its lease and moves nothing: B's champion stands, recorded once
+    error = holder.go_on()
+    assert isinstance(error, LockLost) and "could not be renewed" in str(error), error
+    assert _races_aliases(stack) == {"champion": b, "previous": champion}
+    moves = [(c.kind, c.from_version, c.to_version) for c in list_changes(RACES, stack)]
+    assert moves == [("promotion", None, champion), ("promotion", champion, b)]
+    assert list_pending(RACES, stack) == []
+    assert "promoted_at" not in mlflow_client(stack).get_model_version(RACES, a).tags
+
+
+def test_a_champion_moved_outside_the_lock_is_never_overwritten(stack, versions, tmp_path, monkeypatch):
+    from adapters.history_store import list_pending
+    from adapters.promotion import PromotionConflict
+    from adapters.registry import CHAMPION
+
+    before = _races_aliases(stack)[CHAMPION]
+    a, by_hand = _copy(stack, versions["first"]), _copy(stack, versions["first"])
+    # Given holder A, paused right before moving the champion from `before` to its version
+    holder = _Paused(a, before, tmp_path, monkeypatch)
+    # when someone moves the champion by hand meanwhile (the MLflow UI, outside the lock)
+    mlflow_client(stack).set_registered_model_alias(RACES, CHAMPION, by_hand)
+    # then A reads the champion back, refuses, and drops its intent: the hand-made champion stands
+    error = holder.go_on()
+    assert isinstance(error, PromotionConflict) and f"no longer v{before}" in str(error), error
+    assert _races_aliases(stack)[CHAMPION] == by_hand
+    assert list_pending(RACES, stack) == []
+    assert [c.to_version for c in list_changes(RACES, stack)].count(a) == 0

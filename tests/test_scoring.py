@@ -269,7 +269,7 @@ def test_failure_after_some_files_are_scored_leaves_nothing(stack, versions, dat
     assert _keys(stack, output) == []
 
 
-def test_rerun_into_the_same_output_replaces_the_earlier_run(stack, versions, dataset, default_data):
+def test_rerun_into_the_same_output_replaces_the_earlier_run(stack, versions, dataset, default_data, monkeypatch):
     output = f"s3://{stack.bucket}/test-scoring/rerun/"
     # Given an output holding a run over every month (several files)
     first = _run(dataset, source=default_data, output=output)
@@ -288,7 +288,9 @@ def test_rerun_into_the_same_output_replaces_the_earlier_run(stack, versions, da
     bucket = S3Location.parse(output).bucket
     kept = [pd.read_parquet(io.BytesIO(_get(stack, bucket, S3Location.parse(u).key))) for u in first_manifest.files]
     pd.testing.assert_frame_equal(pd.concat(kept, ignore_index=True), first_rows)
-    # and a third run deletes the version before the previous one, keeping the second as previous
+    # and a third run deletes the version before the previous one, keeping the second as previous (the longest
+    # run set to 1 s: the first run started longer ago than that, so it cannot be writing any more)
+    monkeypatch.setenv("MLOPS_SCORING_MAX_RUN_SECONDS", "1")
     third = _run(dataset, source=f"{default_data}{MONTH}/", output=output)
     assert third.is_completed(), third.message
     latest = current_output(output, stack)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -201,14 +201,38 @@ def manifest_for(plan: OutputPlan, summary: ScoringSummary, published_at: dateti
     )
 
 
-def expired_versions(versions: list[str], current: str, previous: str | None) -> list[str]:
-    """Versions to delete after a flip: every one older than the oldest kept (`previous`, else `current`).
+def version_started(version: str) -> datetime | None:
+    """When the run that wrote `version` started (its name's UTC time, see `new_version`); None if not one of ours."""
+    try:
+        return datetime.strptime(version.split("-", 1)[0], "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
-    Newer versions that are not current are left alone: another run may still be writing one. A run
-    killed mid-write leaves an unreferenced version, deleted once it is older than the kept ones.
+
+def expired_versions(
+    versions: list[str], current: str, previous: str | None, now: datetime, max_run_seconds: float
+) -> list[str]:
+    """Versions to delete after a flip: older than the oldest kept and than the longest run.
+
+    Every version older than the oldest kept (`previous`, else `current`) whose run started at least
+    `max_run_seconds` (the longest a run may take) before `now`.
+    Newer versions that are not current are left alone, and so is any version whose run may still be going:
+    another run may still be writing it. A run killed mid-write leaves an unreferenced version, deleted once
+    it is older than the kept ones and than the longest run.
     """
     oldest_kept = min(v for v in (current, previous) if v is not None)
-    return sorted(v for v in versions if v < oldest_kept and v not in {current, previous})
+    cutoff = now - timedelta(seconds=max_run_seconds)
+
+    def finished(version: str) -> bool:
+        started = version_started(version)
+        return started is None or started <= cutoff
+
+    return sorted(v for v in versions if v < oldest_kept and v not in {current, previous} and finished(v))
+
+
+def output_folder(output: str | None, bucket: str, model_name: str, source: str, version: str) -> str:
+    """The output folder a run writes under: `output`, else the default for the model, partition and version."""
+    return folder(output) if output else default_output(bucket, model_name, source, version)
 
 
 def folder(uri: str) -> str:
@@ -244,7 +268,7 @@ def plan_output(output: str | None, bucket: str, model_name: str, source: str, v
     Raises:
         ScoringInputError: The output would land inside the source partition (or contain it).
     """
-    final = folder(output) if output else default_output(bucket, model_name, source, version)
+    final = output_folder(output, bucket, model_name, source, version)
     source_folder = folder(source.rsplit("/", 1)[0] if source.endswith(PARQUET_SUFFIXES) else source)
     if final.startswith(source_folder) or source_folder.startswith(final):
         raise ScoringInputError(f"output {final} overlaps the source {source}: predictions would mix with the data")
