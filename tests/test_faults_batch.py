@@ -259,8 +259,9 @@ def test_scoring_killed_mid_write_leaves_the_previous_output_whole_and_a_rerun_p
     good, good_manifest, good_rows = _given_a_published_output(stack, default_data, dataset, output)
     # and a big source: FILES files (each the month, ids made unique), scored 100 rows per chunk
     big = _big_source(stack, month)
-    # When a run scoring the big source into the same output is SIGKILLed once it has written a part
-    process = _score_in_subprocess(stack, dataset, big, output)
+    # When a run scoring the big source into the same output is SIGKILLed once it has written a part (its lock
+    # of the output leased for 60 s, the shortest: the lease of a killed run lapses, nobody releases it)
+    process = _score_in_subprocess(stack, dataset, big, output, MLOPS_LOCK_LEASE_SECONDS="60")
     killed_version = _first_part_of_a_new_version(process, stack, output, good)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
@@ -269,7 +270,8 @@ def test_scoring_killed_mid_write_leaves_the_previous_output_whole_and_a_rerun_p
     _assert_half_written(stack, output, killed_version)
     _assert_previous_output_is_whole(stack, output, good, good_manifest, good_rows)
 
-    # When the run is started again (in-process, to completion), while a consumer keeps reading the output
+    # When the run is started again (in-process, to completion; it waits for the killed run's lease to lapse),
+    # while a consumer keeps reading the output
     reader = _Reader(stack, output)
     reader.start()
     try:
