@@ -83,6 +83,7 @@ bench: compile
 	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.flow_overhead
 	$(BIN)/python -m bench.serving
+	$(BIN)/python -m bench.hostile
 
 stack-up: compile
 	$(BIN)/mlops stack up

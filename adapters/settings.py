@@ -68,6 +68,24 @@ class Settings(BaseSettings):
     serving_threads: int = Field(1, ge=1, description="OpenMP/BLAS threads per model call in the serving API.")
     serving_max_records: int = Field(10_000, ge=1, description="Largest batch one /predict request may send.")
     serving_max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Largest /predict request body.")
+    serving_body_timeout_seconds: float = Field(
+        30, gt=0, description="A request body must arrive within this long (else 408): a slow sender holds no slot."
+    )
+    serving_max_connections: int = Field(
+        256, ge=1, description="Connections and requests one serving process handles at once; beyond, 503 at once."
+    )
+    serving_max_queued_requests: int = Field(
+        1024, ge=1, description="Requests waiting for the model at once per process; beyond, 503 with Retry-After."
+    )
+    serving_max_pending_checks: int = Field(
+        32,
+        ge=1,
+        description="Large or invalid bodies whose checks wait for the checking thread at once per process (they "
+        "are checked one at a time, off the event loop); beyond, 503 with Retry-After.",
+    )
+    serving_max_explain_records: int = Field(
+        100, ge=1, description="Largest batch `?explain=true` explains (each record costs a model call per input)."
+    )
     serving_log_flush_seconds: float = Field(
         5.0, gt=0, description="How often logged predictions are written to S3 as Parquet."
     )

@@ -154,8 +154,11 @@ def run(host: str, port: int, settings: Settings | None = None, log_level: str =
     settings = settings or get_settings()
     check_exposure(host, settings)
     workers = worker_count(settings)
+    # Beyond `serving_max_connections` at once a process answers 503 without reading the request; an idle
+    # keep-alive connection is closed after 5 s.
+    limits = {"limit_concurrency": settings.serving_max_connections, "timeout_keep_alive": 5}
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False, **limits)
         return
     with socket.socket() as probe:  # before emptying the folder a server running on this port still uses
         probe.settimeout(0.5)
@@ -175,6 +178,7 @@ def run(host: str, port: int, settings: Settings | None = None, log_level: str =
         port=port,
         log_level=log_level,
         access_log=False,
+        **limits,
     )
 
 

@@ -43,6 +43,10 @@ COST_CREEP = 1.05
 COSTS_KEPT = 1024
 
 
+class Overloaded(Exception):
+    """More work waits than the server takes: answered 503 with `Retry-After` (nothing was scored or logged)."""
+
+
 @dataclass
 class Job:
     """One request's records waiting to be scored."""
@@ -74,6 +78,7 @@ class MicroBatcher:
             logging; its errors are logged and never fail a request.
         inline: Whether a model measured fast may be scored (and `on_scored` called) on the event loop;
             False when `on_scored` waits for the disk.
+        max_queued: Requests that may wait at once; one more raises `Overloaded` (nothing queued, a 503).
     """
 
     def __init__(
@@ -83,8 +88,10 @@ class MicroBatcher:
         on_batch: Callable[[int], None] | None = None,
         threads: int = 1,
         inline: bool = True,
+        max_queued: int = 1024,
     ) -> None:
         self.max_rows = max_rows
+        self.max_queued = max_queued
         self.inline = inline
         self.on_scored = on_scored
         self.on_batch = on_batch
@@ -133,6 +140,8 @@ class MicroBatcher:
         if self.inline and not self._busy and self._queue.empty() and self._cheap(model, len(records)):
             scores = self._predict([Job(model, records, request_id, None, ids, context)])
             return Scored(scores, len(scores))
+        if self._queue.qsize() >= self.max_queued:
+            raise Overloaded(f"{self._queue.qsize()} requests wait for the model already (the limit): retry shortly")
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(Job(model, records, request_id, future, ids, context))
         return await future

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from adapters.feature_store import feature_store, online_features, service_features
 from adapters.settings import Settings
+from serving.forms import MAX_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,15 @@ class OnlineFeatures:
             if value is None or isinstance(value, bool) or not isinstance(value, str | int):
                 msg = f"needed to look up the store features {columns} (send it, or send the features)"
                 errors.append(_error(key, i, id_field, msg, "missing" if value is None else "id_type"))
+                if len(errors) == MAX_ERRORS:  # an answer names no more: building more costs for nothing
+                    break
         if errors:
             raise FeatureLookupError(errors)
         ids = [str(records[i][id_field]) for i in wanting]
         started = time.perf_counter()
         found = online_features(store, found_service, ids)
         self.latency.observe(time.perf_counter() - started)
-        filled = list(records)
+        filled, unknown = list(records), 0
         for position, i in enumerate(wanting):
             values = {c: found[c][position] for c in columns}
             if all(v is None for v in values.values()):
@@ -95,13 +98,15 @@ class OnlineFeatures:
                     f"unknown entity {ids[position]!r}: the online store has no features for it (feature service "
                     f"{service!r}); materialize the store, or send the features {columns} in the record"
                 )
-                errors.append(_error(key, i, id_field, msg, "unknown_entity"))
+                if len(errors) < MAX_ERRORS:
+                    errors.append(_error(key, i, id_field, msg, "unknown_entity"))
+                unknown += 1
                 continue
             filled[i] = {c: v for c, v in values.items() if c not in records[i]} | records[i]
-        self.entities.labels("unknown").inc(len(errors))
-        self.entities.labels("found").inc(len(wanting) - len(errors))
+        self.entities.labels("unknown").inc(unknown)
+        self.entities.labels("found").inc(len(wanting) - unknown)
         if errors:
-            raise FeatureLookupError(errors[:50])
+            raise FeatureLookupError(errors)
         return filled
 
     async def enrich(self, service: str, id_field: str | None, key: str, records: list[Any]) -> list[Any]:

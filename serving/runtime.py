@@ -12,6 +12,8 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import numpy as np
 import orjson
 
 from adapters.settings import Settings
-from serving.batching import Job, MicroBatcher
+from serving.batching import Job, MicroBatcher, Overloaded
 from serving.follower import ChampionFollower
 from serving.forms import (
     BadRequest,
@@ -28,6 +30,7 @@ from serving.forms import (
     decode_records,
     explain_records,
     parse_records,
+    parsed,
     record_ids,
     validate_records,
 )
@@ -52,6 +55,11 @@ RELOAD_SIGNAL = "reload"  # a file in the metrics folder: touched by /reload, wa
 CATALOG_SIGNAL = "catalog"  # the same, for re-reading the model catalog
 RELOAD_WATCH_SECONDS = 0.2
 SPOOL_FULL_RETRY_AFTER = 5  # seconds a client is told to wait when the spool refuses (`serving_spool_full=refuse`)
+OVERLOADED_RETRY_AFTER = 1  # ... when too many requests wait for the model or for their checks
+# A body up to this size is checked on the event loop (well under a millisecond); a larger one, or one the
+# one-pass decoder refuses, in the checking thread, one at a time: a flood of big or invalid bodies queues
+# there (up to `serving_max_pending_checks`) while small valid requests and /health go on.
+CHECK_ON_LOOP_BYTES = 64 * 1024
 PREDICT_PATHS = frozenset({"/predict", "/invocations"})  # the default model's prediction paths
 
 
@@ -72,9 +80,12 @@ class Runtime:
             threads=settings.serving_threads,
             # logging a batch that waits for the disk must not run on the event loop (nor one request at a time)
             inline=not self.default.log.syncs_each_write,
+            max_queued=settings.serving_max_queued_requests,
         )
         self._tasks: list[asyncio.Task] = []
         self.online = OnlineFeatures(settings, self.metrics.registry)  # feature store lookups
+        self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checks")
+        self._checks_pending = 0
 
     @property
     def follower(self) -> ChampionFollower:
@@ -192,6 +203,7 @@ class Runtime:
             with suppress(asyncio.CancelledError):
                 await task
         await self.batcher.stop()
+        self._checks.shutdown(wait=True)
         await self.models.stop()
 
     async def reload_model(self, name: str, timeout: float) -> dict[str, Any]:
@@ -220,20 +232,37 @@ class Runtime:
         served = self.models.names()
         return {"detail": f"model {name!r} is not served here; served models: {served}", "served": served}
 
+    async def _checked(self, size: int, check: Callable[..., Any], *args: Any) -> Any:
+        """`check(*args)`: on the event loop for a body of up to CHECK_ON_LOOP_BYTES, else in the checking thread.
+
+        Raises Overloaded (a 503) when `serving_max_pending_checks` checks wait for the thread already.
+        """
+        if size <= CHECK_ON_LOOP_BYTES:
+            return check(*args)
+        if self._checks_pending >= self.settings.serving_max_pending_checks:
+            raise Overloaded(f"{self._checks_pending} large or invalid bodies wait for their checks: retry shortly")
+        self._checks_pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._checks, check, *args)
+        finally:
+            self._checks_pending -= 1
+
     async def read_records(
         self, body: bytes, model: LoadedModel
     ) -> tuple[list[dict[str, Any]], list[str | None] | None]:
         """The body's records, validated against `model`, and their ids; raises BadRequest."""
+        limit, size = self.settings.serving_max_records, len(body)
         if not model.feature_service:
-            return decode_records(model, body, self.settings.serving_max_records)
-        key, raw = parse_records(body, self.settings.serving_max_records)
+            return await self._checked(size, decode_records, model, body, limit)
+        key, raw = await self._checked(size, parse_records, body, limit)
+        values = await self._checked(size, parsed, key, raw)
         # store features the records leave out come from the online store, by id
         try:
-            raw = await self.online.enrich(model.feature_service, model.id_field, key, raw)
+            values = await self.online.enrich(model.feature_service, model.id_field, key, values)
         except FeatureLookupError as exc:
             raise BadRequest(422, exc.errors) from exc
-        records = validate_records(model, key, raw)
-        return records, record_ids(model, key, raw)
+        records = await self._checked(size, validate_records, model, key, values)
+        return records, record_ids(model, key, values)
 
     async def predict(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         """Answer one /predict (or /invocations, or /models/<name>/...) request from its ASGI scope.
@@ -262,8 +291,11 @@ class Runtime:
             if explain and model.baseline is None:
                 why = "no baseline was stored with it"
                 raise BadRequest.at(422, ["query", "explain"], f"v{model.version} cannot explain: {why}", "explain")
-            body = await receive_body(receive, declared, self.settings.serving_max_body_bytes)
+            body = await self._receive(receive, declared)
             records, ids = await self.read_records(body, model)
+            if explain and len(records) > (most := self.settings.serving_max_explain_records):
+                msg = f"explaining {len(records)} records is over the limit of {most}: send fewer, or no explain"
+                raise BadRequest.at(413, ["query", "explain"], msg, "too_large")
             scored = await self.batcher.score(model, records, request_id, ids, served)
             explained = await asyncio.to_thread(explain_records, model, records, scored.scores) if explain else None
         except ClientGone:
@@ -276,14 +308,25 @@ class Runtime:
                 prediction.update(extra)
         return encoded_answer(200, answered, request_id)
 
+    async def _receive(self, receive: Any, declared: int) -> bytes:
+        """The request body (413 over the size limit), or a 408 when it does not arrive in time."""
+        seconds = self.settings.serving_body_timeout_seconds
+        try:
+            async with asyncio.timeout(seconds):
+                return await receive_body(receive, declared, self.settings.serving_max_body_bytes)
+        except TimeoutError as exc:
+            msg = f"not received within {seconds:g} s (serving_body_timeout_seconds)"
+            raise BadRequest.at(408, ["body"], msg, "timeout") from exc
+
 
 def _failed(exc: Exception, request_id: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     """The answer to a request that raised: its 4xx, 503 (the spool's `refuse` policy) or 500 (logged)."""
     if isinstance(exc, BadRequest):
         return encoded_answer(exc.status, {"detail": exc.errors, "request_id": request_id}, request_id)
-    if isinstance(exc, PredictionNotLogged):
+    if isinstance(exc, PredictionNotLogged | Overloaded):
+        wait = SPOOL_FULL_RETRY_AFTER if isinstance(exc, PredictionNotLogged) else OVERLOADED_RETRY_AFTER
         status, body, headers = encoded_answer(503, {"detail": str(exc), "request_id": request_id}, request_id)
-        return status, body, [*headers, (b"retry-after", str(SPOOL_FULL_RETRY_AFTER).encode())]
+        return status, body, [*headers, (b"retry-after", str(wait).encode())]
     log.error("request %s failed", request_id, exc_info=exc)
     detail = f"prediction failed: {type(exc).__name__}"
     return encoded_answer(500, {"detail": detail, "request_id": request_id}, request_id)

@@ -508,3 +508,148 @@ def test_when_the_champion_alias_is_gone_the_api_stops_presenting_its_model(stac
         client.set_registered_model_alias(MODEL, "champion", old)
     wait_for(lambda: httpx.get(f"{server}/ready").status_code == 200, 60, "the API to serve again")
     assert httpx.post(f"{server}/predict", json=body, timeout=30).json()["model"]["version"] == old
+
+
+def test_hostile_bodies_leave_health_and_valid_requests_answered(stack, default_data, versions, server):
+    from bench.hostile import hostile_body
+
+    record = _one(stack, default_data)
+    bad = hostile_body(record, 2_000)  # 2,000 records with 50 wrong fields each
+    hostile: list[tuple[int, int, bool]] = []  # status, errors named, Retry-After sent
+    stop = threading.Event()
+
+    def attacker() -> None:
+        with httpx.Client(timeout=60, headers={"content-type": "application/json"}) as http:
+            while not stop.is_set():
+                answer = http.post(f"{server}/predict", content=bad)
+                errors = len(answer.json()["detail"]) if answer.status_code == 422 else 0
+                hostile.append((answer.status_code, errors, "retry-after" in answer.headers))
+
+    # Given 8 clients posting, without pause, bodies whose every record is wrong
+    threads = [threading.Thread(target=attacker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    health, valid = [], []
+    try:
+        wait_for(lambda: len(hostile) >= 8, 120, "the hostile bodies to be answered")
+        # when a ninth client asks /health and sends valid requests meanwhile
+        with httpx.Client(timeout=30) as http:
+            for _ in range(40):
+                started = time.perf_counter()
+                assert http.get(f"{server}/health").status_code == 200
+                health.append(time.perf_counter() - started)
+                valid.append(http.post(f"{server}/predict", json={"records": [record]}).status_code)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    # then each hostile body got a 422 naming at most 50 errors (or a 503 with Retry-After when the checks
+    # were full), every valid request a 200, and /health answered at once (its checks never wait on a body's)
+    assert all((status == 422 and 0 < errors <= 50) or (status == 503 and later) for status, errors, later in hostile)
+    assert max(errors for _, errors, _ in hostile) == 50
+    assert valid == [200] * 40
+    assert sorted(health)[len(health) // 2] < 0.1, sorted(health)  # the median, on a machine other tests share
+    # and a batch over the explain limit is refused before any explaining
+    many = {"records": [record] * 101}
+    answer = httpx.post(f"{server}/predict?explain=true", json=many, timeout=30)
+    assert answer.status_code == 413 and "explaining 101 records is over the limit of 100" in answer.text
+
+
+# --- fuzzing the request bodies on the real server ----------------------------------------------------
+
+FUZZ_EXAMPLES = 400  # bodies per run (docs/tests.md gives the counts of the last run)
+
+
+def _fuzz_bodies(inputs: list[dict], id_field: str | None):
+    """Hypothesis strategy of request bodies around the model's inputs: good records, and records with wrong
+    types, missing and extra fields, odd ids and odd numbers; odd shapes; bytes that are not JSON."""
+    from hypothesis import strategies as st
+
+    finite = st.one_of(
+        st.integers(-(2**53), 2**53), st.floats(allow_nan=False, allow_infinity=False), st.just(-0.0), st.just(1e308)
+    )
+    odd_numbers = st.one_of(st.integers(-(2**70), 2**70), st.floats())  # NaN and infinities: not JSON
+    texts = st.text(max_size=8)
+    junk = st.one_of(st.none(), st.booleans(), odd_numbers, texts, st.lists(st.integers(), max_size=2), st.just({}))
+    good_values = {c["name"]: st.one_of(finite if c["type"] == "numeric" else texts, st.none()) for c in inputs}
+    good = st.fixed_dictionaries(good_values)
+    if id_field:
+        good = st.tuples(good, st.one_of(texts, st.integers(-(2**62), 2**62), st.none())).map(
+            lambda pair: pair[0] | {id_field: pair[1]}
+        )
+
+    @st.composite
+    def spoiled(draw):
+        """A good record with a few fields wrong, left out or added."""
+        record = dict(draw(good))
+        for name in draw(st.lists(st.sampled_from([*good_values, *([id_field] if id_field else [])]), max_size=3)):
+            if draw(st.booleans()):
+                record.pop(name, None)
+            else:
+                record[name] = draw(st.one_of(junk, st.integers(-(2**65), 2**65)))
+        return record | draw(st.dictionaries(st.text(max_size=4), junk, max_size=2))
+
+    goods = st.lists(good, min_size=1, max_size=4)
+    records = st.lists(st.one_of(good, spoiled(), junk), max_size=4)
+
+    def dumped(payload) -> bytes:
+        return json.dumps(payload).encode()  # NaN and infinities are written as JS literals: not JSON
+
+    shaped = st.one_of(
+        st.fixed_dictionaries({"records": goods}),
+        st.fixed_dictionaries({"dataframe_records": goods}),
+        st.fixed_dictionaries({"records": records}),
+        st.fixed_dictionaries({"records": st.one_of(junk, records)}, optional={"dataframe_records": records}),
+        st.one_of(records, junk, st.dictionaries(texts, junk, max_size=2)),
+    ).map(dumped)
+    broken = st.tuples(shaped, st.integers(0, 40), st.sampled_from([b"", b"\xff", b"}", b"\xc3", b"[" * 3])).map(
+        lambda cut: cut[0][: cut[1]] + cut[2] + cut[0][cut[1] :]
+    )
+    return st.one_of(shaped, shaped, shaped, broken)
+
+
+def test_fuzzed_bodies_never_fail_and_the_server_answers_as_the_step_by_step_checks(stack, versions, server):
+    from collections import Counter
+
+    from hypothesis import HealthCheck, given, settings
+
+    from serving.forms import BadRequest, parse_records, record_ids, validate_records
+    from serving.model import load_version
+
+    # the served model, loaded here too: the step-by-step checks (what names errors) and its scores
+    described = httpx.get(f"{server}/model", timeout=30).json()
+    model = load_version(mlflow_client(stack), MODEL, described["version"], stack)
+    statuses: Counter = Counter()
+
+    # derandomized: the same bodies every run (a fuzz run that fails is reproducible, never flaky)
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=True,
+    )
+    @given(_fuzz_bodies(described["inputs"], described["id_field"]))
+    def check(body: bytes) -> None:
+        answer = httpx.post(f"{server}/predict", content=body, headers={"content-type": "application/json"})
+        statuses[answer.status_code] += 1
+        # no body makes the server fail
+        assert answer.status_code in {200, 413, 422}, (body[:300], answer.text[:300])
+        try:
+            key, raw = parse_records(body, 10_000)
+            records = validate_records(model, key, raw)
+            ids = record_ids(model, key, raw)
+        except BadRequest as refused:
+            # a body the checks refuse is refused by the server, with the same status
+            assert answer.status_code == refused.status, (body[:300], answer.text[:300], refused.errors[:2])
+            return
+        # a body the checks accept is answered, with the model's own scores of the checked records
+        assert answer.status_code == 200, (body[:300], answer.text[:300])
+        expected = model.scores(model.columns_of(records))
+        got = [[p["probabilities"][str(c)] for c in model.classes] for p in answer.json()["predictions"]]
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+        assert len(ids or records) == len(records)
+
+    check()
+    print(f"\n[fuzz] {sum(statuses.values())} bodies: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())))
+    assert statuses[200] > 100 and statuses[422] > 100  # the strategy reaches both answers often

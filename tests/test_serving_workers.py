@@ -112,8 +112,8 @@ def test_number_beyond_float_range_is_rejected_by_both_checks():
     model = _schema_model()
     body = b'{"records": [{"age": 1e400, "loan amount": 1, "region": "n"}]}'
     assert model.adapter.decode(body, 5) is None
-    with pytest.raises(BadRequest, match="number is infinity"):
-        parse_records(body, 5)
+    with pytest.raises(BadRequest, match="number is infinity"):  # the record is parsed as it is checked
+        validate_records(model, *parse_records(body, 5))
 
 
 @pytest.mark.parametrize(
@@ -254,6 +254,59 @@ def test_a_new_model_never_inherits_a_freed_model_cost(monkeypatch):
     asyncio.run(run())
     assert pipeline.threads[0].startswith("predict") and pipeline.threads[-2] == main  # the first: inline
     assert pipeline.threads[-1].startswith("predict")  # the second: not rated by the first one's calls
+
+
+def test_a_full_queue_answers_overloaded_and_queues_nothing_more():
+    from serving.batching import Overloaded
+
+    pipeline = _Timed(0.2)
+    model = LoadedModel("m", "1", pipeline, COLUMNS, [0, 1])
+    outcomes: list = []
+
+    async def run() -> None:
+        batcher = MicroBatcher(inline=False, max_queued=2)
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.score(model, [GOOD], "first"))  # being scored (200 ms)
+            await asyncio.sleep(0.05)
+            waiting = [asyncio.ensure_future(batcher.score(model, [GOOD], f"w{i}")) for i in range(2)]
+            await asyncio.sleep(0)
+            try:
+                await batcher.score(model, [GOOD], "one too many")
+            except Overloaded as exc:
+                outcomes.append(exc)
+            outcomes.extend(await asyncio.gather(first, *waiting))
+        finally:
+            await batcher.stop()
+
+    asyncio.run(run())
+    overloaded, *scored = outcomes
+    assert "2 requests wait for the model already" in str(overloaded) and len(scored) == 3
+    assert len(pipeline.threads) == 2  # two calls: the first alone, then the two that waited, batched
+
+
+def test_checks_off_the_loop_are_bounded_and_a_slow_body_times_out():
+    from types import SimpleNamespace
+
+    from adapters.settings import Settings
+    from serving.batching import Overloaded
+
+    settings = Settings(serving_max_pending_checks=1, serving_body_timeout_seconds=0.2)
+    # a large body's checks wait for the checking thread; one more than the limit is refused at once
+    runtime = SimpleNamespace(settings=settings, _checks_pending=1)
+    with pytest.raises(Overloaded, match="1 large or invalid bodies wait"):
+        asyncio.run(Runtime._checked(runtime, 10**6, len, b"x"))
+    # a small one is checked on the loop whatever waits
+    assert asyncio.run(Runtime._checked(runtime, 10, len, b"xyz")) == 3
+
+    # a body that does not arrive in time is a 408
+    async def never() -> dict:
+        await asyncio.sleep(60)
+        return {}
+
+    with pytest.raises(BadRequest, match=r"body: not received within 0.2 s") as raised:
+        asyncio.run(Runtime._receive(SimpleNamespace(settings=settings), never, 10))
+    assert raised.value.status == 408
 
 
 def test_concurrent_requests_to_a_slow_model_are_still_batched():
@@ -435,3 +488,41 @@ def test_a_killed_worker_is_replaced_and_forgotten(stack, versions, server):
     wait_for(replaced, 90, "a replacement worker")
     assert set(after.values()) == {versions["first"]}, after
     wait_for(lambda: set(_health_pids(server, 10)) == set(after), 30, "both live processes to answer /health")
+
+
+def _hostile_body(records: int, fields: int = 50) -> bytes:
+    """`records` records with `fields` wrong fields each: every signature column of the wrong type, the rest junk."""
+    bad = {"age": "old", "loan amount": "a lot", "region": 7} | {f"junk{i}": [i] for i in range(fields - 3)}
+    return json.dumps({"records": [bad] * records}).encode()
+
+
+def test_a_body_of_many_bad_records_is_checked_only_until_fifty_errors():
+    model = _schema_model()
+    body = _hostile_body(10_000)  # 10,000 records with 50 wrong fields each
+    assert len(body) > 5_000_000
+    # the step-by-step checks name the first 50 errors, in record order, and stop there
+    with pytest.raises(BadRequest) as raised:
+        decode_records(model, body, 10_000)
+    errors = raised.value.errors
+    assert raised.value.status == 422 and len(errors) == 50
+    assert [e["loc"][1] for e in errors] == sorted(e["loc"][1] for e in errors) and errors[-1]["loc"][1] == 16
+    assert errors[0]["msg"].startswith("records[0].age: Input should be a valid number")
+    # and no more work than the first records: the same errors as a body of those records alone
+    with pytest.raises(BadRequest) as alone:
+        decode_records(model, _hostile_body(17), 10_000)
+    assert alone.value.errors == errors
+    # a record that is not valid JSON is named once the checks reach it, and only then
+    late = b'{"records": [%s, {"age": 1e400, "loan amount": 1, "region": "n"}]}' % json.dumps(GOOD).encode()
+    with pytest.raises(BadRequest, match=r"records\[1\]: not valid JSON: number is infinity"):
+        decode_records(model, late, 5)
+
+
+def test_the_records_of_a_body_are_parsed_only_as_far_as_the_checks_go():
+    model = _schema_model(id_field=None)
+    # Given 400 bad records, then one that is not valid JSON, checked 170 at a time (512 fields of 3 columns)
+    key, raw = parse_records(_hostile_body(400)[:-2] + b', {"age": 1e400}]}', 1000)
+    assert len(raw) == 401 and key == "records"
+    with pytest.raises(BadRequest) as raised:
+        validate_records(model, key, raw)
+    # then the answer names the first 50 errors (records 0 to 16), and the last record was never parsed
+    assert {e["loc"][1] for e in raised.value.errors} == set(range(17))
