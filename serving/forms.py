@@ -48,8 +48,12 @@ def where(loc: tuple | list) -> str:
 
 MAX_ERRORS = 50  # errors one answer names at most; checking stops once this many are found
 CHECK_CELLS = 512  # record fields checked per step (a step's errors are all built before the count is looked at)
-_TOP = msgspec.json.Decoder(dict[str, msgspec.Raw])  # the body's keys, their values left unparsed
-_RECORDS = msgspec.json.Decoder(list[msgspec.Raw] | None)  # the records, each left unparsed
+# The body's records, each left unparsed (other keys skipped): one pass over a body of the usual shape ...
+_RAW_LISTS = list[msgspec.Raw] | None | msgspec.UnsetType
+_BODY = msgspec.json.Decoder(msgspec.defstruct("RawBody", [(key, _RAW_LISTS, msgspec.UNSET) for key in BODY_KEYS]))
+# ... and, for any other, its keys and then the records, to say which part of it is wrong
+_TOP = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_RECORDS = msgspec.json.Decoder(list[msgspec.Raw] | None)
 
 
 class RawRecords(list):
@@ -66,18 +70,16 @@ def parse_records(body: bytes, max_records: int) -> tuple[str, RawRecords]:
     try:
         if not body.isascii():  # invalid UTF-8 anywhere is invalid JSON, also in what is never parsed
             body.decode("utf-8")
-        top = _TOP.decode(body)
+        found = _BODY.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest.at(422, ["body"], f"not valid JSON: {exc}", "json") from exc
-    except msgspec.ValidationError as exc:  # valid JSON, not an object
-        raise BadRequest.at(422, ["body"], BODY_SHAPE, "body_shape") from exc
-    key = next((k for k in BODY_KEYS if k in top), None)
-    if key is None:
-        raise BadRequest.at(422, ["body"], BODY_SHAPE, "body_shape")
-    try:
-        records = _RECORDS.decode(top[key])
-    except (msgspec.ValidationError, RecursionError) as exc:
-        raise BadRequest.at(422, [key], "must be a list of records", "list_type") from exc
+    except msgspec.ValidationError:  # not an object, or a body key that is not a list: which, below
+        key, records = _records_apart(body)
+    else:
+        key = next((k for k in BODY_KEYS if getattr(found, k) is not msgspec.UNSET), None)
+        if key is None:
+            raise BadRequest.at(422, ["body"], BODY_SHAPE, "body_shape")
+        records = getattr(found, key)
     if records is None:
         raise BadRequest.at(422, [key], "must be a list of records", "list_type")
     if not records:
@@ -90,6 +92,21 @@ def parse_records(body: bytes, max_records: int) -> tuple[str, RawRecords]:
 
 
 BODY_SHAPE = 'expected an object {"records": [{...}, ...]} (or "dataframe_records")'
+
+
+def _records_apart(body: bytes) -> tuple[str, list[msgspec.Raw] | None]:
+    """The key read and its records, for a body not of the usual shape; raises the 422 naming what is wrong."""
+    try:
+        top = _TOP.decode(body)
+    except msgspec.ValidationError as exc:  # valid JSON, not an object
+        raise BadRequest.at(422, ["body"], BODY_SHAPE, "body_shape") from exc
+    key = next((k for k in BODY_KEYS if k in top), None)
+    if key is None:
+        raise BadRequest.at(422, ["body"], BODY_SHAPE, "body_shape")
+    try:
+        return key, _RECORDS.decode(top[key])
+    except (msgspec.ValidationError, RecursionError) as exc:
+        raise BadRequest.at(422, [key], "must be a list of records", "list_type") from exc
 
 
 def parsed(key: str, records: list[Any], start: int = 0, stop: int | None = None) -> list[Any]:

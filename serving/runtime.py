@@ -12,9 +12,9 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import orjson
 
 from adapters.settings import Settings
 from serving.batching import Job, MicroBatcher, Overloaded
+from serving.checks import CheckingProcess
 from serving.follower import ChampionFollower
 from serving.forms import (
     BadRequest,
@@ -56,9 +57,10 @@ CATALOG_SIGNAL = "catalog"  # the same, for re-reading the model catalog
 RELOAD_WATCH_SECONDS = 0.2
 SPOOL_FULL_RETRY_AFTER = 5  # seconds a client is told to wait when the spool refuses (`serving_spool_full=refuse`)
 OVERLOADED_RETRY_AFTER = 1  # ... when too many requests wait for the model or for their checks
-# A body up to this size is checked on the event loop (well under a millisecond); a larger one, or one the
-# one-pass decoder refuses, in the checking thread, one at a time: a flood of big or invalid bodies queues
-# there (up to `serving_max_pending_checks`) while small valid requests and /health go on.
+# A body up to this size is checked on the event loop (well under a millisecond). A larger one is checked by
+# the checking process first (`serving.checks`: its parsing never holds this process's interpreter lock), then,
+# accepted, decoded in the checking thread; a flood of big or invalid bodies queues there (up to
+# `serving_max_pending_checks`) while small valid requests and /health go on.
 CHECK_ON_LOOP_BYTES = 64 * 1024
 PREDICT_PATHS = frozenset({"/predict", "/invocations"})  # the default model's prediction paths
 
@@ -86,6 +88,7 @@ class Runtime:
         self.online = OnlineFeatures(settings, self.metrics.registry)  # feature store lookups
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checks")
         self._checks_pending = 0
+        self.checking: CheckingProcess | None = None  # started with the first large body
 
     @property
     def follower(self) -> ChampionFollower:
@@ -204,6 +207,8 @@ class Runtime:
                 await task
         await self.batcher.stop()
         self._checks.shutdown(wait=True)
+        if self.checking is not None:
+            self.checking.stop()
         await self.models.stop()
 
     async def reload_model(self, name: str, timeout: float) -> dict[str, Any]:
@@ -235,15 +240,28 @@ class Runtime:
     async def _checked(self, size: int, check: Callable[..., Any], *args: Any) -> Any:
         """`check(*args)`: on the event loop for a body of up to CHECK_ON_LOOP_BYTES, else in the checking thread.
 
-        Raises Overloaded (a 503) when `serving_max_pending_checks` checks wait for the thread already.
+        Raises Overloaded (a 503) when `serving_max_pending_checks` checks wait already.
         """
         if size <= CHECK_ON_LOOP_BYTES:
             return check(*args)
+        with self._pending_check():
+            return await asyncio.get_running_loop().run_in_executor(self._checks, check, *args)
+
+    async def _checked_elsewhere(self, model: LoadedModel, body: bytes) -> None:
+        """Raise the BadRequest the checking process finds in a large body (Overloaded when too many wait)."""
+        with self._pending_check():
+            if self.checking is None:
+                self.checking = CheckingProcess()
+                self.checking.start()
+            await self.checking.check(model, body, self.settings.serving_max_records)
+
+    @contextmanager
+    def _pending_check(self) -> Iterator[None]:
         if self._checks_pending >= self.settings.serving_max_pending_checks:
             raise Overloaded(f"{self._checks_pending} large or invalid bodies wait for their checks: retry shortly")
         self._checks_pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._checks, check, *args)
+            yield
         finally:
             self._checks_pending -= 1
 
@@ -253,6 +271,8 @@ class Runtime:
         """The body's records, validated against `model`, and their ids; raises BadRequest."""
         limit, size = self.settings.serving_max_records, len(body)
         if not model.feature_service:
+            if size > CHECK_ON_LOOP_BYTES:
+                await self._checked_elsewhere(model, body)  # refused there: never parsed in this process
             return await self._checked(size, decode_records, model, body, limit)
         key, raw = await self._checked(size, parse_records, body, limit)
         values = await self._checked(size, parsed, key, raw)

@@ -294,6 +294,7 @@ def test_checks_off_the_loop_are_bounded_and_a_slow_body_times_out():
     settings = Settings(serving_max_pending_checks=1, serving_body_timeout_seconds=0.2)
     # a large body's checks wait for the checking thread; one more than the limit is refused at once
     runtime = SimpleNamespace(settings=settings, _checks_pending=1)
+    runtime._pending_check = lambda: Runtime._pending_check(runtime)
     with pytest.raises(Overloaded, match="1 large or invalid bodies wait"):
         asyncio.run(Runtime._checked(runtime, 10**6, len, b"x"))
     # a small one is checked on the loop whatever waits
@@ -494,6 +495,34 @@ def _hostile_body(records: int, fields: int = 50) -> bytes:
     """`records` records with `fields` wrong fields each: every signature column of the wrong type, the rest junk."""
     bad = {"age": "old", "loan amount": "a lot", "region": 7} | {f"junk{i}": [i] for i in range(fields - 3)}
     return json.dumps({"records": [bad] * records}).encode()
+
+
+def test_the_checking_process_gives_the_verdict_of_the_checks_here():
+    from serving.checks import CheckingProcess, schema_of, verdict
+
+    model = _schema_model()
+    bodies = [_hostile_body(2_000), json.dumps({"records": [GOOD] * 3}).encode(), b"{", b'{"records": 7}']
+    checking = CheckingProcess()
+    checking.start()
+    try:
+        for body in bodies:
+            try:
+                decode_records(model, body, 5)
+                here = None
+            except BadRequest as exc:
+                here = (exc.status, exc.errors)
+            assert verdict(schema_of(model), body, 5) == here  # the function the process runs
+
+            async def there(body: bytes = body) -> object:
+                try:
+                    await checking.check(model, body, 5)
+                except BadRequest as exc:
+                    return exc.status, exc.errors
+                return None
+
+            assert asyncio.run(there()) == here  # and through the process
+    finally:
+        checking.stop()
 
 
 def test_a_body_of_many_bad_records_is_checked_only_until_fifty_errors():
