@@ -88,11 +88,11 @@ _HELD: ContextVar[dict[str, Held]] = ContextVar("mlops_locks_held", default={}) 
 
 
 @contextmanager
-def hold(name: str, timeout_seconds: float, lease_seconds: float | None = None) -> Iterator[Held]:
+def hold(name: str, timeout_seconds: float) -> Iterator[Held]:
     """Hold the one slot of `name` for the block (waits up to `timeout_seconds`, then raises).
 
-    The slot is leased for `lease_seconds` (`lock_lease_seconds` by default, at least Prefect's 60) and the
-    lease renewed in the background while the block runs; a renewal that fails cancels the block (Prefect's
+    The slot is leased for `lock_lease_seconds` (at least Prefect's 60 s) and the lease renewed in the
+    background while the block runs; a renewal that fails cancels the block (Prefect's
     `raise_on_lease_renewal_failure`). Yields a `Held` that says how long the wait was (logged too), filled in
     with the release time on exit; `confirm_held(name)` inside the block renews the lease before a write.
     """
@@ -101,7 +101,7 @@ def hold(name: str, timeout_seconds: float, lease_seconds: float | None = None) 
     from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
 
     pause_at("before-lock")
-    lease = max(lease_seconds or get_settings().lock_lease_seconds, 60.0)
+    lease = get_settings().lock_lease_seconds  # >= 60, the least Prefect's server accepts
     start = time.monotonic()
     acquired = acquire_concurrency_slots_with_lease(
         [name], 1, timeout_seconds=timeout_seconds, lease_duration=lease, strict=True

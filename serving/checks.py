@@ -1,8 +1,8 @@
 """The checks of large request bodies, in a process of their own.
 
 A body over `CHECK_ON_LOOP_BYTES` is checked first by a checking process (one per serving process, started
-with the app): it decodes and checks the body as `serving.forms.decode_records` does and sends back only its
-verdict, the 4xx (status and errors) or "accepted". Its interpreter lock is its own, so however many large
+with the first large body): it decodes and checks the body as `serving.forms.decode_records` does and sends
+back only its verdict, the 4xx (status and errors) or "accepted". Its interpreter lock is its own, so however many large
 or invalid bodies arrive, the serving process's event loop is never held up by their parsing: a flood of
 10 MB bodies of bad records costs the serving process the bytes it receives and hands over, nothing more.
 An accepted body is then decoded in the serving process (the one-pass decoder: the records it scores).
@@ -52,7 +52,7 @@ class CheckingProcess:
         self._pool: ProcessPoolExecutor | None = None
 
     def start(self) -> None:
-        """Start the process and have it import the checks now, not on the first large body."""
+        """Start the process and have it import the checks at once (the first check waits for that only)."""
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         self._pool.submit(_ready)
 

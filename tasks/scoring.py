@@ -80,9 +80,7 @@ def output_lock(output: str | None, model_name: str, source: str, version: str) 
     folder = output_folder(output, settings.bucket, model_name, source, version)
     log.info("taking the lock of output %s (one scoring run at a time)", folder)
     with hold(ensure_lock(scoring_lock_name(folder)), timeout_seconds=settings.scoring_max_run_seconds) as held:
-        if held.waited_seconds >= 1:
-            log.info("waited %.0f s for another scoring run of %s", held.waited_seconds, folder)
-        yield held
+        yield held  # (`hold` logs how long it waited)
 
 
 @task(name="plan-output", cache_policy=NO_CACHE)

@@ -18,3 +18,13 @@ def kill_server(stack, name: str, sig: signal.Signals = signal.SIGKILL, timeout:
     os.killpg(pid, sig)
     wait_for(lambda: not local_stack.port_in_use(stack.host, service.port), timeout, f"{name}'s port to close")
     return pid
+
+
+# What a restarted SeaweedFS answers for a moment: it lists objects (and is healthy) before its volume serves them.
+S3_RESTARTING_CODES = {"InternalError", "ServiceUnavailable", "SlowDown"}
+
+
+def s3_restarting(exc: Exception) -> bool:
+    """Whether `exc` is S3's answer while it is still coming back (a botocore ClientError with such a code)."""
+    response = getattr(exc, "response", None) or {}
+    return response.get("Error", {}).get("Code") in S3_RESTARTING_CODES

@@ -20,9 +20,9 @@ def corrupt_version(stack, name: str, version: str) -> None:
         client.put_object(Bucket=stack.bucket, Key=key, Body=b"not a model")
 
 
-def register_again(stack, name: str, version: str) -> str:
+def register_again(stack, name: str, version: str, as_name: str | None = None) -> str:
     """Register the model of version `version` again (its run's `model`), with that version's run id and artifact
-    digests (the same stored files): a second version to promote or roll back to."""
+    digests (the same stored files): a second version to promote or roll back to (of model `as_name` if given)."""
     import mlflow
 
     from core.modeling.artifacts import FORMAT_TAG, MLMODEL_DIGEST_TAG, MODEL_DIGEST_TAG
@@ -31,4 +31,4 @@ def register_again(stack, name: str, version: str) -> str:
     details = mlflow_client(stack).get_model_version(name, version)
     kept = (MODEL_DIGEST_TAG, MLMODEL_DIGEST_TAG, FORMAT_TAG)
     tags = {key: value for key, value in details.tags.items() if key in kept} | {"run_id": details.run_id}
-    return str(mlflow.register_model(f"runs:/{details.run_id}/model", name, tags=tags).version)
+    return str(mlflow.register_model(f"runs:/{details.run_id}/model", as_name or name, tags=tags).version)

@@ -31,7 +31,7 @@ from core.inference.scoring import (
     new_version,
     version_started,
 )
-from tests.faults import kill_server
+from tests.faults import kill_server, s3_restarting
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def _served(stack, uri: str) -> bool:
     try:
         _raw(stack, uri)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in {"InternalError", "ServiceUnavailable", "SlowDown"}:
+        if not s3_restarting(exc):
             raise
         return False
     return True

@@ -29,6 +29,7 @@ from adapters.monitoring_store import read_prediction_log
 from core.modeling.search import SearchSpec
 from flows.training import TrainingParams, training
 from mlops import stack as local_stack
+from tests.faults import s3_restarting
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -162,7 +163,7 @@ def _readable_log(settings, prefix: str) -> Counter:
     try:
         return _raw_log(settings, prefix)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in {"InternalError", "ServiceUnavailable", "SlowDown"}:
+        if not s3_restarting(exc):
             raise
         return Counter()
 

@@ -333,14 +333,7 @@ RACES = "promotion-races"
 
 def _copy(stack, version: str) -> str:
     """MODEL's `version` registered as a new version of RACES (the same stored files and digests)."""
-    import mlflow
-
-    from core.modeling.artifacts import FORMAT_TAG, MLMODEL_DIGEST_TAG, MODEL_DIGEST_TAG
-
-    details = mlflow_client(stack).get_model_version(MODEL, version)
-    kept = (MODEL_DIGEST_TAG, MLMODEL_DIGEST_TAG, FORMAT_TAG)
-    tags = {key: value for key, value in details.tags.items() if key in kept} | {"run_id": details.run_id}
-    return str(mlflow.register_model(f"runs:/{details.run_id}/model", RACES, tags=tags).version)
+    return register_again(stack, MODEL, version, as_name=RACES)
 
 
 def _races_aliases(stack) -> dict[str, str]:

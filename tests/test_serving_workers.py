@@ -491,10 +491,11 @@ def test_a_killed_worker_is_replaced_and_forgotten(stack, versions, server):
     wait_for(lambda: set(_health_pids(server, 10)) == set(after), 30, "both live processes to answer /health")
 
 
-def _hostile_body(records: int, fields: int = 50) -> bytes:
-    """`records` records with `fields` wrong fields each: every signature column of the wrong type, the rest junk."""
-    bad = {"age": "old", "loan amount": "a lot", "region": 7} | {f"junk{i}": [i] for i in range(fields - 3)}
-    return json.dumps({"records": [bad] * records}).encode()
+def _hostile_body(records: int) -> bytes:
+    """`records` records with 50 wrong fields each (`bench.hostile.hostile_body` of a good record)."""
+    from bench.hostile import hostile_body
+
+    return hostile_body(GOOD, records)
 
 
 def test_the_checking_process_gives_the_verdict_of_the_checks_here():
