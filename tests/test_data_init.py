@@ -115,24 +115,46 @@ def test_null_tolerance_is_the_share_seen_plus_a_margin_capped_at_one():
     assert "share of nulls seen + 0.05, rounded up to 2 decimals, capped at 1" in inferred.to_yaml()
 
 
-def test_text_columns_above_the_category_cap_are_left_out_with_a_comment():
+def test_text_columns_above_the_category_cap_are_target_encoded_and_ids_or_free_text_left_out():
     n = 1200
     frame = pd.DataFrame(
         {
             "id": range(n),
-            "free_text": [f"t{i % 1100}" for i in range(n)],
+            "merchant": [f"m{i % 300}" if i % 40 else None for i in range(n)],
+            "free_text": [f"t{i}" for i in range(n)],
+            "near_unique": [f"u{i % 1100}" for i in range(n)],
             "colour": [["red", "green", "blue"][i % 3] for i in range(n)],
             "x": [i % 7 for i in range(n)],
-            "y": [i % 2 for i in range(n)],
+            # drawn, not i % 2: that would be a function of the merchant (i % 300), which the leak checks flag
+            "y": np.random.default_rng(0).integers(0, 2, n),
         }
     )
     inferred = infer_config(frame, InferenceRequest(source="/d.csv", fmt="csv", target="y"))
-    assert inferred.config.feature_names == ["colour", "x"]
-    assert "  # left out: free_text has 1,100 distinct values (cap 50)" in inferred.to_yaml().splitlines()
+    assert inferred.config.feature_names == ["merchant", "colour", "x"]
+    merchant = _feature(inferred, "merchant")
+    assert merchant.type is FeatureType.categorical and merchant.categories is None
+    assert merchant.encoding == "target" and inferred.config.encoding_of(merchant) == "target"
+    assert inferred.config.encoding_of(_feature(inferred, "colour")) == "one_hot"
+    lines = inferred.to_yaml().splitlines()
+    merchant_line = next(line for line in lines if "name: merchant" in line)
+    assert "encoding: target" in merchant_line
+    assert (
+        "# text, 300 distinct values: target-encoded (above the cap of 50 for one-hot); categories not listed"
+        in merchant_line
+    )
+    assert parse_dataset_config(inferred.to_yaml(), "test") == inferred.config
+    assert (
+        "  # left out: free_text has a distinct value in every row (1,200 distinct values in 1,200 values): an id "
+        "or free text, too few repeats to learn a category from" in lines
+    )
+    assert "near_unique has nearly a distinct value per row (1,100 distinct" in inferred.left_out["near_unique"]
+    assert "a text column\n#   with more is target-encoded (`encoding: target`" in inferred.to_yaml()
     smaller = infer_config(
         frame, InferenceRequest(source="/d.csv", fmt="csv", target="y"), rules=InferenceRules(max_categories=2)
     )
-    assert "colour has 3 distinct values (cap 2)" in smaller.left_out["colour"]
+    colour = _feature(smaller, "colour")
+    assert colour.encoding == "target" and colour.categories is None and "colour" not in smaller.left_out
+    assert smaller.feature_notes["colour"].startswith("text, 3 distinct values: target-encoded (above the cap of 2")
 
 
 def test_constant_and_empty_columns_are_left_out():
@@ -227,7 +249,7 @@ def test_yaml_reads_back_to_the_same_config_and_explains_every_line():
     settings = [line for line in text.splitlines() if line and not line.lstrip().startswith("#")]
     unexplained = [line for line in settings if "  # " not in line and line != "features:"]
     assert not unexplained
-    assert "# left out: note has 300 distinct values (cap 50)" in text
+    assert "# left out: note has a distinct value in every row (300 distinct values in 300 values)" in text
 
 
 def test_min_rows_is_half_the_rows_seen_up_to_100():
@@ -327,7 +349,7 @@ def test_mixed_table_passes_validation_and_nothing_is_written_on_refusal(tmp_pat
     result = _invoke(str(csv), "--target", "churned", "--out", str(out))
 
     assert result.exit_code == 0, result.output
-    assert "left out: note has 300 distinct values (cap 50)" in result.output
+    assert "left out: note has a distinct value in every row (300 distinct values in 300 values)" in result.output
     config = load_local_dataset_config(str(out))
     assert config.categorical_features == ["plan", "is_member"]
     assert config.time_column == "signup_date"
@@ -425,7 +447,7 @@ def test_init_from_s3_then_training_takes_the_config_unchanged(stack, tmp_path: 
     plan = next(f for f in config.features if f.name == "plan")
     assert plan.categories == ["basic", "plus", "pro"]
     assert 0.1 < plan.max_null_fraction <= 0.2  # about 10 % null seen, plus the 0.05 margin
-    assert "# left out: note has 1,000 distinct values (cap 50)" in text
+    assert "# left out: note has a distinct value in every row (1,000 distinct values in 1,000" in text
 
     # and the training flow takes the file as it is (dry run: nothing registered)
     params = TrainingParams(

@@ -31,6 +31,8 @@ from core.data.column_kinds import (
 )
 from core.data.config_yaml import InferredConfig
 from core.data.dataset import (
+    MAX_ONE_HOT_CATEGORIES,
+    CategoricalEncoding,
     DatasetConfig,
     DatasetConfigError,
     Feature,
@@ -72,8 +74,11 @@ Rules used (`mlops data init`):
   config lists categories as text, which integers never match); true/false columns and text are categorical.
 - numeric range: observed min and max, each widened by {margin_pct} of the observed range (max - min) and
   rounded outward (whole numbers to whole bounds); a column with no negative values keeps min >= 0.
-- categories: the distinct values seen, when there are at most {max_categories}; a text column with more is left
-  out. A true/false column lists none (the config lists categories as text, which true/false never matches).
+- categories: the distinct values seen, when there are at most {max_categories} (one-hot encoded); a text column
+  with more is target-encoded (`encoding: target`: scikit-learn's TargetEncoder, cross-fitted; a value unseen in
+  training gets the target's mean) and its categories are not listed, unless (nearly) every row has a value of
+  its own (distinct values at least 90 % of its values: an id, free text), which is left out. A true/false
+  column lists none (the config lists categories as text, which true/false never matches).
 - null tolerance: the share of nulls seen + {null_margin}, rounded up to 2 decimals, capped at 1; columns seen
   without nulls use the dataset default max_null_fraction ({null_margin}).
 - left out: columns with a single value, only nulls, infinite numbers, or other types.
@@ -284,8 +289,19 @@ def _categorical_feature(name: str, series: pd.Series, share: float, rules: Infe
     if not all(isinstance(v, str) for v in distinct):
         feature = Feature(name=name, type=FeatureType.categorical, max_null_fraction=tolerance)
         return feature, f"{len(distinct)} values of mixed types; categories not listed; {nulls_text(share)}"
+    if len(distinct) > rules.max_categories:  # kept by `_leave_out_reason`: values repeat across rows
+        feature = Feature(
+            name=name, type=FeatureType.categorical, encoding=CategoricalEncoding.target, max_null_fraction=tolerance
+        )
+        encoding = f"target-encoded (above the cap of {rules.max_categories} for one-hot); categories not listed"
+        return feature, f"text, {count_text(len(distinct))} distinct values: {encoding}; {nulls_text(share)}"
     feature = Feature(name=name, type=FeatureType.categorical, categories=sorted(distinct), max_null_fraction=tolerance)
-    return feature, f"text, {len(distinct)} distinct values (cap {rules.max_categories}); {nulls_text(share)}"
+    many = (
+        f"; target-encoded (more than {MAX_ONE_HOT_CATEGORIES} listed)"
+        if len(distinct) > MAX_ONE_HOT_CATEGORIES
+        else ""
+    )
+    return feature, f"text, {len(distinct)} distinct values (cap {rules.max_categories}){many}; {nulls_text(share)}"
 
 
 def _leave_out_reason(name: str, series: pd.Series, rules: InferenceRules) -> str | None:
@@ -304,8 +320,14 @@ def _leave_out_reason(name: str, series: pd.Series, rules: InferenceRules) -> st
     elif is_bool(series):
         pass
     elif is_text(series):
-        if distinct > rules.max_categories:
-            reason = f"{name} has {count_text(distinct)} distinct values (cap {rules.max_categories})"
+        # (nearly) a value of its own per row: an id or free text, nothing a category encoding can learn from
+        own_value_share = 0.9
+        if distinct > rules.max_categories and distinct >= own_value_share * len(values):
+            per_row = "a distinct value in every row" if distinct == len(values) else "nearly a distinct value per row"
+            reason = (
+                f"{name} has {per_row} ({count_text(distinct)} distinct values in {count_text(len(values))} "
+                "values): an id or free text, too few repeats to learn a category from"
+            )
     else:
         reason = f"{name} has type {series.dtype}, neither numeric nor categorical"
     return reason

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pandas as pd
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
+from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.preprocessing import OneHotEncoder, StandardScaler, TargetEncoder
 
-from core.data.dataset import DatasetConfig, TaskType
+from core.data.dataset import CategoricalEncoding, DatasetConfig, FeatureType, TaskType
 from core.transformers import QuantileClipper
 
 
@@ -32,10 +33,40 @@ def prepare_target(frame: pd.DataFrame, config: DatasetConfig) -> pd.Series:
     return frame[config.target]
 
 
-def build_preprocessor(config: DatasetConfig) -> ColumnTransformer:
-    """Imputation, outlier clipping and scaling for numeric columns; imputation and one-hot for categories.
+# Folds of the target encoder's cross-fitting (`TargetEncoder.fit_transform`), scikit-learn's default.
+TARGET_ENCODER_FOLDS = 5
+_TARGET_TYPES = {TaskType.binary: "binary", TaskType.multiclass: "multiclass", TaskType.regression: "continuous"}
 
-    Unknown categories at prediction time are encoded as all zeros (`handle_unknown="ignore"`).
+
+def target_encoded_features(config: DatasetConfig) -> list[str]:
+    """Categorical features whose encoding is `target` (`DatasetConfig.encoding_of`), in the config's order."""
+    return [
+        f.name
+        for f in config.features
+        if f.type is FeatureType.categorical and config.encoding_of(f) is CategoricalEncoding.target
+    ]
+
+
+def target_encoder(config: DatasetConfig, seed: int) -> TargetEncoder:
+    """scikit-learn's `TargetEncoder` for the task, cross-fitted on seeded shuffled folds.
+
+    `fit_transform` (what fitting the pipeline calls) encodes each training row with encodings learnt on the
+    other folds, so no row sees its own target; `transform` (serving, validation rows) uses the encodings
+    learnt on every training row. A category unseen in training gets the training target's mean (per
+    class for multiclass); smoothing is scikit-learn's empirical Bayes estimate (`smooth="auto"`).
+    """
+    splitter = StratifiedKFold if config.task.is_classification else KFold
+    cv = splitter(n_splits=TARGET_ENCODER_FOLDS, shuffle=True, random_state=seed)
+    return TargetEncoder(target_type=_TARGET_TYPES[config.task], smooth="auto", cv=cv)
+
+
+def build_preprocessor(config: DatasetConfig, seed: int = 0) -> ColumnTransformer:
+    """Imputation, outlier clipping and scaling for numeric columns; imputation and an encoding for categories.
+
+    Categories are one-hot encoded (unknown ones at prediction time as all zeros, `handle_unknown="ignore"`),
+    except those whose encoding is `target` (`DatasetConfig.encoding_of`: many distinct values), which
+    `target_encoder` turns into one number per feature (one per class for multiclass) named like the
+    feature (`<feature>_<class>` for multiclass); `seed` seeds its cross-fitting folds.
     """
     numeric = Pipeline(
         [
@@ -50,10 +81,18 @@ def build_preprocessor(config: DatasetConfig) -> ColumnTransformer:
             ("encode", OneHotEncoder(handle_unknown="ignore", min_frequency=20, sparse_output=False)),
         ]
     )
+    targeted = target_encoded_features(config)
+    by_target = Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="constant", fill_value="__missing__")),
+            ("encode", target_encoder(config, seed)),
+        ]
+    )
     return ColumnTransformer(
         [
             ("numeric", numeric, config.numeric_features),
-            ("categorical", categorical, config.categorical_features),
+            ("categorical", categorical, [c for c in config.categorical_features if c not in targeted]),
+            *([("target", by_target, targeted)] if targeted else []),
         ],
         remainder="drop",
         verbose_feature_names_out=False,

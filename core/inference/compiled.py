@@ -2,8 +2,9 @@
 
 A trained pipeline (`core.modeling.search.make_pipeline`: a `ColumnTransformer` of small step pipelines, then the
 model) is read into a *plan* (`core/inference/compiled_plan.py`): per column block, the fitted numbers of each step
-(imputation statistics, clipping bounds, scaler means and scales, one-hot code tables). The plan is then
-emitted twice:
+(imputation statistics, clipping bounds, scaler means and scales, one-hot code tables, target encoders' code
+tables into their float64 encodings, whose last row, the target's mean, answers unseen values). The plan is
+then emitted twice:
 
 - as an ONNX graph (`compile_onnx`, `core/inference/compiled_onnx.py`): numeric preprocessing in float64 exactly as
   scikit-learn computes it (the same IEEE operations in the same order), text columns through a code
@@ -99,6 +100,8 @@ class CompiledCheck:
         }
         if self.onnx.max_abs_delta is not None:
             tags["compiled_max_abs_delta"] = f"{self.onnx.max_abs_delta:.3g}"
+        if not self.onnx.passed:  # why serving falls back (e.g. a step without a converter)
+            tags["compiled_failure"] = self.onnx.reason[:250]
         if self.model is not None:  # serving checks the downloaded ONNX file against it before using it
             tags[ONNX_DIGEST_TAG] = sha256_hex(self.model)
         return tags

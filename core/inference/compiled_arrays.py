@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.inference.compiled_plan import MARK, NumericBlock, TextBlock, plan_of, text_key
+from core.inference.compiled_plan import MARK, NumericBlock, TargetBlock, TextBlock, plan_of, text_key
 
 
 def _numeric_array(block: NumericBlock, X: np.ndarray) -> np.ndarray:
@@ -38,6 +38,16 @@ def _text_array(block: TextBlock, frame: pd.DataFrame) -> np.ndarray:
     return np.hstack(parts) if parts else np.empty((len(frame), 0))
 
 
+def _target_array(block: TargetBlock, frame: pd.DataFrame) -> np.ndarray:
+    parts = []
+    for column, table, unknown, encodings in zip(block.columns, block.codes, block.unknown, block.tables, strict=True):
+        values = frame[column].to_numpy()
+        keys = (v if type(v) is str and v[:1] != MARK else text_key(v, None) for v in values)
+        index = np.fromiter((table.get(k, unknown) for k in keys), dtype="int64", count=len(values))
+        parts.append(encodings[index])
+    return np.hstack(parts) if parts else np.empty((len(frame), 0))
+
+
 class ArrayForm:
     """The pipeline's fitted steps applied to plain arrays, then the fitted model (`scores` like the pipeline's)."""
 
@@ -55,6 +65,8 @@ class ArrayForm:
             if isinstance(block, NumericBlock):
                 X = frame[block.columns].to_numpy(dtype="float64", copy=True)
                 parts.append(_numeric_array(block, X))
+            elif isinstance(block, TargetBlock):
+                parts.append(_target_array(block, frame))
             else:
                 parts.append(_text_array(block, frame))
         return np.hstack(parts)

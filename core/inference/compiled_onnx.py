@@ -1,7 +1,8 @@
 """The compiled pipeline as one ONNX graph, and an onnxruntime session that scores frames with it.
 
 Numeric preprocessing runs in float64 exactly as scikit-learn computes it (the same IEEE operations in the
-same order), text columns go through a code table, and the model follows: histogram gradient boosting by
+same order), text columns go through a code table (one-hot, or a row of the target encoder's float64
+encodings: `_target_onnx`), and the model follows: histogram gradient boosting by
 our own converter (`_hist_onnx`: one float64 `TreeEnsemble`, `ai.onnx.ml` 5, then its link in float64;
 skl2onnx's float32 thresholds send values at a split threshold the wrong way), other models by skl2onnx
 (decision trees and forests on float32 input, as scikit-learn's own are; linear models in float64).
@@ -25,6 +26,7 @@ from core.inference.compiled_plan import (
     ConversionError,
     NumericBlock,
     Plan,
+    TargetBlock,
     TextBlock,
     plan_of,
     text_key,
@@ -136,6 +138,35 @@ def _text_onnx(g: _Graph, block: TextBlock) -> str:
     return g.op("Concat", parts, "text", axis=1) if len(parts) > 1 else parts[0]
 
 
+def _target_onnx(g: _Graph, block: TargetBlock) -> str:
+    """Each column's code (`LabelEncoder`, unseen: the last row), then that row of its encodings (`Gather`).
+
+    The encodings stay float64 (skl2onnx's own TargetEncoder converter holds them as float32, and converts
+    binary and regression targets only): the rows are the fitted encoder's numbers, bit for bit.
+    """
+    parts = []
+    for column, table, unknown, encodings in zip(block.columns, block.codes, block.unknown, block.tables, strict=True):
+        keys = [NULL_TEXT if k is None else k for k in table]
+        code = g.op(
+            "LabelEncoder",
+            [column],
+            "target_code",
+            domain="ai.onnx.ml",
+            keys_strings=keys,
+            values_int64s=list(table.values()),
+            default_int64=int(unknown),
+        )
+        flat = g.op("Reshape", [code, g.const(np.array([-1], dtype="int64"), "flat")], "target_row")
+        parts.append(g.op("Gather", [g.const(encodings, "encodings"), flat], "target_enc", axis=0))
+    return g.op("Concat", parts, "target", axis=1) if len(parts) > 1 else parts[0]
+
+
+def _block_onnx(g: _Graph, block: NumericBlock | TextBlock | TargetBlock) -> str:
+    if isinstance(block, NumericBlock):
+        return _numeric_onnx(g, block)
+    return _target_onnx(g, block) if isinstance(block, TargetBlock) else _text_onnx(g, block)
+
+
 def compile_onnx(pipeline: Any, text_columns: set[str]) -> bytes:
     """The fitted pipeline as one ONNX model (serialized): one input per column, [n, 1] each.
 
@@ -147,7 +178,7 @@ def compile_onnx(pipeline: Any, text_columns: set[str]) -> bytes:
     """
     plan = plan_of(pipeline, text_columns)
     g = _Graph()
-    parts = [_numeric_onnx(g, b) if isinstance(b, NumericBlock) else _text_onnx(g, b) for b in plan.blocks]
+    parts = [_block_onnx(g, b) for b in plan.blocks]
     features = g.op("Concat", parts, "features", axis=1) if len(parts) > 1 else parts[0]
     model = plan.model
     width = _n_features(model)
@@ -187,7 +218,8 @@ def _converted_model(g: _Graph, features: str, model: Any, width: int, output: s
         d: v for d, v in found.items() if d not in ONNX_OPSET
     }
     scores = f"{output}_model"
-    for node in nodes:
+    for node in nodes:  # a converter may read its own output too (e.g. CalibratedClassifierCV's label ArgMax)
+        node.input[:] = [scores if name == output else name for name in node.input]
         node.output[:] = [scores if name == output else name for name in node.output]
     return _ModelPart(scores, nodes, initializers, opsets, converted.ir_version)
 

@@ -17,6 +17,8 @@ import pandas as pd
 from core.inference.compiled_plan import MARK, NAN_TEXT, NULL_TEXT, UNSEEN_TEXT, NumericBlock, plan_of
 
 TOLERANCE = 1e-6  # max |delta probability|; for a regressor, max |delta| / |value|
+# Known categories of a target-encoded column tried as edge cases at most (evenly spread over its sorted ones).
+MAX_TARGET_CATEGORIES = 500
 
 
 @dataclass(frozen=True)
@@ -134,16 +136,24 @@ def _clip_bounds(pipeline: Any, text_columns: set[str]) -> dict[str, list[float]
 
 
 def _categories(pipeline: Any) -> dict[str, list[Any]]:
-    from sklearn.preprocessing import OneHotEncoder
+    """Known text categories per column: a one-hot encoder's, and up to `MAX_TARGET_CATEGORIES` of a target encoder's.
+
+    A target encoder may know thousands; its table is one lookup whatever the category.
+    """
+    from sklearn.preprocessing import OneHotEncoder, TargetEncoder
 
     found: dict[str, list[Any]] = {}
     preprocess = getattr(pipeline, "steps", [(None, None)])[0][1]
     for _, transformer, columns in getattr(preprocess, "transformers_", []):
         steps = getattr(transformer, "steps", [(None, transformer)])
         for _, step in steps:
-            if isinstance(step, OneHotEncoder):
+            if isinstance(step, OneHotEncoder | TargetEncoder):
                 for c, cats in zip(columns, step.categories_, strict=False):
-                    found[c] = [v for v in cats if isinstance(v, str)]
+                    text = [v for v in cats if isinstance(v, str)]
+                    if isinstance(step, TargetEncoder) and len(text) > MAX_TARGET_CATEGORIES:
+                        picked = np.linspace(0, len(text) - 1, MAX_TARGET_CATEGORIES).round().astype(int)
+                        text = [text[i] for i in np.unique(picked)]
+                    found[c] = text
     return found
 
 

@@ -1,9 +1,11 @@
 """The plan of a fitted pipeline: per column block, the fitted numbers of each step, and the model.
 
 `plan_of` reads a trained pipeline (`core.modeling.search.make_pipeline`) into blocks in the `ColumnTransformer`'s
-output order: numeric blocks (imputation statistics, clipping bounds, scaler means and scales) and text
-blocks (a one-hot code table per column). Both compiled forms are emitted from it (`core/inference/compiled.py`).
-A step without an exact converter raises `ConversionError`.
+output order: numeric blocks (imputation statistics, clipping bounds, scaler means and scales), text
+blocks (a one-hot code table per column) and target-encoded blocks (per column, a code table into the
+encoder's fitted encodings, whose last row, the training target's mean, answers unseen values). Both
+compiled forms are emitted from it (`core/inference/compiled.py`). A step without an exact converter raises
+`ConversionError`.
 
 Text cannot be null in ONNX, so a null is fed as `NULL_TEXT`. Markers start with `MARK` (the NUL
 character), which no real value may collide with: a training category starting with it is refused, and a
@@ -61,10 +63,25 @@ class TextBlock:
 
 
 @dataclass(frozen=True)
+class TargetBlock:
+    """Text columns target-encoded (`TargetEncoder.transform`): per column, value -> row of its table.
+
+    A table holds the fitted encodings (one column, or one per class for multiclass), one row per category,
+    and a last row of the training target's mean(s): the row of a value not in `codes` (`unknown`).
+    """
+
+    columns: list[str]
+    codes: list[dict[Any, int]]  # keys: category values, None, and NAN_TEXT (a float NaN)
+    unknown: list[int]  # the row of a value not in `codes` (the table's last)
+    tables: list[np.ndarray]  # (categories + 1, width) float64
+    widths: list[int]  # 1, or the number of classes
+
+
+@dataclass(frozen=True)
 class Plan:
     """The fitted preprocessing as blocks (in the `ColumnTransformer`'s output order) and the model."""
 
-    blocks: list[NumericBlock | TextBlock]
+    blocks: list[NumericBlock | TextBlock | TargetBlock]
     model: Any
     inputs: list[str]
 
@@ -121,19 +138,21 @@ def _numeric_steps(steps: list[tuple[str, Any]], width: int) -> list[NumericStep
     return plan
 
 
-def _text_block(columns: list[str], steps: list[tuple[str, Any]]) -> TextBlock:
+def _text_block(columns: list[str], steps: list[tuple[str, Any]]) -> TextBlock | TargetBlock:
     from sklearn.impute import SimpleImputer
-    from sklearn.preprocessing import OneHotEncoder
+    from sklearn.preprocessing import OneHotEncoder, TargetEncoder
 
     steps = [(n, s) for n, s in steps if s not in ("passthrough", None)]
     *imputers, (name, encoder) = steps
+    for imp_name, imputer in imputers:
+        if not isinstance(imputer, SimpleImputer) or imputer.add_indicator:
+            raise ConversionError(f"text step {imp_name!r} ({type(imputer).__name__}) has no converter")
+    if isinstance(encoder, TargetEncoder):
+        return _target_block(columns, imputers, encoder)
     if not isinstance(encoder, OneHotEncoder):
         raise ConversionError(f"text step {name!r} ({type(encoder).__name__}) has no converter")
     if encoder.drop is not None or encoder.handle_unknown not in ("ignore", "infrequent_if_exist"):
         raise ConversionError(f"step {name!r}: only drop=None with handle_unknown ignore/infrequent is supported")
-    for imp_name, imputer in imputers:
-        if not isinstance(imputer, SimpleImputer) or imputer.add_indicator:
-            raise ConversionError(f"text step {imp_name!r} ({type(imputer).__name__}) has no converter")
     codes, unknown, widths = [], [], []
     infrequent = getattr(encoder, "infrequent_categories_", None) or [None] * len(columns)
     for j, categories in enumerate(encoder.categories_):
@@ -152,31 +171,76 @@ def _text_block(columns: list[str], steps: list[tuple[str, Any]]) -> TextBlock:
                 return width - 1
             return width - 1 if rare and encoder.handle_unknown == "infrequent_if_exist" else -1
 
-        # Each value the imputers can see, passed through them as scikit-learn does, then encoded.
-        seen = [*categories, None, float("nan")] + [
-            s for _, imp in imputers for s in [imp.statistics_[j]] if isinstance(s, str)
-        ]
-        for value in seen:
-            if isinstance(value, str) and value.startswith(MARK):
-                reserved = f"starts with {MARK!r}, which marks nulls and unseen values in the compiled forms"
-                raise ConversionError(f"column {columns[j]!r}: category {value!r} {reserved}")
-        imputed = [_impute(v, imputers, j, len(columns)) for v in seen]
-        table = {}
-        for value, after in zip(seen, imputed, strict=True):
-            key = NAN_TEXT if _is_nan(value) else value
-            table[key] = encode(after)
-        codes.append(table)
+        codes.append(_code_table(columns, j, categories, imputers, encode))
         unknown.append(encode(UNSEEN_TEXT))
         widths.append(width)
     return TextBlock(columns, codes, unknown, widths)
 
 
-def _impute(value: Any, imputers: list[tuple[str, Any]], j: int, n: int) -> Any:
+def _code_table(
+    columns: list[str], j: int, categories: Any, imputers: list[tuple[str, Any]], encode: Any
+) -> dict[Any, int]:
+    """Each value the imputers can see (the categories, None, NaN, their fill values), as `encode` codes it.
+
+    Values pass through the imputers as scikit-learn passes them, then are encoded.
+
+    Raises:
+        ConversionError: A category or a fill value starting with `MARK`.
+    """
+    seen = [*categories, None, float("nan")] + [
+        s for _, imp in imputers for s in [imp.statistics_[j]] if isinstance(s, str)
+    ]
+    for value in seen:
+        if isinstance(value, str) and value.startswith(MARK):
+            reserved = f"starts with {MARK!r}, which marks nulls and unseen values in the compiled forms"
+            raise ConversionError(f"column {columns[j]!r}: category {value!r} {reserved}")
+    imputed = _impute_all(seen, imputers, j, len(columns))
+    table = {}
+    for value, after in zip(seen, imputed, strict=True):
+        key = NAN_TEXT if _is_nan(value) else value
+        table[key] = encode(after)
+    return table
+
+
+def _target_block(columns: list[str], imputers: list[tuple[str, Any]], encoder: Any) -> TargetBlock:
+    """A fitted `TargetEncoder`'s `transform` as code tables into its encodings (unseen: the target's mean).
+
+    Its `fit_transform` (cross-fitted, training rows only) is not what serving computes, and not compiled.
+    """
+    classes = getattr(encoder, "classes_", None)
+    width = len(classes) if encoder.target_type_ == "multiclass" else 1
+    means = np.asarray(encoder.target_mean_, dtype="float64").reshape(width)
+    codes, unknown, tables = [], [], []
+    for j, categories in enumerate(encoder.categories_):
+        for value in categories:
+            if value is not None and not isinstance(value, str):
+                raise ConversionError(f"column {columns[j]!r}: category {value!r} is not text")
+        rows = [np.asarray(encoder.encodings_[j * width + c], dtype="float64") for c in range(width)]
+        table = np.vstack([np.column_stack(rows), means[None, :]])
+        last = len(categories)
+        index = {c: k for k, c in enumerate(categories) if c is not None}  # text (checked above): by equality
+        null = next((k for k, c in enumerate(categories) if c is None), last)
+
+        def encode(value: Any, index: dict[str, int] = index, null: int = null, last: int = last) -> int:
+            if value is None:
+                return null
+            return index.get(value, last) if type(value) is str else last
+
+        codes.append(_code_table(columns, j, categories, imputers, encode))
+        unknown.append(last)
+        tables.append(table)
+    return TargetBlock(columns, codes, unknown, tables, [width] * len(columns))
+
+
+def _impute_all(values: list[Any], imputers: list[tuple[str, Any]], j: int, n: int) -> list[Any]:
+    """`values` as column `j` of the imputers' input (each row holds one value in every column), imputed."""
+    rows = np.empty((len(values), n), dtype=object)
+    for i, value in enumerate(values):
+        rows[i, :] = [value] * n
     for _, imputer in imputers:
-        row = np.array([[value] * n], dtype=object)
         names = getattr(imputer, "feature_names_in_", None)
-        value = imputer.transform(row if names is None else pd.DataFrame(row, columns=names))[0, j]
-    return value
+        rows = np.asarray(imputer.transform(rows if names is None else pd.DataFrame(rows, columns=names)), dtype=object)
+    return list(rows[:, j])
 
 
 def _is_nan(value: Any) -> bool:
@@ -219,7 +283,7 @@ def plan_of(pipeline: Any, text_columns: set[str]) -> Plan:
     preprocess, model = pipeline.steps[0][1], pipeline.steps[1][1]
     if not isinstance(preprocess, ColumnTransformer) or preprocess.sparse_output_:
         raise ConversionError("expected a dense ColumnTransformer as the first step")
-    blocks: list[NumericBlock | TextBlock] = []
+    blocks: list[NumericBlock | TextBlock | TargetBlock] = []
     inputs: list[str] = []
     for name, transformer, columns in preprocess.transformers_:
         if transformer == "drop" or (name == "remainder" and transformer == "drop"):

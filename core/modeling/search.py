@@ -108,15 +108,18 @@ class SearchSpec(BaseModel):
         return families
 
 
-def make_pipeline(config: DatasetConfig, estimator: BaseEstimator) -> Pipeline:
-    """Preprocessing and model in one pipeline, so serving applies exactly the training transformations."""
-    return Pipeline([("preprocess", build_preprocessor(config)), ("model", estimator)])
+def make_pipeline(config: DatasetConfig, estimator: BaseEstimator, seed: int = 0) -> Pipeline:
+    """Preprocessing and model in one pipeline, so serving applies exactly the training transformations.
+
+    `seed` seeds the preprocessing's own randomness (the target encoder's cross-fitting folds).
+    """
+    return Pipeline([("preprocess", build_preprocessor(config, seed)), ("model", estimator)])
 
 
 def build_model(config: DatasetConfig, family: ModelFamily | str, params: dict[str, Any], seed: int) -> Pipeline:
     """An unfitted pipeline of `family` with exactly `params` (what the search refits and ships)."""
     estimator = clone(base_estimator(ModelFamily(family), config.task.is_classification, seed))
-    return make_pipeline(config, estimator.set_params(**params))
+    return make_pipeline(config, estimator.set_params(**params), seed)
 
 
 def _plain(params: dict[str, Any]) -> dict[str, Any]:

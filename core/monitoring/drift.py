@@ -54,6 +54,7 @@ from core.monitoring.drift_partials import (
 from core.monitoring.drift_statistics import (
     Bins,
     Kind,
+    capped_counts,
     categorical_psi,
     chi_square_test,
     column_bins,
@@ -334,6 +335,7 @@ def drift_from_partial(reference: ColumnReference, partial: ColumnPartial, thres
         categories = sorted(set(ref_counts.index) | set(partial.categories))
         ref = ref_counts.reindex(categories, fill_value=0).to_numpy(dtype=float)
         cur = np.array([partial.categories.get(c, 0) for c in categories], dtype=float)
+        categories, ref, cur = capped_counts(categories, ref, cur)
         bins = Bins(categories, ref, cur)
         if len(categories) < 2:
             statistic, p_value = 0.0, 1.0

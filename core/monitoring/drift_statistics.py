@@ -2,7 +2,8 @@
 
 The figures `core/monitoring/drift.py` judges, on a reference sample and a current one: numeric columns over the
 reference's quantile bins (plus a bin for missing values), categorical columns over the categories of both
-samples (missing values as `__missing__`). The HTML report plots the very bins PSI is computed over.
+samples (missing values as `__missing__`; beyond `MAX_CATEGORIES`, the reference's most frequent ones and one
+`__other__` bin). The HTML report plots the very bins PSI is computed over.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from scipy import stats
 
 MISSING = "__missing__"
 EPSILON = 1e-4  # floor of a bin's share in PSI, so an empty bin does not make it infinite
+# Categories compared one by one at most (a target-encoded feature may have thousands): the reference's most
+# frequent; the others are one OTHER bin. Thousands of sparse bins would make PSI, chi-square and the
+# total-variation distance measure sampling noise (PSI ~ bins x (1/n_ref + 1/n_cur) with no shift at all).
+MAX_CATEGORIES = 50
+OTHER = "__other__"
 
 Kind = Literal["numeric", "categorical"]
 
@@ -84,7 +90,24 @@ def category_counts(reference: Any, current: Any) -> tuple[list[str], np.ndarray
     categories = sorted(set(ref) | set(cur))
     ref_counts = ref.value_counts().reindex(categories, fill_value=0).to_numpy(dtype=float)
     cur_counts = cur.value_counts().reindex(categories, fill_value=0).to_numpy(dtype=float)
-    return categories, ref_counts, cur_counts
+    return capped_counts(categories, ref_counts, cur_counts)
+
+
+def capped_counts(
+    categories: list[str], reference: np.ndarray, current: np.ndarray, limit: int = MAX_CATEGORIES
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """At most `limit` categories of their own (the reference's most frequent, ties by label) plus `OTHER`.
+
+    `categories` (sorted) and both count arrays are aligned; with `limit` or fewer they are returned as they are.
+    """
+    if len(categories) <= limit:
+        return categories, reference, current
+    order = np.lexsort((np.arange(len(categories)), -reference))  # most frequent first, then in label order
+    keep = np.sort(order[:limit])
+    rest = np.ones(len(categories), dtype=bool)
+    rest[keep] = False
+    labels = [categories[i] for i in keep] + [OTHER]
+    return labels, np.append(reference[keep], reference[rest].sum()), np.append(current[keep], current[rest].sum())
 
 
 @dataclass(frozen=True)
