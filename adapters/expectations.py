@@ -14,7 +14,8 @@ from typing import Any
 import pandas as pd
 
 from core.data.dataset import DatasetConfig, FeatureType
-from core.data.validation import ExpectationFailure, ValidationReport
+from core.data.leakage import Candidate, Leak, find_leaks
+from core.data.validation import ExpectationFailure, ValidationReport, with_leaks
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ NUMERIC_TYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                  "Int8", "Int16", "Int32", "Int64", "Float32", "Float64"]  # fmt: skip
 _MAX_SAMPLE = 20
 # Bump when `build_expectations` changes, so cached results of the old expectations are not reused.
-_EXPECTATIONS_VERSION = "1"
+_EXPECTATIONS_VERSION = "2"  # 2: the leak checks joined the report
 
 
 def build_expectations(config: DatasetConfig, dtypes: dict[str, str]) -> list[Any]:
@@ -37,6 +38,8 @@ def build_expectations(config: DatasetConfig, dtypes: dict[str, str]) -> list[An
     present = set(dtypes)
     expectations: list[Any] = [gxe.ExpectTableRowCountToBeBetween(min_value=config.min_rows)]
     required = [config.id_column, config.target, *config.feature_names]
+    if config.time_column and (config.split_strategy == "time" or config.time_features):
+        required.append(config.time_column)
     expectations += [gxe.ExpectColumnToExist(column=c) for c in required]
     if config.id_column in present:
         expectations += [
@@ -99,6 +102,20 @@ def _detail(result: Any, dtypes: dict[str, str]) -> str:  # noqa: PLR0911 - one 
     return f"observed {res.get('observed_value')}"
 
 
+def leak_checks(df: pd.DataFrame, config: DatasetConfig, present: set[str]) -> list[Leak]:
+    """The leak checks (`core.data.leakage`) on the config's features that are in the frame."""
+    if config.target not in present or df[config.target].nunique() < 2:
+        return []
+    time_column = config.time_column if config.time_column in present else None
+    candidates = [Candidate(f.name, f.type.value) for f in config.features if f.name in present]
+    return find_leaks(df, config.target, config.task.is_classification, candidates, time_column)
+
+
+def allowed_leaks(config: DatasetConfig) -> dict[str, str]:
+    """Features the config trains on although the leak checks flag them: name -> the reason given."""
+    return {f.name: f.allow_leak_reason or "" for f in config.features if f.allow_leak}
+
+
 def validate_frame(df: pd.DataFrame, config: DatasetConfig) -> ValidationReport:
     """Validate a frame against the config's expectations; never raises for data problems."""
     # GX reads this when it loads; it has no network here and its analytics are not wanted anyway.
@@ -133,6 +150,7 @@ def validate_frame(df: pd.DataFrame, config: DatasetConfig) -> ValidationReport:
         statistics=dict(result.statistics),
         result=result.to_json_dict(),
     )
+    report = with_leaks(report, leak_checks(df, config, set(dtypes)), allowed_leaks(config))
     log.info("validation: %s", report.summary())
     return report
 

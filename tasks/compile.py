@@ -37,7 +37,8 @@ def compile_candidate(
 @task(name="compile", cache_policy=NO_CACHE)
 def compile_check(model: Any, holdout: pd.DataFrame, config: DatasetConfig, seed: int) -> CompiledCheck:
     """Prefect task: compile the candidate to ONNX and check it (and the exact array form) on the holdout."""
-    check = compile_and_check(model, prepare_inputs(holdout, config), set(config.categorical_features), seed)
+    text_columns = {*config.categorical_features, *config.calendar_columns}  # date/time inputs arrive as ISO text
+    check = compile_and_check(model, prepare_inputs(holdout, config), text_columns, seed)
     log.info("%s (%.1f s)", check.line(), check.seconds)
     if not check.arrays.passed:
         log.warning("exact array form differs from the pipeline: %s", check.arrays.reason)

@@ -236,8 +236,17 @@ def test_a_date_column_becomes_the_time_column():
     assert "ISO dates in text, 2024-01-01 .. 2024-10-26" in inferred.notes["time_column"]
     as_datetime = _frame().assign(signup_date=lambda f: pd.to_datetime(f["signup_date"]))
     assert _infer(as_datetime).config.time_column == "signup_date"
-    second = _frame().assign(last_seen=lambda f: f["signup_date"])
-    assert "last_seen is a date/time column besides time_column signup_date" in _infer(second).left_out["last_seen"]
+    config = inferred.config
+    assert config.split_strategy == "time" and config.time_features
+    assert config.calendar_parts == ["weekday", "month", "day_of_year"]  # dates only: no hour
+    assert config.input_columns[-1] == "signup_date"
+    later = pd.to_datetime(_frame()["signup_date"]) + pd.Timedelta(days=3)
+    second = _frame().assign(first_order=lambda f: f["signup_date"], closed_at=later.dt.strftime("%Y-%m-%d"))
+    twice = _infer(second)
+    assert twice.config.datetime_features == ["first_order"]  # known at signup: its calendar parts are features
+    assert "closed_at may leak the target (after_event): later than signup_date in 100.0% of rows" in (
+        twice.left_out["closed_at"]
+    )
 
 
 def test_yaml_reads_back_to_the_same_config_and_explains_every_line():

@@ -1,12 +1,13 @@
 """One serving API for every served catalog model, against the real stack.
 
-Models of three tasks (a Ridge regressor, a three-class and a two-class logistic regression) are fitted with the
-project's pipeline and registered as training does (`tests.test_task_types._register`), a fourth registered
-model has its stored artifact corrupted. The regressor is the API's default model; the others are put in the
-model catalog (`adapters.catalog`). Then `mlops serve` with two worker processes: every model answers at its
-own paths with its own pipeline's predictions (computed here, from the registry), `/models` lists them, the
-broken one answers 503 alone, a model added to or removed from the catalog gains or loses its routes within
-the poll interval, metrics carry the model, and each model's predictions land in its own log.
+Models of three tasks (a Ridge regressor, a three-class and a two-class logistic regression, the last with calendar
+features of its time column and of a date, and a target-encoded category) are fitted with the project's pipeline
+and registered as training does (`tests.test_task_types._register`), a fourth registered model has its stored
+artifact corrupted. The regressor is the API's default model; the others are put in the model catalog
+(`adapters.catalog`). Then `mlops serve` with two worker processes: every model answers at its own paths with its
+own pipeline's predictions (computed here, from the registry), `/models` lists them, the broken one answers 503
+alone, a model added to or removed from the catalog gains or loses its routes within the poll interval, metrics
+carry the model, and each model's predictions land in its own log.
 """
 
 from __future__ import annotations
@@ -52,13 +53,28 @@ CATALOG_POLL = 1.0
 
 
 def _binary_config(name: str) -> DatasetConfig:
+    """Binary, with what a time-aware table brings.
+
+    The time column's and a date's calendar parts, and a merchant of 400 values (target-encoded).
+    """
     raw = multiclass_config(name).model_dump(mode="json") | {"target": "flag", "task": "binary", "classes": [0, 1]}
+    extra = [
+        {"name": "first_seen", "type": "datetime"},
+        {"name": "merchant", "type": "categorical", "encoding": "target"},
+    ]
+    raw |= {"time_column": "seen_at", "time_features": True, "features": raw["features"] + extra}
     return DatasetConfig.model_validate(raw)
 
 
 def _binary_frame(rows: int) -> pd.DataFrame:
     frame = multiclass_frame(rows, seed=1)
     frame["flag"] = (frame["level"] == "high").astype("int64")
+    rng = np.random.default_rng(1)
+    frame["seen_at"] = pd.Timestamp("2025-01-01") + pd.to_timedelta(rng.integers(0, 90 * 24 * 60, rows), unit="min")
+    frame["first_seen"] = (frame["seen_at"] - pd.to_timedelta(rng.integers(0, 400, rows), unit="D")).dt.strftime(
+        "%Y-%m-%d"
+    )
+    frame["merchant"] = [f"m{i}" for i in rng.integers(0, 400, rows)]
     return frame.drop(columns=["level"])
 
 

@@ -81,6 +81,12 @@ class DaskSplit:
     window: tuple[str, str] | None
     evaluation_threshold: int
 
+    strategy: str = "random"
+    why: str = (
+        "random: ids held out by a hash of the id, partition by partition (the Dask engine draws no time-ordered "
+        "holdout yet)"
+    )
+
     def training_window(self, column: str | None) -> tuple[str, str] | None:
         """First and last time of the training rows (computed on the cluster)."""
         return self.window if column else None

@@ -40,6 +40,8 @@ from core.data.dataset import (
     TaskType,
     parse_dataset_config,
 )
+from core.data.leakage import Candidate, find_leaks
+from core.data.split import as_utc
 
 FORMAT_SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv", ".csv.gz")}
 _TIME_NAME = re.compile(r"date|time|_at$|^at_|timestamp|day", re.IGNORECASE)
@@ -69,7 +71,12 @@ Rules used (`mlops data init`):
 - id_column: --id if given (checked non-null and unique), else the one column without nulls whose values are
   unique per row (whole numbers or text); among several, the one named like an id (id, *_id, id_*, *Id).
 - time_column: a date/time column (datetime values, or text in ISO form YYYY-MM-DD...); among several, the one
-  named like a time (date, time, *_at, timestamp). Not a model feature; other date/time columns are left out.
+  named like a time (date, time, *_at, timestamp). The holdout is its latest period and the CV folds keep time
+  order (split strategy auto); its calendar parts are features (time_features; hour only when the times have
+  one). Other date/time columns are datetime features (their calendar parts), unless later than the time column.
+- leakage: a column that would not be known when the model predicts is left out, saying why: named like the
+  target, predicting it alone (cross-validated ROC AUC or R2 0.99), a function of it, part of a linear
+  combination that reproduces it, or a date later than the time column (`core/data/leakage.py`).
 - feature types: numbers are numeric, including integer codes and 0/1 flags (the range check bounds them; a
   config lists categories as text, which integers never match); true/false columns and text are categorical.
 - numeric range: observed min and max, each widened by {margin_pct} of the observed range (max - min) and
@@ -244,6 +251,22 @@ def _infer_time(frame: pd.DataFrame, taken: set[str]) -> tuple[str | None, str, 
     low, high = (str(t).removesuffix(" 00:00:00") for t in (parsed.min(), parsed.max()))
     note = f"{kind}, {low} .. {high}: the model card's training window; not a model feature"
     return chosen, note, [c for c in found if c != chosen]
+
+
+def _calendar_parts(frame: pd.DataFrame, columns: list[str]) -> list[str]:
+    """All calendar parts, without the hour when every value of these columns is at midnight (dates)."""
+    parts = ["hour", "weekday", "month", "day_of_year"]
+    for column in columns:
+        stamps = as_utc(frame[column]).dropna()
+        if (stamps.dt.hour != 0).any() or (stamps.dt.minute != 0).any():
+            return parts
+    return parts[1:]
+
+
+def _datetime_feature(name: str, series: pd.Series, rules: InferenceRules) -> tuple[Feature, str]:
+    share = float(series.isna().mean())
+    feature = Feature(name=name, type=FeatureType.datetime, max_null_fraction=_null_tolerance(share, rules))
+    return feature, f"date/time besides the time column: its calendar parts are features; {nulls_text(share)}"
 
 
 # --- features ---
@@ -425,6 +448,7 @@ class _Choices:
     id_note: str
     time_column: str | None
     time_note: str
+    calendar_parts: list[str]
     features: list[Feature]
     feature_notes: dict[str, str]
     left_out: dict[str, str]
@@ -442,7 +466,22 @@ def _choose(frame: pd.DataFrame, request: InferenceRequest, rules: InferenceRule
     time_note = time_note or "none: no date/time column found"
     taken = {target, id_name, *([time_name] if time_name else []), *other_times}
     features, feature_notes, left_out = _infer_features(frame, taken, rules)
-    left_out = {c: f"{c} is a date/time column besides time_column {time_name}" for c in other_times} | left_out
+    for column in other_times:
+        feature, note = _datetime_feature(column, frame[column], rules)
+        features.append(feature)
+        feature_notes[column] = note
+    leaks = {
+        leak.column: leak
+        for leak in find_leaks(
+            frame,
+            target,
+            chosen_task.is_classification,
+            [Candidate(f.name, f.type.value) for f in features],
+            time_name,
+        )
+    }
+    features = [f for f in features if f.name not in leaks]
+    left_out |= {c: f"{c} may leak the target ({leak.check}): {leak.detail}" for c, leak in leaks.items()}
     if not features:
         reasons = "; ".join(left_out.values()) or "no columns besides the target, id and time"
         raise ConfigInferenceError(f"no usable feature in {source}: {reasons}")
@@ -455,6 +494,7 @@ def _choose(frame: pd.DataFrame, request: InferenceRequest, rules: InferenceRule
         id_note,
         time_name,
         time_note,
+        _calendar_parts(frame, [c for c in (time_name, *other_times) if c]),
         features,
         feature_notes,
         left_out,
@@ -473,6 +513,7 @@ def _validated_config(choices: _Choices, request: InferenceRequest, rules: Infer
         "classes": choices.classes,
         "id_column": choices.id_column,
         "time_column": choices.time_column,
+        **({"time_features": True, "calendar_parts": choices.calendar_parts} if choices.time_column else {}),
         "min_rows": max(1, min(rules.min_rows_cap, rows // 2)),
         "max_null_fraction": rules.null_margin,
         "holdout_fraction": rules.holdout_fraction,
@@ -496,6 +537,8 @@ def _notes(choices: _Choices, request: InferenceRequest, rules: InferenceRules, 
         "classes": choices.classes_note,
         "id_column": choices.id_note,
         "time_column": choices.time_note,
+        "time_features": "the time column's calendar parts are features: a prediction request carries it too",
+        "calendar_parts": "hour only when the times have one",
         "min_rows": f"min({rules.min_rows_cap}, half the {count_text(rows)} rows seen): fewer rows are rejected",
         "max_null_fraction": f"default null tolerance for the features seen without nulls (margin {rules.null_margin})",
         "holdout_fraction": "share of ids kept out of training, frozen by a hash of the id",

@@ -43,6 +43,7 @@ def render_yaml(inferred: InferredConfig) -> str:
     config = inferred.config
     dumped = config.model_dump(mode="json")
     keys = ["name", "model_name", "source", "format", "target", "task", "classes", "id_column", "time_column"]
+    keys += ["time_features", "calendar_parts"] if config.time_column else []
     keys += ["min_rows", "max_null_fraction", "holdout_fraction"]
     top = []
     for key in keys:
@@ -82,6 +83,7 @@ class InferredConfig:
         """One line for the command line."""
         c = self.config
         kinds = f"{len(c.numeric_features)} numeric, {len(c.categorical_features)} categorical"
+        kinds += f", {len(c.datetime_features)} date/time" if c.datetime_features else ""
         out = f"; {len(self.left_out)} column(s) left out" if self.left_out else ""
         time = f", time {c.time_column!r}" if c.time_column else ""
         return f"task {c.task}, target {c.target!r}, id {c.id_column!r}{time}; features: {kinds}{out}"

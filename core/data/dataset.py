@@ -9,6 +9,7 @@ candidate must not get worse on and the sensitive features its fairness is measu
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from importlib import resources
 from itertools import pairwise
@@ -43,6 +44,27 @@ class FeatureType(StrEnum):
 
     numeric = "numeric"
     categorical = "categorical"
+    datetime = "datetime"  # date/time values (or ISO text): their calendar parts are the model's features
+
+
+class CategoricalEncoding(StrEnum):
+    """How a categorical feature becomes numbers."""
+
+    one_hot = "one_hot"
+    target = "target"
+
+
+# Above this many listed categories a categorical feature without an `encoding` is target-encoded.
+MAX_ONE_HOT_CATEGORIES = 50
+
+
+class CalendarPart(StrEnum):
+    """A calendar part of a date/time value, encoded cyclically (sine and cosine) as two model features."""
+
+    hour = "hour"
+    weekday = "weekday"
+    month = "month"
+    day_of_year = "day_of_year"
 
 
 class Feature(BaseModel):
@@ -58,13 +80,34 @@ class Feature(BaseModel):
     max_null_fraction: float | None = Field(
         None, ge=0, le=1, description="Overrides the dataset's default null tolerance for this column."
     )
+    encoding: CategoricalEncoding | None = Field(
+        None,
+        description="Categorical features: one_hot, or target (scikit-learn's TargetEncoder, cross-fitted; for "
+        f"many distinct values, unseen ones get the target's mean); none: one_hot up to {MAX_ONE_HOT_CATEGORIES} "
+        "listed categories, target above.",
+    )
+    allow_leak: bool = Field(
+        False,
+        description="Train with this feature although the leakage checks flag it (the reason is required and "
+        "shown on the model card).",
+    )
+    allow_leak_reason: str | None = Field(
+        None, min_length=3, description="Why a flagged feature is known at prediction time (with allow_leak)."
+    )
 
     @model_validator(mode="after")
     def _check_kind(self) -> Feature:
-        if self.type is FeatureType.categorical and (self.min is not None or self.max is not None):
+        if self.type is not FeatureType.numeric and (self.min is not None or self.max is not None):
             raise ValueError(f"feature {self.name!r}: min/max only apply to numeric features")
-        if self.type is FeatureType.numeric and self.categories is not None:
+        if self.type is not FeatureType.categorical and self.categories is not None:
             raise ValueError(f"feature {self.name!r}: categories only apply to categorical features")
+        if self.type is not FeatureType.categorical and self.encoding is not None:
+            raise ValueError(f"feature {self.name!r}: encoding only applies to categorical features")
+        if self.allow_leak != (self.allow_leak_reason is not None):
+            raise ValueError(
+                f"feature {self.name!r}: allow_leak: true and allow_leak_reason go together "
+                "(say why the feature is known when the model predicts)"
+            )
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"feature {self.name!r}: min {self.min} is greater than max {self.max}")
         return self
@@ -92,6 +135,22 @@ class SliceSpec(BaseModel):
             if any(a >= b for a, b in pairwise(self.bins)):
                 raise ValueError(f"slice {self.column!r}: bins must be strictly increasing, got {self.bins}")
         return self
+
+
+class SplitSpec(BaseModel):
+    """How the holdout is drawn: the latest period (time) or ids by hash (random)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    strategy: Literal["auto", "time", "random"] = Field(
+        "auto",
+        description="time: the holdout is the latest period (rows at or after `cutoff`, else the latest "
+        "holdout_fraction of the time column's span of rows) and the CV folds keep time order; random: ids by hash, "
+        "shuffled folds; auto: time when there is a time_column, else random.",
+    )
+    cutoff: datetime | None = Field(
+        None, description="time: rows at or after this date/time are the holdout (none: by holdout_fraction)."
+    )
 
 
 class LightGBMParams(BaseModel):
@@ -138,6 +197,17 @@ class DatasetConfig(BaseModel):
         0.2, gt=0, lt=1, description="Share of ids kept out of training, frozen by hashing the id."
     )
     holdout_salt: str = Field("holdout-v1", description="Changing it draws a new holdout.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="Latest-period or random holdout.")
+    time_features: bool = Field(
+        False,
+        description="The time column's calendar parts (`calendar_parts`) are model features too (then every "
+        "prediction request carries the time column).",
+    )
+    calendar_parts: list[CalendarPart] = Field(
+        default=[CalendarPart.hour, CalendarPart.weekday, CalendarPart.month, CalendarPart.day_of_year],
+        min_length=1,
+        description="The parts of each datetime feature (and of the time column with time_features) the model sees.",
+    )
     slices: list[SliceSpec] = Field(
         default=[], description="Sub-populations of the holdout measured separately (slice gate, model card)."
     )
@@ -204,6 +274,12 @@ class DatasetConfig(BaseModel):
         for role, column in (("target", self.target), ("id_column", self.id_column)):
             if column in names:
                 raise ValueError(f"{role} {column!r} must not also be a feature")
+        if self.time_features and self.time_column is None:
+            raise ValueError("time_features needs a time_column (its calendar parts are the features)")
+        if self.split.strategy == "time" and self.time_column is None:
+            raise ValueError("split strategy 'time' needs a time_column (the holdout is its latest period)")
+        if self.split.cutoff is not None and self.split_strategy != "time":
+            raise ValueError("split.cutoff applies to the time split only (strategy time, or auto with a time_column)")
         if self.task is TaskType.regression and self.classes is not None:
             raise ValueError("classes only apply to binary and multiclass tasks, not to regression")
         self._check_slices()
@@ -255,6 +331,36 @@ class DatasetConfig(BaseModel):
     def categorical_features(self) -> list[str]:
         """Names of categorical features."""
         return [f.name for f in self.features if f.type is FeatureType.categorical]
+
+    @property
+    def datetime_features(self) -> list[str]:
+        """Names of date/time features (the model sees their calendar parts)."""
+        return [f.name for f in self.features if f.type is FeatureType.datetime]
+
+    @property
+    def calendar_columns(self) -> list[str]:
+        """Columns whose calendar parts are model features: the time column (with time_features), datetime features."""
+        own = [self.time_column] if self.time_features and self.time_column else []
+        return [*own, *self.datetime_features]
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The model's input columns: the features, then the time column when its calendar parts are features."""
+        return [*self.feature_names, *([self.time_column] if self.time_features and self.time_column else [])]
+
+    def encoding_of(self, feature: Feature) -> CategoricalEncoding:
+        """A categorical feature's encoding: its own, else one-hot up to MAX_ONE_HOT_CATEGORIES listed categories."""
+        if feature.encoding is not None:
+            return feature.encoding
+        many = feature.categories is not None and len(feature.categories) > MAX_ONE_HOT_CATEGORIES
+        return CategoricalEncoding.target if many else CategoricalEncoding.one_hot
+
+    @property
+    def split_strategy(self) -> Literal["time", "random"]:
+        """The holdout's strategy once `auto` is resolved: time with a time column, else random."""
+        if self.split.strategy == "auto":
+            return "time" if self.time_column else "random"
+        return self.split.strategy
 
 
 class DatasetConfigError(ValueError):

@@ -10,20 +10,32 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler, TargetEncoder
 
 from core.data.dataset import CategoricalEncoding, DatasetConfig, FeatureType, TaskType
-from core.transformers import QuantileClipper
+from core.transformers import CalendarEncoder, QuantileClipper
 
 
 def prepare_inputs(frame: pd.DataFrame, config: DatasetConfig) -> pd.DataFrame:
-    """Select the feature columns with stable dtypes (numeric as float64, categorical as object).
+    """Select the model's input columns with stable dtypes (numeric as float64, categorical as object).
 
+    Date/time inputs (datetime features, and the time column with `time_features`) become ISO-8601 text, as a
+    prediction request carries them; the pipeline's `CalendarEncoder` reads their calendar parts.
     Casting here keeps the model signature the same whether or not a snapshot had nulls.
     """
-    X = frame[config.feature_names].copy()
+    X = frame[config.input_columns].copy()
     for column in config.numeric_features:
         X[column] = pd.to_numeric(X[column], errors="raise").astype("float64")
     for column in config.categorical_features:
         X[column] = X[column].astype("object").where(X[column].notna(), None)
+    for column in config.calendar_columns:
+        X[column] = iso_text(X[column])
     return X
+
+
+def iso_text(values: pd.Series) -> pd.Series:
+    """Date/time values as ISO-8601 text (object dtype, None for a null); text is kept as it is."""
+    if not pd.api.types.is_datetime64_any_dtype(values.dtype):
+        return values.astype("object").where(values.notna(), None)
+    text = values.map(lambda v: v.isoformat(), na_action="ignore")
+    return text.astype("object").where(values.notna(), None)
 
 
 def prepare_target(frame: pd.DataFrame, config: DatasetConfig) -> pd.Series:
@@ -81,6 +93,12 @@ def build_preprocessor(config: DatasetConfig, seed: int = 0) -> ColumnTransforme
             ("encode", OneHotEncoder(handle_unknown="ignore", min_frequency=20, sparse_output=False)),
         ]
     )
+    calendar = Pipeline(
+        [
+            ("parts", CalendarEncoder(tuple(p.value for p in config.calendar_parts))),
+            ("impute", SimpleImputer(strategy="constant", fill_value=0.0, add_indicator=True)),
+        ]
+    )
     targeted = target_encoded_features(config)
     by_target = Pipeline(
         [
@@ -93,6 +111,7 @@ def build_preprocessor(config: DatasetConfig, seed: int = 0) -> ColumnTransforme
             ("numeric", numeric, config.numeric_features),
             ("categorical", categorical, [c for c in config.categorical_features if c not in targeted]),
             *([("target", by_target, targeted)] if targeted else []),
+            *([("calendar", calendar, config.calendar_columns)] if config.calendar_columns else []),
         ],
         remainder="drop",
         verbose_feature_names_out=False,

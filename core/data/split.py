@@ -1,4 +1,11 @@
-"""Frozen holdout: a row is held out by a hash of its id, so it stays out across runs and versions."""
+"""The holdout: the latest period of a time-ordered table, or rows held out by a hash of their id.
+
+- time (the default with a time column): rows at or after a cut-off are the holdout, the model is scored on
+  the period after everything it learnt from, as it will be used; the cut-off is the config's `split.cutoff`,
+  else the time below which `1 - holdout_fraction` of the rows fall. As rows are appended, the cut-off only
+  moves forward, so no holdout row was ever a training row of an earlier champion.
+- random: blake2b(salt + id) decides, so a row stays out across runs and versions, whatever else changes.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +25,13 @@ _BUCKETS = 10_000
 
 @dataclass(frozen=True)
 class Split:
-    """Training rows and frozen holdout rows of one snapshot."""
+    """Training rows and holdout rows of one snapshot, and how they were split (for the run and the card)."""
 
     train: pd.DataFrame = field(repr=False)
     holdout: pd.DataFrame = field(repr=False)
+    strategy: str = "random"
+    why: str = ""
+    cutoff: str | None = None
 
     @property
     def rows_train(self) -> int:
@@ -69,13 +79,88 @@ def holdout_mask(ids: pd.Series, fraction: float, salt: str) -> np.ndarray:
     return holdout_buckets(ids, salt) < holdout_threshold(fraction)
 
 
+def as_utc(values: pd.Series) -> pd.Series:
+    """Date/time values (datetime or ISO text) as UTC timestamps; naive ones are read as UTC, others are NaT."""
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        return pd.to_datetime(values, utc=True)
+    return pd.to_datetime(values, utc=True, errors="coerce", format="ISO8601")
+
+
+def time_cutoff(times: pd.Series, fraction: float) -> pd.Timestamp:
+    """The time at which the latest `fraction` of the rows (with a time) begins."""
+    ordered = times.dropna().sort_values(ignore_index=True)
+    if ordered.empty:
+        raise ValueError("the time column has no values: a time split needs them (or split strategy: random)")
+    return ordered.iloc[min(len(ordered) - 1, int(np.floor((1 - fraction) * len(ordered))))]
+
+
+def _time_mask(frame: pd.DataFrame, config: DatasetConfig) -> tuple[np.ndarray, str, str]:
+    times = as_utc(frame[config.time_column])
+    if config.split.cutoff is not None:
+        cutoff = pd.Timestamp(config.split.cutoff)
+        cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
+        how = f"rows at or after the configured cut-off {cutoff.isoformat()}"
+    else:
+        cutoff = time_cutoff(times, config.holdout_fraction)
+        how = f"the latest {config.holdout_fraction:.0%} of rows by {config.time_column} (from {cutoff.isoformat()})"
+    undated = int(times.isna().sum())
+    why = (
+        f"time: the holdout is {how}, so the model is scored on a period after everything it learnt from; "
+        "the CV folds keep time order (each fold validates on rows later than its training rows)"
+        + (f"; {undated} row(s) without a {config.time_column} are training rows" if undated else "")
+    )
+    return (times >= cutoff).fillna(False).to_numpy(dtype=bool), why, cutoff.isoformat()
+
+
 def split_frame(frame: pd.DataFrame, config: DatasetConfig) -> Split:
-    """Split a validated frame into training rows and holdout rows by id."""
-    mask = holdout_mask(frame[config.id_column], config.holdout_fraction, config.holdout_salt)
-    split = Split(train=frame.loc[~mask].reset_index(drop=True), holdout=frame.loc[mask].reset_index(drop=True))
+    """Split a validated frame into training rows and holdout rows: the latest period, or ids by hash."""
+    if config.split_strategy == "time":
+        mask, why, cutoff = _time_mask(frame, config)
+        strategy = "time"
+    else:
+        mask = holdout_mask(frame[config.id_column], config.holdout_fraction, config.holdout_salt)
+        strategy, cutoff = "random", None
+        reason = "configured (split strategy random)" if config.split.strategy == "random" else "no time_column"
+        why = f"random: ids held out by a hash of the id ({reason}); a row stays out across runs"
+    split = Split(
+        train=frame.loc[~mask].reset_index(drop=True),
+        holdout=frame.loc[mask].reset_index(drop=True),
+        strategy=strategy,
+        why=why,
+        cutoff=cutoff,
+    )
     for part, name in ((split.train, "training"), (split.holdout, "holdout")):
         if part[config.target].nunique() < 2:
             kind = "classes" if config.task.is_classification else "distinct values"
             raise ValueError(f"the {name} part has fewer than two {kind} of {config.target!r}; need more data")
-    log.info("split: %d training rows, %d holdout rows", len(split.train), len(split.holdout))
+    log.info("split: %d training rows, %d holdout rows; %s", len(split.train), len(split.holdout), why)
     return split
+
+
+def time_folds(times: pd.Series, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Expanding-window folds in time order: fold k trains on the earliest k+1 blocks, validates on the next.
+
+    The rows are ordered by time (rows without a time first, then ties in row order) and cut into
+    `n_folds + 1` blocks of nearly equal size, as scikit-learn's `TimeSeriesSplit` does; indices are
+    positions in `times`. A block boundary never cuts rows of the same time apart, so no validation row
+    shares its time with a training row.
+    """
+    stamps = as_utc(times)
+    keys = stamps.dt.tz_convert(None).to_numpy(dtype="datetime64[ns]").astype("int64")
+    keys[stamps.isna().to_numpy()] = np.iinfo("int64").min  # undated rows first
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    n = len(order)
+    bounds = [n * k // (n_folds + 1) for k in range(1, n_folds + 1)]
+    folds = []
+    for k, bound in enumerate(bounds):
+        start = bound
+        while 0 < start < n and ordered[start] == ordered[start - 1]:
+            start += 1  # keep equal times on one side
+        end = bounds[k + 1] if k + 1 < len(bounds) else n
+        while 0 < end < n and ordered[end] == ordered[end - 1]:
+            end += 1
+        if start >= end:
+            raise ValueError(f"too few distinct times for {n_folds} time-ordered folds: lower cv_folds")
+        folds.append((np.sort(order[:start]), np.sort(order[start:end])))
+    return folds

@@ -71,6 +71,36 @@ class ValidationReport:
         )
 
 
+def with_leaks(report: ValidationReport, leaks: list[Any], allowed: dict[str, str]) -> ValidationReport:
+    """`report` with the leak checks' findings (`core.data.leakage.Leak`).
+
+    A failure for each flagged feature unless the config allows it (`allow_leak: true` with a reason); the
+    allowed ones are kept in the statistics.
+    """
+    refused = [leak for leak in leaks if leak.column not in allowed]
+    failures = list(report.failures) + [
+        ExpectationFailure(
+            f"leakage_check:{leak.check}",
+            leak.column,
+            f"{leak.detail}; leave the feature out, or mark it `allow_leak: true` with `allow_leak_reason` if it "
+            "is known when the model predicts",
+        )
+        for leak in refused
+    ]
+    overridden = {
+        leak.column: {"check": leak.check, "detail": leak.detail, "reason": allowed[leak.column]}
+        for leak in leaks
+        if leak.column in allowed
+    }
+    return ValidationReport(
+        success=report.success and not refused,
+        n_expectations=report.n_expectations + 1,
+        failures=failures,
+        statistics=report.statistics | {"leak_checks": {"flagged": len(leaks), "allowed": overridden}},
+        result=report.result,
+    )
+
+
 class DataValidationError(PermanentError):
     """A snapshot failed validation; the message lists each failed expectation."""
 

@@ -96,7 +96,8 @@ class Review:
 
 def input_schema(config: DatasetConfig) -> dict[str, str]:
     """The candidate's inputs as the serving API sees them: column -> numeric | text."""
-    return {f.name: "numeric" if f.type is FeatureType.numeric else "text" for f in config.features}
+    schema = {f.name: "numeric" if f.type is FeatureType.numeric else "text" for f in config.features}
+    return schema | ({config.time_column: "text"} if config.time_column in config.calendar_columns else {})
 
 
 def schema_gate(candidate: dict[str, str], champion: dict[str, str] | None, allow_change: bool) -> GateResult:

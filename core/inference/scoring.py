@@ -341,7 +341,7 @@ def predict_chunk(
     `predict`), and there is one `proba_<class>` column per class. For a regressor `predicted` is its
     predicted value (float64) and there are no probability columns.
     """
-    scores = model_scores(model, prepare_inputs(batch.select(config.feature_names).to_pandas(), config))
+    scores = model_scores(model, prepare_inputs(batch.select(config.input_columns).to_pandas(), config))
     classes = np.asarray(model_classes(model))
     n = batch.num_rows
     columns = {config.id_column: batch.column(config.id_column)}

@@ -236,8 +236,13 @@ def feature_drifts(
             feature_values(current, feature, config),
             thresholds,
         )
-        for feature in config.feature_names
+        for feature in drift_features(config)
     ]
+
+
+def drift_features(config: DatasetConfig) -> list[str]:
+    """The features whose distributions are compared: all but date/time ones (every new day would be a shift)."""
+    return [f for f in config.feature_names if f not in config.datetime_features]
 
 
 # ---------------------------------------------------------------------------------------------- predictions
@@ -363,7 +368,8 @@ def window_reference(reference: pd.DataFrame, config: DatasetConfig, classes: li
     `classes` is the model's (empty for a regressor); the reference's outputs are `prediction_values` of them.
     """
     features = tuple(
-        column_reference(f, feature_kind(f, config), feature_values(reference, f, config)) for f in config.feature_names
+        column_reference(f, feature_kind(f, config), feature_values(reference, f, config))
+        for f in drift_features(config)
     )
     if classes is None:
         return WindowReference(features, None)
