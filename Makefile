@@ -84,6 +84,7 @@ bench: compile
 	$(BIN)/python -m bench.flow_overhead
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.hostile
+	$(BIN)/python -m bench.quality
 
 stack-up: compile
 	$(BIN)/mlops stack up
