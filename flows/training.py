@@ -7,7 +7,7 @@ Run it ad hoc with `mlops train` (or `python -m mlops train`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prefect import flow
@@ -159,7 +159,9 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         candidate = Candidate(run_id, search.model, model_uri, evaluation, split.holdout, tags, compiled.line())
         result = review_and_promote(candidate, config, _policy(params, gates))
         outcome = result.outcome(params.dry_run)
-        facts = _card_facts(params, config, split, data, result, outcome)
+        facts = replace(
+            _card_facts(params, config, split, data, result, outcome), calibration=search.calibration_summary
+        )
         record_run(facts, run_id, result.tags(outcome), steps_after(result.approval))
         result.raise_failure(config.model_name)
     except BaseException:  # a record of the failure, even after an expired pause

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from core.data.dataset import DatasetConfig
 from core.data.features import prepare_target
+from core.modeling.calibration import calibration_metrics
 from core.modeling.metrics import (
     Evaluation,
     compute_metrics,
@@ -29,7 +30,7 @@ def evaluate_candidate(model: Any, holdout: pd.DataFrame, config: DatasetConfig,
     y_true = prepare_target(holdout, config)
     proba = predict_proba(model, holdout, config)
     classes = model_classes(model)
-    metrics = compute_metrics(y_true, proba, classes)
+    metrics = compute_metrics(y_true, proba, classes) | calibration_metrics(y_true, proba, classes)  # + ece
     log.info("holdout metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     if not figures:
         return Evaluation(metrics, {}, proba)

@@ -179,9 +179,17 @@ def log_evaluation(
     client.log_param(run_id, "best_family", search.family)
     for key, value in search.params.items():
         client.log_param(run_id, f"best_{key}", str(value))
-    client.log_dict(
-        run_id, {"family": search.family, "params": search.params, "cv": search.cv_metric}, "search/best.json"
-    )
+    best = {"family": search.family, "params": search.params, "cv": search.cv_metric}
+    if search.calibration is not None:  # what the calibration step compared, chose and why
+        calibration = search.calibration
+        for key, value in calibration.params().items():
+            client.log_param(run_id, key, value)
+        for key, value in calibration.metrics().items():
+            client.log_metric(run_id, key, value)
+        for key, value in calibration.tags().items():
+            client.set_tag(run_id, key, value)
+        best["calibration"] = calibration.to_dict()
+    client.log_dict(run_id, best, "search/best.json")
     for name, figure in figures.items():
         client.log_figure(run_id, figure, f"plots/{name}")
         plt.close(figure)

@@ -11,6 +11,7 @@ from sklearn.base import clone
 from sklearn.datasets import load_diabetes, load_wine
 
 from core.data.dataset import DatasetConfig
+from core.modeling.calibration import apply_calibrators, base_classifier, calibration_method, responses_of, uncalibrated
 from core.modeling.search import (
     DataShape,
     ModelFamily,
@@ -53,8 +54,10 @@ def test_the_shipped_model_has_exactly_the_chosen_trials_parameters(wine_search)
     complete = [t for t in result.trials if t.state == "complete"]
     best = max(complete, key=lambda t: t.cv_mean)
     assert (result.family, result.params, result.cv_mean) == (best.family, best.params, best.cv_mean)
-    # the fitted estimator carries those parameters (the bug: it carried the family's last trial's)
-    estimator = result.model.named_steps["model"]
+    # the fitted estimator carries those parameters (the bug: it carried the family's last trial's), inside the
+    # calibration when one was chosen
+    estimator = base_classifier(result.model)
+    assert type(estimator) is type(base_estimator(ModelFamily(best.family), True, 11))
     assert {k: estimator.get_params()[k] for k in result.params} == result.params
     # and it predicts exactly like a pipeline built independently from those parameters on the same rows
     reference = make_pipeline(
@@ -64,7 +67,18 @@ def test_the_shipped_model_has_exactly_the_chosen_trials_parameters(wine_search)
 
     X, y = prepare_inputs(frame, config), prepare_target(frame, config)
     reference.fit(X, y)
-    np.testing.assert_array_equal(reference.predict_proba(X), result.model.predict_proba(X))
+    np.testing.assert_array_equal(reference.predict_proba(X), uncalibrated(result.model).predict_proba(X))
+    # the shipped probabilities are that pipeline's, through the chosen calibration if any (on this search a
+    # strongly regularised, under-confident logistic regression wins and sigmoid calibration is chosen)
+    assert result.calibration is not None and calibration_method(result.model) == result.calibration.method
+    assert [name for name, _ in result.model.steps] == ["preprocess", "model"]
+    if result.calibration.method == "none":
+        assert uncalibrated(result.model) is result.model
+    else:
+        n_classes = len(reference.classes_)
+        calibrated = apply_calibrators(result.calibration.calibrators, responses_of(reference, X), n_classes)
+        np.testing.assert_array_equal(calibrated, result.model.predict_proba(X))
+        assert result.calibration.brier_after < result.calibration.brier_before
 
 
 def test_every_family_gets_its_trials_and_they_are_logged(wine_search):
@@ -113,6 +127,7 @@ def test_regression_search_ranks_by_rmse_and_ships_the_chosen_model():
     estimator = result.model.named_steps["model"]
     assert {k: estimator.get_params()[k] for k in result.params} == result.params
     assert not hasattr(result.model, "predict_proba")
+    assert result.calibration is None  # probabilities only
 
 
 def test_a_family_of_the_other_task_is_refused_by_name():

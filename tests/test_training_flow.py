@@ -53,6 +53,12 @@ def test_cold_start_promotes_and_records_everything(stack, first_run):
     assert {"holdout_roc_auc", "holdout_pr_auc", "holdout_f1", "holdout_log_loss", "holdout_brier"} <= set(
         run.data.metrics
     )
+    # and its calibration: the holdout's ECE (gated), what the calibration step chose and the CV Brier behind it
+    assert 0 <= run.data.metrics["holdout_ece"] <= Gates().max_calibration_error
+    assert run.data.params["calibration.method"] in ("none", "sigmoid", "isotonic")
+    assert run.data.metrics["calibration.brier_cv_after"] <= run.data.metrics["calibration.brier_cv_before"]
+    assert run.data.tags["calibration.reason"].startswith("shipped")
+    assert any(c.gate == "max_calibration_error" and c.passed for c in first_run.decision.checks)
     artifacts = {a.path for a in client.list_artifacts(first_run.run_id, "plots")}
     assert artifacts == {
         f"plots/{n}"

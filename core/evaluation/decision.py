@@ -2,6 +2,9 @@
 
 Rules (stated once, here):
 - Absolute gates: the candidate's holdout metrics must clear every configured threshold of its task.
+- Calibration gate (classification): the holdout's expected calibration error (`ece`,
+  `core.modeling.calibration`) must be at most `max_calibration_error`, judged on the point estimate
+  (ECE is biased upwards on a finite holdout already, so no bootstrap bound is taken).
 - Review gates (computed in `core.evaluation.review`): slices, fairness, model size, latency, input schema.
 - Cold start: no champion; the holdout must be big enough and every absolute gate must hold on the
   pessimistic bound of the metric's bootstrap interval.
@@ -58,6 +61,16 @@ class Gates(BaseModel):
     min_f1: float | None = Field(None, ge=0, le=1, title="Minimum F1")
     max_log_loss: float | None = Field(None, gt=0, title="Maximum log loss")
     max_brier: float | None = Field(None, gt=0, title="Maximum Brier score")
+    max_calibration_error: float | None = Field(
+        0.1,
+        gt=0,
+        le=1,
+        title="Maximum calibration error",
+        description="Classification only: the holdout's expected calibration error (10 equal-width bins of the "
+        "positive class's probability; the top label's for multiclass) must be at most this; empty for no "
+        "calibration gate. The default is generous: a model whose probabilities are 10 points off on average "
+        "is not one to read probabilities from.",
+    )
     max_rmse: float | None = Field(None, gt=0, title="Maximum RMSE", description="Regression only.")
     max_mae: float | None = Field(None, gt=0, title="Maximum MAE", description="Regression only.")
     min_r2: float | None = Field(
@@ -212,6 +225,20 @@ def absolute_gates(
     return results
 
 
+def calibration_gate(metrics: dict[str, float], gates: Gates) -> list[GateResult]:
+    """The `max_calibration_error` gate on the holdout's ECE: [] when it is off or the metrics have no `ece`.
+
+    A regressor's metrics have no `ece`, nor do metrics computed without it (`compute_metrics` alone).
+    """
+    bound = gates.max_calibration_error
+    if bound is None or "ece" not in metrics:
+        return []
+    value = metrics["ece"]
+    passed = value <= bound  # NaN (no holdout rows) fails
+    detail = f"expected calibration error (ece) {value:.4f} on the holdout {_relation('max', passed)} {bound:.4f}"
+    return [GateResult("max_calibration_error", passed, detail)]
+
+
 @dataclass(frozen=True)
 class HoldoutEvidence:
     """What a cold start is judged on: how big the holdout is and the candidate's bootstrap intervals.
@@ -291,7 +318,11 @@ def decide(
     cold_start = incumbent.metrics is None and incumbent.error is None
     if cold_start and holdout is None:
         raise ValueError("judging a cold start needs the holdout evidence (size and bootstrap intervals)")
-    results = [*absolute_gates(candidate, gates, holdout.intervals if cold_start and holdout else None), *checks]
+    results = [
+        *absolute_gates(candidate, gates, holdout.intervals if cold_start and holdout else None),
+        *calibration_gate(candidate, gates),
+        *checks,
+    ]
     if cold_start and holdout is not None:
         results.insert(0, holdout_size_gate(holdout, gates))
     failed = [r for r in results if not r.passed]

@@ -5,7 +5,9 @@ same order), text columns go through a code table (one-hot, or a row of the targ
 encodings: `_target_onnx`), and the model follows: histogram gradient boosting by
 our own converter (`_hist_onnx`: one float64 `TreeEnsemble`, `ai.onnx.ml` 5, then its link in float64;
 skl2onnx's float32 thresholds send values at a split threshold the wrong way), other models by skl2onnx
-(decision trees and forests on float32 input, as scikit-learn's own are; linear models in float64).
+(decision trees and forests on float32 input, as scikit-learn's own are; linear models in float64); a
+calibrated classifier (`CalibratedClassifierCV`) as its classifier's scores, then its calibrators in float64
+(`core/inference/compiled_calibration.py`).
 
 Pure: bytes out; onnxruntime sessions are created from bytes.
 """
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from core.inference.compiled_calibration import calibrated_model_part, is_calibrated
 from core.inference.compiled_plan import (
     MARK,
     NULL_TEXT,
@@ -184,7 +187,9 @@ def compile_onnx(pipeline: Any, text_columns: set[str]) -> bytes:
     width = _n_features(model)
     classification = getattr(model, "classes_", None) is not None
     output = "probabilities" if classification else "variable"
-    if type(model).__name__.startswith("HistGradientBoosting"):
+    if is_calibrated(model):  # CalibratedClassifierCV: its classifier, then its calibrators
+        part = calibrated_model_part(g, features, model, width)
+    elif type(model).__name__.startswith("HistGradientBoosting"):
         part = _ModelPart(_hist_onnx(g, features, model), [], [], TREE_OPSET, 10)
     else:
         part = _converted_model(g, features, model, width, output)
@@ -305,14 +310,15 @@ class _TreeArrays:
                 is_leaf.append(int(child in leaves))
 
 
-def _hist_onnx(g: _Graph, features: str, model: Any) -> str:
+def _hist_onnx(g: _Graph, features: str, model: Any, link: bool = True) -> str:
     """Histogram gradient boosting as one `ai.onnx.ml` 5 `TreeEnsemble` in float64, then its link, in float64.
 
     Written here rather than by skl2onnx, whose tree ensembles hold float32 thresholds and leaf values
     (a value between a float64 threshold and its float32 rounding goes the wrong way; values at the clip
     bounds do, as bounds and bin thresholds are both quantiles of the training data) and answer float32.
     Raw scores are the baseline plus each tree's leaf, as scikit-learn sums them; then the logistic
-    (binary: [1 - p, p]), softmax (multiclass) or identity (squared, absolute or quantile loss) link.
+    (binary: [1 - p, p]), softmax (multiclass) or identity (squared, absolute or quantile loss) link;
+    `link=False` stops at the raw scores (`decision_function`, what a calibration reads).
 
     Raises:
         ConversionError: Native categorical splits, or a loss with another link.
@@ -346,10 +352,10 @@ def _hist_onnx(g: _Graph, features: str, model: Any) -> str:
         aggregate_function=1,  # SUM
         post_transform=0,
     )
-    return _hist_link(g, raw, model, per_iteration)
+    return _hist_link(g, raw, model, per_iteration, link)
 
 
-def _hist_link(g: _Graph, raw: str, model: Any, per_iteration: int) -> str:
+def _hist_link(g: _Graph, raw: str, model: Any, per_iteration: int, link: bool = True) -> str:
     """The baseline added to the trees' sums, then the model's link: the graph's scores.
 
     Raises:
@@ -357,6 +363,8 @@ def _hist_link(g: _Graph, raw: str, model: Any, per_iteration: int) -> str:
     """
     baseline = np.asarray(model._baseline_prediction, dtype="float64").reshape(1, per_iteration)
     raw = g.op("Add", [g.const(baseline, "baseline"), raw], "raw")
+    if not link:
+        return raw
     loss = type(model._loss).__name__
     if getattr(model, "classes_", None) is None:
         if loss not in ("HalfSquaredError", "AbsoluteError", "PinballLoss"):

@@ -22,8 +22,9 @@ from core.data.features import prepare_inputs, prepare_target
 
 log = logging.getLogger(__name__)
 
-# Metrics where lower is better; every other metric is higher-is-better.
-LOWER_IS_BETTER = frozenset({"log_loss", "brier", "rmse", "mae"})
+# Metrics where lower is better; every other metric is higher-is-better. `ece` (expected calibration error,
+# `core.modeling.calibration`) is a holdout metric of classifiers logged beside these, not one of `METRICS`.
+LOWER_IS_BETTER = frozenset({"log_loss", "brier", "rmse", "mae", "ece"})
 CLASSIFICATION_METRICS = ("roc_auc", "pr_auc", "f1", "log_loss", "brier")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
 METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
@@ -172,13 +173,18 @@ def evaluation_figures(y_true: Sequence[Any], proba: np.ndarray, classes: Sequen
         ax.set_title(title)
         figures[name] = fig
 
+    # Reliability curve in the bins the ECE is computed in (10 equal-width); multiclass: the top label's
+    # confidence too (what the ECE measures), beside each class against the rest.
+    from core.modeling.calibration import N_BINS, expected_calibration_error, reliability_inputs
+
     fig, ax = plt.subplots(figsize=(5, 4.5))
+    if len(classes) > 2:
+        confidence, correct = reliability_inputs(y_true, proba, classes)
+        CalibrationDisplay.from_predictions(correct, confidence, n_bins=N_BINS, name="top label", ax=ax)
     for cls in positives:
         index = classes.index(cls)
-        CalibrationDisplay.from_predictions(
-            y_true == cls, proba[:, index], n_bins=10, strategy="quantile", name=f"class {cls}", ax=ax
-        )
-    ax.set_title("Calibration (holdout)")
+        CalibrationDisplay.from_predictions(y_true == cls, proba[:, index], n_bins=N_BINS, name=f"class {cls}", ax=ax)
+    ax.set_title(f"Calibration (holdout), ECE {expected_calibration_error(y_true, proba, classes):.4f}")
     figures["calibration.png"] = fig
     return figures
 

@@ -17,6 +17,10 @@ batch, told the results in trial order, and a trial is pruned only against trial
 So the same seed, data and batch size give the same trials and the same choice on one worker or many,
 unless `time_budget_seconds` ends the search first (then fewer trials may run on a slower machine).
 With `trials_per_batch=1` the search is the sequential one (each trial sees every earlier trial).
+
+A classifier is calibrated after the choice when it helps (`core/modeling/calibration.py`: sigmoid or
+isotonic, chosen on the chosen configuration's out-of-fold predictions, never the holdout); the estimator
+inside the calibration is still exactly the chosen trial's configuration refitted on all training rows.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from sklearn.pipeline import Pipeline
 
 from core.data.dataset import DatasetConfig, TaskType
 from core.data.features import build_preprocessor, prepare_inputs, prepare_target
+from core.modeling.calibration import calibrate, choose_calibration
 from core.modeling.metrics import Scoring, scoring_for
 from core.modeling.model_families import (
     CLASSIFICATION_ONLY,
@@ -382,7 +387,12 @@ def run_search(
     fit: Callable[[SearchData, str, dict[str, Any]], Pipeline] = refit,
     on_trial: Callable[[int, int, Trial], None] | None = None,
 ) -> SearchResult:
-    """Run the trials (`run_trials`), choose (`choose`) and refit the chosen configuration on all rows (`fit`)."""
+    """Run the trials (`run_trials`), choose (`choose`), refit the chosen configuration on all rows (`fit`).
+
+    A classifier is then calibrated when it helps (`core.modeling.calibration.choose_calibration`, on the
+    chosen configuration's out-of-fold predictions on `data.folds`): the refitted estimator is shipped
+    inside a `CalibratedClassifierCV`, or as it is.
+    """
     families = spec.families_for(data.config.task)
     log.info(
         "search: %s x %d trials (batches of %d), %d-fold CV on %d rows (%s); constant predictor scores %.4f; "
@@ -399,6 +409,11 @@ def run_search(
     trials = run_trials(data, spec, run_batch, on_trial)
     best = choose(trials)
     model = fit(data, best.family, best.params)
+    calibration = None
+    if data.config.task.is_classification:
+        unfitted = build_model(data.config, best.family, best.params, data.seed)
+        calibration = choose_calibration(unfitted, data.X, data.y, data.folds)
+        model = calibrate(model, calibration)
     log.info(
         "chosen: trial %d, %s %s (cv %s %.4f), refitted on %d rows",
         best.number,
@@ -417,6 +432,7 @@ def run_search(
         trials,
         data.scoring.metric,
         float(np.mean(data.baseline_scores)),
+        calibration,
     )
 
 

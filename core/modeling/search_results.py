@@ -14,6 +14,8 @@ from typing import Any
 import pandas as pd
 from sklearn.pipeline import Pipeline
 
+from core.modeling.calibration import Calibration
+
 log = logging.getLogger(__name__)
 
 
@@ -33,7 +35,13 @@ class Trial:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The refitted best pipeline and every trial behind the choice."""
+    """The refitted best pipeline and every trial behind the choice.
+
+    `model` is what is shipped: the chosen configuration refitted on all training rows, inside a
+    `CalibratedClassifierCV` when `calibration` chose a method (`core.modeling.calibration.base_classifier`
+    reaches the refitted estimator either way). `calibration` is None for a regressor, or when no
+    calibration step ran (the Dask engine).
+    """
 
     model: Pipeline = field(repr=False)
     family: str
@@ -43,6 +51,12 @@ class SearchResult:
     trials: list[Trial]
     metric: str = ""
     baseline: float = math.nan
+    calibration: Calibration | None = None
+
+    @property
+    def calibration_summary(self) -> str | None:
+        """The model card's line on calibration (None when no calibration step ran)."""
+        return None if self.calibration is None else self.calibration.summary()
 
     @property
     def cv_metric(self) -> float:

@@ -39,6 +39,7 @@ METRIC_NAMES = {
     "f1": "F1 score",
     "log_loss": "log loss",
     "brier": "Brier score",
+    "ece": "expected calibration error (10 equal-width bins of the positive class's probability)",
     "rmse": "RMSE (root mean squared error, in the target's units)",
     "mae": "MAE (mean absolute error, in the target's units)",
     "r2": "R² (share of the target's variance explained)",
@@ -49,6 +50,7 @@ MULTICLASS_METRIC_NAMES = {
     "f1": "F1 score, macro average over the classes",
     "log_loss": "log loss over all classes",
     "brier": "Brier score over all classes (halved, so two classes give the binary score)",
+    "ece": "expected calibration error of the top label (10 equal-width bins of the highest probability)",
 }
 MACRO_METRICS = frozenset({"roc_auc", "pr_auc", "f1"})
 # What a permutation importance measures, per scikit-learn scorer the review used.
@@ -105,6 +107,8 @@ class ModelCard:
             start interval against its limit.
         importance_scoring: The scikit-learn scorer of the permutation importances (None: the task's default).
         inference: How serving runs the model: the compiled form's parity line (None: not compiled).
+        calibration: How the probabilities were calibrated, and why (`SearchResult.calibration_summary`; None:
+            no calibration step, e.g. a regressor).
     """
 
     model_name: str
@@ -139,6 +143,7 @@ class ModelCard:
     importance_scoring: str | None = None
     inference: str | None = None
     feature_join: str | None = None  # counts of the feature store's point-in-time join (JoinReport.summary)
+    calibration: str | None = None
 
     @property
     def task_type(self) -> str:
@@ -190,6 +195,7 @@ class CardFacts:
     slice_max_drop: float | None
     task: str | None = None
     feature_join: str | None = None
+    calibration: str | None = None  # SearchResult.calibration_summary
 
 
 def make_card(facts: CardFacts) -> ModelCard:
@@ -230,4 +236,5 @@ def make_card(facts: CardFacts) -> ModelCard:
         importance_scoring=review.importance_scoring,
         inference=review.inference,
         feature_join=facts.feature_join,
+        calibration=facts.calibration,
     )

@@ -287,6 +287,7 @@ def _view(card: ModelCard) -> dict[str, Any]:
         *([("Feature store join", card.feature_join)] if card.feature_join else []),
         ("Code version", card.code_version),
         ("Serving form", card.inference or "not compiled: serving uses the pipeline"),
+        *([("Calibration", card.calibration)] if card.calibration else []),
         ("Created at", _when(card.created_at)),
     ]
     links = [
