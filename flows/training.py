@@ -234,4 +234,6 @@ def _card_facts(
         code_version=git_commit(),
         slice_max_drop=params.gates.max_slice_drop,
         feature_join=data.join.summary() if data.join else None,
+        holdout_split=split.why,
+        allowed_leaks={f.name: f.allow_leak_reason or "" for f in config.features if f.allow_leak},
     )

@@ -281,6 +281,8 @@ def _parity_facts(tags: dict[str, str]) -> dict[str, Any]:
         facts["max_abs_delta"] = float(tags["compiled_max_abs_delta"])
     facts["exact_arrays"] = tags.get("exact_arrays_parity", "not checked")
     facts["tolerance"] = TOLERANCE
+    if "compiled_failure" in tags:  # why there is no compiled form (e.g. a step without an ONNX converter)
+        facts["failure"] = tags["compiled_failure"]
     return facts
 
 

@@ -144,6 +144,8 @@ class ModelCard:
     inference: str | None = None
     feature_join: str | None = None  # counts of the feature store's point-in-time join (JoinReport.summary)
     calibration: str | None = None
+    holdout_split: str | None = None  # which holdout and CV folds were used, and why (`Split.why`)
+    allowed_leaks: dict[str, str] = field(default_factory=dict)  # flagged features trained on: feature -> reason
 
     @property
     def task_type(self) -> str:
@@ -196,6 +198,8 @@ class CardFacts:
     task: str | None = None
     feature_join: str | None = None
     calibration: str | None = None  # SearchResult.calibration_summary
+    holdout_split: str | None = None
+    allowed_leaks: dict[str, str] = field(default_factory=dict)
 
 
 def make_card(facts: CardFacts) -> ModelCard:
@@ -237,4 +241,6 @@ def make_card(facts: CardFacts) -> ModelCard:
         inference=review.inference,
         feature_join=facts.feature_join,
         calibration=facts.calibration,
+        holdout_split=facts.holdout_split,
+        allowed_leaks=dict(facts.allowed_leaks),
     )

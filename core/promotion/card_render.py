@@ -284,6 +284,11 @@ def _view(card: ModelCard) -> dict[str, Any]:
         ("Data version", card.data_version),
         ("Training window", window),
         ("Rows", f"{card.rows_train} train, {card.rows_holdout} holdout"),
+        *([("Holdout", card.holdout_split)] if card.holdout_split else []),
+        *[
+            (f"Leak check overridden: {feature}", f"allow_leak: {reason}")
+            for feature, reason in card.allowed_leaks.items()
+        ],
         *([("Feature store join", card.feature_join)] if card.feature_join else []),
         ("Code version", card.code_version),
         ("Serving form", card.inference or "not compiled: serving uses the pipeline"),
