@@ -244,8 +244,9 @@ def test_a_date_column_becomes_the_time_column():
     second = _frame().assign(first_order=lambda f: f["signup_date"], closed_at=later.dt.strftime("%Y-%m-%d"))
     twice = _infer(second)
     assert twice.config.datetime_features == ["first_order"]  # known at signup: its calendar parts are features
-    assert "closed_at may leak the target (after_event): later than signup_date in 100.0% of rows" in (
-        twice.left_out["closed_at"]
+    assert (
+        "closed_at may leak the target (after_event): later than signup_date in 100.0% of rows"
+        in (twice.left_out["closed_at"])
     )
 
 

@@ -3,9 +3,12 @@
 For each table (written to CSV here; no download), the training flow runs on the real stack. A plain
 script then reads the same CSV, takes the same frozen holdout (the id hash), builds the logged family's
 scikit-learn estimator with the logged best parameters, fits it on the training rows and scores the
-holdout with `sklearn.metrics` directly. The flow's logged holdout metrics must equal the script's within
-1e-9, and the registered model's final estimator must carry exactly the logged parameters: a search that
-shipped another configuration than the one it picked (the bug this guards against) fails both.
+holdout with `sklearn.metrics` directly. When the run calibrated the classifier (param `calibration.method`),
+the script wraps it in scikit-learn's own `CalibratedClassifierCV(method, cv=<the search's folds>,
+ensemble=False)`; the expected calibration error is computed here from its textbook definition. The flow's
+logged holdout metrics must equal the script's within 1e-9, and the registered model's final estimator must
+carry exactly the logged parameters: a search that shipped another configuration than the one it picked (the
+bug this guards against) fails both.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 from sklearn import datasets
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import (
     HistGradientBoostingClassifier,
     HistGradientBoostingRegressor,
@@ -34,6 +38,7 @@ from sklearn.metrics import (
     r2_score,
     roc_auc_score,
 )
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import label_binarize
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
@@ -42,6 +47,7 @@ from adapters.clients import mlflow_client
 from core.data.dataset import load_local_dataset_config
 from core.data.features import build_preprocessor
 from core.data.split import holdout_mask
+from core.modeling.calibration import base_classifier
 from flows.training import TrainingParams, training
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -88,8 +94,24 @@ def _write_table(folder: Path, name: str) -> tuple[Path, Path]:
     return csv, path
 
 
-def _reference_metrics(csv: Path, config_path: Path, family: str, params: dict) -> dict[str, float]:
-    """A plain script: same rows, same holdout, the logged configuration, sklearn.metrics."""
+def _textbook_ece(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
+    """Expected calibration error: 10 equal-width bins ((0, 0.1], ..., the first closed at 0), sum of
+    (share of rows) x |observed frequency - mean probability|; binary on the positive class, multiclass on
+    the top label."""
+    if len(classes) == 2:
+        confidence, hit = proba[:, 1], (y == classes[1]).astype(float)
+    else:
+        confidence, hit = proba.max(axis=1), (classes[proba.argmax(axis=1)] == y).astype(float)
+    bins = np.clip(np.ceil(confidence * 10) - 1, 0, 9)
+    return float(
+        sum(np.mean(bins == b) * abs(hit[bins == b].mean() - confidence[bins == b].mean()) for b in np.unique(bins))
+    )
+
+
+def _reference_metrics(
+    csv: Path, config_path: Path, family: str, params: dict, calibration: str = "none"
+) -> dict[str, float]:
+    """A plain script: same rows, same holdout, the logged configuration (calibrated as logged), sklearn.metrics."""
     config = load_local_dataset_config(str(config_path))
     frame = pd.read_csv(csv)
     mask = holdout_mask(frame["row_id"], config.holdout_fraction, config.holdout_salt)
@@ -102,6 +124,9 @@ def _reference_metrics(csv: Path, config_path: Path, family: str, params: dict) 
             ("model", ESTIMATORS[family, classification]().set_params(**params)),
         ]
     )
+    if calibration != "none":  # the search's folds: stratified, shuffled, seeded, over the training rows
+        folds = StratifiedKFold(n_splits=3, shuffle=True, random_state=SEED).split(train[features], train["target"])
+        model = CalibratedClassifierCV(model, method=calibration, cv=list(folds), ensemble=False)
     model.fit(train[features].astype("float64"), train["target"])
     X, y = holdout[features].astype("float64"), holdout["target"].to_numpy()
     if not classification:
@@ -128,7 +153,7 @@ def _reference_metrics(csv: Path, config_path: Path, family: str, params: dict) 
             "f1": f1_score(y, predicted, average="macro"),
             "brier": float(np.mean(np.sum((proba - onehot) ** 2, axis=1)) / 2),
         }
-    return metrics | {"log_loss": log_loss(y, proba, labels=classes)}
+    return metrics | {"log_loss": log_loss(y, proba, labels=classes), "ece": _textbook_ece(y, proba, classes)}
 
 
 @pytest.mark.parametrize("name", list(TABLES))
@@ -152,7 +177,7 @@ def test_flow_metrics_equal_a_plain_sklearn_script(stack, tmp_path, name):
     import mlflow.sklearn
 
     registered = mlflow.sklearn.load_model(f"models:/ref-{name}/{outcome.candidate_version}")
-    estimator = registered.named_steps["model"]
+    estimator = base_classifier(registered)  # the chosen configuration, inside a calibration if there is one
     assert {k: estimator.get_params()[k] for k in best["params"]} == best["params"]
     assert run.data.params["best_family"] == best["family"]
     assert {
@@ -161,12 +186,13 @@ def test_flow_metrics_equal_a_plain_sklearn_script(stack, tmp_path, name):
     assert type(estimator) is type(ESTIMATORS[best["family"], task != "regression"]())
 
     # and the flow's holdout metrics equal the plain script's within 1e-9
-    reference = _reference_metrics(csv, config_path, best["family"], best["params"])
+    calibration = run.data.params.get("calibration.method", "none")
+    reference = _reference_metrics(csv, config_path, best["family"], best["params"], calibration)
     flow = {k[len("holdout_") :]: v for k, v in run.data.metrics.items() if k.startswith("holdout_")}
     assert set(flow) == set(reference)
     for metric, value in reference.items():
         assert flow[metric] == pytest.approx(value, abs=1e-9), metric
-    print(f"reference {name}: flow {flow} | script {reference}")
+    print(f"reference {name} (calibration {calibration}): flow {flow} | script {reference}")
 
     # and the cold start is judged on the holdout's size: small holdouts are not promoted, whatever the score
     holdout_rows = int(holdout_mask(pd.read_csv(csv)["row_id"], 0.2, "holdout-v1").sum())
