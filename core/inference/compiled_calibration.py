@@ -149,32 +149,3 @@ def probability_responses(g: Any, probabilities: str, n_classes: int) -> str:
     if n_classes != 2:
         return as_double
     return g.op("Gather", [as_double, g.const(np.array([1], dtype="int64"), "positive")], "proba_positive", axis=1)
-
-
-def calibrated_model_part(g: Any, features: str, model: Any, width: int) -> Any:
-    """The calibrated classifier's part of the compiled graph (`compiled_onnx._ModelPart`).
-
-    Histogram gradient boosting and linear classifiers are written into `g` (float64 throughout); other
-    classifiers are converted by skl2onnx and the calibration follows their nodes.
-    """
-    from core.inference.compiled_onnx import TREE_OPSET, _converted_model, _Graph, _hist_onnx, _ModelPart
-
-    class _After(_Graph):
-        """Nodes that follow skl2onnx's (after the preprocessing's), under names of their own."""
-
-        def name(self, hint: str) -> str:
-            self.count += 1
-            return f"cal_{hint}_{self.count}"
-
-    inner = check_calibrated(model)
-    if type(inner).__name__ == "HistGradientBoostingClassifier":
-        responses = _hist_onnx(g, features, inner, link=False)
-        return _ModelPart(calibrated_scores(g, responses, model), [], [], TREE_OPSET, 10)
-    if hasattr(inner, "coef_") and hasattr(inner, "intercept_") and hasattr(inner, "decision_function"):
-        return _ModelPart(calibrated_scores(g, linear_responses(g, features, inner), model), [], [], TREE_OPSET, 10)
-    part = _converted_model(g, features, inner, width, "probabilities")
-    after = _After()
-    scores = calibrated_scores(after, probability_responses(after, part.scores, len(model.classes_)), model)
-    return _ModelPart(
-        scores, [*part.nodes, *after.nodes], [*part.initializers, *after.initializers], part.opsets, part.ir_version
-    )

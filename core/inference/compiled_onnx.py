@@ -22,7 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from core.inference.compiled_calibration import calibrated_model_part, is_calibrated
+from core.inference.compiled_calibration import (
+    calibrated_scores,
+    check_calibrated,
+    is_calibrated,
+    linear_responses,
+    probability_responses,
+)
 from core.inference.compiled_plan import (
     MARK,
     NULL_TEXT,
@@ -443,3 +449,31 @@ class OnnxForm:
         (out,) = self.session.run(self.output, self.feeds(data))
         out = np.asarray(out, dtype="float64")
         return out if self.classification else out.reshape(-1)
+
+
+def calibrated_model_part(g: Any, features: str, model: Any, width: int) -> Any:
+    """The calibrated classifier's part of the compiled graph (`core/inference/compiled_calibration.py`).
+
+    Histogram gradient boosting and linear classifiers are written into `g` (float64 throughout); other
+    classifiers are converted by skl2onnx and the calibration follows their nodes.
+    """
+
+    class _After(_Graph):
+        """Nodes that follow skl2onnx's (after the preprocessing's), under names of their own."""
+
+        def name(self, hint: str) -> str:
+            self.count += 1
+            return f"cal_{hint}_{self.count}"
+
+    inner = check_calibrated(model)
+    if type(inner).__name__ == "HistGradientBoostingClassifier":
+        responses = _hist_onnx(g, features, inner, link=False)
+        return _ModelPart(calibrated_scores(g, responses, model), [], [], TREE_OPSET, 10)
+    if hasattr(inner, "coef_") and hasattr(inner, "intercept_") and hasattr(inner, "decision_function"):
+        return _ModelPart(calibrated_scores(g, linear_responses(g, features, inner), model), [], [], TREE_OPSET, 10)
+    part = _converted_model(g, features, inner, width, "probabilities")
+    after = _After()
+    scores = calibrated_scores(after, probability_responses(after, part.scores, len(model.classes_)), model)
+    return _ModelPart(
+        scores, [*part.nodes, *after.nodes], [*part.initializers, *after.initializers], part.opsets, part.ir_version
+    )
