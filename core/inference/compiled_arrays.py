@@ -28,12 +28,16 @@ def _numeric_array(block: NumericBlock, X: np.ndarray) -> np.ndarray:
     return X
 
 
+def _codes(values: np.ndarray, table: dict, unknown: int) -> np.ndarray:
+    """Each value's code in `table` (text as it is, anything else by `text_key`), `unknown` when absent."""
+    keys = (v if type(v) is str and v[:1] != MARK else text_key(v, None) for v in values)
+    return np.fromiter((table.get(k, unknown) for k in keys), dtype="int64", count=len(values))
+
+
 def _text_array(block: TextBlock, frame: pd.DataFrame) -> np.ndarray:
     parts = []
     for column, table, unknown, width in zip(block.columns, block.codes, block.unknown, block.widths, strict=True):
-        values = frame[column].to_numpy()
-        keys = (v if type(v) is str and v[:1] != MARK else text_key(v, None) for v in values)
-        index = np.fromiter((table.get(k, unknown) for k in keys), dtype="int64", count=len(values))
+        index = _codes(frame[column].to_numpy(), table, unknown)
         parts.append((index[:, None] == np.arange(width)[None, :]).astype("float64"))
     return np.hstack(parts) if parts else np.empty((len(frame), 0))
 
@@ -41,10 +45,7 @@ def _text_array(block: TextBlock, frame: pd.DataFrame) -> np.ndarray:
 def _target_array(block: TargetBlock, frame: pd.DataFrame) -> np.ndarray:
     parts = []
     for column, table, unknown, encodings in zip(block.columns, block.codes, block.unknown, block.tables, strict=True):
-        values = frame[column].to_numpy()
-        keys = (v if type(v) is str and v[:1] != MARK else text_key(v, None) for v in values)
-        index = np.fromiter((table.get(k, unknown) for k in keys), dtype="int64", count=len(values))
-        parts.append(encodings[index])
+        parts.append(encodings[_codes(frame[column].to_numpy(), table, unknown)])
     return np.hstack(parts) if parts else np.empty((len(frame), 0))
 
 

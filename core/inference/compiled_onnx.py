@@ -129,19 +129,24 @@ def _numeric_onnx(g: _Graph, block: NumericBlock) -> str:
     return X
 
 
+def _code_onnx(g: _Graph, column: str, table: dict, unknown: int, hint: str) -> str:
+    """A text column's codes (`LabelEncoder`: the table's keys, null as `NULL_TEXT`; others `unknown`)."""
+    keys = [NULL_TEXT if k is None else k for k in table]
+    return g.op(
+        "LabelEncoder",
+        [column],
+        hint,
+        domain="ai.onnx.ml",
+        keys_strings=keys,
+        values_int64s=list(table.values()),
+        default_int64=int(unknown),
+    )
+
+
 def _text_onnx(g: _Graph, block: TextBlock) -> str:
     parts = []
     for column, table, unknown, width in zip(block.columns, block.codes, block.unknown, block.widths, strict=True):
-        keys = [NULL_TEXT if k is None else k for k in table]
-        code = g.op(
-            "LabelEncoder",
-            [column],
-            "code",
-            domain="ai.onnx.ml",
-            keys_strings=keys,
-            values_int64s=list(table.values()),
-            default_int64=int(unknown),
-        )
+        code = _code_onnx(g, column, table, unknown, "code")
         hit = g.op("Equal", [code, g.const(np.arange(width, dtype="int64")[None, :], "range")], "onehot")
         parts.append(g.op("Cast", [hit], "onehot_f", to=11))
     return g.op("Concat", parts, "text", axis=1) if len(parts) > 1 else parts[0]
@@ -155,16 +160,7 @@ def _target_onnx(g: _Graph, block: TargetBlock) -> str:
     """
     parts = []
     for column, table, unknown, encodings in zip(block.columns, block.codes, block.unknown, block.tables, strict=True):
-        keys = [NULL_TEXT if k is None else k for k in table]
-        code = g.op(
-            "LabelEncoder",
-            [column],
-            "target_code",
-            domain="ai.onnx.ml",
-            keys_strings=keys,
-            values_int64s=list(table.values()),
-            default_int64=int(unknown),
-        )
+        code = _code_onnx(g, column, table, unknown, "target_code")
         flat = g.op("Reshape", [code, g.const(np.array([-1], dtype="int64"), "flat")], "target_row")
         parts.append(g.op("Gather", [g.const(encodings, "encodings"), flat], "target_enc", axis=0))
     return g.op("Concat", parts, "target", axis=1) if len(parts) > 1 else parts[0]
