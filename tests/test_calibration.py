@@ -464,3 +464,36 @@ def test_the_model_card_shows_ece_brier_and_the_calibration_method():
     for text in (render_markdown(card), render_html(card)):
         assert "Calibration" in text and "sigmoid; cross-fitted Brier" in text
         assert "0.0312" in text and "expected calibration error" in text and "Brier score" in text
+
+
+def test_the_search_calibrates_on_its_chosen_trials_own_fold_predictions_as_a_refit_would(monkeypatch):
+    """The search keeps each completed trial's out-of-fold predictions; calibrating on the chosen trial's gives
+    exactly what fitting its folds again gives (the same models), without fitting them again."""
+    from core.data.dataset import DatasetConfig
+    from core.modeling.search import SearchSpec, build_model, prepare_search, run_search
+
+    X, y = _overconfident_table(3000, seed=4)
+    frame = X.assign(row_id=range(len(X)), label=y)
+    config = DatasetConfig.model_validate(
+        {
+            "name": "oof",
+            "model_name": "oof",
+            "source": "/oof.csv",
+            "target": "label",
+            "id_column": "row_id",
+            "features": [{"name": c, "type": "numeric"} for c in X.columns],
+        }
+    )
+    spec = SearchSpec(families=["logistic_regression", "decision_tree"], trials_per_family=2)
+    data = prepare_search(frame, config, spec, seed=3)
+
+    def no_refitting(*args, **kwargs):
+        raise AssertionError("the search fitted the chosen trial's folds again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("core.modeling.calibration.out_of_fold", no_refitting)
+        result = run_search(data, spec)
+    refitted = choose_calibration(build_model(config, result.family, result.params, 3), data.X, data.y, data.folds)
+    kept = result.calibration
+    assert (kept.method, kept.reason) == (refitted.method, refitted.reason)
+    assert kept.brier == pytest.approx(refitted.brier, abs=1e-12) and kept.rows == refitted.rows

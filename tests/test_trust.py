@@ -118,7 +118,9 @@ def test_candidate_better_overall_that_harms_a_slice_is_blocked_with_the_slice_n
         source = _relabelled_source(stack, default_data, config, name, rows, fraction)
         return _config(tmp_path_factory, name, source=source, model_name=SLICE_MODEL)
 
-    lenient = {"min_roc_auc": 0.5}
+    # (The noisy labels are in the training rows only: the champion's probabilities are off on the true holdout,
+    # which the calibration gate would refuse; this test is about slices, so that gate is off.)
+    lenient = {"min_roc_auc": 0.5, "max_calibration_error": None}
     champion = _run(dataset("trust-noisy", "all", 0.4), STRONG, gates=Gates(**lenient))
     assert champion.promoted, champion.decision.reasons
     # (40 % of the training labels inverted), when a candidate trained on clean labels except region=north's,

@@ -235,35 +235,57 @@ class OutOfFold:
     classes: list[Any]
 
 
+def fold_predictions(fitted: Any, X_valid: pd.DataFrame, classes: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """One fold's model on its validation rows: (responses a calibrator reads, probabilities).
+
+    Raises:
+        ValueError: The fold's model lacks a class.
+    """
+    if list(fitted.classes_) != list(classes):
+        raise ValueError(f"a fold's training rows lack a class ({list(fitted.classes_)} of {list(classes)})")
+    return responses_of(fitted, X_valid), np.asarray(fitted.predict_proba(X_valid), dtype="float64")
+
+
+def assemble(
+    folds: list[tuple[Any, Any]], predictions: Sequence[tuple[np.ndarray, np.ndarray]], y: pd.Series
+) -> OutOfFold:
+    """The out-of-fold rows from each fold's `fold_predictions`, in row order (as `cross_val_predict` gives them).
+
+    Raises:
+        ValueError: Two folds validate the same row.
+    """
+    classes = list(np.unique(y.to_numpy()))
+    positions = np.concatenate([np.asarray(valid) for _, valid in folds])
+    if len(np.unique(positions)) != len(positions):
+        raise ValueError("the CV folds validate some rows more than once")
+    fold = np.concatenate([np.full(len(valid), number) for number, (_, valid) in enumerate(folds)])
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    return OutOfFold(
+        positions,
+        fold[order],
+        np.vstack([r for r, _ in predictions])[order],
+        np.vstack([p for _, p in predictions])[order],
+        y.to_numpy()[positions],
+        classes,
+    )
+
+
 def out_of_fold(pipeline: Pipeline, X: pd.DataFrame, y: pd.Series, folds: list[tuple[Any, Any]]) -> OutOfFold:
     """Fit `pipeline` (unfitted) on each fold's training rows and predict its validation rows.
+
+    The search keeps these predictions of the trials it completed (the same fits), so the chosen one is
+    normally not fitted again (`choose_calibration(..., predictions=...)`).
 
     Raises:
         ValueError: A fold's model lacks a class, or two folds validate the same row.
     """
     classes = list(np.unique(y.to_numpy()))
-    rows, fold, responses, proba = [], [], [], []
-    for number, (train, valid) in enumerate(folds):
-        fitted = clone(pipeline).fit(X.iloc[train], y.iloc[train])
-        if list(fitted.classes_) != list(classes):
-            raise ValueError(f"fold {number + 1}'s training rows lack a class ({list(fitted.classes_)} of {classes})")
-        rows.append(np.asarray(valid))
-        fold.append(np.full(len(valid), number))
-        responses.append(responses_of(fitted, X.iloc[valid]))
-        proba.append(np.asarray(fitted.predict_proba(X.iloc[valid]), dtype="float64"))
-    positions = np.concatenate(rows)
-    if len(np.unique(positions)) != len(positions):
-        raise ValueError("the CV folds validate some rows more than once")
-    order = np.argsort(positions, kind="stable")  # in row order, as cross_val_predict gives them
-    positions = positions[order]
-    return OutOfFold(
-        positions,
-        np.concatenate(fold)[order],
-        np.vstack(responses)[order],
-        np.vstack(proba)[order],
-        y.to_numpy()[positions],
-        classes,
-    )
+    predictions = [
+        fold_predictions(clone(pipeline).fit(X.iloc[train], y.iloc[train]), X.iloc[valid], classes)
+        for train, valid in folds
+    ]
+    return assemble(folds, predictions, y)
 
 
 def cross_fitted(oof: OutOfFold, method: str) -> np.ndarray:
@@ -357,15 +379,16 @@ def choose_calibration(
     X: pd.DataFrame,
     y: pd.Series,
     folds: list[tuple[Any, Any]],
-    min_relative_gain: float = MIN_RELATIVE_GAIN,
-    max_auc_drop: float = MAX_AUC_DROP,
+    predictions: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Calibration:
     """Compare no calibration, sigmoid and isotonic on the out-of-fold rows of `pipeline` (unfitted); see the module.
 
-    Never raises for data it cannot calibrate on: the result is `none` with the reason.
+    `predictions`: each fold's `fold_predictions` of the same configuration on the same folds, when the search
+    kept them (its trial fitted exactly these models); else the folds are fitted here. Never raises for data it
+    cannot calibrate on: the result is `none` with the reason.
     """
     try:
-        oof = out_of_fold(pipeline, X, y, folds)
+        oof = assemble(folds, predictions, y) if predictions is not None else out_of_fold(pipeline, X, y, folds)
     except ValueError as exc:
         return _not_calibrated(f"shipped uncalibrated: {exc}", len(X))
     if len(np.unique(oof.fold)) < 2:
@@ -384,18 +407,18 @@ def choose_calibration(
         if method not in brier:
             continue
         gain = (brier[chosen] - brier[method]) / brier[chosen] if brier[chosen] > 0 else 0.0
-        if gain <= min_relative_gain:
+        if gain <= MIN_RELATIVE_GAIN:
             reasons.append(
-                f"{method} lowers the Brier score of {chosen} by {gain:.2%}, not more than {min_relative_gain:.0%}"
+                f"{method} lowers the Brier score of {chosen} by {gain:.2%}, not more than {MIN_RELATIVE_GAIN:.0%}"
             )
-        elif auc["none"] - auc[method] > max_auc_drop:
+        elif auc["none"] - auc[method] > MAX_AUC_DROP:
             reasons.append(
                 f"{method} lowers the Brier score by {gain:.2%} but its ROC AUC {auc[method]:.4f} is more than "
-                f"{max_auc_drop} below the uncalibrated {auc['none']:.4f}"
+                f"{MAX_AUC_DROP} below the uncalibrated {auc['none']:.4f}"
             )
         else:
             reasons.append(
-                f"{method} lowers the Brier score of {chosen} by {gain:.2%} (more than {min_relative_gain:.0%})"
+                f"{method} lowers the Brier score of {chosen} by {gain:.2%} (more than {MIN_RELATIVE_GAIN:.0%})"
             )
             chosen = method
     calibrators = [] if chosen == "none" else fit_calibrators(oof.responses, oof.y, oof.classes, chosen)

@@ -25,6 +25,7 @@ inside the calibration is still exactly the chosen trial's configuration refitte
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from sklearn.pipeline import Pipeline
 from core.data.dataset import DatasetConfig, TaskType
 from core.data.features import build_preprocessor, prepare_inputs, prepare_target
 from core.data.split import time_folds
-from core.modeling.calibration import calibrate, choose_calibration
+from core.modeling.calibration import calibrate, choose_calibration, fold_predictions
 from core.modeling.metrics import Scoring, scoring_for
 from core.modeling.model_families import (
     CLASSIFICATION_ONLY,
@@ -181,18 +182,20 @@ def _fold_scores(
     y: pd.Series,
     folds: list[tuple[Any, Any]],
     scorer: Callable[..., float],
-    stop: Callable[[int, float], bool] | None = None,
+    after_fold: Callable[[int, Any, Any, float], bool] | None = None,
 ) -> list[float]:
     """Fit on each fold's training rows and score its validation rows, one fold at a time.
 
-    With `stop`, it is asked after each fold but the last with (fold index, running mean): True ends the
-    trial there (pruned), and the scores so far are returned.
+    With `after_fold`, it is called after each fold with (fold index, the fold's fitted model, its validation
+    rows, the running mean); after a fold but the last, True ends the trial there (pruned) and the scores so
+    far are returned.
     """
     scores: list[float] = []
     for step, (train, valid) in enumerate(folds):
         fitted = clone(pipeline).fit(X.iloc[train], y.iloc[train])
         scores.append(float(scorer(fitted, X.iloc[valid], y.iloc[valid])))
-        if stop is not None and step < len(folds) - 1 and stop(step, float(np.mean(scores))):
+        stop = after_fold is not None and after_fold(step, fitted, valid, float(np.mean(scores)))
+        if stop and step < len(folds) - 1:
             break
     return scores
 
@@ -276,6 +279,8 @@ class TrialOutcome:
     pruned: bool
     degenerate: bool
     seconds: float
+    # A completed classifier trial's `fold_predictions` per fold (what calibration reads), else None
+    predictions: tuple[tuple[np.ndarray, np.ndarray], ...] | None = field(default=None, repr=False)
 
     @property
     def running_means(self) -> list[float]:
@@ -293,19 +298,31 @@ def evaluate_trial(data: SearchData, job: TrialJob) -> TrialOutcome:
     judge.add_trials(job.earlier)
     trial = judge.ask()
 
-    def stop(step: int, running_mean: float) -> bool:
+    pipeline = build_model(data.config, job.family, job.params, data.seed)  # never shared between trials
+    kept: list[tuple[np.ndarray, np.ndarray]] | None = [] if data.config.task.is_classification else None
+    classes = list(np.unique(data.y.to_numpy()))
+
+    def after_fold(step: int, fitted: Any, valid: Any, running_mean: float) -> bool:
+        nonlocal kept
+        if kept is not None:  # the fold's predictions, which calibration reads if this trial is chosen
+            try:
+                kept.append(fold_predictions(fitted, data.X.iloc[valid], classes))
+            except ValueError:  # a fold without a class: calibration fits the folds itself and says why
+                kept = None
+        if step == len(data.folds) - 1:
+            return False
         trial.report(running_mean, step)
         return trial.should_prune()
 
-    pipeline = build_model(data.config, job.family, job.params, data.seed)  # never shared between trials
     started = time.perf_counter()
-    scores = _fold_scores(pipeline, data.X, data.y, data.folds, get_scorer(data.scoring.scorer), stop)
+    scores = _fold_scores(pipeline, data.X, data.y, data.folds, get_scorer(data.scoring.scorer), after_fold)
     seconds = time.perf_counter() - started
     pruned = len(scores) < len(data.folds)
     degenerate = not pruned and all(
         abs(s - b) <= DEGENERATE_TOLERANCE for s, b in zip(scores, data.baseline_scores, strict=True)
     )
-    return TrialOutcome(scores, pruned, degenerate, seconds)
+    predictions = tuple(kept) if kept is not None and not pruned else None
+    return TrialOutcome(scores, pruned, degenerate, seconds, predictions)
 
 
 def refit(data: SearchData, family: str, params: dict[str, Any]) -> Pipeline:
@@ -330,11 +347,17 @@ def _trial_record(job: TrialJob, outcome: TrialOutcome) -> Trial:
     )
 
 
+def trial_key(family: str, params: dict[str, Any]) -> tuple[str, str]:
+    """A configuration's key (family, its parameters as sorted JSON): equal keys fit equal models."""
+    return family, json.dumps(params, sort_keys=True, default=str)
+
+
 def run_trials(
     data: SearchData,
     spec: SearchSpec,
     run_batch: RunBatch | None = None,
     on_trial: Callable[[int, int, Trial], None] | None = None,
+    predictions: dict[tuple[str, str], Any] | None = None,
 ) -> list[Trial]:
     """Optuna (TPE, seeded per family) over each family, in batches of `spec.trials_per_batch` per family.
 
@@ -376,6 +399,8 @@ def run_trials(
             else:
                 study.tell(trial, outcome.running_means[-1])
             done.append(_trial_record(job, outcome))
+            if predictions is not None and outcome.predictions is not None:
+                predictions[trial_key(job.family.value, job.params)] = outcome.predictions
             _log_trial(done[-1], len(done), total, data.scoring)
             if on_trial is not None:
                 on_trial(len(done), total, done[-1])
@@ -429,13 +454,15 @@ def run_search(
         data.scoring.sign * float(np.mean(data.baseline_scores)),
         data.shape.max_leaf,
     )
-    trials = run_trials(data, spec, run_batch, on_trial)
+    kept: dict[tuple[str, str], Any] = {}  # completed classifier trials' out-of-fold predictions
+    trials = run_trials(data, spec, run_batch, on_trial, kept)
     best = choose(trials)
     model = fit(data, best.family, best.params)
     calibration = None
-    if data.config.task.is_classification:
+    if data.config.task.is_classification:  # on the chosen trial's own fold models' predictions, when kept
         unfitted = build_model(data.config, best.family, best.params, data.seed)
-        calibration = choose_calibration(unfitted, data.X, data.y, data.folds)
+        oof = kept.get(trial_key(best.family, best.params))
+        calibration = choose_calibration(unfitted, data.X, data.y, data.folds, predictions=oof)
         model = calibrate(model, calibration)
     log.info(
         "chosen: trial %d, %s %s (cv %s %.4f), refitted on %d rows",
