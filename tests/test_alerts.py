@@ -409,7 +409,12 @@ def test_alert_missed_while_the_endpoint_is_down_is_not_retried_by_prefect_but_f
         listed[:] = [CliRunner().invoke(app, ["alerts", "resend", "--since-minutes", "10", "--dry-run"])]
         return listed[0].exit_code == 0 and RUN_FAILED_AUTOMATION in listed[0].output
 
-    wait_for(listed_by_the_command, 90, "`mlops alerts resend --dry-run` to list the missed alert", interval=2)
+    try:
+        wait_for(listed_by_the_command, 90, "`mlops alerts resend --dry-run` to list the missed alert", interval=2)
+    except AssertionError as error:  # say what the command last answered (one CI run timed out here, unexplained)
+        last = listed[0] if listed else None
+        answer = f"exit {last.exit_code}: {last.output!r} {last.exception!r}" if last else "never ran"
+        raise AssertionError(f"{error}; the last answer: {answer}; missed now: {missed()}") from None
     assert receiver.matching(run_id) == [], "Prefect delivered the alert after all"
     resent = CliRunner().invoke(app, ["alerts", "resend", "--since-minutes", "10"])
     assert resent.exit_code == 0 and "resent 1 alert(s)" in resent.output, resent.output
