@@ -55,14 +55,18 @@ demo: compile
 
 ## test: install and run the whole suite against real servers (exit 5, "no tests ran", is a failure), on
 ## TEST_WORKERS processes, each with its own stack; a module's tests stay on one (their servers are shared)
+## OMP_NUM_THREADS=1: every test process, server and flow runs OpenMP (scikit-learn's gradient boosting, trees) on
+## one thread. With the suite's processes already filling both cores, more OpenMP threads only spin against each
+## other: three small searches took 125-151 s with the default and 9-10 s with one thread, on a busy machine.
 TEST_WORKERS ?= 2
+TEST_ENV = OMP_NUM_THREADS=1
 test: compile browser-deps
-	@$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; \
+	@$(TEST_ENV) $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 ## test-fast: the tests that need no server (unit tests of core, adapters' pure parts, the CLI's answers)
 test-fast: compile
-	$(BIN)/pytest -m "not integration" -q
+	$(TEST_ENV) $(BIN)/pytest -m "not integration" -q
 
 ## docs: the documentation site on 127.0.0.1:8001 (the configuration reference is generated from the code)
 docs: install
