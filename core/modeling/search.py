@@ -39,13 +39,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sklearn.base import BaseEstimator, clone
 from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.metrics import get_scorer
-from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
 from core.data.dataset import DatasetConfig, TaskType
 from core.data.features import build_preprocessor, prepare_inputs, prepare_target
-from core.data.split import time_folds
 from core.modeling.calibration import calibrate, choose_calibration, fold_predictions
+from core.modeling.folds import cv_folds
 from core.modeling.metrics import Scoring, scoring_for
 from core.modeling.model_families import (
     CLASSIFICATION_ONLY,
@@ -133,41 +132,6 @@ def _plain(params: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
 
 
-def _folds(
-    X: pd.DataFrame, y: pd.Series, config: DatasetConfig, n_folds: int, seed: int, times: pd.Series | None = None
-) -> list[tuple[Any, Any]]:
-    """Train/validation indices of each fold.
-
-    With `times` (the time split): expanding windows in time order (`core.data.split.time_folds`), every
-    class in each fold's training and validation rows. Else shuffled folds, stratified for classification
-    (every class needs n_folds rows).
-    """
-    if times is not None:
-        folds = time_folds(times, n_folds)
-        if config.task.is_classification:
-            everywhere = set(y.unique())
-            for number, (train, valid) in enumerate(folds, start=1):
-                for part, rows in (("training", train), ("validation", valid)):
-                    missing = everywhere - set(y.iloc[rows].unique())
-                    if missing:
-                        raise ValueError(
-                            f"time-ordered CV fold {number} of {n_folds} has no {config.target!r} = "
-                            f"{sorted(map(str, missing))} in its {part} rows: lower cv_folds, add rows, or use "
-                            "split strategy random"
-                        )
-        return folds
-    if not config.task.is_classification:
-        return list(KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(X))
-    counts = y.value_counts()
-    if counts.min() < n_folds:
-        smallest = _plain({"class": counts.idxmin()})["class"]
-        raise ValueError(
-            f"class {smallest!r} of {config.target!r} has {counts.min()} training rows, fewer than "
-            f"cv_folds={n_folds}: lower cv_folds or add rows of that class"
-        )
-    return list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(X, y))
-
-
 def _data_shape(y: pd.Series, folds: list[tuple[Any, Any]], classification: bool) -> DataShape:
     fold_rows = min(len(train) for train, _ in folds)
     if not classification:
@@ -245,7 +209,7 @@ def prepare_search(train: pd.DataFrame, config: DatasetConfig, spec: SearchSpec,
     X, y = prepare_inputs(train, config), prepare_target(train, config)
     scoring = scoring_for(config.task)
     times = train[config.time_column].reset_index(drop=True) if config.split_strategy == "time" else None
-    folds = _folds(X, y, config, spec.cv_folds, seed, times)
+    folds = cv_folds(X, y, config, spec.cv_folds, seed, times)
     shape = _data_shape(y, folds, classification)
     return SearchData(
         config, X, y, folds, scoring, shape, constant_baseline(X, y, folds, scoring, classification), seed
