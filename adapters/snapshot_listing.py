@@ -5,10 +5,15 @@ before it loads anything. S3 gives each object's ETag in the listing itself (the
 plain upload, so a file rewritten with the same bytes keeps it); a local file gives its size and
 modification time (touching a file counts as a change: a needless run, never a wrong skip). The same files
 as `adapters.snapshots.read_snapshot` reads: same suffixes, same folder rule.
+
+A database query (format sql) cannot be listed without running it: its listing is one entry with a fresh stamp,
+so every run of an SQL source counts as new data and trains (the run's data version, a hash of the result,
+still says whether the rows were the same).
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from adapters.clients import S3Location, s3_client
@@ -25,6 +30,8 @@ def snapshot_listing(source: str, fmt: str, settings: Settings) -> list[Entry]:
         DataLoadError: No such file, bucket or folder, or no file of the format (names the place).
         StoreUnavailableError: S3 did not answer (retried by the caller's policy).
     """
+    if fmt == "sql":
+        return sql_listing()
     if not source.startswith("s3://"):
         return _local_listing(source, fmt)
     from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -36,6 +43,11 @@ def snapshot_listing(source: str, fmt: str, settings: Settings) -> list[Entry]:
             f"S3 at {settings.s3_endpoint_url} is unreachable while listing {source}: {exc}. "
             "Check `mlops stack status` (or AWS_ENDPOINT_URL_S3)."
         ) from exc
+
+
+def sql_listing() -> list[Entry]:
+    """A query's listing: one entry whose stamp is new on every call, so the data part never matches a past run's."""
+    return [("query", f"unlisted-{uuid.uuid4().hex}", 0)]
 
 
 def _s3_listing(source: str, fmt: str, settings: Settings) -> list[Entry]:

@@ -108,13 +108,30 @@ def _fetch_local(source: str, fmt: str) -> list[tuple[str, bytes]]:
     return [(str(p), p.read_bytes()) for p in files]
 
 
-def read_snapshot(source: str, fmt: str, settings: Settings) -> Snapshot:
+def _fetch_sql(source: str, query: str | None, password_env: str) -> list[tuple[str, bytes]]:
+    from adapters.sql_source import SqlSourceError, fetch_sql
+
+    if query is None:
+        raise DataLoadError(f"{source}: format sql needs the config's query")
+    try:
+        return fetch_sql(source, query, password_env)
+    except SqlSourceError as exc:
+        raise DataLoadError(str(exc)) from None
+
+
+def read_snapshot(
+    source: str, fmt: str, settings: Settings, *, query: str | None = None, password_env: str = "PGPASSWORD"
+) -> Snapshot:
     """Read every file of a snapshot and fingerprint its content.
 
     The data version is a SHA-256 over the files' names (relative to the source) and bytes, in sorted
-    order: the same content gives the same version wherever it is read from.
+    order: the same content gives the same version wherever it is read from. With format sql, `query`'s
+    result on the database `source` names is one Parquet object, `query.parquet` (`adapters.sql_source`).
     """
-    objects = _fetch_s3(source, fmt, settings) if source.startswith("s3://") else _fetch_local(source, fmt)
+    if fmt == "sql":
+        objects, fmt = _fetch_sql(source, query, password_env), "parquet"
+    else:
+        objects = _fetch_s3(source, fmt, settings) if source.startswith("s3://") else _fetch_local(source, fmt)
     digest = hashlib.sha256()
     frames = []
     for name, body in objects:

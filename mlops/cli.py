@@ -118,6 +118,7 @@ class SnapshotFormat(StrEnum):
 
     csv = "csv"
     parquet = "parquet"
+    sql = "sql"
 
 
 def _source_names(source: str, settings: Settings) -> list[str]:
@@ -156,9 +157,29 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def _check_sql_source(source: str, query: str | None) -> None:
+    """A database source for `data init`: a PostgreSQL URL without a password, and a query."""
+    from urllib.parse import urlsplit
+
+    from core.data.dataset import SQL_SCHEMES, is_sql_url, sql_place
+
+    if not is_sql_url(source):
+        raise fail(f"--query needs a PostgreSQL URL as the source ({', '.join(SQL_SCHEMES)}://user@host:port/db)")
+    if urlsplit(source).password is not None:  # never echoed: the message names the place only
+        raise fail(f"the URL of {sql_place(source)} carries a password: remove it, put it in the environment")
+    if not query:
+        raise fail(f"{sql_place(source)}: pass --query, the SELECT whose result is the snapshot")
+
+
 @data_app.command("init")
 def data_init(  # noqa: PLR0913 - a Typer command declares one parameter per command-line option
-    source: Annotated[str, typer.Argument(help="CSV/Parquet file, folder of partitions, or s3:// prefix.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="CSV/Parquet file, folder of partitions, s3:// prefix, or a PostgreSQL URL without a password "
+            "(postgresql+psycopg://user@host:5432/db, with --query)."
+        ),
+    ],
     target: Annotated[str, typer.Option("--target", help="Target column.")],
     out: Annotated[Path, typer.Option("--out", help="YAML file to write.", dir_okay=False)],
     id_column: Annotated[
@@ -170,14 +191,24 @@ def data_init(  # noqa: PLR0913 - a Typer command declares one parameter per com
         SnapshotFormat | None, typer.Option("--format", help="File format (default: from the file names).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    query: Annotated[
+        str | None, typer.Option("--query", help="With a database URL: the SELECT whose result is the snapshot.")
+    ] = None,
+    password_env: Annotated[
+        str, typer.Option("--password-env", help="With a database URL: the variable holding its password.")
+    ] = "PGPASSWORD",
 ) -> None:
     """Write a commented dataset config inferred from a snapshot; `mlops train --config OUT` takes it as it is."""
     from core.data.config_inference import ConfigInferenceError, InferenceRequest, format_from_names, infer_config
+    from core.data.dataset import is_sql_url
 
     if out.exists() and not force:
         raise fail(f"{out} exists; pass --force to replace it")
     settings = get_settings()
-    if source.startswith("s3://"):
+    if is_sql_url(source) or query is not None or fmt is SnapshotFormat.sql:
+        _check_sql_source(source, query)
+        fmt = SnapshotFormat.sql
+    elif source.startswith("s3://"):
         from adapters.clients import StackNotRunningError, check_stack
 
         try:
@@ -190,8 +221,16 @@ def data_init(  # noqa: PLR0913 - a Typer command declares one parameter per com
 
     try:
         chosen = fmt.value if fmt else format_from_names(source, _source_names(source, settings))
-        frame = read_snapshot(source, chosen, settings).frame
-        request = InferenceRequest(source=source, fmt=chosen, target=target, id_column=id_column, task=task, name=name)
+        frame = read_snapshot(source, chosen, settings, query=query, password_env=password_env).frame
+        request = InferenceRequest(
+            source=source,
+            fmt=chosen,
+            target=target,
+            id_column=id_column,
+            task=task,
+            name=name,
+            **({"query": query, "password_env": password_env} if chosen == "sql" else {}),
+        )
         inferred = infer_config(frame, request)
     except (ConfigInferenceError, DataLoadError, StoreUnavailableError) as exc:
         raise fail(str(exc)) from exc

@@ -253,11 +253,13 @@ class InferenceRequest:
 
     Attributes:
         source: Where the rows were read from; written as the config's `source`.
-        fmt: `csv` or `parquet`.
+        fmt: `csv`, `parquet` or `sql`.
         target: The target column.
         id_column: The id column; inferred when None (a column unique per row).
         task: The task; inferred from the target when None.
         name: Dataset and model name; from the source's name when None.
+        query: With format sql, the query whose result the rows are; written as the config's `query`.
+        password_env: With format sql, the environment variable holding the database password.
     """
 
     source: str
@@ -266,6 +268,8 @@ class InferenceRequest:
     id_column: str | None = None
     task: TaskType | None = None
     name: str | None = None
+    query: str | None = None
+    password_env: str = "PGPASSWORD"
 
 
 def infer_config(
@@ -373,6 +377,7 @@ def _validated_config(choices: _Choices, request: InferenceRequest, rules: Infer
         "model_name": dataset,
         "source": request.source,
         "format": request.fmt,
+        **({"query": request.query, "password_env": request.password_env} if request.fmt == "sql" else {}),
         "target": request.target,
         "task": choices.task.value,
         "classes": choices.classes,
@@ -390,13 +395,21 @@ def _validated_config(choices: _Choices, request: InferenceRequest, rules: Infer
         raise ConfigInferenceError(f"the inferred config for {request.source} is not valid: {exc}") from exc
 
 
+_FILE_NOTES = {"source": "where the snapshot was read from", "format": "file format of the snapshot"}
+_SQL_NOTES = {
+    "source": "the database (no password here: it is read from password_env)",
+    "format": "sql: the query's result is the snapshot, frozen as one Parquet object",
+    "query": "--query (ORDER BY the id keeps the data version stable)",
+    "password_env": "the environment variable holding the database password",
+}
+
+
 def _notes(choices: _Choices, request: InferenceRequest, rules: InferenceRules, rows: int) -> dict[str, str]:
     """The reason for each top-level field, as the YAML comments it."""
     return {
         "name": "from --name" if request.name else "from the source's name (--name to choose)",
         "model_name": "registered model name in MLflow",
-        "source": "where the snapshot was read from",
-        "format": "file format of the snapshot",
+        **(_SQL_NOTES if request.fmt == "sql" else _FILE_NOTES),
         "target": "--target",
         "task": choices.task_note,
         "classes": choices.classes_note,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ def render_yaml(inferred: InferredConfig) -> str:
     config = inferred.config
     dumped = config.model_dump(mode="json")
     keys = ["name", "model_name", "source", "format", "target", "task", "classes", "id_column", "time_column"]
+    keys[4:4] = ["query", "password_env"] if config.format == "sql" else []
     keys += ["time_features", "calendar_parts"] if config.time_column else []
     keys += ["min_rows", "max_null_fraction", "holdout_fraction"]
     top = []
@@ -51,7 +53,8 @@ def render_yaml(inferred: InferredConfig) -> str:
         if dumped[key] is None:  # not set: say why in a comment instead of writing `null`
             top.append((f"# {key}: {note}", ""))
         else:
-            top.append((f"{key}: {_flow(dumped[key])}", note))
+            text = json.dumps(dumped[key]) if key == "query" else _flow(dumped[key])  # a query on one line
+            top.append((f"{key}: {text}", note))
     lines = [*_comment_lines(inferred.header), "", *_aligned(top)]
     lines.append("features:")
     rows = [

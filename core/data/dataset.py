@@ -15,6 +15,7 @@ from importlib import resources
 from itertools import pairwise
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -180,9 +181,20 @@ class DatasetConfig(BaseModel):
     )
     source: str = Field(
         min_length=1,
-        description="s3://bucket/prefix or a local path; one file or a folder of partitions.",
+        description="s3://bucket/prefix or a local path; one file or a folder of partitions; with format sql, an "
+        "SQLAlchemy URL without a password (postgresql+psycopg://user@host:5432/database).",
     )
-    format: Literal["parquet", "csv"] = "parquet"
+    format: Literal["parquet", "csv", "sql"] = "parquet"
+    query: str | None = Field(
+        None,
+        min_length=1,
+        description="format sql: the SELECT whose result is the snapshot (ORDER BY the id: a stable data version).",
+    )
+    password_env: str = Field(
+        "PGPASSWORD",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="format sql: the environment variable holding the database password (never in the config).",
+    )
     target: str
     task: TaskType = TaskType.binary
     id_column: str
@@ -284,7 +296,34 @@ class DatasetConfig(BaseModel):
             raise ValueError("classes only apply to binary and multiclass tasks, not to regression")
         self._check_slices()
         self._check_store_features(names)
+        self._check_sql_source()
         return self
+
+    def _check_sql_source(self) -> None:
+        if self.format != "sql":
+            if is_sql_url(self.source):
+                raise ValueError(f"source: {sql_place(self.source)} is a database URL: set format: sql and a query")
+            if self.query is not None:
+                raise ValueError("query: only a source of format sql takes a query (set format: sql)")
+            return
+        if not is_sql_url(self.source):
+            raise ValueError(
+                f"source: format sql needs a PostgreSQL URL ({', '.join(SQL_SCHEMES)}://user@host:port/database), "
+                f"got {self.source!r}"
+            )
+        if urlsplit(self.source).password is not None:
+            raise ValueError(
+                f"source: the URL of {sql_place(self.source)} carries a password: remove it from the URL and put it "
+                f"in the environment variable {self.password_env} (password_env)"
+            )
+        if self.query is None or not self.query.strip():
+            raise ValueError("query: format sql needs a query (the SELECT whose result is the snapshot)")
+        if self.engine == "dask":
+            raise ValueError("engine: a query's result is read whole; format sql trains with engine pandas (or auto)")
+        if self.operations.monitoring_partition is not None:
+            raise ValueError(
+                "operations.monitoring_partition: it is read in the dataset's format, and format sql has no partitions"
+            )
 
     def _check_store_features(self, names: list[str]) -> None:
         if bool(self.feature_service) != bool(self.store_features):
@@ -361,6 +400,24 @@ class DatasetConfig(BaseModel):
         if self.split.strategy == "auto":
             return "time" if self.time_column else "random"
         return self.split.strategy
+
+
+SQL_SCHEMES = ("postgresql", "postgresql+psycopg")
+
+
+def is_sql_url(source: str) -> bool:
+    """Whether a source names a database (an SQLAlchemy URL of a supported dialect) rather than files."""
+    return urlsplit(source).scheme.lower() in SQL_SCHEMES and "://" in source
+
+
+def sql_place(source: str) -> str:
+    """A database URL's place without credentials, for messages: `postgresql host:port/database`."""
+    parts = urlsplit(source)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: shown as written
+        port = ":" + parts.netloc.rsplit(":", 1)[-1]
+    return f"PostgreSQL at {parts.hostname or 'localhost'}{port}/{parts.path.lstrip('/') or '(default database)'}"
 
 
 class DatasetConfigError(ValueError):
