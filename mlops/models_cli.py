@@ -138,6 +138,27 @@ def models_trust(
     )
 
 
+@models_app.command("lineage")
+def models_lineage(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Registered version (a number).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the lineage as JSON.")] = False,
+) -> None:
+    """A version's lineage: data version -> training run -> version -> alias history -> what it scored and served.
+
+    Batch-scoring outputs are those under s3://<bucket>/predictions/batch/<model>/ whose summary names the version;
+    prediction-log partitions are the serving log's date folders of the days it was champion, with its rows there.
+    """
+    _connect(("S3", "MLflow"))
+    from adapters.lineage import LineageError, read_lineage
+
+    try:
+        lineage = read_lineage(get_settings(), name, version)
+    except LineageError as exc:
+        raise fail(str(exc)) from exc
+    typer.echo(lineage.to_json() if as_json else lineage.to_markdown().rstrip())
+
+
 @models_app.command("remove")
 def models_remove(name: Annotated[str, typer.Argument(help="Catalog model name.")]) -> None:
     """Remove a model: its deployments and schedules go (runs in flight are cancelled); versions, data and logs stay."""

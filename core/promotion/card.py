@@ -109,6 +109,7 @@ class ModelCard:
         inference: How serving runs the model: the compiled form's parity line (None: not compiled).
         calibration: How the probabilities were calibrated, and why (`SearchResult.calibration_summary`; None:
             no calibration step, e.g. a regressor).
+        data_manifest: The S3 URI of the data version's frozen manifest (set when the card is published).
     """
 
     model_name: str
@@ -146,6 +147,7 @@ class ModelCard:
     calibration: str | None = None
     holdout_split: str | None = None  # which holdout and CV folds were used, and why (`Split.why`)
     allowed_leaks: dict[str, str] = field(default_factory=dict)  # flagged features trained on: feature -> reason
+    data_manifest: str | None = None  # where the data version's frozen manifest is (`lineage.manifest_uri`)
 
     @property
     def task_type(self) -> str:

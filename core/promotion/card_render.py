@@ -22,6 +22,7 @@ from core.promotion.card import (
     MULTICLASS_METRIC_NAMES,
     ModelCard,
 )
+from core.promotion.lineage import lineage_command
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,20 @@ def _importance_note(card: ModelCard) -> str:
     return f"Permutation importance on the holdout: {meaning} when the feature's values are shuffled."
 
 
+def _lineage(card: ModelCard) -> list[tuple[str, str]]:
+    """The static part of the version's lineage (known when the card is made) and the command for the rest."""
+    run = card.mlflow_run_url or "this card's MLflow run"
+    rows = [
+        ("Data version", card.data_version + (f", frozen at {card.data_manifest}" if card.data_manifest else "")),
+        ("Training run", run),
+        ("Model version", f"v{card.candidate_version}" if card.candidate_version else "not registered (dry run)"),
+    ]
+    if card.candidate_version:
+        live = lineage_command(card.model_name, card.candidate_version)
+        rows.append(("Alias history, batch-scoring outputs, prediction-log partitions", live))
+    return rows
+
+
 def _view(card: ModelCard) -> dict[str, Any]:
     """Everything the templates show, already formatted as text."""
     window = f"{card.training_window[0]} to {card.training_window[1]}" if card.training_window else "n/a"
@@ -302,6 +317,7 @@ def _view(card: ModelCard) -> dict[str, Any]:
     ]
     return {
         "card": card,
+        "lineage": _lineage(card),
         "title": f"Model card: {card.model_name} {'v' + card.candidate_version if card.candidate_version else ''}",
         "verdict": card.verdict.upper(),
         "facts": facts,
@@ -370,6 +386,7 @@ def render_markdown(card: ModelCard) -> str:
     if view["importances"]:
         lines += ["", "## What the model relies on", "", _cell(view["importance_note"]), ""]
         lines += _table(view["importance_header"], view["importances"])
+    lines += ["", "## Lineage", "", *[f"- **{label}:** {value}" for label, value in view["lineage"]]]
     return "\n".join(lines) + "\n"
 
 
@@ -429,7 +446,11 @@ dd { margin: 0; overflow-wrap: anywhere; }
 {% endif %}{% if importances %}<h2>What the model relies on</h2>
 <p>{{ importance_note }}</p>
 {{ table(importance_header, importances) }}
-{% endif %}</body>
+{% endif %}<h2>Lineage</h2>
+<dl>
+{% for label, value in lineage %}<dt>{{ label }}</dt><dd>{{ value }}</dd>
+{% endfor %}</dl>
+</body>
 </html>
 """
 
