@@ -6,7 +6,6 @@ Built from settings on each call; nothing is configured at import. The Prefect t
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import pandas as pd
 from adapters.clients import S3Location, s3_client
 from adapters.settings import Settings
 from adapters.store import BucketNotFoundError, StoreUnreachableError, list_keys
+from core.data.data_versions import relative_name, sha256_hex, version_of
 from core.data.dataset import DatasetConfig, DatasetConfigError, load_local_dataset_config, parse_dataset_config
 from core.errors import PermanentError
 
@@ -119,28 +119,32 @@ def _fetch_sql(source: str, query: str | None, password_env: str) -> list[tuple[
         raise DataLoadError(str(exc)) from None
 
 
-def read_snapshot(
+def fetch_objects(
     source: str, fmt: str, settings: Settings, *, query: str | None = None, password_env: str = "PGPASSWORD"
-) -> Snapshot:
-    """Read every file of a snapshot and fingerprint its content.
+) -> tuple[list[tuple[str, bytes]], str]:
+    """Every object of a snapshot as (name, bytes) in sorted order, and the format they parse as.
 
-    The data version is a SHA-256 over the files' names (relative to the source) and bytes, in sorted
-    order: the same content gives the same version wherever it is read from. With format sql, `query`'s
-    result on the database `source` names is one Parquet object, `query.parquet` (`adapters.sql_source`).
+    Files of a folder or one file (S3 or the local disk); with format sql, `query`'s result on the database
+    `source` names is one Parquet object, `query.parquet` (`adapters.sql_source`).
     """
     if fmt == "sql":
-        objects, fmt = _fetch_sql(source, query, password_env), "parquet"
-    else:
-        objects = _fetch_s3(source, fmt, settings) if source.startswith("s3://") else _fetch_local(source, fmt)
-    digest = hashlib.sha256()
-    frames = []
-    for name, body in objects:
-        digest.update(name.removeprefix(source).encode() + b"\0" + hashlib.sha256(body).digest())
-        frames.append(_read_object(name, body, fmt))
+        return _fetch_sql(source, query, password_env), "parquet"
+    return (_fetch_s3(source, fmt, settings) if source.startswith("s3://") else _fetch_local(source, fmt)), fmt
+
+
+def snapshot_from_objects(objects: list[tuple[str, bytes]], source: str, fmt: str) -> Snapshot:
+    """Parse a snapshot's (name, bytes) objects and fingerprint their content.
+
+    The data version is a SHA-256 over the objects' names (relative to the source) and the SHA-256 of their
+    bytes, in sorted order: the same content gives the same version wherever it is read from. Frozen copies
+    are named by it (`core.data.data_versions`).
+    """
+    frames = [_read_object(name, body, fmt) for name, body in objects]
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     if frame.shape[1] == 0:
         raise DataLoadError(f"{source}: the snapshot has no columns")
-    snapshot = Snapshot(frame, digest.hexdigest()[:16], source, tuple(name for name, _ in objects))
+    version = version_of((relative_name(name, source), sha256_hex(body)) for name, body in objects)
+    snapshot = Snapshot(frame, version, source, tuple(name for name, _ in objects))
     log.info(
         "loaded %s rows from %d file(s) at %s, data version %s",
         len(frame),
@@ -149,6 +153,14 @@ def read_snapshot(
         snapshot.data_version,
     )
     return snapshot
+
+
+def read_snapshot(
+    source: str, fmt: str, settings: Settings, *, query: str | None = None, password_env: str = "PGPASSWORD"
+) -> Snapshot:
+    """Read every object of a snapshot (`fetch_objects`) and fingerprint its content (`snapshot_from_objects`)."""
+    objects, fmt = fetch_objects(source, fmt, settings, query=query, password_env=password_env)
+    return snapshot_from_objects(objects, source, fmt)
 
 
 def read_dataset_config(ref: str, settings: Settings) -> DatasetConfig:
