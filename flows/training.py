@@ -24,6 +24,7 @@ from core.promotion.card import CardFacts
 from services.approval import steps_after
 from services.promotion import Candidate, PromotionPolicy, PromotionResult, record_run, review_and_promote
 from tasks.compile import compile_candidate
+from tasks.data_versions import frozen_fingerprint, log_run_inputs
 from tasks.evaluation import evaluate_candidate
 from tasks.loading import load_dataset_config
 from tasks.monitoring import log_reference
@@ -56,6 +57,13 @@ class TrainingParams(BaseModel):
     gates: Gates = Field(default_factory=Gates, title="Gates", description="Promotion thresholds.")
     dry_run: bool = Field(False, title="Dry run", description="Train and evaluate, but never register or promote.")
     seed: int = Field(42, title="Seed", description="Seeds sampling, folds and models, for reproducible runs.")
+    data_version: str | None = Field(
+        None,
+        max_length=64,
+        title="Data version",
+        description="Train on this frozen data version of the model (`mlops data versions MODEL` lists them) "
+        "instead of the source as it is now; empty: read the source (and freeze it).",
+    )
     reason: str = Field(
         "manual",
         max_length=500,
@@ -141,14 +149,16 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     config = load_dataset_config(params.dataset)
     gates = resolve_gates(params.gates, config.task)  # the task's default primary metric, or a clear error
     # Same data listing, config, params and code as the champion: nothing to learn; stop before reading the data.
-    fingerprint, champion = fingerprint_run(config, params.model_dump(mode="json")), champion_record(config.model_name)
+    fingerprint, champion = _fingerprint(params, config), champion_record(config.model_name)
     same = compare(fingerprint, champion.fingerprint, config.model_name, champion.version)
     if same.unchanged and not params.force:
         return _nothing_new(params, config, gates, fingerprint, champion, same)
-    data = prepare_data(config, params.seed)  # validated (or DataValidationError), in memory or on the cluster
+    # frozen as a data version, then validated (or DataValidationError), in memory or on the cluster
+    data = prepare_data(config, params.seed, params.data_version)
     run_id = start_run(config, _run_params(params, data, config), _run_tags(params, data, same, fingerprint))
     result: PromotionResult | None = None
     try:
+        log_run_inputs(run_id, config, params.model_dump(mode="json"))  # what `mlops reproduce` retrains from
         split, search = fit_candidate(data, config, params.search, params.seed)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
         log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, data.report.to_json())
@@ -172,6 +182,13 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     return TrainingOutcome(run_id, data.data_version, result.decision, result.version, result.promoted, previous)
 
 
+def _fingerprint(params: TrainingParams, config: DatasetConfig) -> Fingerprint:
+    """What the run depends on: the source's listing, or the frozen data version it was given."""
+    if params.data_version:
+        return frozen_fingerprint(config, params.model_dump(mode="json"), params.data_version)
+    return fingerprint_run(config, params.model_dump(mode="json"))
+
+
 def _run_params(params: TrainingParams, data: PreparedData, config: DatasetConfig) -> dict[str, Any]:
     return params.model_dump(mode="json") | {"data_version": data.data_version, "source": config.source}
 
@@ -183,6 +200,8 @@ def _run_tags(params: TrainingParams, data: PreparedData, same: Comparison, fing
         "dry_run": str(params.dry_run).lower(),
         "trigger_reason": params.reason,
         "fingerprint.comparison": same.note(params.force),
+        # the Dask engine's partitions stay on the cluster: not frozen (yet), so not reproducible from a version
+        "data_frozen": "false: the dask engine's snapshots are not frozen yet" if data.on_cluster else "true",
     } | fingerprint.tags()
 
 

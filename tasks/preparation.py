@@ -61,13 +61,17 @@ class PreparedData:
         return self.frame is None
 
 
-def prepare_data(config: DatasetConfig, seed: int) -> PreparedData:
-    """Load and validate the snapshot (store the report); raise `DataValidationError` when it fails."""
-    if choose_snapshot_engine(config) == "dask":
+def prepare_data(config: DatasetConfig, seed: int, data_version: str | None = None) -> PreparedData:
+    """Load (and freeze) and validate the snapshot (store the report); raise `DataValidationError` when it fails.
+
+    With `data_version`, the model's frozen version of that name, in memory: frozen versions come from runs of
+    the `pandas` engine (the `dask` engine's partitions are not frozen yet).
+    """
+    if data_version is None and choose_snapshot_engine(config) == "dask":
         snapshot, frame, join = load_big_snapshot(config), None, None
         report = check_big_snapshot(snapshot, config, seed)
     else:
-        snapshot = load_snapshot(config)
+        snapshot = load_snapshot(config, data_version)  # frozen before it is validated
         # With a feature service, the store's features as of each row's time; lost rows are counted, not hidden.
         frame, join = join_features(snapshot.frame, config) if config.feature_service else (snapshot.frame, None)
         report = check_snapshot(frame, config, snapshot.data_version, join)

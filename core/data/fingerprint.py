@@ -25,10 +25,12 @@ from typing import Any
 
 # Run parameters that cannot change the trained model or the decision: why the run was started, what it
 # does after deciding (register or not, wait for a person, wait for the serving API) and `force` itself.
-# `dataset` is the reference to a config (a name or a path); the config's content is its own part.
+# `dataset` is the reference to a config (a name or a path); the config's content is its own part, and
+# `data_version` (a frozen version to train on) is the data part of such a run.
 NOT_FINGERPRINTED = frozenset(
     {
         "dataset",
+        "data_version",
         "reason",
         "dry_run",
         "force",
