@@ -15,8 +15,10 @@ from core.data.dataset import TaskType
 from mlops import stack
 from mlops.ci_cli import run_deployment_command
 from mlops.cli_common import connect, fail, os_user, setup_logging
+from mlops.data_versions_cli import data_prune, data_versions
 from mlops.demo_cli import demo_app
 from mlops.models_cli import deploy, models_app
+from mlops.reproduce_cli import reproduce
 from mlops.stack import client_env
 from mlops.train_cli import run_training, train
 
@@ -40,6 +42,9 @@ app.add_typer(alerts_app, name="alerts")
 app.add_typer(models_app, name="models")
 app.command("deploy")(deploy)
 app.command("run-deployment")(run_deployment_command)  # CD: run a deployment and wait for its end
+app.command("reproduce")(reproduce)  # retrain a registered version from its frozen data and record
+data_app.command("versions")(data_versions)
+data_app.command("prune")(data_prune)
 
 
 @stack_app.command("up")

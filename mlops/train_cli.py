@@ -29,7 +29,8 @@ class TrainingRequest:
     """What `mlops train` asks of one run: the dataset config and what the command line changes.
 
     `trials` and `families` replace the config's own search settings when given; `force` trains even when
-    nothing changed since the champion; `dry_run` evaluates only (never registers or promotes).
+    nothing changed since the champion; `dry_run` evaluates only (never registers or promotes); `data_version`
+    trains on that frozen version of the model's data instead of the source as it is now.
     """
 
     dataset: str  # bundled name, YAML path or s3:// URI
@@ -38,6 +39,7 @@ class TrainingRequest:
     trials: int | None = None
     families: tuple[str, ...] = ()
     force: bool = False
+    data_version: str | None = None
 
 
 def train_and_report(request: TrainingRequest, settings: Settings, gate: ModelGate | None = None) -> int:
@@ -86,6 +88,8 @@ def _training_params(request: TrainingRequest, settings: Settings) -> tuple[Data
         config = read_dataset_config(request.dataset, settings)
     except DataLoadError as exc:
         raise fail(str(exc), code=2) from exc
+    if request.data_version:
+        _check_frozen(config.model_name, request.data_version, settings)
     # the config's own search and gates (its `operations`), then what the command line changes
     chosen: dict[str, Any] = {"families": list(request.families)} if request.families else {}
     chosen |= {} if request.trials is None else {"trials_per_family": request.trials}
@@ -96,10 +100,20 @@ def _training_params(request: TrainingRequest, settings: Settings) -> tuple[Data
     gates = {"gates": config.operations.gates} if config.operations.gates else {}
     params = TrainingParams.model_validate(
         {"dataset": request.dataset, "dry_run": request.dry_run, "seed": request.seed, "search": search}
-        | {"force": request.force}
+        | {"force": request.force, "data_version": request.data_version}
         | gates
     )
     return config, params
+
+
+def _check_frozen(model_name: str, data_version: str, settings: Settings) -> None:
+    """Exit 2 naming the version and the model, and listing the frozen ones, when it was never frozen."""
+    from adapters.data_versions import list_manifests, read_manifest
+    from core.data.data_versions import UnknownDataVersionError
+
+    if read_manifest(settings, model_name, data_version) is None:
+        known = [m.data_version for m in list_manifests(settings, model_name)]
+        raise fail(str(UnknownDataVersionError(model_name, data_version, known)), code=2)
 
 
 def _print_outcome(outcome: Any, config: DatasetConfig, settings: Settings) -> None:
@@ -172,6 +186,13 @@ def train(  # noqa: PLR0913 - a Typer command declares one parameter per command
             "--force", help="Train even when the data, config, parameters and code are the champion's (nothing new)."
         ),
     ] = False,
+    data_version: Annotated[
+        str | None,
+        typer.Option(
+            "--data-version",
+            help="Train on this frozen data version of the model (`mlops data versions MODEL`), not the source.",
+        ),
+    ] = None,
 ) -> None:
     """Run the retraining flow now, against the configured stack (shows up on its Prefect server)."""
     setup_logging()
@@ -182,5 +203,5 @@ def train(  # noqa: PLR0913 - a Typer command declares one parameter per command
     elif not config.startswith("s3://") and Path(config).suffix in {".yaml", ".yml"}:
         config = str(Path(config).resolve())
     gate = ModelGate(summary.resolve() if summary else None, fail_on_reject)
-    request = TrainingRequest(config, dry_run, seed, trials, tuple(family or ()), force)
+    request = TrainingRequest(config, dry_run, seed, trials, tuple(family or ()), force, data_version)
     raise typer.Exit(train_and_report(request, get_settings(), gate))
