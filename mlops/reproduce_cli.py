@@ -68,13 +68,16 @@ def reproduce(
     setup_logging()
     settings = get_settings()
     connect(settings)
-    from adapters.data_versions import recorded_run, run_record
-    from core.data.data_versions import compare_metrics
+    from adapters.data_versions import list_manifests, read_manifest, recorded_run, run_record
+    from core.data.data_versions import UnknownDataVersionError, compare_metrics
 
     try:
         recorded = recorded_run(settings, model, version)
     except LookupError as exc:
         raise fail(str(exc), code=2) from exc
+    if read_manifest(settings, model, recorded.data_version) is None:  # never frozen, or removed by retention
+        known = [m.data_version for m in list_manifests(settings, model)]
+        raise fail(f"{model} v{version}: {UnknownDataVersionError(model, recorded.data_version, known)}", code=2)
     typer.echo(
         f"reproducing {model} v{version} (run {recorded.run_id}) on data version {recorded.data_version}, "
         f"seed {recorded.params.get('seed')}"
