@@ -91,7 +91,7 @@ class DataFacts:
     files: int | None = None
     bytes: int | None = None
     created_at: str | None = None
-    first_run_id: str | None = None
+    first_run_id: str | None = None  # the Prefect flow run that froze it first
 
     @staticmethod
     def from_manifest(data_version: str | None, uri: str | None, manifest: dict[str, Any] | None) -> DataFacts:
@@ -145,7 +145,7 @@ class Lineage:
         if d.manifest_found:
             lines.append(
                 f"  - source {d.source}; {_count(d.rows, 'row')}, {_count(d.files, 'file')}, "
-                f"{_count(d.bytes, 'byte')}; frozen {d.created_at} by run {d.first_run_id}"
+                f"{_count(d.bytes, 'byte')}; first frozen {d.created_at} by Prefect flow run {d.first_run_id}"
             )
         lines.append(f"- **Training run:** {self.run_id or 'unknown'}" + (f" ({self.run_url})" if self.run_url else ""))
         aliases = ", ".join(self.aliases) if self.aliases else "none now"
