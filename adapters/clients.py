@@ -108,3 +108,49 @@ def check_stack(settings: Settings, services: tuple[str, ...] = ("S3", "MLflow",
             "the stack is not reachable: " + ", ".join(down) + ". Start it with `mlops stack up` "
             "(or point AWS_ENDPOINT_URL_S3 / MLFLOW_TRACKING_URI / PREFECT_API_URL at running servers)."
         )
+    if {"MLflow", "Prefect"} & set(services) and (outage := database_outage(settings)):
+        raise StackNotRunningError(outage)
+
+
+def database_outage(settings: Settings) -> str | None:
+    """Why MLflow or Prefect fail while they answer their health checks: their database is unavailable.
+
+    Prefect's `/ready` checks its database; MLflow's `/health` does not, so an API call that reads its backend
+    store is tried. None when both read their databases (or a server does not answer at all: `check_stack`).
+    """
+    auth = (settings.stack_user, settings.stack_password.get_secret_value()) if settings.stack_password else None
+    probes = {
+        "Prefect": (f"{settings.prefect_api_url}/ready", f"{settings.prefect_api_url}/health"),
+        "MLflow": (
+            f"{settings.mlflow_tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1",
+            f"{settings.mlflow_tracking_uri}/health",
+        ),
+    }
+    failing = []
+    for name, (deep, shallow) in probes.items():
+        try:
+            if httpx.get(shallow, timeout=3, auth=auth).status_code >= 500:
+                continue
+            status = httpx.get(deep, timeout=5, auth=auth).status_code
+        except httpx.HTTPError:
+            continue
+        if status >= 500:
+            failing.append(
+                f"{name} at {shallow.rsplit('/', 1)[0]} answers, but cannot read its database (HTTP {status})"
+            )
+    if not failing:
+        return None
+    return (
+        "; ".join(failing) + ". The database under the stack is unavailable: `mlops stack status` shows it, "
+        "`mlops stack up` restarts the stack's PostgreSQL."
+    )
+
+
+def log_database_outage(settings: Settings) -> None:
+    """After a failure: say so when the cause is the stack's database (`database_outage`); never raises."""
+    try:
+        outage = database_outage(settings)
+    except Exception:  # a diagnosis must not hide the failure it explains
+        return
+    if outage:
+        log.error("%s", outage)

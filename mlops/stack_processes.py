@@ -92,10 +92,10 @@ def clear_dead(service: Service, settings: Settings, wait: float = 15.0) -> None
         time.sleep(0.2)
 
 
-def stop_pid(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM to the process group, then SIGKILL when it still runs after `timeout` seconds."""
+def stop_pid(pid: int, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:
+    """`sig` (SIGTERM) to the process group, then SIGKILL when it still runs after `timeout` seconds."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, sig)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout

@@ -1,6 +1,7 @@
 """The local stack's servers: how each one is started (command, environment, folder) and probed.
 
-In start order: SeaweedFS's S3 gateway (MLflow stores its artifacts there), MLflow, the Prefect server,
+In start order: PostgreSQL (Prefect's and MLflow's databases; none with MLOPS_DATABASE=sqlite), SeaweedFS's S3
+gateway (MLflow stores its artifacts there), MLflow, the Prefect server,
 the Dask cluster (a scheduler and nanny-managed workers, none when `dask_workers` is 0), a Prefect process
 worker and the serving API. `mlops.stack` starts, stops and reports them.
 """
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.settings import Settings
+from mlops import stack_postgres
 from mlops.stack_env import (
     PROJECT_ROOT,
     client_env,
@@ -45,6 +48,9 @@ class Service:
     extra_ports: tuple[int, ...] = ()
     cwd: Path | None = None
     ready: Callable[[], bool] | None = None  # health beyond an answer at health_url (e.g. all Dask workers joined)
+    # Before each start (PostgreSQL: its cluster made once); returns the (uid, gid) to start it as, None for ours.
+    prepare: Callable[[], tuple[int, int] | None] | None = None
+    stop_signal: int = signal.SIGTERM  # PostgreSQL: SIGINT, its fast shutdown (SIGTERM waits for every client)
 
     @property
     def log_file(self) -> Path:
@@ -72,7 +78,9 @@ def weed_ports(settings: Settings) -> dict[str, int]:
 
 def services(settings: Settings) -> list[Service]:
     """The stack's servers, in start order (S3 first: MLflow stores its artifacts there)."""
+    database = [_postgres(settings)] if stack_postgres.backend(settings) == "postgresql" else []
     return [
+        *database,
         _s3(settings),
         _mlflow(settings),
         _prefect(settings),
@@ -80,6 +88,22 @@ def services(settings: Settings) -> list[Service]:
         _worker(settings),
         _serving(settings),
     ]
+
+
+def _postgres(settings: Settings) -> Service:
+    host, port = stack_postgres.HOST, settings.postgres_port
+    return Service(
+        name="postgres",
+        port=port,
+        url=f"postgresql://{host}:{port} (databases {', '.join(stack_postgres.DATABASES)})",
+        health_url=f"postgresql://{host}:{port}",
+        command=stack_postgres.command(settings),
+        env={"LC_ALL": "C"},
+        state_dir=settings.state_dir.resolve(),
+        ready=lambda: stack_postgres.accepts_connections(settings),
+        prepare=lambda: stack_postgres.prepare(settings),
+        stop_signal=signal.SIGINT,
+    )
 
 
 def _s3(settings: Settings) -> Service:
@@ -132,7 +156,7 @@ def _mlflow(settings: Settings) -> Service:
             "--workers",
             "1",
             "--backend-store-uri",
-            f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
+            _mlflow_store(settings),
             "--artifacts-destination",
             f"s3://{settings.bucket}/mlflow",
             # Beyond loopback: its basic-auth app, and the Host headers it answers (MLflow's DNS-rebinding guard
@@ -141,6 +165,7 @@ def _mlflow(settings: Settings) -> Service:
         ],
         env=s3_env(settings)
         | _mlflow_auth_env(settings)
+        | _database_env(settings)
         | {
             "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{settings.s3_port}",
             # The job runner (GenAI features we do not use) starts 7 huey workers, ~1.7 GB in all.
@@ -149,6 +174,23 @@ def _mlflow(settings: Settings) -> Service:
         },
         state_dir=state,
     )
+
+
+def _mlflow_store(settings: Settings) -> str:
+    if stack_postgres.backend(settings) == "postgresql":
+        return stack_postgres.url(settings, "mlflow")
+    return f"sqlite:///{settings.state_dir.resolve() / 'mlflow' / 'mlflow.db'}"
+
+
+def _database_env(settings: Settings) -> dict[str, str]:
+    """The PostgreSQL password for the servers that connect to it (libpq's PGPASSWORD), none on SQLite."""
+    return stack_postgres.client_env(settings) if stack_postgres.backend(settings) == "postgresql" else {}
+
+
+def _prefect_database(settings: Settings, prefect_dir: Path) -> str:
+    if stack_postgres.backend(settings) == "postgresql":
+        return stack_postgres.url(settings, "prefect", driver="asyncpg")
+    return f"sqlite+aiosqlite:///{prefect_dir / 'prefect.db'}"
 
 
 MLFLOW_AUTH_INI = """[mlflow]
@@ -204,13 +246,14 @@ def _prefect(settings: Settings) -> Service:
         env={
             "PREFECT_HOME": str(prefect_dir),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_dir / 'prefect.db'}",
+            "PREFECT_API_DATABASE_CONNECTION_URL": _prefect_database(settings, prefect_dir),
             "PREFECT_SERVER_API_HOST": host,
             "PREFECT_SERVER_API_PORT": str(port),
             "PREFECT_UI_API_URL": f"http://{host}:{port}/api",
             "PREFECT_LOGGING_LEVEL": "WARNING",
         }
-        | _prefect_auth_env(settings),
+        | _prefect_auth_env(settings)
+        | _database_env(settings),
         state_dir=state,
     )
 

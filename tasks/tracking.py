@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 from prefect import task
 
-from adapters.clients import mlflow_client
+from adapters.clients import log_database_outage, mlflow_client
 from adapters.feature_store import service_sources
 from adapters.model_store import LoggedModel, log_sklearn_model, register
 from adapters.registry import champion_version, run_holdout_metrics
@@ -254,6 +254,14 @@ def record_decision(
             client.set_model_version_tag(model_name, version, key, value)
     client.log_text(run_id, markdown, "decision/decision.md")
     client.log_text(run_id, decision_json, "decision/decision.json")
+
+
+def explain_outage() -> None:
+    """After a failed run: log it when the cause is the database under Prefect and MLflow.
+
+    Not a task: Prefect's own API may be what is down.
+    """
+    log_database_outage(get_settings())
 
 
 @task(name="end-run", **IO)

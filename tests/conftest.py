@@ -82,6 +82,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         "MLOPS_MLFLOW_PORT": str(free_port()),
         "MLOPS_PREFECT_PORT": str(free_port()),
         "MLOPS_WORKER_PORT": str(free_port()),
+        "MLOPS_POSTGRES_PORT": str(free_port()),  # Prefect's and MLflow's databases (MLOPS_DATABASE=auto)
         # The stack's serving API follows credit-risk; training runs check it after each promotion.
         "MLOPS_SERVING_PORT": str(serving_port),
         "MLOPS_SERVING_URL": f"http://127.0.0.1:{serving_port}",

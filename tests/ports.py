@@ -31,9 +31,9 @@ def free_port_block(size: int, start: int = 20000, stop: int = 60000) -> int:
 
 
 def stack_ports(weed_start: int = 40000) -> dict[str, str]:
-    """Free ports for a private stack of a test's own (S3, MLflow, Prefect, worker, serving, SeaweedFS's block),
-    as the `MLOPS_*` variables `mlops stack up` reads."""
-    ports = {name: free_port() for name in ("S3", "MLFLOW", "PREFECT", "WORKER", "SERVING")}
+    """Free ports for a private stack of a test's own (S3, MLflow, Prefect, worker, serving, PostgreSQL,
+    SeaweedFS's block), as the `MLOPS_*` variables `mlops stack up` reads."""
+    ports = {name: free_port() for name in ("S3", "MLFLOW", "PREFECT", "WORKER", "SERVING", "POSTGRES")}
     return {f"MLOPS_{name}_PORT": str(port) for name, port in ports.items()} | {
         "MLOPS_WEED_PORT_BASE": str(free_port_block(16, start=weed_start))
     }

@@ -57,9 +57,65 @@ def test_train_without_a_stack_says_how_to_start_it(tmp_path):
 def test_stack_status_reports_each_server(stack):
     result = subprocess.run([MLOPS, "stack", "status"], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("s3", "mlflow", "prefect"):
+    for name in ("postgres", "s3", "mlflow", "prefect"):
         assert f"{name} " in result.stdout and "healthy" in result.stdout
     assert stack.aws_secret_access_key.get_secret_value() not in result.stdout
+    assert f"database: PostgreSQL at 127.0.0.1:{stack.postgres_port}" in result.stdout
+
+
+def test_prefect_and_mlflow_run_on_the_stacks_postgresql_and_its_password_is_nowhere(stack):
+    import psycopg
+
+    from adapters.clients import mlflow_client
+    from mlops import stack_postgres
+
+    password = stack_postgres.password(stack)
+    # Given the stack's PostgreSQL, reached as its servers reach it
+    with psycopg.connect(host="127.0.0.1", port=stack.postgres_port, user="mlops", password=password) as db:
+        names = {row[0] for row in db.execute("SELECT datname FROM pg_database")}
+        server = db.execute("SHOW server_version").fetchone()[0]
+    assert {"prefect", "mlflow"} <= names and server.startswith("18.")
+    # then MLflow's experiments and Prefect's flow runs are rows there (not in SQLite files)
+    experiment = mlflow_client(stack).create_experiment(f"pg-check-{os.getpid()}")
+    with psycopg.connect(
+        host="127.0.0.1", port=stack.postgres_port, user="mlops", password=password, dbname="mlflow"
+    ) as db:
+        assert db.execute("SELECT count(*) FROM experiments WHERE experiment_id = %s", (int(experiment),)).fetchone()[0]
+    with psycopg.connect(
+        host="127.0.0.1", port=stack.postgres_port, user="mlops", password=password, dbname="prefect"
+    ) as db:
+        assert db.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
+    assert stack_postgres.sqlite_files(stack) == []
+    # and a wrong password is refused (SCRAM on every connection, loopback included)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(host="127.0.0.1", port=stack.postgres_port, user="mlops", password="wrong").close()
+    # and the password is in no log, command line or pid file of the stack
+    for path in stack.state_dir.rglob("*"):
+        if path.is_file() and path.suffix in {".log", ".pid", ".ini", ""} and path.name != "password":
+            assert password not in path.read_text(errors="replace"), path
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                assert password not in (proc / "cmdline").read_text(errors="replace"), proc
+            except OSError:
+                continue
+
+
+def test_postgresql_keeps_the_registry_across_a_restart(stack):
+    import signal
+
+    from adapters.clients import mlflow_client
+    from mlops.stack_processes import stop_pid
+
+    name = f"pg-restart-{os.getpid()}"
+    experiment = mlflow_client(stack).create_experiment(name)
+    [postgres] = [s for s in local_stack.services(stack) if s.name == "postgres"]
+    # Given PostgreSQL stopped cleanly (its fast shutdown) and started again by `up`
+    stop_pid(int(postgres.pid_file.read_text()), timeout=60, sig=signal.SIGINT)
+    assert not postgres.is_healthy()
+    local_stack.up(stack)
+    # then MLflow, on its same connection pool, still has the experiment
+    assert mlflow_client(stack).get_experiment_by_name(name).experiment_id == experiment
 
 
 def test_seaweedfs_runs_without_telemetry_or_an_open_admin_page(stack):

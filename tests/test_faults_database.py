@@ -1,0 +1,123 @@
+"""PostgreSQL, the database under Prefect and MLflow, SIGKILLed for real during a training run and a promotion.
+
+Each case asserts a clear failure, nothing half-done once `mlops stack up` has brought the database back (no
+champion moved, no history record, no unfinished intent left behind by the next run), and a next run that
+succeeds. The runs are subprocesses paused at an exact point (`adapters.locks.pause_at`), as in
+tests/test_faults_registry.py, whose helpers these share.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapters.clients import mlflow_client
+from adapters.history_store import list_changes, list_pending
+from mlops import stack as local_stack
+from mlops.stack import client_env
+from tests.faults import kill_server
+from tests.test_faults_registry import (  # noqa: F401 - _no_leftover_runs: the same clean-up, autouse here too
+    _config,
+    _features,
+    _finish,
+    _no_leftover_runs,
+    _params,
+    _state,
+    _train,
+    _versions,
+)
+from tests.waiting import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _paused_run(stack, params: str, checkpoint: str, release: Path) -> subprocess.Popen:
+    run = _train(stack, params, (checkpoint, release))
+    wait_for(lambda: Path(f"{release}.reached").exists() or run.poll() is not None, 600, "the pause point")
+    assert run.poll() is None, _finish(run)[1][-3000:]
+    return run
+
+
+def _database_down_said(out: str) -> bool:
+    """The run's output names the cause (`adapters.clients.database_outage`), not only a server's HTTP 500."""
+    return "cannot read its database" in out and "mlops stack up" in out
+
+
+def test_postgres_killed_during_a_training_run(stack, default_data, tmp_path):
+    model = "faults-db-run"
+    dataset = _config(tmp_path, model)
+    release = tmp_path / "release"
+    # Given a cold-start run that has trained, evaluated and logged its model, paused before the promotion lock
+    run = _paused_run(stack, _params(dataset), "before-lock", release)
+    # when PostgreSQL (Prefect's and MLflow's database) is SIGKILLed there and the run goes on
+    kill_server(stack, "postgres")
+    release.touch()
+    code, out = _finish(run)
+    # then the run fails, saying the database connection was lost
+    assert code != 0, out[-3000:]
+    assert _database_down_said(out), out[-4000:]
+    # and once `stack up` has restarted it, nothing was registered, promoted, recorded or left pending (the pause
+    # was before the registration)
+    local_stack.up(stack)
+    assert mlflow_client(stack).search_model_versions(f"name='{model}'") == []
+    assert list_changes(model, stack) == [] and list_pending(model, stack) == []
+    # and the next run succeeds and promotes its own candidate, once
+    code, out = _finish(_train(stack, _params(dataset)))
+    assert code == 0, out[-3000:]
+    latest = _versions(stack, model)[-1].version
+    assert _state(stack, model) == ({"champion": latest}, [("promotion", None, latest)])
+
+
+def test_postgres_killed_during_a_promotion_leaves_the_old_champion(stack, default_data, tmp_path, monkeypatch):
+    from adapters.promotion import promote_version
+    from flows.training import TrainingParams, training
+
+    model = "faults-db-promote"
+    # Given a weak champion (two inputs), which a candidate on every input beats beyond noise
+    weak_dataset = _config(tmp_path, model, features=[f for f in _features() if f["name"] in {"age", "region"}])
+    state = training(TrainingParams.model_validate_json(_params(weak_dataset, min_roc_auc=0.5)), return_state=True)
+    assert state.is_completed(), state.message
+    weak = state.result().candidate_version
+    if not state.result().promoted:
+        promote_version(model, weak, None, reason="test: a weak champion", actor="tester")
+    before = _state(stack, model)
+    params = _params(_config(tmp_path, model), allow_schema_change=True)
+    release = tmp_path / "release"
+    monkeypatch.setenv("MLOPS_LOCK_LEASE_SECONDS", "60")  # the shortest lease: a killed holder's lock lapses soon
+    # and a candidate's run paused inside the promotion: lock held, intent stored, alias not moved yet
+    run = _paused_run(stack, params, "before-champion-move", release)
+    # when PostgreSQL is SIGKILLed there
+    kill_server(stack, "postgres")
+    release.touch()
+    code, out = _finish(run)
+    # then the run fails clearly and, after `stack up`, the weak champion still holds, with its history unchanged
+    assert code != 0, out[-3000:]
+    assert _database_down_said(out), out[-4000:]
+    local_stack.up(stack)
+    assert _state(stack, model) == before
+    # and the killed run's intent waits (in S3) while its lock's lease runs out: `mlops history` says it left it
+    history = subprocess.run(
+        [str(Path(sys.executable).parent / "mlops"), "history", "--model", model],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=os.environ | client_env(stack),
+        check=False,
+    )
+    assert history.returncode == 0, history.stderr
+    assert len(list_pending(model, stack)) == 1
+    assert _state(stack, model) == before
+    # and the next run (forced: same data, config and code as the failed one) promotes its candidate once
+    forced = TrainingParams.model_validate_json(params).model_copy(update={"force": True}).model_dump_json()
+    code, out = _finish(_train(stack, forced))
+    assert code == 0, out[-3000:]
+    assert list_pending(model, stack) == []  # it took the lock once the lease lapsed and discarded the old intent
+    latest = _versions(stack, model)[-1].version
+    aliases, moves = _state(stack, model)
+    assert aliases == {"champion": latest, "previous": weak}
+    assert moves == [*before[1], ("promotion", weak, latest)]
+    assert "promoted_at" in mlflow_client(stack).get_model_version(model, latest).tags
