@@ -30,7 +30,7 @@ def test_busy_port_is_named(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        settings = Settings(state_dir=tmp_path, s3_port=port)
+        settings = Settings(state_dir=tmp_path, s3_port=port, database="sqlite")  # S3 first: nothing starts
         with pytest.raises(local_stack.StackError, match=f"s3: port {port} on 127.0.0.1 is busy"):
             local_stack.up(settings, timeout=5)
     assert not any(s.running for s in local_stack.status(settings))
@@ -71,7 +71,9 @@ def test_prefect_and_mlflow_run_on_the_stacks_postgresql_and_its_password_is_now
 
     password = stack_postgres.password(stack)
     # Given the stack's PostgreSQL, reached as its servers reach it
-    with psycopg.connect(host="127.0.0.1", port=stack.postgres_port, user="mlops", password=password) as db:
+    with psycopg.connect(
+        host="127.0.0.1", port=stack.postgres_port, user="mlops", password=password, dbname="postgres"
+    ) as db:
         names = {row[0] for row in db.execute("SELECT datname FROM pg_database")}
         server = db.execute("SHOW server_version").fetchone()[0]
     assert {"prefect", "mlflow"} <= names and server.startswith("18.")
@@ -88,7 +90,9 @@ def test_prefect_and_mlflow_run_on_the_stacks_postgresql_and_its_password_is_now
     assert stack_postgres.sqlite_files(stack) == []
     # and a wrong password is refused (SCRAM on every connection, loopback included)
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
-        psycopg.connect(host="127.0.0.1", port=stack.postgres_port, user="mlops", password="wrong").close()
+        psycopg.connect(
+            host="127.0.0.1", port=stack.postgres_port, user="mlops", password="wrong", dbname="postgres"
+        ).close()
     # and the password is in no log, command line or pid file of the stack
     for path in stack.state_dir.rglob("*"):
         if path.is_file() and path.suffix in {".log", ".pid", ".ini", ""} and path.name != "password":
