@@ -302,3 +302,104 @@ def run_record(settings: Settings, run_id: str) -> tuple[dict[str, float], dict[
     """A run's metrics and tags."""
     run = mlflow_client(settings).get_run(run_id)
     return {key: float(value) for key, value in run.data.metrics.items()}, dict(run.data.tags)
+
+
+CHUNK_BYTES = 8 * 2**20
+
+
+def _hash_s3(client: Any, uri: str) -> tuple[str, int, str]:
+    """(SHA-256 hex, size, ETag) of an S3 object, read once in chunks (never held whole)."""
+    import hashlib
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    response = client.get_object(Bucket=bucket, Key=key)
+    digest, size = hashlib.sha256(), 0
+    for chunk in response["Body"].iter_chunks(CHUNK_BYTES):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size, response["ETag"]
+
+
+def _hash_local(path: str) -> tuple[str, int]:
+    import hashlib
+
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _store_blob(client: Any, settings: Settings, uri: str, sha: str, etag: str | None) -> bool:
+    """Put a file's bytes at its blob key when absent (S3: a server-side copy; local: an upload). True if new.
+
+    A server-side copy is checked against what was hashed: the copy's ETag must be the one read (else the blob is
+    read back and hashed); a source rewritten in between fails the freeze and leaves no wrong blob.
+    """
+    bucket, key = settings.bucket, blob_key(sha)
+    if _exists(client, bucket, key):
+        return False
+    if not uri.startswith("s3://"):
+        client.upload_file(uri, bucket, key)
+        return True
+    source_bucket, _, source_key = uri.removeprefix("s3://").partition("/")
+    copied = client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": source_bucket, "Key": source_key})
+    if copied.get("CopyObjectResult", {}).get("ETag") != etag and _hash_s3(client, f"s3://{bucket}/{key}")[0] != sha:
+        client.delete_object(Bucket=bucket, Key=key)
+        raise FreezeError(f"{uri} changed while it was being frozen; run again")
+    return True
+
+
+def freeze_files(  # noqa: PLR0913 - the snapshot's facts, each named
+    settings: Settings,
+    model_name: str,
+    source: str,
+    fmt: str,
+    uris: Sequence[str],
+    rows: int,
+    columns: Sequence[str],
+    first_run_id: str | None,
+    experiment: str = "",
+) -> Frozen:
+    """Freeze a big snapshot's files without holding them: each is read once in chunks to hash it, then copied.
+
+    The data version is computed as for a snapshot read in memory (`core.data.data_versions.version_of`), so a
+    frozen big snapshot is read back, verified and reproduced like any other.
+
+    Raises:
+        FreezeError: S3 failed, or a file changed while it was frozen; names the place.
+    """
+    from datetime import UTC, datetime
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from core.data.data_versions import FrozenFile, manifest_of_files, relative_name
+
+    client, new = s3_client(settings), 0
+    try:
+        files, etags = [], {}
+        for uri in uris:
+            if uri.startswith("s3://"):
+                sha, size, etags[uri] = _hash_s3(client, uri)
+            else:
+                (sha, size), etags[uri] = _hash_local(uri), None
+            files.append(FrozenFile(relative_name(uri, source), uri, sha, size))
+        manifest = manifest_of_files(
+            model_name, source, fmt, files, rows, columns, datetime.now(UTC), first_run_id, experiment
+        )
+        new = sum(_store_blob(client, settings, f.path, f.sha256, etags[f.path]) for f in manifest.files)
+        key = manifest_key(model_name, manifest.data_version)
+        stored = _read(client, settings.bucket, key)
+        if stored is None:
+            client.put_object(
+                Bucket=settings.bucket, Key=key, Body=manifest.to_json().encode(), ContentType="application/json"
+            )
+    except (BotoCoreError, ClientError, OSError) as exc:
+        raise FreezeError(
+            f"could not freeze {source} for {model_name} (S3 at {settings.s3_endpoint_url}): {exc}"
+        ) from exc
+    kept = manifest if stored is None else Manifest.from_json(stored.decode())
+    frozen = Frozen(kept, new, len(manifest.files) - new, stored is None)
+    log.info("%s", frozen.describe())
+    return frozen

@@ -101,6 +101,15 @@ def open_snapshot(config: DatasetConfig, settings: Settings) -> DaskSnapshot:
     return snapshot
 
 
+def columns_of(snapshot: DaskSnapshot, settings: Settings) -> list[str]:
+    """The snapshot's column names, from its first file's Parquet footer (no data read)."""
+    import pyarrow.parquet as pq
+
+    fs = _filesystem(snapshot.source, settings)
+    with fs.open(snapshot.files[0].removeprefix("s3://"), "rb") as handle:
+        return list(pq.ParquetFile(handle).schema_arrow.names)
+
+
 def read_frame(snapshot: DaskSnapshot, settings: Settings) -> Any:
     """The snapshot as a lazy dask DataFrame (one partition per file or row group), read on the workers."""
     import dask.dataframe as dd

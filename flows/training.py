@@ -202,8 +202,6 @@ def _run_tags(params: TrainingParams, data: PreparedData, same: Comparison, fing
         "dry_run": str(params.dry_run).lower(),
         "trigger_reason": params.reason,
         "fingerprint.comparison": same.note(params.force),
-        # the Dask engine's partitions stay on the cluster: not frozen (yet), so not reproducible from a version
-        "data_frozen": "false: the dask engine's snapshots are not frozen yet" if data.on_cluster else "true",
     } | fingerprint.tags()
 
 

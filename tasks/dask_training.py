@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
+from adapters.data_versions import freeze_files
 from adapters.expectations import validate_frame
 from adapters.settings import get_settings
 from core.dask_engine.checks import combined_report, full_data_failures
@@ -20,7 +23,7 @@ from core.dask_engine.split import DaskSplit
 from core.data.dataset import DatasetConfig
 from core.data.validation import ValidationReport
 from core.modeling.search import SearchResult
-from dask_engine.snapshots import DaskSnapshot, count_rows, open_snapshot
+from dask_engine.snapshots import DaskSnapshot, columns_of, count_rows, open_snapshot
 from dask_engine.split import split_snapshot
 from dask_engine.training import train_lightgbm
 from dask_engine.validation import full_data_stats
@@ -42,6 +45,29 @@ def choose_snapshot_engine(config: DatasetConfig) -> str:
 def load_big_snapshot(config: DatasetConfig) -> DaskSnapshot:
     """Prefect task: the snapshot's partitions, row count and data version (no data read)."""
     return open_snapshot(config, get_settings())
+
+
+@task(name="freeze-big", **IO, timeout_seconds=3600)
+def freeze_big_snapshot(config: DatasetConfig, snapshot: DaskSnapshot) -> DaskSnapshot:
+    """Prefect task: keep the partitions as the model's data version, before validation; the snapshot by its content.
+
+    Each file is read once in chunks to hash it (the flow's memory holds one chunk), then copied inside S3 when its
+    blob is absent. The snapshot's data version becomes the content version every engine computes, so the run
+    can be reproduced from it (`mlops reproduce`, `--data-version`).
+    """
+    settings = get_settings()
+    frozen = freeze_files(
+        settings,
+        config.model_name,
+        config.source,
+        config.format,
+        snapshot.files,
+        snapshot.rows,
+        columns_of(snapshot, settings),
+        str(flow_run.get_id()) if flow_run.get_id() else None,  # the Prefect flow run that froze it
+        config.name,
+    )
+    return replace(snapshot, data_version=frozen.manifest.data_version)
 
 
 @task(name="validate-big", cache_policy=NO_CACHE)

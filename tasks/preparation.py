@@ -22,6 +22,7 @@ from core.modeling.search import SearchResult, SearchSpec
 from tasks.dask_training import (
     check_big_snapshot,
     choose_snapshot_engine,
+    freeze_big_snapshot,
     load_big_snapshot,
     split_big_snapshot,
     train_big_candidate,
@@ -64,11 +65,11 @@ class PreparedData:
 def prepare_data(config: DatasetConfig, seed: int, data_version: str | None = None) -> PreparedData:
     """Load (and freeze) and validate the snapshot (store the report); raise `DataValidationError` when it fails.
 
-    With `data_version`, the model's frozen version of that name, in memory: frozen versions come from runs of
-    the `pandas` engine (the `dask` engine's partitions are not frozen yet).
+    With `data_version`, the model's frozen version of that name, in memory (whichever engine froze it). On the
+    `dask` engine the partitions are frozen by streaming them (hashed in chunks, copied inside S3).
     """
     if data_version is None and choose_snapshot_engine(config) == "dask":
-        snapshot, frame, join = load_big_snapshot(config), None, None
+        snapshot, frame, join = freeze_big_snapshot(config, load_big_snapshot(config)), None, None
         report = check_big_snapshot(snapshot, config, seed)
     else:
         snapshot = load_snapshot(config, data_version)  # frozen before it is validated

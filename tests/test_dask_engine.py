@@ -3,8 +3,9 @@
 Each result is compared with an independent computation: the full-data checks with pandas on the same
 rows, the holdout with `core.data.split.split_frame` (the pandas engine), the Dask-trained LightGBM with
 `lightgbm.LGBMClassifier` trained locally on the same rows (holdout ROC AUC within 0.01). Then the flow
-with `engine: dask` registers and promotes its own model, which answers raw rows; a bad snapshot fails
-validation naming the columns and registers nothing.
+with `engine: dask` freezes its partitions (the data version the pandas engine computes from the same files,
+read back byte for byte), registers and promotes its own model, which answers raw rows; a bad snapshot is
+frozen, then fails validation naming the columns and registers nothing.
 """
 
 from __future__ import annotations
@@ -178,6 +179,17 @@ def test_flow_on_dask_registers_and_promotes_a_model_that_takes_raw_rows(stack, 
     assert run.data.params["best_family"] == "lightgbm_dask"
     assert run.data.metrics["holdout_roc_auc"] > 0.7
     assert client.get_model_version_by_alias("big-engine-flow", "champion").version == outcome.candidate_version
+    # The partitions were frozen before validation, by content: the run's data version is the one the pandas
+    # engine computes from the same files, and the frozen version reads back byte for byte
+    from adapters.data_versions import list_manifests, read_frozen
+    from adapters.snapshots import fetch_objects, snapshot_from_objects
+
+    objects, fmt = fetch_objects(big["good"], "parquet", stack)
+    expected = snapshot_from_objects(objects, big["good"], fmt).data_version
+    assert outcome.data_version == expected == run.data.tags["data_version"]
+    manifest, frozen = read_frozen(stack, "big-engine-flow", expected)
+    assert frozen == objects and manifest.rows == MONTHS * ROWS and len(manifest.files) == MONTHS
+    assert manifest.first_run_id == run.data.tags["prefect_flow_run_id"]
     # The registered champion answers raw rows (as serving and scoring send them)
     served = mlflow.pyfunc.load_model("models:/big-engine-flow@champion")
     rows = big["frame"][config.feature_names].head(50)
@@ -193,3 +205,5 @@ def test_flow_on_dask_registers_and_promotes_a_model_that_takes_raw_rows(stack, 
         assert column in message
     assert "full data" in message
     assert client.search_registered_models("name = 'big-engine-bad'") == []
+    [bad_version] = list_manifests(stack, "big-engine-bad")  # frozen before its validation failed
+    assert bad_version.rows == len(big["bad_frame"]) and len(bad_version.files) == 3

@@ -163,6 +163,22 @@ def build_manifest(  # noqa: PLR0913 - a manifest's facts, each named
 ) -> Manifest:
     """The manifest of a snapshot read as (name, bytes) objects (files, or one query result), first used now."""
     files = tuple(FrozenFile(relative_name(name, source), name, sha256_hex(body), len(body)) for name, body in objects)
+    return manifest_of_files(model_name, source, fmt, files, rows, columns, created_at, first_run_id, experiment)
+
+
+def manifest_of_files(  # noqa: PLR0913 - a manifest's facts, each named
+    model_name: str,
+    source: str,
+    fmt: str,
+    files: Sequence[FrozenFile],
+    rows: int,
+    columns: Sequence[str],
+    created_at: datetime,
+    first_run_id: str | None,
+    experiment: str = "",
+) -> Manifest:
+    """The manifest of files already hashed (a big snapshot's partitions, hashed as they stream), first used now."""
+    files = tuple(files)
     return Manifest(
         data_version=version_of((f.name, f.sha256) for f in files),
         model_name=model_name,
