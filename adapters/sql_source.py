@@ -72,6 +72,28 @@ def fetch_sql(source: str, query: str, password_env: str = "PGPASSWORD") -> list
     return [(OBJECT_NAME, buffer.getvalue())]
 
 
+def check_query(source: str, query: str, password_env: str = "PGPASSWORD") -> list[str]:
+    """Connect and plan the query without reading a row (`SELECT * FROM (query) LIMIT 0`); its column names.
+
+    What `mlops models add` checks: the server answers, the password is accepted, the query is valid.
+
+    Raises:
+        SqlSourceError: As `fetch_sql`, naming the place, never the password.
+    """
+    place = sql_place(source)
+    if not is_sql_url(source):
+        raise SqlSourceError(f"{source!r} is not a PostgreSQL URL (postgresql+psycopg://user@host:port/database)")
+    password = os.environ.get(password_env) or None
+    probe = f"SELECT * FROM ({query.strip().rstrip(';')}) AS mlops_probe LIMIT 0"
+    try:
+        names, _ = _run(source, probe, password)
+    except SqlSourceError:
+        raise
+    except Exception as exc:
+        raise SqlSourceError(f"{place}: {_problem(exc, password, password_env)}") from None
+    return names
+
+
 def _run(source: str, query: str, password: str | None) -> tuple[list[str], list[tuple[Any, ...]]]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url

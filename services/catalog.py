@@ -107,6 +107,16 @@ def _check_readable(model: str, field: str, source: str, fmt: str, settings: Set
         raise CatalogError(f"model {model!r}: {field} {source!r} cannot be read: {exc}") from exc
 
 
+def _check_query(config: DatasetConfig) -> None:
+    """A SQL source: the server answers, the password (from `password_env`) is accepted, the query plans."""
+    from adapters.sql_source import SqlSourceError, check_query
+
+    try:
+        check_query(config.source, config.query or "", config.password_env)
+    except SqlSourceError as exc:
+        raise CatalogError(f"model {config.model_name!r}: source cannot be queried: {exc}") from exc
+
+
 def _apply_feature_repo(config: DatasetConfig, origin: str, settings: Settings) -> None:
     from adapters.feature_store import FeatureRepoError, apply_repository, has_service, resolve_repository
 
@@ -147,12 +157,15 @@ def check_config(text: str, origin: str, settings: Settings) -> DatasetConfig:
     except DatasetConfigError as exc:  # named by the model when the text says which
         raise CatalogError(f"{_model_named(text)}{exc}") from exc
     model, ops = config.model_name, config.operations
-    _check_readable(model, "source", config.source, config.format, settings)
+    if config.format == "sql":
+        _check_query(config)
+    else:
+        _check_readable(model, "source", config.source, config.format, settings)
     if ops.scoring_source:
         _check_readable(model, "operations.scoring_source", ops.scoring_source, "parquet", settings)
     if ops.monitoring_partition:
         _check_readable(model, "operations.monitoring_partition", ops.monitoring_partition, config.format, settings)
-    if not config.source.startswith("s3://"):
+    if not config.source.startswith("s3://") and config.format != "sql":
         log.warning("model %s reads a local source (%s): only workers on this machine can train it", model, origin)
     return config
 

@@ -45,7 +45,8 @@ def database(stack):
     import psycopg
     from psycopg import sql
 
-    stack_postgres = pytest.importorskip("mlops.stack_postgres", reason="the stack has no PostgreSQL")
+    from mlops import stack_postgres
+
     if stack_postgres.backend(stack) != "postgresql":
         pytest.skip("the stack runs on SQLite (MLOPS_DATABASE=sqlite)")
     admin = {
@@ -182,3 +183,23 @@ def test_a_wrong_password_and_an_unknown_table_name_the_place(stack, database, t
     assert result.exit_code != 0
     assert f'{place}: relation "nope" does not exist' in result.output
     assert database.password not in result.output
+
+
+def test_models_add_checks_that_the_query_answers(stack, database, tmp_path: Path, monkeypatch):
+    from services.catalog import CatalogError, check_config
+
+    monkeypatch.setenv(PASSWORD_ENV, database.password)
+    out = tmp_path / "orders.yaml"
+    result = runner.invoke(app, [*INIT, database.url, "--query", QUERY, *OPTIONS, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    # Given the config data init wrote, `models add`'s check plans the query on the server (no row read)
+    assert check_config(out.read_text(), str(out), stack).query == QUERY
+    # then a refused password or a query the server rejects stop it, naming the model and the place
+    monkeypatch.setenv(PASSWORD_ENV, "not-the-password-xyz")
+    with pytest.raises(CatalogError, match=r"source cannot be queried: .*password authentication failed") as caught:
+        check_config(out.read_text(), str(out), stack)
+    assert "not-the-password-xyz" not in str(caught.value)
+    monkeypatch.setenv(PASSWORD_ENV, database.password)
+    broken = out.read_text().replace("FROM orders", "FROM orderz")
+    with pytest.raises(CatalogError, match='relation "orderz" does not exist'):
+        check_config(broken, str(out), stack)
