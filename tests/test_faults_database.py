@@ -45,9 +45,14 @@ def _paused_run(stack, params: str, checkpoint: str, release: Path) -> subproces
     return run
 
 
-def _database_down_said(out: str) -> bool:
-    """The run's output names the cause (`adapters.clients.database_outage`), not only a server's HTTP 500."""
-    return "cannot read its database" in out and "mlops stack up" in out
+def _kill_database_and_fail(stack, run: subprocess.Popen, release: Path) -> None:
+    """SIGKILL the stack's PostgreSQL, let the paused run go on; it must fail, its output naming the cause
+    (`adapters.clients.database_outage`), not only a server's HTTP 500."""
+    kill_server(stack, "postgres")
+    release.touch()
+    code, out = _finish(run)
+    assert code != 0, out[-3000:]
+    assert "cannot read its database" in out and "mlops stack up" in out, out[-4000:]
 
 
 def test_postgres_killed_during_a_training_run(stack, default_data, tmp_path):
@@ -56,13 +61,9 @@ def test_postgres_killed_during_a_training_run(stack, default_data, tmp_path):
     release = tmp_path / "release"
     # Given a cold-start run that has trained, evaluated and logged its model, paused before the promotion lock
     run = _paused_run(stack, _params(dataset), "before-lock", release)
-    # when PostgreSQL (Prefect's and MLflow's database) is SIGKILLed there and the run goes on
-    kill_server(stack, "postgres")
-    release.touch()
-    code, out = _finish(run)
-    # then the run fails, saying the database connection was lost
-    assert code != 0, out[-3000:]
-    assert _database_down_said(out), out[-4000:]
+    # when PostgreSQL (Prefect's and MLflow's database) is SIGKILLed there and the run goes on, then it fails
+    # naming the database as the cause
+    _kill_database_and_fail(stack, run, release)
     # and once `stack up` has restarted it, nothing was registered, promoted, recorded or left pending (the pause
     # was before the registration)
     local_stack.up(stack)
@@ -92,13 +93,9 @@ def test_postgres_killed_during_a_promotion_leaves_the_old_champion(stack, defau
     release = tmp_path / "release"
     # and a candidate's run paused inside the promotion: lock held, intent stored, alias not moved yet
     run = _paused_run(stack, params, "before-champion-move", release)
-    # when PostgreSQL is SIGKILLed there
-    kill_server(stack, "postgres")
-    release.touch()
-    code, out = _finish(run)
-    # then the run fails clearly and, after `stack up`, the weak champion still holds, with its history unchanged
-    assert code != 0, out[-3000:]
-    assert _database_down_said(out), out[-4000:]
+    # when PostgreSQL is SIGKILLed there, the run fails naming the database as the cause
+    _kill_database_and_fail(stack, run, release)
+    # then after `stack up`, the weak champion still holds, with its history unchanged
     local_stack.up(stack)
     assert _state(stack, model) == before
     # and when the killed run's lock lease lapses (revoked here, as the server does to a lease not renewed in
