@@ -44,6 +44,9 @@ def test_prefect_uses_postgres_and_mlflow_stores_artifacts_in_s3():
     services = _compose()["services"]
     assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert "--artifacts-destination s3://" in services["mlflow"]["command"]
+    # MLflow on PostgreSQL through psycopg 3, the password in libpq's variable, not on the command line
+    assert "--backend-store-uri postgresql+psycopg://mlops@postgres:5432/mlflow" in services["mlflow"]["command"]
+    assert "PGPASSWORD" in services["mlflow"]["environment"]
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert (COMPOSE.parent / "postgres-init.sql").read_text().count("CREATE DATABASE mlflow") == 1
 
