@@ -40,6 +40,7 @@ SLOWEST_MODULES = (
     "test_alerts",  # 180 s
     "test_faults_batch",  # 168 s (408 s with a killed run's lease of 300 s, since shortened)
     "test_trust",  # 166 s
+    "test_faults_database",  # 150-200 s (PostgreSQL killed during a run and during a promotion)
     "test_monitoring",  # 154 s
     "test_training_flow",  # 149 s
     "test_scoring",  # 133 s
@@ -47,6 +48,8 @@ SLOWEST_MODULES = (
     "test_demo",  # 121 s
     "test_faults_serving",  # 113 s
     "test_rollback",  # 100 s
+    "test_data_versions",  # about 100 s
+    "test_lineage",  # about 100 s
 )
 
 
