@@ -403,3 +403,37 @@ def freeze_files(  # noqa: PLR0913 - the snapshot's facts, each named
     frozen = Frozen(kept, new, len(manifest.files) - new, stored is None)
     log.info("%s", frozen.describe())
     return frozen
+
+
+def frozen_files(settings: Settings, model_name: str, data_version: str) -> tuple[Manifest, list[str]]:
+    """A frozen version's manifest and its blobs' s3:// URIs, for the Dask engine to read in place.
+
+    Each blob's SHA-256 is checked as it streams through this process (never held whole).
+
+    Raises:
+        UnknownDataVersionError: The model has no such frozen version (lists those it has).
+        TamperedDataError: A blob is missing or altered (names it).
+    """
+    from botocore.exceptions import ClientError
+
+    manifest = read_manifest(settings, model_name, data_version)
+    if manifest is None:
+        known = [m.data_version for m in list_manifests(settings, model_name)]
+        raise UnknownDataVersionError(model_name, data_version, known)
+    manifest.check_version()
+    client, uris = s3_client(settings), []
+    for file in manifest.files:
+        uri = f"s3://{settings.bucket}/{blob_key(file.sha256)}"
+        try:
+            actual = _hash_s3(client, uri)[0]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in MISSING:
+                raise
+            actual = "missing"
+        if actual != file.sha256:
+            raise TamperedDataError(
+                f"data version {data_version} of {model_name}: blob {uri} (file {file.path or file.name!r}) is "
+                + ("missing" if actual == "missing" else f"altered: its bytes hash to {actual}")
+            )
+        uris.append(uri)
+    return manifest, uris

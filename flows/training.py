@@ -155,7 +155,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     if same.unchanged and not params.force:
         return _nothing_new(params, config, gates, fingerprint, champion, same)
     # frozen as a data version, then validated (or DataValidationError), in memory or on the cluster
-    data = prepare_data(config, params.seed, params.data_version)
+    data = prepare_data(config, params.seed, params.data_version or None)  # the UI form may send ""
     run_id = start_run(config, _run_params(params, data, config), _run_tags(params, data, same, fingerprint))
     result: PromotionResult | None = None
     try:

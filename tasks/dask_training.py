@@ -14,7 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from adapters.data_versions import freeze_files
+from adapters.data_versions import freeze_files, frozen_files, read_manifest
 from adapters.expectations import validate_frame
 from adapters.settings import get_settings
 from core.dask_engine.checks import combined_report, full_data_failures
@@ -33,9 +33,15 @@ log = logging.getLogger(__name__)
 
 
 @task(name="engine", **IO)
-def choose_snapshot_engine(config: DatasetConfig) -> str:
-    """Prefect task: `pandas` or `dask` (with `engine: auto`, by the row count in the Parquet footers)."""
-    rows = count_rows(config, get_settings()) if config.engine == "auto" else None
+def choose_snapshot_engine(config: DatasetConfig, data_version: str | None = None) -> str:
+    """Prefect task: `pandas` or `dask`.
+
+    With `engine: auto`, by the row count in the Parquet footers, or in the manifest of the frozen `data_version`
+    (the source may have changed since).
+    """
+    rows = None
+    if config.engine == "auto":
+        rows = _frozen_rows(config, data_version) if data_version else count_rows(config, get_settings())
     engine = choose_engine(config, rows)
     log.info("engine %s (config %s, %s rows, dask from %d)", engine, config.engine, rows, config.dask_min_rows)
     return engine
@@ -45,6 +51,25 @@ def choose_snapshot_engine(config: DatasetConfig) -> str:
 def load_big_snapshot(config: DatasetConfig) -> DaskSnapshot:
     """Prefect task: the snapshot's partitions, row count and data version (no data read)."""
     return open_snapshot(config, get_settings())
+
+
+def _frozen_rows(config: DatasetConfig, data_version: str) -> int | None:
+    manifest = read_manifest(get_settings(), config.model_name, data_version)
+    return manifest.rows if manifest is not None and manifest.format == "parquet" else None
+
+
+@task(name="load-big-frozen", **IO, timeout_seconds=3600)
+def load_frozen_big_snapshot(config: DatasetConfig, data_version: str) -> DaskSnapshot:
+    """Prefect task: the model's frozen `data_version`, read in place by the cluster.
+
+    Each blob's hash is checked as it streams through the flow's process first; a big run is so reproduced on
+    the engine that trained it.
+    """
+    manifest, uris = frozen_files(get_settings(), config.model_name, data_version)
+    log.info(
+        "frozen data version %s of %s: %d file(s), %d rows", data_version, config.model_name, len(uris), manifest.rows
+    )
+    return DaskSnapshot(manifest.source, tuple(uris), manifest.rows, data_version)
 
 
 @task(name="freeze-big", **IO, timeout_seconds=3600)

@@ -24,6 +24,7 @@ from tasks.dask_training import (
     choose_snapshot_engine,
     freeze_big_snapshot,
     load_big_snapshot,
+    load_frozen_big_snapshot,
     split_big_snapshot,
     train_big_candidate,
 )
@@ -65,11 +66,13 @@ class PreparedData:
 def prepare_data(config: DatasetConfig, seed: int, data_version: str | None = None) -> PreparedData:
     """Load (and freeze) and validate the snapshot (store the report); raise `DataValidationError` when it fails.
 
-    With `data_version`, the model's frozen version of that name, in memory (whichever engine froze it). On the
-    `dask` engine the partitions are frozen by streaming them (hashed in chunks, copied inside S3).
+    With `data_version`, the model's frozen version of that name, on the engine the config chooses for its size.
+    On the `dask` engine the partitions are frozen by streaming them (hashed in chunks, copied inside S3), and a
+    frozen version is read in place from its blobs.
     """
-    if data_version is None and choose_snapshot_engine(config) == "dask":
-        snapshot, frame, join = freeze_big_snapshot(config, load_big_snapshot(config)), None, None
+    if choose_snapshot_engine(config, data_version) == "dask":
+        big = load_frozen_big_snapshot(config, data_version) if data_version else None
+        snapshot, frame, join = big or freeze_big_snapshot(config, load_big_snapshot(config)), None, None
         report = check_big_snapshot(snapshot, config, seed)
     else:
         snapshot = load_snapshot(config, data_version)  # frozen before it is validated
