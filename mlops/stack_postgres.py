@@ -224,7 +224,13 @@ def accepts_connections(settings: Settings) -> bool:
 
 def _run(args: list[str], step: str, owner: tuple[int, int] | None = None, stdin: str | None = None) -> None:
     ids = {"user": owner[0], "group": owner[1], "extra_groups": []} if owner else {}
-    result = subprocess.run(args, input=stdin, capture_output=True, text=True, check=False, **ids)
+    try:
+        result = subprocess.run(args, input=stdin, capture_output=True, text=True, check=False, **ids)
+    except FileNotFoundError as exc:  # e.g. no `useradd` in a slim image
+        raise PostgresSetupError(
+            f"PostgreSQL set-up step {step!r}: {exc.filename} not found. PostgreSQL refuses to run as root: start "
+            f"the stack as another user, create the user {SERVICE_USER!r}, or set MLOPS_DATABASE=sqlite"
+        ) from exc
     if result.returncode != 0:
         detail = result.stderr[-2000:]
         raise PostgresSetupError(f"PostgreSQL set-up step {step!r} failed ({result.returncode}): {detail}")
