@@ -98,13 +98,7 @@ def freeze(settings: Settings, manifest: Manifest, objects: Sequence[tuple[str, 
             if not _exists(client, bucket, blob_key(file.sha256)):
                 client.put_object(Bucket=bucket, Key=blob_key(file.sha256), Body=body)
                 new += 1
-        key = manifest_key(manifest.model_name, manifest.data_version)
-        stored = _read(client, bucket, key)
-        if stored is None:  # first use: the manifest is written once and never changed
-            client.put_object(Bucket=bucket, Key=key, Body=manifest.to_json().encode(), ContentType="application/json")
-            kept = manifest
-        else:
-            kept = Manifest.from_json(stored.decode())
+        kept, first_use = _manifest_once(client, bucket, manifest)
         for file, (_, body) in zip(manifest.files, objects, strict=True):
             if not _exists(client, bucket, blob_key(file.sha256)):
                 client.put_object(Bucket=bucket, Key=blob_key(file.sha256), Body=body)
@@ -113,9 +107,19 @@ def freeze(settings: Settings, manifest: Manifest, objects: Sequence[tuple[str, 
             f"could not freeze data version {manifest.data_version} of {manifest.model_name} at {where} "
             f"(S3 at {settings.s3_endpoint_url}): {exc}"
         ) from exc
-    frozen = Frozen(kept, new, len(manifest.files) - new, stored is None)
+    frozen = Frozen(kept, new, len(manifest.files) - new, first_use)
     log.info("%s", frozen.describe())
     return frozen
+
+
+def _manifest_once(client: Any, bucket: str, manifest: Manifest) -> tuple[Manifest, bool]:
+    """Write the manifest at its first use only (never changed after); the stored one, and whether it is new."""
+    key = manifest_key(manifest.model_name, manifest.data_version)
+    stored = _read(client, bucket, key)
+    if stored is not None:
+        return Manifest.from_json(stored.decode()), False
+    client.put_object(Bucket=bucket, Key=key, Body=manifest.to_json().encode(), ContentType="application/json")
+    return manifest, True
 
 
 def read_manifest(settings: Settings, model_name: str, data_version: str) -> Manifest | None:
@@ -389,18 +393,12 @@ def freeze_files(  # noqa: PLR0913 - the snapshot's facts, each named
             model_name, source, fmt, files, rows, columns, datetime.now(UTC), first_run_id, experiment
         )
         new = sum(_store_blob(client, settings, f.path, f.sha256, etags[f.path]) for f in manifest.files)
-        key = manifest_key(model_name, manifest.data_version)
-        stored = _read(client, settings.bucket, key)
-        if stored is None:
-            client.put_object(
-                Bucket=settings.bucket, Key=key, Body=manifest.to_json().encode(), ContentType="application/json"
-            )
+        kept, first_use = _manifest_once(client, settings.bucket, manifest)
     except (BotoCoreError, ClientError, OSError) as exc:
         raise FreezeError(
             f"could not freeze {source} for {model_name} (S3 at {settings.s3_endpoint_url}): {exc}"
         ) from exc
-    kept = manifest if stored is None else Manifest.from_json(stored.decode())
-    frozen = Frozen(kept, new, len(manifest.files) - new, stored is None)
+    frozen = Frozen(kept, new, len(manifest.files) - new, first_use)
     log.info("%s", frozen.describe())
     return frozen
 
