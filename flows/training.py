@@ -28,7 +28,7 @@ from tasks.data_versions import frozen_fingerprint, log_run_inputs
 from tasks.evaluation import evaluate_candidate
 from tasks.loading import load_dataset_config
 from tasks.monitoring import log_reference
-from tasks.preparation import PreparedData, fit_candidate, prepare_data
+from tasks.preparation import PreparedData, fit_candidate, prepare_data, split_data
 from tasks.reports import publish_decision
 from tasks.tracking import (
     ChampionRecord,
@@ -160,7 +160,8 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     result: PromotionResult | None = None
     try:
         log_run_inputs(run_id, config, params.model_dump(mode="json"))  # what `mlops reproduce` retrains from
-        split, search = fit_candidate(data, config, params.search, params.seed)
+        split = split_data(data, config)
+        search = fit_candidate(data, split, config, params.search, params.seed)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
         log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, data.report.to_json())
         model_uri, digests = log_model(run_id, search.model, split.train, config)  # loaders check the digests

@@ -85,16 +85,19 @@ def prepare_data(config: DatasetConfig, seed: int, data_version: str | None = No
     return PreparedData(snapshot, frame, join, report)
 
 
-def fit_candidate(
-    data: PreparedData, config: DatasetConfig, search: SearchSpec, seed: int
-) -> tuple[Split | DaskSplit, SearchResult]:
-    """Split off the frozen holdout and train the candidate on the rest.
+def split_data(data: PreparedData, config: DatasetConfig) -> Split | DaskSplit:
+    """Split off the frozen holdout: in memory, or by id hash per partition on the cluster."""
+    return split_big_snapshot(data.snapshot, config) if data.on_cluster else split_snapshot(data.frame, config)
 
-    In memory: the model search with cross-validation. On the cluster: the holdout by id hash per partition,
-    LightGBM's Dask estimator on every training row.
+
+def fit_candidate(
+    data: PreparedData, split: Split | DaskSplit, config: DatasetConfig, search: SearchSpec, seed: int
+) -> SearchResult:
+    """Train the candidate on the training rows of `split` (`split_data`).
+
+    In memory: the model search with cross-validation. On the cluster: LightGBM's Dask estimator on every
+    training row.
     """
     if data.on_cluster:
-        split = split_big_snapshot(data.snapshot, config)
-        return split, train_big_candidate(data.snapshot, split, config, seed)
-    split = split_snapshot(data.frame, config)
-    return split, train_candidate(split.train, config, search, seed)
+        return train_big_candidate(data.snapshot, split, config, seed)
+    return train_candidate(split.train, config, search, seed)
