@@ -14,7 +14,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.inference.compiled_plan import MARK, NAN_TEXT, NULL_TEXT, UNSEEN_TEXT, NumericBlock, plan_of
+from core.inference.compiled_plan import (
+    MARK,
+    NAN_TEXT,
+    NULL_TEXT,
+    UNSEEN_TEXT,
+    ConversionError,
+    Entry,
+    column_steps,
+    numeric_steps,
+)
 
 TOLERANCE = 1e-6  # max |delta probability|; for a regressor, max |delta| / |value|
 # Known categories of a target-encoded column tried as edge cases at most (evenly spread over its sorted ones).
@@ -79,26 +88,34 @@ def compare(reference: np.ndarray, candidate: np.ndarray, classification: bool, 
 def edge_cases(pipeline: Any, sample: pd.DataFrame, text_columns: set[str], seed: int = 0) -> pd.DataFrame:
     """Rows that stress a compiled form, built around `sample`'s first row (same columns and dtypes).
 
-    A null in each column, all nulls, every known category (frequent and infrequent), unseen and empty
-    text, the compiled forms' own marker strings sent as text (they must score as unseen, not as nulls),
-    numbers at, just beyond and far beyond each clip bound, extreme magnitudes and signed zeros, plus
-    random mixes of all of these.
+    A null in each column, all nulls, every known category (frequent and infrequent; text, or true/false for a
+    boolean column), unseen and empty text, the compiled forms' own marker strings sent as text (they must
+    score as unseen, not as nulls), numbers at, just beyond and far beyond each clip bound, extreme magnitudes
+    and signed zeros, plus random mixes of all of these.
+
+    Built for every table shape: numeric columns only, text columns only, one column, dates. Only the entries
+    of the pipeline's `ColumnTransformer` that were given columns are read (`column_steps`); a pipeline of
+    another form gets the generic cases, without known categories or clip bounds.
     """
-    base = sample.iloc[[0]].reset_index(drop=True)
     numeric = [c for c in sample.columns if c not in text_columns]
     text = [c for c in sample.columns if c in text_columns]
+    if len(sample):
+        base = sample.iloc[[0]].reset_index(drop=True)
+    else:  # no row to start from: the all-null row
+        base = pd.DataFrame({c: [None if c in text_columns else np.nan] for c in sample.columns})
+    base = base.astype({**dict.fromkeys(numeric, "float64"), **dict.fromkeys(text, "object")})
+    entries = _entries(pipeline)
     values: dict[str, list[Any]] = {}
-    bounds = _clip_bounds(pipeline, text_columns)
+    bounds = _clip_bounds(entries, text_columns)
     for c in numeric:
         v: list[Any] = [np.nan, 0.0, -0.0, 5e-324, -1e-300, 1.0, -1.0, 1e15, -1e15, 1e300, -1e300]
         for bound in bounds.get(c, []):
             v += [bound, np.nextafter(bound, np.inf), np.nextafter(bound, -np.inf), bound * 10, bound - 1e6]
-        if c in sample:
-            finite = sample[c].dropna()
-            if len(finite):
-                v += [float(finite.min()), float(finite.max()), float(finite.median())]
+        finite = pd.to_numeric(sample[c], errors="coerce").dropna()
+        if len(finite):
+            v += [float(finite.min()), float(finite.max()), float(finite.median())]
         values[c] = v
-    categories = _categories(pipeline)
+    categories = _categories(entries)
     for c in text:
         markers = [NULL_TEXT, NAN_TEXT, UNSEEN_TEXT, MARK]
         values[c] = [None, "", *markers, "__missing__", "UNSEEN category", *categories.get(c, [])]
@@ -119,41 +136,50 @@ def edge_cases(pipeline: Any, sample: pd.DataFrame, text_columns: set[str], seed
     return out[list(sample.columns)]
 
 
-def _clip_bounds(pipeline: Any, text_columns: set[str]) -> dict[str, list[float]]:
+def _entries(pipeline: Any) -> list[Entry]:
+    """The pipeline's fitted column entries (`column_steps`); none for a pipeline of another form."""
     try:
-        plan = plan_of(pipeline, text_columns)
-    except Exception:  # a pipeline without a plan still gets the generic edge cases
-        return {}
+        return column_steps(pipeline)
+    except ConversionError:
+        return []
+
+
+def _clip_bounds(entries: list[Entry], text_columns: set[str]) -> dict[str, list[float]]:
+    """Per numeric column, the lower and upper bounds of its clipping steps (entries without a converter: none)."""
     bounds: dict[str, list[float]] = {}
-    for block in plan.blocks:
-        if not isinstance(block, NumericBlock):
+    for _, columns, steps in entries:
+        if any(c in text_columns for c in columns):
             continue
-        for step in block.steps:
+        try:
+            planned = numeric_steps(steps, len(columns))
+        except ConversionError:  # e.g. a step without a converter: the other entries' bounds are still used
+            continue
+        for step in planned:
             if step.kind == "clip":
-                for j, c in enumerate(block.columns):
+                for j, c in enumerate(columns):
                     bounds.setdefault(c, []).extend([float(step.a[j]), float(step.b[j])])
     return bounds
 
 
-def _categories(pipeline: Any) -> dict[str, list[Any]]:
-    """Known text categories per column: a one-hot encoder's, and up to `MAX_TARGET_CATEGORIES` of a target encoder's.
+def _categories(entries: list[Entry]) -> dict[str, list[Any]]:
+    """Known categories per column, nulls aside: a one-hot encoder's, up to `MAX_TARGET_CATEGORIES` of a target's.
 
-    A target encoder may know thousands; its table is one lookup whatever the category.
+    A target encoder may know thousands (its table is one lookup whatever the category): those taken are evenly
+    spread over its sorted ones. Categories that are not text (true and false in a boolean column) are kept: the
+    pipeline scores them, though no compiled form does.
     """
     from sklearn.preprocessing import OneHotEncoder, TargetEncoder
 
     found: dict[str, list[Any]] = {}
-    preprocess = getattr(pipeline, "steps", [(None, None)])[0][1]
-    for _, transformer, columns in getattr(preprocess, "transformers_", []):
-        steps = getattr(transformer, "steps", [(None, transformer)])
+    for _, columns, steps in entries:
         for _, step in steps:
             if isinstance(step, OneHotEncoder | TargetEncoder):
-                for c, cats in zip(columns, step.categories_, strict=False):
-                    text = [v for v in cats if isinstance(v, str)]
-                    if isinstance(step, TargetEncoder) and len(text) > MAX_TARGET_CATEGORIES:
-                        picked = np.linspace(0, len(text) - 1, MAX_TARGET_CATEGORIES).round().astype(int)
-                        text = [text[i] for i in np.unique(picked)]
-                    found[c] = text
+                for c, cats in zip(columns, step.categories_, strict=True):
+                    known = [v for v in cats if v is not None and not (isinstance(v, float) and np.isnan(v))]
+                    if isinstance(step, TargetEncoder) and len(known) > MAX_TARGET_CATEGORIES:
+                        picked = np.linspace(0, len(known) - 1, MAX_TARGET_CATEGORIES).round().astype(int)
+                        known = [known[i] for i in np.unique(picked)]
+                    found[c] = known
     return found
 
 

@@ -112,7 +112,12 @@ def _clip_function_step(name: str, step: Any, width: int) -> NumericStep:
     return NumericStep("clip", lo, hi)
 
 
-def _numeric_steps(steps: list[tuple[str, Any]], width: int) -> list[NumericStep]:
+def numeric_steps(steps: list[tuple[str, Any]], width: int) -> list[NumericStep]:
+    """A numeric entry's fitted steps on its `width` columns, in order (identity steps left out).
+
+    Raises:
+        ConversionError: A step without a converter (named).
+    """
     from sklearn.impute import SimpleImputer
     from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
@@ -143,6 +148,8 @@ def _text_block(columns: list[str], steps: list[tuple[str, Any]]) -> TextBlock |
     from sklearn.preprocessing import OneHotEncoder, TargetEncoder
 
     steps = [(n, s) for n, s in steps if s not in ("passthrough", None)]
+    if not steps:
+        raise ConversionError(f"text columns {columns} are passed through without an encoding")
     *imputers, (name, encoder) = steps
     for imp_name, imputer in imputers:
         if not isinstance(imputer, SimpleImputer) or imputer.add_indicator:
@@ -269,35 +276,67 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def plan_of(pipeline: Any, text_columns: set[str]) -> Plan:
-    """Read a fitted `Pipeline([("preprocess", ColumnTransformer), ("model", estimator)])` into a plan.
+def selects_nothing(columns: Any) -> bool:
+    """Whether a `ColumnTransformer` entry's columns select none: an empty list or array, or a mask of all False.
+
+    scikit-learn never fits such an entry: it stays in `transformers_` as it was given, without its fitted
+    attributes (an encoder there has no `categories_`, a scaler no `mean_`).
+    """
+    values = np.asarray(columns)
+    return values.size == 0 or (values.dtype == bool and not values.any())
+
+
+# A `ColumnTransformer` entry that transforms columns: its name, its columns, its steps (name, fitted step).
+Entry = tuple[str, list[str], list[tuple[str, Any]]]
+
+
+def column_steps(pipeline: Any) -> list[Entry]:
+    """A fitted pipeline's column entries that transform columns (name, columns, steps), in output order.
+
+    The pipeline is `Pipeline([("preprocess", ColumnTransformer), ("model", estimator)])`. Entries that drop
+    their columns are left out, and so are those given no columns (`selects_nothing`): a table without a one-hot
+    categorical column (numeric columns only, or its categories all target-encoded) still has the `categorical`
+    entry of `core.data.features.build_preprocessor`, never fitted.
 
     Raises:
-        ConversionError: A step or setting without an exact converter (named).
+        ConversionError: Not such a pipeline (a dense `ColumnTransformer` first), or an entry's columns not given by
+            name.
     """
     from sklearn.compose import ColumnTransformer
     from sklearn.pipeline import Pipeline
 
     if not isinstance(pipeline, Pipeline) or len(pipeline.steps) != 2:
         raise ConversionError("expected a pipeline of a ColumnTransformer and a model")
-    preprocess, model = pipeline.steps[0][1], pipeline.steps[1][1]
+    preprocess = pipeline.steps[0][1]
     if not isinstance(preprocess, ColumnTransformer) or preprocess.sparse_output_:
         raise ConversionError("expected a dense ColumnTransformer as the first step")
-    blocks: list[NumericBlock | TextBlock | TargetBlock] = []
-    inputs: list[str] = []
+    entries: list[Entry] = []
     for name, transformer, columns in preprocess.transformers_:
-        if transformer == "drop" or (name == "remainder" and transformer == "drop"):
+        if (isinstance(transformer, str) and transformer == "drop") or selects_nothing(columns):
             continue
         if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
             raise ConversionError(f"transformer {name!r}: columns must be given by name")
-        if not columns:
-            continue
         steps = transformer.steps if isinstance(transformer, Pipeline) else [(name, transformer)]
+        entries.append((name, columns, steps))
+    return entries
+
+
+def plan_of(pipeline: Any, text_columns: set[str]) -> Plan:
+    """Read a fitted `Pipeline([("preprocess", ColumnTransformer), ("model", estimator)])` into a plan.
+
+    Entries of the `ColumnTransformer` given no columns are left out (`column_steps`).
+
+    Raises:
+        ConversionError: A step or setting without an exact converter (named).
+    """
+    blocks: list[NumericBlock | TextBlock | TargetBlock] = []
+    inputs: list[str] = []
+    for name, columns, steps in column_steps(pipeline):
         inputs += columns
         if all(c in text_columns for c in columns):
             blocks.append(_text_block(columns, steps))
         elif not any(c in text_columns for c in columns):
-            blocks.append(NumericBlock(columns, _numeric_steps(steps, len(columns))))
+            blocks.append(NumericBlock(columns, numeric_steps(steps, len(columns))))
         else:
             raise ConversionError(f"transformer {name!r} mixes numeric and text columns")
-    return Plan(blocks, model, inputs)
+    return Plan(blocks, pipeline.steps[1][1], inputs)
