@@ -93,6 +93,7 @@ def _download(settings: Settings, uri: str) -> bytes:
     """The bytes of one stored artifact file (into a temporary folder, removed after)."""
     import mlflow.artifacts
 
+    use_tracking_server(settings)  # a models:/ URI is resolved by the process's registry, not `tracking_uri`
     with tempfile.TemporaryDirectory() as folder:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=uri, dst_path=folder, tracking_uri=settings.mlflow_tracking_uri

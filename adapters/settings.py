@@ -14,6 +14,9 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Training cells (rows x input columns) from which the search is worth shipping to the Dask cluster.
+SEARCH_CLUSTER_MIN_CELLS = 20_000_000
+
 
 def is_loopback(host: str) -> bool:
     """Whether `host` (an address or `localhost`) only accepts connections from this machine."""
@@ -216,6 +219,13 @@ class Settings(BaseSettings):
     dask_scheduler_port: int = Field(8786, description="Port of the local Dask scheduler.")
     dask_dashboard_port: int = Field(8787, description="Dashboard port of the local Dask scheduler (127.0.0.1).")
     dask_worker_memory: str = Field("4GiB", description="Memory limit per local Dask worker (bounded, measured).")
+    search_cluster_min_cells: int = Field(
+        SEARCH_CLUSTER_MIN_CELLS,
+        ge=0,
+        description="The model search goes to the Dask cluster from this many training cells (rows x input "
+        "columns); smaller tables are searched in the flow's process, where shipping costs nothing "
+        "(bench/search_place.py measured the crossover). 0: always on the cluster when there is one.",
+    )
 
     # The stack's PostgreSQL (Prefect's and MLflow's databases), or SQLite.
     database: Literal["auto", "postgresql", "sqlite"] = Field(

@@ -22,7 +22,16 @@ from core.evaluation.decision import Decision, Gates, resolve_gates
 from core.modeling.search import SearchSpec
 from core.promotion.card import CardFacts
 from services.approval import steps_after
-from services.promotion import Candidate, PromotionPolicy, PromotionResult, record_run, review_and_promote
+from services.promotion import (
+    Candidate,
+    Prejudged,
+    PromotionPolicy,
+    PromotionResult,
+    record_run,
+    review_and_promote,
+    review_inputs,
+    score_champion,
+)
 from tasks.compile import compile_candidate
 from tasks.data_versions import frozen_fingerprint, log_run_inputs
 from tasks.evaluation import evaluate_candidate
@@ -30,6 +39,7 @@ from tasks.loading import load_dataset_config
 from tasks.monitoring import log_reference
 from tasks.preparation import PreparedData, fit_candidate, prepare_data, split_data
 from tasks.reports import publish_decision
+from tasks.review import review
 from tasks.tracking import (
     ChampionRecord,
     champion_record,
@@ -42,6 +52,7 @@ from tasks.tracking import (
     record_decision,
     start_run,
 )
+from tasks.warmup import warm_imports
 
 
 class TrainingParams(BaseModel):
@@ -147,6 +158,7 @@ def _nothing_new(
 )
 def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # noqa: B008 - a frozen default
     """Retrain the dataset's model and promote it when it passes the gates and beats the champion."""
+    warm_imports()  # what the later steps import, in the background while the data are read
     config = load_dataset_config(params.dataset)
     gates = resolve_gates(params.gates, config.task)  # the task's default primary metric, or a clear error
     # Same data listing, config, params and code as the champion: nothing to learn; stop before reading the data.
@@ -159,17 +171,27 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     run_id = start_run(config, _run_params(params, data, config), _run_tags(params, data, same, fingerprint))
     result: PromotionResult | None = None
     try:
-        log_run_inputs(run_id, config, params.model_dump(mode="json"))  # what `mlops reproduce` retrains from
+        # What `mlops reproduce` retrains from; beside the work below, like every step that only writes a record.
+        inputs_logged = log_run_inputs.submit(run_id, config, params.model_dump(mode="json"))
         split = split_data(data, config)
+        champion = score_champion.submit(config, split.holdout)  # the champion's holdout scores, beside the search
         search = fit_candidate(data, split, config, params.search, params.seed)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
-        log_evaluation(run_id, search, evaluation.metrics, evaluation.figures, data.report.to_json())
+        inputs = review_inputs(search.model, evaluation, split.holdout, champion.result())
+        findings = review.submit(inputs, config, gates, params.seed)  # the review runs beside the logging below
+        records = [
+            inputs_logged,
+            log_evaluation.submit(run_id, search, evaluation.metrics, evaluation.figures, data.report.to_json()),
+            log_reference.submit(run_id, search.model, split.holdout, config, params.seed),  # monitoring's baseline
+        ]
         model_uri, digests = log_model(run_id, search.model, split.train, config)  # loaders check the digests
-        log_reference(run_id, search.model, split.holdout, config, params.seed)  # monitoring's baseline (holdout rows)
         compiled = compile_candidate(run_id, search.model, split.holdout, config, params.seed)  # how it is served
         tags = _version_tags(config, data, compiled.tags() | fingerprint.tags() | digests.tags())
         candidate = Candidate(run_id, search.model, model_uri, evaluation, split.holdout, tags, compiled.line())
-        result = review_and_promote(candidate, config, _policy(params, gates))
+        for record in records:  # a record that failed fails the run before anything is registered
+            record.result()
+        prejudged = Prejudged(champion.result(), findings.result())  # used if the champion is the same under the lock
+        result = review_and_promote(candidate, config, _policy(params, gates), prejudged)
         outcome = result.outcome(params.dry_run)
         facts = replace(
             _card_facts(params, config, split, data, result, outcome), calibration=search.calibration_summary

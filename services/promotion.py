@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from adapters.locks import Held, hold
 from adapters.promotion import Promotion
 from adapters.serving_api import ServingCheck, ServingCheckFailed
@@ -96,6 +99,24 @@ def current_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
     except Exception as exc:  # the decision records why; promotion is then blocked
         return ChampionState(version, error=f"{type(exc).__name__}: {exc}")
     return ChampionState(version, scored.proba, scored.metrics, schema)
+
+
+@task(name="champion-on-holdout", cache_policy=NO_CACHE)
+def score_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
+    """Prefect task: `current_champion`, submitted by the flow to run beside the search (same rows, same answer)."""
+    return current_champion(config, holdout)
+
+
+@dataclass(frozen=True)
+class Prejudged:
+    """The champion as scored while the candidate trained, and the review made against it.
+
+    Computed outside the promotion lock, so the decision uses them only when the champion is still the same
+    version once the lock is held (`review_and_promote`); otherwise everything is done again against the new one.
+    """
+
+    champion: ChampionState
+    findings: Review
 
 
 @dataclass(frozen=True)
@@ -185,18 +206,21 @@ class PromotionResult:
             raise ApprovalTimeout(f"{model_name} v{self.version} was not promoted: {self.approval.describe()}")
 
 
-def review_and_promote(candidate: Candidate, config: DatasetConfig, policy: PromotionPolicy) -> PromotionResult:
+def review_and_promote(
+    candidate: Candidate, config: DatasetConfig, policy: PromotionPolicy, prejudged: Prejudged | None = None
+) -> PromotionResult:
     """Review and decide against the current champion, register, and promote when the decision says so.
 
     One run at a time per model decides and promotes (the promotion lock), so no run promotes against a stale
     champion. With `require_approval` the person is asked outside the lock; the promotion is then a
     compare-and-set against the champion the decision saw, so a champion that changed meanwhile is never
-    replaced blindly.
+    replaced blindly. A `prejudged` champion and review (made while the candidate trained) are used when the
+    champion under the lock is the version they were made against.
     """
     lock = ensure_promotion_lock(config.model_name)
     with promotion_lock(lock) as held:
-        champion = current_champion(config, candidate.holdout)
-        findings, decision = _review_and_decide(candidate, config, policy, champion)
+        champion, findings = _under_lock(prejudged, config, candidate.holdout)
+        findings, decision = _review_and_decide(candidate, config, policy, champion, findings)
         log_review(candidate.run_id, findings)
         check_still_in_catalog(policy.dataset, config.model_name)  # removed meanwhile: nothing registered
         version = (
@@ -221,13 +245,33 @@ def review_and_promote(candidate: Candidate, config: DatasetConfig, policy: Prom
         return replace(result, approval=approval, **_promoted(promote_now(f"{policy.reason}; {approval.describe()}")))
 
 
+def _under_lock(
+    prejudged: Prejudged | None, config: DatasetConfig, holdout: Any
+) -> tuple[ChampionState, Review | None]:
+    """The champion now (and the prejudged review when it is still the champion it was made against)."""
+    if prejudged is not None and find_champion(config.model_name) == prejudged.champion.version:
+        return prejudged.champion, prejudged.findings
+    if prejudged is not None:
+        log.info("the champion changed while the candidate trained: scoring and reviewing against the new one")
+    return current_champion(config, holdout), None
+
+
+def review_inputs(candidate: Any, evaluation: Evaluation, holdout: Any, champion: ChampionState) -> ReviewInputs:
+    """What the review compares: the candidate's holdout scores and the champion's."""
+    return ReviewInputs(candidate, evaluation.proba, holdout, champion.proba, champion.schema)
+
+
 def _review_and_decide(
-    candidate: Candidate, config: DatasetConfig, policy: PromotionPolicy, champion: ChampionState
+    candidate: Candidate,
+    config: DatasetConfig,
+    policy: PromotionPolicy,
+    champion: ChampionState,
+    findings: Review | None = None,
 ) -> tuple[Review, Decision]:
-    inputs = ReviewInputs(
-        candidate.model, candidate.evaluation.proba, candidate.holdout, champion.proba, champion.schema
-    )
-    findings = replace(review(inputs, config, policy.gates, policy.seed), inference=candidate.inference)
+    if findings is None:
+        inputs = review_inputs(candidate.model, candidate.evaluation, candidate.holdout, champion)
+        findings = review(inputs, config, policy.gates, policy.seed)
+    findings = replace(findings, inference=candidate.inference)
     decision = decide(
         candidate.evaluation.metrics,
         ChampionEvidence(champion.metrics, champion.version, champion.error),

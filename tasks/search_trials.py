@@ -1,9 +1,9 @@
 """Prefect tasks of the model search: each trial is its own task run, on the Dask cluster when there is one.
 
-`run_search_on` drives `core.modeling.search.run_search` with a Prefect task runner: the training rows are handed
-to the runner once (`search-data`, a future every trial reads: on a cluster they travel to each worker
-once, not with every trial), each batch of trials is submitted as task runs (`trial <family>-<n>`, with
-their own logs in the UI) and the chosen configuration is refitted as a task run (`refit`). The runner
+`run_search_on` drives `core.modeling.search.run_search` with a Prefect task runner: on a cluster the training
+rows and folds are scattered to every worker once (`share_search_data`), outside any task graph, and each
+trial names them by their Dask future; each batch of trials is submitted as task runs (`trial <family>-<n>`,
+with their own logs in the UI) and the chosen configuration is refitted as a task run (`refit`). The runner
 is `prefect_dask.DaskTaskRunner` on the configured cluster (`adapters.cluster.cluster_address`), else a
 one-thread `ThreadPoolTaskRunner`: without a cluster the trials run one after another in this process, as
 before, because each already uses every core (OpenMP/BLAS threads) and running several at once would only
@@ -12,6 +12,7 @@ oversubscribe the cores and multiply the memory held.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -38,9 +39,16 @@ from core.modeling.search import (
 )
 
 
-@task(name="search-data", cache_policy=NO_CACHE)
-def share_search_data(data: SearchData) -> SearchData:
-    """Prefect task: hand the training rows and folds to the runner once; every trial reads this result."""
+def share_search_data(runner: TaskRunner, data: SearchData) -> Any:
+    """The training rows and folds where every trial reads them: once on each Dask worker, or this object.
+
+    Scattered, they go to the workers directly, once, and never travel inside a task graph: as a task's
+    parameter the frame was pickled into the graph the scheduler receives ("Sending large graph of size
+    540.94 MiB" at 1M rows) and the workers then fetched it from one another while running trials.
+    """
+    dask = sys.modules.get("prefect_dask")  # not imported: not a Dask runner (and no import to pay for)
+    if dask is not None and isinstance(runner, dask.DaskTaskRunner):
+        return runner.client.scatter(data, broadcast=True, hash=False)
     return data
 
 
@@ -99,7 +107,7 @@ def run_search_on(
     """The model search with every trial and the refit as task runs of `runner` (started here)."""
     with runner:
         data = prepare_search(train, config, spec, seed)
-        shared = _submit(runner, share_search_data, data=data)
+        shared = share_search_data(runner, data)
 
         def run_batch(jobs: list[TrialJob]) -> list[TrialOutcome]:
             futures = [_submit(runner, run_trial, f"trial {job.name}", data=shared, job=job) for job in jobs]

@@ -18,6 +18,7 @@ from adapters.clients import log_database_outage, mlflow_client
 from adapters.feature_store import service_sources
 from adapters.model_store import LoggedModel, log_sklearn_model, register
 from adapters.registry import champion_version, run_holdout_metrics
+from adapters.run_records import log_run_records, set_version_tags
 from adapters.settings import get_settings
 from adapters.snapshot_listing import snapshot_listing
 from core.data.dataset import DatasetConfig
@@ -155,8 +156,7 @@ def start_run(config: DatasetConfig, params: dict[str, Any], tags: dict[str, str
     experiment = client.get_experiment_by_name(config.name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
     run = client.create_run(experiment_id, tags=tags | {"git_commit": git_commit()}, run_name=tags.get("run_name"))
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
+    log_run_records(client, run.info.run_id, params=params)
     log.info("MLflow run %s in experiment %r", run.info.run_id, config.name)
     return run.info.run_id
 
@@ -169,26 +169,22 @@ def log_evaluation(
     import matplotlib.pyplot as plt
 
     client = mlflow_client(get_settings())
-    for name, value in metrics.items():
-        client.log_metric(run_id, f"holdout_{name}", value)
-    client.log_metric(run_id, f"cv_{search.metric or search.scoring}", search.cv_metric)
     states = [t.state for t in search.trials]
-    for state in ("complete", "pruned", "degenerate"):
-        client.log_metric(run_id, f"search_{state}_trials", states.count(state))
     # The parameters of the shipped model: the chosen trial's, exactly (a test compares them with the model).
-    client.log_param(run_id, "best_family", search.family)
-    for key, value in search.params.items():
-        client.log_param(run_id, f"best_{key}", str(value))
+    params = {"best_family": search.family} | {f"best_{key}": value for key, value in search.params.items()}
+    scores = {f"holdout_{name}": value for name, value in metrics.items()} | {
+        f"cv_{search.metric or search.scoring}": search.cv_metric
+    }
+    scores |= {f"search_{state}_trials": states.count(state) for state in ("complete", "pruned", "degenerate")}
+    tags: dict[str, str] = {}
     best = {"family": search.family, "params": search.params, "cv": search.cv_metric}
     if search.calibration is not None:  # what the calibration step compared, chose and why
         calibration = search.calibration
-        for key, value in calibration.params().items():
-            client.log_param(run_id, key, value)
-        for key, value in calibration.metrics().items():
-            client.log_metric(run_id, key, value)
-        for key, value in calibration.tags().items():
-            client.set_tag(run_id, key, value)
+        params |= calibration.params()
+        scores |= calibration.metrics()
+        tags |= calibration.tags()
         best["calibration"] = calibration.to_dict()
+    log_run_records(client, run_id, params=params, metrics=scores, tags=tags)
     client.log_dict(run_id, best, "search/best.json")
     for name, figure in figures.items():
         client.log_figure(run_id, figure, f"plots/{name}")
@@ -229,9 +225,10 @@ def log_review(run_id: str, review: Review) -> None:
         client.log_figure(run_id, importance_figure(review.importances), "plots/feature_importance.png")
         client.log_text(run_id, review.importances.to_csv(index=False), "explain/importances.csv")
     client.log_text(run_id, review.to_json(), "review/review.json")
-    for interval in review.intervals:
-        client.log_metric(run_id, f"delta_{interval.metric}_low", interval.low)
-        client.log_metric(run_id, f"delta_{interval.metric}", interval.delta)
+    deltas = {f"delta_{i.metric}_low": i.low for i in review.intervals} | {
+        f"delta_{i.metric}": i.delta for i in review.intervals
+    }
+    log_run_records(client, run_id, metrics=deltas)
 
 
 @task(name="register", **IO)
@@ -248,10 +245,9 @@ def record_decision(
 ) -> None:
     """Prefect task: the decision as tags on the run and the model version, and as files in the run."""
     client = mlflow_client(get_settings())
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-        if version is not None:
-            client.set_model_version_tag(model_name, version, key, value)
+    log_run_records(client, run_id, tags=tags)
+    if version is not None:
+        set_version_tags(client, model_name, version, tags)
     client.log_text(run_id, markdown, "decision/decision.md")
     client.log_text(run_id, decision_json, "decision/decision.json")
 

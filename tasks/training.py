@@ -7,7 +7,7 @@ import logging
 import pandas as pd
 
 from adapters.cluster import cluster_address
-from adapters.settings import get_settings
+from adapters.settings import Settings, get_settings
 from core.data.dataset import DatasetConfig
 from core.modeling.search import SearchResult, SearchSpec, Trial
 from tasks.search_trials import dask_runner, local_runner, run_search_on
@@ -19,7 +19,8 @@ def train_candidate(train: pd.DataFrame, config: DatasetConfig, spec: SearchSpec
     """Search and refit, each trial a task run of the calling flow; progress shows as a Prefect progress artifact.
 
     The trials run on the Dask cluster `adapters.cluster.cluster_address` names (MLOPS_DASK_ADDRESS, else
-    the local stack's scheduler), else one after another in this process. Not a task itself: Prefect sends
+    the local stack's scheduler) when the table is big enough to be worth shipping there
+    (`Settings.search_cluster_min_cells`), else one after another in this process. Not a task itself: Prefect sends
     the caller's run context with every task run it submits, and a task's context holds its parameters,
     so every trial would carry the whole training frame to the cluster (the flow's context holds the small
     `TrainingParams` only).
@@ -33,8 +34,25 @@ def train_candidate(train: pd.DataFrame, config: DatasetConfig, spec: SearchSpec
     def report(done: int, total: int, trial: Trial) -> None:
         update_progress_artifact(progress_id, progress=100.0 * done / total)
 
-    address = cluster_address(get_settings())
-    if address is None:
-        log.info("search trials run in this process, one at a time (no Dask cluster)")
+    settings = get_settings()
+    address = search_address(cluster_address(settings), len(train), len(config.input_columns), settings)
     runner = dask_runner(address) if address else local_runner()
     return run_search_on(runner, train, config, spec, seed, on_trial=report)
+
+
+def search_address(address: str | None, rows: int, columns: int, settings: Settings) -> str | None:
+    """The cluster to search on, or None for this process: a table under `search_cluster_min_cells` stays here."""
+    if address is None:
+        log.info("search trials run in this process, one at a time (no Dask cluster)")
+        return None
+    if rows * columns < settings.search_cluster_min_cells:
+        log.info(
+            "search trials run in this process: %d training rows x %d columns is under the %d cells worth "
+            "shipping to the cluster (MLOPS_SEARCH_CLUSTER_MIN_CELLS)",
+            rows,
+            columns,
+            settings.search_cluster_min_cells,
+        )
+        return None
+    log.info("search trials run on the Dask cluster: %d training rows x %d columns", rows, columns)
+    return address

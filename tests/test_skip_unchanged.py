@@ -115,7 +115,7 @@ def test_a_rerun_with_nothing_new_trains_nothing_and_says_why(stack, source, con
         tasks = {t.name.rsplit("-", 1)[0] for t in prefect.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[flow_run_id])))}  # fmt: skip
     assert artifact.key == "promotion-decision" and "Nothing new" in artifact.data
-    assert "fingerprint" in tasks and not tasks & {"load", "validate", "split", "search-data", "refit"}, tasks
+    assert "fingerprint" in tasks and not tasks & {"load", "validate", "split", "champion-on-holdout", "refit"}, tasks
     assert not [name for name in tasks if name.startswith("trial ")], tasks
 
 
