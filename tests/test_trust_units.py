@@ -367,6 +367,26 @@ def test_fairness_works_with_string_labels_and_positive_label():
         fairness_report(names[y], names[p], groups, positive_label=1)
 
 
+def test_fairness_differences_equal_fairlearns_own_functions_on_the_kept_groups():
+    from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
+
+    # Random labels and predictions over five groups: one too small, one with a single class
+    rng = np.random.default_rng(7)
+    groups = pd.Series(rng.choice(list("abcd"), size=3000), name="region")
+    groups[:12] = "tiny"
+    y, p = rng.integers(0, 2, size=3000), (rng.random(3000) < 0.4).astype(int)
+    y[groups.to_numpy() == "d"] = 0
+    report = fairness_report(y, p, groups, 1, min_group_rows=30)
+    parity_kept, odds_kept = ["a", "b", "c", "d"], ["a", "b", "c"]
+    assert set(report.excluded) == {"tiny", "d"}
+    rows = groups.isin(parity_kept).to_numpy()
+    expected = demographic_parity_difference(y[rows], p[rows], sensitive_features=groups[rows])
+    assert report.demographic_parity_difference == pytest.approx(expected, abs=1e-12) and expected > 0
+    rows = groups.isin(odds_kept).to_numpy()
+    expected = equalized_odds_difference(y[rows], p[rows], sensitive_features=groups[rows])
+    assert report.equalized_odds_difference == pytest.approx(expected, abs=1e-12) and expected > 0
+
+
 def test_groups_without_both_classes_or_too_small_are_left_out():
     y, p, groups = _fairness_data()
     # group c: two negatives, never selected: TPR undefined (fairlearn would count 0)
