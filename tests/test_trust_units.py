@@ -1116,3 +1116,46 @@ def test_min_group_rows_is_a_validated_dataset_setting():
     assert parse_dataset_config(yaml.safe_dump(raw | {"min_group_rows": 5}), "x.yaml").min_group_rows == 5
     with pytest.raises(DatasetConfigError, match=r"x\.yaml.*min_group_rows"):
         parse_dataset_config(yaml.safe_dump(raw | {"min_group_rows": 0}), "x.yaml")
+
+
+@pytest.mark.parametrize(
+    ("family", "variant"),
+    [
+        ("hist_gradient_boosting", "plain"),
+        ("logistic_regression", "plain"),
+        ("hist_gradient_boosting", "target-encoded region, calendar parts of the date"),
+        ("ridge", "regression"),
+    ],
+)
+def test_permutation_importances_equal_scikit_learns_own(family, variant):
+    """The rows are encoded once and only the model predicts again: the numbers must be scikit-learn's exactly."""
+    from sklearn.inspection import permutation_importance
+
+    from core.data.dataset import CategoricalEncoding, TaskType, load_local_dataset_config
+    from core.data.split import split_frame
+    from core.modeling.explain import _permuted_after_preprocessing
+    from core.modeling.search import build_model
+
+    config = load_local_dataset_config("credit-risk")
+    frame = generate_frame(3000, seed=5)
+    scoring = "roc_auc"
+    if variant.startswith("target"):
+        features = [
+            f.model_copy(update={"encoding": CategoricalEncoding.target}) if f.name == "region" else f
+            for f in config.features
+        ]
+        config = config.model_copy(update={"features": features, "time_features": True})
+    if variant == "regression":
+        features = [f for f in config.features if f.name != "loan_amount"]
+        config = config.model_copy(update={"target": "loan_amount", "task": TaskType.regression, "features": features})
+        scoring = "neg_root_mean_squared_error"
+    split = split_frame(frame, config)
+    model = build_model(config, family, {}, 0).fit(
+        prepare_inputs(split.train, config), prepare_target(split.train, config)
+    )
+    X, y = prepare_inputs(split.holdout, config), prepare_target(split.holdout, config)
+    fast = _permuted_after_preprocessing(model, X, pd.Series(np.asarray(y), index=X.index), scoring, 3, seed=11)
+    assert fast is not None, "the fast path was not taken"
+    reference = permutation_importance(model, X, y, scoring=scoring, n_repeats=3, random_state=11)
+    np.testing.assert_allclose(fast.importances, reference.importances, rtol=0, atol=1e-12)
+    assert np.abs(reference.importances_mean).max() > 0.01  # some feature matters: the comparison is not of zeros
