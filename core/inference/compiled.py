@@ -83,6 +83,7 @@ class CompiledCheck:
     arrays: Parity
     model: bytes | None = field(default=None, repr=False)
     seconds: float = 0.0
+    edge_cases: int = 0  # generated rows checked besides the holdout (0: they could not be built)
 
     def line(self) -> str:
         """The review's and the model card's line."""
@@ -113,6 +114,7 @@ class CompiledCheck:
             "onnx": self.onnx.to_dict(),
             "exact_arrays": self.arrays.to_dict(),
             "seconds": self.seconds,
+            "edge_cases": self.edge_cases,
             "null_text": NULL_TEXT,
             "nan_text": NAN_TEXT,
         }
@@ -122,17 +124,20 @@ def compile_and_check(pipeline: Any, holdout: pd.DataFrame, text_columns: set[st
     """Compile `pipeline` and check both fast forms on `holdout` (prepared inputs) plus `edge_cases`.
 
     Never raises for a pipeline it cannot compile: the check fails with the reason, and the form to serve
-    falls back to the exact array form (when it is bit-identical) or the plain pipeline.
+    falls back to the exact array form (when it is bit-identical) or the plain pipeline. Edge cases are built
+    for every table shape; should building them fail all the same (a bug), a warning says so with its
+    traceback, and both forms are checked on the holdout alone (`CompiledCheck.edge_cases` 0).
     """
     import time
 
     started = time.perf_counter()
     classification = getattr(pipeline, "classes_", None) is not None
     try:
-        frame = pd.concat([holdout, edge_cases(pipeline, holdout, text_columns, seed)], ignore_index=True)
-    except Exception as exc:  # still checked, on the holdout alone (said in the result)
-        log.warning("edge cases could not be built (%s): checking on the holdout only", exc)
-        frame = holdout
+        cases = edge_cases(pipeline, holdout, text_columns, seed)
+    except Exception as exc:  # unexpected (every table shape has its cases): still checked, on the holdout alone
+        log.warning("edge cases could not be built (%s): checking on the holdout only", exc, exc_info=True)
+        cases = holdout.iloc[:0]
+    frame = pd.concat([holdout, cases], ignore_index=True) if len(cases) else holdout
     model = None
     try:
         model = compile_onnx(pipeline, text_columns)
@@ -144,4 +149,4 @@ def compile_and_check(pipeline: Any, holdout: pd.DataFrame, text_columns: set[st
     except Exception as exc:
         arrays_parity = Parity(False, len(frame), tolerance=0.0, reason=f"{type(exc).__name__}: {exc}"[:500])
     form = "onnx" if onnx_parity.passed else "exact-arrays" if arrays_parity.passed else "pipeline"
-    return CompiledCheck(form, onnx_parity, arrays_parity, model, time.perf_counter() - started)
+    return CompiledCheck(form, onnx_parity, arrays_parity, model, time.perf_counter() - started, len(cases))
