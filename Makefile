@@ -89,6 +89,7 @@ bench: compile
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.hostile
 	$(BIN)/python -m bench.quality
+	$(BIN)/python -m bench.run_cost
 
 stack-up: compile
 	$(BIN)/mlops stack up
