@@ -178,7 +178,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         search = fit_candidate(data, split, config, params.search, params.seed)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
         inputs = review_inputs(search.model, evaluation, split.holdout, champion.result())
-        findings = review.submit(inputs, config, gates, params.seed)  # the review runs beside the logging below
+        findings = review.submit(inputs, config, gates, params.seed, beside=True)  # beside the logging below
         records = [
             inputs_logged,
             log_evaluation.submit(run_id, search, evaluation.metrics, evaluation.figures, data.report.to_json()),
@@ -196,6 +196,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         facts = replace(
             _card_facts(params, config, split, data, result, outcome), calibration=search.calibration_summary
         )
+        facts = replace(facts, training=search.record_card)  # what ran where, on how many rows
         record_run(facts, run_id, result.tags(outcome), steps_after(result.approval))
         result.raise_failure(config.model_name)
     except BaseException:  # a record of the failure, even after an expired pause

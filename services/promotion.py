@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from threadpoolctl import threadpool_limits
 
 from adapters.locks import Held, hold
 from adapters.promotion import Promotion
@@ -103,8 +104,12 @@ def current_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
 
 @task(name="champion-on-holdout", cache_policy=NO_CACHE)
 def score_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
-    """Prefect task: `current_champion`, submitted by the flow to run beside the search (same rows, same answer)."""
-    return current_champion(config, holdout)
+    """Prefect task: `current_champion`, submitted by the flow to run beside the search (same rows, same answer).
+
+    With one OpenMP/BLAS thread (`tasks.review.review`'s `beside` says why): the search has the cores.
+    """
+    with threadpool_limits(1, user_api="openmp"):  # this thread's pool only
+        return current_champion(config, holdout)
 
 
 @dataclass(frozen=True)
