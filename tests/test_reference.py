@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from lightgbm import LGBMClassifier, LGBMRegressor
 from sklearn import datasets
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import (
@@ -63,11 +64,13 @@ ESTIMATORS = {
     ("random_forest", False): lambda: RandomForestRegressor(random_state=SEED, n_jobs=-1),
     ("decision_tree", True): lambda: DecisionTreeClassifier(random_state=SEED),
     ("decision_tree", False): lambda: DecisionTreeRegressor(random_state=SEED),
+    ("lightgbm", True): lambda: LGBMClassifier(random_state=SEED, n_jobs=1, verbose=-1),
+    ("lightgbm", False): lambda: LGBMRegressor(random_state=SEED, n_jobs=1, verbose=-1),
 }
 TABLES = {
     "breast-cancer": (datasets.load_breast_cancer, "binary", ["logistic_regression", "hist_gradient_boosting"]),
     "wine": (datasets.load_wine, "multiclass", ["logistic_regression", "random_forest"]),
-    "diabetes": (datasets.load_diabetes, "regression", ["ridge", "hist_gradient_boosting"]),
+    "diabetes": (datasets.load_diabetes, "regression", ["ridge", "hist_gradient_boosting", "lightgbm"]),
 }
 
 

@@ -130,6 +130,44 @@ def test_regression_search_ranks_by_rmse_and_ships_the_chosen_model():
     assert result.calibration is None  # probabilities only
 
 
+@pytest.mark.parametrize(("loader", "task"), [(load_wine, "multiclass"), (load_diabetes, "regression")])
+def test_lightgbm_is_one_family_among_the_others_and_goes_where_models_go(loader, task):
+    import skops.io
+
+    from core.data.features import prepare_inputs
+    from core.inference.compiled import compile_and_check
+    from core.transformers import skops_trusted_types
+
+    # Given a table with a categorical column, when the search tries lightgbm beside another family
+    frame, config = _table(loader, task, extra_categorical=True)
+    other = ModelFamily.random_forest
+    spec = SearchSpec(families=[other, ModelFamily.lightgbm], trials_per_family=2, cv_folds=3)
+    result = search_models(frame, config, spec, seed=5)
+    assert [t.family for t in result.trials] == [other.value] * 2 + ["lightgbm"] * 2
+    # then its trials draw from its own small space, leaves capped like the other families'
+    drawn = [t.params for t in result.trials if t.family == "lightgbm"]
+    assert all(
+        set(p) == {"n_estimators", "learning_rate", "num_leaves", "min_child_samples", "reg_lambda"} for p in drawn
+    )
+    smallest = frame["target"].value_counts().min() if task == "multiclass" else None
+    bound = DataShape(len(frame) * 2 // 3, smallest and smallest * 2 // 3).max_leaf
+    assert max(p["min_child_samples"] for p in drawn) <= bound
+    # and the fitted model is LightGBM's scikit-learn estimator with one thread, whichever family won
+    lightgbm = search_models(frame, config, spec.model_copy(update={"families": [ModelFamily.lightgbm]}), seed=5)
+    estimator = base_classifier(lightgbm.model)
+    assert type(estimator).__name__ == ("LGBMClassifier" if task == "multiclass" else "LGBMRegressor")
+    assert {k: estimator.get_params()[k] for k in lightgbm.params} == lightgbm.params and estimator.n_jobs == 1
+    # skops (how MLflow saves it) loads it back with the trusted types, predicting the same
+    X = prepare_inputs(frame.head(100), config)
+    predict = "predict_proba" if task == "multiclass" else "predict"
+    loaded = skops.io.loads(skops.io.dumps(lightgbm.model), trusted=skops_trusted_types(lightgbm.model))
+    np.testing.assert_array_equal(getattr(loaded, predict)(X), getattr(lightgbm.model, predict)(X))
+    # no ONNX converter: the compiled check says why and serving uses the exact array form (bit-identical)
+    check = compile_and_check(lightgbm.model, X, {"colour"}, seed=1)
+    assert not check.onnx.passed and "LightGBM has no ONNX converter here" in check.onnx.reason
+    assert check.form == "exact-arrays" and check.tags()["compiled_failure"].startswith("ConversionError: LGBM")
+
+
 def test_a_family_of_the_other_task_is_refused_by_name():
     _, config = _table(load_diabetes, "regression")
     with pytest.raises(ValueError, match="'logistic_regression' does not fit a regression task: use 'ridge'"):

@@ -7,7 +7,8 @@ our own converter (`_hist_onnx`: one float64 `TreeEnsemble`, `ai.onnx.ml` 5, the
 skl2onnx's float32 thresholds send values at a split threshold the wrong way), other models by skl2onnx
 (decision trees and forests on float32 input, as scikit-learn's own are; linear models in float64); a
 calibrated classifier (`CalibratedClassifierCV`) as its classifier's scores, then its calibrators in float64
-(`core/inference/compiled_calibration.py`).
+(`core/inference/compiled_calibration.py`). LightGBM's estimators (the `lightgbm` family) are refused with a
+`ConversionError` saying why (no converter without onnxmltools): serving then uses the exact array form.
 
 Pure: bytes out; onnxruntime sessions are created from bytes.
 """
@@ -182,10 +183,16 @@ def compile_onnx(pipeline: Any, text_columns: set[str]) -> bytes:
         ConversionError: A step without an exact converter, or a model skl2onnx cannot convert.
     """
     plan = plan_of(pipeline, text_columns)
+    model = plan.model
+    inner = model.calibrated_classifiers_[0].estimator if is_calibrated(model) else model
+    if type(inner).__module__.startswith("lightgbm"):  # before skl2onnx says it in a page of text
+        raise ConversionError(
+            f"{type(inner).__name__}: LightGBM has no ONNX converter here (onnxmltools, which has one, is not "
+            "a dependency)"
+        )
     g = _Graph()
     parts = [_block_onnx(g, b) for b in plan.blocks]
     features = g.op("Concat", parts, "features", axis=1) if len(parts) > 1 else parts[0]
-    model = plan.model
     width = _n_features(model)
     classification = getattr(model, "classes_", None) is not None
     output = "probabilities" if classification else "variable"
