@@ -1,7 +1,8 @@
 """LightGBM's Dask estimator on every training row of a big snapshot, then the local model for serving.
 
-The encoding and the estimator's parameters are `core.dask_engine.model`; the encoded training frame is
-built and held on the cluster's workers, and only the fitted local model comes back.
+The parameters are the model search's choice (its `lightgbm` family, searched on the search sample); the
+encoding is `core.dask_engine.model`'s; the encoded training frame is built and held on the cluster's workers,
+and only the fitted local model comes back.
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ def _categories(frame: Any, config: DatasetConfig, client: Any) -> dict[str, lis
 
 
 def train_lightgbm(
-    snapshot: DaskSnapshot, split: DaskSplit, config: DatasetConfig, settings: Settings, seed: int
+    snapshot: DaskSnapshot,
+    split: DaskSplit,
+    config: DatasetConfig,
+    settings: Settings,
+    params: dict[str, Any],
+    seed: int,
 ) -> tuple[Any, dict[str, Any]]:
-    """LightGBM's Dask estimator on every training row, then `to_local()` inside the raw-rows pipeline.
+    """LightGBM's Dask estimator with `params` on every training row, then `to_local()` in the raw-rows pipeline.
 
     The encoded training frame is `persist()`ed before X and y are taken from it (unpersisted, a frame read
     from several Parquet files fails LightGBM's fit with "Length of labels differs from the length of
@@ -57,7 +63,7 @@ def train_lightgbm(
     train = frame.map_partitions(train_part, config, meta=frame._meta).map_partitions(
         encode_partition, config, fitted, meta=meta
     )
-    kwargs = lightgbm_kwargs(config, seed)
+    kwargs = lightgbm_kwargs(params, seed)
     estimator_class = DaskLGBMClassifier if config.task.is_classification else DaskLGBMRegressor
     with client.as_current():  # `wait` and LightGBM's helpers look for the current client
         train = client.persist(train)

@@ -1,14 +1,15 @@
-"""Prefect tasks of the Dask engine: choose the engine, load, validate, split and train big snapshots.
+"""Prefect tasks of the Dask engine: choose the engine, load, validate, split and fit big snapshots.
 
 The work runs on the Dask cluster (`dask_engine`: snapshots, validation, split, training); the rules (engine
-choice, full-data checks, the evaluated holdout, the model) are pure (`core.dask_engine`).
+choice, full-data checks, the evaluated holdout, the search sample, where the final fit runs, the model) are pure
+(`core.dask_engine`). The model search itself is the pandas engine's, on the search sample (`tasks.preparation`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -19,12 +20,16 @@ from adapters.expectations import validate_frame
 from adapters.settings import get_settings
 from core.dask_engine.checks import combined_report, full_data_failures
 from core.dask_engine.choice import choose_engine
+from core.dask_engine.fitting import fit_bytes_per_row, plan_fit
 from core.dask_engine.split import DaskSplit
 from core.data.dataset import DatasetConfig
+from core.data.features import prepare_inputs, prepare_target
 from core.data.validation import ValidationReport
-from core.modeling.search import SearchResult
+from core.modeling.calibration import base_classifier, calibrate
+from core.modeling.search import SearchResult, build_model
+from core.modeling.training_record import DASK_CLUSTER
 from dask_engine.snapshots import DaskSnapshot, columns_of, count_rows, open_snapshot
-from dask_engine.split import split_snapshot
+from dask_engine.split import split_snapshot, training_rows
 from dask_engine.training import train_lightgbm
 from dask_engine.validation import full_data_stats
 from tasks.retrying import IO
@@ -119,12 +124,58 @@ def split_big_snapshot(snapshot: DaskSnapshot, config: DatasetConfig) -> DaskSpl
     return split_snapshot(snapshot, config, get_settings())
 
 
-@task(name="train-big", cache_policy=NO_CACHE)
-def train_big_candidate(snapshot: DaskSnapshot, split: DaskSplit, config: DatasetConfig, seed: int) -> SearchResult:
-    """Prefect task: LightGBM's Dask estimator on every training row; the local model in a raw-rows pipeline."""
-    model, params = train_lightgbm(snapshot, split, config, get_settings(), seed)
-    scoring = "roc_auc" if config.task.is_classification else "neg_root_mean_squared_error"
-    # No cross-validation on the cluster: one configuration, judged on the holdout like every candidate.
-    return SearchResult(
-        model=model, family="lightgbm_dask", params=params, cv_mean=math.nan, scoring=scoring, trials=[]
+@dataclass(frozen=True)
+class BigFit:
+    """The shipped model of a big snapshot, and where and on how many training rows it was fitted."""
+
+    model: Any
+    where: str
+    rows: int
+    reason: str | None
+
+
+@task(name="fit-big", cache_policy=NO_CACHE)
+def fit_big_candidate(
+    snapshot: DaskSnapshot, split: DaskSplit, config: DatasetConfig, search: SearchResult, seed: int
+) -> BigFit:
+    """Prefect task: the search's chosen configuration fitted on every training row (`core.dask_engine.fitting`).
+
+    LightGBM by its Dask estimator on the cluster; another family in this process when the training rows fit in
+    its memory (estimated on the search sample, against what `psutil` says is available), else on the largest
+    sample by id hash that does. Calibrated as the search chose (on the search sample's out-of-fold predictions).
+    """
+    import psutil
+
+    settings = get_settings()
+    inputs = getattr(base_classifier(search.model), "n_features_in_", len(config.input_columns))
+    frame_bytes = split.train.memory_usage(deep=True).sum() / max(split.rows_sample, 1)
+    per_row = fit_bytes_per_row(frame_bytes, inputs)
+    available = psutil.virtual_memory().available
+    plan = plan_fit(config, search.family, split.rows_train, split.rows_sample, per_row, available)
+    if plan.reuse:
+        fit = BigFit(search.model, plan.where, split.rows_sample, plan.reason)
+    elif plan.where == DASK_CLUSTER:
+        model, _ = train_lightgbm(snapshot, split, config, settings, search.params, seed)
+        fit = BigFit(_calibrated(model, search), plan.where, split.rows_train, plan.reason)
+    else:
+        train = training_rows(snapshot, config, settings, plan.below)
+        model = build_model(config, search.family, search.params, seed)
+        model = model.fit(prepare_inputs(train, config), prepare_target(train, config))
+        fit = BigFit(_calibrated(model, search), plan.where, len(train), plan.reason)
+    log.info(
+        "final fit of %s %s: %d of %d training rows in the %s (%.0f bytes a row estimated, %.1f GiB available)%s",
+        search.family,
+        search.params,
+        fit.rows,
+        split.rows_train,
+        fit.where,
+        per_row,
+        available / 2**30,
+        f": {fit.reason}" if fit.reason else "",
     )
+    return fit
+
+
+def _calibrated(model: Any, search: SearchResult) -> Any:
+    """The final fit calibrated as the search chose for its configuration (none for a regressor)."""
+    return calibrate(model, search.calibration) if search.calibration is not None else model

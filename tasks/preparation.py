@@ -2,37 +2,43 @@
 
 The `pandas` engine reads the snapshot into memory (and joins the feature store's features as of each row's
 time when the model has a feature service); the `dask` engine keeps the partitions on the cluster, validates a
-sample with Great Expectations plus full-data checks computed there, and trains LightGBM's Dask estimator.
-The dataset config's `engine` chooses (`auto` counts the Parquet rows).
+sample with Great Expectations plus full-data checks computed there, runs the same model search on a sample of
+the training rows (the configured families and `lightgbm`) and fits the chosen configuration on every training
+row. The dataset config's `engine` chooses (`auto`, the default, counts the Parquet rows). The search result
+carries the record of what ran where, on how many rows (`core.modeling.training_record`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
 
+from adapters.cluster import cluster_address
+from adapters.settings import get_settings
+from core.dask_engine.fitting import search_spec
 from core.dask_engine.split import DaskSplit
 from core.data.dataset import DatasetConfig
 from core.data.feature_history import JoinReport
 from core.data.split import Split
 from core.data.validation import DataValidationError, ValidationReport
 from core.modeling.search import SearchResult, SearchSpec
+from core.modeling.training_record import DASK_CLUSTER, FLOW_PROCESS, TrainingRecord
 from tasks.dask_training import (
     check_big_snapshot,
     choose_snapshot_engine,
+    fit_big_candidate,
     freeze_big_snapshot,
     load_big_snapshot,
     load_frozen_big_snapshot,
     split_big_snapshot,
-    train_big_candidate,
 )
 from tasks.features import join_features
 from tasks.loading import load_snapshot
 from tasks.reports import store_validation_report
 from tasks.split import split_snapshot
-from tasks.training import train_candidate
+from tasks.training import search_address, train_candidate
 from tasks.validation import check_snapshot
 
 
@@ -93,11 +99,36 @@ def split_data(data: PreparedData, config: DatasetConfig) -> Split | DaskSplit:
 def fit_candidate(
     data: PreparedData, split: Split | DaskSplit, config: DatasetConfig, search: SearchSpec, seed: int
 ) -> SearchResult:
-    """Train the candidate on the training rows of `split` (`split_data`).
+    """Train the candidate on the training rows of `split` (`split_data`); its `record` says what ran where.
 
-    In memory: the model search with cross-validation. On the cluster: LightGBM's Dask estimator on every
-    training row.
+    In memory: the model search with cross-validation, the chosen configuration refitted on every training row.
+    On the cluster: the same search on the search sample (`split.train`), over the configured families and
+    `lightgbm`, then the chosen configuration fitted on every training row (`fit_big_candidate`).
     """
-    if data.on_cluster:
-        return train_big_candidate(data.snapshot, split, config, seed)
-    return train_candidate(split.train, config, search, seed)
+    if not data.on_cluster:
+        result = train_candidate(split.train, config, search, seed)
+        where = _search_where(split.rows_train, config)  # the refit runs where the trials ran
+        families = tuple(f.value for f in search.families_for(config.task))
+        rows = split.rows_train
+        return replace(result, record=TrainingRecord("pandas", rows, rows, families, where, rows, where))
+    spec = search_spec(search, config.task)
+    result = train_candidate(split.train, config, spec, seed)
+    fit = fit_big_candidate(data.snapshot, split, config, result, seed)
+    record = TrainingRecord(
+        "dask",
+        split.rows_train,
+        split.rows_sample,
+        tuple(f.value for f in spec.families_for(config.task)),
+        _search_where(split.rows_sample, config),
+        fit.rows,
+        fit.where,
+        fit.reason,
+    )
+    return replace(result, model=fit.model, record=record)
+
+
+def _search_where(rows: int, config: DatasetConfig) -> str:
+    """Where `train_candidate` ran the trials (and the refit) for `rows` training rows."""
+    settings = get_settings()
+    address = search_address(cluster_address(settings), rows, len(config.input_columns), settings)
+    return DASK_CLUSTER if address else FLOW_PROCESS

@@ -176,7 +176,7 @@ def log_evaluation(
         f"cv_{search.metric or search.scoring}": search.cv_metric
     }
     scores |= {f"search_{state}_trials": states.count(state) for state in ("complete", "pruned", "degenerate")}
-    tags: dict[str, str] = {}
+    tags: dict[str, str] = dict(search.record_tags)  # training.*: what ran where, on how many rows
     best = {"family": search.family, "params": search.params, "cv": search.cv_metric}
     if search.calibration is not None:  # what the calibration step compared, chose and why
         calibration = search.calibration

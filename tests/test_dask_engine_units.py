@@ -1,5 +1,6 @@
 """The Dask engine's pure parts: per-partition summaries merged == one pandas pass, the engine choice,
-the evaluated holdout being a subset of the frozen holdout, the raw-rows LightGBM pipeline."""
+the evaluated holdout being a subset of the frozen holdout, the raw-rows LightGBM pipeline, the search sample,
+the memory estimate and the choice of where the final fit runs, the record of it on the run and the card."""
 
 from __future__ import annotations
 
@@ -96,8 +97,14 @@ def test_engine_choice() -> None:
     assert choose_engine(auto, 999_999) == "pandas"
     assert choose_engine(auto, 1_000_000) == "dask"
     assert choose_engine(auto, None) == "pandas"  # CSV: no row count without reading
-    assert choose_engine(CONFIG, 10**9) == "pandas"  # the default is the pandas engine
+    # The default is auto from 2,000,000 rows; pandas and dask are overrides
+    assert CONFIG.engine == "auto" and CONFIG.dask_min_rows == 2_000_000
+    assert choose_engine(CONFIG, 1_999_999) == "pandas" and choose_engine(CONFIG, 10**9) == "dask"
+    assert choose_engine(CONFIG.model_copy(update={"engine": "pandas"}), 10**9) == "pandas"
     assert choose_engine(CONFIG.model_copy(update={"engine": "dask"}), 10) == "dask"
+    # A feature service is joined by the pandas engine only: auto keeps such a model there at any size
+    joined = CONFIG.model_copy(update={"feature_service": "credit", "store_features": ["age"]})
+    assert choose_engine(joined, 10**9) == "pandas"
 
 
 @pytest.mark.parametrize("rows", [1_000, 50_000, 10_000_000])
@@ -125,7 +132,7 @@ def test_lightgbm_pipeline_takes_raw_rows() -> None:
     categories = {f.name: f.categories for f in CONFIG.features if f.categories}
     fitted = fitted_encoder(CONFIG, categories, frame.head(50))
     encoded = encode_partition(frame, CONFIG, fitted)
-    model = lightgbm.LGBMClassifier(**lightgbm_kwargs(CONFIG, 1) | {"n_estimators": 20})
+    model = lightgbm.LGBMClassifier(**lightgbm_kwargs({"n_estimators": 20}, 1))
     model.fit(encoded.drop(columns="default"), encoded["default"], categorical_feature=categorical_indices(CONFIG))
     pipeline = assemble(fitted, model)
     raw = frame[CONFIG.feature_names].copy()
@@ -161,3 +168,175 @@ def test_auto_engine_counts_parquet_rows_from_the_footers(tmp_path) -> None:
     # and the engine follows the stated threshold on either side of it
     assert choose_snapshot_engine.fn(config.model_copy(update={"dask_min_rows": 3000})) == "dask"
     assert choose_snapshot_engine.fn(config.model_copy(update={"dask_min_rows": 3001})) == "pandas"
+
+
+@pytest.mark.parametrize("rows", [12_000, 3_000_000])
+def test_the_search_sample_is_training_ids_chosen_by_the_holdout_hash(rows: int) -> None:
+    from core.dask_engine.split import EVERY_TRAINING_ROW, fit_sample_threshold, sample_threshold, train_part
+
+    # Given a snapshot of `rows` rows (ids hashed on a 200,000-id stand-in beyond that) and a 3,000-row sample
+    config = CONFIG.model_copy(update={"search_sample_rows": 3_000})
+    ids = pd.Series(np.arange(min(rows, 200_000))).astype(str)
+    buckets = holdout_buckets(ids, config.holdout_salt)
+    held = holdout_mask(ids, config.holdout_fraction, config.holdout_salt)
+    # when the sample's bucket bound is chosen from the footers' row count
+    below = sample_threshold(config, rows)
+    sampled = (buckets >= holdout_threshold(config.holdout_fraction)) & (buckets < below)
+    # then it holds training ids only, about search_sample_rows of the snapshot's (bucket granularity: 1/10,000)
+    assert not (sampled & held).any()
+    expected = config.search_sample_rows * len(ids) / rows
+    assert abs(sampled.sum() - expected) <= 0.1 * expected + 3 * np.sqrt(expected) + len(ids) / 10_000
+    # and a partition's sample is exactly those ids, whatever the partition (deterministic, per row)
+    frame = pd.DataFrame({"application_id": ids, "default": 0})
+    part = frame.iloc[: len(frame) // 3]
+    assert set(train_part(part, config, below)["application_id"]) == set(part["application_id"][sampled[: len(part)]])
+    assert len(train_part(frame, config)) == int((~held).sum())  # no bound: every training row
+    # A bigger fit sample starts where the search sample starts, so it holds it
+    bigger = fit_sample_threshold(config, int((~held).sum()), 2 * int(sampled.sum()))
+    assert below <= bigger <= EVERY_TRAINING_ROW
+    assert fit_sample_threshold(config, 100, 1_000) == EVERY_TRAINING_ROW
+    # A snapshot smaller than the sample: every training row is the sample
+    assert sample_threshold(config, 2_000) == EVERY_TRAINING_ROW
+
+
+def test_the_dask_engine_searches_the_configured_families_and_lightgbm() -> None:
+    from core.dask_engine.fitting import search_spec
+    from core.data.dataset import TaskType
+    from core.modeling.search import ModelFamily, SearchSpec
+
+    two = SearchSpec(families=[ModelFamily.decision_tree, ModelFamily.logistic_regression])
+    assert search_spec(two, TaskType.binary).families == [*two.families, ModelFamily.lightgbm]
+    assert search_spec(SearchSpec(), TaskType.regression).families == [
+        ModelFamily.ridge,
+        ModelFamily.hist_gradient_boosting,
+        ModelFamily.lightgbm,
+    ]
+    once = SearchSpec(families=[ModelFamily.lightgbm, ModelFamily.random_forest])
+    assert search_spec(once, TaskType.binary).families == once.families  # never twice
+
+
+def test_the_fit_place_follows_family_memory_and_sample() -> None:
+    from core.dask_engine.fitting import FitPlan, plan_fit
+    from core.dask_engine.split import EVERY_TRAINING_ROW
+
+    gib = 2**30
+    # LightGBM: every training row on the cluster, whatever the flow's memory
+    assert plan_fit(CONFIG, "lightgbm", 8_000_000, 500_000, 1_600, 1 * gib) == FitPlan(
+        "dask cluster", EVERY_TRAINING_ROW
+    )
+    # Another family: in the flow's process when every row fits in half the memory available
+    fits = plan_fit(CONFIG, "hist_gradient_boosting", 8_000_000, 500_000, 1_600, 26 * gib)
+    assert fits == FitPlan("flow process", EVERY_TRAINING_ROW)
+    # else on the largest sample by id hash that fits, said with the numbers
+    tight = plan_fit(CONFIG, "hist_gradient_boosting", 8_000_000, 500_000, 1_600, 16 * gib)
+    assert tight.where == "flow process" and not tight.reuse
+    largest = int(8 * gib / 1_600)  # 5,368,709 rows in half of 16 GiB
+    share = (tight.below - holdout_threshold(CONFIG.holdout_fraction)) / (10_000 - 2_000)
+    assert share * 8_000_000 <= largest < (share + 1 / 8_000) * 8_000_000
+    assert "about 11.9 GiB" in tight.reason and "16.0 GiB available" in tight.reason
+    assert f"{largest:,} rows" in tight.reason
+    # not even more than the search sample: the search's own fit on the sample is shipped, said so
+    starved = plan_fit(CONFIG, "logistic_regression", 8_000_000, 500_000, 1_600, 1 * gib)
+    assert starved.reuse and "500,000 rows is shipped" in starved.reason
+    # the sample is every training row: the search's refit is the final fit, nothing to add
+    assert plan_fit(CONFIG, "lightgbm", 9_000, 9_000, 1_600, 1 * gib) == FitPlan(
+        "flow process", EVERY_TRAINING_ROW, reuse=True
+    )
+
+
+def test_the_memory_estimate_bounds_a_measured_fit(tmp_path) -> None:
+    """The estimate per row (frame twice, model inputs thrice as float64) against a fit's measured peak."""
+    import json
+    import subprocess
+    import sys
+
+    from core.dask_engine.fitting import fit_bytes_per_row
+
+    assert fit_bytes_per_row(417, 33) == 2 * 417 + 3 * 8 * 33
+    script = """
+import json, os, resource, sys
+import pandas as pd
+from core.data.dataset import load_local_dataset_config
+from core.data.features import prepare_inputs, prepare_target
+from core.data.synthetic import generate_month
+from core.modeling.search import build_model
+config = load_local_dataset_config("credit-risk")
+frame = pd.concat([generate_month(m, 40_000, 3) for m in range(3)], ignore_index=True)
+frame_bytes = int(frame.memory_usage(deep=True).sum())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = build_model(config, sys.argv[1], {}, 1).fit(prepare_inputs(frame, config), prepare_target(frame, config))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+json.dump({"rows": len(frame), "frame": frame_bytes, "inputs": int(model[-1].n_features_in_),
+           "grown": peak - before}, sys.stdout)
+"""
+    # 120,000 rows, a decision tree (the families' peaks were alike at 400,000 rows: docs/scale-out.md)
+    out = subprocess.run([sys.executable, "-c", script, "decision_tree"], capture_output=True, text=True, check=True)
+    measured = json.loads(out.stdout)
+    rows = measured["rows"]
+    estimate = fit_bytes_per_row(measured["frame"] / rows, measured["inputs"]) * rows
+    # the frame was there before the fit: the estimate covers it and what the fit added at its peak
+    print(f"measured {(measured['frame'] + measured['grown']) / rows:.0f} B/row, estimate {estimate / rows:.0f} B/row")
+    assert measured["frame"] + measured["grown"] <= estimate
+
+
+def test_the_record_says_what_ran_where_on_the_run_and_the_card() -> None:
+    from datetime import UTC, datetime
+
+    from markupsafe import escape
+
+    from core.modeling.training_record import TrainingRecord
+    from core.promotion.card import ModelCard
+    from core.promotion.card_render import render_html, render_markdown
+
+    record = TrainingRecord(
+        "dask",
+        8_000_000,
+        500_123,
+        ("decision_tree", "lightgbm"),
+        "flow process",
+        5_368_000,
+        "flow process",
+        "every one of the 8,000,000 training rows would need about 12.0 GiB",
+    )
+    assert record.tags() == {
+        "training.engine": "dask",
+        "training.train_rows": "8000000",
+        "training.search_rows": "500123",
+        "training.search_families": "decision_tree,lightgbm",
+        "training.search_where": "flow process",
+        "training.fit_rows": "5368000",
+        "training.fit_where": "flow process",
+        "training.fit_reason": "every one of the 8,000,000 training rows would need about 12.0 GiB",
+    }
+    rows = record.card_rows()
+    assert rows["Model search"].startswith("decision_tree, lightgbm: cross-validated on 500,123 training rows (a ")
+    assert (
+        rows["Final fit"] == "the chosen configuration on 5,368,000 of the 8,000,000 training rows, in the flow process"
+    )
+    everything = TrainingRecord("pandas", 9_000, 9_000, ("ridge",), "flow process", 9_000, "flow process")
+    assert "training.fit_reason" not in everything.tags()
+    assert (
+        everything.card_rows()["Final fit"]
+        == "the chosen configuration on all 9,000 training rows, in the flow process"
+    )
+    card = ModelCard(
+        "toy",
+        None,
+        None,
+        "reject",
+        "dry run",
+        ["x"],
+        "v1",
+        None,
+        8_000_000,
+        2_000_000,
+        {"roc_auc": 0.7},
+        "abc",
+        datetime.now(UTC),
+        training=rows,
+    )
+    text, html = render_markdown(card), render_html(card)
+    assert "## Training: what ran where" in text and "<h2>Training: what ran where</h2>" in html
+    for label, value in rows.items():
+        assert f"- **{label}:** {value}" in text and f"<dt>{label}</dt><dd>{escape(value)}</dd>" in html
+    assert '"training": {' in card.to_json()

@@ -1,6 +1,7 @@
 """The Dask engine's model: fixed input encoding + LightGBM, as one scikit-learn pipeline (pure).
 
-The encoding learns nothing from data (categories come from the config or are counted on the cluster),
+The encoding learns nothing from data (categories come from the config or are counted on the cluster; date/time
+inputs become their calendar parts, as in the search's pipelines),
 so the same fitted encoder is applied to every partition on the cluster and, inside the registered
 pipeline, to raw rows in serving and scoring: the registered model takes the same raw frame as any
 champion.
@@ -18,10 +19,15 @@ from sklearn.preprocessing import OrdinalEncoder
 
 from core.data.dataset import DatasetConfig
 from core.data.features import prepare_inputs
+from core.transformers import CalendarEncoder
 
 
 def encoder(config: DatasetConfig, categories: dict[str, list[str]]) -> ColumnTransformer:
-    """Categories to codes (unknown and missing: NaN, LightGBM's missing value), numbers passed through."""
+    """Categories to codes, numbers passed through, date/time inputs as their calendar parts.
+
+    Unknown and missing categories become NaN (LightGBM's missing value); date/time inputs become the sine and
+    cosine of their calendar parts (`CalendarEncoder`, NaN when missing), as in the search's pipelines.
+    """
     columns = config.categorical_features
     parts: list[tuple[str, Any, list[str]]] = []
     if columns:
@@ -38,6 +44,8 @@ def encoder(config: DatasetConfig, categories: dict[str, list[str]]) -> ColumnTr
             )
         )
     parts.append(("numeric", "passthrough", config.numeric_features))
+    if config.calendar_columns:
+        parts.append(("calendar", CalendarEncoder(_calendar_parts(config)), config.calendar_columns))
     # pandas out: LightGBM sees the same column names on the cluster and inside the registered pipeline
     return ColumnTransformer(parts, remainder="drop", verbose_feature_names_out=False).set_output(transform="pandas")
 
@@ -47,9 +55,16 @@ def fitted_encoder(config: DatasetConfig, categories: dict[str, list[str]], rows
     return encoder(config, categories).fit(prepare_inputs(rows, config))
 
 
+def _calendar_parts(config: DatasetConfig) -> tuple[str, ...]:
+    return tuple(p.value for p in config.calendar_parts)
+
+
 def encoded_columns(config: DatasetConfig) -> list[str]:
-    """Column names of the encoder's output, in order (categorical codes first)."""
-    return [*config.categorical_features, *config.numeric_features]
+    """Column names of the encoder's output, in order (categorical codes first, calendar parts last)."""
+    calendar = [
+        f"{c}_{p}_{f}" for c in config.calendar_columns for p in _calendar_parts(config) for f in ("sin", "cos")
+    ]
+    return [*config.categorical_features, *config.numeric_features, *calendar]
 
 
 def encode_partition(frame: pd.DataFrame, config: DatasetConfig, fitted: ColumnTransformer) -> pd.DataFrame:
@@ -68,17 +83,9 @@ def empty_encoded(config: DatasetConfig, target_dtype: Any) -> pd.DataFrame:
     return frame
 
 
-def lightgbm_kwargs(config: DatasetConfig, seed: int) -> dict[str, Any]:
-    """The estimator parameters (the cluster's and the local reference's are the same)."""
-    params = config.lightgbm
-    return {
-        "n_estimators": params.n_estimators,
-        "learning_rate": params.learning_rate,
-        "num_leaves": params.num_leaves,
-        "min_child_samples": params.min_child_samples,
-        "random_state": params.seed if params.seed is not None else seed,
-        "verbose": -1,
-    }
+def lightgbm_kwargs(params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The estimator's parameters: the search's chosen ones, seeded and quiet (the same on the cluster and locally)."""
+    return {**params, "random_state": seed, "verbose": -1}
 
 
 def categorical_indices(config: DatasetConfig) -> list[int]:

@@ -3,6 +3,11 @@
 Each partition hashes its ids with `core.data.split`'s function, so the holdout is the pandas engine's, id for
 id. Only ids below `evaluation_threshold` (a subset of the holdout of about `max_holdout_rows` rows) are
 collected for evaluation; the training rows' count and time window are counted per partition and merged.
+
+The training rows are the ids whose bucket is at or above the holdout's threshold; those in the first buckets of
+that range, up to `sample_threshold`, are the search sample (about `search_sample_rows` rows): the same rows in
+every run on the same data, never holdout rows. A bigger sample (`fit_sample_threshold`) starts at the same
+bucket, so it holds the search sample.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from core.data.dataset import DatasetConfig
 from core.data.split import holdout_buckets, holdout_threshold
 
 _BUCKETS = 10_000
+EVERY_TRAINING_ROW = _BUCKETS  # as a `below` bound: no training id is left out
 
 
 def evaluation_threshold(config: DatasetConfig, rows: int) -> int:
@@ -31,6 +37,27 @@ def evaluation_threshold(config: DatasetConfig, rows: int) -> int:
     return max(1, min(full, wanted))
 
 
+def sample_threshold(config: DatasetConfig, rows: int) -> int:
+    """Training ids below this bucket (and at or above the holdout's) are the search sample.
+
+    About `search_sample_rows` of the snapshot's `rows` (the footers' count, known before the split); every
+    training row when the snapshot has fewer.
+    """
+    start = holdout_threshold(config.holdout_fraction)
+    wanted = math.ceil(config.search_sample_rows / max(rows, 1) * _BUCKETS)
+    return min(_BUCKETS, start + max(1, wanted))
+
+
+def fit_sample_threshold(config: DatasetConfig, rows_train: int, fit_rows: int) -> int:
+    """Training ids below this bucket are a sample of at most about `fit_rows` of the `rows_train` training rows.
+
+    It starts where the search sample starts, so it holds the search sample whenever it is bigger.
+    """
+    start = holdout_threshold(config.holdout_fraction)
+    share = min(1.0, fit_rows / max(rows_train, 1))
+    return min(_BUCKETS, start + max(1, math.floor(share * (_BUCKETS - start))))
+
+
 def _buckets(frame: pd.DataFrame, config: DatasetConfig) -> pd.Series:
     return pd.Series(holdout_buckets(frame[config.id_column], config.holdout_salt), index=frame.index)
 
@@ -40,9 +67,13 @@ def holdout_part(frame: pd.DataFrame, config: DatasetConfig, below: int) -> pd.D
     return frame.loc[_buckets(frame, config).to_numpy() < below]
 
 
-def train_part(frame: pd.DataFrame, config: DatasetConfig) -> pd.DataFrame:
-    """One partition's training rows (ids outside the frozen holdout)."""
-    return frame.loc[_buckets(frame, config).to_numpy() >= holdout_threshold(config.holdout_fraction)]
+def train_part(frame: pd.DataFrame, config: DatasetConfig, below: int = _BUCKETS) -> pd.DataFrame:
+    """One partition's training rows (ids outside the frozen holdout); with `below`, only ids below that bucket.
+
+    `below` is `sample_threshold` for the search sample, `fit_sample_threshold` for a bigger sample.
+    """
+    buckets = _buckets(frame, config).to_numpy()
+    return frame.loc[(buckets >= holdout_threshold(config.holdout_fraction)) & (buckets < below)]
 
 
 def split_counts(frame: pd.DataFrame, config: DatasetConfig) -> dict[str, Any]:
@@ -72,20 +103,30 @@ def merge_split_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class DaskSplit:
-    """What the flow's process keeps of a big snapshot's split: the evaluated holdout and a training sample."""
+    """What the flow's process keeps of a big snapshot's split: the evaluated holdout and the search sample.
+
+    `train` is the search sample (training ids below `sample_threshold`): the model search's rows, and the
+    model's signature, input example and explanation baseline.
+    """
 
     holdout: pd.DataFrame = field(repr=False)
-    train: pd.DataFrame = field(repr=False)  # a sample of training rows: signature, input example, baseline
+    train: pd.DataFrame = field(repr=False)
     rows_train: int
     rows_holdout: int  # the whole frozen holdout; `holdout` is its evaluated subset
     window: tuple[str, str] | None
     evaluation_threshold: int
+    sample_threshold: int = _BUCKETS
 
     strategy: str = "random"
     why: str = (
         "random: ids held out by a hash of the id, partition by partition (the Dask engine draws no time-ordered "
         "holdout yet)"
     )
+
+    @property
+    def rows_sample(self) -> int:
+        """Training rows in the search sample."""
+        return len(self.train)
 
     def training_window(self, column: str | None) -> tuple[str, str] | None:
         """First and last time of the training rows (computed on the cluster)."""

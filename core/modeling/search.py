@@ -73,7 +73,8 @@ class SearchSpec(BaseModel):
         min_length=1,
         title="Model families",
         description="Families to search, each with `trials_per_family` Optuna trials; empty for the task's "
-        "default (logistic_regression + hist_gradient_boosting; ridge + hist_gradient_boosting for regression).",
+        "default (logistic_regression + hist_gradient_boosting; ridge + hist_gradient_boosting for regression). "
+        "The Dask engine (big snapshots) searches lightgbm too.",
     )
     trials_per_family: int = Field(
         4, ge=1, le=200, title="Trials per family", description="Optuna trials (TPE) for each family."

@@ -15,6 +15,7 @@ import pandas as pd
 from sklearn.pipeline import Pipeline
 
 from core.modeling.calibration import Calibration
+from core.modeling.training_record import TrainingRecord
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class SearchResult:
     `model` is what is shipped: the chosen configuration refitted on all training rows, inside a
     `CalibratedClassifierCV` when `calibration` chose a method (`core.modeling.calibration.base_classifier`
     reaches the refitted estimator either way). `calibration` is None for a regressor, or when no
-    calibration step ran (the Dask engine).
+    calibration step ran. `record` says where the search and the final fit ran and on how many rows (set by
+    `tasks.preparation.fit_candidate`; None for a bare search).
     """
 
     model: Pipeline = field(repr=False)
@@ -52,6 +54,17 @@ class SearchResult:
     metric: str = ""
     baseline: float = math.nan
     calibration: Calibration | None = None
+    record: TrainingRecord | None = None
+
+    @property
+    def record_tags(self) -> dict[str, str]:
+        """The run's `training.*` tags: what ran where, on how many rows (none without a record)."""
+        return self.record.tags() if self.record is not None else {}
+
+    @property
+    def record_card(self) -> dict[str, str]:
+        """The model card's "Training: what ran where" rows (empty without a record)."""
+        return self.record.card_rows() if self.record is not None else {}
 
     @property
     def calibration_summary(self) -> str | None:

@@ -110,6 +110,8 @@ class ModelCard:
         calibration: How the probabilities were calibrated, and why (`SearchResult.calibration_summary`; None:
             no calibration step, e.g. a regressor).
         data_manifest: The S3 URI of the data version's frozen manifest (set when the card is published).
+        training: What ran where, on how many rows (`TrainingRecord.card_rows`: the engine, the model search, the
+            final fit and why it saw fewer than every training row); empty: not recorded.
     """
 
     model_name: str
@@ -148,6 +150,7 @@ class ModelCard:
     holdout_split: str | None = None  # which holdout and CV folds were used, and why (`Split.why`)
     allowed_leaks: dict[str, str] = field(default_factory=dict)  # flagged features trained on: feature -> reason
     data_manifest: str | None = None  # where the data version's frozen manifest is (`lineage.manifest_uri`)
+    training: dict[str, str] = field(default_factory=dict)  # label -> text (`TrainingRecord.card_rows`)
 
     @property
     def task_type(self) -> str:
@@ -202,6 +205,7 @@ class CardFacts:
     calibration: str | None = None  # SearchResult.calibration_summary
     holdout_split: str | None = None
     allowed_leaks: dict[str, str] = field(default_factory=dict)
+    training: dict[str, str] = field(default_factory=dict)  # SearchResult.record_card: what ran where
 
 
 def make_card(facts: CardFacts) -> ModelCard:
@@ -245,4 +249,5 @@ def make_card(facts: CardFacts) -> ModelCard:
         calibration=facts.calibration,
         holdout_split=facts.holdout_split,
         allowed_leaks=dict(facts.allowed_leaks),
+        training=dict(facts.training),
     )

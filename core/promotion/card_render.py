@@ -343,6 +343,7 @@ def _view(card: ModelCard) -> dict[str, Any]:
         "importance_note": _importance_note(card),
         "importance_header": ["feature", "importance", "std"],
         "importances": [[i.feature, _num(i.importance_mean), _num(i.importance_std)] for i in card.feature_importances],
+        "training": list(card.training.items()),
     }
 
 
@@ -365,6 +366,13 @@ def render_markdown(card: ModelCard) -> str:
     lines += [f"- **{label}:** {_cell(value)}" for label, value in view["facts"]]
     lines += [f"- **{label}:** {_cell(url)}" for label, url, _ in view["links"]]
     lines += ["", "## Why", "", *[f"- {_cell(reason)}" for reason in card.reasons]]
+    if view["training"]:
+        lines += [
+            "",
+            "## Training: what ran where",
+            "",
+            *[f"- **{label}:** {_cell(value)}" for label, value in view["training"]],
+        ]
     if view["gates"]:
         lines += ["", "## Gates", "", *_table(["result", "gate", "detail"], view["gates"])]
     lines += ["", "## Holdout metrics", "", _cell(view["metric_legend"]), ""]
@@ -420,7 +428,11 @@ dd { margin: 0; overflow-wrap: anywhere; }
 <ul>
 {% for reason in card.reasons %}<li>{{ reason }}</li>
 {% endfor %}</ul>
-{% macro table(header, rows, status_column=none) -%}
+{% if training %}<h2>Training: what ran where</h2>
+<dl>
+{% for label, value in training %}<dt>{{ label }}</dt><dd>{{ value }}</dd>
+{% endfor %}</dl>
+{% endif %}{% macro table(header, rows, status_column=none) -%}
 <table>
 <tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for row in rows %}<tr>{% for cell in row %}<td
