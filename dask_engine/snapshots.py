@@ -36,7 +36,9 @@ def _filesystem(source: str, settings: Settings) -> Any:
     import fsspec
 
     if source.startswith("s3://"):
-        return fsspec.filesystem("s3", **s3_storage_options(settings))
+        # A fresh instance: a cached one keeps its listings (ETags), and a file rewritten since then fails to open
+        # (FileExpired) in the next run of the same process
+        return fsspec.filesystem("s3", skip_instance_cache=True, **s3_storage_options(settings))
     return fsspec.filesystem("file")
 
 
@@ -54,7 +56,12 @@ def _uri(source: str, path: str) -> str:
 
 
 def count_rows(config: DatasetConfig, settings: Settings) -> int | None:
-    """Rows of the snapshot from the Parquet footers only (no data read); None for CSV."""
+    """Rows of the snapshot from the Parquet footers only (no data read); None for CSV and SQL.
+
+    None too when a footer cannot be read (an empty or broken file): the engine choice then leaves the snapshot
+    to the pandas engine, whose loader says what is wrong with which file.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if config.format != "parquet":
@@ -63,8 +70,12 @@ def count_rows(config: DatasetConfig, settings: Settings) -> int | None:
     paths = _paths(config.source, config.format, fs)
     total = 0
     for path in paths:
-        with fs.open(path, "rb") as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
+        try:
+            with fs.open(path, "rb") as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("rows of %s unknown: its Parquet footer cannot be read (%s)", path, exc)
+            return None
     return total
 
 

@@ -114,14 +114,15 @@ def fit_candidate(
     spec = search_spec(search, config.task)
     result = train_candidate(split.train, config, spec, seed)
     fit = fit_big_candidate(data.snapshot, split, config, result, seed)
+    searched_where = _search_where(split.rows_sample, config)
     record = TrainingRecord(
         "dask",
         split.rows_train,
         split.rows_sample,
         tuple(f.value for f in spec.families_for(config.task)),
-        _search_where(split.rows_sample, config),
+        searched_where,
         fit.rows,
-        fit.where,
+        searched_where if fit.model is result.model else fit.where,  # the search's own refit: where it ran
         fit.reason,
     )
     return replace(result, model=fit.model, record=record)

@@ -168,6 +168,10 @@ def test_auto_engine_counts_parquet_rows_from_the_footers(tmp_path) -> None:
     # and the engine follows the stated threshold on either side of it
     assert choose_snapshot_engine.fn(config.model_copy(update={"dask_min_rows": 3000})) == "dask"
     assert choose_snapshot_engine.fn(config.model_copy(update={"dask_min_rows": 3001})) == "pandas"
+    # An unreadable footer (an empty file): rows unknown, so the pandas engine's loader says what is wrong
+    (tmp_path / "part-9.parquet").write_bytes(b"")
+    assert count_rows(config, Settings()) is None
+    assert choose_snapshot_engine.fn(config.model_copy(update={"dask_min_rows": 1})) == "pandas"
 
 
 @pytest.mark.parametrize("rows", [12_000, 3_000_000])
