@@ -106,7 +106,7 @@ def current_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
 def score_champion(config: DatasetConfig, holdout: Any) -> ChampionState:
     """Prefect task: `current_champion`, submitted by the flow to run beside the search (same rows, same answer).
 
-    With one OpenMP/BLAS thread (`tasks.review.review`'s `beside` says why): the search has the cores.
+    With one OpenMP thread in its own thread (`tasks.review.review`'s `beside` says why): the search has the cores.
     """
     with threadpool_limits(1, user_api="openmp"):  # this thread's pool only
         return current_champion(config, holdout)

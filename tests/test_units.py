@@ -661,3 +661,13 @@ def test_two_requests_with_one_request_id_in_one_micro_batch_stay_two_rows(tmp_p
     # then both answers are there once each: the re-read copy goes, the colliding request does not
     assert sorted(table["x"]) == [1.0, 2.0] and table["request_id"].tolist() == ["same-id", "same-id"]
     assert sorted(table["request_seq"]) == [0, 1]
+
+
+def test_the_search_ships_to_the_cluster_only_from_the_configured_training_cells():
+    from tasks.training import search_address
+
+    settings = Settings(search_cluster_min_cells=1_000)
+    assert search_address("tcp://127.0.0.1:8786", 199, 5, settings) is None  # 995 cells: in this process
+    assert search_address("tcp://127.0.0.1:8786", 200, 5, settings) == "tcp://127.0.0.1:8786"
+    assert search_address(None, 10**9, 100, settings) is None  # no cluster: in this process, whatever the size
+    assert search_address("tcp://h:1", 1, 1, Settings(search_cluster_min_cells=0)) == "tcp://h:1"
