@@ -166,7 +166,8 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     same = compare(fingerprint, champion.fingerprint, config.model_name, champion.version)
     if same.unchanged and not params.force:
         return _nothing_new(params, config, gates, fingerprint, champion, same)
-    # frozen as a data version, then validated (or DataValidationError), in memory or on the cluster
+    # Frozen as a data version, then validated: in memory beside the search (nothing is registered before
+    # `data.report` says the data passed), on the cluster first (DataValidationError here).
     data = prepare_data(config, params.seed, params.data_version or None)  # the UI form may send ""
     run_id = start_run(config, _run_params(params, data, config), _run_tags(params, data, same, fingerprint))
     result: PromotionResult | None = None
@@ -176,12 +177,13 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         split = split_data(data, config)
         champion = score_champion.submit(config, split.holdout)  # the champion's holdout scores, beside the search
         search = fit_candidate(data, split, config, params.search, params.seed)
+        report = data.report  # the validation beside the search passed (else DataValidationError)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
         inputs = review_inputs(search.model, evaluation, split.holdout, champion.result())
         findings = review.submit(inputs, config, gates, params.seed, beside=True)  # beside the logging below
         records = [
             inputs_logged,
-            log_evaluation.submit(run_id, search, evaluation.metrics, evaluation.figures, data.report.to_json()),
+            log_evaluation.submit(run_id, search, evaluation.metrics, evaluation.figures, report.to_json()),
             log_reference.submit(run_id, search.model, split.holdout, config, params.seed),  # monitoring's baseline
         ]
         model_uri, digests = log_model(run_id, search.model, split.train, config)  # loaders check the digests
@@ -199,9 +201,10 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         facts = replace(facts, training=search.record_card)  # what ran where, on how many rows
         record_run(facts, run_id, result.tags(outcome), steps_after(result.approval))
         result.raise_failure(config.model_name)
-    except BaseException:  # a record of the failure, even after an expired pause
+    except BaseException as error:  # a record of the failure, even after an expired pause
         explain_outage()  # when the cause is the stack's database, say so first
         steps_after(result.approval if result else None)(end_run)(run_id, "FAILED")
+        data.raise_if_invalid(error)  # bad data, not the symptom they caused in the search
         raise
     end_run(run_id, "FINISHED")
     previous = result.promotion.replaced if result.promotion is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pandas as pd
 
@@ -15,7 +16,13 @@ from tasks.search_trials import dask_runner, local_runner, run_search_on
 log = logging.getLogger(__name__)
 
 
-def train_candidate(train: pd.DataFrame, config: DatasetConfig, spec: SearchSpec, seed: int) -> SearchResult:
+def train_candidate(
+    train: pd.DataFrame,
+    config: DatasetConfig,
+    spec: SearchSpec,
+    seed: int,
+    check: Callable[[], None] | None = None,
+) -> SearchResult:
     """Search and refit, each trial a task run of the calling flow; progress shows as a Prefect progress artifact.
 
     The trials run on the Dask cluster `adapters.cluster.cluster_address` names (MLOPS_DASK_ADDRESS, else
@@ -33,6 +40,8 @@ def train_candidate(train: pd.DataFrame, config: DatasetConfig, spec: SearchSpec
 
     def report(done: int, total: int, trial: Trial) -> None:
         update_progress_artifact(progress_id, progress=100.0 * done / total)
+        if check is not None:  # e.g. the validation beside the search has failed: stop here
+            check()
 
     settings = get_settings()
     address = search_address(cluster_address(settings), len(train), len(config.input_columns), settings)

@@ -671,3 +671,32 @@ def test_the_search_ships_to_the_cluster_only_from_the_configured_training_cells
     assert search_address("tcp://127.0.0.1:8786", 200, 5, settings) == "tcp://127.0.0.1:8786"
     assert search_address(None, 10**9, 100, settings) is None  # no cluster: in this process, whatever the size
     assert search_address("tcp://h:1", 1, 1, Settings(search_cluster_min_cells=0)) == "tcp://h:1"
+
+
+def test_a_validation_beside_the_search_stops_it_and_names_the_cause_not_the_symptom():
+    from concurrent.futures import Future
+
+    from core.data.validation import DataValidationError, ExpectationFailure, ValidationReport
+    from tasks.preparation import PreparedData
+
+    class Running:  # a thread pool task's future, as Prefect wraps it
+        def __init__(self) -> None:
+            self.wrapped_future: Future = Future()
+
+        def result(self) -> ValidationReport:
+            return self.wrapped_future.result(timeout=5)
+
+    failed = ValidationReport(False, 3, [ExpectationFailure("expect_column_values_to_be_of_type", "age", "text")])
+    validation = Running()
+    data = PreparedData(None, pd.DataFrame({"age": ["forty"]}), None, validation)
+    data.stop_if_invalid()  # still running: the search goes on
+    validation.wrapped_future.set_result(failed)
+    with pytest.raises(DataValidationError, match="'age'"):
+        data.stop_if_invalid()  # finished and failed: the search stops at its next trial
+    symptom = ValueError("could not convert string to float: 'forty'")
+    with pytest.raises(DataValidationError, match="'age'") as raised:
+        data.raise_if_invalid(symptom)
+    assert raised.value.__cause__ is symptom
+    passed = PreparedData(None, pd.DataFrame(), None, ValidationReport(True, 3, []))
+    passed.raise_if_invalid(symptom)  # valid data: the symptom is the cause, left as it is
+    assert passed.report.success
