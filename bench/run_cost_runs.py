@@ -23,7 +23,7 @@ from typing import Any
 # Task names change with the flow (tasks/search_trials.py, tasks/evaluation.py, tasks/dask_training.py): a new
 # kind of work (a sampled search on the Dask engine, say) is added here, and every task's seconds are listed in
 # the output either way, so a misfiled task shows.
-WORK_TASKS = ("trial", "refit", "evaluate", "train-big")
+WORK_TASKS = ("trial", "refit", "evaluate", "train-big", "fit-big")  # fit-big: the final fit on every row
 
 # MLflow params and tags that say what ran where and on how many rows (not the chosen hyperparameters, `best_*`)
 # (`training.*`: the run's record of its engine, search and final fit, core/modeling/training_record.py)
