@@ -1137,7 +1137,7 @@ def test_permutation_importances_equal_scikit_learns_own(family, variant):
     from core.modeling.search import build_model
 
     config = load_local_dataset_config("credit-risk")
-    frame = generate_frame(3000, seed=5)
+    frame = generate_frame(1500, seed=5)
     scoring = "roc_auc"
     if variant.startswith("target"):
         features = [
