@@ -31,9 +31,14 @@ def free_port_block(size: int, start: int = 20000, stop: int = 60000) -> int:
 
 
 def stack_ports(weed_start: int = 40000) -> dict[str, str]:
-    """Free ports for a private stack of a test's own (S3, MLflow, Prefect, worker, serving, PostgreSQL,
-    SeaweedFS's block), as the `MLOPS_*` variables `mlops stack up` reads."""
-    ports = {name: free_port() for name in ("S3", "MLFLOW", "PREFECT", "WORKER", "SERVING", "POSTGRES")}
+    """Free ports for a private stack of a test's own (S3, MLflow, Prefect, worker, serving, PostgreSQL, the Dask
+    scheduler and its dashboard, SeaweedFS's block), as the `MLOPS_*` variables `mlops stack up` reads.
+
+    Every port a stack binds: one left at its default collides with a developer's stack on the same machine
+    (the model job's test failed on a busy 8786 while a dev stack ran).
+    """
+    names = ("S3", "MLFLOW", "PREFECT", "WORKER", "SERVING", "POSTGRES", "DASK_SCHEDULER", "DASK_DASHBOARD")
+    ports = {name: free_port() for name in names}
     return {f"MLOPS_{name}_PORT": str(port) for name, port in ports.items()} | {
         "MLOPS_WEED_PORT_BASE": str(free_port_block(16, start=weed_start))
     }
