@@ -370,7 +370,14 @@ def test_calibrated_multiclass_pipelines_compile_and_pass_the_parity_check(famil
         3,
     )
     check = compile_and_check(model, X, set())
-    assert check.onnx.passed and check.form == "onnx", check.onnx.reason
+    assert check.arrays.passed and check.edge_cases > 0, check.arrays.reason  # an all-numeric table gets edge cases
+    if (family, method) == ("random_forest", "isotonic"):
+        # As in the binary case above: skl2onnx's forest on float32 inputs, through isotonic's steps, misses the
+        # bound on an edge case at a clip bound (max |d| 0.667 on one of 513 edge rows since this table gets edge
+        # cases at all): served as the exact arrays instead, never wrong
+        assert check.form in ("onnx", "exact-arrays")
+    else:
+        assert check.onnx.passed and check.form == "onnx", check.onnx.reason
 
 
 @pytest.mark.parametrize("n", [1, 2, 40, 5000])
