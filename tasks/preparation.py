@@ -136,8 +136,8 @@ def validate_beside(
 ) -> ValidationReport:
     """Prefect task: validate the rows and store the report (`check_snapshot`), beside the flow's next steps.
 
-    Great Expectations took 2.4-5 s of a 100k-row run, the run's largest fixed cost, before anything else could
-    start; it needs one core of the two while the search's first folds mostly wait on OpenMP.
+    Great Expectations took 2.4-5 s of a 100k-row run before anything else could start; beside the search it
+    ran 3.6 s of a 51.5 s run without being on its path (bench/results/run_cost.md).
     """
     report = check_snapshot(frame, config, data_version, join)
     store_validation_report(config.name, data_version, report.to_json(), report.to_markdown())
