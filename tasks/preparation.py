@@ -17,8 +17,6 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adapters.cluster import cluster_address
-from adapters.settings import get_settings
 from core.dask_engine.fitting import search_spec
 from core.dask_engine.split import DaskSplit
 from core.data.dataset import DatasetConfig
@@ -26,7 +24,7 @@ from core.data.feature_history import JoinReport
 from core.data.split import Split
 from core.data.validation import DataValidationError, ValidationReport
 from core.modeling.search import SearchResult, SearchSpec
-from core.modeling.training_record import DASK_CLUSTER, FLOW_PROCESS, TrainingRecord
+from core.modeling.training_record import TrainingRecord
 from tasks.dask_training import (
     check_big_snapshot,
     choose_snapshot_engine,
@@ -40,7 +38,7 @@ from tasks.features import join_features
 from tasks.loading import load_snapshot
 from tasks.reports import store_validation_report
 from tasks.split import split_snapshot
-from tasks.training import search_address, train_candidate
+from tasks.training import train_candidate
 from tasks.validation import check_snapshot
 
 
@@ -160,15 +158,13 @@ def fit_candidate(
     """
     if not data.on_cluster:
         # a failed validation stops the search at its next trial
-        result = train_candidate(split.train, config, search, seed, data.stop_if_invalid)
-        where = _search_where(split.rows_train, config)  # the refit runs where the trials ran
+        result, where = train_candidate(split.train, config, search, seed, data.stop_if_invalid)  # refit there too
         families = tuple(f.value for f in search.families_for(config.task))
         rows = split.rows_train
         return replace(result, record=TrainingRecord("pandas", rows, rows, families, where, rows, where))
     spec = search_spec(search, config.task)
-    result = train_candidate(split.train, config, spec, seed)
+    result, searched_where = train_candidate(split.train, config, spec, seed)
     fit = fit_big_candidate(data.snapshot, split, config, result, seed)
-    searched_where = _search_where(split.rows_sample, config)
     record = TrainingRecord(
         "dask",
         split.rows_train,
@@ -180,10 +176,3 @@ def fit_candidate(
         fit.reason,
     )
     return replace(result, model=fit.model, record=record)
-
-
-def _search_where(rows: int, config: DatasetConfig) -> str:
-    """Where `train_candidate` ran the trials (and the refit) for `rows` training rows."""
-    settings = get_settings()
-    address = search_address(cluster_address(settings), rows, len(config.input_columns), settings)
-    return DASK_CLUSTER if address else FLOW_PROCESS

@@ -11,6 +11,7 @@ from adapters.cluster import cluster_address
 from adapters.settings import Settings, get_settings
 from core.data.dataset import DatasetConfig
 from core.modeling.search import SearchResult, SearchSpec, Trial
+from core.modeling.training_record import DASK_CLUSTER, FLOW_PROCESS
 from tasks.search_trials import dask_runner, local_runner, run_search_on
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,10 @@ def train_candidate(
     spec: SearchSpec,
     seed: int,
     check: Callable[[], None] | None = None,
-) -> SearchResult:
+) -> tuple[SearchResult, str]:
     """Search and refit, each trial a task run of the calling flow; progress shows as a Prefect progress artifact.
+
+    Returns the result and where its trials and refit ran (`FLOW_PROCESS` or `DASK_CLUSTER`), for its record.
 
     The trials run on the Dask cluster `adapters.cluster.cluster_address` names (MLOPS_DASK_ADDRESS, else
     the local stack's scheduler) when the table is big enough to be worth shipping there
@@ -46,7 +49,7 @@ def train_candidate(
     settings = get_settings()
     address = search_address(cluster_address(settings), len(train), len(config.input_columns), settings)
     runner = dask_runner(address) if address else local_runner()
-    return run_search_on(runner, train, config, spec, seed, on_trial=report)
+    return run_search_on(runner, train, config, spec, seed, on_trial=report), DASK_CLUSTER if address else FLOW_PROCESS
 
 
 def search_address(address: str | None, rows: int, columns: int, settings: Settings) -> str | None:
