@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from adapters.clients import mlflow_client, use_tracking_server
+from adapters.run_records import set_version_tags
 from adapters.settings import Settings
 from core.modeling.artifacts import (
     MLMODEL_FILE,
@@ -195,8 +196,7 @@ def trust_version(settings: Settings, model_name: str, version: str, actor: str)
     if tags.get("inference_form") == "onnx" and details.run_id:
         onnx = sha256_hex(run_bytes(details.run_id, ONNX_ARTIFACT))
     new_tags = digests.tags() | ({ONNX_DIGEST_TAG: onnx} if onnx else {}) | {"trusted_by": actor}
-    for key, value in new_tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
+    set_version_tags(client, model_name, version, new_tags)
     return TrustResult(digests, onnx, already=False)
 
 

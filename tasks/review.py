@@ -25,9 +25,8 @@ def review(inputs: ReviewInputs, config: DatasetConfig, gates: Gates, seed: int,
     thread: two pools of every core's size in one process made each wait for the other's spinning threads
     (four gradient-boosting trials took 441 s instead of 71 s with a second pool beside them).
     """
-    if not beside:
-        return review_candidate(inputs, config, gates, seed)
-    with threadpool_limits(1, user_api="openmp"):  # per thread (BLAS limits would be the whole process's)
+    # None: no limit; OpenMP's is per thread (a BLAS limit would be the whole process's)
+    with threadpool_limits(1 if beside else None, user_api="openmp"):
         return review_candidate(inputs, config, gates, seed)
 
 
