@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from adapters.cluster import s3_storage_options
@@ -20,6 +22,8 @@ from adapters.store import fs_path, s3_filesystem
 from core.data.dataset import DatasetConfig
 
 log = logging.getLogger(__name__)
+
+FOOTER_READERS = 8  # footers read side by side by `count_rows`
 
 
 @dataclass(frozen=True)
@@ -61,22 +65,27 @@ def count_rows(config: DatasetConfig, settings: Settings) -> int | None:
     None too when a footer cannot be read (an empty or broken file): the engine choice then leaves the snapshot
     to the pandas engine, whose loader says what is wrong with which file.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if config.format != "parquet":
         return None
     fs = _filesystem(config.source, settings)
     paths = _paths(config.source, config.format, fs)
-    total = 0
-    for path in paths:
-        try:
-            with fs.open(path, "rb") as handle:
-                total += pq.ParquetFile(handle).metadata.num_rows
-        except (OSError, pa.ArrowException) as exc:
-            log.warning("rows of %s unknown: its Parquet footer cannot be read (%s)", path, exc)
-            return None
-    return total
+    # Each footer is a request or two: read side by side (12 monthly files took 3.1 s one after the other).
+    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_READERS, len(paths)))) as pool:
+        rows = list(pool.map(partial(_footer_rows, fs), paths))
+    return None if any(r is None for r in rows) else sum(r for r in rows if r is not None)
+
+
+def _footer_rows(fs: Any, path: str) -> int | None:
+    """Rows of one Parquet file from its footer; None (said in the log) when it cannot be read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("rows of %s unknown: its Parquet footer cannot be read (%s)", path, exc)
+        return None
 
 
 def open_snapshot(config: DatasetConfig, settings: Settings) -> DaskSnapshot:
