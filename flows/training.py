@@ -32,14 +32,15 @@ from services.promotion import (
     review_inputs,
     score_champion,
 )
-from tasks.compile import compile_candidate
+from tasks.compile import compile_check, log_compiled
+from tasks.dask_training import choose_snapshot_engine
 from tasks.data_versions import frozen_fingerprint, log_run_inputs
 from tasks.evaluation import evaluate_candidate
 from tasks.loading import load_dataset_config
 from tasks.monitoring import log_reference
 from tasks.preparation import PreparedData, fit_candidate, prepare_data, split_data
 from tasks.reports import publish_decision
-from tasks.review import review
+from tasks.review import explain, explained, review
 from tasks.tracking import (
     ChampionRecord,
     champion_record,
@@ -48,6 +49,7 @@ from tasks.tracking import (
     fingerprint_run,
     git_commit,
     log_evaluation,
+    log_importances,
     log_model,
     record_decision,
     start_run,
@@ -162,13 +164,16 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
     config = load_dataset_config(params.dataset)
     gates = resolve_gates(params.gates, config.task)  # the task's default primary metric, or a clear error
     # Same data listing, config, params and code as the champion: nothing to learn; stop before reading the data.
-    fingerprint, champion = _fingerprint(params, config), champion_record(config.model_name)
+    # The champion's record and the engine (Parquet footers only) beside the listing: none waits on another.
+    champion_lookup = champion_record.submit(config.model_name)
+    engine = choose_snapshot_engine.submit(config, params.data_version or None)  # the UI form may send ""
+    fingerprint, champion = _fingerprint(params, config), champion_lookup.result()
     same = compare(fingerprint, champion.fingerprint, config.model_name, champion.version)
     if same.unchanged and not params.force:
         return _nothing_new(params, config, gates, fingerprint, champion, same)
     # Frozen as a data version, then validated: in memory beside the search (nothing is registered before
     # `data.report` says the data passed), on the cluster first (DataValidationError here).
-    data = prepare_data(config, params.seed, params.data_version or None)  # the UI form may send ""
+    data = prepare_data(config, params.seed, params.data_version or None, engine.result())
     run_id = start_run(config, _run_params(params, data, config), _run_tags(params, data, same, fingerprint))
     result: PromotionResult | None = None
     try:
@@ -186,14 +191,19 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             log_evaluation.submit(run_id, search, evaluation.metrics, evaluation.figures, report.to_json()),
             log_reference.submit(run_id, search.model, split.holdout, config, params.seed),  # monitoring's baseline
         ]
+        compiling = compile_check.submit(search.model, split.holdout, config, params.seed, beside=True)  # served form
         model_uri, digests = log_model(run_id, search.model, split.train, config)  # loaders check the digests
-        compiled = compile_candidate(run_id, search.model, split.holdout, config, params.seed)  # how it is served
+        compiled = compiling.result()
+        records.append(log_compiled.submit(run_id, compiled))
         tags = _version_tags(config, data, compiled.tags() | fingerprint.tags() | digests.tags())
         candidate = Candidate(run_id, search.model, model_uri, evaluation, split.holdout, tags, compiled.line())
         for record in records:  # a record that failed fails the run before anything is registered
             record.result()
         prejudged = Prejudged(champion.result(), findings.result())  # used if the champion is the same under the lock
+        importances = explain.submit(search.model, split.holdout, config, params.seed)  # no gate: beside the promotion
         result = review_and_promote(candidate, config, _policy(params, gates), prejudged)
+        result = replace(result, findings=replace(result.findings, importances=explained(importances)))
+        steps_after(result.approval)(log_importances)(run_id, result.findings.importances)
         outcome = result.outcome(params.dry_run)
         facts = replace(
             _card_facts(params, config, split, data, result, outcome), calibration=search.calibration_summary

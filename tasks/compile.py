@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from threadpoolctl import threadpool_limits
 
 from adapters.clients import mlflow_client
 from adapters.settings import get_settings
@@ -25,20 +26,18 @@ from tasks.retrying import IO
 log = logging.getLogger(__name__)
 
 
-def compile_candidate(
-    run_id: str, model: Any, holdout: pd.DataFrame, config: DatasetConfig, seed: int
-) -> CompiledCheck:
-    """Compile and check the candidate (`compile_check`), then log the result in the run (`log_compiled`)."""
-    check = compile_check(model, holdout, config, seed)
-    log_compiled(run_id, check)
-    return check
-
-
 @task(name="compile", cache_policy=NO_CACHE)
-def compile_check(model: Any, holdout: pd.DataFrame, config: DatasetConfig, seed: int) -> CompiledCheck:
-    """Prefect task: compile the candidate to ONNX and check it (and the exact array form) on the holdout."""
+def compile_check(
+    model: Any, holdout: pd.DataFrame, config: DatasetConfig, seed: int, beside: bool = False
+) -> CompiledCheck:
+    """Prefect task: compile the candidate to ONNX and check it (and the exact array form) on the holdout.
+
+    `beside`: in a thread beside the flow's own work (the model's logging), with one OpenMP thread for the
+    pipeline's predictions (`tasks.review.review` says why). `log_compiled` records the result in the run.
+    """
     text_columns = {*config.categorical_features, *config.calendar_columns}  # date/time inputs arrive as ISO text
-    check = compile_and_check(model, prepare_inputs(holdout, config), text_columns, seed)
+    with threadpool_limits(1 if beside else None, user_api="openmp"):  # None: no limit
+        check = compile_and_check(model, prepare_inputs(holdout, config), text_columns, seed)
     log.info("%s (%.1f s)", check.line(), check.seconds)
     if not check.arrays.passed:
         log.warning("exact array form differs from the pipeline: %s", check.arrays.reason)

@@ -104,16 +104,19 @@ class PreparedData:
             self.report  # noqa: B018 - raises when the data failed
 
 
-def prepare_data(config: DatasetConfig, seed: int, data_version: str | None = None) -> PreparedData:
+def prepare_data(
+    config: DatasetConfig, seed: int, data_version: str | None = None, engine: str | None = None
+) -> PreparedData:
     """Load (and freeze) the snapshot and validate it (the report stored either way).
 
     In memory the validation runs beside what follows (the split and the search: nothing is registered before
     `PreparedData.report` has said it passed); on the `dask` engine it runs first and `DataValidationError` is
     raised here. With `data_version`, the model's frozen version of that name, on the engine the config chooses
     for its size. On the `dask` engine the partitions are frozen by streaming them (hashed in chunks, copied
-    inside S3), and a frozen version is read in place from its blobs.
+    inside S3), and a frozen version is read in place from its blobs. `engine`: the engine already chosen
+    (`choose_snapshot_engine`), else it is chosen here.
     """
-    if choose_snapshot_engine(config, data_version) == "dask":
+    if (engine or choose_snapshot_engine(config, data_version)) == "dask":
         big = load_frozen_big_snapshot(config, data_version) if data_version else None
         snapshot = big or freeze_big_snapshot(config, load_big_snapshot(config))
         report = check_big_snapshot(snapshot, config, seed)

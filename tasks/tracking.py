@@ -219,16 +219,23 @@ def log_model(run_id: str, model: Any, train: pd.DataFrame, config: DatasetConfi
 
 @task(name="log-review", **IO)
 def log_review(run_id: str, review: Review) -> None:
-    """Prefect task: what the reviewer found, in the run: importance plot and table, gates, intervals, slices."""
+    """Prefect task: what the reviewer found, in the run: gates, intervals, slices, fairness."""
     client = mlflow_client(get_settings())
-    if not review.importances.empty:
-        client.log_figure(run_id, importance_figure(review.importances), "plots/feature_importance.png")
-        client.log_text(run_id, review.importances.to_csv(index=False), "explain/importances.csv")
     client.log_text(run_id, review.to_json(), "review/review.json")
     deltas = {f"delta_{i.metric}_low": i.low for i in review.intervals} | {
         f"delta_{i.metric}": i.delta for i in review.intervals
     }
     log_run_records(client, run_id, metrics=deltas)
+
+
+@task(name="log-importances", **IO)
+def log_importances(run_id: str, importances: pd.DataFrame) -> None:
+    """Prefect task: what the candidate relies on, in the run: the importance plot and table."""
+    if importances.empty:
+        return
+    client = mlflow_client(get_settings())
+    client.log_figure(run_id, importance_figure(importances), "plots/feature_importance.png")
+    client.log_text(run_id, importances.to_csv(index=False), "explain/importances.csv")
 
 
 @task(name="register", **IO)

@@ -1003,6 +1003,22 @@ def test_review_candidate_runs_end_to_end_for_every_task(task_case, cold):
     assert decision.primary_metric == primary
 
 
+def test_the_review_without_importances_is_the_same_and_explain_gives_them(task_case):
+    """The flow reviews without importances (`explain=False`) and computes them beside the promotion."""
+    from core.evaluation.review import ReviewInputs, explain_candidate, review_candidate
+    from core.modeling.metrics import predict_proba
+
+    config, holdout, model = task_case["config"], task_case["holdout"], task_case["candidate"]
+    full, _, gates = _reviewed(task_case, cold=True)
+    inputs = ReviewInputs(model, predict_proba(model, holdout, config), holdout)
+    bare = review_candidate(inputs, config, gates, 0, explain=False)
+    assert bare.importances.empty and bare.importance_scoring == full.importance_scoring
+    assert (bare.candidate, bare.holdout, bare.notes) == (full.candidate, full.holdout, full.notes)
+    untimed = [(c.gate, c.passed, c.detail) for c in bare.checks if c.gate != "latency"]
+    assert untimed == [(c.gate, c.passed, c.detail) for c in full.checks if c.gate != "latency"]
+    pd.testing.assert_frame_equal(explain_candidate(model, holdout, config, 0), full.importances)
+
+
 @pytest.mark.parametrize("cold", [False, True])
 def test_the_card_reads_right_for_every_task(task_case, cold):
     from core.promotion.card import CardFacts, make_card

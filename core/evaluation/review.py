@@ -231,7 +231,22 @@ def _slices_check(results: ModelResults, champion: ModelResults, gates: Gates, u
     return GateResult("slices", not failures, detail)
 
 
-def review_candidate(inputs: ReviewInputs, config: DatasetConfig, gates: Gates, seed: int) -> Review:
+def explain_candidate(candidate: Any, holdout: pd.DataFrame, config: DatasetConfig, seed: int) -> pd.DataFrame:
+    """What the candidate relies on: permutation importances on the holdout rows, by the search's own CV scorer.
+
+    Not a gate: for the run and the model card (`Review.importances`), so a flow may compute it beside the
+    decision (`review_candidate(..., explain=False)`).
+    """
+    from core.modeling.explain import permutation_importances
+
+    scoring = scoring_for(TaskType(task_of(model_classes(candidate)))).scorer
+    X, y_true = prepare_inputs(holdout, config), prepare_target(holdout, config)
+    return permutation_importances(candidate, X, y_true, scoring=scoring, seed=seed)
+
+
+def review_candidate(
+    inputs: ReviewInputs, config: DatasetConfig, gates: Gates, seed: int, *, explain: bool = True
+) -> Review:
     """Everything the decision needs beyond the candidate's metrics, on the frozen holdout rows.
 
     Args:
@@ -239,9 +254,9 @@ def review_candidate(inputs: ReviewInputs, config: DatasetConfig, gates: Gates, 
         config: Dataset description (slices, sensitive features).
         gates: Thresholds of the review gates (an empty primary metric is filled with the task's default).
         seed: Seeds the bootstrap and the permutations.
+        explain: Whether to compute the importances too (`explain_candidate`); without them the review's
+            `importances` are empty, for the caller to fill.
     """
-    from core.modeling.explain import permutation_importances
-
     candidate, proba, holdout = inputs.candidate, inputs.proba, inputs.holdout
     champion_proba, champion_schema = inputs.champion_proba, inputs.champion_schema
     y_true = prepare_target(holdout, config)
@@ -268,8 +283,8 @@ def review_candidate(inputs: ReviewInputs, config: DatasetConfig, gates: Gates, 
     X = prepare_inputs(holdout, config)
     checks += operational_gates(candidate, X.head(1), gates)
     checks.append(schema_gate(input_schema(config), champion_schema, gates.allow_schema_change))
-    scoring = scoring_for(TaskType(task)).scorer  # the search's own CV scorer
-    importances = permutation_importances(candidate, X, y_true, scoring=scoring, seed=seed)
+    scoring = scoring_for(TaskType(task)).scorer  # the search's own CV scorer (`explain_candidate`'s)
+    importances = explain_candidate(candidate, holdout, config, seed) if explain else pd.DataFrame()
     for check in checks:
         log.info("gate %s: %s (%s)", check.gate, "passed" if check.passed else "FAILED", check.detail)
     return Review(checks, results, champion_results, intervals, importances, notes, evidence, task, scoring)
