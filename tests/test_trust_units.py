@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import time
 from datetime import UTC, datetime
 
@@ -1175,3 +1176,26 @@ def test_permutation_importances_equal_scikit_learns_own(family, variant):
     reference = permutation_importance(model, X, y, scoring=scoring, n_repeats=3, random_state=11)
     np.testing.assert_allclose(fast.importances, reference.importances, rtol=0, atol=1e-12)
     assert np.abs(reference.importances_mean).max() > 0.01  # some feature matters: the comparison is not of zeros
+
+
+def test_a_failed_explain_leaves_no_importances_and_says_why(caplog):
+    """The flow reads the importances after the promotion: their failure must not fail a promoted run."""
+    from tasks.review import explained
+
+    class Finished:  # a submitted task's future, as `PrefectFuture.result(raise_on_failure=False)` answers
+        def __init__(self, value):
+            self.value = value
+
+        def result(self, raise_on_failure=True):
+            assert raise_on_failure is False
+            return self.value
+
+    table = pd.DataFrame({"feature": ["a"], "importance_mean": [0.1], "importance_std": [0.0]})
+    assert explained(Finished(table)) is table
+    logger = logging.getLogger("tasks.review")  # Prefect's logging setup may stop it reaching the root's handler
+    logger.addHandler(caplog.handler)
+    try:
+        assert explained(Finished(MemoryError("no room for the shuffles"))).empty
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "no feature importances for this run: MemoryError: no room for the shuffles" in caplog.text
