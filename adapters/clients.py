@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# S3 requests one caller sends side by side (reading or storing a snapshot's files); within the client's
+# connection pool (botocore's default: 10).
+S3_REQUESTS_AT_ONCE = 8
+
+
 def s3_client(settings: Settings) -> Any:
     """A boto3 S3 client for the configured endpoint, with bounded timeouts and standard retries."""
     import boto3

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.clients import mlflow_client, s3_client
+from adapters.clients import S3_REQUESTS_AT_ONCE, mlflow_client, s3_client
 from adapters.settings import Settings
 from core.data.data_versions import (
     BLOB_PREFIX,
@@ -93,15 +94,10 @@ def freeze(settings: Settings, manifest: Manifest, objects: Sequence[tuple[str, 
     client, bucket = s3_client(settings), settings.bucket
     where = f"s3://{bucket}/{manifest_key(manifest.model_name, manifest.data_version)}"
     try:
-        new = 0
-        for file, (_, body) in zip(manifest.files, objects, strict=True):
-            if not _exists(client, bucket, blob_key(file.sha256)):
-                client.put_object(Bucket=bucket, Key=blob_key(file.sha256), Body=body)
-                new += 1
+        blobs = [(blob_key(file.sha256), body) for file, (_, body) in zip(manifest.files, objects, strict=True)]
+        new = _store_missing(client, bucket, blobs)
         kept, first_use = _manifest_once(client, bucket, manifest)
-        for file, (_, body) in zip(manifest.files, objects, strict=True):
-            if not _exists(client, bucket, blob_key(file.sha256)):
-                client.put_object(Bucket=bucket, Key=blob_key(file.sha256), Body=body)
+        _store_missing(client, bucket, blobs)
     except (BotoCoreError, ClientError) as exc:
         raise FreezeError(
             f"could not freeze data version {manifest.data_version} of {manifest.model_name} at {where} "
@@ -110,6 +106,23 @@ def freeze(settings: Settings, manifest: Manifest, objects: Sequence[tuple[str, 
     frozen = Frozen(kept, new, len(manifest.files) - new, first_use)
     log.info("%s", frozen.describe())
     return frozen
+
+
+def _store_missing(client: Any, bucket: str, blobs: list[tuple[str, bytes]]) -> int:
+    """Write each (key, bytes) blob that is not in the bucket; how many were written.
+
+    Side by side (a request or two per blob: 12 monthly files took about a second one after the other).
+    """
+
+    def store(blob: tuple[str, bytes]) -> bool:
+        key, body = blob
+        if _exists(client, bucket, key):
+            return False
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+        return True
+
+    with ThreadPoolExecutor(max_workers=max(1, min(S3_REQUESTS_AT_ONCE, len(blobs)))) as pool:
+        return sum(pool.map(store, blobs))
 
 
 def _manifest_once(client: Any, bucket: str, manifest: Manifest) -> tuple[Manifest, bool]:
