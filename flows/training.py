@@ -160,7 +160,6 @@ def _nothing_new(
 )
 def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # noqa: B008 - a frozen default
     """Retrain the dataset's model and promote it when it passes the gates and beats the champion."""
-    warm_imports()  # what the later steps import, in the background while the data are read
     config = load_dataset_config(params.dataset)
     gates = resolve_gates(params.gates, config.task)  # the task's default primary metric, or a clear error
     # Same data listing, config, params and code as the champion: nothing to learn; stop before reading the data.
@@ -181,6 +180,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         inputs_logged = log_run_inputs.submit(run_id, config, params.model_dump(mode="json"))
         split = split_data(data, config)
         champion = score_champion.submit(config, split.holdout)  # the champion's holdout scores, beside the search
+        warm_imports()  # what the steps after the search import, beside it (not beside the reads before it)
         search = fit_candidate(data, split, config, params.search, params.seed)
         report = data.report  # the validation beside the search passed (else DataValidationError)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
@@ -191,7 +191,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             log_evaluation.submit(run_id, search, evaluation.metrics, evaluation.figures, report.to_json()),
             log_reference.submit(run_id, search.model, split.holdout, config, params.seed),  # monitoring's baseline
         ]
-        compiling = compile_check.submit(search.model, split.holdout, config, params.seed, beside=True)  # served form
+        compiling = compile_check.submit(search.model, split.holdout, config, params.seed)  # how it is served
         model_uri, digests = log_model(run_id, search.model, split.train, config)  # loaders check the digests
         compiled = compiling.result()
         records.append(log_compiled.submit(run_id, compiled))

@@ -1,10 +1,14 @@
-"""The libraries a training run needs only after its search, imported in the background while it reads data.
+"""The libraries a training run needs only after its search, imported in a background thread beside the search.
 
 Importing them took about 5 s of a 100k-row run's fixed cost, on the run's critical path, each at its first
-use: Great Expectations 2.0 s, skops.io 1.2-2.0 s (it imports scikit-learn's testing helpers, pytest among
-them), MLflow 1.0 s, ONNX 0.6-0.9 s, prefect-dask 0.2-0.4 s. A daemon thread imports them at the start of the
-flow, while the flow's own thread mostly waits on S3 and the Prefect and MLflow APIs; Python's import lock
-makes a module the flow needs before the thread got to it wait for that one import, never import it twice.
+use: skops.io 1.2-2.0 s (it imports scikit-learn's testing helpers, pytest among them), MLflow's model flavour
+1.0 s, ONNX 0.6-0.9 s, prefect-dask 0.2-0.4 s. A daemon thread imports them while the search runs (its trials
+spend their time in compiled code). Started at the flow's first line instead, the thread took the GIL from the
+steps before the search, which import MLflow and s3fs themselves: on 2026-12-07 at 100k rows the flow's fixed
+cost inside the run was 15.0 and 18.7 s that way (2 runs) and 12.0 and 11.1 s with the thread beside the search (2 runs,
+bench/results/run_cost_100k_warm_imports_later.md). Python's import lock makes a module the flow needs before
+the thread got to it wait for that one import, never import it twice. Great Expectations is not here: the
+validation beside the search imports it first.
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ import threading
 
 log = logging.getLogger(__name__)
 
-# Great Expectations first (validation follows the load); MLflow the flow imports itself at once.
+# In the order the steps after the search need them (the flow imports MLflow's client itself at once).
 LATER_IMPORTS = (
-    "great_expectations",
     "skops.io",
     "onnx",
     "onnxruntime",
