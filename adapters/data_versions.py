@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.clients import S3_REQUESTS_AT_ONCE, mlflow_client, s3_client
+from adapters.clients import map_s3_requests, mlflow_client, s3_client
 from adapters.settings import Settings
 from core.data.data_versions import (
     BLOB_PREFIX,
@@ -111,7 +110,7 @@ def freeze(settings: Settings, manifest: Manifest, objects: Sequence[tuple[str, 
 def _store_missing(client: Any, bucket: str, blobs: list[tuple[str, bytes]]) -> int:
     """Write each (key, bytes) blob that is not in the bucket; how many were written.
 
-    Side by side (a request or two per blob: 12 monthly files took about a second one after the other).
+    Side by side (`map_s3_requests`: a request or two per blob).
     """
 
     def store(blob: tuple[str, bytes]) -> bool:
@@ -121,8 +120,7 @@ def _store_missing(client: Any, bucket: str, blobs: list[tuple[str, bytes]]) -> 
         client.put_object(Bucket=bucket, Key=key, Body=body)
         return True
 
-    with ThreadPoolExecutor(max_workers=max(1, min(S3_REQUESTS_AT_ONCE, len(blobs)))) as pool:
-        return sum(pool.map(store, blobs))
+    return sum(map_s3_requests(store, blobs))
 
 
 def _manifest_once(client: Any, bucket: str, manifest: Manifest) -> tuple[Manifest, bool]:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import io
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from adapters.clients import S3_REQUESTS_AT_ONCE, S3Location, s3_client
+from adapters.clients import S3Location, map_s3_requests, s3_client
 from adapters.settings import Settings
 from adapters.store import BucketNotFoundError, StoreUnreachableError, list_keys
 from core.data.data_versions import relative_name, sha256_hex, version_of
@@ -95,8 +94,7 @@ def _fetch_s3_objects(source: str, fmt: str, settings: Settings) -> list[tuple[s
     def fetch(key: str) -> tuple[str, bytes]:
         return f"s3://{location.bucket}/{key}", client.get_object(Bucket=location.bucket, Key=key)["Body"].read()
 
-    with ThreadPoolExecutor(max_workers=min(S3_REQUESTS_AT_ONCE, len(keys))) as pool:  # a request per file
-        return list(pool.map(fetch, keys))  # in the listing's (sorted) order
+    return map_s3_requests(fetch, keys)  # a request per file, in the listing's (sorted) order
 
 
 def _fetch_local(source: str, fmt: str) -> list[tuple[str, bytes]]:

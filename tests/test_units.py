@@ -700,3 +700,24 @@ def test_a_validation_beside_the_search_stops_it_and_names_the_cause_not_the_sym
     passed = PreparedData(None, pd.DataFrame(), None, ValidationReport(True, 3, []))
     passed.raise_if_invalid(symptom)  # valid data: the symptom is the cause, left as it is
     assert passed.report.success
+
+
+def test_s3_requests_side_by_side_keep_the_items_order_and_raise_a_failure():
+    import time as clock
+
+    from adapters.clients import S3_REQUESTS_AT_ONCE, map_s3_requests
+
+    def slow_first(i: int) -> int:
+        clock.sleep(0.05 if i == 0 else 0)  # the first finishes last
+        return i * i
+
+    assert map_s3_requests(slow_first, list(range(3 * S3_REQUESTS_AT_ONCE))) == [i * i for i in range(24)]
+    assert map_s3_requests(slow_first, []) == []
+
+    def fails_on_two(i: int) -> int:
+        if i == 2:
+            raise OSError("S3 went away on item 2")
+        return i
+
+    with pytest.raises(OSError, match="item 2"):
+        map_s3_requests(fails_on_two, [0, 1, 2, 3])
