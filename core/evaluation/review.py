@@ -237,10 +237,13 @@ def explain_candidate(candidate: Any, holdout: pd.DataFrame, config: DatasetConf
     Not a gate: for the run and the model card (`Review.importances`), so a flow may compute it beside the
     decision (`review_candidate(..., explain=False)`).
     """
+    return _importances(candidate, prepare_inputs(holdout, config), prepare_target(holdout, config), seed)
+
+
+def _importances(candidate: Any, X: pd.DataFrame, y_true: pd.Series, seed: int) -> pd.DataFrame:
     from core.modeling.explain import permutation_importances
 
-    scoring = scoring_for(TaskType(task_of(model_classes(candidate)))).scorer
-    X, y_true = prepare_inputs(holdout, config), prepare_target(holdout, config)
+    scoring = scoring_for(TaskType(task_of(model_classes(candidate)))).scorer  # the search's own CV scorer
     return permutation_importances(candidate, X, y_true, scoring=scoring, seed=seed)
 
 
@@ -284,7 +287,7 @@ def review_candidate(
     checks += operational_gates(candidate, X.head(1), gates)
     checks.append(schema_gate(input_schema(config), champion_schema, gates.allow_schema_change))
     scoring = scoring_for(TaskType(task)).scorer  # the search's own CV scorer (`explain_candidate`'s)
-    importances = explain_candidate(candidate, holdout, config, seed) if explain else pd.DataFrame()
+    importances = _importances(candidate, X, y_true, seed) if explain else pd.DataFrame()  # `explain_candidate`'s
     for check in checks:
         log.info("gate %s: %s (%s)", check.gate, "passed" if check.passed else "FAILED", check.detail)
     return Review(checks, results, champion_results, intervals, importances, notes, evidence, task, scoring)
