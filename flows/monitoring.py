@@ -30,6 +30,7 @@ from tasks.monitoring import (
     analyse_partition_on_cluster,
     analyse_window,
     choose_drift_engine,
+    fit_performance_estimator,
     load_champion_reference,
     load_labels,
     load_partition,
@@ -124,7 +125,7 @@ class MonitoringOutcome:
 def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutcome:  # noqa: B008 - frozen default
     """Measure drift (and decay, when labels arrived), store the report, and trigger retraining if needed."""
     config = load_dataset_config(params.dataset)
-    champion = load_champion_reference(config.model_name)
+    champion = fit_performance_estimator(load_champion_reference(config.model_name), config)  # once for every window
     labels = load_labels(params.labels, config) if params.labels else None
     windows, results, pending = [], [], []
     if params.partition:

@@ -33,6 +33,7 @@ from core.monitoring.drift_analysis import (
     prediction_log_window,
     reference_sample,
     result_json,
+    with_estimator,
 )
 from core.monitoring.drift_analysis import analyse_window as analyse_one
 from core.monitoring.drift_report import StoredReport, report_html
@@ -58,6 +59,15 @@ def log_reference(run_id: str, model: Any, rows: pd.DataFrame, config: DatasetCo
 def load_champion_reference(model_name: str) -> Champion:
     """Prefect task: the current champion with its training reference and holdout metrics."""
     return monitoring_store.load_champion(get_settings(), model_name)
+
+
+@task(name="fit-performance-estimator", cache_policy=NO_CACHE)
+def fit_performance_estimator(champion: Champion, config: DatasetConfig) -> Champion:
+    """Prefect task: the champion with its estimator of performance without labels, fitted on its reference rows."""
+    fitted = with_estimator(champion, config)
+    if fitted.estimator is not None:
+        log.info("performance estimator: %s", fitted.estimator.method)
+    return fitted
 
 
 @task(name="load-partition", **IO)

@@ -29,6 +29,7 @@ from core.monitoring.drift import (
 )
 from core.monitoring.drift_analysis import WindowFigures, join_labels, judge_window, overall_verdict, reference_sample
 from core.monitoring.drift_report import MonitoredModel, summary_markdown
+from core.monitoring.estimation import REFERENCE_TARGET
 from core.monitoring.retraining import blocking_runs
 from core.promotion.history import ChampionChange, history_table, record_key
 
@@ -246,8 +247,11 @@ def test_reference_sample_has_features_and_probabilities(credit):
             return _proba(np.full(len(frame), 0.25))
 
     sample = reference_sample(train, Model(), config, max_rows=100, seed=0)
-    assert len(sample) == 100 and list(sample.columns) == [*config.feature_names, "proba_0", "proba_1"]
+    assert len(sample) == 100
+    assert list(sample.columns) == [*config.feature_names, "proba_0", "proba_1", REFERENCE_TARGET]
     assert (sample["proba_1"] == 0.25).all()
+    # the labels are the sampled rows' own (what the performance estimator is fitted on)
+    assert sample[REFERENCE_TARGET].tolist() == train.sample(n=100, random_state=0)[config.target].tolist()
     assert len(reference_sample(train, Model(), config, max_rows=5000, seed=0)) == 300
 
 
@@ -290,7 +294,7 @@ def regression():
 
 def test_regression_reference_stores_the_predicted_value(regression):
     config, frame, model, reference = regression
-    assert list(reference.columns) == [*config.feature_names, "prediction"]
+    assert list(reference.columns) == [*config.feature_names, "prediction", REFERENCE_TARGET]
     expected = model.predict(prepare_inputs(frame.iloc[:300], config))
     np.testing.assert_allclose(reference["prediction"].to_numpy(), expected, rtol=0, atol=1e-9)
     # a classifier's reference cannot be read as a regressor's, and the error says so

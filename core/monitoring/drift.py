@@ -178,6 +178,45 @@ class DriftThresholds(BaseModel):
     min_labelled_rows: int = Field(
         200, ge=10, title="Minimum labelled rows", description="Performance is judged on at least this many rows."
     )
+    estimate_triggers: bool = Field(
+        True,
+        title="Retrain on estimated drops",
+        description="Retrain when the estimated ROC AUC or F1 (a regressor's RMSE or MAE), computed without labels, "
+        "is beyond its band on the worse side (`core/monitoring/estimation.py`).",
+    )
+    estimate_sigmas: float = Field(
+        3.0,
+        gt=0,
+        le=10,
+        title="Estimate band (standard deviations)",
+        description="Half-width of the band around the reference's realised metric, in bootstrap standard "
+        "deviations at the window's size.",
+    )
+    estimate_min_change: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        title="Estimate band at least",
+        description="The band's half-width is never below this (absolute for ROC AUC, F1, precision, recall; "
+        "relative for RMSE and MAE), so a huge window does not trigger on a change too small to matter.",
+    )
+    multivariate: bool = Field(
+        True,
+        title="Multivariate drift",
+        description="Check with a domain classifier whether recent rows can be told from the reference's "
+        "(`core/monitoring/multivariate.py`); a drift found this way triggers retraining like per-feature drift.",
+    )
+    domain_min_auc: float = Field(
+        0.55,
+        gt=0.5,
+        le=1,
+        title="Domain classifier AUC at least",
+        description="Multivariate drift needs the classifier's cross-validated ROC AUC above this and above every "
+        "AUC with the labels shuffled.",
+    )
+    domain_permutations: int = Field(
+        9, ge=1, le=99, title="Permutations", description="Label shuffles that give the domain classifier's null AUCs."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- per column

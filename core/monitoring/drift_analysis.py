@@ -8,7 +8,7 @@ sample stored with each model, the label join and `analyse_window`, which puts t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -16,18 +16,29 @@ import numpy as np
 import pandas as pd
 
 from core.data.dataset import DatasetConfig
-from core.data.features import prepare_inputs
+from core.data.features import prepare_inputs, prepare_target
 from core.modeling.metrics import model_classes, model_scores
 from core.monitoring.decay import Performance, decay_reasons, decay_summary, labelled_performance
 from core.monitoring.drift import (
     DriftThresholds,
     FeatureDrift,
     MonitoringError,
+    drift_features,
     feature_drifts,
     output_columns,
     prediction_drift,
     task_of,
 )
+from core.monitoring.estimation import (
+    REFERENCE_TARGET,
+    BandRule,
+    Estimated,
+    PerformanceEstimator,
+    estimate_performance,
+    estimate_reasons,
+    fit_estimator,
+)
+from core.monitoring.multivariate import MultivariateDrift, domain_classifier_drift
 from core.monitoring.prediction_log import LOG_KEY, PREDICTED_AT, prediction_log_key, window_start
 
 REFERENCE_ROWS = 5000  # holdout rows kept in the reference sample stored with each model
@@ -43,6 +54,7 @@ class Champion:
     model: Any = field(repr=False)
     holdout: dict[str, float]
     reference: pd.DataFrame = field(repr=False)
+    estimator: PerformanceEstimator | None = field(default=None, repr=False)  # `with_estimator` fits it
 
     @property
     def classes(self) -> list[Any]:
@@ -71,6 +83,10 @@ class WindowFigures:
     prediction: FeatureDrift | None = None
     performance: Performance | None = None
     labelled_rows: int = 0
+    estimated: Estimated | None = None  # performance expected without labels (`core/monitoring/estimation.py`)
+    estimation_note: str = ""  # why nothing was estimated, when nothing was
+    multivariate: MultivariateDrift | None = None  # the domain classifier's verdict
+    null_rates: dict[str, float] = field(default_factory=dict)  # share of missing values per feature
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,7 @@ class WindowResult(WindowFigures):
 
     drifted: bool = False
     decayed: bool = False
+    estimated_drop: bool = False  # an estimate without labels is beyond its band on the worse side
     reasons: list[str] = field(default_factory=list)
     note: str = ""
     judged: bool = True  # False when the window is too small for a verdict (its figures are noise)
@@ -90,8 +107,8 @@ class WindowResult(WindowFigures):
 
     @property
     def triggered(self) -> bool:
-        """Drift or decay crossed a threshold."""
-        return self.drifted or self.decayed
+        """Drift, decay or an estimated drop crossed a threshold."""
+        return self.drifted or self.decayed or self.estimated_drop
 
 
 @dataclass(frozen=True)
@@ -153,7 +170,31 @@ def reference_sample(rows: pd.DataFrame, model: Any, config: DatasetConfig, max_
     classes = model_classes(model)
     scores = model_scores(model, features)
     outputs = scores.T if classes else [scores]
-    return features.assign(**dict(zip(output_columns(classes), outputs, strict=True)))
+    labels = {REFERENCE_TARGET: prepare_target(rows, config).to_numpy()}  # what the estimates are fitted on
+    return features.assign(**dict(zip(output_columns(classes), outputs, strict=True)), **labels)
+
+
+def with_estimator(champion: Champion, config: DatasetConfig, seed: int = 0) -> Champion:
+    """The champion with its performance estimator fitted on the reference rows (their features, outputs, labels).
+
+    A reference stored before estimation existed has no labels: the champion is returned as it is, and each window
+    says why nothing was estimated (`estimation_note`).
+    """
+    reference = champion.reference
+    if REFERENCE_TARGET not in reference.columns:
+        return champion
+    classes = champion.classes
+    y = reference[REFERENCE_TARGET].to_numpy()
+    y = y.astype(np.asarray(classes).dtype) if classes else y.astype(float)
+    features = reference[drift_features(config)]
+    estimator = fit_estimator(features, reference_scores(reference, classes), y, classes, seed)
+    return replace(champion, estimator=estimator)
+
+
+NO_REFERENCE_LABELS = (
+    "no estimated performance: the champion's training reference has no labels (stored before estimation "
+    "existed); the next retraining stores one"
+)
 
 
 def reference_scores(reference: pd.DataFrame, classes: list[Any]) -> np.ndarray:
@@ -206,13 +247,25 @@ def judge_window(figures: WindowFigures, thresholds: DriftThresholds) -> WindowR
     if prediction is not None and prediction.psi >= thresholds.prediction_psi:
         drifted = True
         reasons.append(f"prediction drift: PSI {prediction.psi:.3f} >= {thresholds.prediction_psi}")
+    if thresholds.multivariate and figures.multivariate is not None and figures.multivariate.drifted:
+        drifted = True
+        reasons.append(f"multivariate drift (domain classifier): {figures.multivariate.describe()}")
     decayed = False
     if performance is not None:
         decay = decay_reasons(performance, thresholds)
         decayed = bool(decay)
         reasons += decay
+    estimated = []
+    if figures.estimated is not None and thresholds.estimate_triggers:
+        estimated = estimate_reasons(figures.estimated, WATCHED)
+    reasons += estimated
     note = "" if reasons else "no threshold crossed"
-    return WindowResult(**measured, drifted=drifted, decayed=decayed, reasons=reasons, note=note)
+    return WindowResult(
+        **measured, drifted=drifted, decayed=decayed, estimated_drop=bool(estimated), reasons=reasons, note=note
+    )
+
+
+WATCHED = ("roc_auc", "f1", "rmse", "mae")  # the estimated metrics that trigger retraining (as decay's)
 
 
 def overall_verdict(windows: list[WindowResult]) -> Verdict:
@@ -232,8 +285,13 @@ def overall_verdict(windows: list[WindowResult]) -> Verdict:
             bits.append(f"{len(w.drifted_features)}/{len(w.features)} features ({', '.join(w.drifted_features[:4])})")
         if w.prediction is not None and w.drifted:
             bits.append(f"prediction PSI {w.prediction.psi:.2f}")
+        if w.multivariate is not None and w.multivariate.drifted:
+            bits.append(f"domain classifier AUC {w.multivariate.auc:.2f}")
         if w.decayed and w.performance is not None:
             bits.append(decay_summary(w.performance))
+        if w.estimated_drop and w.estimated is not None:
+            worse = [m for m in w.estimated.metrics if m.worse and m.metric in WATCHED]
+            bits.append(", ".join(f"estimated {m.metric} {m.estimate:.3g}" for m in worse))
         parts.append(f"{w.name} " + ", ".join(bits))
     return Verdict(True, reasons, "; ".join(parts))
 
@@ -254,14 +312,36 @@ def analyse_window(
     scores = model_scores(model, features)
     drifts = feature_drifts(reference, features, config, thresholds)
     prediction = prediction_drift(reference_scores(reference, classes), scores, classes, thresholds)
-    performance, labelled = None, 0
+    performance, labelled, known_labels = None, 0, None
     if labels is not None:
         y = join_labels(current, window.key, labels, config.id_column, config.target)
         known = y.notna().to_numpy()
         labelled = int(known.sum())
         if labelled >= thresholds.min_labelled_rows:
-            performance = labelled_performance(y[known].to_numpy(), scores[known], classes, champion.holdout)
-    figures = WindowFigures(window.name, window.source, len(current), drifts, prediction, performance, labelled)
+            y_known = y[known].to_numpy()
+            y_known = y_known.astype(np.asarray(classes).dtype) if classes else y_known.astype(float)
+            performance = labelled_performance(y_known, scores[known], classes, champion.holdout)
+            known_labels = (known, y_known) if performance is not None else None
+    columns = drift_features(config)
+    figures = WindowFigures(
+        window.name, window.source, len(current), drifts, prediction, performance, labelled,
+        null_rates={c: float(features[c].isna().mean()) for c in columns},
+    )  # fmt: skip
+    if len(current) < thresholds.min_rows:
+        return judge_window(figures, thresholds)
+    champion = champion if champion.estimator is not None else with_estimator(champion, config)
+    estimator = champion.estimator
+    estimated = None if estimator is None else estimate_performance(
+        estimator, features[columns], scores, BandRule(thresholds.estimate_sigmas, thresholds.estimate_min_change),
+        known_labels,
+    )  # fmt: skip
+    multivariate = None
+    if thresholds.multivariate:
+        multivariate = domain_classifier_drift(
+            reference, features, columns, thresholds.domain_permutations, thresholds.domain_min_auc
+        )
+    note = "" if estimated is not None else NO_REFERENCE_LABELS
+    figures = replace(figures, estimated=estimated, estimation_note=note, multivariate=multivariate)
     return judge_window(figures, thresholds)
 
 

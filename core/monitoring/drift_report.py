@@ -52,6 +52,62 @@ def _columns(result: WindowResult) -> list[tuple[str, FeatureDrift]]:
     return named + ([(f"{result.prediction.name} (prediction)", result.prediction)] if result.prediction else [])
 
 
+def estimate_rows(result: WindowResult) -> list[list[str]]:
+    """The estimated-performance table of a window: metric, estimate, band, reference, realised, error, verdict."""
+    if result.estimated is None:
+        return []
+    rows = []
+    for m in result.estimated.metrics:
+        realised = "" if m.realised is None else f"{m.realised:.4f}"
+        error = "" if m.error is None else f"{m.error:+.4f}"
+        verdict = "worse" if m.worse else "within"
+        rows.append(
+            [m.metric, f"{m.estimate:.4f}", f"{m.lower:.4f} - {m.upper:.4f}", f"{m.reference:.4f}", realised, error,
+             verdict]
+        )  # fmt: skip
+    return rows
+
+
+ESTIMATE_HEADER = ["metric", "estimated", "band", "reference", "realised", "estimate - realised", "vs band"]
+
+
+def _estimate_lines(result: WindowResult) -> list[str]:
+    """Markdown: the estimated performance and the multivariate verdict of a window."""
+    lines = []
+    if result.estimated is not None:
+        est = result.estimated
+        lines += ["", f"Estimated performance without labels on {est.rows} rows ({est.method}):", ""]
+        lines += ["| " + " | ".join(ESTIMATE_HEADER) + " |", "|" + "---|" * len(ESTIMATE_HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in estimate_rows(result)]
+        if est.labelled_rows:
+            lines.append(f"\nrealised on {est.labelled_rows} labelled rows")
+    elif result.estimation_note:
+        lines += ["", f"- {result.estimation_note}"]
+    if result.multivariate is not None:
+        lines += ["", f"- multivariate (domain classifier): {result.multivariate.describe()}"]
+    return lines
+
+
+def _estimate_html(result: WindowResult) -> str:
+    """HTML: the estimated performance and the multivariate verdict of a window."""
+    out = []
+    if result.estimated is not None:
+        est = result.estimated
+        out.append(f"<p>Estimated performance without labels on {est.rows} rows ({html.escape(est.method)}):</p>")
+        out.append("<table border=1 cellpadding=4 class='estimated'><tr>")
+        out += [f"<th>{html.escape(h)}</th>" for h in ESTIMATE_HEADER]
+        out.append("</tr>")
+        for row in estimate_rows(result):
+            out.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>")
+        out.append("</table>")
+    elif result.estimation_note:
+        out.append(f"<p>{html.escape(result.estimation_note)}</p>")
+    if result.multivariate is not None:
+        out.append(f"<p class='multivariate'>Multivariate (domain classifier): "
+                   f"{html.escape(result.multivariate.describe())}</p>")  # fmt: skip
+    return "".join(out)
+
+
 @dataclass(frozen=True)
 class MonitoredModel:
     """The model a monitoring summary is about: its registered name, the champion's version and its classes.
@@ -96,6 +152,7 @@ def summary_markdown(
             lines.append(f"\n{w.performance.rows} labelled rows")
         elif w.labelled_rows:
             lines.append(f"- only {w.labelled_rows} labelled rows: no performance figures")
+        lines += _estimate_lines(w)
         lines += [
             "",
             "| column | kind | PSI | test | statistic | p-value | effect | drifted |",
@@ -133,6 +190,7 @@ def summary_html(champion: Champion, results: list[WindowResult]) -> str:
                     f"<td>{w.performance.change(metric)}</td></tr>"
                 )
             out.append("</table>")
+        out.append(_estimate_html(w))
         out.append("<table border=1 cellpadding=4><tr><th>column</th><th>PSI</th><th>test</th>")
         out.append("<th>p-value</th><th>effect</th><th>drifted</th></tr>")
         for name, f in _columns(w):
