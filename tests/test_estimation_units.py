@@ -99,6 +99,34 @@ def test_cbpe_equals_the_monte_carlo_expectation_of_scikit_learns_metrics(binary
         assert estimated.get(metric).estimate == pytest.approx(expected, abs=0.004), metric
 
 
+def test_multiclass_cbpe_equals_the_monte_carlo_of_scikit_learns_macro_metrics():
+    rng = np.random.default_rng(9)
+    centres = np.array([[0, 0], [1.5, 0], [0, 1.5]])
+
+    def rows(n: int, spread: float = 1.0) -> tuple[pd.DataFrame, np.ndarray]:
+        y = rng.integers(0, 3, n)
+        return pd.DataFrame(centres[y] + rng.normal(size=(n, 2)) * spread, columns=["a", "b"]), y
+
+    model = LogisticRegression().fit(*rows(20_000))
+    Xr, yr = rows(5000)
+    estimator = fit_estimator(Xr, model.predict_proba(Xr), yr, [0, 1, 2], seed=0)
+    Xw, _ = rows(8000, spread=1.4)  # rows drawn unlike the reference's
+    proba = model.predict_proba(Xw)
+    chances = proba if estimator.calibrators is None else None
+    assert chances is not None  # well specified: used as they are
+    predicted = proba.argmax(axis=1)
+    totals = dict.fromkeys(("roc_auc", "f1", "precision", "recall"), 0.0)
+    draws = 100
+    for _ in range(draws):  # labels drawn from the probabilities, one multinomial draw per row
+        y = (rng.random((len(proba), 1)) > np.cumsum(proba, axis=1)).sum(axis=1)
+        totals["roc_auc"] += roc_auc_score(y, proba, multi_class="ovr", average="macro")
+        for name, metric in (("f1", f1_score), ("precision", precision_score), ("recall", recall_score)):
+            totals[name] += metric(y, predicted, average="macro")
+    estimated = estimate_performance(estimator, Xw, proba, RULE)
+    for metric, total in totals.items():
+        assert estimated.get(metric).estimate == pytest.approx(total / draws, abs=0.004), metric
+
+
 def test_a_covariate_shift_that_lowers_the_true_auc_is_estimated_within_its_sampling_error(binary):
     rng, model, estimator = binary
     # the true ROC AUC of the model on a population: labels drawn from the data-generating probabilities
@@ -128,7 +156,7 @@ def test_cbpe_calibrates_on_the_reference_when_the_probabilities_are_off():
     rng = np.random.default_rng(3)
     X, y, _ = _population(rng, 20_000)
     model = LogisticRegression().fit(X, y)
-    Xr, yr, truth_r = _population(rng, 5000)
+    Xr, yr, _ = _population(rng, 5000)
     squeezed = model.predict_proba(Xr) ** 3  # far too low: a miscalibrated model
     squeezed = np.column_stack([1 - squeezed[:, 1], squeezed[:, 1]])
     estimator = fit_estimator(Xr, squeezed, yr, [0, 1], seed=0)
