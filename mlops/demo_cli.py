@@ -80,6 +80,16 @@ def _print_monitoring(outcome: object, monitoring_link: str) -> None:
                 f"{m} {v:.3f} (holdout {perf.holdout.get(m, nan):.3f})" for m, v in perf.metrics.items()
             )
             echo(f"     performance on {perf.rows} labelled rows: {figures}")
+        if window.estimated is not None:  # what monitoring would have said before the labels arrived
+            figures = ", ".join(
+                f"{m.metric} {m.estimate:.3f} (band {m.lower:.3f}-{m.upper:.3f}"
+                + ("" if m.realised is None else f", realised {m.realised:.3f}")
+                + ")"
+                for m in window.estimated.metrics
+            )
+            echo(f"     estimated without labels: {figures}")
+        if window.multivariate is not None:
+            echo(f"     multivariate: {window.multivariate.describe()}")
     echo(f"   verdict: {'RETRAIN' if outcome.verdict.triggered else 'ok'}: {outcome.verdict.summary}")
     echo(f"   report: {outcome.report.html_uri}\n   report link (7 days): {outcome.report.link}")
     echo(f"   monitoring run: {monitoring_link}")
