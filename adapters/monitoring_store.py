@@ -7,6 +7,7 @@ Built from settings on each call; nothing is configured at import. The shapes ar
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tempfile
 from datetime import datetime
@@ -15,13 +16,14 @@ from typing import Any
 
 import pandas as pd
 
-from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
+from adapters.clients import S3Location, map_s3_requests, mlflow_client, put_bytes, s3_client
 from adapters.registry import CHAMPION, aliases_of, holdout_metrics, load_model
 from adapters.settings import Settings
 from adapters.store import fs_path, list_keys, s3_filesystem
 from core.monitoring.drift import MonitoringError
 from core.monitoring.drift_analysis import Champion
 from core.monitoring.drift_report import StoredReport
+from core.monitoring.model_page import MAX_RUNS, StoredPage, StoredRun, model_prefix, page_key, run_time
 from core.monitoring.prediction_log import day_prefix, drop_duplicates, log_dates, prefix_for
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ def read_prediction_log(
 
 def report_folder(settings: Settings, model_name: str, now: datetime, run_id: str | None) -> S3Location:
     """`s3://<bucket>/reports/monitoring/<model>/<UTC time>-<flow run id, or local>/`."""
-    return S3Location(settings.bucket, f"reports/monitoring/{model_name}/{now:%Y%m%dT%H%M%SZ}-{run_id or 'local'}")
+    return S3Location(settings.bucket, f"{model_prefix(model_name)}/{now:%Y%m%dT%H%M%SZ}-{run_id or 'local'}")
 
 
 def store_report(settings: Settings, folder: S3Location, page: str, body: str) -> StoredReport:
@@ -112,3 +114,56 @@ def store_report(settings: Settings, folder: S3Location, page: str, body: str) -
     )
     log.info("monitoring report stored at %s", html_uri)
     return StoredReport(html_uri, json_uri, link)
+
+
+def _presigned(client: Any, location: S3Location) -> str:
+    """A link a browser can open for `REPORT_LINK_SECONDS` (computed here; the object may not exist yet)."""
+    return client.generate_presigned_url(
+        "get_object", Params={"Bucket": location.bucket, "Key": location.key}, ExpiresIn=REPORT_LINK_SECONDS
+    )
+
+
+def page_link(settings: Settings, model_name: str) -> str:
+    """The presigned link of the model's page (`core.monitoring.model_page.page_key`), for the run's report."""
+    return _presigned(s3_client(settings), S3Location(settings.bucket, page_key(model_name)))
+
+
+def read_results(settings: Settings, model_name: str, limit: int = MAX_RUNS) -> tuple[list[StoredRun], int]:
+    """The newest `limit` stored runs of a model (their `result.json`, oldest first), and how many are stored.
+
+    A run's folder is `<UTC time>-<flow run id>` (`report_folder`), so the keys sort by time. An unreadable result
+    (not JSON, no time) is skipped with a warning: the page shows the others.
+    """
+    folder = S3Location(settings.bucket, model_prefix(model_name))
+    depth = folder.key.count("/") + 2
+    keys = [k for k in list_keys(settings, folder, ("/result.json",)) if k.count("/") == depth]
+    client = s3_client(settings)
+
+    def read(key: str) -> StoredRun | None:
+        run_folder = key.rsplit("/", 2)[-2]
+        body = client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+        try:
+            result = json.loads(body)
+        except ValueError as exc:
+            log.warning("skipping unreadable monitoring result s3://%s/%s: %s", settings.bucket, key, exc)
+            return None
+        at = run_time(result, run_folder) if isinstance(result, dict) else None
+        if at is None:
+            log.warning(
+                "skipping monitoring result s3://%s/%s: no time (`at`) and no time in its folder", folder.bucket, key
+            )
+            return None
+        report = S3Location(settings.bucket, key.rsplit("/", 1)[0]).child("report.html")
+        return StoredRun(at, run_folder, result, report.uri, _presigned(client, report))
+
+    runs = [run for run in map_s3_requests(read, keys[-limit:]) if run is not None]
+    log.info("monitoring page of %s: %d of %d stored run(s) read", model_name, len(runs), len(keys))
+    return runs, len(keys)
+
+
+def store_page(settings: Settings, model_name: str, page: str) -> StoredPage:
+    """Write the model's page to `s3://<bucket>/reports/monitoring/<model>/index.html`, with a presigned link."""
+    location = S3Location(settings.bucket, page_key(model_name))
+    uri = put_bytes(settings, location, page.encode(), "text/html; charset=utf-8")
+    log.info("monitoring page of %s stored at %s", model_name, uri)
+    return StoredPage(uri, _presigned(s3_client(settings), location))

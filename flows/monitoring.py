@@ -1,9 +1,10 @@
 """The monitoring flow: recent data against the champion's training reference; retrain when it drifted or decayed.
 
 This module wires tasks; the statistics and the rules live in `core/monitoring/` (`drift.py`, decay in `decay.py`,
-verdicts in `drift_analysis.py`, the reports in `drift_report.py`), the I/O in `adapters/monitoring_store.py`, the
-retraining rule in `core/monitoring/retraining.py` and its trigger in `services/retraining.py` (a Prefect event that
-the model's `mlops-drift-retrain/<model>` automation turns into a run of its training deployment).
+verdicts in `drift_analysis.py`, the reports in `drift_report.py`, the page per model over time in `model_page.py`),
+the I/O in `adapters/monitoring_store.py`, the retraining rule in `core/monitoring/retraining.py` and its trigger in
+`services/retraining.py` (a Prefect event that the model's `mlops-drift-retrain/<model>` automation turns into a run
+of its training deployment).
 Every task type is monitored: prediction drift is on the positive-class probability (binary), the predicted
 classes' shares (multiclass) or the predicted value (regression); decay on ROC AUC and F1 (macro for
 multiclass) or on RMSE and MAE (regression).
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.monitoring.drift import DriftThresholds
 from core.monitoring.drift_analysis import Verdict, WindowResult, overall_verdict, retrain_scope
 from core.monitoring.drift_report import MonitoredModel, StoredReport, summary_markdown
+from core.monitoring.model_page import StoredPage
 from core.monitoring.retraining import RetrainRequest, Trigger
 from services.retraining import retrain_if_needed
 from tasks.features import load_partition_with_features
@@ -37,6 +39,7 @@ from tasks.monitoring import (
     load_prediction_log,
     publish_summary,
     store_report,
+    update_model_page,
 )
 
 S3_URI = r"^s3://[^/]+(/.*)?$"
@@ -115,6 +118,7 @@ class MonitoringOutcome:
     verdict: Verdict
     report: StoredReport
     trigger: Trigger
+    page: StoredPage | None = None  # the model's page over time; None when it could not be updated
 
 
 @flow(
@@ -147,6 +151,9 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
 
     # The report first, so the drift event (and its alert) can link it.
     report = store_report(champion, windows, results, verdict, config, scope.note)
+    # The model's page over time, this run included; a failure to update it does not stop the retraining trigger.
+    page_state = update_model_page(config.model_name, return_state=True)
+    page = page_state.result() if page_state.is_completed() else None
     request = RetrainRequest(
         config.model_name,
         params.dataset,
@@ -160,7 +167,7 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
     trigger = retrain_if_needed(verdict, scope, request, params.trigger_retraining)
     publish_summary(
         summary_markdown(
-            MonitoredModel(config.model_name, champion.version, champion.classes),
+            MonitoredModel(config.model_name, champion.version, champion.classes, page),
             results,
             verdict,
             report.html_uri,
@@ -168,4 +175,4 @@ def monitoring(params: MonitoringParams = MonitoringParams()) -> MonitoringOutco
             trigger.detail,
         )
     )
-    return MonitoringOutcome(config.model_name, champion.version, results, verdict, report, trigger)
+    return MonitoringOutcome(config.model_name, champion.version, results, verdict, report, trigger, page)

@@ -1,8 +1,9 @@
 """Monitoring's Prefect tasks: thin wrappers over core (statistics, rules, reports) and adapters (I/O).
 
 The drift statistics and rules are in `core/monitoring/drift.py` (decay in `core/monitoring/decay.py`, windows and
-the verdict in `core/monitoring/drift_analysis.py`), the reports in `core/monitoring/drift_report.py`, the reference,
-prediction log and report storage in `adapters/monitoring_store.py`; the retraining trigger is `services/retraining.py`.
+the verdict in `core/monitoring/drift_analysis.py`), the reports in `core/monitoring/drift_report.py` and the page per
+model over time in `core/monitoring/model_page.py`, the reference, prediction log, report and page storage in
+`adapters/monitoring_store.py`; the retraining trigger is `services/retraining.py`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from adapters import monitoring_store
 from adapters.cluster import cluster_address
+from adapters.history_store import list_changes
 from adapters.settings import get_settings
 from adapters.snapshots import read_snapshot
 from core.data.dataset import DatasetConfig
@@ -37,6 +39,7 @@ from core.monitoring.drift_analysis import (
 )
 from core.monitoring.drift_analysis import analyse_window as analyse_one
 from core.monitoring.drift_report import StoredReport, report_html
+from core.monitoring.model_page import StoredPage, model_page_html, page_uri
 from dask_engine.drift import ClusterPartition, analyse_on_cluster
 from dask_engine.snapshots import parquet_rows
 from tasks.retrying import IO
@@ -116,16 +119,33 @@ def store_report(
 ) -> StoredReport:
     """Prefect task: the HTML report and the JSON result to `s3://<bucket>/reports/monitoring/<model>/<time>-<run>/`.
 
-    `retraining` (e.g. why drifted data outside the training source is not retrained on) goes into both.
+    `retraining` (e.g. why drifted data outside the training source is not retrained on) goes into both; the JSON
+    also has when the run stored it (`at`, ISO 8601 UTC, the folder's time), and the HTML links the model's page over
+    time (created or updated by `update_model_page` right after).
     """
     from prefect.runtime import flow_run
 
     settings = get_settings()
-    folder = monitoring_store.report_folder(settings, champion.model_name, datetime.now(UTC), flow_run.get_id())
-    page = report_html(champion, windows, results, config, retraining)
-    extra = {"model": champion.model_name, "champion": champion.version, "retraining": retraining}
+    now, model = datetime.now(UTC), champion.model_name
+    folder = monitoring_store.report_folder(settings, model, now, flow_run.get_id())
+    over_time = StoredPage(page_uri(settings.bucket, model), monitoring_store.page_link(settings, model))
+    page = report_html(champion, windows, results, config, retraining, over_time)
+    extra = {"model": model, "champion": champion.version, "retraining": retraining, "at": now.isoformat()}
     body = result_json(results, verdict, extra)
     return monitoring_store.store_report(settings, folder, page, body)
+
+
+@task(name="update-model-page", **IO)
+def update_model_page(model_name: str) -> StoredPage:
+    """Prefect task: the model's page over time, from its stored results and champion history, to S3.
+
+    `s3://<bucket>/reports/monitoring/<model>/index.html` (`core/monitoring/model_page.py`); it reads the newest
+    `MAX_RUNS` results, so run it after `store_report` for the page to show this run.
+    """
+    settings = get_settings()
+    runs, total = monitoring_store.read_results(settings, model_name)
+    page = model_page_html(model_name, runs, list_changes(model_name, settings), total, datetime.now(UTC))
+    return monitoring_store.store_page(settings, model_name, page)
 
 
 @task(name="publish-monitoring-summary", cache_policy=NO_CACHE)

@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 
 from adapters.clients import S3Location, mlflow_client, put_bytes
 from adapters.settings import get_settings
+from core.monitoring.model_page import page_uri
 from core.promotion.card import ModelCard
 from core.promotion.card_render import render_html, render_markdown
 from core.promotion.lineage import manifest_uri
@@ -67,6 +68,7 @@ def publish_model_card(card: ModelCard, run_id: str) -> str:
         mlflow_run_url=f"{settings.mlflow_tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}",
         prefect_flow_run_url=f"{settings.prefect_ui_url}/runs/flow-run/{flow_run_id}" if flow_run_id else None,
         data_manifest=manifest_uri(settings.bucket, card.model_name, card.data_version),
+        monitoring_page=page_uri(settings.bucket, card.model_name),
     )
     markdown, html = render_markdown(card), render_html(card)
     folder = S3Location(settings.bucket, f"model-cards/{card.model_name}/{card.candidate_version or run_id}")

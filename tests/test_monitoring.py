@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import urllib.request
 from datetime import UTC, datetime
 
 import numpy as np
@@ -132,6 +134,22 @@ def test_unchanged_data_triggers_nothing(stack, dataset, deployed):
     body = s3_client(stack).get_object(Bucket=page.bucket, Key=page.key)["Body"].read().decode()
     assert f"Drift monitoring of {MODEL}" in body and "Feature distributions: partition" in body
     assert "Task: binary; prediction drift is measured on the probability of class 1" in body
+    # and the model's page over time is in S3 (its link opens it), with this run and its champion's promotion
+    assert outcome.page is not None and outcome.page.uri == f"s3://{stack.bucket}/reports/monitoring/{MODEL}/index.html"
+    assert f"the model's monitoring page</a> (<code>{outcome.page.uri}</code>)" in body
+    with urllib.request.urlopen(outcome.page.link, timeout=30) as answer:
+        index = answer.read().decode()
+    folder = page.key.rsplit("/", 2)[-2]
+    assert f"<tr class='run' data-folder='{folder}'>" in index and f"Monitoring of {MODEL} over time" in index
+    assert f"data-changes='v{outcome.champion_version}" in index
+    # which the champion's model card, written at training time, already named
+    card = S3Location.parse(mlflow_client(stack).get_model_version(MODEL, outcome.champion_version).tags["model_card"])
+    text = s3_client(stack).get_object(Bucket=card.bucket, Key=card.key)["Body"].read().decode()
+    assert f"{outcome.page.uri} (created by the first monitoring run)" in text
+    # and the run's result says when it ran: the time its folder is named after
+    stored = S3Location.parse(outcome.report.json_uri)
+    result = json.loads(s3_client(stack).get_object(Bucket=stored.bucket, Key=stored.key)["Body"].read())
+    assert folder.startswith(f"{datetime.fromisoformat(result['at']):%Y%m%dT%H%M%SZ}-")
 
 
 def test_delayed_labels_give_performance_on_partition_and_prediction_log(stack, dataset):

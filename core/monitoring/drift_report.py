@@ -33,6 +33,7 @@ from core.monitoring.drift import (
     task_of,
 )
 from core.monitoring.drift_analysis import Champion, Verdict, Window, WindowResult, reference_scores
+from core.monitoring.model_page import StoredPage
 
 DISTRIBUTIONS = "Feature distributions"  # heading of a window's plots in the HTML report
 MAX_BARS = 20  # categories drawn per plot; the rest are one "other" bar (the figures above use them all)
@@ -113,11 +114,13 @@ class MonitoredModel:
     """The model a monitoring summary is about: its registered name, the champion's version and its classes.
 
     `classes` (empty for a regressor) names the task and what prediction drift measured; None leaves them out.
+    `page` is the model's monitoring page over time (`core/monitoring/model_page.py`), linked when given.
     """
 
     name: str
     version: str
     classes: list[Any] | None = None
+    page: StoredPage | None = None
 
 
 def summary_markdown(
@@ -128,13 +131,15 @@ def summary_markdown(
     report_link: str,
     trigger: str,
 ) -> str:
-    """The Prefect artifact: verdict, a table per window and the link to the full report."""
+    """The Prefect artifact: verdict, a table per window, the link to the full report and to the model's page."""
     classes = None if model.classes is None else list(model.classes)
     lines = [
         f"# Drift monitoring: **{'RETRAIN' if verdict.triggered else 'OK'}**",
         "",
         f"- model: `{model.name}`, champion v{model.version}; report: [report.html]({report_link}) (`{report_uri}`)",
     ]
+    if model.page is not None:
+        lines.append(f"- over time: [the model's monitoring page]({model.page.link}) (`{model.page.uri}`)")
     if classes is not None:
         lines.append(f"- task: {task_of(classes)}; prediction drift is measured on {prediction_basis(classes)}")
     lines += [f"- retraining: {trigger}", f"- summary: {verdict.summary}", ""]
@@ -305,11 +310,17 @@ def panel_html(panel: Panel, judged: bool) -> str:
 
 
 def report_html(
-    champion: Champion, windows: list[Window], results: list[WindowResult], config: DatasetConfig, retraining: str = ""
+    champion: Champion,
+    windows: list[Window],
+    results: list[WindowResult],
+    config: DatasetConfig,
+    retraining: str = "",
+    page: StoredPage | None = None,
 ) -> str:
     """The HTML report: the summary, then per judged window the distributions behind each figure.
 
-    `retraining` (what the verdict means for retraining, when it needs saying) is shown under the summary.
+    `retraining` (what the verdict means for retraining, when it needs saying) is shown under the summary, and a
+    link to the model's page over time (`core/monitoring/model_page.py`) when `page` is given.
     """
     parts = []
     for window, result in zip(windows, results, strict=True):
@@ -327,6 +338,12 @@ def report_html(
         "<html><head><meta charset='utf-8'></head><body>"
         f"{summary_html(champion, results)}"
         + (f"<p><b>Retraining</b>: {html.escape(retraining)}</p>" if retraining else "")
+        + (
+            f"<p class='over-time'>Over time: <a href='{html.escape(page.link, quote=True)}'>the model's monitoring "
+            f"page</a> (<code>{html.escape(page.uri)}</code>)</p>"
+            if page
+            else ""
+        )
         + f"{''.join(parts)}</body></html>"
     )
 

@@ -112,6 +112,8 @@ class ModelCard:
         data_manifest: The S3 URI of the data version's frozen manifest (set when the card is published).
         training: What ran where, on how many rows (`TrainingRecord.card_rows`: the engine, the model search, the
             final fit and why it saw fewer than every training row); empty: not recorded.
+        monitoring_page: The S3 URI of the model's monitoring page over time (`core.monitoring.model_page.page_uri`,
+            set when the card is published; the first monitoring run creates the page).
     """
 
     model_name: str
@@ -151,6 +153,7 @@ class ModelCard:
     allowed_leaks: dict[str, str] = field(default_factory=dict)  # flagged features trained on: feature -> reason
     data_manifest: str | None = None  # where the data version's frozen manifest is (`lineage.manifest_uri`)
     training: dict[str, str] = field(default_factory=dict)  # label -> text (`TrainingRecord.card_rows`)
+    monitoring_page: str | None = None  # where the model's page over time is (`model_page.page_uri`)
 
     @property
     def task_type(self) -> str:

@@ -284,6 +284,8 @@ def _lineage(card: ModelCard) -> list[tuple[str, str]]:
     if card.candidate_version:
         live = lineage_command(card.model_name, card.candidate_version)
         rows.append(("Alias history, batch-scoring outputs, prediction-log partitions", live))
+    if card.monitoring_page:
+        rows.append(("Monitoring over time", f"{card.monitoring_page} (created by the first monitoring run)"))
     return rows
 
 
