@@ -253,3 +253,64 @@ def test_cluster_drift_figures_equal_the_whole_partition(stack, model_setup, das
             assert getattr(mine, field) == pytest.approx(getattr(theirs, field), rel=1e-12, abs=1e-12), field
     assert cluster.performance.rows == local.performance.rows
     assert cluster.performance.metrics == pytest.approx(local.performance.metrics, rel=1e-12)
+    # null rates, estimated performance (beside the realised metrics) and the domain classifier's verdict
+    assert cluster.null_rates == pytest.approx(local.null_rates, rel=1e-12, abs=1e-15)
+    _same_estimates(cluster, local)
+    assert local.multivariate is not None and cluster.multivariate is not None
+    assert cluster.multivariate.drifted == local.multivariate.drifted is False  # unshifted months
+    assert cluster.multivariate.rows == local.multivariate.rows == (4500, 4500)  # every reference and window row
+
+
+AUC_BINNING = 2e-4  # the binned expected ROC AUC against the exact one (tests/test_estimation_partials_units.py)
+
+
+def _same_estimates(cluster, local) -> None:
+    """The cluster's estimates are the local ones: ROC AUC within the binning error, the rest within 1e-9."""
+    assert local.estimated is not None and cluster.estimated is not None, (
+        local.estimation_note,
+        cluster.estimation_note,
+    )
+    assert (cluster.estimated.rows, cluster.estimated.method) == (local.estimated.rows, local.estimated.method)
+    assert cluster.estimated.labelled_rows == local.estimated.labelled_rows
+    assert [m.metric for m in cluster.estimated.metrics] == [m.metric for m in local.estimated.metrics]
+    for mine, theirs in zip(cluster.estimated.metrics, local.estimated.metrics, strict=True):
+        tolerance = AUC_BINNING if mine.metric == "roc_auc" else 1e-9
+        assert mine.estimate == pytest.approx(theirs.estimate, abs=tolerance), mine.metric
+        assert (mine.lower, mine.upper, mine.reference) == pytest.approx((theirs.lower, theirs.upper, theirs.reference))
+        assert (mine.realised is None) == (theirs.realised is None), mine.metric
+        if theirs.realised is not None:
+            assert mine.realised == pytest.approx(theirs.realised, rel=1e-12), mine.metric
+        assert mine.worse == theirs.worse
+    assert cluster.estimated_drop == local.estimated_drop
+
+
+def test_cluster_estimates_and_multivariate_drift_on_a_shifted_partition(stack, model_setup, dask_cluster):
+    """Two strongly shifted months: the cluster's estimates and domain classifier say what the local path says."""
+    from adapters.monitoring_store import load_champion
+    from adapters.scoring_store import list_partition_files
+    from core.data.dataset import load_local_dataset_config
+    from core.data.synthetic import DriftSpec
+    from core.monitoring.drift import DriftThresholds
+    from core.monitoring.drift_analysis import analyse_window, with_estimator
+    from dask_engine.drift import ClusterPartition, analyse_on_cluster
+    from mlops.datagen import write_months
+    from tasks.monitoring import load_partition
+
+    path, _, _ = model_setup
+    shifted = "s3://mlops/datasets/partitioned-shifted/"
+    write_months(stack, shifted, 2, 3000, seed=13, drift=DriftSpec(0, 1.0))
+    config = load_local_dataset_config(path)
+    champion = with_estimator(load_champion(stack, MODEL), config)
+    thresholds = DriftThresholds()
+    local = analyse_window(load_partition.fn(shifted, config), champion, config, None, thresholds)
+    partition = ClusterPartition(dask_cluster, shifted, tuple(list_partition_files(shifted, stack)))
+    _, cluster = analyse_on_cluster(partition, champion, config, None, thresholds, stack)
+    assert cluster.rows == local.rows == 6000
+    assert cluster.null_rates == pytest.approx(local.null_rates, rel=1e-12, abs=1e-15)
+    _same_estimates(cluster, local)
+    assert cluster.estimated.labelled_rows == 0 and all(m.realised is None for m in cluster.estimated.metrics)
+    assert local.multivariate.drifted and cluster.multivariate.drifted  # the same verdict: drifted
+    assert cluster.multivariate.rows == local.multivariate.rows == (4500, 5000)  # 5,000 of 6,000: sampled on workers
+    assert cluster.multivariate.auc > 0.6 and local.multivariate.auc > 0.6
+    assert {name for name, _ in cluster.multivariate.features} & {name for name, _ in local.multivariate.features}
+    assert (cluster.drifted, cluster.estimated_drop) == (local.drifted, local.estimated_drop)

@@ -207,10 +207,13 @@ def fit_estimator(
     if classes:
         calibrators, method = choose_calibrators(scores, y, classes, seed)
         return PerformanceEstimator(classes, calibrators, method, None, {}, reference, spread, len(y))
+    from threadpoolctl import threadpool_limits
+
     categories = {c: sorted(features[c].dropna().astype(str).unique()) for c in _non_numeric(features)}
     inputs = loss_inputs(features, scores, categories)
     errors = np.asarray(y, dtype=float) - scores
-    models = (_loss_model(seed).fit(inputs, np.abs(errors)), _loss_model(seed).fit(inputs, errors**2))
+    with threadpool_limits(1, user_api="openmp"):  # small fits: one thread, as the domain classifier's
+        models = (_loss_model(seed).fit(inputs, np.abs(errors)), _loss_model(seed).fit(inputs, errors**2))
     method = "DLE: absolute and squared errors learnt from the reference rows' features and predictions"
     return PerformanceEstimator([], None, method, models, categories, reference, spread, len(y))
 

@@ -11,7 +11,10 @@ the AUCs of two samples that cannot differ; the window has drifted when its AUC 
 matter. **What separates the windows**: the features whose shuffling lowers the held-out AUC most (permutation
 importance on each fold's held-out rows), named when drifted.
 
-Both sides are sampled to at most `MAX_ROWS` rows each (seeded), so the cost does not grow with the window. No I/O.
+Both sides are sampled to at most `MAX_ROWS` rows each (seeded), so the cost does not grow with the window. The
+trees get one OpenMP thread: on 2 cores with other work running, two threads took 23-42 s instead of 2.8-3.1 s
+(spinning threads waiting for each other; `bench/monitoring_scale.py`), and on a quiet machine one is as fast.
+No I/O.
 """
 
 from __future__ import annotations
@@ -147,6 +150,15 @@ def domain_classifier_drift(
     seed: int = 0,
 ) -> MultivariateDrift:
     """Whether a domain classifier tells `current` from `reference` better than chance (see the module)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="openmp"):
+        return _domain_classifier_drift(reference, current, columns, permutations, min_auc, seed)
+
+
+def _domain_classifier_drift(
+    reference: pd.DataFrame, current: pd.DataFrame, columns: list[str], permutations: int, min_auc: float, seed: int
+) -> MultivariateDrift:
     rng = np.random.default_rng(seed)
     sides = [side.iloc[np.sort(rng.choice(len(side), MAX_ROWS, replace=False))] if len(side) > MAX_ROWS else side
              for side in (reference, current)]  # fmt: skip
