@@ -93,6 +93,8 @@ def _print_monitoring(outcome: object, monitoring_link: str) -> None:
     echo(f"   verdict: {'RETRAIN' if outcome.verdict.triggered else 'ok'}: {outcome.verdict.summary}")
     echo(f"   report: {outcome.report.html_uri}\n   report link (7 days): {outcome.report.link}")
     echo(f"   monitoring run: {monitoring_link}")
+    if outcome.page is not None:
+        echo(f"   the model over time: {outcome.page.uri}\n   page link (7 days): {outcome.page.link}")
     echo(f"\n3. Retraining: {outcome.trigger.status}: {outcome.trigger.detail}")
 
 
