@@ -168,6 +168,12 @@ def test_delayed_labels_give_performance_on_partition_and_prediction_log(stack, 
     # when monitoring runs before the labels arrive, there are no performance figures
     before = _monitor(dataset=dataset, partition=partition, prediction_log_days=1, trigger_retraining=False)
     assert [w.performance for w in before.windows] == [None, None]
+    # but estimated ones: the champion's expected metrics on these rows, inside their bands (an unchanged month)
+    for window in before.windows:
+        assert window.estimated is not None and window.estimated.rows == 2000 and window.estimated.labelled_rows == 0
+        assert {m.metric for m in window.estimated.metrics} == {"roc_auc", "f1", "precision", "recall"}
+        assert all(m.realised is None and not m.worse for m in window.estimated.metrics)
+        assert window.multivariate is not None and not window.multivariate.drifted
     # and once they arrive (id and target only), both windows are judged on them, like the holdout
     labels_frame = month[["application_id", "default"]].sample(frac=1, random_state=0)
     labels = put_bytes(stack, S3Location(stack.bucket, f"labels/{MODEL}/part.parquet"), _parquet(labels_frame), OCTET)
@@ -181,6 +187,12 @@ def test_delayed_labels_give_performance_on_partition_and_prediction_log(stack, 
         assert performance is not None and performance.rows == 2000
         assert abs(performance.metrics["roc_auc"] - champion.holdout["roc_auc"]) < 0.08
         assert set(performance.metrics) >= {"roc_auc", "f1"} and performance.holdout["f1"] > 0
+        # the estimate made before the labels, now beside the realised value (scikit-learn's, from the decay path)
+        estimated = window.estimated.get("roc_auc")
+        earlier = next(w for w in before.windows if w.name == window.name).estimated.get("roc_auc")
+        assert estimated.estimate == earlier.estimate and window.estimated.labelled_rows == 2000
+        assert estimated.realised == pytest.approx(performance.metrics["roc_auc"], abs=1e-12)
+        assert abs(estimated.error) < 0.03
     assert _triggered_runs() == []
 
 

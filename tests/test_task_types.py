@@ -298,11 +298,14 @@ def test_monitoring_a_regressor_measures_rmse_and_mae_on_late_labels(stack, regr
     from tasks.monitoring import load_champion_reference
 
     config, frame, model = regression["config"], regression["frame"], regression["model"]
-    # the reference stored with the model holds the regressor's predicted value on the training rows
+    from core.monitoring.estimation import REFERENCE_TARGET
+
+    # the reference stored with the model holds the regressor's predicted value on the training rows, and their target
     champion = load_champion_reference.fn(REGRESSION)
-    assert list(champion.reference.columns) == [*config.feature_names, "prediction"]
+    assert list(champion.reference.columns) == [*config.feature_names, "prediction", REFERENCE_TARGET]
     train = prepare_inputs(frame.iloc[:TRAIN_ROWS], config)
     np.testing.assert_allclose(champion.reference["prediction"], model.predict(train), rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(champion.reference[REFERENCE_TARGET], frame["progression"].iloc[:TRAIN_ROWS])
     # Given every patient as a recent partition without the target, and the target as late labels
     partition = _put_parquet(stack, f"incoming/{REGRESSION}/part-0.parquet", frame.drop(columns="progression"))
     labels = _put_parquet(
@@ -330,6 +333,10 @@ def test_monitoring_a_regressor_measures_rmse_and_mae_on_late_labels(stack, regr
     assert performance.metrics["mae"] == pytest.approx(mean_absolute_error(y, predicted), rel=1e-12)
     assert performance.holdout["rmse"] == pytest.approx(champion.holdout["rmse"])
     assert window.prediction.name == "prediction" and window.prediction.kind == "numeric"
+    # the estimates without labels (DLE) are the regressor's error metrics, beside the realised ones
+    assert window.estimated is not None and {m.metric for m in window.estimated.metrics} == {"rmse", "mae"}
+    for metric in ("rmse", "mae"):
+        assert window.estimated.get(metric).realised == pytest.approx(performance.metrics[metric], rel=1e-12)
     # and the report reads as a regression's: error metrics, no classification rows
     report = S3Location.parse(state.result().report.html_uri)
     page = s3_client(stack).get_object(Bucket=report.bucket, Key=report.key)["Body"].read().decode()
