@@ -33,6 +33,7 @@ Rules (stated once, here):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -460,8 +461,12 @@ def window_partial(
     return WindowPartial(len(features), partials, prediction)
 
 
-def merge_partials(partials: list[WindowPartial]) -> WindowPartial:
-    """The counts of every partition of a window (in any order: sums of integers)."""
+def merge_partials(partials: Sequence[Any]) -> Any:
+    """The sums of every partition of a window, in any order.
+
+    Its counts (`WindowPartial`), or any partial that adds another to itself with `.merge` (the estimates' sums,
+    `core.monitoring.estimation_partials.EstimationPartial`).
+    """
     if not partials:
         raise ValueError("no partitions to merge")
     merged = partials[0]

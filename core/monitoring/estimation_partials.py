@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from core.monitoring.drift import merge_partials
 from core.monitoring.estimation import (
     CLASSIFIER_ESTIMATES,
     BandRule,
@@ -136,11 +137,7 @@ def estimation_partial(
 
 def merge_estimations(partials: Sequence[EstimationPartial]) -> EstimationPartial:
     """The sums of every partition of a window (in any order)."""
-    if not partials:
-        raise ValueError("no partitions to merge")
-    merged = partials[0]
-    for partial in partials[1:]:
-        merged = merged.merge(partial)
+    merged: EstimationPartial = merge_partials(partials)
     return merged
 
 
