@@ -154,13 +154,6 @@ class WindowCounts:
     sample: pd.DataFrame | None = field(default=None, repr=False)
 
 
-def file_rows(uris: list[str], settings: Settings) -> list[int]:
-    """Rows of each Parquet file, from its footer (requests side by side)."""
-    from adapters.clients import map_s3_requests
-
-    return map_s3_requests(lambda uri: parquet_rows([uri], settings), uris)
-
-
 def drift_on_cluster(
     address: str,
     uris: list[str],
@@ -187,7 +180,7 @@ def drift_on_cluster(
         raise MonitoringError(f"partition {', '.join(uris[:3])} lacks the feature columns {missing}")
     needed = list(dict.fromkeys([*job.config.feature_names, *([job.key] if job.key in frame.columns else [])]))
     frame = frame[needed]
-    sample = (sample_rate(sum(file_rows(uris, job.settings)), sample_rows), sample_rows) if sample_rows > 0 else None
+    sample = (sample_rate(parquet_rows(uris, job.settings), sample_rows), sample_rows) if sample_rows > 0 else None
     with connect(address) as client:
         workers = len(client.scheduler_info()["workers"])
         shared = client.scatter(labels, broadcast=True) if labels is not None else None

@@ -157,6 +157,11 @@ def one_vs_rest(classes: Sequence[Any]) -> list[int]:
     return [1] if len(classes) == 2 else list(range(len(classes)))
 
 
+def macro_average(per_class: list[dict[str, float]]) -> dict[str, float]:
+    """Each estimated classifier metric averaged over the judged classes (the positive class alone for binary)."""
+    return {metric: float(np.mean([c[metric] for c in per_class])) for metric in CLASSIFIER_ESTIMATES}
+
+
 def expected_metrics(raw: np.ndarray, calibrated: np.ndarray, classes: Sequence[Any]) -> dict[str, float]:
     """CBPE: ROC AUC, F1, precision and recall expected from calibrated probabilities (macro for multiclass).
 
@@ -169,7 +174,7 @@ def expected_metrics(raw: np.ndarray, calibrated: np.ndarray, classes: Sequence[
         chance, chosen = calibrated[:, column], predicted == column
         figures = rates(float(chance[chosen].sum()), float((1.0 - chance[chosen]).sum()), float(chance[~chosen].sum()))
         per_class.append(figures | {"roc_auc": expected_auc(raw[:, column], chance)})
-    return {metric: float(np.mean([c[metric] for c in per_class])) for metric in CLASSIFIER_ESTIMATES}
+    return macro_average(per_class)
 
 
 def realised_metrics(y: np.ndarray, scores: np.ndarray, classes: Sequence[Any]) -> dict[str, float]:
@@ -185,7 +190,7 @@ def realised_metrics(y: np.ndarray, scores: np.ndarray, classes: Sequence[Any]) 
         figures = rates(float((truth & chosen).sum()), float((~truth & chosen).sum()), float((truth & ~chosen).sum()))
         auc = roc_auc_score(truth, scores[:, column]) if 0 < truth.sum() < len(truth) else float("nan")
         per_class.append(figures | {"roc_auc": float(auc)})
-    return {metric: float(np.mean([c[metric] for c in per_class])) for metric in CLASSIFIER_ESTIMATES}
+    return macro_average(per_class)
 
 
 # ------------------------------------------------------------------------------------------ fitting

@@ -33,7 +33,6 @@ import pandas as pd
 
 from core.monitoring.drift import merge_partials
 from core.monitoring.estimation import (
-    CLASSIFIER_ESTIMATES,
     BandRule,
     Estimated,
     PerformanceEstimator,
@@ -41,6 +40,7 @@ from core.monitoring.estimation import (
     calibrated,
     judge_estimates,
     loss_inputs,
+    macro_average,
     one_vs_rest,
     rates,
 )
@@ -155,7 +155,7 @@ def expected_from_partial(estimator: PerformanceEstimator, partial: EstimationPa
     for k in range(len(partial.true_pos)):
         figures = rates(float(partial.true_pos[k]), float(partial.false_pos[k]), float(partial.false_neg[k]))
         per_class.append(figures | {"roc_auc": auc_from_groups(partial.positive[k], partial.negative[k])})
-    return {metric: float(np.mean([c[metric] for c in per_class])) for metric in CLASSIFIER_ESTIMATES}
+    return macro_average(per_class)
 
 
 def auc_binning_error(partial: EstimationPartial) -> float:
