@@ -24,7 +24,7 @@ from core.monitoring.drift import MonitoringError
 from core.monitoring.drift_analysis import Champion
 from core.monitoring.drift_report import StoredReport
 from core.monitoring.model_page import MAX_RUNS, StoredPage, StoredRun, model_prefix, page_key, run_time
-from core.monitoring.prediction_log import day_prefix, drop_duplicates, log_dates, prefix_for
+from core.monitoring.prediction_log import SERVING, day_prefix, drop_duplicates, log_dates, prefix_for
 
 log = logging.getLogger(__name__)
 
@@ -45,55 +45,63 @@ def store_reference(settings: Settings, run_id: str, frame: pd.DataFrame) -> str
 
 def load_champion(settings: Settings, model_name: str) -> Champion:
     """The current champion with its training reference and holdout metrics; MonitoringError names what is missing."""
+    version = aliases_of(mlflow_client(settings), model_name).get(CHAMPION)
+    if version is None:
+        raise MonitoringError(f"{model_name!r} has no champion in the registry: nothing to monitor (train first)")
+    return load_version(settings, model_name, version)
+
+
+def load_version(settings: Settings, model_name: str, version: str, where: str = "monitoring") -> Champion:
+    """A registered version with its training reference and holdout metrics (see `load_champion`)."""
     from mlflow.exceptions import MlflowException
 
     client = mlflow_client(settings)
-    version = aliases_of(client, model_name).get(CHAMPION)
-    if version is None:
-        raise MonitoringError(f"{model_name!r} has no champion in the registry: nothing to monitor (train first)")
     run_id = client.get_model_version(model_name, version).run_id
     with tempfile.TemporaryDirectory() as folder:
         try:
             path = client.download_artifacts(run_id, REFERENCE_ARTIFACT, folder)
         except (MlflowException, OSError) as exc:
             raise MonitoringError(
-                f"champion v{version} of {model_name!r} has no training reference ({REFERENCE_ARTIFACT} in run "
+                f"v{version} of {model_name!r} has no training reference ({REFERENCE_ARTIFACT} in run "
                 f"{run_id}); it was trained before monitoring existed: retrain to create one"
             ) from exc
         reference = pd.read_parquet(path)
     if reference.empty:
         raise MonitoringError(f"the training reference of {model_name!r} v{version} (run {run_id}) is empty")
     holdout = holdout_metrics(client.get_run(run_id).data.metrics)
-    model = load_model(model_name, version, settings, where="monitoring")
-    log.info("monitoring %s v%s against %d reference rows", model_name, version, len(reference))
+    model = load_model(model_name, version, settings, where=where)
+    log.info("%s v%s loaded with %d reference rows (%s)", model_name, version, len(reference), where)
     return Champion(model_name, version, run_id, model, holdout, reference)
 
 
 def prediction_log_keys(
-    settings: Settings, model_name: str, days: int, now: datetime, filesystem: Any = None
+    settings: Settings, model_name: str, days: int, now: datetime, filesystem: Any = None, stream: str = SERVING
 ) -> list[str]:
     """Keys of the serving prediction log in the last `days` UTC date folders (today and the `days - 1` before)."""
     filesystem = filesystem or s3_filesystem(settings)
     keys = []
     for day in log_dates(now, days):
-        folder = S3Location(settings.bucket, day_prefix(model_name, day))
+        folder = S3Location(settings.bucket, day_prefix(model_name, day, stream))
         keys += list_keys(settings, folder, (".parquet",), filesystem)
     return sorted(keys)
 
 
 def read_prediction_log(
-    settings: Settings, model_name: str, days: int, now: datetime
+    settings: Settings, model_name: str, days: int, now: datetime, stream: str = SERVING
 ) -> tuple[list[pd.DataFrame], str]:
-    """The prediction log's objects of the last `days` date folders, and a description of where they came from."""
+    """The prediction log's objects of the last `days` date folders, and a description of where they came from.
+
+    `stream` shadow: a rollout's outputs that answered nobody (`core.monitoring.prediction_log.SHADOW`).
+    """
     filesystem = s3_filesystem(settings)
-    keys = prediction_log_keys(settings, model_name, days, now, filesystem)
+    keys = prediction_log_keys(settings, model_name, days, now, filesystem, stream)
     frames = []
     for key in keys:
-        with filesystem.open_input_file(fs_path(S3Location(settings.bucket, key))) as stream:
-            frames.append(pd.read_parquet(io.BytesIO(stream.read())))
+        with filesystem.open_input_file(fs_path(S3Location(settings.bucket, key))) as body:
+            frames.append(pd.read_parquet(io.BytesIO(body.read())))
     if frames:  # a spool segment uploaded twice (a crash between S3's answer and its deletion) counts once
         frames = [drop_duplicates(pd.concat(frames, ignore_index=True))]
-    source = f"s3://{settings.bucket}/{prefix_for(model_name)} (last {days} day(s), {len(keys)} file(s))"
+    source = f"s3://{settings.bucket}/{prefix_for(model_name, stream)} (last {days} day(s), {len(keys)} file(s))"
     log.info("prediction log: %d file(s) from %d date folder(s)", len(keys), days)
     return frames, source
 

@@ -43,7 +43,7 @@ import orjson
 
 from adapters.clients import s3_client
 from adapters.settings import Settings
-from core.monitoring.prediction_log import object_key, spooled_table
+from core.monitoring.prediction_log import SERVING, object_key, spooled_table
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +351,7 @@ class SpoolUploader:
         on_spool_bytes: Callable[[int], None],
     ) -> None:
         self.model_name = model_name
+        self.stream = SERVING  # or `shadow`: the key prefix (`core.monitoring.prediction_log.prefix_for`)
         self.spool = spool
         self.on_event = on_event
         self.on_spool_bytes = on_spool_bytes
@@ -408,7 +409,7 @@ class SpoolUploader:
             )
         if body is not None:
             created = datetime.strptime(segment.name.split("-", 1)[0], "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC)
-            key = object_key(self.model_name, created, f"{owner}-{segment.stem.split('-', 1)[1]}")
+            key = object_key(self.model_name, created, f"{owner}-{segment.stem.split('-', 1)[1]}", self.stream)
             try:
                 self.objects.put(key, body)
             except Exception as exc:

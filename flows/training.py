@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.dask_engine.split import DaskSplit
 from core.data.dataset import DatasetConfig
 from core.data.fingerprint import Comparison, Fingerprint, compare, nothing_new_markdown
+from core.data.rollout_policy import RolloutPolicy
 from core.data.split import Split
 from core.evaluation.decision import Decision, Gates, resolve_gates
 from core.modeling.search import SearchSpec
@@ -105,6 +106,12 @@ class TrainingParams(BaseModel):
         title="Serving check timeout (s)",
         description="After a promotion, how long the serving API (MLOPS_SERVING_URL) may take to serve the new "
         "champion before the promotion is reverted.",
+    )
+    rollout: RolloutPolicy | None = Field(
+        None,
+        title="Rollout",
+        description="How a candidate that passes reaches traffic: direct, shadow or canary (judged live by "
+        "`rollout/<model>`); empty: the dataset config's `operations.rollout`.",
     )
 
 
@@ -201,7 +208,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
             record.result()
         prejudged = Prejudged(champion.result(), findings.result())  # used if the champion is the same under the lock
         importances = explain.submit(search.model, split.holdout, config, params.seed)  # no gate: beside the promotion
-        result = review_and_promote(candidate, config, _policy(params, gates), prejudged)
+        result = review_and_promote(candidate, config, _policy(params, gates, config), prejudged)
         result = replace(result, findings=replace(result.findings, importances=explained(importances)))
         steps_after(result.approval)(log_importances)(run_id, result.findings.importances)
         outcome = result.outcome(params.dry_run)
@@ -256,7 +263,7 @@ def _version_tags(config: DatasetConfig, data: PreparedData, form_and_fingerprin
     )
 
 
-def _policy(params: TrainingParams, gates: Gates) -> PromotionPolicy:
+def _policy(params: TrainingParams, gates: Gates, config: DatasetConfig) -> PromotionPolicy:
     return PromotionPolicy(
         gates=gates,
         seed=params.seed,
@@ -266,6 +273,7 @@ def _policy(params: TrainingParams, gates: Gates) -> PromotionPolicy:
         serving_timeout_seconds=params.serving_timeout_seconds,
         reason=params.reason,
         dataset=params.dataset,
+        rollout=params.rollout or config.operations.rollout,
     )
 
 

@@ -23,6 +23,7 @@ from adapters.locks import Held, hold
 from adapters.promotion import Promotion
 from adapters.serving_api import ServingCheck, ServingCheckFailed
 from core.data.dataset import DatasetConfig
+from core.data.rollout_policy import RolloutPolicy
 from core.evaluation.decision import ChampionEvidence, Decision, Gates, decide, decision_markdown, decision_tags
 from core.evaluation.review import Review, ReviewInputs
 from core.modeling.metrics import Evaluation
@@ -32,7 +33,7 @@ from core.promotion.outcome import describe_outcome
 from services.approval import ask_approval
 from tasks.evaluation import evaluate_candidate
 from tasks.loading import check_still_in_catalog
-from tasks.promotion import ensure_promotion_lock, find_champion, load_champion, promote, revert
+from tasks.promotion import begin_rollout, ensure_promotion_lock, find_champion, load_champion, promote, revert
 from tasks.reports import publish_decision, publish_model_card
 from tasks.review import champion_schema, review
 from tasks.serving_check import check_serving
@@ -160,6 +161,8 @@ class PromotionPolicy:
         serving_timeout_seconds: How long the serving API may take to answer with the new champion.
         reason: Why the run was started (recorded with the promotion).
         dataset: The dataset reference the run was started with (checked still in the catalog before registering).
+        rollout: How a promoted candidate reaches traffic (the run's, else the dataset config's): `direct`
+            promotes; `shadow` and `canary` make it the challenger, judged live by the rollout flow.
     """
 
     gates: Gates
@@ -170,6 +173,7 @@ class PromotionPolicy:
     serving_timeout_seconds: float = 120
     reason: str = "manual"
     dataset: str = ""
+    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,7 @@ class PromotionResult:
     serving: ServingCheck | None = None
     approval: Approval | None = None
     lock_tags: dict[str, str] = field(default_factory=dict)
+    rollout: str | None = None  # what became of it instead of a promotion: under rollout, or waiting
 
     @property
     def promoted(self) -> bool:
@@ -192,7 +197,7 @@ class PromotionResult:
 
     def outcome(self, dry_run: bool) -> str:
         """What happened after the decision, in one line."""
-        return describe_outcome(self.decision, dry_run, self.promoted, self.error, self.approval)
+        return describe_outcome(self.decision, dry_run, self.promoted, self.error, self.approval, self.rollout)
 
     def tags(self, outcome: str) -> dict[str, str]:
         """The run's tags about the outcome: promoted, the lock's wait, the serving check, the approval."""
@@ -200,6 +205,7 @@ class PromotionResult:
             {"promoted": str(self.promoted).lower(), "outcome": outcome}
             | self.lock_tags
             | ({"serving_check": self.serving.detail} if self.serving else {})
+            | ({"rollout": self.rollout} if self.rollout else {})
             | (self.approval.tags() if self.approval else {})
         )
 
@@ -235,11 +241,9 @@ def review_and_promote(
         )
         result = PromotionResult(findings, decision, version)
         wanted = decision.promote and version is not None
-        promote_now = partial(
-            promote_checked, config.model_name, version, champion.version, policy.serving_timeout_seconds, decision
-        )
+        deliver = partial(_deliver, candidate, config, policy, champion.version, version, decision)
         if wanted and not policy.require_approval:
-            result = replace(result, **_promoted(promote_now(policy.reason)))
+            result = replace(result, **deliver(policy.reason))
     result = replace(result, lock_tags=held.tags())  # read once released: the wait, when taken and given back
     if not (wanted and policy.require_approval):
         return result
@@ -247,7 +251,25 @@ def review_and_promote(
     if not approval.approved:
         return replace(result, approval=approval)
     with promotion_lock(lock):
-        return replace(result, approval=approval, **_promoted(promote_now(f"{policy.reason}; {approval.describe()}")))
+        return replace(result, approval=approval, **deliver(f"{policy.reason}; {approval.describe()}"))
+
+
+def _deliver(  # noqa: PLR0913 - what a delivery needs, each named
+    candidate: Candidate,
+    config: DatasetConfig,
+    policy: PromotionPolicy,
+    champion: str | None,
+    version: str | None,
+    decision: Decision,
+    reason: str,
+) -> dict[str, Any]:
+    """Promote the candidate (direct, or a cold start: no champion to compare live), or start its rollout."""
+    assert version is not None
+    if policy.rollout.mode == "direct" or champion is None:
+        promote_now = partial(promote_checked, config.model_name, version, champion, policy.serving_timeout_seconds)
+        return _promoted(promote_now(decision, reason))
+    why = " | ".join([f"run reason: {reason}", *decision.reasons])
+    return {"rollout": begin_rollout(config.model_name, version, champion, policy.rollout, candidate.run_id, why)}
 
 
 def _under_lock(

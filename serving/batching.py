@@ -58,6 +58,7 @@ class Job:
     ids: list[str | None] | None = None  # each record's id, when the model has an id field
     # What the caller scores for (e.g. the served model's prediction log), handed back to `on_scored`
     context: Any = field(default=None, repr=False)
+    index: list[int] | None = None  # each record's place in its request, when these are part of one
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Scored:
 
     scores: np.ndarray
     batch_rows: int
+    seconds: float = 0.0  # the model call that scored it (its whole batch), queueing left out
 
 
 class MicroBatcher:
@@ -74,8 +76,8 @@ class MicroBatcher:
     Args:
         max_rows: Largest batch one call scores (a larger single request is still scored alone).
         on_scored: Called in the worker thread after each successful batch with the jobs, their columns
-            (`LoadedModel.columns_of`) and scores (probabilities, or a regressor's values) for prediction
-            logging; its errors are logged and never fail a request.
+            (`LoadedModel.columns_of`), scores (probabilities, or a regressor's values) and the call's seconds
+            for prediction logging; its errors are logged and never fail a request.
         inline: Whether a model measured fast may be scored (and `on_scored` called) on the event loop;
             False when `on_scored` waits for the disk.
         max_queued: Requests that may wait at once; one more raises `Overloaded` (nothing queued, a 503).
@@ -84,7 +86,7 @@ class MicroBatcher:
     def __init__(
         self,
         max_rows: int = 20_000,
-        on_scored: Callable[[list[Job], Any, np.ndarray], None] | None = None,
+        on_scored: Callable[[list[Job], Any, np.ndarray, float], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
         threads: int = 1,
         inline: bool = True,
@@ -131,19 +133,23 @@ class MicroBatcher:
         request_id: str,
         ids: list[str | None] | None = None,
         context: Any = None,
+        *,
+        index: list[int] | None = None,
     ) -> Scored:
         """Queue `records` (with their ids, if any) for `model` and wait for their scores.
 
-        `context` comes back with the job to `on_scored` (requests of one model share it).
+        `context` comes back with the job to `on_scored`: requests of one model with the same context are scored
+        together (a model's answers and its rollout's shadow copies are not). `index`: the records' places in
+        their request, when they are part of one (a canary's split).
         """
         assert self._queue is not None, "start() first"
         if self.inline and not self._busy and self._queue.empty() and self._cheap(model, len(records)):
-            scores = self._predict([Job(model, records, request_id, None, ids, context)])
-            return Scored(scores, len(scores))
+            scores, seconds = self._predict([Job(model, records, request_id, None, ids, context, index)])
+            return Scored(scores, len(scores), seconds)
         if self._queue.qsize() >= self.max_queued:
             raise Overloaded(f"{self._queue.qsize()} requests wait for the model already (the limit): retry shortly")
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(Job(model, records, request_id, future, ids, context))
+        self._queue.put_nowait(Job(model, records, request_id, future, ids, context, index))
         return await future
 
     async def _run(self) -> None:
@@ -157,10 +163,14 @@ class MicroBatcher:
                 job = self._queue.get_nowait()
                 pending.append(job)
                 rows += len(job.records)
-            # Group by model: requests keep the model they started with, even across a swap.
-            groups: dict[int, list[Job]] = {}
+            # Group by model: requests keep the model they started with, even across a swap; and by context (a
+            # model's answers and a rollout's shadow copies go to different logs). A job nobody waits for any
+            # more (its caller gave up: a challenger past its time) is not scored.
+            groups: dict[tuple[int, int], list[Job]] = {}
             for job in pending:
-                groups.setdefault(id(job.model), []).append(job)
+                if job.future is not None and job.future.done():
+                    continue
+                groups.setdefault((id(job.model), id(job.context)), []).append(job)
             self._busy = True
             try:
                 for jobs in groups.values():
@@ -174,7 +184,7 @@ class MicroBatcher:
 
     async def _score_group(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
         try:
-            scores = await loop.run_in_executor(self._executor, self._predict, jobs)
+            scores, seconds = await loop.run_in_executor(self._executor, self._predict, jobs)
         except Exception as exc:
             if len(jobs) == 1 or isinstance(exc, PredictionNotLogged):  # one by one would not be logged either
                 for job in jobs:
@@ -189,10 +199,11 @@ class MicroBatcher:
         for job in jobs:
             end = start + len(job.records)
             if not job.future.done():
-                job.future.set_result(Scored(scores[start:end], len(scores)))
+                job.future.set_result(Scored(scores[start:end], len(scores), seconds))
             start = end
 
-    def _predict(self, jobs: list[Job]) -> np.ndarray:
+    def _predict(self, jobs: list[Job]) -> tuple[np.ndarray, float]:
+        """Score the jobs in one call; their scores and the call's seconds (after `on_scored` logged them)."""
         model = jobs[0].model
         records = jobs[0].records if len(jobs) == 1 else [r for job in jobs for r in job.records]
         started = time.perf_counter()
@@ -210,12 +221,12 @@ class MicroBatcher:
         log.debug("scored %d rows for %d requests in %.2f ms", rows, len(jobs), 1e3 * elapsed)
         if self.on_scored is not None:
             try:
-                self.on_scored(jobs, columns, scores)
+                self.on_scored(jobs, columns, scores, elapsed)
             except PredictionNotLogged:  # the spool's `refuse` policy: these requests are not answered
                 raise
             except Exception:  # otherwise logging predictions never fails a request
                 log.exception("recording predictions failed")
-        return scores
+        return scores, elapsed
 
 
 def _limit_threads(threads: int) -> None:

@@ -20,8 +20,10 @@ from typing import Any
 from adapters.alerts import emit_refused
 from adapters.clients import mlflow_client, use_tracking_server
 from adapters.registry import aliases_of
+from adapters.rollout_store import read_rollout
 from adapters.settings import Settings
 from core.modeling.signature import ModelLoadError
+from core.rollout import CHALLENGER, CutOff, RolloutState
 from serving.model import LoadedModel, load_version
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class ChampionFollower:
         on_reload: Called with "success" or "failure" after each load attempt (metrics).
         on_swap: Called with the new model after a swap.
         on_unset: Called when the served model is dropped because the alias is gone.
+        alias: The alias to follow; None: the settings' `serving_alias` (`champion`).
     """
 
     def __init__(
@@ -47,10 +50,11 @@ class ChampionFollower:
         on_reload: Callable[[str], None] | None = None,
         on_swap: Callable[[LoadedModel], None] | None = None,
         on_unset: Callable[[], None] | None = None,
+        alias: str | None = None,
     ) -> None:
         self.settings = settings
         self.name = name or settings.serving_model
-        self.alias = settings.serving_alias
+        self.alias = alias or settings.serving_alias
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self.on_reload = on_reload or (lambda result: None)
@@ -67,11 +71,14 @@ class ChampionFollower:
         """`<model>@<alias>`."""
         return f"{self.name}@{self.alias}"
 
-    def _alias_version(self) -> str | None:
+    def _registry(self) -> Any:
         if self._client is None:
             use_tracking_server(self.settings)  # models are loaded with MLflow's fluent API (models:/ URIs)
             self._client = mlflow_client(self.settings)
-        return aliases_of(self._client, self.name).get(self.alias)
+        return self._client
+
+    def _alias_version(self) -> str | None:
+        return aliases_of(self._registry(), self.name).get(self.alias)
 
     async def check(self, force: bool = False) -> bool:
         """Look at the alias once and swap if it moved; returns True when the served model changed."""
@@ -133,3 +140,29 @@ class ChampionFollower:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.serving_poll_seconds)
             self._wake.clear()
+
+
+class ChallengerFollower(ChampionFollower):
+    """Follows the `challenger` alias and the rollout's state beside it (one registry read per poll).
+
+    `current` is the loaded challenger (None when there is none: the usual case, not an error); `state` the
+    rollout (`core.rollout.RolloutState`) and `cut_off` a cut-off any serving process recorded.
+    """
+
+    def __init__(self, settings: Settings, name: str, on_reload: Callable[[str], None] | None = None) -> None:
+        super().__init__(settings, name, on_reload=on_reload, alias=CHALLENGER)
+        self.state: RolloutState | None = None
+        self.cut_off: CutOff | None = None
+
+    def _alias_version(self) -> str | None:
+        self.state, self.cut_off, aliases = read_rollout(self.settings, self.name, self._registry())
+        return aliases.get(self.alias)
+
+    def _alias_gone(self) -> bool:
+        """No challenger: nothing to say (a rollout ended, or none started)."""
+        self.last_error = None
+        if self.current is None:
+            return False
+        log.info("%s: v%s is no longer the challenger", self.name, self.current.version)
+        self.current = None
+        return True

@@ -50,6 +50,16 @@ class ServingMetrics:
         self.requests, self.errors, self.latency, self.records, self.batch_rows = _request_series(r)
         self.model_version, self.model_info, self.inference_form, self.reloads = _model_series(r)
         self.prediction_log, self.spool_bytes, self.worker = _log_and_process_series(r)
+        self.rollout_records = Counter(
+            "mlops_serving_rollout_records_total",
+            "Records of a rollout by role: answered by the challenger, scored by it in shadow, scored by the champion "
+            "in shadow (canary), answered by the champion after the challenger failed (fallback).",
+            ["model", "version", "role"],
+            registry=r,
+        )
+        self.cut_offs = Counter(
+            "mlops_serving_rollout_cut_offs_total", "Challengers cut off in this process.", ["model"], registry=r
+        )
 
     def served(self, name: str, version: str, form: str = "pipeline") -> None:
         """Record a swap of model `name` to v`version`, run in inference `form`."""
@@ -104,6 +114,24 @@ class ServingMetrics:
     def served_by_process(self, name: str) -> dict[int, str]:
         """The version of model `name` each live process serves (pid -> version); processes not serving it left out."""
         return self.snapshot()[1].get(name, {})
+
+    def rollout_volume(self, name: str, version: str) -> dict[str, int]:
+        """Records of model `name`'s challenger `version` so far by role, summed over every serving process."""
+        if self.multiprocess_dir is None:
+            families = self.registry.collect()
+        else:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=str(self.multiprocess_dir))
+            families = registry.collect()
+        volume: dict[str, int] = {}
+        for family in families:
+            if family.name != "mlops_serving_rollout_records":
+                continue
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name.endswith("_total") and (labels["model"], labels["version"]) == (name, version):
+                    volume[labels["role"]] = volume.get(labels["role"], 0) + int(sample.value)
+        return volume
 
     def snapshot(self) -> tuple[set[int], dict[str, dict[int, str]]]:
         """The live serving processes, and per model the version each of them serves (pid -> version).

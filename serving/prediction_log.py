@@ -42,7 +42,7 @@ import pandas as pd
 
 from adapters.prediction_spool import CONVERTER, PredictionObjects, Spool, SpoolUploader
 from adapters.settings import Settings
-from core.monitoring.prediction_log import Entry, object_key, to_table
+from core.monitoring.prediction_log import SERVING, Entry, object_key, to_table
 
 __all__ = [
     "Entry",
@@ -81,6 +81,7 @@ class ScoredBatch:
     record_ids: Sequence[str | None] | None = None
     record_index: Sequence[int] | None = None
     request_seq: Sequence[int] | None = None
+    call_ms: float | None = None
 
 
 class PredictionLog(Protocol):
@@ -109,6 +110,7 @@ class MemoryPredictionLog:
         flush_seconds: Time between writes.
         max_rows: Rows kept while S3 is down; beyond it the oldest batches are dropped.
         on_event: Called with ("written" | "dropped" | "failed", rows) for metrics.
+        stream: `serving` (answered predictions) or `shadow` (a rollout's unanswered outputs).
     """
 
     def __init__(
@@ -118,9 +120,11 @@ class MemoryPredictionLog:
         flush_seconds: float = 5.0,
         max_rows: int = 200_000,
         on_event: Callable[[str, int], None] | None = None,
+        stream: str = SERVING,
     ) -> None:
         self.settings = settings
         self.model_name = model_name
+        self.stream = stream
         self.flush_seconds = flush_seconds
         self.max_rows = max_rows
         self.on_event = on_event or (lambda kind, rows: None)
@@ -151,6 +155,7 @@ class MemoryPredictionLog:
             record_ids,
             record_index,
             request_seq,
+            batch.call_ms,
         )
         with self._lock:
             self._entries.append(entry)
@@ -198,7 +203,7 @@ class MemoryPredictionLog:
             buffer = io.BytesIO()
             table.to_parquet(buffer, index=False)
             now = datetime.now(UTC)
-            key = object_key(self.model_name, now, uuid.uuid4().hex[:12])
+            key = object_key(self.model_name, now, uuid.uuid4().hex[:12], self.stream)
             uri = self._objects.put(key, buffer.getvalue())
         except Exception as exc:
             log.warning("prediction log: writing %d rows to S3 failed (%s); kept for the next try", rows, exc)
@@ -235,6 +240,8 @@ class SpooledPredictionLog:
         on_event: Called with ("written" | "dropped" | "failed", rows) for metrics.
         on_spool_bytes: Called with the spool's size (a gauge): after each upload, and after appends at most
             every `PUBLISH_BYTES_EVERY` seconds from the request path (and by the sync thread, within its interval).
+        stream: `serving` (answered predictions) or `shadow` (a rollout's unanswered outputs: spool folder
+            `<state>/spool-shadow/<model>/`).
     """
 
     def __init__(
@@ -244,6 +251,7 @@ class SpooledPredictionLog:
         flush_seconds: float = 5.0,
         on_event: Callable[[str, int], None] | None = None,
         on_spool_bytes: Callable[[int], None] | None = None,
+        stream: str = SERVING,
     ) -> None:
         self.settings = settings
         self.model_name = model_name
@@ -251,7 +259,7 @@ class SpooledPredictionLog:
         self.on_event = on_event or (lambda kind, rows: None)
         self.on_spool_bytes = on_spool_bytes or (lambda size: None)
         self.spool = Spool(
-            settings.state_dir.resolve() / "spool" / model_name,
+            settings.state_dir.resolve() / ("spool" if stream == SERVING else f"spool-{stream}") / model_name,
             settings.serving_spool_max_bytes,
             sync_each=settings.serving_spool_sync == "always",
         )
@@ -260,6 +268,7 @@ class SpooledPredictionLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.uploader = SpoolUploader(settings, model_name, self.spool, self.on_event, self.on_spool_bytes)
+        self.uploader.stream = stream
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
         self._bytes_published, self._bytes_value = 0.0, 0
@@ -295,6 +304,7 @@ class SpooledPredictionLog:
                 "ids": None if record_ids is None else _plain_list(record_ids),
                 "idx": None if record_index is None else _plain_list(record_index),
                 "seq": None if batch.request_seq is None else _plain_list(batch.request_seq),
+                "ms": batch.call_ms,
                 # orjson writes C-contiguous arrays only: a column cut from a 2-d batch, or a class slice of the
                 # scores, is a strided view (seen with several models behind one batcher), so copy it when it is one
                 "s": np.ascontiguousarray(scores, dtype="float64"),

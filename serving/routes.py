@@ -118,9 +118,11 @@ async def model_info(request: Request) -> Response:
     runtime = _runtime(request)
     served = await asyncio.to_thread(runtime.metrics.served_by_process, runtime.default.name)
     workers = [{"pid": pid, "version": version} for pid, version in sorted(served.items())]
+    challenger = await asyncio.to_thread(runtime.default.rollout_summary)
     return json_response(
         model.describe()
         | {"alias": follower.alias, "last_error": follower.last_error, "pid": os.getpid(), "workers": workers}
+        | {"challenger": challenger}
     )
 
 
@@ -165,12 +167,15 @@ async def reload(request: Request) -> Response:
 async def models(request: Request) -> Response:
     """Every model served here, the default (/predict's) first.
 
-    Per model: name, alias, version (None until loaded), task, inference form, last error, and the version
-    each worker process serves.
+    Per model: name, alias, version (None until loaded), task, inference form, last error, the version
+    each worker process serves, and its `challenger`: the rollout under way (version, mode, share, since, status,
+    cut-off, volume so far by role), None when there is none.
     """
     runtime = _runtime(request)
     live, served = await asyncio.to_thread(runtime.metrics.snapshot)
-    listed = [m.summary(live, served.get(m.name, {})) for m in list(runtime.models.models.values())]
+    listed = await asyncio.to_thread(
+        lambda: [m.summary(live, served.get(m.name, {})) for m in list(runtime.models.models.values())]
+    )
     return json_response(
         {
             "default": runtime.default.name,
@@ -196,9 +201,11 @@ async def model_by_name(name: str, request: Request) -> Response:
         )
     live, by_model = await asyncio.to_thread(runtime.metrics.snapshot)
     workers = workers_of(live, by_model.get(name, {}))
+    challenger = await asyncio.to_thread(served.rollout_summary)
     return json_response(
         model.describe()
         | {"alias": follower.alias, "last_error": follower.last_error, "pid": os.getpid(), "workers": workers}
+        | {"challenger": challenger}
     )
 
 

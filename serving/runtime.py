@@ -48,7 +48,8 @@ from serving.request_io import (
     receive_body,
     token_problem,
 )
-from serving.served import ModelSet, ServedModel
+from serving.rollout import RolloutPath
+from serving.served import ModelSet, ServedModel, ShadowTarget
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class Runtime:
             inline=not self.default.log.syncs_each_write,
             max_queued=settings.serving_max_queued_requests,
         )
+        self.rollouts = RolloutPath(self.batcher)
         self._tasks: list[asyncio.Task] = []
         self.online = OnlineFeatures(settings, self.metrics.registry)  # feature store lookups
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checks")
@@ -152,17 +154,22 @@ class Runtime:
                 return workers
             await asyncio.sleep(0.1)
 
-    def _scored(self, jobs: list[Job], columns: dict[str, np.ndarray], scores: np.ndarray) -> None:
-        """After a batch call: count it for its model and log its predictions in the model's log."""
-        served: ServedModel = jobs[0].context or self.default
-        rows = len(scores)
-        served.batch_rows.observe(rows)
-        served.records.inc(rows)
-        self._log_predictions(served.log, jobs, columns, scores)
+    def _scored(self, jobs: list[Job], columns: dict[str, np.ndarray], scores: np.ndarray, seconds: float) -> None:
+        """After a batch call: count it for its model and log it (a rollout's shadow copy: in its shadow log)."""
+        target: ServedModel | ShadowTarget = jobs[0].context or self.default
+        if isinstance(target, ServedModel):
+            rows = len(scores)
+            target.batch_rows.observe(rows)
+            target.records.inc(rows)
+        self._log_predictions(target.log, jobs, columns, scores, seconds)
 
     @staticmethod
     def _log_predictions(
-        prediction_log: PredictionLog, jobs: list[Job], columns: dict[str, np.ndarray], scores: np.ndarray
+        prediction_log: PredictionLog,
+        jobs: list[Job],
+        columns: dict[str, np.ndarray],
+        scores: np.ndarray,
+        seconds: float,
     ) -> None:
         request_seq = None  # one request: every row's is 0
         if len(jobs) == 1:  # the usual case: plain lists, no numpy call per request
@@ -170,19 +177,27 @@ class Runtime:
             size = len(job.records)
             request_ids: list[str] = [job.request_id] * size
             record_ids = job.ids
-            record_index: Any = range(size)
+            record_index: Any = range(size) if job.index is None else job.index
         else:
             request_ids = [job.request_id for job in jobs for _ in job.records]
             record_ids = None
             if any(job.ids is not None for job in jobs):
                 record_ids = [i for job in jobs for i in (job.ids or [None] * len(job.records))]
-            record_index = [i for job in jobs for i in range(len(job.records))]
+            record_index = [i for job in jobs for i in (range(len(job.records)) if job.index is None else job.index)]
             # each request's place in the batch: two sent at once with one x-request-id stay two rows
             request_seq = [seq for seq, job in enumerate(jobs) for _ in job.records]
         model = jobs[0].model
         prediction_log.record(
             ScoredBatch(
-                columns, scores, model.classes, request_ids, model.version, record_ids, record_index, request_seq
+                columns,
+                scores,
+                model.classes,
+                request_ids,
+                model.version,
+                record_ids,
+                record_index,
+                request_seq,
+                round(1e3 * seconds, 3),
             )
         )
 
@@ -205,6 +220,7 @@ class Runtime:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+        await self.rollouts.stop()
         await self.batcher.stop()
         self._checks.shutdown(wait=True)
         if self.checking is not None:
@@ -316,6 +332,11 @@ class Runtime:
             if explain and len(records) > (most := self.settings.serving_max_explain_records):
                 msg = f"explaining {len(records)} records is over the limit of {most}: send fewer, or no explain"
                 raise BadRequest.at(413, ["query", "explain"], msg, "too_large")
+            rollout = None if explain else served.rollout(model)  # an explained request: the champion answers
+            if rollout is not None:
+                return encoded_answer(
+                    200, await self.rollouts.answer(served, rollout, model, records, ids, request_id), request_id
+                )
             scored = await self.batcher.score(model, records, request_id, ids, served)
             explained = await asyncio.to_thread(explain_records, model, records, scored.scores) if explain else None
         except ClientGone:

@@ -18,26 +18,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from adapters.catalog import served_models
+from adapters.rollout_store import record_cut_off
 from adapters.settings import Settings
-from serving.follower import ChampionFollower
+from core.monitoring.prediction_log import SERVING, SHADOW
+from core.rollout import CutOff, RolloutState
+from serving.follower import ChallengerFollower, ChampionFollower
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel
 from serving.prediction_log import MemoryPredictionLog, PredictionLog, SpooledPredictionLog
+from serving.rollout import ActiveRollout
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FIRST_SECONDS = 60.0
 
 
-def prediction_log_for(settings: Settings, name: str, metrics: ServingMetrics) -> PredictionLog:
-    """Model `name`'s prediction log (the spool, or the in-memory buffer), counting into its metrics."""
+def prediction_log_for(settings: Settings, name: str, metrics: ServingMetrics, stream: str = SERVING) -> PredictionLog:
+    """Model `name`'s prediction log (the spool, or the in-memory buffer), counting into its metrics.
+
+    `stream` shadow: the log of its rollout's outputs that answered nobody (counted under `<model>:shadow`).
+    """
+    label = name if stream == SERVING else f"{name}:{stream}"
 
     def on_event(kind: str, rows: int) -> None:
-        metrics.prediction_log.labels(name, kind).inc(rows)
+        metrics.prediction_log.labels(label, kind).inc(rows)
 
     if settings.serving_spool:
         return SpooledPredictionLog(
@@ -45,7 +55,8 @@ def prediction_log_for(settings: Settings, name: str, metrics: ServingMetrics) -
             name,
             flush_seconds=settings.serving_log_flush_seconds,
             on_event=on_event,
-            on_spool_bytes=metrics.spool_bytes.labels(name).set,
+            on_spool_bytes=metrics.spool_bytes.labels(label).set,
+            stream=stream,
         )
     return MemoryPredictionLog(
         settings,
@@ -53,11 +64,21 @@ def prediction_log_for(settings: Settings, name: str, metrics: ServingMetrics) -
         flush_seconds=settings.serving_log_flush_seconds,
         max_rows=settings.serving_log_max_rows,
         on_event=on_event,
+        stream=stream,
     )
+
+
+@dataclass(frozen=True)
+class ShadowTarget:
+    """Where a rollout's shadow copies are logged (the micro-batcher's context for them): the shadow log."""
+
+    log: PredictionLog
 
 
 class ServedModel:
     """One served model in this process: its champion follower, prediction log and metric series.
+
+    And for rollouts (`serving.rollout`): its challenger follower and its shadow log.
 
     Args:
         settings: The serving settings (alias, poll interval, the log's).
@@ -78,23 +99,100 @@ class ServedModel:
             on_swap=on_swap,
             on_unset=lambda: metrics.not_served(name),
         )
+        self.challenger = ChallengerFollower(
+            settings, name, on_reload=lambda result: metrics.reloads.labels(f"{name}:challenger", result).inc()
+        )
+        self.shadow = ShadowTarget(prediction_log_for(settings, name, metrics, SHADOW))
+        self.settings = settings
         self.metrics = metrics
         self.records = metrics.records.labels(name)
         self.batch_rows = metrics.batch_rows.labels(name)
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._active: ActiveRollout | None = None
+        self._cut: set[str] = set()  # rollouts this process cut off
 
     async def start(self) -> None:
-        """Open its log and start following its alias."""
-        await asyncio.to_thread(self.log.start)
-        self._task = asyncio.create_task(self.follower.run(), name=f"follower-{self.name}")
+        """Open its logs and start following its aliases."""
+        await asyncio.gather(asyncio.to_thread(self.log.start), asyncio.to_thread(self.shadow.log.start))
+        self._tasks = [
+            asyncio.create_task(self.follower.run(), name=f"follower-{self.name}"),
+            asyncio.create_task(self.challenger.run(), name=f"challenger-{self.name}"),
+        ]
 
     async def stop(self) -> None:
-        """Stop following, then upload what its log holds and release its spool folder."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop following, then upload what its logs hold and release their spool folders."""
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await asyncio.to_thread(self.log.stop)
+                await task
+        await asyncio.gather(asyncio.to_thread(self.log.stop), asyncio.to_thread(self.shadow.log.stop))
+
+    def rollout(self, champion: LoadedModel) -> ActiveRollout | None:
+        """The rollout this process applies to a request answered by `champion` now; None: the champion alone.
+
+        Applied while the loaded challenger is the rollout's version, the champion the one it is compared with, and
+        no process cut it off.
+        """
+        challenger, state = self.challenger.current, self.challenger.state
+        if challenger is None or state is None or state.mode == "direct":
+            return None
+        if state.version != challenger.version or state.champion != champion.version or state.id in self._cut:
+            return None
+        cut = self.challenger.cut_off
+        if cut is not None and cut.rollout == state.id:
+            return None
+        active = self._active
+        if active is None or active.state.id != state.id or active.challenger is not challenger:
+            budget = state.rules.latency_budget_ms / 1e3  # validated once per rollout, not per request
+            active = self._active = ActiveRollout(state, challenger, budget)
+        return active
+
+    def cut_off(self, state: RolloutState, reason: str) -> None:
+        """Stop using the challenger in this process for the rest of rollout `state`, and record why (once)."""
+        if state.id in self._cut:
+            return
+        self._cut.add(state.id)
+        self.metrics.cut_offs.labels(self.name).inc()
+        log.error("%s: challenger v%s cut off for the rest of its rollout: %s", self.name, state.version, reason)
+        cut = CutOff(state.id, reason, pid=os.getpid())
+        task = asyncio.get_running_loop().run_in_executor(None, record_cut_off, self.settings, state, cut)
+        task.add_done_callback(_log_failure)
+
+    def count_rollout(self, version: str, role: str, records: int) -> None:
+        """Count records of a rollout by role (`GET /models` shows the sums)."""
+        self.metrics.rollout_records.labels(self.name, version, role).inc(records)
+
+    def rollout_summary(self) -> dict[str, Any] | None:
+        """What `GET /models` and `/model` say about its challenger and rollout; None when there is none."""
+        state, challenger = self.challenger.state, self.challenger.current
+        if state is None and challenger is None:
+            return None
+        cut = self.challenger.cut_off
+        cut_reason = cut.reason if cut is not None and state is not None and cut.rollout == state.id else None
+        champion = self.follower.current
+        if state is None:
+            status = "no rollout state: not applied"
+        elif cut_reason is not None or state.id in self._cut:
+            status = "cut off"
+        elif challenger is None or challenger.version != state.version:
+            status = "loading the challenger" if self.challenger.last_error is None else "challenger not loadable"
+        elif champion is None or champion.version != state.champion:
+            status = "stale: the champion moved since it started"
+        else:
+            status = "active"
+        version = state.version if state is not None else challenger.version if challenger else None
+        return {
+            "version": version,
+            "loaded": challenger.version if challenger else None,
+            "mode": state.mode if state else None,
+            "share": state.share if state else None,
+            "since": state.since if state else None,
+            "champion": state.champion if state else None,
+            "status": status,
+            "cut_off": cut_reason,
+            "last_error": self.challenger.last_error,
+            "volume": self.metrics.rollout_volume(self.name, version) if version else {},
+        }
 
     async def retire(self) -> None:
         """Stop serving it for good (it left the catalog): `stop`, and its gauges say it is not served."""
@@ -112,7 +210,13 @@ class ServedModel:
             "inference": model.form if model else None,
             "last_error": self.follower.last_error,
             "workers": workers_of(live, served),
+            "challenger": self.rollout_summary(),
         }
+
+
+def _log_failure(done: asyncio.Future) -> None:
+    if (exc := done.exception()) is not None:
+        log.warning("recording a cut-off in the registry failed: %s", exc)
 
 
 def workers_of(live: set[int], served: dict[int, str]) -> list[dict[str, Any]]:

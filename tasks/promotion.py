@@ -13,7 +13,7 @@ from adapters.registry import champion_version, load_model
 from tasks.retrying import IO, IO_ANY_ERROR
 
 if TYPE_CHECKING:
-    pass
+    from core.data.rollout_policy import RolloutPolicy
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +48,16 @@ def promote(
 def revert(promotion: Promotion, reason: str) -> None:
     """Prefect task: undo a promotion (see `revert_promotion`)."""
     revert_promotion(promotion, reason)
+
+
+@task(name="begin-rollout", **IO)
+def begin_rollout(model_name: str, version: str, champion: str, policy: RolloutPolicy, run_id: str, reason: str) -> str:
+    """Prefect task: make `version` the challenger (shadow or canary); one line saying what became of it.
+
+    With a rollout already under way, `policy.on_new_candidate` says: `wait` (it stays registered, not rolled out)
+    or `replace` (the old challenger is rolled back, recorded, and this one starts).
+    """
+    from adapters.rollout_store import begin_candidate_rollout
+    from adapters.settings import get_settings
+
+    return begin_candidate_rollout(get_settings(), model_name, version, champion, policy, run_id, reason)

@@ -383,6 +383,11 @@ def test_spooled_lines_give_the_same_table_as_the_in_memory_log():
     # and a regressor's values (no classes, one score per record) come back the same way
     value = Entry(frame, np.array([1.5, np.nan, -2.0]), [], np.array(["e", "e", "e"], dtype=object), "5", at)
     pd.testing.assert_frame_equal(spooled_table(_spooled([value])), to_table([value]), check_dtype=True)
+    # a batch's call time (a rollout compares the versions' p50 and p99) comes back per row, NaN where none was kept
+    timed = Entry(frame.head(2), np.array([[0.9, 0.1], [0.2, 0.8]]), [0, 1], np.array(["f", "f"]), "3", at, call_ms=2.5)
+    table = spooled_table(_spooled([timed, later]))
+    pd.testing.assert_frame_equal(table, to_table([timed, later]), check_dtype=True)
+    assert table["call_ms"].tolist()[:2] == [2.5, 2.5] and np.isnan(table["call_ms"].iloc[2])
 
 
 def test_duplicate_log_rows_are_dropped_by_request_and_record_index_only():
@@ -652,7 +657,7 @@ def test_two_requests_with_one_request_id_in_one_micro_batch_stay_two_rows(tmp_p
     jobs = [Job(model, [{"x": 1.0}], "same-id", None), Job(model, [{"x": 2.0}], "same-id", None)]
     log = SpooledPredictionLog(Settings(state_dir=tmp_path), "m")
     log.spool.open()
-    Runtime._log_predictions(log, jobs, {"x": np.array([1.0, 2.0])}, np.array([[0.3, 0.7], [0.6, 0.4]]))
+    Runtime._log_predictions(log, jobs, {"x": np.array([1.0, 2.0])}, np.array([[0.3, 0.7], [0.6, 0.4]]), 0.002)
     log.spool.close()
     # when monitoring reads the log (a segment read twice, as after a crash between upload and deletion)
     (segment,) = log.spool.folder.glob("*.jsonl")

@@ -14,6 +14,8 @@ from typing import Any
 from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.data.rollout_policy import RolloutPolicy
+
 S3_URI = r"^s3://[^/]+(/.*)?$"
 _EPOCH = datetime(2026, 1, 1, tzinfo=UTC)  # any start: CronSim checks the expression when built
 
@@ -73,6 +75,11 @@ class Operations(BaseModel):
         default={},
         description="Promotion gates for this model's training deployment (the Gates fields, e.g. min_roc_auc).",
     )
+    rollout: RolloutPolicy = Field(
+        default_factory=RolloutPolicy,
+        description="How a promoted candidate reaches traffic: direct, or a shadow or canary rollout judged on live "
+        "traffic by `rollout/<model>` (core.data.rollout_policy.RolloutPolicy's fields).",
+    )
 
     @field_validator("training_cron", "monitoring_cron", "scoring_cron")
     @classmethod
@@ -110,4 +117,5 @@ operations:                      # schedules, monitoring, scoring, serving, gate
   served: true                     # the serving API serves the champion at /models/<model>/predict
   search: {}                       # model search, e.g. {trials_per_family: 8, time_budget_seconds: 600}
   gates: {}                        # promotion gates, e.g. {min_roc_auc: 0.75, min_delta: 0.002}
+  rollout: {mode: direct}          # or shadow / canary judged on live traffic, e.g. {mode: canary, canary_share: 0.1}
 """

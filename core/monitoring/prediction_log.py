@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-PREFIX = "predictions/serving"
 REQUEST_ID = "request_id"
 RECORD_ID = "record_id"
 RECORD_INDEX = "record_index"
@@ -28,19 +27,24 @@ REQUEST_SEQ = "request_seq"
 LOG_KEY = "label_key"  # the column monitoring adds: what late labels join on (see `prediction_log_key`)
 
 
-def prefix_for(model_name: str) -> str:
-    """Key prefix of a model's prediction log."""
-    return f"{PREFIX}/{model_name}/"
+SERVING = "serving"  # the log of answered predictions
+SHADOW = "shadow"  # outputs computed during a rollout that answered nobody (`core.rollout`)
+CALL_MS = "call_ms"  # the model call's milliseconds (its whole micro-batch), per row
 
 
-def day_prefix(model_name: str, day: date) -> str:
+def prefix_for(model_name: str, stream: str = SERVING) -> str:
+    """Key prefix of a model's prediction log (`stream` shadow: its rollout's unanswered outputs)."""
+    return f"predictions/{stream}/{model_name}/"
+
+
+def day_prefix(model_name: str, day: date, stream: str = SERVING) -> str:
     """Key prefix of one UTC date of a model's prediction log."""
-    return f"{prefix_for(model_name)}date={day:%Y-%m-%d}/"
+    return f"{prefix_for(model_name, stream)}date={day:%Y-%m-%d}/"
 
 
-def object_key(model_name: str, now: datetime, token: str) -> str:
+def object_key(model_name: str, now: datetime, token: str, stream: str = SERVING) -> str:
     """Key of one write of the log, under the date folder of `now` (UTC)."""
-    return f"{day_prefix(model_name, now.date())}{now:%H%M%S}-{token}.parquet"
+    return f"{day_prefix(model_name, now.date(), stream)}{now:%H%M%S}-{token}.parquet"
 
 
 def log_dates(now: datetime, days: int) -> list[date]:
@@ -84,6 +88,7 @@ class Entry:
     record_ids: np.ndarray | None = None  # the records' own ids (the dataset's id column), when sent
     record_index: np.ndarray | None = None  # each record's place in its request (0 for a one-record request)
     request_seq: np.ndarray | None = None  # each record's request's place in its micro-batch (None: all 0)
+    call_ms: float | np.ndarray | None = None  # the model call's milliseconds: one per batch, or one per row
 
 
 def to_table(entries: list[Entry]) -> pd.DataFrame:
@@ -118,6 +123,13 @@ def to_table(entries: list[Entry]) -> pd.DataFrame:
         ]
     )
     table["model_version"] = np.repeat([e.model_version for e in entries], sizes)
+    if any(e.call_ms is not None for e in entries):
+        table[CALL_MS] = np.concatenate(
+            [
+                np.broadcast_to(np.asarray(np.nan if e.call_ms is None else e.call_ms, dtype="float64"), size)
+                for e, size in zip(entries, sizes, strict=True)
+            ]
+        )
     predicted = [
         np.asarray(e.classes)[e.scores.argmax(axis=1)] if e.classes else np.asarray(e.scores, dtype="float64")
         for e in entries
@@ -175,9 +187,14 @@ def spooled_batch(entry: Entry) -> dict[str, Any]:
         "ids": None if entry.record_ids is None else list(entry.record_ids),
         "idx": None if entry.record_index is None else np.asarray(entry.record_index).tolist(),
         "seq": None if entry.request_seq is None else np.asarray(entry.request_seq).tolist(),
+        "ms": None if entry.call_ms is None else float(np.mean(entry.call_ms)),
         "s": np.asarray(entry.scores, dtype="float64"),
         "f": columns,
     }
+
+
+def _ms(value: Any) -> float:
+    return np.nan if value is None else float(value)
 
 
 def spooled_table(lines: list[dict[str, Any]]) -> pd.DataFrame:
@@ -216,6 +233,9 @@ def spooled_table(lines: list[dict[str, Any]]) -> pd.DataFrame:
                 request_seq=np.asarray(
                     [i for line in group for i in (line.get("seq") or [0] * len(line["rid"]))], dtype="int64"
                 ),
+                call_ms=np.repeat([_ms(line.get("ms")) for line in group], sizes)
+                if any(line.get("ms") is not None for line in group)
+                else None,
             )
         )
         group.clear()

@@ -13,9 +13,16 @@ log = logging.getLogger(__name__)
 
 
 def describe_outcome(
-    decision: Decision, dry_run: bool, promoted: bool, error: Exception | None, approval: Approval | None = None
+    decision: Decision,
+    dry_run: bool,
+    promoted: bool,
+    error: Exception | None,
+    approval: Approval | None = None,
+    rollout: str | None = None,
 ) -> str:
-    """What actually happened after the decision, in one line."""
+    """What actually happened after the decision, in one line (`rollout`: what became of it instead of a promotion)."""
+    if rollout is not None:
+        return rollout
     if promoted:
         approved = f" ({approval.describe()})" if approval is not None else ""
         return f"promoted: the candidate is the new champion{approved}"

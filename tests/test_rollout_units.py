@@ -1,0 +1,182 @@
+"""Rollouts, the pure part: who answers a record, the pairs, the live figures against independent computations, the
+verdict's rules and the policy in a dataset config."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+from sklearn.metrics import accuracy_score, roc_auc_score
+
+from core.data.operations import Operations
+from core.monitoring.drift_statistics import psi_from_shares
+from core.rollout import (
+    Arm,
+    CutOff,
+    Evidence,
+    Realised,
+    RolloutEvent,
+    RolloutPolicy,
+    RolloutState,
+    judge,
+    measure,
+    realised_comparison,
+    takes_challenger,
+    timeline_markdown,
+)
+
+
+def test_canary_assignment_is_a_uniform_hash_of_the_rollout_and_the_key():
+    # Given a 30 % canary and 20,000 distinct record ids
+    keys = [f"id-{i}" for i in range(20_000)]
+    chosen = [takes_challenger("r1", k, 0.3) for k in keys]
+    # then the share is within 4 binomial standard deviations of 30 %
+    sd = math.sqrt(0.3 * 0.7 / len(keys))
+    assert abs(np.mean(chosen) - 0.3) < 4 * sd
+    # and it is exactly blake2b's first 8 bytes read as a fraction (a second implementation)
+    again = [
+        int(hashlib.blake2b(f"r1\x00{k}".encode(), digest_size=8).hexdigest(), 16) / 2**64 < 0.3 for k in keys[:500]
+    ]
+    assert again == chosen[:500]
+    # sticky: the same key, the same side; another rollout draws anew
+    assert [takes_challenger("r1", k, 0.3) for k in keys[:500]] == chosen[:500]
+    other = [takes_challenger("r2", k, 0.3) for k in keys]
+    assert 0.55 < np.mean(np.array(other) == np.array(chosen)) < 0.65  # independent draws agree ~58 % of the time
+
+
+def _state(**changes) -> RolloutState:
+    policy = RolloutPolicy(mode="shadow", min_records=50, min_seconds=0)
+    state = RolloutState.start("m", "2", "1", policy)
+    since = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    return RolloutState(**({**state.__dict__, "since": since} | changes))
+
+
+def _log(version: str, proba: np.ndarray, ms: float, seq: str = "r") -> pd.DataFrame:
+    n = len(proba)
+    return pd.DataFrame(
+        {
+            "x": np.arange(n, dtype=float),
+            "request_id": [f"{seq}{i // 2}" for i in range(n)],
+            "record_index": [i % 2 for i in range(n)],
+            "model_version": version,
+            "proba_0": 1 - proba,
+            "proba_1": proba,
+            "call_ms": ms + np.arange(n) % 7,
+            "predicted_at": pd.Timestamp.now(tz="UTC"),
+        }
+    )
+
+
+def test_measure_pairs_each_record_and_computes_the_figures_as_sklearn_and_the_psi_formula():
+    rng = np.random.default_rng(0)
+    champion, challenger = rng.uniform(size=400), rng.uniform(size=400)
+    state = _state()
+    # champion answered (its log), the challenger scored the same records in shadow, shuffled
+    answered, shadow = _log("1", champion, 2.0), _log("2", challenger, 3.0).sample(frac=1, random_state=1)
+    evidence, pairs = measure(answered, shadow, state, [0, 1], datetime.now(UTC))
+    assert evidence.paired == 400 and evidence.challenger.records == 400 and evidence.champion.records == 400
+    np.testing.assert_allclose(pairs.champion[:, 1], champion[pairs.rows["x"].astype(int)])
+    np.testing.assert_allclose(pairs.challenger[:, 1], challenger[pairs.rows["x"].astype(int)])
+    expected = accuracy_score(champion > 0.5, challenger[np.arange(400)] > 0.5)
+    assert evidence.agreement == pytest.approx(expected)
+    # PSI: the champion's deciles, the challenger's shares in them
+    edges = np.quantile(champion, np.linspace(0, 1, 11)[1:-1])
+    ref = np.bincount(np.searchsorted(edges, champion, side="right"), minlength=10)
+    cur = np.bincount(np.searchsorted(edges, challenger, side="right"), minlength=10)
+    assert evidence.output_psi == pytest.approx(psi_from_shares(ref, cur), rel=1e-9)
+    assert evidence.challenger.p99_ms == pytest.approx(np.percentile(3.0 + np.arange(400) % 7, 99))
+    # rows logged before the rollout started do not count
+    old = _log("2", challenger, 3.0, seq="old").assign(predicted_at=pd.Timestamp("2020-01-01", tz="UTC"))
+    again, _ = measure(answered, pd.concat([shadow, old]), state, [0, 1], datetime.now(UTC))
+    assert again.paired == 400
+
+
+def test_realised_comparison_is_the_difference_of_sklearn_auc_with_a_paired_interval():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 3000)
+    good = np.clip(y * 0.3 + rng.uniform(size=3000) * 0.7, 0, 1)
+    weak = np.clip(y * 0.1 + rng.uniform(size=3000) * 0.9, 0, 1)
+    state = _state()
+    _, pairs = measure(_log("1", weak, 1.0), _log("2", good, 1.0), state, [0, 1], datetime.now(UTC))
+    labels = y[pairs.rows["x"].astype(int)].astype(object)
+    labels[:1000] = None  # not arrived yet
+    realised = realised_comparison(labels, pairs, [0, 1])
+    assert realised is not None and realised.labelled == 2000
+    known = slice(1000, None)
+    truth = labels[known].astype(int)
+    assert realised.challenger == pytest.approx(roc_auc_score(truth, pairs.challenger[known, 1]))
+    assert realised.champion == pytest.approx(roc_auc_score(truth, pairs.champion[known, 1]))
+    assert realised.low < realised.delta < realised.high and realised.low > 0
+
+
+def _evidence(**changes) -> Evidence:
+    base = Evidence(
+        seconds=3600,
+        paired=1000,
+        champion=Arm("1", 1000, 2.0, 5.0),
+        challenger=Arm("2", 1000, 2.0, 6.0),
+        agreement=0.95,
+        output_psi=0.02,
+    )
+    return Evidence(**(base.__dict__ | changes))
+
+
+def test_the_verdict_promotes_rolls_back_or_extends_by_the_gates():
+    policy = RolloutPolicy(mode="canary", min_records=500, min_seconds=600, max_seconds=86_400)
+    assert judge(_evidence(), policy).action == "promote"
+    # a cut-off ends it at once, whatever else
+    assert judge(_evidence(cut_off="scoring failed"), policy).action == "rollback"
+    # each gate failing on enough records rolls back, naming it
+    for changes, word in [
+        ({"agreement": 0.5}, "agreement"),
+        ({"output_psi": 0.9}, "PSI"),
+        ({"challenger": Arm("2", 1000, 2.0, 50.0)}, "p99"),
+        ({"estimated_metric": "roc_auc", "estimated": {"champion": 0.8, "challenger": 0.7}}, "estimated"),
+    ]:
+        verdict = judge(_evidence(**changes), policy)
+        assert verdict.action == "rollback" and word in verdict.reasons[0], (changes, verdict)
+    # a bad agreement on too few records is not judged yet: extended
+    assert judge(_evidence(paired=100, agreement=0.1), policy).action == "extend"
+    assert judge(_evidence(seconds=60), policy).action == "extend"
+    # still short after the maximum: rolled back as undecided
+    assert judge(_evidence(paired=100, seconds=90_000), policy).action == "rollback"
+    # labels: significantly worse rolls back; undecided extends; required and missing extends
+    worse = Realised("roc_auc", 800, 0.70, 0.75, -0.05, -0.08, -0.02, 0.95)
+    unsure = Realised("roc_auc", 800, 0.74, 0.75, -0.01, -0.04, 0.02, 0.95)
+    assert judge(_evidence(realised=worse), policy).action == "rollback"
+    assert judge(_evidence(realised=unsure), policy).action == "extend"
+    assert judge(_evidence(), policy.merged({"require_labels": True})).action == "extend"
+    # regressors: RMSE is lower-is-better and relative
+    rmse = {"estimated_metric": "rmse", "estimated": {"champion": 10.0, "challenger": 10.1}}
+    assert judge(_evidence(**rmse), policy).action == "promote"
+    rmse["estimated"] = {"champion": 10.0, "challenger": 11.0}
+    assert judge(_evidence(**rmse), policy).action == "rollback"
+
+
+def test_state_and_cut_off_round_trip_and_the_policy_is_checked_in_the_config():
+    state = _state()
+    assert RolloutState.from_json(state.to_json()) == state
+    assert RolloutState.from_json("not json") is None and RolloutState.from_json(None) is None
+    assert state.rules.min_records == 50
+    cut = CutOff(state.id, "slow", pid=7)
+    assert CutOff.from_json(cut.to_json()) == cut
+    assert Operations.model_validate({"rollout": {"mode": "canary", "canary_share": 0.2}}).rollout.canary_share == 0.2
+    with pytest.raises(ValidationError, match="canary_share"):
+        Operations.model_validate({"rollout": {"mode": "canary", "canary_share": 1.5}})
+    with pytest.raises(ValidationError, match="mode"):
+        Operations.model_validate({"rollout": {"mode": "blue-green"}})
+
+
+def test_the_timeline_lists_each_step():
+    events = [
+        RolloutEvent("m", "r", "started", "2", "1", "canary 10%", "flow"),
+        RolloutEvent("m", "r", "rolled_back", "2", "1", "agreement 0.4 below 0.8", "flow", {"paired": 900}),
+    ]
+    table = timeline_markdown(events)
+    assert "| started |" in table and "| rolled_back |" in table and "| 900 |" in table
+    assert RolloutEvent.from_json(events[1].to_json()) == events[1]
