@@ -7,6 +7,8 @@ Events (Prefect UI -> Events, emitted whether or not a webhook is configured), o
   report links. The model's `mlops-drift-retrain/<model>` automation runs `training/<model>` with it.
 - `mlops.model.refused`: a process refused to load a registered version because its stored artifact is not
   the one training recorded (payload: model, version, reason, where: serving, scoring, training, ...).
+- `mlops.rollout.<step>` (started, replaced, waiting, cut_off, extended, promoted, rolled_back): a step of a
+  rollout (`adapters/rollout_store.py`); payload: model, version, champion, reason, actor, the live figures.
 - `mlops.champion.promotion`, `mlops.champion.revert`, `mlops.champion.rollback`: the `champion` alias moved;
   payload: the versions, reason, actor, the new champion's holdout metrics, the model card and links.
   Emitted best-effort: a failure to emit is logged and never undoes the alias move.
@@ -38,7 +40,7 @@ DRIFT_EVENT = "mlops.drift.detected"
 CHAMPION_EVENT_PREFIX = "mlops.champion."
 RUN_EVENTS = ("prefect.flow-run.Failed", "prefect.flow-run.Crashed")
 # Flows whose Failed or Crashed runs are alerted.
-ALERTED_FLOWS = ("training", "monitoring", "scoring", "rollback")
+ALERTED_FLOWS = ("training", "monitoring", "scoring", "rollback", "rollout")
 
 WEBHOOK_BLOCK = "mlops-alerts"
 RUN_FAILED_AUTOMATION = "mlops-alert-run-failed"
@@ -46,7 +48,9 @@ DRIFT_AUTOMATION = "mlops-drift-retrain"
 CHAMPION_AUTOMATION = "mlops-alert-champion-change"
 REFUSED_EVENT = "mlops.model.refused"
 REFUSED_AUTOMATION = "mlops-alert-model-refused"
-ALERT_ONLY_AUTOMATIONS = (RUN_FAILED_AUTOMATION, CHAMPION_AUTOMATION, REFUSED_AUTOMATION)
+ROLLOUT_EVENT_PREFIX = "mlops.rollout."
+ROLLOUT_AUTOMATION = "mlops-alert-rollout"
+ALERT_ONLY_AUTOMATIONS = (RUN_FAILED_AUTOMATION, CHAMPION_AUTOMATION, REFUSED_AUTOMATION, ROLLOUT_AUTOMATION)
 AUTOMATION_TAG = "prefect-mlops"
 
 CARD_LINK_SECONDS = 7 * 24 * 3600  # presigned model-card links last a week, like the monitoring report's

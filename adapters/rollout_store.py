@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from adapters.alerts import emit
+from adapters.alerts import ROLLOUT_EVENT_PREFIX, emit
 from adapters.clients import mlflow_client, put_bytes, s3_client
 from adapters.history_store import default_actor
 from adapters.registry import aliases_of
@@ -35,8 +35,6 @@ from core.rollout import (
 )
 
 log = logging.getLogger(__name__)
-
-ROLLOUT_EVENT_PREFIX = "mlops.rollout."
 
 
 def read_rollout(

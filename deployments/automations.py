@@ -39,6 +39,8 @@ from adapters.alerts import (
     DRIFT_EVENT,
     REFUSED_AUTOMATION,
     REFUSED_EVENT,
+    ROLLOUT_AUTOMATION,
+    ROLLOUT_EVENT_PREFIX,
     RUN_EVENTS,
     RUN_FAILED_AUTOMATION,
     delete_webhook_block,
@@ -89,6 +91,15 @@ CHAMPION_BODY = (
 )
 REFUSED_SUBJECT = "[mlops] {{ event.payload.model }} v{{ event.payload.version }} refused by {{ event.payload.where }}"
 REFUSED_BODY = "reason: {{ event.payload.reason }}" + ALERT_ID
+ROLLOUT_SUBJECT = (
+    "[mlops] {{ event.payload.model }} rollout: {{ event.payload.kind }}, challenger v{{ event.payload.version }} "
+    "against champion v{{ event.payload.champion }}"
+)
+ROLLOUT_BODY = (
+    "reason: {{ event.payload.reason }}\n"
+    "by: {{ event.payload.actor }} at {{ event.payload.at }}\n"
+    "live figures: {{ event.payload.figures | tojson }}" + ALERT_ID
+)
 
 ZOMBIE_AUTOMATION = "mlops-crash-zombie-runs"
 # Three missed heartbeats at the stack's 30 s frequency (Prefect's recipe uses the same margin).
@@ -195,6 +206,18 @@ def wanted_automations(
                 threshold=1,
             ),
             actions=[SendNotification(block_document_id=block_id, subject=REFUSED_SUBJECT, body=REFUSED_BODY)],
+        ),
+        AutomationCore(
+            name=ROLLOUT_AUTOMATION,
+            description="Notify at each step of a rollout: started, cut off, extended, promoted, rolled back.",
+            tags=[AUTOMATION_TAG],
+            trigger=EventTrigger(
+                expect={ROLLOUT_EVENT_PREFIX + "*"},
+                match={"prefect.resource.id": "mlops.model.*"},
+                posture="Reactive",
+                threshold=1,
+            ),
+            actions=[SendNotification(block_document_id=block_id, subject=ROLLOUT_SUBJECT, body=ROLLOUT_BODY)],
         ),
     ]
 

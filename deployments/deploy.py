@@ -2,7 +2,8 @@
 
 `mlops deploy` calls `deploy_all`, which reads the model catalog (`adapters/catalog.py`) and registers, for
 each model, `training/<model>`, `monitoring/<model>`, `scoring/<model>` (when its config names a
-`scoring_source`) and `rollback/<model>`, with the schedules and parameters of the config's `operations`
+`scoring_source`), `rollback/<model>` and `rollout/<model>` (when its `operations.rollout.mode` is shadow or
+canary: judges the challenger every `check_seconds`), with the schedules and parameters of the config's `operations`
 section (`core/data/operations.py`); then the shared `features/features` (feature store materialization, daily).
 A model removed from the catalog has its deployments (and their scheduled runs) deleted by the next deploy.
 
@@ -39,7 +40,7 @@ WORK_POOL = "mlops-process"
 KUBERNETES_POOL = "mlops-kubernetes"
 PROJECT_TAG = "prefect-mlops"
 # The flows a catalog model gets a deployment of, named after the model (`<flow>/<model>`).
-MODEL_FLOWS = ("training", "monitoring", "scoring", "rollback")
+MODEL_FLOWS = ("training", "monitoring", "scoring", "rollback", "rollout")
 SHARED = "features/features"
 
 
@@ -149,6 +150,20 @@ def model_deployments(entry: CatalogEntry, name_suffix: str = "") -> list[FlowDe
                 parameters={"params": scoring},
                 model=model,
                 **({"cron": ops.scoring_cron} if ops.scoring_cron else {"on_demand": True}),
+            )
+        )
+    if ops.rollout.mode != "direct":
+        specs.append(
+            FlowDeployment(
+                name=model,
+                flow_name="rollout",
+                entrypoint="flows.rollout.rollout",
+                description=f"Rollout of {model}'s challenger ({ops.rollout.mode}): judge it on live traffic against "
+                "the champion, then promote, roll back or extend.",
+                parameters={"params": {"dataset": entry.uri}},
+                model=model,
+                interval_seconds=ops.rollout.check_seconds,
+                anchor=ops.schedule_anchor,
             )
         )
     return specs

@@ -19,6 +19,7 @@ from mlops.data_versions_cli import data_prune, data_versions
 from mlops.demo_cli import demo_app
 from mlops.models_cli import deploy, models_app
 from mlops.reproduce_cli import reproduce
+from mlops.rollout_cli import rollout_app
 from mlops.stack import client_env
 from mlops.stack_postgres import PostgresSetupError, database_summary
 from mlops.train_cli import run_training, train
@@ -41,6 +42,7 @@ app.add_typer(features_app, name="features")
 alerts_app = typer.Typer(help="Alerts sent by the Prefect automations `mlops deploy` creates.", no_args_is_help=True)
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(models_app, name="models")
+app.add_typer(rollout_app, name="rollout")
 app.command("deploy")(deploy)
 app.command("run-deployment")(run_deployment_command)  # CD: run a deployment and wait for its end
 app.command("reproduce")(reproduce)  # retrain a registered version from its frozen data and record

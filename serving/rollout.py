@@ -96,7 +96,8 @@ class RolloutPath:
         if not mine:
             scored = await self.batcher.score(champion, records, request_id, ids, served)
             return answer(champion, scored.scores, request_id)
-        theirs = [i for i in everything if i not in set(mine)]
+        chosen = set(mine)
+        theirs = [i for i in everything if i not in chosen]
         part = _part(records, ids, mine)
         champion_part = _part(records, ids, theirs)
         challenged, kept = await asyncio.gather(

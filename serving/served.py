@@ -109,7 +109,7 @@ class ServedModel:
         self.batch_rows = metrics.batch_rows.labels(name)
         self._tasks: list[asyncio.Task] = []
         self._active: ActiveRollout | None = None
-        self._cut: set[str] = set()  # rollouts this process cut off
+        self._cut: dict[str, str] = {}  # rollout id -> why this process cut its challenger off
 
     async def start(self) -> None:
         """Open its logs and start following its aliases."""
@@ -151,7 +151,7 @@ class ServedModel:
         """Stop using the challenger in this process for the rest of rollout `state`, and record why (once)."""
         if state.id in self._cut:
             return
-        self._cut.add(state.id)
+        self._cut[state.id] = reason
         self.metrics.cut_offs.labels(self.name).inc()
         log.error("%s: challenger v%s cut off for the rest of its rollout: %s", self.name, state.version, reason)
         cut = CutOff(state.id, reason, pid=os.getpid())
@@ -169,10 +169,11 @@ class ServedModel:
             return None
         cut = self.challenger.cut_off
         cut_reason = cut.reason if cut is not None and state is not None and cut.rollout == state.id else None
+        cut_reason = cut_reason or (self._cut.get(state.id) if state is not None else None)
         champion = self.follower.current
         if state is None:
             status = "no rollout state: not applied"
-        elif cut_reason is not None or state.id in self._cut:
+        elif cut_reason is not None:
             status = "cut off"
         elif challenger is None or challenger.version != state.version:
             status = "loading the challenger" if self.challenger.last_error is None else "challenger not loadable"

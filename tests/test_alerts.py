@@ -28,6 +28,7 @@ from adapters.alerts import (
     DRIFT_AUTOMATION,
     DRIFT_EVENT,
     REFUSED_AUTOMATION,
+    ROLLOUT_AUTOMATION,
     RUN_FAILED_AUTOMATION,
     WEBHOOK_BLOCK,
     drift_automation_name,
@@ -428,7 +429,7 @@ def test_deploy_is_idempotent_and_updates_in_place(stack, alerts, receiver, capl
     from deployments.automations import deploy_automations
 
     drift = drift_automation_name(MODEL)
-    names = (RUN_FAILED_AUTOMATION, drift, CHAMPION_AUTOMATION, REFUSED_AUTOMATION)
+    names = (RUN_FAILED_AUTOMATION, drift, CHAMPION_AUTOMATION, REFUSED_AUTOMATION, ROLLOUT_AUTOMATION)
 
     def state() -> dict[str, tuple[str, str, bool]]:
         """Each automation by name (exactly one each): id, last update, enabled; and the block's."""

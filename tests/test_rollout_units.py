@@ -180,3 +180,69 @@ def test_the_timeline_lists_each_step():
     table = timeline_markdown(events)
     assert "| started |" in table and "| rolled_back |" in table and "| 900 |" in table
     assert RolloutEvent.from_json(events[1].to_json()) == events[1]
+
+
+class _Model:
+    """A stand-in for a loaded model (a pure unit of the serving path): fixed probabilities, or an error."""
+
+    serial_next = 0
+
+    def __init__(self, version: str, p: float, fails: bool = False) -> None:
+        _Model.serial_next += 1
+        self.serial, self.name, self.version, self.classes = _Model.serial_next, "m", version, [0, 1]
+        self.p, self.fails, self.calls = p, fails, 0
+
+    def columns_of(self, records):
+        return {"x": np.array([r["x"] for r in records], dtype=float)}
+
+    def scores(self, columns):
+        self.calls += 1
+        if self.fails:
+            raise ValueError("cannot score")
+        n = len(columns["x"])
+        return np.column_stack([np.full(n, 1 - self.p), np.full(n, self.p)])
+
+
+class _Served:
+    name = "m"
+    shadow = object()
+
+    def __init__(self) -> None:
+        self.cut: list[str] = []
+        self.counts: dict[str, int] = {}
+
+    def cut_off(self, state, reason: str) -> None:
+        self.cut.append(reason)
+
+    def count_rollout(self, version: str, role: str, records: int) -> None:
+        self.counts[role] = self.counts.get(role, 0) + records
+
+
+def test_a_challenger_that_raises_is_cut_off_and_the_champion_answers_its_records():
+    import asyncio
+
+    from serving.batching import MicroBatcher
+    from serving.rollout import ActiveRollout, RolloutPath
+
+    champion, challenger = _Model("1", 0.2), _Model("2", 0.9, fails=True)
+    state = RolloutState.start("m", "2", "1", RolloutPolicy(mode="canary", canary_share=0.5))
+    served = _Served()
+
+    async def run() -> list[dict]:
+        batcher = MicroBatcher(inline=False)
+        batcher.start()
+        path = RolloutPath(batcher)
+        rollout = ActiveRollout(state, challenger, 0.5)
+        ids = [str(i) for i in range(40)]
+        records = [{"x": float(i)} for i in range(40)]
+        answer = await path.answer(served, rollout, champion, records, ids, "req")
+        await path.stop()
+        await batcher.stop()
+        return answer["predictions"], ids
+
+    predictions, ids = asyncio.run(run())
+    # every record answered, by the champion, with its probabilities; the challenger was tried once and cut off
+    assert len(predictions) == 40 and all(p["probabilities"]["1"] == pytest.approx(0.2) for p in predictions)
+    mine = sum(takes_challenger(state.id, i, 0.5) for i in ids)
+    assert mine > 0 and served.counts == {"fallback": mine} and challenger.calls == 1
+    assert len(served.cut) == 1 and "ValueError: cannot score" in served.cut[0]
