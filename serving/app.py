@@ -16,6 +16,8 @@
   (401); without it, /reload is accepted from loopback clients only (403). A body over
   `serving_max_body_bytes` is a 413, chunked or not. Every answered prediction is logged durably first
   (`serving/prediction_log.py`), in its model's own log.
+- A model under rollout (`serving/rollout.py`) has its `challenger` scored in shadow or answering a canary
+  share, cut off at once when it fails; `/models`, `/models/<name>` and `/model` show it under `challenger`.
 
 Run it with `mlops serve` (or `mlops stack up`, which starts it on port 8000): as many worker processes
 as cores by default (`MLOPS_SERVING_WORKERS`), sharing one socket (uvicorn's supervisor, which restarts a

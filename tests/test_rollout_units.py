@@ -246,3 +246,30 @@ def test_a_challenger_that_raises_is_cut_off_and_the_champion_answers_its_record
     mine = sum(takes_challenger(state.id, i, 0.5) for i in ids)
     assert mine > 0 and served.counts == {"fallback": mine} and challenger.calls == 1
     assert len(served.cut) == 1 and "ValueError: cannot score" in served.cut[0]
+
+
+def test_training_delivers_by_the_rollout_mode_and_a_cold_start_is_promoted(monkeypatch):
+    from types import SimpleNamespace
+
+    from core.evaluation.decision import Gates
+    from services import promotion
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(promotion, "promote_checked", lambda *a: calls.append(("promote", *a)) or (None, None, None))
+    monkeypatch.setattr(promotion, "begin_rollout", lambda *a: calls.append(("rollout", *a)) or "under rollout: ...")
+    candidate = SimpleNamespace(run_id="run-7")
+    config = SimpleNamespace(model_name="m")
+    decision = SimpleNamespace(reasons=["beats the champion"])
+
+    def deliver(mode: str, champion: str | None) -> dict:
+        policy = promotion.PromotionPolicy(Gates(), 0, rollout=RolloutPolicy(mode=mode), reason="scheduled")
+        return promotion._deliver(candidate, config, policy, champion, "8", decision, "scheduled")
+
+    # direct, or no champion to compare live with: promoted as before
+    assert "promotion" in deliver("direct", "7") and calls[-1][:4] == ("promote", "m", "8", "7")
+    assert "promotion" in deliver("canary", None) and calls[-1][:4] == ("promote", "m", "8", None)
+    # shadow or canary against a champion: the rollout starts instead, with the run's reason and the decision's
+    assert deliver("shadow", "7") == {"rollout": "under rollout: ..."}
+    name, model, version, champion, policy, run_id, why = calls[-1]
+    assert (name, model, version, champion, policy.mode, run_id) == ("rollout", "m", "8", "7", "shadow", "run-7")
+    assert why == "run reason: scheduled | beats the champion"
