@@ -59,6 +59,7 @@ class Job:
     # What the caller scores for (e.g. the served model's prediction log), handed back to `on_scored`
     context: Any = field(default=None, repr=False)
     index: list[int] | None = None  # each record's place in its request, when these are part of one
+    shadow: frozenset[int] | None = None  # positions (in `records`) scored as a rollout's shadow copy, not answered
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class MicroBatcher:
                 job.future.set_exception(RuntimeError("the server is shutting down"))
         self._executor.shutdown(wait=True)
 
-    async def score(
+    async def score(  # noqa: PLR0913 - a job's parts, each named
         self,
         model: LoadedModel,
         records: list[dict[str, Any]],
@@ -135,21 +136,23 @@ class MicroBatcher:
         context: Any = None,
         *,
         index: list[int] | None = None,
+        shadow: frozenset[int] | None = None,
     ) -> Scored:
         """Queue `records` (with their ids, if any) for `model` and wait for their scores.
 
         `context` comes back with the job to `on_scored`: requests of one model with the same context are scored
         together (a model's answers and its rollout's shadow copies are not). `index`: the records' places in
-        their request, when they are part of one (a canary's split).
+        their request, when they are part of one (a canary's split); `shadow`: positions whose rows are a rollout's
+        shadow copy (logged apart, never answered).
         """
         assert self._queue is not None, "start() first"
         if self.inline and not self._busy and self._queue.empty() and self._cheap(model, len(records)):
-            scores, seconds = self._predict([Job(model, records, request_id, None, ids, context, index)])
+            scores, seconds = self._predict([Job(model, records, request_id, None, ids, context, index, shadow)])
             return Scored(scores, len(scores), seconds)
         if self._queue.qsize() >= self.max_queued:
             raise Overloaded(f"{self._queue.qsize()} requests wait for the model already (the limit): retry shortly")
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(Job(model, records, request_id, future, ids, context, index))
+        self._queue.put_nowait(Job(model, records, request_id, future, ids, context, index, shadow))
         return await future
 
     async def _run(self) -> None:

@@ -5,7 +5,8 @@
 - **canary**: each record whose key (its id; the request id for a model without an id field) hashes below the
   share is answered by the challenger (`core.rollout.takes_challenger`): the same records in every
   process and after a restart. Those rows go to the model's prediction log with the challenger's version; the
-  champion scores them too, in the background, into the shadow log, so every challenger output has a pair.
+  champion scores the whole request in one call, its answers to the prediction log and its copies of the
+  challenger's records to the shadow log, so every challenger output has a pair.
 
 **Safety first.** A challenger call that raises, gives no answer within its latency budget plus a second, or whose
 call took longer than the budget cuts the challenger off in this process at once, for the rest of the rollout
@@ -89,27 +90,28 @@ class RolloutPath:
         everything = list(range(len(records)))
         if state.mode == "shadow":
             scored = await self.batcher.score(champion, records, request_id, ids, served)
-            self._in_background(served, rollout, rollout.challenger, (records, ids, everything), request_id)
+            self._in_background(served, rollout, (records, ids, everything), request_id)
             return answer(champion, scored.scores, request_id)
         keys = ids if ids is not None else [None] * len(records)
         mine = [i for i in everything if takes_challenger(state.id, keys[i] or request_id, state.share)]
         if not mine:
             scored = await self.batcher.score(champion, records, request_id, ids, served)
             return answer(champion, scored.scores, request_id)
-        chosen = set(mine)
+        chosen = frozenset(mine)
         theirs = [i for i in everything if i not in chosen]
         part = _part(records, ids, mine)
-        champion_part = _part(records, ids, theirs)
-        challenged, kept = await asyncio.gather(
+        # one champion call for the whole request: its answers, and its shadow copy of the challenger's records
+        challenged, whole = await asyncio.gather(
             self._challenger(served, rollout, part, request_id),
-            self._score(champion, champion_part, request_id, served) if theirs else _nothing(),
+            self.batcher.score(champion, records, request_id, ids, served, index=everything, shadow=chosen),
         )
-        if challenged is None:  # cut off or overloaded: the champion answers its records too
+        kept = Scored(whole.scores[theirs], whole.batch_rows, whole.seconds)
+        served.count_rollout(state.version, "champion_shadow", len(mine))
+        if challenged is None:  # cut off or overloaded: the champion answers its records too (logged as answered)
             fallback = await self._score(champion, part, request_id, served)
             served.count_rollout(state.version, "fallback", len(mine))
             return _merged(request_id, [(champion, theirs, kept), (champion, mine, fallback)], champion)
         served.count_rollout(state.version, "answered", len(mine))
-        self._in_background(served, rollout, champion, part, request_id)  # the champion's output beside it
         return _merged(request_id, [(champion, theirs, kept), (rollout.challenger, mine, challenged)], champion)
 
     async def _score(
@@ -152,16 +154,14 @@ class RolloutPath:
         self,
         served: ServedModel,
         rollout: ActiveRollout,
-        model: LoadedModel,
         part: tuple[list[dict[str, Any]], list[str | None] | None, list[int]],
         request_id: str,
     ) -> None:
-        """Score `part` with `model` into the shadow log after the answer (skipped, counted, when too many wait)."""
-        role = "shadow" if model is rollout.challenger else "champion_shadow"
+        """Score `part` with the challenger into the shadow log, after the answer (skipped, counted, if many wait)."""
         if len(self._background) >= MAX_SHADOW_PENDING:
-            served.count_rollout(rollout.state.version, f"{role}_skipped", len(part[0]))
+            served.count_rollout(rollout.state.version, "shadow_skipped", len(part[0]))
             return
-        task = asyncio.create_task(self._shadow(served, rollout, model, part, request_id))
+        task = asyncio.create_task(self._shadow(served, rollout, part, request_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -169,21 +169,11 @@ class RolloutPath:
         self,
         served: ServedModel,
         rollout: ActiveRollout,
-        model: LoadedModel,
         part: tuple[list[dict[str, Any]], list[str | None] | None, list[int]],
         request_id: str,
     ) -> None:
-        version = rollout.state.version
-        if model is rollout.challenger:
-            if await self._challenger(served, rollout, part, request_id, served.shadow) is not None:
-                served.count_rollout(version, "shadow", len(part[0]))
-            return
-        try:
-            await self._score(model, part, request_id, served.shadow)
-        except Exception as exc:  # the champion's shadow copy: a missing pair, never an answer lost
-            log.warning("%s: the champion's shadow scoring failed: %s", served.name, exc)
-            return
-        served.count_rollout(version, "champion_shadow", len(part[0]))
+        if await self._challenger(served, rollout, part, request_id, served.shadow) is not None:
+            served.count_rollout(rollout.state.version, "shadow", len(part[0]))
 
     async def stop(self) -> None:
         """Let the shadow scorings under way finish (their rows are logged)."""
@@ -196,10 +186,6 @@ def _part(
 ) -> tuple[list[dict[str, Any]], list[str | None] | None, list[int]]:
     """The records (and ids) at `index`, with their places in the request."""
     return [records[i] for i in index], None if ids is None else [ids[i] for i in index], index
-
-
-async def _nothing() -> None:
-    return None
 
 
 def _merged(

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -157,11 +158,20 @@ class Runtime:
     def _scored(self, jobs: list[Job], columns: dict[str, np.ndarray], scores: np.ndarray, seconds: float) -> None:
         """After a batch call: count it for its model and log it (a rollout's shadow copy: in its shadow log)."""
         target: ServedModel | ShadowTarget = jobs[0].context or self.default
+        rows = len(scores)
         if isinstance(target, ServedModel):
-            rows = len(scores)
             target.batch_rows.observe(rows)
-            target.records.inc(rows)
-        self._log_predictions(target.log, jobs, columns, scores, seconds)
+        if not any(job.shadow for job in jobs):  # the usual case
+            if isinstance(target, ServedModel):
+                target.records.inc(rows)
+            self._log_predictions(target.log, jobs, columns, scores, seconds)
+            return
+        assert isinstance(target, ServedModel)  # a canary's champion call: its answers and its shadow copies
+        answered, copies = split_shadow(jobs)
+        target.records.inc(len(answered[1]))
+        for log_of, (parts, at) in ((target.log, answered), (target.shadow.log, copies)):
+            if at.size:
+                self._log_predictions(log_of, parts, {k: v[at] for k, v in columns.items()}, scores[at], seconds)
 
     @staticmethod
     def _log_predictions(
@@ -358,6 +368,27 @@ class Runtime:
         except TimeoutError as exc:
             msg = f"not received within {seconds:g} s (serving_body_timeout_seconds)"
             raise BadRequest.at(408, ["body"], msg, "timeout") from exc
+
+
+def split_shadow(jobs: list[Job]) -> tuple[tuple[list[Job], np.ndarray], tuple[list[Job], np.ndarray]]:
+    """The jobs' answered records and their shadow copies, each as jobs of those records and their rows in the batch."""
+    answered: list[Job] = []
+    copies: list[Job] = []
+    answered_rows: list[int] = []
+    copy_rows: list[int] = []
+    start = 0
+    for job in jobs:
+        places = job.index if job.index is not None else list(range(len(job.records)))
+        shadow = job.shadow or frozenset()
+        for into, rows, keep in ((answered, answered_rows, False), (copies, copy_rows, True)):
+            at = [i for i in range(len(job.records)) if (i in shadow) == keep]
+            if at:
+                ids = None if job.ids is None else [job.ids[i] for i in at]
+                records = [job.records[i] for i in at]
+                into.append(replace(job, records=records, ids=ids, index=[places[i] for i in at], shadow=None))
+                rows.extend(start + i for i in at)
+        start += len(job.records)
+    return (answered, np.asarray(answered_rows, dtype=np.int64)), (copies, np.asarray(copy_rows, dtype=np.int64))
 
 
 def _failed(exc: Exception, request_id: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:

@@ -35,7 +35,7 @@ from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
 from adapters.catalog import delete_entry, put_entry
-from adapters.clients import S3Location, put_bytes
+from adapters.clients import S3Location, put_bytes, s3_client
 from adapters.rollout_store import begin_candidate_rollout, list_events, read_rollout, read_rollout_logs
 from core.data.dataset import DatasetConfig
 from core.data.features import prepare_inputs
@@ -220,6 +220,9 @@ def test_a_shadow_rollout_promotes_a_better_candidate_on_live_labelled_traffic(s
     _logged(stack, SHADOW, 800, 800)
     challenger = _described(server, SHADOW)["challenger"]
     assert challenger["mode"] == "shadow" and challenger["volume"]["shadow"] == 800
+    card = S3Location(stack.bucket, f"model-cards/{SHADOW}/{made['challenger']}")  # as training publishes it
+    put_bytes(stack, card.child("model_card.md"), b"# Model card\n", "text/markdown")
+    put_bytes(stack, card.child("model_card.html"), b"<html><body><h1>Model card</h1></body></html>", "text/html")
     # before the labels arrive, the rollout flow waits for them (require_labels)
     waiting = rollout(RolloutParams(dataset=made["yaml"]))
     assert waiting.action == "extend" and "0 of 200 labelled records" in waiting.reasons[-1], waiting
@@ -242,6 +245,10 @@ def test_a_shadow_rollout_promotes_a_better_candidate_on_live_labelled_traffic(s
     assert state is None and aliases.get("champion") == made["challenger"] and "challenger" not in aliases
     assert [e.kind for e in list_events(stack, SHADOW)][-3:] == ["started", "extended", "promoted"]
     _show(stack, SHADOW)
+    # and the timeline is on the challenger's model card, each step once
+    for name in ("model_card.md", "model_card.html"):
+        text = s3_client(stack).get_object(Bucket=stack.bucket, Key=card.child(name).key)["Body"].read().decode()
+        assert "Rollout on live traffic" in text and text.count("promoted") == 1 and "extended" in text, text
     wait_for(lambda: _described(server, SHADOW).get("version") == made["challenger"], 60, "the new champion served")
     assert _described(server, SHADOW)["challenger"] is None
 

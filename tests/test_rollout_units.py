@@ -244,7 +244,7 @@ def test_a_challenger_that_raises_is_cut_off_and_the_champion_answers_its_record
     # every record answered, by the champion, with its probabilities; the challenger was tried once and cut off
     assert len(predictions) == 40 and all(p["probabilities"]["1"] == pytest.approx(0.2) for p in predictions)
     mine = sum(takes_challenger(state.id, i, 0.5) for i in ids)
-    assert mine > 0 and served.counts == {"fallback": mine} and challenger.calls == 1
+    assert mine > 0 and served.counts == {"champion_shadow": mine, "fallback": mine} and challenger.calls == 1
     assert len(served.cut) == 1 and "ValueError: cannot score" in served.cut[0]
 
 
@@ -273,3 +273,22 @@ def test_training_delivers_by_the_rollout_mode_and_a_cold_start_is_promoted(monk
     name, model, version, champion, policy, run_id, why = calls[-1]
     assert (name, model, version, champion, policy.mode, run_id) == ("rollout", "m", "8", "7", "shadow", "run-7")
     assert why == "run reason: scheduled | beats the champion"
+
+
+def test_a_canary_champion_call_splits_into_its_answers_and_its_shadow_copies():
+    from serving.batching import Job
+    from serving.runtime import split_shadow
+
+    one = Job(
+        None, [{"x": i} for i in range(5)], "a", None, ["a0", "a1", "a2", "a3", "a4"], None, None, frozenset({1, 3})
+    )
+    two = Job(None, [{"x": 9}], "b", None, None, None, [4], None)  # a part of a request: its record is the 5th
+    (answered, at), (copies, shadow_at) = split_shadow([one, two])
+    assert at.tolist() == [0, 2, 4, 5] and shadow_at.tolist() == [1, 3]
+    assert [(j.request_id, j.ids, j.index, j.shadow) for j in answered] == [
+        ("a", ["a0", "a2", "a4"], [0, 2, 4], None),
+        ("b", None, [4], None),
+    ]
+    assert [(j.request_id, j.ids, j.index, [r["x"] for r in j.records]) for j in copies] == [
+        ("a", ["a1", "a3"], [1, 3], [1, 3])
+    ]

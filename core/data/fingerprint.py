@@ -37,6 +37,7 @@ NOT_FINGERPRINTED = frozenset(
         "require_approval",
         "approval_timeout_seconds",
         "serving_timeout_seconds",
+        "rollout",  # how a promoted candidate reaches traffic, not what is trained
     }
 )
 PARTS = ("data", "config", "params", "code")
