@@ -6,13 +6,12 @@ Starts a private S3 and MLflow on free loopback ports in a temporary state folde
 default, or a second logistic regression), both with the project's pipeline and an id column (`row_id`). Then
 one `mlops serve` of that model (`--workers` processes, `--poll-seconds` registry poll) is measured in each mode:
 
-- **champion**: no rollout, the champion answers every record;
+- **champion**: no rollout, the champion answers every record; measured before, between and after the others;
 - **shadow**: `start_rollout` of the challenger in shadow: the champion answers, the challenger scores every
   request in the background into the shadow log;
 - **canary 10%** and **canary 50%** (`--canary-shares`): the challenger answers the records whose id hashes
-  below the share (sticky per id), the champion scores those records in the background;
-- **champion (again)**: no rollout, at the end, to show how much the machine's load moved during the run
-  (`--no-recheck`: left out).
+  below the share (sticky per id); the champion scores the whole request in one call (its copies of the
+  challenger's records go to the shadow log).
 
 Each rollout is started as training does (`adapters.rollout_store.start_rollout`, a new rollout id per mode) with
 a generous latency budget (`--latency-budget-ms`), and measured only once every serving process says it is
@@ -22,13 +21,14 @@ clients, each sending its next request as soon as the previous answered, `--warm
 for each request size (`--records-per-request`), at `/models/<name>/predict`. Every record carries a fresh id
 (the canary is sticky per id), so each request's records are split between the two versions as live traffic's
 would be. Per mode and size: throughput (requests/s and records/s), the requests' client-side p50 and p99
-latency, and each against champion only (the first run); the server processes' CPU time (all of `mlops serve`'s
+latency, and each against the champion-only runs just before and after it (the machine's speed drifts); the
+server processes' CPU time (all of `mlops serve`'s
 process tree) per 1000 measured records; the rollout's record counts by role (`GET /models/<name>` volume,
 over warm-up and measurement: records the challenger answered, scored in shadow, background scorings skipped
 because too many waited, fallbacks to the champion) and whether a process cut the challenger off.
 The client runs in this process, on the same cores as the server. Writes bench/results/rollout.{json,md}.
 
-    python -m bench.rollout [--seconds 15] [--concurrency 8] [--records-per-request 1 100] [--workers 2]
+    python -m bench.rollout [--seconds 10] [--concurrency 8] [--records-per-request 1 100] [--workers 2]
 """
 
 from __future__ import annotations
@@ -329,41 +329,58 @@ def _short(result: dict[str, Any]) -> str:
     return text
 
 
+RATIOS = {
+    "rps_vs_champion": "throughput_rps",
+    "records_per_s_vs_champion": "records_per_s",
+    "p50_vs_champion": "p50_ms",
+    "p99_vs_champion": "p99_ms",
+    "cpu_per_record_vs_champion": "server_cpu_ms_per_1k_records",
+}
+
+
 def with_ratios(runs: list[dict]) -> list[dict]:
-    """Each run with its throughput and latencies over champion only's (the first champion run of its size)."""
-    base = {}
-    for run in runs:
-        base.setdefault(run["records_per_request"], run)
-    for run in runs:
-        b = base[run["records_per_request"]]
-        run["rps_vs_champion"] = run["throughput_rps"] / b["throughput_rps"]
-        run["records_per_s_vs_champion"] = run["records_per_s"] / b["records_per_s"]
-        run["p50_vs_champion"] = run["p50_ms"] / b["p50_ms"]
-        run["p99_vs_champion"] = run["p99_ms"] / b["p99_ms"]
-        run["cpu_per_record_vs_champion"] = run["server_cpu_ms_per_1k_records"] / b["server_cpu_ms_per_1k_records"]
+    """Each rollout run over the champion-only runs measured just before and after it (their mean), same size.
+
+    The machine's speed drifts during a run (a shared VM: champion only varied by 1.6x between the start and the
+    end of one run), so each mode is compared with its neighbours in time, not with one run at the start.
+    Champion-only runs are given over the first one, which shows the drift.
+    """
+    for size in {run["records_per_request"] for run in runs}:
+        same = [run for run in runs if run["records_per_request"] == size]
+        champions = [i for i, run in enumerate(same) if run["mode"].startswith("champion")]
+        for i, run in enumerate(same):
+            if i in champions:
+                neighbours = [same[champions[0]]]
+            else:
+                before = [c for c in champions if c < i][-1:]
+                after = [c for c in champions if c > i][:1]
+                neighbours = [same[c] for c in before + after]
+            for ratio, key in RATIOS.items():
+                run[ratio] = run[key] / (sum(n[key] for n in neighbours) / len(neighbours))
     return runs
 
 
-# ------------------------------------------------------------------------------------------------ main
-
-
 def modes(args: argparse.Namespace) -> list[Mode]:
-    """Champion only, shadow, each canary share, champion only again (unless `--no-recheck`)."""
+    """Champion only between each rollout mode (shadow, each canary share): every mode has a champion run on each
+    side to be compared with."""
     from core.rollout import RolloutPolicy
 
     budget = {"latency_budget_ms": args.latency_budget_ms}
-    out = [Mode("champion"), Mode("shadow", RolloutPolicy(mode="shadow", **budget))]
-    out += [
+    rollouts = [Mode("shadow", RolloutPolicy(mode="shadow", **budget))]
+    rollouts += [
         Mode(f"canary {share:.0%}", RolloutPolicy(mode="canary", canary_share=share, **budget))
         for share in args.canary_shares
     ]
-    return out if args.no_recheck else [*out, Mode("champion (again)")]
+    out = [Mode("champion")]
+    for mode in rollouts:
+        out += [mode, Mode("champion")]
+    return out
 
 
 def main() -> None:
     """Register the two versions, serve the model, measure each mode, write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=15.0, help="measured time per mode and request size")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per mode and request size")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=8, help="closed-loop clients")
     parser.add_argument("--records-per-request", type=int, nargs="+", default=[1, 100])
@@ -372,7 +389,6 @@ def main() -> None:
     parser.add_argument("--canary-shares", type=float, nargs="+", default=[0.1, 0.5])
     parser.add_argument("--challenger", choices=("hgb", "logistic"), default="hgb")
     parser.add_argument("--latency-budget-ms", type=float, default=10_000.0, help="the challenger's (generous)")
-    parser.add_argument("--no-recheck", action="store_true", help="no second champion-only run at the end")
     args = parser.parse_args()
     started = time.monotonic()
     # No default port: the serving port and Prefect's (this stack has no Prefect) point at free ones, and without
@@ -436,7 +452,8 @@ def markdown(results: dict) -> str:
         f"{', '.join(f'{x:.2f}' for x in results['load_average_after'])}. The whole bench took "
         f"{results['bench_seconds']:.0f} s.",
         "",
-        "Ratios (x) are over champion only (the first run) at the same request size. Server CPU: every process of "
+        "Ratios (x) are over the mean of the champion-only runs just before and after (champion-only rows: over "
+        "the first, which shows the machine's drift), same request size. Server CPU: every process of "
         "`mlops serve` in the measured window. Challenger answered / shadow / champion shadow / skipped: records "
         "by role over warm-up and measurement (`GET /models/<name>` volume); skipped: background scorings dropped "
         "because too many waited.",
