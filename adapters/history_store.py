@@ -12,8 +12,10 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from adapters.clients import S3Location, mlflow_client, put_bytes, s3_client
 from adapters.registry import run_holdout_metrics
@@ -30,6 +32,7 @@ from core.promotion.history import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def default_actor() -> str:
@@ -110,15 +113,24 @@ def record_change(change: ChampionChange, settings: Settings | None = None) -> s
 def list_changes(model_name: str, settings: Settings | None = None) -> list[ChampionChange]:
     """Every recorded champion change of `model_name`, oldest first (empty when there is none)."""
     settings = settings or get_settings()
+    return read_records(settings, history_prefix(model_name), ChampionChange.from_json, "history record")
+
+
+def read_records(settings: Settings, prefix: str, parse: Callable[[str], T], what: str) -> list[T]:
+    """Every JSON record under `prefix` in the bucket, in key order (time order for time-stamped keys).
+
+    One that does not parse is skipped with a warning naming it (`what` says what it is), so one bad object never
+    hides the others.
+    """
     client = s3_client(settings)
-    changes = []
-    for key in list_keys(settings, S3Location(settings.bucket, history_prefix(model_name)), (".json",)):
+    records = []
+    for key in list_keys(settings, S3Location(settings.bucket, prefix), (".json",)):
         body = client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
         try:
-            changes.append(ChampionChange.from_json(body.decode()))
+            records.append(parse(body.decode()))
         except (ValueError, TypeError) as exc:
-            log.warning("skipping unreadable history record s3://%s/%s: %s", settings.bucket, key, exc)
-    return changes
+            log.warning("skipping unreadable %s s3://%s/%s: %s", what, settings.bucket, key, exc)
+    return records
 
 
 def _local_pending(settings: Settings, change: ChampionChange) -> Path:

@@ -18,10 +18,10 @@ import pandas as pd
 
 from adapters.alerts import ROLLOUT_EVENT_PREFIX, emit
 from adapters.clients import mlflow_client, put_bytes, s3_client
-from adapters.history_store import default_actor
+from adapters.history_store import default_actor, read_records
 from adapters.registry import aliases_of
 from adapters.settings import Settings
-from adapters.store import S3Location, list_keys
+from adapters.store import S3Location
 from core.monitoring.prediction_log import SERVING, SHADOW
 from core.rollout import (
     CHALLENGER,
@@ -86,15 +86,7 @@ def record_event(settings: Settings, event: RolloutEvent) -> str | None:
 
 def list_events(settings: Settings, model_name: str) -> list[RolloutEvent]:
     """Every recorded rollout step of a model, oldest first."""
-    client = s3_client(settings)
-    events = []
-    for key in list_keys(settings, S3Location(settings.bucket, f"{EVENTS_PREFIX}/{model_name}"), (".json",)):
-        body = client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
-        try:
-            events.append(RolloutEvent.from_json(body.decode()))
-        except (ValueError, TypeError) as exc:
-            log.warning("skipping unreadable rollout event s3://%s/%s: %s", settings.bucket, key, exc)
-    return events
+    return read_records(settings, f"{EVENTS_PREFIX}/{model_name}", RolloutEvent.from_json, "rollout event")
 
 
 def start_rollout(settings: Settings, state: RolloutState, kind: str = "started", reason: str = "") -> None:
