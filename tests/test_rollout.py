@@ -305,8 +305,19 @@ def test_a_new_candidate_waits_for_the_rollout_under_way_or_replaces_it(stack, m
     assert aliases["challenger"] == made["challenger"] and state.run_id == "run-3"
     kinds = [(e.kind, e.rollout) for e in list_events(stack, CANARY)][-4:]
     assert kinds == [("started", started.id), ("waiting", started.id), ("replaced", started.id), ("started", state.id)]
-    rollout(RolloutParams(dataset=made["yaml"], decide="rollback", reason="end of the test", actor="test"))
+    # `mlops rollout status` shows it; a person rolls it back from the shell (the catalog's config is read)
+    from typer.testing import CliRunner
+
+    from mlops.cli import app
+
+    shown = CliRunner().invoke(app, ["rollout", "status", CANARY])
+    assert (
+        shown.exit_code == 0 and f"shadow of v{made['challenger']} against champion v{made['champion']}" in shown.output
+    )
+    ended = CliRunner().invoke(app, ["rollout", "rollback", CANARY, "--reason", "end of the test"])
+    assert ended.exit_code == 0 and f"{CANARY}: rollback" in ended.output, ended.output
     assert read_rollout(stack, CANARY)[0] is None
+    assert "no rollout under way" in CliRunner().invoke(app, ["rollout", "status", CANARY]).output
 
 
 def test_a_challenger_too_slow_mid_canary_is_cut_off_and_no_request_fails(stack, server, models, data):
@@ -333,17 +344,16 @@ def test_a_challenger_too_slow_mid_canary_is_cut_off_and_no_request_fails(stack,
 
 
 def test_the_canary_share_is_the_configured_split_and_a_restart_keeps_each_record_on_its_side(
-    stack, models, data, tmp_path_factory
+    stack, server, models, data, tmp_path_factory
 ):
     made = models[STICKY]
     rows = pd.concat([data.iloc[TRAIN:], data.iloc[:TRAIN]]).head(2400)
     _start(stack, models, STICKY, mode="canary", canary_share=0.3)
-    with _serving(tmp_path_factory, STICKY) as url:
-        _active(url, STICKY)
-        first = [p["answered_by"] for p in _send(url, STICKY, made["config"], rows, size=100)]
+    _active(server, STICKY)
+    first = [p["answered_by"] for p in _send(server, STICKY, made["config"], rows, size=100)]
     share = np.mean(np.array(first) == made["challenger"])
     assert abs(share - 0.3) < 4 * np.sqrt(0.3 * 0.7 / len(rows)), share
-    with _serving(tmp_path_factory, STICKY) as url:  # a new process: nothing carried over but the registry
+    with _serving(tmp_path_factory, STICKY) as url:  # another process: nothing carried over but the registry
         _active(url, STICKY)
         second = [p["answered_by"] for p in _send(url, STICKY, made["config"], rows, size=100)]
     assert second == first
