@@ -75,14 +75,7 @@ class RolloutState:
     @classmethod
     def from_json(cls, text: str | None) -> RolloutState | None:
         """The state a tag holds; None when absent or unreadable (a rollout is then not applied)."""
-        if not text:
-            return None
-        try:
-            raw = json.loads(text)
-            known = set(cls.__dataclass_fields__)
-            return cls(**{k: v for k, v in raw.items() if k in known})
-        except (ValueError, TypeError):
-            return None
+        return _parsed(cls, text)
 
     @property
     def rules(self) -> RolloutPolicy:
@@ -115,13 +108,22 @@ class CutOff:
     @classmethod
     def from_json(cls, text: str | None) -> CutOff | None:
         """The cut-off a tag holds; None when absent or unreadable."""
-        if not text:
-            return None
-        try:
-            raw = json.loads(text)
-            return cls(**{k: v for k, v in raw.items() if k in set(cls.__dataclass_fields__)})
-        except (ValueError, TypeError):
-            return None
+        return _parsed(cls, text)
+
+
+def _known(cls: Any, raw: dict[str, Any]) -> Any:
+    """An instance of dataclass `cls` from the keys it knows (those of later versions are ignored)."""
+    return cls(**{k: v for k, v in raw.items() if k in set(cls.__dataclass_fields__)})
+
+
+def _parsed(cls: Any, text: str | None) -> Any:
+    """`_known` of a tag's JSON; None when absent or unreadable (what a tag left by anything else reads as)."""
+    if not text:
+        return None
+    try:
+        return _known(cls, json.loads(text))
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def takes_challenger(rollout_id: str, key: str, share: float) -> bool:
@@ -475,9 +477,8 @@ class RolloutEvent:
 
     @classmethod
     def from_json(cls, text: str) -> RolloutEvent:
-        """Parse a stored event (unknown keys of later versions ignored)."""
-        raw = json.loads(text)
-        return cls(**{k: v for k, v in raw.items() if k in set(cls.__dataclass_fields__)})
+        """Parse a stored event (unknown keys of later versions ignored); raises ValueError or TypeError."""
+        return _known(cls, json.loads(text))
 
     def key(self) -> str:
         """Its S3 key: sorted by time under the model's folder."""
