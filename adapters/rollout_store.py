@@ -19,7 +19,6 @@ import pandas as pd
 from adapters.alerts import ROLLOUT_EVENT_PREFIX, emit
 from adapters.clients import mlflow_client, put_bytes, s3_client
 from adapters.history_store import default_actor, read_records
-from adapters.registry import aliases_of
 from adapters.settings import Settings
 from adapters.store import S3Location
 from core.monitoring.prediction_log import SERVING, SHADOW
@@ -99,7 +98,7 @@ def start_rollout(settings: Settings, state: RolloutState, kind: str = "started"
     _delete_model_tag(client, state.model, CUT_OFF_TAG)
     client.set_registered_model_alias(state.model, CHALLENGER, state.version)
     why = reason or state.describe()
-    event = RolloutEvent(state.model, state.id, kind, state.version, state.champion, why, default_actor())  # type: ignore[arg-type]
+    event = state.event(kind, why, default_actor())
     record_event(settings, event)
 
 
@@ -120,7 +119,7 @@ def begin_candidate_rollout(  # noqa: PLR0913 - a rollout's parts, each named
         end_rollout(
             settings,
             current,
-            RolloutEvent(model_name, current.id, "replaced", current.version, current.champion, replaced, actor),
+            current.event("replaced", replaced, actor),
         )
     state = RolloutState.start(model_name, version, champion, policy, run_id)
     start_rollout(settings, state, "started", reason)
@@ -130,9 +129,9 @@ def begin_candidate_rollout(  # noqa: PLR0913 - a rollout's parts, each named
 def end_rollout(settings: Settings, state: RolloutState, event: RolloutEvent) -> None:
     """Clear the rollout (the `challenger` alias, if it still names its version, and the tags) and record why."""
     client = mlflow_client(settings)
-    if aliases_of(client, state.model).get(CHALLENGER) == state.version:
+    current, _, aliases = read_rollout(settings, state.model, client)
+    if aliases.get(CHALLENGER) == state.version:
         client.delete_registered_model_alias(state.model, CHALLENGER)
-    current = RolloutState.from_json(client.get_registered_model(state.model).tags.get(ROLLOUT_TAG))
     if current is not None and current.id == state.id:  # a newer rollout's state is left alone
         _delete_model_tag(client, state.model, ROLLOUT_TAG)
         _delete_model_tag(client, state.model, CUT_OFF_TAG)
@@ -142,14 +141,12 @@ def end_rollout(settings: Settings, state: RolloutState, event: RolloutEvent) ->
 def record_cut_off(settings: Settings, state: RolloutState, cut: CutOff) -> None:
     """A serving process cut the challenger off: tag it (the first cut-off of a rollout is kept), record, alert."""
     client = mlflow_client(settings)
-    current = CutOff.from_json(client.get_registered_model(state.model).tags.get(CUT_OFF_TAG))
+    current = read_rollout(settings, state.model, client)[1]
     if current is not None and current.rollout == state.id:
         return
     client.set_registered_model_tag(state.model, CUT_OFF_TAG, cut.to_json())
     actor = f"serving (pid {cut.pid or os.getpid()})"
-    record_event(
-        settings, RolloutEvent(state.model, state.id, "cut_off", state.version, state.champion, cut.reason, actor)
-    )
+    record_event(settings, state.event("cut_off", cut.reason, actor))
 
 
 def _delete_model_tag(client: Any, model_name: str, key: str) -> None:

@@ -197,24 +197,15 @@ def _merged(
     prediction says its `version`.
     """
     answered = [(model, index, scored) for model, index, scored in parts if index and scored is not None]
+    mixed = len({model.version for model, _, _ in answered}) > 1
     predictions: list[dict[str, Any] | None] = [None] * sum(len(index) for _, index, _ in answered)
     for model, index, scored in answered:
         assert scored is not None
         for place, prediction in zip(index, answer(model, scored.scores, request_id)["predictions"], strict=True):
-            predictions[place] = prediction | {"version": model.version}
-    versions = {model.version for model, _, _ in answered}
-    if len(versions) == 1:
-        only = answered[0][0]
-        for prediction in predictions:
-            assert prediction is not None
-            prediction.pop("version")
-        return {
-            "request_id": request_id,
-            "model": {"name": only.name, "version": only.version},
-            "predictions": predictions,
-        }
+            predictions[place] = prediction | {"version": model.version} if mixed else prediction
+    shown = champion if mixed else answered[0][0]
     return {
         "request_id": request_id,
-        "model": {"name": champion.name, "version": champion.version},
+        "model": {"name": shown.name, "version": shown.version},
         "predictions": predictions,
     }

@@ -107,8 +107,7 @@ def _with_estimates(evidence: Evidence, pairs: Pairs, versions: list[Any], confi
 @task(name="record-rollout-step", **IO)
 def record_step(state: RolloutState, kind: str, reason: str, evidence: Evidence | None, actor: str) -> RolloutEvent:
     """Prefect task: store one step (extended) of the rollout and alert it."""
-    figures = evidence.figures() if evidence is not None else {}
-    event = RolloutEvent(state.model, state.id, kind, state.version, state.champion, reason, actor, figures)  # type: ignore[arg-type]
+    event = state.event(kind, reason, actor, evidence.figures() if evidence is not None else None)
     rollout_store.record_event(get_settings(), event)
     return event
 
@@ -116,8 +115,7 @@ def record_step(state: RolloutState, kind: str, reason: str, evidence: Evidence 
 @task(name="end-rollout", **IO)
 def end_rollout(state: RolloutState, kind: str, reason: str, evidence: Evidence | None, actor: str) -> RolloutEvent:
     """Prefect task: clear the challenger and the rollout's state, and record why (promoted or rolled back)."""
-    figures = evidence.figures() if evidence is not None else {}
-    event = RolloutEvent(state.model, state.id, kind, state.version, state.champion, reason, actor, figures)  # type: ignore[arg-type]
+    event = state.event(kind, reason, actor, evidence.figures() if evidence is not None else None)
     rollout_store.end_rollout(get_settings(), state, event)
     return event
 

@@ -72,6 +72,10 @@ class RolloutState:
         what = f"canary {self.share:.0%}" if self.mode == "canary" else self.mode
         return f"{what} of v{self.version} against champion v{self.champion} since {self.since}"
 
+    def event(self, kind: str, reason: str, actor: str, figures: dict[str, Any] | None = None) -> RolloutEvent:
+        """A step of this rollout, of its challenger against its champion."""
+        return RolloutEvent(self.model, self.id, kind, self.version, self.champion, reason, actor, figures or {})  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
 class CutOff:
