@@ -191,12 +191,14 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         search = fit_candidate(data, split, config, params.search, params.seed)
         report = data.report  # the validation beside the search passed (else DataValidationError)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
+        importances = explain.submit(search.model, split.holdout, config, params.seed, beside=True)  # no gate
         inputs = review_inputs(search.model, evaluation, split.holdout, champion.result())
         findings = review.submit(inputs, config, gates, params.seed, beside=True)  # beside the logging below
         records = [
             inputs_logged,
             log_evaluation.submit(run_id, search, evaluation.metrics, evaluation.figures, report.to_json()),
-            log_reference.submit(run_id, search.model, split.holdout, config, params.seed),  # monitoring's baseline
+            # monitoring's baseline: holdout rows with the outputs the evaluation computed on them
+            log_reference.submit(run_id, search.model, split.holdout, config, params.seed, evaluation.proba),
         ]
         compiling = compile_check.submit(search.model, split.holdout, config, params.seed)  # how it is served
         model_uri, digests = log_model(run_id, search.model, split.train, config)  # loaders check the digests
@@ -207,7 +209,6 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         for record in records:  # a record that failed fails the run before anything is registered
             record.result()
         prejudged = Prejudged(champion.result(), findings.result())  # used if the champion is the same under the lock
-        importances = explain.submit(search.model, split.holdout, config, params.seed)  # no gate: beside the promotion
         result = review_and_promote(candidate, config, _policy(params, gates, config), prejudged)
         result = replace(result, findings=replace(result.findings, importances=explained(importances)))
         steps_after(result.approval)(log_importances)(run_id, result.findings.importances)

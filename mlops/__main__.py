@@ -1,5 +1,5 @@
 """`python -m mlops`: the CLI (`mlops --help`), the one entry point of the project."""
 
-from mlops.cli import app
+from mlops.cli import main
 
-app(prog_name="mlops")
+main()

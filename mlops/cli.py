@@ -14,7 +14,7 @@ from adapters.settings import Settings, get_settings
 from core.data.dataset import TaskType
 from mlops import stack
 from mlops.ci_cli import run_deployment_command
-from mlops.cli_common import connect, fail, os_user, setup_logging
+from mlops.cli_common import connect, exit_now, fail, os_user, setup_logging
 from mlops.data_versions_cli import data_prune, data_versions
 from mlops.demo_cli import demo_app
 from mlops.models_cli import deploy, models_app
@@ -379,10 +379,6 @@ def history_command(
         typer.echo(f"{line}  {row['reason'][:160]}")
 
 
-if __name__ == "__main__":
-    app()
-
-
 @alerts_app.command("resend")
 def alerts_resend(
     since_minutes: Annotated[float, typer.Option(min=1, help="Look back this many minutes.")] = 24 * 60,
@@ -455,3 +451,12 @@ def features_list() -> None:
         typer.echo(f"{kind}:")
         for name in names or ["(none: run `mlops features apply`)"]:
             typer.echo(f"  {name}")
+
+
+def main() -> None:
+    """The `mlops` command: the CLI, then `exit_now` (a process that ran a command has nothing left to tear down)."""
+    try:
+        app(prog_name="mlops")  # Typer's standalone mode ends with SystemExit and the command's exit code
+    except SystemExit as done:
+        exit_now(done.code)
+    exit_now(0)

@@ -48,13 +48,16 @@ log = logging.getLogger(__name__)
 
 
 @task(name="log-reference", **IO)
-def log_reference(run_id: str, model: Any, rows: pd.DataFrame, config: DatasetConfig, seed: int = 0) -> str:
+def log_reference(
+    run_id: str, model: Any, rows: pd.DataFrame, config: DatasetConfig, seed: int = 0, scores: Any = None
+) -> str:
     """Prefect task: store the reference (features + the model's outputs on `rows`) in the model's run.
 
-    `rows` are rows the model was not fitted on (the training flow passes its holdout). Monitoring
-    compares recent data with it. Returns the artifact path in the run.
+    `rows` are rows the model was not fitted on (the training flow passes its holdout, with the scores its
+    evaluation computed on them as `scores`, so they are not predicted again). Monitoring compares recent data
+    with it. Returns the artifact path in the run.
     """
-    frame = reference_sample(rows, model, config, REFERENCE_ROWS, seed)
+    frame = reference_sample(rows, model, config, REFERENCE_ROWS, seed, scores)
     return monitoring_store.store_reference(get_settings(), run_id, frame)
 
 

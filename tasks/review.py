@@ -34,13 +34,15 @@ def review(inputs: ReviewInputs, config: DatasetConfig, gates: Gates, seed: int,
 
 
 @task(name="explain", cache_policy=NO_CACHE)
-def explain(candidate: Any, holdout: pd.DataFrame, config: DatasetConfig, seed: int) -> pd.DataFrame:
+def explain(
+    candidate: Any, holdout: pd.DataFrame, config: DatasetConfig, seed: int, beside: bool = False
+) -> pd.DataFrame:
     """Prefect task: `explain_candidate`, the importances for the run and the card.
 
-    The flow runs it beside the promotion (the lock, registering, the aliases, the serving check: requests that
-    leave the cores idle) instead of inside the review, where it took about half of a 100k-row run's review.
+    The flow runs it `beside` the review, the logging and the promotion, with one OpenMP thread as `review`.
     """
-    return explain_candidate(candidate, holdout, config, seed)
+    with threadpool_limits(1 if beside else None, user_api="openmp"):
+        return explain_candidate(candidate, holdout, config, seed)
 
 
 @task(name="champion-schema", **IO_ANY_ERROR)

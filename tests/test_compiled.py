@@ -92,6 +92,26 @@ def test_compiled_and_array_forms_match_sklearn(data, family, params):
     assert "parity passed (max |d| = " in check.line()
 
 
+def test_the_pipeline_scores_the_checked_rows_once_for_both_forms(data):
+    """Both forms are compared with one scoring of the holdout and edge cases by the pipeline (it was one each)."""
+    train_X, train_y, holdout = data
+    pipeline = build_model(CONFIG, "hist_gradient_boosting", {"max_iter": 50}, 42).fit(train_X, train_y)
+    scored: list[int] = []
+    predict_proba = pipeline.predict_proba
+
+    def counted(frame):
+        scored.append(len(frame))
+        return predict_proba(frame)
+
+    pipeline.predict_proba = counted
+    check = compile_and_check(pipeline, holdout, TEXT, seed=1)
+    assert scored == [check.onnx.rows] == [check.arrays.rows] and check.onnx.rows > len(holdout)
+    # the same outcome as checking each form on its own, each scoring the rows again
+    frame = pd.concat([holdout, edge_cases(pipeline, holdout, TEXT, 1)], ignore_index=True)
+    assert check.arrays == check_parity(pipeline, ArrayForm(pipeline, TEXT), frame, tolerance=0.0)
+    assert check.onnx == check_parity(pipeline, OnnxForm(check.model, TEXT, True), frame)
+
+
 def test_regression_forms_match_sklearn(data):
     """Ridge and gradient boosting pass the relative limit; the array form of a regressor is bit-identical."""
     train_X, _, holdout = data

@@ -255,6 +255,34 @@ def test_reference_sample_has_features_and_probabilities(credit):
     assert len(reference_sample(train, Model(), config, max_rows=5000, seed=0)) == 300
 
 
+def test_reference_sample_takes_the_given_scores_of_the_sampled_rows(credit):
+    """The training flow passes the holdout evaluation's scores: the same sample as predicting again, no prediction."""
+    config, _ = credit
+    rows = generate_month(0, 400, 1)
+    rows.index = rows.index[::-1] * 7  # an index that is neither positions nor sorted
+
+    def positive(frame: pd.DataFrame) -> np.ndarray:
+        return (frame["age"].to_numpy(float) - 17) / 100
+
+    class Model:
+        classes_ = np.array([0, 1])
+        calls = 0
+
+        def predict_proba(self, frame):
+            Model.calls += 1
+            return _proba(positive(frame))
+
+    predicted = reference_sample(rows, Model(), config, max_rows=150, seed=3)
+    assert Model.calls == 1
+    given = reference_sample(rows, Model(), config, max_rows=150, seed=3, scores=_proba(positive(rows)))
+    assert Model.calls == 1  # not predicted again
+    pd.testing.assert_frame_equal(given, predicted)
+    # the rows pandas' own seeded sample picks, each with its own score
+    picked = rows.sample(n=150, random_state=3)
+    assert given[REFERENCE_TARGET].tolist() == picked[config.target].tolist()
+    np.testing.assert_array_equal(given["proba_1"], positive(picked))
+
+
 def test_cooldown_blocks_recent_or_unfinished_runs_only():
     now = datetime.now(UTC)
     final = SimpleNamespace(is_final=lambda: True)

@@ -194,3 +194,42 @@ def test_an_unreachable_dask_address_is_named(tmp_path):
         cluster_address(settings)
     with pytest.raises(ClusterError, match="is not a scheduler address"):
         cluster_address(Settings(state_dir=tmp_path, dask_address="nonsense"))
+
+
+EXITING = """
+import atexit, sys, threading, time
+from pathlib import Path
+from mlops.cli_common import exit_now
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+def late():
+    time.sleep(0.3)
+    (out / "thread").write_text("joined")
+threading.Thread(target=late).start()
+print("unflushed line", end="")
+exit_now(eval(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize(("code", "returncode"), [("3", 3), ("None", 0), ("'a message'", 1)])
+def test_the_quick_exit_ends_as_python_would(tmp_path, code, returncode):
+    """`mlops` ends with `exit_now`: threads joined, exit handlers run, output flushed, the same exit code."""
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == returncode, result.stderr
+    assert result.stdout == "unflushed line"
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"
+    assert result.stderr == ("a message\n" if returncode == 1 else "")
+
+
+def test_mlops_answers_through_its_quick_exit(tmp_path):
+    """The console script and `python -m mlops` go through `main`: help is printed, a bad option exits 2."""
+    for command in ([MLOPS], [sys.executable, "-m", "mlops"]):
+        done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0 and "Usage: mlops" in done.stdout, done.stderr
+        wrong = subprocess.run([*command, "--no-such-option"], capture_output=True, text=True, timeout=120, check=False)
+        assert wrong.returncode == 2 and "No such option" in wrong.stderr

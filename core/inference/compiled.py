@@ -43,7 +43,7 @@ import pandas as pd
 
 from core.inference.compiled_arrays import ArrayForm
 from core.inference.compiled_onnx import OnnxForm, compile_onnx
-from core.inference.compiled_parity import TOLERANCE, Parity, check_parity, compare, edge_cases
+from core.inference.compiled_parity import TOLERANCE, Parity, check_parity, compare, edge_cases, reference_scores
 from core.inference.compiled_plan import NAN_TEXT, NULL_TEXT, UNSEEN_TEXT, ConversionError
 from core.modeling.artifacts import ONNX_DIGEST_TAG, sha256_hex
 
@@ -138,14 +138,20 @@ def compile_and_check(pipeline: Any, holdout: pd.DataFrame, text_columns: set[st
         log.warning("edge cases could not be built (%s): checking on the holdout only", exc, exc_info=True)
         cases = holdout.iloc[:0]
     frame = pd.concat([holdout, cases], ignore_index=True) if len(cases) else holdout
+    try:
+        reference = reference_scores(pipeline, frame)  # once, for both forms
+    except Exception:  # each form's check below meets the same error and says so
+        reference = None
     model = None
     try:
         model = compile_onnx(pipeline, text_columns)
-        onnx_parity = check_parity(pipeline, OnnxForm(model, text_columns, classification), frame)
+        onnx_form = OnnxForm(model, text_columns, classification)
+        onnx_parity = check_parity(pipeline, onnx_form, frame, reference=reference)
     except Exception as exc:  # ConversionError, or anything skl2onnx/onnxruntime raise
         onnx_parity = Parity(False, len(frame), reason=f"{type(exc).__name__}: {exc}"[:500])
     try:
-        arrays_parity = check_parity(pipeline, ArrayForm(pipeline, text_columns), frame, tolerance=0.0)
+        arrays = ArrayForm(pipeline, text_columns)
+        arrays_parity = check_parity(pipeline, arrays, frame, tolerance=0.0, reference=reference)
     except Exception as exc:
         arrays_parity = Parity(False, len(frame), tolerance=0.0, reason=f"{type(exc).__name__}: {exc}"[:500])
     form = "onnx" if onnx_parity.passed else "exact-arrays" if arrays_parity.passed else "pipeline"

@@ -183,10 +183,22 @@ def _categories(entries: list[Entry]) -> dict[str, list[Any]]:
     return found
 
 
-def check_parity(pipeline: Any, form: Any, frame: pd.DataFrame, tolerance: float = TOLERANCE) -> Parity:
-    """Score `frame` with the pipeline (the reference) and with `form`; compare as `compare` does."""
+def reference_scores(pipeline: Any, frame: pd.DataFrame) -> np.ndarray:
+    """The pipeline's scores on `frame`, what a served form must reproduce: probabilities, or float64 values."""
+    if getattr(pipeline, "classes_", None) is not None:
+        return pipeline.predict_proba(frame)
+    return np.asarray(pipeline.predict(frame), "float64")
+
+
+def check_parity(
+    pipeline: Any, form: Any, frame: pd.DataFrame, tolerance: float = TOLERANCE, reference: np.ndarray | None = None
+) -> Parity:
+    """Score `frame` with `form` and compare with the pipeline's scores as `compare` does.
+
+    `reference`: the pipeline's scores on `frame` (`reference_scores`) when the caller has them already.
+    """
     classification = getattr(pipeline, "classes_", None) is not None
-    reference = pipeline.predict_proba(frame) if classification else np.asarray(pipeline.predict(frame), "float64")
+    reference = reference_scores(pipeline, frame) if reference is None else reference
     try:
         candidate = form.scores(frame)
     except Exception as exc:

@@ -157,18 +157,23 @@ def label_frame(frame: pd.DataFrame, uri: str, config: DatasetConfig) -> pd.Data
     return frame[[config.id_column, config.target]].dropna()
 
 
-def reference_sample(rows: pd.DataFrame, model: Any, config: DatasetConfig, max_rows: int, seed: int) -> pd.DataFrame:
+def reference_sample(
+    rows: pd.DataFrame, model: Any, config: DatasetConfig, max_rows: int, seed: int, scores: np.ndarray | None = None
+) -> pd.DataFrame:
     """Features of up to `max_rows` of `rows` (a seeded sample) and the model's outputs on them.
 
     Pass rows the model was not fitted on (the training flow passes its frozen holdout): on its own
     training rows an overfit model is more confident than on any new data, so prediction drift would
     fire on unchanged data. The outputs are a classifier's probabilities (`proba_<class>` per class) or a
-    regressor's predicted value (`prediction`).
+    regressor's predicted value (`prediction`). `scores`: the model's outputs on all of `rows`, in their order,
+    when the caller has them (the holdout evaluation's): the sampled rows' are taken instead of predicting again.
     """
-    rows = rows.sample(n=max_rows, random_state=seed) if len(rows) > max_rows else rows
+    if len(rows) > max_rows:  # the rows `rows.sample(n=max_rows, random_state=seed)` picks, by position
+        positions = pd.Series(np.arange(len(rows))).sample(n=max_rows, random_state=seed).to_numpy()
+        rows, scores = rows.iloc[positions], None if scores is None else scores[positions]
     features = prepare_inputs(rows, config).reset_index(drop=True)
     classes = model_classes(model)
-    scores = model_scores(model, features)
+    scores = model_scores(model, features) if scores is None else scores
     outputs = scores.T if classes else [scores]
     labels = {REFERENCE_TARGET: prepare_target(rows, config).to_numpy()}  # what the estimates are fitted on
     return features.assign(**dict(zip(output_columns(classes), outputs, strict=True)), **labels)
