@@ -2,7 +2,8 @@
 
 Importing them took about 5 s of a 100k-row run's fixed cost, on the run's critical path, each at its first
 use: skops.io 1.2-2.0 s (it imports scikit-learn's testing helpers, pytest among them), MLflow's model flavour
-1.0 s, ONNX 0.6-0.9 s, prefect-dask 0.2-0.4 s. A daemon thread imports them while the search runs (its trials
+1.0 s, ONNX 0.6-0.9 s. (prefect-dask is not among them: only a search on the cluster uses it, and it imports it
+before its first trial.) A daemon thread imports them while the search runs (its trials
 spend their time in compiled code). Started at the flow's first line instead, the thread took the GIL from the
 steps before the search, which import MLflow and s3fs themselves: on 2026-12-07 at 100k rows the flow's fixed
 cost inside the run was 15.0 and 18.7 s that way (2 runs) and 12.0 and 11.1 s with the thread beside the search (2 runs,
@@ -25,7 +26,6 @@ LATER_IMPORTS = (
     "onnx",
     "onnxruntime",
     "skl2onnx",
-    "prefect_dask",
     "mlflow.sklearn",
     "mlflow.models",
     "matplotlib.pyplot",
