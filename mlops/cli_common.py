@@ -67,9 +67,9 @@ def exit_now(code: int | str | None) -> None:
     if isinstance(code, str):  # `sys.exit("message")`: printed, exit 1, as Python does
         print(code, file=sys.stderr)
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # The interpreter's own first step at exit: the threading exit hooks (an idle ThreadPoolExecutor's workers,
+    # MLflow's download pool among them, are told to stop there), then every thread that is not a daemon joined.
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -207,6 +207,9 @@ def late():
     time.sleep(0.3)
     (out / "thread").write_text("joined")
 threading.Thread(target=late).start()
+from concurrent.futures import ThreadPoolExecutor
+idle = ThreadPoolExecutor(2)  # never shut down, its workers wait for work (as MLflow's download pool's do)
+idle.submit(time.sleep, 0.1)
 print("unflushed line", end="")
 exit_now(eval(sys.argv[2]))
 """
@@ -214,11 +217,12 @@ exit_now(eval(sys.argv[2]))
 
 @pytest.mark.parametrize(("code", "returncode"), [("3", 3), ("None", 0), ("'a message'", 1)])
 def test_the_quick_exit_ends_as_python_would(tmp_path, code, returncode):
-    """`mlops` ends with `exit_now`: threads joined, exit handlers run, output flushed, the same exit code."""
+    """`mlops` ends with `exit_now`: threads joined, idle executors stopped, exit handlers run, output flushed, the
+    same exit code (an executor's idle workers kept `mlops models trust` waiting forever when they were joined)."""
     script = tmp_path / "exiting.py"
     script.write_text(EXITING)
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), code], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, str(script), str(tmp_path), code], capture_output=True, text=True, timeout=30, check=False
     )
     assert result.returncode == returncode, result.stderr
     assert result.stdout == "unflushed line"
