@@ -726,3 +726,48 @@ def test_s3_requests_side_by_side_keep_the_items_order_and_raise_a_failure():
 
     with pytest.raises(OSError, match="item 2"):
         map_s3_requests(fails_on_two, [0, 1, 2, 3])
+
+
+HALF_IMPORTED_PYPLOT = """
+import importlib.abc, importlib.machinery, sys, threading, time
+import numpy as np
+
+class SlowPyplot(importlib.abc.MetaPathFinder):
+    # matplotlib.pyplot sits in sys.modules, not yet executed, for 2 s: another thread importing it
+    def find_spec(self, name, path, target=None):
+        if name != "matplotlib.pyplot":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        execute = spec.loader.exec_module
+        def slow(module):
+            time.sleep(2)
+            execute(module)
+        spec.loader.exec_module = slow
+        return spec
+
+sys.meta_path.insert(0, SlowPyplot())
+import matplotlib
+from core.modeling.metrics import evaluation_figures, regression_figures
+threading.Thread(target=lambda: __import__("matplotlib.pyplot")).start()
+time.sleep(0.5)  # the thread's import is under way
+assert "matplotlib.pyplot" in sys.modules and not hasattr(sys.modules["matplotlib.pyplot"], "switch_backend")
+y = np.array([0, 1] * 50)
+drawn = evaluation_figures(y, np.column_stack([1 - y * 0.8, y * 0.8 + 0.1]), [0, 1])
+drawn |= regression_figures(np.arange(10.0), np.arange(10.0) + 0.5)
+print(sorted(drawn), matplotlib.get_backend())
+"""
+
+
+def test_the_figures_wait_for_pyplot_half_imported_by_another_thread():
+    """The training flow imports pyplot beside the search; after a short search the evaluation drew while that
+    import was under way and failed ("partially initialized module 'matplotlib.pyplot' has no attribute
+    'switch_backend'", the act test twice). The figures now wait for the import."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", HALF_IMPORTED_PYPLOT], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'confusion_matrix.png'" in done.stdout and "'residuals.png'" in done.stdout, done.stdout
+    assert done.stdout.strip().lower().endswith("agg"), done.stdout

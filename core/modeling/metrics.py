@@ -117,12 +117,25 @@ def evaluate_on(model: Any, holdout: pd.DataFrame, config: DatasetConfig) -> dic
     return compute_metrics(prepare_target(holdout, config), predict_proba(model, holdout, config), model_classes(model))
 
 
+def _pyplot() -> Any:
+    """Pyplot, drawing with Agg (no display).
+
+    Imported before the backend is set: `matplotlib.use` takes pyplot from `sys.modules` without waiting for its
+    import to finish, and the training flow imports pyplot in a thread beside the search (`tasks/warmup.py`).
+    After a short search the evaluation met the half-imported module there ("partially initialized module
+    'matplotlib.pyplot' has no attribute 'switch_backend'": the model job's act test, twice); the import
+    statement waits for the other thread's import.
+    """
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    matplotlib.use("Agg")  # nothing to do once it is Agg
+    return plt
+
+
 def regression_figures(y_true: Sequence[Any], predicted: np.ndarray) -> dict[str, Any]:
     """Predicted-vs-actual and residual plots of a regressor on the holdout."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from sklearn.metrics import PredictionErrorDisplay
 
     figures: dict[str, Any] = {}
@@ -144,10 +157,7 @@ def evaluation_figures(y_true: Sequence[Any], proba: np.ndarray, classes: Sequen
 
     Returns matplotlib figures keyed by file name; the caller logs and closes them.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from sklearn.calibration import CalibrationDisplay
     from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
