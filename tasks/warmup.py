@@ -8,8 +8,9 @@ spend their time in compiled code). Started at the flow's first line instead, th
 steps before the search, which import MLflow and s3fs themselves: on 2026-12-07 at 100k rows the flow's fixed
 cost inside the run was 15.0 and 18.7 s that way (2 runs) and 12.0 and 11.1 s with the thread beside the search (2 runs,
 bench/results/run_cost_100k_warm_imports_later.md). Python's import lock makes a module the flow needs before
-the thread got to it wait for that one import, never import it twice. Great Expectations is not here: the
-validation beside the search imports it first.
+the thread got to it wait for that one import, never import it twice; code that takes a module from `sys.modules`
+instead of importing it does not wait (`matplotlib.use` did: `core/modeling/metrics.py`'s `_pyplot`). Great
+Expectations is not here: the validation beside the search imports it first.
 """
 
 from __future__ import annotations
