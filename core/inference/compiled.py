@@ -43,9 +43,10 @@ import pandas as pd
 
 from core.inference.compiled_arrays import ArrayForm
 from core.inference.compiled_onnx import OnnxForm, compile_onnx
-from core.inference.compiled_parity import TOLERANCE, Parity, check_parity, compare, edge_cases, reference_scores
+from core.inference.compiled_parity import TOLERANCE, Parity, check_parity, compare, edge_cases
 from core.inference.compiled_plan import NAN_TEXT, NULL_TEXT, UNSEEN_TEXT, ConversionError
 from core.modeling.artifacts import ONNX_DIGEST_TAG, sha256_hex
+from core.modeling.metrics import model_scores
 
 __all__ = [
     "FORMS",
@@ -139,7 +140,7 @@ def compile_and_check(pipeline: Any, holdout: pd.DataFrame, text_columns: set[st
         cases = holdout.iloc[:0]
     frame = pd.concat([holdout, cases], ignore_index=True) if len(cases) else holdout
     try:
-        reference = reference_scores(pipeline, frame)  # once, for both forms
+        reference = model_scores(pipeline, frame)  # once, for both forms
     except Exception:  # each form's check below meets the same error and says so
         reference = None
     model = None

@@ -24,6 +24,7 @@ from core.inference.compiled_plan import (
     column_steps,
     numeric_steps,
 )
+from core.modeling.metrics import model_scores
 
 TOLERANCE = 1e-6  # max |delta probability|; for a regressor, max |delta| / |value|
 # Known categories of a target-encoded column tried as edge cases at most (evenly spread over its sorted ones).
@@ -183,22 +184,15 @@ def _categories(entries: list[Entry]) -> dict[str, list[Any]]:
     return found
 
 
-def reference_scores(pipeline: Any, frame: pd.DataFrame) -> np.ndarray:
-    """The pipeline's scores on `frame`, what a served form must reproduce: probabilities, or float64 values."""
-    if getattr(pipeline, "classes_", None) is not None:
-        return pipeline.predict_proba(frame)
-    return np.asarray(pipeline.predict(frame), "float64")
-
-
 def check_parity(
     pipeline: Any, form: Any, frame: pd.DataFrame, tolerance: float = TOLERANCE, reference: np.ndarray | None = None
 ) -> Parity:
     """Score `frame` with `form` and compare with the pipeline's scores as `compare` does.
 
-    `reference`: the pipeline's scores on `frame` (`reference_scores`) when the caller has them already.
+    `reference`: the pipeline's scores on `frame` (`core.modeling.metrics.model_scores`) when the caller has them.
     """
     classification = getattr(pipeline, "classes_", None) is not None
-    reference = reference_scores(pipeline, frame) if reference is None else reference
+    reference = model_scores(pipeline, frame) if reference is None else reference
     try:
         candidate = form.scores(frame)
     except Exception as exc:
