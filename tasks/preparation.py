@@ -21,10 +21,10 @@ from core.dask_engine.fitting import search_spec
 from core.dask_engine.split import DaskSplit
 from core.data.dataset import DatasetConfig
 from core.data.feature_history import JoinReport
-from core.data.split import Split
+from core.data.split import Split, search_sample
 from core.data.validation import DataValidationError, ValidationReport
 from core.modeling.search import SearchResult, SearchSpec
-from core.modeling.training_record import TrainingRecord
+from core.modeling.training_record import FLOW_PROCESS, TrainingRecord
 from tasks.dask_training import (
     check_big_snapshot,
     choose_snapshot_engine,
@@ -155,16 +155,21 @@ def fit_candidate(
 ) -> SearchResult:
     """Train the candidate on the training rows of `split` (`split_data`); its `record` says what ran where.
 
-    In memory: the model search with cross-validation, the chosen configuration refitted on every training row.
+    In memory: the model search with cross-validation (on about `search_sample_rows` of the training rows, by id
+    hash, when there are more), the chosen configuration refitted on every training row.
     On the cluster: the same search on the search sample (`split.train`), over the configured families and
     `lightgbm`, then the chosen configuration fitted on every training row (`fit_big_candidate`).
     """
     if not data.on_cluster:
+        # More than `search_sample_rows` training rows: the search on a sample of them, the final fit on all.
+        sample = search_sample(split.train, config)
+        sampled = split.train if len(sample) < split.rows_train else None
         # a failed validation stops the search at its next trial
-        result, where = train_candidate(split.train, config, search, seed, data.stop_if_invalid)  # refit there too
+        result, where = train_candidate(sample, config, search, seed, data.stop_if_invalid, sampled)
         families = tuple(f.value for f in search.families_for(config.task))
         rows = split.rows_train
-        return replace(result, record=TrainingRecord("pandas", rows, rows, families, where, rows, where))
+        fit_where = FLOW_PROCESS if sampled is not None else where
+        return replace(result, record=TrainingRecord("pandas", rows, len(sample), families, where, rows, fit_where))
     spec = search_spec(search, config.task)
     result, searched_where = train_candidate(split.train, config, spec, seed)
     fit = fit_big_candidate(data.snapshot, split, config, result, seed)

@@ -35,6 +35,7 @@ from core.modeling.search import (
     evaluate_trial,
     prepare_search,
     refit,
+    refit_rows,
     run_search,
 )
 
@@ -77,6 +78,14 @@ def refit_chosen(data: SearchData, family: str, params: dict[str, Any]) -> Pipel
     return refit(data, family, params)
 
 
+@task(name="refit", cache_policy=NO_CACHE)
+def refit_on_rows(
+    train: pd.DataFrame, config: DatasetConfig, family: str, params: dict[str, Any], seed: int
+) -> Pipeline:
+    """Prefect task: fit the chosen configuration on `train`, every training row when the search saw a sample."""
+    return refit_rows(train, config, family, params, seed)
+
+
 def local_runner() -> TaskRunner:
     """The runner without a cluster: one trial at a time in this process (each uses every core already)."""
     return ThreadPoolTaskRunner(max_workers=1)
@@ -96,15 +105,20 @@ def _submit(runner: TaskRunner, step: Task, name: str | None = None, **parameter
     return runner.submit(step.with_options(task_run_name=name) if name else step, parameters)
 
 
-def run_search_on(
+def run_search_on(  # noqa: PLR0913 - the search's inputs, each named
     runner: TaskRunner,
     train: pd.DataFrame,
     config: DatasetConfig,
     spec: SearchSpec,
     seed: int,
     on_trial: Callable[[int, int, Trial], None] | None = None,
+    fit_rows: pd.DataFrame | None = None,
 ) -> SearchResult:
-    """The model search with every trial and the refit as task runs of `runner` (started here)."""
+    """The model search with every trial and the refit as task runs of `runner` (started here).
+
+    With `fit_rows` (every training row, when `train` is a sample of them) the chosen configuration is fitted
+    on those in this process: they never travel to a cluster.
+    """
     with runner:
         data = prepare_search(train, config, spec, seed)
         shared = share_search_data(runner, data)
@@ -114,6 +128,8 @@ def run_search_on(
             return [future.result() for future in futures]  # in trial order, whichever finished first
 
         def fit(_: SearchData, family: str, params: dict[str, Any]) -> Pipeline:
+            if fit_rows is not None:
+                return refit_on_rows(fit_rows, config, family, params, seed)
             return _submit(runner, refit_chosen, data=shared, family=family, params=params).result()
 
         try:

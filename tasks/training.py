@@ -23,10 +23,12 @@ def train_candidate(
     spec: SearchSpec,
     seed: int,
     check: Callable[[], None] | None = None,
+    fit_rows: pd.DataFrame | None = None,
 ) -> tuple[SearchResult, str]:
     """Search and refit, each trial a task run of the calling flow; progress shows as a Prefect progress artifact.
 
     Returns the result and where its trials and refit ran (`FLOW_PROCESS` or `DASK_CLUSTER`), for its record.
+    With `fit_rows` (`train` is a sample of them) the chosen configuration is fitted on them, in this process.
 
     The trials run on the Dask cluster `adapters.cluster.cluster_address` names (MLOPS_DASK_ADDRESS, else
     the local stack's scheduler) when the table is big enough to be worth shipping there
@@ -49,7 +51,8 @@ def train_candidate(
     settings = get_settings()
     address = search_address(cluster_address(settings), len(train), len(config.input_columns), settings)
     runner = dask_runner(address) if address else local_runner()
-    return run_search_on(runner, train, config, spec, seed, on_trial=report), DASK_CLUSTER if address else FLOW_PROCESS
+    result = run_search_on(runner, train, config, spec, seed, on_trial=report, fit_rows=fit_rows)
+    return result, DASK_CLUSTER if address else FLOW_PROCESS
 
 
 def search_address(address: str | None, rows: int, columns: int, settings: Settings) -> str | None:

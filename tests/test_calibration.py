@@ -233,7 +233,7 @@ def test_time_ordered_folds_that_do_not_partition_the_rows_still_calibrate():
     print(f"time-ordered folds: holdout ECE {before:.4f} -> {after:.4f} ({calibration.method})")
     # ECE 0.158 -> 0.028 (over 8 seeds: 0.15-0.16 to 0.011-0.028)
     assert before > 0.12 and after < 0.035 and after < before / 4
-    assert calibration.tags()["calibration.rows"] == "3000 of 4000 training rows (out-of-fold)"
+    assert calibration.tags()["calibration.rows"] == "3000 of the 4000 rows the search saw (out-of-fold)"
 
 
 def test_folds_that_validate_a_row_twice_are_not_calibrated_and_say_why():

@@ -203,6 +203,36 @@ def test_the_search_sample_is_training_ids_chosen_by_the_holdout_hash(rows: int)
     assert sample_threshold(config, 2_000) == EVERY_TRAINING_ROW
 
 
+def test_the_pandas_engine_search_sample_is_the_lowest_hash_buckets_of_the_training_rows() -> None:
+    import hashlib
+
+    from core.data.split import search_sample, split_frame
+    from core.data.synthetic import generate_frame
+
+    # Given 5,000 rows split as the flow splits them (3,956 training rows) and a 1,000-row search sample
+    config = CONFIG.model_copy(update={"search_sample_rows": 1_000})
+    train = split_frame(generate_frame(5_000, seed=3), config).train
+    sample = search_sample(train, config)
+    # then the sample is the training ids whose keyed blake2b bucket is at most the 1,000th lowest one
+    # (recomputed here with hashlib: whole buckets, so a tie at the edge comes along)
+    key = config.holdout_salt.encode()
+    bucket = {
+        i: int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8, key=key).digest(), "big") % 10_000
+        for i in train[config.id_column]
+    }
+    edge = sorted(bucket.values())[config.search_sample_rows - 1]
+    assert set(sample[config.id_column]) == {i for i, b in bucket.items() if b <= edge}
+    assert config.search_sample_rows <= len(sample) <= config.search_sample_rows + 5
+    # and the same rows whatever the order the rows come in; the rows themselves, untouched
+    shuffled = search_sample(train.sample(frac=1, random_state=0), config)
+    assert set(shuffled[config.id_column]) == set(sample[config.id_column])
+    pd.testing.assert_frame_equal(
+        sample, train[train[config.id_column].isin(sample[config.id_column])].reset_index(drop=True)
+    )
+    # A table with no more training rows than that is searched whole (the same frame)
+    assert search_sample(train, config.model_copy(update={"search_sample_rows": len(train)})) is train
+
+
 def test_the_dask_engine_searches_the_configured_families_and_lightgbm() -> None:
     from core.dask_engine.fitting import search_spec
     from core.data.dataset import TaskType

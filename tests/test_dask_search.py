@@ -14,14 +14,18 @@ import warnings
 
 import cloudpickle
 import dask
+import numpy as np
 import pytest
 from prefect import flow
 
 from core.data.dataset import load_local_dataset_config
-from core.data.split import split_frame
+from core.data.features import prepare_inputs, prepare_target
+from core.data.split import search_sample, split_frame
 from core.data.synthetic import generate_frame
-from core.modeling.search import ModelFamily, SearchResult, SearchSpec, search_models
+from core.modeling.calibration import calibrate
+from core.modeling.search import ModelFamily, SearchResult, SearchSpec, build_model, search_models
 from tasks.search_trials import dask_runner, local_runner, run_search_on
+from tasks.training import train_candidate
 
 pytestmark = pytest.mark.integration
 
@@ -101,3 +105,38 @@ def test_same_seed_same_trials_and_choice_on_one_worker_two_workers_and_no_clust
             time.sleep(0.5)
         assert {log.task_run_id for log in logs} == {run.id for run in trials}
         assert any("after 3 of 3 folds" in log.message for log in logs)
+
+
+SAMPLE_ROWS = 600
+SMALL = SPEC.model_copy(update={"trials_per_family": 2})
+
+
+@flow(name="sampled-search-test", persist_result=False)
+def sampled_search_flow() -> SearchResult:
+    # What the flow's pandas engine does with more training rows than `search_sample_rows` (`fit_candidate`).
+    train = split_frame(generate_frame(2000, seed=SEED), CONFIG).train
+    sample = search_sample(train, CONFIG.model_copy(update={"search_sample_rows": SAMPLE_ROWS}))
+    result, _ = train_candidate(sample, CONFIG, SMALL, SEED, fit_rows=train)
+    return result
+
+
+def test_a_sampled_search_ships_the_chosen_configuration_fitted_on_every_training_row(stack):
+    # Given the search sample of the training rows
+    sample = search_sample(TRAIN, CONFIG.model_copy(update={"search_sample_rows": SAMPLE_ROWS}))
+    assert SAMPLE_ROWS <= len(sample) < len(TRAIN)
+    # when the search runs on the sample with every training row to fit on
+    result = sampled_search_flow()
+    # then its trials and choice are the search's on the sample alone
+    reference = search_models(sample, CONFIG, SMALL, SEED)
+    assert _table(result) == _table(reference)
+    assert (result.family, result.params, result.calibration.method) == (
+        reference.family,
+        reference.params,
+        reference.calibration.method,
+    )
+    # and the shipped model is that configuration fitted on every training row, calibrated as the search chose
+    X, y = prepare_inputs(TRAIN, CONFIG), prepare_target(TRAIN, CONFIG)
+    every_row = calibrate(build_model(CONFIG, result.family, result.params, SEED).fit(X, y), reference.calibration)
+    np.testing.assert_array_equal(result.model.predict_proba(X), every_row.predict_proba(X))
+    # not the search's own refit on the sample
+    assert not np.array_equal(result.model.predict_proba(X), reference.model.predict_proba(X))

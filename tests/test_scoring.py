@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "scoring-test"
 MONTH = "month=2025-06"
+SEARCH_SAMPLE_ROWS = 4_000
 SEARCH = SearchSpec(trials_per_family=1, cv_folds=2)
 # A different model: one shallow tree, so its predictions differ clearly from the first version's.
 TREE = SearchSpec(families=[ModelFamily.decision_tree], trials_per_family=1, cv_folds=2)
@@ -40,8 +41,14 @@ def _dataset_yaml(folder: Path, **changes: object) -> str:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, default_data) -> str:
-    """A dataset config like the bundled one (same data) whose model is `scoring-test`."""
-    return _dataset_yaml(tmp_path_factory.mktemp("scoring"), name=MODEL, model_name=MODEL)
+    """A dataset config like the bundled one (same data) whose model is `scoring-test`.
+
+    Its search sees a sample of the training rows (what a table above `search_sample_rows` gets), so the
+    training runs of this module also show that the registered model was fitted on every training row.
+    """
+    return _dataset_yaml(
+        tmp_path_factory.mktemp("scoring"), name=MODEL, model_name=MODEL, search_sample_rows=SEARCH_SAMPLE_ROWS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +170,29 @@ def test_champion_predictions_match_the_model_and_summary_is_written(stack, vers
             )
         )
     assert len(artifacts) == 1 and f"| rows | {len(rows):,} |" in artifacts[0].data
+
+
+def test_the_search_saw_a_sample_and_the_registered_model_every_training_row(stack, versions, default_data):
+    import mlflow.artifacts
+
+    from core.data.dataset import load_local_dataset_config
+    from core.data.split import split_frame
+
+    use_tracking_server(stack)  # mlflow.artifacts reads the global tracking URI
+    # Given the champion's training run, whose dataset has more training rows than its search sample
+    client = mlflow_client(stack)
+    run = client.get_run(client.get_model_version(MODEL, versions[1]).run_id)
+    tags = run.data.tags
+    snapshot = _read_parquet(stack, default_data)
+    train = split_frame(snapshot, load_local_dataset_config("credit-risk")).train
+    # then its record says the trials saw about SEARCH_SAMPLE_ROWS of them, and the final fit every one
+    assert tags["training.engine"] == "pandas"
+    assert int(tags["training.train_rows"]) == int(tags["training.fit_rows"]) == len(train)
+    assert SEARCH_SAMPLE_ROWS <= int(tags["training.search_rows"]) <= SEARCH_SAMPLE_ROWS + 10
+    # and so does the model card
+    card = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_card/model_card.md")
+    assert f"a sample by id hash of the {len(train):,} training rows" in card
+    assert f"the chosen configuration on all {len(train):,} training rows" in card
 
 
 def test_small_chunks_over_several_files_give_the_same_predictions(stack, versions, dataset, default_data):

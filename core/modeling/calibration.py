@@ -308,7 +308,8 @@ class Calibration:
         roc_auc: Their ROC AUC on the same rows (macro one-vs-rest for multiclass), the mean over the folds.
         ece: Their ECE on the same rows.
         rows: Out-of-fold rows compared on (the rows the folds validate).
-        training_rows: All training rows (more than `rows` when the folds do not partition them).
+        training_rows: The rows the search saw (every training row, or its sample of them); more than `rows`
+            when the folds do not partition them.
         reason: Why this method, in one sentence.
         calibrators: The chosen method's calibrators fitted on every out-of-fold row (empty for `none`).
     """
@@ -348,7 +349,7 @@ class Calibration:
         """Run tags: why, and on which rows."""
         return {
             "calibration.reason": self.reason[:4900],
-            "calibration.rows": f"{self.rows} of {self.training_rows} training rows (out-of-fold)",
+            "calibration.rows": f"{self.rows} of the {self.training_rows} rows the search saw (out-of-fold)",
         }
 
     def summary(self) -> str:

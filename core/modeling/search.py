@@ -295,6 +295,11 @@ def refit(data: SearchData, family: str, params: dict[str, Any]) -> Pipeline:
     return build_model(data.config, family, params, data.seed).fit(data.X, data.y)
 
 
+def refit_rows(train: pd.DataFrame, config: DatasetConfig, family: str, params: dict[str, Any], seed: int) -> Pipeline:
+    """The chosen configuration fitted on `train` (every training row, when the search saw a sample of them)."""
+    return build_model(config, family, params, seed).fit(prepare_inputs(train, config), prepare_target(train, config))
+
+
 RunBatch = Callable[[list[TrialJob]], list[TrialOutcome]]
 
 
@@ -430,7 +435,7 @@ def run_search(
         calibration = choose_calibration(unfitted, data.X, data.y, data.folds, predictions=oof)
         model = calibrate(model, calibration)
     log.info(
-        "chosen: trial %d, %s %s (cv %s %.4f), refitted on %d rows",
+        "chosen: trial %d, %s %s (cv %s %.4f on %d rows), refitted",
         best.number,
         best.family,
         best.params,

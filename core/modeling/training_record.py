@@ -1,6 +1,7 @@
 """What ran where, on how many rows: the record of one training run's search and final fit (pure).
 
-The pandas engine searches and refits on every training row; the Dask engine searches on a sample of the
+The pandas engine searches on every training row up to `search_sample_rows` (on a sample of them above) and fits
+the chosen configuration on every one; the Dask engine searches on a sample of the
 training rows and fits the chosen configuration on all of them (LightGBM on the cluster, other families in
 the flow's process, or on the largest sample that fits there). The run's tags (`tags`) and the model card
 (`card_rows`) say which, so nobody has to guess from the engine's name.
