@@ -116,6 +116,7 @@ def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed)
     # the run an hour later and the test waited for it in vain.
     before = len(_model_versions(stack))
     anchor = (datetime.now(UTC) + timedelta(seconds=SCHEDULE_LEAD)).replace(microsecond=0)
+    anchor += timedelta(seconds=anchor.minute == anchor.second == 0)  # off the weekly schedule's whole hours
     deploy_model(stack, _raw(MODEL), search=SEARCH, training_interval_seconds=3600, schedule_anchor=anchor.isoformat())
     # when the server's scheduler creates it
     deadline = time.monotonic() + 180
@@ -124,8 +125,9 @@ def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed)
             runs = client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed["training"]]))
             )
-            # runs of schedules other tests set (before this anchor) are not this one's
-            scheduled = [r for r in runs if r.auto_scheduled and r.expected_start_time >= anchor]
+            # only runs on this schedule's hourly grid are this one's: another schedule's (the weekly one the
+            # deployment had) may still be listed after the update, and once was
+            scheduled = [r for r in runs if r.auto_scheduled and _on_grid(r.expected_start_time, anchor, 3600)]
             if scheduled or time.monotonic() > deadline:
                 break
             time.sleep(2)
@@ -139,6 +141,12 @@ def test_scheduled_run_is_picked_up_by_the_worker_and_completes(stack, deployed)
     [finished] = wait_for_runs([first.id])
     assert finished.state.type.value == "COMPLETED", finished.state.message
     assert len(_model_versions(stack)) == before + 1
+
+
+def _on_grid(when: datetime, anchor: datetime, every_seconds: int) -> bool:
+    """Whether `when` is a date of the interval schedule anchored at `anchor` (at or after it)."""
+    offset = (when - anchor).total_seconds()
+    return offset >= 0 and offset % every_seconds == 0
 
 
 def _weak_champion(stack, tmp_path) -> str:
