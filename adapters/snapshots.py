@@ -141,7 +141,14 @@ def snapshot_from_objects(objects: list[tuple[str, bytes]], source: str, fmt: st
     are named by it (`core.data.data_versions`).
     """
     frames = [_read_object(name, body, fmt) for name, body in objects]
-    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    frame = frames[0]
+    if len(frames) > 1:
+        frame = pd.concat(frames, ignore_index=True)
+        del frames  # the files' frames go before the copy: at most two copies of the rows at once, as before
+        # The copy keeps one block per dtype, which the concatenation does not, and every selection of rows is
+        # cheaper for it: Great Expectations makes about a hundred, and validated 100k rows from 12 Parquet files
+        # in 1.06-1.31 s against 1.70-2.04 s (6 pairs, docs/benchmarks.md).
+        frame = frame.copy()
     if frame.shape[1] == 0:
         raise DataLoadError(f"{source}: the snapshot has no columns")
     version = version_of((relative_name(name, source), sha256_hex(body)) for name, body in objects)
