@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from core.dask_engine.checks import Stats, combined_report, full_data_failures, partition_stats
 from core.data.dataset import DatasetConfig, FeatureType
 from core.data.leakage import Candidate, Leak, find_leaks
 from core.data.validation import ExpectationFailure, ValidationReport, with_leaks
@@ -152,6 +153,35 @@ def validate_frame(df: pd.DataFrame, config: DatasetConfig) -> ValidationReport:
     )
     report = with_leaks(report, leak_checks(df, config, set(dtypes)), allowed_leaks(config))
     log.info("validation: %s", report.summary())
+    return report
+
+
+def validate_with_full_data(
+    sample: pd.DataFrame, config: DatasetConfig, stats: Stats, columns: list[str], duplicated_ids: int
+) -> ValidationReport:
+    """GX on `sample` plus the full-data checks of every row's summary (`core.dask_engine.checks`): one report."""
+    checks, failures = full_data_failures(stats, config, columns, duplicated_ids)
+    sample_report = validate_frame(sample, config.model_copy(update={"min_rows": min(config.min_rows, len(sample))}))
+    return combined_report(sample_report, len(sample), stats, checks, failures)
+
+
+def validate_rows(df: pd.DataFrame, config: DatasetConfig, seed: int = 0) -> ValidationReport:
+    """Validate a snapshot in memory: GX on every row up to `validation_sample_rows`, else as the Dask engine does.
+
+    Above that many rows GX checks a seeded sample of them, and the full-data checks (counts, ranges, allowed
+    values, duplicated ids: the same expectations, computed with pandas) see every row, so a bad row outside the
+    sample still fails the snapshot. At 1M rows the validation beside the search took 10.0 s this way, 24.1 s
+    with GX on every row (docs/benchmarks.md).
+    """
+    if len(df) <= config.validation_sample_rows or df.shape[1] == 0:
+        return validate_frame(df, config)
+    columns = [str(c) for c in df.columns]
+    duplicated = int(df[config.id_column].dropna().duplicated().sum()) if config.id_column in columns else 0
+    sample = df.sample(n=config.validation_sample_rows, random_state=seed).reset_index(drop=True)
+    report = validate_with_full_data(sample, config, partition_stats(df, config), columns, duplicated)
+    log.info(
+        "validation (GX on %d sampled rows, full-data checks on %d rows): %s", len(sample), len(df), report.summary()
+    )
     return report
 
 

@@ -16,9 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from adapters.data_versions import freeze_files, frozen_files, read_manifest
-from adapters.expectations import validate_frame
+from adapters.expectations import validate_with_full_data
 from adapters.settings import get_settings
-from core.dask_engine.checks import combined_report, full_data_failures
 from core.dask_engine.choice import choose_engine
 from core.dask_engine.fitting import fit_bytes_per_row, plan_fit
 from core.dask_engine.split import DaskSplit
@@ -106,9 +105,7 @@ def check_big_snapshot(snapshot: DaskSnapshot, config: DatasetConfig, seed: int)
     stats, columns, duplicated, sample = full_data_stats(
         snapshot, config, get_settings(), config.validation_sample_rows, seed
     )
-    checks, failures = full_data_failures(stats, config, columns, duplicated)
-    sample_report = validate_frame(sample, config.model_copy(update={"min_rows": min(config.min_rows, len(sample))}))
-    report = combined_report(sample_report, len(sample), stats, checks, failures)
+    report = validate_with_full_data(sample, config, stats, columns, duplicated)
     log.info(
         "validation (GX on %d sampled rows, full-data checks on %d rows): %s",
         len(sample),

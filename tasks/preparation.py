@@ -127,20 +127,20 @@ def prepare_data(
     snapshot = load_snapshot(config, data_version)  # frozen before it is validated
     # With a feature service, the store's features as of each row's time; lost rows are counted, not hidden.
     frame, join = join_features(snapshot.frame, config) if config.feature_service else (snapshot.frame, None)
-    validation = validate_beside.submit(frame, config, snapshot.data_version, join)
+    validation = validate_beside.submit(frame, config, snapshot.data_version, join, seed)
     return PreparedData(snapshot, frame, join, validation)
 
 
 @task(name="validation", cache_policy=NO_CACHE)
 def validate_beside(
-    frame: pd.DataFrame, config: DatasetConfig, data_version: str, join: JoinReport | None
+    frame: pd.DataFrame, config: DatasetConfig, data_version: str, join: JoinReport | None, seed: int
 ) -> ValidationReport:
     """Prefect task: validate the rows and store the report (`check_snapshot`), beside the flow's next steps.
 
     Great Expectations took 2.4-5 s of a 100k-row run before anything else could start; beside the search it
     ran 3.6 s of a 51.5 s run without being on its path (bench/results/run_cost.md).
     """
-    report = check_snapshot(frame, config, data_version, join)
+    report = check_snapshot(frame, config, data_version, join, seed)
     store_validation_report(config.name, data_version, report.to_json(), report.to_markdown())
     return report
 

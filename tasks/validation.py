@@ -8,7 +8,7 @@ import pandas as pd
 from prefect import task
 
 from adapters.clients import S3Location, put_bytes, s3_client
-from adapters.expectations import cache_key, validate_frame
+from adapters.expectations import cache_key, validate_rows
 from adapters.settings import get_settings
 from core.data.dataset import DatasetConfig
 from core.data.feature_history import JoinReport, with_join
@@ -20,9 +20,16 @@ log = logging.getLogger(__name__)
 
 @task(name="validate", **IO)
 def check_snapshot(
-    df: pd.DataFrame, config: DatasetConfig, data_version: str, feature_join: JoinReport | None = None
+    df: pd.DataFrame,
+    config: DatasetConfig,
+    data_version: str,
+    feature_join: JoinReport | None = None,
+    seed: int = 0,
 ) -> ValidationReport:
     """Prefect task: validate (or reuse the stored result for this data version) and return the report.
+
+    `adapters.expectations.validate_rows`: GX on every row, or above `validation_sample_rows` on a sample of that
+    many (`seed`) with the full-data checks on every row.
 
     Results are cached in S3 under `cache/validation/`, keyed by `cache_key`, so a rerun on unchanged
     data skips Great Expectations. The flow stores the report, then fails on failure.
@@ -33,7 +40,7 @@ def check_snapshot(
     """
     settings = get_settings()
     if feature_join is not None:
-        return with_join(validate_frame(df, config), feature_join)
+        return with_join(validate_rows(df, config, seed), feature_join)
     location = S3Location(settings.bucket, f"cache/validation/{cache_key(config, data_version)}")
     client = s3_client(settings)
     try:
@@ -44,6 +51,6 @@ def check_snapshot(
         report = report_from_json(cached)
         log.info("validation: reused the result for data version %s (%s)", data_version, report.summary())
         return report
-    report = validate_frame(df, config)
+    report = validate_rows(df, config, seed)
     put_bytes(settings, location, report.to_json().encode(), "application/json")
     return report

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adapters.expectations import validate_frame
+from adapters.expectations import validate_frame, validate_rows
 from core.data.dataset import load_local_dataset_config
 from core.data.synthetic import DriftSpec, generate_frame, generate_month, generate_months
 from core.data.validation import DataValidationError
@@ -105,6 +105,52 @@ def test_report_holds_samples_not_the_data(frame):
 def test_frame_without_columns_fails_cleanly():
     report = validate_frame(pd.DataFrame(), CONFIG)
     assert not report.success and "no columns" in report.summary()
+
+
+def _one_row(column: str, value: object, row: int = 4321):
+    def breakage(f: pd.DataFrame) -> pd.DataFrame:
+        f[column] = f[column].astype(object) if isinstance(value, str) and f[column].dtype != object else f[column]
+        f.loc[row, column] = value
+        return f
+
+    return breakage
+
+
+def _failed(report) -> set[tuple[str, str | None]]:
+    return {(f.expectation, f.column) for f in report.failures}
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda f: f, None),
+        (_one_row("age", 150.0), ("expect_column_values_to_be_between", "age")),
+        (_one_row("region", "mars"), ("expect_column_values_to_be_in_set", "region")),
+        (_one_row("default", np.nan), ("expect_column_values_to_not_be_null", "default")),
+        (lambda f: f.assign(application_id=f["application_id"].where(f.index != 4321, f["application_id"][0])),
+         ("expect_column_values_to_be_unique", "application_id")),
+        (lambda f: f.assign(age="forty"), ("expect_column_values_to_be_in_type_list", "age")),
+    ],
+    ids=["clean", "out-of-range", "unknown-category", "null-target", "duplicate-id", "text-in-numeric"],
+)  # fmt: skip
+def test_above_the_gx_sample_every_row_is_still_checked(frame, breakage, expected):
+    # Given a snapshot of 6,000 rows, GX checking 1,000 of them, and one bad row (or a bad column, or none)
+    config = CONFIG.model_copy(update={"validation_sample_rows": 1_000})
+    broken = breakage(frame.copy())
+    # when it is validated as the flow validates a snapshot in memory
+    report = validate_rows(broken, config, seed=0)
+    # then it fails on the same expectations and columns as GX on every row (the reference), or passes like it
+    reference = validate_frame(broken, CONFIG)
+    assert report.success == reference.success == (expected is None)
+    assert _failed(report) == _failed(reference)
+    assert report.n_expectations > reference.n_expectations  # GX's on the sample plus the full-data checks
+    if expected is not None:
+        # and the full-data checks name it with every row counted, whether or not the sample held the bad row
+        full = [f for f in report.failures if (f.expectation, f.column) == expected and "[full data" in f.detail]
+        assert full and "6000 rows" in full[0].detail, report.failures
+    # A snapshot no bigger than the sample: GX on every row, as before
+    whole = validate_rows(broken, CONFIG)
+    assert (whole.n_expectations, whole.failures) == (reference.n_expectations, reference.failures)
 
 
 # --- loading: formats, partitions, data version ---

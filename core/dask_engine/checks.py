@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from core.data.dataset import DatasetConfig, Feature, FeatureType
@@ -28,6 +29,18 @@ def _tolerance(config: DatasetConfig, name: str) -> float:
         if feature.name == name and feature.max_null_fraction is not None:
             return feature.max_null_fraction
     return config.max_null_fraction
+
+
+def _labels(values: pd.Series) -> pd.Series:
+    """Values as the text compared with a config's classes or categories: a whole float as its integer.
+
+    A column of 0/1 with one null is float (0.0, 1.0), and GX counts 1.0 as in the set [0, 1]: so do these checks.
+    """
+    text = values.astype(str)
+    if pd.api.types.is_float_dtype(values.dtype):
+        whole = np.isfinite(values) & (values == np.floor(values)) & (values.abs() < 2**53)
+        text[whole] = values[whole].astype("int64").astype(str)
+    return text
 
 
 def partition_stats(frame: pd.DataFrame, config: DatasetConfig) -> Stats:
@@ -52,13 +65,13 @@ def partition_stats(frame: pd.DataFrame, config: DatasetConfig) -> Stats:
                 "above": int((present > feature.max).sum()) if feature.max is not None else 0,
             }
         elif feature.categories is not None:
-            bad = values.dropna().astype(str)
+            bad = _labels(values.dropna())
             bad = bad[~bad.isin([str(c) for c in feature.categories])]
             stats["outside_set"][feature.name] = {str(k): int(v) for k, v in bad.value_counts().items()}
     if config.target in frame.columns:
         target = frame[config.target].dropna()
         if config.task.is_classification:
-            stats["target_values"] = {str(k): int(v) for k, v in target.value_counts().items()}
+            stats["target_values"] = {str(k): int(v) for k, v in _labels(target).value_counts().items()}
         else:
             numbers = pd.to_numeric(target, errors="coerce").dropna()
             stats["target_range"] = [float(numbers.min()), float(numbers.max())] if len(numbers) else None

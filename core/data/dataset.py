@@ -277,7 +277,11 @@ class DatasetConfig(BaseModel):
         "sample is collected into the flow's process.",
     )
     validation_sample_rows: int = Field(
-        100_000, ge=1, description="Dask engine: rows Great Expectations checks (full-data checks run on the cluster)."
+        100_000,
+        ge=1,
+        description="Rows Great Expectations checks at most: a bigger snapshot's GX checks run on a seeded sample of "
+        "this many, and full-data checks of the same expectations see every row (in the flow's process on the pandas "
+        "engine, on the cluster on the Dask engine).",
     )
     max_holdout_rows: int = Field(
         200_000,
