@@ -22,10 +22,9 @@ from core.dask_engine.choice import choose_engine
 from core.dask_engine.fitting import fit_bytes_per_row, plan_fit
 from core.dask_engine.split import DaskSplit
 from core.data.dataset import DatasetConfig
-from core.data.features import prepare_inputs, prepare_target
 from core.data.validation import ValidationReport
 from core.modeling.calibration import base_classifier, calibrate
-from core.modeling.search import SearchResult, build_model
+from core.modeling.search import SearchResult, refit_rows
 from core.modeling.training_record import DASK_CLUSTER
 from dask_engine.snapshots import DaskSnapshot, columns_of, count_rows, open_snapshot
 from dask_engine.split import split_snapshot, training_rows
@@ -156,8 +155,7 @@ def fit_big_candidate(
         fit = BigFit(_calibrated(model, search), plan.where, split.rows_train, plan.reason)
     else:
         train = training_rows(snapshot, config, settings, plan.below)
-        model = build_model(config, search.family, search.params, seed)
-        model = model.fit(prepare_inputs(train, config), prepare_target(train, config))
+        model = refit_rows(train, config, search.family, search.params, seed)
         fit = BigFit(_calibrated(model, search), plan.where, len(train), plan.reason)
     log.info(
         "final fit of %s %s: %d of %d training rows in the %s (%.0f bytes a row estimated, %.1f GiB available)%s",
