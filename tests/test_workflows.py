@@ -147,6 +147,23 @@ def test_cd_deploys_runs_training_and_waits_with_the_server_from_secrets():
     assert run_training.startswith('.venv/bin/mlops run-deployment "training/$CD_MODEL" --wait')
 
 
+def test_install_beside_runs_the_checkouts_own_install_when_its_lock_differs(tmp_path):
+    # (the same lock, the job's usual case, is what the act test below runs: its base is the PR's commit)
+    checkout = tmp_path / "base"
+    checkout.mkdir()
+    (checkout / "requirements.lock").write_text("numpy==1.0.0 \\\n    --hash=sha256:00\n")
+    (checkout / "Makefile").write_text("install:\n\t@echo its own install\n")
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), "install-beside", f"CHECKOUT={checkout}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "its own install" in result.stdout and not (checkout / ".venv").exists()
+
+
 def test_model_job_trains_the_base_champion_then_judges_the_pr_candidate():
     model = _load("model.yml")
     steps = _steps(model)
@@ -154,7 +171,7 @@ def test_model_job_trains_the_base_champion_then_judges_the_pr_candidate():
     assert [c["with"]["path"] for c in checkouts] == ["pr", "base"]
     assert "github.event.pull_request.base.sha" in checkouts[1]["with"]["ref"]
     runs = [s.get("run", "") for s in steps]
-    assert "make -C pr install" in runs and "make -C base install" in runs
+    assert "make -C pr install" in runs and "make -C pr install-beside CHECKOUT=../base" in runs
     order = [
         _step(model, "Start the local stack"),
         _step(model, "Generate the bundled data"),
