@@ -89,10 +89,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         # The stack's serving API follows credit-risk; training runs check it after each promotion.
         "MLOPS_SERVING_PORT": str(serving_port),
         "MLOPS_SERVING_URL": f"http://127.0.0.1:{serving_port}",
-        "MLOPS_SERVING_POLL_SECONDS": "1",
+        # The product's registry poll (2 s: a promotion's check wakes it at once through /reload), the catalog
+        # re-read every 2 s (10 s by default). Each served model's poll is two registry reads (champion and
+        # challenger), each also costing MLflow's server CPU: with 1 s, in two minutes of a clean-clone run
+        # (2026-12-07), the two session stacks' serving processes used 12 % of a core and their MLflow servers
+        # 17 % (these reads and the flows' logging).
+        "MLOPS_SERVING_POLL_SECONDS": "2",
         "MLOPS_SERVING_CATALOG_POLL_SECONDS": "2",
-        # One serving process (not one per core): each polls the registry every second and loads every new
-        # champion, the suite's largest CPU consumer with two (tests/test_serving_workers.py starts several).
+        # One serving process (not one per core): each polls the registry and loads every new champion, the
+        # suite's largest CPU consumer with two (tests/test_serving_workers.py starts several).
         "MLOPS_SERVING_WORKERS": "1",
         "MLOPS_WEED_PORT_BASE": str(free_port_block(16)),
         # The stack's Dask cluster (2 workers); flows in this process and in the stack's worker find it here.

@@ -148,9 +148,10 @@ def test_above_the_gx_sample_every_row_is_still_checked(frame, breakage, expecte
         # and the full-data checks name it with every row counted, whether or not the sample held the bad row
         full = [f for f in report.failures if (f.expectation, f.column) == expected and "[full data" in f.detail]
         assert full and "6000 rows" in full[0].detail, report.failures
-    # A snapshot no bigger than the sample: GX on every row, as before
-    whole = validate_rows(broken, CONFIG)
-    assert (whole.n_expectations, whole.failures) == (reference.n_expectations, reference.failures)
+    if expected == ("expect_column_values_to_be_between", "age"):  # one case is enough (each GX run costs ~1 s)
+        # A snapshot no bigger than the sample: GX on every row, as before
+        whole = validate_rows(broken, CONFIG)
+        assert (whole.n_expectations, whole.failures) == (reference.n_expectations, reference.failures)
 
 
 # --- loading: formats, partitions, data version ---
