@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 install-beside: install
 	@test -n "$(CHECKOUT)" || { echo "usage: make install-beside CHECKOUT=path/to/another/checkout" >&2; exit 2; }
 	@if cmp -s requirements.lock $(CHECKOUT)/requirements.lock; then \
-	  $(PYTHON) -m venv --without-pip $(CHECKOUT)/$(VENV) && \
+	  $(BIN)/python -m venv --without-pip $(CHECKOUT)/$(VENV) && \
 	  purelib='import sysconfig; print(sysconfig.get_paths()["purelib"])' && \
 	  $(BIN)/python -c "$$purelib" > "$$($(CHECKOUT)/$(BIN)/python -c "$$purelib")/_locked_dependencies.pth" && \
 	  $(BIN)/uv pip install --quiet --python $(CHECKOUT)/$(BIN)/python --no-deps -e $(CHECKOUT) && \

@@ -154,7 +154,8 @@ def test_install_beside_runs_the_checkouts_own_install_when_its_lock_differs(tmp
     (checkout / "requirements.lock").write_text("numpy==1.0.0 \\\n    --hash=sha256:00\n")
     (checkout / "Makefile").write_text("install:\n\t@echo its own install\n")
     result = subprocess.run(
-        ["make", "--no-print-directory", "-C", str(ROOT), "install-beside", f"CHECKOUT={checkout}"],
+        # -o install: this venv as it is (a test never reinstalls it)
+        ["make", "--no-print-directory", "-o", "install", "-C", str(ROOT), "install-beside", f"CHECKOUT={checkout}"],
         capture_output=True,
         text=True,
         timeout=120,
