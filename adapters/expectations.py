@@ -162,7 +162,14 @@ def validate_with_full_data(
     """GX on `sample` plus the full-data checks of every row's summary (`core.dask_engine.checks`): one report."""
     checks, failures = full_data_failures(stats, config, columns, duplicated_ids)
     sample_report = validate_frame(sample, config.model_copy(update={"min_rows": min(config.min_rows, len(sample))}))
-    return combined_report(sample_report, len(sample), stats, checks, failures)
+    report = combined_report(sample_report, len(sample), stats, checks, failures)
+    log.info(
+        "validation (GX on %d sampled rows, full-data checks on %d rows): %s",
+        len(sample),
+        stats["rows"],
+        report.summary(),
+    )
+    return report
 
 
 def validate_rows(df: pd.DataFrame, config: DatasetConfig, seed: int = 0) -> ValidationReport:
@@ -178,11 +185,7 @@ def validate_rows(df: pd.DataFrame, config: DatasetConfig, seed: int = 0) -> Val
     columns = [str(c) for c in df.columns]
     duplicated = int(df[config.id_column].dropna().duplicated().sum()) if config.id_column in columns else 0
     sample = df.sample(n=config.validation_sample_rows, random_state=seed).reset_index(drop=True)
-    report = validate_with_full_data(sample, config, partition_stats(df, config), columns, duplicated)
-    log.info(
-        "validation (GX on %d sampled rows, full-data checks on %d rows): %s", len(sample), len(df), report.summary()
-    )
-    return report
+    return validate_with_full_data(sample, config, partition_stats(df, config), columns, duplicated)
 
 
 def cache_key(config: DatasetConfig, data_version: str) -> str:
