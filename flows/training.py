@@ -7,6 +7,7 @@ Run it ad hoc with `mlops train` (or `python -m mlops train`).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -191,7 +192,9 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         search = fit_candidate(data, split, config, params.search, params.seed)
         report = data.report  # the validation beside the search passed (else DataValidationError)
         evaluation = evaluate_candidate(search.model, split.holdout, config)
-        importances = explain.submit(search.model, split.holdout, config, params.seed, beside=True)  # no gate
+        beside = threading.Event()  # set while the steps below compute beside the importances (no gate)
+        beside.set()
+        importances = explain.submit(search.model, split.holdout, config, params.seed, beside=beside)
         inputs = review_inputs(search.model, evaluation, split.holdout, champion.result())
         findings = review.submit(inputs, config, gates, params.seed, beside=True)  # beside the logging below
         records = [
@@ -209,6 +212,7 @@ def training(params: TrainingParams = TrainingParams()) -> TrainingOutcome:  # n
         for record in records:  # a record that failed fails the run before anything is registered
             record.result()
         prejudged = Prejudged(champion.result(), findings.result())  # used if the champion is the same under the lock
+        beside.clear()  # reviewed, compiled and logged: the importances may take every core
         result = review_and_promote(candidate, config, _policy(params, gates, config), prejudged)
         result = replace(result, findings=replace(result.findings, importances=explained(importances)))
         steps_after(result.approval)(log_importances)(run_id, result.findings.importances)

@@ -1178,6 +1178,53 @@ def test_permutation_importances_equal_scikit_learns_own(family, variant):
     assert np.abs(reference.importances_mean).max() > 0.01  # some feature matters: the comparison is not of zeros
 
 
+def test_permutation_importances_predict_shuffles_together_asking_how_many_openmp_threads_they_may_use(monkeypatch):
+    """The flow runs them beside the review: one thread while it runs, every one after (`tasks.review.explain`).
+
+    Shuffled copies are predicted together, as many as `STACKED_BYTES` holds, and the numbers stay
+    scikit-learn's.
+    """
+    from sklearn.base import BaseEstimator, ClassifierMixin
+    from sklearn.inspection import permutation_importance
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import ThreadpoolController
+
+    import core.modeling.explain as explain_module
+
+    pools = ThreadpoolController()
+    assert pools.select(user_api="openmp").lib_controllers, "scikit-learn's OpenMP runtime is not loaded"
+
+    class Recording(ClassifierMixin, BaseEstimator):
+        """Logistic regression that notes the OpenMP threads it was allowed at each prediction."""
+
+        def fit(self, X, y):
+            self.inner_ = LogisticRegression().fit(X, y)
+            self.classes_ = self.inner_.classes_
+            self.seen_ = []
+            return self
+
+        def predict_proba(self, X):
+            self.seen_.append(pools.select(user_api="openmp").info()[0]["num_threads"])
+            return self.inner_.predict_proba(X)
+
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame(rng.normal(size=(400, 3)), columns=["a", "b", "c"])
+    y = pd.Series((X["a"] + 0.3 * rng.normal(size=400) > 0).astype(int))
+    model = Pipeline([("preprocess", StandardScaler()), ("model", Recording())]).fit(X, y)
+    monkeypatch.setattr(explain_module, "STACKED_BYTES", 2 * 400 * 3 * 8)  # two shuffled copies per prediction
+    busy = iter([1] * 3 + [None] * 100)  # one thread for the baseline and the first two calls, then no limit
+    with pools.limit(limits=3, user_api="openmp"):  # this thread's pool, whatever the machine's cores
+        table = permutation_importances(model, X, y, seed=4, threads=lambda: next(busy))
+        assert pools.select(user_api="openmp").info()[0]["num_threads"] == 3  # the limits were undone
+    seen = model.named_steps["model"].seen_
+    assert seen == [1] * 3 + [3] * 6  # the baseline, then 3 features x 5 repeats two by two: 8 calls
+    reference = permutation_importance(model, X, y, scoring="roc_auc", n_repeats=5, random_state=4)
+    by_feature = table.set_index("feature")["importance_mean"]
+    np.testing.assert_allclose(by_feature[list(X.columns)], reference.importances_mean, rtol=0, atol=1e-12)
+
+
 def test_a_failed_explain_leaves_no_importances_and_says_why(caplog):
     """The flow reads the importances after the promotion: their failure must not fail a promoted run."""
     from tasks.review import explained

@@ -22,6 +22,7 @@ import logging
 import pickle
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -231,20 +232,29 @@ def _slices_check(results: ModelResults, champion: ModelResults, gates: Gates, u
     return GateResult("slices", not failures, detail)
 
 
-def explain_candidate(candidate: Any, holdout: pd.DataFrame, config: DatasetConfig, seed: int) -> pd.DataFrame:
+def explain_candidate(
+    candidate: Any,
+    holdout: pd.DataFrame,
+    config: DatasetConfig,
+    seed: int,
+    threads: Callable[[], int | None] | None = None,
+) -> pd.DataFrame:
     """What the candidate relies on: permutation importances on the holdout rows, by the search's own CV scorer.
 
     Not a gate: for the run and the model card (`Review.importances`), so a flow may compute it beside the
-    decision (`review_candidate(..., explain=False)`).
+    decision (`review_candidate(..., explain=False)`); `threads` as `permutation_importances` takes it.
     """
-    return _importances(candidate, prepare_inputs(holdout, config), prepare_target(holdout, config), seed)
+    X, y_true = prepare_inputs(holdout, config), prepare_target(holdout, config)
+    return _importances(candidate, X, y_true, seed, threads)
 
 
-def _importances(candidate: Any, X: pd.DataFrame, y_true: pd.Series, seed: int) -> pd.DataFrame:
+def _importances(
+    candidate: Any, X: pd.DataFrame, y_true: pd.Series, seed: int, threads: Callable[[], int | None] | None = None
+) -> pd.DataFrame:
     from core.modeling.explain import permutation_importances
 
     scoring = scoring_for(TaskType(task_of(model_classes(candidate)))).scorer  # the search's own CV scorer
-    return permutation_importances(candidate, X, y_true, scoring=scoring, seed=seed)
+    return permutation_importances(candidate, X, y_true, scoring=scoring, seed=seed, threads=threads)
 
 
 def review_candidate(

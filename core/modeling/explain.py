@@ -7,7 +7,7 @@ not `age_scaled` or `region_north`), and they work for every model family.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from sklearn.inspection import permutation_importance
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class PermutationBudget:
     max_rows: int = 5000
 
 
-def permutation_importances(
+def permutation_importances(  # noqa: PLR0913 - keyword-only settings after the data
     model: Any,
     X: pd.DataFrame,
     y: pd.Series | np.ndarray,
@@ -40,6 +41,7 @@ def permutation_importances(
     scoring: str = "roc_auc",
     seed: int = 0,
     budget: PermutationBudget = PermutationBudget(),
+    threads: Callable[[], int | None] | None = None,
 ) -> pd.DataFrame:
     """How much the score drops when one raw feature is shuffled (scikit-learn's permutation importance).
 
@@ -51,6 +53,8 @@ def permutation_importances(
             "neg_root_mean_squared_error" for regression.
         seed: Seeds the row sample and the shuffles.
         budget: Shuffles per feature and rows used at most.
+        threads: Asked before each prediction: the OpenMP threads it may use (None: no limit). A caller that
+            runs this beside other work gives it one thread while that work runs and every one after.
 
     Returns:
         Columns `feature`, `importance_mean`, `importance_std`, one row per raw feature, most important first.
@@ -59,9 +63,11 @@ def permutation_importances(
     if len(X) > budget.max_rows:
         rows = np.sort(np.random.default_rng(seed).choice(len(X), size=budget.max_rows, replace=False))
         X, y = X.iloc[rows], y.iloc[rows]
-    result = _permuted_after_preprocessing(model, X, y, scoring, budget.n_repeats, seed)
+    threads = threads or _no_limit
+    result = _permuted_after_preprocessing(model, X, y, scoring, budget.n_repeats, seed, threads)
     if result is None:
-        result = permutation_importance(model, X, y, scoring=scoring, n_repeats=budget.n_repeats, random_state=seed)
+        with threadpool_limits(threads(), user_api="openmp"):  # asked once: scikit-learn's loop is not ours
+            result = permutation_importance(model, X, y, scoring=scoring, n_repeats=budget.n_repeats, random_state=seed)
     table = pd.DataFrame(
         {
             "feature": list(X.columns),
@@ -70,6 +76,10 @@ def permutation_importances(
         }
     )
     return table.sort_values("importance_mean", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def _no_limit() -> None:
+    return None
 
 
 def _output_blocks(preprocess: Any, X: pd.DataFrame, encoded: np.ndarray) -> list[np.ndarray] | None:
@@ -93,8 +103,14 @@ def _output_blocks(preprocess: Any, X: pd.DataFrame, encoded: np.ndarray) -> lis
     return blocks
 
 
-def _permuted_after_preprocessing(
-    model: Any, X: pd.DataFrame, y: pd.Series, scoring: str, n_repeats: int, seed: int
+def _permuted_after_preprocessing(  # noqa: PLR0913 - permutation_importances' arguments
+    model: Any,
+    X: pd.DataFrame,
+    y: pd.Series,
+    scoring: str,
+    n_repeats: int,
+    seed: int,
+    threads: Callable[[], int | None] = _no_limit,
 ) -> Any:
     """scikit-learn's `permutation_importance` of a `preprocess` + `model` pipeline, with the rows encoded once.
 
@@ -102,8 +118,9 @@ def _permuted_after_preprocessing(
     of that feature's columns, shuffled the same way: every shuffle is done on the encoded columns the feature
     makes (`_output_blocks`) and only the model predicts again, with scikit-learn's own shuffles (its random
     seeds, drawn in its order) and scorer. The same numbers, about half the time: the encoding was half of
-    each prediction. None (use scikit-learn's) when the model is another shape or an encoded column needs two
-    features; a test checks the equality with `permutation_importance`.
+    each prediction. The shuffled copies are predicted together, `STACKED_BYTES` of them per call at most, each
+    scored on its slice (`_Replay`). None (use scikit-learn's) when the model is another shape or an encoded
+    column needs two features; a test checks the equality with `permutation_importance`.
     """
     from sklearn.metrics import check_scoring
     from sklearn.pipeline import Pipeline
@@ -119,17 +136,62 @@ def _permuted_after_preprocessing(
     if blocks is None:
         return None
     scorer = check_scoring(estimator, scoring=scoring)
-    baseline = scorer(estimator, encoded, y)
+    pools = ThreadpoolController()  # made once (it scans the loaded libraries); its limits are this thread's
+    with pools.limit(limits=threads(), user_api="openmp"):
+        baseline = scorer(estimator, encoded, y)
     random_seed = check_random_state(seed).randint(np.iinfo(np.int32).max + 1)  # as scikit-learn draws it
     drops = np.empty((len(blocks), n_repeats))
+    per_call = max(1, STACKED_BYTES // max(encoded.nbytes, 1))
+    batch: list[tuple[int, int, np.ndarray]] = []
     for j, block in enumerate(blocks):
         state, permuted = check_random_state(random_seed), encoded.copy()
         order = np.arange(len(encoded))
         for repeat in range(n_repeats):
             state.shuffle(order)  # scikit-learn shuffles the already shuffled column again, with the same order
             permuted[:, block] = permuted[order][:, block]
-            drops[j, repeat] = baseline - scorer(estimator, permuted, y)
+            batch.append((j, repeat, permuted.copy()))
+            if len(batch) == per_call or (j, repeat) == (len(blocks) - 1, n_repeats - 1):
+                with pools.limit(limits=threads(), user_api="openmp"):
+                    replay = _Replay(estimator, np.vstack([rows for _, _, rows in batch]))
+                    for k, (feature, shuffle, _) in enumerate(batch):
+                        part = slice(k * len(encoded), (k + 1) * len(encoded))
+                        drops[feature, shuffle] = baseline - scorer(replay, part, y)
+                batch = []
     return Bunch(importances_mean=drops.mean(axis=1), importances_std=drops.std(axis=1), importances=drops)
+
+
+# Shuffled copies of the encoded rows predicted in one call at most: each call of a gradient-boosting model's
+# prediction takes the interpreter's lock once per tree, and beside the review's threads each of those waits.
+STACKED_BYTES = 16 * 2**20
+_RESPONSES = frozenset({"predict", "predict_proba", "decision_function", "predict_log_proba"})
+
+
+class _Replay:
+    """The estimator as a scorer sees it, answering from one prediction over stacked rows.
+
+    A scorer is called with a row slice of `stacked` as `X`; the estimator's method it asks for (the one the
+    scorer would call on the estimator itself: a method the estimator lacks is missing here too) predicts every
+    stacked row once, and each call answers its slice. Anything else (`classes_`, the tags) is the estimator's.
+    """
+
+    def __init__(self, estimator: Any, stacked: np.ndarray) -> None:
+        self._estimator, self._stacked, self._outputs = estimator, stacked, {}
+
+    def __getattr__(self, name: str) -> Any:
+        answer = getattr(self._estimator, name)  # AttributeError for a method it lacks, as the scorer expects
+        if name not in _RESPONSES:
+            return answer
+
+        def respond(rows: slice) -> np.ndarray:
+            return self._answer(name, rows)
+
+        respond.__name__ = name  # scorers look a method up again by its name
+        return respond
+
+    def _answer(self, method: str, rows: slice) -> np.ndarray:
+        if method not in self._outputs:
+            self._outputs[method] = getattr(self._estimator, method)(self._stacked)
+        return self._outputs[method][rows]
 
 
 def importance_figure(importances: pd.DataFrame, top_k: int = 20) -> Figure:
