@@ -45,7 +45,7 @@ def explain(
     model's logging). Until it is cleared its predictions get one OpenMP thread, as `review`'s; after, every
     one. With one thread throughout and one prediction per shuffle, a 100k-row run's promotion waited 1.9-2.2 s
     for it after the serving check (3 runs, 2026-12-07); with the shuffles predicted together
-    (`permutation_importances`) and every thread after the review, 0.8-1.0 s (4 runs).
+    (`permutation_importances`) and every thread after the review, 1.0-1.25 s (3 runs).
     """
     return explain_candidate(candidate, holdout, config, seed, threads=_one_while(beside))
 
