@@ -38,7 +38,7 @@ def _own_address() -> str:
 
 def _env(state: Path, host: str, **extra: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPS_", "PREFECT_", "MLFLOW_", "AWS_"))}
-    ports = stack_ports(weed_start=41000) | {
+    ports = stack_ports() | {
         "MLOPS_DASK_SCHEDULER_PORT": str(free_port()),
         "MLOPS_DASK_DASHBOARD_PORT": str(free_port()),
     }
