@@ -1,11 +1,12 @@
 """Free loopback ports for the servers tests start.
 
 A port is chosen some seconds before its server binds it (a session stack starts eight servers one after
-another). A port the kernel hands out (`bind(("127.0.0.1", 0))`) comes from its ephemeral range, the range every
-outgoing connection's local port is taken from too: in between, a client connecting to PostgreSQL or MLflow could
-take it, and the server found it busy (a clean-clone run of 2026-12-07 lost a session stack so). So the ports come
-from below that range, where only an explicit bind takes a port, and each pytest-xdist worker from its own slice
-of it, handed out in turn, so that two workers, or two stacks of one worker, never choose the same port.
+another). A port the kernel hands out (`bind(("127.0.0.1", 0))`) comes from its ephemeral range, which every
+other bind to port 0 (a Dask worker's or nanny's listener) and every outgoing connection's local port draw from
+too: in between, one of them could take it, and the server found it busy (a clean-clone run of 2026-12-07 lost a
+session stack so: something listened on its worker's port). So the ports come from below that range, where only
+an explicit bind takes a port, and each pytest-xdist worker from its own slice of it, handed out in turn, so that
+two workers, or two stacks of one worker, never choose the same port.
 """
 
 from __future__ import annotations
