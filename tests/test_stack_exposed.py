@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ports import free_port, stack_ports
+from tests.ports import stack_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,11 +38,7 @@ def _own_address() -> str:
 
 def _env(state: Path, host: str, **extra: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPS_", "PREFECT_", "MLFLOW_", "AWS_"))}
-    ports = stack_ports() | {
-        "MLOPS_DASK_SCHEDULER_PORT": str(free_port()),
-        "MLOPS_DASK_DASHBOARD_PORT": str(free_port()),
-    }
-    return clean | ports | {"MLOPS_STATE_DIR": str(state), "MLOPS_HOST": host} | extra
+    return clean | stack_ports() | {"MLOPS_STATE_DIR": str(state), "MLOPS_HOST": host} | extra
 
 
 def _mlops(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

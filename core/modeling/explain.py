@@ -141,22 +141,30 @@ def _permuted_after_preprocessing(  # noqa: PLR0913 - permutation_importances' a
         baseline = scorer(estimator, encoded, y)
     random_seed = check_random_state(seed).randint(np.iinfo(np.int32).max + 1)  # as scikit-learn draws it
     drops = np.empty((len(blocks), n_repeats))
-    per_call = max(1, STACKED_BYTES // max(encoded.nbytes, 1))
-    batch: list[tuple[int, int, np.ndarray]] = []
+    rows = len(encoded)
+    per_call = min(max(1, STACKED_BYTES // max(encoded.nbytes, 1)), len(blocks) * n_repeats)
+    stacked = np.empty((per_call * rows, encoded.shape[1]))  # each shuffled copy written once, into its slot
+    waiting: list[tuple[int, int]] = []  # the (feature, shuffle) of each filled slot, in order
+
+    def score_waiting() -> None:
+        with pools.limit(limits=threads(), user_api="openmp"):
+            replay = _Replay(estimator, stacked[: len(waiting) * rows])
+            for k, (feature, shuffle) in enumerate(waiting):
+                drops[feature, shuffle] = baseline - scorer(replay, slice(k * rows, (k + 1) * rows), y)
+        waiting.clear()
+
     for j, block in enumerate(blocks):
         state, permuted = check_random_state(random_seed), encoded.copy()
-        order = np.arange(len(encoded))
+        order = np.arange(rows)
         for repeat in range(n_repeats):
             state.shuffle(order)  # scikit-learn shuffles the already shuffled column again, with the same order
             permuted[:, block] = permuted[order][:, block]
-            batch.append((j, repeat, permuted.copy()))
-            if len(batch) == per_call or (j, repeat) == (len(blocks) - 1, n_repeats - 1):
-                with pools.limit(limits=threads(), user_api="openmp"):
-                    replay = _Replay(estimator, np.vstack([rows for _, _, rows in batch]))
-                    for k, (feature, shuffle, _) in enumerate(batch):
-                        part = slice(k * len(encoded), (k + 1) * len(encoded))
-                        drops[feature, shuffle] = baseline - scorer(replay, part, y)
-                batch = []
+            stacked[len(waiting) * rows : (len(waiting) + 1) * rows] = permuted
+            waiting.append((j, repeat))
+            if len(waiting) == per_call:
+                score_waiting()
+    if waiting:
+        score_waiting()
     return Bunch(importances_mean=drops.mean(axis=1), importances_std=drops.std(axis=1), importances=drops)
 
 
