@@ -771,3 +771,25 @@ def test_the_figures_wait_for_pyplot_half_imported_by_another_thread():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'confusion_matrix.png'" in done.stdout and "'residuals.png'" in done.stdout, done.stdout
     assert done.stdout.strip().lower().endswith("agg"), done.stdout
+
+
+def test_test_ports_come_from_below_the_kernels_ephemeral_range_and_never_twice(monkeypatch):
+    """A port the kernel could give another server (bind to port 0) between its choice and its bind is not chosen."""
+    import socket
+    from pathlib import Path
+
+    from tests import ports
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    monkeypatch.setattr(ports, "_cursor", {})
+    chosen = [ports.free_port() for _ in range(40)]
+    block = ports.free_port_block(16)
+    assert len(set(chosen)) == 40 and block not in chosen
+    assert all(ports.LOWEST <= port < low for port in [*chosen, block + 15])
+    assert all(port in ports._slice() for port in [*chosen, block, block + 15])  # gw1's slice
+    with socket.socket() as other:  # the kernel's own choice for a server binding port 0 is never among them
+        other.bind(("127.0.0.1", 0))
+        assert other.getsockname()[1] >= low
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    assert set(ports._slice()).isdisjoint(range(block, block + 16))  # another worker's slice
