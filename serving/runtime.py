@@ -125,9 +125,10 @@ class Runtime:
                     os.utime(path)
 
     def wake_all(self) -> None:
-        """Every served model's follower checks the registry now."""
+        """Every served model's followers (champion and challenger) check the registry now."""
         for served in list(self.models.models.values()):
             served.follower.wake()
+            served.challenger.wake()
 
     async def _watch_reloads(self) -> None:
         """Wake the followers (or the catalog reader) when another process signals (a stat per interval: cheap)."""
@@ -243,7 +244,9 @@ class Runtime:
         if served is None:  # it left the catalog meanwhile
             return {"changed": False, "version": None, "error": "not served any more", "workers": []}
         follower = served.follower
-        changed = await follower.check(force=True)
+        # The challenger too: a rollout that ended (promoted or rolled back) leaves no challenger behind the new
+        # champion until the next poll.
+        changed, _ = await asyncio.gather(follower.check(force=True), served.challenger.check(force=True))
         version = follower.current.version if follower.current else None
         if self.reload_signal is not None:
             by_pid = await self.all_serve(name, version, timeout)

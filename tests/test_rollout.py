@@ -253,8 +253,13 @@ def test_a_shadow_rollout_promotes_a_better_candidate_on_live_labelled_traffic(s
     for name in ("model_card.md", "model_card.html"):
         text = s3_client(stack).get_object(Bucket=stack.bucket, Key=card.child(name).key)["Body"].read().decode()
         assert "Rollout on live traffic" in text and text.count("promoted") == 1 and "extended" in text, text
-    wait_for(lambda: _described(server, SHADOW).get("version") == made["challenger"], 60, "the new champion served")
-    assert _described(server, SHADOW)["challenger"] is None
+
+    # (the champion's and the challenger's followers each read the registry: both must have seen the promotion)
+    def promoted_and_alone() -> bool:
+        described = _described(server, SHADOW)
+        return described.get("version") == made["challenger"] and described.get("challenger") is None
+
+    wait_for(promoted_and_alone, 60, "the new champion served, without a challenger")
 
 
 def test_a_canary_rolls_back_a_candidate_that_reads_a_feature_wrongly(stack, server, models, data):
