@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     prefect_port: int = Field(4200, description="Port of the local Prefect server.")
     worker_port: int = Field(4201, description="Health-check port of the local Prefect worker.")
     work_pool: str = Field("mlops-process", description="Prefect work pool the local worker serves.")
+    worker_query_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often the local worker asks the Prefect server for runs to start (Prefect's default is "
+        "10 s): a run started from the UI or by an automation waits at most this long to be picked up.",
+    )
     weed_port_base: int = Field(
         19330, description="First of the SeaweedFS internal ports (master, volume, filer, admin, gRPC)."
     )

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 WORK_POOL = "mlops-process"
 # The Kubernetes work pool (`mlops deploy --kubernetes`); infra/k8s's worker creates it from its base job template.
 KUBERNETES_POOL = "mlops-kubernetes"
+# How the process pool's worker starts a run (`_deploy`).
+PROCESS_COMMAND = "python -m prefect.engine"
 PROJECT_TAG = "prefect-mlops"
 # The flows a catalog model gets a deployment of, named after the model (`<flow>/<model>`).
 MODEL_FLOWS = ("training", "monitoring", "scoring", "rollback", "rollout")
@@ -254,7 +256,7 @@ def deploy_all(
     ensure_work_pool(work_pool, kubernetes=kubernetes)
     ids = {}
     for spec in deployments(entries, name_suffix):
-        ids[spec.full_name] = str(_deploy(spec, work_pool, name_suffix))
+        ids[spec.full_name] = str(_deploy(spec, work_pool, name_suffix, kubernetes))
     _drop_stored_paths(ids.values())
     if prune:
         removed = prune_models(work_pool, {entry.name for entry in entries}, name_suffix)
@@ -267,7 +269,7 @@ def deploy_all(
     return ids
 
 
-def _deploy(spec: FlowDeployment, work_pool: str, name_suffix: str) -> UUID:
+def _deploy(spec: FlowDeployment, work_pool: str, name_suffix: str, kubernetes: bool = False) -> UUID:
     from prefect.deployments.runner import EntrypointType
 
     flow = spec.load_flow()
@@ -278,8 +280,12 @@ def _deploy(spec: FlowDeployment, work_pool: str, name_suffix: str) -> UUID:
         parameters=spec.parameters,
         description=spec.description,
         tags=spec.tags,
-        # No working_dir, no pull step: the worker imports the module from its own installed package.
-        job_variables={},
+        # No working_dir, no pull step: the worker imports the module from its own installed package. On the
+        # process pool, the command: without one, Prefect's process worker starts a supervisor process that
+        # imports Prefect to prepare a workspace (none here) and then starts the run's process; with it, the
+        # run's process directly (about 2 CPU seconds and 1-2 s less per run). `python` is the worker's own
+        # interpreter: `mlops stack up` and `mlops worker` put it first on the worker's PATH.
+        job_variables={} if kubernetes else {"command": PROCESS_COMMAND},
         entrypoint_type=EntrypointType.MODULE_PATH,
         print_next_steps=False,
         ignore_warnings=True,

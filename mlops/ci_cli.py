@@ -171,7 +171,7 @@ class ModelGate:
         return 0
 
 
-def _wait(flow_run_id: Any, timeout: float, poll: float = 5) -> Any:
+def _wait(flow_run_id: Any, timeout: float, poll: float = 1) -> Any:
     """The flow run once it is in a final state, or as it is when `timeout` seconds have passed."""
     from prefect.client.orchestration import get_client
 

@@ -21,6 +21,7 @@ from mlops.models_cli import deploy, models_app
 from mlops.reproduce_cli import reproduce
 from mlops.rollout_cli import rollout_app
 from mlops.stack import client_env
+from mlops.stack_env import worker_env
 from mlops.stack_postgres import PostgresSetupError, database_summary
 from mlops.train_cli import run_training, train
 
@@ -255,7 +256,7 @@ def data_init(  # noqa: PLR0913 - a Typer command declares one parameter per com
 def worker() -> None:
     """Run a Prefect process worker for the work pool in the foreground (Ctrl+C stops it)."""
     settings = get_settings()
-    env = os.environ | client_env(settings)
+    env = os.environ | client_env(settings) | worker_env(settings)
     prefect = str(Path(sys.executable).parent / "prefect")
     command = [prefect, "worker", "start", "--pool", settings.work_pool, "--type", "process"]
     os.execve(command[0], command, env)

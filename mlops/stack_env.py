@@ -6,6 +6,7 @@ API) at this stack; the servers' own environments are in `mlops.stack_servers`.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -83,6 +84,19 @@ def client_env(settings: Settings) -> dict[str, str]:
         }
         | CLIENT_DEFAULTS
     )
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """What a process worker of the project needs besides `client_env`.
+
+    How often it asks for runs to start (`worker_query_seconds`), and this interpreter first on its PATH: the
+    process pool's deployments start each run with `python -m prefect.engine` (`deployments.deploy`), which must
+    be the interpreter the project is installed in.
+    """
+    return {
+        "PREFECT_WORKER_QUERY_SECONDS": f"{settings.worker_query_seconds:g}",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
 
 
 def dask_host(settings: Settings) -> str:

@@ -25,6 +25,7 @@ from mlops.stack_env import (
     dask_dashboard_url,
     dask_host,
     s3_env,
+    worker_env,
 )
 from mlops.stack_health import dask_worker_count, healthy
 
@@ -292,7 +293,8 @@ def _worker(settings: Settings) -> Service:
             # Its flow runs send a heartbeat every 30 s (Prefect's minimum); when they stop without a final
             # state, the `mlops-crash-zombie-runs` automation marks the run Crashed.
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
-        },
+        }
+        | worker_env(settings),
         state_dir=state,
         cwd=PROJECT_ROOT,
     )

@@ -30,4 +30,4 @@ def wait_for_runs(flow_run_ids: Sequence[Any], timeout: float = 600) -> list:
                 return runs
             if time.monotonic() > deadline:
                 raise TimeoutError(f"runs not finished: {[(str(r.id), r.state_name) for r in runs]}")
-            time.sleep(2)
+            time.sleep(0.5)
