@@ -245,8 +245,14 @@ class Runtime:
             return {"changed": False, "version": None, "error": "not served any more", "workers": []}
         follower = served.follower
         # The challenger too: a rollout that ended (promoted or rolled back) leaves no challenger behind the new
-        # champion until the next poll.
-        changed, _ = await asyncio.gather(follower.check(force=True), served.challenger.check(force=True))
+        # champion until the next poll. Its failure is logged; the answer is the champion's.
+        changed, challenged = await asyncio.gather(
+            follower.check(force=True), served.challenger.check(force=True), return_exceptions=True
+        )
+        if isinstance(changed, BaseException):
+            raise changed
+        if isinstance(challenged, BaseException):
+            log.error("%s: the challenger's check failed: %s", name, challenged)
         version = follower.current.version if follower.current else None
         if self.reload_signal is not None:
             by_pid = await self.all_serve(name, version, timeout)

@@ -292,3 +292,37 @@ def test_a_canary_champion_call_splits_into_its_answers_and_its_shadow_copies():
     assert [(j.request_id, j.ids, j.index, [r["x"] for r in j.records]) for j in copies] == [
         ("a", ["a1", "a3"], [1, 3], [1, 3])
     ]
+
+
+def test_a_reload_checks_the_challenger_too_and_answers_the_champions_version():
+    """After a rollout's promotion a /reload leaves no challenger behind the new champion (not the next poll)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.runtime import Runtime
+
+    class Follower:
+        def __init__(self, version: str | None, fails: bool = False) -> None:
+            self.current = SimpleNamespace(version=version) if version else None
+            self.last_error, self.forced, self.fails = None, [], fails
+
+        async def check(self, force: bool = False) -> bool:
+            self.forced.append(force)
+            if self.fails:
+                raise RuntimeError("the registry answered nonsense")
+            self.current = None if self.current is None or self is served.challenger else self.current
+            return True
+
+    served = SimpleNamespace(follower=Follower("2"), challenger=Follower("2"))
+    runtime = object.__new__(Runtime)  # only what reload_model reads: the served models and the metrics folder
+    runtime.models = SimpleNamespace(get=lambda name: served if name == "m" else None)
+    runtime.metrics = SimpleNamespace(multiprocess_dir=None)
+
+    answer = asyncio.run(runtime.reload_model("m", timeout=1))
+    assert served.follower.forced == [True] and served.challenger.forced == [True]
+    assert served.challenger.current is None  # the promoted version is no longer shown as the challenger
+    assert answer["version"] == "2" and answer["changed"] is True and answer["error"] is None
+    # a challenger whose check fails does not fail the reload: the answer is the champion's
+    served.challenger = Follower("3", fails=True)
+    assert asyncio.run(runtime.reload_model("m", timeout=1))["version"] == "2"
+    assert served.challenger.forced == [True]
