@@ -95,7 +95,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
     """
     return {
         "PREFECT_WORKER_QUERY_SECONDS": f"{settings.worker_query_seconds:g}",
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")])),
     }
 
 

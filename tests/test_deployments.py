@@ -96,9 +96,12 @@ def test_redeploy_is_idempotent(stack, deployed):
     assert again == deployed
     with _client() as client:
         flows = {f.id: f.name for f in client.read_flows()}
-        names = [f"{flows[d.flow_id]}/{d.name}" for d in client.read_deployments() if d.name == MODEL]
+        mine = [d for d in client.read_deployments() if d.name == MODEL]
+        names = [f"{flows[d.flow_id]}/{d.name}" for d in mine]
     # one deployment of each of the model's flows (scoring too: the bundled config names a scoring source)
     assert sorted(names) == [f"{flow}/{MODEL}" for flow in ("monitoring", "rollback", "scoring", "training")]
+    # each started by the process worker as the run's process itself (no workspace supervisor before it)
+    assert [d.job_variables for d in mine] == [{"command": "python -m prefect.engine"}] * len(mine)
 
 
 def _model_versions(stack) -> list:
