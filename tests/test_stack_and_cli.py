@@ -154,6 +154,18 @@ def test_s3_rejects_bad_credentials(stack):
         client.list_objects_v2(Bucket=stack.bucket)
 
 
+def test_the_stack_worker_asks_every_2_s_and_its_python_is_the_projects(stack):
+    """Deployments start runs with `python -m prefect.engine`: the worker's PATH must find this interpreter."""
+    import shutil
+
+    [worker] = [s for s in local_stack.services(stack) if s.name == "worker"]
+    pid = int(worker.pid_file.read_text())
+    environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+    assert environ["PREFECT_WORKER_QUERY_SECONDS"] == "2"  # Prefect's default is 10
+    found = shutil.which("python", path=environ["PATH"])
+    assert found is not None and Path(found).parent == Path(sys.executable).parent, (found, environ["PATH"])
+
+
 def test_the_stack_runs_a_dask_cluster_on_loopback_and_status_shows_it(stack, dask_cluster):
     import psutil
 
